@@ -1,0 +1,1865 @@
+"""gateway.py: a single-file, OpenAI-compatible LLM gateway.
+
+Many upstream API keys behind one endpoint; the OpenAI SDK points at it unchanged.
+
+    python gateway.py                  # config from the environment, serve on 127.0.0.1:4000
+    python gateway.py --check          # validate the config, print a summary, exit 0 (bad: exit 2)
+    python gateway.py --demo           # in front of the bundled mock upstream (no API key needed)
+
+Configuration (later wins, merged per top-level key): built-in defaults, then the JSON file
+named by GATEWAY_CONFIG_FILE (or --config), then the JSON object in GATEWAY_CONFIG, then the
+single-value variables (GATEWAY_HOST, GATEWAY_PORT, GATEWAY_API_KEYS, GATEWAY_ADMIN_KEY,
+GATEWAY_RPM, and GATEWAY_UPSTREAM_URL / GATEWAY_UPSTREAM_KEYS / OPENAI_API_KEY for the one
+default upstream), then --host / --port. Any JSON string may be "env:NAME"; in key lists
+"env:PREFIX*" expands to every variable whose name starts with PREFIX.
+
+Layout: constants, errors, building blocks, config, upstream client, routing and handlers,
+server protocol, main().
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import importlib.util
+import itertools
+import os
+import re
+import signal
+import socket
+import ssl
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+from urllib.parse import unquote, urlsplit
+
+import h11
+import orjson
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency; the stdlib loop still works
+    uvloop = None
+
+
+################################################################################
+# Constants
+################################################################################
+
+__version__ = "0.1.0"
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 4000
+DEFAULT_UPSTREAM_URL = "https://api.openai.com/v1"
+MAX_HEADER_BYTES = 16 * 1024  # 16 KiB: twice nginx's default header buffer, far above any SDK's
+HEADER_TIMEOUT_S = 10.0  # a request head must arrive within this once its first byte has
+BODY_TIMEOUT_S = 60.0  # a request body must arrive within this once its head has
+KEEPALIVE_TIMEOUT_S = 75.0  # idle client connections: nginx's keepalive_timeout default
+WRITE_HIGH_WATER = 64 * 1024  # client buffer above this pauses reading from the upstream
+UPSTREAM_MAX_HEAD = 64 * 1024  # an upstream response head larger than this is garbage
+UPSTREAM_MAX_IDLE = 256  # idle keep-alive connections kept per upstream
+UPSTREAM_KEEPALIVE_S = 20.0  # reuse an idle upstream connection only this long (servers drop ~60s)
+MODELS_CACHE_S = 60.0  # how long an upstream's own /models list is reused
+MODELS_FAIL_CACHE_S = 5.0  # how long a failed /models fetch is remembered
+REQUEST_ID_MAX = 128  # longer client X-Request-IDs are replaced, not forwarded
+START_TIME = int(time.time())
+
+# Client headers never forwarded upstream: hop-by-hop, framing we set, and the client's own
+# credentials (the upstream gets the gateway's key, never the client's).
+_NOT_FORWARDED = frozenset(
+    b"host authorization x-api-key content-length content-type transfer-encoding connection "
+    b"keep-alive te trailer upgrade proxy-authorization proxy-connection accept-encoding "
+    b"x-request-id expect cookie".split()
+)
+# Upstream response headers never relayed: hop-by-hop and framing that h11 redoes.
+_NOT_RELAYED = frozenset(
+    b"connection keep-alive proxy-connection transfer-encoding te trailer upgrade".split()
+)
+_SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+_JSON_CT = (b"content-type", b"application/json")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 header field name
+
+
+################################################################################
+# Errors
+################################################################################
+
+
+class ConfigError(Exception):
+    """Bad configuration: the message names the key and says why."""
+
+
+class GatewayError(Exception):
+    """An error the gateway answers itself, as an OpenAI-style error body."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = "internal_error"
+    should_retry = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.param = param
+        self.headers = list(headers)
+
+    def body(self) -> bytes:
+        err = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return orjson.dumps({"error": err})
+
+    def response_headers(self, request_id: bytes) -> list[tuple[bytes, bytes]]:
+        retry = b"true" if self.should_retry else b"false"
+        return [_JSON_CT, (b"x-request-id", request_id), (b"x-should-retry", retry), *self.headers]
+
+
+def _error_class(name: str, status: int, type_: str, code: str, retry: bool = False) -> type:
+    attrs = {"status": status, "type": type_, "code": code, "should_retry": retry}
+    return type(name, (GatewayError,), attrs)
+
+
+BadRequest = _error_class("BadRequest", 400, "invalid_request_error", "invalid_json")
+Unauthorized = _error_class("Unauthorized", 401, "invalid_request_error", "invalid_api_key")
+QuotaExceeded = _error_class("QuotaExceeded", 402, "insufficient_quota", "insufficient_quota")
+Forbidden = _error_class("Forbidden", 403, "permission_error", "model_not_allowed")
+NotFound = _error_class("NotFound", 404, "invalid_request_error", "not_found")
+MethodNotAllowed = _error_class(
+    "MethodNotAllowed", 405, "invalid_request_error", "method_not_allowed"
+)
+RequestTooLarge = _error_class("RequestTooLarge", 413, "invalid_request_error", "request_too_large")
+HeadersTooLarge = _error_class("HeadersTooLarge", 431, "invalid_request_error", "headers_too_large")
+RateLimited = _error_class("RateLimited", 429, "rate_limit_error", "rate_limit_exceeded", True)
+Unsupported = _error_class("Unsupported", 501, "unsupported", "unsupported")
+UpstreamError = _error_class("UpstreamError", 502, "upstream_error", "upstream_error", True)
+Unavailable = _error_class("Unavailable", 503, "service_unavailable", "circuit_open", True)
+UpstreamTimeout = _error_class("UpstreamTimeout", 504, "upstream_timeout", "upstream_timeout", True)
+
+
+class _StaleConnection(Exception):
+    """A reused upstream connection closed before answering: safe to resend once."""
+
+
+def _upstream_failure(exc: BaseException, what: str) -> GatewayError:
+    """Map a library error from the upstream side to the gateway's error, in one place."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return UpstreamTimeout(f"{what}: timed out")
+    if isinstance(exc, ssl.SSLError):
+        return UpstreamError(f"{what}: TLS error ({exc.reason or exc})")
+    if isinstance(exc, OSError):
+        return UpstreamError(f"{what}: {exc.strerror or exc.__class__.__name__}")
+    return UpstreamError(f"{what}: {exc.__class__.__name__}")
+
+
+################################################################################
+# Building blocks
+################################################################################
+
+
+class UpstreamKey:
+    """One upstream credential and the request-head bytes pre-built for it."""
+
+    __slots__ = ("name", "secret", "head")
+
+    def __init__(self, name: str, secret: str) -> None:
+        self.name = name
+        self.secret = secret
+        self.head = b""  # filled by Upstream once its host and headers are known
+
+    def __repr__(self) -> str:
+        return f"UpstreamKey({self.name!r}, {mask_secret(self.secret)!r})"
+
+
+def mask_secret(secret: str) -> str:
+    """`sk-...a1b2`: enough to tell keys apart, never enough to use one."""
+    if len(secret) < 12:
+        return "***"
+    head = secret[:3] if secret[2:3] == "-" else secret[:2]
+    return f"{head}...{secret[-4:]}"
+
+
+class KeyPool:
+    """The keys of one upstream, handed out in turn."""
+
+    __slots__ = ("keys", "_next")
+
+    def __init__(self, keys: list[UpstreamKey]) -> None:
+        self.keys = keys
+        self._next = 0
+
+    def pick(self) -> UpstreamKey | None:
+        if not self.keys:
+            return None
+        key = self.keys[self._next % len(self.keys)]
+        self._next += 1
+        return key
+
+    def __repr__(self) -> str:
+        return f"KeyPool({[k.name for k in self.keys]}, next={self._next})"
+
+
+################################################################################
+# Configuration
+################################################################################
+
+
+def _fail(path: str, why: str) -> ConfigError:
+    return ConfigError(f"config: {path}: {why}")
+
+
+class _Env:
+    """The environment that "env:" references read, and which names they used."""
+
+    __slots__ = ("vars", "used")
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.vars = env
+        self.used: set[str] = set()
+
+
+class _Reader:
+    """Typed access into a JSON object, raising ConfigError that names the key."""
+
+    __slots__ = ("obj", "path", "env")
+
+    def __init__(self, obj: Any, path: str, env: _Env) -> None:
+        if not isinstance(obj, dict):
+            raise _fail(path or "(top level)", "must be a JSON object")
+        self.obj = obj
+        self.path = path
+        self.env = env
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def only(self, allowed: Iterable[str]) -> None:
+        for key in self.obj:
+            if key not in allowed:
+                raise _fail(self.at(str(key)), "unknown key")
+
+    def child(self, key: str) -> _Reader:
+        return _Reader(self.obj.get(key) or {}, self.at(key), self.env)
+
+    def string(self, key: str, default: str | None = None, *, nullable: bool = False) -> Any:
+        value = self.obj.get(key, default)
+        if value is None and (nullable or default is None and key not in self.obj):
+            return None
+        return resolve_env(value, self.at(key), self.env)
+
+    def number(self, key: str, default: Any, *, lo: float = 0, integer: bool = False,
+               nullable: bool = False, above: bool = False) -> Any:
+        value = self.obj.get(key, default)
+        if value is None and nullable:
+            return None
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise _fail(self.at(key), "must be an integer" if integer else "must be a number")
+        if value < lo or (above and value == lo) or value != value or value == float("inf"):
+            raise _fail(self.at(key), f"must be {'above' if above else 'at least'} {lo}")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.obj.get(key, default)
+        if not isinstance(value, bool):
+            raise _fail(self.at(key), "must be true or false")
+        return value
+
+    def strings(self, key: str, default: list | None = None) -> list[str]:
+        value = self.obj.get(key, default if default is not None else [])
+        if not isinstance(value, list):
+            raise _fail(self.at(key), "must be a list of strings")
+        return [resolve_env(v, f"{self.at(key)}[{i}]", self.env) for i, v in enumerate(value)]
+
+    def mapping(self, key: str) -> dict[str, Any]:
+        value = self.obj.get(key) or {}
+        if not isinstance(value, dict):
+            raise _fail(self.at(key), "must be a JSON object")
+        return value
+
+
+def resolve_env(value: Any, path: str, env: _Env) -> str:
+    """A config string, with "env:NAME" replaced by that environment variable."""
+    if not isinstance(value, str):
+        raise _fail(path, "must be a string")
+    if not value.startswith("env:"):
+        return value
+    name = value[4:]
+    env.used.add(name)
+    if name not in env.vars:
+        raise _fail(path, f"environment variable {name} is not set")
+    return env.vars[name]
+
+
+def _expand_keys(value: Any, path: str, upstream: str, env: _Env) -> list[UpstreamKey]:
+    """An upstream's keys: plain strings, "env:NAME", or "env:PREFIX*" (sorted by name)."""
+    if not isinstance(value, list):
+        raise _fail(path, "must be a list of strings")
+    keys: list[UpstreamKey] = []
+    for i, item in enumerate(value):
+        at = f"{path}[{i}]"
+        if isinstance(item, str) and item.startswith("env:") and item.endswith("*"):
+            prefix = item[4:-1]
+            names = sorted(n for n in env.vars if n.startswith(prefix) and env.vars[n])
+            if not prefix or not names:
+                raise _fail(at, f"no environment variable starts with {prefix!r}")
+            env.used.update(names)
+            keys.extend(UpstreamKey(n, env.vars[n]) for n in names)
+        elif isinstance(item, str) and item.startswith("env:"):
+            keys.append(UpstreamKey(item[4:], resolve_env(item, at, env)))
+        else:
+            keys.append(UpstreamKey(f"{upstream}#{i}", resolve_env(item, at, env)))
+    for i, key in enumerate(keys):
+        if not key.secret or any(c in key.secret for c in "\r\n\0"):
+            raise _fail(f"{path}[{i}]", "empty or has a control character")
+    return keys
+
+
+class Upstream:
+    """One configured upstream: where it is, which models it serves, its keys."""
+
+    __slots__ = (
+        "name", "url", "scheme", "host", "port", "base_path", "models", "keys",
+        "key_strategy", "rpm_per_key", "min_interval_ms", "connect_timeout_s",
+        "first_byte_timeout_s", "idle_timeout_s", "headers", "chat_only", "embeddings",
+        "stream_usage", "host_header", "_anonymous_head",
+    )
+    FIELDS = frozenset(
+        "name url keys models key_strategy rpm_per_key min_interval_ms connect_timeout_s "
+        "first_byte_timeout_s idle_timeout_s headers chat_only embeddings stream_usage".split()
+    )
+
+    def __init__(self, r: _Reader, index: int) -> None:
+        r.only(self.FIELDS)
+        self.name = r.string("name", f"upstream{index}")
+        if not self.name:
+            raise _fail(r.at("name"), "must not be empty")
+        self.url = r.string("url", DEFAULT_UPSTREAM_URL)
+        self._parse_url(r.at("url"))
+        self.keys = KeyPool(_expand_keys(r.obj.get("keys", []), r.at("keys"), self.name, r.env))
+        models = r.obj.get("models", "*")
+        self.models = None if models == "*" else frozenset(r.strings("models"))
+        self.key_strategy = r.string("key_strategy", "round_robin")
+        if self.key_strategy not in ("round_robin", "failover"):
+            raise _fail(r.at("key_strategy"), "must be round_robin or failover")
+        self.rpm_per_key = r.number("rpm_per_key", None, nullable=True, above=True)
+        self.min_interval_ms = r.number("min_interval_ms", 0)
+        self.connect_timeout_s = r.number("connect_timeout_s", 10, above=True)
+        self.first_byte_timeout_s = r.number("first_byte_timeout_s", 120, above=True)
+        self.idle_timeout_s = r.number("idle_timeout_s", 120, above=True)
+        headers = r.mapping("headers")
+        self.headers = {str(k): resolve_env(v, f"{r.at('headers')}.{k}", r.env)
+                        for k, v in headers.items()}
+        self.chat_only = r.boolean("chat_only", False)
+        self.embeddings = r.boolean("embeddings", True)
+        self.stream_usage = r.boolean("stream_usage", True)
+        self._build_heads(r.at("headers"))
+
+    def _parse_url(self, path: str) -> None:
+        parts = urlsplit(self.url) if isinstance(self.url, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise _fail(path, "not an http(s) URL")
+        try:
+            port = parts.port
+        except ValueError:
+            raise _fail(path, "has an invalid port") from None
+        self.scheme = parts.scheme
+        self.host = parts.hostname
+        self.port = port or (443 if parts.scheme == "https" else 80)
+        self.base_path = parts.path.rstrip("/")
+        default_port = port is None or port == (443 if self.scheme == "https" else 80)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = host if default_port else f"{host}:{self.port}"
+
+    def _build_heads(self, path: str) -> None:
+        """Pre-build the static part of every request head, once per key."""
+        extra = []
+        for name, value in self.headers.items():
+            if not _TOKEN.fullmatch(name) or not value.isprintable() or not value.isascii():
+                raise _fail(f"{path}.{name}", "not a valid header name and value")
+            extra.append(f"{name}: {value}\r\n")
+        common = f"Host: {self.host_header}\r\nAccept-Encoding: identity\r\n" + "".join(extra)
+        for key in self.keys.keys:
+            key.head = f"Authorization: Bearer {key.secret}\r\n{common}".encode("latin-1")
+        self._anonymous_head = common.encode("latin-1")
+
+    def head_for(self, key: UpstreamKey | None) -> bytes:
+        return key.head if key is not None else self._anonymous_head
+
+    def serves(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+    def __repr__(self) -> str:
+        return f"Upstream({self.name!r}, {self.url!r}, keys={len(self.keys.keys)})"
+
+
+class ClientKey:
+    """A client credential with its own limits and allow-list."""
+
+    __slots__ = ("key", "name", "rpm", "tpm", "models", "budget_tokens", "digest")
+    FIELDS = frozenset("key name rpm tpm models budget_tokens".split())
+
+    def __init__(self, key: str, name: str, rpm: float | None = None, tpm: float | None = None,
+                 models: frozenset[str] | None = None, budget_tokens: int | None = None) -> None:
+        self.key = key
+        self.name = name
+        self.rpm = rpm
+        self.tpm = tpm
+        self.models = models
+        self.budget_tokens = budget_tokens
+        self.digest = hashlib.sha256(key.encode()).digest()
+
+    @classmethod
+    def read(cls, item: Any, path: str, index: int, env: _Env) -> ClientKey:
+        if isinstance(item, str):
+            name = item[4:] if item.startswith("env:") else f"key#{index}"
+            return cls(resolve_env(item, path, env), name)
+        r = _Reader(item, path, env)
+        r.only(cls.FIELDS)
+        raw = r.obj.get("key")
+        if raw is None:
+            raise _fail(r.at("key"), "is required")
+        default_name = raw[4:] if isinstance(raw, str) and raw.startswith("env:") else f"key#{index}"
+        models = r.strings("models") if "models" in r.obj else None
+        return cls(
+            r.string("key"), r.string("name", default_name),
+            r.number("rpm", None, nullable=True, above=True),
+            r.number("tpm", None, nullable=True, above=True),
+            frozenset(models) if models is not None else None,
+            r.number("budget_tokens", None, nullable=True, integer=True),
+        )
+
+    def __repr__(self) -> str:
+        return f"ClientKey({self.name!r}, {mask_secret(self.key)!r})"
+
+
+class Config:
+    """The validated configuration. Construct with load_config()."""
+
+    TOP_LEVEL = frozenset(
+        "host port api_keys admin_key rate_limit upstreams aliases fallbacks retry breaker "
+        "max_body_bytes max_connections cors_origins access_log usage_log shutdown_grace_s".split()
+    )
+
+    def __init__(self, raw: dict[str, Any], env: _Env) -> None:
+        r = _Reader(raw, "", env)
+        r.only(self.TOP_LEVEL)
+        self.host: str = r.string("host", DEFAULT_HOST)
+        self.port: int = r.number("port", DEFAULT_PORT, integer=True)
+        if self.port > 65535:
+            raise _fail("port", "must be at most 65535")
+        self.api_keys = self._client_keys(r)
+        self.admin_key: str | None = r.string("admin_key", None, nullable=True) or None
+        rl = r.child("rate_limit")
+        rl.only(("rpm", "tpm", "burst"))
+        self.rpm = rl.number("rpm", None, nullable=True, above=True)
+        self.tpm = rl.number("tpm", None, nullable=True, above=True)
+        self.burst = rl.number("burst", None, nullable=True, above=True)
+        self.upstreams = self._upstreams(r)
+        self.aliases = self._aliases(r)
+        self.fallbacks = self._fallbacks(r)
+        retry = r.child("retry")
+        retry.only(("attempts", "base_delay_s", "max_delay_s"))
+        self.retry_attempts: int = retry.number("attempts", 3, lo=1, integer=True)
+        self.retry_base_delay_s: float = retry.number("base_delay_s", 0.2)
+        self.retry_max_delay_s: float = retry.number("max_delay_s", 8.0)
+        breaker = r.child("breaker")
+        breaker.only(("failure_threshold", "recovery_timeout_s"))
+        self.failure_threshold: int = breaker.number("failure_threshold", 5, lo=1, integer=True)
+        self.recovery_timeout_s: float = breaker.number("recovery_timeout_s", 60, above=True)
+        self.max_body_bytes: int = r.number("max_body_bytes", 10 * 1024 * 1024, lo=1, integer=True)
+        self.max_connections: int = r.number("max_connections", 10000, lo=1, integer=True)
+        self.cors_origins: list[str] = r.strings("cors_origins")
+        self.access_log: bool = r.boolean("access_log", True)
+        self.usage_log: str | None = r.string("usage_log", None, nullable=True)
+        self.shutdown_grace_s: float = r.number("shutdown_grace_s", 30)
+
+    @staticmethod
+    def _client_keys(r: _Reader) -> list[ClientKey]:
+        items = r.obj.get("api_keys") or []
+        if not isinstance(items, list):
+            raise _fail("api_keys", "must be a list")
+        keys = [ClientKey.read(item, f"api_keys[{i}]", i, r.env)
+                for i, item in enumerate(items)]
+        seen: set[bytes] = set()
+        for i, key in enumerate(keys):
+            if not key.key:
+                raise _fail(f"api_keys[{i}]", "must not be empty")
+            if key.digest in seen:
+                raise _fail(f"api_keys[{i}]", "duplicate key")
+            seen.add(key.digest)
+        return keys
+
+    @staticmethod
+    def _upstreams(r: _Reader) -> list[Upstream]:
+        items = r.obj.get("upstreams")
+        if not isinstance(items, list) or not items:
+            raise _fail("upstreams", "must be a non-empty list")
+        ups = [Upstream(_Reader(item, f"upstreams[{i}]", r.env), i)
+               for i, item in enumerate(items)]
+        names = [u.name for u in ups]
+        for i, name in enumerate(names):
+            if names.index(name) != i:
+                raise _fail(f"upstreams[{i}].name", f"duplicate name {name!r}")
+        return ups
+
+    @staticmethod
+    def _aliases(r: _Reader) -> dict[str, str]:
+        aliases = {str(k): resolve_env(v, f"aliases.{k}", r.env)
+                   for k, v in r.mapping("aliases").items()}
+        for name in aliases:
+            seen, cur = {name}, aliases[name]
+            while cur in aliases:
+                if cur in seen:
+                    raise _fail(f"aliases.{name}", "aliases form a cycle")
+                seen.add(cur)
+                cur = aliases[cur]
+        return aliases
+
+    @staticmethod
+    def _fallbacks(r: _Reader) -> dict[str, list[str]]:
+        chains = r.child("fallbacks")
+        return {str(model): chains.strings(str(model)) for model in chains.obj}
+
+    @property
+    def auth_on(self) -> bool:
+        return bool(self.api_keys)
+
+    def summary(self) -> str:
+        models = set(self.aliases)
+        for u in self.upstreams:
+            models |= u.models or set()
+        any_model = any(u.models is None for u in self.upstreams)
+        count = f"{len(models)}{'+any' if any_model else ''}"
+        n = len(self.upstreams)
+        return (f"http://{self.host}:{self.port} · {n} upstream{'s' * (n != 1)} · {count} models"
+                f" · auth {'on' if self.auth_on else 'off'}")
+
+
+def _read_json_source(text: str, where: str) -> dict[str, Any]:
+    try:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"config: {where}: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"config: {where}: must be a JSON object")
+    return obj
+
+
+def _split_list(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> list[str]:
+    """Single-value environment variables, which win over the JSON sources.
+
+    Returns the default-upstream variables that the JSON's own upstreams make moot."""
+    if "GATEWAY_HOST" in env:
+        raw["host"] = env["GATEWAY_HOST"]
+    if "GATEWAY_PORT" in env:
+        try:
+            raw["port"] = int(env["GATEWAY_PORT"])
+        except ValueError:
+            raise ConfigError("config: GATEWAY_PORT: not an integer") from None
+    if "GATEWAY_API_KEYS" in env:
+        raw["api_keys"] = _split_list(env["GATEWAY_API_KEYS"])
+    if "GATEWAY_ADMIN_KEY" in env:
+        raw["admin_key"] = env["GATEWAY_ADMIN_KEY"]
+    if "GATEWAY_RPM" in env:
+        try:
+            rpm = float(env["GATEWAY_RPM"])
+        except ValueError:
+            raise ConfigError("config: GATEWAY_RPM: not a number") from None
+        base = raw.get("rate_limit") if isinstance(raw.get("rate_limit"), dict) else {}
+        raw["rate_limit"] = {**base, "rpm": rpm}
+    single = [n for n in ("GATEWAY_UPSTREAM_URL", "GATEWAY_UPSTREAM_KEYS", "OPENAI_API_KEY")
+              if n in env]
+    if "upstreams" in raw:
+        return single
+    upstream: dict[str, Any] = {"name": "default",
+                                "url": env.get("GATEWAY_UPSTREAM_URL", DEFAULT_UPSTREAM_URL)}
+    if "GATEWAY_UPSTREAM_KEYS" in env:
+        upstream["keys"] = _split_list(env["GATEWAY_UPSTREAM_KEYS"])
+    elif env.get("OPENAI_API_KEY"):
+        upstream["keys"] = ["env:OPENAI_API_KEY"]
+    raw["upstreams"] = [upstream]
+    return []
+
+
+def load_config(
+    env: dict[str, str] | None = None,
+    *,
+    config_file: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    warnings: list[str] | None = None,
+) -> Config:
+    """Merge every source in precedence order and validate the result."""
+    env = dict(os.environ) if env is None else env
+    warnings = [] if warnings is None else warnings
+    raw: dict[str, Any] = {}
+    path = config_file or env.get("GATEWAY_CONFIG_FILE")
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config: {path}: cannot read ({exc})") from None
+        raw.update(_read_json_source(text, path))
+    if env.get("GATEWAY_CONFIG"):
+        raw.update(_read_json_source(env["GATEWAY_CONFIG"], "GATEWAY_CONFIG"))
+    raw.update(overrides or {})
+    moot = _apply_env(raw, env)
+    if host is not None:
+        raw["host"] = host
+    if port is not None:
+        raw["port"] = port
+    refs = _Env(env)
+    config = Config(raw, refs)
+    moot = [name for name in moot if name not in refs.used]
+    if moot:
+        warnings.append(f"{', '.join(moot)} ignored: the JSON config gives upstreams")
+    return config
+
+
+################################################################################
+# Upstream client
+################################################################################
+
+# Response framing, decided once per response head.
+_LENGTH, _CHUNKED, _UNTIL_CLOSE, _NO_BODY = range(4)
+# Chunked decoder states.
+_SIZE, _DATA, _DATA_CRLF, _TRAILER = range(4)
+
+
+class BodySink:
+    """Where a relayed upstream body goes, piece by piece, as it arrives."""
+
+    def on_data(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def on_end(self) -> None:
+        raise NotImplementedError
+
+    def on_error(self, exc: GatewayError) -> None:
+        raise NotImplementedError
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One HTTP/1.1 connection to an upstream: IDLE → WAIT_HEAD → BODY → DONE → IDLE.
+
+    The response head is parsed here (no h11: a head is parsed once, bodies are only framed);
+    the body is handed to a BodySink from data_received, so relaying costs no task switch.
+    """
+
+    __slots__ = (
+        # per connection
+        "pool", "loop", "transport", "closed", "expires",
+        # per exchange
+        "reused", "got_bytes", "head_buf", "head_waiter", "status", "headers", "framing",
+        "keep_alive", "left", "cstate", "line", "sink", "pending", "done", "timer",
+        "idle_timeout", "last_rx", "error",
+    )
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.expires = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.reused = False
+        self.got_bytes = False
+        self.head_buf = bytearray()
+        self.head_waiter: asyncio.Future | None = None
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.framing = _NO_BODY
+        self.keep_alive = False
+        self.left = 0
+        self.cstate = _SIZE
+        self.line = b""
+        self.sink: BodySink | None = None
+        self.pending: list[bytes] | None = []
+        self.done: asyncio.Future | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.idle_timeout = 0.0
+        self.last_rx = 0.0
+        self.error: GatewayError | None = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"status={self.status} framing={self.framing}"
+        return f"UpstreamConnection({self.pool.upstream.name!r}, {state})"
+
+    # asyncio.Protocol callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            _set_nodelay(sock)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.got_bytes:
+            self.got_bytes = True
+            self._cancel_timer()
+            if self.head_waiter is None:  # bytes on an idle connection: unusable
+                self.abort()
+                return
+        self.last_rx = self.loop.time()
+        if self.status == 0:
+            self._feed_head(data)
+        else:
+            self._feed_body(data)
+
+    def eof_received(self) -> bool | None:
+        return None  # closes the transport; connection_lost decides what that meant
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_timer()
+        self.pool.forget(self)
+        if self.head_waiter is not None and not self.head_waiter.done():
+            if self.error is not None:
+                self.head_waiter.set_exception(self.error)
+            elif self.reused and not self.got_bytes:
+                self.head_waiter.set_exception(_StaleConnection())
+            else:
+                self.head_waiter.set_exception(
+                    UpstreamError("upstream closed the connection before answering"))
+        elif self.done is not None and not self.done.done():
+            if self.framing == _UNTIL_CLOSE and self.error is None:
+                self._finish()
+            else:
+                self._fail(self.error or UpstreamError("upstream closed the connection mid-response"))
+
+    def pause_writing(self) -> None:  # request bodies are written whole; nothing to pause
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # one exchange ---------------------------------------------------------------------------
+
+    async def exchange(self, request: list[bytes], first_byte_timeout: float,
+                       idle_timeout: float) -> UpstreamConnection:
+        """Send a request; return once the response head is in (self.status, self.headers)."""
+        self.head_waiter = self.loop.create_future()
+        self.done = self.loop.create_future()
+        self.idle_timeout = idle_timeout
+        self.timer = self.loop.call_later(first_byte_timeout, self._first_byte_timeout)
+        self.transport.writelines(request)  # type: ignore[union-attr]
+        try:
+            await self.head_waiter
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+        return self
+
+    def relay(self, sink: BodySink) -> asyncio.Future:
+        """Hand the body to sink as it arrives; the future resolves when the body has ended."""
+        pending, self.pending, self.sink = self.pending, None, sink
+        for piece in pending or ():
+            sink.on_data(piece)
+        if self.done.done():  # type: ignore[union-attr]
+            self._recycle()
+            if self.error is None:
+                sink.on_end()
+            else:
+                sink.on_error(self.error)
+        else:
+            self.resume_reading()
+        return self.done  # type: ignore[return-value]
+
+    async def read_body(self) -> bytes:
+        """The whole body (for small answers the gateway itself must look at)."""
+        collector = _Collector()
+        try:
+            await self.relay(collector)
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+        if self.error is not None:
+            raise self.error
+        return b"".join(collector.parts)
+
+    def abort(self) -> None:
+        """Drop the connection now; it never returns to the pool."""
+        self.keep_alive = False
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+        self.closed = True
+        self.pool.forget(self)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    # parsing --------------------------------------------------------------------------------
+
+    def _feed_head(self, data: bytes) -> None:
+        buf = self.head_buf
+        buf += data
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > UPSTREAM_MAX_HEAD:
+                self._garbage("response head too large")
+            return
+        try:
+            self._parse_head(bytes(buf[:end]))
+        except (ValueError, IndexError):
+            self._garbage("malformed response head")
+            return
+        rest = bytes(buf[end + 4:])
+        self.head_buf = bytearray()
+        if 100 <= self.status < 200:  # interim response: wait for the real one
+            self.status = 0
+            if rest:
+                self._feed_head(rest)
+            return
+        if self.framing != _NO_BODY:
+            self.timer = self.loop.call_later(self.idle_timeout, self._idle_check)
+        waiter, self.head_waiter = self.head_waiter, None
+        if self.framing == _NO_BODY or (self.framing == _LENGTH and self.left == 0):
+            self._finish()
+        elif rest:
+            self._feed_body(rest)
+        if not self.done.done():  # type: ignore[union-attr]
+            self.transport.pause_reading()  # type: ignore[union-attr]  # until relay() says where
+        waiter.set_result(self)  # type: ignore[union-attr]
+
+    def _parse_head(self, head: bytes) -> None:
+        lines = head.split(b"\r\n")
+        version, status, _ = (lines[0] + b" ").split(b" ", 2)
+        if not version.startswith(b"HTTP/1.") or len(status) != 3:
+            raise ValueError(lines[0])
+        self.status = int(status)
+        headers = self.headers = []
+        length = None
+        chunked = False
+        conn = b""
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not name or name[-1:] in b" \t":
+                raise ValueError(line)
+            name = name.lower()
+            value = value.strip()
+            if name == b"content-length":
+                length = int(value)
+                if length < 0:
+                    raise ValueError(line)
+            elif name == b"transfer-encoding":
+                chunked = value.lower().endswith(b"chunked")
+            elif name == b"connection":
+                conn = value.lower()
+            headers.append((name, value))
+        self.keep_alive = version == b"HTTP/1.1" and b"close" not in conn
+        if self.status < 200 or self.status in (204, 304):
+            self.framing = _NO_BODY
+        elif chunked:
+            self.framing = _CHUNKED
+        elif length is not None:
+            self.framing, self.left = _LENGTH, length
+        else:
+            self.framing, self.keep_alive = _UNTIL_CLOSE, False
+
+    def _feed_body(self, data: bytes) -> None:
+        if self.framing == _CHUNKED:
+            try:
+                self._feed_chunked(data)
+            except ValueError:
+                self._garbage("malformed chunked body")
+            return
+        if self.framing == _LENGTH:
+            if len(data) >= self.left:
+                if len(data) > self.left:  # bytes past the body: the connection is unusable
+                    self.keep_alive = False
+                    data = data[: self.left]
+                self.left = 0
+                self._emit(data)
+                self._finish()
+                return
+            self.left -= len(data)
+        self._emit(data)
+
+    def _feed_chunked(self, data: bytes) -> None:
+        pos, end = 0, len(data)
+        out: list[bytes] = []
+        while pos < end:
+            state = self.cstate
+            if state == _DATA:
+                take = min(self.left, end - pos)
+                out.append(data if take == end else data[pos:pos + take])
+                pos += take
+                self.left -= take
+                if self.left == 0:
+                    self.cstate, self.left = _DATA_CRLF, 2
+            elif state == _DATA_CRLF:
+                take = min(self.left, end - pos)
+                pos += take
+                self.left -= take
+                if self.left == 0:
+                    self.cstate = _SIZE
+            else:
+                nl = data.find(b"\n", pos)
+                if nl < 0:
+                    self.line += data[pos:]
+                    if len(self.line) > 4096:
+                        raise ValueError("chunk line too long")
+                    break
+                line, self.line = self.line + data[pos:nl], b""
+                pos = nl + 1
+                if state == _SIZE:
+                    size = int(line.split(b";", 1)[0].strip(), 16)
+                    if size < 0:
+                        raise ValueError(line)
+                    self.cstate, self.left = (_DATA, size) if size else (_TRAILER, 0)
+                elif not line.strip():  # blank line after the trailers: the body has ended
+                    if out:
+                        self._emit(out[0] if len(out) == 1 else b"".join(out))
+                    if pos < end:
+                        self.keep_alive = False
+                    self._finish()
+                    return
+        if out:
+            self._emit(out[0] if len(out) == 1 else b"".join(out))
+
+    def _emit(self, data: bytes) -> None:
+        if not data:
+            return
+        if self.sink is not None:
+            self.sink.on_data(data)
+        else:
+            self.pending.append(data)  # type: ignore[union-attr]
+
+    def _finish(self) -> None:
+        self._cancel_timer()
+        done = self.done
+        if done is None or done.done():
+            return
+        done.set_result(None)
+        sink = self.sink
+        if sink is not None:  # else relay() recycles once the consumer has read the head
+            self._recycle()
+            sink.on_end()
+
+    def _recycle(self) -> None:
+        """Back to the pool if the exchange ended cleanly on a keep-alive connection."""
+        if self.keep_alive and self.error is None and not self.closed:
+            self.pool.release(self)
+        elif not self.closed and self.transport is not None:
+            self.transport.close()
+
+    def _fail(self, exc: GatewayError) -> None:
+        self.error = exc
+        done = self.done
+        if done is not None and not done.done():
+            done.set_result(None)
+            if self.sink is not None:
+                self.sink.on_error(exc)
+
+    def _garbage(self, why: str) -> None:
+        self.error = UpstreamError(f"upstream answered garbage: {why}")
+        waiter = self.head_waiter
+        self.head_waiter = None
+        self.abort()
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(self.error)
+        else:
+            self._fail(self.error)
+
+    # timers ---------------------------------------------------------------------------------
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _first_byte_timeout(self) -> None:
+        self.timer = None
+        self.error = UpstreamTimeout("upstream sent no response in time")
+        self.abort()
+
+    def _idle_check(self) -> None:
+        # One timer per idle period rather than one per chunk: re-armed from last_rx.
+        self.timer = None
+        deadline = self.last_rx + self.idle_timeout
+        if self.loop.time() < deadline:
+            self.timer = self.loop.call_at(deadline, self._idle_check)
+            return
+        self.error = UpstreamTimeout("upstream stalled mid-response")
+        self.abort()
+
+
+class _Collector(BodySink):
+    __slots__ = ("parts",)
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def on_data(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def on_end(self) -> None:
+        pass
+
+    def on_error(self, exc: GatewayError) -> None:
+        pass
+
+
+def _set_nodelay(sock: Any) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass
+
+
+_SSL_CONTEXT: ssl.SSLContext | None = None
+
+
+def _ssl_context() -> ssl.SSLContext:
+    global _SSL_CONTEXT
+    if _SSL_CONTEXT is None:  # built on first https use: loading the CA store costs ~10 ms
+        _SSL_CONTEXT = ssl.create_default_context()
+    return _SSL_CONTEXT
+
+
+class UpstreamPool:
+    """Keep-alive connections to one upstream: reuse (LIFO), expiry, one retry on stale."""
+
+    __slots__ = ("upstream", "loop", "idle", "live")
+
+    def __init__(self, upstream: Upstream, loop: asyncio.AbstractEventLoop) -> None:
+        self.upstream = upstream
+        self.loop = loop
+        self.idle: list[UpstreamConnection] = []
+        self.live: set[UpstreamConnection] = set()
+
+    def __repr__(self) -> str:
+        return f"UpstreamPool({self.upstream.name!r}, idle={len(self.idle)}, live={len(self.live)})"
+
+    async def request(self, request: list[bytes]) -> UpstreamConnection:
+        """Send request on a pooled or new connection; return it with the response head read."""
+        u = self.upstream
+        conn = self._take_idle()
+        if conn is not None:
+            try:
+                return await conn.exchange(request, u.first_byte_timeout_s, u.idle_timeout_s)
+            except _StaleConnection:
+                pass  # the upstream closed it while idle: the request never arrived
+        conn = await self._connect()
+        try:
+            return await conn.exchange(request, u.first_byte_timeout_s, u.idle_timeout_s)
+        except _StaleConnection:  # pragma: no cover - a fresh connection is never "reused"
+            raise UpstreamError("upstream closed the connection before answering") from None
+
+    def _take_idle(self) -> UpstreamConnection | None:
+        now = self.loop.time()
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed and conn.expires > now:
+                conn._reset()
+                conn.reused = True
+                return conn
+            conn.abort()
+        return None
+
+    async def _connect(self) -> UpstreamConnection:
+        u = self.upstream
+        tls = _ssl_context() if u.scheme == "https" else None
+        try:
+            _, conn = await asyncio.wait_for(
+                self.loop.create_connection(lambda: UpstreamConnection(self), u.host, u.port,
+                                            ssl=tls, server_hostname=u.host if tls else None),
+                u.connect_timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            raise _upstream_failure(exc, f"cannot connect to upstream {u.name}") from None
+        self.live.add(conn)
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        if len(self.idle) >= UPSTREAM_MAX_IDLE:
+            conn.abort()
+            return
+        conn.expires = self.loop.time() + UPSTREAM_KEEPALIVE_S
+        conn.head_waiter = None
+        conn.sink = None
+        conn.got_bytes = False
+        self.idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        self.live.discard(conn)
+        if conn in self.idle:
+            self.idle.remove(conn)
+
+    def close(self) -> None:
+        for conn in list(self.live):
+            conn.abort()
+        self.idle.clear()
+
+
+def build_request(method: bytes, target: bytes, static_head: bytes, body: bytes,
+                  request_id: bytes, extra: list[bytes]) -> list[bytes]:
+    """The request as a list for writelines: no join, the body is never copied."""
+    return [
+        method, b" ", target, b" HTTP/1.1\r\n", static_head,
+        b"Content-Type: application/json\r\nContent-Length: %d\r\nX-Request-ID: " % len(body)
+        if body else b"X-Request-ID: ",
+        request_id, b"\r\n", *extra, b"\r\n", body,
+    ]
+
+
+################################################################################
+# Requests, routing and handlers
+################################################################################
+
+_REASONS = {s.value: s.phrase.encode() for s in __import__("http").HTTPStatus}
+_ID_PREFIX = os.urandom(4).hex()
+_ID_COUNTER = itertools.count(1)
+# What each proxied endpoint requires besides `model`, and the upstream path it maps to.
+_ENDPOINTS = {
+    "chat": ("messages", (list,), b"/chat/completions"),
+    "completions": ("prompt", (str, list), b"/completions"),
+    "embeddings": ("input", (str, list), b"/embeddings"),
+}
+_TYPE_NAMES = {list: "an array", str: "a string"}
+
+
+def _log(message: str) -> None:
+    print(f"gateway: {message}", file=sys.stderr, flush=True)
+
+
+class Request(BodySink):
+    """One request/response cycle on a client connection; the sink of a relayed body."""
+
+    __slots__ = (
+        "proto", "method", "path", "query", "headers", "body_parts", "body_size",
+        "request_id", "authorization", "api_key", "client", "upstream", "status", "started",
+        "sse", "finished",
+    )
+
+    def __init__(self, proto: HttpProtocol, event: h11.Request) -> None:
+        self.proto = proto
+        self.method: bytes = event.method
+        target: bytes = event.target
+        self.path, _, self.query = target.partition(b"?")
+        self.headers: list[tuple[bytes, bytes]] = event.headers  # type: ignore[assignment]
+        self.body_parts: list[bytes] = []
+        self.body_size = 0
+        self.request_id = b""
+        self.authorization = b""
+        self.api_key = b""
+        for name, value in event.headers:
+            if name == b"authorization":
+                self.authorization = value
+            elif name == b"x-api-key":
+                self.api_key = value
+            elif name == b"x-request-id" and 0 < len(value) <= REQUEST_ID_MAX:
+                self.request_id = value
+        if not self.request_id:
+            self.request_id = b"req-%s%08x" % (_ID_PREFIX.encode(), next(_ID_COUNTER))
+        self.client: ClientKey | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.status = 0
+        self.started = False
+        self.sse = False
+        self.finished = False
+
+    def __repr__(self) -> str:
+        return (f"Request({self.method.decode()} {self.path.decode('latin-1')}, "
+                f"id={self.request_id.decode('latin-1')}, status={self.status})")
+
+    def body(self) -> bytes:
+        parts = self.body_parts
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def forwarded_headers(self) -> list[bytes]:
+        return [b"%s: %s\r\n" % (n, v) for n, v in self.headers if n not in _NOT_FORWARDED]
+
+    def credential(self) -> bytes:
+        auth = self.authorization
+        if auth[:7].lower() == b"bearer ":
+            return auth[7:].strip()
+        return self.api_key
+
+    # writing --------------------------------------------------------------------------------
+
+    def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """Send the response head; the body follows through on_data / on_end."""
+        proto = self.proto
+        if proto.gw.draining:
+            headers.append((b"connection", b"close"))
+        self.status = status
+        self.started = True
+        event = h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b""))
+        data = proto.conn.send(event)
+        if not proto.closing:
+            proto.transport.write(data)  # type: ignore[arg-type]
+
+    def send(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """A whole response at once, in one write."""
+        headers.append((b"content-length", b"%d" % len(body)))
+        self.start(status, headers)
+        proto = self.proto
+        if not proto.closing:
+            proto.transport.writelines(proto.conn.send_with_data_passthrough(h11.Data(data=body)))
+        self.on_end()
+
+    def send_json(self, status: int, obj: Any) -> None:
+        self.send(status, [_JSON_CT, (b"x-request-id", self.request_id)], orjson.dumps(obj))
+
+    def fail(self, exc: GatewayError) -> None:
+        """Answer with the error, or end a started response as cleanly as its framing allows."""
+        if self.finished:
+            return
+        if not self.started:
+            self.send(exc.status, exc.response_headers(self.request_id), exc.body())
+        else:
+            self.on_error(exc)
+
+    def on_data(self, data: bytes) -> None:
+        proto = self.proto
+        if not proto.closing:
+            proto.transport.writelines(proto.conn.send_with_data_passthrough(h11.Data(data=data)))
+
+    def on_end(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        proto = self.proto
+        data = proto.conn.send(h11.EndOfMessage())
+        if not proto.closing:
+            proto.transport.write(data)  # type: ignore[arg-type]
+        proto.response_done(self)
+
+    def on_error(self, exc: GatewayError) -> None:
+        if self.finished:
+            return
+        if self.sse:  # an SSE client can be told in-band, then the stream ends properly
+            self.on_data(b"data: " + orjson.dumps({"error": orjson.loads(exc.body())["error"]})
+                         + b"\n\n")
+            self.on_end()
+            return
+        # Any other body cut short: close, so the client sees a truncated response, not a whole one.
+        self.finished = True
+        self.proto.close()
+
+
+class Gateway:
+    """The running gateway: config, upstream pools, client connections, handlers."""
+
+    def __init__(self, config: Config, *, header_timeout_s: float = HEADER_TIMEOUT_S,
+                 body_timeout_s: float = BODY_TIMEOUT_S,
+                 keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S) -> None:
+        self.config = config
+        self.header_timeout_s = header_timeout_s
+        self.body_timeout_s = body_timeout_s
+        self.keepalive_timeout_s = keepalive_timeout_s
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.server: asyncio.AbstractServer | None = None
+        self.pools: dict[str, UpstreamPool] = {}
+        self.connections: set[HttpProtocol] = set()
+        self.active = 0
+        self.idle_event: asyncio.Event | None = None
+        self.draining = False
+        self.port = 0
+        self.keys_by_digest = {k.digest: k for k in config.api_keys}
+        self.models_cache: dict[str, tuple[float, list[dict]]] = {}
+        self.routes: dict[bytes, tuple[bytes, bool, Callable]] = {
+            b"/v1/chat/completions": (b"POST", True, self.chat),
+            b"/v1/chat/completions/stream": (b"POST", True, self.chat_stream),
+            b"/v1/completions": (b"POST", True, self.completions),
+            b"/v1/embeddings": (b"POST", True, self.embeddings),
+            b"/v1/models": (b"GET", True, self.list_models),
+            b"/health": (b"GET", False, self.health),
+            b"/ready": (b"GET", False, self.ready),
+        }
+
+    def __repr__(self) -> str:
+        return (f"Gateway(port={self.port}, connections={len(self.connections)}, "
+                f"active={self.active}, draining={self.draining})")
+
+    # lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        self.idle_event = asyncio.Event()
+        self.idle_event.set()
+        self.pools = {u.name: UpstreamPool(u, self.loop) for u in self.config.upstreams}
+        self.server = await self.loop.create_server(
+            lambda: HttpProtocol(self), self.config.host, self.config.port, backlog=2048)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def shutdown(self, grace_s: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish (up to the grace period), close all."""
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        if self.active:
+            _log(f"draining {self.active} in-flight request(s), up to {grace:g}s")
+            try:
+                await asyncio.wait_for(self.idle_event.wait(), grace)  # type: ignore[union-attr]
+            except asyncio.TimeoutError:
+                _log(f"grace period over: cutting {self.active} request(s)")
+        for proto in list(self.connections):
+            proto.close()
+        for pool in self.pools.values():
+            pool.close()
+
+    def request_started(self) -> None:
+        self.active += 1
+        self.idle_event.clear()  # type: ignore[union-attr]
+
+    def request_finished(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self.idle_event.set()  # type: ignore[union-attr]
+
+    # dispatch -------------------------------------------------------------------------------
+
+    async def handle(self, rq: Request) -> None:
+        self.request_started()
+        try:
+            await self.dispatch(rq)
+            if not rq.started:
+                raise GatewayError("handler sent no response")
+        except GatewayError as exc:
+            rq.fail(exc)
+        except asyncio.CancelledError:
+            pass  # the client went away; its connection is already closed
+        except Exception as exc:  # a bug: answer 500 and say where, but keep serving
+            _log(f"internal error on {rq!r}: {exc!r}")
+            import traceback
+            traceback.print_exc()
+            rq.fail(GatewayError("The gateway hit an internal error."))
+        finally:
+            if rq.upstream is not None:
+                rq.upstream.abort()
+                rq.upstream = None
+            self.request_finished()
+
+    async def dispatch(self, rq: Request) -> None:
+        route = self.routes.get(rq.path)
+        if route is None:
+            if rq.path.startswith(b"/v1/models/"):
+                route = (b"GET", True, self.retrieve_model)
+            else:
+                raise NotFound(f"Unknown path: {rq.path.decode('latin-1')}")
+        method, needs_auth, handler = route
+        if rq.method != method:
+            raise MethodNotAllowed(f"Method {rq.method.decode()} not allowed; use {method.decode()}",
+                                   headers=[(b"allow", method)])
+        if self.draining:
+            raise Unavailable("The gateway is shutting down.", code="draining",
+                              headers=[(b"connection", b"close")])
+        if needs_auth:
+            rq.client = self.authenticate(rq)
+        await handler(rq)
+
+    def authenticate(self, rq: Request) -> ClientKey | None:
+        if not self.keys_by_digest:
+            return None
+        token = rq.credential()
+        if not token:
+            raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+        key = self.keys_by_digest.get(hashlib.sha256(token).digest())
+        if key is None or not hmac.compare_digest(key.key.encode(), token):
+            raise Unauthorized("Incorrect API key provided.")
+        return key
+
+    # proxied endpoints ----------------------------------------------------------------------
+
+    async def chat(self, rq: Request) -> None:
+        await self.proxy(rq, "chat")
+
+    async def chat_stream(self, rq: Request) -> None:
+        await self.proxy(rq, "chat", force_stream=True)
+
+    async def completions(self, rq: Request) -> None:
+        await self.proxy(rq, "completions")
+
+    async def embeddings(self, rq: Request) -> None:
+        await self.proxy(rq, "embeddings")
+
+    async def proxy(self, rq: Request, kind: str, force_stream: bool = False) -> None:
+        body = rq.body()
+        obj = parse_body(body, kind)
+        requested = obj["model"]
+        model = self.resolve_alias(requested)
+        client = rq.client
+        if client is not None and client.models is not None \
+                and requested not in client.models and model not in client.models:
+            raise Forbidden(f"This key may not use model {requested!r}.", param="model")
+        upstream = self.route_model(model)
+        if kind == "embeddings" and not upstream.embeddings:
+            raise Unsupported(f"Upstream {upstream.name} does not serve embeddings.")
+        if model != requested or (force_stream and obj.get("stream") is not True):
+            obj["model"] = model
+            if force_stream:
+                obj["stream"] = True
+            body = orjson.dumps(obj)
+        target = upstream.base_path.encode() + _ENDPOINTS[kind][2]
+        if rq.query:
+            target += b"?" + rq.query
+        key = upstream.keys.pick()
+        request = build_request(b"POST", target, upstream.head_for(key), body, rq.request_id,
+                                rq.forwarded_headers())
+        conn = rq.upstream = await self.pools[upstream.name].request(request)
+        if kind == "embeddings" and conn.status == 404:
+            await conn.read_body()
+            raise Unsupported(f"Upstream {upstream.name} does not serve embeddings.")
+        self.relay_head(rq, conn)
+        await conn.relay(rq)
+        rq.upstream = None
+
+    def relay_head(self, rq: Request, conn: UpstreamConnection) -> None:
+        """Pass the upstream's status and headers through, minus hop-by-hop ones."""
+        sse = False
+        headers = []
+        for name, value in conn.headers:
+            if name in _NOT_RELAYED:
+                continue
+            if name == b"content-type" and value.startswith(b"text/event-stream"):
+                sse = True
+            elif name == b"x-request-id":
+                name = b"x-upstream-request-id"
+            headers.append((name, value))
+        if sse:  # framed by us (chunked), never cached or buffered by a proxy in front
+            headers = [h for h in headers if h[0] not in (b"content-length", b"cache-control")]
+            headers += _SSE_HEADERS
+        headers.append((b"x-request-id", rq.request_id))
+        rq.sse = sse
+        try:
+            rq.start(conn.status, headers)
+        except h11.LocalProtocolError:
+            raise UpstreamError("upstream answered garbage: invalid response headers") from None
+
+    def resolve_alias(self, model: str) -> str:
+        aliases = self.config.aliases
+        while model in aliases:
+            model = aliases[model]
+        return model
+
+    def route_model(self, model: str) -> Upstream:
+        for upstream in self.config.upstreams:
+            if upstream.serves(model):
+                return upstream
+        raise NotFound(f"The model {model!r} does not exist.", code="model_not_found",
+                       param="model")
+
+    # models ---------------------------------------------------------------------------------
+
+    async def list_models(self, rq: Request) -> None:
+        rq.send_json(200, {"object": "list", "data": list((await self.known_models()).values())})
+
+    async def retrieve_model(self, rq: Request) -> None:
+        model_id = unquote(rq.path[len(b"/v1/models/"):].decode("latin-1"))
+        entry = (await self.known_models()).get(model_id)
+        if entry is None:
+            raise NotFound(f"The model {model_id!r} does not exist.", code="model_not_found",
+                           param="model")
+        rq.send_json(200, entry)
+
+    async def known_models(self) -> dict[str, dict]:
+        """Configured models and aliases first, then what any "*" upstream lists itself."""
+        models: dict[str, dict] = {}
+        for u in self.config.upstreams:
+            for model in sorted(u.models or ()):
+                models.setdefault(model, _model_entry(model, u.name))
+        for alias, target in self.config.aliases.items():
+            owner = next((u.name for u in self.config.upstreams if u.models and
+                          self.resolve_alias(target) in u.models), "gateway")
+            models.setdefault(alias, _model_entry(alias, owner))
+        for u in self.config.upstreams:
+            if u.models is None:
+                for entry in await self.upstream_models(u):
+                    models.setdefault(entry["id"], entry)
+        return models
+
+    async def upstream_models(self, u: Upstream) -> list[dict]:
+        now = time.monotonic()
+        cached = self.models_cache.get(u.name)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            entries, ttl = await self.fetch_models(u), MODELS_CACHE_S
+        except (GatewayError, ValueError, KeyError, TypeError) as exc:
+            _log(f"upstream {u.name}: cannot list models ({exc})")
+            entries, ttl = [], MODELS_FAIL_CACHE_S
+        self.models_cache[u.name] = (now + ttl, entries)
+        return entries
+
+    async def fetch_models(self, u: Upstream) -> list[dict]:
+        request_id = b"req-%s%08x" % (_ID_PREFIX.encode(), next(_ID_COUNTER))
+        request = build_request(b"GET", u.base_path.encode() + b"/models",
+                                u.head_for(u.keys.pick()), b"", request_id, [])
+        conn = await self.pools[u.name].request(request)
+        body = await conn.read_body()
+        if conn.status != 200:
+            raise ValueError(f"status {conn.status}")
+        data = orjson.loads(body)["data"]
+        return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+    # local endpoints ------------------------------------------------------------------------
+
+    async def health(self, rq: Request) -> None:
+        rq.send_json(200, {
+            "status": "ok",
+            "draining": self.draining,
+            "upstreams": [{"name": u.name, "keys": len(u.keys.keys)}
+                          for u in self.config.upstreams],
+        })
+
+    async def ready(self, rq: Request) -> None:
+        rq.send_json(200, {"status": "ready"})
+
+
+def _model_entry(model: str, owner: str) -> dict:
+    return {"id": model, "object": "model", "created": START_TIME, "owned_by": owner}
+
+
+def parse_body(body: bytes, kind: str) -> dict:
+    """Parse once, and check only what routing needs: `model` and the endpoint's input."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"We could not parse the JSON body of your request: {exc}") from None
+    if not isinstance(obj, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    field, types, _ = _ENDPOINTS[kind]
+    for name, want in (("model", (str,)), (field, types)):
+        if name not in obj:
+            raise BadRequest(f"Missing required parameter: '{name}'.", code="missing_field",
+                             param=name)
+        if not isinstance(obj[name], want):
+            kinds = " or ".join(_TYPE_NAMES[t] for t in want)
+            raise BadRequest(f"Invalid type for '{name}': expected {kinds}.",
+                             code="invalid_type", param=name)
+    return obj
+
+
+################################################################################
+# Server protocol
+################################################################################
+
+# What the connection's one timer is waiting for.
+_IDLE, _HEAD, _BODY, _BUSY = range(4)
+
+
+def _raw_error(exc: GatewayError) -> bytes:
+    """An error response written without h11, for when its state machine cannot send one."""
+    request_id = b"req-%s%08x" % (_ID_PREFIX.encode(), next(_ID_COUNTER))
+    body = exc.body()
+    head = b"".join(b"%s: %s\r\n" % h for h in exc.response_headers(request_id))
+    return (b"HTTP/1.1 %d %s\r\n%scontent-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (exc.status, _REASONS[exc.status], head, len(body), body))
+
+
+class HttpProtocol(asyncio.Protocol):
+    """A client connection: h11 drives parsing, keep-alive and pipelining (uvicorn's shape)."""
+
+    __slots__ = (
+        # per connection
+        "gw", "loop", "transport", "conn", "timer", "timer_mode", "read_paused", "closing",
+        # per request
+        "cycle", "task",
+    )
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.loop = gw.loop
+        self.transport: asyncio.Transport | None = None
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_mode = _IDLE
+        self.read_paused = False
+        self.closing = False
+        self.cycle: Request | None = None
+        self.task: asyncio.Task | None = None
+
+    def __repr__(self) -> str:
+        return (f"HttpProtocol(our={self.conn.our_state}, their={self.conn.their_state}, "
+                f"cycle={self.cycle!r})")
+
+    # asyncio.Protocol callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        gw = self.gw
+        if len(gw.connections) >= gw.config.max_connections:
+            transport.write(_raw_error(Unavailable("Too many connections.", code="overloaded")))  # type: ignore[attr-defined]
+            self.closing = True
+            transport.close()
+            return
+        gw.connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            _set_nodelay(sock)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[union-attr]
+        self._arm(gw.keepalive_timeout_s, _IDLE)
+
+    def data_received(self, data: bytes) -> None:
+        if self.timer_mode == _IDLE:
+            self._arm(self.gw.header_timeout_s, _HEAD)
+        self.conn.receive_data(data)
+        self._handle_events()
+
+    def eof_received(self) -> bool:
+        self.conn.receive_data(b"")
+        self._handle_events()
+        return self.cycle is not None  # half-closed: still write the response under way
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.gw.connections.discard(self)
+        self._cancel_timer()
+        rq = self.cycle
+        if rq is not None and rq.upstream is not None:
+            rq.upstream.abort()  # the client is gone: free the upstream at once
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    def pause_writing(self) -> None:
+        rq = self.cycle
+        if rq is not None and rq.upstream is not None:
+            rq.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        rq = self.cycle
+        if rq is not None and rq.upstream is not None:
+            rq.upstream.resume_reading()
+
+    # events ---------------------------------------------------------------------------------
+
+    def _handle_events(self) -> None:
+        conn = self.conn
+        while not self.closing:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._protocol_error(exc)
+                return
+            kind = type(event)
+            if kind is h11.Data:
+                self._on_body(event.data)  # type: ignore[union-attr]
+            elif event is h11.NEED_DATA:
+                return
+            elif event is h11.PAUSED:
+                self._pause_reading()
+                return
+            elif kind is h11.Request:
+                self._on_request(event)  # type: ignore[arg-type]
+            elif kind is h11.EndOfMessage:
+                self._on_request_end()
+            elif kind is h11.ConnectionClosed:
+                if self.cycle is None:
+                    self.close()
+                return
+
+    def _on_request(self, event: h11.Request) -> None:
+        self._arm(self.gw.body_timeout_s, _BODY)
+        rq = self.cycle = Request(self, event)
+        for name, value in event.headers:
+            if name == b"content-length" and int(value) > self.gw.config.max_body_bytes:
+                self._reject(rq, self._too_large())
+                return
+
+    def _on_body(self, data: bytes) -> None:
+        rq = self.cycle
+        rq.body_parts.append(data)  # type: ignore[union-attr]
+        rq.body_size += len(data)  # type: ignore[union-attr]
+        if rq.body_size > self.gw.config.max_body_bytes:  # type: ignore[union-attr]
+            self._reject(rq, self._too_large())  # type: ignore[arg-type]
+
+    def _on_request_end(self) -> None:
+        self._cancel_timer()
+        self.timer_mode = _BUSY
+        self.task = self.loop.create_task(self.gw.handle(self.cycle))  # type: ignore[arg-type]
+
+    def _too_large(self) -> GatewayError:
+        limit = self.gw.config.max_body_bytes
+        return RequestTooLarge(f"Request body is larger than the {limit}-byte limit.")
+
+    def _reject(self, rq: Request, exc: GatewayError) -> None:
+        """Answer before the body was read: the connection cannot be reused after this."""
+        exc.headers.append((b"connection", b"close"))
+        rq.fail(exc)
+
+    def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
+        if exc.error_status_hint == 431:
+            err: GatewayError = HeadersTooLarge("Request header block is too large.")
+        else:
+            err = BadRequest(f"Malformed HTTP request: {exc}")
+        if self.task is None or self.task.done():
+            self.transport.write(_raw_error(err))  # type: ignore[union-attr]
+        self.close()
+
+    # response side --------------------------------------------------------------------------
+
+    def response_done(self, rq: Request) -> None:
+        """The response has been written: next pipelined request, keep-alive, or close."""
+        self.cycle = None
+        self.task = None
+        conn = self.conn
+        if self.closing:
+            return
+        if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE \
+                or self.gw.draining:
+            self.close()
+            return
+        conn.start_next_cycle()
+        self._arm(self.gw.keepalive_timeout_s, _IDLE)
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+        if conn.trailing_data[0]:  # a pipelined request is already buffered
+            self.loop.call_soon(self._handle_events)
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self._cancel_timer()
+            self.transport.close()  # type: ignore[union-attr]
+
+    # flow control and timers ----------------------------------------------------------------
+
+    def _pause_reading(self) -> None:
+        if not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def _arm(self, delay: float, mode: int) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer_mode = mode
+        self.timer = self.loop.call_later(delay, self._on_timeout)  # type: ignore[union-attr]
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _on_timeout(self) -> None:
+        # Idle keep-alive, or a request head/body that did not arrive in time (slowloris).
+        self.timer = None
+        self.close()
+
+
+################################################################################
+# main()
+################################################################################
+
+
+def _load_mock(path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location("mock_upstream", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    overrides: dict[str, Any] = {}
+    mock = None
+    if args.demo:
+        mock_path = Path(__file__).resolve().parent / "bench" / "mock_upstream.py"
+        mock = _load_mock(mock_path).MockUpstream()
+        mock_port = await mock.start("127.0.0.1", 0)
+        overrides["upstreams"] = [{"name": "demo", "url": f"http://127.0.0.1:{mock_port}/v1"}]
+    try:
+        config = _configure(args, overrides)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    gw = Gateway(config)
+    try:
+        await gw.start()
+    except OSError as exc:
+        print(f"gateway: cannot listen on {config.host}:{config.port}: {exc.strerror}",
+              file=sys.stderr)
+        return 2
+    config.port = gw.port
+    _log(f"listening on {config.summary()}")
+    if mock is not None:
+        base = f"http://{config.host}:{gw.port}/v1"
+        _log(f"demo upstream on 127.0.0.1:{mock.port}; try:\n  curl {base}/chat/completions "
+             "-H 'content-type: application/json' "
+             "-d '{\"model\": \"gpt-4o-mini\", \"messages\": [{\"role\": \"user\", "
+             "\"content\": \"hi\"}]}'\n"
+             f"  python -c \"import openai; c = openai.OpenAI(base_url='{base}', api_key='x'); "
+             "print(c.chat.completions.create(model='gpt-4o-mini', "
+             "messages=[{'role': 'user', 'content': 'hi'}]).choices[0].message.content)\"")
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    _log("shutting down: no longer accepting connections")
+    await gw.shutdown()
+    if mock is not None:
+        await mock.stop()
+    _log("exited")
+    return 0
+
+
+def _configure(args: argparse.Namespace, overrides: dict[str, Any]) -> Config:
+    warnings: list[str] = []
+    config = load_config(config_file=args.config, host=args.host, port=args.port,
+                         overrides=overrides, warnings=warnings)
+    for warning in warnings:
+        _log(f"warning: {warning}")
+    return config
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__.split("\n")[0])
+    parser.add_argument("--host", help="listen address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="listen port (default 4000)")
+    parser.add_argument("--config", metavar="FILE", help="JSON config file")
+    parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    parser.add_argument("--demo", action="store_true",
+                        help="serve the bundled mock upstream: try it with no API key")
+    parser.add_argument("--version", action="version", version=__version__)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    if args.check:
+        try:
+            config = _configure(args, {})
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            sys.exit(2)
+        print(f"config ok: {config.summary()}")
+        for u in config.upstreams:
+            models = "any model" if u.models is None else ", ".join(sorted(u.models))
+            print(f"  upstream {u.name}: {u.url} · {len(u.keys.keys)} key(s) · {models}")
+        sys.exit(0)
+    if uvloop is not None:
+        uvloop.install()
+    sys.exit(asyncio.run(_serve(args)))
+
+
+if __name__ == "__main__":
+    main()
