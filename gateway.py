@@ -1154,7 +1154,7 @@ class Request(BodySink):
     __slots__ = (
         "proto", "method", "path", "query", "headers", "body_parts", "body_size",
         "request_id", "authorization", "api_key", "client", "upstream", "status", "started",
-        "sse", "finished",
+        "sse", "held", "finished", "head_size",
     )
 
     def __init__(self, proto: HttpProtocol, event: h11.Request) -> None:
@@ -1168,7 +1168,9 @@ class Request(BodySink):
         self.request_id = b""
         self.authorization = b""
         self.api_key = b""
+        size = 0
         for name, value in event.headers:
+            size += len(name) + len(value)
             if name == b"authorization":
                 self.authorization = value
             elif name == b"x-api-key":
@@ -1177,11 +1179,13 @@ class Request(BodySink):
                 self.request_id = value
         if not self.request_id:
             self.request_id = b"req-%s%08x" % (_ID_PREFIX.encode(), next(_ID_COUNTER))
+        self.head_size = size  # h11 limits only heads that arrive in pieces; this is the rest
         self.client: ClientKey | None = None
         self.upstream: UpstreamConnection | None = None
         self.status = 0
         self.started = False
         self.sse = False
+        self.held = b""  # SSE: the start of an event whose end has not arrived yet
         self.finished = False
 
     def __repr__(self) -> str:
@@ -1237,13 +1241,31 @@ class Request(BodySink):
             self.on_error(exc)
 
     def on_data(self, data: bytes) -> None:
+        if self.sse and (self.held or not data.endswith(b"\n\n")):
+            data = self._whole_events(data)
+            if not data:
+                return
         proto = self.proto
         if not proto.closing:
             proto.transport.writelines(proto.conn.send_with_data_passthrough(h11.Data(data=data)))
 
+    def _whole_events(self, data: bytes) -> bytes:
+        """Hold back an incomplete last event, so an error event can follow cleanly.
+
+        A client cannot use half an event anyway; complete events are never delayed."""
+        if self.held:
+            data = self.held + data
+        lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+        cut = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+        self.held = data[cut:]
+        return data[:cut]
+
     def on_end(self) -> None:
         if self.finished:
             return
+        if self.held:  # the stream ends exactly as the upstream ended it
+            held, self.held, self.sse = self.held, b"", False
+            self.on_data(held)
         self.finished = True
         proto = self.proto
         data = proto.conn.send(h11.EndOfMessage())
@@ -1255,8 +1277,8 @@ class Request(BodySink):
         if self.finished:
             return
         if self.sse:  # an SSE client can be told in-band, then the stream ends properly
-            self.on_data(b"data: " + orjson.dumps({"error": orjson.loads(exc.body())["error"]})
-                         + b"\n\n")
+            self.held = b""  # an incomplete event is dropped, as an SSE client would at EOF
+            self.on_data(b"data: " + exc.body() + b"\n\n")
             self.on_end()
             return
         # Any other body cut short: close, so the client sees a truncated response, not a whole one.
@@ -1680,6 +1702,9 @@ class HttpProtocol(asyncio.Protocol):
     def _on_request(self, event: h11.Request) -> None:
         self._arm(self.gw.body_timeout_s, _BODY)
         rq = self.cycle = Request(self, event)
+        if rq.head_size > MAX_HEADER_BYTES:
+            self._reject(rq, HeadersTooLarge("Request header block is too large."))
+            return
         for name, value in event.headers:
             if name == b"content-length" and int(value) > self.gw.config.max_body_bytes:
                 self._reject(rq, self._too_large())

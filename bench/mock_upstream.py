@@ -205,7 +205,7 @@ class _MockConnection(asyncio.Protocol):
 
     async def paced(self, events: list[bytes], delay: float, die_after: int) -> None:
         for i, event in enumerate(events):
-            if i == die_after + 1:  # the role chunk, then die_after content chunks
+            if 0 <= die_after and i == die_after + 1:  # the role chunk, then die_after chunks
                 self.transport.abort()
                 return
             if delay > 0 and 0 < i < len(events) - 1:
