@@ -1154,7 +1154,7 @@ class Request(BodySink):
     __slots__ = (
         "proto", "method", "path", "query", "headers", "body_parts", "body_size",
         "request_id", "authorization", "api_key", "client", "upstream", "status", "started",
-        "sse", "held", "finished", "head_size",
+        "sse", "held", "finished", "head_size", "unsent",
     )
 
     def __init__(self, proto: HttpProtocol, event: h11.Request) -> None:
@@ -1186,6 +1186,7 @@ class Request(BodySink):
         self.started = False
         self.sse = False
         self.held = b""  # SSE: the start of an event whose end has not arrived yet
+        self.unsent = b""  # the response head, written with the first body bytes
         self.finished = False
 
     def __repr__(self) -> str:
@@ -1215,17 +1216,13 @@ class Request(BodySink):
         self.status = status
         self.started = True
         event = h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b""))
-        data = proto.conn.send(event)
-        if not proto.closing:
-            proto.transport.write(data)  # type: ignore[arg-type]
+        self.unsent = proto.conn.send(event)  # type: ignore[assignment]
 
     def send(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         """A whole response at once, in one write."""
         headers.append((b"content-length", b"%d" % len(body)))
         self.start(status, headers)
-        proto = self.proto
-        if not proto.closing:
-            proto.transport.writelines(proto.conn.send_with_data_passthrough(h11.Data(data=body)))
+        self.on_data(body)
         self.on_end()
 
     def send_json(self, status: int, obj: Any) -> None:
@@ -1246,8 +1243,12 @@ class Request(BodySink):
             if not data:
                 return
         proto = self.proto
+        pieces = proto.conn.send_with_data_passthrough(h11.Data(data=data))
+        if self.unsent:  # one write for head and first bytes: a syscall less per response
+            pieces.insert(0, self.unsent)
+            self.unsent = b""
         if not proto.closing:
-            proto.transport.writelines(proto.conn.send_with_data_passthrough(h11.Data(data=data)))
+            proto.transport.writelines(pieces)
 
     def _whole_events(self, data: bytes) -> bytes:
         """Hold back an incomplete last event, so an error event can follow cleanly.
@@ -1268,9 +1269,10 @@ class Request(BodySink):
             self.on_data(held)
         self.finished = True
         proto = self.proto
-        data = proto.conn.send(h11.EndOfMessage())
-        if not proto.closing:
-            proto.transport.write(data)  # type: ignore[arg-type]
+        data = self.unsent + proto.conn.send(h11.EndOfMessage())  # type: ignore[operator]
+        self.unsent = b""
+        if data and not proto.closing:
+            proto.transport.write(data)
         proto.response_done(self)
 
     def on_error(self, exc: GatewayError) -> None:
@@ -1281,9 +1283,13 @@ class Request(BodySink):
             self.on_data(b"data: " + exc.body() + b"\n\n")
             self.on_end()
             return
-        # Any other body cut short: close, so the client sees a truncated response, not a whole one.
         self.finished = True
-        self.proto.close()
+        proto = self.proto
+        if self.unsent and not proto.closing:  # nothing reached the client: a real answer
+            self.unsent = b""
+            proto.transport.write(_raw_error(exc, self.request_id))
+        # Any other body cut short: close, so the client sees a truncated response, not a whole one.
+        proto.close()
 
 
 class Gateway:
@@ -1589,9 +1595,9 @@ def parse_body(body: bytes, kind: str) -> dict:
 _IDLE, _HEAD, _BODY, _BUSY = range(4)
 
 
-def _raw_error(exc: GatewayError) -> bytes:
+def _raw_error(exc: GatewayError, request_id: bytes = b"") -> bytes:
     """An error response written without h11, for when its state machine cannot send one."""
-    request_id = b"req-%s%08x" % (_ID_PREFIX.encode(), next(_ID_COUNTER))
+    request_id = request_id or b"req-%s%08x" % (_ID_PREFIX.encode(), next(_ID_COUNTER))
     body = exc.body()
     head = b"".join(b"%s: %s\r\n" % h for h in exc.response_headers(request_id))
     return (b"HTTP/1.1 %d %s\r\n%scontent-length: %d\r\nconnection: close\r\n\r\n%s"
