@@ -853,3 +853,32 @@ def test_demo_serves_the_bundled_mock() -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
+
+
+def test_upstream_stalling_mid_stream_hits_idle_timeout(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway({"upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1",
+                                      "idle_timeout_s": 0.3}]})
+    (resp,) = raw(g.port, post("/v1/chat/completions", b'{"model":"m","messages":[],"stream":true}',
+                               "x-mock-chunks: 3\r\nx-mock-delay-ms: 5000\r\n"))
+    events = resp.body.split(b"\n\n")
+    assert resp.status == 200 and b"upstream_timeout" in events[-2] and b"[DONE]" not in resp.body
+    assert mock.wait_until(lambda: mock.open_connections == 0, timeout=5)
+
+
+def test_slow_reader_pauses_the_upstream_and_still_gets_every_byte(
+        start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway()
+    sock = connect(g.port)  # ~16 MB of events: more than the kernel's socket buffers hold
+    sock.sendall(post("/v1/chat/completions", b'{"model":"m","messages":[],"stream":true}',
+                      "x-mock-chunks: 80000\r\n"))
+
+    def upstream_paused() -> bool:
+        conns = [c for pool in g.gw.pools.values() for c in pool.live]
+        return bool(conns) and not conns[0].transport.is_reading()
+
+    assert eventually(lambda: g.lt.call(upstream_paused), timeout=10)
+    f = sock.makefile("rb")
+    resp = read_response(f)
+    assert resp.status == 200 and resp.body.count(b"tok") == 80000
+    assert resp.body.endswith(b"data: [DONE]\n\n")
+    sock.close()
