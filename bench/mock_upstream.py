@@ -67,6 +67,7 @@ class MockUpstream:
         self.connections_opened = 0
         self.connections_closed = 0
         self.request_count = 0
+        self.live: set[_MockConnection] = set()
         self._cond = threading.Condition()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -79,6 +80,8 @@ class MockUpstream:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
+        for conn in list(self.live):
+            conn.shut()
 
     @property
     def open_connections(self) -> int:
@@ -101,14 +104,25 @@ class _MockConnection(asyncio.Protocol):
         self.buf = bytearray()
         self.busy = False
         self.closed = False
+        self.task: asyncio.Task | None = None
+
+    def shut(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        if self.transport is not None:
+            self.transport.abort()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.mock.live.add(self)
         self.mock.connections_opened += 1
         self.mock.changed()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.task is not None:
+            self.task.cancel()
+        self.mock.live.discard(self)
         self.mock.connections_closed += 1
         self.mock.changed()
 
@@ -201,7 +215,7 @@ class _MockConnection(asyncio.Protocol):
             self.transport.writelines([_chunk(e) for e in events] + [b"0\r\n\r\n"])
             return
         self.busy = True
-        asyncio.get_running_loop().create_task(self.paced(events, delay, die_after))
+        self.task = asyncio.get_running_loop().create_task(self.paced(events, delay, die_after))
 
     async def paced(self, events: list[bytes], delay: float, die_after: int) -> None:
         for i, event in enumerate(events):
