@@ -780,26 +780,41 @@ def test_upstream_death_mid_stream_reaches_sdk_as_error(start_gateway: Any) -> N
     assert resp.status == 200
 
 
-def _read_lines(pipe: Any, lines: list[str], cond: threading.Condition) -> None:
-    for line in pipe:
-        with cond:
-            lines.append(line)
-            cond.notify_all()
+class GatewayProcess:
+    """gateway.py in a subprocess; its stderr lines collected as they come."""
+
+    def __init__(self, args: list[str], env: dict[str, str], ready: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "gateway.py"), *args], env=env,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+        assert self.wait_for_line(ready), self.lines
+        self.port = int(re.search(r"127\.0\.0\.1:(\d+)", self.lines[0]).group(1))
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:  # type: ignore[union-attr]
+            with self.cond:
+                self.lines.append(line)
+                self.cond.notify_all()
+
+    def wait_for_line(self, text: str, timeout: float = 20) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: any(text in line for line in self.lines), timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def test_sigterm_mid_stream_finishes_stream_refuses_new_requests_and_exits_0(
         mock: mock_upstream.MockUpstream) -> None:
     env = {**os.environ, "GATEWAY_CONFIG": json.dumps({
         "port": 0, "upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1"}]})}
-    proc = subprocess.Popen([sys.executable, str(HERE / "gateway.py")], env=env,
-                            stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    cond = threading.Condition()
-    threading.Thread(target=_read_lines, args=(proc.stderr, lines, cond), daemon=True).start()
+    gp = GatewayProcess([], env, ready="listening")
+    port = gp.port
     try:
-        with cond:
-            assert cond.wait_for(lambda: any("listening" in l for l in lines), 20)
-        port = int(re.search(r"127\.0\.0\.1:(\d+)", lines[0]).group(1))
         idle = connect(port)
         idle.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
         idle_f = idle.makefile("rb")
@@ -809,9 +824,8 @@ def test_sigterm_mid_stream_finishes_stream_refuses_new_requests_and_exits_0(
                                "x-mock-chunks: 10\r\nx-mock-delay-ms: 100\r\n"))
         stream_f = streaming.makefile("rb")
         assert stream_f.readline().startswith(b"HTTP/1.1 200")
-        proc.send_signal(signal.SIGTERM)
-        with cond:
-            assert cond.wait_for(lambda: any("draining" in l for l in lines), 10), lines
+        gp.proc.send_signal(signal.SIGTERM)
+        assert gp.wait_for_line("draining"), gp.lines
         idle.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
         refused = read_response(idle_f)
         assert refused.status == 503 and refused.json()["error"]["code"] == "draining"
@@ -827,32 +841,22 @@ def test_sigterm_mid_stream_finishes_stream_refuses_new_requests_and_exits_0(
             stream_f.readline()
         text = b"".join(body)
         assert text.count(b"tok") == 10 and text.endswith(b"data: [DONE]\n\n")
-        assert proc.wait(20) == 0
-        with cond:
-            assert any("exited" in l for l in lines)
+        assert gp.proc.wait(20) == 0
+        assert gp.wait_for_line("exited")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        gp.kill()
 
 
 def test_demo_serves_the_bundled_mock() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "OPENAI_"))}
-    proc = subprocess.Popen([sys.executable, str(HERE / "gateway.py"), "--demo", "--port", "0"],
-                            env=env, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    cond = threading.Condition()
-    threading.Thread(target=_read_lines, args=(proc.stderr, lines, cond), daemon=True).start()
+    gp = GatewayProcess(["--demo", "--port", "0"], env, ready="curl")
     try:
-        with cond:
-            assert cond.wait_for(lambda: any("curl" in l for l in lines), 20)
-        port = int(re.search(r"127\.0\.0\.1:(\d+)", lines[0]).group(1))
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{gp.port}/v1", api_key="x", max_retries=0)
         reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
         assert reply.choices[0].message.content == "echo: hi"
     finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(20) == 0
+        gp.proc.send_signal(signal.SIGINT)
+        assert gp.proc.wait(20) == 0
 
 
 def test_upstream_stalling_mid_stream_hits_idle_timeout(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
