@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import email.utils
+import enum
 import hashlib
 import hmac
 import importlib.util
 import itertools
 import os
+import random
 import re
 import signal
 import socket
@@ -62,6 +65,9 @@ WRITE_HIGH_WATER = 64 * 1024  # client buffer above this pauses reading from the
 UPSTREAM_MAX_HEAD = 64 * 1024  # an upstream response head larger than this is garbage
 UPSTREAM_MAX_IDLE = 256  # idle keep-alive connections kept per upstream
 UPSTREAM_KEEPALIVE_S = 20.0  # reuse an idle upstream connection only this long (servers drop ~60s)
+COOLDOWN_CAP_S = 60.0  # a 429 with no hint cools a key 1, 2, 4 ... s, never longer than this
+PACING_MAX_WAIT_S = 10.0  # a paced request queues this long at most, then gets 429
+MAX_BREAKERS = 1024  # (upstream, model) pairs tracked; "*" upstreams see client-chosen models
 MODELS_CACHE_S = 60.0  # how long an upstream's own /models list is reused
 MODELS_FAIL_CACHE_S = 5.0  # how long a failed /models fetch is remembered
 REQUEST_ID_MAX = 128  # longer client X-Request-IDs are replaced, not forwarded
@@ -168,18 +174,47 @@ def _upstream_failure(exc: BaseException, what: str) -> GatewayError:
 ################################################################################
 
 
-class UpstreamKey:
-    """One upstream credential and the request-head bytes pre-built for it."""
+Clock = Callable[[], float]
 
-    __slots__ = ("name", "secret", "head")
+
+class KeyState(enum.Enum):
+    ACTIVE = "active"
+    COOLING = "cooling"
+    BLOCKED = "blocked"
+
+
+class UpstreamKey:
+    """One upstream credential, its pre-built request-head bytes, its health and counters."""
+
+    __slots__ = (
+        "name", "secret", "head", "blocked", "cooldown_until", "cool_streak", "next_slot",
+        "requests", "failures", "last_used", "last_status",
+    )
 
     def __init__(self, name: str, secret: str) -> None:
         self.name = name
         self.secret = secret
         self.head = b""  # filled by Upstream once its host and headers are known
+        self.reset()
+
+    def reset(self) -> None:
+        self.blocked = False
+        self.cooldown_until = 0.0  # monotonic
+        self.cool_streak = 0  # consecutive cooldowns without a success, for the backoff
+        self.next_slot = 0.0  # monotonic: pacing, the earliest the next request may go
+        self.requests = 0
+        self.failures = 0
+        self.last_used: float | None = None  # unix seconds
+        self.last_status: int | None = None
+
+    def state(self, now: float) -> KeyState:
+        if self.blocked:
+            return KeyState.BLOCKED
+        return KeyState.COOLING if now < self.cooldown_until else KeyState.ACTIVE
 
     def __repr__(self) -> str:
-        return f"UpstreamKey({self.name!r}, {mask_secret(self.secret)!r})"
+        return (f"UpstreamKey({self.name!r}, {mask_secret(self.secret)!r}, "
+                f"blocked={self.blocked}, cooldown_until={self.cooldown_until:.1f})")
 
 
 def mask_secret(secret: str) -> str:
@@ -190,24 +225,211 @@ def mask_secret(secret: str) -> str:
     return f"{head}...{secret[-4:]}"
 
 
-class KeyPool:
-    """The keys of one upstream, handed out in turn."""
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
-    __slots__ = ("keys", "_next")
 
-    def __init__(self, keys: list[UpstreamKey]) -> None:
-        self.keys = keys
-        self._next = 0
-
-    def pick(self) -> UpstreamKey | None:
-        if not self.keys:
+def parse_duration(text: str) -> float | None:
+    """OpenAI's reset durations (`6m0s`, `1.5s`, `250ms`, `1h2m`) or plain seconds."""
+    text = text.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        pass
+    else:
+        return value if value >= 0 and value != float("inf") else None
+    pos, total = 0, 0.0
+    for match in _DURATION.finditer(text):
+        if match.start() != pos:
             return None
-        key = self.keys[self._next % len(self.keys)]
-        self._next += 1
-        return key
+        total += float(match.group(1)) * _UNITS[match.group(2)]
+        pos = match.end()
+    return total if pos == len(text) and pos else None
+
+
+def cooldown_from_headers(headers: list[tuple[bytes, bytes]]) -> float | None:
+    """How long an upstream asked us to wait: retry-after-ms, Retry-After, x-ratelimit-reset-*."""
+    found: dict[bytes, bytes] = {}
+    for name, value in headers:
+        if name in _COOLDOWN_HEADERS:
+            found[name] = value
+    try:
+        if b"retry-after-ms" in found:
+            return max(0.0, float(found[b"retry-after-ms"]) / 1000)
+        if b"retry-after" in found:
+            value = found[b"retry-after"].decode("latin-1")
+            try:
+                return max(0.0, float(value))
+            except ValueError:  # an HTTP-date
+                when = email.utils.parsedate_to_datetime(value).timestamp()
+                return max(0.0, when - time.time())
+    except (ValueError, TypeError, OverflowError):
+        pass
+    resets = [parse_duration(found[n].decode("latin-1")) for n in _RESET_HEADERS if n in found]
+    resets = [r for r in resets if r is not None]
+    return max(resets) if resets else None
+
+
+_RESET_HEADERS = (b"x-ratelimit-reset-requests", b"x-ratelimit-reset-tokens")
+_COOLDOWN_HEADERS = frozenset((b"retry-after-ms", b"retry-after", *_RESET_HEADERS))
+
+
+class KeyPool:
+    """The keys of one upstream: pick (round_robin or failover), cool down, block, pace.
+
+    A cooling or blocked key is never picked while its state holds; a cooling key comes
+    back by itself. Pacing (rpm_per_key / min_interval_ms) spaces requests per key."""
+
+    __slots__ = ("keys", "strategy", "interval", "clock", "current", "_next")
+
+    def __init__(self, keys: list[UpstreamKey], strategy: str = "round_robin",
+                 interval: float = 0.0, clock: Clock = time.monotonic) -> None:
+        self.keys = keys
+        self.strategy = strategy
+        self.interval = interval  # seconds between two requests on one key; 0: no pacing
+        self.clock = clock
+        self.current = 0  # failover: the key in use
+        self._next = 0  # round_robin: where the next pick starts
 
     def __repr__(self) -> str:
-        return f"KeyPool({[k.name for k in self.keys]}, next={self._next})"
+        now = self.clock()
+        states = ", ".join(f"{k.name}={k.state(now).value}" for k in self.keys)
+        return f"KeyPool({self.strategy}, [{states}], current={self.current}, next={self._next})"
+
+    def pick(self, exclude: Iterable[UpstreamKey] = (),
+             max_wait: float = float("inf")) -> tuple[UpstreamKey, float] | None:
+        """A usable key and how long to wait before using it (pacing), or None."""
+        now = self.clock()
+        n = len(self.keys)
+        start = self.current if self.strategy == "failover" else self._next
+        best: UpstreamKey | None = None
+        for i in range(n):
+            key = self.keys[(start + i) % n]
+            if key.blocked or now < key.cooldown_until or key in exclude:
+                continue
+            if best is None or key.next_slot < best.next_slot - 1e-9:
+                best = key
+            if not self.interval or key.next_slot <= now:
+                break  # without pacing (or with a free slot) the first usable key wins
+        if best is None or best.next_slot - now > max_wait:
+            return None
+        index = self.current = self.keys.index(best)
+        if self.strategy == "round_robin":
+            self._next = index + 1
+        wait = max(0.0, best.next_slot - now)
+        if self.interval:
+            best.next_slot = max(now, best.next_slot) + self.interval
+        return best, wait
+
+    def succeeded(self, key: UpstreamKey) -> None:
+        key.cool_streak = 0
+
+    def cool_down(self, key: UpstreamKey, seconds: float | None) -> None:
+        """Rate-limited: as long as the upstream said, else exponential from 1 s."""
+        if seconds is None:
+            seconds = min(COOLDOWN_CAP_S, 2.0 ** key.cool_streak)
+        key.cool_streak += 1
+        key.cooldown_until = self.clock() + seconds
+        if self.strategy == "failover" and self.keys[self.current] is key:
+            self.current = (self.current + 1) % len(self.keys)
+
+    def block(self, key: UpstreamKey) -> None:
+        """Revoked or forbidden (401/403): out of rotation until reset."""
+        key.blocked = True
+        if self.strategy == "failover" and self.keys[self.current] is key:
+            self.current = (self.current + 1) % len(self.keys)
+
+    def rotate(self) -> UpstreamKey:
+        """Advance the current key; a round_robin pick then starts after it."""
+        self.current = (self.current + 1) % len(self.keys)
+        self._next = self.current + 1 if self.strategy == "round_robin" else self._next
+        return self.keys[self.current]
+
+    def reset(self) -> None:
+        for key in self.keys:
+            key.reset()
+
+    def seconds_until_usable(self) -> float | None:
+        """Until the first cooling key returns (None when every key is blocked)."""
+        now = self.clock()
+        waits = [max(0.0, max(k.cooldown_until, k.next_slot) - now)
+                 for k in self.keys if not k.blocked]
+        return min(waits) if waits else None
+
+    def all_unavailable(self) -> bool:
+        now = self.clock()
+        return all(k.blocked or now < k.cooldown_until for k in self.keys)
+
+
+class BreakerState(enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class CircuitBreaker:
+    """Per (upstream, model): consecutive failures open it; after the recovery timeout one
+    probe goes through (half-open); the probe's success closes it, its failure reopens it."""
+
+    __slots__ = ("threshold", "recovery_s", "clock", "state", "failures", "opened_at",
+                 "last_failure", "probing")
+
+    def __init__(self, threshold: int, recovery_s: float, clock: Clock = time.monotonic) -> None:
+        self.threshold = threshold
+        self.recovery_s = recovery_s
+        self.clock = clock
+        self.state = BreakerState.CLOSED
+        self.failures = 0
+        self.opened_at = 0.0
+        self.last_failure: float | None = None  # monotonic
+        self.probing = False
+
+    def __repr__(self) -> str:
+        return (f"CircuitBreaker({self.state.value}, failures={self.failures}/{self.threshold}, "
+                f"probing={self.probing})")
+
+    def available(self) -> bool:
+        """Would a request be let through now (without claiming the half-open probe)?"""
+        if self.state is BreakerState.CLOSED:
+            return True
+        if self.state is BreakerState.OPEN:
+            return self.clock() >= self.opened_at + self.recovery_s
+        return not self.probing
+
+    def acquire(self) -> None:
+        """Let one request through; in half-open (or when recovery is due) it is the probe."""
+        if self.state is BreakerState.OPEN:
+            self._move(BreakerState.HALF_OPEN)
+        if self.state is BreakerState.HALF_OPEN:
+            self.probing = True
+
+    def record(self, ok: bool) -> None:
+        self.probing = False
+        if ok:
+            self.failures = 0
+            if self.state is not BreakerState.CLOSED:
+                self._move(BreakerState.CLOSED)
+            return
+        self.failures += 1
+        self.last_failure = self.clock()
+        if self.state is BreakerState.HALF_OPEN or self.failures >= self.threshold:
+            self._move(BreakerState.OPEN)
+
+    def abandon(self) -> None:
+        """The request ended without a verdict (client gone): free the probe slot."""
+        self.probing = False
+
+    def _move(self, state: BreakerState) -> None:
+        # Every transition goes through here.
+        self.state = state
+        if state is BreakerState.OPEN:
+            self.opened_at = self.clock()
+        self.probing = False
+
+    def retry_in(self) -> float:
+        if self.state is BreakerState.CLOSED:
+            return 0.0
+        return max(0.0, self.opened_at + self.recovery_s - self.clock())
 
 
 ################################################################################
@@ -333,7 +555,7 @@ class Upstream:
         "name", "url", "scheme", "host", "port", "base_path", "models", "keys",
         "key_strategy", "rpm_per_key", "min_interval_ms", "connect_timeout_s",
         "first_byte_timeout_s", "idle_timeout_s", "headers", "chat_only", "embeddings",
-        "stream_usage", "host_header", "_anonymous_head",
+        "stream_usage", "host_header",
     )
     FIELDS = frozenset(
         "name url keys models key_strategy rpm_per_key min_interval_ms connect_timeout_s "
@@ -347,7 +569,7 @@ class Upstream:
             raise _fail(r.at("name"), "must not be empty")
         self.url = r.string("url", DEFAULT_UPSTREAM_URL)
         self._parse_url(r.at("url"))
-        self.keys = KeyPool(_expand_keys(r.obj.get("keys", []), r.at("keys"), self.name, r.env))
+        keys = _expand_keys(r.obj.get("keys", []), r.at("keys"), self.name, r.env)
         models = r.obj.get("models", "*")
         self.models = None if models == "*" else frozenset(r.strings("models"))
         self.key_strategy = r.string("key_strategy", "round_robin")
@@ -355,6 +577,11 @@ class Upstream:
             raise _fail(r.at("key_strategy"), "must be round_robin or failover")
         self.rpm_per_key = r.number("rpm_per_key", None, nullable=True, above=True)
         self.min_interval_ms = r.number("min_interval_ms", 0)
+        interval = max(60.0 / self.rpm_per_key if self.rpm_per_key else 0.0,
+                       self.min_interval_ms / 1000)
+        # A keyless upstream (a local server) still gets one key: it can be rate-limited too.
+        self.keys = KeyPool(keys or [UpstreamKey(f"{self.name}#anonymous", "")],
+                            self.key_strategy, interval)
         self.connect_timeout_s = r.number("connect_timeout_s", 10, above=True)
         self.first_byte_timeout_s = r.number("first_byte_timeout_s", 120, above=True)
         self.idle_timeout_s = r.number("idle_timeout_s", 120, above=True)
@@ -391,11 +618,8 @@ class Upstream:
             extra.append(f"{name}: {value}\r\n")
         common = f"Host: {self.host_header}\r\nAccept-Encoding: identity\r\n" + "".join(extra)
         for key in self.keys.keys:
-            key.head = f"Authorization: Bearer {key.secret}\r\n{common}".encode("latin-1")
-        self._anonymous_head = common.encode("latin-1")
-
-    def head_for(self, key: UpstreamKey | None) -> bytes:
-        return key.head if key is not None else self._anonymous_head
+            auth = f"Authorization: Bearer {key.secret}\r\n" if key.secret else ""
+            key.head = (auth + common).encode("latin-1")
 
     def serves(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -1292,6 +1516,47 @@ class Request(BodySink):
         proto.close()
 
 
+def _retry_after(seconds: float) -> list[tuple[bytes, bytes]]:
+    return [(b"retry-after", b"%d" % max(1, int(-(-seconds // 1)))),
+            (b"retry-after-ms", b"%d" % max(0, int(seconds * 1000)))]
+
+
+class _Plan:
+    """One proxied request's way through the upstreams: what to send, what was tried."""
+
+    __slots__ = ("rq", "kind", "obj", "force_stream", "groups", "tried", "failures", "shift",
+                 "last_error", "last_reply", "forwarded", "_bodies")
+
+    def __init__(self, rq: Request, kind: str, obj: dict, force_stream: bool,
+                 groups: list[list[tuple[Upstream, str]]]) -> None:
+        self.rq = rq
+        self.kind = kind
+        self.obj = obj
+        self.force_stream = force_stream and obj.get("stream") is not True
+        self.groups = groups
+        self.tried: set[UpstreamKey] = set()  # keys that answered 429/401/403 to this request
+        self.failures = 0  # tries that count against retry.attempts
+        self.shift = 0  # rotation of each group, so that a retry prefers another upstream
+        self.last_error: GatewayError | None = None
+        self.last_reply: tuple[int, list, bytes] | None = None
+        self.forwarded = rq.forwarded_headers()
+        self._bodies: dict[str, bytes] = {}
+
+    def body_for(self, model: str) -> bytes:
+        """The client's bytes unchanged, unless the model or `stream` must be rewritten."""
+        body = self._bodies.get(model)
+        if body is None:
+            if model == self.obj["model"] and not self.force_stream:
+                body = self.rq.body()
+            else:
+                obj = dict(self.obj, model=model)
+                if self.force_stream:
+                    obj["stream"] = True
+                body = orjson.dumps(obj)
+            self._bodies[model] = body
+        return body
+
+
 class Gateway:
     """The running gateway: config, upstream pools, client connections, handlers."""
 
@@ -1312,14 +1577,22 @@ class Gateway:
         self.port = 0
         self.keys_by_digest = {k.digest: k for k in config.api_keys}
         self.models_cache: dict[str, tuple[float, list[dict]]] = {}
-        self.routes: dict[bytes, tuple[bytes, bool, Callable]] = {
-            b"/v1/chat/completions": (b"POST", True, self.chat),
-            b"/v1/chat/completions/stream": (b"POST", True, self.chat_stream),
-            b"/v1/completions": (b"POST", True, self.completions),
-            b"/v1/embeddings": (b"POST", True, self.embeddings),
-            b"/v1/models": (b"GET", True, self.list_models),
-            b"/health": (b"GET", False, self.health),
-            b"/ready": (b"GET", False, self.ready),
+        self.breakers: dict[tuple[str, str], CircuitBreaker] = {}
+        self.observed: dict[tuple[str, str, str], tuple[float, dict[str, str]]] = {}
+        self.spread = itertools.count()
+        self.routes: dict[bytes, tuple[bytes, int, Callable]] = {
+            b"/v1/chat/completions": (b"POST", _CLIENT, self.chat),
+            b"/v1/chat/completions/stream": (b"POST", _CLIENT, self.chat_stream),
+            b"/v1/completions": (b"POST", _CLIENT, self.completions),
+            b"/v1/embeddings": (b"POST", _CLIENT, self.embeddings),
+            b"/v1/models": (b"GET", _CLIENT, self.list_models),
+            b"/health": (b"GET", _OPEN, self.health),
+            b"/ready": (b"GET", _OPEN, self.ready),
+            b"/health/circuit-breakers": (b"GET", _OPEN, self.circuit_breakers),
+            b"/v1/tokens/stats": (b"GET", _ADMIN, self.token_stats),
+            b"/v1/tokens/rotate": (b"POST", _ADMIN, self.rotate_key),
+            b"/v1/tokens/reset-stats": (b"POST", _ADMIN, self.reset_stats),
+            b"/v1/rate-limits/observed": (b"GET", _ADMIN, self.observed_limits),
         }
 
     def __repr__(self) -> str:
@@ -1391,18 +1664,20 @@ class Gateway:
         route = self.routes.get(rq.path)
         if route is None:
             if rq.path.startswith(b"/v1/models/"):
-                route = (b"GET", True, self.retrieve_model)
+                route = (b"GET", _CLIENT, self.retrieve_model)
             else:
                 raise NotFound(f"Unknown path: {rq.path.decode('latin-1')}")
-        method, needs_auth, handler = route
+        method, access, handler = route
         if rq.method != method:
             raise MethodNotAllowed(f"Method {rq.method.decode()} not allowed; use {method.decode()}",
                                    headers=[(b"allow", method)])
         if self.draining:
             raise Unavailable("The gateway is shutting down.", code="draining",
                               headers=[(b"connection", b"close")])
-        if needs_auth:
+        if access == _CLIENT:
             rq.client = self.authenticate(rq)
+        elif access == _ADMIN:
+            self.authorize_admin(rq)
         await handler(rq)
 
     def authenticate(self, rq: Request) -> ClientKey | None:
@@ -1415,6 +1690,23 @@ class Gateway:
         if key is None or not hmac.compare_digest(key.key.encode(), token):
             raise Unauthorized("Incorrect API key provided.")
         return key
+
+    def authorize_admin(self, rq: Request) -> None:
+        """admin_key set: it is required. Else open for local use, unless api_keys is set."""
+        admin = self.config.admin_key
+        if admin is None:
+            if self.keys_by_digest:
+                raise Forbidden("Admin endpoints are off: no admin_key is configured.",
+                                code="admin_only")
+            return
+        token = rq.credential()
+        if not token:
+            raise Unauthorized("Missing admin key: send 'Authorization: Bearer <admin_key>'.")
+        if hmac.compare_digest(admin.encode(), token):
+            return
+        if hashlib.sha256(token).digest() in self.keys_by_digest:
+            raise Forbidden("This endpoint needs the admin key.", code="admin_only")
+        raise Unauthorized("Incorrect API key provided.")
 
     # proxied endpoints ----------------------------------------------------------------------
 
@@ -1431,41 +1723,203 @@ class Gateway:
         await self.proxy(rq, "embeddings")
 
     async def proxy(self, rq: Request, kind: str, force_stream: bool = False) -> None:
-        body = rq.body()
-        obj = parse_body(body, kind)
+        obj = parse_body(rq.body(), kind)
         requested = obj["model"]
         model = self.resolve_alias(requested)
         client = rq.client
         if client is not None and client.models is not None \
                 and requested not in client.models and model not in client.models:
             raise Forbidden(f"This key may not use model {requested!r}.", param="model")
-        upstream = self.route_model(model)
-        if kind == "embeddings" and not upstream.embeddings:
-            raise Unsupported(f"Upstream {upstream.name} does not serve embeddings.")
-        if model != requested or (force_stream and obj.get("stream") is not True):
-            obj["model"] = model
-            if force_stream:
-                obj["stream"] = True
-            body = orjson.dumps(obj)
-        target = upstream.base_path.encode() + _ENDPOINTS[kind][2]
-        if rq.query:
-            target += b"?" + rq.query
-        key = upstream.keys.pick()
-        request = build_request(b"POST", target, upstream.head_for(key), body, rq.request_id,
-                                rq.forwarded_headers())
-        conn = rq.upstream = await self.pools[upstream.name].request(request)
+        plan = _Plan(rq, kind, obj, force_stream, self.targets(model, kind))
+        conn = await self.forward(plan)
+        if conn is None:
+            return  # the last upstream error was passed through
         if kind == "embeddings" and conn.status == 404:
             await conn.read_body()
-            raise Unsupported(f"Upstream {upstream.name} does not serve embeddings.")
-        self.relay_head(rq, conn)
+            raise Unsupported("The upstream does not serve embeddings.")
+        self.relay_head(rq, conn.status, conn.headers)
         await conn.relay(rq)
         rq.upstream = None
 
-    def relay_head(self, rq: Request, conn: UpstreamConnection) -> None:
+    def targets(self, model: str, kind: str) -> list[list[tuple[Upstream, str]]]:
+        """Groups of (upstream, model) to try in order: the model's upstreams (rotated, to
+        spread load across them), then each fallback model's upstreams."""
+        groups = []
+        for name in (model, *self.config.fallbacks.get(model, ())):
+            name = self.resolve_alias(name)
+            group = [(u, name) for u in self.config.upstreams if u.serves(name)
+                     and (kind != "embeddings" or u.embeddings)]
+            if len(group) > 1:
+                turn = next(self.spread) % len(group)
+                group = group[turn:] + group[:turn]
+            if group:
+                groups.append(group)
+        if not groups:
+            if kind == "embeddings" and any(u.serves(model) for u in self.config.upstreams):
+                raise Unsupported("No upstream serving this model serves embeddings.")
+            raise NotFound(f"The model {model!r} does not exist.", code="model_not_found",
+                           param="model")
+        return groups
+
+    async def forward(self, plan: _Plan) -> UpstreamConnection | None:
+        """Try upstream keys until one answers usably (CONTRACT §5); None if an upstream
+        error was passed through. Nothing is retried once a byte reached the client."""
+        while True:
+            choice = self.choose(plan)
+            if choice is None:
+                return self.give_up(plan)
+            upstream, model, key, breaker, wait = choice
+            try:
+                conn = await self.attempt(plan, upstream, model, key, wait)
+            except GatewayError as exc:  # no usable HTTP answer: connect error or timeout
+                breaker.record(False)
+                key.failures += 1
+                if await self.failed(plan, exc, None):
+                    raise
+                continue
+            except BaseException:
+                breaker.abandon()
+                raise
+            status = conn.status
+            breaker.record(status < 500)
+            if status < 400 or (status < 500 and status not in (401, 403, 429)):
+                upstream.keys.succeeded(key)
+                return conn
+            headers = conn.headers
+            try:
+                body = await conn.read_body()  # read, so that the connection can be reused
+            except GatewayError:
+                body = b""
+            plan.rq.upstream = None
+            key.failures += 1
+            if status == 429:
+                upstream.keys.cool_down(key, cooldown_from_headers(headers))
+                plan.tried.add(key)  # another key at once: no backoff, no attempt spent
+            elif status in (401, 403):
+                upstream.keys.block(key)
+                plan.tried.add(key)
+            elif await self.failed(plan, None, (status, headers, body)):
+                return self.give_up(plan)
+
+    async def attempt(self, plan: _Plan, upstream: Upstream, model: str, key: UpstreamKey,
+                      wait: float) -> UpstreamConnection:
+        if wait > 0:
+            await asyncio.sleep(wait)  # pacing: this key's next slot
+        rq = plan.rq
+        target = upstream.base_path.encode() + _ENDPOINTS[plan.kind][2]
+        if rq.query:
+            target += b"?" + rq.query
+        request = build_request(b"POST", target, key.head, plan.body_for(model), rq.request_id,
+                                plan.forwarded)
+        key.requests += 1
+        key.last_used = time.time()
+        key.last_status = None
+        conn = rq.upstream = await self.pools[upstream.name].request(request)
+        key.last_status = conn.status
+        self.observe(upstream, key, model, conn.headers)
+        return conn
+
+    async def failed(self, plan: _Plan, exc: GatewayError | None,
+                     reply: tuple[int, list, bytes] | None) -> bool:
+        """A try that counts against retry.attempts; True when none are left."""
+        plan.rq.upstream = None
+        plan.failures += 1
+        plan.shift += 1  # prefer another upstream for the next try
+        plan.last_error, plan.last_reply = exc, reply
+        cfg = self.config
+        if plan.failures >= cfg.retry_attempts:
+            return True
+        # Exponential backoff with full jitter; an upstream's Retry-After is a floor.
+        delay = random.uniform(0, min(cfg.retry_max_delay_s,
+                                      cfg.retry_base_delay_s * 2 ** (plan.failures - 1)))
+        hint = cooldown_from_headers(reply[1]) if reply is not None else None
+        if hint:
+            delay = max(delay, min(hint, cfg.retry_max_delay_s))
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return False
+
+    def choose(self, plan: _Plan) -> tuple[Upstream, str, UpstreamKey, CircuitBreaker,
+                                           float] | None:
+        for group in plan.groups:
+            for i in range(len(group)):
+                upstream, model = group[(plan.shift + i) % len(group)]
+                breaker = self.breaker(upstream.name, model)
+                if not breaker.available():
+                    continue
+                picked = upstream.keys.pick(plan.tried, PACING_MAX_WAIT_S)
+                if picked is None:
+                    continue
+                breaker.acquire()
+                return upstream, model, picked[0], breaker, picked[1]
+        return None
+
+    def give_up(self, plan: _Plan) -> None:
+        """No try left: pass the last upstream error through, or say why nothing was usable."""
+        rq = plan.rq
+        if plan.last_reply is not None:
+            status, headers, body = plan.last_reply
+            self.relay_head(rq, status, headers)
+            rq.on_data(body)
+            rq.on_end()
+            return None
+        if plan.last_error is not None:
+            raise plan.last_error
+        raise self.unavailable_error(plan)
+
+    def unavailable_error(self, plan: _Plan) -> GatewayError:
+        waits, opened, blocked = [], [], False
+        for upstream, model in (t for group in plan.groups for t in group):
+            breaker = self.breaker(upstream.name, model)
+            if not breaker.available():
+                opened.append(breaker.retry_in())
+                continue
+            wait = upstream.keys.seconds_until_usable()
+            if wait is None:
+                blocked = True
+            else:
+                waits.append(wait)
+        if waits:
+            wait = min(waits)
+            return RateLimited("All upstream keys for this model are rate-limited; retry "
+                               f"after {wait:.1f}s.", headers=_retry_after(wait))
+        if blocked:
+            return Unavailable("Every upstream key for this model was refused (401/403).",
+                               code="upstream_credentials_exhausted")
+        return Unavailable("The circuit breaker for this model is open.", code="circuit_open",
+                           headers=_retry_after(min(opened) if opened else 1.0))
+
+    def breaker(self, upstream: str, model: str) -> CircuitBreaker:
+        breakers = self.breakers
+        found = breakers.get((upstream, model))
+        if found is None:
+            cfg = self.config
+            found = CircuitBreaker(cfg.failure_threshold, cfg.recovery_timeout_s)
+            if len(breakers) >= MAX_BREAKERS:  # forget the oldest healthy one
+                for pair, old in breakers.items():
+                    if old.state is BreakerState.CLOSED and not old.failures:
+                        del breakers[pair]
+                        break
+            if len(breakers) < MAX_BREAKERS:
+                breakers[(upstream, model)] = found
+        return found
+
+    def observe(self, upstream: Upstream, key: UpstreamKey, model: str,
+                headers: list[tuple[bytes, bytes]]) -> None:
+        """Remember the upstream's x-ratelimit-* values per key and model."""
+        seen = {n.decode("latin-1"): v.decode("latin-1") for n, v in headers
+                if n.startswith(b"x-ratelimit-")}
+        if seen:
+            observed = self.observed
+            if len(observed) >= MAX_BREAKERS and (upstream.name, key.name, model) not in observed:
+                del observed[next(iter(observed))]
+            observed[(upstream.name, key.name, model)] = (time.time(), seen)
+
+    def relay_head(self, rq: Request, status: int, upstream_headers: list) -> None:
         """Pass the upstream's status and headers through, minus hop-by-hop ones."""
         sse = False
         headers = []
-        for name, value in conn.headers:
+        for name, value in upstream_headers:
             if name in _NOT_RELAYED:
                 continue
             if name == b"content-type" and value.startswith(b"text/event-stream"):
@@ -1479,7 +1933,7 @@ class Gateway:
         headers.append((b"x-request-id", rq.request_id))
         rq.sse = sse
         try:
-            rq.start(conn.status, headers)
+            rq.start(status, headers)
         except h11.LocalProtocolError:
             raise UpstreamError("upstream answered garbage: invalid response headers") from None
 
@@ -1488,13 +1942,6 @@ class Gateway:
         while model in aliases:
             model = aliases[model]
         return model
-
-    def route_model(self, model: str) -> Upstream:
-        for upstream in self.config.upstreams:
-            if upstream.serves(model):
-                return upstream
-        raise NotFound(f"The model {model!r} does not exist.", code="model_not_found",
-                       param="model")
 
     # models ---------------------------------------------------------------------------------
 
@@ -1541,7 +1988,7 @@ class Gateway:
     async def fetch_models(self, u: Upstream) -> list[dict]:
         request_id = b"req-%s%08x" % (_ID_PREFIX.encode(), next(_ID_COUNTER))
         request = build_request(b"GET", u.base_path.encode() + b"/models",
-                                u.head_for(u.keys.pick()), b"", request_id, [])
+                                u.keys.keys[u.keys.current].head, b"", request_id, [])
         conn = await self.pools[u.name].request(request)
         body = await conn.read_body()
         if conn.status != 200:
@@ -1552,15 +1999,92 @@ class Gateway:
     # local endpoints ------------------------------------------------------------------------
 
     async def health(self, rq: Request) -> None:
+        reasons = [f"circuit breaker open: {up}/{model}"
+                   for (up, model), b in self.breakers.items() if b.state is not BreakerState.CLOSED]
+        reasons += [f"no upstream key available: {u.name}"
+                    for u in self.config.upstreams if u.keys.all_unavailable()]
         rq.send_json(200, {
-            "status": "ok",
+            "status": "degraded" if reasons else "ok",
+            "reasons": reasons,
             "draining": self.draining,
             "upstreams": [{"name": u.name, "keys": len(u.keys.keys)}
                           for u in self.config.upstreams],
         })
 
+    async def circuit_breakers(self, rq: Request) -> None:
+        now, wall = time.monotonic(), time.time()
+        rq.send_json(200, {
+            "circuit_breakers": {
+                f"{up}/{model}": {
+                    "state": b.state.value,
+                    "failure_count": b.failures,
+                    "last_failure_time": None if b.last_failure is None
+                    else round(wall - (now - b.last_failure), 3),
+                    "retry_at": None if b.state is BreakerState.CLOSED
+                    else round(wall + b.retry_in(), 3),
+                } for (up, model), b in self.breakers.items()},
+            "config": {"failure_threshold": self.config.failure_threshold,
+                       "recovery_timeout_s": self.config.recovery_timeout_s},
+        })
+
+    # admin ----------------------------------------------------------------------------------
+
+    async def token_stats(self, rq: Request) -> None:
+        now, wall = time.monotonic(), time.time()
+        upstreams = []
+        for u in self.config.upstreams:
+            pool = u.keys
+            upstreams.append({
+                "name": u.name, "strategy": pool.strategy,
+                "current": pool.keys[pool.current % len(pool.keys)].name,
+                "keys": [{
+                    "name": k.name, "key": mask_secret(k.secret),
+                    "state": k.state(now).value,
+                    "cooldown_until": round(wall + k.cooldown_until - now, 3)
+                    if k.cooldown_until > now else None,
+                    "requests": k.requests, "failures": k.failures,
+                    "last_used": k.last_used, "last_status": k.last_status,
+                } for k in pool.keys],
+            })
+        rq.send_json(200, {"upstreams": upstreams})
+
+    async def rotate_key(self, rq: Request) -> None:
+        body = rq.body()
+        name = None
+        if body.strip():
+            try:
+                obj = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise BadRequest(f"We could not parse the JSON body of your request: {exc}") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("upstream", ""), str):
+                raise BadRequest("Expected {\"upstream\": name}.", code="invalid_type",
+                                 param="upstream")
+            name = obj.get("upstream")
+        upstreams = self.config.upstreams
+        upstream = upstreams[0] if name is None else next(
+            (u for u in upstreams if u.name == name), None)
+        if upstream is None:
+            raise NotFound(f"No upstream named {name!r}.", param="upstream")
+        rq.send_json(200, {"success": True, "current": upstream.keys.rotate().name})
+
+    async def reset_stats(self, rq: Request) -> None:
+        for u in self.config.upstreams:
+            u.keys.reset()
+        self.breakers.clear()
+        rq.send_json(200, {"success": True})
+
+    async def observed_limits(self, rq: Request) -> None:
+        out: dict[str, dict[str, dict[str, dict]]] = {}
+        for (up, key, model), (at, seen) in self.observed.items():
+            out.setdefault(up, {}).setdefault(key, {})[model] = {**seen, "observed_at": at}
+        rq.send_json(200, {"upstreams": out})
+
     async def ready(self, rq: Request) -> None:
         rq.send_json(200, {"status": "ready"})
+
+
+# Who may call a route.
+_OPEN, _CLIENT, _ADMIN = range(3)
 
 
 def _model_entry(model: str, owner: str) -> dict:

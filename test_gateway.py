@@ -8,7 +8,9 @@ raw sockets. Nothing here sleeps to synchronise: waits are on conditions, with g
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import email.utils
 import json
 import os
 import re
@@ -186,10 +188,202 @@ def test_mask_secret_never_shows_the_middle() -> None:
     assert "cdefghijk" not in gw.mask_secret("ghp_abcdefghijklmnop")
 
 
-def test_keypool_round_robin_cycles_through_keys() -> None:
-    pool = gw.KeyPool([gw.UpstreamKey(f"k{i}", f"secret{i}") for i in range(3)])
-    assert [pool.pick().name for _ in range(6)] == ["k0", "k1", "k2", "k0", "k1", "k2"]
-    assert gw.KeyPool([]).pick() is None
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def make_pool(n: int, strategy: str = "round_robin", interval: float = 0.0) -> tuple[gw.KeyPool, FakeClock]:
+    clock = FakeClock()
+    keys = [gw.UpstreamKey(f"k{i}", f"secret-{i}") for i in range(n)]
+    return gw.KeyPool(keys, strategy, interval, clock), clock
+
+
+def names(pool: gw.KeyPool, count: int, exclude: Any = ()) -> list[str]:
+    return [pool.pick(exclude)[0].name for _ in range(count)]
+
+
+def test_round_robin_cycles_and_skips_cooling_and_blocked_keys() -> None:
+    pool, clock = make_pool(3)
+    assert names(pool, 6) == ["k0", "k1", "k2", "k0", "k1", "k2"]
+    pool.cool_down(pool.keys[1], 10)
+    pool.block(pool.keys[2])
+    assert names(pool, 3) == ["k0", "k0", "k0"]
+    assert pool.keys[1].state(clock()) is gw.KeyState.COOLING
+    clock.advance(10)  # the cooldown ends by itself; the block does not
+    assert names(pool, 4) == ["k1", "k0", "k1", "k0"]
+    pool.reset()
+    assert sorted(names(pool, 3)) == ["k0", "k1", "k2"]
+
+
+def test_failover_sticks_to_one_key_until_it_fails_and_rotate_advances() -> None:
+    pool, clock = make_pool(3, "failover")
+    assert names(pool, 3) == ["k0", "k0", "k0"]
+    pool.cool_down(pool.keys[0], 5)
+    assert names(pool, 2) == ["k1", "k1"]
+    assert pool.rotate().name == "k2" and names(pool, 2) == ["k2", "k2"]
+    pool.block(pool.keys[2])
+    clock.advance(5)
+    assert names(pool, 2) == ["k0", "k0"]
+
+
+def test_rotate_under_round_robin_starts_the_next_pick_after_it() -> None:
+    pool, _ = make_pool(4)
+    names(pool, 1)  # k0, current = k0
+    assert pool.rotate().name == "k1"
+    assert names(pool, 2) == ["k2", "k3"]
+
+
+def test_cooldown_without_hint_grows_exponentially_from_1s_and_is_capped() -> None:
+    pool, clock = make_pool(1)
+    key = pool.keys[0]
+    seen = []
+    for _ in range(9):
+        pool.cool_down(key, None)
+        seen.append(key.cooldown_until - clock())
+    assert seen == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    pool.succeeded(key)
+    pool.cool_down(key, None)
+    assert key.cooldown_until - clock() == 1
+
+
+def test_all_cooling_reports_time_to_first_return_and_all_blocked_none() -> None:
+    pool, clock = make_pool(3)
+    for key, secs in zip(pool.keys, (30, 5, 12)):
+        pool.cool_down(key, secs)
+    assert pool.pick() is None and pool.all_unavailable()
+    assert pool.seconds_until_usable() == 5
+    for key in pool.keys:
+        pool.block(key)
+    assert pool.seconds_until_usable() is None
+
+
+def test_pacing_spaces_requests_per_key_and_bounds_the_wait() -> None:
+    pool, clock = make_pool(2, interval=1.0)
+    picks = [pool.pick() for _ in range(4)]
+    assert [(k.name, w) for k, w in picks] == [("k0", 0), ("k1", 0), ("k0", 1.0), ("k1", 1.0)]
+    assert pool.pick(max_wait=1.5) is None  # the next slot is 2 s away
+    clock.advance(2)
+    assert pool.pick()[1] == 0
+
+
+_ops = st.lists(st.tuples(st.sampled_from(["pick", "cool", "block", "advance", "reset", "rotate", "ok"]),
+                          st.integers(0, 5), st.floats(0, 120)), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(1, 6), strategy=st.sampled_from(["round_robin", "failover"]), ops=_ops)
+def test_a_cooling_or_blocked_key_is_never_picked(n: int, strategy: str, ops: list) -> None:
+    pool, clock = make_pool(n, strategy)
+    for op, index, secs in ops:
+        key = pool.keys[index % n]
+        if op == "pick":
+            picked = pool.pick()
+            if picked is None:
+                assert pool.all_unavailable()
+            else:
+                assert picked[0].state(clock()) is gw.KeyState.ACTIVE
+        elif op == "cool":
+            pool.cool_down(key, secs)
+        elif op == "block":
+            pool.block(key)
+        elif op == "advance":
+            clock.advance(secs)
+        elif op == "reset":
+            pool.reset()
+        elif op == "rotate":
+            pool.rotate()
+        else:
+            pool.succeeded(key)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 8), m=st.integers(1, 10), warmup=st.integers(0, 20), rotations=st.integers(0, 3))
+def test_round_robin_spreads_any_run_of_n_times_m_picks_exactly_m_each(
+        n: int, m: int, warmup: int, rotations: int) -> None:
+    pool, _ = make_pool(n)
+    names(pool, warmup)
+    for _ in range(rotations):
+        pool.rotate()
+    counts = collections.Counter(names(pool, n * m))
+    assert sorted(counts.values()) == [m] * n
+
+
+@settings(max_examples=300)
+@given(h=st.integers(0, 5), m=st.integers(0, 59), s=st.integers(0, 59), frac=st.integers(0, 9),
+       ms=st.integers(0, 999), parts=st.sets(st.sampled_from("hmsf"), min_size=1))
+def test_duration_strings_parse_to_the_right_seconds(h: int, m: int, s: int, frac: int, ms: int, parts: set) -> None:
+    text, want = "", 0.0
+    if "h" in parts:
+        text, want = text + f"{h}h", want + h * 3600
+    if "m" in parts:
+        text, want = text + f"{m}m", want + m * 60
+    if "s" in parts:
+        text, want = text + f"{s}.{frac}s", want + s + frac / 10
+    if "f" in parts:
+        text, want = text + f"{ms}ms", want + ms / 1000
+    assert gw.parse_duration(text) == pytest.approx(want)
+
+
+def test_duration_examples_and_garbage() -> None:
+    assert [gw.parse_duration(t) for t in ("6m0s", "1.5s", "250ms", "20", "1h2m3s", "0s")] == \
+        [360, 1.5, 0.25, 20, 3723, 0]
+    assert [gw.parse_duration(t) for t in ("", "abc", "5x", "1s2", "-1", "s")] == [None] * 6
+
+
+def test_cooldown_hints_from_headers() -> None:
+    hint = gw.cooldown_from_headers
+    assert hint([(b"retry-after-ms", b"1500"), (b"retry-after", b"9")]) == 1.5
+    assert hint([(b"retry-after", b"7")]) == 7
+    assert hint([(b"x-ratelimit-reset-requests", b"6m0s"), (b"x-ratelimit-reset-tokens", b"250ms")]) == 360
+    future = email.utils.formatdate(time.time() + 100, usegmt=True).encode()
+    assert 95 < hint([(b"retry-after", future)]) <= 100
+    assert hint([(b"retry-after", b"soon")]) is None and hint([]) is None
+
+
+def make_breaker(threshold: int = 3, recovery: float = 10) -> tuple[gw.CircuitBreaker, FakeClock]:
+    clock = FakeClock()
+    return gw.CircuitBreaker(threshold, recovery, clock), clock
+
+
+def test_breaker_opens_after_consecutive_failures_only() -> None:
+    b, _ = make_breaker(3)
+    for ok in (False, False, True, False, False):
+        b.acquire()
+        b.record(ok)
+    assert b.state is gw.BreakerState.CLOSED and b.failures == 2
+    b.record(False)
+    assert b.state is gw.BreakerState.OPEN and not b.available()
+
+
+def test_breaker_half_open_admits_exactly_one_probe_then_closes_or_reopens() -> None:
+    b, clock = make_breaker(1, recovery=10)
+    b.record(False)
+    clock.advance(9.9)
+    assert not b.available() and b.retry_in() == pytest.approx(0.1)
+    clock.advance(0.1)
+    admitted = 0
+    for _ in range(5):  # five requests arrive at once: one probe goes through
+        if b.available():
+            b.acquire()
+            admitted += 1
+    assert admitted == 1 and b.state is gw.BreakerState.HALF_OPEN
+    b.record(False)  # the probe failed: open again, for a full recovery period
+    assert b.state is gw.BreakerState.OPEN and not b.available()
+    clock.advance(10)
+    b.acquire()
+    b.abandon()  # the probe's client went away: the slot is free again
+    assert b.available()
+    b.acquire()
+    b.record(True)
+    assert b.state is gw.BreakerState.CLOSED and b.failures == 0 and b.available()
+    assert "closed" in repr(b)
 
 
 def test_repr_of_keys_masks_secrets() -> None:
@@ -434,12 +628,13 @@ async def relay_split(wire: bytes, cuts: list[int], close_at_end: bool) -> bytes
         conn.data_received(wire[a:b])
         await asyncio.sleep(0)  # the head future's callbacks run on the next turn
         if relaying is None and got.done():
-            gateway.relay_head(rq, got.result())
+            gateway.relay_head(rq, got.result().status, got.result().headers)
             relaying = conn.relay(rq)
     if close_at_end:
         conn.connection_lost(None)
     if relaying is None:
-        gateway.relay_head(rq, await got)
+        head = await got
+        gateway.relay_head(rq, head.status, head.headers)
         relaying = conn.relay(rq)
     await asyncio.wait_for(relaying, 5)
     proto._cancel_timer()
@@ -886,3 +1081,232 @@ def test_slow_reader_pauses_the_upstream_and_still_gets_every_byte(
     assert resp.status == 200 and resp.body.count(b"tok") == 80000
     assert resp.body.endswith(b"data: [DONE]\n\n")
     sock.close()
+
+
+################################################################################
+# Resilience end to end: rotation, cooldowns, retries, breaker, fallbacks, admin
+################################################################################
+
+KEYS = ["sk-up-aaaa1111", "sk-up-bbbb2222", "sk-up-cccc3333"]
+MSGS = [{"role": "user", "content": "x"}]
+
+
+def resilient(mock: mock_upstream.MockUpstream, **upstream: Any) -> dict:
+    return {"upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS,
+                           **upstream}],
+            "retry": {"attempts": 3, "base_delay_s": 0.01, "max_delay_s": 0.05}}
+
+
+def used_keys(mock: mock_upstream.MockUpstream) -> list[str]:
+    return [r.headers.get("authorization", "")[7:] for r in mock.requests if r.method == "POST"]
+
+
+def admin(g: Running, method: str, path: str, body: bytes = b"", key: str | None = None) -> RawResponse:
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    (resp,) = raw(g.port, f"{method} {path} HTTP/1.1\r\nHost: t\r\n{auth}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    return resp
+
+
+def key_states(g: Running) -> dict[str, str]:
+    stats = admin(g, "GET", "/v1/tokens/stats").json()
+    return {k["name"]: k["state"] for k in stats["upstreams"][0]["keys"]}
+
+
+def test_429_on_one_key_never_reaches_the_client_and_the_key_rests(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    mock.key_faults[KEYS[1]] = (429, {"retry-after": "30"})
+    g = start_gateway(resilient(mock))
+    client = g.client()
+    for _ in range(100):
+        assert client.chat.completions.create(model="m", messages=MSGS).choices[0].message.content
+    assert mock.key_counts[KEYS[1]] == 1  # tried once, then left alone while cooling
+    assert mock.key_counts[KEYS[0]] + mock.key_counts[KEYS[2]] == 100
+    stats = admin(g, "GET", "/v1/tokens/stats").json()["upstreams"][0]
+    cooling = stats["keys"][1]
+    assert cooling["state"] == "cooling" and cooling["last_status"] == 429 and cooling["failures"] == 1
+    assert 25 < cooling["cooldown_until"] - time.time() <= 30
+    assert all(k["key"].startswith("sk-...") and k["key"] not in KEYS for k in stats["keys"])
+    assert KEYS[0] not in json.dumps(stats)
+
+
+def test_cooled_key_comes_back_by_itself_when_its_cooldown_ends(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    mock.key_faults[KEYS[0]] = (429, {"retry-after-ms": "300"})
+    g = start_gateway(resilient(mock, key_strategy="failover"))
+    client = g.client()
+    client.chat.completions.create(model="m", messages=MSGS)  # k0 429s, k1 answers
+    del mock.key_faults[KEYS[0]]
+    limited_at = next(r.at for r in mock.requests if r.headers["authorization"].endswith(KEYS[0]))
+    assert eventually(lambda: key_states(g)[f"mock#0"] == "active", timeout=5)
+    g.lt.call(g.gw.config.upstreams[0].keys.rotate)  # failover sits on k1: move on to k2, then k0
+    g.lt.call(g.gw.config.upstreams[0].keys.rotate)
+    client.chat.completions.create(model="m", messages=MSGS)
+    back = [r.at for r in mock.requests if r.headers["authorization"].endswith(KEYS[0])]
+    assert len(back) == 2 and back[1] - limited_at >= 0.3
+
+
+def test_401_blocks_the_key_until_reset_stats(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    mock.key_faults[KEYS[0]] = (401, {})
+    g = start_gateway(resilient(mock))
+    client = g.client()
+    for _ in range(6):
+        client.chat.completions.create(model="m", messages=MSGS)
+    assert mock.key_counts[KEYS[0]] == 1 and key_states(g)["mock#0"] == "blocked"
+    del mock.key_faults[KEYS[0]]
+    assert admin(g, "POST", "/v1/tokens/reset-stats").json() == {"success": True}
+    assert key_states(g) == {"mock#0": "active", "mock#1": "active", "mock#2": "active"}
+    for _ in range(3):
+        client.chat.completions.create(model="m", messages=MSGS)
+    assert mock.key_counts[KEYS[0]] == 2
+
+
+def test_failover_sticks_to_one_key_and_rotate_changes_the_key_upstream_sees(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway(resilient(mock, key_strategy="failover"))
+    client = g.client()
+    for _ in range(3):
+        client.chat.completions.create(model="m", messages=MSGS)
+    assert used_keys(mock) == [KEYS[0]] * 3
+    rotated = admin(g, "POST", "/v1/tokens/rotate", b'{"upstream": "mock"}').json()
+    assert rotated == {"success": True, "current": "mock#1"}
+    client.chat.completions.create(model="m", messages=MSGS)
+    assert used_keys(mock)[-1] == KEYS[1]
+    assert admin(g, "POST", "/v1/tokens/rotate", b'{"upstream": "nope"}').status == 404
+
+
+def test_503_then_200_reaches_the_client_as_200(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    mock.script.extend([503, 502])
+    g = start_gateway(resilient(mock))
+    reply = g.client().chat.completions.create(model="m", messages=MSGS)
+    assert reply.choices[0].message.content == "echo: x" and len(used_keys(mock)) == 3
+
+
+def test_500_forever_gives_bounded_tries_then_the_upstream_error_unchanged(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway(resilient(mock))
+    (resp,) = raw(g.port, post("/v1/chat/completions", CHAT, "x-mock-status: 500\r\n"))
+    assert resp.status == 500 and resp.json()["error"]["code"] == "mock_500"
+    assert len(used_keys(mock)) == 3
+    (resp,) = raw(g.port, post("/v1/chat/completions", CHAT, "x-mock-status: 400\r\n"))
+    assert resp.status == 400 and len(used_keys(mock)) == 4  # other 4xx: never retried
+
+
+def test_all_keys_cooling_is_429_with_retry_after_and_all_blocked_is_503(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    for i, key in enumerate(KEYS):
+        mock.key_faults[key] = (429, {"retry-after": str(20 + i * 10)})
+    g = start_gateway(resilient(mock))
+    with pytest.raises(openai.RateLimitError) as info:
+        g.client().chat.completions.create(model="m", messages=MSGS)
+    headers = info.value.response.headers
+    assert info.value.code == "rate_limit_exceeded" and headers["x-should-retry"] == "true"
+    assert 19 <= int(headers["retry-after"]) <= 20 and 19000 <= int(headers["retry-after-ms"]) <= 20000
+    assert len(used_keys(mock)) == 3
+    health = admin(g, "GET", "/health").json()
+    assert health["status"] == "degraded" and "no upstream key available: mock" in health["reasons"]
+    for key in KEYS:
+        mock.key_faults[key] = (403, {})
+    admin(g, "POST", "/v1/tokens/reset-stats")
+    with pytest.raises(openai.InternalServerError) as info:
+        g.client().chat.completions.create(model="m", messages=MSGS)
+    assert info.value.status_code == 503 and info.value.code == "upstream_credentials_exhausted"
+
+
+def test_breaker_opens_fails_fast_uses_fallback_and_recovers_through_half_open(
+        start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    mock.model_faults["gpt-4o"] = 500
+    config = resilient(mock)
+    config.update(retry={"attempts": 1}, breaker={"failure_threshold": 2, "recovery_timeout_s": 0.5},
+                  fallbacks={"gpt-4o": ["gpt-4o-mini"]})
+    g = start_gateway(config)
+    client = g.client()
+    for _ in range(2):
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(model="gpt-4o", messages=MSGS)
+    breakers = admin(g, "GET", "/health/circuit-breakers").json()
+    state = breakers["circuit_breakers"]["mock/gpt-4o"]
+    assert state["state"] == "open" and state["failure_count"] == 2 and state["retry_at"] > time.time()
+    assert breakers["config"] == {"failure_threshold": 2, "recovery_timeout_s": 0.5}
+    seen = len(mock.requests)
+    reply = client.chat.completions.create(model="gpt-4o", messages=MSGS)  # served by the fallback
+    assert reply.model == "gpt-4o-mini" and [r.json()["model"] for r in list(mock.requests)[seen:]] == ["gpt-4o-mini"]
+    del mock.model_faults["gpt-4o"]
+    assert eventually(lambda: g.lt.call(g.gw.breakers[("mock", "gpt-4o")].available), timeout=5)
+    reply = client.chat.completions.create(model="gpt-4o", messages=MSGS)  # the half-open probe
+    assert reply.model == "gpt-4o"
+    assert admin(g, "GET", "/health/circuit-breakers").json()["circuit_breakers"]["mock/gpt-4o"]["state"] == "closed"
+
+
+def test_open_breaker_without_fallback_is_503_circuit_open_without_calling_upstream(
+        start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    mock.model_faults["gpt-4o"] = 502
+    config = resilient(mock)
+    config.update(retry={"attempts": 1}, breaker={"failure_threshold": 1, "recovery_timeout_s": 30})
+    g = start_gateway(config)
+    (first,) = raw(g.port, post("/v1/chat/completions", b'{"model":"gpt-4o","messages":[]}'))
+    assert first.status == 502 and first.json()["error"]["code"] == "mock_502"
+    seen = len(mock.requests)
+    (resp,) = raw(g.port, post("/v1/chat/completions", b'{"model":"gpt-4o","messages":[]}'))
+    assert resp.status == 503 and resp.json()["error"]["code"] == "circuit_open"
+    assert 29 <= int(resp.headers["retry-after"]) <= 30 and resp.headers["x-should-retry"] == "true"
+    assert len(mock.requests) == seen
+    assert admin(g, "GET", "/health").json()["status"] == "degraded"
+
+
+def test_no_retry_once_a_stream_has_started(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway(resilient(mock))
+    (resp,) = raw(g.port, post("/v1/chat/completions", b'{"model":"m","messages":[],"stream":true}',
+                               "x-mock-die-after: 1\r\nx-mock-delay-ms: 1\r\n"))
+    assert resp.status == 200 and b'"upstream_error"' in resp.body and len(used_keys(mock)) == 1
+
+
+def test_connect_errors_fail_over_to_another_upstream_serving_the_model(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    g = start_gateway({"upstreams": [
+        {"name": "dead", "url": f"http://127.0.0.1:{dead}/v1", "models": ["m"]},
+        {"name": "live", "url": f"http://127.0.0.1:{mock.port}/v1", "models": ["m"]}],
+        "retry": {"attempts": 2, "base_delay_s": 0.01}})
+    for _ in range(6):
+        assert g.client().chat.completions.create(model="m", messages=MSGS).choices
+    assert len(used_keys(mock)) == 6
+
+
+def test_several_upstreams_serving_one_model_share_the_load(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    url = f"http://127.0.0.1:{mock.port}/v1"
+    g = start_gateway({"upstreams": [{"name": "a", "url": url, "keys": [KEYS[0]], "models": ["m"]},
+                                     {"name": "b", "url": url, "keys": [KEYS[1]], "models": ["m"]}]})
+    for _ in range(10):
+        g.client().chat.completions.create(model="m", messages=MSGS)
+    assert collections.Counter(used_keys(mock)) == {KEYS[0]: 5, KEYS[1]: 5}
+
+
+def test_pacing_queues_requests_per_key_and_bounds_the_wait(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway(resilient(mock, keys=[KEYS[0]], min_interval_ms=150))
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(lambda _: raw(g.port, post("/v1/chat/completions", CHAT))[0], range(3)))
+    assert [r.status for r in replies] == [200, 200, 200]
+    times = sorted(r.at for r in mock.requests)
+    assert times[1] - times[0] >= 0.14 and times[2] - times[1] >= 0.14
+    slow = start_gateway(resilient(mock, keys=[KEYS[0]], rpm_per_key=2))  # one request per 30 s
+    first, second = raw(slow.port, post("/v1/chat/completions", CHAT) * 2, count=2)
+    assert first.status == 200 and second.status == 429 and 29 <= int(second.headers["retry-after"]) <= 30
+
+
+def test_observed_rate_limits_per_key_and_model(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    mock.key_rpm = 50
+    g = start_gateway(resilient(mock, key_strategy="failover"))
+    g.client().chat.completions.create(model="gpt-4o-mini", messages=MSGS)
+    observed = admin(g, "GET", "/v1/rate-limits/observed").json()["upstreams"]["mock"]["mock#0"]["gpt-4o-mini"]
+    assert observed["x-ratelimit-limit-requests"] == "50" and observed["x-ratelimit-remaining-requests"] == "49"
+    assert observed["observed_at"] <= time.time()
+
+
+def test_admin_auth_rules(start_gateway: Any) -> None:
+    g = start_gateway({"api_keys": [SDK_KEY], "admin_key": "adm-secret-key"})
+    assert admin(g, "GET", "/v1/tokens/stats").status == 401
+    refused = admin(g, "GET", "/v1/tokens/stats", key=SDK_KEY)
+    assert refused.status == 403 and refused.json()["error"]["code"] == "admin_only"
+    assert admin(g, "GET", "/v1/tokens/stats", key="adm-secret-key").status == 200
+    assert admin(g, "POST", "/v1/tokens/reset-stats", key="wrong").status == 401
+    no_admin = start_gateway({"api_keys": [SDK_KEY]})
+    assert admin(no_admin, "GET", "/v1/rate-limits/observed", key=SDK_KEY).status == 403
+    assert admin(no_admin, "GET", "/health/circuit-breakers").status == 200
+    open_ = start_gateway()
+    assert admin(open_, "GET", "/v1/tokens/stats").status == 200

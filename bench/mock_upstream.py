@@ -14,6 +14,14 @@ they pass through a gateway unchanged:
     x-mock-die-after: N     drop the connection after N content chunks (a mid-stream death)
     x-mock-hang: 1          read the request and never answer
 
+Faults per upstream key (the bearer token), set as attributes (or --key-rpm):
+
+    key_faults = {"sk-a": (429, {"retry-after": "30"})}   always answer so for that key
+    key_rpm = R              each key gets R requests per rolling minute, then 429 with
+                             retry-after and x-ratelimit-reset-requests; x-ratelimit-* on all
+    script = deque([503, 200])  statuses for the next requests, in order, then normal again
+    model_faults = {"gpt-4o": 500}  always answer so for requests naming that model
+
 Everything it saw is kept for tests: `requests` (the last 1000) and per-connection counts;
 `wait_until(predicate, timeout)` blocks another thread until the predicate holds.
 """
@@ -57,7 +65,8 @@ class MockRequest:
 
 
 class MockUpstream:
-    def __init__(self, chunks: int = 20, delay_ms: float = 0.0, record: bool = True) -> None:
+    def __init__(self, chunks: int = 20, delay_ms: float = 0.0, record: bool = True,
+                 key_rpm: int | None = None) -> None:
         self.chunks = chunks
         self.delay_ms = delay_ms
         self.record = record
@@ -68,6 +77,12 @@ class MockUpstream:
         self.connections_closed = 0
         self.request_count = 0
         self.live: set[_MockConnection] = set()
+        self.key_faults: dict[str, tuple[int, dict[str, str]]] = {}
+        self.key_rpm = key_rpm
+        self.key_windows: dict[str, collections.deque[float]] = {}
+        self.key_counts: collections.Counter[str] = collections.Counter()
+        self.script: collections.deque[int] = collections.deque()
+        self.model_faults: dict[str, int] = {}
         self._cond = threading.Condition()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -105,6 +120,7 @@ class _MockConnection(asyncio.Protocol):
         self.busy = False
         self.closed = False
         self.task: asyncio.Task | None = None
+        self.extra: list[tuple[str, str]] = []  # headers for the next answer
 
     def shut(self) -> None:
         if self.task is not None:
@@ -165,6 +181,8 @@ class _MockConnection(asyncio.Protocol):
             extra = [("retry-after", h["x-mock-retry-after"])] if "x-mock-retry-after" in h else []
             self.send_error(status, f"mock error {status}", extra)
             return
+        if rq.method == "POST" and self.fault(rq):
+            return
         path = rq.path.split("?", 1)[0]
         if rq.method == "GET" and path == "/v1/models":
             data = [_model(m) for m in MODELS]
@@ -181,6 +199,51 @@ class _MockConnection(asyncio.Protocol):
             self.embeddings(rq)
         else:
             self.send_error(404, f"Unknown path {path}")
+
+    def fault(self, rq: MockRequest) -> bool:
+        """Per-key faults, rate limits and scripted statuses; True if it answered."""
+        mock = self.mock
+        key = rq.headers.get("authorization", "")[7:]
+        mock.key_counts[key] += 1
+        if key in mock.key_faults:
+            status, extra = mock.key_faults[key]
+            self.send_error(status, f"mock fault for this key: {status}", list(extra.items()))
+            return True
+        if mock.model_faults:
+            try:
+                status = mock.model_faults.get(rq.json().get("model"))
+            except (ValueError, AttributeError):
+                status = None
+            if status:
+                self.send_error(status, f"mock fault for this model: {status}")
+                return True
+        if mock.script:
+            status = mock.script.popleft()
+            if status != 200:
+                self.send_error(status, f"scripted {status}")
+                return True
+        if mock.key_rpm is not None:
+            return self.rate_limit(key, mock.key_rpm)
+        return False
+
+    def rate_limit(self, key: str, rpm: int) -> bool:
+        now = time.monotonic()
+        window = self.mock.key_windows.setdefault(key, collections.deque())
+        while window and window[0] <= now - 60:
+            window.popleft()
+        reset = (window[0] + 60 - now) if window else 60.0
+        if len(window) >= rpm:
+            self.send_error(429, "Rate limit reached for requests", [
+                ("retry-after", str(max(1, int(reset + 0.999)))),
+                ("x-ratelimit-limit-requests", str(rpm)),
+                ("x-ratelimit-remaining-requests", "0"),
+                ("x-ratelimit-reset-requests", f"{reset:.3f}s")])
+            return True
+        window.append(now)
+        self.extra = [("x-ratelimit-limit-requests", str(rpm)),
+                      ("x-ratelimit-remaining-requests", str(rpm - len(window))),
+                      ("x-ratelimit-reset-requests", f"{reset:.3f}s")]
+        return False
 
     def completion(self, rq: MockRequest, chat: bool) -> None:
         try:
@@ -209,8 +272,11 @@ class _MockConnection(asyncio.Protocol):
                                 bool(options.get("include_usage")), self.mock.request_count)
         delay = float(rq.headers.get("x-mock-delay-ms", self.mock.delay_ms)) / 1000
         die_after = int(rq.headers.get("x-mock-die-after", -1))
+        extra = "".join(f"{k}: {v}\r\n" for k, v in self.extra).encode()
+        self.extra = []
         self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8"
-                             b"\r\ntransfer-encoding: chunked\r\nx-request-id: mock-upstream\r\n\r\n")
+                             b"\r\ntransfer-encoding: chunked\r\nx-request-id: mock-upstream\r\n"
+                             + extra + b"\r\n")
         if delay <= 0 and die_after < 0:
             self.transport.writelines([_chunk(e) for e in events] + [b"0\r\n\r\n"])
             return
@@ -259,7 +325,8 @@ class _MockConnection(asyncio.Protocol):
         head = [f"HTTP/1.1 {status} {_REASONS.get(status, b'X').decode()}",
                 "content-type: application/json", f"content-length: {len(body)}",
                 "x-request-id: mock-upstream"]
-        head += [f"{k}: {v}" for k, v in extra]
+        head += [f"{k}: {v}" for k, v in [*extra, *self.extra]]
+        self.extra = []
         self.transport.write("\r\n".join(head).encode() + b"\r\n\r\n" + body)
 
     def send_error(self, status: int, message: str, extra: list[tuple[str, str]] = ()) -> None:
@@ -322,6 +389,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--chunks", type=int, default=20, help="content chunks per stream")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="pause before each chunk")
+    parser.add_argument("--key-rpm", type=int, help="per-key requests per minute, then 429")
     args = parser.parse_args()
     try:
         import uvloop
@@ -330,7 +398,7 @@ def main() -> None:
         pass
 
     async def serve() -> None:
-        mock = MockUpstream(args.chunks, args.delay_ms, record=False)
+        mock = MockUpstream(args.chunks, args.delay_ms, record=False, key_rpm=args.key_rpm)
         port = await mock.start(args.host, args.port)
         print(f"mock upstream on http://{args.host}:{port}/v1", flush=True)
         await asyncio.Event().wait()
