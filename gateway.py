@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import email.utils
 import enum
 import hashlib
@@ -68,6 +69,8 @@ UPSTREAM_KEEPALIVE_S = 20.0  # reuse an idle upstream connection only this long 
 COOLDOWN_CAP_S = 60.0  # a 429 with no hint cools a key 1, 2, 4 ... s, never longer than this
 PACING_MAX_WAIT_S = 10.0  # a paced request queues this long at most, then gets 429
 MAX_BREAKERS = 1024  # (upstream, model) pairs tracked; "*" upstreams see client-chosen models
+MAX_CLIENT_IPS = 10000  # per-IP buckets kept (LRU) when auth is off: bounded whatever the sources
+USAGE_TAIL_BYTES = 4096  # how much of a response's end is kept to find its usage object
 MODELS_CACHE_S = 60.0  # how long an upstream's own /models list is reused
 MODELS_FAIL_CACHE_S = 5.0  # how long a failed /models fetch is remembered
 REQUEST_ID_MAX = 128  # longer client X-Request-IDs are replaced, not forwarded
@@ -430,6 +433,163 @@ class CircuitBreaker:
         if self.state is BreakerState.CLOSED:
             return 0.0
         return max(0.0, self.opened_at + self.recovery_s - self.clock())
+
+
+class TokenBucket:
+    """Refills at `rate` per second up to `capacity`; never admits more than
+    capacity + rate·t in any window of t seconds."""
+
+    __slots__ = ("rate", "capacity", "level", "stamp", "clock")
+
+    def __init__(self, rate: float, capacity: float, clock: Clock = time.monotonic) -> None:
+        self.rate = rate
+        self.capacity = capacity
+        self.level = capacity
+        self.clock = clock
+        self.stamp = clock()
+
+    def __repr__(self) -> str:
+        return f"TokenBucket({self.level:.2f}/{self.capacity:g}, +{self.rate:g}/s)"
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def take(self, amount: float = 1.0) -> float:
+        """Take amount now and return 0, or take nothing and return the seconds to wait.
+        An amount above capacity is taken as capacity: it can pass, when the bucket is full."""
+        self._refill()
+        amount = min(amount, self.capacity)
+        if self.level >= amount:
+            self.level -= amount
+            return 0.0
+        return (amount - self.level) / self.rate
+
+    def adjust(self, delta: float) -> None:
+        """Correct an estimate after the fact: take delta more (or give -delta back),
+        never going below empty or above full."""
+        self._refill()
+        self.level = min(self.capacity, max(0.0, self.level - delta))
+
+    def remaining(self) -> int:
+        self._refill()
+        return int(self.level)
+
+    def until_full(self) -> float:
+        self._refill()
+        return (self.capacity - self.level) / self.rate
+
+
+def format_duration(seconds: float) -> str:
+    """OpenAI's reset format: `120ms`, `1s`, `1.5s`, `6m0s`, `1h2m3s`."""
+    if seconds < 1:
+        return f"{int(seconds * 1000)}ms"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{round(secs, 3):g}s"
+    if hours or minutes:
+        text = f"{int(minutes)}m{text}"
+    if hours:
+        text = f"{int(hours)}h{text}"
+    return text
+
+
+def usage_in(tail: bytes) -> dict | None:
+    """The last `"usage": {...}` object in the tail of a JSON body, parsed alone."""
+    i = tail.rfind(b'"usage"')
+    if i < 0:
+        return None
+    j = tail.find(b"{", i)
+    if j < 0 or tail[i + 7:j].strip() != b":":
+        return None
+    end = tail.find(b"}", j)
+    while end >= 0 and tail.count(b"{", j, end + 1) != tail.count(b"}", j, end + 1):
+        end = tail.find(b"}", end + 1)  # usage holds nested *_details objects
+    if end < 0:
+        return None
+    try:
+        usage = orjson.loads(tail[j:end + 1])
+    except orjson.JSONDecodeError:
+        return None
+    return usage if isinstance(usage, dict) else None
+
+
+def _tokens(usage: dict | None, name: str) -> int:
+    value = usage.get(name) if usage else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+class ClientUsage:
+    """Tokens counted for one client key (from the usage upstreams report), per model."""
+
+    __slots__ = ("name", "budget", "requests", "prompt_tokens", "completion_tokens",
+                 "total_tokens", "models")
+
+    def __init__(self, name: str, budget: int | None = None) -> None:
+        self.name = name
+        self.budget = budget
+        self.requests = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.total_tokens = 0
+        self.models: dict[str, list[int]] = {}  # model -> [requests, prompt, completion, total]
+
+    def __repr__(self) -> str:
+        return f"ClientUsage({self.name!r}, total={self.total_tokens}, budget={self.budget})"
+
+    def add(self, model: str, prompt: int, completion: int, total: int) -> None:
+        total = total or prompt + completion
+        self.requests += 1
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+        self.total_tokens += total
+        counts = self.models.get(model)
+        if counts is None:
+            if len(self.models) >= MAX_BREAKERS:  # client-chosen names: keep the set bounded
+                return
+            counts = self.models[model] = [0, 0, 0, 0]
+        counts[0] += 1
+        counts[1] += prompt
+        counts[2] += completion
+        counts[3] += total
+
+    def over_budget(self) -> bool:
+        return self.budget is not None and self.total_tokens >= self.budget
+
+    def as_json(self) -> dict:
+        left = None if self.budget is None else max(0, self.budget - self.total_tokens)
+        return {
+            "name": self.name, "requests": self.requests, "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens, "total_tokens": self.total_tokens,
+            "budget_tokens": self.budget, "budget_left": left,
+            "models": {m: dict(zip(("requests", "prompt_tokens", "completion_tokens",
+                                    "total_tokens"), c)) for m, c in self.models.items()},
+        }
+
+
+class ClientLimits:
+    """A client's buckets: requests per minute (capacity `burst`) and optional tokens."""
+
+    __slots__ = ("rpm", "tpm", "requests", "tokens")
+
+    def __init__(self, rpm: float | None, tpm: float | None, burst: float | None,
+                 clock: Clock = time.monotonic) -> None:
+        self.rpm = rpm
+        self.tpm = tpm
+        self.requests = TokenBucket(rpm / 60, burst or rpm, clock) if rpm else None
+        self.tokens = TokenBucket(tpm / 60, tpm, clock) if tpm else None
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        out = []
+        for kind, limit, bucket in ((b"requests", self.rpm, self.requests),
+                                    (b"tokens", self.tpm, self.tokens)):
+            if bucket is not None:
+                out += [(b"x-ratelimit-limit-" + kind, b"%d" % limit),
+                        (b"x-ratelimit-remaining-" + kind, b"%d" % bucket.remaining()),
+                        (b"x-ratelimit-reset-" + kind,
+                         format_duration(bucket.until_full()).encode())]
+        return out
 
 
 ################################################################################
@@ -1378,7 +1538,8 @@ class Request(BodySink):
     __slots__ = (
         "proto", "method", "path", "query", "headers", "body_parts", "body_size",
         "request_id", "authorization", "api_key", "client", "upstream", "status", "started",
-        "sse", "held", "finished", "head_size", "unsent",
+        "sse", "held", "finished", "head_size", "unsent", "peer", "origin", "extra", "limits",
+        "track", "tail", "usage", "inspect", "drop_usage", "convert",
     )
 
     def __init__(self, proto: HttpProtocol, event: h11.Request) -> None:
@@ -1392,6 +1553,7 @@ class Request(BodySink):
         self.request_id = b""
         self.authorization = b""
         self.api_key = b""
+        self.origin = b""
         size = 0
         for name, value in event.headers:
             size += len(name) + len(value)
@@ -1401,6 +1563,8 @@ class Request(BodySink):
                 self.api_key = value
             elif name == b"x-request-id" and 0 < len(value) <= REQUEST_ID_MAX:
                 self.request_id = value
+            elif name == b"origin":
+                self.origin = value
         if not self.request_id:
             self.request_id = b"req-%s%08x" % (_ID_PREFIX.encode(), next(_ID_COUNTER))
         self.head_size = size  # h11 limits only heads that arrive in pieces; this is the rest
@@ -1412,6 +1576,15 @@ class Request(BodySink):
         self.held = b""  # SSE: the start of an event whose end has not arrived yet
         self.unsent = b""  # the response head, written with the first body bytes
         self.finished = False
+        self.peer = proto.peer
+        self.extra: list[tuple[bytes, bytes]] = []  # for every response: CORS
+        self.limits: ClientLimits | None = None  # for every response: x-ratelimit-*
+        self.track = False  # keep the body's tail, to find its usage
+        self.tail = b""
+        self.usage: dict | None = None
+        self.inspect = False  # SSE: look at events that carry usage (or convert them all)
+        self.drop_usage = False  # SSE: the client did not ask for the usage-only chunk
+        self.convert: Callable[[dict], dict | None] | None = None  # SSE: rewrite each event
 
     def __repr__(self) -> str:
         return (f"Request({self.method.decode()} {self.path.decode('latin-1')}, "
@@ -1437,6 +1610,10 @@ class Request(BodySink):
         proto = self.proto
         if proto.gw.draining:
             headers.append((b"connection", b"close"))
+        if self.extra:
+            headers += self.extra
+        if self.limits is not None:
+            headers += self.limits.headers()
         self.status = status
         self.started = True
         event = h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b""))
@@ -1462,10 +1639,16 @@ class Request(BodySink):
             self.on_error(exc)
 
     def on_data(self, data: bytes) -> None:
-        if self.sse and (self.held or not data.endswith(b"\n\n")):
-            data = self._whole_events(data)
+        if self.sse:
+            if self.held or not data.endswith(b"\n\n"):
+                data = self._whole_events(data)
+            if self.inspect and data:
+                data = self._inspect(data)
             if not data:
                 return
+        elif self.track:  # keep the tail only: usage comes last in an OpenAI body
+            tail = self.tail + data if len(data) < USAGE_TAIL_BYTES else data
+            self.tail = tail[-USAGE_TAIL_BYTES:]
         proto = self.proto
         pieces = proto.conn.send_with_data_passthrough(h11.Data(data=data))
         if self.unsent:  # one write for head and first bytes: a syscall less per response
@@ -1484,6 +1667,40 @@ class Request(BodySink):
         cut = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
         self.held = data[cut:]
         return data[:cut]
+
+    def _inspect(self, data: bytes) -> bytes:
+        """Whole SSE events: record usage, drop the usage-only chunk the client did not ask
+        for, convert events. Chunks without a non-null usage pass untouched, unparsed."""
+        if self.convert is None:
+            n = data.count(b'"usage"')
+            if not n or n == data.count(b'"usage":null') + data.count(b'"usage": null'):
+                return data
+        kept = [e for e in map(self._event, data.split(b"\n\n")[:-1]) if e is not None]
+        return b"\n\n".join(kept) + b"\n\n" if kept else b""
+
+    def _event(self, event: bytes) -> bytes | None:
+        if not event.startswith(b"data:"):
+            return event
+        payload = event[5:].strip()
+        if payload == b"[DONE]" or (self.convert is None and b'"usage"' not in payload):
+            return event
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return event
+        if not isinstance(obj, dict):
+            return event
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+        if self.convert is not None:
+            obj = self.convert(obj)
+            if obj is None:
+                return None
+            event = b"data: " + orjson.dumps(obj)
+        if self.drop_usage and isinstance(usage, dict) and not obj.get("choices"):
+            return None
+        return event
 
     def on_end(self) -> None:
         if self.finished:
@@ -1525,7 +1742,8 @@ class _Plan:
     """One proxied request's way through the upstreams: what to send, what was tried."""
 
     __slots__ = ("rq", "kind", "obj", "force_stream", "groups", "tried", "failures", "shift",
-                 "last_error", "last_reply", "forwarded", "_bodies")
+                 "last_error", "last_reply", "forwarded", "stream", "client_usage", "estimate",
+                 "upstream", "served", "_bodies")
 
     def __init__(self, rq: Request, kind: str, obj: dict, force_stream: bool,
                  groups: list[list[tuple[Upstream, str]]]) -> None:
@@ -1540,20 +1758,43 @@ class _Plan:
         self.last_error: GatewayError | None = None
         self.last_reply: tuple[int, list, bytes] | None = None
         self.forwarded = rq.forwarded_headers()
-        self._bodies: dict[str, bytes] = {}
+        self.stream = obj.get("stream") is True or force_stream
+        options = obj.get("stream_options")
+        self.client_usage = isinstance(options, dict) and options.get("include_usage") is True
+        self.estimate = 0  # tokens taken from the client's tpm bucket before the request
+        self.upstream: Upstream | None = None  # the upstream of the latest try
+        self.served: str | None = None  # the model an upstream answered for
+        self._bodies: dict[tuple, bytes] = {}
 
-    def body_for(self, model: str) -> bytes:
-        """The client's bytes unchanged, unless the model or `stream` must be rewritten."""
-        body = self._bodies.get(model)
+    def injects(self, upstream: Upstream) -> bool:
+        """Ask this upstream for the usage chunk the client did not ask for?"""
+        return (self.stream and upstream.stream_usage and not self.client_usage
+                and self.kind != "embeddings"
+                and isinstance(self.obj.get("stream_options", {}), dict))
+
+    def path_for(self, upstream: Upstream) -> bytes:
+        kind = "chat" if self.kind == "completions" and upstream.chat_only else self.kind
+        target = upstream.base_path.encode() + _ENDPOINTS[kind][2]
+        return target + b"?" + self.rq.query if self.rq.query else target
+
+    def body_for(self, upstream: Upstream, model: str) -> bytes:
+        """The client's bytes unchanged, unless the gateway must change them: the model
+        (alias, fallback), a forced `stream`, stream usage, or completions as chat."""
+        convert = self.kind == "completions" and upstream.chat_only
+        inject = self.injects(upstream)
+        body = self._bodies.get((model, convert, inject))
         if body is None:
-            if model == self.obj["model"] and not self.force_stream:
+            if model == self.obj["model"] and not (self.force_stream or convert or inject):
                 body = self.rq.body()
             else:
                 obj = dict(self.obj, model=model)
                 if self.force_stream:
                     obj["stream"] = True
-                body = orjson.dumps(obj)
-            self._bodies[model] = body
+                if inject:
+                    obj["stream_options"] = {**(obj.get("stream_options") or {}),
+                                             "include_usage": True}
+                body = orjson.dumps(chat_from_completion(obj) if convert else obj)
+            self._bodies[(model, convert, inject)] = body
         return body
 
 
@@ -1562,8 +1803,10 @@ class Gateway:
 
     def __init__(self, config: Config, *, header_timeout_s: float = HEADER_TIMEOUT_S,
                  body_timeout_s: float = BODY_TIMEOUT_S,
-                 keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S) -> None:
+                 keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+                 clock: Clock = time.monotonic) -> None:
         self.config = config
+        self.clock = clock  # client limits' time (a fake one in tests)
         self.header_timeout_s = header_timeout_s
         self.body_timeout_s = body_timeout_s
         self.keepalive_timeout_s = keepalive_timeout_s
@@ -1580,6 +1823,14 @@ class Gateway:
         self.breakers: dict[tuple[str, str], CircuitBreaker] = {}
         self.observed: dict[tuple[str, str, str], tuple[float, dict[str, str]]] = {}
         self.spread = itertools.count()
+        self.usage = {k.name: ClientUsage(k.name, k.budget_tokens) for k in config.api_keys}
+        self.usage_file: Any = None
+        self.rate_limited = 0  # requests refused by a client's own limits
+        self.key_limits = {k.name: ClientLimits(k.rpm or config.rpm, k.tpm or config.tpm,
+                                                None if k.rpm else config.burst, clock)
+                           for k in config.api_keys if k.rpm or k.tpm or config.rpm or config.tpm}
+        self.ip_limits: collections.OrderedDict[str, ClientLimits] = collections.OrderedDict()
+        self.cors = frozenset(config.cors_origins)
         self.routes: dict[bytes, tuple[bytes, int, Callable]] = {
             b"/v1/chat/completions": (b"POST", _CLIENT, self.chat),
             b"/v1/chat/completions/stream": (b"POST", _CLIENT, self.chat_stream),
@@ -1593,6 +1844,7 @@ class Gateway:
             b"/v1/tokens/rotate": (b"POST", _ADMIN, self.rotate_key),
             b"/v1/tokens/reset-stats": (b"POST", _ADMIN, self.reset_stats),
             b"/v1/rate-limits/observed": (b"GET", _ADMIN, self.observed_limits),
+            b"/v1/usage": (b"GET", _OPEN, self.usage_report),
         }
 
     def __repr__(self) -> str:
@@ -1606,6 +1858,8 @@ class Gateway:
         self.idle_event = asyncio.Event()
         self.idle_event.set()
         self.pools = {u.name: UpstreamPool(u, self.loop) for u in self.config.upstreams}
+        if self.config.usage_log:
+            self.open_usage_log(self.config.usage_log)
         self.server = await self.loop.create_server(
             lambda: HttpProtocol(self), self.config.host, self.config.port, backlog=2048)
         self.port = self.server.sockets[0].getsockname()[1]
@@ -1627,6 +1881,33 @@ class Gateway:
             proto.close()
         for pool in self.pools.values():
             pool.close()
+        if self.usage_file is not None:
+            self.usage_file.close()
+            self.usage_file = None
+
+    def open_usage_log(self, path: str) -> None:
+        """Replay the log (so usage and budgets survive a restart), then append to it."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        lines = data.split(b"\n")
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = orjson.loads(line)
+                usage = self.usage_of(ClientKey("", str(entry["key"])))
+                usage.add(str(entry["model"]), _tokens(entry, "prompt_tokens"),
+                          _tokens(entry, "completion_tokens"), _tokens(entry, "total_tokens"))
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                torn = number == len(lines)
+                _log(f"usage_log {path}: skipped {'a torn last' if torn else 'an unreadable'} "
+                     f"line {number}")
+        self.usage_file = open(path, "a", buffering=1, encoding="utf-8")  # a line per write
+        if data and not data.endswith(b"\n"):
+            self.usage_file.write("\n")  # end the torn line: the next entry gets its own
 
     def request_started(self) -> None:
         self.active += 1
@@ -1668,6 +1949,11 @@ class Gateway:
             else:
                 raise NotFound(f"Unknown path: {rq.path.decode('latin-1')}")
         method, access, handler = route
+        if self.cors and rq.origin:
+            self.allow_origin(rq)
+        if rq.method == b"OPTIONS" and self.cors:
+            self.preflight(rq, method)
+            return
         if rq.method != method:
             raise MethodNotAllowed(f"Method {rq.method.decode()} not allowed; use {method.decode()}",
                                    headers=[(b"allow", method)])
@@ -1676,6 +1962,7 @@ class Gateway:
                               headers=[(b"connection", b"close")])
         if access == _CLIENT:
             rq.client = self.authenticate(rq)
+            self.limit(rq)
         elif access == _ADMIN:
             self.authorize_admin(rq)
         await handler(rq)
@@ -1690,6 +1977,47 @@ class Gateway:
         if key is None or not hmac.compare_digest(key.key.encode(), token):
             raise Unauthorized("Incorrect API key provided.")
         return key
+
+    def limit(self, rq: Request) -> None:
+        """The client's request bucket: per key, or per source address when auth is off."""
+        if rq.client is not None:
+            limits = self.key_limits.get(rq.client.name)
+        elif self.config.rpm or self.config.tpm:
+            limits = self.ip_limits.get(rq.peer)
+            if limits is None:
+                cfg = self.config
+                limits = self.ip_limits[rq.peer] = ClientLimits(cfg.rpm, cfg.tpm, cfg.burst,
+                                                                self.clock)
+                if len(self.ip_limits) > MAX_CLIENT_IPS:
+                    self.ip_limits.popitem(last=False)
+            else:
+                self.ip_limits.move_to_end(rq.peer)
+        else:
+            return
+        if limits is None:
+            return
+        rq.limits = limits
+        wait = limits.requests.take() if limits.requests is not None else 0.0
+        if wait:
+            self.rate_limited += 1
+            raise RateLimited(f"Rate limit reached for requests: {limits.rpm:g} per minute.",
+                              headers=_retry_after(wait))
+
+    def allow_origin(self, rq: Request) -> None:
+        if "*" in self.cors or rq.origin.decode("latin-1") in self.cors:
+            rq.extra += [(b"access-control-allow-origin", rq.origin), (b"vary", b"origin"),
+                         (b"access-control-expose-headers", _CORS_EXPOSE)]
+
+    def preflight(self, rq: Request, method: bytes) -> None:
+        headers = [(b"x-request-id", rq.request_id), (b"content-length", b"0")]
+        if rq.extra:  # an allowed origin
+            asked = next((v for n, v in rq.headers if n == b"access-control-request-headers"),
+                         _CORS_HEADERS)
+            headers += [(b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+                        (b"access-control-allow-headers", asked),
+                        (b"access-control-max-age", b"600")]
+        rq.start(204, headers)
+        rq.on_end()
 
     def authorize_admin(self, rq: Request) -> None:
         """admin_key set: it is required. Else open for local use, unless api_keys is set."""
@@ -1730,16 +2058,75 @@ class Gateway:
         if client is not None and client.models is not None \
                 and requested not in client.models and model not in client.models:
             raise Forbidden(f"This key may not use model {requested!r}.", param="model")
+        usage = self.usage_of(client)
+        if usage.over_budget():
+            raise QuotaExceeded(f"This key has used its budget of {usage.budget} tokens.")
         plan = _Plan(rq, kind, obj, force_stream, self.targets(model, kind))
+        tokens = rq.limits.tokens if rq.limits is not None else None
+        if tokens is not None:
+            plan.estimate = estimate_tokens(rq.body(), obj)
+            wait = tokens.take(plan.estimate)
+            if wait:
+                self.rate_limited += 1
+                raise RateLimited("Rate limit reached for tokens per minute.",
+                                  headers=_retry_after(wait))
+        try:
+            await self.respond(plan)
+        finally:
+            self.account(plan, usage, tokens)
+
+    async def respond(self, plan: _Plan) -> None:
+        rq = plan.rq
         conn = await self.forward(plan)
         if conn is None:
             return  # the last upstream error was passed through
-        if kind == "embeddings" and conn.status == 404:
+        if plan.kind == "embeddings" and conn.status == 404:
             await conn.read_body()
             raise Unsupported("The upstream does not serve embeddings.")
+        ok = 200 <= conn.status < 300
+        convert = ok and plan.kind == "completions" and plan.upstream.chat_only  # type: ignore[union-attr]
+        if convert and not plan.stream:
+            reply = completion_from_chat(orjson.loads(await conn.read_body()))
+            rq.upstream = None
+            rq.usage = reply.get("usage")
+            rq.send_json(200, reply)
+            return
+        rq.track = ok
+        if ok and plan.stream:
+            rq.inspect = True
+            rq.drop_usage = plan.injects(plan.upstream)  # type: ignore[arg-type]
+            rq.convert = completion_chunk_from_chat if convert else None
         self.relay_head(rq, conn.status, conn.headers)
         await conn.relay(rq)
         rq.upstream = None
+
+    def account(self, plan: _Plan, usage: ClientUsage, tokens: TokenBucket | None) -> None:
+        """Count what the upstream reported, correct the token estimate, log the line."""
+        rq = plan.rq
+        if plan.served is None:
+            if tokens is not None:
+                tokens.adjust(-plan.estimate)  # no upstream answered: nothing was used
+            return
+        reported = rq.usage or (usage_in(rq.tail) if rq.tail else None)
+        prompt = _tokens(reported, "prompt_tokens")
+        completion = _tokens(reported, "completion_tokens")
+        total = _tokens(reported, "total_tokens") or prompt + completion
+        usage.add(plan.served, prompt, completion, total)
+        if tokens is not None:
+            tokens.adjust(total - plan.estimate)
+        if self.usage_file is not None:
+            self.usage_file.write(orjson.dumps({
+                "ts": round(time.time(), 3), "request_id": rq.request_id.decode("latin-1"),
+                "key": usage.name, "model": plan.served, "prompt_tokens": prompt,
+                "completion_tokens": completion, "total_tokens": total, "status": rq.status,
+            }).decode() + "\n")
+
+    def usage_of(self, client: ClientKey | None) -> ClientUsage:
+        name = client.name if client is not None else "anonymous"
+        usage = self.usage.get(name)
+        if usage is None:
+            usage = self.usage[name] = ClientUsage(name)
+        return usage
 
     def targets(self, model: str, kind: str) -> list[list[tuple[Upstream, str]]]:
         """Groups of (upstream, model) to try in order: the model's upstreams (rotated, to
@@ -1806,15 +2193,14 @@ class Gateway:
         if wait > 0:
             await asyncio.sleep(wait)  # pacing: this key's next slot
         rq = plan.rq
-        target = upstream.base_path.encode() + _ENDPOINTS[plan.kind][2]
-        if rq.query:
-            target += b"?" + rq.query
-        request = build_request(b"POST", target, key.head, plan.body_for(model), rq.request_id,
-                                plan.forwarded)
+        request = build_request(b"POST", plan.path_for(upstream), key.head,
+                                plan.body_for(upstream, model), rq.request_id, plan.forwarded)
+        plan.upstream = upstream
         key.requests += 1
         key.last_used = time.time()
         key.last_status = None
         conn = rq.upstream = await self.pools[upstream.name].request(request)
+        plan.served = model
         key.last_status = conn.status
         self.observe(upstream, key, model, conn.headers)
         return conn
@@ -2073,6 +2459,17 @@ class Gateway:
         self.breakers.clear()
         rq.send_json(200, {"success": True})
 
+    async def usage_report(self, rq: Request) -> None:
+        """A client sees its own key's usage; the admin (or anyone, with auth off) sees all."""
+        admin = self.config.admin_key
+        token = rq.credential()
+        if (admin and token and hmac.compare_digest(admin.encode(), token)) \
+                or not self.keys_by_digest:
+            keys = list(self.usage.values())
+        else:
+            keys = [self.usage_of(self.authenticate(rq))]
+        rq.send_json(200, {"keys": [u.as_json() for u in keys]})
+
     async def observed_limits(self, rq: Request) -> None:
         out: dict[str, dict[str, dict[str, dict]]] = {}
         for (up, key, model), (at, seen) in self.observed.items():
@@ -2085,10 +2482,76 @@ class Gateway:
 
 # Who may call a route.
 _OPEN, _CLIENT, _ADMIN = range(3)
+_CORS_EXPOSE = (b"x-request-id, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, "
+                b"x-ratelimit-reset-requests, x-ratelimit-limit-tokens, "
+                b"x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens, retry-after, "
+                b"x-should-retry")
+_CORS_HEADERS = b"authorization, content-type, x-api-key, x-request-id"
 
 
 def _model_entry(model: str, owner: str) -> dict:
     return {"id": model, "object": "model", "created": START_TIME, "owned_by": owner}
+
+
+def estimate_tokens(body: bytes, obj: dict) -> int:
+    """Before the answer: ~4 bytes a token for the prompt, plus the completion's ceiling."""
+    ceiling = obj.get("max_completion_tokens", obj.get("max_tokens"))
+    ceiling = ceiling if isinstance(ceiling, int) and not isinstance(ceiling, bool) else 0
+    return len(body) // 4 + max(0, ceiling)
+
+
+# Sampling fields a completions request carries over to chat for a chat_only upstream.
+_CARRIED = ("max_tokens", "temperature", "top_p", "n", "stop", "stream", "stream_options",
+            "presence_penalty", "frequency_penalty", "logit_bias", "user", "seed")
+
+
+def chat_from_completion(obj: dict) -> dict:
+    """A /v1/completions request as the one-user-message chat request that answers it."""
+    prompt = obj["prompt"]
+    if isinstance(prompt, list):
+        if len(prompt) != 1 or not isinstance(prompt[0], str):
+            raise BadRequest("This model's upstream is chat-only: send one string prompt.",
+                             code="invalid_type", param="prompt")
+        prompt = prompt[0]
+    chat = {"model": obj["model"], "messages": [{"role": "user", "content": prompt}]}
+    chat.update((k, obj[k]) for k in _CARRIED if k in obj)
+    return chat
+
+
+def _completion_id(chat_id: Any) -> str:
+    chat_id = str(chat_id or "")
+    return "cmpl-" + chat_id[len("chatcmpl-"):] if chat_id.startswith("chatcmpl-") else chat_id
+
+
+def completion_from_chat(reply: dict) -> dict:
+    """A chat.completion as the text_completion the client asked for."""
+    choices = [{"text": (c.get("message") or {}).get("content") or "", "index": c.get("index", i),
+                "logprobs": None, "finish_reason": c.get("finish_reason")}
+               for i, c in enumerate(reply.get("choices") or [])]
+    out = {"id": _completion_id(reply.get("id")), "object": "text_completion",
+           "created": reply.get("created", int(time.time())), "model": reply.get("model"),
+           "choices": choices}
+    if reply.get("usage") is not None:
+        out["usage"] = reply["usage"]
+    return out
+
+
+def completion_chunk_from_chat(chunk: dict) -> dict | None:
+    """A chat.completion.chunk as a text_completion stream chunk (None: nothing to say)."""
+    choices = []
+    for i, c in enumerate(chunk.get("choices") or []):
+        text = (c.get("delta") or {}).get("content") or ""
+        if text or c.get("finish_reason") is not None:  # the role-only first chunk says nothing
+            choices.append({"text": text, "index": c.get("index", i), "logprobs": None,
+                            "finish_reason": c.get("finish_reason")})
+    if not choices and chunk.get("usage") is None:
+        return None
+    out = {"id": _completion_id(chunk.get("id")), "object": "text_completion",
+           "created": chunk.get("created", int(time.time())), "model": chunk.get("model"),
+           "choices": choices}
+    if chunk.get("usage") is not None:
+        out["usage"] = chunk["usage"]
+    return out
 
 
 def parse_body(body: bytes, kind: str) -> dict:
@@ -2133,7 +2596,7 @@ class HttpProtocol(asyncio.Protocol):
 
     __slots__ = (
         # per connection
-        "gw", "loop", "transport", "conn", "timer", "timer_mode", "read_paused", "closing",
+        "gw", "loop", "transport", "conn", "timer", "timer_mode", "read_paused", "closing", "peer",
         # per request
         "cycle", "task",
     )
@@ -2147,6 +2610,7 @@ class HttpProtocol(asyncio.Protocol):
         self.timer_mode = _IDLE
         self.read_paused = False
         self.closing = False
+        self.peer = ""
         self.cycle: Request | None = None
         self.task: asyncio.Task | None = None
 
@@ -2165,6 +2629,8 @@ class HttpProtocol(asyncio.Protocol):
             transport.close()
             return
         gw.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else ""
         sock = transport.get_extra_info("socket")
         if sock is not None:
             _set_nodelay(sock)

@@ -1310,3 +1310,291 @@ def test_admin_auth_rules(start_gateway: Any) -> None:
     assert admin(no_admin, "GET", "/health/circuit-breakers").status == 200
     open_ = start_gateway()
     assert admin(open_, "GET", "/v1/tokens/stats").status == 200
+
+
+################################################################################
+# Client limits, usage, budgets, completions as chat, CORS
+################################################################################
+
+_bucket_ops = st.lists(st.tuples(st.floats(0, 30), st.floats(0.1, 12)), min_size=1, max_size=50)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rate=st.floats(0.05, 5), capacity=st.floats(1, 20), ops=_bucket_ops)
+def test_token_bucket_never_admits_more_than_capacity_plus_rate_times_t(rate: float, capacity: float, ops: list) -> None:
+    clock = FakeClock()
+    bucket = gw.TokenBucket(rate, capacity, clock)
+    admitted: list[tuple[float, float]] = []
+    for dt, amount in ops:
+        clock.advance(dt)
+        if bucket.take(amount) == 0:
+            admitted.append((clock(), min(amount, capacity)))
+    for i, (start, _) in enumerate(admitted):
+        for j in range(i, len(admitted)):
+            window = admitted[j][0] - start
+            assert sum(a for _, a in admitted[i:j + 1]) <= capacity + rate * window + 1e-6
+
+
+@settings(max_examples=200, deadline=None)
+@given(rate=st.floats(0.05, 5), capacity=st.floats(1, 20), takes=st.lists(st.floats(0, 25), max_size=10),
+       deltas=st.lists(st.floats(-100, 100), max_size=10))
+def test_token_bucket_refills_to_exactly_capacity_and_corrections_stay_in_bounds(
+        rate: float, capacity: float, takes: list, deltas: list) -> None:
+    clock = FakeClock()
+    bucket = gw.TokenBucket(rate, capacity, clock)
+    for amount in takes:
+        bucket.take(amount)
+    for delta in deltas:
+        bucket.adjust(delta)
+        assert 0 <= bucket.level <= capacity
+    clock.advance(capacity / rate + 1)
+    bucket.take(0)
+    assert bucket.level == capacity and bucket.until_full() == 0
+
+
+def test_token_bucket_wait_says_when_the_amount_will_be_there() -> None:
+    clock = FakeClock()
+    bucket = gw.TokenBucket(0.05, 3, clock)  # rpm 3, burst 3
+    assert [bucket.take() for _ in range(3)] == [0, 0, 0]
+    assert bucket.take() == pytest.approx(20)
+    clock.advance(20)
+    assert bucket.take() == 0
+
+
+@given(st.floats(0, 100000))
+def test_reset_durations_round_trip(seconds: float) -> None:
+    parsed = gw.parse_duration(gw.format_duration(seconds))
+    assert parsed == pytest.approx(seconds, abs=0.001 if seconds >= 1 else 0.001 + 1e-9)
+
+
+USAGE_STREAM = [
+    b'data: {"id":"c1","choices":[{"index":0,"delta":{"role":"assistant","content":""}}],"usage":null}\n\n',
+    b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"Hi"}}],"usage":null}\n\n',
+    b'data: {"id":"c1","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":null}\n\n',
+    b'data: {"id":"c1","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9,'
+    b'"completion_tokens_details":{"reasoning_tokens":0}}}\n\n',
+    b"data: [DONE]\n\n",
+]
+
+
+def sse_request(drop: bool) -> tuple[gw.Request, FakeTransport]:
+    gateway = gw.Gateway(gw.load_config({}))
+    gateway.loop = asyncio.get_running_loop()
+    proto = gw.HttpProtocol(gateway)
+    transport = FakeTransport()
+    proto.transport = transport
+    proto.conn.receive_data(b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n")
+    rq = gw.Request(proto, proto.conn.next_event())
+    proto.conn.next_event()
+    rq.sse = rq.inspect = True
+    rq.drop_usage = drop
+    rq.start(200, [(b"content-type", b"text/event-stream")])
+    return rq, transport
+
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_sse_usage_filter_with_events_split_at_every_byte_offset(drop: bool) -> None:
+    stream = b"".join(USAGE_STREAM)
+    expected = b"".join(e for i, e in enumerate(USAGE_STREAM) if not (drop and i == 3))
+
+    async def run() -> None:
+        for cut in range(len(stream) + 1):
+            for cut2 in (cut, min(len(stream), cut + 7)):
+                rq, transport = sse_request(drop)
+                for piece in (stream[:cut], stream[cut:cut2], stream[cut2:]):
+                    if piece:
+                        rq.on_data(piece)
+                rq.on_end()
+                rq.proto._cancel_timer()
+                _, _, body, complete = client_body(bytes(transport.out))
+                assert complete and body == expected, cut
+                assert rq.usage["total_tokens"] == 9
+
+    asyncio.run(run())
+
+
+def test_usage_found_in_a_body_tail() -> None:
+    body = b'{"id":"x","choices":[{"text":"\\"usage\\": {"}],"usage":{"prompt_tokens":3,"completion_tokens":4,' \
+           b'"total_tokens":7,"prompt_tokens_details":{"cached_tokens":1}}}'
+    assert gw.usage_in(body) == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+                                 "prompt_tokens_details": {"cached_tokens": 1}}
+    assert gw.usage_in(b'{"usage": null}') is None and gw.usage_in(b"{}") is None
+
+
+def test_completions_conversion_both_ways() -> None:
+    chat = gw.chat_from_completion({"model": "m", "prompt": ["Say hi"], "max_tokens": 5, "stream": True,
+                                    "temperature": 0.2, "echo": True})
+    assert chat == {"model": "m", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 5,
+                    "temperature": 0.2, "stream": True}
+    with pytest.raises(gw.GatewayError) as info:
+        gw.chat_from_completion({"model": "m", "prompt": ["a", "b"]})
+    assert info.value.status == 400 and info.value.param == "prompt"
+    reply = gw.completion_from_chat({"id": "chatcmpl-9", "created": 5, "model": "m", "usage": {"total_tokens": 3},
+                                     "choices": [{"index": 0, "message": {"content": "hey"}, "finish_reason": "stop"}]})
+    assert reply == {"id": "cmpl-9", "object": "text_completion", "created": 5, "model": "m", "usage": {"total_tokens": 3},
+                     "choices": [{"text": "hey", "index": 0, "logprobs": None, "finish_reason": "stop"}]}
+    assert gw.completion_chunk_from_chat({"id": "chatcmpl-1", "choices": [{"delta": {"role": "assistant"}}]}) is None
+
+
+def limited(mock: mock_upstream.MockUpstream, **extra: Any) -> dict:
+    return {"upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1"}], **extra}
+
+
+def test_rpm_3_burst_3_fourth_request_429_with_headers_then_refill(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    clock = FakeClock()
+    g = start_gateway(limited(mock, api_keys=[SDK_KEY], rate_limit={"rpm": 3, "burst": 3}), clock=clock)
+    auth = f"Authorization: Bearer {SDK_KEY}\r\n"
+    first = raw(g.port, post("/v1/chat/completions", CHAT, auth) * 4, count=4)
+    assert [r.status for r in first] == [200, 200, 200, 429]
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in first[:3]] == ["2", "1", "0"]
+    assert all(r.headers["x-ratelimit-limit-requests"] == "3" for r in first)
+    refused = first[3]
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded" and refused.json()["error"]["type"] == "rate_limit_error"
+    assert refused.headers["retry-after"] == "20" and refused.headers["retry-after-ms"] == "20000"
+    assert refused.headers["x-should-retry"] == "true" and refused.headers["x-ratelimit-reset-requests"] == "1m0s"
+    assert len(used_keys(mock)) == 3
+    clock.advance(20)
+    again = raw(g.port, post("/v1/chat/completions", CHAT, auth) * 2, count=2)
+    assert [r.status for r in again] == [200, 429]
+    (health,) = raw(g.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert health.status == 200 and "x-ratelimit-limit-requests" not in health.headers
+
+
+def test_two_keys_are_limited_independently_with_per_key_overrides(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway(limited(mock, api_keys=[{"key": "sk-k1", "name": "one", "rpm": 1},
+                                              {"key": "sk-k2", "name": "two", "rpm": 2}]), clock=FakeClock())
+    one = raw(g.port, post("/v1/chat/completions", CHAT, "Authorization: Bearer sk-k1\r\n") * 2, count=2)
+    two = raw(g.port, post("/v1/chat/completions", CHAT, "x-api-key: sk-k2\r\n") * 3, count=3)
+    assert [r.status for r in one] == [200, 429] and [r.status for r in two] == [200, 200, 429]
+
+
+def test_per_ip_limits_when_auth_is_off(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway(limited(mock, rate_limit={"rpm": 1}), clock=FakeClock())
+    statuses = {}
+    for source in ("127.0.0.1", "127.0.0.2"):
+        with socket.create_connection(("127.0.0.1", g.port), timeout=10, source_address=(source, 0)) as sock:
+            sock.sendall(post("/v1/chat/completions", CHAT) * 2)
+            f = sock.makefile("rb")
+            statuses[source] = [read_response(f).status for _ in range(2)]
+    assert statuses == {"127.0.0.1": [200, 429], "127.0.0.2": [200, 429]}
+
+
+def test_tpm_limit_uses_the_estimate_and_reports_token_headers(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway(limited(mock, rate_limit={"tpm": 100}), clock=FakeClock())
+    body = b'{"model":"m","messages":[],"max_tokens":10}'
+    estimate = len(body) // 4 + 10
+    (first,) = raw(g.port, post("/v1/chat/completions", body, "x-mock-chunks: 90\r\n"))
+    assert first.status == 200 and first.headers["x-ratelimit-limit-tokens"] == "100"
+    assert int(first.headers["x-ratelimit-remaining-tokens"]) == 100 - estimate  # before the answer
+    assert first.json()["usage"]["total_tokens"] > 100 - estimate  # the answer used more than that
+    (second,) = raw(g.port, post("/v1/chat/completions", body))  # the correction emptied the bucket
+    assert second.status == 429 and "tokens" in second.json()["error"]["message"]
+    assert second.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+def test_key_model_allow_list(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway(limited(mock, api_keys=[{"key": SDK_KEY, "models": ["gpt-4o-mini"]}]))
+    assert g.client().chat.completions.create(model="gpt-4o-mini", messages=MSGS).choices
+    with pytest.raises(openai.PermissionDeniedError) as info:
+        g.client().chat.completions.create(model="gpt-4o", messages=MSGS)
+    assert info.value.code == "model_not_allowed"
+
+
+def usage_of(g: Running, key: str | None = None, name: str | None = None) -> dict:
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    (resp,) = raw(g.port, f"GET /v1/usage HTTP/1.1\r\nHost: t\r\n{auth}\r\n".encode())
+    keys = resp.json()["keys"]
+    return keys if name is None else next(k for k in keys if k["name"] == name)
+
+
+def test_sdk_streams_see_exactly_what_they_asked_for_and_usage_is_counted(
+        start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway(limited(mock, api_keys=[{"key": SDK_KEY, "name": "team"}], admin_key="adm-key-123"))
+    client = g.client()
+    plain = list(client.chat.completions.create(model="m", messages=MSGS, stream=True))
+    assert mock.requests[-1].json()["stream_options"] == {"include_usage": True}  # asked for upstream
+    assert all(c.choices for c in plain) and all(c.usage is None for c in plain)
+    assert "".join(c.choices[0].delta.content or "" for c in plain) == "".join(f"tok{i} " for i in range(5))
+    asked = list(client.chat.completions.create(model="m", messages=MSGS, stream=True,
+                                                stream_options={"include_usage": True}))
+    assert asked[-1].choices == [] and asked[-1].usage.completion_tokens == 5
+    assert all(c.choices for c in asked[:-1])
+    client.chat.completions.create(model="m", messages=MSGS)
+    usage = usage_of(g, SDK_KEY)
+    assert len(usage) == 1 and usage[0]["name"] == "team" and usage[0]["requests"] == 3
+    assert usage[0]["completion_tokens"] == 15 and usage[0]["models"]["m"]["requests"] == 3
+    assert usage[0]["total_tokens"] == usage[0]["prompt_tokens"] + 15
+    assert usage_of(g, "adm-key-123")[0]["name"] == "team"
+    no_injection = start_gateway(limited(mock) | {"upstreams": [
+        {"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "stream_usage": False}]})
+    list(no_injection.client().chat.completions.create(model="m", messages=MSGS, stream=True))
+    assert "stream_options" not in mock.requests[-1].json()
+
+
+def test_budget_crossing_gives_402_on_the_next_request(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway(limited(mock, api_keys=[{"key": SDK_KEY, "budget_tokens": 25}]))
+    client = g.client()
+    client.chat.completions.create(model="m", messages=MSGS)  # ~20 tokens: under
+    client.chat.completions.create(model="m", messages=MSGS)  # crosses it, and completes
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="m", messages=MSGS)
+    assert info.value.status_code == 402 and info.value.code == "insufficient_quota"
+    assert info.value.response.headers["x-should-retry"] == "false"
+    usage = usage_of(g, SDK_KEY)[0]
+    assert usage["budget_tokens"] == 25 and usage["budget_left"] == 0 and usage["requests"] == 2
+
+
+def test_usage_survives_a_restart_through_usage_log_even_after_a_torn_line(
+        start_gateway: Any, mock: mock_upstream.MockUpstream, tmp_path: Path, capfd: Any) -> None:
+    log = tmp_path / "usage.jsonl"
+    config = limited(mock, api_keys=[{"key": SDK_KEY, "name": "team", "budget_tokens": 1000}],
+                     usage_log=str(log))
+    first = start_gateway(config)
+    for _ in range(2):
+        first.client().chat.completions.create(model="m", messages=MSGS)
+    before = usage_of(first, SDK_KEY)[0]
+    first.lt.run(first.gw.shutdown(grace_s=0))
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])["key"] == "team" and SDK_KEY not in log.read_text()
+    with log.open("a") as f:
+        f.write('{"ts": 1, "key": "team", "model": "m", "prompt_t')  # a crash mid-write
+    second = start_gateway(config)
+    assert usage_of(second, SDK_KEY)[0] == before
+    assert "torn last line" in capfd.readouterr().err
+    second.client().chat.completions.create(model="m", messages=MSGS)
+    second.lt.run(second.gw.shutdown(grace_s=0))
+    third = start_gateway(config)
+    assert usage_of(third, SDK_KEY)[0]["requests"] == 3
+
+
+def test_completions_through_a_chat_only_upstream(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway({"upstreams": [{"name": "chat", "url": f"http://127.0.0.1:{mock.port}/v1", "chat_only": True}]})
+    client = g.client()
+    reply = client.completions.create(model="m", prompt="Say hi", max_tokens=7)
+    seen = mock.requests[-1]
+    assert seen.path == "/v1/chat/completions" and seen.json()["messages"] == [{"role": "user", "content": "Say hi"}]
+    assert seen.json()["max_tokens"] == 7
+    assert reply.object == "text_completion" and reply.choices[0].text == "echo: Say hi"
+    assert reply.usage.completion_tokens == 5 and reply.id.startswith("cmpl-")
+    chunks = list(client.completions.create(model="m", prompt="p", stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "".join(f"tok{i} " for i in range(5))
+    assert all(c.object == "text_completion" for c in chunks) and chunks[-1].choices[0].finish_reason == "stop"
+    assert usage_of(g, name="anonymous")["completion_tokens"] == 10
+
+
+def test_cors_preflight_and_streamed_response_headers(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway(limited(mock, cors_origins=["http://app.local"], api_keys=[SDK_KEY]))
+    (pre,) = raw(g.port, b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: t\r\nOrigin: http://app.local\r\n"
+                 b"Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type\r\n\r\n")
+    assert pre.status == 204 and pre.headers["access-control-allow-origin"] == "http://app.local"
+    assert "POST" in pre.headers["access-control-allow-methods"]
+    assert pre.headers["access-control-allow-headers"] == "authorization, content-type"
+    (resp,) = raw(g.port, post("/v1/chat/completions", b'{"model":"m","messages":[],"stream":true}',
+                               f"Origin: http://app.local\r\nAuthorization: Bearer {SDK_KEY}\r\n"))
+    assert resp.status == 200 and resp.headers["access-control-allow-origin"] == "http://app.local"
+    assert "x-request-id" in resp.headers["access-control-expose-headers"] and resp.body.endswith(b"[DONE]\n\n")
+    (other,) = raw(g.port, b"OPTIONS /v1/models HTTP/1.1\r\nHost: t\r\nOrigin: http://evil.local\r\n\r\n")
+    assert other.status == 204 and "access-control-allow-origin" not in other.headers
+    no_cors = start_gateway()
+    (resp,) = raw(no_cors.port, b"OPTIONS /v1/models HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert resp.status == 405
