@@ -2518,22 +2518,23 @@ def chat_from_completion(obj: dict) -> dict:
     return chat
 
 
-def _completion_id(chat_id: Any) -> str:
-    chat_id = str(chat_id or "")
-    return "cmpl-" + chat_id[len("chatcmpl-"):] if chat_id.startswith("chatcmpl-") else chat_id
+def _as_completion(chat: dict, choices: list[dict]) -> dict:
+    """The text_completion envelope around converted choices, keeping id, model and usage."""
+    chat_id = str(chat.get("id") or "")
+    out = {"id": "cmpl-" + chat_id[9:] if chat_id.startswith("chatcmpl-") else chat_id,
+           "object": "text_completion", "created": chat.get("created", int(time.time())),
+           "model": chat.get("model"), "choices": choices}
+    if chat.get("usage") is not None:
+        out["usage"] = chat["usage"]
+    return out
 
 
 def completion_from_chat(reply: dict) -> dict:
     """A chat.completion as the text_completion the client asked for."""
-    choices = [{"text": (c.get("message") or {}).get("content") or "", "index": c.get("index", i),
-                "logprobs": None, "finish_reason": c.get("finish_reason")}
-               for i, c in enumerate(reply.get("choices") or [])]
-    out = {"id": _completion_id(reply.get("id")), "object": "text_completion",
-           "created": reply.get("created", int(time.time())), "model": reply.get("model"),
-           "choices": choices}
-    if reply.get("usage") is not None:
-        out["usage"] = reply["usage"]
-    return out
+    return _as_completion(reply, [
+        {"text": (c.get("message") or {}).get("content") or "", "index": c.get("index", i),
+         "logprobs": None, "finish_reason": c.get("finish_reason")}
+        for i, c in enumerate(reply.get("choices") or [])])
 
 
 def completion_chunk_from_chat(chunk: dict) -> dict | None:
@@ -2546,12 +2547,7 @@ def completion_chunk_from_chat(chunk: dict) -> dict | None:
                             "finish_reason": c.get("finish_reason")})
     if not choices and chunk.get("usage") is None:
         return None
-    out = {"id": _completion_id(chunk.get("id")), "object": "text_completion",
-           "created": chunk.get("created", int(time.time())), "model": chunk.get("model"),
-           "choices": choices}
-    if chunk.get("usage") is not None:
-        out["usage"] = chunk["usage"]
-    return out
+    return _as_completion(chunk, choices)
 
 
 def parse_body(body: bytes, kind: str) -> dict:
