@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import collections
 import email.utils
 import enum
@@ -590,6 +591,102 @@ class ClientLimits:
                         (b"x-ratelimit-reset-" + kind,
                          format_duration(bucket.until_full()).encode())]
         return out
+
+
+# Latency buckets for LLM traffic: a cached answer in a millisecond, a long generation in 2 min.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                   30.0, 60.0, 120.0)
+
+
+class Histogram:
+    """Counts per bucket, made cumulative only when scraped."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, value)] += 1
+        self.sum += value
+
+    def render(self, name: str, labels: str, out: list[str]) -> None:
+        total = 0
+        sep = "," if labels else ""
+        for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), self.counts):
+            total += count
+            out.append(f'{name}_bucket{{{labels}{sep}le="{bound}"}} {total}')
+        out.append(f"{name}_sum{{{labels}}} {self.sum}")
+        out.append(f"{name}_count{{{labels}}} {total}")
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(names: tuple[str, ...], values: tuple) -> str:
+    return ",".join(f'{n}="{_label(str(v))}"' for n, v in zip(names, values))
+
+
+class Metrics:
+    """Plain integers updated in place on the hot path; text built only at scrape time.
+    Label values come from configuration (routes, known models, key names), never raw
+    from a request."""
+
+    __slots__ = ("requests", "upstream_requests", "tokens", "durations", "ttfb",
+                 "active_streams", "rate_limited")
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.upstream_requests: dict[tuple[str, str, str], int] = {}
+        self.tokens: dict[tuple[str, str], int] = {}
+        self.durations: dict[str, Histogram] = {}
+        self.ttfb: dict[str, Histogram] = {}
+        self.active_streams = 0
+        self.rate_limited = 0
+
+    def count(self, table: dict, key: tuple, amount: int = 1) -> None:
+        table[key] = table.get(key, 0) + amount
+
+    def histogram(self, table: dict[str, Histogram], key: str) -> Histogram:
+        found = table.get(key)
+        if found is None:
+            found = table[key] = Histogram()
+        return found
+
+    def render(self, gauges: list[tuple[str, str, tuple[str, ...], dict]]) -> bytes:
+        out: list[str] = []
+        counters = (
+            ("gateway_requests_total", "Requests answered, by route, model and status.",
+             ("path", "model", "status"), self.requests),
+            ("gateway_upstream_requests_total", "Requests sent upstream, by upstream, key "
+             "and status (error: no HTTP answer).", ("upstream", "key", "status"),
+             self.upstream_requests),
+            ("gateway_tokens_total", "Tokens reported by upstreams, by model and kind.",
+             ("model", "kind"), self.tokens),
+        )
+        for name, text, names, table in counters:
+            out += [f"# HELP {name} {text}", f"# TYPE {name} counter"]
+            out += [f"{name}{{{_labels(names, k)}}} {v}" for k, v in table.items()]
+        out += ["# HELP gateway_rate_limited_total Requests refused by a client's own limits.",
+                "# TYPE gateway_rate_limited_total counter",
+                f"gateway_rate_limited_total {self.rate_limited}"]
+        for name, text, label, table in (
+                ("gateway_request_duration_seconds", "Time from request head to response end.",
+                 "path", self.durations),
+                ("gateway_upstream_ttfb_seconds", "Time from sending upstream to its response "
+                 "head.", "upstream", self.ttfb)):
+            out += [f"# HELP {name} {text}", f"# TYPE {name} histogram"]
+            for key, hist in table.items():
+                hist.render(name, f'{label}="{_label(key)}"', out)
+        out += ["# HELP gateway_active_streams SSE responses being relayed now.",
+                "# TYPE gateway_active_streams gauge",
+                f"gateway_active_streams {self.active_streams}"]
+        for name, text, names, table in gauges:
+            out += [f"# HELP {name} {text}", f"# TYPE {name} gauge"]
+            out += [f"{name}{{{_labels(names, k)}}} {v}" for k, v in table.items()]
+        return ("\n".join(out) + "\n").encode()
 
 
 ################################################################################
@@ -1540,6 +1637,9 @@ class Request(BodySink):
         "request_id", "authorization", "api_key", "client", "upstream", "status", "started",
         "sse", "held", "finished", "head_size", "unsent", "peer", "origin", "extra", "limits",
         "track", "tail", "usage", "inspect", "drop_usage", "convert",
+        # for the access log and metrics
+        "t0", "route", "model", "served_by", "key_name", "ttfb", "bytes_out", "tokens",
+        "error",
     )
 
     def __init__(self, proto: HttpProtocol, event: h11.Request) -> None:
@@ -1585,6 +1685,15 @@ class Request(BodySink):
         self.inspect = False  # SSE: look at events that carry usage (or convert them all)
         self.drop_usage = False  # SSE: the client did not ask for the usage-only chunk
         self.convert: Callable[[dict], dict | None] | None = None  # SSE: rewrite each event
+        self.t0 = time.perf_counter()  # loop.time() is uvloop's cached, 1 ms-grained clock
+        self.route = "other"  # a route-table path: a bounded metric label
+        self.model = ""  # as the client asked
+        self.served_by = ""  # upstream name
+        self.key_name = ""  # upstream key name, never the key
+        self.ttfb: float | None = None
+        self.bytes_out = 0
+        self.tokens = (0, 0)
+        self.error = ""
 
     def __repr__(self) -> str:
         return (f"Request({self.method.decode()} {self.path.decode('latin-1')}, "
@@ -1649,6 +1758,7 @@ class Request(BodySink):
         elif self.track:  # keep the tail only: usage comes last in an OpenAI body
             tail = self.tail + data if len(data) < USAGE_TAIL_BYTES else data
             self.tail = tail[-USAGE_TAIL_BYTES:]
+        self.bytes_out += len(data)
         proto = self.proto
         pieces = proto.conn.send_with_data_passthrough(h11.Data(data=data))
         if self.unsent:  # one write for head and first bytes: a syscall less per response
@@ -1719,6 +1829,7 @@ class Request(BodySink):
     def on_error(self, exc: GatewayError) -> None:
         if self.finished:
             return
+        self.error = exc.message
         if self.sse:  # an SSE client can be told in-band, then the stream ends properly
             self.held = b""  # an incomplete event is dropped, as an SSE client would at EOF
             self.on_data(b"data: " + exc.body() + b"\n\n")
@@ -1825,7 +1936,8 @@ class Gateway:
         self.spread = itertools.count()
         self.usage = {k.name: ClientUsage(k.name, k.budget_tokens) for k in config.api_keys}
         self.usage_file: Any = None
-        self.rate_limited = 0  # requests refused by a client's own limits
+        self.metrics = Metrics()
+        self.label_models = self.configured_models()  # what may become a metric label
         self.key_limits = {k.name: ClientLimits(k.rpm or config.rpm, k.tpm or config.tpm,
                                                 None if k.rpm else config.burst, clock)
                            for k in config.api_keys if k.rpm or k.tpm or config.rpm or config.tpm}
@@ -1845,6 +1957,7 @@ class Gateway:
             b"/v1/tokens/reset-stats": (b"POST", _ADMIN, self.reset_stats),
             b"/v1/rate-limits/observed": (b"GET", _ADMIN, self.observed_limits),
             b"/v1/usage": (b"GET", _OPEN, self.usage_report),
+            b"/metrics": (b"GET", _OPEN, self.metrics_text),
         }
 
     def __repr__(self) -> str:
@@ -1872,7 +1985,8 @@ class Gateway:
             self.server.close()
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
         if self.active:
-            _log(f"draining {self.active} in-flight request(s), up to {grace:g}s")
+            _log(f"draining {self.active} in-flight request(s) "
+                 f"({self.metrics.active_streams} streaming), up to {grace:g}s")
             try:
                 await asyncio.wait_for(self.idle_event.wait(), grace)  # type: ignore[union-attr]
             except asyncio.TimeoutError:
@@ -1927,19 +2041,62 @@ class Gateway:
             if not rq.started:
                 raise GatewayError("handler sent no response")
         except GatewayError as exc:
+            rq.error = exc.message
             rq.fail(exc)
         except asyncio.CancelledError:
-            pass  # the client went away; its connection is already closed
+            rq.error = "client disconnected"  # its connection is already closed
         except Exception as exc:  # a bug: answer 500 and say where, but keep serving
             _log(f"internal error on {rq!r}: {exc!r}")
             import traceback
             traceback.print_exc()
+            rq.error = f"internal error: {exc!r}"
             rq.fail(GatewayError("The gateway hit an internal error."))
         finally:
             if rq.upstream is not None:
                 rq.upstream.abort()
                 rq.upstream = None
             self.request_finished()
+            self.finish(rq)
+
+    def finish(self, rq: Request) -> None:
+        """Metrics and the access log line, once per request."""
+        duration = time.perf_counter() - rq.t0
+        model = rq.model if rq.model in self.label_models else ("other" if rq.model else "")
+        metrics = self.metrics
+        metrics.count(metrics.requests, (rq.route, model, rq.status))
+        metrics.histogram(metrics.durations, rq.route).observe(duration)
+        if self.config.access_log:
+            self.log_request(rq, duration)
+
+    def log_request(self, rq: Request, duration: float) -> None:
+        sys.stderr.write(orjson.dumps({
+            "ts": round(time.time(), 3), "request_id": rq.request_id.decode("latin-1"),
+            "method": rq.method.decode("latin-1"), "path": rq.path[:256].decode("latin-1"),
+            "status": rq.status, "model": rq.model[:128] or None,
+            "upstream": rq.served_by or None, "upstream_key": rq.key_name or None,
+            "client": rq.client.name if rq.client is not None else None, "stream": rq.sse,
+            "ttfb_ms": None if rq.ttfb is None else round(rq.ttfb * 1000, 3),
+            "duration_ms": round(duration * 1000, 3), "prompt_tokens": rq.tokens[0],
+            "completion_tokens": rq.tokens[1], "bytes_out": rq.bytes_out,
+            "error": rq.error or None,
+        }).decode() + "\n")
+
+    def log_protocol_error(self, err: GatewayError) -> None:
+        """A request too malformed to become a Request: still one metric and one line."""
+        self.metrics.count(self.metrics.requests, ("other", "", err.status))
+        if self.config.access_log:
+            sys.stderr.write(orjson.dumps({
+                "ts": round(time.time(), 3), "request_id": None, "method": None, "path": None,
+                "status": err.status, "error": err.message}).decode() + "\n")
+
+    def configured_models(self) -> set[str]:
+        cfg = self.config
+        known = set(cfg.aliases) | set(cfg.aliases.values()) | set(cfg.fallbacks)
+        for u in cfg.upstreams:
+            known |= u.models or set()
+        for chain in cfg.fallbacks.values():
+            known.update(chain)
+        return known
 
     async def dispatch(self, rq: Request) -> None:
         route = self.routes.get(rq.path)
@@ -1949,6 +2106,8 @@ class Gateway:
             else:
                 raise NotFound(f"Unknown path: {rq.path.decode('latin-1')}")
         method, access, handler = route
+        rq.route = handler.__name__ == "retrieve_model" and "/v1/models/{id}" \
+            or rq.path.decode("latin-1")
         if self.cors and rq.origin:
             self.allow_origin(rq)
         if rq.method == b"OPTIONS" and self.cors:
@@ -1999,7 +2158,7 @@ class Gateway:
         rq.limits = limits
         wait = limits.requests.take() if limits.requests is not None else 0.0
         if wait:
-            self.rate_limited += 1
+            self.metrics.rate_limited += 1
             raise RateLimited(f"Rate limit reached for requests: {limits.rpm:g} per minute.",
                               headers=_retry_after(wait))
 
@@ -2052,7 +2211,7 @@ class Gateway:
 
     async def proxy(self, rq: Request, kind: str, force_stream: bool = False) -> None:
         obj = parse_body(rq.body(), kind)
-        requested = obj["model"]
+        requested = rq.model = obj["model"]
         model = self.resolve_alias(requested)
         client = rq.client
         if client is not None and client.models is not None \
@@ -2067,7 +2226,7 @@ class Gateway:
             plan.estimate = estimate_tokens(rq.body(), obj)
             wait = tokens.take(plan.estimate)
             if wait:
-                self.rate_limited += 1
+                self.metrics.rate_limited += 1
                 raise RateLimited("Rate limit reached for tokens per minute.",
                                   headers=_retry_after(wait))
         try:
@@ -2097,8 +2256,16 @@ class Gateway:
             rq.drop_usage = plan.injects(plan.upstream)  # type: ignore[arg-type]
             rq.convert = completion_chunk_from_chat if convert else None
         self.relay_head(rq, conn.status, conn.headers)
-        await conn.relay(rq)
-        rq.upstream = None
+        if not rq.sse:
+            await conn.relay(rq)
+            rq.upstream = None
+            return
+        self.metrics.active_streams += 1
+        try:
+            await conn.relay(rq)
+            rq.upstream = None
+        finally:
+            self.metrics.active_streams -= 1
 
     def account(self, plan: _Plan, usage: ClientUsage, tokens: TokenBucket | None) -> None:
         """Count what the upstream reported, correct the token estimate, log the line."""
@@ -2112,6 +2279,10 @@ class Gateway:
         completion = _tokens(reported, "completion_tokens")
         total = _tokens(reported, "total_tokens") or prompt + completion
         usage.add(plan.served, prompt, completion, total)
+        rq.tokens = (prompt, completion)
+        label = plan.served if plan.served in self.label_models else "other"
+        self.metrics.count(self.metrics.tokens, (label, "prompt"), prompt)
+        self.metrics.count(self.metrics.tokens, (label, "completion"), completion)
         if tokens is not None:
             tokens.adjust(total - plan.estimate)
         if self.usage_file is not None:
@@ -2129,18 +2300,21 @@ class Gateway:
         return usage
 
     def targets(self, model: str, kind: str) -> list[list[tuple[Upstream, str]]]:
-        """Groups of (upstream, model) to try in order: the model's upstreams (rotated, to
-        spread load across them), then each fallback model's upstreams."""
+        """Groups of (upstream, model) to try in order: the upstreams that list the model
+        (rotated, to spread load across them), then the "*" ones, then the same for each
+        fallback model."""
         groups = []
         for name in (model, *self.config.fallbacks.get(model, ())):
             name = self.resolve_alias(name)
-            group = [(u, name) for u in self.config.upstreams if u.serves(name)
-                     and (kind != "embeddings" or u.embeddings)]
-            if len(group) > 1:
-                turn = next(self.spread) % len(group)
-                group = group[turn:] + group[:turn]
-            if group:
-                groups.append(group)
+            usable = [u for u in self.config.upstreams if u.serves(name)
+                      and (kind != "embeddings" or u.embeddings)]
+            for group in ([(u, name) for u in usable if u.models is not None],
+                          [(u, name) for u in usable if u.models is None]):
+                if len(group) > 1:
+                    turn = next(self.spread) % len(group)
+                    group = group[turn:] + group[:turn]
+                if group:
+                    groups.append(group)
         if not groups:
             if kind == "embeddings" and any(u.serves(model) for u in self.config.upstreams):
                 raise Unsupported("No upstream serving this model serves embeddings.")
@@ -2199,7 +2373,17 @@ class Gateway:
         key.requests += 1
         key.last_used = time.time()
         key.last_status = None
-        conn = rq.upstream = await self.pools[upstream.name].request(request)
+        rq.served_by, rq.key_name = upstream.name, key.name
+        metrics = self.metrics
+        sent = time.perf_counter()
+        try:
+            conn = rq.upstream = await self.pools[upstream.name].request(request)
+        except GatewayError:
+            metrics.count(metrics.upstream_requests, (upstream.name, key.name, "error"))
+            raise
+        rq.ttfb = time.perf_counter() - sent
+        metrics.histogram(metrics.ttfb, upstream.name).observe(rq.ttfb)
+        metrics.count(metrics.upstream_requests, (upstream.name, key.name, str(conn.status)))
         plan.served = model
         key.last_status = conn.status
         self.observe(upstream, key, model, conn.headers)
@@ -2369,6 +2553,7 @@ class Gateway:
             _log(f"upstream {u.name}: cannot list models ({exc})")
             entries, ttl = [], MODELS_FAIL_CACHE_S
         self.models_cache[u.name] = (now + ttl, entries)
+        self.label_models.update(e["id"] for e in entries)  # an upstream's own list is bounded
         return entries
 
     async def fetch_models(self, u: Upstream) -> list[dict]:
@@ -2458,6 +2643,23 @@ class Gateway:
             u.keys.reset()
         self.breakers.clear()
         rq.send_json(200, {"success": True})
+
+    async def metrics_text(self, rq: Request) -> None:
+        now = time.monotonic()
+        breakers: dict[tuple[str, str], int] = {}
+        for (up, model), b in self.breakers.items():  # unknown models fold into "other"
+            pair = (up, model if model in self.label_models else "other")
+            breakers[pair] = max(breakers.get(pair, 0), int(b.state is not BreakerState.CLOSED))
+        keys = {(u.name, k.name): int(k.state(now) is KeyState.ACTIVE)
+                for u in self.config.upstreams for k in u.keys.keys}
+        text = self.metrics.render([
+            ("gateway_breaker_open", "1 while the (upstream, model) breaker is open or half-open.",
+             ("upstream", "model"), breakers),
+            ("gateway_key_available", "1 while the upstream key is active (not cooling or "
+             "blocked).", ("upstream", "key"), keys),
+        ])
+        rq.send(200, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),
+                      (b"x-request-id", rq.request_id)], text)
 
     async def usage_report(self, rq: Request) -> None:
         """A client sees its own key's usage; the admin (or anyone, with auth off) sees all."""
@@ -2721,7 +2923,9 @@ class HttpProtocol(asyncio.Protocol):
     def _reject(self, rq: Request, exc: GatewayError) -> None:
         """Answer before the body was read: the connection cannot be reused after this."""
         exc.headers.append((b"connection", b"close"))
+        rq.error = exc.message
         rq.fail(exc)
+        self.gw.finish(rq)
 
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
         if exc.error_status_hint == 431:
@@ -2730,6 +2934,7 @@ class HttpProtocol(asyncio.Protocol):
             err = BadRequest(f"Malformed HTTP request: {exc}")
         if self.task is None or self.task.done():
             self.transport.write(_raw_error(err))  # type: ignore[union-attr]
+            self.gw.log_protocol_error(err)
         self.close()
 
     # response side --------------------------------------------------------------------------

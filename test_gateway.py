@@ -1278,12 +1278,12 @@ def test_several_upstreams_serving_one_model_share_the_load(start_gateway: Any, 
 
 
 def test_pacing_queues_requests_per_key_and_bounds_the_wait(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
-    g = start_gateway(resilient(mock, keys=[KEYS[0]], min_interval_ms=150))
+    g = start_gateway(resilient(mock, keys=[KEYS[0]], min_interval_ms=300))
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         replies = list(pool.map(lambda _: raw(g.port, post("/v1/chat/completions", CHAT))[0], range(3)))
     assert [r.status for r in replies] == [200, 200, 200]
     times = sorted(r.at for r in mock.requests)
-    assert times[1] - times[0] >= 0.14 and times[2] - times[1] >= 0.14
+    assert times[1] - times[0] >= 0.2 and times[2] - times[1] >= 0.2  # 0.3 s, less connect jitter
     slow = start_gateway(resilient(mock, keys=[KEYS[0]], rpm_per_key=2))  # one request per 30 s
     first, second = raw(slow.port, post("/v1/chat/completions", CHAT) * 2, count=2)
     assert first.status == 200 and second.status == 429 and 29 <= int(second.headers["retry-after"]) <= 30
@@ -1598,3 +1598,139 @@ def test_cors_preflight_and_streamed_response_headers(start_gateway: Any, mock: 
     no_cors = start_gateway()
     (resp,) = raw(no_cors.port, b"OPTIONS /v1/models HTTP/1.1\r\nHost: t\r\n\r\n")
     assert resp.status == 405
+
+
+################################################################################
+# Observability: /metrics, the access log, health
+################################################################################
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+FAMILIES = {
+    "gateway_requests": "counter", "gateway_request_duration_seconds": "histogram",
+    "gateway_upstream_ttfb_seconds": "histogram", "gateway_upstream_requests": "counter",
+    "gateway_tokens": "counter", "gateway_active_streams": "gauge", "gateway_breaker_open": "gauge",
+    "gateway_key_available": "gauge", "gateway_rate_limited": "counter",
+}
+
+
+def scrape(g: Running) -> dict[str, Any]:
+    (resp,) = raw(g.port, b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert resp.status == 200 and resp.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return {f.name: f for f in text_string_to_metric_families(resp.body.decode())}
+
+
+def samples(family: Any, suffix: str = "") -> dict[tuple, float]:
+    return {tuple(sorted(s.labels.items())): s.value for s in family.samples
+            if s.name == family.name + suffix}
+
+
+def test_metrics_count_exactly_the_requests_made(start_gateway: Any, mock: mock_upstream.MockUpstream, capfd: Any) -> None:
+    g = start_gateway({"api_keys": [{"key": SDK_KEY, "name": "team", "rpm": 4}],
+                       "upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS[:1],
+                                      "models": ["gpt-4o-mini", "weird-model-xyz"]},
+                                     {"name": "any", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS[1:2]}],
+                       "retry": {"attempts": 1}}, clock=FakeClock())
+    auth = f"Authorization: Bearer {SDK_KEY}\r\n"
+    stream = b'{"model":"gpt-4o-mini","messages":[],"stream":true}'
+    responses = raw(g.port, post("/v1/chat/completions", CHAT, auth)  # ok
+                    + post("/v1/chat/completions", stream, auth)  # stream
+                    + post("/v1/chat/completions", CHAT, auth + "x-mock-status: 500\r\n")  # 5xx
+                    + post("/v1/chat/completions", b'{"model":"made-up-by-client","messages":[]}', auth)  # unknown model
+                    + post("/v1/chat/completions", CHAT, auth), count=5)  # rate-limited
+    assert [r.status for r in responses] == [200, 200, 500, 200, 429]
+    (bad,) = raw(g.port, post("/v1/chat/completions", b"{oops", auth))  # 4xx, and its own limit: 429
+    families = scrape(g)
+    for name, kind in FAMILIES.items():
+        assert families[name].type == kind, name
+    requests = samples(families["gateway_requests"], "_total")
+    path = ("path", "/v1/chat/completions")
+    assert requests == {
+        (("model", "gpt-4o-mini"), path, ("status", "200")): 2,
+        (("model", "gpt-4o-mini"), path, ("status", "500")): 1,
+        (("model", "other"), path, ("status", "200")): 1,
+        (("model", ""), path, ("status", "429")): 2,
+    }
+    assert samples(families["gateway_rate_limited"], "_total") == {(): 2}
+    upstream = samples(families["gateway_upstream_requests"], "_total")
+    assert upstream == {(("key", "mock#0"), ("status", "200"), ("upstream", "mock")): 2,
+                        (("key", "mock#0"), ("status", "500"), ("upstream", "mock")): 1,
+                        (("key", "any#0"), ("status", "200"), ("upstream", "any")): 1}
+    assert samples(families["gateway_upstream_ttfb_seconds"], "_count") == {(("upstream", "mock"),): 3, (("upstream", "any"),): 1}
+    assert samples(families["gateway_request_duration_seconds"], "_count")[(path,)] == 6
+    tokens = samples(families["gateway_tokens"], "_total")
+    assert tokens[(("kind", "completion"), ("model", "gpt-4o-mini"))] == 10 and tokens[(("kind", "completion"), ("model", "other"))] == 5
+    assert samples(families["gateway_active_streams"]) == {(): 0}
+    assert samples(families["gateway_key_available"]) == {(("key", "mock#0"), ("upstream", "mock")): 1,
+                                                          (("key", "any#0"), ("upstream", "any")): 1}
+    assert "made-up-by-client" not in str(families)
+
+    lines = [json.loads(l) for l in capfd.readouterr().err.splitlines() if l.startswith("{")]
+    lines = [l for l in lines if l["path"] == "/v1/chat/completions"]
+    assert [l["status"] for l in lines] == [200, 200, 500, 200, 429, 429]
+    ok, streamed, failed = lines[0], lines[1], lines[2]
+    assert ok["method"] == "POST" and ok["path"] == "/v1/chat/completions" and ok["model"] == "gpt-4o-mini"
+    assert ok["upstream"] == "mock" and ok["upstream_key"] == "mock#0" and ok["client"] == "team"
+    assert ok["stream"] is False and ok["prompt_tokens"] > 0 and ok["completion_tokens"] == 5
+    assert ok["ttfb_ms"] > 0 and ok["duration_ms"] >= ok["ttfb_ms"] and ok["bytes_out"] > 100
+    assert ok["request_id"] == responses[0].headers["x-request-id"] and ok["error"] is None and ok["ts"] > 0
+    assert streamed["stream"] is True and streamed["completion_tokens"] == 5 and streamed["bytes_out"] == len(responses[1].body)
+    assert failed["status"] == 500 and failed["upstream"] == "mock"
+    assert lines[4]["error"].startswith("Rate limit reached") and lines[3]["model"] == "made-up-by-client"
+
+
+def test_no_secret_ever_reaches_stderr(start_gateway: Any, mock: mock_upstream.MockUpstream, capfd: Any) -> None:
+    mock.key_faults[KEYS[0]] = (401, {})
+    g = start_gateway({"api_keys": [SDK_KEY], "admin_key": "adm-secret-value",
+                       "upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS}]})
+    client = g.client()
+    client.chat.completions.create(model="m", messages=MSGS)
+    list(client.chat.completions.create(model="m", messages=MSGS, stream=True))
+    with pytest.raises(openai.AuthenticationError):
+        g.client("sk-wrong-client-key").chat.completions.create(model="m", messages=MSGS)
+    raw(g.port, post("/v1/chat/completions", b'{"model":"m","messages":[],"stream":true}',
+                     f"Authorization: Bearer {SDK_KEY}\r\nx-mock-die-after: 1\r\nx-mock-delay-ms: 1\r\n"))
+    for path in ("/v1/tokens/stats", "/metrics", "/health", "/v1/usage", "/v1/rate-limits/observed"):
+        (resp,) = raw(g.port, f"GET {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer adm-secret-value\r\n\r\n".encode())
+        assert resp.status == 200 and not any(k in resp.body.decode() for k in KEYS + [SDK_KEY, "adm-secret-value"])
+    err = capfd.readouterr().err
+    assert err.count('"request_id"') >= 4 and "client disconnected" not in err
+    for secret in KEYS + [SDK_KEY, "adm-secret-value", "sk-wrong-client-key"]:
+        assert secret not in err
+
+
+def test_client_disconnect_is_logged_with_its_cause(start_gateway: Any, mock: mock_upstream.MockUpstream, capfd: Any) -> None:
+    g = start_gateway()
+    sock = connect(g.port)
+    sock.sendall(post("/v1/chat/completions", b'{"model":"m","messages":[],"stream":true}',
+                      "x-mock-chunks: 100\r\nx-mock-delay-ms: 50\r\n"))
+    received = b""
+    while b"tok0" not in received:
+        received += sock.recv(65536)
+    sock.close()
+    assert mock.wait_until(lambda: mock.open_connections == 0, timeout=5)
+    assert eventually(lambda: g.gw.active == 0)
+    line = json.loads([l for l in capfd.readouterr().err.splitlines() if l.startswith("{")][-1])
+    assert line["error"] == "client disconnected" and line["stream"] is True and line["bytes_out"] > 0
+
+
+def test_access_log_off_and_malformed_requests_still_counted(start_gateway: Any, capfd: Any) -> None:
+    g = start_gateway({"access_log": False})
+    raw(g.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+    raw(g.port, b"GET / HTTP/1.1\r\nbad header\r\n\r\n")
+    assert '"request_id"' not in capfd.readouterr().err
+    requests = samples(scrape(g)["gateway_requests"], "_total")
+    assert requests[(("model", ""), ("path", "/health"), ("status", "200"))] == 1
+    assert requests[(("model", ""), ("path", "other"), ("status", "400"))] == 1
+
+
+def test_ready_is_503_while_draining(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway()
+    with connect(g.port) as sock:
+        f = sock.makefile("rb")
+        sock.sendall(b"GET /ready HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert read_response(f).status == 200
+        g.lt.call(setattr, g.gw, "draining", True)
+        sock.sendall(b"GET /ready HTTP/1.1\r\nHost: t\r\n\r\n")
+        resp = read_response(f)
+        assert resp.status == 503 and resp.json()["error"]["code"] == "draining"
