@@ -1937,6 +1937,7 @@ class Gateway:
         self.usage = {k.name: ClientUsage(k.name, k.budget_tokens) for k in config.api_keys}
         self.usage_file: Any = None
         self.metrics = Metrics()
+        self.log_lines: list[bytes] = []  # access log lines not yet written
         self.label_models = self.configured_models()  # what may become a metric label
         self.key_limits = {k.name: ClientLimits(k.rpm or config.rpm, k.tpm or config.tpm,
                                                 None if k.rpm else config.burst, clock)
@@ -1995,6 +1996,7 @@ class Gateway:
             proto.close()
         for pool in self.pools.values():
             pool.close()
+        self.flush_log()
         if self.usage_file is not None:
             self.usage_file.close()
             self.usage_file = None
@@ -2069,7 +2071,7 @@ class Gateway:
             self.log_request(rq, duration)
 
     def log_request(self, rq: Request, duration: float) -> None:
-        sys.stderr.write(orjson.dumps({
+        self.write_log(orjson.dumps({
             "ts": round(time.time(), 3), "request_id": rq.request_id.decode("latin-1"),
             "method": rq.method.decode("latin-1"), "path": rq.path[:256].decode("latin-1"),
             "status": rq.status, "model": rq.model[:128] or None,
@@ -2079,15 +2081,27 @@ class Gateway:
             "duration_ms": round(duration * 1000, 3), "prompt_tokens": rq.tokens[0],
             "completion_tokens": rq.tokens[1], "bytes_out": rq.bytes_out,
             "error": rq.error or None,
-        }).decode() + "\n")
+        }))
+
+    def write_log(self, line: bytes) -> None:
+        """Lines are written once per loop turn: under load, many requests share a write."""
+        if not self.log_lines:
+            self.loop.call_soon(self.flush_log)  # type: ignore[union-attr]
+        self.log_lines.append(line)
+
+    def flush_log(self) -> None:
+        if self.log_lines:
+            self.log_lines.append(b"")
+            sys.stderr.write(b"\n".join(self.log_lines).decode())
+            self.log_lines.clear()
 
     def log_protocol_error(self, err: GatewayError) -> None:
         """A request too malformed to become a Request: still one metric and one line."""
         self.metrics.count(self.metrics.requests, ("other", "", err.status))
         if self.config.access_log:
-            sys.stderr.write(orjson.dumps({
+            self.write_log(orjson.dumps({
                 "ts": round(time.time(), 3), "request_id": None, "method": None, "path": None,
-                "status": err.status, "error": err.message}).decode() + "\n")
+                "status": err.status, "error": err.message}))
 
     def configured_models(self) -> set[str]:
         cfg = self.config
