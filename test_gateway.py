@@ -946,14 +946,20 @@ def test_max_connections_turns_extra_clients_away(start_gateway: Any) -> None:
 ################################################################################
 
 
-def test_client_disconnect_closes_upstream_within_1s(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
-    g = start_gateway()
-    sock = connect(g.port)
+def open_slow_stream(port: int) -> socket.socket:
+    """A stream of 100 chunks 100 ms apart, read until its first content chunk."""
+    sock = connect(port)
     sock.sendall(post("/v1/chat/completions", b'{"model":"m","messages":[],"stream":true}',
                       "x-mock-chunks: 100\r\nx-mock-delay-ms: 100\r\n"))
     received = b""
-    while b"data: " not in received:
+    while b"tok0" not in received:
         received += sock.recv(65536)
+    return sock
+
+
+def test_client_disconnect_closes_upstream_within_1s(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway()
+    sock = open_slow_stream(g.port)
     assert mock.open_connections == 1
     sock.close()
     closed_at = time.monotonic()
@@ -1701,13 +1707,7 @@ def test_no_secret_ever_reaches_stderr(start_gateway: Any, mock: mock_upstream.M
 
 def test_client_disconnect_is_logged_with_its_cause(start_gateway: Any, mock: mock_upstream.MockUpstream, capfd: Any) -> None:
     g = start_gateway()
-    sock = connect(g.port)
-    sock.sendall(post("/v1/chat/completions", b'{"model":"m","messages":[],"stream":true}',
-                      "x-mock-chunks: 100\r\nx-mock-delay-ms: 50\r\n"))
-    received = b""
-    while b"tok0" not in received:
-        received += sock.recv(65536)
-    sock.close()
+    open_slow_stream(g.port).close()
     assert mock.wait_until(lambda: mock.open_connections == 0, timeout=5)
     err: list[str] = []
     assert eventually(lambda: err.append(capfd.readouterr().err) or "client disconnected" in "".join(err))
