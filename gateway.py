@@ -63,6 +63,7 @@ MAX_HEADER_BYTES = 16 * 1024  # 16 KiB: twice nginx's default header buffer, far
 HEADER_TIMEOUT_S = 10.0  # a request head must arrive within this once its first byte has
 BODY_TIMEOUT_S = 60.0  # a request body must arrive within this once its head has
 KEEPALIVE_TIMEOUT_S = 75.0  # idle client connections: nginx's keepalive_timeout default
+SWEEP_S = 0.25  # how often deadlines are checked: the resolution of every timeout
 WRITE_HIGH_WATER = 64 * 1024  # client buffer above this pauses reading from the upstream
 UPSTREAM_MAX_HEAD = 64 * 1024  # an upstream response head larger than this is garbage
 UPSTREAM_MAX_IDLE = 256  # idle keep-alive connections kept per upstream
@@ -1122,6 +1123,8 @@ def load_config(
 _LENGTH, _CHUNKED, _UNTIL_CLOSE, _NO_BODY = range(4)
 # Chunked decoder states.
 _SIZE, _DATA, _DATA_CRLF, _TRAILER = range(4)
+# What an upstream connection is waiting for, as far as timeouts go.
+_NOTHING, _FIRST_BYTE, _BODY_BYTES = range(3)
 
 
 class BodySink:
@@ -1149,7 +1152,8 @@ class UpstreamConnection(asyncio.Protocol):
         "pool", "loop", "transport", "closed", "expires",
         # per exchange
         "reused", "got_bytes", "head_buf", "head_waiter", "status", "headers", "framing",
-        "keep_alive", "left", "cstate", "line", "sink", "pending", "done", "timer",
+        "keep_alive", "left", "cstate", "line", "sink", "pending", "done", "waiting",
+        "deadline",
         "idle_timeout", "last_rx", "error",
     )
 
@@ -1176,7 +1180,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink: BodySink | None = None
         self.pending: list[bytes] | None = []
         self.done: asyncio.Future | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.waiting = _NOTHING  # what the gateway's sweep checks this connection for
+        self.deadline = 0.0  # loop time: the first byte is due by then
         self.idle_timeout = 0.0
         self.last_rx = 0.0
         self.error: GatewayError | None = None
@@ -1241,8 +1246,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_waiter = self.loop.create_future()
         self.done = self.loop.create_future()
         self.idle_timeout = idle_timeout
-        self.timer = self.loop.call_later(first_byte_timeout, self._first_byte_timeout)
         self.transport.writelines(request)  # type: ignore[union-attr]
+        self.waiting, self.deadline = _FIRST_BYTE, self.loop.time() + first_byte_timeout
         try:
             await self.head_waiter
         except asyncio.CancelledError:
@@ -1316,7 +1321,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self._feed_head(rest)
             return
         if self.framing != _NO_BODY:
-            self.timer = self.loop.call_later(self.idle_timeout, self._idle_check)
+            self.waiting = _BODY_BYTES
         waiter, self.head_waiter = self.head_waiter, None
         if self.framing == _NO_BODY or (self.framing == _LENGTH and self.left == 0):
             self._finish()
@@ -1327,6 +1332,9 @@ class UpstreamConnection(asyncio.Protocol):
         waiter.set_result(self)  # type: ignore[union-attr]
 
     def _parse_head(self, head: bytes) -> None:
+        crlf = head.count(b"\r\n")
+        if head.count(b"\n") != crlf or head.count(b"\r") != crlf or b"\0" in head:
+            raise ValueError("bare CR, LF or NUL in the head")  # could split a relayed header
         lines = head.split(b"\r\n")
         version, status, _ = (lines[0] + b" ").split(b" ", 2)
         if not version.startswith(b"HTTP/1.") or len(status) != 3:
@@ -1466,26 +1474,19 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self._fail(self.error)
 
-    # timers ---------------------------------------------------------------------------------
+    # timeouts (checked by the gateway's sweep, not a timer per exchange) -------------------
 
     def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.waiting = _NOTHING
 
-    def _first_byte_timeout(self) -> None:
-        self.timer = None
-        self.error = UpstreamTimeout("upstream sent no response in time")
-        self.abort()
-
-    def _idle_check(self) -> None:
-        # One timer per idle period rather than one per chunk: re-armed from last_rx.
-        self.timer = None
-        deadline = self.last_rx + self.idle_timeout
-        if self.loop.time() < deadline:
-            self.timer = self.loop.call_at(deadline, self._idle_check)
+    def check_timeout(self, now: float) -> None:
+        if self.waiting == _FIRST_BYTE and now >= self.deadline:
+            self.error = UpstreamTimeout("upstream sent no response in time")
+        elif self.waiting == _BODY_BYTES and now - self.last_rx >= self.idle_timeout:
+            self.error = UpstreamTimeout("upstream stalled mid-response")
+        else:
             return
-        self.error = UpstreamTimeout("upstream stalled mid-response")
+        self.waiting = _NOTHING
         self.abort()
 
 
@@ -1725,7 +1726,11 @@ class Request(BodySink):
             headers += self.limits.headers()
         self.status = status
         self.started = True
-        event = h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b""))
+        # _parsed: skip h11's per-header regexes. Every value here is ours, came through h11's
+        # own request parser, or came from an upstream head that _parse_head checked for
+        # bare CR/LF, so none can split a header line.
+        event = h11.Response(status_code=status, headers=headers,
+                             reason=_REASONS.get(status, b""), _parsed=True)
         self.unsent = proto.conn.send(event)  # type: ignore[assignment]
 
     def send(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
@@ -1780,12 +1785,17 @@ class Request(BodySink):
 
     def _inspect(self, data: bytes) -> bytes:
         """Whole SSE events: record usage, drop the usage-only chunk the client did not ask
-        for, convert events. Chunks without a non-null usage pass untouched, unparsed."""
-        if self.convert is None:
-            n = data.count(b'"usage"')
-            if not n or n == data.count(b'"usage":null') + data.count(b'"usage": null'):
-                return data
-        kept = [e for e in map(self._event, data.split(b"\n\n")[:-1]) if e is not None]
+        for, convert events. Events without a non-null usage pass untouched, unparsed."""
+        if self.convert is None and not _real_usage(data):
+            return data
+        kept = []
+        for event in data.split(b"\n\n")[:-1]:
+            if self.convert is None and not _real_usage(event):
+                kept.append(event)
+            else:
+                event = self._event(event)  # type: ignore[assignment]
+                if event is not None:
+                    kept.append(event)
         return b"\n\n".join(kept) + b"\n\n" if kept else b""
 
     def _event(self, event: bytes) -> bytes | None:
@@ -1909,6 +1919,12 @@ class _Plan:
         return body
 
 
+def _real_usage(data: bytes) -> bool:
+    """Does data mention a usage that is not null? Two or three C-level counts, no parse."""
+    n = data.count(b'"usage"')
+    return n > 0 and n != data.count(b'"usage":null') + data.count(b'"usage": null')
+
+
 class Gateway:
     """The running gateway: config, upstream pools, client connections, handlers."""
 
@@ -1938,6 +1954,7 @@ class Gateway:
         self.usage_file: Any = None
         self.metrics = Metrics()
         self.log_lines: list[bytes] = []  # access log lines not yet written
+        self.sweeper: asyncio.TimerHandle | None = None
         self.label_models = self.configured_models()  # what may become a metric label
         self.key_limits = {k.name: ClientLimits(k.rpm or config.rpm, k.tpm or config.tpm,
                                                 None if k.rpm else config.burst, clock)
@@ -1976,6 +1993,7 @@ class Gateway:
             self.open_usage_log(self.config.usage_log)
         self.server = await self.loop.create_server(
             lambda: HttpProtocol(self), self.config.host, self.config.port, backlog=2048)
+        self.sweeper = self.loop.call_later(SWEEP_S, self.sweep)
         self.port = self.server.sockets[0].getsockname()[1]
         return self.port
 
@@ -1996,6 +2014,8 @@ class Gateway:
             proto.close()
         for pool in self.pools.values():
             pool.close()
+        if self.sweeper is not None:
+            self.sweeper.cancel()
         self.flush_log()
         if self.usage_file is not None:
             self.usage_file.close()
@@ -2024,6 +2044,16 @@ class Gateway:
         self.usage_file = open(path, "a", buffering=1, encoding="utf-8")  # a line per write
         if data and not data.endswith(b"\n"):
             self.usage_file.write("\n")  # end the torn line: the next entry gets its own
+
+    def sweep(self) -> None:
+        """Enforce every connection's deadline: one timer for the gateway, not per request."""
+        now = self.loop.time()  # type: ignore[union-attr]
+        for proto in list(self.connections):
+            proto.check_timeout(now)
+        for pool in self.pools.values():
+            for conn in list(pool.live):
+                conn.check_timeout(now)
+        self.sweeper = self.loop.call_later(SWEEP_S, self.sweep)  # type: ignore[union-attr]
 
     def request_started(self) -> None:
         self.active += 1
@@ -2808,7 +2838,8 @@ class HttpProtocol(asyncio.Protocol):
 
     __slots__ = (
         # per connection
-        "gw", "loop", "transport", "conn", "timer", "timer_mode", "read_paused", "closing", "peer",
+        "gw", "loop", "transport", "conn", "deadline", "timer_mode", "read_paused", "closing",
+        "peer",
         # per request
         "cycle", "task",
     )
@@ -2818,7 +2849,7 @@ class HttpProtocol(asyncio.Protocol):
         self.loop = gw.loop
         self.transport: asyncio.Transport | None = None
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop time; 0: none. The gateway's sweep enforces it.
         self.timer_mode = _IDLE
         self.read_paused = False
         self.closing = False
@@ -2986,20 +3017,18 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.pause_reading()  # type: ignore[union-attr]
 
     def _arm(self, delay: float, mode: int) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
+        # A float per request, not a timer: the sweep (every SWEEP_S) enforces deadlines.
         self.timer_mode = mode
-        self.timer = self.loop.call_later(delay, self._on_timeout)  # type: ignore[union-attr]
+        self.deadline = self.loop.time() + delay  # type: ignore[union-attr]
 
     def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = 0.0
 
-    def _on_timeout(self) -> None:
+    def check_timeout(self, now: float) -> None:
         # Idle keep-alive, or a request head/body that did not arrive in time (slowloris).
-        self.timer = None
-        self.close()
+        if self.deadline and now >= self.deadline:
+            self.deadline = 0.0
+            self.close()
 
 
 ################################################################################

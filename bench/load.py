@@ -2,11 +2,13 @@
 
     python bench/load.py URL [-c 32] [-d 5] [--stream] [--model M] [--key K] [--body JSON]
                          [--header 'name: value'] [--max-requests N] [--json]
+                         [--expect-events N] [--check-order]
 
 C keep-alive connections each send a request as soon as the previous answer has ended, for D
 seconds (or N requests in all). Reports requests/s, latency p50/p90/p99, time to first byte
 and to first SSE event, SSE events/s, and errors by kind. Bounded in time and count; it stops
-by itself. A client of its own because general-purpose clients cannot drive more than a few
+by itself. --expect-events checks every stream's event count; --check-order checks that the
+mock upstream's numbered chunks (tok0, tok1, ...) arrived in order. A client of its own because general-purpose clients cannot drive more than a few
 hundred requests per second from one Python process.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 import time
 from typing import Any
@@ -22,6 +25,7 @@ from urllib.parse import urlsplit
 import orjson
 
 DEFAULT_MESSAGES = [{"role": "user", "content": "Say hello."}]
+_TOKEN = re.compile(rb"tok(\d+) ")
 
 
 class Stats:
@@ -59,6 +63,7 @@ class _Client(asyncio.Protocol):
         self.first_event = 0.0
         self.events = 0
         self.tail = b""
+        self.seen: list[bytes] = []  # kept only with --check-order
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -122,6 +127,8 @@ class _Client(asyncio.Protocol):
             del self.buf[:nl + 2 + size + 2]
 
     def count_events(self, data: bytes) -> None:
+        if self.runner.args.check_order:
+            self.seen.append(data)
         n = (self.tail + data).count(b"\n\n")  # SSE events end with a blank line
         if n:
             if not self.first_event:
@@ -159,11 +166,8 @@ class Runner:
         client: _Client | None = None
         while time.perf_counter() < self.deadline and self.sent < args.max_requests:
             if client is None or client.lost.done():
-                try:
-                    _, client = await self.loop.create_connection(
-                        lambda: _Client(self), self.host, self.port)
-                except OSError as exc:
-                    stats.error(f"connect: {exc.__class__.__name__}")
+                client = await self.connect()
+                if client is None:
                     return
             self.sent += 1
             try:
@@ -178,6 +182,10 @@ class Runner:
             if client.status != 200:
                 stats.error(f"status {client.status}")
                 continue
+            problem = self.check(client)
+            if problem:
+                stats.error(problem)
+                continue
             stats.latencies.append(now - client.started)
             stats.ttfb.append(client.first_byte - client.started)
             if client.events:
@@ -185,6 +193,31 @@ class Runner:
                 stats.events += client.events
         if client is not None and client.transport is not None:
             client.transport.close()
+
+    def check(self, client: _Client) -> str | None:
+        """Did the stream arrive whole and in order? (Counts raw framing, so no decode.)"""
+        args = self.args
+        if args.expect_events is not None and client.events != args.expect_events:
+            return f"events {client.events} != {args.expect_events}"
+        if args.check_order:
+            numbers = [int(n) for n in _TOKEN.findall(b"".join(client.seen))]
+            if numbers != list(range(len(numbers))):
+                return "chunks out of order"
+        return None
+
+    async def connect(self) -> _Client | None:
+        """Connect, retrying briefly: thousands of connects at once can overflow a backlog."""
+        for attempt in range(5):
+            try:
+                _, client = await self.loop.create_connection(
+                    lambda: _Client(self), self.host, self.port)
+                return client
+            except OSError as exc:
+                if attempt == 4 or time.perf_counter() > self.deadline:
+                    self.stats.error(f"connect: {exc.__class__.__name__}")
+                    return None
+                await asyncio.sleep(0.05 * 2 ** attempt)
+        return None
 
     async def run(self) -> dict[str, Any]:
         start = time.perf_counter()
@@ -243,6 +276,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--header", action="append", default=[], help="extra 'name: value'")
     p.add_argument("--timeout", type=float, default=30.0, help="per request, seconds")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--expect-events", type=int, help="SSE events every stream must carry")
+    p.add_argument("--check-order", action="store_true",
+                   help="the mock's numbered chunks must arrive in order")
     return p.parse_args(argv)
 
 
