@@ -65,6 +65,7 @@ BODY_TIMEOUT_S = 60.0  # a request body must arrive within this once its head ha
 KEEPALIVE_TIMEOUT_S = 75.0  # idle client connections: nginx's keepalive_timeout default
 SWEEP_S = 0.25  # how often deadlines are checked: the resolution of every timeout
 WRITE_HIGH_WATER = 64 * 1024  # client buffer above this pauses reading from the upstream
+MAX_PIPELINED_BYTES = 64 * 1024  # read ahead of the request in flight before pausing
 UPSTREAM_MAX_HEAD = 64 * 1024  # an upstream response head larger than this is garbage
 UPSTREAM_MAX_IDLE = 256  # idle keep-alive connections kept per upstream
 UPSTREAM_KEEPALIVE_S = 20.0  # reuse an idle upstream connection only this long (servers drop ~60s)
@@ -1327,9 +1328,9 @@ class UpstreamConnection(asyncio.Protocol):
             self._finish()
         elif rest:
             self._feed_body(rest)
-        if not self.done.done():  # type: ignore[union-attr]
-            self.transport.pause_reading()  # type: ignore[union-attr]  # until relay() says where
         waiter.set_result(self)  # type: ignore[union-attr]
+        # Reading goes on: until relay() attaches a sink (the next loop turn), body bytes
+        # collect in `pending`. Pausing here would cost an epoll_ctl pair per stream.
 
     def _parse_head(self, head: bytes) -> None:
         crlf = head.count(b"\r\n")
@@ -2839,7 +2840,7 @@ class HttpProtocol(asyncio.Protocol):
     __slots__ = (
         # per connection
         "gw", "loop", "transport", "conn", "deadline", "timer_mode", "read_paused", "closing",
-        "peer",
+        "peer", "ahead",
         # per request
         "cycle", "task",
     )
@@ -2854,6 +2855,7 @@ class HttpProtocol(asyncio.Protocol):
         self.read_paused = False
         self.closing = False
         self.peer = ""
+        self.ahead = 0  # bytes received while a request is being answered (pipelining)
         self.cycle: Request | None = None
         self.task: asyncio.Task | None = None
 
@@ -2885,6 +2887,10 @@ class HttpProtocol(asyncio.Protocol):
             self._arm(self.gw.header_timeout_s, _HEAD)
         self.conn.receive_data(data)
         self._handle_events()
+        if self.task is not None:  # h11 holds what follows until this answer is done: bound it
+            self.ahead += len(data)
+            if self.ahead > MAX_PIPELINED_BYTES:
+                self._pause_reading()
 
     def eof_received(self) -> bool:
         self.conn.receive_data(b"")
@@ -2926,9 +2932,8 @@ class HttpProtocol(asyncio.Protocol):
                 self._on_body(event.data)  # type: ignore[union-attr]
             elif event is h11.NEED_DATA:
                 return
-            elif event is h11.PAUSED:
-                self._pause_reading()
-                return
+            elif event is h11.PAUSED:  # reading goes on (no epoll_ctl pair per request);
+                return  # data_received pauses it if a client sends too much ahead
             elif kind is h11.Request:
                 self._on_request(event)  # type: ignore[arg-type]
             elif kind is h11.EndOfMessage:
@@ -2997,6 +3002,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         conn.start_next_cycle()
         self._arm(self.gw.keepalive_timeout_s, _IDLE)
+        self.ahead = 0
         if self.read_paused:
             self.read_paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]

@@ -1735,3 +1735,37 @@ def test_ready_is_503_while_draining(start_gateway: Any, mock: mock_upstream.Moc
         sock.sendall(b"GET /ready HTTP/1.1\r\nHost: t\r\n\r\n")
         resp = read_response(f)
         assert resp.status == 503 and resp.json()["error"]["code"] == "draining"
+
+
+def test_pipelined_bytes_beyond_the_bound_pause_reading_and_all_answers_come(start_gateway: Any) -> None:
+    g = start_gateway()
+    big = b'{"model":"m","messages":[{"role":"user","content":"' + b"x" * 100_000 + b'"}]}'
+    with connect(g.port) as sock:
+        sock.sendall(post("/v1/chat/completions", b'{"model":"m","messages":[],"stream":true}',
+                          "x-mock-chunks: 5\r\nx-mock-delay-ms: 200\r\n") + post("/v1/chat/completions", big))
+
+        def paused() -> bool:
+            return any(p.read_paused for p in g.gw.connections)
+
+        assert eventually(lambda: g.lt.call(paused), timeout=5)
+        f = sock.makefile("rb")
+        first, second = read_response(f), read_response(f)
+        assert first.status == 200 and first.body.endswith(b"[DONE]\n\n")
+        assert second.status == 200 and second.json()["choices"][0]["message"]["content"].startswith("echo: xxx")
+    assert not g.lt.call(paused)
+
+
+def test_upstream_head_with_a_bare_lf_is_refused_not_relayed(loop_thread: LoopThread, start_gateway: Any) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nx-a: 1\nset-cookie: injected=1\r\ncontent-length: 2\r\n\r\n{}")
+        await writer.drain()
+
+    server = loop_thread.run(asyncio.start_server(handler, "127.0.0.1", 0))
+    port = server.sockets[0].getsockname()[1]
+    g = start_gateway({"upstreams": [{"name": "evil", "url": f"http://127.0.0.1:{port}/v1"}],
+                       "retry": {"attempts": 1}})
+    (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))
+    assert resp.status == 502 and "set-cookie" not in resp.headers
+    assert "garbage" in resp.json()["error"]["message"]
+    loop_thread.call(server.close)
