@@ -1769,3 +1769,28 @@ def test_upstream_head_with_a_bare_lf_is_refused_not_relayed(loop_thread: LoopTh
     assert resp.status == 502 and "set-cookie" not in resp.headers
     assert "garbage" in resp.json()["error"]["message"]
     loop_thread.call(server.close)
+
+
+################################################################################
+# bench/: the load generator must keep working
+################################################################################
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_bench_load_py_runs_through_the_gateway_and_reports_sane_json(start_gateway: Any, stream: bool) -> None:
+    g = start_gateway({"api_keys": [SDK_KEY]})
+    flags = ["--stream", "--expect-events", "8", "--check-order"] if stream else []
+    out = subprocess.run([sys.executable, str(HERE / "bench" / "load.py"), f"{g.base}/chat/completions",
+                          "-c", "4", "-d", "1", "--key", SDK_KEY, "--json", *flags],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["errors"] == {} and result["ok"] > 0 and result["statuses"] == {"200": result["ok"]}
+    assert result["requests"] == result["ok"] and 0.9 < result["duration_s"] < 10
+    assert result["rps"] == pytest.approx(result["ok"] / result["duration_s"], rel=0.01)
+    lat = result["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] and result["ttfb_ms"]["p50"] <= lat["p50"]
+    if stream:  # role chunk, 5 content chunks, finish chunk, [DONE]: the usage chunk was dropped
+        assert result["events"] == 8 * result["ok"] and result["first_event_ms"]["p50"] <= lat["p50"]
+    else:
+        assert result["events"] == 0 and result["first_event_ms"]["p50"] is None
