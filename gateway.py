@@ -71,6 +71,7 @@ UPSTREAM_MAX_IDLE = 256  # idle keep-alive connections kept per upstream
 UPSTREAM_KEEPALIVE_S = 20.0  # reuse an idle upstream connection only this long (servers drop ~60s)
 COOLDOWN_CAP_S = 60.0  # a 429 with no hint cools a key 1, 2, 4 ... s, never longer than this
 PACING_MAX_WAIT_S = 10.0  # a paced request queues this long at most, then gets 429
+PACING_SLACK = 1.01  # rpm_per_key spaces requests 1% wider than 60/rpm: room for jitter
 MAX_BREAKERS = 1024  # (upstream, model) pairs tracked; "*" upstreams see client-chosen models
 MAX_CLIENT_IPS = 10000  # per-IP buckets kept (LRU) when auth is off: bounded whatever the sources
 USAGE_TAIL_BYTES = 4096  # how much of a response's end is kept to find its usage object
@@ -836,7 +837,9 @@ class Upstream:
             raise _fail(r.at("key_strategy"), "must be round_robin or failover")
         self.rpm_per_key = r.number("rpm_per_key", None, nullable=True, above=True)
         self.min_interval_ms = r.number("min_interval_ms", 0)
-        interval = max(60.0 / self.rpm_per_key if self.rpm_per_key else 0.0,
+        # rpm_per_key is paced 1% under the given rate: at exactly R, network jitter puts
+        # request R+1 inside the upstream's rolling minute now and then, and a 429 follows.
+        interval = max(60.0 / self.rpm_per_key * PACING_SLACK if self.rpm_per_key else 0.0,
                        self.min_interval_ms / 1000)
         # A keyless upstream (a local server) still gets one key: it can be rate-limited too.
         self.keys = KeyPool(keys or [UpstreamKey(f"{self.name}#anonymous", "")],

@@ -1290,9 +1290,10 @@ def test_pacing_queues_requests_per_key_and_bounds_the_wait(start_gateway: Any, 
     assert [r.status for r in replies] == [200, 200, 200]
     times = sorted(r.at for r in mock.requests)
     assert times[1] - times[0] >= 0.2 and times[2] - times[1] >= 0.2  # 0.3 s, less connect jitter
-    slow = start_gateway(resilient(mock, keys=[KEYS[0]], rpm_per_key=2))  # one request per 30 s
+    slow = start_gateway(resilient(mock, keys=[KEYS[0]], rpm_per_key=2))  # one per 30 s, +1% slack
     first, second = raw(slow.port, post("/v1/chat/completions", CHAT) * 2, count=2)
-    assert first.status == 200 and second.status == 429 and 29 <= int(second.headers["retry-after"]) <= 30
+    assert first.status == 200 and second.status == 429 and int(second.headers["retry-after"]) == 31
+    assert 30200 <= int(second.headers["retry-after-ms"]) <= 30300
 
 
 def test_observed_rate_limits_per_key_and_model(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:

@@ -294,10 +294,15 @@ def machine() -> dict:
 
 
 def raise_fd_limit() -> None:
-    """10,000 streams need ~30,000 descriptors across the three processes (children inherit)."""
+    """10,000 streams need 20,000+ descriptors in the gateway alone (client + upstream
+    sockets); children inherit the limit. Root may raise the hard limit too."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(want, 1 << 20)), hard))
+    for want in (65536, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
+            return
+        except (ValueError, OSError):
+            continue
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
