@@ -179,6 +179,18 @@ class Bench:
               flush=True)
         self.stop(proc)
 
+    def streams_possible(self, wanted: int) -> int:
+        """Each stream holds two sockets in the gateway (client, upstream): at most half the
+        descriptor limit, less a margin for the gateway's own (listener, epoll, pipes)."""
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        possible = min(wanted, (limit - 64) // 2)
+        if possible < wanted:
+            print(f"(fd limit {limit}: {possible} streams, not {wanted}; this machine does not "
+                  "let the hard limit be raised)", flush=True)
+            self.results.setdefault("notes", []).append(
+                f"fd limit {limit} allowed {possible} of {wanted} concurrent streams")
+        return possible
+
     def rotation(self) -> None:
         rpm, seconds = self.args.rotation_rpm, self.args.rotation_s
         mock = self.start_mock("--key-rpm", str(rpm))
@@ -207,7 +219,7 @@ class Bench:
         try:
             self.throughput()
             for n in self.args.memory_streams:
-                self.memory(n)
+                self.memory(self.streams_possible(n))
             self.rotation()
         finally:
             for proc in self.procs:
