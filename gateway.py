@@ -2293,7 +2293,10 @@ class Gateway:
         ok = 200 <= conn.status < 300
         convert = ok and plan.kind == "completions" and plan.upstream.chat_only  # type: ignore[union-attr]
         if convert and not plan.stream:
-            reply = completion_from_chat(orjson.loads(await conn.read_body()))
+            try:
+                reply = completion_from_chat(orjson.loads(await conn.read_body()))
+            except (orjson.JSONDecodeError, AttributeError, TypeError):
+                raise UpstreamError("upstream answered garbage: not a chat completion") from None
             rq.upstream = None
             rq.usage = reply.get("usage")
             rq.send_json(200, reply)

@@ -1141,7 +1141,7 @@ def test_cooled_key_comes_back_by_itself_when_its_cooldown_ends(start_gateway: A
     client.chat.completions.create(model="m", messages=MSGS)  # k0 429s, k1 answers
     del mock.key_faults[KEYS[0]]
     limited_at = next(r.at for r in mock.requests if r.headers["authorization"].endswith(KEYS[0]))
-    assert eventually(lambda: key_states(g)[f"mock#0"] == "active", timeout=5)
+    assert eventually(lambda: key_states(g)["mock#0"] == "active", timeout=5)
     g.lt.call(g.gw.config.upstreams[0].keys.rotate)  # failover sits on k1: move on to k2, then k0
     g.lt.call(g.gw.config.upstreams[0].keys.rotate)
     client.chat.completions.create(model="m", messages=MSGS)
@@ -1587,6 +1587,21 @@ def test_completions_through_a_chat_only_upstream(start_gateway: Any, mock: mock
     assert "".join(c.choices[0].text for c in chunks if c.choices) == "".join(f"tok{i} " for i in range(5))
     assert all(c.object == "text_completion" for c in chunks) and chunks[-1].choices[0].finish_reason == "stop"
     assert usage_of(g, name="anonymous")["completion_tokens"] == 10
+
+
+def test_chat_only_upstream_answering_garbage_is_502_not_500(loop_thread: LoopThread, start_gateway: Any) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 7\r\n\r\n[1,2,3]")
+        await writer.drain()
+
+    server = loop_thread.run(asyncio.start_server(handler, "127.0.0.1", 0))
+    port = server.sockets[0].getsockname()[1]
+    g = start_gateway({"upstreams": [{"name": "odd", "url": f"http://127.0.0.1:{port}/v1", "chat_only": True}]})
+    (resp,) = raw(g.port, post("/v1/completions", b'{"model":"m","prompt":"hi"}'))
+    assert resp.status == 502 and resp.json()["error"]["code"] == "upstream_error"
+    loop_thread.call(server.close)
 
 
 def test_cors_preflight_and_streamed_response_headers(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
