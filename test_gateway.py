@@ -857,6 +857,43 @@ def test_stale_pooled_connection_is_retried_once_on_a_fresh_one(loop_thread: Loo
     loop_thread.call(server.close)
 
 
+def test_https_upstream_with_sni_and_certificate_verification(
+        loop_thread: LoopThread, start_gateway: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    import ssl
+
+    import trustme
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+    names: list[str | None] = []
+    server_ctx.sni_callback = lambda sock, name, ctx: names.append(name)
+    tls_mock = mock_upstream.MockUpstream(chunks=3)
+    server = loop_thread.run(loop_thread.loop.create_server(
+        lambda: mock_upstream._MockConnection(tls_mock), "127.0.0.1", 0, ssl=server_ctx))
+    port = server.sockets[0].getsockname()[1]
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))  # the default context trusts the test CA
+    monkeypatch.setattr(gw, "_SSL_CONTEXT", None)
+    g = start_gateway({"upstreams": [{"name": "tls", "url": f"https://localhost:{port}/v1", "keys": ["sk-tls-key-0001"]}]})
+    reply = g.client().chat.completions.create(model="m", messages=MSGS)
+    assert reply.choices[0].message.content == "echo: x" and names == ["localhost"]
+    assert tls_mock.requests[-1].headers["host"] == f"localhost:{port}"
+    assert "".join(c.choices[0].delta.content or "" for c in g.client().chat.completions.create(
+        model="m", messages=MSGS, stream=True)) == "tok0 tok1 tok2 "
+    monkeypatch.setattr(gw, "_SSL_CONTEXT", None)  # now trusting only another CA
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    monkeypatch.setenv("SSL_CERT_FILE", str(other))
+    untrusted = start_gateway({"upstreams": [{"name": "tls", "url": f"https://localhost:{port}/v1"}],
+                               "retry": {"attempts": 1}})
+    with pytest.raises(openai.InternalServerError) as info:
+        untrusted.client().chat.completions.create(model="m", messages=MSGS)
+    assert info.value.status_code == 502 and "TLS" in info.value.message
+    monkeypatch.setattr(gw, "_SSL_CONTEXT", None)
+    loop_thread.call(server.close)
+
+
 ################################################################################
 # Bad input over raw sockets
 ################################################################################
