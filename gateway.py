@@ -1846,6 +1846,7 @@ class Request(BodySink):
         self.error = exc.message
         if self.sse:  # an SSE client can be told in-band, then the stream ends properly
             self.held = b""  # an incomplete event is dropped, as an SSE client would at EOF
+            self.inspect = False  # our own event: not for the usage filter or the converter
             self.on_data(b"data: " + exc.body() + b"\n\n")
             self.on_end()
             return

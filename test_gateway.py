@@ -1626,6 +1626,16 @@ def test_completions_through_a_chat_only_upstream(start_gateway: Any, mock: mock
     assert usage_of(g, name="anonymous")["completion_tokens"] == 10
 
 
+def test_chat_only_stream_cut_by_the_upstream_still_ends_with_an_error_event(
+        start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway({"upstreams": [{"name": "chat", "url": f"http://127.0.0.1:{mock.port}/v1", "chat_only": True}]})
+    (resp,) = raw(g.port, post("/v1/completions", b'{"model":"m","prompt":"p","stream":true}',
+                               "x-mock-die-after: 2\r\nx-mock-delay-ms: 1\r\n"))
+    events = [e for e in resp.body.split(b"\n\n") if e]
+    assert resp.status == 200 and [json.loads(e[6:])["choices"][0]["text"] for e in events[:2]] == ["tok0 ", "tok1 "]
+    assert json.loads(events[-1][6:])["error"]["type"] == "upstream_error"
+
+
 def test_chat_only_upstream_answering_garbage_is_502_not_500(loop_thread: LoopThread, start_gateway: Any) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
