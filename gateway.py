@@ -37,6 +37,7 @@ import socket
 import ssl
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable
 from urllib.parse import unquote, urlsplit
@@ -337,12 +338,15 @@ class KeyPool:
             seconds = min(COOLDOWN_CAP_S, 2.0 ** key.cool_streak)
         key.cool_streak += 1
         key.cooldown_until = self.clock() + seconds
-        if self.strategy == "failover" and self.keys[self.current] is key:
-            self.current = (self.current + 1) % len(self.keys)
+        self._move_off(key)
 
     def block(self, key: UpstreamKey) -> None:
         """Revoked or forbidden (401/403): out of rotation until reset."""
         key.blocked = True
+        self._move_off(key)
+
+    def _move_off(self, key: UpstreamKey) -> None:
+        """Failover: a key that just failed stops being the current one."""
         if self.strategy == "failover" and self.keys[self.current] is key:
             self.current = (self.current + 1) % len(self.keys)
 
@@ -1157,8 +1161,7 @@ class UpstreamConnection(asyncio.Protocol):
         # per exchange
         "reused", "got_bytes", "head_buf", "head_waiter", "status", "headers", "framing",
         "keep_alive", "left", "cstate", "line", "sink", "pending", "done", "waiting",
-        "deadline",
-        "idle_timeout", "last_rx", "error",
+        "deadline", "idle_timeout", "last_rx", "error",
     )
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -1619,8 +1622,13 @@ def build_request(method: bytes, target: bytes, static_head: bytes, body: bytes,
 ################################################################################
 
 _REASONS = {s.value: s.phrase.encode() for s in __import__("http").HTTPStatus}
-_ID_PREFIX = os.urandom(4).hex()
+_ID_PREFIX = b"req-" + os.urandom(4).hex().encode()
 _ID_COUNTER = itertools.count(1)
+
+
+def new_request_id() -> bytes:
+    """Unique across restarts (random prefix) and cheap per request (a counter)."""
+    return b"%s%08x" % (_ID_PREFIX, next(_ID_COUNTER))
 # What each proxied endpoint requires besides `model`, and the upstream path it maps to.
 _ENDPOINTS = {
     "chat": ("messages", (list,), b"/chat/completions"),
@@ -1644,7 +1652,7 @@ class Request(BodySink):
         "track", "tail", "usage", "inspect", "drop_usage", "convert",
         # for the access log and metrics
         "t0", "route", "model", "served_by", "key_name", "ttfb", "bytes_out", "tokens",
-        "error",
+        "error", "content_length",
     )
 
     def __init__(self, proto: HttpProtocol, event: h11.Request) -> None:
@@ -1659,6 +1667,7 @@ class Request(BodySink):
         self.authorization = b""
         self.api_key = b""
         self.origin = b""
+        self.content_length = 0  # as declared; h11 has checked it is digits
         size = 0
         for name, value in event.headers:
             size += len(name) + len(value)
@@ -1670,8 +1679,10 @@ class Request(BodySink):
                 self.request_id = value
             elif name == b"origin":
                 self.origin = value
+            elif name == b"content-length":
+                self.content_length = int(value)
         if not self.request_id:
-            self.request_id = b"req-%s%08x" % (_ID_PREFIX.encode(), next(_ID_COUNTER))
+            self.request_id = new_request_id()
         self.head_size = size  # h11 limits only heads that arrive in pieces; this is the rest
         self.client: ClientKey | None = None
         self.upstream: UpstreamConnection | None = None
@@ -1806,7 +1817,7 @@ class Request(BodySink):
         if not event.startswith(b"data:"):
             return event
         payload = event[5:].strip()
-        if payload == b"[DONE]" or (self.convert is None and b'"usage"' not in payload):
+        if payload == b"[DONE]":
             return event
         try:
             obj = orjson.loads(payload)
@@ -1966,22 +1977,26 @@ class Gateway:
                            for k in config.api_keys if k.rpm or k.tpm or config.rpm or config.tpm}
         self.ip_limits: collections.OrderedDict[str, ClientLimits] = collections.OrderedDict()
         self.cors = frozenset(config.cors_origins)
-        self.routes: dict[bytes, tuple[bytes, int, Callable]] = {
-            b"/v1/chat/completions": (b"POST", _CLIENT, self.chat),
-            b"/v1/chat/completions/stream": (b"POST", _CLIENT, self.chat_stream),
-            b"/v1/completions": (b"POST", _CLIENT, self.completions),
-            b"/v1/embeddings": (b"POST", _CLIENT, self.embeddings),
-            b"/v1/models": (b"GET", _CLIENT, self.list_models),
-            b"/health": (b"GET", _OPEN, self.health),
-            b"/ready": (b"GET", _OPEN, self.ready),
-            b"/health/circuit-breakers": (b"GET", _OPEN, self.circuit_breakers),
-            b"/v1/tokens/stats": (b"GET", _ADMIN, self.token_stats),
-            b"/v1/tokens/rotate": (b"POST", _ADMIN, self.rotate_key),
-            b"/v1/tokens/reset-stats": (b"POST", _ADMIN, self.reset_stats),
-            b"/v1/rate-limits/observed": (b"GET", _ADMIN, self.observed_limits),
-            b"/v1/usage": (b"GET", _OPEN, self.usage_report),
-            b"/metrics": (b"GET", _OPEN, self.metrics_text),
-        }
+        routes = (  # path, method, who may call it, handler
+            (b"/v1/chat/completions", b"POST", _CLIENT, self.chat),
+            (b"/v1/chat/completions/stream", b"POST", _CLIENT, self.chat_stream),
+            (b"/v1/completions", b"POST", _CLIENT, self.completions),
+            (b"/v1/embeddings", b"POST", _CLIENT, self.embeddings),
+            (b"/v1/models", b"GET", _CLIENT, self.list_models),
+            (b"/health", b"GET", _OPEN, self.health),
+            (b"/ready", b"GET", _OPEN, self.ready),
+            (b"/health/circuit-breakers", b"GET", _OPEN, self.circuit_breakers),
+            (b"/v1/tokens/stats", b"GET", _ADMIN, self.token_stats),
+            (b"/v1/tokens/rotate", b"POST", _ADMIN, self.rotate_key),
+            (b"/v1/tokens/reset-stats", b"POST", _ADMIN, self.reset_stats),
+            (b"/v1/rate-limits/observed", b"GET", _ADMIN, self.observed_limits),
+            (b"/v1/usage", b"GET", _OPEN, self.usage_report),
+            (b"/metrics", b"GET", _OPEN, self.metrics_text),
+        )
+        # The decoded path, made once, is the request-metrics label.
+        self.routes: dict[bytes, tuple[bytes, int, Callable, str]] = {
+            path: (method, access, handler, path.decode())
+            for path, method, access, handler in routes}
 
     def __repr__(self) -> str:
         return (f"Gateway(port={self.port}, connections={len(self.connections)}, "
@@ -2039,7 +2054,7 @@ class Gateway:
                 continue
             try:
                 entry = orjson.loads(line)
-                usage = self.usage_of(ClientKey("", str(entry["key"])))
+                usage = self.usage_named(str(entry["key"]))
                 usage.add(str(entry["model"]), _tokens(entry, "prompt_tokens"),
                           _tokens(entry, "completion_tokens"), _tokens(entry, "total_tokens"))
             except (orjson.JSONDecodeError, KeyError, TypeError):
@@ -2084,7 +2099,6 @@ class Gateway:
             rq.error = "client disconnected"  # its connection is already closed
         except Exception as exc:  # a bug: answer 500 and say where, but keep serving
             _log(f"internal error on {rq!r}: {exc!r}")
-            import traceback
             traceback.print_exc()
             rq.error = f"internal error: {exc!r}"
             rq.fail(GatewayError("The gateway hit an internal error."))
@@ -2151,12 +2165,10 @@ class Gateway:
         route = self.routes.get(rq.path)
         if route is None:
             if rq.path.startswith(b"/v1/models/"):
-                route = (b"GET", _CLIENT, self.retrieve_model)
+                route = (b"GET", _CLIENT, self.retrieve_model, "/v1/models/{id}")
             else:
                 raise NotFound(f"Unknown path: {rq.path.decode('latin-1')}")
-        method, access, handler = route
-        rq.route = handler.__name__ == "retrieve_model" and "/v1/models/{id}" \
-            or rq.path.decode("latin-1")
+        method, access, handler, rq.route = route
         if self.cors and rq.origin:
             self.allow_origin(rq)
         if rq.method == b"OPTIONS" and self.cors:
@@ -2207,9 +2219,13 @@ class Gateway:
         rq.limits = limits
         wait = limits.requests.take() if limits.requests is not None else 0.0
         if wait:
-            self.metrics.rate_limited += 1
-            raise RateLimited(f"Rate limit reached for requests: {limits.rpm:g} per minute.",
-                              headers=_retry_after(wait))
+            raise self.refuse(f"Rate limit reached for requests: {limits.rpm:g} per minute.",
+                              wait)
+
+    def refuse(self, message: str, wait: float) -> GatewayError:
+        """A client over its own limit: counted, and told when to come back."""
+        self.metrics.rate_limited += 1
+        return RateLimited(message, headers=_retry_after(wait))
 
     def allow_origin(self, rq: Request) -> None:
         if "*" in self.cors or rq.origin.decode("latin-1") in self.cors:
@@ -2275,9 +2291,7 @@ class Gateway:
             plan.estimate = estimate_tokens(rq.body(), obj)
             wait = tokens.take(plan.estimate)
             if wait:
-                self.metrics.rate_limited += 1
-                raise RateLimited("Rate limit reached for tokens per minute.",
-                                  headers=_retry_after(wait))
+                raise self.refuse("Rate limit reached for tokens per minute.", wait)
         try:
             await self.respond(plan)
         finally:
@@ -2308,16 +2322,13 @@ class Gateway:
             rq.drop_usage = plan.injects(plan.upstream)  # type: ignore[arg-type]
             rq.convert = completion_chunk_from_chat if convert else None
         self.relay_head(rq, conn.status, conn.headers)
-        if not rq.sse:
-            await conn.relay(rq)
-            rq.upstream = None
-            return
-        self.metrics.active_streams += 1
+        streaming = rq.sse
+        self.metrics.active_streams += streaming
         try:
             await conn.relay(rq)
             rq.upstream = None
         finally:
-            self.metrics.active_streams -= 1
+            self.metrics.active_streams -= streaming
 
     def account(self, plan: _Plan, usage: ClientUsage, tokens: TokenBucket | None) -> None:
         """Count what the upstream reported, correct the token estimate, log the line."""
@@ -2345,7 +2356,9 @@ class Gateway:
             }).decode() + "\n")
 
     def usage_of(self, client: ClientKey | None) -> ClientUsage:
-        name = client.name if client is not None else "anonymous"
+        return self.usage_named(client.name if client is not None else "anonymous")
+
+    def usage_named(self, name: str) -> ClientUsage:
         usage = self.usage.get(name)
         if usage is None:
             usage = self.usage[name] = ClientUsage(name)
@@ -2370,8 +2383,7 @@ class Gateway:
         if not groups:
             if kind == "embeddings" and any(u.serves(model) for u in self.config.upstreams):
                 raise Unsupported("No upstream serving this model serves embeddings.")
-            raise NotFound(f"The model {model!r} does not exist.", code="model_not_found",
-                           param="model")
+            raise model_not_found(model)
         return groups
 
     async def forward(self, plan: _Plan) -> UpstreamConnection | None:
@@ -2574,8 +2586,7 @@ class Gateway:
         model_id = unquote(rq.path[len(b"/v1/models/"):].decode("latin-1"))
         entry = (await self.known_models()).get(model_id)
         if entry is None:
-            raise NotFound(f"The model {model_id!r} does not exist.", code="model_not_found",
-                           param="model")
+            raise model_not_found(model_id)
         rq.send_json(200, entry)
 
     async def known_models(self) -> dict[str, dict]:
@@ -2609,9 +2620,8 @@ class Gateway:
         return entries
 
     async def fetch_models(self, u: Upstream) -> list[dict]:
-        request_id = b"req-%s%08x" % (_ID_PREFIX.encode(), next(_ID_COUNTER))
         request = build_request(b"GET", u.base_path.encode() + b"/models",
-                                u.keys.keys[u.keys.current].head, b"", request_id, [])
+                                u.keys.keys[u.keys.current].head, b"", new_request_id(), [])
         conn = await self.pools[u.name].request(request)
         body = await conn.read_body()
         if conn.status != 200:
@@ -2675,10 +2685,7 @@ class Gateway:
         body = rq.body()
         name = None
         if body.strip():
-            try:
-                obj = orjson.loads(body)
-            except orjson.JSONDecodeError as exc:
-                raise BadRequest(f"We could not parse the JSON body of your request: {exc}") from None
+            obj = load_json(body)
             if not isinstance(obj, dict) or not isinstance(obj.get("upstream", ""), str):
                 raise BadRequest("Expected {\"upstream\": name}.", code="invalid_type",
                                  param="upstream")
@@ -2804,12 +2811,20 @@ def completion_chunk_from_chat(chunk: dict) -> dict | None:
     return _as_completion(chunk, choices)
 
 
-def parse_body(body: bytes, kind: str) -> dict:
-    """Parse once, and check only what routing needs: `model` and the endpoint's input."""
+def load_json(body: bytes) -> Any:
     try:
-        obj = orjson.loads(body)
+        return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"We could not parse the JSON body of your request: {exc}") from None
+
+
+def model_not_found(model: str) -> GatewayError:
+    return NotFound(f"The model {model!r} does not exist.", code="model_not_found", param="model")
+
+
+def parse_body(body: bytes, kind: str) -> dict:
+    """Parse once, and check only what routing needs: `model` and the endpoint's input."""
+    obj = load_json(body)
     if not isinstance(obj, dict):
         raise BadRequest("The request body must be a JSON object.")
     field, types, _ = _ENDPOINTS[kind]
@@ -2834,7 +2849,7 @@ _IDLE, _HEAD, _BODY, _BUSY = range(4)
 
 def _raw_error(exc: GatewayError, request_id: bytes = b"") -> bytes:
     """An error response written without h11, for when its state machine cannot send one."""
-    request_id = request_id or b"req-%s%08x" % (_ID_PREFIX.encode(), next(_ID_COUNTER))
+    request_id = request_id or new_request_id()
     body = exc.body()
     head = b"".join(b"%s: %s\r\n" % h for h in exc.response_headers(request_id))
     return (b"HTTP/1.1 %d %s\r\n%scontent-length: %d\r\nconnection: close\r\n\r\n%s"
@@ -2955,11 +2970,8 @@ class HttpProtocol(asyncio.Protocol):
         rq = self.cycle = Request(self, event)
         if rq.head_size > MAX_HEADER_BYTES:
             self._reject(rq, HeadersTooLarge("Request header block is too large."))
-            return
-        for name, value in event.headers:
-            if name == b"content-length" and int(value) > self.gw.config.max_body_bytes:
-                self._reject(rq, self._too_large())
-                return
+        elif rq.content_length > self.gw.config.max_body_bytes:
+            self._reject(rq, self._too_large())
 
     def _on_body(self, data: bytes) -> None:
         rq = self.cycle
