@@ -75,6 +75,20 @@ def mock(loop_thread: LoopThread) -> Iterator[mock_upstream.MockUpstream]:
     loop_thread.run(m.stop())
 
 
+@pytest.fixture
+def raw_upstream(loop_thread: LoopThread) -> Iterator[Any]:
+    """Start an asyncio stream server with a test's own handler; its port; closed after."""
+    servers: list[asyncio.AbstractServer] = []
+
+    def start(handler: Any) -> int:
+        server = loop_thread.run(asyncio.start_server(handler, "127.0.0.1", 0))
+        servers.append(server)
+        return server.sockets[0].getsockname()[1]
+
+    yield start
+    for server in servers:
+        loop_thread.call(server.close)
+
 class Running:
     def __init__(self, gateway: gw.Gateway, lt: LoopThread) -> None:
         self.gw = gateway
@@ -825,7 +839,7 @@ def test_upstream_connections_are_reused(start_gateway: Any, mock: mock_upstream
     assert mock.connections_opened == 1
 
 
-def test_stale_pooled_connection_is_retried_once_on_a_fresh_one(loop_thread: LoopThread, start_gateway: Any) -> None:
+def test_stale_pooled_connection_is_retried_once_on_a_fresh_one(raw_upstream: Any, start_gateway: Any) -> None:
     """An upstream that closes an idle keep-alive connection just as a request arrives."""
     served = []
 
@@ -844,8 +858,7 @@ def test_stale_pooled_connection_is_retried_once_on_a_fresh_one(loop_thread: Loo
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
             await writer.drain()
 
-    server = loop_thread.run(asyncio.start_server(handler, "127.0.0.1", 0))
-    port = server.sockets[0].getsockname()[1]
+    port = raw_upstream(handler)
     g = start_gateway({"upstreams": [{"name": "flaky", "url": f"http://127.0.0.1:{port}/v1"}]})
     with connect(g.port) as sock:
         f = sock.makefile("rb")
@@ -854,7 +867,6 @@ def test_stale_pooled_connection_is_retried_once_on_a_fresh_one(loop_thread: Loo
             resp = read_response(f)
             assert resp.status == 200 and resp.json() == {"ok": True}
     assert len(served) == 3
-    loop_thread.call(server.close)
 
 
 def test_https_upstream_with_sni_and_certificate_verification(
@@ -1636,19 +1648,17 @@ def test_chat_only_stream_cut_by_the_upstream_still_ends_with_an_error_event(
     assert json.loads(events[-1][6:])["error"]["type"] == "upstream_error"
 
 
-def test_chat_only_upstream_answering_garbage_is_502_not_500(loop_thread: LoopThread, start_gateway: Any) -> None:
+def test_chat_only_upstream_answering_garbage_is_502_not_500(raw_upstream: Any, start_gateway: Any) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 7\r\n\r\n[1,2,3]")
         await writer.drain()
 
-    server = loop_thread.run(asyncio.start_server(handler, "127.0.0.1", 0))
-    port = server.sockets[0].getsockname()[1]
+    port = raw_upstream(handler)
     g = start_gateway({"upstreams": [{"name": "odd", "url": f"http://127.0.0.1:{port}/v1", "chat_only": True}]})
     (resp,) = raw(g.port, post("/v1/completions", b'{"model":"m","prompt":"hi"}'))
     assert resp.status == 502 and resp.json()["error"]["code"] == "upstream_error"
-    loop_thread.call(server.close)
 
 
 def test_cors_preflight_and_streamed_response_headers(start_gateway: Any, mock: mock_upstream.MockUpstream) -> None:
@@ -1818,20 +1828,18 @@ def test_pipelined_bytes_beyond_the_bound_pause_reading_and_all_answers_come(sta
     assert not g.lt.call(paused)
 
 
-def test_upstream_head_with_a_bare_lf_is_refused_not_relayed(loop_thread: LoopThread, start_gateway: Any) -> None:
+def test_upstream_head_with_a_bare_lf_is_refused_not_relayed(raw_upstream: Any, start_gateway: Any) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\nx-a: 1\nset-cookie: injected=1\r\ncontent-length: 2\r\n\r\n{}")
         await writer.drain()
 
-    server = loop_thread.run(asyncio.start_server(handler, "127.0.0.1", 0))
-    port = server.sockets[0].getsockname()[1]
+    port = raw_upstream(handler)
     g = start_gateway({"upstreams": [{"name": "evil", "url": f"http://127.0.0.1:{port}/v1"}],
                        "retry": {"attempts": 1}})
     (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))
     assert resp.status == 502 and "set-cookie" not in resp.headers
     assert "garbage" in resp.json()["error"]["message"]
-    loop_thread.call(server.close)
 
 
 ################################################################################
