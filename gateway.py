@@ -13,8 +13,16 @@ GATEWAY_RPM, and GATEWAY_UPSTREAM_URL / GATEWAY_UPSTREAM_KEYS / OPENAI_API_KEY f
 default upstream), then --host / --port. Any JSON string may be "env:NAME"; in key lists
 "env:PREFIX*" expands to every variable whose name starts with PREFIX.
 
-Layout: constants, errors, building blocks, config, upstream client, routing and handlers,
-server protocol, main().
+Where is (each a banner below, in file order):
+    config ........... "Configuration": the JSON schema, env vars, validation (pure data)
+    rotation ......... "Rotation and resilience": key pool, cooldowns, pacing, breakers
+    retries .......... "Failover": which upstream and key next, backoff, giving up
+    limits ........... "Client limits and usage": token buckets, budgets, the usage log
+    the relay ........ "Relay": flow control both ways, the response writer, the SSE filter
+    timeouts ......... "Constants" (client side), Upstream config (first byte, idle); one
+                       sweep in "Gateway" enforces them all
+    metrics, logs .... "Observability"
+    endpoints ........ "Handlers"; which path goes where: "Routing and admission"
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import email.utils
 import enum
 import hashlib
 import hmac
+import http
 import importlib.util
 import itertools
 import os
@@ -39,7 +48,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 import h11
@@ -52,7 +61,7 @@ except ImportError:  # pragma: no cover - uvloop is a dependency; the stdlib loo
 
 
 ################################################################################
-# Constants
+# Constants and wire tables
 ################################################################################
 
 __version__ = "0.1.0"
@@ -70,6 +79,7 @@ MAX_PIPELINED_BYTES = 64 * 1024  # read ahead of the request in flight before pa
 UPSTREAM_MAX_HEAD = 64 * 1024  # an upstream response head larger than this is garbage
 UPSTREAM_MAX_IDLE = 256  # idle keep-alive connections kept per upstream
 UPSTREAM_KEEPALIVE_S = 20.0  # reuse an idle upstream connection only this long (servers drop ~60s)
+MAX_CHUNK_LINE = 4096  # a chunk-size or trailer line longer than this is garbage
 COOLDOWN_CAP_S = 60.0  # a 429 with no hint cools a key 1, 2, 4 ... s, never longer than this
 PACING_MAX_WAIT_S = 10.0  # a paced request queues this long at most, then gets 429
 PACING_SLACK = 1.01  # rpm_per_key spaces requests 1% wider than 60/rpm: room for jitter
@@ -93,8 +103,32 @@ _NOT_RELAYED = frozenset(
     b"connection keep-alive proxy-connection transfer-encoding te trailer upgrade".split()
 )
 _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+_END_OF_MESSAGE = h11.EndOfMessage()  # immutable: one for every response
 _JSON_CT = (b"content-type", b"application/json")
+_METRICS_CT = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 header field name
+_REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
+_RESET_HEADERS = (b"x-ratelimit-reset-requests", b"x-ratelimit-reset-tokens")
+_COOLDOWN_HEADERS = frozenset((b"retry-after-ms", b"retry-after", *_RESET_HEADERS))
+_CORS_EXPOSE = (b"x-request-id, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, "
+                b"x-ratelimit-reset-requests, x-ratelimit-limit-tokens, "
+                b"x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens, retry-after, "
+                b"x-should-retry")
+_CORS_HEADERS = b"authorization, content-type, x-api-key, x-request-id"
+
+# What each proxied endpoint requires besides `model`, and the upstream path it maps to.
+_ENDPOINTS = {
+    "chat": ("messages", (list,), b"/chat/completions"),
+    "completions": ("prompt", (str, list), b"/completions"),
+    "embeddings": ("input", (str, list), b"/embeddings"),
+}
+_TYPE_NAMES = {list: "an array", str: "a string"}
+# Sampling fields a completions request carries over to chat for a chat_only upstream.
+_CARRIED = ("max_tokens", "temperature", "top_p", "n", "stop", "stream", "stream_options",
+            "presence_penalty", "frequency_penalty", "logit_bias", "user", "seed")
+# Latency buckets for LLM traffic: a cached answer in a millisecond, a long generation in 2 min.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                   30.0, 60.0, 120.0)
 
 
 ################################################################################
@@ -164,8 +198,9 @@ class _StaleConnection(Exception):
     """A reused upstream connection closed before answering: safe to resend once."""
 
 
-def _upstream_failure(exc: BaseException, what: str) -> GatewayError:
-    """Map a library error from the upstream side to the gateway's error, in one place."""
+def upstream_failure(exc: BaseException, what: str) -> GatewayError:
+    """Map a library error on the upstream side (socket, TLS, timeout, h11 refusing what an
+    upstream sent) to the gateway's error. Every upstream-side boundary goes through here."""
     if isinstance(exc, GatewayError):
         return exc
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
@@ -174,63 +209,57 @@ def _upstream_failure(exc: BaseException, what: str) -> GatewayError:
         return UpstreamError(f"{what}: TLS error ({exc.reason or exc})")
     if isinstance(exc, OSError):
         return UpstreamError(f"{what}: {exc.strerror or exc.__class__.__name__}")
+    if isinstance(exc, (h11.LocalProtocolError, ValueError)):
+        return UpstreamError(f"upstream answered garbage: {what}")
     return UpstreamError(f"{what}: {exc.__class__.__name__}")
 
 
+def client_failure(exc: h11.RemoteProtocolError) -> GatewayError:
+    """Map what h11 refused in a client's request to the answer the client gets (400/431).
+    Every client-side protocol boundary goes through here."""
+    if exc.error_status_hint == 431:
+        return HeadersTooLarge("Request header block is too large.")
+    return BadRequest(f"Malformed HTTP request: {exc}")
+
+
 ################################################################################
-# Building blocks
+# Small utilities: clock, bounded map, durations, masking, ids, stderr
 ################################################################################
 
 
 Clock = Callable[[], float]
 
 
-class KeyState(enum.Enum):
-    ACTIVE = "active"
-    COOLING = "cooling"
-    BLOCKED = "blocked"
+class BoundedMap(collections.OrderedDict):
+    """A table that never holds more than `cap` entries: every capped table is one.
+
+    When full, a new key evicts the oldest entry that `keep` does not protect (all of them
+    when there is no `keep`); when every entry is protected the new one is not stored."""
+
+    def __init__(self, cap: int, keep: Callable[[Any], bool] | None = None) -> None:
+        super().__init__()
+        self.cap = cap
+        self.keep = keep
+
+    def put(self, key: Any, value: Any) -> bool:
+        """Store value under key; False when the table is full of protected entries."""
+        if key not in self and len(self) >= self.cap and not self._evict():
+            return False
+        self[key] = value
+        return True
+
+    def _evict(self) -> bool:
+        keep = self.keep
+        for key, value in self.items():
+            if keep is None or not keep(value):
+                del self[key]
+                return True
+        return False
 
 
-class UpstreamKey:
-    """One upstream credential, its pre-built request-head bytes, its health and counters."""
-
-    __slots__ = (
-        "name", "secret", "head", "blocked", "cooldown_until", "cool_streak", "next_slot",
-        "requests", "failures", "last_used", "last_status",
-    )
-
-    def __init__(self, name: str, secret: str) -> None:
-        self.name = name
-        self.secret = secret
-        self.head = b""  # filled by Upstream once its host and headers are known
-        self.reset()
-
-    def reset(self) -> None:
-        self.blocked = False
-        self.cooldown_until = 0.0  # monotonic
-        self.cool_streak = 0  # consecutive cooldowns without a success, for the backoff
-        self.next_slot = 0.0  # monotonic: pacing, the earliest the next request may go
-        self.requests = 0
-        self.failures = 0
-        self.last_used: float | None = None  # unix seconds
-        self.last_status: int | None = None
-
-    def state(self, now: float) -> KeyState:
-        if self.blocked:
-            return KeyState.BLOCKED
-        return KeyState.COOLING if now < self.cooldown_until else KeyState.ACTIVE
-
-    def __repr__(self) -> str:
-        return (f"UpstreamKey({self.name!r}, {mask_secret(self.secret)!r}, "
-                f"blocked={self.blocked}, cooldown_until={self.cooldown_until:.1f})")
-
-
-def mask_secret(secret: str) -> str:
-    """`sk-...a1b2`: enough to tell keys apart, never enough to use one."""
-    if len(secret) < 12:
-        return "***"
-    head = secret[:3] if secret[2:3] == "-" else secret[:2]
-    return f"{head}...{secret[-4:]}"
+def log(message: str) -> None:
+    """One line on stderr for operators (start-up, drain, warnings); not the access log."""
+    print(f"gateway: {message}", file=sys.stderr, flush=True)
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
@@ -255,31 +284,91 @@ def parse_duration(text: str) -> float | None:
     return total if pos == len(text) and pos else None
 
 
-def cooldown_from_headers(headers: list[tuple[bytes, bytes]]) -> float | None:
-    """How long an upstream asked us to wait: retry-after-ms, Retry-After, x-ratelimit-reset-*."""
-    found: dict[bytes, bytes] = {}
-    for name, value in headers:
-        if name in _COOLDOWN_HEADERS:
-            found[name] = value
-    try:
-        if b"retry-after-ms" in found:
-            return max(0.0, float(found[b"retry-after-ms"]) / 1000)
-        if b"retry-after" in found:
-            value = found[b"retry-after"].decode("latin-1")
-            try:
-                return max(0.0, float(value))
-            except ValueError:  # an HTTP-date
-                when = email.utils.parsedate_to_datetime(value).timestamp()
-                return max(0.0, when - time.time())
-    except (ValueError, TypeError, OverflowError):
-        pass
-    resets = [parse_duration(found[n].decode("latin-1")) for n in _RESET_HEADERS if n in found]
-    resets = [r for r in resets if r is not None]
-    return max(resets) if resets else None
+def format_duration(seconds: float) -> str:
+    """OpenAI's reset format: `120ms`, `1s`, `1.5s`, `6m0s`, `1h2m3s`."""
+    if seconds < 1:
+        return f"{int(seconds * 1000)}ms"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{round(secs, 3):g}s"
+    if hours or minutes:
+        text = f"{int(minutes)}m{text}"
+    if hours:
+        text = f"{int(hours)}h{text}"
+    return text
 
 
-_RESET_HEADERS = (b"x-ratelimit-reset-requests", b"x-ratelimit-reset-tokens")
-_COOLDOWN_HEADERS = frozenset((b"retry-after-ms", b"retry-after", *_RESET_HEADERS))
+def mask_secret(secret: str) -> str:
+    """`sk-...a1b2`: enough to tell keys apart, never enough to use one."""
+    if len(secret) < 12:
+        return "***"
+    head = secret[:3] if secret[2:3] == "-" else secret[:2]
+    return f"{head}...{secret[-4:]}"
+
+
+def wall_time(monotonic: float, now: float, wall: float) -> float:
+    """A monotonic instant as unix seconds, for the JSON endpoints."""
+    return round(wall + monotonic - now, 3)
+
+
+_ID_PREFIX = b"req-" + os.urandom(4).hex().encode()
+_ID_COUNTER = itertools.count(1)
+
+
+def new_request_id() -> bytes:
+    """Unique across restarts (random prefix) and cheap per request (a counter)."""
+    return b"%s%08x" % (_ID_PREFIX, next(_ID_COUNTER))
+
+
+def retry_after_headers(seconds: float) -> list[tuple[bytes, bytes]]:
+    return [(b"retry-after", b"%d" % max(1, int(-(-seconds // 1)))),
+            (b"retry-after-ms", b"%d" % max(0, int(seconds * 1000)))]
+
+
+################################################################################
+# Rotation and resilience: upstream keys, the key pool, cooldowns, breakers
+################################################################################
+
+
+class KeyState(enum.Enum):
+    ACTIVE = "active"
+    COOLING = "cooling"
+    BLOCKED = "blocked"
+
+
+class UpstreamKey:
+    """One upstream credential at run time: its pre-built request-head bytes, its health and
+    counters. Changed only through its KeyPool."""
+
+    __slots__ = (
+        "name", "secret", "head", "blocked", "cooldown_until", "cool_streak", "next_slot",
+        "requests", "failures", "last_used", "last_status",
+    )
+
+    def __init__(self, name: str, secret: str, head: bytes = b"") -> None:
+        self.name = name
+        self.secret = secret
+        self.head = head  # "Authorization: ...\r\nHost: ...\r\n" and the upstream's headers
+        self.reset()
+
+    def reset(self) -> None:
+        self.blocked = False
+        self.cooldown_until = 0.0  # monotonic
+        self.cool_streak = 0  # consecutive cooldowns without a success, for the backoff
+        self.next_slot = 0.0  # monotonic: pacing, the earliest the next request may go
+        self.requests = 0
+        self.failures = 0
+        self.last_used: float | None = None  # unix seconds
+        self.last_status: int | None = None
+
+    def state(self, now: float) -> KeyState:
+        if self.blocked:
+            return KeyState.BLOCKED
+        return KeyState.COOLING if now < self.cooldown_until else KeyState.ACTIVE
+
+    def __repr__(self) -> str:
+        return (f"UpstreamKey({self.name!r}, {mask_secret(self.secret)!r}, "
+                f"blocked={self.blocked}, cooldown_until={self.cooldown_until:.1f})")
 
 
 class KeyPool:
@@ -299,10 +388,17 @@ class KeyPool:
         self.current = 0  # failover: the key in use
         self._next = 0  # round_robin: where the next pick starts
 
+    @classmethod
+    def of(cls, upstream: Upstream) -> KeyPool:
+        keys = [UpstreamKey(k.name, k.secret, k.head) for k in upstream.keys]
+        return cls(keys, upstream.key_strategy, upstream.pacing_interval)
+
     def __repr__(self) -> str:
         now = self.clock()
         states = ", ".join(f"{k.name}={k.state(now).value}" for k in self.keys)
         return f"KeyPool({self.strategy}, [{states}], current={self.current}, next={self._next})"
+
+    # choosing -------------------------------------------------------------------------------
 
     def pick(self, exclude: Iterable[UpstreamKey] = (),
              max_wait: float = float("inf")) -> tuple[UpstreamKey, float] | None:
@@ -329,6 +425,28 @@ class KeyPool:
             best.next_slot = max(now, best.next_slot) + self.interval
         return best, wait
 
+    def current_key(self) -> UpstreamKey:
+        return self.keys[self.current % len(self.keys)]
+
+    def rotate(self) -> UpstreamKey:
+        """Advance the current key; a round_robin pick then starts after it."""
+        self.current = (self.current + 1) % len(self.keys)
+        self._next = self.current + 1 if self.strategy == "round_robin" else self._next
+        return self.keys[self.current]
+
+    # what happened to a key -----------------------------------------------------------------
+
+    def sending(self, key: UpstreamKey) -> None:
+        key.requests += 1
+        key.last_used = time.time()
+        key.last_status = None
+
+    def answered(self, key: UpstreamKey, status: int) -> None:
+        key.last_status = status
+
+    def failed(self, key: UpstreamKey) -> None:
+        key.failures += 1
+
     def succeeded(self, key: UpstreamKey) -> None:
         key.cool_streak = 0
 
@@ -350,15 +468,11 @@ class KeyPool:
         if self.strategy == "failover" and self.keys[self.current] is key:
             self.current = (self.current + 1) % len(self.keys)
 
-    def rotate(self) -> UpstreamKey:
-        """Advance the current key; a round_robin pick then starts after it."""
-        self.current = (self.current + 1) % len(self.keys)
-        self._next = self.current + 1 if self.strategy == "round_robin" else self._next
-        return self.keys[self.current]
-
     def reset(self) -> None:
         for key in self.keys:
             key.reset()
+
+    # reading the pool -----------------------------------------------------------------------
 
     def seconds_until_usable(self) -> float | None:
         """Until the first cooling key returns (None when every key is blocked)."""
@@ -370,6 +484,45 @@ class KeyPool:
     def all_unavailable(self) -> bool:
         now = self.clock()
         return all(k.blocked or now < k.cooldown_until for k in self.keys)
+
+    def available(self) -> dict[str, int]:
+        """Key name -> 1 while active: the gateway_key_available gauge."""
+        now = self.clock()
+        return {k.name: int(k.state(now) is KeyState.ACTIVE) for k in self.keys}
+
+    def snapshot(self) -> list[dict]:
+        """Every key as /v1/tokens/stats shows it: masked, never the secret."""
+        now, wall = self.clock(), time.time()
+        return [{
+            "name": k.name, "key": mask_secret(k.secret), "state": k.state(now).value,
+            "cooldown_until": wall_time(k.cooldown_until, now, wall)
+            if k.cooldown_until > now else None,
+            "requests": k.requests, "failures": k.failures,
+            "last_used": k.last_used, "last_status": k.last_status,
+        } for k in self.keys]
+
+
+def cooldown_from_headers(headers: list[tuple[bytes, bytes]]) -> float | None:
+    """How long an upstream asked us to wait: retry-after-ms, Retry-After, x-ratelimit-reset-*."""
+    found: dict[bytes, bytes] = {}
+    for name, value in headers:
+        if name in _COOLDOWN_HEADERS:
+            found[name] = value
+    try:
+        if b"retry-after-ms" in found:
+            return max(0.0, float(found[b"retry-after-ms"]) / 1000)
+        if b"retry-after" in found:
+            value = found[b"retry-after"].decode("latin-1")
+            try:
+                return max(0.0, float(value))
+            except ValueError:  # an HTTP-date
+                when = email.utils.parsedate_to_datetime(value).timestamp()
+                return max(0.0, when - time.time())
+    except (ValueError, TypeError, OverflowError):
+        pass
+    resets = [parse_duration(found[n].decode("latin-1")) for n in _RESET_HEADERS if n in found]
+    resets = [r for r in resets if r is not None]
+    return max(resets) if resets else None
 
 
 class BreakerState(enum.Enum):
@@ -442,6 +595,63 @@ class CircuitBreaker:
             return 0.0
         return max(0.0, self.opened_at + self.recovery_s - self.clock())
 
+    def healthy(self) -> bool:
+        """Closed with no failure counted: nothing would be lost by forgetting it."""
+        return self.state is BreakerState.CLOSED and not self.failures
+
+
+class BreakerBoard:
+    """Every (upstream, model) breaker, made on first use. "*" upstreams see client-chosen
+    model names, so the board is bounded: a new pair evicts the oldest healthy one."""
+
+    __slots__ = ("threshold", "recovery_s", "clock", "_breakers")
+
+    def __init__(self, threshold: int, recovery_s: float, clock: Clock = time.monotonic) -> None:
+        self.threshold = threshold
+        self.recovery_s = recovery_s
+        self.clock = clock
+        self._breakers = BoundedMap(MAX_BREAKERS, keep=lambda b: not b.healthy())
+
+    def __repr__(self) -> str:
+        return f"BreakerBoard({len(self._breakers)} pairs, {len(self.not_closed())} not closed)"
+
+    def get(self, upstream: str, model: str) -> CircuitBreaker:
+        found = self._breakers.get((upstream, model))
+        if found is None:
+            found = CircuitBreaker(self.threshold, self.recovery_s, self.clock)
+            self._breakers.put((upstream, model), found)  # unstored when full of unhealthy
+        return found
+
+    def not_closed(self) -> list[tuple[str, str]]:
+        return [pair for pair, b in self._breakers.items() if b.state is not BreakerState.CLOSED]
+
+    def snapshot(self) -> dict[str, dict]:
+        """Every pair as /health/circuit-breakers shows it."""
+        now, wall = self.clock(), time.time()
+        return {f"{up}/{model}": {
+            "state": b.state.value,
+            "failure_count": b.failures,
+            "last_failure_time": None if b.last_failure is None
+            else wall_time(b.last_failure, now, wall),
+            "retry_at": None if b.state is BreakerState.CLOSED else round(wall + b.retry_in(), 3),
+        } for (up, model), b in self._breakers.items()}
+
+    def open_gauge(self, fold: Callable[[str], str]) -> dict[tuple[str, str], int]:
+        """(upstream, model label) -> 1 while open or half-open; unknown models fold together."""
+        gauge: dict[tuple[str, str], int] = {}
+        for (up, model), b in self._breakers.items():
+            pair = (up, fold(model))
+            gauge[pair] = max(gauge.get(pair, 0), int(b.state is not BreakerState.CLOSED))
+        return gauge
+
+    def reset(self) -> None:
+        self._breakers.clear()
+
+
+################################################################################
+# Client limits and usage: token buckets, the limiter, the usage ledger
+################################################################################
+
 
 class TokenBucket:
     """Refills at `rate` per second up to `capacity`; never admits more than
@@ -489,43 +699,89 @@ class TokenBucket:
         return (self.capacity - self.level) / self.rate
 
 
-def format_duration(seconds: float) -> str:
-    """OpenAI's reset format: `120ms`, `1s`, `1.5s`, `6m0s`, `1h2m3s`."""
-    if seconds < 1:
-        return f"{int(seconds * 1000)}ms"
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    text = f"{round(secs, 3):g}s"
-    if hours or minutes:
-        text = f"{int(minutes)}m{text}"
-    if hours:
-        text = f"{int(hours)}h{text}"
-    return text
+class ClientLimits:
+    """One client's buckets: requests per minute (capacity `burst`) and optional tokens."""
+
+    __slots__ = ("rpm", "tpm", "requests", "tokens", "_kinds")
+
+    def __init__(self, rpm: float | None, tpm: float | None, burst: float | None,
+                 clock: Clock = time.monotonic) -> None:
+        self.rpm = rpm
+        self.tpm = tpm
+        self.requests = TokenBucket(rpm / 60, burst or rpm, clock) if rpm else None
+        self.tokens = TokenBucket(tpm / 60, tpm, clock) if tpm else None
+        # (header names, the limit as bytes, bucket) per limited kind: made once, not per response
+        self._kinds = [((b"x-ratelimit-limit-" + kind, b"x-ratelimit-remaining-" + kind,
+                         b"x-ratelimit-reset-" + kind), b"%d" % limit, bucket)
+                       for kind, limit, bucket in ((b"requests", rpm, self.requests),
+                                                   (b"tokens", tpm, self.tokens))
+                       if bucket is not None]
+
+    def __repr__(self) -> str:
+        return f"ClientLimits(rpm={self.rpm}, tpm={self.tpm})"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """x-ratelimit-* in OpenAI's formats, for every response to this client."""
+        out = []
+        for (limit_name, remaining_name, reset_name), limit, bucket in self._kinds:
+            out += [(limit_name, limit), (remaining_name, b"%d" % bucket.remaining()),
+                    (reset_name, format_duration(bucket.until_full()).encode())]
+        return out
 
 
-def usage_in(tail: bytes) -> dict | None:
-    """The last `"usage": {...}` object in the tail of a JSON body, parsed alone."""
-    i = tail.rfind(b'"usage"')
-    if i < 0:
-        return None
-    j = tail.find(b"{", i)
-    if j < 0 or tail[i + 7:j].strip() != b":":
-        return None
-    end = tail.find(b"}", j)
-    while end >= 0 and tail.count(b"{", j, end + 1) != tail.count(b"}", j, end + 1):
-        end = tail.find(b"}", end + 1)  # usage holds nested *_details objects
-    if end < 0:
-        return None
-    try:
-        usage = orjson.loads(tail[j:end + 1])
-    except orjson.JSONDecodeError:
-        return None
-    return usage if isinstance(usage, dict) else None
+class Limiter:
+    """Client rate limits: a ClientLimits per client key, or per source address when auth
+    is off (LRU-bounded); takes what a request costs and counts the refusals."""
+
+    __slots__ = ("rpm", "tpm", "burst", "clock", "_by_key", "_by_ip", "refused")
+
+    def __init__(self, config: Config, clock: Clock = time.monotonic) -> None:
+        self.rpm, self.tpm, self.burst = config.rpm, config.tpm, config.burst
+        self.clock = clock
+        self._by_key = {k.name: ClientLimits(k.rpm or config.rpm, k.tpm or config.tpm,
+                                             None if k.rpm else config.burst, clock)
+                        for k in config.api_keys if k.rpm or k.tpm or config.rpm or config.tpm}
+        self._by_ip: BoundedMap = BoundedMap(MAX_CLIENT_IPS)
+        self.refused = 0  # requests refused by a client's own limits, for /metrics
+
+    def __repr__(self) -> str:
+        return f"Limiter(keys={len(self._by_key)}, ips={len(self._by_ip)}, refused={self.refused})"
+
+    def limits_for(self, client: ClientKey | None, peer: str) -> ClientLimits | None:
+        if client is not None:
+            return self._by_key.get(client.name)
+        if not (self.rpm or self.tpm):
+            return None
+        limits = self._by_ip.get(peer)
+        if limits is None:
+            limits = ClientLimits(self.rpm, self.tpm, self.burst, self.clock)
+            self._by_ip.put(peer, limits)
+        else:
+            self._by_ip.move_to_end(peer)
+        return limits
+
+    def take_request(self, limits: ClientLimits) -> None:
+        wait = limits.requests.take() if limits.requests is not None else 0.0
+        if wait:
+            raise self.refuse(f"Rate limit reached for requests: {limits.rpm:g} per minute.",
+                              wait)
+
+    def take_tokens(self, limits: ClientLimits, amount: int) -> None:
+        wait = limits.tokens.take(amount)  # type: ignore[union-attr]
+        if wait:
+            raise self.refuse("Rate limit reached for tokens per minute.", wait)
+
+    def settle_tokens(self, limits: ClientLimits, delta: int) -> None:
+        """Correct the estimate taken before the request: delta more, or -delta back."""
+        limits.tokens.adjust(delta)  # type: ignore[union-attr]
+
+    def refuse(self, message: str, wait: float) -> GatewayError:
+        """A client over its own limit: counted, and told when to come back."""
+        self.refused += 1
+        return RateLimited(message, headers=retry_after_headers(wait))
 
 
-def _tokens(usage: dict | None, name: str) -> int:
-    value = usage.get(name) if usage else None
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+_USAGE_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
 
 
 class ClientUsage:
@@ -541,7 +797,8 @@ class ClientUsage:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.total_tokens = 0
-        self.models: dict[str, list[int]] = {}  # model -> [requests, prompt, completion, total]
+        # model -> [requests, prompt, completion, total]; client-chosen names, so bounded
+        self.models = BoundedMap(MAX_BREAKERS, keep=lambda counts: True)
 
     def __repr__(self) -> str:
         return f"ClientUsage({self.name!r}, total={self.total_tokens}, budget={self.budget})"
@@ -554,9 +811,9 @@ class ClientUsage:
         self.total_tokens += total
         counts = self.models.get(model)
         if counts is None:
-            if len(self.models) >= MAX_BREAKERS:  # client-chosen names: keep the set bounded
+            counts = [0, 0, 0, 0]
+            if not self.models.put(model, counts):
                 return
-            counts = self.models[model] = [0, 0, 0, 0]
         counts[0] += 1
         counts[1] += prompt
         counts[2] += completion
@@ -571,38 +828,82 @@ class ClientUsage:
             "name": self.name, "requests": self.requests, "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens, "total_tokens": self.total_tokens,
             "budget_tokens": self.budget, "budget_left": left,
-            "models": {m: dict(zip(("requests", "prompt_tokens", "completion_tokens",
-                                    "total_tokens"), c)) for m, c in self.models.items()},
+            "models": {m: dict(zip(_USAGE_FIELDS, c)) for m, c in self.models.items()},
         }
 
 
-class ClientLimits:
-    """A client's buckets: requests per minute (capacity `burst`) and optional tokens."""
+class UsageLedger:
+    """Usage per client name: totals, budgets, and the usage log that carries them across
+    restarts (replayed on open, one line appended per request)."""
 
-    __slots__ = ("rpm", "tpm", "requests", "tokens")
+    __slots__ = ("_clients", "_file")
 
-    def __init__(self, rpm: float | None, tpm: float | None, burst: float | None,
-                 clock: Clock = time.monotonic) -> None:
-        self.rpm = rpm
-        self.tpm = tpm
-        self.requests = TokenBucket(rpm / 60, burst or rpm, clock) if rpm else None
-        self.tokens = TokenBucket(tpm / 60, tpm, clock) if tpm else None
+    def __init__(self, keys: Iterable[ClientKey]) -> None:
+        self._clients = {k.name: ClientUsage(k.name, k.budget_tokens) for k in keys}
+        self._file: Any = None
 
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        out = []
-        for kind, limit, bucket in ((b"requests", self.rpm, self.requests),
-                                    (b"tokens", self.tpm, self.tokens)):
-            if bucket is not None:
-                out += [(b"x-ratelimit-limit-" + kind, b"%d" % limit),
-                        (b"x-ratelimit-remaining-" + kind, b"%d" % bucket.remaining()),
-                        (b"x-ratelimit-reset-" + kind,
-                         format_duration(bucket.until_full()).encode())]
-        return out
+    def __repr__(self) -> str:
+        return f"UsageLedger({len(self._clients)} clients, log={'on' if self._file else 'off'})"
+
+    def _of(self, name: str) -> ClientUsage:
+        usage = self._clients.get(name)
+        if usage is None:
+            usage = self._clients[name] = ClientUsage(name)
+        return usage
+
+    def check_budget(self, name: str) -> None:
+        usage = self._of(name)
+        if usage.over_budget():
+            raise QuotaExceeded(f"This key has used its budget of {usage.budget} tokens.")
+
+    def record(self, name: str, model: str, prompt: int, completion: int, total: int,
+               request_id: bytes, status: int) -> None:
+        total = total or prompt + completion
+        self._of(name).add(model, prompt, completion, total)
+        if self._file is not None:
+            self._file.write(orjson.dumps({
+                "ts": round(time.time(), 3), "request_id": request_id.decode("latin-1"),
+                "key": name, "model": model, "prompt_tokens": prompt,
+                "completion_tokens": completion, "total_tokens": total, "status": status,
+            }).decode() + "\n")
+
+    def report(self, name: str | None = None) -> list[dict]:
+        """One client's usage, or every client's (name None)."""
+        if name is not None:
+            return [self._of(name).as_json()]
+        return [u.as_json() for u in self._clients.values()]
+
+    def open(self, path: str) -> None:
+        """Replay the log (so usage and budgets survive a restart), then append to it."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        lines = data.split(b"\n")
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = orjson.loads(line)
+                self._of(str(entry["key"])).add(str(entry["model"]), *usage_tokens(entry))
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                torn = number == len(lines)
+                log(f"usage_log {path}: skipped {'a torn last' if torn else 'an unreadable'} "
+                    f"line {number}")
+        self._file = open(path, "a", buffering=1, encoding="utf-8")  # a line per write
+        if data and not data.endswith(b"\n"):
+            self._file.write("\n")  # end the torn line: the next entry gets its own
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
-# Latency buckets for LLM traffic: a cached answer in a millisecond, a long generation in 2 min.
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                   30.0, 60.0, 120.0)
+################################################################################
+# Observability: metrics, the access log
+################################################################################
 
 
 class Histogram:
@@ -639,19 +940,23 @@ def _labels(names: tuple[str, ...], values: tuple) -> str:
 class Metrics:
     """Plain integers updated in place on the hot path; text built only at scrape time.
     Label values come from configuration (routes, known models, key names), never raw
-    from a request."""
+    from a request: every model name passes through fold()."""
 
     __slots__ = ("requests", "upstream_requests", "tokens", "durations", "ttfb",
-                 "active_streams", "rate_limited")
+                 "active_streams", "known_models")
 
-    def __init__(self) -> None:
+    def __init__(self, known_models: Iterable[str] = ()) -> None:
         self.requests: dict[tuple[str, str, int], int] = {}
         self.upstream_requests: dict[tuple[str, str, str], int] = {}
         self.tokens: dict[tuple[str, str], int] = {}
         self.durations: dict[str, Histogram] = {}
         self.ttfb: dict[str, Histogram] = {}
         self.active_streams = 0
-        self.rate_limited = 0
+        self.known_models = set(known_models)  # configured, or listed by an upstream
+
+    def fold(self, model: str) -> str:
+        """The one label-folding rule: a known model is its own label, any other is "other"."""
+        return model if model in self.known_models else ("other" if model else "")
 
     def count(self, table: dict, key: tuple, amount: int = 1) -> None:
         table[key] = table.get(key, 0) + amount
@@ -662,7 +967,8 @@ class Metrics:
             found = table[key] = Histogram()
         return found
 
-    def render(self, gauges: list[tuple[str, str, tuple[str, ...], dict]]) -> bytes:
+    def render(self, gauges: list[tuple[str, str, tuple[str, ...], dict]],
+               rate_limited: int) -> bytes:
         out: list[str] = []
         counters = (
             ("gateway_requests_total", "Requests answered, by route, model and status.",
@@ -678,7 +984,7 @@ class Metrics:
             out += [f"{name}{{{_labels(names, k)}}} {v}" for k, v in table.items()]
         out += ["# HELP gateway_rate_limited_total Requests refused by a client's own limits.",
                 "# TYPE gateway_rate_limited_total counter",
-                f"gateway_rate_limited_total {self.rate_limited}"]
+                f"gateway_rate_limited_total {rate_limited}"]
         for name, text, label, table in (
                 ("gateway_request_duration_seconds", "Time from request head to response end.",
                  "path", self.durations),
@@ -696,8 +1002,51 @@ class Metrics:
         return ("\n".join(out) + "\n").encode()
 
 
+class AccessLog:
+    """One JSON line per request on stderr, written once per loop turn: under load, many
+    requests share a write."""
+
+    __slots__ = ("enabled", "loop", "_lines")
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._lines: list[bytes] = []  # lines not yet written
+
+    def request(self, rq: Request, duration: float) -> None:
+        w = rq.writer
+        self._write(orjson.dumps({
+            "ts": round(time.time(), 3), "request_id": rq.request_id.decode("latin-1"),
+            "method": rq.method.decode("latin-1"), "path": rq.path[:256].decode("latin-1"),
+            "status": w.status, "model": rq.model[:128] or None,
+            "upstream": rq.served_by or None, "upstream_key": rq.key_name or None,
+            "client": rq.client.name if rq.client is not None else None, "stream": w.sse,
+            "ttfb_ms": None if rq.ttfb is None else round(rq.ttfb * 1000, 3),
+            "duration_ms": round(duration * 1000, 3), "prompt_tokens": rq.tokens[0],
+            "completion_tokens": rq.tokens[1], "bytes_out": w.bytes_out,
+            "error": rq.error or None,
+        }))
+
+    def protocol_error(self, err: GatewayError) -> None:
+        """A request too malformed to become a Request still gets its line."""
+        self._write(orjson.dumps({
+            "ts": round(time.time(), 3), "request_id": None, "method": None, "path": None,
+            "status": err.status, "error": err.message}))
+
+    def _write(self, line: bytes) -> None:
+        if not self._lines:
+            self.loop.call_soon(self.flush)  # type: ignore[union-attr]
+        self._lines.append(line)
+
+    def flush(self) -> None:
+        if self._lines:
+            self._lines.append(b"")
+            sys.stderr.write(b"\n".join(self._lines).decode())
+            self._lines.clear()
+
+
 ################################################################################
-# Configuration
+# Configuration: pure data, validated once, never changed at run time
 ################################################################################
 
 
@@ -788,11 +1137,20 @@ def resolve_env(value: Any, path: str, env: _Env) -> str:
     return env.vars[name]
 
 
-def _expand_keys(value: Any, path: str, upstream: str, env: _Env) -> list[UpstreamKey]:
+class KeySpec(NamedTuple):
+    """An upstream key as configured: its name, its secret, and the static request-head
+    bytes sent with it (built once here, never per request)."""
+
+    name: str
+    secret: str
+    head: bytes = b""
+
+
+def _expand_keys(value: Any, path: str, upstream: str, env: _Env) -> list[tuple[str, str]]:
     """An upstream's keys: plain strings, "env:NAME", or "env:PREFIX*" (sorted by name)."""
     if not isinstance(value, list):
         raise _fail(path, "must be a list of strings")
-    keys: list[UpstreamKey] = []
+    keys: list[tuple[str, str]] = []
     for i, item in enumerate(value):
         at = f"{path}[{i}]"
         if isinstance(item, str) and item.startswith("env:") and item.endswith("*"):
@@ -801,13 +1159,13 @@ def _expand_keys(value: Any, path: str, upstream: str, env: _Env) -> list[Upstre
             if not prefix or not names:
                 raise _fail(at, f"no environment variable starts with {prefix!r}")
             env.used.update(names)
-            keys.extend(UpstreamKey(n, env.vars[n]) for n in names)
+            keys.extend((n, env.vars[n]) for n in names)
         elif isinstance(item, str) and item.startswith("env:"):
-            keys.append(UpstreamKey(item[4:], resolve_env(item, at, env)))
+            keys.append((item[4:], resolve_env(item, at, env)))
         else:
-            keys.append(UpstreamKey(f"{upstream}#{i}", resolve_env(item, at, env)))
-    for i, key in enumerate(keys):
-        if not key.secret or any(c in key.secret for c in "\r\n\0"):
+            keys.append((f"{upstream}#{i}", resolve_env(item, at, env)))
+    for i, (_, secret) in enumerate(keys):
+        if not secret or any(c in secret for c in "\r\n\0"):
             raise _fail(f"{path}[{i}]", "empty or has a control character")
     return keys
 
@@ -817,9 +1175,9 @@ class Upstream:
 
     __slots__ = (
         "name", "url", "scheme", "host", "port", "base_path", "models", "keys",
-        "key_strategy", "rpm_per_key", "min_interval_ms", "connect_timeout_s",
-        "first_byte_timeout_s", "idle_timeout_s", "headers", "chat_only", "embeddings",
-        "stream_usage", "host_header",
+        "key_strategy", "rpm_per_key", "min_interval_ms", "pacing_interval",
+        "connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s", "headers", "chat_only",
+        "embeddings", "stream_usage", "host_header",
     )
     FIELDS = frozenset(
         "name url keys models key_strategy rpm_per_key min_interval_ms connect_timeout_s "
@@ -833,7 +1191,9 @@ class Upstream:
             raise _fail(r.at("name"), "must not be empty")
         self.url = r.string("url", DEFAULT_UPSTREAM_URL)
         self._parse_url(r.at("url"))
-        keys = _expand_keys(r.obj.get("keys", []), r.at("keys"), self.name, r.env)
+        # A keyless upstream (a local server) still gets one key: it can be rate-limited too.
+        keys = _expand_keys(r.obj.get("keys", []), r.at("keys"), self.name, r.env) \
+            or [(f"{self.name}#anonymous", "")]
         models = r.obj.get("models", "*")
         self.models = None if models == "*" else frozenset(r.strings("models"))
         self.key_strategy = r.string("key_strategy", "round_robin")
@@ -843,11 +1203,9 @@ class Upstream:
         self.min_interval_ms = r.number("min_interval_ms", 0)
         # rpm_per_key is paced 1% under the given rate: at exactly R, network jitter puts
         # request R+1 inside the upstream's rolling minute now and then, and a 429 follows.
-        interval = max(60.0 / self.rpm_per_key * PACING_SLACK if self.rpm_per_key else 0.0,
-                       self.min_interval_ms / 1000)
-        # A keyless upstream (a local server) still gets one key: it can be rate-limited too.
-        self.keys = KeyPool(keys or [UpstreamKey(f"{self.name}#anonymous", "")],
-                            self.key_strategy, interval)
+        self.pacing_interval = max(
+            60.0 / self.rpm_per_key * PACING_SLACK if self.rpm_per_key else 0.0,
+            self.min_interval_ms / 1000)
         self.connect_timeout_s = r.number("connect_timeout_s", 10, above=True)
         self.first_byte_timeout_s = r.number("first_byte_timeout_s", 120, above=True)
         self.idle_timeout_s = r.number("idle_timeout_s", 120, above=True)
@@ -857,7 +1215,7 @@ class Upstream:
         self.chat_only = r.boolean("chat_only", False)
         self.embeddings = r.boolean("embeddings", True)
         self.stream_usage = r.boolean("stream_usage", True)
-        self._build_heads(r.at("headers"))
+        self.keys = self._with_heads(keys, r.at("headers"))
 
     def _parse_url(self, path: str) -> None:
         parts = urlsplit(self.url) if isinstance(self.url, str) else None
@@ -875,7 +1233,7 @@ class Upstream:
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = host if default_port else f"{host}:{self.port}"
 
-    def _build_heads(self, path: str) -> None:
+    def _with_heads(self, keys: list[tuple[str, str]], path: str) -> tuple[KeySpec, ...]:
         """Pre-build the static part of every request head, once per key."""
         extra = []
         for name, value in self.headers.items():
@@ -883,15 +1241,17 @@ class Upstream:
                 raise _fail(f"{path}.{name}", "not a valid header name and value")
             extra.append(f"{name}: {value}\r\n")
         common = f"Host: {self.host_header}\r\nAccept-Encoding: identity\r\n" + "".join(extra)
-        for key in self.keys.keys:
-            auth = f"Authorization: Bearer {key.secret}\r\n" if key.secret else ""
-            key.head = (auth + common).encode("latin-1")
+        return tuple(
+            KeySpec(name, secret,
+                    ((f"Authorization: Bearer {secret}\r\n" if secret else "") + common)
+                    .encode("latin-1"))
+            for name, secret in keys)
 
     def serves(self, model: str) -> bool:
         return self.models is None or model in self.models
 
     def __repr__(self) -> str:
-        return f"Upstream({self.name!r}, {self.url!r}, keys={len(self.keys.keys)})"
+        return f"Upstream({self.name!r}, {self.url!r}, keys={len(self.keys)})"
 
 
 class ClientKey:
@@ -929,6 +1289,10 @@ class ClientKey:
             frozenset(models) if models is not None else None,
             r.number("budget_tokens", None, nullable=True, integer=True),
         )
+
+    def allows(self, requested: str, model: str) -> bool:
+        """The allow-list names the model as asked for, or what its alias resolves to."""
+        return self.models is None or requested in self.models or model in self.models
 
     def __repr__(self) -> str:
         return f"ClientKey({self.name!r}, {mask_secret(self.key)!r})"
@@ -1026,15 +1390,30 @@ class Config:
     def auth_on(self) -> bool:
         return bool(self.api_keys)
 
-    def summary(self) -> str:
+    def resolve_alias(self, model: str) -> str:
+        aliases = self.aliases
+        while model in aliases:
+            model = aliases[model]
+        return model
+
+    def known_models(self) -> set[str]:
+        """Every model id the configuration names: upstream lists, aliases, fallbacks."""
+        known = set(self.aliases) | set(self.aliases.values()) | set(self.fallbacks)
+        for u in self.upstreams:
+            known |= u.models or set()
+        for chain in self.fallbacks.values():
+            known.update(chain)
+        return known
+
+    def summary(self, port: int | None = None) -> str:
         models = set(self.aliases)
         for u in self.upstreams:
             models |= u.models or set()
         any_model = any(u.models is None for u in self.upstreams)
         count = f"{len(models)}{'+any' if any_model else ''}"
         n = len(self.upstreams)
-        return (f"http://{self.host}:{self.port} · {n} upstream{'s' * (n != 1)} · {count} models"
-                f" · auth {'on' if self.auth_on else 'off'}")
+        return (f"http://{self.host}:{self.port if port is None else port} · {n} "
+                f"upstream{'s' * (n != 1)} · {count} models · auth {'on' if self.auth_on else 'off'}")
 
 
 def _read_json_source(text: str, where: str) -> dict[str, Any]:
@@ -1124,15 +1503,90 @@ def load_config(
 
 
 ################################################################################
-# Upstream client
+# Upstream client: connection states, the chunked decoder, the pool
 ################################################################################
 
-# Response framing, decided once per response head.
-_LENGTH, _CHUNKED, _UNTIL_CLOSE, _NO_BODY = range(4)
-# Chunked decoder states.
-_SIZE, _DATA, _DATA_CRLF, _TRAILER = range(4)
-# What an upstream connection is waiting for, as far as timeouts go.
-_NOTHING, _FIRST_BYTE, _BODY_BYTES = range(3)
+
+class ConnState(enum.Enum):
+    IDLE = "idle"  # connected, no exchange under way (new, or waiting in the pool)
+    WAIT_HEAD = "wait_head"  # request written; the response head is not complete yet
+    BODY = "body"  # head parsed; the body is arriving
+    DONE = "done"  # the body has ended: back to the pool, or closed
+    CLOSED = "closed"
+
+
+class Framing(enum.Enum):
+    LENGTH = "content-length"
+    CHUNKED = "chunked"
+    UNTIL_CLOSE = "until-close"
+    NO_BODY = "no-body"
+
+
+class ChunkState(enum.Enum):
+    SIZE = "size"  # reading a chunk-size line
+    DATA = "data"  # inside a chunk
+    DATA_CRLF = "data-crlf"  # the CRLF after a chunk's data
+    TRAILER = "trailer"  # reading trailer lines after the last chunk
+    END = "end"  # the blank line after the trailers: the body has ended
+
+
+_IDLE, _WAIT_HEAD, _BODY, _DONE, _CLOSED = ConnState
+_LENGTH, _CHUNKED, _UNTIL_CLOSE, _NO_BODY = Framing
+_SIZE, _DATA, _DATA_CRLF, _TRAILER, _END = ChunkState
+
+
+class ChunkedDecoder:
+    """Chunked transfer coding, decoded as the bytes arrive, in any split."""
+
+    __slots__ = ("state", "left", "line")
+
+    def __init__(self) -> None:
+        self.state = _SIZE
+        self.left = 0  # bytes left in this chunk (DATA) or of its CRLF (DATA_CRLF)
+        self.line = b""  # a size or trailer line that has not ended yet
+
+    def __repr__(self) -> str:
+        return f"ChunkedDecoder({self.state.value}, left={self.left})"
+
+    def feed(self, data: bytes, out: list[bytes]) -> int:
+        """Append the body bytes in data to out. Returns the offset just past the end of
+        the body, or -1 while it goes on; ValueError when the coding is malformed."""
+        pos, end = 0, len(data)
+        while pos < end:
+            state = self.state
+            if state is _DATA:
+                take = min(self.left, end - pos)
+                out.append(data if take == end else data[pos:pos + take])
+                pos += take
+                self.left -= take
+                if self.left == 0:
+                    self.state, self.left = _DATA_CRLF, 2
+            elif state is _DATA_CRLF:
+                take = min(self.left, end - pos)
+                pos += take
+                self.left -= take
+                if self.left == 0:
+                    self.state = _SIZE
+            elif state is _END:
+                return pos
+            else:
+                nl = data.find(b"\n", pos)
+                if nl < 0:
+                    self.line += data[pos:]
+                    if len(self.line) > MAX_CHUNK_LINE:
+                        raise ValueError("chunk line too long")
+                    break
+                line, self.line = self.line + data[pos:nl], b""
+                pos = nl + 1
+                if state is _SIZE:
+                    size = int(line.split(b";", 1)[0].strip(), 16)
+                    if size < 0:
+                        raise ValueError(line)
+                    self.state, self.left = (_DATA, size) if size else (_TRAILER, 0)
+                elif not line.strip():  # the blank line after the trailers
+                    self.state = _END
+                    return pos
+        return -1
 
 
 class BodySink:
@@ -1148,8 +1602,28 @@ class BodySink:
         raise NotImplementedError
 
 
+class _Collector(BodySink):
+    """A sink that keeps the whole body: for small answers the gateway must look at."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def on_data(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def on_end(self) -> None:
+        pass
+
+    def on_error(self, exc: GatewayError) -> None:
+        pass
+
+
 class UpstreamConnection(asyncio.Protocol):
-    """One HTTP/1.1 connection to an upstream: IDLE → WAIT_HEAD → BODY → DONE → IDLE.
+    """One HTTP/1.1 connection to an upstream: IDLE → WAIT_HEAD → BODY → DONE → IDLE, or
+    CLOSED from any state. Every state change goes through _to(), which also arms or
+    disarms the one deadline the gateway's sweep checks.
 
     The response head is parsed here (no h11: a head is parsed once, bodies are only framed);
     the body is handed to a BodySink from data_received, so relaying costs no task switch.
@@ -1157,19 +1631,20 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         # per connection
-        "pool", "loop", "transport", "closed", "expires",
+        "pool", "loop", "transport", "state", "expires", "reused", "paused",
         # per exchange
-        "reused", "got_bytes", "head_buf", "head_waiter", "status", "headers", "framing",
-        "keep_alive", "left", "cstate", "line", "sink", "pending", "done", "waiting",
-        "deadline", "idle_timeout", "last_rx", "error",
+        "got_bytes", "head_buf", "head_waiter", "status", "headers", "framing", "keep_alive",
+        "left", "decoder", "sink", "pending", "done", "deadline", "first_byte_timeout",
+        "idle_timeout", "last_rx", "error",
     )
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self.expires = 0.0
+        self.state = _IDLE
+        self.expires = 0.0  # loop time: an idle connection is not reused after this
+        self.paused = False  # reading paused by the client's flow control
         self._reset()
 
     def _reset(self) -> None:
@@ -1181,21 +1656,36 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.framing = _NO_BODY
         self.keep_alive = False
-        self.left = 0
-        self.cstate = _SIZE
-        self.line = b""
+        self.left = 0  # LENGTH: body bytes still to come
+        self.decoder: ChunkedDecoder | None = None
         self.sink: BodySink | None = None
-        self.pending: list[bytes] | None = []
+        self.pending: list[bytes] | None = []  # body bytes that came before relay()
         self.done: asyncio.Future | None = None
-        self.waiting = _NOTHING  # what the gateway's sweep checks this connection for
-        self.deadline = 0.0  # loop time: the first byte is due by then
+        self.deadline = 0.0  # loop time: WAIT_HEAD must end by then
+        self.first_byte_timeout = 0.0
         self.idle_timeout = 0.0
-        self.last_rx = 0.0
-        self.error: GatewayError | None = None
+        self.last_rx = 0.0  # loop time of the last body bytes: BODY's idle timeout
+        self.error: BaseException | None = None
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else f"status={self.status} framing={self.framing}"
-        return f"UpstreamConnection({self.pool.upstream.name!r}, {state})"
+        return (f"UpstreamConnection({self.pool.upstream.name!r}, {self.state.value}, "
+                f"status={self.status}, framing={self.framing.value})")
+
+    # the one transition ---------------------------------------------------------------------
+
+    def _to(self, state: ConnState) -> None:
+        self.state = state
+        if state is _WAIT_HEAD:  # the head, all of it, must arrive by the deadline
+            self.deadline = self.loop.time() + self.first_byte_timeout
+        elif state is _BODY:
+            self.last_rx = self.loop.time()
+
+    def check_timeout(self, now: float) -> None:
+        """Called by the gateway's sweep: no timer per exchange."""
+        if self.state is _WAIT_HEAD and now >= self.deadline:
+            self._fail(UpstreamTimeout("upstream sent no response in time"))
+        elif self.state is _BODY and now - self.last_rx >= self.idle_timeout:
+            self._fail(UpstreamTimeout("upstream stalled mid-response"))
 
     # asyncio.Protocol callbacks -------------------------------------------------------------
 
@@ -1206,38 +1696,31 @@ class UpstreamConnection(asyncio.Protocol):
             _set_nodelay(sock)
 
     def data_received(self, data: bytes) -> None:
-        if not self.got_bytes:
-            self.got_bytes = True
-            self._cancel_timer()
-            if self.head_waiter is None:  # bytes on an idle connection: unusable
-                self.abort()
-                return
-        self.last_rx = self.loop.time()
-        if self.status == 0:
-            self._feed_head(data)
-        else:
+        state = self.state
+        if state is _BODY:
+            self.last_rx = self.loop.time()
             self._feed_body(data)
+        elif state is _WAIT_HEAD:
+            self.got_bytes = True
+            self._feed_head(data)
+        else:  # bytes nobody asked for (idle, or past the end of a body): unusable
+            self._drop()
 
     def eof_received(self) -> bool | None:
         return None  # closes the transport; connection_lost decides what that meant
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._cancel_timer()
+        state = self.state
+        self._to(_CLOSED)
         self.pool.forget(self)
-        if self.head_waiter is not None and not self.head_waiter.done():
-            if self.error is not None:
-                self.head_waiter.set_exception(self.error)
-            elif self.reused and not self.got_bytes:
-                self.head_waiter.set_exception(_StaleConnection())
-            else:
-                self.head_waiter.set_exception(
-                    UpstreamError("upstream closed the connection before answering"))
-        elif self.done is not None and not self.done.done():
-            if self.framing == _UNTIL_CLOSE and self.error is None:
-                self._finish()
-            else:
-                self._fail(self.error or UpstreamError("upstream closed the connection mid-response"))
+        if state is _WAIT_HEAD:
+            stale = self.reused and not self.got_bytes
+            self._tell(state, _StaleConnection() if stale else
+                       UpstreamError("upstream closed the connection before answering"))
+        elif state is _BODY and self.framing is _UNTIL_CLOSE:
+            self._end_body()
+        elif state is _BODY:
+            self._tell(state, UpstreamError("upstream closed the connection mid-response"))
 
     def pause_writing(self) -> None:  # request bodies are written whole; nothing to pause
         pass
@@ -1252,9 +1735,10 @@ class UpstreamConnection(asyncio.Protocol):
         """Send a request; return once the response head is in (self.status, self.headers)."""
         self.head_waiter = self.loop.create_future()
         self.done = self.loop.create_future()
+        self.first_byte_timeout = first_byte_timeout
         self.idle_timeout = idle_timeout
         self.transport.writelines(request)  # type: ignore[union-attr]
-        self.waiting, self.deadline = _FIRST_BYTE, self.loop.time() + first_byte_timeout
+        self._to(_WAIT_HEAD)
         try:
             await self.head_waiter
         except asyncio.CancelledError:
@@ -1272,7 +1756,7 @@ class UpstreamConnection(asyncio.Protocol):
             if self.error is None:
                 sink.on_end()
             else:
-                sink.on_error(self.error)
+                sink.on_error(self.error)  # type: ignore[arg-type]
         else:
             self.resume_reading()
         return self.done  # type: ignore[return-value]
@@ -1290,20 +1774,75 @@ class UpstreamConnection(asyncio.Protocol):
         return b"".join(collector.parts)
 
     def abort(self) -> None:
-        """Drop the connection now; it never returns to the pool."""
-        self.keep_alive = False
-        if self.transport is not None and not self.closed:
-            self.transport.abort()
-        self.closed = True
-        self.pool.forget(self)
+        """Abandon the exchange (the client left, or the gateway gave up on it): the socket
+        closes now and never returns to the pool; nobody is left waiting on it."""
+        for future in (self.head_waiter, self.done):
+            if future is not None and not future.done():
+                future.cancel()
+        self._drop()
 
     def pause_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and self.state is not _CLOSED:
+            self.paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and self.state is not _CLOSED:
+            self.paused = False
             self.transport.resume_reading()
+
+    # ends of an exchange --------------------------------------------------------------------
+
+    def _end_body(self) -> None:
+        """The body has ended: the waiter and the sink are told, the connection recycled."""
+        if self.state is _BODY:
+            self._to(_DONE)
+        done = self.done
+        if done is None or done.done():
+            return
+        done.set_result(None)
+        sink = self.sink
+        if sink is not None:  # else relay() recycles once the consumer has read the head
+            self._recycle()
+            sink.on_end()
+
+    def _fail(self, exc: BaseException) -> None:
+        """The exchange ends in error: the socket is dropped and whoever waits is told."""
+        state = self.state
+        self._drop()
+        self._tell(state, exc)
+
+    def _tell(self, state: ConnState, exc: BaseException) -> None:
+        self.error = exc
+        if state is _WAIT_HEAD:
+            waiter = self.head_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(exc)
+        elif state is _BODY:
+            done = self.done
+            if done is not None and not done.done():
+                done.set_result(None)
+                if self.sink is not None:
+                    self.sink.on_error(exc)  # type: ignore[arg-type]
+
+    def _garbage(self, why: str) -> None:
+        self._fail(UpstreamError(f"upstream answered garbage: {why}"))
+
+    def _recycle(self) -> None:
+        """Back to the pool if the exchange ended cleanly on a keep-alive connection."""
+        if self.state is _DONE and self.keep_alive and self.error is None:
+            self.pool.release(self)
+        elif self.state is not _CLOSED:
+            self.transport.close()  # type: ignore[union-attr]
+            self._to(_CLOSED)
+            self.pool.forget(self)
+
+    def _drop(self) -> None:
+        if self.state is not _CLOSED:
+            self._to(_CLOSED)
+            if self.transport is not None:
+                self.transport.abort()
+        self.pool.forget(self)
 
     # parsing --------------------------------------------------------------------------------
 
@@ -1327,14 +1866,14 @@ class UpstreamConnection(asyncio.Protocol):
             if rest:
                 self._feed_head(rest)
             return
-        if self.framing != _NO_BODY:
-            self.waiting = _BODY_BYTES
-        waiter, self.head_waiter = self.head_waiter, None
-        if self.framing == _NO_BODY or (self.framing == _LENGTH and self.left == 0):
-            self._finish()
+        waiter = self.head_waiter
+        self._to(_BODY)
+        if self.framing is _NO_BODY or (self.framing is _LENGTH and self.left == 0):
+            self._end_body()
         elif rest:
             self._feed_body(rest)
-        waiter.set_result(self)  # type: ignore[union-attr]
+        if waiter is not None and not waiter.done():  # done: the client left meanwhile
+            waiter.set_result(self)
         # Reading goes on: until relay() attaches a sink (the next loop turn), body bytes
         # collect in `pending`. Pausing here would cost an epoll_ctl pair per stream.
 
@@ -1370,72 +1909,43 @@ class UpstreamConnection(asyncio.Protocol):
         if self.status < 200 or self.status in (204, 304):
             self.framing = _NO_BODY
         elif chunked:
-            self.framing = _CHUNKED
+            self.framing, self.decoder = _CHUNKED, ChunkedDecoder()
         elif length is not None:
             self.framing, self.left = _LENGTH, length
         else:
             self.framing, self.keep_alive = _UNTIL_CLOSE, False
 
     def _feed_body(self, data: bytes) -> None:
-        if self.framing == _CHUNKED:
+        framing = self.framing
+        if framing is _CHUNKED:
+            out: list[bytes] = []
             try:
-                self._feed_chunked(data)
+                end = self.decoder.feed(data, out)  # type: ignore[union-attr]
             except ValueError:
                 self._garbage("malformed chunked body")
+                return
+            if out:  # _emit, inlined: this runs for every read of a stream
+                data = out[0] if len(out) == 1 else b"".join(out)
+                if self.sink is not None:
+                    self.sink.on_data(data)
+                else:
+                    self.pending.append(data)  # type: ignore[union-attr]
+            if end >= 0:
+                if end < len(data):  # bytes past the body: the connection is unusable
+                    self.keep_alive = False
+                self._end_body()
             return
-        if self.framing == _LENGTH:
+        if framing is _LENGTH:
             if len(data) >= self.left:
                 if len(data) > self.left:  # bytes past the body: the connection is unusable
                     self.keep_alive = False
                     data = data[: self.left]
                 self.left = 0
                 self._emit(data)
-                self._finish()
+                self._end_body()
                 return
             self.left -= len(data)
         self._emit(data)
-
-    def _feed_chunked(self, data: bytes) -> None:
-        pos, end = 0, len(data)
-        out: list[bytes] = []
-        while pos < end:
-            state = self.cstate
-            if state == _DATA:
-                take = min(self.left, end - pos)
-                out.append(data if take == end else data[pos:pos + take])
-                pos += take
-                self.left -= take
-                if self.left == 0:
-                    self.cstate, self.left = _DATA_CRLF, 2
-            elif state == _DATA_CRLF:
-                take = min(self.left, end - pos)
-                pos += take
-                self.left -= take
-                if self.left == 0:
-                    self.cstate = _SIZE
-            else:
-                nl = data.find(b"\n", pos)
-                if nl < 0:
-                    self.line += data[pos:]
-                    if len(self.line) > 4096:
-                        raise ValueError("chunk line too long")
-                    break
-                line, self.line = self.line + data[pos:nl], b""
-                pos = nl + 1
-                if state == _SIZE:
-                    size = int(line.split(b";", 1)[0].strip(), 16)
-                    if size < 0:
-                        raise ValueError(line)
-                    self.cstate, self.left = (_DATA, size) if size else (_TRAILER, 0)
-                elif not line.strip():  # blank line after the trailers: the body has ended
-                    if out:
-                        self._emit(out[0] if len(out) == 1 else b"".join(out))
-                    if pos < end:
-                        self.keep_alive = False
-                    self._finish()
-                    return
-        if out:
-            self._emit(out[0] if len(out) == 1 else b"".join(out))
 
     def _emit(self, data: bytes) -> None:
         if not data:
@@ -1444,73 +1954,6 @@ class UpstreamConnection(asyncio.Protocol):
             self.sink.on_data(data)
         else:
             self.pending.append(data)  # type: ignore[union-attr]
-
-    def _finish(self) -> None:
-        self._cancel_timer()
-        done = self.done
-        if done is None or done.done():
-            return
-        done.set_result(None)
-        sink = self.sink
-        if sink is not None:  # else relay() recycles once the consumer has read the head
-            self._recycle()
-            sink.on_end()
-
-    def _recycle(self) -> None:
-        """Back to the pool if the exchange ended cleanly on a keep-alive connection."""
-        if self.keep_alive and self.error is None and not self.closed:
-            self.pool.release(self)
-        elif not self.closed and self.transport is not None:
-            self.transport.close()
-
-    def _fail(self, exc: GatewayError) -> None:
-        self.error = exc
-        done = self.done
-        if done is not None and not done.done():
-            done.set_result(None)
-            if self.sink is not None:
-                self.sink.on_error(exc)
-
-    def _garbage(self, why: str) -> None:
-        self.error = UpstreamError(f"upstream answered garbage: {why}")
-        waiter = self.head_waiter
-        self.head_waiter = None
-        self.abort()
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(self.error)
-        else:
-            self._fail(self.error)
-
-    # timeouts (checked by the gateway's sweep, not a timer per exchange) -------------------
-
-    def _cancel_timer(self) -> None:
-        self.waiting = _NOTHING
-
-    def check_timeout(self, now: float) -> None:
-        if self.waiting == _FIRST_BYTE and now >= self.deadline:
-            self.error = UpstreamTimeout("upstream sent no response in time")
-        elif self.waiting == _BODY_BYTES and now - self.last_rx >= self.idle_timeout:
-            self.error = UpstreamTimeout("upstream stalled mid-response")
-        else:
-            return
-        self.waiting = _NOTHING
-        self.abort()
-
-
-class _Collector(BodySink):
-    __slots__ = ("parts",)
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-
-    def on_data(self, data: bytes) -> None:
-        self.parts.append(data)
-
-    def on_end(self) -> None:
-        pass
-
-    def on_error(self, exc: GatewayError) -> None:
-        pass
 
 
 def _set_nodelay(sock: Any) -> None:
@@ -1563,7 +2006,7 @@ class UpstreamPool:
         now = self.loop.time()
         while self.idle:
             conn = self.idle.pop()
-            if not conn.closed and conn.expires > now:
+            if conn.state is _IDLE and conn.expires > now:
                 conn._reset()
                 conn.reused = True
                 return conn
@@ -1581,7 +2024,7 @@ class UpstreamPool:
         except asyncio.CancelledError:
             raise
         except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
-            raise _upstream_failure(exc, f"cannot connect to upstream {u.name}") from None
+            raise upstream_failure(exc, f"cannot connect to upstream {u.name}") from None
         self.live.add(conn)
         return conn
 
@@ -1589,10 +2032,13 @@ class UpstreamPool:
         if len(self.idle) >= UPSTREAM_MAX_IDLE:
             conn.abort()
             return
+        conn._to(_IDLE)
         conn.expires = self.loop.time() + UPSTREAM_KEEPALIVE_S
-        conn.head_waiter = None
         conn.sink = None
-        conn.got_bytes = False
+        # A body can end in the read that filled the client's buffer and paused this
+        # connection: the next exchange must find it reading.
+        if conn.paused:
+            conn.resume_reading()
         self.idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
@@ -1618,264 +2064,11 @@ def build_request(method: bytes, target: bytes, static_head: bytes, body: bytes,
 
 
 ################################################################################
-# Requests, routing and handlers
+# Failover: the plan of one request, and the forwarder that carries it out
 ################################################################################
 
-_REASONS = {s.value: s.phrase.encode() for s in __import__("http").HTTPStatus}
-_ID_PREFIX = b"req-" + os.urandom(4).hex().encode()
-_ID_COUNTER = itertools.count(1)
 
-
-def new_request_id() -> bytes:
-    """Unique across restarts (random prefix) and cheap per request (a counter)."""
-    return b"%s%08x" % (_ID_PREFIX, next(_ID_COUNTER))
-# What each proxied endpoint requires besides `model`, and the upstream path it maps to.
-_ENDPOINTS = {
-    "chat": ("messages", (list,), b"/chat/completions"),
-    "completions": ("prompt", (str, list), b"/completions"),
-    "embeddings": ("input", (str, list), b"/embeddings"),
-}
-_TYPE_NAMES = {list: "an array", str: "a string"}
-
-
-def _log(message: str) -> None:
-    print(f"gateway: {message}", file=sys.stderr, flush=True)
-
-
-class Request(BodySink):
-    """One request/response cycle on a client connection; the sink of a relayed body."""
-
-    __slots__ = (
-        "proto", "method", "path", "query", "headers", "body_parts", "body_size",
-        "request_id", "authorization", "api_key", "client", "upstream", "status", "started",
-        "sse", "held", "finished", "head_size", "unsent", "peer", "origin", "extra", "limits",
-        "track", "tail", "usage", "inspect", "drop_usage", "convert",
-        # for the access log and metrics
-        "t0", "route", "model", "served_by", "key_name", "ttfb", "bytes_out", "tokens",
-        "error", "content_length",
-    )
-
-    def __init__(self, proto: HttpProtocol, event: h11.Request) -> None:
-        self.proto = proto
-        self.method: bytes = event.method
-        target: bytes = event.target
-        self.path, _, self.query = target.partition(b"?")
-        self.headers: list[tuple[bytes, bytes]] = event.headers  # type: ignore[assignment]
-        self.body_parts: list[bytes] = []
-        self.body_size = 0
-        self.request_id = b""
-        self.authorization = b""
-        self.api_key = b""
-        self.origin = b""
-        self.content_length = 0  # as declared; h11 has checked it is digits
-        size = 0
-        for name, value in event.headers:
-            size += len(name) + len(value)
-            if name == b"authorization":
-                self.authorization = value
-            elif name == b"x-api-key":
-                self.api_key = value
-            elif name == b"x-request-id" and 0 < len(value) <= REQUEST_ID_MAX:
-                self.request_id = value
-            elif name == b"origin":
-                self.origin = value
-            elif name == b"content-length":
-                self.content_length = int(value)
-        if not self.request_id:
-            self.request_id = new_request_id()
-        self.head_size = size  # h11 limits only heads that arrive in pieces; this is the rest
-        self.client: ClientKey | None = None
-        self.upstream: UpstreamConnection | None = None
-        self.status = 0
-        self.started = False
-        self.sse = False
-        self.held = b""  # SSE: the start of an event whose end has not arrived yet
-        self.unsent = b""  # the response head, written with the first body bytes
-        self.finished = False
-        self.peer = proto.peer
-        self.extra: list[tuple[bytes, bytes]] = []  # for every response: CORS
-        self.limits: ClientLimits | None = None  # for every response: x-ratelimit-*
-        self.track = False  # keep the body's tail, to find its usage
-        self.tail = b""
-        self.usage: dict | None = None
-        self.inspect = False  # SSE: look at events that carry usage (or convert them all)
-        self.drop_usage = False  # SSE: the client did not ask for the usage-only chunk
-        self.convert: Callable[[dict], dict | None] | None = None  # SSE: rewrite each event
-        self.t0 = time.perf_counter()  # loop.time() is uvloop's cached, 1 ms-grained clock
-        self.route = "other"  # a route-table path: a bounded metric label
-        self.model = ""  # as the client asked
-        self.served_by = ""  # upstream name
-        self.key_name = ""  # upstream key name, never the key
-        self.ttfb: float | None = None
-        self.bytes_out = 0
-        self.tokens = (0, 0)
-        self.error = ""
-
-    def __repr__(self) -> str:
-        return (f"Request({self.method.decode()} {self.path.decode('latin-1')}, "
-                f"id={self.request_id.decode('latin-1')}, status={self.status})")
-
-    def body(self) -> bytes:
-        parts = self.body_parts
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def forwarded_headers(self) -> list[bytes]:
-        return [b"%s: %s\r\n" % (n, v) for n, v in self.headers if n not in _NOT_FORWARDED]
-
-    def credential(self) -> bytes:
-        auth = self.authorization
-        if auth[:7].lower() == b"bearer ":
-            return auth[7:].strip()
-        return self.api_key
-
-    # writing --------------------------------------------------------------------------------
-
-    def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        """Send the response head; the body follows through on_data / on_end."""
-        proto = self.proto
-        if proto.gw.draining:
-            headers.append((b"connection", b"close"))
-        if self.extra:
-            headers += self.extra
-        if self.limits is not None:
-            headers += self.limits.headers()
-        self.status = status
-        self.started = True
-        # _parsed: skip h11's per-header regexes. Every value here is ours, came through h11's
-        # own request parser, or came from an upstream head that _parse_head checked for
-        # bare CR/LF, so none can split a header line.
-        event = h11.Response(status_code=status, headers=headers,
-                             reason=_REASONS.get(status, b""), _parsed=True)
-        self.unsent = proto.conn.send(event)  # type: ignore[assignment]
-
-    def send(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        """A whole response at once, in one write."""
-        headers.append((b"content-length", b"%d" % len(body)))
-        self.start(status, headers)
-        self.on_data(body)
-        self.on_end()
-
-    def send_json(self, status: int, obj: Any) -> None:
-        self.send(status, [_JSON_CT, (b"x-request-id", self.request_id)], orjson.dumps(obj))
-
-    def fail(self, exc: GatewayError) -> None:
-        """Answer with the error, or end a started response as cleanly as its framing allows."""
-        if self.finished:
-            return
-        if not self.started:
-            self.send(exc.status, exc.response_headers(self.request_id), exc.body())
-        else:
-            self.on_error(exc)
-
-    def on_data(self, data: bytes) -> None:
-        if self.sse:
-            if self.held or not data.endswith(b"\n\n"):
-                data = self._whole_events(data)
-            if self.inspect and data:
-                data = self._inspect(data)
-            if not data:
-                return
-        elif self.track:  # keep the tail only: usage comes last in an OpenAI body
-            tail = self.tail + data if len(data) < USAGE_TAIL_BYTES else data
-            self.tail = tail[-USAGE_TAIL_BYTES:]
-        self.bytes_out += len(data)
-        proto = self.proto
-        pieces = proto.conn.send_with_data_passthrough(h11.Data(data=data))
-        if self.unsent:  # one write for head and first bytes: a syscall less per response
-            pieces.insert(0, self.unsent)
-            self.unsent = b""
-        if not proto.closing:
-            proto.transport.writelines(pieces)
-
-    def _whole_events(self, data: bytes) -> bytes:
-        """Hold back an incomplete last event, so an error event can follow cleanly.
-
-        A client cannot use half an event anyway; complete events are never delayed."""
-        if self.held:
-            data = self.held + data
-        lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
-        cut = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
-        self.held = data[cut:]
-        return data[:cut]
-
-    def _inspect(self, data: bytes) -> bytes:
-        """Whole SSE events: record usage, drop the usage-only chunk the client did not ask
-        for, convert events. Events without a non-null usage pass untouched, unparsed."""
-        if self.convert is None and not _real_usage(data):
-            return data
-        kept = []
-        for event in data.split(b"\n\n")[:-1]:
-            if self.convert is None and not _real_usage(event):
-                kept.append(event)
-            else:
-                event = self._event(event)  # type: ignore[assignment]
-                if event is not None:
-                    kept.append(event)
-        return b"\n\n".join(kept) + b"\n\n" if kept else b""
-
-    def _event(self, event: bytes) -> bytes | None:
-        if not event.startswith(b"data:"):
-            return event
-        payload = event[5:].strip()
-        if payload == b"[DONE]":
-            return event
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return event
-        if not isinstance(obj, dict):
-            return event
-        usage = obj.get("usage")
-        if isinstance(usage, dict):
-            self.usage = usage
-        if self.convert is not None:
-            obj = self.convert(obj)
-            if obj is None:
-                return None
-            event = b"data: " + orjson.dumps(obj)
-        if self.drop_usage and isinstance(usage, dict) and not obj.get("choices"):
-            return None
-        return event
-
-    def on_end(self) -> None:
-        if self.finished:
-            return
-        if self.held:  # the stream ends exactly as the upstream ended it
-            held, self.held, self.sse = self.held, b"", False
-            self.on_data(held)
-        self.finished = True
-        proto = self.proto
-        data = self.unsent + proto.conn.send(h11.EndOfMessage())  # type: ignore[operator]
-        self.unsent = b""
-        if data and not proto.closing:
-            proto.transport.write(data)
-        proto.response_done(self)
-
-    def on_error(self, exc: GatewayError) -> None:
-        if self.finished:
-            return
-        self.error = exc.message
-        if self.sse:  # an SSE client can be told in-band, then the stream ends properly
-            self.held = b""  # an incomplete event is dropped, as an SSE client would at EOF
-            self.inspect = False  # our own event: not for the usage filter or the converter
-            self.on_data(b"data: " + exc.body() + b"\n\n")
-            self.on_end()
-            return
-        self.finished = True
-        proto = self.proto
-        if self.unsent and not proto.closing:  # nothing reached the client: a real answer
-            self.unsent = b""
-            proto.transport.write(_raw_error(exc, self.request_id))
-        # Any other body cut short: close, so the client sees a truncated response, not a whole one.
-        proto.close()
-
-
-def _retry_after(seconds: float) -> list[tuple[bytes, bytes]]:
-    return [(b"retry-after", b"%d" % max(1, int(-(-seconds // 1)))),
-            (b"retry-after-ms", b"%d" % max(0, int(seconds * 1000)))]
-
-
-class _Plan:
+class Plan:
     """One proxied request's way through the upstreams: what to send, what was tried."""
 
     __slots__ = ("rq", "kind", "obj", "force_stream", "groups", "tried", "failures", "shift",
@@ -1903,21 +2096,32 @@ class _Plan:
         self.served: str | None = None  # the model an upstream answered for
         self._bodies: dict[tuple, bytes] = {}
 
+    def __repr__(self) -> str:
+        return (f"Plan({self.kind}, tried={len(self.tried)}, failures={self.failures}, "
+                f"served={self.served!r})")
+
     def injects(self, upstream: Upstream) -> bool:
         """Ask this upstream for the usage chunk the client did not ask for?"""
         return (self.stream and upstream.stream_usage and not self.client_usage
                 and self.kind != "embeddings"
                 and isinstance(self.obj.get("stream_options", {}), dict))
 
-    def path_for(self, upstream: Upstream) -> bytes:
-        kind = "chat" if self.kind == "completions" and upstream.chat_only else self.kind
-        target = upstream.base_path.encode() + _ENDPOINTS[kind][2]
-        return target + b"?" + self.rq.query if self.rq.query else target
+    def converts(self, upstream: Upstream) -> bool:
+        """Completions sent as chat, to a chat_only upstream?"""
+        return self.kind == "completions" and upstream.chat_only
 
-    def body_for(self, upstream: Upstream, model: str) -> bytes:
+    def request_for(self, upstream: Upstream, model: str, key: UpstreamKey) -> list[bytes]:
+        """The upstream request for one try, ready for writelines."""
+        convert = self.converts(upstream)
+        target = upstream.base_path.encode() + _ENDPOINTS["chat" if convert else self.kind][2]
+        if self.rq.query:
+            target += b"?" + self.rq.query
+        return build_request(b"POST", target, key.head, self.body_for(upstream, model, convert),
+                             self.rq.request_id, self.forwarded)
+
+    def body_for(self, upstream: Upstream, model: str, convert: bool) -> bytes:
         """The client's bytes unchanged, unless the gateway must change them: the model
         (alias, fallback), a forced `stream`, stream usage, or completions as chat."""
-        convert = self.kind == "completions" and upstream.chat_only
         inject = self.injects(upstream)
         body = self._bodies.get((model, convert, inject))
         if body is None:
@@ -1935,443 +2139,31 @@ class _Plan:
         return body
 
 
-def _real_usage(data: bytes) -> bool:
-    """Does data mention a usage that is not null? Two or three C-level counts, no parse."""
-    n = data.count(b'"usage"')
-    return n > 0 and n != data.count(b'"usage":null') + data.count(b'"usage": null')
+class Forwarder:
+    """Carries a Plan out (CONTRACT §5): chooses an upstream and key for each try, moves to
+    another key at once on 429/401/403, backs off on 5xx and errors, falls back, and gives
+    up with the last upstream error or the reason nothing was usable."""
 
+    __slots__ = ("gw", "spread", "observed")
 
-class Gateway:
-    """The running gateway: config, upstream pools, client connections, handlers."""
-
-    def __init__(self, config: Config, *, header_timeout_s: float = HEADER_TIMEOUT_S,
-                 body_timeout_s: float = BODY_TIMEOUT_S,
-                 keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
-                 clock: Clock = time.monotonic) -> None:
-        self.config = config
-        self.clock = clock  # client limits' time (a fake one in tests)
-        self.header_timeout_s = header_timeout_s
-        self.body_timeout_s = body_timeout_s
-        self.keepalive_timeout_s = keepalive_timeout_s
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.server: asyncio.AbstractServer | None = None
-        self.pools: dict[str, UpstreamPool] = {}
-        self.connections: set[HttpProtocol] = set()
-        self.active = 0
-        self.idle_event: asyncio.Event | None = None
-        self.draining = False
-        self.port = 0
-        self.keys_by_digest = {k.digest: k for k in config.api_keys}
-        self.models_cache: dict[str, tuple[float, list[dict]]] = {}
-        self.breakers: dict[tuple[str, str], CircuitBreaker] = {}
-        self.observed: dict[tuple[str, str, str], tuple[float, dict[str, str]]] = {}
-        self.spread = itertools.count()
-        self.usage = {k.name: ClientUsage(k.name, k.budget_tokens) for k in config.api_keys}
-        self.usage_file: Any = None
-        self.metrics = Metrics()
-        self.log_lines: list[bytes] = []  # access log lines not yet written
-        self.sweeper: asyncio.TimerHandle | None = None
-        self.label_models = self.configured_models()  # what may become a metric label
-        self.key_limits = {k.name: ClientLimits(k.rpm or config.rpm, k.tpm or config.tpm,
-                                                None if k.rpm else config.burst, clock)
-                           for k in config.api_keys if k.rpm or k.tpm or config.rpm or config.tpm}
-        self.ip_limits: collections.OrderedDict[str, ClientLimits] = collections.OrderedDict()
-        self.cors = frozenset(config.cors_origins)
-        routes = (  # path, method, who may call it, handler
-            (b"/v1/chat/completions", b"POST", _CLIENT, self.chat),
-            (b"/v1/chat/completions/stream", b"POST", _CLIENT, self.chat_stream),
-            (b"/v1/completions", b"POST", _CLIENT, self.completions),
-            (b"/v1/embeddings", b"POST", _CLIENT, self.embeddings),
-            (b"/v1/models", b"GET", _CLIENT, self.list_models),
-            (b"/health", b"GET", _OPEN, self.health),
-            (b"/ready", b"GET", _OPEN, self.ready),
-            (b"/health/circuit-breakers", b"GET", _OPEN, self.circuit_breakers),
-            (b"/v1/tokens/stats", b"GET", _ADMIN, self.token_stats),
-            (b"/v1/tokens/rotate", b"POST", _ADMIN, self.rotate_key),
-            (b"/v1/tokens/reset-stats", b"POST", _ADMIN, self.reset_stats),
-            (b"/v1/rate-limits/observed", b"GET", _ADMIN, self.observed_limits),
-            (b"/v1/usage", b"GET", _OPEN, self.usage_report),
-            (b"/metrics", b"GET", _OPEN, self.metrics_text),
-        )
-        # The decoded path, made once, is the request-metrics label.
-        self.routes: dict[bytes, tuple[bytes, int, Callable, str]] = {
-            path: (method, access, handler, path.decode())
-            for path, method, access, handler in routes}
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.spread = itertools.count()  # turns groups of equal upstreams, to share the load
+        # (upstream, key, model) -> (unix time, x-ratelimit-* seen); models are client-chosen
+        self.observed = BoundedMap(MAX_BREAKERS)
 
     def __repr__(self) -> str:
-        return (f"Gateway(port={self.port}, connections={len(self.connections)}, "
-                f"active={self.active}, draining={self.draining})")
-
-    # lifecycle ------------------------------------------------------------------------------
-
-    async def start(self) -> int:
-        self.loop = asyncio.get_running_loop()
-        self.idle_event = asyncio.Event()
-        self.idle_event.set()
-        self.pools = {u.name: UpstreamPool(u, self.loop) for u in self.config.upstreams}
-        if self.config.usage_log:
-            self.open_usage_log(self.config.usage_log)
-        self.server = await self.loop.create_server(
-            lambda: HttpProtocol(self), self.config.host, self.config.port, backlog=2048)
-        self.sweeper = self.loop.call_later(SWEEP_S, self.sweep)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self.port
-
-    async def shutdown(self, grace_s: float | None = None) -> None:
-        """Stop accepting, let in-flight requests finish (up to the grace period), close all."""
-        self.draining = True
-        if self.server is not None:
-            self.server.close()
-        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
-        if self.active:
-            _log(f"draining {self.active} in-flight request(s) "
-                 f"({self.metrics.active_streams} streaming), up to {grace:g}s")
-            try:
-                await asyncio.wait_for(self.idle_event.wait(), grace)  # type: ignore[union-attr]
-            except asyncio.TimeoutError:
-                _log(f"grace period over: cutting {self.active} request(s)")
-        for proto in list(self.connections):
-            proto.close()
-        for pool in self.pools.values():
-            pool.close()
-        if self.sweeper is not None:
-            self.sweeper.cancel()
-        self.flush_log()
-        if self.usage_file is not None:
-            self.usage_file.close()
-            self.usage_file = None
-
-    def open_usage_log(self, path: str) -> None:
-        """Replay the log (so usage and budgets survive a restart), then append to it."""
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            data = b""
-        lines = data.split(b"\n")
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = orjson.loads(line)
-                usage = self.usage_named(str(entry["key"]))
-                usage.add(str(entry["model"]), _tokens(entry, "prompt_tokens"),
-                          _tokens(entry, "completion_tokens"), _tokens(entry, "total_tokens"))
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                torn = number == len(lines)
-                _log(f"usage_log {path}: skipped {'a torn last' if torn else 'an unreadable'} "
-                     f"line {number}")
-        self.usage_file = open(path, "a", buffering=1, encoding="utf-8")  # a line per write
-        if data and not data.endswith(b"\n"):
-            self.usage_file.write("\n")  # end the torn line: the next entry gets its own
-
-    def sweep(self) -> None:
-        """Enforce every connection's deadline: one timer for the gateway, not per request."""
-        now = self.loop.time()  # type: ignore[union-attr]
-        for proto in list(self.connections):
-            proto.check_timeout(now)
-        for pool in self.pools.values():
-            for conn in list(pool.live):
-                conn.check_timeout(now)
-        self.sweeper = self.loop.call_later(SWEEP_S, self.sweep)  # type: ignore[union-attr]
-
-    def request_started(self) -> None:
-        self.active += 1
-        self.idle_event.clear()  # type: ignore[union-attr]
-
-    def request_finished(self) -> None:
-        self.active -= 1
-        if self.active == 0:
-            self.idle_event.set()  # type: ignore[union-attr]
-
-    # dispatch -------------------------------------------------------------------------------
-
-    async def handle(self, rq: Request) -> None:
-        self.request_started()
-        try:
-            await self.dispatch(rq)
-            if not rq.started:
-                raise GatewayError("handler sent no response")
-        except GatewayError as exc:
-            rq.error = exc.message
-            rq.fail(exc)
-        except asyncio.CancelledError:
-            rq.error = "client disconnected"  # its connection is already closed
-        except Exception as exc:  # a bug: answer 500 and say where, but keep serving
-            _log(f"internal error on {rq!r}: {exc!r}")
-            traceback.print_exc()
-            rq.error = f"internal error: {exc!r}"
-            rq.fail(GatewayError("The gateway hit an internal error."))
-        finally:
-            if rq.upstream is not None:
-                rq.upstream.abort()
-                rq.upstream = None
-            self.request_finished()
-            self.finish(rq)
-
-    def finish(self, rq: Request) -> None:
-        """Metrics and the access log line, once per request."""
-        duration = time.perf_counter() - rq.t0
-        model = rq.model if rq.model in self.label_models else ("other" if rq.model else "")
-        metrics = self.metrics
-        metrics.count(metrics.requests, (rq.route, model, rq.status))
-        metrics.histogram(metrics.durations, rq.route).observe(duration)
-        if self.config.access_log:
-            self.log_request(rq, duration)
-
-    def log_request(self, rq: Request, duration: float) -> None:
-        self.write_log(orjson.dumps({
-            "ts": round(time.time(), 3), "request_id": rq.request_id.decode("latin-1"),
-            "method": rq.method.decode("latin-1"), "path": rq.path[:256].decode("latin-1"),
-            "status": rq.status, "model": rq.model[:128] or None,
-            "upstream": rq.served_by or None, "upstream_key": rq.key_name or None,
-            "client": rq.client.name if rq.client is not None else None, "stream": rq.sse,
-            "ttfb_ms": None if rq.ttfb is None else round(rq.ttfb * 1000, 3),
-            "duration_ms": round(duration * 1000, 3), "prompt_tokens": rq.tokens[0],
-            "completion_tokens": rq.tokens[1], "bytes_out": rq.bytes_out,
-            "error": rq.error or None,
-        }))
-
-    def write_log(self, line: bytes) -> None:
-        """Lines are written once per loop turn: under load, many requests share a write."""
-        if not self.log_lines:
-            self.loop.call_soon(self.flush_log)  # type: ignore[union-attr]
-        self.log_lines.append(line)
-
-    def flush_log(self) -> None:
-        if self.log_lines:
-            self.log_lines.append(b"")
-            sys.stderr.write(b"\n".join(self.log_lines).decode())
-            self.log_lines.clear()
-
-    def log_protocol_error(self, err: GatewayError) -> None:
-        """A request too malformed to become a Request: still one metric and one line."""
-        self.metrics.count(self.metrics.requests, ("other", "", err.status))
-        if self.config.access_log:
-            self.write_log(orjson.dumps({
-                "ts": round(time.time(), 3), "request_id": None, "method": None, "path": None,
-                "status": err.status, "error": err.message}))
-
-    def configured_models(self) -> set[str]:
-        cfg = self.config
-        known = set(cfg.aliases) | set(cfg.aliases.values()) | set(cfg.fallbacks)
-        for u in cfg.upstreams:
-            known |= u.models or set()
-        for chain in cfg.fallbacks.values():
-            known.update(chain)
-        return known
-
-    async def dispatch(self, rq: Request) -> None:
-        route = self.routes.get(rq.path)
-        if route is None:
-            if rq.path.startswith(b"/v1/models/"):
-                route = (b"GET", _CLIENT, self.retrieve_model, "/v1/models/{id}")
-            else:
-                raise NotFound(f"Unknown path: {rq.path.decode('latin-1')}")
-        method, access, handler, rq.route = route
-        if self.cors and rq.origin:
-            self.allow_origin(rq)
-        if rq.method == b"OPTIONS" and self.cors:
-            self.preflight(rq, method)
-            return
-        if rq.method != method:
-            raise MethodNotAllowed(f"Method {rq.method.decode()} not allowed; use {method.decode()}",
-                                   headers=[(b"allow", method)])
-        if self.draining:
-            raise Unavailable("The gateway is shutting down.", code="draining",
-                              headers=[(b"connection", b"close")])
-        if access == _CLIENT:
-            rq.client = self.authenticate(rq)
-            self.limit(rq)
-        elif access == _ADMIN:
-            self.authorize_admin(rq)
-        await handler(rq)
-
-    def authenticate(self, rq: Request) -> ClientKey | None:
-        if not self.keys_by_digest:
-            return None
-        token = rq.credential()
-        if not token:
-            raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
-        key = self.keys_by_digest.get(hashlib.sha256(token).digest())
-        if key is None or not hmac.compare_digest(key.key.encode(), token):
-            raise Unauthorized("Incorrect API key provided.")
-        return key
-
-    def limit(self, rq: Request) -> None:
-        """The client's request bucket: per key, or per source address when auth is off."""
-        if rq.client is not None:
-            limits = self.key_limits.get(rq.client.name)
-        elif self.config.rpm or self.config.tpm:
-            limits = self.ip_limits.get(rq.peer)
-            if limits is None:
-                cfg = self.config
-                limits = self.ip_limits[rq.peer] = ClientLimits(cfg.rpm, cfg.tpm, cfg.burst,
-                                                                self.clock)
-                if len(self.ip_limits) > MAX_CLIENT_IPS:
-                    self.ip_limits.popitem(last=False)
-            else:
-                self.ip_limits.move_to_end(rq.peer)
-        else:
-            return
-        if limits is None:
-            return
-        rq.limits = limits
-        wait = limits.requests.take() if limits.requests is not None else 0.0
-        if wait:
-            raise self.refuse(f"Rate limit reached for requests: {limits.rpm:g} per minute.",
-                              wait)
-
-    def refuse(self, message: str, wait: float) -> GatewayError:
-        """A client over its own limit: counted, and told when to come back."""
-        self.metrics.rate_limited += 1
-        return RateLimited(message, headers=_retry_after(wait))
-
-    def allow_origin(self, rq: Request) -> None:
-        if "*" in self.cors or rq.origin.decode("latin-1") in self.cors:
-            rq.extra += [(b"access-control-allow-origin", rq.origin), (b"vary", b"origin"),
-                         (b"access-control-expose-headers", _CORS_EXPOSE)]
-
-    def preflight(self, rq: Request, method: bytes) -> None:
-        headers = [(b"x-request-id", rq.request_id), (b"content-length", b"0")]
-        if rq.extra:  # an allowed origin
-            asked = next((v for n, v in rq.headers if n == b"access-control-request-headers"),
-                         _CORS_HEADERS)
-            headers += [(b"access-control-allow-methods", b"GET, POST, OPTIONS"),
-                        (b"access-control-allow-headers", asked),
-                        (b"access-control-max-age", b"600")]
-        rq.start(204, headers)
-        rq.on_end()
-
-    def authorize_admin(self, rq: Request) -> None:
-        """admin_key set: it is required. Else open for local use, unless api_keys is set."""
-        admin = self.config.admin_key
-        if admin is None:
-            if self.keys_by_digest:
-                raise Forbidden("Admin endpoints are off: no admin_key is configured.",
-                                code="admin_only")
-            return
-        token = rq.credential()
-        if not token:
-            raise Unauthorized("Missing admin key: send 'Authorization: Bearer <admin_key>'.")
-        if hmac.compare_digest(admin.encode(), token):
-            return
-        if hashlib.sha256(token).digest() in self.keys_by_digest:
-            raise Forbidden("This endpoint needs the admin key.", code="admin_only")
-        raise Unauthorized("Incorrect API key provided.")
-
-    # proxied endpoints ----------------------------------------------------------------------
-
-    async def chat(self, rq: Request) -> None:
-        await self.proxy(rq, "chat")
-
-    async def chat_stream(self, rq: Request) -> None:
-        await self.proxy(rq, "chat", force_stream=True)
-
-    async def completions(self, rq: Request) -> None:
-        await self.proxy(rq, "completions")
-
-    async def embeddings(self, rq: Request) -> None:
-        await self.proxy(rq, "embeddings")
-
-    async def proxy(self, rq: Request, kind: str, force_stream: bool = False) -> None:
-        obj = parse_body(rq.body(), kind)
-        requested = rq.model = obj["model"]
-        model = self.resolve_alias(requested)
-        client = rq.client
-        if client is not None and client.models is not None \
-                and requested not in client.models and model not in client.models:
-            raise Forbidden(f"This key may not use model {requested!r}.", param="model")
-        usage = self.usage_of(client)
-        if usage.over_budget():
-            raise QuotaExceeded(f"This key has used its budget of {usage.budget} tokens.")
-        plan = _Plan(rq, kind, obj, force_stream, self.targets(model, kind))
-        tokens = rq.limits.tokens if rq.limits is not None else None
-        if tokens is not None:
-            plan.estimate = estimate_tokens(rq.body(), obj)
-            wait = tokens.take(plan.estimate)
-            if wait:
-                raise self.refuse("Rate limit reached for tokens per minute.", wait)
-        try:
-            await self.respond(plan)
-        finally:
-            self.account(plan, usage, tokens)
-
-    async def respond(self, plan: _Plan) -> None:
-        rq = plan.rq
-        conn = await self.forward(plan)
-        if conn is None:
-            return  # the last upstream error was passed through
-        if plan.kind == "embeddings" and conn.status == 404:
-            await conn.read_body()
-            raise Unsupported("The upstream does not serve embeddings.")
-        ok = 200 <= conn.status < 300
-        convert = ok and plan.kind == "completions" and plan.upstream.chat_only  # type: ignore[union-attr]
-        if convert and not plan.stream:
-            try:
-                reply = completion_from_chat(orjson.loads(await conn.read_body()))
-            except (orjson.JSONDecodeError, AttributeError, TypeError):
-                raise UpstreamError("upstream answered garbage: not a chat completion") from None
-            rq.upstream = None
-            rq.usage = reply.get("usage")
-            rq.send_json(200, reply)
-            return
-        rq.track = ok
-        if ok and plan.stream:
-            rq.inspect = True
-            rq.drop_usage = plan.injects(plan.upstream)  # type: ignore[arg-type]
-            rq.convert = completion_chunk_from_chat if convert else None
-        self.relay_head(rq, conn.status, conn.headers)
-        streaming = rq.sse
-        self.metrics.active_streams += streaming
-        try:
-            await conn.relay(rq)
-            rq.upstream = None
-        finally:
-            self.metrics.active_streams -= streaming
-
-    def account(self, plan: _Plan, usage: ClientUsage, tokens: TokenBucket | None) -> None:
-        """Count what the upstream reported, correct the token estimate, log the line."""
-        rq = plan.rq
-        if plan.served is None:
-            if tokens is not None:
-                tokens.adjust(-plan.estimate)  # no upstream answered: nothing was used
-            return
-        reported = rq.usage or (usage_in(rq.tail) if rq.tail else None)
-        prompt = _tokens(reported, "prompt_tokens")
-        completion = _tokens(reported, "completion_tokens")
-        total = _tokens(reported, "total_tokens") or prompt + completion
-        usage.add(plan.served, prompt, completion, total)
-        rq.tokens = (prompt, completion)
-        label = plan.served if plan.served in self.label_models else "other"
-        self.metrics.count(self.metrics.tokens, (label, "prompt"), prompt)
-        self.metrics.count(self.metrics.tokens, (label, "completion"), completion)
-        if tokens is not None:
-            tokens.adjust(total - plan.estimate)
-        if self.usage_file is not None:
-            self.usage_file.write(orjson.dumps({
-                "ts": round(time.time(), 3), "request_id": rq.request_id.decode("latin-1"),
-                "key": usage.name, "model": plan.served, "prompt_tokens": prompt,
-                "completion_tokens": completion, "total_tokens": total, "status": rq.status,
-            }).decode() + "\n")
-
-    def usage_of(self, client: ClientKey | None) -> ClientUsage:
-        return self.usage_named(client.name if client is not None else "anonymous")
-
-    def usage_named(self, name: str) -> ClientUsage:
-        usage = self.usage.get(name)
-        if usage is None:
-            usage = self.usage[name] = ClientUsage(name)
-        return usage
+        return f"Forwarder(observed={len(self.observed)})"
 
     def targets(self, model: str, kind: str) -> list[list[tuple[Upstream, str]]]:
         """Groups of (upstream, model) to try in order: the upstreams that list the model
         (rotated, to spread load across them), then the "*" ones, then the same for each
         fallback model."""
+        cfg = self.gw.config
         groups = []
-        for name in (model, *self.config.fallbacks.get(model, ())):
-            name = self.resolve_alias(name)
-            usable = [u for u in self.config.upstreams if u.serves(name)
+        for name in (model, *cfg.fallbacks.get(model, ())):
+            name = cfg.resolve_alias(name)
+            usable = [u for u in cfg.upstreams if u.serves(name)
                       and (kind != "embeddings" or u.embeddings)]
             for group in ([(u, name) for u in usable if u.models is not None],
                           [(u, name) for u in usable if u.models is None]):
@@ -2381,25 +2173,26 @@ class Gateway:
                 if group:
                     groups.append(group)
         if not groups:
-            if kind == "embeddings" and any(u.serves(model) for u in self.config.upstreams):
+            if kind == "embeddings" and any(u.serves(model) for u in cfg.upstreams):
                 raise Unsupported("No upstream serving this model serves embeddings.")
             raise model_not_found(model)
         return groups
 
-    async def forward(self, plan: _Plan) -> UpstreamConnection | None:
-        """Try upstream keys until one answers usably (CONTRACT §5); None if an upstream
-        error was passed through. Nothing is retried once a byte reached the client."""
+    async def forward(self, plan: Plan) -> UpstreamConnection | None:
+        """Try upstream keys until one answers usably; None if an upstream error was passed
+        through. Nothing is retried once a byte reached the client."""
+        flow = plan.rq.flow
         while True:
             choice = self.choose(plan)
             if choice is None:
                 return self.give_up(plan)
-            upstream, model, key, breaker, wait = choice
+            upstream, model, keys, key, breaker, wait = choice
             try:
-                conn = await self.attempt(plan, upstream, model, key, wait)
+                conn = await self.attempt(plan, upstream, model, keys, key, wait)
             except GatewayError as exc:  # no usable HTTP answer: connect error or timeout
                 breaker.record(False)
-                key.failures += 1
-                if await self.failed(plan, exc, None):
+                keys.failed(key)
+                if await self.backoff(plan, exc, None):
                     raise
                 continue
             except BaseException:
@@ -2408,59 +2201,57 @@ class Gateway:
             status = conn.status
             breaker.record(status < 500)
             if status < 400 or (status < 500 and status not in (401, 403, 429)):
-                upstream.keys.succeeded(key)
+                keys.succeeded(key)
                 return conn
             headers = conn.headers
             try:
                 body = await conn.read_body()  # read, so that the connection can be reused
             except GatewayError:
                 body = b""
-            plan.rq.upstream = None
-            key.failures += 1
+            flow.detach()
+            keys.failed(key)
             if status == 429:
-                upstream.keys.cool_down(key, cooldown_from_headers(headers))
+                keys.cool_down(key, cooldown_from_headers(headers))
                 plan.tried.add(key)  # another key at once: no backoff, no attempt spent
             elif status in (401, 403):
-                upstream.keys.block(key)
+                keys.block(key)
                 plan.tried.add(key)
-            elif await self.failed(plan, None, (status, headers, body)):
+            elif await self.backoff(plan, None, (status, headers, body)):
                 return self.give_up(plan)
 
-    async def attempt(self, plan: _Plan, upstream: Upstream, model: str, key: UpstreamKey,
-                      wait: float) -> UpstreamConnection:
+    async def attempt(self, plan: Plan, upstream: Upstream, model: str, keys: KeyPool,
+                      key: UpstreamKey, wait: float) -> UpstreamConnection:
         if wait > 0:
             await asyncio.sleep(wait)  # pacing: this key's next slot
-        rq = plan.rq
-        request = build_request(b"POST", plan.path_for(upstream), key.head,
-                                plan.body_for(upstream, model), rq.request_id, plan.forwarded)
+        gw, rq = self.gw, plan.rq
+        request = plan.request_for(upstream, model, key)
         plan.upstream = upstream
-        key.requests += 1
-        key.last_used = time.time()
-        key.last_status = None
+        keys.sending(key)
         rq.served_by, rq.key_name = upstream.name, key.name
-        metrics = self.metrics
+        metrics = gw.metrics
         sent = time.perf_counter()
         try:
-            conn = rq.upstream = await self.pools[upstream.name].request(request)
+            conn = await gw.pools[upstream.name].request(request)
         except GatewayError:
             metrics.count(metrics.upstream_requests, (upstream.name, key.name, "error"))
             raise
+        rq.flow.attach(conn)
         rq.ttfb = time.perf_counter() - sent
         metrics.histogram(metrics.ttfb, upstream.name).observe(rq.ttfb)
         metrics.count(metrics.upstream_requests, (upstream.name, key.name, str(conn.status)))
         plan.served = model
-        key.last_status = conn.status
+        keys.answered(key, conn.status)
         self.observe(upstream, key, model, conn.headers)
         return conn
 
-    async def failed(self, plan: _Plan, exc: GatewayError | None,
-                     reply: tuple[int, list, bytes] | None) -> bool:
+    async def backoff(self, plan: Plan, exc: GatewayError | None,
+                      reply: tuple[int, list, bytes] | None) -> bool:
         """A try that counts against retry.attempts; True when none are left."""
-        plan.rq.upstream = None
+        plan.rq.flow.detach()
         plan.failures += 1
         plan.shift += 1  # prefer another upstream for the next try
         plan.last_error, plan.last_reply = exc, reply
-        cfg = self.config
+        cfg = self.gw.config
         if plan.failures >= cfg.retry_attempts:
             return True
         # Exponential backoff with full jitter; an upstream's Retry-After is a floor.
@@ -2473,42 +2264,42 @@ class Gateway:
             await asyncio.sleep(delay)
         return False
 
-    def choose(self, plan: _Plan) -> tuple[Upstream, str, UpstreamKey, CircuitBreaker,
-                                           float] | None:
+    def choose(self, plan: Plan) -> tuple[Upstream, str, KeyPool, UpstreamKey, CircuitBreaker,
+                                          float] | None:
+        """The first usable (upstream, model) of the plan, its pool, a key and its pacing."""
+        gw = self.gw
         for group in plan.groups:
             for i in range(len(group)):
                 upstream, model = group[(plan.shift + i) % len(group)]
-                breaker = self.breaker(upstream.name, model)
+                breaker = gw.breakers.get(upstream.name, model)
                 if not breaker.available():
                     continue
-                picked = upstream.keys.pick(plan.tried, PACING_MAX_WAIT_S)
+                keys = gw.keys[upstream.name]
+                picked = keys.pick(plan.tried, PACING_MAX_WAIT_S)
                 if picked is None:
                     continue
                 breaker.acquire()
-                return upstream, model, picked[0], breaker, picked[1]
+                return upstream, model, keys, picked[0], breaker, picked[1]
         return None
 
-    def give_up(self, plan: _Plan) -> None:
+    def give_up(self, plan: Plan) -> None:
         """No try left: pass the last upstream error through, or say why nothing was usable."""
-        rq = plan.rq
         if plan.last_reply is not None:
-            status, headers, body = plan.last_reply
-            self.relay_head(rq, status, headers)
-            rq.on_data(body)
-            rq.on_end()
+            plan.rq.writer.relay_whole(*plan.last_reply)
             return None
         if plan.last_error is not None:
             raise plan.last_error
         raise self.unavailable_error(plan)
 
-    def unavailable_error(self, plan: _Plan) -> GatewayError:
+    def unavailable_error(self, plan: Plan) -> GatewayError:
+        gw = self.gw
         waits, opened, blocked = [], [], False
         for upstream, model in (t for group in plan.groups for t in group):
-            breaker = self.breaker(upstream.name, model)
+            breaker = gw.breakers.get(upstream.name, model)
             if not breaker.available():
                 opened.append(breaker.retry_in())
                 continue
-            wait = upstream.keys.seconds_until_usable()
+            wait = gw.keys[upstream.name].seconds_until_usable()
             if wait is None:
                 blocked = True
             else:
@@ -2516,27 +2307,12 @@ class Gateway:
         if waits:
             wait = min(waits)
             return RateLimited("All upstream keys for this model are rate-limited; retry "
-                               f"after {wait:.1f}s.", headers=_retry_after(wait))
+                               f"after {wait:.1f}s.", headers=retry_after_headers(wait))
         if blocked:
             return Unavailable("Every upstream key for this model was refused (401/403).",
                                code="upstream_credentials_exhausted")
         return Unavailable("The circuit breaker for this model is open.", code="circuit_open",
-                           headers=_retry_after(min(opened) if opened else 1.0))
-
-    def breaker(self, upstream: str, model: str) -> CircuitBreaker:
-        breakers = self.breakers
-        found = breakers.get((upstream, model))
-        if found is None:
-            cfg = self.config
-            found = CircuitBreaker(cfg.failure_threshold, cfg.recovery_timeout_s)
-            if len(breakers) >= MAX_BREAKERS:  # forget the oldest healthy one
-                for pair, old in breakers.items():
-                    if old.state is BreakerState.CLOSED and not old.failures:
-                        del breakers[pair]
-                        break
-            if len(breakers) < MAX_BREAKERS:
-                breakers[(upstream, model)] = found
-        return found
+                           headers=retry_after_headers(min(opened) if opened else 1.0))
 
     def observe(self, upstream: Upstream, key: UpstreamKey, model: str,
                 headers: list[tuple[bytes, bytes]]) -> None:
@@ -2544,13 +2320,233 @@ class Gateway:
         seen = {n.decode("latin-1"): v.decode("latin-1") for n, v in headers
                 if n.startswith(b"x-ratelimit-")}
         if seen:
-            observed = self.observed
-            if len(observed) >= MAX_BREAKERS and (upstream.name, key.name, model) not in observed:
-                del observed[next(iter(observed))]
-            observed[(upstream.name, key.name, model)] = (time.time(), seen)
+            self.observed.put((upstream.name, key.name, model), (time.time(), seen))
 
-    def relay_head(self, rq: Request, status: int, upstream_headers: list) -> None:
-        """Pass the upstream's status and headers through, minus hop-by-hop ones."""
+
+################################################################################
+# Relay: flow control both ways, the response writer, the SSE filter
+################################################################################
+
+
+class FlowControl:
+    """Backpressure on one client connection, both ways (uvicorn's flow_control shape).
+
+    Reading from the client pauses when it sends too far ahead of the answer in flight;
+    reading from the upstream pauses while the client's write buffer is over its high-water
+    mark. It holds the upstream connection of the request in flight, so that a disconnect
+    drops it at once."""
+
+    __slots__ = ("transport", "read_paused", "write_paused", "upstream")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.read_paused = False  # we stopped reading the client
+        self.write_paused = False  # the client's buffer is full: the upstream waits
+        self.upstream: UpstreamConnection | None = None
+
+    def __repr__(self) -> str:
+        return (f"FlowControl(read_paused={self.read_paused}, "
+                f"write_paused={self.write_paused}, upstream={self.upstream!r})")
+
+    def pause_reading(self) -> None:
+        if not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    def attach(self, upstream: UpstreamConnection) -> None:
+        """The upstream whose body this connection relays now."""
+        self.upstream = upstream
+        if self.write_paused:
+            upstream.pause_reading()
+
+    def detach(self) -> None:
+        self.upstream = None
+
+    def drop_upstream(self) -> None:
+        """The request ended or the client left: an upstream still attached is abandoned."""
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.abort()
+
+
+def raw_error(exc: GatewayError, request_id: bytes = b"") -> bytes:
+    """An error response written without h11, for when its state machine cannot send one."""
+    request_id = request_id or new_request_id()
+    body = exc.body()
+    head = b"".join(b"%s: %s\r\n" % h for h in exc.response_headers(request_id))
+    return (b"HTTP/1.1 %d %s\r\n%scontent-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (exc.status, _REASONS[exc.status], head, len(body), body))
+
+
+def real_usage(data: bytes) -> bool:
+    """Does data mention a usage that is not null? Two or three C-level counts, no parse."""
+    n = data.count(b'"usage"')
+    return n > 0 and n != data.count(b'"usage":null') + data.count(b'"usage": null')
+
+
+class SseFilter:
+    """Attached to SSE responses only. Holds back an incomplete last event, so that an
+    error event can follow cleanly (a client cannot use half an event anyway; complete
+    events are never delayed). With `inspect`, it records usage, drops the usage-only chunk
+    the client did not ask for, and converts events; events without a non-null usage pass
+    untouched, unparsed."""
+
+    __slots__ = ("held", "inspect", "drop_usage", "convert", "usage")
+
+    def __init__(self, inspect: bool = False, drop_usage: bool = False,
+                 convert: Callable[[dict], dict | None] | None = None) -> None:
+        self.held = b""  # the start of an event whose end has not arrived yet
+        self.inspect = inspect
+        self.drop_usage = drop_usage  # the client did not ask for the usage-only chunk
+        self.convert = convert  # rewrite each event (completions from chat)
+        self.usage: dict | None = None
+
+    def __repr__(self) -> str:
+        return f"SseFilter(held={len(self.held)}, inspect={self.inspect})"
+
+    def feed(self, data: bytes) -> bytes:
+        """What of data can go to the client now."""
+        if self.held or not data.endswith(b"\n\n"):
+            data = self._whole_events(data)
+        if self.inspect and data:
+            data = self._inspect(data)
+        return data
+
+    def _whole_events(self, data: bytes) -> bytes:
+        if self.held:
+            data = self.held + data
+        lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+        cut = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+        self.held = data[cut:]
+        return data[:cut]
+
+    def _inspect(self, data: bytes) -> bytes:
+        convert = self.convert
+        if convert is None and not real_usage(data):
+            return data
+        kept = []
+        for event in data.split(b"\n\n")[:-1]:
+            if convert is None:  # real_usage(event), inlined: it runs for every event
+                n = event.count(b'"usage"')
+                if not n or n == event.count(b'"usage":null') + event.count(b'"usage": null'):
+                    kept.append(event)
+                    continue
+            event = self._event(event)  # type: ignore[assignment]
+            if event is not None:
+                kept.append(event)
+        return b"\n\n".join(kept) + b"\n\n" if kept else b""
+
+    def _event(self, event: bytes) -> bytes | None:
+        if not event.startswith(b"data:"):
+            return event
+        payload = event[5:].strip()
+        if payload == b"[DONE]":
+            return event
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return event
+        if not isinstance(obj, dict):
+            return event
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+        if self.convert is not None:
+            obj = self.convert(obj)
+            if obj is None:
+                return None
+            event = b"data: " + orjson.dumps(obj)
+        if self.drop_usage and isinstance(usage, dict) and not obj.get("choices"):
+            return None
+        return event
+
+
+class ResponseWriter(BodySink):
+    """Writes one response to the client through h11: a whole answer at once, or an
+    upstream's status, headers and body as they arrive (the sink of the relay)."""
+
+    __slots__ = ("proto", "rq", "status", "started", "finished", "unsent", "sse", "filter",
+                 "keep_tail", "tail", "usage", "bytes_out")
+
+    def __init__(self, proto: HttpProtocol, rq: Request) -> None:
+        self.proto = proto
+        self.rq = rq
+        self.status = 0
+        self.started = False
+        self.finished = False
+        self.unsent = b""  # the response head, written with the first body bytes
+        self.sse = False
+        self.filter: SseFilter | None = None
+        self.keep_tail = False  # keep the body's tail, to find its usage
+        self.tail = b""
+        self.usage: dict | None = None  # usage the handler found itself
+        self.bytes_out = 0
+
+    def __repr__(self) -> str:
+        return (f"ResponseWriter(status={self.status}, sse={self.sse}, "
+                f"finished={self.finished}, bytes_out={self.bytes_out})")
+
+    # a whole answer -------------------------------------------------------------------------
+
+    def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """Send the response head; the body follows through on_data / on_end."""
+        proto, rq = self.proto, self.rq
+        if proto.gw.draining:
+            headers.append((b"connection", b"close"))
+        if rq.extra:
+            headers += rq.extra
+        if rq.limits is not None:
+            headers += rq.limits.headers()
+        self.status = status
+        self.started = True
+        # _parsed: skip h11's per-header regexes. Every value here is ours, came through h11's
+        # own request parser, or came from an upstream head that _parse_head checked for
+        # bare CR/LF, so none can split a header line.
+        event = h11.Response(status_code=status, headers=headers,
+                             reason=_REASONS.get(status, b""), _parsed=True)
+        self.unsent = proto.conn.send(event)  # type: ignore[assignment]
+
+    def send(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """A whole response at once, in one write."""
+        headers.append((b"content-length", b"%d" % len(body)))
+        self.start(status, headers)
+        self.on_data(body)
+        self.on_end()
+
+    def send_json(self, status: int, obj: Any) -> None:
+        self.send(status, [_JSON_CT, (b"x-request-id", self.rq.request_id)], orjson.dumps(obj))
+
+    def fail(self, exc: GatewayError) -> None:
+        """Answer with the error, or end a started response as cleanly as its framing allows."""
+        if self.finished:
+            return
+        if not self.started:
+            self.send(exc.status, exc.response_headers(self.rq.request_id), exc.body())
+        else:
+            self.on_error(exc)
+
+    # an upstream's answer -------------------------------------------------------------------
+
+    def relay_head(self, status: int, upstream_headers: list[tuple[bytes, bytes]], *,
+                   inspect: bool = False, drop_usage: bool = False,
+                   convert: Callable[[dict], dict | None] | None = None) -> None:
+        """Pass the upstream's status and headers through, minus hop-by-hop ones; an SSE
+        body gets the filter (inspecting usage when asked)."""
         sse = False
         headers = []
         for name, value in upstream_headers:
@@ -2564,193 +2560,121 @@ class Gateway:
         if sse:  # framed by us (chunked), never cached or buffered by a proxy in front
             headers = [h for h in headers if h[0] not in (b"content-length", b"cache-control")]
             headers += _SSE_HEADERS
-        headers.append((b"x-request-id", rq.request_id))
-        rq.sse = sse
+            self.filter = SseFilter(inspect, drop_usage, convert)
+        headers.append((b"x-request-id", self.rq.request_id))
+        self.sse = sse
         try:
-            rq.start(status, headers)
-        except h11.LocalProtocolError:
-            raise UpstreamError("upstream answered garbage: invalid response headers") from None
+            self.start(status, headers)
+        except h11.LocalProtocolError as exc:
+            raise upstream_failure(exc, "invalid response headers") from None
 
-    def resolve_alias(self, model: str) -> str:
-        aliases = self.config.aliases
-        while model in aliases:
-            model = aliases[model]
-        return model
+    def relay_whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """An upstream answer the gateway has already read whole."""
+        self.relay_head(status, headers)
+        self.on_data(body)
+        self.on_end()
 
-    # models ---------------------------------------------------------------------------------
+    def reported_usage(self) -> dict | None:
+        """The usage the upstream reported: found by the handler, in the stream, or at the
+        end of the body."""
+        if self.usage:
+            return self.usage
+        if self.filter is not None and self.filter.usage is not None:
+            return self.filter.usage
+        return usage_in(self.tail) if self.tail else None
 
-    async def list_models(self, rq: Request) -> None:
-        rq.send_json(200, {"object": "list", "data": list((await self.known_models()).values())})
+    # BodySink -------------------------------------------------------------------------------
 
-    async def retrieve_model(self, rq: Request) -> None:
-        model_id = unquote(rq.path[len(b"/v1/models/"):].decode("latin-1"))
-        entry = (await self.known_models()).get(model_id)
-        if entry is None:
-            raise model_not_found(model_id)
-        rq.send_json(200, entry)
+    def on_data(self, data: bytes) -> None:
+        flt = self.filter
+        if flt is not None:
+            data = flt.feed(data)
+            if not data:
+                return
+        elif self.keep_tail:  # keep the tail only: usage comes last in an OpenAI body
+            tail = self.tail + data if len(data) < USAGE_TAIL_BYTES else data
+            self.tail = tail[-USAGE_TAIL_BYTES:]
+        self._write(data)
 
-    async def known_models(self) -> dict[str, dict]:
-        """Configured models and aliases first, then what any "*" upstream lists itself."""
-        models: dict[str, dict] = {}
-        for u in self.config.upstreams:
-            for model in sorted(u.models or ()):
-                models.setdefault(model, _model_entry(model, u.name))
-        for alias, target in self.config.aliases.items():
-            owner = next((u.name for u in self.config.upstreams if u.models and
-                          self.resolve_alias(target) in u.models), "gateway")
-            models.setdefault(alias, _model_entry(alias, owner))
-        for u in self.config.upstreams:
-            if u.models is None:
-                for entry in await self.upstream_models(u):
-                    models.setdefault(entry["id"], entry)
-        return models
+    def _write(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        proto = self.proto
+        pieces = proto.conn.send_with_data_passthrough(h11.Data(data=data))
+        if self.unsent:  # one write for head and first bytes: a syscall less per response
+            pieces.insert(0, self.unsent)
+            self.unsent = b""
+        if not proto.closing:
+            proto.transport.writelines(pieces)
 
-    async def upstream_models(self, u: Upstream) -> list[dict]:
-        now = time.monotonic()
-        cached = self.models_cache.get(u.name)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        try:
-            entries, ttl = await self.fetch_models(u), MODELS_CACHE_S
-        except (GatewayError, ValueError, KeyError, TypeError) as exc:
-            _log(f"upstream {u.name}: cannot list models ({exc})")
-            entries, ttl = [], MODELS_FAIL_CACHE_S
-        self.models_cache[u.name] = (now + ttl, entries)
-        self.label_models.update(e["id"] for e in entries)  # an upstream's own list is bounded
-        return entries
+    def on_end(self) -> None:
+        if self.finished:
+            return
+        flt = self.filter
+        if flt is not None and flt.held:  # the stream ends exactly as the upstream ended it
+            held, flt.held = flt.held, b""
+            self._write(held)
+        self.finished = True
+        proto = self.proto
+        data = self.unsent + proto.conn.send(_END_OF_MESSAGE)  # type: ignore[operator]
+        self.unsent = b""
+        if data and not proto.closing:
+            proto.transport.write(data)
+        proto.response_done(self.rq)
 
-    async def fetch_models(self, u: Upstream) -> list[dict]:
-        request = build_request(b"GET", u.base_path.encode() + b"/models",
-                                u.keys.keys[u.keys.current].head, b"", new_request_id(), [])
-        conn = await self.pools[u.name].request(request)
-        body = await conn.read_body()
-        if conn.status != 200:
-            raise ValueError(f"status {conn.status}")
-        data = orjson.loads(body)["data"]
-        return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
-
-    # local endpoints ------------------------------------------------------------------------
-
-    async def health(self, rq: Request) -> None:
-        reasons = [f"circuit breaker open: {up}/{model}"
-                   for (up, model), b in self.breakers.items() if b.state is not BreakerState.CLOSED]
-        reasons += [f"no upstream key available: {u.name}"
-                    for u in self.config.upstreams if u.keys.all_unavailable()]
-        rq.send_json(200, {
-            "status": "degraded" if reasons else "ok",
-            "reasons": reasons,
-            "draining": self.draining,
-            "upstreams": [{"name": u.name, "keys": len(u.keys.keys)}
-                          for u in self.config.upstreams],
-        })
-
-    async def circuit_breakers(self, rq: Request) -> None:
-        now, wall = time.monotonic(), time.time()
-        rq.send_json(200, {
-            "circuit_breakers": {
-                f"{up}/{model}": {
-                    "state": b.state.value,
-                    "failure_count": b.failures,
-                    "last_failure_time": None if b.last_failure is None
-                    else round(wall - (now - b.last_failure), 3),
-                    "retry_at": None if b.state is BreakerState.CLOSED
-                    else round(wall + b.retry_in(), 3),
-                } for (up, model), b in self.breakers.items()},
-            "config": {"failure_threshold": self.config.failure_threshold,
-                       "recovery_timeout_s": self.config.recovery_timeout_s},
-        })
-
-    # admin ----------------------------------------------------------------------------------
-
-    async def token_stats(self, rq: Request) -> None:
-        now, wall = time.monotonic(), time.time()
-        upstreams = []
-        for u in self.config.upstreams:
-            pool = u.keys
-            upstreams.append({
-                "name": u.name, "strategy": pool.strategy,
-                "current": pool.keys[pool.current % len(pool.keys)].name,
-                "keys": [{
-                    "name": k.name, "key": mask_secret(k.secret),
-                    "state": k.state(now).value,
-                    "cooldown_until": round(wall + k.cooldown_until - now, 3)
-                    if k.cooldown_until > now else None,
-                    "requests": k.requests, "failures": k.failures,
-                    "last_used": k.last_used, "last_status": k.last_status,
-                } for k in pool.keys],
-            })
-        rq.send_json(200, {"upstreams": upstreams})
-
-    async def rotate_key(self, rq: Request) -> None:
-        body = rq.body()
-        name = None
-        if body.strip():
-            obj = load_json(body)
-            if not isinstance(obj, dict) or not isinstance(obj.get("upstream", ""), str):
-                raise BadRequest("Expected {\"upstream\": name}.", code="invalid_type",
-                                 param="upstream")
-            name = obj.get("upstream")
-        upstreams = self.config.upstreams
-        upstream = upstreams[0] if name is None else next(
-            (u for u in upstreams if u.name == name), None)
-        if upstream is None:
-            raise NotFound(f"No upstream named {name!r}.", param="upstream")
-        rq.send_json(200, {"success": True, "current": upstream.keys.rotate().name})
-
-    async def reset_stats(self, rq: Request) -> None:
-        for u in self.config.upstreams:
-            u.keys.reset()
-        self.breakers.clear()
-        rq.send_json(200, {"success": True})
-
-    async def metrics_text(self, rq: Request) -> None:
-        now = time.monotonic()
-        breakers: dict[tuple[str, str], int] = {}
-        for (up, model), b in self.breakers.items():  # unknown models fold into "other"
-            pair = (up, model if model in self.label_models else "other")
-            breakers[pair] = max(breakers.get(pair, 0), int(b.state is not BreakerState.CLOSED))
-        keys = {(u.name, k.name): int(k.state(now) is KeyState.ACTIVE)
-                for u in self.config.upstreams for k in u.keys.keys}
-        text = self.metrics.render([
-            ("gateway_breaker_open", "1 while the (upstream, model) breaker is open or half-open.",
-             ("upstream", "model"), breakers),
-            ("gateway_key_available", "1 while the upstream key is active (not cooling or "
-             "blocked).", ("upstream", "key"), keys),
-        ])
-        rq.send(200, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),
-                      (b"x-request-id", rq.request_id)], text)
-
-    async def usage_report(self, rq: Request) -> None:
-        """A client sees its own key's usage; the admin (or anyone, with auth off) sees all."""
-        admin = self.config.admin_key
-        token = rq.credential()
-        if (admin and token and hmac.compare_digest(admin.encode(), token)) \
-                or not self.keys_by_digest:
-            keys = list(self.usage.values())
-        else:
-            keys = [self.usage_of(self.authenticate(rq))]
-        rq.send_json(200, {"keys": [u.as_json() for u in keys]})
-
-    async def observed_limits(self, rq: Request) -> None:
-        out: dict[str, dict[str, dict[str, dict]]] = {}
-        for (up, key, model), (at, seen) in self.observed.items():
-            out.setdefault(up, {}).setdefault(key, {})[model] = {**seen, "observed_at": at}
-        rq.send_json(200, {"upstreams": out})
-
-    async def ready(self, rq: Request) -> None:
-        rq.send_json(200, {"status": "ready"})
+    def on_error(self, exc: GatewayError) -> None:
+        if self.finished:
+            return
+        self.rq.error = exc.message
+        if self.filter is not None:  # an SSE client can be told in-band, then the stream ends
+            # An incomplete event is dropped, as an SSE client would at EOF; our own event is
+            # not for the usage filter or the converter.
+            self.filter.held = b""
+            self._write(b"data: " + exc.body() + b"\n\n")
+            self.on_end()
+            return
+        self.finished = True
+        proto = self.proto
+        if self.unsent and not proto.closing:  # nothing reached the client: a real answer
+            self.unsent = b""
+            proto.transport.write(raw_error(exc, self.rq.request_id))
+        # Any other body cut short: close, so the client sees a truncated response, not a whole one.
+        proto.close()
 
 
-# Who may call a route.
-_OPEN, _CLIENT, _ADMIN = range(3)
-_CORS_EXPOSE = (b"x-request-id, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, "
-                b"x-ratelimit-reset-requests, x-ratelimit-limit-tokens, "
-                b"x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens, retry-after, "
-                b"x-should-retry")
-_CORS_HEADERS = b"authorization, content-type, x-api-key, x-request-id"
+################################################################################
+# OpenAI shapes: request bodies, token estimates, usage, conversions
+################################################################################
 
 
-def _model_entry(model: str, owner: str) -> dict:
+def load_json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"We could not parse the JSON body of your request: {exc}") from None
+
+
+def parse_body(body: bytes, kind: str) -> dict:
+    """Parse once, and check only what routing needs: `model` and the endpoint's input."""
+    obj = load_json(body)
+    if not isinstance(obj, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    field, types, _ = _ENDPOINTS[kind]
+    for name, want in (("model", (str,)), (field, types)):
+        if name not in obj:
+            raise BadRequest(f"Missing required parameter: '{name}'.", code="missing_field",
+                             param=name)
+        if not isinstance(obj[name], want):
+            kinds = " or ".join(_TYPE_NAMES[t] for t in want)
+            raise BadRequest(f"Invalid type for '{name}': expected {kinds}.",
+                             code="invalid_type", param=name)
+    return obj
+
+
+def model_not_found(model: str) -> GatewayError:
+    return NotFound(f"The model {model!r} does not exist.", code="model_not_found", param="model")
+
+
+def model_entry(model: str, owner: str) -> dict:
     return {"id": model, "object": "model", "created": START_TIME, "owned_by": owner}
 
 
@@ -2761,9 +2685,36 @@ def estimate_tokens(body: bytes, obj: dict) -> int:
     return len(body) // 4 + max(0, ceiling)
 
 
-# Sampling fields a completions request carries over to chat for a chat_only upstream.
-_CARRIED = ("max_tokens", "temperature", "top_p", "n", "stop", "stream", "stream_options",
-            "presence_penalty", "frequency_penalty", "logit_bias", "user", "seed")
+def usage_in(tail: bytes) -> dict | None:
+    """The last `"usage": {...}` object in the tail of a JSON body, parsed alone."""
+    i = tail.rfind(b'"usage"')
+    if i < 0:
+        return None
+    j = tail.find(b"{", i)
+    if j < 0 or tail[i + 7:j].strip() != b":":
+        return None
+    end = tail.find(b"}", j)
+    while end >= 0 and tail.count(b"{", j, end + 1) != tail.count(b"}", j, end + 1):
+        end = tail.find(b"}", end + 1)  # usage holds nested *_details objects
+    if end < 0:
+        return None
+    try:
+        usage = orjson.loads(tail[j:end + 1])
+    except orjson.JSONDecodeError:
+        return None
+    return usage if isinstance(usage, dict) else None
+
+
+def usage_tokens(usage: dict | None) -> tuple[int, int, int]:
+    """(prompt, completion, total) from a usage object; what is missing or bad counts 0."""
+    counts = [0, 0, 0]
+    if usage:
+        for i, name in enumerate(("prompt_tokens", "completion_tokens", "total_tokens")):
+            value = usage.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                counts[i] = value
+    prompt, completion, total = counts
+    return prompt, completion, total or prompt + completion
 
 
 def chat_from_completion(obj: dict) -> dict:
@@ -2811,49 +2762,494 @@ def completion_chunk_from_chat(chunk: dict) -> dict | None:
     return _as_completion(chunk, choices)
 
 
-def load_json(body: bytes) -> Any:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"We could not parse the JSON body of your request: {exc}") from None
+################################################################################
+# Handlers: proxied endpoints, the model catalogue, health and admin
+################################################################################
 
 
-def model_not_found(model: str) -> GatewayError:
-    return NotFound(f"The model {model!r} does not exist.", code="model_not_found", param="model")
+class ProxyHandler:
+    """The proxied endpoints: check what the client may do, forward, relay, account."""
+
+    __slots__ = ("gw",)
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    async def chat(self, rq: Request) -> None:
+        await self.proxy(rq, "chat")
+
+    async def chat_stream(self, rq: Request) -> None:
+        await self.proxy(rq, "chat", force_stream=True)
+
+    async def completions(self, rq: Request) -> None:
+        await self.proxy(rq, "completions")
+
+    async def embeddings(self, rq: Request) -> None:
+        await self.proxy(rq, "embeddings")
+
+    async def proxy(self, rq: Request, kind: str, force_stream: bool = False) -> None:
+        gw = self.gw
+        obj = parse_body(rq.body(), kind)
+        requested = rq.model = obj["model"]
+        model = gw.config.resolve_alias(requested)
+        client = rq.client
+        if client is not None and not client.allows(requested, model):
+            raise Forbidden(f"This key may not use model {requested!r}.", param="model")
+        name = client.name if client is not None else "anonymous"
+        gw.ledger.check_budget(name)
+        plan = Plan(rq, kind, obj, force_stream, gw.forwarder.targets(model, kind))
+        limits = rq.limits
+        if limits is not None and limits.tokens is not None:
+            plan.estimate = estimate_tokens(rq.body(), obj)
+            gw.limiter.take_tokens(limits, plan.estimate)
+        try:
+            await self.respond(plan)
+        finally:
+            self.account(plan, name)
+
+    async def respond(self, plan: Plan) -> None:
+        rq, gw = plan.rq, self.gw
+        writer = rq.writer
+        conn = await gw.forwarder.forward(plan)
+        if conn is None:
+            return  # the last upstream error was passed through
+        if plan.kind == "embeddings" and conn.status == 404:
+            await conn.read_body()
+            raise Unsupported("The upstream does not serve embeddings.")
+        ok = 200 <= conn.status < 300
+        convert = ok and plan.converts(plan.upstream)  # type: ignore[arg-type]
+        if convert and not plan.stream:
+            try:
+                reply = completion_from_chat(orjson.loads(await conn.read_body()))
+            except (orjson.JSONDecodeError, AttributeError, TypeError):
+                raise UpstreamError("upstream answered garbage: not a chat completion") from None
+            rq.flow.detach()
+            writer.usage = reply.get("usage")
+            writer.send_json(200, reply)
+            return
+        writer.keep_tail = ok
+        inspect = ok and plan.stream
+        writer.relay_head(conn.status, conn.headers, inspect=inspect,
+                          drop_usage=inspect and plan.injects(plan.upstream),  # type: ignore[arg-type]
+                          convert=completion_chunk_from_chat if convert else None)
+        streaming = writer.sse
+        gw.metrics.active_streams += streaming
+        try:
+            await conn.relay(writer)
+            rq.flow.detach()
+        finally:
+            gw.metrics.active_streams -= streaming
+
+    def account(self, plan: Plan, name: str) -> None:
+        """Count what the upstream reported and correct the client's token estimate."""
+        rq, gw = plan.rq, self.gw
+        limits = rq.limits
+        takes_tokens = limits is not None and limits.tokens is not None
+        if plan.served is None:
+            if takes_tokens:
+                gw.limiter.settle_tokens(limits, -plan.estimate)  # nothing was used
+            return
+        prompt, completion, total = usage_tokens(rq.writer.reported_usage())
+        gw.ledger.record(name, plan.served, prompt, completion, total, rq.request_id,
+                         rq.writer.status)
+        rq.tokens = (prompt, completion)
+        metrics = gw.metrics
+        label = metrics.fold(plan.served)
+        metrics.count(metrics.tokens, (label, "prompt"), prompt)
+        metrics.count(metrics.tokens, (label, "completion"), completion)
+        if takes_tokens:
+            gw.limiter.settle_tokens(limits, total - plan.estimate)
 
 
-def parse_body(body: bytes, kind: str) -> dict:
-    """Parse once, and check only what routing needs: `model` and the endpoint's input."""
-    obj = load_json(body)
-    if not isinstance(obj, dict):
-        raise BadRequest("The request body must be a JSON object.")
-    field, types, _ = _ENDPOINTS[kind]
-    for name, want in (("model", (str,)), (field, types)):
-        if name not in obj:
-            raise BadRequest(f"Missing required parameter: '{name}'.", code="missing_field",
-                             param=name)
-        if not isinstance(obj[name], want):
-            kinds = " or ".join(_TYPE_NAMES[t] for t in want)
-            raise BadRequest(f"Invalid type for '{name}': expected {kinds}.",
-                             code="invalid_type", param=name)
-    return obj
+class ModelCatalog:
+    """GET /v1/models and /v1/models/{id}: configured models and aliases, then what each
+    "*" upstream lists itself (cached)."""
+
+    __slots__ = ("gw", "_cache")
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self._cache: dict[str, tuple[float, list[dict]]] = {}  # upstream -> (until, entries)
+
+    async def list_models(self, rq: Request) -> None:
+        rq.writer.send_json(200, {"object": "list", "data": list((await self.known()).values())})
+
+    async def retrieve_model(self, rq: Request) -> None:
+        model_id = unquote(rq.path[len(b"/v1/models/"):].decode("latin-1"))
+        entry = (await self.known()).get(model_id)
+        if entry is None:
+            raise model_not_found(model_id)
+        rq.writer.send_json(200, entry)
+
+    async def known(self) -> dict[str, dict]:
+        cfg = self.gw.config
+        models: dict[str, dict] = {}
+        for u in cfg.upstreams:
+            for model in sorted(u.models or ()):
+                models.setdefault(model, model_entry(model, u.name))
+        for alias, target in cfg.aliases.items():
+            owner = next((u.name for u in cfg.upstreams if u.models and
+                          cfg.resolve_alias(target) in u.models), "gateway")
+            models.setdefault(alias, model_entry(alias, owner))
+        for u in cfg.upstreams:
+            if u.models is None:
+                for entry in await self.upstream_models(u):
+                    models.setdefault(entry["id"], entry)
+        return models
+
+    async def upstream_models(self, u: Upstream) -> list[dict]:
+        now = time.monotonic()
+        cached = self._cache.get(u.name)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            entries, ttl = await self.fetch(u), MODELS_CACHE_S
+        except (GatewayError, ValueError, KeyError, TypeError) as exc:
+            log(f"upstream {u.name}: cannot list models ({exc})")
+            entries, ttl = [], MODELS_FAIL_CACHE_S
+        self._cache[u.name] = (now + ttl, entries)
+        # An upstream's own list is bounded: its ids may become metric labels.
+        self.gw.metrics.known_models.update(e["id"] for e in entries)
+        return entries
+
+    async def fetch(self, u: Upstream) -> list[dict]:
+        gw = self.gw
+        request = build_request(b"GET", u.base_path.encode() + b"/models",
+                                gw.keys[u.name].current_key().head, b"", new_request_id(), [])
+        conn = await gw.pools[u.name].request(request)
+        body = await conn.read_body()
+        if conn.status != 200:
+            raise ValueError(f"status {conn.status}")
+        data = orjson.loads(body)["data"]
+        return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+
+class AdminHandler:
+    """Health, readiness, breakers, metrics and usage for everyone; key stats, rotation,
+    resets and observed limits for the admin. Reads state only through its rooms' methods."""
+
+    __slots__ = ("gw",)
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    async def health(self, rq: Request) -> None:
+        gw = self.gw
+        reasons = [f"circuit breaker open: {up}/{model}" for up, model in gw.breakers.not_closed()]
+        reasons += [f"no upstream key available: {u.name}"
+                    for u in gw.config.upstreams if gw.keys[u.name].all_unavailable()]
+        rq.writer.send_json(200, {
+            "status": "degraded" if reasons else "ok",
+            "reasons": reasons,
+            "draining": gw.draining,
+            "upstreams": [{"name": u.name, "keys": len(u.keys)} for u in gw.config.upstreams],
+        })
+
+    async def ready(self, rq: Request) -> None:
+        rq.writer.send_json(200, {"status": "ready"})
+
+    async def circuit_breakers(self, rq: Request) -> None:
+        cfg = self.gw.config
+        rq.writer.send_json(200, {
+            "circuit_breakers": self.gw.breakers.snapshot(),
+            "config": {"failure_threshold": cfg.failure_threshold,
+                       "recovery_timeout_s": cfg.recovery_timeout_s},
+        })
+
+    async def metrics_text(self, rq: Request) -> None:
+        gw = self.gw
+        keys = {(name, key): up for name, pool in gw.keys.items()
+                for key, up in pool.available().items()}
+        text = gw.metrics.render([
+            ("gateway_breaker_open", "1 while the (upstream, model) breaker is open or half-open.",
+             ("upstream", "model"), gw.breakers.open_gauge(gw.metrics.fold)),
+            ("gateway_key_available", "1 while the upstream key is active (not cooling or "
+             "blocked).", ("upstream", "key"), keys),
+        ], gw.limiter.refused)
+        rq.writer.send(200, [_METRICS_CT, (b"x-request-id", rq.request_id)], text)
+
+    async def usage_report(self, rq: Request) -> None:
+        """A client sees its own key's usage; the admin (or anyone, with auth off) sees all."""
+        admission = self.gw.admission
+        if admission.is_admin(rq.credential()) or not admission.auth_on:
+            keys = self.gw.ledger.report()
+        else:
+            client = admission.authenticate(rq)
+            keys = self.gw.ledger.report(client.name if client is not None else "anonymous")
+        rq.writer.send_json(200, {"keys": keys})
+
+    async def token_stats(self, rq: Request) -> None:
+        gw = self.gw
+        rq.writer.send_json(200, {"upstreams": [{
+            "name": u.name, "strategy": u.key_strategy,
+            "current": gw.keys[u.name].current_key().name,
+            "keys": gw.keys[u.name].snapshot(),
+        } for u in gw.config.upstreams]})
+
+    async def rotate_key(self, rq: Request) -> None:
+        body = rq.body()
+        name = None
+        if body.strip():
+            obj = load_json(body)
+            if not isinstance(obj, dict) or not isinstance(obj.get("upstream", ""), str):
+                raise BadRequest("Expected {\"upstream\": name}.", code="invalid_type",
+                                 param="upstream")
+            name = obj.get("upstream")
+        upstreams = self.gw.config.upstreams
+        upstream = upstreams[0] if name is None else next(
+            (u for u in upstreams if u.name == name), None)
+        if upstream is None:
+            raise NotFound(f"No upstream named {name!r}.", param="upstream")
+        rq.writer.send_json(200, {"success": True,
+                                  "current": self.gw.keys[upstream.name].rotate().name})
+
+    async def reset_stats(self, rq: Request) -> None:
+        for pool in self.gw.keys.values():
+            pool.reset()
+        self.gw.breakers.reset()
+        rq.writer.send_json(200, {"success": True})
+
+    async def observed_limits(self, rq: Request) -> None:
+        out: dict[str, dict[str, dict[str, dict]]] = {}
+        for (up, key, model), (at, seen) in self.gw.forwarder.observed.items():
+            out.setdefault(up, {}).setdefault(key, {})[model] = {**seen, "observed_at": at}
+        rq.writer.send_json(200, {"upstreams": out})
 
 
 ################################################################################
-# Server protocol
+# Routing and admission: the route table, auth, CORS, client limits
 ################################################################################
 
-# What the connection's one timer is waiting for.
-_IDLE, _HEAD, _BODY, _BUSY = range(4)
+# Who may call a route.
+_OPEN, _CLIENT, _ADMIN = range(3)
+
+# path -> (method, who may call it, handler room, handler name): made once, at import.
+ROUTE_TABLE: dict[bytes, tuple[bytes, int, str, str]] = {
+    b"/v1/chat/completions": (b"POST", _CLIENT, "proxy", "chat"),
+    b"/v1/chat/completions/stream": (b"POST", _CLIENT, "proxy", "chat_stream"),
+    b"/v1/completions": (b"POST", _CLIENT, "proxy", "completions"),
+    b"/v1/embeddings": (b"POST", _CLIENT, "proxy", "embeddings"),
+    b"/v1/models": (b"GET", _CLIENT, "catalog", "list_models"),
+    b"/v1/models/{id}": (b"GET", _CLIENT, "catalog", "retrieve_model"),
+    b"/health": (b"GET", _OPEN, "admin", "health"),
+    b"/ready": (b"GET", _OPEN, "admin", "ready"),
+    b"/health/circuit-breakers": (b"GET", _OPEN, "admin", "circuit_breakers"),
+    b"/metrics": (b"GET", _OPEN, "admin", "metrics_text"),
+    b"/v1/usage": (b"GET", _OPEN, "admin", "usage_report"),
+    b"/v1/tokens/stats": (b"GET", _ADMIN, "admin", "token_stats"),
+    b"/v1/tokens/rotate": (b"POST", _ADMIN, "admin", "rotate_key"),
+    b"/v1/tokens/reset-stats": (b"POST", _ADMIN, "admin", "reset_stats"),
+    b"/v1/rate-limits/observed": (b"GET", _ADMIN, "admin", "observed_limits"),
+}
+_MODEL_PREFIX = b"/v1/models/"
 
 
-def _raw_error(exc: GatewayError, request_id: bytes = b"") -> bytes:
-    """An error response written without h11, for when its state machine cannot send one."""
-    request_id = request_id or new_request_id()
-    body = exc.body()
-    head = b"".join(b"%s: %s\r\n" % h for h in exc.response_headers(request_id))
-    return (b"HTTP/1.1 %d %s\r\n%scontent-length: %d\r\nconnection: close\r\n\r\n%s"
-            % (exc.status, _REASONS[exc.status], head, len(body), body))
+class Route(NamedTuple):
+    method: bytes
+    access: int
+    handler: Callable[[Request], Any]
+    label: str  # the route-table path: a bounded metric label
+
+
+class Admission:
+    """Who the client is (auth), whether it may call admin routes, CORS, and its limits."""
+
+    __slots__ = ("gw", "_by_digest", "cors")
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self._by_digest = {k.digest: k for k in gw.config.api_keys}
+        self.cors = frozenset(gw.config.cors_origins)
+
+    @property
+    def auth_on(self) -> bool:
+        return bool(self._by_digest)
+
+    def authenticate(self, rq: Request) -> ClientKey | None:
+        if not self._by_digest:
+            return None
+        token = rq.credential()
+        if not token:
+            raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+        key = self._by_digest.get(hashlib.sha256(token).digest())
+        if key is None or not hmac.compare_digest(key.key.encode(), token):
+            raise Unauthorized("Incorrect API key provided.")
+        return key
+
+    def is_admin(self, token: bytes) -> bool:
+        admin = self.gw.config.admin_key
+        return bool(admin and token and hmac.compare_digest(admin.encode(), token))
+
+    def authorize_admin(self, rq: Request) -> None:
+        """admin_key set: it is required. Else open for local use, unless api_keys is set."""
+        if self.gw.config.admin_key is None:
+            if self._by_digest:
+                raise Forbidden("Admin endpoints are off: no admin_key is configured.",
+                                code="admin_only")
+            return
+        token = rq.credential()
+        if not token:
+            raise Unauthorized("Missing admin key: send 'Authorization: Bearer <admin_key>'.")
+        if self.is_admin(token):
+            return
+        if hashlib.sha256(token).digest() in self._by_digest:
+            raise Forbidden("This endpoint needs the admin key.", code="admin_only")
+        raise Unauthorized("Incorrect API key provided.")
+
+    def limit(self, rq: Request) -> None:
+        """The client's request bucket: per key, or per source address when auth is off."""
+        limiter = self.gw.limiter
+        limits = rq.limits = limiter.limits_for(rq.client, rq.peer)
+        if limits is not None:
+            limiter.take_request(limits)
+
+    def allow_origin(self, rq: Request) -> None:
+        if "*" in self.cors or rq.origin.decode("latin-1") in self.cors:
+            rq.extra += [(b"access-control-allow-origin", rq.origin), (b"vary", b"origin"),
+                         (b"access-control-expose-headers", _CORS_EXPOSE)]
+
+    def preflight(self, rq: Request) -> None:
+        headers = [(b"x-request-id", rq.request_id), (b"content-length", b"0")]
+        if rq.extra:  # an allowed origin
+            asked = next((v for _, n, v in rq.headers if n == b"access-control-request-headers"),
+                         _CORS_HEADERS)
+            headers += [(b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+                        (b"access-control-allow-headers", asked),
+                        (b"access-control-max-age", b"600")]
+        rq.writer.start(204, headers)
+        rq.writer.on_end()
+
+
+class Router:
+    """The route table bound to this gateway's handlers; dispatch runs admission first."""
+
+    __slots__ = ("gw", "routes")
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.routes = {path: Route(method, access, getattr(getattr(gw, room), name), path.decode())
+                       for path, (method, access, room, name) in ROUTE_TABLE.items()}
+
+    def find(self, path: bytes) -> Route:
+        route = self.routes.get(path)
+        if route is None:
+            if not path.startswith(_MODEL_PREFIX):
+                raise NotFound(f"Unknown path: {path.decode('latin-1')}")
+            route = self.routes[b"/v1/models/{id}"]
+        return route
+
+    async def dispatch(self, rq: Request) -> None:
+        gw = self.gw
+        route = self.find(rq.path)
+        rq.route = route.label
+        admission = gw.admission
+        if admission.cors and rq.origin:
+            admission.allow_origin(rq)
+        if rq.method == b"OPTIONS" and admission.cors:
+            admission.preflight(rq)
+            return
+        if rq.method != route.method:
+            raise MethodNotAllowed(
+                f"Method {rq.method.decode()} not allowed; use {route.method.decode()}",
+                headers=[(b"allow", route.method)])
+        if gw.draining:
+            raise Unavailable("The gateway is shutting down.", code="draining",
+                              headers=[(b"connection", b"close")])
+        if route.access == _CLIENT:
+            rq.client = admission.authenticate(rq)
+            admission.limit(rq)
+        elif route.access == _ADMIN:
+            admission.authorize_admin(rq)
+        await route.handler(rq)
+
+
+################################################################################
+# Server protocol: one request, one client connection
+################################################################################
+
+
+class Request:
+    """One request on a client connection: what the client sent, and what the access log
+    says about it. Its response goes out through `writer`."""
+
+    __slots__ = (
+        "flow", "writer", "method", "path", "query", "headers", "body_parts", "body_size",
+        "request_id", "authorization", "api_key", "origin", "content_length", "head_size",
+        "peer", "client", "limits", "extra",
+        # for the access log and metrics
+        "t0", "route", "model", "served_by", "key_name", "ttfb", "tokens", "error",
+    )
+
+    def __init__(self, proto: HttpProtocol, event: h11.Request) -> None:
+        self.flow = proto.flow
+        self.writer = ResponseWriter(proto, self)
+        self.method: bytes = event.method
+        target: bytes = event.target
+        self.path, _, self.query = target.partition(b"?")
+        # (raw name, lowercased name, value): h11's own list, read directly because walking
+        # its Sequence view costs a Python call per header.
+        self.headers: list[tuple[bytes, bytes, bytes]] = event.headers._full_items
+        self.body_parts: list[bytes] = []
+        self.body_size = 0
+        self.request_id = b""
+        self.authorization = b""
+        self.api_key = b""
+        self.origin = b""
+        self.content_length = 0  # as declared; h11 has checked it is digits
+        size = 0
+        for _, name, value in self.headers:
+            size += len(name) + len(value)
+            if name == b"authorization":
+                self.authorization = value
+            elif name == b"x-api-key":
+                self.api_key = value
+            elif name == b"x-request-id" and 0 < len(value) <= REQUEST_ID_MAX:
+                self.request_id = value
+            elif name == b"origin":
+                self.origin = value
+            elif name == b"content-length":
+                self.content_length = int(value)
+        if not self.request_id:
+            self.request_id = new_request_id()
+        self.head_size = size  # h11 limits only heads that arrive in pieces; this is the rest
+        self.peer = proto.peer
+        self.client: ClientKey | None = None
+        self.limits: ClientLimits | None = None  # for every response: x-ratelimit-*
+        self.extra: list[tuple[bytes, bytes]] = []  # for every response: CORS
+        self.t0 = time.perf_counter()  # loop.time() is uvloop's cached, 1 ms-grained clock
+        self.route = "other"  # a route-table path: a bounded metric label
+        self.model = ""  # as the client asked
+        self.served_by = ""  # upstream name
+        self.key_name = ""  # upstream key name, never the key
+        self.ttfb: float | None = None
+        self.tokens = (0, 0)
+        self.error = ""
+
+    def __repr__(self) -> str:
+        return (f"Request({self.method.decode()} {self.path.decode('latin-1')}, "
+                f"id={self.request_id.decode('latin-1')}, status={self.writer.status})")
+
+    def body(self) -> bytes:
+        parts = self.body_parts
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def forwarded_headers(self) -> list[bytes]:
+        return [b"%s: %s\r\n" % (n, v) for _, n, v in self.headers if n not in _NOT_FORWARDED]
+
+    def credential(self) -> bytes:
+        auth = self.authorization
+        if auth[:7].lower() == b"bearer ":
+            return auth[7:].strip()
+        return self.api_key
+
+
+class Waiting(enum.Enum):
+    """What a client connection's one deadline is waiting for."""
+
+    KEEPALIVE = "keep-alive"  # the next request's first byte
+    HEAD = "head"  # the rest of a request head
+    BODY = "body"  # the rest of a request body
+    RESPONSE = "response"  # nothing: the gateway is answering
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -2861,8 +3257,8 @@ class HttpProtocol(asyncio.Protocol):
 
     __slots__ = (
         # per connection
-        "gw", "loop", "transport", "conn", "deadline", "timer_mode", "read_paused", "closing",
-        "peer", "ahead",
+        "gw", "loop", "transport", "conn", "flow", "deadline", "waiting", "closing", "peer",
+        "ahead",
         # per request
         "cycle", "task",
     )
@@ -2872,9 +3268,9 @@ class HttpProtocol(asyncio.Protocol):
         self.loop = gw.loop
         self.transport: asyncio.Transport | None = None
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self.flow: FlowControl = None  # type: ignore[assignment]  # made with the transport
         self.deadline = 0.0  # loop time; 0: none. The gateway's sweep enforces it.
-        self.timer_mode = _IDLE
-        self.read_paused = False
+        self.waiting = Waiting.KEEPALIVE
         self.closing = False
         self.peer = ""
         self.ahead = 0  # bytes received while a request is being answered (pipelining)
@@ -2883,15 +3279,16 @@ class HttpProtocol(asyncio.Protocol):
 
     def __repr__(self) -> str:
         return (f"HttpProtocol(our={self.conn.our_state}, their={self.conn.their_state}, "
-                f"cycle={self.cycle!r})")
+                f"waiting={self.waiting.value}, cycle={self.cycle!r})")
 
     # asyncio.Protocol callbacks -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.flow = FlowControl(transport)  # type: ignore[arg-type]
         gw = self.gw
         if len(gw.connections) >= gw.config.max_connections:
-            transport.write(_raw_error(Unavailable("Too many connections.", code="overloaded")))  # type: ignore[attr-defined]
+            transport.write(raw_error(Unavailable("Too many connections.", code="overloaded")))  # type: ignore[attr-defined]
             self.closing = True
             transport.close()
             return
@@ -2902,17 +3299,17 @@ class HttpProtocol(asyncio.Protocol):
         if sock is not None:
             _set_nodelay(sock)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[union-attr]
-        self._arm(gw.keepalive_timeout_s, _IDLE)
+        self._arm(gw.keepalive_timeout_s, Waiting.KEEPALIVE)
 
     def data_received(self, data: bytes) -> None:
-        if self.timer_mode == _IDLE:
-            self._arm(self.gw.header_timeout_s, _HEAD)
+        if self.waiting is Waiting.KEEPALIVE:
+            self._arm(self.gw.header_timeout_s, Waiting.HEAD)
         self.conn.receive_data(data)
         self._handle_events()
         if self.task is not None:  # h11 holds what follows until this answer is done: bound it
             self.ahead += len(data)
             if self.ahead > MAX_PIPELINED_BYTES:
-                self._pause_reading()
+                self.flow.pause_reading()
 
     def eof_received(self) -> bool:
         self.conn.receive_data(b"")
@@ -2922,22 +3319,16 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.gw.connections.discard(self)
-        self._cancel_timer()
-        rq = self.cycle
-        if rq is not None and rq.upstream is not None:
-            rq.upstream.abort()  # the client is gone: free the upstream at once
+        self.deadline = 0.0
+        self.flow.drop_upstream()  # the client is gone: free the upstream at once
         if self.task is not None and not self.task.done():
             self.task.cancel()
 
     def pause_writing(self) -> None:
-        rq = self.cycle
-        if rq is not None and rq.upstream is not None:
-            rq.upstream.pause_reading()
+        self.flow.pause_writing()
 
     def resume_writing(self) -> None:
-        rq = self.cycle
-        if rq is not None and rq.upstream is not None:
-            rq.upstream.resume_reading()
+        self.flow.resume_writing()
 
     # events ---------------------------------------------------------------------------------
 
@@ -2947,7 +3338,7 @@ class HttpProtocol(asyncio.Protocol):
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                self._protocol_error(exc)
+                self._protocol_error(client_failure(exc))
                 return
             kind = type(event)
             if kind is h11.Data:
@@ -2966,7 +3357,7 @@ class HttpProtocol(asyncio.Protocol):
                 return
 
     def _on_request(self, event: h11.Request) -> None:
-        self._arm(self.gw.body_timeout_s, _BODY)
+        self._arm(self.gw.body_timeout_s, Waiting.BODY)
         rq = self.cycle = Request(self, event)
         if rq.head_size > MAX_HEADER_BYTES:
             self._reject(rq, HeadersTooLarge("Request header block is too large."))
@@ -2981,8 +3372,8 @@ class HttpProtocol(asyncio.Protocol):
             self._reject(rq, self._too_large())  # type: ignore[arg-type]
 
     def _on_request_end(self) -> None:
-        self._cancel_timer()
-        self.timer_mode = _BUSY
+        self.deadline = 0.0
+        self.waiting = Waiting.RESPONSE
         self.task = self.loop.create_task(self.gw.handle(self.cycle))  # type: ignore[arg-type]
 
     def _too_large(self) -> GatewayError:
@@ -2993,17 +3384,13 @@ class HttpProtocol(asyncio.Protocol):
         """Answer before the body was read: the connection cannot be reused after this."""
         exc.headers.append((b"connection", b"close"))
         rq.error = exc.message
-        rq.fail(exc)
+        rq.writer.fail(exc)
         self.gw.finish(rq)
 
-    def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
-        if exc.error_status_hint == 431:
-            err: GatewayError = HeadersTooLarge("Request header block is too large.")
-        else:
-            err = BadRequest(f"Malformed HTTP request: {exc}")
+    def _protocol_error(self, err: GatewayError) -> None:
         if self.task is None or self.task.done():
-            self.transport.write(_raw_error(err))  # type: ignore[union-attr]
-            self.gw.log_protocol_error(err)
+            self.transport.write(raw_error(err))  # type: ignore[union-attr]
+            self.gw.count_protocol_error(err)
         self.close()
 
     # response side --------------------------------------------------------------------------
@@ -3020,40 +3407,168 @@ class HttpProtocol(asyncio.Protocol):
             self.close()
             return
         conn.start_next_cycle()
-        self._arm(self.gw.keepalive_timeout_s, _IDLE)
+        self._arm(self.gw.keepalive_timeout_s, Waiting.KEEPALIVE)
         self.ahead = 0
-        if self.read_paused:
-            self.read_paused = False
-            self.transport.resume_reading()  # type: ignore[union-attr]
+        if self.flow.read_paused:
+            self.flow.resume_reading()
         if conn.trailing_data[0]:  # a pipelined request is already buffered
             self.loop.call_soon(self._handle_events)
 
     def close(self) -> None:
         if not self.closing:
             self.closing = True
-            self._cancel_timer()
+            self.deadline = 0.0
             self.transport.close()  # type: ignore[union-attr]
 
-    # flow control and timers ----------------------------------------------------------------
+    # timers ---------------------------------------------------------------------------------
 
-    def _pause_reading(self) -> None:
-        if not self.read_paused:
-            self.read_paused = True
-            self.transport.pause_reading()  # type: ignore[union-attr]
-
-    def _arm(self, delay: float, mode: int) -> None:
+    def _arm(self, delay: float, waiting: Waiting) -> None:
         # A float per request, not a timer: the sweep (every SWEEP_S) enforces deadlines.
-        self.timer_mode = mode
+        self.waiting = waiting
         self.deadline = self.loop.time() + delay  # type: ignore[union-attr]
-
-    def _cancel_timer(self) -> None:
-        self.deadline = 0.0
 
     def check_timeout(self, now: float) -> None:
         # Idle keep-alive, or a request head/body that did not arrive in time (slowloris).
         if self.deadline and now >= self.deadline:
             self.deadline = 0.0
             self.close()
+
+
+################################################################################
+# Gateway: the composition root
+################################################################################
+
+
+class Gateway:
+    """Wires the rooms together, starts and drains the server, sweeps deadlines, and runs
+    each request through the router. It holds no request logic of its own."""
+
+    def __init__(self, config: Config, *, header_timeout_s: float = HEADER_TIMEOUT_S,
+                 body_timeout_s: float = BODY_TIMEOUT_S,
+                 keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+                 clock: Clock = time.monotonic) -> None:
+        self.config = config
+        self.header_timeout_s = header_timeout_s
+        self.body_timeout_s = body_timeout_s
+        self.keepalive_timeout_s = keepalive_timeout_s
+        # lifecycle
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+        self.connections: set[HttpProtocol] = set()
+        self.active = 0
+        self.idle_event: asyncio.Event | None = None
+        self.draining = False
+        self.sweeper: asyncio.TimerHandle | None = None
+        # state: reached only through each room's methods
+        self.metrics = Metrics(config.known_models())
+        self.access_log = AccessLog(config.access_log)
+        self.limiter = Limiter(config, clock)
+        self.ledger = UsageLedger(config.api_keys)
+        self.breakers = BreakerBoard(config.failure_threshold, config.recovery_timeout_s)
+        self.keys = {u.name: KeyPool.of(u) for u in config.upstreams}
+        self.pools: dict[str, UpstreamPool] = {}
+        # behaviour
+        self.forwarder = Forwarder(self)
+        self.admission = Admission(self)
+        self.proxy = ProxyHandler(self)
+        self.catalog = ModelCatalog(self)
+        self.admin = AdminHandler(self)
+        self.router = Router(self)
+
+    def __repr__(self) -> str:
+        return (f"Gateway(port={self.port}, connections={len(self.connections)}, "
+                f"active={self.active}, draining={self.draining})")
+
+    # lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        self.access_log.loop = self.loop
+        self.idle_event = asyncio.Event()
+        self.idle_event.set()
+        self.pools = {u.name: UpstreamPool(u, self.loop) for u in self.config.upstreams}
+        if self.config.usage_log:
+            self.ledger.open(self.config.usage_log)
+        self.server = await self.loop.create_server(
+            lambda: HttpProtocol(self), self.config.host, self.config.port, backlog=2048)
+        self.sweeper = self.loop.call_later(SWEEP_S, self.sweep)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def shutdown(self, grace_s: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish (up to the grace period), close all."""
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        if self.active:
+            log(f"draining {self.active} in-flight request(s) "
+                f"({self.metrics.active_streams} streaming), up to {grace:g}s")
+            try:
+                await asyncio.wait_for(self.idle_event.wait(), grace)  # type: ignore[union-attr]
+            except asyncio.TimeoutError:
+                log(f"grace period over: cutting {self.active} request(s)")
+        for proto in list(self.connections):
+            proto.close()
+        for pool in self.pools.values():
+            pool.close()
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+        self.access_log.flush()
+        self.ledger.close()
+
+    def sweep(self) -> None:
+        """Enforce every connection's deadline: one timer for the gateway, not per request."""
+        now = self.loop.time()  # type: ignore[union-attr]
+        for proto in list(self.connections):
+            proto.check_timeout(now)
+        for pool in self.pools.values():
+            for conn in list(pool.live):
+                conn.check_timeout(now)
+        self.sweeper = self.loop.call_later(SWEEP_S, self.sweep)  # type: ignore[union-attr]
+
+    # one request ----------------------------------------------------------------------------
+
+    async def handle(self, rq: Request) -> None:
+        self.active += 1
+        self.idle_event.clear()  # type: ignore[union-attr]
+        try:
+            await self.router.dispatch(rq)
+            if not rq.writer.started:
+                raise GatewayError("handler sent no response")
+        except GatewayError as exc:
+            rq.error = exc.message
+            rq.writer.fail(exc)
+        except asyncio.CancelledError:
+            rq.error = "client disconnected"  # its connection is already closed
+        except Exception as exc:  # a bug: answer 500 and say where, but keep serving
+            log(f"internal error on {rq!r}: {exc!r}")
+            traceback.print_exc()
+            rq.error = f"internal error: {exc!r}"
+            rq.writer.fail(GatewayError("The gateway hit an internal error."))
+        finally:
+            if rq.flow.upstream is not None:
+                rq.flow.drop_upstream()
+            self.active -= 1
+            if self.active == 0:
+                self.idle_event.set()  # type: ignore[union-attr]
+            self.finish(rq)
+
+    def finish(self, rq: Request) -> None:
+        """Metrics and the access log line, once per request."""
+        duration = time.perf_counter() - rq.t0
+        metrics = self.metrics
+        metrics.count(metrics.requests, (rq.route, metrics.fold(rq.model), rq.writer.status))
+        metrics.histogram(metrics.durations, rq.route).observe(duration)
+        if self.access_log.enabled:
+            self.access_log.request(rq, duration)
+
+    def count_protocol_error(self, err: GatewayError) -> None:
+        """A request too malformed to become a Request: still one metric and one line."""
+        self.metrics.count(self.metrics.requests, ("other", "", err.status))
+        if self.access_log.enabled:
+            self.access_log.protocol_error(err)
 
 
 ################################################################################
@@ -3089,26 +3604,25 @@ async def _serve(args: argparse.Namespace) -> int:
         print(f"gateway: cannot listen on {config.host}:{config.port}: {exc.strerror}",
               file=sys.stderr)
         return 2
-    config.port = gw.port
-    _log(f"listening on {config.summary()}")
+    log(f"listening on {config.summary(gw.port)}")
     if mock is not None:
         base = f"http://{config.host}:{gw.port}/v1"
-        _log(f"demo upstream on 127.0.0.1:{mock.port}; try:\n  curl {base}/chat/completions "
-             "-H 'content-type: application/json' "
-             "-d '{\"model\": \"gpt-4o-mini\", \"messages\": [{\"role\": \"user\", "
-             "\"content\": \"hi\"}]}'\n"
-             f"  python -c \"import openai; c = openai.OpenAI(base_url='{base}', api_key='x'); "
-             "print(c.chat.completions.create(model='gpt-4o-mini', "
-             "messages=[{'role': 'user', 'content': 'hi'}]).choices[0].message.content)\"")
+        log(f"demo upstream on 127.0.0.1:{mock.port}; try:\n  curl {base}/chat/completions "
+            "-H 'content-type: application/json' "
+            "-d '{\"model\": \"gpt-4o-mini\", \"messages\": [{\"role\": \"user\", "
+            "\"content\": \"hi\"}]}'\n"
+            f"  python -c \"import openai; c = openai.OpenAI(base_url='{base}', api_key='x'); "
+            "print(c.chat.completions.create(model='gpt-4o-mini', "
+            "messages=[{'role': 'user', 'content': 'hi'}]).choices[0].message.content)\"")
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    _log("shutting down: no longer accepting connections")
+    log("shutting down: no longer accepting connections")
     await gw.shutdown()
     if mock is not None:
         await mock.stop()
-    _log("exited")
+    log("exited")
     return 0
 
 
@@ -3117,7 +3631,7 @@ def _configure(args: argparse.Namespace, overrides: dict[str, Any]) -> Config:
     config = load_config(config_file=args.config, host=args.host, port=args.port,
                          overrides=overrides, warnings=warnings)
     for warning in warnings:
-        _log(f"warning: {warning}")
+        log(f"warning: {warning}")
     return config
 
 
@@ -3144,7 +3658,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"config ok: {config.summary()}")
         for u in config.upstreams:
             models = "any model" if u.models is None else ", ".join(sorted(u.models))
-            print(f"  upstream {u.name}: {u.url} · {len(u.keys.keys)} key(s) · {models}")
+            print(f"  upstream {u.name}: {u.url} · {len(u.keys)} key(s) · {models}")
         sys.exit(0)
     if uvloop is not None:
         uvloop.install()

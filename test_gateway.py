@@ -420,7 +420,7 @@ def test_defaults_use_openai_and_openai_api_key() -> None:
     config = gw.load_config({"OPENAI_API_KEY": "sk-openai-key-123456"})
     (u,) = config.upstreams
     assert u.url == "https://api.openai.com/v1" and u.models is None
-    assert [k.name for k in u.keys.keys] == ["OPENAI_API_KEY"]
+    assert [k.name for k in u.keys] == ["OPENAI_API_KEY"]
     assert (config.host, config.port, config.auth_on) == ("127.0.0.1", 4000, False)
 
 
@@ -434,7 +434,7 @@ def test_single_value_env_vars() -> None:
     assert [k.key for k in config.api_keys] == ["a1", "b2"]
     (u,) = config.upstreams
     assert (u.host, u.port, u.base_path) == ("10.0.0.1", 8000, "/v1")
-    assert [(k.name, k.secret) for k in u.keys.keys] == [("default#0", "k1"), ("default#1", "k2")]
+    assert [(k.name, k.secret) for k in u.keys] == [("default#0", "k1"), ("default#1", "k2")]
 
 
 def test_sources_precedence_file_then_json_env_then_vars_then_flags(tmp_path: Path) -> None:
@@ -464,10 +464,10 @@ def test_env_references_and_prefix_expansion() -> None:
                  GITHUB_TOKEN3="t3", GITHUB_TOKEN="t1", GITHUB_TOKEN2="t2", ORG="acme",
                  TEAM_KEY="team-secret")
     (u,) = config.upstreams
-    assert [(k.name, k.secret) for k in u.keys.keys] == [
+    assert [(k.name, k.secret) for k in u.keys] == [
         ("GITHUB_TOKEN", "t1"), ("GITHUB_TOKEN2", "t2"), ("GITHUB_TOKEN3", "t3"), ("gh#1", "plain-key-0000")]
     assert u.headers == {"X-Org": "acme"}
-    assert b"X-Org: acme\r\n" in u.keys.keys[0].head and b"Host: models.example\r\n" in u.keys.keys[0].head
+    assert b"X-Org: acme\r\n" in u.keys[0].head and b"Host: models.example\r\n" in u.keys[0].head
     assert [(k.name, k.key, k.rpm) for k in config.api_keys] == [
         ("TEAM_KEY", "team-secret", None), ("lit", "literal", 5)]
 
@@ -629,6 +629,7 @@ async def relay_split(wire: bytes, cuts: list[int], close_at_end: bool) -> bytes
     proto.conn.receive_data(b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n")
     rq = proto.cycle = gw.Request(proto, proto.conn.next_event())
     assert proto.conn.next_event() == h11.EndOfMessage()
+    writer = rq.writer
     upstream = gateway.config.upstreams[0]
     conn = gw.UpstreamConnection(gw.UpstreamPool(upstream, loop))
     conn.connection_made(FakeTransport())
@@ -642,16 +643,15 @@ async def relay_split(wire: bytes, cuts: list[int], close_at_end: bool) -> bytes
         conn.data_received(wire[a:b])
         await asyncio.sleep(0)  # the head future's callbacks run on the next turn
         if relaying is None and got.done():
-            gateway.relay_head(rq, got.result().status, got.result().headers)
-            relaying = conn.relay(rq)
+            writer.relay_head(got.result().status, got.result().headers)
+            relaying = conn.relay(writer)
     if close_at_end:
         conn.connection_lost(None)
     if relaying is None:
         head = await got
-        gateway.relay_head(rq, head.status, head.headers)
-        relaying = conn.relay(rq)
+        writer.relay_head(head.status, head.headers)
+        relaying = conn.relay(writer)
     await asyncio.wait_for(relaying, 5)
-    proto._cancel_timer()
     return bytes(client_t.out)
 
 
@@ -1191,8 +1191,8 @@ def test_cooled_key_comes_back_by_itself_when_its_cooldown_ends(start_gateway: A
     del mock.key_faults[KEYS[0]]
     limited_at = next(r.at for r in mock.requests if r.headers["authorization"].endswith(KEYS[0]))
     assert eventually(lambda: key_states(g)["mock#0"] == "active", timeout=5)
-    g.lt.call(g.gw.config.upstreams[0].keys.rotate)  # failover sits on k1: move on to k2, then k0
-    g.lt.call(g.gw.config.upstreams[0].keys.rotate)
+    g.lt.call(g.gw.keys["mock"].rotate)  # failover sits on k1: move on to k2, then k0
+    g.lt.call(g.gw.keys["mock"].rotate)
     client.chat.completions.create(model="m", messages=MSGS)
     back = [r.at for r in mock.requests if r.headers["authorization"].endswith(KEYS[0])]
     assert len(back) == 2 and back[1] - limited_at >= 0.3
@@ -1281,7 +1281,7 @@ def test_breaker_opens_fails_fast_uses_fallback_and_recovers_through_half_open(
     reply = client.chat.completions.create(model="gpt-4o", messages=MSGS)  # served by the fallback
     assert reply.model == "gpt-4o-mini" and [r.json()["model"] for r in list(mock.requests)[seen:]] == ["gpt-4o-mini"]
     del mock.model_faults["gpt-4o"]
-    assert eventually(lambda: g.lt.call(g.gw.breakers[("mock", "gpt-4o")].available), timeout=5)
+    assert eventually(lambda: g.lt.call(g.gw.breakers.get("mock", "gpt-4o").available), timeout=5)
     reply = client.chat.completions.create(model="gpt-4o", messages=MSGS)  # the half-open probe
     assert reply.model == "gpt-4o"
     assert admin(g, "GET", "/health/circuit-breakers").json()["circuit_breakers"]["mock/gpt-4o"]["state"] == "closed"
@@ -1433,19 +1433,17 @@ USAGE_STREAM = [
 ]
 
 
-def sse_request(drop: bool) -> tuple[gw.Request, FakeTransport]:
+def sse_request(drop: bool) -> tuple[gw.ResponseWriter, FakeTransport]:
     gateway = gw.Gateway(gw.load_config({}))
     gateway.loop = asyncio.get_running_loop()
     proto = gw.HttpProtocol(gateway)
     transport = FakeTransport()
-    proto.transport = transport
+    proto.connection_made(transport)
     proto.conn.receive_data(b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n")
-    rq = gw.Request(proto, proto.conn.next_event())
+    rq = proto.cycle = gw.Request(proto, proto.conn.next_event())
     proto.conn.next_event()
-    rq.sse = rq.inspect = True
-    rq.drop_usage = drop
-    rq.start(200, [(b"content-type", b"text/event-stream")])
-    return rq, transport
+    rq.writer.relay_head(200, [(b"content-type", b"text/event-stream")], inspect=True, drop_usage=drop)
+    return rq.writer, transport
 
 
 @pytest.mark.parametrize("drop", [True, False])
@@ -1461,10 +1459,9 @@ def test_sse_usage_filter_with_events_split_at_every_byte_offset(drop: bool) -> 
                     if piece:
                         rq.on_data(piece)
                 rq.on_end()
-                rq.proto._cancel_timer()
                 _, _, body, complete = client_body(bytes(transport.out))
                 assert complete and body == expected, cut
-                assert rq.usage["total_tokens"] == 9
+                assert rq.reported_usage()["total_tokens"] == 9
 
     asyncio.run(run())
 
@@ -1818,7 +1815,7 @@ def test_pipelined_bytes_beyond_the_bound_pause_reading_and_all_answers_come(sta
                           "x-mock-chunks: 5\r\nx-mock-delay-ms: 200\r\n") + post("/v1/chat/completions", big))
 
         def paused() -> bool:
-            return any(p.read_paused for p in g.gw.connections)
+            return any(p.flow.read_paused for p in g.gw.connections)
 
         assert eventually(lambda: g.lt.call(paused), timeout=5)
         f = sock.makefile("rb")
