@@ -56,6 +56,8 @@ def instructions(gateway: Path, requests: int, args: argparse.Namespace, mock: i
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
         text = out.read_text(errors="replace")
+        if args.keep and requests == max(args.n):
+            Path(args.keep).write_text(text)
     found = re.search(r"^summary:\s+(\d+)", text, re.M) or re.search(r"^totals:\s+(\d+)", text, re.M)
     if found is None:
         raise SystemExit("no totals in the callgrind output")
@@ -68,6 +70,8 @@ def main() -> None:
     p.add_argument("--stream", action="store_true", help="20-chunk streams instead of plain")
     p.add_argument("-n", type=int, nargs=2, default=[500, 2500], metavar=("N1", "N2"))
     p.add_argument("-c", "--concurrency", type=int, default=8)
+    p.add_argument("--keep", metavar="FILE", help="keep the N2 run's callgrind output here "
+                   "(read it with callgrind_annotate)")
     args = p.parse_args()
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
