@@ -13,6 +13,24 @@ they pass through a gateway unchanged:
     x-mock-delay-ms: N      wait N ms before each stream chunk (default --delay-ms)
     x-mock-die-after: N     drop the connection after N content chunks (a mid-stream death)
     x-mock-hang: 1          read the request and never answer
+    x-mock-fault: MODE      misbehave like a hostile or broken upstream (any method, any path):
+        partial-head        "HTTP/1.1 200 OK\r\n", then nothing; the connection stays open
+        endless-head        the status line, then "x-pad-N: 1\r\n" every 100 ms, forever
+        ssh-banner          "SSH-2.0-OpenSSH_9.6\r\n", then nothing; the connection stays open
+        cl-and-chunked      a 200 chat completion framed chunked, its head carrying both
+                            content-length (the JSON's length) and transfer-encoding: chunked
+        two-lengths         a 200 JSON answer with two different content-length headers
+        bad-length          a 200 JSON answer of 10 bytes with "content-length: +1_0"
+        bad-status          "HTTP/1.1 999 Odd" with a small JSON body, correctly framed
+        no-blank-line       a 200 chunked text/event-stream whose body is one event of N bytes
+                            ("data: " and N-6 "x"), in 64 KiB chunks with no blank line, then
+                            "\n\n" and "data: [DONE]\n\n"
+        huge-error          a 500 OpenAI error body padded to N bytes, content-length framed
+    x-mock-fault-bytes: N   N for no-blank-line and huge-error (default 30 MB); both are
+                            written with backpressure, never queued whole
+
+The modes that keep the connection open hold it until the peer closes it or stop() is called;
+after the framed ones the connection takes the next request as usual.
 
 Faults per upstream key (the bearer token), set as attributes (or --key-rpm):
 
@@ -36,12 +54,14 @@ import hashlib
 import struct
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import orjson
 
 MODELS = ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small", "org/model-x"]
 MAX_HEAD = 64 * 1024
+FAULT_BYTES = 30_000_000  # x-mock-fault-bytes default: no-blank-line, huge-error
+PIECE = 64 * 1024  # what the large faults write at a time, waiting for the peer in between
 _REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
             429: b"Too Many Requests", 500: b"Internal Server Error", 502: b"Bad Gateway",
             503: b"Service Unavailable"}
@@ -121,6 +141,7 @@ class _MockConnection(asyncio.Protocol):
         self.closed = False
         self.task: asyncio.Task | None = None
         self.extra: list[tuple[str, str]] = []  # headers for the next answer
+        self.writable: asyncio.Future | None = None  # while the transport's buffer is full
 
     def shut(self) -> None:
         if self.task is not None:
@@ -141,6 +162,23 @@ class _MockConnection(asyncio.Protocol):
         self.mock.live.discard(self)
         self.mock.connections_closed += 1
         self.mock.changed()
+
+    def pause_writing(self) -> None:
+        self.writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+        self.writable = None
+
+    async def drain(self) -> bool:
+        """Wait until the transport's buffer is below its high-water mark again (yielding to
+        the loop either way); False once the connection is closing: stop writing."""
+        if self.writable is not None:
+            await self.writable
+        else:
+            await asyncio.sleep(0)
+        return not self.transport.is_closing()
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -175,6 +213,9 @@ class _MockConnection(asyncio.Protocol):
         h = rq.headers
         if h.get("x-mock-hang"):
             self.busy = True
+            return
+        if "x-mock-fault" in h:
+            self.hostile(rq, h["x-mock-fault"], int(h.get("x-mock-fault-bytes", FAULT_BYTES)))
             return
         if "x-mock-status" in h:
             status = int(h["x-mock-status"])
@@ -255,17 +296,9 @@ class _MockConnection(asyncio.Protocol):
         chunks = int(rq.headers.get("x-mock-chunks", self.mock.chunks))
         prompt_tokens = max(1, len(rq.body) // 4)
         if not body.get("stream"):
-            text = _reply_text(body, chat, chunks)
-            usage = _usage(prompt_tokens, chunks)
-            if chat:
-                choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                          "logprobs": None, "finish_reason": "stop"}
-            else:
-                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
-            obj = "chat.completion" if chat else "text_completion"
-            self.send_json(200, {"id": f"cmpl-mock-{self.mock.request_count}", "object": obj,
-                                 "created": int(time.time()), "model": model,
-                                 "choices": [choice], "usage": usage})
+            self.send_json(200, _completion(model, _reply_text(body, chat, chunks), chat,
+                                            _usage(prompt_tokens, chunks),
+                                            self.mock.request_count))
             return
         options = body.get("stream_options") or {}
         events = _stream_events(model, chat, chunks, prompt_tokens,
@@ -296,6 +329,105 @@ class _MockConnection(asyncio.Protocol):
         self.transport.write(b"0\r\n\r\n")
         self.busy = False
         self.process()
+
+    # hostile modes (x-mock-fault) ---------------------------------------------------------
+
+    def hostile(self, rq: MockRequest, mode: str, size: int) -> None:
+        """Answer as a broken or hostile upstream would; see the module docstring."""
+        self.extra = []
+        write = self.transport.write
+        if mode == "partial-head":
+            self.busy = True  # nothing more, ever: the peer has to give up
+            write(b"HTTP/1.1 200 OK\r\n")
+        elif mode == "ssh-banner":
+            self.busy = True
+            write(b"SSH-2.0-OpenSSH_9.6\r\n")
+        elif mode == "endless-head":
+            self.run(self.endless_head)
+        elif mode == "cl-and-chunked":
+            try:
+                model = str(rq.json()["model"])
+            except (ValueError, KeyError, TypeError):
+                model = MODELS[0]
+            body = orjson.dumps(_completion(model, "echo: both framings", True, _usage(1, 1),
+                                            self.mock.request_count))
+            write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                  b"content-length: %d\r\ntransfer-encoding: chunked\r\n\r\n%s0\r\n\r\n"
+                  % (len(body), _chunk(body)))
+        elif mode == "two-lengths":
+            body = b'{"object": "two lengths"}'
+            write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                  b"content-length: %d\r\n\r\n%s" % (len(body), len(body) + 5, body))
+        elif mode == "bad-length":
+            write(b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n'
+                  b'content-length: +1_0\r\n\r\n{"x":1234}')
+        elif mode == "bad-status":
+            body = b'{"object": "odd status"}'
+            write(b"HTTP/1.1 999 Odd\r\ncontent-type: application/json\r\n"
+                  b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        elif mode == "no-blank-line":
+            self.run(self.no_blank_line, max(size, 6))
+        elif mode == "huge-error":
+            self.run(self.huge_error, size)
+        else:
+            self.send_error(400, f"unknown x-mock-fault mode {mode!r}")
+
+    def run(self, answer: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Answer from a task that owns the connection until it ends: the peer's close and
+        shut() cancel it; a task that ends goes on to the next request."""
+        self.busy = True
+        self.task = asyncio.get_running_loop().create_task(self.answering(answer, *args))
+
+    async def answering(self, answer: Callable[..., Awaitable[None]], *args: Any) -> None:
+        await answer(*args)  # made here, not in run(): a task cancelled unstarted leaves none
+        if not self.closed and not self.transport.is_closing():
+            self.busy = False
+            self.process()
+
+    async def endless_head(self) -> None:
+        self.transport.write(b"HTTP/1.1 200 OK\r\n")
+        n = 0
+        while True:  # until the peer closes, or stop()
+            await asyncio.sleep(0.1)
+            if not await self.drain():
+                return
+            self.transport.write(b"x-pad-%d: 1\r\n" % n)
+            n += 1
+
+    async def no_blank_line(self, size: int) -> None:
+        self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; "
+                             b"charset=utf-8\r\ntransfer-encoding: chunked\r\n\r\n")
+        first = min(size, PIECE)
+        self.transport.write(_chunk(b"data: " + b"x" * (first - 6)))
+        if not await self.send_x(size - first, chunked=True):
+            return
+        self.transport.write(_chunk(b"\n\n") + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+
+    async def huge_error(self, size: int) -> None:
+        head = (b'{"error": {"message": "mock huge error", "type": "mock_error", "param": null, '
+                b'"code": "mock_500", "padding": "')
+        tail = b'"}}'
+        pad = max(0, size - len(head) - len(tail))
+        self.transport.write(b"HTTP/1.1 500 Internal Server Error\r\n"
+                             b"content-type: application/json\r\ncontent-length: %d\r\n"
+                             b"x-request-id: mock-upstream\r\n\r\n%s"
+                             % (len(head) + pad + len(tail), head))
+        if await self.send_x(pad, chunked=False):
+            self.transport.write(tail)
+
+    async def send_x(self, count: int, chunked: bool) -> bool:
+        """count bytes of "x", PIECE at a time, each once the peer has taken the last;
+        False if the connection went first."""
+        whole = _chunk(_X_PIECE) if chunked else _X_PIECE
+        while count > 0:
+            if not await self.drain():
+                return False
+            if count >= PIECE:
+                self.transport.write(whole)
+            else:
+                self.transport.write(_chunk(b"x" * count) if chunked else b"x" * count)
+            count -= PIECE
+        return await self.drain()
 
     def embeddings(self, rq: MockRequest) -> None:
         try:
@@ -336,6 +468,16 @@ class _MockConnection(asyncio.Protocol):
 
 def _model(model: str) -> dict:
     return {"id": model, "object": "model", "created": 1700000000, "owned_by": "mock"}
+
+
+def _completion(model: str, text: str, chat: bool, usage: dict, n: int) -> dict:
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "logprobs": None, "finish_reason": "stop"}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
+    return {"id": f"cmpl-mock-{n}", "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": [choice], "usage": usage}
 
 
 def _usage(prompt: int, completion: int) -> dict:
@@ -381,6 +523,9 @@ def _stream_events(model: str, chat: bool, chunks: int, prompt_tokens: int,
 
 def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+_X_PIECE = b"x" * PIECE
 
 
 def main() -> None:
