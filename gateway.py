@@ -38,6 +38,7 @@ import hmac
 import http
 import importlib.util
 import itertools
+import json
 import os
 import random
 import re
@@ -80,7 +81,11 @@ UPSTREAM_MAX_HEAD = 64 * 1024  # an upstream response head larger than this is g
 UPSTREAM_MAX_IDLE = 256  # idle keep-alive connections kept per upstream
 UPSTREAM_KEEPALIVE_S = 20.0  # reuse an idle upstream connection only this long (servers drop ~60s)
 MAX_CHUNK_LINE = 4096  # a chunk-size or trailer line longer than this is garbage
+MAX_ERROR_BODY = 1024 * 1024  # upstream error bodies the gateway reads: this much, then it stops
+MAX_READ_BODY = 64 * 1024 * 1024  # 200 bodies the gateway converts itself: far above any reply
+MAX_SSE_EVENT = 1024 * 1024  # an SSE event this long with no end: relay it unfiltered from then on
 COOLDOWN_CAP_S = 60.0  # a 429 with no hint cools a key 1, 2, 4 ... s, never longer than this
+COOLDOWN_HINT_CAP_S = 3600.0  # the longest cooldown an upstream's hint may impose (configurable)
 PACING_MAX_WAIT_S = 10.0  # a paced request queues this long at most, then gets 429
 PACING_SLACK = 1.01  # rpm_per_key spaces requests 1% wider than 60/rpm: room for jitter
 MAX_BREAKERS = 1024  # (upstream, model) pairs tracked; "*" upstreams see client-chosen models
@@ -89,6 +94,9 @@ USAGE_TAIL_BYTES = 4096  # how much of a response's end is kept to find its usag
 MODELS_CACHE_S = 60.0  # how long an upstream's own /models list is reused
 MODELS_FAIL_CACHE_S = 5.0  # how long a failed /models fetch is remembered
 REQUEST_ID_MAX = 128  # longer client X-Request-IDs are replaced, not forwarded
+DISCARD_MAX = 64 * 1024  # a refused request's body is read and dropped up to this; above, close
+SEND_TIMEOUT_S = 120.0  # a client that reads nothing for this long is cut (no upstream to ask)
+PROBE_RESERVE = 8  # connections past max_connections kept for probes (/health, /ready, /metrics)
 START_TIME = int(time.time())
 
 # Client headers never forwarded upstream: hop-by-hop, framing we set, and the client's own
@@ -96,7 +104,7 @@ START_TIME = int(time.time())
 _NOT_FORWARDED = frozenset(
     b"host authorization x-api-key content-length content-type transfer-encoding connection "
     b"keep-alive te trailer upgrade proxy-authorization proxy-connection accept-encoding "
-    b"x-request-id expect cookie".split()
+    b"x-request-id expect cookie openai-organization openai-project".split()
 )
 # Upstream response headers never relayed: hop-by-hop and framing that h11 redoes.
 _NOT_RELAYED = frozenset(
@@ -107,6 +115,9 @@ _END_OF_MESSAGE = h11.EndOfMessage()  # immutable: one for every response
 _JSON_CT = (b"content-type", b"application/json")
 _METRICS_CT = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 header field name
+_HEX_DIGITS = b"0123456789abcdefABCDEF"  # a chunk size is these and nothing else
+_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,%d}" % REQUEST_ID_MAX)  # visible ASCII, echoed back
+_CONTINUE = h11.InformationalResponse(status_code=100, headers=[])
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 _RESET_HEADERS = (b"x-ratelimit-reset-requests", b"x-ratelimit-reset-tokens")
 _COOLDOWN_HEADERS = frozenset((b"retry-after-ms", b"retry-after", *_RESET_HEADERS))
@@ -321,6 +332,7 @@ def new_request_id() -> bytes:
 
 
 def retry_after_headers(seconds: float) -> list[tuple[bytes, bytes]]:
+    seconds = min(seconds, 1e9)  # a bound, whatever the caller computed
     return [(b"retry-after", b"%d" % max(1, int(-(-seconds // 1)))),
             (b"retry-after-ms", b"%d" % max(0, int(seconds * 1000)))]
 
@@ -502,27 +514,32 @@ class KeyPool:
         } for k in self.keys]
 
 
-def cooldown_from_headers(headers: list[tuple[bytes, bytes]]) -> float | None:
-    """How long an upstream asked us to wait: retry-after-ms, Retry-After, x-ratelimit-reset-*."""
+def cooldown_from_headers(headers: list[tuple[bytes, bytes]],
+                          cap: float = COOLDOWN_HINT_CAP_S) -> float | None:
+    """How long an upstream asked us to wait: retry-after-ms, Retry-After, x-ratelimit-reset-*.
+
+    At most `cap`; a hint that is not a finite, non-negative number or a date is ignored."""
     found: dict[bytes, bytes] = {}
     for name, value in headers:
         if name in _COOLDOWN_HEADERS:
             found[name] = value
+    hint: float | None = None
     try:
         if b"retry-after-ms" in found:
-            return max(0.0, float(found[b"retry-after-ms"]) / 1000)
-        if b"retry-after" in found:
+            hint = float(found[b"retry-after-ms"]) / 1000
+        elif b"retry-after" in found:
             value = found[b"retry-after"].decode("latin-1")
             try:
-                return max(0.0, float(value))
+                hint = float(value)
             except ValueError:  # an HTTP-date
-                when = email.utils.parsedate_to_datetime(value).timestamp()
-                return max(0.0, when - time.time())
-    except (ValueError, TypeError, OverflowError):
-        pass
-    resets = [parse_duration(found[n].decode("latin-1")) for n in _RESET_HEADERS if n in found]
-    resets = [r for r in resets if r is not None]
-    return max(resets) if resets else None
+                hint = max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (ValueError, TypeError, OverflowError, IndexError):
+        hint = None
+    if hint is None or not 0 <= hint < float("inf"):  # also NaN, which compares false
+        resets = [parse_duration(found[n].decode("latin-1")) for n in _RESET_HEADERS if n in found]
+        resets = [r for r in resets if r is not None]
+        hint = max(resets) if resets else None
+    return None if hint is None else min(hint, cap)
 
 
 class BreakerState(enum.Enum):
@@ -1303,7 +1320,8 @@ class Config:
 
     TOP_LEVEL = frozenset(
         "host port api_keys admin_key rate_limit upstreams aliases fallbacks retry breaker "
-        "max_body_bytes max_connections cors_origins access_log usage_log shutdown_grace_s".split()
+        "max_body_bytes max_connections cors_origins access_log usage_log shutdown_grace_s "
+        "cooldown_cap_s".split()
     )
 
     def __init__(self, raw: dict[str, Any], env: _Env) -> None:
@@ -1338,6 +1356,7 @@ class Config:
         self.access_log: bool = r.boolean("access_log", True)
         self.usage_log: str | None = r.string("usage_log", None, nullable=True)
         self.shutdown_grace_s: float = r.number("shutdown_grace_s", 30)
+        self.cooldown_cap_s: float = r.number("cooldown_cap_s", COOLDOWN_HINT_CAP_S, above=True)
 
     @staticmethod
     def _client_keys(r: _Reader) -> list[ClientKey]:
@@ -1560,11 +1579,18 @@ class ChunkedDecoder:
                 pos += take
                 self.left -= take
                 if self.left == 0:
-                    self.state, self.left = _DATA_CRLF, 2
-            elif state is _DATA_CRLF:
-                take = min(self.left, end - pos)
-                pos += take
-                self.left -= take
+                    if end - pos >= 2:  # its CRLF is here too: exactly CRLF, or the sizes lie
+                        if data[pos] != 13 or data[pos + 1] != 10:
+                            raise ValueError("no CRLF after chunk data")
+                        pos += 2
+                        self.state = _SIZE
+                    else:
+                        self.state, self.left = _DATA_CRLF, 2
+            elif state is _DATA_CRLF:  # the CRLF split across reads
+                if data[pos] != (13 if self.left == 2 else 10):
+                    raise ValueError("no CRLF after chunk data")
+                pos += 1
+                self.left -= 1
                 if self.left == 0:
                     self.state = _SIZE
             elif state is _END:
@@ -1579,9 +1605,10 @@ class ChunkedDecoder:
                 line, self.line = self.line + data[pos:nl], b""
                 pos = nl + 1
                 if state is _SIZE:
-                    size = int(line.split(b";", 1)[0].strip(), 16)
-                    if size < 0:
-                        raise ValueError(line)
+                    digits = line.split(b";", 1)[0].strip()
+                    if not digits or len(digits) > 16 or digits.translate(None, _HEX_DIGITS):
+                        raise ValueError(line)  # int() would take a sign, "0x" or "1_0" too
+                    size = int(digits, 16)
                     self.state, self.left = (_DATA, size) if size else (_TRAILER, 0)
                 elif not line.strip():  # the blank line after the trailers
                     self.state = _END
@@ -1603,15 +1630,28 @@ class BodySink:
 
 
 class _Collector(BodySink):
-    """A sink that keeps the whole body: for small answers the gateway must look at."""
+    """A sink that keeps a body up to a limit, for answers the gateway must look at itself;
+    at the limit it ends the exchange, so a hostile upstream cannot make it read forever."""
 
-    __slots__ = ("parts",)
+    __slots__ = ("conn", "limit", "size", "parts")
 
-    def __init__(self) -> None:
+    def __init__(self, conn: UpstreamConnection, limit: int) -> None:
+        self.conn = conn
+        self.limit = limit
+        self.size = 0
         self.parts: list[bytes] = []
 
     def on_data(self, data: bytes) -> None:
+        room = self.limit - self.size
+        if room <= 0:
+            return
+        if len(data) >= room:
+            self.parts.append(data[:room])
+            self.size = self.limit
+            self.conn.cut_short()
+            return
         self.parts.append(data)
+        self.size += len(data)
 
     def on_end(self) -> None:
         pass
@@ -1684,7 +1724,8 @@ class UpstreamConnection(asyncio.Protocol):
         """Called by the gateway's sweep: no timer per exchange."""
         if self.state is _WAIT_HEAD and now >= self.deadline:
             self._fail(UpstreamTimeout("upstream sent no response in time"))
-        elif self.state is _BODY and now - self.last_rx >= self.idle_timeout:
+        elif self.state is _BODY and not self.paused and now - self.last_rx >= self.idle_timeout:
+            # (while paused, the silence is ours: the client is not reading)
             self._fail(UpstreamTimeout("upstream stalled mid-response"))
 
     # asyncio.Protocol callbacks -------------------------------------------------------------
@@ -1761,14 +1802,17 @@ class UpstreamConnection(asyncio.Protocol):
             self.resume_reading()
         return self.done  # type: ignore[return-value]
 
-    async def read_body(self) -> bytes:
-        """The whole body (for small answers the gateway itself must look at)."""
-        collector = _Collector()
+    async def read_body(self, limit: int) -> bytes:
+        """The body, or its first `limit` bytes (the rest is never read: the connection
+        goes), for answers the gateway itself must look at."""
+        collector = _Collector(self, limit)
         try:
             await self.relay(collector)
         except asyncio.CancelledError:
             self.abort()
             raise
+        finally:
+            self.sink = collector.conn = None  # type: ignore[assignment]
         if self.error is not None:
             raise self.error
         return b"".join(collector.parts)
@@ -1781,6 +1825,13 @@ class UpstreamConnection(asyncio.Protocol):
                 future.cancel()
         self._drop()
 
+    def cut_short(self) -> None:
+        """The reader has all it wants: the exchange ends here and the socket is dropped."""
+        done = self.done
+        self._drop()
+        if done is not None and not done.done():
+            done.set_result(None)
+
     def pause_reading(self) -> None:
         if self.transport is not None and self.state is not _CLOSED:
             self.paused = True
@@ -1788,7 +1839,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def resume_reading(self) -> None:
         if self.transport is not None and self.state is not _CLOSED:
-            self.paused = False
+            if self.paused:
+                self.paused = False
+                self.last_rx = self.loop.time()  # its idle clock starts again now
             self.transport.resume_reading()
 
     # ends of an exchange --------------------------------------------------------------------
@@ -1849,6 +1902,9 @@ class UpstreamConnection(asyncio.Protocol):
     def _feed_head(self, data: bytes) -> None:
         buf = self.head_buf
         buf += data
+        if not buf.startswith(b"HTTP/"[:len(buf)]):  # an SSH banner, TLS, HTML: not HTTP at all
+            self._garbage("not an HTTP response")
+            return
         end = buf.find(b"\r\n\r\n")
         if end < 0:
             if len(buf) > UPSTREAM_MAX_HEAD:
@@ -1873,7 +1929,7 @@ class UpstreamConnection(asyncio.Protocol):
         elif rest:
             self._feed_body(rest)
         if waiter is not None and not waiter.done():  # done: the client left meanwhile
-            waiter.set_result(self)
+            waiter.set_result(None)  # not self: a future holding its owner is a cycle
         # Reading goes on: until relay() attaches a sink (the next loop turn), body bytes
         # collect in `pending`. Pausing here would cost an epoll_ctl pair per stream.
 
@@ -1883,12 +1939,13 @@ class UpstreamConnection(asyncio.Protocol):
             raise ValueError("bare CR, LF or NUL in the head")  # could split a relayed header
         lines = head.split(b"\r\n")
         version, status, _ = (lines[0] + b" ").split(b" ", 2)
-        if not version.startswith(b"HTTP/1.") or len(status) != 3:
+        if version not in (b"HTTP/1.1", b"HTTP/1.0") or not status.isdigit() \
+                or not 100 <= int(status) <= 599 or len(status) != 3:
             raise ValueError(lines[0])
         self.status = int(status)
         headers = self.headers = []
-        length = None
-        chunked = False
+        length: bytes | None = None
+        coding: bytes | None = None
         conn = b""
         for line in lines[1:]:
             name, sep, value = line.partition(b":")
@@ -1896,23 +1953,25 @@ class UpstreamConnection(asyncio.Protocol):
                 raise ValueError(line)
             name = name.lower()
             value = value.strip()
-            if name == b"content-length":
-                length = int(value)
-                if length < 0:
+            if name == b"content-length":  # digits only, and one value however often sent
+                if not value.isdigit() or (length is not None and int(length) != int(value)):
                     raise ValueError(line)
+                length = value
             elif name == b"transfer-encoding":
-                chunked = value.lower().endswith(b"chunked")
+                coding = value.lower()
             elif name == b"connection":
                 conn = value.lower()
             headers.append((name, value))
+        if length is not None and coding is not None:  # RFC 9112 §6.3: the framing is in doubt
+            raise ValueError("both Content-Length and Transfer-Encoding")
         self.keep_alive = version == b"HTTP/1.1" and b"close" not in conn
         if self.status < 200 or self.status in (204, 304):
             self.framing = _NO_BODY
-        elif chunked:
+        elif coding is not None and coding.rsplit(b",", 1)[-1].strip() == b"chunked":
             self.framing, self.decoder = _CHUNKED, ChunkedDecoder()
-        elif length is not None:
-            self.framing, self.left = _LENGTH, length
-        else:
+        elif length is not None and coding is None:
+            self.framing, self.left = _LENGTH, int(length)
+        else:  # no framing, or a coding other than chunked last: the body runs to the close
             self.framing, self.keep_alive = _UNTIL_CLOSE, False
 
     def _feed_body(self, data: bytes) -> None:
@@ -2016,17 +2075,35 @@ class UpstreamPool:
     async def _connect(self) -> UpstreamConnection:
         u = self.upstream
         tls = _ssl_context() if u.scheme == "https" else None
+        made: list[UpstreamConnection] = []
+
+        def connection() -> UpstreamConnection:
+            made.append(UpstreamConnection(self))
+            return made[-1]
+
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # lands as the connection completes, and the request would go on for a client that
+        # left. A connection made as the caller was cancelled belongs to nobody: drop it.
         try:
-            _, conn = await asyncio.wait_for(
-                self.loop.create_connection(lambda: UpstreamConnection(self), u.host, u.port,
-                                            ssl=tls, server_hostname=u.host if tls else None),
-                u.connect_timeout_s)
-        except asyncio.CancelledError:
+            async with asyncio.timeout(u.connect_timeout_s):
+                _, conn = await self.loop.create_connection(
+                    connection, u.host, u.port, ssl=tls, server_hostname=u.host if tls else None)
+        except BaseException as exc:
+            for orphan in made:
+                orphan.abort()
+            if isinstance(exc, (OSError, TimeoutError, ssl.SSLError)):
+                raise upstream_failure(exc, f"cannot connect to upstream {u.name}") from None
             raise
-        except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
-            raise upstream_failure(exc, f"cannot connect to upstream {u.name}") from None
         self.live.add(conn)
         return conn
+
+    def sweep(self, now: float) -> None:
+        """Deadlines of the connections in use; idle ones past their keep-alive are closed
+        (not merely skipped), so they hold no descriptor."""
+        for conn in list(self.live):
+            conn.check_timeout(now)
+        for conn in [c for c in self.idle if c.expires <= now]:
+            conn.abort()
 
     def release(self, conn: UpstreamConnection) -> None:
         if len(self.idle) >= UPSTREAM_MAX_IDLE:
@@ -2190,6 +2267,7 @@ class Forwarder:
             try:
                 conn = await self.attempt(plan, upstream, model, keys, key, wait)
             except GatewayError as exc:  # no usable HTTP answer: connect error or timeout
+                exc.with_traceback(None)  # kept in the plan: no frames (and cycles) with it
                 breaker.record(False)
                 keys.failed(key)
                 if await self.backoff(plan, exc, None):
@@ -2205,13 +2283,13 @@ class Forwarder:
                 return conn
             headers = conn.headers
             try:
-                body = await conn.read_body()  # read, so that the connection can be reused
+                body = await conn.read_body(MAX_ERROR_BODY)  # so the connection can be reused
             except GatewayError:
                 body = b""
             flow.detach()
             keys.failed(key)
             if status == 429:
-                keys.cool_down(key, cooldown_from_headers(headers))
+                keys.cool_down(key, cooldown_from_headers(headers, self.gw.config.cooldown_cap_s))
                 plan.tried.add(key)  # another key at once: no backoff, no attempt spent
             elif status in (401, 403):
                 keys.block(key)
@@ -2257,7 +2335,7 @@ class Forwarder:
         # Exponential backoff with full jitter; an upstream's Retry-After is a floor.
         delay = random.uniform(0, min(cfg.retry_max_delay_s,
                                       cfg.retry_base_delay_s * 2 ** (plan.failures - 1)))
-        hint = cooldown_from_headers(reply[1]) if reply is not None else None
+        hint = cooldown_from_headers(reply[1], cfg.cooldown_cap_s) if reply is not None else None
         if hint:
             delay = max(delay, min(hint, cfg.retry_max_delay_s))
         if delay > 0:
@@ -2336,12 +2414,14 @@ class FlowControl:
     mark. It holds the upstream connection of the request in flight, so that a disconnect
     drops it at once."""
 
-    __slots__ = ("transport", "read_paused", "write_paused", "upstream")
+    __slots__ = ("transport", "loop", "read_paused", "write_paused", "paused_at", "upstream")
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self.transport = transport
+        self.loop = loop
         self.read_paused = False  # we stopped reading the client
         self.write_paused = False  # the client's buffer is full: the upstream waits
+        self.paused_at = 0.0  # loop time writing paused
         self.upstream: UpstreamConnection | None = None
 
     def __repr__(self) -> str:
@@ -2360,6 +2440,7 @@ class FlowControl:
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.paused_at = self.loop.time()
         if self.upstream is not None:
             self.upstream.pause_reading()
 
@@ -2367,6 +2448,13 @@ class FlowControl:
         self.write_paused = False
         if self.upstream is not None:
             self.upstream.resume_reading()
+
+    def write_stalled(self, now: float) -> bool:
+        """Has the client read nothing for as long as the upstream may be silent?"""
+        if not self.write_paused:
+            return False
+        limit = self.upstream.idle_timeout if self.upstream is not None else SEND_TIMEOUT_S
+        return now - self.paused_at >= limit
 
     def attach(self, upstream: UpstreamConnection) -> None:
         """The upstream whose body this connection relays now."""
@@ -2399,41 +2487,79 @@ def real_usage(data: bytes) -> bool:
     return n > 0 and n != data.count(b'"usage":null') + data.count(b'"usage": null')
 
 
+def _event_end(data: bytes) -> int:
+    """Just past the last blank line (the end of an SSE event) in data; 0 if none."""
+    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
 class SseFilter:
     """Attached to SSE responses only. Holds back an incomplete last event, so that an
     error event can follow cleanly (a client cannot use half an event anyway; complete
     events are never delayed). With `inspect`, it records usage, drops the usage-only chunk
     the client did not ask for, and converts events; events without a non-null usage pass
-    untouched, unparsed."""
+    untouched, unparsed.
 
-    __slots__ = ("held", "inspect", "drop_usage", "convert", "usage")
+    What it holds is bounded and searched once: each read is searched alone (with the last
+    three held bytes, for a blank line split across reads), and an "event" that grows past
+    MAX_SSE_EVENT with no end is relayed as it is, the filter passing everything from then on."""
+
+    __slots__ = ("_held", "held_size", "_edge", "passthrough", "inspect", "drop_usage",
+                 "convert", "usage")
 
     def __init__(self, inspect: bool = False, drop_usage: bool = False,
                  convert: Callable[[dict], dict | None] | None = None) -> None:
-        self.held = b""  # the start of an event whose end has not arrived yet
+        self._held: list[bytes] = []  # the start of an event whose end has not arrived yet
+        self.held_size = 0
+        self._edge = b""  # the last three held bytes
+        self.passthrough = False  # an endless event went by: no more holding or inspecting
         self.inspect = inspect
         self.drop_usage = drop_usage  # the client did not ask for the usage-only chunk
         self.convert = convert  # rewrite each event (completions from chat)
         self.usage: dict | None = None
 
     def __repr__(self) -> str:
-        return f"SseFilter(held={len(self.held)}, inspect={self.inspect})"
+        return (f"SseFilter(held={self.held_size}, inspect={self.inspect}, "
+                f"passthrough={self.passthrough})")
 
     def feed(self, data: bytes) -> bytes:
         """What of data can go to the client now."""
-        if self.held or not data.endswith(b"\n\n"):
+        if self.passthrough:
+            return data
+        if self._held or not data.endswith(b"\n\n"):
             data = self._whole_events(data)
+            if self.passthrough:
+                return data
         if self.inspect and data:
             data = self._inspect(data)
         return data
 
+    def take_held(self) -> bytes:
+        """What is held back, now given up (the stream ended as the upstream ended it)."""
+        held = b"".join(self._held)
+        self._held.clear()
+        self.held_size, self._edge = 0, b""
+        return held
+
     def _whole_events(self, data: bytes) -> bytes:
-        if self.held:
-            data = self.held + data
-        lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
-        cut = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
-        self.held = data[cut:]
-        return data[:cut]
+        held = self._held
+        edge = self._edge
+        cut = _event_end(edge + data) - len(edge) if held else _event_end(data)
+        if cut <= 0:
+            held.append(data)
+            self.held_size += len(data)
+            self._edge = (edge + data)[-3:]
+            if self.held_size > MAX_SSE_EVENT:
+                self.passthrough = True
+                return self.take_held()
+            return b""
+        out = b"".join((*held, data[:cut])) if held else data[:cut]
+        held.clear()
+        rest = data[cut:]
+        if rest:
+            held.append(rest)
+        self.held_size, self._edge = len(rest), rest[-3:]
+        return out
 
     def _inspect(self, data: bytes) -> bytes:
         convert = self.convert
@@ -2481,7 +2607,7 @@ class ResponseWriter(BodySink):
     upstream's status, headers and body as they arrive (the sink of the relay)."""
 
     __slots__ = ("proto", "rq", "status", "started", "finished", "unsent", "sse", "filter",
-                 "keep_tail", "tail", "usage", "bytes_out")
+                 "keep_tail", "tail", "usage", "bytes_out", "head_only")
 
     def __init__(self, proto: HttpProtocol, rq: Request) -> None:
         self.proto = proto
@@ -2496,6 +2622,7 @@ class ResponseWriter(BodySink):
         self.tail = b""
         self.usage: dict | None = None  # usage the handler found itself
         self.bytes_out = 0
+        self.head_only = rq.method == b"HEAD"  # everything as for GET, but no body bytes
 
     def __repr__(self) -> str:
         return (f"ResponseWriter(status={self.status}, sse={self.sse}, "
@@ -2512,14 +2639,14 @@ class ResponseWriter(BodySink):
             headers += rq.extra
         if rq.limits is not None:
             headers += rq.limits.headers()
-        self.status = status
-        self.started = True
         # _parsed: skip h11's per-header regexes. Every value here is ours, came through h11's
         # own request parser, or came from an upstream head that _parse_head checked for
         # bare CR/LF, so none can split a header line.
         event = h11.Response(status_code=status, headers=headers,
                              reason=_REASONS.get(status, b""), _parsed=True)
         self.unsent = proto.conn.send(event)  # type: ignore[assignment]
+        self.status = status  # only now: the access log says what the client really got
+        self.started = True
 
     def send(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         """A whole response at once, in one write."""
@@ -2569,7 +2696,10 @@ class ResponseWriter(BodySink):
             raise upstream_failure(exc, "invalid response headers") from None
 
     def relay_whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        """An upstream answer the gateway has already read whole."""
+        """An upstream answer the gateway has already read (perhaps cut to a bound): framed
+        by its length here, whatever the upstream declared."""
+        headers = [h for h in headers if h[0] not in (b"content-length", b"transfer-encoding")]
+        headers.append((b"content-length", b"%d" % len(body)))
         self.relay_head(status, headers)
         self.on_data(body)
         self.on_end()
@@ -2597,6 +2727,8 @@ class ResponseWriter(BodySink):
         self._write(data)
 
     def _write(self, data: bytes) -> None:
+        if self.head_only:
+            return
         self.bytes_out += len(data)
         proto = self.proto
         pieces = proto.conn.send_with_data_passthrough(h11.Data(data=data))
@@ -2610,9 +2742,8 @@ class ResponseWriter(BodySink):
         if self.finished:
             return
         flt = self.filter
-        if flt is not None and flt.held:  # the stream ends exactly as the upstream ended it
-            held, flt.held = flt.held, b""
-            self._write(held)
+        if flt is not None and flt.held_size:  # the stream ends as the upstream ended it
+            self._write(flt.take_held())
         self.finished = True
         proto = self.proto
         data = self.unsent + proto.conn.send(_END_OF_MESSAGE)  # type: ignore[operator]
@@ -2628,7 +2759,7 @@ class ResponseWriter(BodySink):
         if self.filter is not None:  # an SSE client can be told in-band, then the stream ends
             # An incomplete event is dropped, as an SSE client would at EOF; our own event is
             # not for the usage filter or the converter.
-            self.filter.held = b""
+            self.filter.take_held()
             self._write(b"data: " + exc.body() + b"\n\n")
             self.on_end()
             return
@@ -2636,6 +2767,7 @@ class ResponseWriter(BodySink):
         proto = self.proto
         if self.unsent and not proto.closing:  # nothing reached the client: a real answer
             self.unsent = b""
+            self.status = exc.status
             proto.transport.write(raw_error(exc, self.rq.request_id))
         # Any other body cut short: close, so the client sees a truncated response, not a whole one.
         proto.close()
@@ -2658,6 +2790,9 @@ def parse_body(body: bytes, kind: str) -> dict:
     obj = load_json(body)
     if not isinstance(obj, dict):
         raise BadRequest("The request body must be a JSON object.")
+    if body.count(b'"model"') > 1 and _names_twice(body, "model"):
+        # orjson keeps the last one; an allow-list check and the upstream must not disagree
+        raise BadRequest("The JSON body names 'model' more than once.", param="model")
     field, types, _ = _ENDPOINTS[kind]
     for name, want in (("model", (str,)), (field, types)):
         if name not in obj:
@@ -2668,6 +2803,19 @@ def parse_body(body: bytes, kind: str) -> dict:
             raise BadRequest(f"Invalid type for '{name}': expected {kinds}.",
                              code="invalid_type", param=name)
     return obj
+
+
+def _names_twice(body: bytes, key: str) -> bool:
+    """Does the top-level object of body (valid JSON) hold key more than once? The slow
+    parse, only when the cheap count says it might."""
+    counts: list[int] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict:
+        counts.append(sum(1 for name, _ in items if name == key))
+        return dict(items)
+
+    json.loads(body, object_pairs_hook=pairs)  # the top-level object is the last one built
+    return bool(counts) and counts[-1] > 1
 
 
 def model_not_found(model: str) -> GatewayError:
@@ -2795,8 +2943,7 @@ class ProxyHandler:
         client = rq.client
         if client is not None and not client.allows(requested, model):
             raise Forbidden(f"This key may not use model {requested!r}.", param="model")
-        name = client.name if client is not None else "anonymous"
-        gw.ledger.check_budget(name)
+        name = client.name if client is not None else "anonymous"  # budget: checked on admission
         plan = Plan(rq, kind, obj, force_stream, gw.forwarder.targets(model, kind))
         limits = rq.limits
         if limits is not None and limits.tokens is not None:
@@ -2814,13 +2961,13 @@ class ProxyHandler:
         if conn is None:
             return  # the last upstream error was passed through
         if plan.kind == "embeddings" and conn.status == 404:
-            await conn.read_body()
+            await conn.read_body(MAX_ERROR_BODY)
             raise Unsupported("The upstream does not serve embeddings.")
         ok = 200 <= conn.status < 300
         convert = ok and plan.converts(plan.upstream)  # type: ignore[arg-type]
         if convert and not plan.stream:
             try:
-                reply = completion_from_chat(orjson.loads(await conn.read_body()))
+                reply = completion_from_chat(orjson.loads(await conn.read_body(MAX_READ_BODY)))
             except (orjson.JSONDecodeError, AttributeError, TypeError):
                 raise UpstreamError("upstream answered garbage: not a chat completion") from None
             rq.flow.detach()
@@ -2917,7 +3064,7 @@ class ModelCatalog:
         request = build_request(b"GET", u.base_path.encode() + b"/models",
                                 gw.keys[u.name].current_key().head, b"", new_request_id(), [])
         conn = await gw.pools[u.name].request(request)
-        body = await conn.read_body()
+        body = await conn.read_body(MAX_READ_BODY)
         if conn.status != 200:
             raise ValueError(f"status {conn.status}")
         data = orjson.loads(body)["data"]
@@ -3042,6 +3189,7 @@ ROUTE_TABLE: dict[bytes, tuple[bytes, int, str, str]] = {
     b"/v1/rate-limits/observed": (b"GET", _ADMIN, "admin", "observed_limits"),
 }
 _MODEL_PREFIX = b"/v1/models/"
+_PROBES = frozenset(("/health", "/ready", "/health/circuit-breakers", "/metrics"))
 
 
 class Route(NamedTuple):
@@ -3049,6 +3197,7 @@ class Route(NamedTuple):
     access: int
     handler: Callable[[Request], Any]
     label: str  # the route-table path: a bounded metric label
+    spends: bool  # counts against the client's budget
 
 
 class Admission:
@@ -3108,7 +3257,7 @@ class Admission:
             rq.extra += [(b"access-control-allow-origin", rq.origin), (b"vary", b"origin"),
                          (b"access-control-expose-headers", _CORS_EXPOSE)]
 
-    def preflight(self, rq: Request) -> None:
+    async def preflight(self, rq: Request) -> None:
         headers = [(b"x-request-id", rq.request_id), (b"content-length", b"0")]
         if rq.extra:  # an allowed origin
             asked = next((v for _, n, v in rq.headers if n == b"access-control-request-headers"),
@@ -3121,13 +3270,15 @@ class Admission:
 
 
 class Router:
-    """The route table bound to this gateway's handlers; dispatch runs admission first."""
+    """The route table bound to this gateway's handlers. Admission runs on the head alone,
+    before any body byte is read or held."""
 
     __slots__ = ("gw", "routes")
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
-        self.routes = {path: Route(method, access, getattr(getattr(gw, room), name), path.decode())
+        self.routes = {path: Route(method, access, getattr(getattr(gw, room), name), path.decode(),
+                                   room == "proxy")
                        for path, (method, access, room, name) in ROUTE_TABLE.items()}
 
     def find(self, path: bytes) -> Route:
@@ -3138,7 +3289,9 @@ class Router:
             route = self.routes[b"/v1/models/{id}"]
         return route
 
-    async def dispatch(self, rq: Request) -> None:
+    def admit(self, rq: Request) -> None:
+        """Route, CORS, method, draining, who the client is, its limits and budget: all
+        decided from the head. Sets rq.handler, or raises the refusal."""
         gw = self.gw
         route = self.find(rq.path)
         rq.route = route.label
@@ -3146,21 +3299,27 @@ class Router:
         if admission.cors and rq.origin:
             admission.allow_origin(rq)
         if rq.method == b"OPTIONS" and admission.cors:
-            admission.preflight(rq)
+            rq.handler = admission.preflight
             return
-        if rq.method != route.method:
+        method = b"GET" if rq.method == b"HEAD" else rq.method  # HEAD: GET without the body
+        if method != route.method:
             raise MethodNotAllowed(
                 f"Method {rq.method.decode()} not allowed; use {route.method.decode()}",
                 headers=[(b"allow", route.method)])
         if gw.draining:
             raise Unavailable("The gateway is shutting down.", code="draining",
                               headers=[(b"connection", b"close")])
+        if rq.reserve and route.label not in _PROBES:
+            raise Unavailable("Too many connections.", code="overloaded",
+                              headers=[(b"connection", b"close")])
         if route.access == _CLIENT:
             rq.client = admission.authenticate(rq)
             admission.limit(rq)
+            if route.spends:
+                gw.ledger.check_budget(rq.client.name if rq.client is not None else "anonymous")
         elif route.access == _ADMIN:
             admission.authorize_admin(rq)
-        await route.handler(rq)
+        rq.handler = route.handler
 
 
 ################################################################################
@@ -3175,15 +3334,16 @@ class Request:
     __slots__ = (
         "flow", "writer", "method", "path", "query", "headers", "body_parts", "body_size",
         "request_id", "authorization", "api_key", "origin", "content_length", "head_size",
-        "peer", "client", "limits", "extra",
+        "connection", "expects_continue", "framing_doubt", "peer", "reserve", "client",
+        "limits", "extra", "handler", "refused",
         # for the access log and metrics
         "t0", "route", "model", "served_by", "key_name", "ttfb", "tokens", "error",
     )
 
     def __init__(self, proto: HttpProtocol, event: h11.Request) -> None:
         self.flow = proto.flow
-        self.writer = ResponseWriter(proto, self)
         self.method: bytes = event.method
+        self.writer = ResponseWriter(proto, self)
         target: bytes = event.target
         self.path, _, self.query = target.partition(b"?")
         # (raw name, lowercased name, value): h11's own list, read directly because walking
@@ -3196,6 +3356,9 @@ class Request:
         self.api_key = b""
         self.origin = b""
         self.content_length = 0  # as declared; h11 has checked it is digits
+        self.connection = b""  # the Connection header: hop-by-hop names, close
+        self.expects_continue = False
+        length = chunked = False
         size = 0
         for _, name, value in self.headers:
             size += len(name) + len(value)
@@ -3203,19 +3366,33 @@ class Request:
                 self.authorization = value
             elif name == b"x-api-key":
                 self.api_key = value
-            elif name == b"x-request-id" and 0 < len(value) <= REQUEST_ID_MAX:
-                self.request_id = value
+            elif name == b"x-request-id" and _REQUEST_ID.fullmatch(value):
+                self.request_id = value  # else replaced: a control byte could reach our logs
             elif name == b"origin":
                 self.origin = value
             elif name == b"content-length":
-                self.content_length = int(value)
+                self.content_length, length = int(value), True
+            elif name == b"transfer-encoding":
+                chunked = True
+            elif name == b"connection":
+                self.connection = value.lower()
+            elif name == b"expect":
+                self.expects_continue = value.lower() == b"100-continue"
         if not self.request_id:
             self.request_id = new_request_id()
         self.head_size = size  # h11 limits only heads that arrive in pieces; this is the rest
+        # Both framings (RFC 9112 §6.3): answered, then the connection closes, so that
+        # nothing after it can be read as a request of its own (smuggling).
+        self.framing_doubt = length and chunked
         self.peer = proto.peer
+        self.reserve = proto.reserve
         self.client: ClientKey | None = None
         self.limits: ClientLimits | None = None  # for every response: x-ratelimit-*
-        self.extra: list[tuple[bytes, bytes]] = []  # for every response: CORS
+        self.extra: list[tuple[bytes, bytes]] = []  # for every response: CORS, connection
+        if self.framing_doubt:
+            self.extra.append((b"connection", b"close"))
+        self.handler: Callable[[Request], Any] | None = None  # chosen from the head
+        self.refused = False  # answered from the head; the body is dropped
         self.t0 = time.perf_counter()  # loop.time() is uvloop's cached, 1 ms-grained clock
         self.route = "other"  # a route-table path: a bounded metric label
         self.model = ""  # as the client asked
@@ -3234,7 +3411,15 @@ class Request:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def forwarded_headers(self) -> list[bytes]:
-        return [b"%s: %s\r\n" % (n, v) for _, n, v in self.headers if n not in _NOT_FORWARDED]
+        drop = _NOT_FORWARDED
+        if self.connection:  # the headers it names are hop-by-hop too (RFC 9110 §7.6.1)
+            drop = drop | {name.strip() for name in self.connection.split(b",")}
+        return [b"%s: %s\r\n" % (n, v) for _, n, v in self.headers if n not in drop]
+
+    def body_unbounded(self) -> bool:
+        """Would dropping the body mean reading much, or waiting for what may not come?"""
+        return (self.content_length > DISCARD_MAX or self.framing_doubt or self.expects_continue
+                or any(n == b"transfer-encoding" for _, n, _ in self.headers))
 
     def credential(self) -> bytes:
         auth = self.authorization
@@ -3258,7 +3443,7 @@ class HttpProtocol(asyncio.Protocol):
     __slots__ = (
         # per connection
         "gw", "loop", "transport", "conn", "flow", "deadline", "waiting", "closing", "peer",
-        "ahead",
+        "reserve", "ahead",
         # per request
         "cycle", "task",
     )
@@ -3273,6 +3458,7 @@ class HttpProtocol(asyncio.Protocol):
         self.waiting = Waiting.KEEPALIVE
         self.closing = False
         self.peer = ""
+        self.reserve = False  # past max_connections: may serve probes only
         self.ahead = 0  # bytes received while a request is being answered (pipelining)
         self.cycle: Request | None = None
         self.task: asyncio.Task | None = None
@@ -3285,13 +3471,13 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.flow = FlowControl(transport)  # type: ignore[arg-type]
         gw = self.gw
-        if len(gw.connections) >= gw.config.max_connections:
-            transport.write(raw_error(Unavailable("Too many connections.", code="overloaded")))  # type: ignore[attr-defined]
-            self.closing = True
-            transport.close()
+        self.flow = FlowControl(transport, gw.loop)  # type: ignore[arg-type]
+        count, limit = len(gw.connections), gw.config.max_connections
+        if count >= limit + PROBE_RESERVE:
+            self._turn_away()
             return
+        self.reserve = count >= limit
         gw.connections.add(self)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
@@ -3302,6 +3488,8 @@ class HttpProtocol(asyncio.Protocol):
         self._arm(gw.keepalive_timeout_s, Waiting.KEEPALIVE)
 
     def data_received(self, data: bytes) -> None:
+        if self.closing:  # turned away, or closing: what the client still sends is dropped
+            return
         if self.waiting is Waiting.KEEPALIVE:
             self._arm(self.gw.header_timeout_s, Waiting.HEAD)
         self.conn.receive_data(data)
@@ -3312,9 +3500,12 @@ class HttpProtocol(asyncio.Protocol):
                 self.flow.pause_reading()
 
     def eof_received(self) -> bool:
-        self.conn.receive_data(b"")
-        self._handle_events()
-        return self.cycle is not None  # half-closed: still write the response under way
+        # The client is gone. A half-close counts too, as it does for nginx: a request still
+        # being answered is cancelled (connection_lost follows) and its upstream dropped.
+        if not self.closing:
+            self.conn.receive_data(b"")
+            self._handle_events()
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -3322,7 +3513,8 @@ class HttpProtocol(asyncio.Protocol):
         self.deadline = 0.0
         self.flow.drop_upstream()  # the client is gone: free the upstream at once
         if self.task is not None and not self.task.done():
-            self.task.cancel()
+            self.task.cancel()  # the task holds its request till the end; we need not
+        self.cycle = self.task = None
 
     def pause_writing(self) -> None:
         self.flow.pause_writing()
@@ -3357,55 +3549,99 @@ class HttpProtocol(asyncio.Protocol):
                 return
 
     def _on_request(self, event: h11.Request) -> None:
+        """The head is in: admit the request or refuse it now, before its body is read."""
         self._arm(self.gw.body_timeout_s, Waiting.BODY)
         rq = self.cycle = Request(self, event)
-        if rq.head_size > MAX_HEADER_BYTES:
-            self._reject(rq, HeadersTooLarge("Request header block is too large."))
-        elif rq.content_length > self.gw.config.max_body_bytes:
-            self._reject(rq, self._too_large())
+        try:
+            if rq.head_size > MAX_HEADER_BYTES:
+                raise HeadersTooLarge("Request header block is too large.")
+            if rq.content_length > self.gw.config.max_body_bytes:
+                raise self._too_large()
+            self.gw.router.admit(rq)
+        except GatewayError as exc:
+            self._refuse(rq, exc)
+            return
+        if rq.expects_continue and self.conn.client_is_waiting_for_100_continue:
+            self.transport.write(self.conn.send(_CONTINUE))  # type: ignore[union-attr, arg-type]
 
     def _on_body(self, data: bytes) -> None:
         rq = self.cycle
+        if rq.refused:  # type: ignore[union-attr]
+            return  # read and dropped: never held
         rq.body_parts.append(data)  # type: ignore[union-attr]
         rq.body_size += len(data)  # type: ignore[union-attr]
         if rq.body_size > self.gw.config.max_body_bytes:  # type: ignore[union-attr]
-            self._reject(rq, self._too_large())  # type: ignore[arg-type]
+            self._refuse(rq, self._too_large())  # type: ignore[arg-type]
 
     def _on_request_end(self) -> None:
+        rq = self.cycle
+        if rq.refused:  # type: ignore[union-attr]
+            if rq.writer.finished and not self.closing:  # type: ignore[union-attr]
+                self._next_cycle()
+            return
         self.deadline = 0.0
         self.waiting = Waiting.RESPONSE
-        self.task = self.loop.create_task(self.gw.handle(self.cycle))  # type: ignore[arg-type]
+        self.task = self.loop.create_task(self.gw.handle(rq))  # type: ignore[arg-type]
 
     def _too_large(self) -> GatewayError:
         limit = self.gw.config.max_body_bytes
         return RequestTooLarge(f"Request body is larger than the {limit}-byte limit.")
 
-    def _reject(self, rq: Request, exc: GatewayError) -> None:
-        """Answer before the body was read: the connection cannot be reused after this."""
-        exc.headers.append((b"connection", b"close"))
+    def _refuse(self, rq: Request, exc: GatewayError) -> None:
+        """Answer from the head (or a body over its limit). The rest of the body is read and
+        dropped, or, when that could mean much or nothing at all, the connection closes."""
+        rq.refused = True
+        if rq.body_unbounded() or rq.body_size or exc.status in (413, 431):
+            exc.headers.append((b"connection", b"close"))
         rq.error = exc.message
         rq.writer.fail(exc)
         self.gw.finish(rq)
 
     def _protocol_error(self, err: GatewayError) -> None:
-        if self.task is None or self.task.done():
+        if self.task is not None and not self.task.done():
+            # Bytes the client should not have sent after a request it said was its last (or
+            # garbage after a whole request): that request is still answered, then we close.
+            self.flow.pause_reading()
+            return
+        rq = self.cycle
+        if rq is None or not rq.writer.started:
             self.transport.write(raw_error(err))  # type: ignore[union-attr]
             self.gw.count_protocol_error(err)
         self.close()
+
+    def _turn_away(self) -> None:
+        """Past max_connections and the probe reserve: a 503, then a close the client sees
+        after it (our FIN once the answer is out; what it sends meanwhile is dropped, so no
+        reset destroys the answer)."""
+        self.closing = True
+        transport = self.transport
+        refusal = Unavailable("Too many connections.", code="overloaded")
+        transport.write(raw_error(refusal))  # type: ignore[union-attr]
+        if transport.can_write_eof():  # type: ignore[union-attr]
+            transport.write_eof()  # type: ignore[union-attr]
+        self.loop.call_later(HEADER_TIMEOUT_S, transport.close)  # type: ignore[union-attr]
 
     # response side --------------------------------------------------------------------------
 
     def response_done(self, rq: Request) -> None:
         """The response has been written: next pipelined request, keep-alive, or close."""
-        self.cycle = None
         self.task = None
         conn = self.conn
         if self.closing:
+            self.cycle = None
             return
-        if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE \
-                or self.gw.draining:
+        if conn.our_state is h11.MUST_CLOSE or self.gw.draining:
             self.close()
-            return
+        elif rq.refused and conn.their_state is h11.SEND_BODY:
+            pass  # the body is read and dropped; its end starts the next cycle
+        elif conn.their_state is not h11.DONE:
+            self.close()
+        else:
+            self._next_cycle()
+
+    def _next_cycle(self) -> None:
+        conn = self.conn
+        self.cycle = None
         conn.start_next_cycle()
         self._arm(self.gw.keepalive_timeout_s, Waiting.KEEPALIVE)
         self.ahead = 0
@@ -3432,6 +3668,11 @@ class HttpProtocol(asyncio.Protocol):
         if self.deadline and now >= self.deadline:
             self.deadline = 0.0
             self.close()
+        elif self.flow.write_stalled(now):
+            # A client that stopped reading: drop its socket and what the kernel holds for
+            # it, rather than keep megabytes queued for a reader that is not there.
+            self.closing = True
+            self.transport.abort()  # type: ignore[union-attr]
 
 
 ################################################################################
@@ -3524,8 +3765,7 @@ class Gateway:
         for proto in list(self.connections):
             proto.check_timeout(now)
         for pool in self.pools.values():
-            for conn in list(pool.live):
-                conn.check_timeout(now)
+            pool.sweep(now)
         self.sweeper = self.loop.call_later(SWEEP_S, self.sweep)  # type: ignore[union-attr]
 
     # one request ----------------------------------------------------------------------------
@@ -3534,10 +3774,11 @@ class Gateway:
         self.active += 1
         self.idle_event.clear()  # type: ignore[union-attr]
         try:
-            await self.router.dispatch(rq)
+            await rq.handler(rq)  # type: ignore[misc]
             if not rq.writer.started:
                 raise GatewayError("handler sent no response")
         except GatewayError as exc:
+            exc.with_traceback(None)  # it may live on in an upstream connection: no frames
             rq.error = exc.message
             rq.writer.fail(exc)
         except asyncio.CancelledError:
@@ -3550,6 +3791,8 @@ class Gateway:
         finally:
             if rq.flow.upstream is not None:
                 rq.flow.drop_upstream()
+            if not rq.writer.finished:  # a response that cannot end cleanly is cut, not left
+                rq.writer.proto.close()
             self.active -= 1
             if self.active == 0:
                 self.idle_event.set()  # type: ignore[union-attr]
@@ -3563,6 +3806,8 @@ class Gateway:
         metrics.histogram(metrics.durations, rq.route).observe(duration)
         if self.access_log.enabled:
             self.access_log.request(rq, duration)
+        rq.writer.rq = None  # type: ignore[assignment]  # the one cycle a request makes: broken,
+        # so that it is freed at once by reference counting, not later by the collector
 
     def count_protocol_error(self, err: GatewayError) -> None:
         """A request too malformed to become a Request: still one metric and one line."""

@@ -12,6 +12,7 @@ import asyncio
 import collections
 import concurrent.futures
 import email.utils
+import gc
 import json
 import os
 import re
@@ -156,8 +157,9 @@ class RawResponse:
         return orjson.loads(self.body)
 
 
-def read_response(f: Any) -> RawResponse | None:
-    """Read one HTTP/1.1 response from a socket file; None if the peer closed first."""
+def read_response(f: Any, head: bool = False) -> RawResponse | None:
+    """Read one HTTP/1.1 response from a socket file; None if the peer closed first. `head`:
+    the answer to a HEAD request, which has no body whatever its headers say."""
     line = f.readline()
     if not line:
         return None
@@ -169,7 +171,9 @@ def read_response(f: Any) -> RawResponse | None:
             break
         name, _, value = line.decode("latin-1").partition(":")
         headers[name.strip().lower()] = value.strip()
-    if "content-length" in headers:
+    if head:
+        body = b""
+    elif "content-length" in headers:
         body = f.read(int(headers["content-length"]))
     elif headers.get("transfer-encoding") == "chunked":
         parts = []
@@ -191,6 +195,40 @@ def raw(port: int, data: bytes, count: int = 1) -> list[RawResponse | None]:
         sock.sendall(data)
         f = sock.makefile("rb")
         return [read_response(f) for _ in range(count)]
+
+
+class Hostile:
+    """A raw upstream: reads a request, writes `reply`, then writes `trickle` every `every`
+    seconds (or just holds the line) until the gateway hangs up. `closed` counts hang-ups."""
+
+    def __init__(self, reply: bytes, trickle: bytes = b"", every: float = 0.1) -> None:
+        self.reply = reply
+        self.trickle = trickle
+        self.every = every
+        self.requests = 0
+        self.closed = 0
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            found = re.search(rb"(?i)content-length: (\d+)", head)
+            await reader.readexactly(int(found.group(1)) if found else 0)
+            self.requests += 1
+            writer.write(self.reply)
+            while True:
+                if self.trickle:
+                    writer.write(self.trickle)
+                await writer.drain()
+                try:
+                    if not await asyncio.wait_for(reader.read(1), self.every):
+                        break  # the gateway hung up
+                except asyncio.TimeoutError:
+                    continue
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.closed += 1
+            writer.close()
 
 
 def post(path: str, body: bytes, extra: str = "") -> bytes:
@@ -831,6 +869,40 @@ def test_observed_rate_limits_per_key_and_model(start_gateway: StartGateway, moc
     assert observed["observed_at"] <= time.time()
 
 
+@pytest.mark.parametrize("name, value, expected", [
+    (b"retry-after", b"inf", None), (b"retry-after", b"nan", None), (b"retry-after", b"1e999", None),
+    (b"retry-after", b"-5", None), (b"retry-after-ms", b"-1", None), (b"retry-after", b"soon", None),
+    (b"retry-after", b"Fri, 31 Dec 9999 23:59:59 GMT", 120), (b"retry-after", b"99999999", 120),
+    (b"retry-after-ms", b"1e300", 120), (b"x-ratelimit-reset-requests", b"99999h", 120),
+    (b"retry-after", b"7", 7),
+])
+def test_garbage_hints_are_ignored_and_huge_ones_capped(name: bytes, value: bytes, expected: float | None) -> None:
+    assert gw.cooldown_from_headers([(name, value)], cap=120) == expected
+
+
+@given(st.lists(st.tuples(st.sampled_from([b"retry-after", b"retry-after-ms", b"x-ratelimit-reset-tokens"]),
+                          st.binary(max_size=40)), max_size=4))
+def test_any_hint_is_none_or_a_finite_cooldown_within_the_cap(headers: list[tuple[bytes, bytes]]) -> None:
+    hint = gw.cooldown_from_headers(headers, cap=3600)
+    assert hint is None or 0 <= hint <= 3600
+
+
+def test_garbage_or_endless_retry_after_never_crashes_nor_sticks_a_key(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    mock.key_faults[KEYS[0]] = (429, {"retry-after": "inf"})
+    mock.key_faults[KEYS[1]] = (429, {"retry-after": "Fri, 31 Dec 9999 23:59:59 GMT"})
+    g = start_gateway(resilient(mock) | {"cooldown_cap_s": 120})
+    for _ in range(5):  # the third key answers
+        assert g.client().chat.completions.create(model="m", messages=MSGS).choices
+    keys = {k["name"]: k for k in admin(g, "GET", "/v1/tokens/stats").json()["upstreams"][0]["keys"]}
+    assert keys["mock#0"]["cooldown_until"] - time.time() <= 2  # ignored: 1 s, as with no hint
+    assert 100 < keys["mock#1"]["cooldown_until"] - time.time() <= 120  # capped
+    mock.key_faults[KEYS[2]] = (429, {"retry-after": "1e999"})
+    admin(g, "POST", "/v1/tokens/reset-stats")
+    with pytest.raises(openai.RateLimitError) as info:  # every key cooling: a finite Retry-After
+        g.client().chat.completions.create(model="m", messages=MSGS)
+    assert 1 <= int(info.value.response.headers["retry-after"]) <= 120
+
+
 ################################################################################
 # Client limits and usage: buckets, limiter, usage ledger, budgets
 ################################################################################
@@ -1311,7 +1383,7 @@ def test_upstream_connection_goes_idle_wait_head_body_done_and_back_to_the_pool(
         assert conn.state is gw.ConnState.WAIT_HEAD  # a head in pieces is still a head to wait for
         conn.data_received(b"\r\nab")
         assert conn.state is gw.ConnState.BODY and (await head) is conn and conn.status == 200
-        body = asyncio.ensure_future(conn.read_body())
+        body = asyncio.ensure_future(conn.read_body(100))
         await asyncio.sleep(0)
         conn.data_received(b"cd")
         assert await body == b"abcd"
@@ -1475,6 +1547,103 @@ def test_upstream_head_with_a_bare_lf_is_refused_not_relayed(raw_upstream: RawUp
     assert "garbage" in resp.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("reply, trickle, status", [
+    (b"HTTP/1.1 200 OK\r\n", b"", 504),  # a status line, then silence
+    (b"HTTP/1.1 200 OK\r\n", b"x-more: 1\r\n", 504),  # headers that never end
+    (b"SSH-2.0-OpenSSH_9.6\r\n", b"", 502),  # not HTTP at all
+])
+def test_a_head_that_never_ends_is_504_and_not_http_is_502_with_both_sockets_released(
+        raw_upstream: RawUpstream, start_gateway: StartGateway, reply: bytes, trickle: bytes, status: int) -> None:
+    upstream = Hostile(reply, trickle)
+    port = raw_upstream(upstream)
+    g = start_gateway({"upstreams": [{"name": "bad", "url": f"http://127.0.0.1:{port}/v1",
+                                      "first_byte_timeout_s": 0.5}], "retry": {"attempts": 1}})
+    with connect(g.port) as sock:
+        sock.sendall(post("/v1/chat/completions", CHAT))
+        f = sock.makefile("rb")
+        resp = read_response(f)
+        code = "upstream_timeout" if status == 504 else "upstream_error"
+        assert resp.status == status and resp.json()["error"]["code"] == code
+        assert eventually(lambda: upstream.closed == 1)  # the gateway hung up on the upstream
+        assert g.lt.call(lambda: sum(len(p.live) for p in g.gw.pools.values())) == 0
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")  # and the client is served on
+        assert read_response(f).status == 200
+
+
+@pytest.mark.parametrize("reply", [
+    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\ncontent-length: +1_0\r\n\r\n{}{}{}{}{}",
+    b"HTTP/1.1 999 Odd\r\ncontent-length: 2\r\n\r\n{}",
+    b"HTTP/1.1 042 Odd\r\ncontent-length: 2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n+1_0\r\n{}{}{}{}{}\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}}}\r\n0\r\n\r\n",
+])
+def test_ambiguous_framing_from_an_upstream_is_502_and_logged_as_what_the_client_got(
+        raw_upstream: RawUpstream, start_gateway: StartGateway, capfd: pytest.CaptureFixture[str], reply: bytes) -> None:
+    port = raw_upstream(Hostile(reply))
+    g = start_gateway({"access_log": True, "retry": {"attempts": 1},
+                       "upstreams": [{"name": "odd", "url": f"http://127.0.0.1:{port}/v1"}]})
+    with connect(g.port) as sock:
+        sock.sendall(post("/v1/chat/completions", CHAT))
+        f = sock.makefile("rb")
+        resp = read_response(f)
+        assert resp.status == 502 and resp.json()["error"]["type"] == "upstream_error"
+        assert "garbage" in resp.json()["error"]["message"]
+    err: list[str] = []
+    assert eventually(lambda: err.append(capfd.readouterr().err) or '"status":' in "".join(err))
+    lines = [json.loads(line) for line in "".join(err).splitlines() if line.startswith("{")]
+    assert [line["status"] for line in lines if line["path"] == "/v1/chat/completions"] == [502]
+
+
+def test_an_upstream_error_body_is_read_up_to_its_bound_and_the_rest_dropped(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    big = b'{"error": {"message": "' + b"x" * (5 * 2**20) + b'"}}'
+    upstream = Hostile(b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
+                       b"content-length: %d\r\n\r\n%s" % (len(big), big))
+    port = raw_upstream(upstream)
+    g = start_gateway({"retry": {"attempts": 1},
+                       "upstreams": [{"name": "loud", "url": f"http://127.0.0.1:{port}/v1"}]})
+    (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))
+    assert resp.status == 500 and resp.body == big[:gw.MAX_ERROR_BODY]
+    assert eventually(lambda: upstream.closed == 1)  # the rest was never read
+
+
+def test_a_head_arriving_just_after_the_client_left_is_dropped_quietly() -> None:
+    async def run() -> None:
+        conn, _, transport = await upstream_connection()
+        head = asyncio.ensure_future(conn.exchange([b"x"], 5, 5))
+        await asyncio.sleep(0)
+        head.cancel()  # the client left: its task is cancelled while it waits for the head
+        conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")  # in the same turn
+        with pytest.raises(asyncio.CancelledError):
+            await head
+        assert conn.state is gw.ConnState.CLOSED and transport.closed
+
+    asyncio.run(run())
+
+
+def test_a_connect_cancelled_at_any_step_leaves_no_connection_and_stays_cancelled(
+        loop_thread: LoopThread, mock: mock_upstream.MockUpstream) -> None:
+    upstream = cfg({"upstreams": [{"url": f"http://127.0.0.1:{mock.port}/v1"}]}).upstreams[0]
+
+    async def run() -> None:
+        pool = gw.UpstreamPool(upstream, asyncio.get_running_loop())
+        for steps in range(10):
+            task = asyncio.ensure_future(pool.request([b"GET /v1/models HTTP/1.1\r\nHost: t\r\n\r\n"]))
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            if task.cancel():  # the client left, wherever the connect had got to
+                with pytest.raises(asyncio.CancelledError):  # never swallowed
+                    await task
+            else:  # it was quicker: answered already
+                (await task).abort()
+            assert not pool.live and not pool.idle
+
+    loop_thread.run(run())
+    assert mock.wait_until(lambda: mock.open_connections == 0, timeout=5)
+
+
 ################################################################################
 # Failover: retries, backoff, breakers and fallbacks end to end
 ################################################################################
@@ -1601,10 +1770,10 @@ def test_upstream_death_mid_sse_ends_with_error_event_and_clean_termination() ->
 def test_sse_filter_holds_back_only_an_incomplete_event_and_drops_the_unasked_usage_chunk() -> None:
     flt = gw.SseFilter(inspect=True, drop_usage=True)
     first, second, _, usage, done = USAGE_STREAM
-    assert flt.feed(first[:10]) == b"" and flt.held == first[:10]
-    assert flt.feed(first[10:] + second[:5]) == first and flt.held == second[:5]
+    assert flt.feed(first[:10]) == b"" and flt.held_size == 10
+    assert flt.feed(first[10:] + second[:5]) == first and flt.held_size == 5
     assert flt.feed(second[5:] + usage + done) == second + done
-    assert flt.usage["total_tokens"] == 9 and flt.held == b""
+    assert flt.usage["total_tokens"] == 9 and flt.held_size == 0
     kept = gw.SseFilter(inspect=True, drop_usage=False)
     assert kept.feed(usage) == usage and kept.usage["prompt_tokens"] == 7
     plain = gw.SseFilter()  # not inspecting: whole events pass untouched, usage unread
@@ -1711,6 +1880,65 @@ def test_chat_only_stream_cut_by_the_upstream_still_ends_with_an_error_event(
     assert json.loads(events[-1][6:])["error"]["type"] == "upstream_error"
 
 
+def test_an_sse_event_that_never_ends_is_held_to_a_bound_then_passed_through() -> None:
+    flt = gw.SseFilter(inspect=True, drop_usage=True)
+    piece = b"x" * 65536
+    out = [flt.feed(b"data: ")]
+    for _ in range(30 * 16):  # 30 MB of one event: never re-joined, never re-searched whole
+        out.append(flt.feed(piece))
+        assert flt.held_size <= gw.MAX_SSE_EVENT
+    out.append(flt.feed(b"\n\ndata: [DONE]\n\n"))
+    assert flt.passthrough and b"".join(out) == b"data: " + piece * 480 + b"\n\ndata: [DONE]\n\n"
+    split = gw.SseFilter()  # a blank line split across reads still ends the event
+    assert split.feed(b"data: a\r\n\r") == b"" and split.feed(b"\ndata: b") == b"data: a\r\n\r\n"
+    assert split.take_held() == b"data: b"
+
+
+def test_client_leaving_stops_its_request_in_every_phase(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway()
+    for body in (CHAT, b'{"model":"m","messages":[],"stream":true}'):  # waiting for the head
+        sock = connect(g.port)
+        sock.sendall(post("/v1/chat/completions", body, "x-mock-hang: 1\r\n"))
+        assert mock.wait_until(lambda: mock.open_connections == 1 and mock.request_count > 0, timeout=5)
+        sock.close()
+        assert mock.wait_until(lambda: mock.open_connections == 0, timeout=1.0)
+    waiting = start_gateway(resilient(mock, keys=[KEYS[0]], min_interval_ms=2000)
+                            | {"retry": {"attempts": 2, "base_delay_s": 0.01, "max_delay_s": 8}})
+    for extra in ("x-mock-status: 503\r\nx-mock-retry-after: 2\r\n",  # then a 2 s backoff
+                  ""):  # then a 2 s wait for the key's pacing slot
+        if not extra:
+            (first,) = raw(waiting.port, post("/v1/chat/completions", CHAT))  # takes the slot
+            assert first.status == 200
+        before = mock.request_count
+        sock = connect(waiting.port)
+        sock.sendall(post("/v1/chat/completions", CHAT, extra))
+        assert eventually(lambda: waiting.gw.active == 1)
+        if extra:
+            assert mock.wait_until(lambda: mock.request_count == before + 1, timeout=5)
+        sock.close()
+        assert eventually(lambda: waiting.gw.active == 0, timeout=1.0)
+        assert not mock.wait_until(lambda: mock.request_count > before + bool(extra), timeout=2.5)
+
+
+def test_a_client_that_stops_reading_is_cut_and_the_upstream_not_blamed(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, capfd: pytest.CaptureFixture[str]) -> None:
+    g = start_gateway({"access_log": True, "upstreams": [
+        {"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "idle_timeout_s": 1}]})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", g.port))
+    sock.sendall(post("/v1/chat/completions", b'{"model":"m","messages":[],"stream":true}',
+                      "x-mock-chunks: 200000\r\n"))  # ~40 MB, and this client reads none of it
+    assert mock.wait_until(lambda: mock.request_count == 1, timeout=5)  # it is being answered
+    assert eventually(lambda: len(g.gw.connections) == 0, timeout=15)
+    assert mock.wait_until(lambda: mock.open_connections == 0, timeout=5)
+    sock.close()
+    err: list[str] = []
+    assert eventually(lambda: err.append(capfd.readouterr().err) or '"status":' in "".join(err))
+    (line,) = [json.loads(x) for x in "".join(err).splitlines() if x.startswith("{")]
+    assert line["error"] == "client disconnected" and line["status"] == 200
+
+
 ################################################################################
 # OpenAI shapes: usage, conversions
 ################################################################################
@@ -1736,6 +1964,16 @@ def test_completions_conversion_both_ways() -> None:
     assert reply == {"id": "cmpl-9", "object": "text_completion", "created": 5, "model": "m", "usage": {"total_tokens": 3},
                      "choices": [{"text": "hey", "index": 0, "logprobs": None, "finish_reason": "stop"}]}
     assert gw.completion_chunk_from_chat({"id": "chatcmpl-1", "choices": [{"delta": {"role": "assistant"}}]}) is None
+
+
+def test_a_body_naming_model_twice_is_400_and_never_forwarded(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway()
+    (resp,) = raw(g.port, post("/v1/chat/completions", b'{"model":"gpt-4o-mini","messages":[],"model":"gpt-4o"}'))
+    assert resp.status == 400 and resp.json()["error"]["code"] == "invalid_json"
+    assert resp.json()["error"]["param"] == "model" and mock.request_count == 0
+    nested = b'{"model":"m","messages":[{"role":"user","content":"model"}],"metadata":{"model":"x"}}'
+    (resp,) = raw(g.port, post("/v1/chat/completions", nested))  # "model" twice, but not at the top
+    assert resp.status == 200 and mock.requests[-1].body == nested
 
 
 ################################################################################
@@ -1936,6 +2174,63 @@ def test_cors_preflight_and_streamed_response_headers(start_gateway: StartGatewa
     assert resp.status == 405
 
 
+def test_refused_requests_are_answered_from_the_head_before_any_body(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway({"api_keys": [{"key": SDK_KEY, "rpm": 2}, {"key": "sk-spent", "budget_tokens": 1}]},
+                      clock=FakeClock())
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n{}Content-Length: {}\r\n\r\n"
+    with connect(g.port) as sock:  # no key, and a body that never comes: 401 at once, and a close
+        sock.sendall(head.format("", 10_000_000).encode())
+        f = sock.makefile("rb")
+        resp = read_response(f)
+        assert resp.status == 401 and resp.headers["connection"] == "close" and read_response(f) is None
+    with connect(g.port) as sock:  # a small body is read and dropped: the connection goes on
+        sock.sendall(head.format("", len(CHAT)).encode())
+        f = sock.makefile("rb")
+        assert read_response(f).status == 401
+        sock.sendall(CHAT + post("/v1/chat/completions", CHAT, f"Authorization: Bearer {SDK_KEY}\r\n"))
+        assert read_response(f).status == 200
+    auth = f"Authorization: Bearer {SDK_KEY}\r\n"
+    assert raw(g.port, post("/v1/chat/completions", CHAT, auth))[0].status == 200  # rpm 2: used up
+    spent = "Authorization: Bearer sk-spent\r\n"
+    assert raw(g.port, post("/v1/chat/completions", CHAT, spent))[0].status == 200  # crosses its budget
+    for key, status in ((auth, 429), (spent, 402)):
+        with connect(g.port) as sock:
+            sock.sendall(head.format(key, 10_000_000).encode())
+            resp = read_response(sock.makefile("rb"))
+            assert resp.status == status and resp.headers["connection"] == "close"
+    assert len(used_keys(mock)) == 3
+
+
+def test_expect_100_continue_gets_100_or_the_refusal_at_once(start_gateway: StartGateway) -> None:
+    g = start_gateway({"api_keys": [SDK_KEY]})
+    head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(CHAT)}\r\nExpect: 100-continue\r\n{{}}\r\n")
+    with connect(g.port) as sock:
+        sock.sendall(head.format(f"Authorization: Bearer {SDK_KEY}\r\n").encode())
+        f = sock.makefile("rb")
+        assert f.readline().startswith(b"HTTP/1.1 100") and f.readline() == b"\r\n"
+        sock.sendall(CHAT)
+        assert read_response(f).status == 200
+    with connect(g.port) as sock:
+        sock.sendall(head.format("").encode())  # no key: the answer comes without the body
+        resp = read_response(sock.makefile("rb"))
+        assert resp.status == 401 and resp.headers["connection"] == "close"
+
+
+def test_hop_by_hop_and_account_headers_stay_behind_and_request_ids_are_clean(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway({"upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1",
+                                      "headers": {"OpenAI-Organization": "org-gateway"}}]})
+    (resp,) = raw(g.port, post("/v1/chat/completions", CHAT,
+                               "Connection: keep-alive, X-Hop\r\nX-Hop: secret\r\nOpenAI-Organization: org-client\r\n"
+                               "OpenAI-Project: proj-client\r\nX-Kept: yes\r\nX-Request-ID: bad\x01id\r\n"))
+    assert resp.status == 200
+    seen = mock.requests[-1].headers
+    assert "x-hop" not in seen and "openai-project" not in seen and seen["x-kept"] == "yes"
+    assert seen["openai-organization"] == "org-gateway"  # the upstream key's own, never the client's
+    assert resp.headers["x-request-id"].startswith("req-") and seen["x-request-id"] == resp.headers["x-request-id"]
+
+
 ################################################################################
 # Server protocol: bad input over raw sockets
 ################################################################################
@@ -2006,17 +2301,74 @@ def test_slowloris_is_cut_while_another_client_is_served(start_gateway: StartGat
         assert time.monotonic() - started < 8
 
 
-def test_max_connections_turns_extra_clients_away(start_gateway: StartGateway) -> None:
+def test_max_connections_turns_extra_clients_away_but_keeps_room_for_probes(start_gateway: StartGateway) -> None:
     g = start_gateway({"max_connections": 2})
     with connect(g.port) as a, connect(g.port) as b:
         for s in (a, b):
             s.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
             assert read_response(s.makefile("rb")).status == 200
-        (resp,) = raw(g.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        (resp,) = raw(g.port, b"GET /v1/models HTTP/1.1\r\nHost: t\r\n\r\n")
         assert resp.status == 503 and resp.json()["error"]["type"] == "service_unavailable"
+        assert resp.json()["error"]["code"] == "overloaded" and resp.headers["connection"] == "close"
+        (probe,) = raw(g.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")  # the probe reserve
+        assert probe.status == 200
+        reserve = [connect(g.port) for _ in range(gw.PROBE_RESERVE)]
+        assert eventually(lambda: len(g.gw.connections) == 2 + gw.PROBE_RESERVE)
+        try:  # past the reserve too: a clean 503 and a close, never a reset
+            with connect(g.port) as extra:
+                extra.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n" + b"x" * 10000)
+                f = extra.makefile("rb")
+                refused = read_response(f)
+                assert refused.status == 503 and refused.json()["error"]["code"] == "overloaded"
+                assert f.read() == b""
+        finally:
+            for s in reserve:
+                s.close()
     assert eventually(lambda: len(g.gw.connections) == 0)
     (resp,) = raw(g.port, b"GET /ready HTTP/1.1\r\nHost: t\r\n\r\n")
     assert resp.status == 200
+
+
+def test_head_is_answered_on_every_path_without_a_body(start_gateway: StartGateway) -> None:
+    g = start_gateway()
+    with connect(g.port) as sock:
+        sock.settimeout(5)
+        f = sock.makefile("rb")
+        for path, status in (("/health", 200), ("/ready", 200), ("/v1/models", 200), ("/metrics", 200),
+                             ("/nope", 404), ("/v1/chat/completions", 405)):
+            sock.sendall(f"HEAD {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            assert read_response(f, head=True).status == status, path
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")  # no body bytes came after any of them
+        resp = read_response(f)
+        assert resp.status == 200 and resp.json()["status"] == "ok"
+
+
+def test_a_request_with_both_framings_is_answered_then_the_connection_closes(start_gateway: StartGateway) -> None:
+    g = start_gateway()
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(CHAT), CHAT)
+    with connect(g.port) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked
+                     + b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        f = sock.makefile("rb")
+        first = read_response(f)
+        assert first.status == 200 and first.headers["connection"] == "close"
+        assert read_response(f) is None  # nothing after it was taken as a request
+
+
+@pytest.mark.parametrize("data", [
+    b"GET /health HTTP/1.0\r\n\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\nGET /ready HTTP/1.1\r\nHost: t\r\n\r\n",
+    post("/v1/chat/completions", CHAT, "Connection: close\r\n") + b"\r\n",
+])
+def test_a_last_request_followed_by_stray_bytes_still_gets_its_answer(start_gateway: StartGateway, data: bytes) -> None:
+    g = start_gateway()
+    with connect(g.port) as sock:
+        sock.sendall(data)
+        f = sock.makefile("rb")
+        resp = read_response(f)
+        assert resp is not None and resp.status == 200
+        assert read_response(f) is None
 
 
 ################################################################################
@@ -2033,6 +2385,39 @@ def test_ready_is_503_while_draining(start_gateway: StartGateway, mock: mock_ups
         sock.sendall(b"GET /ready HTTP/1.1\r\nHost: t\r\n\r\n")
         resp = read_response(f)
         assert resp.status == 503 and resp.json()["error"]["code"] == "draining"
+
+
+def test_requests_leave_no_reference_cycles_behind(start_gateway: StartGateway, mock: mock_upstream.MockUpstream,
+                                                   raw_upstream: RawUpstream) -> None:
+    """Whatever a request went through, reference counting frees it: nothing waits for the
+    cycle collector while holding sockets or megabytes of body."""
+    garbage_port = raw_upstream(Hostile(b"SSH-2.0-OpenSSH_9.6\r\n"))
+    g = start_gateway(resilient(mock) | {"upstreams": [
+        {"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS, "models": ["m"]},
+        {"name": "odd", "url": f"http://127.0.0.1:{garbage_port}/v1", "models": ["odd"]}]})
+    stream = b'{"model":"m","messages":[],"stream":true}'
+    requests = [post("/v1/chat/completions", CHAT.replace(b"gpt-4o-mini", b"m")),
+                post("/v1/chat/completions", stream),
+                post("/v1/chat/completions", CHAT.replace(b"gpt-4o-mini", b"m"), "x-mock-status: 500\r\n"),
+                post("/v1/chat/completions", CHAT.replace(b"gpt-4o-mini", b"odd")),
+                post("/v1/chat/completions", stream, "x-mock-die-after: 1\r\nx-mock-delay-ms: 1\r\n"),
+                b"GET /nope HTTP/1.1\r\nHost: t\r\n\r\n"]
+    raw(g.port, b"".join(requests[:1]))  # warm: pools, caches
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for data in requests:
+            (resp,) = raw(g.port, data)
+            assert resp is not None
+        open_slow_stream(g.port).close()
+        assert mock.wait_until(lambda: mock.open_connections <= 1, timeout=5)
+        assert eventually(lambda: g.gw.active == 0)
+        gc.collect()
+        ours = [type(o).__name__ for o in gc.garbage if type(o).__module__ == "gateway"]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert ours == []
 
 
 def test_sigterm_mid_stream_finishes_stream_refuses_new_requests_and_exits_0(
