@@ -50,7 +50,7 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import h11
 import orjson
@@ -86,6 +86,8 @@ MAX_READ_BODY = 64 * 1024 * 1024  # 200 bodies the gateway converts itself: far 
 MAX_SSE_EVENT = 1024 * 1024  # an SSE event this long with no end: relay it unfiltered from then on
 COOLDOWN_CAP_S = 60.0  # a 429 with no hint cools a key 1, 2, 4 ... s, never longer than this
 COOLDOWN_HINT_CAP_S = 3600.0  # the longest cooldown an upstream's hint may impose (configurable)
+BLOCK_RECHECK_S = 300.0  # a blocked key gets one real request this often (configurable)
+MAX_KEY_MODELS = 256  # models remembered per upstream key: "*" upstreams see any name
 PACING_MAX_WAIT_S = 10.0  # a paced request queues this long at most, then gets 429
 PACING_SLACK = 1.01  # rpm_per_key spaces requests 1% wider than 60/rpm: room for jitter
 MAX_BREAKERS = 1024  # (upstream, model) pairs tracked; "*" upstreams see client-chosen models
@@ -106,11 +108,15 @@ _NOT_FORWARDED = frozenset(
     b"keep-alive te trailer upgrade proxy-authorization proxy-connection accept-encoding "
     b"x-request-id expect cookie openai-organization openai-project".split()
 )
-# Upstream response headers never relayed: hop-by-hop and framing that h11 redoes.
+# Upstream response headers never relayed: hop-by-hop and framing that h11 redoes, and what
+# describes or binds the gateway's own account (x-ratelimit-* are dropped too: they describe
+# one pooled key, not the client, who gets the gateway's own).
 _NOT_RELAYED = frozenset(
-    b"connection keep-alive proxy-connection transfer-encoding te trailer upgrade".split()
+    b"connection keep-alive proxy-connection transfer-encoding te trailer upgrade set-cookie "
+    b"openai-organization openai-project".split()
 )
 _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+_QUOTE_SAFE = "/:@!$&'()*+,;=-._~"  # a model id in x-gateway-model: these stay as they are
 _END_OF_MESSAGE = h11.EndOfMessage()  # immutable: one for every response
 _JSON_CT = (b"content-type", b"application/json")
 _METRICS_CT = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
@@ -166,11 +172,14 @@ class GatewayError(Exception):
         code: str | None = None,
         param: str | None = None,
         headers: Iterable[tuple[bytes, bytes]] = (),
+        retry: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        if retry is not None:  # e.g. a 503 that no retry would mend
+            self.should_retry = retry
         self.param = param
         self.headers = list(headers)
 
@@ -350,11 +359,14 @@ class KeyState(enum.Enum):
 
 class UpstreamKey:
     """One upstream credential at run time: its pre-built request-head bytes, its health and
-    counters. Changed only through its KeyPool."""
+    counters. Changed only through its KeyPool.
+
+    Providers limit per model (a daily cap on one model leaves the key good for the others),
+    so a 429 cools the key for that model only; a 401/403 blocks the whole key."""
 
     __slots__ = (
-        "name", "secret", "head", "blocked", "cooldown_until", "cool_streak", "next_slot",
-        "requests", "failures", "last_used", "last_status",
+        "name", "secret", "head", "cooling", "asked", "blocked", "recheck_at", "block_reason",
+        "next_slot", "requests", "failures", "last_used", "last_status",
     )
 
     def __init__(self, name: str, secret: str, head: bytes = b"") -> None:
@@ -364,46 +376,80 @@ class UpstreamKey:
         self.reset()
 
     def reset(self) -> None:
+        # model -> [until (monotonic), streak]: its cooldown, and how many in a row without a
+        # success (the backoff with no hint). Kept a little past the end for the streak.
+        self.cooling: BoundedMap = BoundedMap(MAX_KEY_MODELS)
+        self.asked: BoundedMap = BoundedMap(MAX_KEY_MODELS)  # models asked of it, recently
         self.blocked = False
-        self.cooldown_until = 0.0  # monotonic
-        self.cool_streak = 0  # consecutive cooldowns without a success, for the backoff
+        self.recheck_at = 0.0  # monotonic: a blocked key gets one real request then
+        self.block_reason = ""  # the upstream's status and message, secrets masked
         self.next_slot = 0.0  # monotonic: pacing, the earliest the next request may go
         self.requests = 0
         self.failures = 0
         self.last_used: float | None = None  # unix seconds
         self.last_status: int | None = None
 
+    def cools_for(self, model: str, now: float) -> float:
+        """Until when this key cools for model (monotonic); 0 when it does not."""
+        entry = self.cooling.get(model)
+        return entry[0] if entry is not None and entry[0] > now else 0.0
+
     def state(self, now: float) -> KeyState:
+        """cooling only while it cools for every model it was asked for."""
         if self.blocked:
             return KeyState.BLOCKED
-        return KeyState.COOLING if now < self.cooldown_until else KeyState.ACTIVE
+        if self.asked and all(self.cools_for(m, now) for m in self.asked):
+            return KeyState.COOLING
+        return KeyState.ACTIVE
+
+    def cooldown_until(self, now: float) -> float:
+        """When a cooling key is back for some model (monotonic); 0 when it is not cooling."""
+        if self.state(now) is not KeyState.COOLING:
+            return 0.0
+        return min(self.cools_for(m, now) for m in self.asked)
 
     def __repr__(self) -> str:
         return (f"UpstreamKey({self.name!r}, {mask_secret(self.secret)!r}, "
-                f"blocked={self.blocked}, cooldown_until={self.cooldown_until:.1f})")
+                f"blocked={self.blocked}, cooling={list(self.cooling)})")
 
 
 class KeyPool:
     """The keys of one upstream: pick (round_robin or failover), cool down, block, pace.
 
-    A cooling or blocked key is never picked while its state holds; a cooling key comes
-    back by itself. Pacing (rpm_per_key / min_interval_ms) spaces requests per key."""
+    A key is never picked for a model it cools for, nor while blocked; a cooldown ends by
+    itself, and a blocked key gets one real request every block_recheck_s, which unblocks it
+    on success. Pacing (rpm_per_key / min_interval_ms) spaces requests per key."""
 
-    __slots__ = ("keys", "strategy", "interval", "clock", "current", "_next")
+    __slots__ = ("keys", "strategy", "interval", "recheck_s", "clock", "current", "_next")
 
     def __init__(self, keys: list[UpstreamKey], strategy: str = "round_robin",
-                 interval: float = 0.0, clock: Clock = time.monotonic) -> None:
+                 interval: float = 0.0, clock: Clock = time.monotonic,
+                 recheck_s: float = BLOCK_RECHECK_S) -> None:
         self.keys = keys
         self.strategy = strategy
         self.interval = interval  # seconds between two requests on one key; 0: no pacing
+        self.recheck_s = recheck_s
         self.clock = clock
         self.current = 0  # failover: the key in use
         self._next = 0  # round_robin: where the next pick starts
 
     @classmethod
-    def of(cls, upstream: Upstream) -> KeyPool:
-        keys = [UpstreamKey(k.name, k.secret, k.head) for k in upstream.keys]
-        return cls(keys, upstream.key_strategy, upstream.pacing_interval)
+    def of(cls, upstream: Upstream, recheck_s: float,
+           previous: KeyPool | None = None) -> KeyPool:
+        """The pool for a configured upstream. Keys that kept their name keep their state (the
+        same objects: requests still in flight see it too); one whose secret changed is
+        given another chance if it was blocked."""
+        kept = {k.name: k for k in previous.keys} if previous is not None else {}
+        keys = []
+        for spec in upstream.keys:
+            key = kept.get(spec.name)
+            if key is None:
+                key = UpstreamKey(spec.name, spec.secret, spec.head)
+            elif key.secret != spec.secret:
+                key.secret, key.blocked, key.block_reason = spec.secret, False, ""
+            key.head = spec.head
+            keys.append(key)
+        return cls(keys, upstream.key_strategy, upstream.pacing_interval, recheck_s=recheck_s)
 
     def __repr__(self) -> str:
         now = self.clock()
@@ -412,16 +458,17 @@ class KeyPool:
 
     # choosing -------------------------------------------------------------------------------
 
-    def pick(self, exclude: Iterable[UpstreamKey] = (),
-             max_wait: float = float("inf")) -> tuple[UpstreamKey, float] | None:
-        """A usable key and how long to wait before using it (pacing), or None."""
+    def pick(self, exclude: Iterable[UpstreamKey] = (), max_wait: float = float("inf"), *,
+             model: str = "") -> tuple[UpstreamKey, float] | None:
+        """A key usable for model and how long to wait before using it (pacing), or None."""
         now = self.clock()
         n = len(self.keys)
         start = self.current if self.strategy == "failover" else self._next
         best: UpstreamKey | None = None
         for i in range(n):
             key = self.keys[(start + i) % n]
-            if key.blocked or now < key.cooldown_until or key in exclude:
+            if (key.blocked and now < key.recheck_at) or key in exclude \
+                    or (key.cooling and key.cools_for(model, now)):
                 continue
             if best is None or key.next_slot < best.next_slot - 1e-9:
                 best = key
@@ -432,6 +479,8 @@ class KeyPool:
         index = self.current = self.keys.index(best)
         if self.strategy == "round_robin":
             self._next = index + 1
+        if best.blocked:  # its recheck: this request is the one probe until the next period
+            best.recheck_at = now + self.recheck_s
         wait = max(0.0, best.next_slot - now)
         if self.interval:
             best.next_slot = max(now, best.next_slot) + self.interval
@@ -448,10 +497,12 @@ class KeyPool:
 
     # what happened to a key -----------------------------------------------------------------
 
-    def sending(self, key: UpstreamKey) -> None:
+    def sending(self, key: UpstreamKey, model: str = "") -> None:
         key.requests += 1
         key.last_used = time.time()
         key.last_status = None
+        if model not in key.asked:
+            key.asked.put(model, True)
 
     def answered(self, key: UpstreamKey, status: int) -> None:
         key.last_status = status
@@ -459,20 +510,34 @@ class KeyPool:
     def failed(self, key: UpstreamKey) -> None:
         key.failures += 1
 
-    def succeeded(self, key: UpstreamKey) -> None:
-        key.cool_streak = 0
+    def succeeded(self, key: UpstreamKey, model: str = "") -> bool:
+        """A usable answer: the model's backoff starts over; a blocked key (its recheck) is
+        unblocked. True when it was."""
+        key.cooling.pop(model, None)
+        if not key.blocked:
+            return False
+        key.blocked, key.block_reason = False, ""
+        return True
 
-    def cool_down(self, key: UpstreamKey, seconds: float | None) -> None:
-        """Rate-limited: as long as the upstream said, else exponential from 1 s."""
+    def cool_down(self, key: UpstreamKey, seconds: float | None, model: str = "") -> None:
+        """Rate-limited for model: as long as the upstream said, else exponential from 1 s."""
+        now = self.clock()
+        entry = key.cooling.get(model)
+        streak = entry[1] if entry is not None else 0
         if seconds is None:
-            seconds = min(COOLDOWN_CAP_S, 2.0 ** key.cool_streak)
-        key.cool_streak += 1
-        key.cooldown_until = self.clock() + seconds
+            seconds = min(COOLDOWN_CAP_S, 2.0 ** streak)
+        for name in [m for m, (until, _) in key.cooling.items() if until + COOLDOWN_CAP_S < now]:
+            del key.cooling[name]  # long over: bounded by what cools now
+        key.cooling.put(model, [now + seconds, streak + 1])
+        if model not in key.asked:
+            key.asked.put(model, True)
         self._move_off(key)
 
-    def block(self, key: UpstreamKey) -> None:
-        """Revoked or forbidden (401/403): out of rotation until reset."""
+    def block(self, key: UpstreamKey, reason: str = "") -> None:
+        """Revoked or forbidden (401/403): out of rotation, re-probed every recheck_s."""
         key.blocked = True
+        key.block_reason = reason
+        key.recheck_at = self.clock() + self.recheck_s
         self._move_off(key)
 
     def _move_off(self, key: UpstreamKey) -> None:
@@ -486,16 +551,20 @@ class KeyPool:
 
     # reading the pool -----------------------------------------------------------------------
 
-    def seconds_until_usable(self) -> float | None:
-        """Until the first cooling key returns (None when every key is blocked)."""
+    def seconds_until_usable(self, model: str = "") -> float | None:
+        """Until the first key is back for model (None when every key is blocked)."""
         now = self.clock()
-        waits = [max(0.0, max(k.cooldown_until, k.next_slot) - now)
+        waits = [max(0.0, max(k.cools_for(model, now), k.next_slot) - now)
                  for k in self.keys if not k.blocked]
         return min(waits) if waits else None
 
+    def block_reason(self) -> str:
+        """What the upstream said when it refused a key, the latest first."""
+        return next((k.block_reason for k in self.keys if k.blocked and k.block_reason), "")
+
     def all_unavailable(self) -> bool:
         now = self.clock()
-        return all(k.blocked or now < k.cooldown_until for k in self.keys)
+        return all(k.state(now) is not KeyState.ACTIVE for k in self.keys)
 
     def available(self) -> dict[str, int]:
         """Key name -> 1 while active: the gateway_key_available gauge."""
@@ -505,13 +574,19 @@ class KeyPool:
     def snapshot(self) -> list[dict]:
         """Every key as /v1/tokens/stats shows it: masked, never the secret."""
         now, wall = self.clock(), time.time()
-        return [{
-            "name": k.name, "key": mask_secret(k.secret), "state": k.state(now).value,
-            "cooldown_until": wall_time(k.cooldown_until, now, wall)
-            if k.cooldown_until > now else None,
-            "requests": k.requests, "failures": k.failures,
-            "last_used": k.last_used, "last_status": k.last_status,
-        } for k in self.keys]
+        keys = []
+        for k in self.keys:
+            until = k.cooldown_until(now)
+            keys.append({
+                "name": k.name, "key": mask_secret(k.secret), "state": k.state(now).value,
+                "cooldown_until": wall_time(until, now, wall) if until else None,
+                "models": {m: {"cooldown_until": wall_time(u, now, wall)}
+                           for m in k.cooling if (u := k.cools_for(m, now))},
+                "requests": k.requests, "failures": k.failures,
+                "last_used": k.last_used, "last_status": k.last_status,
+                "blocked_reason": k.block_reason or None,
+            })
+        return keys
 
 
 def cooldown_from_headers(headers: list[tuple[bytes, bytes]],
@@ -664,6 +739,12 @@ class BreakerBoard:
     def reset(self) -> None:
         self._breakers.clear()
 
+    def reconfigure(self, threshold: int, recovery_s: float) -> None:
+        """New thresholds apply to every breaker; their states stay."""
+        self.threshold, self.recovery_s = threshold, recovery_s
+        for breaker in self._breakers.values():
+            breaker.threshold, breaker.recovery_s = threshold, recovery_s
+
 
 ################################################################################
 # Client limits and usage: token buckets, the limiter, the usage ledger
@@ -719,12 +800,13 @@ class TokenBucket:
 class ClientLimits:
     """One client's buckets: requests per minute (capacity `burst`) and optional tokens."""
 
-    __slots__ = ("rpm", "tpm", "requests", "tokens", "_kinds")
+    __slots__ = ("rpm", "tpm", "burst", "requests", "tokens", "_kinds")
 
     def __init__(self, rpm: float | None, tpm: float | None, burst: float | None,
                  clock: Clock = time.monotonic) -> None:
         self.rpm = rpm
         self.tpm = tpm
+        self.burst = burst
         self.requests = TokenBucket(rpm / 60, burst or rpm, clock) if rpm else None
         self.tokens = TokenBucket(tpm / 60, tpm, clock) if tpm else None
         # (header names, the limit as bytes, bucket) per limited kind: made once, not per response
@@ -753,13 +835,28 @@ class Limiter:
     __slots__ = ("rpm", "tpm", "burst", "clock", "_by_key", "_by_ip", "refused")
 
     def __init__(self, config: Config, clock: Clock = time.monotonic) -> None:
-        self.rpm, self.tpm, self.burst = config.rpm, config.tpm, config.burst
         self.clock = clock
-        self._by_key = {k.name: ClientLimits(k.rpm or config.rpm, k.tpm or config.tpm,
-                                             None if k.rpm else config.burst, clock)
-                        for k in config.api_keys if k.rpm or k.tpm or config.rpm or config.tpm}
+        self.rpm = self.tpm = self.burst = None
+        self._by_key: dict[str, ClientLimits] = {}
         self._by_ip: BoundedMap = BoundedMap(MAX_CLIENT_IPS)
         self.refused = 0  # requests refused by a client's own limits, for /metrics
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """The limits of a (new) configuration. A client whose limits stayed the same keeps
+        its buckets, as they are: a reload refills nobody."""
+        kept = self._by_key
+        self._by_key = {}
+        for k in config.api_keys:
+            if k.rpm or k.tpm or config.rpm or config.tpm:
+                want = (k.rpm or config.rpm, k.tpm or config.tpm, None if k.rpm else config.burst)
+                limits = kept.get(k.name)
+                if limits is None or (limits.rpm, limits.tpm, limits.burst) != want:
+                    limits = ClientLimits(*want, self.clock)
+                self._by_key[k.name] = limits
+        if (config.rpm, config.tpm, config.burst) != (self.rpm, self.tpm, self.burst):
+            self._by_ip.clear()
+        self.rpm, self.tpm, self.burst = config.rpm, config.tpm, config.burst
 
     def __repr__(self) -> str:
         return f"Limiter(keys={len(self._by_key)}, ips={len(self._by_ip)}, refused={self.refused})"
@@ -858,6 +955,11 @@ class UsageLedger:
     def __init__(self, keys: Iterable[ClientKey]) -> None:
         self._clients = {k.name: ClientUsage(k.name, k.budget_tokens) for k in keys}
         self._file: Any = None
+
+    def reconfigure(self, keys: Iterable[ClientKey]) -> None:
+        """Budgets from a new configuration; usage counted so far stays, by client name."""
+        for key in keys:
+            self._of(key.name).budget = key.budget_tokens
 
     def __repr__(self) -> str:
         return f"UsageLedger({len(self._clients)} clients, log={'on' if self._file else 'off'})"
@@ -959,13 +1061,14 @@ class Metrics:
     Label values come from configuration (routes, known models, key names), never raw
     from a request: every model name passes through fold()."""
 
-    __slots__ = ("requests", "upstream_requests", "tokens", "durations", "ttfb",
+    __slots__ = ("requests", "upstream_requests", "tokens", "fallbacks", "durations", "ttfb",
                  "active_streams", "known_models")
 
     def __init__(self, known_models: Iterable[str] = ()) -> None:
         self.requests: dict[tuple[str, str, int], int] = {}
         self.upstream_requests: dict[tuple[str, str, str], int] = {}
         self.tokens: dict[tuple[str, str], int] = {}
+        self.fallbacks: dict[tuple[str, str], int] = {}
         self.durations: dict[str, Histogram] = {}
         self.ttfb: dict[str, Histogram] = {}
         self.active_streams = 0
@@ -995,6 +1098,8 @@ class Metrics:
              self.upstream_requests),
             ("gateway_tokens_total", "Tokens reported by upstreams, by model and kind.",
              ("model", "kind"), self.tokens),
+            ("gateway_fallbacks_total", "Requests answered by a fallback model, by the model "
+             "asked for and the one that answered.", ("model", "served_model"), self.fallbacks),
         )
         for name, text, names, table in counters:
             out += [f"# HELP {name} {text}", f"# TYPE {name} counter"]
@@ -1036,6 +1141,7 @@ class AccessLog:
             "ts": round(time.time(), 3), "request_id": rq.request_id.decode("latin-1"),
             "method": rq.method.decode("latin-1"), "path": rq.path[:256].decode("latin-1"),
             "status": w.status, "model": rq.model[:128] or None,
+            "served_model": rq.served_model[:128] or None,
             "upstream": rq.served_by or None, "upstream_key": rq.key_name or None,
             "client": rq.client.name if rq.client is not None else None, "stream": w.sse,
             "ttfb_ms": None if rq.ttfb is None else round(rq.ttfb * 1000, 3),
@@ -1321,7 +1427,7 @@ class Config:
     TOP_LEVEL = frozenset(
         "host port api_keys admin_key rate_limit upstreams aliases fallbacks retry breaker "
         "max_body_bytes max_connections cors_origins access_log usage_log shutdown_grace_s "
-        "cooldown_cap_s".split()
+        "cooldown_cap_s block_recheck_s".split()
     )
 
     def __init__(self, raw: dict[str, Any], env: _Env) -> None:
@@ -1357,6 +1463,7 @@ class Config:
         self.usage_log: str | None = r.string("usage_log", None, nullable=True)
         self.shutdown_grace_s: float = r.number("shutdown_grace_s", 30)
         self.cooldown_cap_s: float = r.number("cooldown_cap_s", COOLDOWN_HINT_CAP_S, above=True)
+        self.block_recheck_s: float = r.number("block_recheck_s", BLOCK_RECHECK_S, above=True)
 
     @staticmethod
     def _client_keys(r: _Reader) -> list[ClientKey]:
@@ -2035,13 +2142,14 @@ def _ssl_context() -> ssl.SSLContext:
 class UpstreamPool:
     """Keep-alive connections to one upstream: reuse (LIFO), expiry, one retry on stale."""
 
-    __slots__ = ("upstream", "loop", "idle", "live")
+    __slots__ = ("upstream", "loop", "idle", "live", "retired")
 
     def __init__(self, upstream: Upstream, loop: asyncio.AbstractEventLoop) -> None:
         self.upstream = upstream
         self.loop = loop
         self.idle: list[UpstreamConnection] = []
         self.live: set[UpstreamConnection] = set()
+        self.retired = False  # a reload replaced it: nothing goes back into it
 
     def __repr__(self) -> str:
         return f"UpstreamPool({self.upstream.name!r}, idle={len(self.idle)}, live={len(self.live)})"
@@ -2097,6 +2205,17 @@ class UpstreamPool:
         self.live.add(conn)
         return conn
 
+    def same_origin(self, upstream: Upstream) -> bool:
+        """Would this pool's connections do for upstream (after a reload)?"""
+        u = self.upstream
+        return (u.scheme, u.host, u.port) == (upstream.scheme, upstream.host, upstream.port)
+
+    def retire(self) -> None:
+        """Replaced by a reload: idle connections go now, those in use when they are done."""
+        self.retired = True
+        for conn in list(self.idle):
+            conn.abort()
+
     def sweep(self, now: float) -> None:
         """Deadlines of the connections in use; idle ones past their keep-alive are closed
         (not merely skipped), so they hold no descriptor."""
@@ -2106,7 +2225,7 @@ class UpstreamPool:
             conn.abort()
 
     def release(self, conn: UpstreamConnection) -> None:
-        if len(self.idle) >= UPSTREAM_MAX_IDLE:
+        if self.retired or len(self.idle) >= UPSTREAM_MAX_IDLE:
             conn.abort()
             return
         conn._to(_IDLE)
@@ -2145,22 +2264,31 @@ def build_request(method: bytes, target: bytes, static_head: bytes, body: bytes,
 ################################################################################
 
 
+Candidates = list[tuple[str, list[list[Upstream]]]]  # (model, groups of upstreams) in order
+
+
 class Plan:
-    """One proxied request's way through the upstreams: what to send, what was tried."""
+    """One proxied request's way through the upstreams: the models to try (the one asked
+    for, then its fallbacks), what to send, what was tried. It keeps the configuration, key
+    pools and connection pools it started with, so a reload never changes them under it."""
 
-    __slots__ = ("rq", "kind", "obj", "force_stream", "groups", "tried", "failures", "shift",
-                 "last_error", "last_reply", "forwarded", "stream", "client_usage", "estimate",
-                 "upstream", "served", "_bodies")
+    __slots__ = ("rq", "kind", "obj", "force_stream", "config", "keys", "pools", "candidates",
+                 "asked", "model", "tried", "failures", "shift", "last_error", "last_reply",
+                 "forwarded", "stream", "client_usage", "estimate", "upstream", "served",
+                 "_bodies")
 
-    def __init__(self, rq: Request, kind: str, obj: dict, force_stream: bool,
-                 groups: list[list[tuple[Upstream, str]]]) -> None:
+    def __init__(self, rq: Request, kind: str, obj: dict, force_stream: bool, gw: Gateway,
+                 candidates: Candidates) -> None:
         self.rq = rq
         self.kind = kind
         self.obj = obj
         self.force_stream = force_stream and obj.get("stream") is not True
-        self.groups = groups
-        self.tried: set[UpstreamKey] = set()  # keys that answered 429/401/403 to this request
-        self.failures = 0  # tries that count against retry.attempts
+        self.config, self.keys, self.pools = gw.config, gw.keys, gw.pools
+        self.candidates = candidates
+        self.asked = gw.config.resolve_alias(obj["model"])  # the model asked for
+        self.model = candidates[0][0]  # the model being tried now
+        self.tried: set[UpstreamKey] = set()  # keys that answered 429/401/403 for this model
+        self.failures = 0  # tries for this model that count against retry.attempts
         self.shift = 0  # rotation of each group, so that a retry prefers another upstream
         self.last_error: GatewayError | None = None
         self.last_reply: tuple[int, list, bytes] | None = None
@@ -2174,8 +2302,14 @@ class Plan:
         self._bodies: dict[tuple, bytes] = {}
 
     def __repr__(self) -> str:
-        return (f"Plan({self.kind}, tried={len(self.tried)}, failures={self.failures}, "
-                f"served={self.served!r})")
+        return (f"Plan({self.kind}, model={self.model!r}, tried={len(self.tried)}, "
+                f"failures={self.failures}, served={self.served!r})")
+
+    def next_model(self, model: str) -> None:
+        """Fall back to model: its own attempts, keys and rotation."""
+        self.model = model
+        self.tried = set()
+        self.failures = self.shift = 0
 
     def injects(self, upstream: Upstream) -> bool:
         """Ask this upstream for the usage chunk the client did not ask for?"""
@@ -2232,46 +2366,61 @@ class Forwarder:
     def __repr__(self) -> str:
         return f"Forwarder(observed={len(self.observed)})"
 
-    def targets(self, model: str, kind: str) -> list[list[tuple[Upstream, str]]]:
-        """Groups of (upstream, model) to try in order: the upstreams that list the model
-        (rotated, to spread load across them), then the "*" ones, then the same for each
-        fallback model."""
-        cfg = self.gw.config
-        groups = []
+    def candidates(self, cfg: Config, model: str, kind: str) -> Candidates:
+        """The models to try in order, the one asked for and then its fallbacks, each with
+        its groups of upstreams: those that list the model (rotated, to spread load across
+        them), then the "*" ones."""
+        out: Candidates = []
         for name in (model, *cfg.fallbacks.get(model, ())):
             name = cfg.resolve_alias(name)
             usable = [u for u in cfg.upstreams if u.serves(name)
                       and (kind != "embeddings" or u.embeddings)]
-            for group in ([(u, name) for u in usable if u.models is not None],
-                          [(u, name) for u in usable if u.models is None]):
+            groups = []
+            for group in ([u for u in usable if u.models is not None],
+                          [u for u in usable if u.models is None]):
                 if len(group) > 1:
                     turn = next(self.spread) % len(group)
                     group = group[turn:] + group[:turn]
                 if group:
                     groups.append(group)
-        if not groups:
+            if groups and all(name != seen for seen, _ in out):
+                out.append((name, groups))
+        if not out:
             if kind == "embeddings" and any(u.serves(model) for u in cfg.upstreams):
                 raise Unsupported("No upstream serving this model serves embeddings.")
             raise model_not_found(model)
-        return groups
+        return out
 
     async def forward(self, plan: Plan) -> UpstreamConnection | None:
-        """Try upstream keys until one answers usably; None if an upstream error was passed
-        through. Nothing is retried once a byte reached the client."""
-        flow = plan.rq.flow
+        """The model asked for, then each fallback while a model cannot be served (its
+        retries used up, every key cooling or blocked, its breakers open); None if the last
+        upstream error was passed through. Nothing is retried once a byte reached the client."""
+        for model, groups in plan.candidates:
+            if model != plan.model:
+                plan.next_model(model)
+            conn = await self.forward_model(plan, groups)
+            if conn is not None:
+                return conn
+        return self.give_up(plan)
+
+    async def forward_model(self, plan: Plan,
+                            groups: list[list[Upstream]]) -> UpstreamConnection | None:
+        """Try upstream keys for plan.model until one answers usably, or None when the model
+        cannot be served on this request. Other 4xx are the answer: never a fallback."""
+        flow, model = plan.rq.flow, plan.model
         while True:
-            choice = self.choose(plan)
+            choice = self.choose(plan, groups)
             if choice is None:
-                return self.give_up(plan)
-            upstream, model, keys, key, breaker, wait = choice
+                return None
+            upstream, keys, key, breaker, wait = choice
             try:
-                conn = await self.attempt(plan, upstream, model, keys, key, wait)
+                conn = await self.attempt(plan, upstream, keys, key, wait)
             except GatewayError as exc:  # no usable HTTP answer: connect error or timeout
                 exc.with_traceback(None)  # kept in the plan: no frames (and cycles) with it
                 breaker.record(False)
                 keys.failed(key)
                 if await self.backoff(plan, exc, None):
-                    raise
+                    return None
                 continue
             except BaseException:
                 breaker.abandon()
@@ -2279,7 +2428,8 @@ class Forwarder:
             status = conn.status
             breaker.record(status < 500)
             if status < 400 or (status < 500 and status not in (401, 403, 429)):
-                keys.succeeded(key)
+                if keys.succeeded(key, model):
+                    log(f"upstream {upstream.name}: key {key.name} answered again: unblocked")
                 return conn
             headers = conn.headers
             try:
@@ -2289,27 +2439,31 @@ class Forwarder:
             flow.detach()
             keys.failed(key)
             if status == 429:
-                keys.cool_down(key, cooldown_from_headers(headers, self.gw.config.cooldown_cap_s))
+                keys.cool_down(key, cooldown_from_headers(headers, plan.config.cooldown_cap_s),
+                               model)
                 plan.tried.add(key)  # another key at once: no backoff, no attempt spent
             elif status in (401, 403):
-                keys.block(key)
+                reason = f"{status} {upstream_message(body, keys)}"
+                keys.block(key, reason)
+                log(f"upstream {upstream.name}: key {key.name} blocked: the upstream answered "
+                    f"{reason}; one request tries it again in {keys.recheck_s:g}s")
                 plan.tried.add(key)
             elif await self.backoff(plan, None, (status, headers, body)):
-                return self.give_up(plan)
+                return None
 
-    async def attempt(self, plan: Plan, upstream: Upstream, model: str, keys: KeyPool,
+    async def attempt(self, plan: Plan, upstream: Upstream, keys: KeyPool,
                       key: UpstreamKey, wait: float) -> UpstreamConnection:
         if wait > 0:
             await asyncio.sleep(wait)  # pacing: this key's next slot
-        gw, rq = self.gw, plan.rq
+        gw, rq, model = self.gw, plan.rq, plan.model
         request = plan.request_for(upstream, model, key)
         plan.upstream = upstream
-        keys.sending(key)
+        keys.sending(key, model)
         rq.served_by, rq.key_name = upstream.name, key.name
         metrics = gw.metrics
         sent = time.perf_counter()
         try:
-            conn = await gw.pools[upstream.name].request(request)
+            conn = await plan.pools[upstream.name].request(request)
         except GatewayError:
             metrics.count(metrics.upstream_requests, (upstream.name, key.name, "error"))
             raise
@@ -2317,19 +2471,19 @@ class Forwarder:
         rq.ttfb = time.perf_counter() - sent
         metrics.histogram(metrics.ttfb, upstream.name).observe(rq.ttfb)
         metrics.count(metrics.upstream_requests, (upstream.name, key.name, str(conn.status)))
-        plan.served = model
+        plan.served = rq.served_model = model
         keys.answered(key, conn.status)
         self.observe(upstream, key, model, conn.headers)
         return conn
 
     async def backoff(self, plan: Plan, exc: GatewayError | None,
                       reply: tuple[int, list, bytes] | None) -> bool:
-        """A try that counts against retry.attempts; True when none are left."""
+        """A try that counts against retry.attempts; True when none are left for the model."""
         plan.rq.flow.detach()
         plan.failures += 1
         plan.shift += 1  # prefer another upstream for the next try
         plan.last_error, plan.last_reply = exc, reply
-        cfg = self.gw.config
+        cfg = plan.config
         if plan.failures >= cfg.retry_attempts:
             return True
         # Exponential backoff with full jitter; an upstream's Retry-After is a floor.
@@ -2342,26 +2496,26 @@ class Forwarder:
             await asyncio.sleep(delay)
         return False
 
-    def choose(self, plan: Plan) -> tuple[Upstream, str, KeyPool, UpstreamKey, CircuitBreaker,
-                                          float] | None:
-        """The first usable (upstream, model) of the plan, its pool, a key and its pacing."""
-        gw = self.gw
-        for group in plan.groups:
+    def choose(self, plan: Plan, groups: list[list[Upstream]]
+               ) -> tuple[Upstream, KeyPool, UpstreamKey, CircuitBreaker, float] | None:
+        """The first usable upstream for plan.model, its pool, a key and its pacing wait."""
+        gw, model = self.gw, plan.model
+        for group in groups:
             for i in range(len(group)):
-                upstream, model = group[(plan.shift + i) % len(group)]
+                upstream = group[(plan.shift + i) % len(group)]
                 breaker = gw.breakers.get(upstream.name, model)
                 if not breaker.available():
                     continue
-                keys = gw.keys[upstream.name]
-                picked = keys.pick(plan.tried, PACING_MAX_WAIT_S)
+                keys = plan.keys[upstream.name]
+                picked = keys.pick(plan.tried, PACING_MAX_WAIT_S, model=model)
                 if picked is None:
                     continue
                 breaker.acquire()
-                return upstream, model, keys, picked[0], breaker, picked[1]
+                return upstream, keys, picked[0], breaker, picked[1]
         return None
 
     def give_up(self, plan: Plan) -> None:
-        """No try left: pass the last upstream error through, or say why nothing was usable."""
+        """No model left: pass the last upstream error through, or say why nothing was usable."""
         if plan.last_reply is not None:
             plan.rq.writer.relay_whole(*plan.last_reply)
             return None
@@ -2371,24 +2525,29 @@ class Forwarder:
 
     def unavailable_error(self, plan: Plan) -> GatewayError:
         gw = self.gw
-        waits, opened, blocked = [], [], False
-        for upstream, model in (t for group in plan.groups for t in group):
-            breaker = gw.breakers.get(upstream.name, model)
-            if not breaker.available():
-                opened.append(breaker.retry_in())
-                continue
-            wait = gw.keys[upstream.name].seconds_until_usable()
-            if wait is None:
-                blocked = True
-            else:
-                waits.append(wait)
+        waits, opened, refused = [], [], ""
+        blocked = False
+        for model, groups in plan.candidates:
+            for upstream in (u for group in groups for u in group):
+                breaker = gw.breakers.get(upstream.name, model)
+                if not breaker.available():
+                    opened.append(breaker.retry_in())
+                    continue
+                keys = plan.keys[upstream.name]
+                wait = keys.seconds_until_usable(model)
+                if wait is None:
+                    blocked = True
+                    refused = refused or keys.block_reason()
+                else:
+                    waits.append(wait)
         if waits:
             wait = min(waits)
             return RateLimited("All upstream keys for this model are rate-limited; retry "
                                f"after {wait:.1f}s.", headers=retry_after_headers(wait))
         if blocked:
-            return Unavailable("Every upstream key for this model was refused (401/403).",
-                               code="upstream_credentials_exhausted")
+            said = f" The upstream said: {refused}" if refused else ""
+            return Unavailable("Every upstream key for this model was refused (401/403)."
+                               + said, code="upstream_credentials_exhausted", retry=False)
         return Unavailable("The circuit breaker for this model is open.", code="circuit_open",
                            headers=retry_after_headers(min(opened) if opened else 1.0))
 
@@ -2637,6 +2796,8 @@ class ResponseWriter(BodySink):
             headers.append((b"connection", b"close"))
         if rq.extra:
             headers += rq.extra
+        if rq.served_model:  # client-chosen text: quoted, so that it cannot break the head
+            headers.append((b"x-gateway-model", quote(rq.served_model, safe=_QUOTE_SAFE).encode()))
         if rq.limits is not None:
             headers += rq.limits.headers()
         # _parsed: skip h11's per-header regexes. Every value here is ours, came through h11's
@@ -2677,7 +2838,7 @@ class ResponseWriter(BodySink):
         sse = False
         headers = []
         for name, value in upstream_headers:
-            if name in _NOT_RELAYED:
+            if name in _NOT_RELAYED or name.startswith(b"x-ratelimit-"):
                 continue
             if name == b"content-type" and value.startswith(b"text/event-stream"):
                 sse = True
@@ -2818,6 +2979,25 @@ def _names_twice(body: bytes, key: str) -> bool:
     return bool(counts) and counts[-1] > 1
 
 
+_SECRET_LIKE = re.compile(r"\b(?:sk|pk|rk|ghp|gho|ghs|ghu|github_pat|gsk|xai)[-_][A-Za-z0-9_\-]{8,}")
+
+
+def upstream_message(body: bytes, keys: KeyPool) -> str:
+    """An upstream error's own message (its OpenAI error body, else its text), short and with
+    anything like a secret masked: it goes to stderr and to clients."""
+    try:
+        message = orjson.loads(body[:65536])["error"]["message"]
+    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
+        message = body[:300].decode("utf-8", "replace")
+    if not isinstance(message, str):
+        message = str(message)
+    message = " ".join(message.split())[:300]
+    for key in keys.keys:
+        if key.secret:
+            message = message.replace(key.secret, mask_secret(key.secret))
+    return _SECRET_LIKE.sub(lambda m: mask_secret(m.group()), message)
+
+
 def model_not_found(model: str) -> GatewayError:
     return NotFound(f"The model {model!r} does not exist.", code="model_not_found", param="model")
 
@@ -2944,7 +3124,8 @@ class ProxyHandler:
         if client is not None and not client.allows(requested, model):
             raise Forbidden(f"This key may not use model {requested!r}.", param="model")
         name = client.name if client is not None else "anonymous"  # budget: checked on admission
-        plan = Plan(rq, kind, obj, force_stream, gw.forwarder.targets(model, kind))
+        candidates = gw.forwarder.candidates(gw.config, model, kind)
+        plan = Plan(rq, kind, obj, force_stream, gw, candidates)
         limits = rq.limits
         if limits is not None and limits.tokens is not None:
             plan.estimate = estimate_tokens(rq.body(), obj)
@@ -3004,6 +3185,8 @@ class ProxyHandler:
         label = metrics.fold(plan.served)
         metrics.count(metrics.tokens, (label, "prompt"), prompt)
         metrics.count(metrics.tokens, (label, "completion"), completion)
+        if plan.served != plan.asked:
+            metrics.count(metrics.fallbacks, (metrics.fold(plan.asked), label))
         if takes_tokens:
             gw.limiter.settle_tokens(limits, total - plan.estimate)
 
@@ -3017,6 +3200,10 @@ class ModelCatalog:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self._cache: dict[str, tuple[float, list[dict]]] = {}  # upstream -> (until, entries)
+
+    def forget(self) -> None:
+        """After a reload: upstreams' own lists are fetched again."""
+        self._cache.clear()
 
     async def list_models(self, rq: Request) -> None:
         rq.writer.send_json(200, {"object": "list", "data": list((await self.known()).values())})
@@ -3337,7 +3524,8 @@ class Request:
         "connection", "expects_continue", "framing_doubt", "peer", "reserve", "client",
         "limits", "extra", "handler", "refused",
         # for the access log and metrics
-        "t0", "route", "model", "served_by", "key_name", "ttfb", "tokens", "error",
+        "t0", "route", "model", "served_model", "served_by", "key_name", "ttfb", "tokens",
+        "error",
     )
 
     def __init__(self, proto: HttpProtocol, event: h11.Request) -> None:
@@ -3396,6 +3584,7 @@ class Request:
         self.t0 = time.perf_counter()  # loop.time() is uvloop's cached, 1 ms-grained clock
         self.route = "other"  # a route-table path: a bounded metric label
         self.model = ""  # as the client asked
+        self.served_model = ""  # the model an upstream answered for (a fallback, perhaps)
         self.served_by = ""  # upstream name
         self.key_name = ""  # upstream key name, never the key
         self.ttfb: float | None = None
@@ -3707,8 +3896,9 @@ class Gateway:
         self.limiter = Limiter(config, clock)
         self.ledger = UsageLedger(config.api_keys)
         self.breakers = BreakerBoard(config.failure_threshold, config.recovery_timeout_s)
-        self.keys = {u.name: KeyPool.of(u) for u in config.upstreams}
+        self.keys = {u.name: KeyPool.of(u, config.block_recheck_s) for u in config.upstreams}
         self.pools: dict[str, UpstreamPool] = {}
+        self.retired: set[UpstreamPool] = set()  # replaced by a reload, still finishing
         # behaviour
         self.forwarder = Forwarder(self)
         self.admission = Admission(self)
@@ -3752,12 +3942,44 @@ class Gateway:
                 log(f"grace period over: cutting {self.active} request(s)")
         for proto in list(self.connections):
             proto.close()
-        for pool in self.pools.values():
+        for pool in (*self.pools.values(), *self.retired):
             pool.close()
         if self.sweeper is not None:
             self.sweeper.cancel()
         self.access_log.flush()
         self.ledger.close()
+
+    def reload(self, config: Config) -> list[str]:
+        """A new configuration for new requests; requests in flight finish on the one they
+        started with (their Plan keeps it). Everything that kept its name keeps its state:
+        upstream keys (cooldowns, blocks, counters), client buckets and usage, breakers, and
+        the pooled connections of an upstream that still points at the same place. Returns
+        what could not change without a restart."""
+        old, self.config = self.config, config
+        self.keys = {u.name: KeyPool.of(u, config.block_recheck_s, self.keys.get(u.name))
+                     for u in config.upstreams}
+        pools = {}
+        for u in config.upstreams:
+            pool = self.pools.get(u.name)
+            if pool is None or not pool.same_origin(u):
+                pool = UpstreamPool(u, self.loop)  # type: ignore[arg-type]
+            pool.upstream = u
+            pools[u.name] = pool
+        for name, pool in self.pools.items():
+            if pools.get(name) is not pool:
+                pool.retire()
+                self.retired.add(pool)
+        self.pools = pools
+        self.limiter.reconfigure(config)
+        self.ledger.reconfigure(config.api_keys)
+        self.breakers.reconfigure(config.failure_threshold, config.recovery_timeout_s)
+        self.metrics.known_models |= config.known_models()
+        self.access_log.enabled = config.access_log
+        self.admission = Admission(self)
+        self.catalog.forget()
+        return [f"{what} stays {before!r} until a restart" for what, before, after in (
+            ("host", old.host, config.host), ("port", old.port, config.port),
+            ("usage_log", old.usage_log, config.usage_log)) if before != after]
 
     def sweep(self) -> None:
         """Enforce every connection's deadline: one timer for the gateway, not per request."""
@@ -3766,6 +3988,10 @@ class Gateway:
             proto.check_timeout(now)
         for pool in self.pools.values():
             pool.sweep(now)
+        for pool in list(self.retired):
+            pool.sweep(now)
+            if not pool.live:
+                self.retired.discard(pool)
         self.sweeper = self.loop.call_later(SWEEP_S, self.sweep)  # type: ignore[union-attr]
 
     # one request ----------------------------------------------------------------------------
@@ -3862,6 +4088,7 @@ async def _serve(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, gw, args, overrides)
     await stop.wait()
     log("shutting down: no longer accepting connections")
     await gw.shutdown()
@@ -3869,6 +4096,18 @@ async def _serve(args: argparse.Namespace) -> int:
         await mock.stop()
     log("exited")
     return 0
+
+
+def _reload(gw: Gateway, args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    """SIGHUP: read every config source again; a bad config is refused, the old one stays."""
+    try:
+        config = _configure(args, overrides)
+    except ConfigError as exc:
+        log(f"config reload refused, the running config stays: {exc}")
+        return
+    for unchanged in gw.reload(config):
+        log(f"warning: {unchanged}")
+    log(f"config reloaded: {config.summary(gw.port)}")
 
 
 def _configure(args: argparse.Namespace, overrides: dict[str, Any]) -> Config:

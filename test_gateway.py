@@ -628,11 +628,11 @@ def test_cooldown_without_hint_grows_exponentially_from_1s_and_is_capped() -> No
     seen = []
     for _ in range(9):
         pool.cool_down(key, None)
-        seen.append(key.cooldown_until - clock())
+        seen.append(key.cooldown_until(clock()) - clock())
     assert seen == [1, 2, 4, 8, 16, 32, 60, 60, 60]
     pool.succeeded(key)
     pool.cool_down(key, None)
-    assert key.cooldown_until - clock() == 1
+    assert key.cooldown_until(clock()) - clock() == 1
 
 
 def test_all_cooling_reports_time_to_first_return_and_all_blocked_none() -> None:
@@ -656,25 +656,35 @@ def test_pacing_spaces_requests_per_key_and_bounds_the_wait() -> None:
 
 
 _ops = st.lists(st.tuples(st.sampled_from(["pick", "cool", "block", "advance", "reset", "rotate", "ok"]),
-                          st.integers(0, 5), st.floats(0, 120)), max_size=60)
+                          st.integers(0, 5), st.sampled_from(["a", "b"]), st.floats(0, 120)), max_size=60)
 
 
 @settings(max_examples=300, deadline=None)
 @given(n=st.integers(1, 6), strategy=st.sampled_from(["round_robin", "failover"]), ops=_ops)
-def test_a_cooling_or_blocked_key_is_never_picked(n: int, strategy: str, ops: list) -> None:
+def test_a_key_is_never_picked_for_a_model_it_cools_for_nor_while_blocked(
+        n: int, strategy: str, ops: list) -> None:
+    """Blocked: not until its recheck, and then for one request per recheck period."""
     pool, clock = make_pool(n, strategy)
-    for op, index, secs in ops:
+    last_refusal: dict[str, float] = {}  # key -> when it was blocked or last probed
+    for op, index, model, secs in ops:
         key = pool.keys[index % n]
         if op == "pick":
-            picked = pool.pick()
+            picked = pool.pick(model=model)
+            now = clock()
             if picked is None:
-                assert pool.all_unavailable()
-            else:
-                assert picked[0].state(clock()) is gw.KeyState.ACTIVE
+                assert all((k.blocked and now < last_refusal[k.name] + pool.recheck_s)
+                           or k.cools_for(model, now) for k in pool.keys)
+                continue
+            chosen = picked[0]
+            assert not chosen.cools_for(model, now)
+            if chosen.blocked:
+                assert now >= last_refusal[chosen.name] + pool.recheck_s
+                last_refusal[chosen.name] = now
         elif op == "cool":
-            pool.cool_down(key, secs)
+            pool.cool_down(key, secs, model)
         elif op == "block":
-            pool.block(key)
+            pool.block(key, "401: no")
+            last_refusal[key.name] = clock()
         elif op == "advance":
             clock.advance(secs)
         elif op == "reset":
@@ -682,7 +692,7 @@ def test_a_cooling_or_blocked_key_is_never_picked(n: int, strategy: str, ops: li
         elif op == "rotate":
             pool.rotate()
         else:
-            pool.succeeded(key)
+            pool.succeeded(key, model)
 
 
 @settings(max_examples=200, deadline=None)
@@ -901,6 +911,59 @@ def test_garbage_or_endless_retry_after_never_crashes_nor_sticks_a_key(start_gat
     with pytest.raises(openai.RateLimitError) as info:  # every key cooling: a finite Retry-After
         g.client().chat.completions.create(model="m", messages=MSGS)
     assert 1 <= int(info.value.response.headers["retry-after"]) <= 120
+
+
+def test_a_429_for_one_model_cools_the_key_for_that_model_only(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    """GitHub Models' daily caps are per model: one capped model must not take the key away
+    from the others."""
+    mock.key_model_faults[(KEYS[0], "model-a")] = (429, {"retry-after": "3600"})
+    g = start_gateway(resilient(mock, keys=KEYS[:2]))
+    client = g.client()
+    assert client.chat.completions.create(model="model-a", messages=MSGS).choices  # K0 429s, K1 answers
+    seen = len(used_keys(mock))
+    for _ in range(20):
+        assert client.chat.completions.create(model="model-b", messages=MSGS).choices
+    b_keys = used_keys(mock)[seen:]
+    assert len(b_keys) == 20 and collections.Counter(b_keys) == {KEYS[0]: 10, KEYS[1]: 10}
+    assert all(a != b for a, b in zip(b_keys, b_keys[1:]))  # in turn
+    seen = len(used_keys(mock))
+    for _ in range(5):
+        assert client.chat.completions.create(model="model-a", messages=MSGS).choices
+    assert used_keys(mock)[seen:] == [KEYS[1]] * 5
+    (k0,) = [k for k in admin(g, "GET", "/v1/tokens/stats").json()["upstreams"][0]["keys"] if k["name"] == "mock#0"]
+    assert k0["state"] == "active" and list(k0["models"]) == ["model-a"]
+    assert 3590 < k0["models"]["model-a"]["cooldown_until"] - time.time() <= 3600
+    mock.key_model_faults[(KEYS[1], "model-a")] = (429, {"retry-after": "60"})
+    with pytest.raises(openai.RateLimitError) as info:  # every key cooling for model-a: decided per model
+        client.chat.completions.create(model="model-a", messages=MSGS)
+    assert 59 <= int(info.value.response.headers["retry-after"]) <= 60
+    assert client.chat.completions.create(model="model-b", messages=MSGS).choices
+
+
+def test_a_blocked_key_says_why_is_rechecked_and_comes_back(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, capfd: pytest.CaptureFixture[str]) -> None:
+    mock.key_faults[KEYS[0]] = (401, {}, f"Incorrect API key provided: {KEYS[0]}.")
+    g = start_gateway(resilient(mock, keys=KEYS[:2]) | {"block_recheck_s": 0.3})
+    client = g.client()
+    assert client.chat.completions.create(model="m", messages=MSGS).choices  # K1 answers
+    err = capfd.readouterr().err
+    (line,) = [x for x in err.splitlines() if "blocked" in x]
+    assert "mock#0" in line and "401" in line and "Incorrect API key provided" in line
+    assert KEYS[0] not in err and gw.mask_secret(KEYS[0]) in line
+    assert key_states(g)["mock#0"] == "blocked"
+    del mock.key_faults[KEYS[0]]
+    # One real request tries it again after block_recheck_s, and its success unblocks it.
+    assert eventually(lambda: client.chat.completions.create(model="m", messages=MSGS) and
+                      KEYS[0] in used_keys(mock)[1:], timeout=5)
+    assert key_states(g)["mock#0"] == "active" and "unblocked" in capfd.readouterr().err
+    for key in KEYS[:2]:
+        mock.key_faults[key] = (403, {}, f"Your key {key} may not use this model.")
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(model="m", messages=MSGS)
+    assert info.value.status_code == 503 and info.value.code == "upstream_credentials_exhausted"
+    assert info.value.response.headers["x-should-retry"] == "false"
+    message = info.value.message
+    assert "may not use this model" in message and all(key not in message for key in KEYS)
 
 
 ################################################################################
@@ -1672,9 +1735,11 @@ def test_breaker_opens_fails_fast_uses_fallback_and_recovers_through_half_open(
                   fallbacks={"gpt-4o": ["gpt-4o-mini"]})
     g = start_gateway(config)
     client = g.client()
-    for _ in range(2):
-        with pytest.raises(openai.InternalServerError):
-            client.chat.completions.create(model="gpt-4o", messages=MSGS)
+    for _ in range(2):  # each failure of the primary is answered by the fallback at once
+        seen = len(mock.requests)
+        reply = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MSGS)
+        assert reply.parse().model == "gpt-4o-mini" and reply.headers["x-gateway-model"] == "gpt-4o-mini"
+        assert [r.json()["model"] for r in list(mock.requests)[seen:]] == ["gpt-4o", "gpt-4o-mini"]
     breakers = admin(g, "GET", "/health/circuit-breakers").json()
     state = breakers["circuit_breakers"]["mock/gpt-4o"]
     assert state["state"] == "open" and state["failure_count"] == 2 and state["retry_at"] > time.time()
@@ -1732,6 +1797,36 @@ def test_several_upstreams_serving_one_model_share_the_load(start_gateway: Start
     for _ in range(10):
         g.client().chat.completions.create(model="m", messages=MSGS)
     assert collections.Counter(used_keys(mock)) == {KEYS[0]: 5, KEYS[1]: 5}
+
+
+def test_a_failing_model_falls_back_on_the_same_request_before_any_breaker_opens(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, capfd: pytest.CaptureFixture[str]) -> None:
+    mock.model_faults["gpt-4o"] = 500
+    g = start_gateway(resilient(mock) | {"access_log": True, "fallbacks": {"gpt-4o": ["gpt-4o-mini"]}})
+    client = g.client()
+    reply = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MSGS)
+    assert reply.parse().model == "gpt-4o-mini" and reply.headers["x-gateway-model"] == "gpt-4o-mini"
+    assert [r.json()["model"] for r in mock.requests] == ["gpt-4o"] * 3 + ["gpt-4o-mini"]  # its retries, then the fallback
+    breakers = admin(g, "GET", "/health/circuit-breakers").json()["circuit_breakers"]
+    assert breakers["mock/gpt-4o"]["state"] == "closed"
+    err: list[str] = []
+    assert eventually(lambda: err.append(capfd.readouterr().err) or '"served_model"' in "".join(err))
+    (line,) = [x for x in map(json.loads, (y for y in "".join(err).splitlines() if y.startswith("{")))
+               if x["path"] == "/v1/chat/completions"]
+    assert (line["model"], line["served_model"], line["status"]) == ("gpt-4o", "gpt-4o-mini", 200)
+    fallbacks = samples(scrape(g)["gateway_fallbacks"], "_total")
+    assert fallbacks == {(("model", "gpt-4o"), ("served_model", "gpt-4o-mini")): 1}
+    seen = len(mock.requests)  # a 400 is the request's own fault: no fallback, no retry
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="gpt-4o", messages=MSGS, extra_headers={"x-mock-status": "400"})
+    assert len(mock.requests) == seen + 1
+    del mock.model_faults["gpt-4o"]
+    for key in KEYS:  # every key cooling for the primary: the fallback answers
+        mock.key_model_faults[(key, "gpt-4o")] = (429, {"retry-after": "60"})
+    reply = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MSGS)
+    assert reply.headers["x-gateway-model"] == "gpt-4o-mini"
+    reply = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MSGS)
+    assert reply.headers["x-gateway-model"] == "gpt-4o-mini"  # no fallback: the model asked for
 
 
 ################################################################################
@@ -2231,6 +2326,42 @@ def test_hop_by_hop_and_account_headers_stay_behind_and_request_ids_are_clean(
     assert resp.headers["x-request-id"].startswith("req-") and seen["x-request-id"] == resp.headers["x-request-id"]
 
 
+def raw_head(port: int, data: bytes) -> tuple[int, list[tuple[str, str]]]:
+    """The status and every header line of one response, repeats kept."""
+    with connect(port) as sock:
+        sock.sendall(data)
+        f = sock.makefile("rb")
+        status = int(f.readline().split()[1])
+        lines = []
+        while (line := f.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            lines.append((name.strip().lower(), value.strip()))
+        return status, lines
+
+
+def test_headers_about_the_gateways_account_never_reach_a_client(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    mock.key_rpm = 1000  # the mock now sends its own x-ratelimit-* on every answer
+    mock.response_headers = [("set-cookie", "session=upstream"), ("openai-organization", "org-upstream"),
+                             ("openai-project", "proj-upstream"), ("openai-processing-ms", "12"),
+                             ("openai-version", "2020-10-01")]
+    g = start_gateway({"api_keys": [{"key": SDK_KEY, "rpm": 50}]})
+    auth = f"Authorization: Bearer {SDK_KEY}\r\n"
+    for data in (post("/v1/chat/completions", CHAT, auth),
+                 post("/v1/chat/completions", b'{"model":"m","messages":[],"stream":true}', auth),
+                 post("/v1/chat/completions", CHAT, auth + "x-mock-status: 500\r\n")):
+        status, lines = raw_head(g.port, data)
+        names = [name for name, _ in lines]
+        assert status in (200, 500)
+        assert not {"set-cookie", "openai-organization", "openai-project"} & set(names)
+        assert {"openai-processing-ms", "openai-version"} <= set(names)
+        ours = collections.Counter(name for name in names if name.startswith("x-ratelimit-"))
+        assert ours == {"x-ratelimit-limit-requests": 1, "x-ratelimit-remaining-requests": 1,
+                        "x-ratelimit-reset-requests": 1}
+        assert dict(lines)["x-ratelimit-limit-requests"] == "50"
+    status, lines = raw_head(g.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert not any(name.startswith("x-ratelimit-") for name, _ in lines)  # not a limited route
+
+
 ################################################################################
 # Server protocol: bad input over raw sockets
 ################################################################################
@@ -2455,6 +2586,50 @@ def test_sigterm_mid_stream_finishes_stream_refuses_new_requests_and_exits_0(
         assert text.count(b"tok") == 10 and text.endswith(b"data: [DONE]\n\n")
         assert gp.proc.wait(20) == 0
         assert gp.wait_for_line("exited")
+    finally:
+        gp.kill()
+
+
+def test_sighup_reloads_keys_keeps_state_and_streams_and_refuses_a_bad_config(
+        mock: mock_upstream.MockUpstream, tmp_path: Path) -> None:
+    path = tmp_path / "gateway.json"
+    config = {"port": 0, "admin_key": "adm-key-0001", "api_keys": [{"key": "sk-old-client", "name": "old"}],
+              "upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS[:2]}]}
+    path.write_text(json.dumps(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "OPENAI_"))}
+    gp = GatewayProcess([], {**env, "GATEWAY_CONFIG_FILE": str(path)}, ready="listening")
+    old, new = "Authorization: Bearer sk-old-client\r\n", "Authorization: Bearer sk-new-client\r\n"
+    try:
+        mock.key_faults[KEYS[0]] = (429, {"retry-after": "3600"})
+        assert raw(gp.port, post("/v1/chat/completions", CHAT, old))[0].status == 200  # K0 now cools
+        del mock.key_faults[KEYS[0]]
+        streaming = connect(gp.port)
+        streaming.sendall(post("/v1/chat/completions", b'{"model":"m","messages":[],"stream":true}',
+                               old + "x-mock-chunks: 10\r\nx-mock-delay-ms: 100\r\n"))
+        stream_f = streaming.makefile("rb")
+        assert stream_f.readline().startswith(b"HTTP/1.1 200")
+        config["api_keys"] = [{"key": "sk-new-client", "name": "new"}]
+        path.write_text(json.dumps(config))
+        gp.proc.send_signal(signal.SIGHUP)
+        assert gp.wait_for_line("config reloaded"), gp.lines
+        assert raw(gp.port, post("/v1/chat/completions", CHAT, new))[0].status == 200
+        assert raw(gp.port, post("/v1/chat/completions", CHAT, old))[0].status == 401
+        stats = raw(gp.port, b"GET /v1/tokens/stats HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer adm-key-0001\r\n\r\n")[0]
+        cooling = stats.json()["upstreams"][0]["keys"][0]["models"]  # still, after the reload
+        assert 3500 < cooling["gpt-4o-mini"]["cooldown_until"] - time.time() <= 3600
+        while stream_f.readline() not in (b"\r\n", b""):
+            pass
+        body = b""
+        while (size := int(stream_f.readline(), 16)) != 0:
+            body += stream_f.read(size)
+            stream_f.readline()
+        assert body.count(b"tok") == 10 and body.endswith(b"data: [DONE]\n\n")  # started before, finished whole
+        streaming.close()
+        path.write_text("{not json")
+        gp.proc.send_signal(signal.SIGHUP)
+        assert gp.wait_for_line("config reload refused"), gp.lines
+        assert any("not valid JSON" in line for line in gp.lines if "refused" in line)
+        assert raw(gp.port, post("/v1/chat/completions", CHAT, new))[0].status == 200  # the old config serves
     finally:
         gp.kill()
 

@@ -34,11 +34,14 @@ after the framed ones the connection takes the next request as usual.
 
 Faults per upstream key (the bearer token), set as attributes (or --key-rpm):
 
-    key_faults = {"sk-a": (429, {"retry-after": "30"})}   always answer so for that key
+    key_faults = {"sk-a": (429, {"retry-after": "30"})}   always answer so for that key (a third
+                             item, if any, is the error message)
+    key_model_faults = {("sk-a", "gpt-4o"): (429, {...})}  the same, for one key and model
     key_rpm = R              each key gets R requests per rolling minute, then 429 with
                              retry-after and x-ratelimit-reset-requests; x-ratelimit-* on all
     script = deque([503, 200])  statuses for the next requests, in order, then normal again
     model_faults = {"gpt-4o": 500}  always answer so for requests naming that model
+    response_headers = [("set-cookie", "a=1")]  added to every answer
 
 Everything it saw is kept for tests: `requests` (the last 1000) and per-connection counts;
 `wait_until(predicate, timeout)` blocks another thread until the predicate holds.
@@ -97,7 +100,9 @@ class MockUpstream:
         self.connections_closed = 0
         self.request_count = 0
         self.live: set[_MockConnection] = set()
-        self.key_faults: dict[str, tuple[int, dict[str, str]]] = {}
+        self.key_faults: dict[str, tuple] = {}
+        self.key_model_faults: dict[tuple[str, str], tuple[int, dict[str, str]]] = {}
+        self.response_headers: list[tuple[str, str]] = []
         self.key_rpm = key_rpm
         self.key_windows: dict[str, collections.deque[float]] = {}
         self.key_counts: collections.Counter[str] = collections.Counter()
@@ -247,14 +252,21 @@ class _MockConnection(asyncio.Protocol):
         key = rq.headers.get("authorization", "")[7:]
         mock.key_counts[key] += 1
         if key in mock.key_faults:
-            status, extra = mock.key_faults[key]
-            self.send_error(status, f"mock fault for this key: {status}", list(extra.items()))
+            status, extra, *message = mock.key_faults[key]
+            text = message[0] if message else f"mock fault for this key: {status}"
+            self.send_error(status, text, list(extra.items()))
             return True
-        if mock.model_faults:
+        if mock.model_faults or mock.key_model_faults:
             try:
-                status = mock.model_faults.get(rq.json().get("model"))
+                model = rq.json().get("model")
             except (ValueError, AttributeError):
-                status = None
+                model = None
+            if (key, model) in mock.key_model_faults:
+                status, extra = mock.key_model_faults[(key, model)]
+                self.send_error(status, f"mock fault for this key and model: {status}",
+                                list(extra.items()))
+                return True
+            status = mock.model_faults.get(model)
             if status:
                 self.send_error(status, f"mock fault for this model: {status}")
                 return True
@@ -305,7 +317,8 @@ class _MockConnection(asyncio.Protocol):
                                 bool(options.get("include_usage")), self.mock.request_count)
         delay = float(rq.headers.get("x-mock-delay-ms", self.mock.delay_ms)) / 1000
         die_after = int(rq.headers.get("x-mock-die-after", -1))
-        extra = "".join(f"{k}: {v}\r\n" for k, v in self.extra).encode()
+        extra = "".join(f"{k}: {v}\r\n"
+                        for k, v in [*self.extra, *self.mock.response_headers]).encode()
         self.extra = []
         self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8"
                              b"\r\ntransfer-encoding: chunked\r\nx-request-id: mock-upstream\r\n"
@@ -457,7 +470,7 @@ class _MockConnection(asyncio.Protocol):
         head = [f"HTTP/1.1 {status} {_REASONS.get(status, b'X').decode()}",
                 "content-type: application/json", f"content-length: {len(body)}",
                 "x-request-id: mock-upstream"]
-        head += [f"{k}: {v}" for k, v in [*extra, *self.extra]]
+        head += [f"{k}: {v}" for k, v in [*extra, *self.extra, *self.mock.response_headers]]
         self.extra = []
         self.transport.write("\r\n".join(head).encode() + b"\r\n\r\n" + body)
 
