@@ -117,6 +117,7 @@ _NOT_RELAYED = frozenset(
 )
 _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _QUOTE_SAFE = "/:@!$&'()*+,;=-._~"  # a model id in x-gateway-model: these stay as they are
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9/:@!$&'()*+,;=._~-]{1,256}")  # needs no quoting
 _END_OF_MESSAGE = h11.EndOfMessage()  # immutable: one for every response
 _JSON_CT = (b"content-type", b"application/json")
 _METRICS_CT = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
@@ -338,6 +339,14 @@ _ID_COUNTER = itertools.count(1)
 def new_request_id() -> bytes:
     """Unique across restarts (random prefix) and cheap per request (a counter)."""
     return b"%s%08x" % (_ID_PREFIX, next(_ID_COUNTER))
+
+
+def header_value(text: str) -> bytes:
+    """Client-chosen text (a model id) as a header value that cannot break the head:
+    percent-quoted unless it is plain already (the common case, a regex match)."""
+    if _PLAIN_VALUE.fullmatch(text):
+        return text.encode()
+    return quote(text[:256], safe=_QUOTE_SAFE).encode()
 
 
 def retry_after_headers(seconds: float) -> list[tuple[bytes, bytes]]:
@@ -2796,8 +2805,8 @@ class ResponseWriter(BodySink):
             headers.append((b"connection", b"close"))
         if rq.extra:
             headers += rq.extra
-        if rq.served_model:  # client-chosen text: quoted, so that it cannot break the head
-            headers.append((b"x-gateway-model", quote(rq.served_model, safe=_QUOTE_SAFE).encode()))
+        if rq.served_model:
+            headers.append((b"x-gateway-model", header_value(rq.served_model)))
         if rq.limits is not None:
             headers += rq.limits.headers()
         # _parsed: skip h11's per-header regexes. Every value here is ours, came through h11's

@@ -2362,6 +2362,14 @@ def test_headers_about_the_gateways_account_never_reach_a_client(start_gateway: 
     assert not any(name.startswith("x-ratelimit-") for name, _ in lines)  # not a limited route
 
 
+def test_a_model_name_cannot_break_the_response_head(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway()
+    body = json.dumps({"model": "evil\r\nx-injected: 1", "messages": []}).encode()
+    status, lines = raw_head(g.port, post("/v1/chat/completions", body))
+    assert status == 200 and "x-injected" not in dict(lines)
+    assert dict(lines)["x-gateway-model"] == "evil%0D%0Ax-injected:%201"
+
+
 ################################################################################
 # Server protocol: bad input over raw sockets
 ################################################################################
