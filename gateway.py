@@ -88,6 +88,9 @@ COOLDOWN_CAP_S = 60.0  # a 429 with no hint cools a key 1, 2, 4 ... s, never lon
 COOLDOWN_HINT_CAP_S = 3600.0  # the longest cooldown an upstream's hint may impose (configurable)
 BLOCK_RECHECK_S = 300.0  # a blocked key gets one real request this often (configurable)
 MAX_KEY_MODELS = 256  # models remembered per upstream key: "*" upstreams see any name
+MAX_STICKY_IDS = 100_000  # object ids remembered with the key that made them (~120 B each)
+MAX_STORED_RESPONSES = 10_000  # responses made over chat, kept for previous_response_id
+UPLOAD_BUFFER = 1024 * 1024  # an upload's bytes waiting for the upstream connection, at most
 PACING_MAX_WAIT_S = 10.0  # a paced request queues this long at most, then gets 429
 PACING_SLACK = 1.01  # rpm_per_key spaces requests 1% wider than 60/rpm: room for jitter
 MAX_BREAKERS = 1024  # (upstream, model) pairs tracked; "*" upstreams see client-chosen models
@@ -120,6 +123,7 @@ _QUOTE_SAFE = "/:@!$&'()*+,;=-._~"  # a model id in x-gateway-model: these stay 
 _PLAIN_VALUE = re.compile(r"[A-Za-z0-9/:@!$&'()*+,;=._~-]{1,256}")  # needs no quoting
 _END_OF_MESSAGE = h11.EndOfMessage()  # immutable: one for every response
 _JSON_CT = (b"content-type", b"application/json")
+_BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
 _METRICS_CT = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 header field name
 _HEX_DIGITS = b"0123456789abcdefABCDEF"  # a chunk size is these and nothing else
@@ -139,8 +143,9 @@ _ENDPOINTS = {
     "chat": ("messages", (list,), b"/chat/completions"),
     "completions": ("prompt", (str, list), b"/completions"),
     "embeddings": ("input", (str, list), b"/embeddings"),
+    "responses": ("input", (str, list, type(None)), b"/responses"),  # input: optional
 }
-_TYPE_NAMES = {list: "an array", str: "a string"}
+_TYPE_NAMES = {list: "an array", str: "a string", type(None): "null"}
 # Sampling fields a completions request carries over to chat for a chat_only upstream.
 _CARRIED = ("max_tokens", "temperature", "top_p", "n", "stop", "stream", "stream_options",
             "presence_penalty", "frequency_penalty", "logit_bias", "user", "seed")
@@ -494,6 +499,24 @@ class KeyPool:
         if self.interval:
             best.next_slot = max(now, best.next_slot) + self.interval
         return best, wait
+
+    def pick_named(self, name: str, exclude: Iterable[UpstreamKey] = (),
+                   max_wait: float = float("inf"), *, model: str = ""
+                   ) -> tuple[UpstreamKey, float] | None:
+        """The key that made an object (only it can reach it), paced like any pick; another
+        key when that one is blocked or gone, so the client gets the upstream's own answer."""
+        key = next((k for k in self.keys if k.name == name), None)
+        if key is None or key.blocked:
+            return self.pick(exclude, max_wait, model=model)
+        if key in exclude:
+            return None
+        now = self.clock()
+        wait = max(0.0, key.next_slot - now)
+        if wait > max_wait:
+            return None
+        if self.interval:
+            key.next_slot = max(now, key.next_slot) + self.interval
+        return key, wait
 
     def current_key(self) -> UpstreamKey:
         return self.keys[self.current % len(self.keys)]
@@ -1030,6 +1053,69 @@ class UsageLedger:
 
 
 ################################################################################
+# Sticky objects: which upstream key made an id, responses made over chat
+################################################################################
+
+
+class StickyIds:
+    """Which upstream and key created each object the gateway saw created (a response, file,
+    batch, vector store, conversation, upload...). Such an object exists only in the account
+    whose key made it, so its follow-ups must go there. The oldest ids are forgotten first."""
+
+    __slots__ = ("cap", "_ids", "_pairs")
+
+    def __init__(self, cap: int = MAX_STICKY_IDS) -> None:
+        self.cap = cap
+        self._ids: dict[str, tuple[str, str]] = {}  # insertion-ordered: the oldest first
+        self._pairs: dict[tuple[str, str], tuple[str, str]] = {}  # one tuple per (upstream, key)
+
+    def __repr__(self) -> str:
+        return f"StickyIds({len(self._ids)}/{self.cap})"
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def remember(self, object_id: str, upstream: str, key: str) -> None:
+        ids = self._ids
+        if object_id not in ids and len(ids) >= self.cap:
+            del ids[next(iter(ids))]
+        pair = (upstream, key)
+        ids[object_id] = self._pairs.setdefault(pair, pair)
+
+    def find(self, object_id: Any) -> tuple[str, str] | None:
+        """(upstream, key) that made object_id, if the gateway saw it made."""
+        return self._ids.get(object_id) if isinstance(object_id, str) else None
+
+
+class StoredResponse(NamedTuple):
+    response: dict  # the response object, as the client got it
+    messages: list[dict]  # the conversation so far, as chat messages (no instructions)
+    input: list[dict]  # the input items of the request that made it
+
+
+class ResponsesStore:
+    """Responses the gateway made itself over chat: previous_response_id continues them,
+    and GET/DELETE /v1/responses/{id} read them. The last MAX_STORED_RESPONSES."""
+
+    __slots__ = ("_responses",)
+
+    def __init__(self) -> None:
+        self._responses = BoundedMap(MAX_STORED_RESPONSES)
+
+    def __repr__(self) -> str:
+        return f"ResponsesStore({len(self._responses)})"
+
+    def get(self, response_id: Any) -> StoredResponse | None:
+        return self._responses.get(response_id) if isinstance(response_id, str) else None
+
+    def put(self, stored: StoredResponse) -> None:
+        self._responses.put(stored.response["id"], stored)
+
+    def delete(self, response_id: str) -> bool:
+        return self._responses.pop(response_id, None) is not None
+
+
+################################################################################
 # Observability: metrics, the access log
 ################################################################################
 
@@ -1436,7 +1522,7 @@ class Config:
     TOP_LEVEL = frozenset(
         "host port api_keys admin_key rate_limit upstreams aliases fallbacks retry breaker "
         "max_body_bytes max_connections cors_origins access_log usage_log shutdown_grace_s "
-        "cooldown_cap_s block_recheck_s".split()
+        "cooldown_cap_s block_recheck_s max_upload_bytes".split()
     )
 
     def __init__(self, raw: dict[str, Any], env: _Env) -> None:
@@ -1465,7 +1551,9 @@ class Config:
         breaker.only(("failure_threshold", "recovery_timeout_s"))
         self.failure_threshold: int = breaker.number("failure_threshold", 5, lo=1, integer=True)
         self.recovery_timeout_s: float = breaker.number("recovery_timeout_s", 60, above=True)
-        self.max_body_bytes: int = r.number("max_body_bytes", 10 * 1024 * 1024, lo=1, integer=True)
+        self.max_body_bytes: int = r.number("max_body_bytes", 32 * 1024 * 1024, lo=1, integer=True)
+        self.max_upload_bytes: int = r.number("max_upload_bytes", 512 * 1024 * 1024, lo=1,
+                                              integer=True)
         self.max_connections: int = r.number("max_connections", 10000, lo=1, integer=True)
         self.cors_origins: list[str] = r.strings("cors_origins")
         self.access_log: bool = r.boolean("access_log", True)
@@ -1791,7 +1879,7 @@ class UpstreamConnection(asyncio.Protocol):
         # per exchange
         "got_bytes", "head_buf", "head_waiter", "status", "headers", "framing", "keep_alive",
         "left", "decoder", "sink", "pending", "done", "deadline", "first_byte_timeout",
-        "idle_timeout", "last_rx", "error",
+        "idle_timeout", "last_rx", "error", "no_body", "upload",
     )
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -1822,6 +1910,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_timeout = 0.0
         self.last_rx = 0.0  # loop time of the last body bytes: BODY's idle timeout
         self.error: BaseException | None = None
+        self.no_body = False  # the answer to a HEAD request: no body, whatever its head says
+        self.upload: BodyStream | None = None  # a request body still being sent
 
     def __repr__(self) -> str:
         return (f"UpstreamConnection({self.pool.upstream.name!r}, {self.state.value}, "
@@ -1879,23 +1969,35 @@ class UpstreamConnection(asyncio.Protocol):
         elif state is _BODY:
             self._tell(state, UpstreamError("upstream closed the connection mid-response"))
 
-    def pause_writing(self) -> None:  # request bodies are written whole; nothing to pause
-        pass
+    def pause_writing(self) -> None:  # only an upload fills the buffer: its client waits
+        if self.upload is not None:
+            self.upload.flow.pause_reading()
 
     def resume_writing(self) -> None:
-        pass
+        if self.upload is not None:
+            self.upload.flow.resume_reading()
+
+    def sent_body(self) -> None:
+        """More of an upload went out: the first-byte clock counts from its last byte."""
+        if self.state is _WAIT_HEAD:
+            self.deadline = self.loop.time() + self.first_byte_timeout
 
     # one exchange ---------------------------------------------------------------------------
 
     async def exchange(self, request: list[bytes], first_byte_timeout: float,
-                       idle_timeout: float) -> UpstreamConnection:
-        """Send a request; return once the response head is in (self.status, self.headers)."""
+                       idle_timeout: float, upload: BodyStream | None = None,
+                       no_body: bool = False) -> UpstreamConnection:
+        """Send a request (its body, or the head of an upload that follows as it arrives);
+        return once the response head is in (self.status, self.headers)."""
         self.head_waiter = self.loop.create_future()
         self.done = self.loop.create_future()
         self.first_byte_timeout = first_byte_timeout
         self.idle_timeout = idle_timeout
+        self.no_body = no_body
         self.transport.writelines(request)  # type: ignore[union-attr]
         self._to(_WAIT_HEAD)
+        if upload is not None:
+            upload.attach(self)
         try:
             await self.head_waiter
         except asyncio.CancelledError:
@@ -2081,7 +2183,7 @@ class UpstreamConnection(asyncio.Protocol):
         if length is not None and coding is not None:  # RFC 9112 §6.3: the framing is in doubt
             raise ValueError("both Content-Length and Transfer-Encoding")
         self.keep_alive = version == b"HTTP/1.1" and b"close" not in conn
-        if self.status < 200 or self.status in (204, 304):
+        if self.status < 200 or self.status in (204, 304) or self.no_body:
             self.framing = _NO_BODY
         elif coding is not None and coding.rsplit(b",", 1)[-1].strip() == b"chunked":
             self.framing, self.decoder = _CHUNKED, ChunkedDecoder()
@@ -2163,18 +2265,22 @@ class UpstreamPool:
     def __repr__(self) -> str:
         return f"UpstreamPool({self.upstream.name!r}, idle={len(self.idle)}, live={len(self.live)})"
 
-    async def request(self, request: list[bytes]) -> UpstreamConnection:
-        """Send request on a pooled or new connection; return it with the response head read."""
+    async def request(self, request: list[bytes], upload: BodyStream | None = None,
+                      no_body: bool = False) -> UpstreamConnection:
+        """Send request on a pooled or new connection; return it with the response head read.
+        An upload always gets a new one: its bytes cannot be sent twice."""
         u = self.upstream
-        conn = self._take_idle()
+        conn = self._take_idle() if upload is None else None
         if conn is not None:
             try:
-                return await conn.exchange(request, u.first_byte_timeout_s, u.idle_timeout_s)
+                return await conn.exchange(request, u.first_byte_timeout_s, u.idle_timeout_s,
+                                           None, no_body)
             except _StaleConnection:
                 pass  # the upstream closed it while idle: the request never arrived
         conn = await self._connect()
         try:
-            return await conn.exchange(request, u.first_byte_timeout_s, u.idle_timeout_s)
+            return await conn.exchange(request, u.first_byte_timeout_s, u.idle_timeout_s,
+                                       upload, no_body)
         except _StaleConnection:  # pragma: no cover - a fresh connection is never "reused"
             raise UpstreamError("upstream closed the connection before answering") from None
 
@@ -2239,7 +2345,7 @@ class UpstreamPool:
             return
         conn._to(_IDLE)
         conn.expires = self.loop.time() + UPSTREAM_KEEPALIVE_S
-        conn.sink = None
+        conn.sink = conn.upload = None
         # A body can end in the read that filled the client's buffer and paused this
         # connection: the next exchange must find it reading.
         if conn.paused:
@@ -2258,14 +2364,92 @@ class UpstreamPool:
 
 
 def build_request(method: bytes, target: bytes, static_head: bytes, body: bytes,
-                  request_id: bytes, extra: list[bytes]) -> list[bytes]:
-    """The request as a list for writelines: no join, the body is never copied."""
-    return [
-        method, b" ", target, b" HTTP/1.1\r\n", static_head,
-        b"Content-Type: application/json\r\nContent-Length: %d\r\nX-Request-ID: " % len(body)
-        if body else b"X-Request-ID: ",
-        request_id, b"\r\n", *extra, b"\r\n", body,
-    ]
+                  request_id: bytes, extra: list[bytes], content_type: bytes = b"application/json",
+                  framing: bytes = b"") -> list[bytes]:
+    """The request as a list for writelines: no join, the body is never copied. framing: the
+    Content-Length or Transfer-Encoding line of an upload that follows."""
+    if body:
+        fields = b"Content-Type: %s\r\nContent-Length: %d\r\nX-Request-ID: " % (content_type,
+                                                                                len(body))
+    elif framing:
+        fields = b"Content-Type: %s\r\n%s\r\nX-Request-ID: " % (content_type, framing)
+    elif method in _BODY_METHODS:
+        fields = b"Content-Length: 0\r\nX-Request-ID: "
+    else:
+        fields = b"X-Request-ID: "
+    return [method, b" ", target, b" HTTP/1.1\r\n", static_head, fields, request_id, b"\r\n",
+            *extra, b"\r\n", body]
+
+
+class BodyStream:
+    """An upload (a file, an upload part): sent on to the upstream as it arrives, never held
+    whole. Until the upstream connection is there, what arrives waits, up to UPLOAD_BUFFER
+    (then the client's reading pauses); after that it goes straight through, and the
+    upstream's own backpressure pauses the client."""
+
+    __slots__ = ("flow", "chunked", "length", "waiting", "waiting_size", "ended", "conn",
+                 "sent", "error")
+
+    def __init__(self, flow: FlowControl, length: int, chunked: bool) -> None:
+        self.flow = flow
+        self.chunked = chunked  # the client sent it chunked: so do we
+        self.length = length
+        self.waiting: list[bytes] = []
+        self.waiting_size = 0
+        self.ended = False
+        self.conn: UpstreamConnection | None = None
+        self.sent = False  # some of it went out: it cannot be sent again
+        self.error: GatewayError | None = None
+
+    def __repr__(self) -> str:
+        return f"BodyStream(waiting={self.waiting_size}, ended={self.ended}, sent={self.sent})"
+
+    def framing(self) -> bytes:
+        return b"Transfer-Encoding: chunked" if self.chunked else b"Content-Length: %d" % self.length
+
+    def feed(self, data: bytes) -> None:
+        if self.conn is not None:
+            self._send(data)
+            return
+        self.waiting.append(bytes(data))
+        self.waiting_size += len(data)
+        if self.waiting_size > UPLOAD_BUFFER:
+            self.flow.pause_reading()
+
+    def end(self) -> None:
+        self.ended = True
+        if self.conn is not None and self.chunked:
+            self._write(b"0\r\n\r\n")
+
+    def attach(self, conn: UpstreamConnection) -> None:
+        """The upstream connection is there and the request head went out: the body follows."""
+        self.conn = conn
+        conn.upload = self
+        if self.error is not None:
+            conn._fail(self.error)
+            return
+        waiting, self.waiting, self.waiting_size = self.waiting, [], 0
+        for data in waiting:
+            self._send(data)
+        if self.ended and self.chunked:
+            self._write(b"0\r\n\r\n")
+        self.flow.resume_reading()
+
+    def fail(self, exc: GatewayError) -> None:
+        """The client sent more than it may: the upstream exchange ends with this error."""
+        self.error = exc
+        if self.conn is not None:
+            self.conn._fail(exc)
+
+    def _send(self, data: bytes) -> None:
+        self._write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+
+    def _write(self, data: bytes) -> None:
+        conn = self.conn
+        if conn.state is not _CLOSED:  # type: ignore[union-attr]
+            self.sent = True
+            conn.transport.write(data)  # type: ignore[union-attr]
+            conn.sent_body()  # type: ignore[union-attr]
 
 
 ################################################################################
@@ -2282,31 +2466,38 @@ class Plan:
     pools and connection pools it started with, so a reload never changes them under it."""
 
     __slots__ = ("rq", "kind", "obj", "force_stream", "config", "keys", "pools", "candidates",
-                 "asked", "model", "tried", "failures", "shift", "last_error", "last_reply",
-                 "forwarded", "stream", "client_usage", "estimate", "upstream", "served",
-                 "_bodies")
+                 "asked", "model", "pinned", "method", "endpoint", "content_type", "translated",
+                 "tried", "failures", "shift", "last_error", "last_reply", "forwarded",
+                 "stream", "client_usage", "estimate", "upstream", "key", "served", "_bodies")
 
-    def __init__(self, rq: Request, kind: str, obj: dict, force_stream: bool, gw: Gateway,
-                 candidates: Candidates) -> None:
+    def __init__(self, rq: Request, kind: str, obj: dict | None, force_stream: bool,
+                 gw: Gateway, candidates: Candidates, *, pinned: str | None = None,
+                 translated: dict | None = None) -> None:
         self.rq = rq
         self.kind = kind
         self.obj = obj
-        self.force_stream = force_stream and obj.get("stream") is not True
+        self.force_stream = force_stream and obj.get("stream") is not True  # type: ignore[union-attr]
         self.config, self.keys, self.pools = gw.config, gw.keys, gw.pools
         self.candidates = candidates
-        self.asked = gw.config.resolve_alias(obj["model"])  # the model asked for
-        self.model = candidates[0][0]  # the model being tried now
+        self.asked = self.model = candidates[0][0]  # asked for (after aliases); tried now
+        self.pinned = pinned  # the key that made the object addressed: it answers for it
+        endpoint = _ENDPOINTS.get(kind)
+        self.method = rq.method if endpoint is None else b"POST"
+        self.endpoint = rq.path[3:] if endpoint is None else endpoint[2]  # after /v1
+        self.content_type = b"application/json" if endpoint is not None else rq.content_type()
+        self.translated = translated  # the chat request, for a chat_only upstream
         self.tried: set[UpstreamKey] = set()  # keys that answered 429/401/403 for this model
         self.failures = 0  # tries for this model that count against retry.attempts
         self.shift = 0  # rotation of each group, so that a retry prefers another upstream
         self.last_error: GatewayError | None = None
         self.last_reply: tuple[int, list, bytes] | None = None
         self.forwarded = rq.forwarded_headers()
-        self.stream = obj.get("stream") is True or force_stream
-        options = obj.get("stream_options")
+        self.stream = obj is not None and obj.get("stream") is True or force_stream
+        options = obj.get("stream_options") if obj is not None else None
         self.client_usage = isinstance(options, dict) and options.get("include_usage") is True
         self.estimate = 0  # tokens taken from the client's tpm bucket before the request
         self.upstream: Upstream | None = None  # the upstream of the latest try
+        self.key: UpstreamKey | None = None  # and its key
         self.served: str | None = None  # the model an upstream answered for
         self._bodies: dict[tuple, bytes] = {}
 
@@ -2322,33 +2513,45 @@ class Plan:
 
     def injects(self, upstream: Upstream) -> bool:
         """Ask this upstream for the usage chunk the client did not ask for?"""
-        return (self.stream and upstream.stream_usage and not self.client_usage
-                and self.kind != "embeddings"
-                and isinstance(self.obj.get("stream_options", {}), dict))
+        return (self.kind in ("chat", "completions") and self.stream and upstream.stream_usage
+                and not self.client_usage
+                and isinstance(self.obj.get("stream_options", {}), dict))  # type: ignore[union-attr]
 
     def converts(self, upstream: Upstream) -> bool:
-        """Completions sent as chat, to a chat_only upstream?"""
-        return self.kind == "completions" and upstream.chat_only
+        """Completions or Responses sent as chat, to a chat_only upstream?"""
+        return upstream.chat_only and self.kind in ("completions", "responses")
 
     def request_for(self, upstream: Upstream, model: str, key: UpstreamKey) -> list[bytes]:
         """The upstream request for one try, ready for writelines."""
         convert = self.converts(upstream)
-        target = upstream.base_path.encode() + _ENDPOINTS["chat" if convert else self.kind][2]
+        target = upstream.base_path.encode() + (b"/chat/completions" if convert else self.endpoint)
         if self.rq.query:
             target += b"?" + self.rq.query
-        return build_request(b"POST", target, key.head, self.body_for(upstream, model, convert),
-                             self.rq.request_id, self.forwarded)
+        upload = self.rq.upload
+        if upload is not None:
+            return build_request(self.method, target, key.head, b"", self.rq.request_id,
+                                 self.forwarded, self.content_type, upload.framing())
+        return build_request(self.method, target, key.head, self.body_for(upstream, model, convert),
+                             self.rq.request_id, self.forwarded, self.content_type)
 
     def body_for(self, upstream: Upstream, model: str, convert: bool) -> bytes:
         """The client's bytes unchanged, unless the gateway must change them: the model
-        (alias, fallback), a forced `stream`, stream usage, or completions as chat."""
+        (alias, fallback), a forced `stream`, stream usage, or completions/Responses as chat."""
+        obj = self.obj
+        if obj is None:  # not JSON (multipart, files): as it came
+            return self.rq.body()
         inject = self.injects(upstream)
         body = self._bodies.get((model, convert, inject))
         if body is None:
-            if model == self.obj["model"] and not (self.force_stream or convert or inject):
+            if model == obj.get("model") and not (self.force_stream or convert or inject):
                 body = self.rq.body()
+            elif convert and self.kind == "responses":
+                chat = dict(self.translated, model=model)  # type: ignore[arg-type]
+                if not upstream.stream_usage:
+                    chat.pop("stream_options", None)
+                body = orjson.dumps(chat)
             else:
-                obj = dict(self.obj, model=model)
+                obj = dict(obj, model=model)
                 if self.force_stream:
                     obj["stream"] = True
                 if inject:
@@ -2426,8 +2629,13 @@ class Forwarder:
                 conn = await self.attempt(plan, upstream, keys, key, wait)
             except GatewayError as exc:  # no usable HTTP answer: connect error or timeout
                 exc.with_traceback(None)  # kept in the plan: no frames (and cycles) with it
+                upload = plan.rq.upload
+                if upload is not None and upload.error is not None:
+                    raise upload.error from None  # the client's fault, not the upstream's
                 breaker.record(False)
                 keys.failed(key)
+                if upload is not None and upload.sent:
+                    raise  # its bytes are gone: it cannot be sent again
                 if await self.backoff(plan, exc, None):
                     return None
                 continue
@@ -2439,6 +2647,13 @@ class Forwarder:
             if status < 400 or (status < 500 and status not in (401, 403, 429)):
                 if keys.succeeded(key, model):
                     log(f"upstream {upstream.name}: key {key.name} answered again: unblocked")
+                return conn
+            if plan.rq.upload is not None:  # an upload is not sent twice: its answer stands
+                if status == 429:
+                    keys.cool_down(key, cooldown_from_headers(conn.headers,
+                                                              plan.config.cooldown_cap_s), model)
+                elif status in (401, 403):
+                    keys.block(key, f"{status}")
                 return conn
             headers = conn.headers
             try:
@@ -2466,13 +2681,14 @@ class Forwarder:
             await asyncio.sleep(wait)  # pacing: this key's next slot
         gw, rq, model = self.gw, plan.rq, plan.model
         request = plan.request_for(upstream, model, key)
-        plan.upstream = upstream
+        plan.upstream, plan.key = upstream, key
         keys.sending(key, model)
         rq.served_by, rq.key_name = upstream.name, key.name
         metrics = gw.metrics
         sent = time.perf_counter()
         try:
-            conn = await plan.pools[upstream.name].request(request)
+            conn = await plan.pools[upstream.name].request(request, rq.upload,
+                                                            rq.method == b"HEAD")
         except GatewayError:
             metrics.count(metrics.upstream_requests, (upstream.name, key.name, "error"))
             raise
@@ -2516,7 +2732,11 @@ class Forwarder:
                 if not breaker.available():
                     continue
                 keys = plan.keys[upstream.name]
-                picked = keys.pick(plan.tried, PACING_MAX_WAIT_S, model=model)
+                if plan.pinned is not None:
+                    picked = keys.pick_named(plan.pinned, plan.tried, PACING_MAX_WAIT_S,
+                                             model=model)
+                else:
+                    picked = keys.pick(plan.tried, PACING_MAX_WAIT_S, model=model)
                 if picked is None:
                     continue
                 breaker.acquire()
@@ -2673,18 +2893,20 @@ class SseFilter:
     MAX_SSE_EVENT with no end is relayed as it is, the filter passing everything from then on."""
 
     __slots__ = ("_held", "held_size", "_edge", "passthrough", "inspect", "drop_usage",
-                 "convert", "usage")
+                 "convert", "converted_end", "usage", "capture_id")
 
     def __init__(self, inspect: bool = False, drop_usage: bool = False,
-                 convert: Callable[[dict], dict | None] | None = None) -> None:
+                 convert: Any = None, capture_id: Callable[[str], None] | None = None) -> None:
         self._held: list[bytes] = []  # the start of an event whose end has not arrived yet
         self.held_size = 0
         self._edge = b""  # the last three held bytes
         self.passthrough = False  # an endless event went by: no more holding or inspecting
         self.inspect = inspect
         self.drop_usage = drop_usage  # the client did not ask for the usage-only chunk
-        self.convert = convert  # rewrite each event (completions from chat)
+        self.convert = convert  # rewrites the stream: .event(chunk), .end() at [DONE]
+        self.converted_end = False  # convert.end() was written (or an error ended it)
         self.usage: dict | None = None
+        self.capture_id = capture_id  # told the id in the first event (response.created)
 
     def __repr__(self) -> str:
         return (f"SseFilter(held={self.held_size}, inspect={self.inspect}, "
@@ -2692,6 +2914,8 @@ class SseFilter:
 
     def feed(self, data: bytes) -> bytes:
         """What of data can go to the client now."""
+        if self.capture_id is not None:
+            self._capture(data)
         if self.passthrough:
             return data
         if self._held or not data.endswith(b"\n\n"):
@@ -2701,6 +2925,22 @@ class SseFilter:
         if self.inspect and data:
             data = self._inspect(data)
         return data
+
+    def _capture(self, data: bytes) -> None:
+        """The id of the object a stream creates: in its first event (response.created)."""
+        capture, self.capture_id = self.capture_id, None
+        found = created_id(data)  # in response.created, the response's is the first "id"
+        if found is not None:
+            capture(found)  # type: ignore[misc]
+
+    def finish(self) -> bytes:
+        """A converted stream that ended without [DONE] still ends as its API says."""
+        convert = self.convert
+        if convert is None or self.passthrough or self.converted_end:
+            return b""
+        self.converted_end = True
+        end = convert.end()
+        return end + b"\n\n" if end else b""
 
     def take_held(self) -> bytes:
         """What is held back, now given up (the stream ended as the upstream ended it)."""
@@ -2746,11 +2986,15 @@ class SseFilter:
         return b"\n\n".join(kept) + b"\n\n" if kept else b""
 
     def _event(self, event: bytes) -> bytes | None:
-        if not event.startswith(b"data:"):
+        at = 0 if event.startswith(b"data:") else event.find(b"\ndata:") + 1  # after event:
+        if at == 0 and not event.startswith(b"data:"):
             return event
-        payload = event[5:].strip()
+        payload = event[at + 5:].strip()
         if payload == b"[DONE]":
-            return event
+            if self.convert is None:
+                return event
+            self.converted_end = True
+            return self.convert.end() or None
         try:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:
@@ -2758,15 +3002,14 @@ class SseFilter:
         if not isinstance(obj, dict):
             return event
         usage = obj.get("usage")
+        if usage is None and isinstance(obj.get("response"), dict):  # Responses: in the object
+            usage = obj["response"].get("usage")
         if isinstance(usage, dict):
             self.usage = usage
-        if self.convert is not None:
-            obj = self.convert(obj)
-            if obj is None:
-                return None
-            event = b"data: " + orjson.dumps(obj)
         if self.drop_usage and isinstance(usage, dict) and not obj.get("choices"):
-            return None
+            return None  # the usage-only chunk the client did not ask for
+        if self.convert is not None:
+            return self.convert.event(obj)
         return event
 
 
@@ -2775,7 +3018,7 @@ class ResponseWriter(BodySink):
     upstream's status, headers and body as they arrive (the sink of the relay)."""
 
     __slots__ = ("proto", "rq", "status", "started", "finished", "unsent", "sse", "filter",
-                 "keep_tail", "tail", "usage", "bytes_out", "head_only")
+                 "keep_tail", "tail", "usage", "bytes_out", "head_only", "capture_id")
 
     def __init__(self, proto: HttpProtocol, rq: Request) -> None:
         self.proto = proto
@@ -2791,6 +3034,7 @@ class ResponseWriter(BodySink):
         self.usage: dict | None = None  # usage the handler found itself
         self.bytes_out = 0
         self.head_only = rq.method == b"HEAD"  # everything as for GET, but no body bytes
+        self.capture_id: Callable[[str], None] | None = None  # told a created object's id
 
     def __repr__(self) -> str:
         return (f"ResponseWriter(status={self.status}, sse={self.sse}, "
@@ -2840,8 +3084,7 @@ class ResponseWriter(BodySink):
     # an upstream's answer -------------------------------------------------------------------
 
     def relay_head(self, status: int, upstream_headers: list[tuple[bytes, bytes]], *,
-                   inspect: bool = False, drop_usage: bool = False,
-                   convert: Callable[[dict], dict | None] | None = None) -> None:
+                   inspect: bool = False, drop_usage: bool = False, convert: Any = None) -> None:
         """Pass the upstream's status and headers through, minus hop-by-hop ones; an SSE
         body gets the filter (inspecting usage when asked)."""
         sse = False
@@ -2857,7 +3100,8 @@ class ResponseWriter(BodySink):
         if sse:  # framed by us (chunked), never cached or buffered by a proxy in front
             headers = [h for h in headers if h[0] not in (b"content-length", b"cache-control")]
             headers += _SSE_HEADERS
-            self.filter = SseFilter(inspect, drop_usage, convert)
+            self.filter = SseFilter(inspect, drop_usage, convert, self.capture_id)
+            self.capture_id = None
         headers.append((b"x-request-id", self.rq.request_id))
         self.sse = sse
         try:
@@ -2891,7 +3135,12 @@ class ResponseWriter(BodySink):
             data = flt.feed(data)
             if not data:
                 return
-        elif self.keep_tail:  # keep the tail only: usage comes last in an OpenAI body
+        elif self.capture_id is not None:  # the object this answer creates: its id comes first
+            capture, self.capture_id = self.capture_id, None
+            found = created_id(data)
+            if found is not None:
+                capture(found)
+        if flt is None and self.keep_tail:  # keep the tail only: usage comes last in an OpenAI body
             tail = self.tail + data if len(data) < USAGE_TAIL_BYTES else data
             self.tail = tail[-USAGE_TAIL_BYTES:]
         self._write(data)
@@ -2914,6 +3163,10 @@ class ResponseWriter(BodySink):
         flt = self.filter
         if flt is not None and flt.held_size:  # the stream ends as the upstream ended it
             self._write(flt.take_held())
+        if flt is not None:
+            ending = flt.finish()
+            if ending:
+                self._write(ending)
         self.finished = True
         proto = self.proto
         data = self.unsent + proto.conn.send(_END_OF_MESSAGE)  # type: ignore[operator]
@@ -2930,6 +3183,7 @@ class ResponseWriter(BodySink):
             # An incomplete event is dropped, as an SSE client would at EOF; our own event is
             # not for the usage filter or the converter.
             self.filter.take_held()
+            self.filter.converted_end = True  # the error is the stream's end
             self._write(b"data: " + exc.body() + b"\n\n")
             self.on_end()
             return
@@ -2965,10 +3219,10 @@ def parse_body(body: bytes, kind: str) -> dict:
         raise BadRequest("The JSON body names 'model' more than once.", param="model")
     field, types, _ = _ENDPOINTS[kind]
     for name, want in (("model", (str,)), (field, types)):
-        if name not in obj:
+        if name not in obj and type(None) not in want:
             raise BadRequest(f"Missing required parameter: '{name}'.", code="missing_field",
                              param=name)
-        if not isinstance(obj[name], want):
+        if not isinstance(obj.get(name), want):
             kinds = " or ".join(_TYPE_NAMES[t] for t in want)
             raise BadRequest(f"Invalid type for '{name}': expected {kinds}.",
                              code="invalid_type", param=name)
@@ -3042,11 +3296,16 @@ def usage_in(tail: bytes) -> dict | None:
     return usage if isinstance(usage, dict) else None
 
 
+_CHAT_USAGE = ("prompt_tokens", "completion_tokens", "total_tokens")
+_RESPONSES_USAGE = ("input_tokens", "output_tokens", "total_tokens")
+
+
 def usage_tokens(usage: dict | None) -> tuple[int, int, int]:
     """(prompt, completion, total) from a usage object; what is missing or bad counts 0."""
     counts = [0, 0, 0]
     if usage:
-        for i, name in enumerate(("prompt_tokens", "completion_tokens", "total_tokens")):
+        names = _CHAT_USAGE if "input_tokens" not in usage else _RESPONSES_USAGE
+        for i, name in enumerate(names):
             value = usage.get(name)
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                 counts[i] = value
@@ -3099,6 +3358,433 @@ def completion_chunk_from_chat(chunk: dict) -> dict | None:
     return _as_completion(chunk, choices)
 
 
+def new_object_id(prefix: str) -> str:
+    """An id in OpenAI's style for objects the gateway makes itself (`resp_…`, `msg_…`)."""
+    return f"{prefix}_{os.urandom(24).hex()}"
+
+
+_MULTIPART_BOUNDARY = re.compile(rb'boundary="?([^";]+)"?', re.I)
+
+
+def multipart_field(body: bytes, content_type: bytes, name: str) -> str | None:
+    """One small text field of a multipart/form-data body (the `model` of an upload), found
+    without parsing the file parts around it."""
+    found = _MULTIPART_BOUNDARY.search(content_type)
+    if found is None:
+        return None
+    marker = b'name="%s"' % name.encode()
+    delimiter = b"--" + found.group(1)
+    for part in body.split(delimiter)[1:]:
+        head, sep, value = part.partition(b"\r\n\r\n")
+        if sep and marker in head:
+            value = value[:-2] if value.endswith(b"\r\n") else value
+            if len(value) <= 256:
+                return value.decode("utf-8", "replace")
+            return None
+    return None
+
+
+_OBJECT_ID = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9][A-Za-z0-9_\-]{3,127})"')
+
+
+def created_id(head: bytes) -> str | None:
+    """The id of the object a JSON answer describes: OpenAI writes it first."""
+    found = _OBJECT_ID.search(head, 0, 512)
+    return found.group(1).decode() if found is not None else None
+
+
+# Responses over chat ------------------------------------------------------------------------
+
+# Request fields the translation expresses, or that change nothing a chat upstream does.
+_RESPONSES_OVER_CHAT = frozenset(
+    "model input instructions tools tool_choice max_output_tokens temperature top_p text "
+    "stream stream_options previous_response_id store metadata parallel_tool_calls user "
+    "reasoning truncation include service_tier safety_identifier prompt_cache_key "
+    "background".split())
+_CHAT_ROLES = {"user": "user", "assistant": "assistant", "system": "system",
+               "developer": "system"}
+
+
+def _unsupported(param: str, why: str) -> GatewayError:
+    return BadRequest(f"{why} This model's upstream speaks only chat completions, and the "
+                      "gateway does not drop what it cannot translate.",
+                      code="unsupported_parameter", param=param)
+
+
+def chat_from_responses(obj: dict, history: list[dict]) -> dict:
+    """A Responses API request as the chat completions request that answers it. history:
+    the messages of the previous response (previous_response_id), oldest first."""
+    for field, value in obj.items():
+        if value is not None and field not in _RESPONSES_OVER_CHAT:
+            raise _unsupported(field, f"'{field}' has no chat completions equivalent.")
+    if obj.get("background"):
+        raise _unsupported("background", "Background responses cannot be made over chat.")
+    if obj.get("include"):
+        raise _unsupported("include", "'include' asks for output chat cannot produce.")
+    messages: list[dict] = []
+    instructions = obj.get("instructions")
+    if instructions is not None:
+        if not isinstance(instructions, str):
+            raise BadRequest("'instructions' must be a string.", code="invalid_type",
+                             param="instructions")
+        messages.append({"role": "system", "content": instructions})
+    messages += history
+    messages += chat_messages(obj.get("input"))
+    chat: dict[str, Any] = {"model": obj["model"], "messages": messages}
+    if obj.get("tools"):
+        chat["tools"] = _chat_tools(obj["tools"])
+    if obj.get("tool_choice") is not None:
+        chat["tool_choice"] = _chat_tool_choice(obj["tool_choice"])
+    for field, chat_field in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"),
+                              ("top_p", "top_p"), ("parallel_tool_calls", "parallel_tool_calls"),
+                              ("user", "user"), ("service_tier", "service_tier"),
+                              ("safety_identifier", "safety_identifier"),
+                              ("prompt_cache_key", "prompt_cache_key")):
+        if obj.get(field) is not None:
+            chat[chat_field] = obj[field]
+    chat.update(_chat_format(obj.get("text")))
+    reasoning = obj.get("reasoning")
+    if isinstance(reasoning, dict):
+        if reasoning.get("summary") is not None:
+            raise _unsupported("reasoning", "Reasoning summaries cannot be made over chat.")
+        if reasoning.get("effort") is not None:
+            chat["reasoning_effort"] = reasoning["effort"]
+    if obj.get("stream") is True:
+        chat["stream"] = True
+        chat["stream_options"] = {"include_usage": True}
+    return chat
+
+
+def chat_messages(value: Any) -> list[dict]:
+    """Responses `input` (a string, or message / function_call / function_call_output items)
+    as chat messages."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list):
+        raise BadRequest("'input' must be a string or an array of items.", code="invalid_type",
+                         param="input")
+    messages: list[dict] = []
+    for i, item in enumerate(value):
+        try:
+            _add_item(messages, item)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise BadRequest(f"input[{i}]: not a valid input item ({exc!r}).",
+                             code="invalid_type", param="input") from None
+    return messages
+
+
+def _add_item(messages: list[dict], item: dict) -> None:
+    kind = item.get("type", "message")
+    if kind == "message":
+        role = _CHAT_ROLES.get(item["role"])
+        if role is None:
+            raise TypeError(f"role {item['role']!r}")
+        messages.append({"role": role, "content": _chat_content(item["content"], role)})
+    elif kind == "function_call":
+        call = {"id": item["call_id"], "type": "function",
+                "function": {"name": item["name"], "arguments": item.get("arguments") or ""}}
+        last = messages[-1] if messages else None
+        if last is not None and last["role"] == "assistant" and last.get("tool_calls") \
+                and last.get("content") is None:
+            last["tool_calls"].append(call)  # parallel calls: one assistant message
+        else:
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+    elif kind == "function_call_output":
+        output = item["output"]
+        if not isinstance(output, str):
+            output = _plain_text(output)
+        messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
+    else:
+        raise _unsupported("input", f"Input items of type {kind!r} have no chat equivalent.")
+
+
+def _plain_text(parts: Any) -> str:
+    if isinstance(parts, str):
+        return parts
+    texts = []
+    for part in parts:
+        if part.get("type") not in ("input_text", "output_text", "text"):
+            raise _unsupported("input", f"A {part.get('type')!r} part cannot go here over chat.")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _chat_content(content: Any, role: str) -> Any:
+    if isinstance(content, str) or role != "user":
+        return _plain_text(content)
+    parts = []
+    for part in content:
+        kind = part.get("type")
+        if kind in ("input_text", "output_text", "text"):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "input_image" and part.get("image_url"):
+            parts.append({"type": "image_url", "image_url": {
+                "url": part["image_url"], "detail": part.get("detail") or "auto"}})
+        else:
+            raise _unsupported("input", f"Content parts of type {kind!r} have no chat "
+                                        "equivalent (images go by image_url).")
+    return parts
+
+
+def _chat_tools(tools: Any) -> list[dict]:
+    if not isinstance(tools, list):
+        raise BadRequest("'tools' must be an array.", code="invalid_type", param="tools")
+    out = []
+    for tool in tools:
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function":
+            raise _unsupported("tools", f"Only function tools can go over chat, not {kind!r}.")
+        function = {"name": tool["name"]}
+        function.update((k, tool[k]) for k in ("description", "parameters", "strict")
+                        if tool.get(k) is not None)
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def _chat_tool_choice(choice: Any) -> Any:
+    if choice in ("auto", "none", "required"):
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function" and choice.get("name"):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise _unsupported("tool_choice", f"tool_choice {choice!r} has no chat equivalent.")
+
+
+def _chat_format(text: Any) -> dict:
+    if not isinstance(text, dict):
+        return {}
+    out: dict[str, Any] = {}
+    fmt = text.get("format") or {}
+    kind = fmt.get("type")
+    if kind == "json_schema":
+        schema = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
+        out["response_format"] = {"type": "json_schema", "json_schema": schema}
+    elif kind == "json_object":
+        out["response_format"] = {"type": "json_object"}
+    elif kind not in (None, "text"):
+        raise _unsupported("text", f"text.format {kind!r} has no chat equivalent.")
+    if text.get("verbosity") is not None:
+        out["verbosity"] = text["verbosity"]
+    return out
+
+
+def responses_usage(usage: dict | None) -> dict | None:
+    """Chat usage as Responses usage (input/output tokens and their details)."""
+    if not usage:
+        return None
+    prompt, completion, total = usage_tokens(usage)
+    details = usage.get("prompt_tokens_details") or {}
+    reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
+    return {"input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": details.get("cached_tokens") or 0,
+                                     "cache_write_tokens": details.get("cache_write_tokens") or 0},
+            "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": reasoning},
+            "total_tokens": total}
+
+
+def _message_item(item_id: str, text: str, status: str) -> dict:
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+
+
+def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict:
+    return {"type": "function_call", "id": item_id, "call_id": call_id, "name": name,
+            "arguments": arguments, "status": status}
+
+
+def response_object(request: dict, response_id: str, created: int, model: Any, status: str,
+                    output: list[dict], usage: dict | None, finish: str | None = None) -> dict:
+    """A `response` object as the Responses API returns it, for a request made over chat."""
+    incomplete = {"length": "max_output_tokens", "content_filter": "content_filter"}.get(
+        finish or "")
+    if incomplete and status == "completed":
+        status = "incomplete"
+    return {
+        "id": response_id, "object": "response", "created_at": created, "status": status,
+        "error": None, "incomplete_details": {"reason": incomplete} if incomplete else None,
+        "instructions": request.get("instructions"),
+        "max_output_tokens": request.get("max_output_tokens"), "model": model or request["model"],
+        "output": output, "parallel_tool_calls": request.get("parallel_tool_calls", True),
+        "previous_response_id": request.get("previous_response_id"),
+        "reasoning": request.get("reasoning") or {"effort": None, "summary": None},
+        "store": request.get("store", True), "temperature": request.get("temperature", 1.0),
+        "text": request.get("text") or {"format": {"type": "text"}},
+        "tool_choice": request.get("tool_choice") or "auto", "tools": request.get("tools") or [],
+        "top_p": request.get("top_p", 1.0), "truncation": request.get("truncation") or "disabled",
+        "usage": usage, "user": request.get("user"), "metadata": request.get("metadata") or {},
+    }
+
+
+def response_from_chat(reply: dict, request: dict, response_id: str) -> tuple[dict, dict]:
+    """A chat completion as the `response` object the client asked for, and the assistant
+    message it adds to the conversation (for previous_response_id)."""
+    choice = (reply.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    text = message.get("content")
+    calls = message.get("tool_calls") or []
+    output = []
+    if text or not calls:
+        output.append(_message_item(new_object_id("msg"), text or "", "completed"))
+    for call in calls:
+        function = call.get("function") or {}
+        output.append(_call_item(new_object_id("fc"), call.get("id") or new_object_id("call"),
+                                 function.get("name") or "", function.get("arguments") or "",
+                                 "completed"))
+    response = response_object(request, response_id, int(reply.get("created") or time.time()),
+                               reply.get("model"), "completed", output,
+                               responses_usage(reply.get("usage")), choice.get("finish_reason"))
+    assistant = {"role": "assistant", "content": text or None}
+    if calls:
+        assistant["tool_calls"] = calls
+    return response, assistant
+
+
+class ResponsesFromChat:
+    """A chat completions stream as the Responses API event sequence: response.created, the
+    output items and their deltas, response.completed (with usage). Fed one chat chunk at a
+    time; `end()` at the chat stream's [DONE]."""
+
+    __slots__ = ("request", "response_id", "created", "model", "seq", "output", "text",
+                 "message", "calls", "usage", "finish", "started", "ended", "response")
+
+    def __init__(self, request: dict, response_id: str) -> None:
+        self.request = request
+        self.response_id = response_id
+        self.created = int(time.time())
+        self.model: Any = None
+        self.seq = 0
+        self.output: list[dict] = []  # the items, in output_index order
+        self.text: list[str] = []
+        self.message: dict | None = None  # the message item, once text has come
+        self.calls: dict[int, dict] = {}  # chat tool-call index -> function_call item
+        self.usage: dict | None = None
+        self.finish: str | None = None
+        self.started = self.ended = False
+        self.response: dict | None = None  # the final object, after end()
+
+    def __repr__(self) -> str:
+        return f"ResponsesFromChat({self.response_id}, seq={self.seq}, items={len(self.output)})"
+
+    def _event(self, kind: str, **fields: Any) -> bytes:
+        fields["type"] = kind
+        fields["sequence_number"] = self.seq
+        self.seq += 1
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(fields)
+
+    def _snapshot(self, status: str) -> dict:
+        return response_object(self.request, self.response_id, self.created, self.model, status,
+                               self.output, responses_usage(self.usage), self.finish)
+
+    def event(self, chunk: dict) -> bytes | None:
+        out = []
+        self.model = chunk.get("model") or self.model
+        if not self.started:
+            self.started = True
+            out += [self._event("response.created", response=self._snapshot("in_progress")),
+                    self._event("response.in_progress", response=self._snapshot("in_progress"))]
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        for choice in (chunk.get("choices") or [])[:1]:
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                out += self._text(delta["content"])
+            for call in delta.get("tool_calls") or []:
+                out += self._call(call)
+            self.finish = choice.get("finish_reason") or self.finish
+        return b"\n\n".join(out) if out else None
+
+    def _text(self, text: str) -> list[bytes]:
+        out = []
+        if self.message is None:
+            self.message = _message_item(new_object_id("msg"), "", "in_progress")
+            self.message["content"] = []
+            self.output.append(self.message)
+            index = len(self.output) - 1
+            out += [self._event("response.output_item.added", output_index=index,
+                                item=self.message),
+                    self._event("response.content_part.added", item_id=self.message["id"],
+                                output_index=index, content_index=0,
+                                part={"type": "output_text", "text": "", "annotations": [],
+                                      "logprobs": []})]
+        self.text.append(text)
+        out.append(self._event("response.output_text.delta", item_id=self.message["id"],
+                               output_index=self.output.index(self.message), content_index=0,
+                               delta=text, logprobs=[]))
+        return out
+
+    def _call(self, call: dict) -> list[bytes]:
+        out = []
+        index = call.get("index", 0)
+        function = call.get("function") or {}
+        item = self.calls.get(index)
+        if item is None:
+            item = self.calls[index] = _call_item(
+                new_object_id("fc"), call.get("id") or new_object_id("call"),
+                function.get("name") or "", "", "in_progress")
+            self.output.append(item)
+            out.append(self._event("response.output_item.added",
+                                   output_index=len(self.output) - 1, item=dict(item)))
+        if function.get("arguments"):
+            item["arguments"] += function["arguments"]
+            out.append(self._event("response.function_call_arguments.delta", item_id=item["id"],
+                                   output_index=self.output.index(item),
+                                   delta=function["arguments"]))
+        return out
+
+    def end(self) -> bytes:
+        """Close every item and say the response is complete (no [DONE] in this API)."""
+        if self.ended:
+            return b""
+        self.ended = True
+        out = [] if self.started else [
+            self._event("response.created", response=self._snapshot("in_progress"))]
+        if self.message is not None:
+            index, text = self.output.index(self.message), "".join(self.text)
+            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+            self.message.update(status="completed", content=[part])
+            out += [self._event("response.output_text.done", item_id=self.message["id"],
+                                output_index=index, content_index=0, text=text, logprobs=[]),
+                    self._event("response.content_part.done", item_id=self.message["id"],
+                                output_index=index, content_index=0, part=part),
+                    self._event("response.output_item.done", output_index=index,
+                                item=self.message)]
+        for item in self.calls.values():
+            index = self.output.index(item)
+            item["status"] = "completed"
+            out += [self._event("response.function_call_arguments.done", item_id=item["id"],
+                                output_index=index, arguments=item["arguments"]),
+                    self._event("response.output_item.done", output_index=index, item=item)]
+        if not self.output:
+            self.output.append(_message_item(new_object_id("msg"), "", "completed"))
+        self.response = self._snapshot("completed")
+        kind = "response.completed" if self.response["status"] == "completed" \
+            else "response.incomplete"
+        out.append(self._event(kind, response=self.response))
+        return b"\n\n".join(out)
+
+    def assistant_message(self) -> dict:
+        """The reply as a chat message, for the conversation previous_response_id continues."""
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.text) or None}
+        if self.calls:
+            message["tool_calls"] = [{"id": c["call_id"], "type": "function", "function": {
+                "name": c["name"], "arguments": c["arguments"]}} for c in self.calls.values()]
+        return message
+
+
+class CompletionsFromChat:
+    """A chat completions stream as /v1/completions stream chunks."""
+
+    __slots__ = ()
+
+    def event(self, chunk: dict) -> bytes | None:
+        converted = completion_chunk_from_chat(chunk)
+        return None if converted is None else b"data: " + orjson.dumps(converted)
+
+    def end(self) -> bytes:
+        return b"data: [DONE]"
+
+
 ################################################################################
 # Handlers: proxied endpoints, the model catalogue, health and admin
 ################################################################################
@@ -3127,17 +3813,146 @@ class ProxyHandler:
     async def proxy(self, rq: Request, kind: str, force_stream: bool = False) -> None:
         gw = self.gw
         obj = parse_body(rq.body(), kind)
-        requested = rq.model = obj["model"]
-        model = gw.config.resolve_alias(requested)
+        model = self.allowed_model(rq, obj["model"])
+        candidates = gw.forwarder.candidates(gw.config, model, kind)
+        await self.run(Plan(rq, kind, obj, force_stream, gw, candidates))
+
+    def allowed_model(self, rq: Request, requested: str) -> str:
+        """The model a request names, after aliases, if this client may use it."""
+        rq.model = requested
+        model = self.gw.config.resolve_alias(requested)
         client = rq.client
         if client is not None and not client.allows(requested, model):
             raise Forbidden(f"This key may not use model {requested!r}.", param="model")
+        return model
+
+    # the Responses API ----------------------------------------------------------------------
+
+    async def responses(self, rq: Request) -> None:
+        """POST /v1/responses: by model like chat; a follow-up of an object the gateway saw
+        made (previous_response_id, conversation) goes to the key that made it; a chat_only
+        upstream gets the request as chat completions."""
+        gw = self.gw
+        obj = parse_body(rq.body(), "responses")
+        model = self.allowed_model(rq, obj["model"])
+        previous = obj.get("previous_response_id")
+        conversation = obj.get("conversation")
+        if isinstance(conversation, dict):
+            conversation = conversation.get("id")
+        stored = gw.responses.get(previous)
+        pinned = None if stored is not None else \
+            gw.sticky.find(previous) or gw.sticky.find(conversation)
+        candidates = self.pinned_candidates(pinned, model) if pinned is not None else \
+            gw.forwarder.candidates(gw.config, model, "responses")
+        if stored is not None:  # made over chat: only a chat_only upstream can go on from it
+            only = [(m, [kept for g in groups if (kept := [u for u in g if u.chat_only])])
+                    for m, groups in candidates]
+            candidates = [(m, groups) for m, groups in only if groups] or candidates
+        translated = None
+        if any(u.chat_only for _, groups in candidates for group in groups for u in group):
+            if previous is not None and stored is None:
+                raise BadRequest(f"Previous response with id {previous!r} not found.",
+                                 code="previous_response_not_found",
+                                 param="previous_response_id")
+            translated = chat_from_responses(obj, stored.messages if stored else [])
+        await self.run(Plan(rq, "responses", obj, False, gw, candidates,
+                            pinned=pinned[1] if pinned else None, translated=translated))
+
+    async def response_object(self, rq: Request) -> None:
+        """GET/DELETE /v1/responses/{id}, /cancel, /input_items: answered here for responses
+        made over chat, else sent to the key that made it."""
+        parts = rq.path.split(b"/")  # b"", b"v1", b"responses", id, [action]
+        response_id = unquote(parts[3].decode("latin-1"))
+        stored = self.gw.responses.get(response_id)
+        if stored is None:
+            await self.passthrough(rq)
+            return
+        action = parts[4] if len(parts) > 4 else b""
+        if rq.method in (b"GET", b"HEAD") and not action:
+            rq.writer.send_json(200, stored.response)
+        elif rq.method in (b"GET", b"HEAD") and action == b"input_items":
+            items = [dict(item, id=item.get("id") or f"msg_{i}") for i, item in enumerate(stored.input)]
+            rq.writer.send_json(200, {"object": "list", "data": items[::-1], "has_more": False,
+                                      "first_id": items[-1]["id"] if items else None,
+                                      "last_id": items[0]["id"] if items else None})
+        elif rq.method == b"DELETE" and not action:
+            self.gw.responses.delete(response_id)
+            rq.writer.send_json(200, {"id": response_id, "object": "response", "deleted": True})
+        elif rq.method == b"POST" and action == b"cancel":
+            raise BadRequest("Only background responses can be cancelled.", param="response_id")
+        else:
+            raise NotFound(f"Unknown path: {rq.path.decode('latin-1')}")
+
+    def pinned_candidates(self, pinned: tuple[str, str], model: str) -> Candidates:
+        """The one upstream that made the object addressed; the usual routing if it is gone."""
+        upstream = next((u for u in self.gw.config.upstreams if u.name == pinned[0]), None)
+        if upstream is None:
+            return self.default_candidates(model)
+        return [(model, [[upstream]])]
+
+    def default_candidates(self, model: str) -> Candidates:
+        """By model when an upstream serves it; else the first "*" upstream, else the first."""
+        cfg = self.gw.config
+        if model:
+            try:
+                return self.gw.forwarder.candidates(cfg, model, "passthrough")
+            except GatewayError:
+                pass
+        upstream = next((u for u in cfg.upstreams if u.models is None), cfg.upstreams[0])
+        return [(model, [[upstream]])]
+
+    # everything else ------------------------------------------------------------------------
+
+    async def passthrough(self, rq: Request) -> None:
+        """Any other /v1/ path and method, relayed as bytes. Routed to the key that made an
+        object the path or body names, else by `model` (JSON, or a multipart field), else to
+        the default upstream."""
+        gw = self.gw
+        obj, model = None, ""
+        content_type = rq.content_type()
+        if rq.upload is None and rq.body_parts:
+            body = rq.body()
+            if content_type.startswith(b"application/json"):
+                try:
+                    found = orjson.loads(body)
+                except orjson.JSONDecodeError:
+                    found = None  # the upstream says what is wrong with it
+                if isinstance(found, dict):
+                    obj = found
+                    model = found.get("model") if isinstance(found.get("model"), str) else ""
+                    if model and body.count(b'"model"') > 1 and _names_twice(body, "model"):
+                        raise BadRequest("The JSON body names 'model' more than once.",
+                                         param="model")
+            elif content_type.startswith(b"multipart/form-data"):
+                model = multipart_field(body, content_type, "model") or ""
+        pinned = next(filter(None, map(gw.sticky.find, self.named_ids(rq, obj))), None)
+        if model:
+            model = self.allowed_model(rq, model)
+        candidates = self.pinned_candidates(pinned, model) if pinned is not None else \
+            self.default_candidates(model)
+        await self.run(Plan(rq, "passthrough", obj, False, gw, candidates,
+                            pinned=pinned[1] if pinned else None))
+
+    @staticmethod
+    def named_ids(rq: Request, obj: dict | None) -> Iterable[str]:
+        """Object ids a request may name: path segments, then the body's top-level strings."""
+        for part in rq.path.split(b"/")[3:]:
+            if part:
+                yield unquote(part.decode("latin-1"))
+        if obj is not None:
+            for value in obj.values():
+                if isinstance(value, str):
+                    yield value
+
+    # one run, any endpoint --------------------------------------------------------------------
+
+    async def run(self, plan: Plan) -> None:
+        gw, rq = self.gw, plan.rq
+        client = rq.client
         name = client.name if client is not None else "anonymous"  # budget: checked on admission
-        candidates = gw.forwarder.candidates(gw.config, model, kind)
-        plan = Plan(rq, kind, obj, force_stream, gw, candidates)
         limits = rq.limits
-        if limits is not None and limits.tokens is not None:
-            plan.estimate = estimate_tokens(rq.body(), obj)
+        if limits is not None and limits.tokens is not None and plan.obj is not None:
+            plan.estimate = estimate_tokens(rq.body(), plan.obj)
             gw.limiter.take_tokens(limits, plan.estimate)
         try:
             await self.respond(plan)
@@ -3156,19 +3971,19 @@ class ProxyHandler:
         ok = 200 <= conn.status < 300
         convert = ok and plan.converts(plan.upstream)  # type: ignore[arg-type]
         if convert and not plan.stream:
-            try:
-                reply = completion_from_chat(orjson.loads(await conn.read_body(MAX_READ_BODY)))
-            except (orjson.JSONDecodeError, AttributeError, TypeError):
-                raise UpstreamError("upstream answered garbage: not a chat completion") from None
-            rq.flow.detach()
-            writer.usage = reply.get("usage")
-            writer.send_json(200, reply)
+            await self.converted_reply(plan, conn)
             return
         writer.keep_tail = ok
         inspect = ok and plan.stream
+        converter: Any = None
+        if convert:
+            converter = ResponsesFromChat(plan.obj, new_object_id("resp")) \
+                if plan.kind == "responses" else CompletionsFromChat()  # type: ignore[arg-type]
+        elif ok and plan.method == b"POST" and plan.kind in ("responses", "passthrough"):
+            writer.capture_id = self.remember_for(plan)
         writer.relay_head(conn.status, conn.headers, inspect=inspect,
                           drop_usage=inspect and plan.injects(plan.upstream),  # type: ignore[arg-type]
-                          convert=completion_chunk_from_chat if convert else None)
+                          convert=converter)
         streaming = writer.sse
         gw.metrics.active_streams += streaming
         try:
@@ -3176,6 +3991,49 @@ class ProxyHandler:
             rq.flow.detach()
         finally:
             gw.metrics.active_streams -= streaming
+        if isinstance(converter, ResponsesFromChat) and converter.response is not None:
+            self.store(plan, converter.response, converter.assistant_message())
+
+    async def converted_reply(self, plan: Plan, conn: UpstreamConnection) -> None:
+        """A chat_only upstream's whole answer, as the completion or response asked for."""
+        rq = plan.rq
+        try:
+            reply = orjson.loads(await conn.read_body(MAX_READ_BODY))
+            if plan.kind == "responses":
+                converted, assistant = response_from_chat(reply, plan.obj,  # type: ignore[arg-type]
+                                                          new_object_id("resp"))
+            else:
+                converted = completion_from_chat(reply)
+        except (orjson.JSONDecodeError, AttributeError, TypeError, IndexError):
+            raise UpstreamError("upstream answered garbage: not a chat completion") from None
+        rq.flow.detach()
+        rq.writer.usage = reply.get("usage")
+        rq.writer.send_json(200, converted)
+        if plan.kind == "responses":
+            self.store(plan, converted, assistant)
+
+    def store(self, plan: Plan, response: dict, assistant: dict) -> None:
+        """Keep a response made over chat, for previous_response_id and GET (unless the
+        client said store: false)."""
+        obj = plan.obj or {}
+        if obj.get("store") is False:
+            return
+        messages = plan.translated["messages"]  # type: ignore[index]
+        if obj.get("instructions") is not None:  # instructions do not carry over
+            messages = messages[1:]
+        raw_input = obj.get("input")
+        items = [{"type": "message", "role": "user", "content": raw_input}] \
+            if isinstance(raw_input, str) else list(raw_input or [])
+        self.gw.responses.put(StoredResponse(response, [*messages, assistant], items))
+
+    def remember_for(self, plan: Plan) -> Callable[[str], None]:
+        """Where the id of an object this answer creates will be remembered."""
+        sticky, upstream, key = self.gw.sticky, plan.upstream, plan.key
+
+        def remember(object_id: str) -> None:
+            sticky.remember(object_id, upstream.name, key.name)  # type: ignore[union-attr]
+
+        return remember
 
     def account(self, plan: Plan, name: str) -> None:
         """Count what the upstream reported and correct the client's token estimate."""
@@ -3183,7 +4041,7 @@ class ProxyHandler:
         limits = rq.limits
         takes_tokens = limits is not None and limits.tokens is not None
         if plan.served is None:
-            if takes_tokens:
+            if takes_tokens and plan.estimate:
                 gw.limiter.settle_tokens(limits, -plan.estimate)  # nothing was used
             return
         prompt, completion, total = usage_tokens(rq.writer.reported_usage())
@@ -3196,7 +4054,7 @@ class ProxyHandler:
         metrics.count(metrics.tokens, (label, "completion"), completion)
         if plan.served != plan.asked:
             metrics.count(metrics.fallbacks, (metrics.fold(plan.asked), label))
-        if takes_tokens:
+        if takes_tokens and plan.obj is not None:
             gw.limiter.settle_tokens(limits, total - plan.estimate)
 
 
@@ -3365,6 +4223,7 @@ class AdminHandler:
 
 # Who may call a route.
 _OPEN, _CLIENT, _ADMIN = range(3)
+_ANY = b"*"  # a route that takes every method
 
 # path -> (method, who may call it, handler room, handler name): made once, at import.
 ROUTE_TABLE: dict[bytes, tuple[bytes, int, str, str]] = {
@@ -3374,6 +4233,9 @@ ROUTE_TABLE: dict[bytes, tuple[bytes, int, str, str]] = {
     b"/v1/embeddings": (b"POST", _CLIENT, "proxy", "embeddings"),
     b"/v1/models": (b"GET", _CLIENT, "catalog", "list_models"),
     b"/v1/models/{id}": (b"GET", _CLIENT, "catalog", "retrieve_model"),
+    b"/v1/responses": (b"POST", _CLIENT, "proxy", "responses"),
+    b"/v1/responses/{id}": (_ANY, _CLIENT, "proxy", "response_object"),
+    b"/v1/{other}": (_ANY, _CLIENT, "proxy", "passthrough"),
     b"/health": (b"GET", _OPEN, "admin", "health"),
     b"/ready": (b"GET", _OPEN, "admin", "ready"),
     b"/health/circuit-breakers": (b"GET", _OPEN, "admin", "circuit_breakers"),
@@ -3385,6 +4247,16 @@ ROUTE_TABLE: dict[bytes, tuple[bytes, int, str, str]] = {
     b"/v1/rate-limits/observed": (b"GET", _ADMIN, "admin", "observed_limits"),
 }
 _MODEL_PREFIX = b"/v1/models/"
+_RESPONSE_PREFIX = b"/v1/responses/"
+
+
+def streams_body(rq: Request) -> bool:
+    """Uploads (files, upload parts) go on to the upstream as they arrive, never held whole."""
+    path = rq.path
+    return rq.method == b"POST" and (
+        path == b"/v1/files" or path.startswith(b"/v1/uploads/") and path.endswith(b"/parts"))
+
+
 _PROBES = frozenset(("/health", "/ready", "/health/circuit-breakers", "/metrics"))
 
 
@@ -3477,19 +4349,23 @@ class Router:
                                    room == "proxy")
                        for path, (method, access, room, name) in ROUTE_TABLE.items()}
 
-    def find(self, path: bytes) -> Route:
+    def find(self, path: bytes, method: bytes = b"GET") -> Route:
         route = self.routes.get(path)
-        if route is None:
-            if not path.startswith(_MODEL_PREFIX):
-                raise NotFound(f"Unknown path: {path.decode('latin-1')}")
-            route = self.routes[b"/v1/models/{id}"]
-        return route
+        if route is not None:
+            return route
+        if path.startswith(_MODEL_PREFIX) and method in (b"GET", b"HEAD"):
+            return self.routes[b"/v1/models/{id}"]
+        if path.startswith(_RESPONSE_PREFIX):
+            return self.routes[b"/v1/responses/{id}"]
+        if path.startswith(b"/v1/"):  # the rest of the OpenAI API, passed through
+            return self.routes[b"/v1/{other}"]
+        raise NotFound(f"Unknown path: {path.decode('latin-1')}")
 
     def admit(self, rq: Request) -> None:
         """Route, CORS, method, draining, who the client is, its limits and budget: all
         decided from the head. Sets rq.handler, or raises the refusal."""
         gw = self.gw
-        route = self.find(rq.path)
+        route = self.find(rq.path, rq.method)
         rq.route = route.label
         admission = gw.admission
         if admission.cors and rq.origin:
@@ -3498,7 +4374,7 @@ class Router:
             rq.handler = admission.preflight
             return
         method = b"GET" if rq.method == b"HEAD" else rq.method  # HEAD: GET without the body
-        if method != route.method:
+        if method != route.method and route.method != _ANY:
             raise MethodNotAllowed(
                 f"Method {rq.method.decode()} not allowed; use {route.method.decode()}",
                 headers=[(b"allow", route.method)])
@@ -3531,7 +4407,7 @@ class Request:
         "flow", "writer", "method", "path", "query", "headers", "body_parts", "body_size",
         "request_id", "authorization", "api_key", "origin", "content_length", "head_size",
         "connection", "expects_continue", "framing_doubt", "peer", "reserve", "client",
-        "limits", "extra", "handler", "refused",
+        "limits", "extra", "handler", "refused", "upload",
         # for the access log and metrics
         "t0", "route", "model", "served_model", "served_by", "key_name", "ttfb", "tokens",
         "error",
@@ -3590,6 +4466,7 @@ class Request:
             self.extra.append((b"connection", b"close"))
         self.handler: Callable[[Request], Any] | None = None  # chosen from the head
         self.refused = False  # answered from the head; the body is dropped
+        self.upload: BodyStream | None = None  # a body sent on as it arrives, never held
         self.t0 = time.perf_counter()  # loop.time() is uvloop's cached, 1 ms-grained clock
         self.route = "other"  # a route-table path: a bounded metric label
         self.model = ""  # as the client asked
@@ -3618,6 +4495,9 @@ class Request:
         """Would dropping the body mean reading much, or waiting for what may not come?"""
         return (self.content_length > DISCARD_MAX or self.framing_doubt or self.expects_continue
                 or any(n == b"transfer-encoding" for _, n, _ in self.headers))
+
+    def content_type(self) -> bytes:
+        return next((v for _, n, v in self.headers if n == b"content-type"), b"")
 
     def credential(self) -> bytes:
         auth = self.authorization
@@ -3692,7 +4572,8 @@ class HttpProtocol(asyncio.Protocol):
             self._arm(self.gw.header_timeout_s, Waiting.HEAD)
         self.conn.receive_data(data)
         self._handle_events()
-        if self.task is not None:  # h11 holds what follows until this answer is done: bound it
+        if self.task is not None and self.conn.their_state is not h11.SEND_BODY:
+            # h11 holds what follows until this answer is done: bound it
             self.ahead += len(data)
             if self.ahead > MAX_PIPELINED_BYTES:
                 self.flow.pause_reading()
@@ -3750,26 +4631,41 @@ class HttpProtocol(asyncio.Protocol):
         """The head is in: admit the request or refuse it now, before its body is read."""
         self._arm(self.gw.body_timeout_s, Waiting.BODY)
         rq = self.cycle = Request(self, event)
+        config = self.gw.config
         try:
             if rq.head_size > MAX_HEADER_BYTES:
                 raise HeadersTooLarge("Request header block is too large.")
-            if rq.content_length > self.gw.config.max_body_bytes:
-                raise self._too_large()
+            uploads = streams_body(rq)
+            if rq.content_length > (config.max_upload_bytes if uploads else config.max_body_bytes):
+                raise self._too_large(uploads)
             self.gw.router.admit(rq)
         except GatewayError as exc:
             self._refuse(rq, exc)
             return
         if rq.expects_continue and self.conn.client_is_waiting_for_100_continue:
             self.transport.write(self.conn.send(_CONTINUE))  # type: ignore[union-attr, arg-type]
+        if uploads:  # answered while the body still arrives: the task starts now
+            chunked = any(n == b"transfer-encoding" for _, n, _ in rq.headers)
+            rq.upload = BodyStream(self.flow, rq.content_length, chunked)
+            self.task = self.loop.create_task(self.gw.handle(rq))
 
     def _on_body(self, data: bytes) -> None:
-        rq = self.cycle
-        if rq.refused:  # type: ignore[union-attr]
+        rq: Request = self.cycle  # type: ignore[assignment]
+        if rq.refused:
             return  # read and dropped: never held
-        rq.body_parts.append(data)  # type: ignore[union-attr]
-        rq.body_size += len(data)  # type: ignore[union-attr]
-        if rq.body_size > self.gw.config.max_body_bytes:  # type: ignore[union-attr]
-            self._refuse(rq, self._too_large())  # type: ignore[arg-type]
+        rq.body_size += len(data)
+        upload = rq.upload
+        if upload is not None:  # sent on; the deadline is for silence, not for the whole body
+            if rq.body_size > self.gw.config.max_upload_bytes:
+                if upload.error is None:
+                    upload.fail(self._too_large(True))
+                return
+            self._arm(self.gw.body_timeout_s, Waiting.BODY)
+            upload.feed(data)
+            return
+        rq.body_parts.append(data)
+        if rq.body_size > self.gw.config.max_body_bytes:
+            self._refuse(rq, self._too_large())
 
     def _on_request_end(self) -> None:
         rq = self.cycle
@@ -3777,12 +4673,18 @@ class HttpProtocol(asyncio.Protocol):
             if rq.writer.finished and not self.closing:  # type: ignore[union-attr]
                 self._next_cycle()
             return
+        if rq.upload is not None:  # type: ignore[union-attr]
+            self.deadline = 0.0
+            self.waiting = Waiting.RESPONSE
+            rq.upload.end()  # type: ignore[union-attr]
+            return
         self.deadline = 0.0
         self.waiting = Waiting.RESPONSE
         self.task = self.loop.create_task(self.gw.handle(rq))  # type: ignore[arg-type]
 
-    def _too_large(self) -> GatewayError:
-        limit = self.gw.config.max_body_bytes
+    def _too_large(self, upload: bool = False) -> GatewayError:
+        config = self.gw.config
+        limit = config.max_upload_bytes if upload else config.max_body_bytes
         return RequestTooLarge(f"Request body is larger than the {limit}-byte limit.")
 
     def _refuse(self, rq: Request, exc: GatewayError) -> None:
@@ -3908,6 +4810,8 @@ class Gateway:
         self.keys = {u.name: KeyPool.of(u, config.block_recheck_s) for u in config.upstreams}
         self.pools: dict[str, UpstreamPool] = {}
         self.retired: set[UpstreamPool] = set()  # replaced by a reload, still finishing
+        self.sticky = StickyIds()  # object id -> (upstream, key) that made it
+        self.responses = ResponsesStore()  # responses made over chat
         # behaviour
         self.forwarder = Forwarder(self)
         self.admission = Admission(self)

@@ -9,10 +9,12 @@ raw sockets. Nothing here sleeps to synchronise: waits are on conditions, with g
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import concurrent.futures
 import email.utils
 import gc
+import hashlib
 import json
 import os
 import re
@@ -32,7 +34,9 @@ import pytest
 import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from openai.types.responses import ResponseStreamEvent
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import TypeAdapter
 
 import gateway as gw
 
@@ -336,6 +340,26 @@ async def upstream_connection() -> tuple[gw.UpstreamConnection, gw.UpstreamPool,
     return conn, pool, transport
 
 
+STREAM_EVENT: Any = TypeAdapter(ResponseStreamEvent)  # what the SDK parses each event as
+
+
+def chat_stream(texts: list[str], calls: list[list[str]]) -> bytes:
+    """A chat completions stream as an upstream sends it: role chunk, content deltas, tool-call
+    argument deltas, finish, usage, [DONE]."""
+    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> bytes:
+        choices = [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}]
+        return b"data: " + orjson.dumps({"id": "c1", "model": "m", "choices": choices, "usage": usage}) + b"\n\n"
+    out = [chunk({"role": "assistant", "content": ""})]
+    out += [chunk({"content": t}) for t in texts]
+    for i, pieces in enumerate(calls):
+        out.append(chunk({"tool_calls": [{"index": i, "id": f"call_{i}", "type": "function",
+                                          "function": {"name": f"f{i}", "arguments": ""}}]}))
+        out += [chunk({"tool_calls": [{"index": i, "function": {"arguments": p}}]}) for p in pieces]
+    out.append(chunk({}, "tool_calls" if calls else "stop"))
+    out.append(chunk({}, usage={"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}))
+    return b"".join(out) + b"data: [DONE]\n\n"
+
+
 def client_body(data: bytes) -> tuple[int, dict, bytes, bool]:
     """Parse what the gateway wrote to the client with h11: status, headers, body, complete?"""
     client = h11.Connection(h11.CLIENT)
@@ -461,6 +485,43 @@ class GatewayProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+class RssWatch:
+    """Within `with`, the peak resident memory of a process above what it was on entry,
+    sampled every few milliseconds from /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.base = self.peak = 0
+        self.done = threading.Event()
+
+    def rss(self) -> int:
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
+
+    def __enter__(self) -> RssWatch:
+        self.base = self.peak = self.rss()
+        self.done.clear()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.005):
+            self.peak = max(self.peak, self.rss())
+
+    def __exit__(self, *exc: Any) -> None:
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.rss())
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+    def __repr__(self) -> str:
+        return f"RssWatch(base={self.base >> 20} MiB, peak={self.peak >> 20} MiB)"
 
 
 def resilient(mock: mock_upstream.MockUpstream, **upstream: Any) -> dict:
@@ -1876,7 +1937,7 @@ def test_sse_filter_holds_back_only_an_incomplete_event_and_drops_the_unasked_us
 
 
 def test_sse_filter_converts_chat_chunks_to_completion_chunks() -> None:
-    flt = gw.SseFilter(inspect=True, convert=gw.completion_chunk_from_chat)
+    flt = gw.SseFilter(inspect=True, convert=gw.CompletionsFromChat())
     out = flt.feed(USAGE_STREAM[0] + USAGE_STREAM[1] + USAGE_STREAM[4])
     events = [e for e in out.split(b"\n\n") if e]
     assert len(events) == 2 and events[1] == b"data: [DONE]"  # the role-only chunk said nothing
@@ -2071,6 +2132,111 @@ def test_a_body_naming_model_twice_is_400_and_never_forwarded(start_gateway: Sta
     assert resp.status == 200 and mock.requests[-1].body == nested
 
 
+def test_a_responses_request_becomes_the_chat_request_that_answers_it() -> None:
+    request = {
+        "model": "m", "instructions": "Be brief.", "max_output_tokens": 50, "temperature": 0.2,
+        "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "What is in"},
+                                         {"type": "input_image", "image_url": "https://x/y.png"}]},
+            {"type": "function_call", "call_id": "call_1", "name": "look", "arguments": "{\"a\":1}"},
+            {"type": "function_call", "call_id": "call_2", "name": "look", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "a cat"},
+            {"type": "message", "role": "developer", "content": "Answer in French."},
+        ],
+        "tools": [{"type": "function", "name": "look", "description": "d", "parameters": {"type": "object"}}],
+        "tool_choice": {"type": "function", "name": "look"},
+        "text": {"format": {"type": "json_schema", "name": "out", "schema": {"type": "object"}, "strict": True}},
+        "stream": True, "store": True, "metadata": {"k": "v"}, "include": [], "truncation": "disabled",
+    }
+    history = [{"role": "user", "content": "earlier"}, {"role": "assistant", "content": "yes"}]
+    assert gw.chat_from_responses(request, history) == {
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "Be brief."}, *history,
+            {"role": "user", "content": [{"type": "text", "text": "What is in"},
+                                         {"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "auto"}}]},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "look", "arguments": "{\"a\":1}"}},
+                {"id": "call_2", "type": "function", "function": {"name": "look", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "a cat"},
+            {"role": "system", "content": "Answer in French."},
+        ],
+        "tools": [{"type": "function", "function": {"name": "look", "description": "d", "parameters": {"type": "object"}}}],
+        "tool_choice": {"type": "function", "function": {"name": "look"}},
+        "max_tokens": 50, "temperature": 0.2,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "out", "schema": {"type": "object"}, "strict": True}},
+        "stream": True, "stream_options": {"include_usage": True},
+    }
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tools": [{"type": "web_search"}]}, "tools"),
+    ({"background": True}, "background"),
+    ({"include": ["file_search_call.results"]}, "include"),
+    ({"prompt": {"id": "pmpt_1"}}, "prompt"),
+    ({"conversation": "conv_1"}, "conversation"),
+    ({"reasoning": {"effort": "low", "summary": "auto"}}, "reasoning"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
+    ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]}, "input"),
+    ({"tool_choice": {"type": "web_search"}}, "tool_choice"),
+    ({"text": {"format": {"type": "grammar"}}}, "text"),
+])
+def test_what_chat_cannot_express_is_400_naming_the_field(extra: dict, param: str) -> None:
+    with pytest.raises(gw.GatewayError) as info:
+        gw.chat_from_responses({"model": "m", "input": "hi", **extra}, [])
+    assert info.value.status == 400 and info.value.param == param
+
+
+def test_a_chat_completion_becomes_a_response_the_sdk_reads() -> None:
+    from openai.types.responses import Response
+    reply = {"id": "chatcmpl-1", "created": 7, "model": "m", "choices": [
+        {"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant", "content": "Let me look.", "tool_calls": [
+            {"id": "call_9", "type": "function", "function": {"name": "look", "arguments": "{\"a\":1}"}}]}}],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15,
+                  "prompt_tokens_details": {"cached_tokens": 3}}}
+    response, assistant = gw.response_from_chat(reply, {"model": "m", "input": "hi"}, "resp_1")
+    parsed = Response.model_validate(response)
+    assert parsed.output_text == "Let me look." and parsed.status == "completed"
+    call = parsed.output[1]
+    assert (call.type, call.call_id, call.name, call.arguments) == ("function_call", "call_9", "look", "{\"a\":1}")
+    assert (parsed.usage.input_tokens, parsed.usage.output_tokens, parsed.usage.input_tokens_details.cached_tokens) == (11, 4, 3)
+    assert assistant == {"role": "assistant", "content": "Let me look.", "tool_calls": reply["choices"][0]["message"]["tool_calls"]}
+    cut = dict(reply, choices=[{"index": 0, "finish_reason": "length", "message": {"content": "Lo"}}])
+    parsed = Response.model_validate(gw.response_from_chat(cut, {"model": "m"}, "resp_2")[0])
+    assert parsed.status == "incomplete" and parsed.incomplete_details.reason == "max_output_tokens"
+
+
+@settings(max_examples=150, deadline=None)
+@given(texts=st.lists(st.text(min_size=1, max_size=8), max_size=6),
+       calls=st.lists(st.lists(st.text(max_size=6), max_size=3), max_size=2),
+       cuts=st.lists(st.integers(0, 5000), max_size=8))
+def test_any_chat_stream_split_anywhere_becomes_a_well_formed_responses_stream(
+        texts: list[str], calls: list[list[str]], cuts: list[int]) -> None:
+    wire = chat_stream(texts, calls)
+    flt = gw.SseFilter(inspect=True, convert=gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_x"))
+    bounds = [0, *sorted(set(c % (len(wire) + 1) for c in cuts)), len(wire)]
+    out = b"".join(flt.feed(wire[a:b]) for a, b in zip(bounds, bounds[1:]) if a < b) + flt.finish()
+    assert out.endswith(b"\n\n") and b"[DONE]" not in out
+    events = []
+    for block in out.split(b"\n\n")[:-1]:
+        head, data = block.split(b"\n")
+        event = orjson.loads(data[len(b"data: "):])
+        assert head == b"event: " + event["type"].encode()
+        events.append(STREAM_EVENT.validate_python(event))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == "".join(texts)
+    for i, pieces in enumerate(calls):
+        args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta"
+                       and e.output_index == i + bool(texts))
+        assert args == "".join(pieces)
+    final = events[-1].response
+    assert final.output_text == "".join(texts) and final.usage.total_tokens == 12
+    assert [o.type for o in final.output] == (["message"] if texts or not calls else []) + ["function_call"] * len(calls)
+    assert flt.usage["total_tokens"] == 12  # what the gateway accounts
+
+
 ################################################################################
 # Handlers: the proxied endpoints and models with the OpenAI SDK
 ################################################################################
@@ -2217,6 +2383,244 @@ def test_chat_only_upstream_answering_garbage_is_502_not_500(raw_upstream: RawUp
     g = start_gateway({"upstreams": [{"name": "odd", "url": f"http://127.0.0.1:{port}/v1", "chat_only": True}]})
     (resp,) = raw(g.port, post("/v1/completions", b'{"model":"m","prompt":"hi"}'))
     assert resp.status == 502 and resp.json()["error"]["code"] == "upstream_error"
+
+
+# The whole OpenAI API: Responses native and over chat, pass-through, uploads, Agents SDK
+
+WEATHER = {"type": "function", "name": "weather", "description": "The weather in a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                          "required": ["city"], "additionalProperties": False}}
+
+
+def three_keys(mock: mock_upstream.MockUpstream, **upstream: Any) -> dict:
+    return {"upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS,
+                           **upstream}]}
+
+
+def keys_for(mock: mock_upstream.MockUpstream, fragment: str) -> list[str]:
+    return [r.key() for r in mock.requests if fragment in r.path]
+
+
+def test_sdk_responses_native_create_stream_and_a_tool_round_trip_on_the_creating_key(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    client = start_gateway(three_keys(mock)).client()
+    reply = client.responses.create(model="gpt-4o", input="hello", instructions="be brief")
+    assert reply.output_text == "echo: hello" and reply.usage.output_tokens == 5
+    assert mock.requests[-1].path == "/v1/responses" and mock.requests[-1].json()["instructions"] == "be brief"
+    with client.responses.stream(model="gpt-4o", input="streamed") as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert kinds.count("response.output_text.delta") == 5 and final.output_text == "echo: streamed"
+    events = list(client.responses.create(model="gpt-4o", input="raw", stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "echo: raw"
+    call = client.responses.create(model="gpt-4o", input="weather?", tools=[WEATHER])
+    (item,) = call.output
+    assert item.type == "function_call" and json.loads(item.arguments) == {"city": "mock"}
+    # round robin would send the follow-up to the next key, where the mock knows no such id
+    answer = client.responses.create(model="gpt-4o", previous_response_id=call.id, tools=[WEATHER], input=[
+        {"type": "function_call_output", "call_id": item.call_id, "output": "sunny"}])
+    assert answer.output_text == "echo: sunny"
+    assert mock.requests[-1].key() == mock.owner(call.id)
+
+
+def test_follow_ups_go_to_the_key_that_created_the_response_and_a_blocked_one_gets_the_upstreams_answer(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway(three_keys(mock))
+    client = g.client()
+    client.chat.completions.create(model="gpt-4o", messages=MSGS)  # KEYS[0]
+    created = client.responses.create(model="gpt-4o", input="keep me")  # KEYS[1]
+    assert mock.owner(created.id) == KEYS[1]
+    g.lt.call(g.gw.reload, gw.load_config({"GATEWAY_CONFIG": json.dumps(three_keys(mock))}))
+    for _ in range(3):  # the id is remembered across a reload
+        assert client.responses.retrieve(created.id).output_text == "echo: keep me"
+    items = client.responses.input_items.list(created.id)
+    assert [i.content[0].text for i in items.data] == ["keep me"]
+    client.responses.delete(created.id)
+    assert keys_for(mock, created.id) == [KEYS[1]] * 5 and mock.owner(created.id) is None
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(created.id)
+    gone = client.responses.create(model="gpt-4o", input="again")
+    owner = mock.owner(gone.id)
+    mock.key_faults[owner] = (401, {}, "Incorrect API key provided")
+    with pytest.raises(openai.NotFoundError) as info:  # the upstream's own answer, through another key
+        client.responses.retrieve(gone.id)
+    assert f"No response found with id '{gone.id}'" in info.value.message
+    assert keys_for(mock, gone.id)[-2] == owner and keys_for(mock, gone.id)[-1] != owner
+    assert key_states(g)[f"mock#{KEYS.index(owner)}"] == "blocked"
+
+
+def test_other_endpoints_pass_through_to_the_model_upstream_or_the_first_serving_everything(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway({"upstreams": [
+        {"name": "chat", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": [KEYS[0]], "models": ["gpt-4o"]},
+        {"name": "all", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": [KEYS[1]]}]})
+    client = g.client()
+    moderation = client.moderations.create(input="I will kill the process", model="omni-moderation-latest")
+    assert moderation.results[0].flagged and moderation.results[0].categories.violence
+    assert mock.requests[-1].key() == KEYS[1]  # a model no upstream lists: the first "*" one
+    image = client.images.generate(prompt="a cat", model="gpt-image-1")
+    assert base64.b64decode(image.data[0].b64_json) == mock_upstream.PNG
+    speech = client.audio.speech.create(model="tts-1", voice="alloy", input="say this")
+    assert speech.content == mock_upstream.speech_bytes("say this")
+    assert speech.response.headers["content-type"] == "audio/mpeg"
+    client.chat.completions.create(model="gpt-4o", messages=MSGS)
+    assert mock.requests[-1].key() == KEYS[0]  # by model, as ever
+    (resp,) = raw(g.port, b"GET /v1/no/such/thing HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert resp.status == 404 and "Unknown path /v1/no/such/thing" in resp.json()["error"]["message"]
+    (resp,) = raw(g.port, b"GET /elsewhere HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert resp.status == 404 and resp.json()["error"]["code"] == "not_found"  # outside /v1: ours
+
+
+def test_a_5_mb_transcription_arrives_whole_and_routes_by_its_multipart_model(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway({"upstreams": [
+        {"name": "chat", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": [KEYS[0]], "models": ["gpt-4o"]},
+        {"name": "audio", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": [KEYS[1]], "models": ["whisper-1"]}]})
+    audio = os.urandom(5_000_000)
+    text = g.client().audio.transcriptions.create(model="whisper-1", file=("talk.wav", audio))
+    assert text.text == f"heard 5000000 bytes sha256:{hashlib.sha256(audio).hexdigest()}"
+    assert mock.requests[-1].key() == KEYS[1]
+    plain = g.client().audio.transcriptions.create(model="whisper-1", file=("t.wav", b"abc"),
+                                                   response_format="text")
+    assert plain.startswith("heard 3 bytes")
+
+
+def test_a_100_mb_upload_streams_through_with_flat_memory_then_follow_ups_use_its_key(
+        mock: mock_upstream.MockUpstream, tmp_path: Path) -> None:
+    config = three_keys(mock) | {"port": 0, "access_log": False}
+    proc = GatewayProcess([], {**os.environ, "GATEWAY_CONFIG": json.dumps(config)}, "listening")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{proc.port}/v1", api_key=SDK_KEY,
+                               max_retries=0, timeout=60)
+        small = client.files.create(file=("warm.jsonl", b'{"a": 1}\n'), purpose="batch")
+        assert small.bytes == 9
+        path = tmp_path / "big.jsonl"
+        digest = hashlib.sha256()
+        with path.open("wb") as f:
+            for _ in range(100):
+                block = os.urandom(1_000_000)
+                digest.update(block)
+                f.write(block)
+        rss = RssWatch(proc.proc.pid)
+        with path.open("rb") as f, rss:
+            created = client.files.create(file=f, purpose="batch")
+        assert created.bytes == 100_000_000 and rss.growth_mb < 20, rss
+        owner = mock.owner(created.id)
+        assert owner is not None and client.files.retrieve(created.id).filename == "big.jsonl"
+        got = hashlib.sha256()
+        with rss, client.files.with_streaming_response.content(created.id) as content:
+            for block in content.iter_bytes():
+                got.update(block)
+        assert got.hexdigest() == digest.hexdigest() and rss.growth_mb < 20, rss
+        batch = client.batches.create(input_file_id=created.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")  # by the file id in the body
+        assert client.batches.retrieve(batch.id).input_file_id == created.id
+        assert mock.owner(batch.id) == owner
+        assert set(keys_for(mock, created.id) + keys_for(mock, batch.id)) == {owner}
+    finally:
+        proc.kill()
+
+
+def test_responses_over_a_chat_only_upstream_give_the_sdk_valid_objects(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway(three_keys(mock, chat_only=True))
+    client = g.client()
+    reply = client.responses.create(model="gpt-4o", input="hello", instructions="be brief",
+                                    max_output_tokens=50)
+    seen = mock.requests[-1]
+    assert seen.path == "/v1/chat/completions" and seen.json()["max_tokens"] == 50
+    assert seen.json()["messages"] == [{"role": "system", "content": "be brief"},
+                                       {"role": "user", "content": "hello"}]
+    assert reply.output_text == "echo: hello" and reply.usage.output_tokens == 5
+    assert reply.usage.total_tokens == reply.usage.input_tokens + 5
+    assert client.responses.retrieve(reply.id).output_text == "echo: hello"  # from the gateway
+    call = client.responses.create(model="gpt-4o", input="weather?", tools=[WEATHER])
+    (item,) = call.output
+    assert item.type == "function_call" and item.name == "weather" and json.loads(item.arguments) == {"city": "mock"}
+    answer = client.responses.create(model="gpt-4o", previous_response_id=call.id, tools=[WEATHER], input=[
+        {"type": "function_call_output", "call_id": item.call_id, "output": "sunny"}])
+    messages = mock.requests[-1].json()["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool"]
+    assert messages[1]["tool_calls"][0]["id"] == item.call_id == messages[2]["tool_call_id"]
+    assert answer.output_text == "echo: sunny"
+    with client.responses.stream(model="gpt-4o", input="streamed") as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == "".join(f"tok{i} " for i in range(5))
+    assert final.usage.output_tokens == 5
+    with client.responses.stream(model="gpt-4o", input="weather?", tools=[WEATHER]) as stream:
+        done = [e.arguments for e in stream if e.type == "response.function_call_arguments.done"]
+        final = stream.get_final_response()
+    assert done == ['{"city":"mock"}'] and final.output[0].type == "function_call"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(model="gpt-4o", input="x", previous_response_id="resp_unknown")
+    assert info.value.param == "previous_response_id"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(model="gpt-4o", input="x", tools=[{"type": "web_search"}])
+    assert info.value.param == "tools"
+
+
+def test_a_response_made_over_chat_is_continued_over_chat_when_a_native_upstream_serves_the_model_too(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    url = f"http://127.0.0.1:{mock.port}/v1"
+    client = start_gateway({"upstreams": [{"name": "native", "url": url, "models": ["gpt-4o"]},
+                                          {"name": "chat", "url": url, "models": ["gpt-4o"], "chat_only": True}]}).client()
+    made = [client.responses.create(model="gpt-4o", input="first") for _ in range(2)]  # one each
+    (over_chat,) = [r for r in made if r.id.startswith("resp_") and mock.owner(r.id) is None]
+    for _ in range(4):
+        reply = client.responses.create(model="gpt-4o", input="next", previous_response_id=over_chat.id)
+        assert mock.requests[-1].path == "/v1/chat/completions" and reply.output_text == "echo: next"
+    assert [m["content"] for m in mock.requests[-1].json()["messages"]] == ["first", "echo: first", "next"]
+
+
+@pytest.mark.parametrize("chat_only", [False, True])
+def test_the_agents_sdk_runs_an_agent_with_a_function_tool_to_completion(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, chat_only: bool) -> None:
+    agents = pytest.importorskip("agents")
+    agents.set_tracing_disabled(True)
+    g = start_gateway(three_keys(mock, chat_only=chat_only))
+    calls: list[str] = []
+
+    @agents.function_tool
+    def weather(city: str) -> str:
+        """The weather in a city."""
+        calls.append(city)
+        return f"sunny in {city}"
+
+    async def run() -> Any:
+        client = openai.AsyncOpenAI(base_url=g.base, api_key=SDK_KEY, max_retries=0, timeout=10)
+        model = agents.OpenAIResponsesModel("gpt-4o", openai_client=client)
+        agent = agents.Agent(name="forecaster", instructions="Use the tool.", tools=[weather], model=model)
+        return await agents.Runner.run(agent, "What is the weather in Paris?")
+
+    result = asyncio.run(run())
+    assert calls == ["mock"] and result.final_output == "echo: sunny in mock"
+    paths = {r.path for r in mock.requests}
+    assert paths == ({"/v1/chat/completions"} if chat_only else {"/v1/responses"})
+
+
+@pytest.mark.parametrize("chat_only", [False, True])
+def test_responses_usage_reaches_usage_budgets_and_metrics(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, chat_only: bool) -> None:
+    g = start_gateway(limited(mock, api_keys=[{"key": SDK_KEY, "name": "team", "budget_tokens": 60}])
+                      | {"upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1",
+                                        "chat_only": chat_only}]})
+    client = g.client()
+    first = client.responses.create(model="gpt-4o", input="count me")
+    with client.responses.stream(model="gpt-4o", input="and me") as stream:
+        second = stream.get_final_response()
+    usage = usage_of(g, SDK_KEY)[0]
+    assert usage["requests"] == 2 and usage["completion_tokens"] == 10
+    assert usage["prompt_tokens"] == first.usage.input_tokens + second.usage.input_tokens
+    tokens = samples(scrape(g)["gateway_tokens"], "_total")
+    assert sum(v for labels, v in tokens.items() if ("kind", "completion") in labels) == 10
+    while usage_of(g, SDK_KEY)[0]["budget_left"] > 0:
+        client.responses.create(model="gpt-4o", input="spend")
+    with pytest.raises(openai.APIStatusError) as info:
+        client.responses.create(model="gpt-4o", input="over")
+    assert info.value.status_code == 402
 
 
 ################################################################################
