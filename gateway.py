@@ -31,12 +31,14 @@ import argparse
 import asyncio
 import bisect
 import collections
+import difflib
 import email.utils
 import enum
 import hashlib
 import hmac
 import http
 import importlib.util
+import ipaddress
 import itertools
 import json
 import os
@@ -48,6 +50,8 @@ import ssl
 import sys
 import time
 import traceback
+import urllib.request
+import warnings as python_warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
 from urllib.parse import quote, unquote, urlsplit
@@ -88,6 +92,7 @@ COOLDOWN_CAP_S = 60.0  # a 429 with no hint cools a key 1, 2, 4 ... s, never lon
 COOLDOWN_HINT_CAP_S = 3600.0  # the longest cooldown an upstream's hint may impose (configurable)
 BLOCK_RECHECK_S = 300.0  # a blocked key gets one real request this often (configurable)
 MAX_KEY_MODELS = 256  # models remembered per upstream key: "*" upstreams see any name
+MAX_LEARNED_MODELS = 256  # models that become metric labels because an upstream served them
 MAX_STICKY_IDS = 100_000  # object ids remembered with the key that made them (~120 B each)
 MAX_STORED_RESPONSES = 10_000  # responses made over chat, kept for previous_response_id
 UPLOAD_BUFFER = 1024 * 1024  # an upload's bytes waiting for the upstream connection, at most
@@ -283,9 +288,46 @@ class BoundedMap(collections.OrderedDict):
         return False
 
 
-def log(message: str) -> None:
-    """One line on stderr for operators (start-up, drain, warnings); not the access log."""
-    print(f"gateway: {message}", file=sys.stderr, flush=True)
+class _LogFormat:
+    """How stderr lines look: JSON objects (for a log shipper; the default when stderr is not
+    a terminal) or text for a person (start-up and operator lines; access lines stay JSON)."""
+
+    json = not sys.stderr.isatty()
+    _second = -1
+    _prefix = ""
+
+    @classmethod
+    def timestamp(cls, now: float) -> str:
+        """RFC 3339 UTC with milliseconds; the part up to the second made once a second."""
+        second = int(now)
+        if second != cls._second:
+            cls._second = second
+            cls._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{cls._prefix}.{int((now - second) * 1000):03d}Z"
+
+
+def set_log_format(name: str | None) -> None:
+    """"json", "text", or None: JSON unless stderr is a terminal."""
+    _LogFormat.json = not sys.stderr.isatty() if name is None else name == "json"
+
+
+def log(message: str, level: str = "info", **fields: Any) -> None:
+    """One line on stderr for operators (start-up, drain, config, keys, warnings); not the
+    access log. Under the JSON format, fields go into the object."""
+    if _LogFormat.json:
+        line = orjson.dumps({"ts": _LogFormat.timestamp(time.time()), "level": level,
+                             "msg": message, **fields}, default=str).decode()
+    else:
+        prefix = "gateway: " if level == "info" else f"gateway: {level}: "
+        line = prefix + message  # the fields are in the message, but for a traceback
+        if "traceback" in fields:
+            line += "\n" + str(fields["traceback"]).rstrip()
+    print(line, file=sys.stderr, flush=True)
+
+
+def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+                  line: Any = None) -> None:
+    log(f"{category.__name__}: {message} ({filename}:{lineno})", "warning")
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
@@ -1041,7 +1083,7 @@ class UsageLedger:
             except (orjson.JSONDecodeError, KeyError, TypeError):
                 torn = number == len(lines)
                 log(f"usage_log {path}: skipped {'a torn last' if torn else 'an unreadable'} "
-                    f"line {number}")
+                    f"line {number}", "warning")
         self._file = open(path, "a", buffering=1, encoding="utf-8")  # a line per write
         if data and not data.endswith(b"\n"):
             self._file.write("\n")  # end the torn line: the next entry gets its own
@@ -1157,7 +1199,7 @@ class Metrics:
     from a request: every model name passes through fold()."""
 
     __slots__ = ("requests", "upstream_requests", "tokens", "fallbacks", "durations", "ttfb",
-                 "active_streams", "known_models")
+                 "active_streams", "known_models", "learned")
 
     def __init__(self, known_models: Iterable[str] = ()) -> None:
         self.requests: dict[tuple[str, str, int], int] = {}
@@ -1167,7 +1209,15 @@ class Metrics:
         self.durations: dict[str, Histogram] = {}
         self.ttfb: dict[str, Histogram] = {}
         self.active_streams = 0
-        self.known_models = set(known_models)  # configured, or listed by an upstream
+        self.known_models = set(known_models)  # configured, listed or served by an upstream
+        self.learned = 0  # of them, served: at most MAX_LEARNED_MODELS
+
+    def learn(self, model: str) -> None:
+        """An upstream answered 200 for model: it is a label from now on (bounded, for "*"
+        upstreams answer for any name a client makes up)."""
+        if model not in self.known_models and self.learned < MAX_LEARNED_MODELS:
+            self.known_models.add(model)
+            self.learned += 1
 
     def fold(self, model: str) -> str:
         """The one label-folding rule: a known model is its own label, any other is "other"."""
@@ -1233,7 +1283,8 @@ class AccessLog:
     def request(self, rq: Request, duration: float) -> None:
         w = rq.writer
         self._write(orjson.dumps({
-            "ts": round(time.time(), 3), "request_id": rq.request_id.decode("latin-1"),
+            "ts": _LogFormat.timestamp(time.time()), "level": "info", "msg": "request",
+            "request_id": rq.request_id.decode("latin-1"), "client_ip": rq.peer or None,
             "method": rq.method.decode("latin-1"), "path": rq.path[:256].decode("latin-1"),
             "status": w.status, "model": rq.model[:128] or None,
             "served_model": rq.served_model[:128] or None,
@@ -1245,10 +1296,11 @@ class AccessLog:
             "error": rq.error or None,
         }))
 
-    def protocol_error(self, err: GatewayError) -> None:
+    def protocol_error(self, err: GatewayError, peer: str) -> None:
         """A request too malformed to become a Request still gets its line."""
         self._write(orjson.dumps({
-            "ts": round(time.time(), 3), "request_id": None, "method": None, "path": None,
+            "ts": _LogFormat.timestamp(time.time()), "level": "info", "msg": "request",
+            "request_id": None, "client_ip": peer or None, "method": None, "path": None,
             "status": err.status, "error": err.message}))
 
     def _write(self, line: bytes) -> None:
@@ -1300,7 +1352,9 @@ class _Reader:
     def only(self, allowed: Iterable[str]) -> None:
         for key in self.obj:
             if key not in allowed:
-                raise _fail(self.at(str(key)), "unknown key")
+                close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+                hint = f" (did you mean `{close[0]}`?)" if close else ""
+                raise _fail(self.at(str(key)), f"unknown key{hint}")
 
     def child(self, key: str) -> _Reader:
         return _Reader(self.obj.get(key) or {}, self.at(key), self.env)
@@ -1522,20 +1576,24 @@ class Config:
     TOP_LEVEL = frozenset(
         "host port api_keys admin_key rate_limit upstreams aliases fallbacks retry breaker "
         "max_body_bytes max_connections cors_origins access_log usage_log shutdown_grace_s "
-        "cooldown_cap_s block_recheck_s max_upload_bytes".split()
+        "cooldown_cap_s block_recheck_s max_upload_bytes shutdown_delay_s log_format "
+        "trusted_proxies".split()
     )
+    SECTIONS = {"rate_limit": ("rpm", "tpm", "burst"),
+                "retry": ("attempts", "base_delay_s", "max_delay_s"),
+                "breaker": ("failure_threshold", "recovery_timeout_s")}
 
     def __init__(self, raw: dict[str, Any], env: _Env) -> None:
         r = _Reader(raw, "", env)
         r.only(self.TOP_LEVEL)
-        self.host: str = r.string("host", DEFAULT_HOST)
+        self.host: str = _listen_host(r.string("host", DEFAULT_HOST))
         self.port: int = r.number("port", DEFAULT_PORT, integer=True)
         if self.port > 65535:
             raise _fail("port", "must be at most 65535")
         self.api_keys = self._client_keys(r)
         self.admin_key: str | None = r.string("admin_key", None, nullable=True) or None
         rl = r.child("rate_limit")
-        rl.only(("rpm", "tpm", "burst"))
+        rl.only(self.SECTIONS["rate_limit"])
         self.rpm = rl.number("rpm", None, nullable=True, above=True)
         self.tpm = rl.number("tpm", None, nullable=True, above=True)
         self.burst = rl.number("burst", None, nullable=True, above=True)
@@ -1543,12 +1601,12 @@ class Config:
         self.aliases = self._aliases(r)
         self.fallbacks = self._fallbacks(r)
         retry = r.child("retry")
-        retry.only(("attempts", "base_delay_s", "max_delay_s"))
+        retry.only(self.SECTIONS["retry"])
         self.retry_attempts: int = retry.number("attempts", 3, lo=1, integer=True)
         self.retry_base_delay_s: float = retry.number("base_delay_s", 0.2)
         self.retry_max_delay_s: float = retry.number("max_delay_s", 8.0)
         breaker = r.child("breaker")
-        breaker.only(("failure_threshold", "recovery_timeout_s"))
+        breaker.only(self.SECTIONS["breaker"])
         self.failure_threshold: int = breaker.number("failure_threshold", 5, lo=1, integer=True)
         self.recovery_timeout_s: float = breaker.number("recovery_timeout_s", 60, above=True)
         self.max_body_bytes: int = r.number("max_body_bytes", 32 * 1024 * 1024, lo=1, integer=True)
@@ -1561,6 +1619,12 @@ class Config:
         self.shutdown_grace_s: float = r.number("shutdown_grace_s", 30)
         self.cooldown_cap_s: float = r.number("cooldown_cap_s", COOLDOWN_HINT_CAP_S, above=True)
         self.block_recheck_s: float = r.number("block_recheck_s", BLOCK_RECHECK_S, above=True)
+        self.shutdown_delay_s: float = r.number("shutdown_delay_s", 0)
+        self.log_format: str | None = r.string("log_format", None, nullable=True)
+        if self.log_format not in (None, "json", "text"):
+            raise _fail("log_format", 'must be "json", "text" or null')
+        self.trusted_proxies = tuple(_network(cidr, f"trusted_proxies[{i}]")
+                                     for i, cidr in enumerate(r.strings("trusted_proxies")))
 
     @staticmethod
     def _client_keys(r: _Reader) -> list[ClientKey]:
@@ -1635,8 +1699,38 @@ class Config:
         any_model = any(u.models is None for u in self.upstreams)
         count = f"{len(models)}{'+any' if any_model else ''}"
         n = len(self.upstreams)
-        return (f"http://{self.host}:{self.port if port is None else port} · {n} "
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return (f"http://{host}:{self.port if port is None else port} · {n} "
                 f"upstream{'s' * (n != 1)} · {count} models · auth {'on' if self.auth_on else 'off'}")
+
+
+def config_keys() -> list[str]:
+    """Every key the loader accepts, dotted (`upstreams[].url`): what the reference documents."""
+    keys = sorted(Config.TOP_LEVEL)
+    keys += [f"{section}.{key}" for section, fields in Config.SECTIONS.items() for key in fields]
+    keys += [f"upstreams[].{key}" for key in sorted(Upstream.FIELDS)]
+    keys += [f"api_keys[].{key}" for key in sorted(ClientKey.FIELDS)]
+    return keys
+
+
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def _listen_host(host: str) -> str:
+    """An IP address or a host name to listen on; anything else is a config error."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if len(host) > 253 or not _HOSTNAME.fullmatch(host):
+            raise _fail("host", f"{host!r} is not an IP address or host name") from None
+    return host
+
+
+def _network(cidr: str, path: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(cidr, strict=False)
+    except ValueError:
+        raise _fail(path, f"{cidr!r} is not an address or CIDR") from None
 
 
 def _read_json_source(text: str, where: str) -> dict[str, Any]:
@@ -1653,8 +1747,9 @@ def _split_list(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
-def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> list[str]:
-    """Single-value environment variables, which win over the JSON sources.
+def _apply_env(raw: dict[str, Any], env: dict[str, str], overridden: list[str]) -> list[str]:
+    """Single-value environment variables, which win over the JSON sources (overridden: a
+    warning for each that replaces what the JSON said and is easy to miss).
 
     Returns the default-upstream variables that the JSON's own upstreams make moot."""
     if "GATEWAY_HOST" in env:
@@ -1665,7 +1760,13 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> list[str]:
         except ValueError:
             raise ConfigError("config: GATEWAY_PORT: not an integer") from None
     if "GATEWAY_API_KEYS" in env:
-        raw["api_keys"] = _split_list(env["GATEWAY_API_KEYS"])
+        keys = _split_list(env["GATEWAY_API_KEYS"])
+        if not keys and env["GATEWAY_API_KEYS"].strip():
+            raise ConfigError("config: GATEWAY_API_KEYS: no key in it (unset it to turn "
+                              "client auth off)")
+        if raw.get("api_keys"):
+            overridden.append("GATEWAY_API_KEYS replaces the JSON config's api_keys")
+        raw["api_keys"] = keys
     if "GATEWAY_ADMIN_KEY" in env:
         raw["admin_key"] = env["GATEWAY_ADMIN_KEY"]
     if "GATEWAY_RPM" in env:
@@ -1712,7 +1813,7 @@ def load_config(
     if env.get("GATEWAY_CONFIG"):
         raw.update(_read_json_source(env["GATEWAY_CONFIG"], "GATEWAY_CONFIG"))
     raw.update(overrides or {})
-    moot = _apply_env(raw, env)
+    moot = _apply_env(raw, env, warnings)
     if host is not None:
         raw["host"] = host
     if port is not None:
@@ -1722,7 +1823,25 @@ def load_config(
     moot = [name for name in moot if name not in refs.used]
     if moot:
         warnings.append(f"{', '.join(moot)} ignored: the JSON config gives upstreams")
+    for u in config.upstreams:
+        if _public_host(u.host) and not any(k.secret for k in u.keys) and not any(
+                h.lower() in _AUTH_HEADERS for h in u.headers):
+            warnings.append(f"upstream {u.name} ({u.url}) has no keys: its requests carry no "
+                            "credential (set keys, or OPENAI_API_KEY for the default upstream)")
     return config
+
+
+_AUTH_HEADERS = frozenset(("authorization", "api-key", "x-api-key"))
+
+
+def _public_host(host: str) -> bool:
+    """A host on the internet, which wants a credential (not loopback, a private address, or
+    a name that only resolves locally: `ollama`, `*.local`, `*.svc.cluster.local`)."""
+    try:
+        return ipaddress.ip_address(host).is_global
+    except ValueError:
+        return "." in host and not host.endswith((".local", ".internal", ".localhost", ".svc",
+                                                  ".cluster.local", ".lan", ".home.arpa"))
 
 
 ################################################################################
@@ -2646,7 +2765,8 @@ class Forwarder:
             breaker.record(status < 500)
             if status < 400 or (status < 500 and status not in (401, 403, 429)):
                 if keys.succeeded(key, model):
-                    log(f"upstream {upstream.name}: key {key.name} answered again: unblocked")
+                    log(f"upstream {upstream.name}: key {key.name} answered again: unblocked",
+                        upstream=upstream.name, key=key.name)
                 return conn
             if plan.rq.upload is not None:  # an upload is not sent twice: its answer stands
                 if status == 429:
@@ -2670,7 +2790,8 @@ class Forwarder:
                 reason = f"{status} {upstream_message(body, keys)}"
                 keys.block(key, reason)
                 log(f"upstream {upstream.name}: key {key.name} blocked: the upstream answered "
-                    f"{reason}; one request tries it again in {keys.recheck_s:g}s")
+                    f"{reason}; one request tries it again in {keys.recheck_s:g}s", "warning",
+                    upstream=upstream.name, key=key.name)
                 plan.tried.add(key)
             elif await self.backoff(plan, None, (status, headers, body)):
                 return None
@@ -4049,6 +4170,8 @@ class ProxyHandler:
                          rq.writer.status)
         rq.tokens = (prompt, completion)
         metrics = gw.metrics
+        if rq.writer.status == 200 and plan.served not in metrics.known_models:
+            metrics.learn(plan.served)
         label = metrics.fold(plan.served)
         metrics.count(metrics.tokens, (label, "prompt"), prompt)
         metrics.count(metrics.tokens, (label, "completion"), completion)
@@ -4066,7 +4189,8 @@ class ModelCatalog:
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
-        self._cache: dict[str, tuple[float, list[dict]]] = {}  # upstream -> (until, entries)
+        # upstream -> (until, entries, why it could not list them)
+        self._cache: dict[str, tuple[float, list[dict], str]] = {}
 
     def forget(self) -> None:
         """After a reload: upstreams' own lists are fetched again."""
@@ -4092,26 +4216,34 @@ class ModelCatalog:
             owner = next((u.name for u in cfg.upstreams if u.models and
                           cfg.resolve_alias(target) in u.models), "gateway")
             models.setdefault(alias, model_entry(alias, owner))
+        failures = []
         for u in cfg.upstreams:
             if u.models is None:
-                for entry in await self.upstream_models(u):
+                entries, failure = await self.upstream_models(u)
+                if failure:
+                    failures.append(f"{u.name}: {failure}")
+                for entry in entries:
                     models.setdefault(entry["id"], entry)
+        if failures and not models:  # an empty list would say there are no models at all
+            raise UpstreamError(f"Cannot list models: {'; '.join(failures)}")
         return models
 
-    async def upstream_models(self, u: Upstream) -> list[dict]:
+    async def upstream_models(self, u: Upstream) -> tuple[list[dict], str]:
+        """The upstream's own list, and why it could not be had ("" when it could)."""
         now = time.monotonic()
         cached = self._cache.get(u.name)
         if cached is not None and cached[0] > now:
-            return cached[1]
+            return cached[1], cached[2]
         try:
-            entries, ttl = await self.fetch(u), MODELS_CACHE_S
+            entries, ttl, failure = await self.fetch(u), MODELS_CACHE_S, ""
         except (GatewayError, ValueError, KeyError, TypeError) as exc:
-            log(f"upstream {u.name}: cannot list models ({exc})")
+            failure = str(exc) or type(exc).__name__
+            log(f"upstream {u.name}: cannot list models ({failure})", "warning", upstream=u.name)
             entries, ttl = [], MODELS_FAIL_CACHE_S
-        self._cache[u.name] = (now + ttl, entries)
+        self._cache[u.name] = (now + ttl, entries, failure)
         # An upstream's own list is bounded: its ids may become metric labels.
         self.gw.metrics.known_models.update(e["id"] for e in entries)
-        return entries
+        return entries, failure
 
     async def fetch(self, u: Upstream) -> list[dict]:
         gw = self.gw
@@ -4147,6 +4279,8 @@ class AdminHandler:
         })
 
     async def ready(self, rq: Request) -> None:
+        if self.gw.unready:  # shutdown_delay_s: still serving, no longer taking new traffic
+            raise Unavailable("The gateway is shutting down.", code="draining")
         rq.writer.send_json(200, {"status": "ready"})
 
     async def circuit_breakers(self, rq: Request) -> None:
@@ -4246,6 +4380,20 @@ ROUTE_TABLE: dict[bytes, tuple[bytes, int, str, str]] = {
     b"/v1/tokens/reset-stats": (b"POST", _ADMIN, "admin", "reset_stats"),
     b"/v1/rate-limits/observed": (b"GET", _ADMIN, "admin", "observed_limits"),
 }
+# The OpenAI API's resources, also answered without /v1 (clients given a bare base URL).
+_BARE_RESOURCES = frozenset((
+    b"chat", b"completions", b"embeddings", b"models", b"responses", b"usage", b"tokens",
+    b"rate-limits", b"moderations", b"images", b"audio", b"files", b"uploads", b"batches",
+    b"vector_stores", b"conversations", b"fine_tuning", b"assistants", b"threads",
+    b"realtime", b"containers", b"evals", b"videos", b"chatkit", b"organization"))
+
+
+def bare_path(path: bytes) -> bytes:
+    """/chat/completions is /v1/chat/completions; a path outside the API stays as it is."""
+    resource = path[1:].split(b"/", 1)[0]
+    return b"/v1" + path if resource in _BARE_RESOURCES else path
+
+
 _MODEL_PREFIX = b"/v1/models/"
 _RESPONSE_PREFIX = b"/v1/responses/"
 
@@ -4399,6 +4547,33 @@ class Router:
 ################################################################################
 
 
+def forwarded_client(peer: str, headers: list[tuple[bytes, bytes, bytes]],
+                     trusted: tuple) -> str:
+    """The client's address: the peer's, or, when the peer is a trusted proxy, the nearest
+    X-Forwarded-For hop that is not one (read from the right: hops further left are only
+    what the client claimed)."""
+    hops: list[str] = []
+    for _, name, value in headers:
+        if name == b"x-forwarded-for":
+            hops += value.decode("latin-1").split(",")
+    for hop in reversed(hops):
+        if not _is_trusted(peer, trusted):
+            break
+        try:
+            peer = str(ipaddress.ip_address(hop.strip()))
+        except ValueError:
+            break  # garbage: the last address a trusted proxy vouched for stands
+    return peer
+
+
+def _is_trusted(address: str, trusted: tuple) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
+
+
 class Request:
     """One request on a client connection: what the client sent, and what the access log
     says about it. Its response goes out through `writer`."""
@@ -4419,6 +4594,8 @@ class Request:
         self.writer = ResponseWriter(proto, self)
         target: bytes = event.target
         self.path, _, self.query = target.partition(b"?")
+        if not self.path.startswith(b"/v1/"):
+            self.path = bare_path(self.path)
         # (raw name, lowercased name, value): h11's own list, read directly because walking
         # its Sequence view costs a Python call per header.
         self.headers: list[tuple[bytes, bytes, bytes]] = event.headers._full_items
@@ -4458,6 +4635,9 @@ class Request:
         # nothing after it can be read as a request of its own (smuggling).
         self.framing_doubt = length and chunked
         self.peer = proto.peer
+        trusted = proto.gw.config.trusted_proxies
+        if trusted:
+            self.peer = forwarded_client(self.peer, self.headers, trusted)
         self.reserve = proto.reserve
         self.client: ClientKey | None = None
         self.limits: ClientLimits | None = None  # for every response: x-ratelimit-*
@@ -4706,7 +4886,7 @@ class HttpProtocol(asyncio.Protocol):
         rq = self.cycle
         if rq is None or not rq.writer.started:
             self.transport.write(raw_error(err))  # type: ignore[union-attr]
-            self.gw.count_protocol_error(err)
+            self.gw.count_protocol_error(err, self.peer)
         self.close()
 
     def _turn_away(self) -> None:
@@ -4800,6 +4980,7 @@ class Gateway:
         self.active = 0
         self.idle_event: asyncio.Event | None = None
         self.draining = False
+        self.unready = False  # /ready answers 503 (shutdown_delay_s), all else still served
         self.sweeper: asyncio.TimerHandle | None = None
         # state: reached only through each room's methods
         self.metrics = Metrics(config.known_models())
@@ -4923,8 +5104,7 @@ class Gateway:
         except asyncio.CancelledError:
             rq.error = "client disconnected"  # its connection is already closed
         except Exception as exc:  # a bug: answer 500 and say where, but keep serving
-            log(f"internal error on {rq!r}: {exc!r}")
-            traceback.print_exc()
+            log(f"internal error on {rq!r}: {exc!r}", "error", traceback=traceback.format_exc())
             rq.error = f"internal error: {exc!r}"
             rq.writer.fail(GatewayError("The gateway hit an internal error."))
         finally:
@@ -4948,11 +5128,11 @@ class Gateway:
         rq.writer.rq = None  # type: ignore[assignment]  # the one cycle a request makes: broken,
         # so that it is freed at once by reference counting, not later by the collector
 
-    def count_protocol_error(self, err: GatewayError) -> None:
+    def count_protocol_error(self, err: GatewayError, peer: str = "") -> None:
         """A request too malformed to become a Request: still one metric and one line."""
         self.metrics.count(self.metrics.requests, ("other", "", err.status))
         if self.access_log.enabled:
-            self.access_log.protocol_error(err)
+            self.access_log.protocol_error(err, peer)
 
 
 ################################################################################
@@ -4979,30 +5159,33 @@ async def _serve(args: argparse.Namespace) -> int:
     try:
         config = _configure(args, overrides)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        log(str(exc), "error")
         return 2
+    loop.set_exception_handler(_loop_exception)
+    python_warnings.showwarning = _show_warning
     gw = Gateway(config)
     try:
         await gw.start()
     except OSError as exc:
-        print(f"gateway: cannot listen on {config.host}:{config.port}: {exc.strerror}",
-              file=sys.stderr)
+        log(f"cannot listen on {config.host}:{config.port}: {exc.strerror}", "error")
         return 2
     log(f"listening on {config.summary(gw.port)}")
     if mock is not None:
-        base = f"http://{config.host}:{gw.port}/v1"
-        log(f"demo upstream on 127.0.0.1:{mock.port}; try:\n  curl {base}/chat/completions "
-            "-H 'content-type: application/json' "
-            "-d '{\"model\": \"gpt-4o-mini\", \"messages\": [{\"role\": \"user\", "
-            "\"content\": \"hi\"}]}'\n"
-            f"  python -c \"import openai; c = openai.OpenAI(base_url='{base}', api_key='x'); "
-            "print(c.chat.completions.create(model='gpt-4o-mini', "
-            "messages=[{'role': 'user', 'content': 'hi'}]).choices[0].message.content)\"")
+        _demo_lines(config, gw.port, mock.port)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload, gw, args, overrides)
     await stop.wait()
+    delay = gw.config.shutdown_delay_s
+    if delay > 0:  # a load balancer sees /ready fail before the listener goes
+        gw.unready = True
+        log(f"shutting down: /ready answers 503; still serving for {delay:g}s")
+        stop.clear()
+        try:
+            await asyncio.wait_for(stop.wait(), delay)  # a second signal cuts it short
+        except asyncio.TimeoutError:
+            pass
     log("shutting down: no longer accepting connections")
     await gw.shutdown()
     if mock is not None:
@@ -5011,51 +5194,121 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """What asyncio would print as text, as one log line."""
+    exc = context.get("exception")
+    trace = "".join(traceback.format_exception(exc)) if exc is not None else None
+    log(str(context.get("message") or repr(exc)), "error",
+        **({"traceback": trace} if trace else {}))
+
+
+def _demo_lines(config: Config, port: int, mock_port: int) -> None:
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    base = f"http://{host}:{port}/v1"
+    log(f"demo upstream on 127.0.0.1:{mock_port}; try:")
+    log(f"  curl {base}/chat/completions -H 'content-type: application/json' -d "
+        "'{\"model\": \"gpt-4o-mini\", \"messages\": [{\"role\": \"user\", "
+        "\"content\": \"hi\"}]}'")
+    if importlib.util.find_spec("openai") is None:
+        log("  (for the OpenAI SDK line too: pip install openai)")
+        return
+    log(f"  python -c \"import openai; c = openai.OpenAI(base_url='{base}', api_key='x'); "
+        "print(c.chat.completions.create(model='gpt-4o-mini', "
+        "messages=[{'role': 'user', 'content': 'hi'}]).choices[0].message.content)\"")
+
+
 def _reload(gw: Gateway, args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     """SIGHUP: read every config source again; a bad config is refused, the old one stays."""
     try:
         config = _configure(args, overrides)
     except ConfigError as exc:
-        log(f"config reload refused, the running config stays: {exc}")
+        log(f"config reload refused, the running config stays: {exc}", "error")
         return
     for unchanged in gw.reload(config):
-        log(f"warning: {unchanged}")
+        log(unchanged, "warning")
     log(f"config reloaded: {config.summary(gw.port)}")
 
 
 def _configure(args: argparse.Namespace, overrides: dict[str, Any]) -> Config:
+    """Load the config; its log_format applies from here on (its warnings included)."""
     warnings: list[str] = []
     config = load_config(config_file=args.config, host=args.host, port=args.port,
                          overrides=overrides, warnings=warnings)
+    set_log_format(config.log_format)
     for warning in warnings:
-        log(f"warning: {warning}")
+        log(warning, "warning")
     return config
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return _parser().parse_args(argv)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__.split("\n")[0])
     parser.add_argument("--host", help="listen address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (default 4000)")
     parser.add_argument("--config", metavar="FILE", help="JSON config file")
-    parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config, print a summary and exit (2: bad config)")
+    parser.add_argument("--probe", nargs="?", const="/health", metavar="PATH",
+                        help="GET PATH (default /health) from the configured address; exit 0 "
+                             "on 2xx, 1 otherwise: a container health check without curl")
     parser.add_argument("--demo", action="store_true",
                         help="serve the bundled mock upstream: try it with no API key")
     parser.add_argument("--version", action="version", version=__version__)
-    return parser.parse_args(argv)
+    return parser
+
+
+def check_summary(config: Config) -> list[str]:
+    """What --check prints: the config as the gateway will run it."""
+    lines = [f"config ok: {config.summary()}"]
+    for u in config.upstreams:
+        models = "any model" if u.models is None else ", ".join(sorted(u.models))
+        keys = sum(1 for k in u.keys if k.secret)
+        lines.append(f"  upstream {u.name}: {u.url} · {keys} key(s) · {models}"
+                     f"{' · chat_only' if u.chat_only else ''}")
+    own = sum(1 for k in config.api_keys if k.rpm is not None or k.tpm is not None)
+    lines.append(f"  auth: {len(config.api_keys)} client key(s)" if config.auth_on else
+                 "  auth: off (no api_keys: anyone who can connect may use it)")
+    limits = [f"{name} {value:g}" for name, value in (
+        ("rpm", config.rpm), ("tpm", config.tpm), ("burst", config.burst)) if value is not None]
+    per = "per client key" if config.auth_on else "per client address"
+    default = f"{', '.join(limits)} {per}" if limits else "none by default"
+    lines.append(f"  limits: {default}" + (f"; {own} key(s) with their own" if own else ""))
+    if config.admin_key:
+        admin = "admin_key set"
+    elif config.auth_on:
+        admin = "refused (api_keys is set and admin_key is not)"
+    else:
+        admin = "open (no auth: local use only)"
+    lines.append(f"  admin: {admin}")
+    lines.append("  redis: off (state lives in this process)")
+    return lines
+
+
+def probe(config: Config, path: str) -> int:
+    """GET path from the running gateway: 0 on 2xx, 1 otherwise."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(config.host, config.host)
+    host = f"[{host}]" if ":" in host else host
+    try:
+        with urllib.request.urlopen(f"http://{host}:{config.port}{path}", timeout=3) as reply:
+            return 0 if 200 <= reply.status < 300 else 1
+    except (OSError, ValueError):  # refused, timed out, an HTTP error status, a bad path
+        return 1
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
-    if args.check:
+    if args.check or args.probe:
         try:
             config = _configure(args, {})
         except ConfigError as exc:
-            print(exc, file=sys.stderr)
+            log(str(exc), "error")
             sys.exit(2)
-        print(f"config ok: {config.summary()}")
-        for u in config.upstreams:
-            models = "any model" if u.models is None else ", ".join(sorted(u.models))
-            print(f"  upstream {u.name}: {u.url} · {len(u.keys)} key(s) · {models}")
+        if args.probe:
+            sys.exit(probe(config, args.probe))
+        print("\n".join(check_summary(config)))
         sys.exit(0)
     if uvloop is not None:
         uvloop.install()

@@ -15,6 +15,7 @@ import concurrent.futures
 import email.utils
 import gc
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator
 
@@ -144,6 +146,13 @@ def eventually(predicate: Any, timeout: float = 5.0) -> bool:
             return False
         time.sleep(0.005)
     return True
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def connect(port: int) -> socket.socket:
@@ -462,9 +471,10 @@ def open_slow_stream(port: int) -> socket.socket:
 class GatewayProcess:
     """gateway.py in a subprocess; its stderr lines collected as they come."""
 
-    def __init__(self, args: list[str], env: dict[str, str], ready: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "gateway.py"), *args], env=env,
-                                     stderr=subprocess.PIPE, text=True)
+    def __init__(self, args: list[str], env: dict[str, str], ready: str,
+                 prefix: tuple[str, ...] = ()) -> None:
+        self.proc = subprocess.Popen([*prefix, sys.executable, str(HERE / "gateway.py"), *args],
+                                     env=env, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self.cond = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
@@ -480,6 +490,18 @@ class GatewayProcess:
     def wait_for_line(self, text: str, timeout: float = 20) -> bool:
         with self.cond:
             return self.cond.wait_for(lambda: any(text in line for line in self.lines), timeout)
+
+    def gateway_pid(self) -> int:
+        """The gateway's pid: the process itself, or, under a prefix such as `unshare
+        --fork`, its one child."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        found = children.read_text().split() if children.exists() else []
+        return int(found[0]) if found else self.proc.pid
+
+    def json_lines(self) -> list[dict]:
+        """Every stderr line so far, each of which must be one JSON object."""
+        with self.cond:
+            return [json.loads(line) for line in self.lines]
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -1176,6 +1198,21 @@ def test_per_ip_limits_when_auth_is_off(start_gateway: StartGateway, mock: mock_
     assert statuses == {"127.0.0.1": [200, 429], "127.0.0.2": [200, 429]}
 
 
+def test_behind_a_trusted_proxy_the_forwarded_client_is_limited_and_logged(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, capfd: pytest.CaptureFixture[str]) -> None:
+    g = start_gateway(limited(mock, rate_limit={"rpm": 1}, trusted_proxies=["127.0.0.0/8"], access_log=True),
+                      clock=FakeClock())
+    sent = {"203.0.113.7": 2, "198.51.100.1": 1}
+    statuses = [r.status for client, n in sent.items()
+                for r in raw(g.port, post("/v1/chat/completions", CHAT, f"X-Forwarded-For: {client}\r\n") * n, count=n)]
+    assert statuses == [200, 429, 200]  # one bucket per client behind the proxy
+    untrusted = start_gateway(limited(mock, trusted_proxies=["10.0.0.0/8"], access_log=True))
+    raw(untrusted.port, post("/v1/chat/completions", CHAT, "X-Forwarded-For: 203.0.113.9\r\n"))
+    lines = [json.loads(l) for l in capfd.readouterr().err.splitlines() if l.startswith("{")]
+    assert [l["client_ip"] for l in lines if l["msg"] == "request"] == [
+        "203.0.113.7", "203.0.113.7", "198.51.100.1", "127.0.0.1"]
+
+
 def test_tpm_limit_uses_the_estimate_and_reports_token_headers(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     g = start_gateway(limited(mock, rate_limit={"tpm": 100}), clock=FakeClock())
     body = b'{"model":"m","messages":[],"max_tokens":10}'
@@ -1253,6 +1290,22 @@ def test_usage_survives_a_restart_through_usage_log_even_after_a_torn_line(
 # Observability: /metrics, the access log
 ################################################################################
 
+def test_a_served_model_becomes_a_label_a_refused_one_stays_other_and_learning_is_bounded(
+        start_gateway: StartGateway) -> None:
+    g = start_gateway()
+    client = g.client()
+    client.chat.completions.create(model="served-model", messages=MSGS)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="refused-model", messages=MSGS, extra_headers={"x-mock-status": "404"})
+    requests = samples(scrape(g)["gateway_requests"], "_total")
+    models = {dict(labels)["model"] for labels in requests}
+    assert "served-model" in models and "refused-model" not in models and "other" in models
+    metrics = gw.Metrics(["configured"])
+    for i in range(gw.MAX_LEARNED_MODELS + 50):
+        metrics.learn(f"m{i}")
+    assert len(metrics.known_models) == gw.MAX_LEARNED_MODELS + 1 and metrics.fold("m9999") == "other"
+
+
 def test_metrics_count_exactly_the_requests_made(start_gateway: StartGateway, mock: mock_upstream.MockUpstream, capfd: pytest.CaptureFixture[str]) -> None:
     g = start_gateway({"access_log": True, "api_keys": [{"key": SDK_KEY, "name": "team", "rpm": 4}],
                        "upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS[:1],
@@ -1276,7 +1329,7 @@ def test_metrics_count_exactly_the_requests_made(start_gateway: StartGateway, mo
     assert requests == {
         (("model", "gpt-4o-mini"), path, ("status", "200")): 2,
         (("model", "gpt-4o-mini"), path, ("status", "500")): 1,
-        (("model", "other"), path, ("status", "200")): 1,
+        (("model", "made-up-by-client"), path, ("status", "200")): 1,  # served: a label now
         (("model", ""), path, ("status", "429")): 2,
     }
     assert samples(families["gateway_rate_limited"], "_total") == {(): 2}
@@ -1287,11 +1340,10 @@ def test_metrics_count_exactly_the_requests_made(start_gateway: StartGateway, mo
     assert samples(families["gateway_upstream_ttfb_seconds"], "_count") == {(("upstream", "mock"),): 3, (("upstream", "any"),): 1}
     assert samples(families["gateway_request_duration_seconds"], "_count")[(path,)] == 6
     tokens = samples(families["gateway_tokens"], "_total")
-    assert tokens[(("kind", "completion"), ("model", "gpt-4o-mini"))] == 10 and tokens[(("kind", "completion"), ("model", "other"))] == 5
+    assert tokens[(("kind", "completion"), ("model", "gpt-4o-mini"))] == 10 and tokens[(("kind", "completion"), ("model", "made-up-by-client"))] == 5
     assert samples(families["gateway_active_streams"]) == {(): 0}
     assert samples(families["gateway_key_available"]) == {(("key", "mock#0"), ("upstream", "mock")): 1,
                                                           (("key", "any#0"), ("upstream", "any")): 1}
-    assert "made-up-by-client" not in str(families)
 
     lines = [json.loads(l) for l in capfd.readouterr().err.splitlines() if l.startswith("{")]
     lines = [l for l in lines if l["path"] == "/v1/chat/completions"]
@@ -1301,7 +1353,9 @@ def test_metrics_count_exactly_the_requests_made(start_gateway: StartGateway, mo
     assert ok["upstream"] == "mock" and ok["upstream_key"] == "mock#0" and ok["client"] == "team"
     assert ok["stream"] is False and ok["prompt_tokens"] > 0 and ok["completion_tokens"] == 5
     assert ok["ttfb_ms"] > 0 and ok["duration_ms"] >= ok["ttfb_ms"] and ok["bytes_out"] > 100
-    assert ok["request_id"] == responses[0].headers["x-request-id"] and ok["error"] is None and ok["ts"] > 0
+    assert ok["request_id"] == responses[0].headers["x-request-id"] and ok["error"] is None
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", ok["ts"]) and ok["client_ip"] == "127.0.0.1"
+    assert ok["level"] == "info" and ok["msg"] == "request"
     assert streamed["stream"] is True and streamed["completion_tokens"] == 5 and streamed["bytes_out"] == len(responses[1].body)
     assert failed["status"] == 500 and failed["upstream"] == "mock"
     assert lines[4]["error"].startswith("Rate limit reached") and lines[3]["model"] == "made-up-by-client"
@@ -1423,12 +1477,83 @@ def test_env_references_and_prefix_expansion() -> None:
     ({"api_keys": ["same", "same"]}, "config: api_keys[1]: duplicate key"),
     ({"max_body_bytes": True}, "config: max_body_bytes: must be an integer"),
     ({"colour": "blue"}, "config: colour: unknown key"),
+    ({"upstreams": [{"model": ["m"]}]}, "config: upstreams[0].model: unknown key (did you mean `models`?)"),
+    ({"retry": {"attempt": 2}}, "config: retry.attempt: unknown key (did you mean `attempts`?)"),
+    ({"host": "not a host!"}, "config: host: 'not a host!' is not an IP address or host name"),
+    ({"host": "-bad-.example"}, "config: host: '-bad-.example' is not an IP address or host name"),
+    ({"log_format": "xml"}, 'config: log_format: must be "json", "text" or null'),
+    ({"trusted_proxies": ["10.0.0.0/33"]}, "config: trusted_proxies[0]: '10.0.0.0/33' is not an address or CIDR"),
+    ({"shutdown_delay_s": -1}, "config: shutdown_delay_s: must be at least 0"),
     ({"upstreams": [{"headers": {"Bad Header": "x"}}]}, "config: upstreams[0].headers.Bad Header: not a valid header"),
 ])
 def test_bad_config_names_the_key(obj: dict, message: str) -> None:
     with pytest.raises(gw.ConfigError) as info:
         cfg(obj)
     assert str(info.value).startswith(message)
+
+
+def test_config_nits_found_on_a_first_run() -> None:
+    with pytest.raises(gw.ConfigError, match="GATEWAY_API_KEYS: no key in it"):
+        gw.load_config({"GATEWAY_API_KEYS": ","})
+    assert not gw.load_config({"GATEWAY_API_KEYS": ""}).auth_on  # empty: unset, auth off
+    warnings: list[str] = []
+    config = gw.load_config({"GATEWAY_API_KEYS": "k1,k2", "GATEWAY_CONFIG": json.dumps({"api_keys": ["j1"]})},
+                            warnings=warnings)
+    assert [k.key for k in config.api_keys] == ["k1", "k2"]
+    assert any("GATEWAY_API_KEYS replaces the JSON config's api_keys" in w for w in warnings)
+    with pytest.raises(gw.ConfigError, match="config: host: 'bad host'"):
+        gw.load_config({"GATEWAY_HOST": "bad host"})
+    for host in ("0.0.0.0", "::", "::1", "localhost", "gateway.internal", "my-pod-1"):
+        assert gw.load_config({"GATEWAY_HOST": host}).host == host
+    assert gw.load_config({"GATEWAY_HOST": "::"}).summary().startswith("http://[::]:4000 ")
+    assert gw.load_config({"GATEWAY_HOST": "0.0.0.0"}).summary().startswith("http://0.0.0.0:4000 ")
+
+
+@pytest.mark.parametrize("upstream, warns", [
+    ({"url": "https://api.openai.com/v1"}, True),
+    ({"url": "https://api.openai.com/v1", "keys": ["sk-x"]}, False),
+    ({"url": "https://x.openai.azure.com/openai", "headers": {"api-key": "secret"}}, False),
+    ({"url": "http://127.0.0.1:11434/v1"}, False),
+    ({"url": "http://10.1.2.3/v1"}, False),
+    ({"url": "http://ollama:11434/v1"}, False),
+    ({"url": "http://vllm.models.svc.cluster.local/v1"}, False),
+])
+def test_an_upstream_that_needs_a_key_and_has_none_warns(upstream: dict, warns: bool) -> None:
+    warnings: list[str] = []
+    gw.load_config({"GATEWAY_CONFIG": json.dumps({"upstreams": [{"name": "u", **upstream}]})}, warnings=warnings)
+    assert any("upstream u" in w and "has no keys" in w for w in warnings) is warns
+    warnings.clear()
+    gw.load_config({}, warnings=warnings)  # the default upstream, no OPENAI_API_KEY: the first-run mistake
+    assert any("has no keys" in w and "OPENAI_API_KEY" in w for w in warnings)
+
+
+def test_the_config_reference_documents_every_key_env_var_and_flag() -> None:
+    reference = (HERE / "docs" / "config.md").read_text()
+    readme = (HERE / "README.md").read_text()
+    assert "docs/config.md" in readme and "CONTRACT" not in readme  # nothing outside the repo
+    missing = [key for key in gw.config_keys() if f"`{key}`" not in reference]
+    assert not missing, f"config keys the loader accepts but docs/config.md does not document: {missing}"
+    env_vars = set(re.findall(r'"((?:GATEWAY|OPENAI)_[A-Z_]+)"', (HERE / "gateway.py").read_text()))
+    assert {"GATEWAY_CONFIG", "GATEWAY_CONFIG_FILE", "GATEWAY_API_KEYS", "OPENAI_API_KEY"} <= env_vars
+    assert not [v for v in env_vars if f"`{v}`" not in reference]
+    flags = [o for a in gw._parser()._actions for o in a.option_strings if o.startswith("--")]
+    assert "--probe" in flags and not [f for f in flags if f"`{f}" not in reference]
+    documented = set(re.findall(r"^\| `([a-z_]+(?:\[\])?(?:\.[a-z_]+)?)`", reference, re.M))
+    assert documented - set(gw.config_keys()) - {"api_keys[]", "upstreams[]"} == set()  # nothing stale
+
+
+def test_forwarded_client_believes_only_trusted_proxies() -> None:
+    trusted = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("127.0.0.1/32"))
+
+    def xff(*values: str) -> list[tuple[bytes, bytes, bytes]]:
+        return [(b"X-Forwarded-For", b"x-forwarded-for", v.encode()) for v in values]
+
+    assert gw.forwarded_client("127.0.0.1", xff("203.0.113.7"), trusted) == "203.0.113.7"
+    assert gw.forwarded_client("127.0.0.1", xff("198.51.100.1, 203.0.113.7, 10.2.3.4"), trusted) == "203.0.113.7"
+    assert gw.forwarded_client("127.0.0.1", xff("198.51.100.1", "10.2.3.4"), trusted) == "198.51.100.1"
+    assert gw.forwarded_client("192.0.2.1", xff("203.0.113.7"), trusted) == "192.0.2.1"  # not a proxy of ours
+    assert gw.forwarded_client("127.0.0.1", xff("garbage, 10.0.0.9"), trusted) == "10.0.0.9"
+    assert gw.forwarded_client("127.0.0.1", [], trusted) == "127.0.0.1"
 
 
 def test_bad_json_sources_are_config_errors(tmp_path: Path) -> None:
@@ -1628,9 +1753,7 @@ def test_https_upstream_with_sni_and_certificate_verification(
 
 
 def test_upstream_unreachable_is_502_and_silent_upstream_is_504(start_gateway: StartGateway) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead_port = s.getsockname()[1]
+    dead_port = free_port()
     g = start_gateway({"upstreams": [{"name": "dead", "url": f"http://127.0.0.1:{dead_port}/v1"}]})
     with pytest.raises(openai.InternalServerError) as down:
         g.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
@@ -1839,9 +1962,7 @@ def test_no_retry_once_a_stream_has_started(start_gateway: StartGateway, mock: m
 
 
 def test_connect_errors_fail_over_to_another_upstream_serving_the_model(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
+    dead = free_port()
     g = start_gateway({"upstreams": [
         {"name": "dead", "url": f"http://127.0.0.1:{dead}/v1", "models": ["m"]},
         {"name": "live", "url": f"http://127.0.0.1:{mock.port}/v1", "models": ["m"]}],
@@ -2385,6 +2506,32 @@ def test_chat_only_upstream_answering_garbage_is_502_not_500(raw_upstream: RawUp
     assert resp.status == 502 and resp.json()["error"]["code"] == "upstream_error"
 
 
+def test_paths_without_v1_answer_as_their_v1_forms(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway()
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{g.port}", api_key="x", max_retries=0, timeout=10)
+    assert client.chat.completions.create(model="gpt-4o-mini", messages=MSGS).choices[0].message.content == "echo: x"
+    assert mock.requests[-1].path == "/v1/chat/completions"
+    assert client.responses.create(model="gpt-4o", input="bare").output_text == "echo: bare"
+    assert "gpt-4o" in [m.id for m in client.models.list()]
+    assert client.moderations.create(input="fine").results[0].flagged is False
+    assert mock.requests[-1].path == "/v1/moderations"
+    (resp,) = raw(g.port, b"GET /usage HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert resp.status == 200 and "keys" in resp.json()
+    (resp,) = raw(g.port, b"GET /not-an-api-path HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert resp.status == 404
+
+
+def test_models_list_is_502_when_the_only_source_is_unreachable(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    g = start_gateway({"upstreams": [{"name": "gone", "url": dead}]})
+    with pytest.raises(openai.APIStatusError) as info:
+        g.client().models.list()
+    assert info.value.status_code == 502 and info.value.code == "upstream_error" and "gone" in info.value.message
+    partial = start_gateway({"upstreams": [{"name": "fixed", "url": dead, "models": ["local-a"]},
+                                           {"name": "gone", "url": dead}]})
+    assert [m.id for m in partial.client().models.list()] == ["local-a"]  # what is known, still listed
+
+
 # The whole OpenAI API: Responses native and over chat, pass-through, uploads, Agents SDK
 
 WEATHER = {"type": "function", "name": "weather", "description": "The weather in a city.",
@@ -2578,7 +2725,8 @@ def test_a_response_made_over_chat_is_continued_over_chat_when_a_native_upstream
 @pytest.mark.parametrize("chat_only", [False, True])
 def test_the_agents_sdk_runs_an_agent_with_a_function_tool_to_completion(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, chat_only: bool) -> None:
-    agents = pytest.importorskip("agents")
+    import agents  # openai-agents, a test dependency
+
     agents.set_tracing_disabled(True)
     g = start_gateway(three_keys(mock, chat_only=chat_only))
     calls: list[str] = []
@@ -2873,17 +3021,22 @@ def test_max_connections_turns_extra_clients_away_but_keeps_room_for_probes(star
 
 
 def test_head_is_answered_on_every_path_without_a_body(start_gateway: StartGateway) -> None:
-    g = start_gateway()
+    g = start_gateway({"admin_key": "adm-key-123"})
+    fill = {b"{id}": b"gpt-4o-mini", b"{other}": b"files"}
+    expect = {b"POST": {405}, b"GET": {200}, gw._ANY: {404, 405}}  # _ANY: forwarded as HEAD
+    cases = [(re.sub(rb"\{\w+\}", lambda m: fill.get(m.group(0), b"resp_x"), path).decode(),
+              expect[method]) for path, (method, *_) in gw.ROUTE_TABLE.items()]
+    cases += [(path[3:], statuses) for path, statuses in cases if path.startswith("/v1/")]
+    cases += [("/nope", {404}), ("/v1/files/file-x/content", {404})]
     with connect(g.port) as sock:
-        sock.settimeout(5)
+        sock.settimeout(5)  # nothing ever waits on a HEAD
         f = sock.makefile("rb")
-        for path, status in (("/health", 200), ("/ready", 200), ("/v1/models", 200), ("/metrics", 200),
-                             ("/nope", 404), ("/v1/chat/completions", 405)):
-            sock.sendall(f"HEAD {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
-            assert read_response(f, head=True).status == status, path
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")  # no body bytes came after any of them
-        resp = read_response(f)
-        assert resp.status == 200 and resp.json()["status"] == "ok"
+        for path, statuses in cases:
+            sock.sendall(f"HEAD {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer adm-key-123\r\n\r\n".encode())
+            resp = read_response(f, head=True)
+            assert resp is not None and resp.status in statuses, (path, resp and resp.status)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")  # no body bytes came before it
+            assert read_response(f).json()["status"] == "ok", path
 
 
 def test_a_request_with_both_framings_is_answered_then_the_connection_closes(start_gateway: StartGateway) -> None:
@@ -2963,11 +3116,53 @@ def test_requests_leave_no_reference_cycles_behind(start_gateway: StartGateway, 
     assert ours == []
 
 
+def test_shutdown_delay_fails_ready_first_while_still_serving_then_drains(mock: mock_upstream.MockUpstream) -> None:
+    env = {**os.environ, "GATEWAY_CONFIG": json.dumps({
+        "port": 0, "shutdown_delay_s": 600, "upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1"}]})}
+    gp = GatewayProcess([], env, ready="listening")
+    try:
+        assert raw(gp.port, b"GET /ready HTTP/1.1\r\nHost: t\r\n\r\n")[0].status == 200
+        gp.proc.send_signal(signal.SIGTERM)
+        assert gp.wait_for_line("/ready answers 503"), gp.lines
+        ready, chat = raw(gp.port, b"GET /ready HTTP/1.1\r\nHost: t\r\n\r\n" + post("/v1/chat/completions", CHAT), count=2)
+        assert ready.status == 503 and ready.json()["error"]["code"] == "draining"
+        assert chat.status == 200 and "connection" not in chat.headers  # new connections still served
+        assert gp.proc.poll() is None
+        gp.proc.send_signal(signal.SIGTERM)  # a second signal: no more waiting
+        assert gp.proc.wait(20) == 0 and gp.wait_for_line("exited")
+        msgs = [l["msg"] for l in gp.json_lines()]
+        assert msgs.index("shutting down: no longer accepting connections") > next(
+            i for i, m in enumerate(msgs) if "/ready answers 503" in m)
+    finally:
+        gp.kill()
+    env["GATEWAY_CONFIG"] = json.dumps({"port": 0, "shutdown_delay_s": 0.2,
+                                        "upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1"}]})
+    gp = GatewayProcess([], env, ready="listening")
+    try:
+        gp.proc.send_signal(signal.SIGTERM)
+        assert gp.proc.wait(20) == 0  # the delay ends by itself
+    finally:
+        gp.kill()
+
+
+def pid_namespace() -> tuple[str, ...]:
+    """The command that runs a process as PID 1 of a new PID namespace, as in a container."""
+    prefix = ("unshare", "--pid", "--fork", "--mount-proc")
+    try:
+        ok = subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    if not ok:
+        pytest.skip("no PID namespaces here (unshare needs root or user namespaces)")
+    return prefix
+
+
+@pytest.mark.parametrize("pid1", [False, True])
 def test_sigterm_mid_stream_finishes_stream_refuses_new_requests_and_exits_0(
-        mock: mock_upstream.MockUpstream) -> None:
+        mock: mock_upstream.MockUpstream, pid1: bool) -> None:
     env = {**os.environ, "GATEWAY_CONFIG": json.dumps({
         "port": 0, "upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1"}]})}
-    gp = GatewayProcess([], env, ready="listening")
+    gp = GatewayProcess([], env, ready="listening", prefix=pid_namespace() if pid1 else ())
     port = gp.port
     try:
         idle = connect(port)
@@ -2979,7 +3174,7 @@ def test_sigterm_mid_stream_finishes_stream_refuses_new_requests_and_exits_0(
                                "x-mock-chunks: 10\r\nx-mock-delay-ms: 100\r\n"))
         stream_f = streaming.makefile("rb")
         assert stream_f.readline().startswith(b"HTTP/1.1 200")
-        gp.proc.send_signal(signal.SIGTERM)
+        os.kill(gp.gateway_pid(), signal.SIGTERM)  # as PID 1, only a handled signal works
         assert gp.wait_for_line("draining"), gp.lines
         idle.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
         refused = read_response(idle_f)
@@ -2998,6 +3193,10 @@ def test_sigterm_mid_stream_finishes_stream_refuses_new_requests_and_exits_0(
         assert text.count(b"tok") == 10 and text.endswith(b"data: [DONE]\n\n")
         assert gp.proc.wait(20) == 0
         assert gp.wait_for_line("exited")
+        lines = gp.json_lines()  # stderr is not a terminal: JSON, one object per line
+        assert [l["msg"] for l in lines if l["msg"] != "request"][0].startswith("listening on")
+        assert {l["msg"] for l in lines} >= {"request", "exited"} and all(
+            re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", l["ts"]) and l["level"] for l in lines)
     finally:
         gp.kill()
 
@@ -3042,38 +3241,90 @@ def test_sighup_reloads_keys_keeps_state_and_streams_and_refuses_a_bad_config(
         assert gp.wait_for_line("config reload refused"), gp.lines
         assert any("not valid JSON" in line for line in gp.lines if "refused" in line)
         assert raw(gp.port, post("/v1/chat/completions", CHAT, new))[0].status == 200  # the old config serves
+        levels = {l["msg"].split(":")[0]: l["level"] for l in gp.json_lines()}
+        assert levels["config reloaded"] == "info" and levels["config reload refused, the running config stays"] == "error"
     finally:
         gp.kill()
 
 
 ################################################################################
-# main(): --check, --demo
+# main(): --check, --probe, --demo
 ################################################################################
 
+def run_gateway(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "OPENAI_"))}
+    return subprocess.run([sys.executable, str(HERE / "gateway.py"), *args], env={**clean, **(env or {})},
+                          capture_output=True, text=True, timeout=30)
+
+
 def test_check_flag_prints_summary_and_bad_config_exits_2() -> None:
-    env = {**os.environ, "GATEWAY_CONFIG": json.dumps({"upstreams": [{"name": "u", "url": "http://127.0.0.1:9/v1", "models": ["m1"]}]})}
-    ok = subprocess.run([sys.executable, str(HERE / "gateway.py"), "--check"], env=env,
-                        capture_output=True, text=True, timeout=30)
-    assert ok.returncode == 0 and "config ok" in ok.stdout and "upstream u" in ok.stdout
-    env["GATEWAY_CONFIG"] = json.dumps({"upstreams": [{"url": "nope"}]})
-    bad = subprocess.run([sys.executable, str(HERE / "gateway.py"), "--check"], env=env,
-                         capture_output=True, text=True, timeout=30)
+    config = {"upstreams": [{"name": "u", "url": "http://127.0.0.1:9/v1", "models": ["m1"], "keys": ["k"]}],
+              "api_keys": ["a", {"key": "b", "rpm": 5}], "rate_limit": {"rpm": 60}, "admin_key": "adm"}
+    ok = run_gateway("--check", env={"GATEWAY_CONFIG": json.dumps(config)})
+    assert ok.returncode == 0 and ok.stdout.splitlines() == [
+        "config ok: http://127.0.0.1:4000 · 1 upstream · 1 models · auth on",
+        "  upstream u: http://127.0.0.1:9/v1 · 1 key(s) · m1",
+        "  auth: 2 client key(s)",
+        "  limits: rpm 60 per client key; 1 key(s) with their own",
+        "  admin: admin_key set",
+        "  redis: off (state lives in this process)"]
+    open_config = {"upstreams": [{"url": "http://127.0.0.1:9/v1"}]}
+    ok = run_gateway("--check", env={"GATEWAY_CONFIG": json.dumps(open_config)})
+    assert "  auth: off" in ok.stdout and "  limits: none by default" in ok.stdout and "admin: open" in ok.stdout
+    bad = run_gateway("--check", env={"GATEWAY_CONFIG": json.dumps({"upstreams": [{"url": "nope"}]})})
     assert bad.returncode == 2 and "config: upstreams[0].url: not an http(s) URL" in bad.stderr
-    bad = subprocess.run([sys.executable, str(HERE / "gateway.py")], env=env,
-                         capture_output=True, text=True, timeout=30)
+    bad = run_gateway(env={"GATEWAY_CONFIG": json.dumps({"upstreams": [{"url": "nope"}]})})
     assert bad.returncode == 2 and "upstreams[0].url" in bad.stderr
+    assert json.loads(bad.stderr.splitlines()[-1])["level"] == "error"  # stderr is not a terminal: JSON
 
 
-def test_demo_serves_the_bundled_mock() -> None:
+def test_probe_exit_codes_are_what_a_container_health_check_needs(start_gateway: StartGateway) -> None:
+    g = start_gateway()
+    assert run_gateway("--probe", "--port", str(g.port)).returncode == 0
+    assert run_gateway("--probe", "/ready", "--port", str(g.port)).returncode == 0
+    assert run_gateway("--probe", "/nope", "--port", str(g.port)).returncode == 1
+    assert run_gateway("--probe", "--port", str(free_port())).returncode == 1  # nothing listening
+    assert run_gateway("--probe", env={"GATEWAY_HOST": "0.0.0.0", "GATEWAY_PORT": str(g.port)}).returncode == 0
+    assert run_gateway("--probe", env={"GATEWAY_CONFIG": "{oops"}).returncode == 2
+
+
+def test_demo_serves_the_bundled_mock_and_every_line_it_prints_works() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "OPENAI_"))}
-    gp = GatewayProcess(["--demo", "--port", "0"], env, ready="curl")
+    gp = GatewayProcess(["--demo", "--port", "0"], env | {"GATEWAY_CONFIG": '{"log_format": "text"}'},
+                        ready="python -c")
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{gp.port}/v1", api_key="x", max_retries=0)
-        reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
-        assert reply.choices[0].message.content == "echo: hi"
+        assert gp.lines[0].startswith("gateway: listening on http://127.0.0.1:")
+        curl = next(line for line in gp.lines if "curl " in line)
+        url, body = re.search(r"curl (\S+) -H 'content-type: application/json' -d '(.*)'", curl).groups()
+        request = urllib.request.Request(url, json.loads(body) and body.encode(), {"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as reply:  # what curl would do
+            assert json.loads(reply.read())["choices"][0]["message"]["content"] == "echo: hi"
+        code = re.search(r'python -c "(.*)"', next(line for line in gp.lines if "python -c" in line)).group(1)
+        sdk = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+        assert sdk.returncode == 0 and sdk.stdout.strip() == "echo: hi"
     finally:
         gp.proc.send_signal(signal.SIGINT)
         assert gp.proc.wait(20) == 0
+
+
+def test_the_container_image_and_examples_are_wired_as_a_sidecar_needs() -> None:
+    """What can be checked without a container runtime: the image runs the gateway as PID 1
+    (exec form), as a user, listening outside the container, probed without curl; the
+    examples' probes, drain and configs are the ones the gateway serves and accepts."""
+    docker = (HERE / "Dockerfile").read_text()
+    assert re.search(r'^ENTRYPOINT \["gateway"\]$', docker, re.M)  # exec form: PID 1 gets SIGTERM
+    assert re.search(r"^USER (?!root|0\b)\S+", docker, re.M) and "pip install ." in docker
+    assert "GATEWAY_HOST=0.0.0.0" in docker and re.search(r"^EXPOSE 4000$", docker, re.M)
+    assert re.search(r'HEALTHCHECK .*\n?.*CMD \["gateway", "--probe", "/health"\]', docker)
+    assert "*" in (HERE / ".dockerignore").read_text().split()
+    pod = (HERE / "examples" / "kubernetes.yaml").read_text()
+    assert "path: /health" in pod and "path: /ready" in pod and "preStop" in pod and "secretKeyRef" in pod
+    assert "resources:" in pod and "terminationGracePeriodSeconds" in pod
+    config = re.search(r"gateway\.json: \|\n((?:    .*\n)+)", pod).group(1)
+    gw.load_config({"GATEWAY_CONFIG": config, "OPENAI_API_KEY": "sk-x", "APP_GATEWAY_KEY": "sk-app"})
+    compose = (HERE / "examples" / "compose.yaml").read_text()
+    assert all(f"\n  {service}:" in compose for service in ("app", "gateway", "redis"))
+    gw.load_config({"GATEWAY_CONFIG": re.search(r"GATEWAY_CONFIG: >\n\s+(\{.*\})", compose).group(1)})
 
 
 ################################################################################

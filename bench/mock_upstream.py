@@ -90,8 +90,8 @@ FILE_PIECE = 1024 * 1024  # what a file download writes at a time
 PNG = base64.b64decode(  # a 1x1 transparent PNG: what /v1/images/generations draws
     b"iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==")
 _REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
-            429: b"Too Many Requests", 500: b"Internal Server Error", 502: b"Bad Gateway",
-            503: b"Service Unavailable"}
+            405: b"Method Not Allowed", 429: b"Too Many Requests",
+            500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable"}
 
 
 class MockRequest:
@@ -774,11 +774,13 @@ class _MockConnection(asyncio.Protocol):
         """One key's objects of a kind: POST creates, GET lists, GET {id} reads, DELETE {id}
         deletes; other (method, action) pairs on an {id} as actions say."""
         mock, key = self.mock, rq.key()
-        if not parts and rq.method in ("POST", "GET"):
+        if not parts or not parts[0]:
             if rq.method == "POST":
                 create(rq)
-            else:
+            elif rq.method == "GET":
                 self.send_json(200, _list(mock.owned(key, kind)))
+            else:
+                self.send_error(405, f"{rq.method} is not allowed on {rq.path}")
             return
         found = mock.find(parts[0], key)
         action = (rq.method, "/".join(parts[1:]))
