@@ -10,7 +10,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 COPY pyproject.toml README.md gateway.py ./
-RUN pip install . \
+RUN pip install '.[redis]' \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin gateway
 
 USER 10001

@@ -44,17 +44,19 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import ssl
 import sys
+import tempfile
 import time
 import traceback
 import urllib.request
 import warnings as python_warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import h11
 import orjson
@@ -78,6 +80,9 @@ MAX_HEADER_BYTES = 16 * 1024  # 16 KiB: twice nginx's default header buffer, far
 HEADER_TIMEOUT_S = 10.0  # a request head must arrive within this once its first byte has
 BODY_TIMEOUT_S = 60.0  # a request body must arrive within this once its head has
 KEEPALIVE_TIMEOUT_S = 75.0  # idle client connections: nginx's keepalive_timeout default
+WORKER_QUICK_DEATH_S = 10.0  # a worker that dies sooner than this after start is restarted later
+WORKER_BACKOFF_CAP_S = 30.0  # and never later than this
+PIPE_BUF = 4096  # a write to a pipe this long or shorter is never interleaved with another
 SWEEP_S = 0.25  # how often deadlines are checked: the resolution of every timeout
 WRITE_HIGH_WATER = 64 * 1024  # client buffer above this pauses reading from the upstream
 MAX_PIPELINED_BYTES = 64 * 1024  # read ahead of the request in flight before pausing
@@ -293,6 +298,7 @@ class _LogFormat:
     a terminal) or text for a person (start-up and operator lines; access lines stay JSON)."""
 
     json = not sys.stderr.isatty()
+    worker: int | None = None  # workers: in every line, so that they can be told apart
     _second = -1
     _prefix = ""
 
@@ -314,11 +320,15 @@ def set_log_format(name: str | None) -> None:
 def log(message: str, level: str = "info", **fields: Any) -> None:
     """One line on stderr for operators (start-up, drain, config, keys, warnings); not the
     access log. Under the JSON format, fields go into the object."""
+    worker = _LogFormat.worker
     if _LogFormat.json:
+        if worker is not None:
+            fields.setdefault("worker", worker)
         line = orjson.dumps({"ts": _LogFormat.timestamp(time.time()), "level": level,
                              "msg": message, **fields}, default=str).decode()
     else:
-        prefix = "gateway: " if level == "info" else f"gateway: {level}: "
+        name = "gateway" if worker is None else f"gateway[{worker}]"
+        prefix = f"{name}: " if level == "info" else f"{name}: {level}: "
         line = prefix + message  # the fields are in the message, but for a traceback
         if "traceback" in fields:
             line += "\n" + str(fields["traceback"]).rstrip()
@@ -374,6 +384,13 @@ def mask_secret(secret: str) -> str:
     return f"{head}...{secret[-4:]}"
 
 
+def mask_url(url: str | None) -> str | None:
+    """A URL with its password, if any, masked: for logs."""
+    if not url:
+        return url
+    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
 def wall_time(monotonic: float, now: float, wall: float) -> float:
     """A monotonic instant as unix seconds, for the JSON endpoints."""
     return round(wall + monotonic - now, 3)
@@ -384,8 +401,16 @@ _ID_COUNTER = itertools.count(1)
 
 
 def new_request_id() -> bytes:
-    """Unique across restarts (random prefix) and cheap per request (a counter)."""
+    """Unique across restarts and processes (a random prefix) and cheap per request (a
+    counter)."""
     return b"%s%08x" % (_ID_PREFIX, next(_ID_COUNTER))
+
+
+def _new_id_prefix() -> None:
+    """A forked worker's own prefix: the one it inherited is its siblings' too."""
+    global _ID_PREFIX, _ID_COUNTER
+    _ID_PREFIX = b"req-" + os.urandom(4).hex().encode()
+    _ID_COUNTER = itertools.count(1)
 
 
 def header_value(text: str) -> bytes:
@@ -421,8 +446,8 @@ class UpstreamKey:
     so a 429 cools the key for that model only; a 401/403 blocks the whole key."""
 
     __slots__ = (
-        "name", "secret", "head", "cooling", "asked", "blocked", "recheck_at", "block_reason",
-        "next_slot", "requests", "failures", "last_used", "last_status",
+        "name", "secret", "head", "cooling", "asked", "blocked", "blocked_at", "recheck_at",
+        "block_reason", "next_slot", "requests", "failures", "last_used", "last_status",
     )
 
     def __init__(self, name: str, secret: str, head: bytes = b"") -> None:
@@ -437,6 +462,7 @@ class UpstreamKey:
         self.cooling: BoundedMap = BoundedMap(MAX_KEY_MODELS)
         self.asked: BoundedMap = BoundedMap(MAX_KEY_MODELS)  # models asked of it, recently
         self.blocked = False
+        self.blocked_at = 0.0  # monotonic
         self.recheck_at = 0.0  # monotonic: a blocked key gets one real request then
         self.block_reason = ""  # the upstream's status and message, secrets masked
         self.next_slot = 0.0  # monotonic: pacing, the earliest the next request may go
@@ -476,12 +502,15 @@ class KeyPool:
     itself, and a blocked key gets one real request every block_recheck_s, which unblocks it
     on success. Pacing (rpm_per_key / min_interval_ms) spaces requests per key."""
 
-    __slots__ = ("keys", "strategy", "interval", "recheck_s", "clock", "current", "_next")
+    __slots__ = ("keys", "strategy", "interval", "recheck_s", "clock", "current", "_next",
+                 "upstream", "listener")
 
     def __init__(self, keys: list[UpstreamKey], strategy: str = "round_robin",
                  interval: float = 0.0, clock: Clock = time.monotonic,
-                 recheck_s: float = BLOCK_RECHECK_S) -> None:
+                 recheck_s: float = BLOCK_RECHECK_S, upstream: str = "") -> None:
         self.keys = keys
+        self.upstream = upstream
+        self.listener: Any = None  # told of cooldowns and blocks (SharedState), if set
         self.strategy = strategy
         self.interval = interval  # seconds between two requests on one key; 0: no pacing
         self.recheck_s = recheck_s
@@ -505,7 +534,8 @@ class KeyPool:
                 key.secret, key.blocked, key.block_reason = spec.secret, False, ""
             key.head = spec.head
             keys.append(key)
-        return cls(keys, upstream.key_strategy, upstream.pacing_interval, recheck_s=recheck_s)
+        return cls(keys, upstream.key_strategy, upstream.pacing_interval, recheck_s=recheck_s,
+                   upstream=upstream.name)
 
     def __repr__(self) -> str:
         now = self.clock()
@@ -587,10 +617,13 @@ class KeyPool:
     def succeeded(self, key: UpstreamKey, model: str = "") -> bool:
         """A usable answer: the model's backoff starts over; a blocked key (its recheck) is
         unblocked. True when it was."""
-        key.cooling.pop(model, None)
+        if key.cooling.pop(model, None) is not None and self.listener is not None:
+            self.listener.recovered(self.upstream, key.name, model)
         if not key.blocked:
             return False
         key.blocked, key.block_reason = False, ""
+        if self.listener is not None:
+            self.listener.unblocked(self.upstream, key.name)
         return True
 
     def cool_down(self, key: UpstreamKey, seconds: float | None, model: str = "") -> None:
@@ -606,13 +639,43 @@ class KeyPool:
         if model not in key.asked:
             key.asked.put(model, True)
         self._move_off(key)
+        if self.listener is not None:
+            self.listener.cooled(self.upstream, key.name, model, seconds)
 
     def block(self, key: UpstreamKey, reason: str = "") -> None:
         """Revoked or forbidden (401/403): out of rotation, re-probed every recheck_s."""
         key.blocked = True
         key.block_reason = reason
-        key.recheck_at = self.clock() + self.recheck_s
+        key.blocked_at = self.clock()
+        key.recheck_at = key.blocked_at + self.recheck_s
         self._move_off(key)
+        if self.listener is not None:
+            self.listener.blocked(self.upstream, key.name, reason, self.recheck_s)
+
+    # what other instances saw (SharedState) -------------------------------------------------
+
+    def adopt_cooldown(self, name: str, model: str, until: float) -> None:
+        key = next((k for k in self.keys if k.name == name), None)
+        if key is None or until <= self.clock() or key.cools_for(model, 0.0) >= until:
+            return
+        entry = key.cooling.get(model)
+        key.cooling.put(model, [until, entry[1] if entry is not None else 1])
+        if model not in key.asked:
+            key.asked.put(model, True)
+
+    def adopt_block(self, name: str, reason: str, recheck_at: float) -> None:
+        key = next((k for k in self.keys if k.name == name), None)
+        if key is not None and not key.blocked:
+            key.blocked, key.block_reason = True, reason
+            key.blocked_at, key.recheck_at = self.clock(), recheck_at
+
+    def adopt_unblocks(self, still_blocked: set[str]) -> None:
+        """Keys blocked here that no instance still has blocked (one answered again), unless
+        the block is so recent that its own write may not have landed yet."""
+        now = self.clock()
+        for key in self.keys:
+            if key.blocked and key.name not in still_blocked and now - key.blocked_at > 2.0:
+                key.blocked, key.block_reason = False, ""
 
     def _move_off(self, key: UpstreamKey) -> None:
         """Failover: a key that just failed stops being the current one."""
@@ -702,9 +765,12 @@ class CircuitBreaker:
     probe goes through (half-open); the probe's success closes it, its failure reopens it."""
 
     __slots__ = ("threshold", "recovery_s", "clock", "state", "failures", "opened_at",
-                 "last_failure", "probing")
+                 "last_failure", "probing", "pair", "listener")
 
-    def __init__(self, threshold: int, recovery_s: float, clock: Clock = time.monotonic) -> None:
+    def __init__(self, threshold: int, recovery_s: float, clock: Clock = time.monotonic,
+                 pair: tuple[str, str] = ("", ""), listener: Any = None) -> None:
+        self.pair = pair  # (upstream, model)
+        self.listener = listener  # told when it opens or closes (SharedState), if set
         self.threshold = threshold
         self.recovery_s = recovery_s
         self.clock = clock
@@ -755,6 +821,15 @@ class CircuitBreaker:
         if state is BreakerState.OPEN:
             self.opened_at = self.clock()
         self.probing = False
+        if self.listener is not None and state is not BreakerState.HALF_OPEN:
+            self.listener.breaker_moved(*self.pair, self.recovery_s
+                                        if state is BreakerState.OPEN else None)
+
+    def adopt_open(self, until: float) -> None:
+        """Another instance opened it, until then (monotonic): open here too, quietly."""
+        if self.state is BreakerState.CLOSED and until > self.clock():
+            self.state, self.probing = BreakerState.OPEN, False
+            self.opened_at = until - self.recovery_s
 
     def retry_in(self) -> float:
         if self.state is BreakerState.CLOSED:
@@ -770,9 +845,10 @@ class BreakerBoard:
     """Every (upstream, model) breaker, made on first use. "*" upstreams see client-chosen
     model names, so the board is bounded: a new pair evicts the oldest healthy one."""
 
-    __slots__ = ("threshold", "recovery_s", "clock", "_breakers")
+    __slots__ = ("threshold", "recovery_s", "clock", "_breakers", "listener")
 
     def __init__(self, threshold: int, recovery_s: float, clock: Clock = time.monotonic) -> None:
+        self.listener: Any = None  # given to every breaker (SharedState), if set
         self.threshold = threshold
         self.recovery_s = recovery_s
         self.clock = clock
@@ -784,9 +860,13 @@ class BreakerBoard:
     def get(self, upstream: str, model: str) -> CircuitBreaker:
         found = self._breakers.get((upstream, model))
         if found is None:
-            found = CircuitBreaker(self.threshold, self.recovery_s, self.clock)
+            found = CircuitBreaker(self.threshold, self.recovery_s, self.clock,
+                                   (upstream, model), self.listener)
             self._breakers.put((upstream, model), found)  # unstored when full of unhealthy
         return found
+
+    def adopt_open(self, upstream: str, model: str, until: float) -> None:
+        self.get(upstream, model).adopt_open(until)
 
     def not_closed(self) -> list[tuple[str, str]]:
         return [pair for pair, b in self._breakers.items() if b.state is not BreakerState.CLOSED]
@@ -1158,6 +1238,543 @@ class ResponsesStore:
 
 
 ################################################################################
+# Shared state: Redis, when redis_url is set (fail open: local state when it is not there)
+################################################################################
+
+SHARED_SCHEMA = "v1"  # in every key and script: a rolling upgrade never mixes two meanings
+
+# Admission, atomically on the server's clock: the budget, then the request bucket, then the
+# token bucket; all or nothing. Buckets are hashes {l: level, s: stamp} that expire once
+# full again, so an idle client costs nothing. Numbers go back as strings (Lua numbers
+# would be cut to integers).
+_ADMIT_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local function level(key, rate, cap)
+  local v = redis.call('HMGET', key, 'l', 's')
+  if not v[1] then return cap end
+  return math.min(cap, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * rate)
+end
+local function put(key, value, rate, cap)
+  redis.call('HSET', key, 'l', tostring(value), 's', tostring(now))
+  redis.call('PEXPIRE', key, math.ceil((cap - value) / rate * 1000) + 1000)
+end
+local budget = tonumber(ARGV[6])
+if budget >= 0 and tonumber(redis.call('HGET', KEYS[3], 'total_tokens') or '0') >= budget then
+  return {'budget', '0', '0'}
+end
+local r_rate, r_cap = tonumber(ARGV[1]), tonumber(ARGV[2])
+local k_rate, k_cap = tonumber(ARGV[3]), tonumber(ARGV[4])
+local amount = math.min(tonumber(ARGV[5]), k_cap)
+local r, k = -1, -1
+if r_rate > 0 then
+  r = level(KEYS[1], r_rate, r_cap)
+  if r < 1 then return {'requests', tostring((1 - r) / r_rate), '0'} end
+end
+if k_rate > 0 then
+  k = level(KEYS[2], k_rate, k_cap)
+  if k < amount then return {'tokens', tostring((amount - k) / k_rate), '0'} end
+end
+if r_rate > 0 then r = r - 1; put(KEYS[1], r, r_rate, r_cap) end
+if k_rate > 0 then k = k - amount; put(KEYS[2], k, k_rate, k_cap) end
+return {'ok', tostring(r), tostring(k)}
+"""
+
+# A token estimate corrected after the fact: delta more taken, or -delta given back.
+_SETTLE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rate, cap, delta = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local v = redis.call('HMGET', KEYS[1], 'l', 's')
+local l = cap
+if v[1] then l = math.min(cap, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * rate) end
+l = math.min(cap, math.max(0, l - delta))
+redis.call('HSET', KEYS[1], 'l', tostring(l), 's', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil((cap - l) / rate * 1000) + 1000)
+return tostring(l)
+"""
+
+# rpm_per_key pacing across instances: the next free slot of one upstream key.
+_PACE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local slot = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0'))
+local interval = tonumber(ARGV[1])
+redis.call('SET', KEYS[1], tostring(slot + interval), 'PX', math.ceil((slot + interval - now) * 1000) + 1000)
+return tostring(slot - now)
+"""
+
+SHARED_ID_TTL_S = 7 * 86400  # object id -> (upstream, key)
+SHARED_RESPONSE_TTL_S = 86400  # responses made over chat
+SHARED_STATE_TTL_S = 86400  # an upstream's key and breaker states, refreshed on every write
+SHARED_FLUSH_S = 1.0  # usage and token corrections go out in batches this often
+MAX_SHARED_PENDING = 10_000  # writes waiting while Redis is away; the oldest go first
+_ID_SHAPE = re.compile(r"(resp|file|batch|vs|conv|upload|msg|fc|asst|thread|run|ftjob)[-_]\w{4,}")
+
+
+def shared_usage(entry: dict, fields: list[bytes]) -> None:
+    """A /v1/usage entry with the totals every instance recorded in Redis (an HGETALL)."""
+    if not fields:
+        return
+    models: dict[str, dict[str, int]] = {}
+    for raw_field, raw_value in zip(fields[::2], fields[1::2]):
+        model, _, field = raw_field.decode("utf-8", "replace").rpartition("\t")
+        if field in _USAGE_FIELDS:
+            if model:
+                models.setdefault(model, dict.fromkeys(_USAGE_FIELDS, 0))[field] = int(raw_value)
+            else:
+                entry[field] = int(raw_value)
+    entry["models"] = models
+    if entry.get("budget_tokens") is not None:
+        entry["budget_left"] = max(0, entry["budget_tokens"] - entry["total_tokens"])
+
+
+class RedisConnection(asyncio.Protocol):
+    """One pipelined connection to Redis, shared by every request of the process: commands
+    are written as they come and replies matched in order (Redis answers in order), parsed
+    by hiredis. Measured against redis-py's asyncio pipelines, which cost ~250 µs of CPU per
+    request here, this is what keeps a shared-state request close to an in-memory one."""
+
+    def __init__(self, hiredis: Any) -> None:
+        self.pack = hiredis.pack_command
+        self.reader = hiredis.Reader()
+        self.error_type = hiredis.ReplyError
+        self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()
+        # [future, replies expected, replies, loop time sent], oldest first
+        self.waiting: collections.deque = collections.deque()
+        self.out: list[bytes] = []  # commands of this loop turn: one write for them all
+        self.closed = False
+
+    @classmethod
+    async def open(cls, url: str, timeout: float) -> RedisConnection:
+        """Connect to a redis://, rediss:// or unix:// URL; AUTH and SELECT as it says."""
+        import hiredis  # with redis_url only
+
+        parts = urlsplit(url)
+        loop = asyncio.get_running_loop()
+        conn = cls(hiredis)
+        async with asyncio.timeout(timeout):
+            if parts.scheme == "unix":
+                await loop.create_unix_connection(lambda: conn, parts.path)
+            else:
+                await loop.create_connection(
+                    lambda: conn, parts.hostname or "127.0.0.1", parts.port or 6379,
+                    ssl=ssl.create_default_context() if parts.scheme == "rediss" else None)
+            setup: list[tuple] = []
+            if parts.password:
+                setup.append(("AUTH", unquote(parts.username or "default"),
+                              unquote(parts.password)))
+            path_db = "" if parts.scheme == "unix" else parts.path.strip("/")
+            db = parse_qs(parts.query).get("db", [path_db])[0]
+            if db and db != "0":
+                setup.append(("SELECT", db))
+            for reply in await conn.send(setup) if setup else ():
+                if isinstance(reply, conn.error_type):
+                    conn.close()
+                    raise ConnectionError(f"redis: {reply}")
+        return conn
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family != socket.AF_UNIX:
+            _set_nodelay(sock)
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        waiting = self.waiting
+        while (reply := self.reader.gets()) is not False:
+            if not waiting:
+                self.close()  # a reply nobody asked for: this connection is unusable
+                return
+            slot = waiting[0]
+            slot[2].append(reply)
+            if len(slot[2]) == slot[1]:
+                waiting.popleft()
+                if not slot[0].done():  # (a request that gave up waiting is still in line)
+                    slot[0].set_result(slot[2])
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        waiting, self.waiting = self.waiting, collections.deque()
+        for future, *_ in waiting:
+            if not future.done():
+                future.set_exception(ConnectionError("redis closed the connection"))
+
+    def send(self, commands: list[tuple]) -> asyncio.Future:
+        """Queue the commands, written with every other request's of this loop turn; the
+        future is their replies, in order (errors as hiredis.ReplyError values)."""
+        loop = self.loop
+        future = loop.create_future()
+        if self.closed or self.transport is None or self.transport.is_closing():
+            future.set_exception(ConnectionError("redis connection closed"))
+            return future
+        if not self.out:
+            loop.call_soon(self.flush)
+        pack = self.pack
+        self.out += [pack(command) for command in commands]
+        self.waiting.append([future, len(commands), [], loop.time()])
+        return future
+
+    def flush(self) -> None:
+        out, self.out = self.out, []
+        if out and not self.closed and self.transport is not None:
+            self.transport.write(b"".join(out))
+
+    def oldest_wait(self, now: float) -> float:
+        """How long the oldest unanswered command has waited (0 when none has)."""
+        return now - self.waiting[0][3] if self.waiting else 0.0
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class SharedState:
+    """State every instance and worker pointing at one Redis shares: client buckets and
+    budgets, usage, upstream key cooldowns and blocks, breakers, pacing, the id memory and
+    the responses made over chat.
+
+    A request makes one round trip before it is forwarded (admit: the buckets and budget in
+    one Lua call, and the states of the upstreams it may use, pipelined) and none after:
+    usage and token corrections are batched, state changes written by a task of their own.
+    Redis down or slow (redis_timeout_ms) never reaches a client: the process goes on with
+    its own state, /health says degraded, gateway_redis_up is 0, a line marks each change,
+    and a task reconnects with backoff."""
+
+    def __init__(self, gw: Gateway, url: str, prefix: str, timeout_ms: float) -> None:
+        self.gw = gw
+        self.url = url
+        self.prefix = f"{prefix}{SHARED_SCHEMA}:"
+        self.timeout = timeout_ms / 1000
+        self.conn: RedisConnection | None = None
+        # EVALSHA: a script travels once (SCRIPT LOAD, again after a Redis restart).
+        self.scripts = {lua: hashlib.sha1(lua.encode()).hexdigest()
+                        for lua in (_ADMIT_LUA, _SETTLE_LUA, _PACE_LUA)}
+        self.up = True  # until a call fails
+        self.reason = ""
+        self.usage: dict[tuple[str, str], list[int]] = {}  # (client, model) -> counts to add
+        self.settles: dict[tuple[str, float, float], float] = {}  # (bucket, rate, cap) -> delta
+        self.writes: collections.deque = collections.deque(maxlen=MAX_SHARED_PENDING)
+        self.writing: asyncio.Task | None = None
+        self.flusher: asyncio.Task | None = None
+        self.reconnecting: asyncio.Task | None = None
+        self.watchdog: asyncio.TimerHandle | None = None
+        self.keys_of: dict[str, tuple[str, str, str]] = {}  # bucket -> its three Redis keys
+        self.budgets = (None, {})  # (api_keys it was made from, name -> budget_tokens)
+
+    def __repr__(self) -> str:
+        return f"SharedState(up={self.up}, pending={len(self.writes)}, usage={len(self.usage)})"
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self.conn = await RedisConnection.open(self.url, max(self.timeout, 1.0))
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.lost(exc)
+        self.flusher = loop.create_task(self.flush_every())
+        self.watchdog = loop.call_later(self.timeout / 2, self.watch)
+
+    def watch(self) -> None:
+        """Twice per redis_timeout_ms: a reply owed for longer than that means Redis is slow
+        or gone. Its waiters are failed (they go on with local state) and the link is
+        dropped; the reconnect task takes over."""
+        conn = self.conn
+        if self.up and conn is not None and conn.oldest_wait(conn.loop.time()) > self.timeout:
+            self.lost(asyncio.TimeoutError(f"no reply within {self.timeout * 1000:g} ms"))
+        self.watchdog = asyncio.get_running_loop().call_later(self.timeout / 2, self.watch)
+
+    async def close(self) -> None:
+        """On drain: what is batched goes out, then the connection closes."""
+        for task in (self.flusher, self.reconnecting):
+            if task is not None:
+                task.cancel()
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+        await self.flush()
+        if self.writing is not None:
+            await asyncio.wait([self.writing], timeout=max(self.timeout * 4, 0.5))
+        if self.conn is not None:
+            self.conn.close()
+
+    # the link ---------------------------------------------------------------------------------
+
+    def lost(self, exc: BaseException) -> None:
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if self.conn is not None:
+            self.conn.close()  # replies still owed on it would only confuse the next ones
+        if self.up:
+            self.up, self.reason = False, reason
+            log(f"redis unreachable, serving on this process's own state: {reason}", "warning",
+                redis="down")
+            self.reconnecting = asyncio.get_running_loop().create_task(self.reconnect())
+
+    async def reconnect(self) -> None:
+        delay = 0.1
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                conn = await RedisConnection.open(self.url, max(self.timeout, 1.0))
+                async with asyncio.timeout(max(self.timeout, 1.0)):
+                    await conn.send([("PING",)])
+            except (OSError, asyncio.TimeoutError) as exc:
+                self.reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                delay = min(delay * 2, 5.0)
+                continue
+            self.conn, self.up, self.reason, self.reconnecting = conn, True, "", None
+            log("redis reachable again: shared state resumes", redis="up")
+            self.kick()
+            return
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    async def pipeline(self, commands: list[tuple]) -> list | None:
+        """One round trip, bounded by redis_timeout_ms: the replies, or None when Redis is not
+        there (or a command failed). Scripts a restarted Redis no longer knows are loaded,
+        and the commands sent again, once."""
+        for _ in range(2):
+            if not self.up or self.conn is None:
+                return None
+            try:  # bounded by the watchdog, not a timer per call
+                replies = await self.conn.send(commands)
+            except OSError as exc:
+                self.lost(exc)
+                return None
+            errors = [r for r in replies if isinstance(r, self.conn.error_type)]
+            if not errors:
+                return replies
+            if not all(str(e).startswith("NOSCRIPT") for e in errors):
+                return None
+            if await self.pipeline([("SCRIPT", "LOAD", lua) for lua in self.scripts]) is None:
+                return None
+        return None
+
+    # before a request: one round trip ---------------------------------------------------------
+
+    async def admit(self, rq: Request, limits: ClientLimits | None, name: str, estimate: int,
+                    upstreams: Iterable[Upstream]) -> bool:
+        """Take the client's shared buckets and check its shared budget (raises the refusal),
+        and bring in the shared states of the upstreams it may use. False when Redis is not
+        there: the caller limits on local state."""
+        if not self.up:
+            return False
+        api_keys = self.gw.config.api_keys
+        if self.budgets[0] is not api_keys:
+            self.budgets = (api_keys, {k.name: k.budget_tokens for k in api_keys})
+        budget = self.budgets[1].get(name)
+        requests = limits.requests if limits is not None else None
+        tokens = limits.tokens if limits is not None else None
+        bucket = name if rq.client is not None or limits is None else f"ip:{rq.peer}"
+        keys = self.keys_of.get(bucket)
+        if keys is None:
+            if len(self.keys_of) >= MAX_CLIENT_IPS:
+                self.keys_of.clear()
+            keys = self.keys_of[bucket] = (self.key("rpm", bucket), self.key("tpm", bucket),
+                                           self.key("usage", name))
+        names = list(dict.fromkeys(u.name for u in upstreams))
+        replies = await self.pipeline([
+            ("EVALSHA", self.scripts[_ADMIT_LUA], 3, *keys,
+             requests.rate if requests else 0, requests.capacity if requests else 0,
+             tokens.rate if tokens else 0, tokens.capacity if tokens else 0,
+             estimate if tokens else 0, -1 if budget is None else budget),
+            *[("HGETALL", self.key("up", upstream)) for upstream in names]])
+        if replies is None:
+            return False
+        verdict, first, second = (v.decode() for v in replies[0])
+        wall, now = time.time(), time.monotonic()
+        for upstream, fields in zip(names, replies[1:]):
+            self.adopt(upstream, fields, wall, now)
+        if verdict == "budget":
+            raise QuotaExceeded(f"This key has used its budget of {budget} tokens.")
+        if verdict == "requests":
+            raise self.gw.limiter.refuse(
+                f"Rate limit reached for requests: {limits.rpm:g} per minute.", float(first))
+        if verdict == "tokens":
+            raise self.gw.limiter.refuse("Rate limit reached for tokens per minute.",
+                                         float(first))
+        if requests is not None:  # the local bucket follows the shared one (headers, fail-open)
+            requests.level, requests.stamp = float(first), requests.clock()
+        if tokens is not None:
+            tokens.level, tokens.stamp = float(second), tokens.clock()
+        return True
+
+    def adopt(self, upstream: str, fields: list[bytes], wall: float, now: float) -> None:
+        """Another instance's cooldowns, blocks and open breakers, into this one's state."""
+        pool = self.gw.keys.get(upstream)
+        if pool is None:
+            return
+        shared_blocks = set()
+        for raw_field, raw_value in zip(fields[::2], fields[1::2]):
+            kind, _, rest = raw_field.decode("utf-8", "replace").partition("\t")
+            value = raw_value.decode("utf-8", "replace")
+            if kind == "c":
+                key_name, _, model = rest.partition("\t")
+                pool.adopt_cooldown(key_name, model, float(value) - wall + now)
+            elif kind == "b":
+                recheck, _, reason = value.partition("\t")
+                shared_blocks.add(rest)
+                pool.adopt_block(rest, reason, float(recheck) - wall + now)
+            elif kind == "o":
+                self.gw.breakers.adopt_open(upstream, rest, float(value) - wall + now)
+        pool.adopt_unblocks(shared_blocks)
+
+    async def pace(self, upstream: Upstream, key: UpstreamKey) -> float | None:
+        """Seconds until this key's next shared slot (rpm_per_key across instances), or None
+        when Redis is not there (local pacing stands)."""
+        replies = await self.pipeline([("EVALSHA", self.scripts[_PACE_LUA], 1,
+                                        self.key("pace", upstream.name, key.name),
+                                        upstream.pacing_interval)])
+        return None if replies is None else float(replies[0])
+
+    # after: batched, or written by a task of their own ---------------------------------------
+
+    def record_usage(self, name: str, model: str, prompt: int, completion: int,
+                     total: int) -> None:
+        counts = self.usage.get((name, model))
+        if counts is None:
+            if len(self.usage) >= MAX_SHARED_PENDING:
+                return
+            counts = self.usage[(name, model)] = [0, 0, 0, 0]
+        counts[0] += 1
+        counts[1] += prompt
+        counts[2] += completion
+        counts[3] += total or prompt + completion
+
+    def settle_tokens(self, rq: Request, limits: ClientLimits, name: str, delta: float) -> None:
+        bucket = name if rq.client is not None else f"ip:{rq.peer}"
+        tokens = limits.tokens
+        if tokens is not None and len(self.settles) < MAX_SHARED_PENDING:
+            slot = (bucket, tokens.rate, tokens.capacity)
+            self.settles[slot] = self.settles.get(slot, 0.0) + delta
+
+    def write(self, *command: Any) -> None:
+        """A state change the other instances should see by their next request."""
+        self.writes.append(command)
+        self.kick()
+
+    def kick(self) -> None:
+        if self.up and self.writing is None and self.writes:
+            self.writing = asyncio.get_running_loop().create_task(self.write_pending())
+
+    async def write_pending(self) -> None:
+        try:
+            while self.writes and self.up:
+                batch = [self.writes.popleft() for _ in range(min(len(self.writes), 256))]
+                if await self.pipeline(batch) is None:
+                    self.writes.extendleft(reversed(batch))  # kept for when Redis is back
+                    return
+        finally:
+            self.writing = None
+
+    # the listener of key pools and breakers ----------------------------------------------------
+
+    def cooled(self, upstream: str, key: str, model: str, seconds: float) -> None:
+        self.write_state(upstream, f"c\t{key}\t{model}", f"{time.time() + seconds:.3f}")
+
+    def recovered(self, upstream: str, key: str, model: str) -> None:
+        self.write("HDEL", self.key("up", upstream), f"c\t{key}\t{model}")
+
+    def blocked(self, upstream: str, key: str, reason: str, recheck_s: float) -> None:
+        self.write_state(upstream, f"b\t{key}", f"{time.time() + recheck_s:.3f}\t{reason}")
+
+    def unblocked(self, upstream: str, key: str) -> None:
+        self.write("HDEL", self.key("up", upstream), f"b\t{key}")
+
+    def breaker_moved(self, upstream: str, model: str, open_for: float | None) -> None:
+        """A breaker opened (for open_for seconds) or closed (None)."""
+        if open_for is None:
+            self.write("HDEL", self.key("up", upstream), f"o\t{model}")
+        else:
+            self.write_state(upstream, f"o\t{model}", f"{time.time() + open_for:.3f}")
+
+    def write_state(self, upstream: str, field: str, value: str) -> None:
+        self.write("HSET", self.key("up", upstream), field, value)
+        self.write("EXPIRE", self.key("up", upstream), SHARED_STATE_TTL_S)
+
+    # objects: the id memory and the responses made over chat ---------------------------------
+
+    def remember_id(self, object_id: str, upstream: str, key: str) -> None:
+        self.write("SET", self.key("id", object_id), f"{upstream}\t{key}", "EX", SHARED_ID_TTL_S)
+
+    async def find_ids(self, ids: list[str]) -> tuple[str, str] | None:
+        """The first of these ids another instance saw created: (upstream, key)."""
+        ids = [i for i in ids if _ID_SHAPE.fullmatch(i)][:16]
+        if not ids:
+            return None
+        found = await self.pipeline([("MGET", *[self.key("id", i) for i in ids])])
+        for value in found[0] if found else ():
+            if value is not None:
+                upstream, _, key = value.decode("utf-8", "replace").partition("\t")
+                return upstream, key
+        return None
+
+    def store_response(self, stored: StoredResponse) -> None:
+        self.write("SET", self.key("resp", stored.response["id"]), orjson.dumps(list(stored)),
+                   "EX", SHARED_RESPONSE_TTL_S)
+
+    def delete_response(self, response_id: str) -> None:
+        self.write("DEL", self.key("resp", response_id))
+
+    async def find_response(self, response_id: Any) -> StoredResponse | None:
+        if not isinstance(response_id, str) or not response_id.startswith("resp_"):
+            return None
+        found = await self.pipeline([("GET", self.key("resp", response_id))])
+        if not found or found[0] is None:
+            return None
+        try:
+            return StoredResponse(*orjson.loads(found[0]))
+        except (orjson.JSONDecodeError, TypeError):
+            return None
+
+    # usage, for /v1/usage -------------------------------------------------------------------
+
+    async def usage_totals(self, names: list[str]) -> dict[str, list[bytes]] | None:
+        if not names:
+            return None
+        found = await self.pipeline([("HGETALL", self.key("usage", name)) for name in names])
+        return None if found is None else dict(zip(names, found))
+
+    # the batch ----------------------------------------------------------------------------------
+
+    async def flush_every(self) -> None:
+        while True:
+            await asyncio.sleep(SHARED_FLUSH_S)
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Usage and token corrections since the last flush, in one pipeline. While Redis is
+        away they add up here (bounded), and go out when it is back."""
+        if not self.up or not (self.usage or self.settles):
+            return
+        usage, self.usage = self.usage, {}
+        settles, self.settles = self.settles, {}
+        commands: list[tuple] = []
+        for (name, model), (requests, prompt, completion, total) in usage.items():
+            key = self.key("usage", name)
+            for field, amount in (("requests", requests), ("prompt_tokens", prompt),
+                                  ("completion_tokens", completion), ("total_tokens", total),
+                                  (f"{model}\trequests", requests),
+                                  (f"{model}\tprompt_tokens", prompt),
+                                  (f"{model}\tcompletion_tokens", completion),
+                                  (f"{model}\ttotal_tokens", total)):
+                if amount:
+                    commands.append(("HINCRBY", key, field, amount))
+        commands += [("EVALSHA", self.scripts[_SETTLE_LUA], 1, self.key("tpm", bucket), rate,
+                      capacity, delta) for (bucket, rate, capacity), delta in settles.items()
+                     if delta]
+        if commands and await self.pipeline(commands) is None:  # Redis went: keep them
+            for slot, counts in usage.items():
+                mine = self.usage.setdefault(slot, [0, 0, 0, 0])
+                for i, amount in enumerate(counts):
+                    mine[i] += amount
+            for slot, delta in settles.items():
+                self.settles[slot] = self.settles.get(slot, 0.0) + delta
+
+
+################################################################################
 # Observability: metrics, the access log
 ################################################################################
 
@@ -1232,6 +1849,42 @@ class Metrics:
             found = table[key] = Histogram()
         return found
 
+    _COUNTERS = ("requests", "upstream_requests", "tokens", "fallbacks")
+    _HISTOGRAMS = ("durations", "ttfb")
+
+    def snapshot(self, refused: int) -> bytes:
+        """The counters as JSON, for the other workers' scrapes."""
+        return orjson.dumps({
+            **{name: [[*k, v] for k, v in getattr(self, name).items()] for name in self._COUNTERS},
+            **{name: {k: [h.counts, h.sum] for k, h in getattr(self, name).items()}
+               for name in self._HISTOGRAMS},
+            "active_streams": self.active_streams, "refused": refused})
+
+    def merged(self, snapshots: list[dict]) -> tuple[Metrics, int]:
+        """These metrics plus other workers' snapshots: what /metrics shows for them all, and
+        the refusals summed."""
+        total = Metrics(self.known_models)
+        for name in self._COUNTERS:
+            getattr(total, name).update(getattr(self, name))
+        for name in self._HISTOGRAMS:
+            for key, hist in getattr(self, name).items():
+                mine = total.histogram(getattr(total, name), key)
+                mine.counts, mine.sum = list(hist.counts), hist.sum
+        total.active_streams, refused = self.active_streams, 0
+        for snap in snapshots:
+            for name in self._COUNTERS:
+                table = getattr(total, name)
+                for *key, value in snap.get(name, ()):
+                    total.count(table, tuple(key), value)
+            for name in self._HISTOGRAMS:
+                for key, (counts, hist_sum) in snap.get(name, {}).items():
+                    mine = total.histogram(getattr(total, name), key)
+                    mine.counts = [a + b for a, b in zip(mine.counts, counts)]
+                    mine.sum += hist_sum
+            total.active_streams += snap.get("active_streams", 0)
+            refused += snap.get("refused", 0)
+        return total, refused
+
     def render(self, gauges: list[tuple[str, str, tuple[str, ...], dict]],
                rate_limited: int) -> bytes:
         out: list[str] = []
@@ -1265,7 +1918,8 @@ class Metrics:
                 f"gateway_active_streams {self.active_streams}"]
         for name, text, names, table in gauges:
             out += [f"# HELP {name} {text}", f"# TYPE {name} gauge"]
-            out += [f"{name}{{{_labels(names, k)}}} {v}" for k, v in table.items()]
+            out += [f"{name}{{{_labels(names, k)}}} {v}" if names else f"{name} {v}"
+                    for k, v in table.items()]
         return ("\n".join(out) + "\n").encode()
 
 
@@ -1284,6 +1938,7 @@ class AccessLog:
         w = rq.writer
         self._write(orjson.dumps({
             "ts": _LogFormat.timestamp(time.time()), "level": "info", "msg": "request",
+            **({"worker": _LogFormat.worker} if _LogFormat.worker is not None else {}),
             "request_id": rq.request_id.decode("latin-1"), "client_ip": rq.peer or None,
             "method": rq.method.decode("latin-1"), "path": rq.path[:256].decode("latin-1"),
             "status": w.status, "model": rq.model[:128] or None,
@@ -1309,10 +1964,22 @@ class AccessLog:
         self._lines.append(line)
 
     def flush(self) -> None:
-        if self._lines:
-            self._lines.append(b"")
-            sys.stderr.write(b"\n".join(self._lines).decode())
-            self._lines.clear()
+        if not self._lines:
+            return
+        self._lines.append(b"")
+        data = b"\n".join(self._lines)
+        self._lines.clear()
+        if _LogFormat.worker is None:
+            sys.stderr.write(data.decode())
+            return
+        sys.stderr.flush()  # workers share stderr: whole lines, PIPE_BUF at most per write,
+        while data:  # so that no other worker's line lands inside one of these
+            cut = data.rfind(b"\n", 0, PIPE_BUF) + 1 or data.find(b"\n") + 1 or len(data)
+            try:
+                os.write(2, data[:cut])
+            except OSError:
+                return
+            data = data[cut:]
 
 
 ################################################################################
@@ -1577,7 +2244,7 @@ class Config:
         "host port api_keys admin_key rate_limit upstreams aliases fallbacks retry breaker "
         "max_body_bytes max_connections cors_origins access_log usage_log shutdown_grace_s "
         "cooldown_cap_s block_recheck_s max_upload_bytes shutdown_delay_s log_format "
-        "trusted_proxies".split()
+        "trusted_proxies redis_url redis_prefix redis_timeout_ms workers".split()
     )
     SECTIONS = {"rate_limit": ("rpm", "tpm", "burst"),
                 "retry": ("attempts", "base_delay_s", "max_delay_s"),
@@ -1625,6 +2292,17 @@ class Config:
             raise _fail("log_format", 'must be "json", "text" or null')
         self.trusted_proxies = tuple(_network(cidr, f"trusted_proxies[{i}]")
                                      for i, cidr in enumerate(r.strings("trusted_proxies")))
+        self.redis_url: str | None = r.string("redis_url", None, nullable=True) or None
+        if self.redis_url is not None and urlsplit(self.redis_url).scheme not in (
+                "redis", "rediss", "unix"):
+            raise _fail("redis_url", "not a redis://, rediss:// or unix:// URL")
+        if self.redis_url is not None and importlib.util.find_spec("hiredis") is None:
+            raise _fail("redis_url", "needs hiredis: pip install 'gateway-py[redis]'")
+        self.redis_prefix: str = r.string("redis_prefix", "gateway:")
+        self.redis_timeout_ms: float = r.number("redis_timeout_ms", 50, above=True)
+        self.workers: int = r.number("workers", 1, lo=1, integer=True)
+        if self.workers > 1 and self.redis_url is None:
+            raise _fail("workers", "more than 1 needs redis_url (the workers share state there)")
 
     @staticmethod
     def _client_keys(r: _Reader) -> list[ClientKey]:
@@ -1769,6 +2447,13 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str], overridden: list[str]) 
         raw["api_keys"] = keys
     if "GATEWAY_ADMIN_KEY" in env:
         raw["admin_key"] = env["GATEWAY_ADMIN_KEY"]
+    if "GATEWAY_REDIS_URL" in env:
+        raw["redis_url"] = env["GATEWAY_REDIS_URL"] or None
+    if "GATEWAY_WORKERS" in env:
+        try:
+            raw["workers"] = int(env["GATEWAY_WORKERS"])
+        except ValueError:
+            raise ConfigError("config: GATEWAY_WORKERS: not an integer") from None
     if "GATEWAY_RPM" in env:
         try:
             rpm = float(env["GATEWAY_RPM"])
@@ -2624,6 +3309,10 @@ class Plan:
         return (f"Plan({self.kind}, model={self.model!r}, tried={len(self.tried)}, "
                 f"failures={self.failures}, served={self.served!r})")
 
+    def upstreams(self) -> list[Upstream]:
+        """Every upstream this plan may try."""
+        return [u for _, groups in self.candidates for group in groups for u in group]
+
     def next_model(self, model: str) -> None:
         """Fall back to model: its own attempts, keys and rotation."""
         self.model = model
@@ -2798,9 +3487,13 @@ class Forwarder:
 
     async def attempt(self, plan: Plan, upstream: Upstream, keys: KeyPool,
                       key: UpstreamKey, wait: float) -> UpstreamConnection:
+        gw, rq, model = self.gw, plan.rq, plan.model
+        if upstream.pacing_interval and gw.shared is not None and gw.shared.up:
+            shared_wait = await gw.shared.pace(upstream, key)  # the slot across instances
+            if shared_wait is not None:
+                wait = shared_wait
         if wait > 0:
             await asyncio.sleep(wait)  # pacing: this key's next slot
-        gw, rq, model = self.gw, plan.rq, plan.model
         request = plan.request_for(upstream, model, key)
         plan.upstream, plan.key = upstream, key
         keys.sending(key, model)
@@ -3960,9 +4653,12 @@ class ProxyHandler:
         conversation = obj.get("conversation")
         if isinstance(conversation, dict):
             conversation = conversation.get("id")
-        stored = gw.responses.get(previous)
+        stored = await self.stored_response(previous)
         pinned = None if stored is not None else \
             gw.sticky.find(previous) or gw.sticky.find(conversation)
+        if pinned is None and stored is None and gw.shared is not None:
+            pinned = await gw.shared.find_ids([i for i in (previous, conversation)
+                                               if isinstance(i, str)])
         candidates = self.pinned_candidates(pinned, model) if pinned is not None else \
             gw.forwarder.candidates(gw.config, model, "responses")
         if stored is not None:  # made over chat: only a chat_only upstream can go on from it
@@ -3984,7 +4680,7 @@ class ProxyHandler:
         made over chat, else sent to the key that made it."""
         parts = rq.path.split(b"/")  # b"", b"v1", b"responses", id, [action]
         response_id = unquote(parts[3].decode("latin-1"))
-        stored = self.gw.responses.get(response_id)
+        stored = await self.stored_response(response_id)
         if stored is None:
             await self.passthrough(rq)
             return
@@ -3998,11 +4694,20 @@ class ProxyHandler:
                                       "last_id": items[0]["id"] if items else None})
         elif rq.method == b"DELETE" and not action:
             self.gw.responses.delete(response_id)
+            if self.gw.shared is not None:
+                self.gw.shared.delete_response(response_id)
             rq.writer.send_json(200, {"id": response_id, "object": "response", "deleted": True})
         elif rq.method == b"POST" and action == b"cancel":
             raise BadRequest("Only background responses can be cancelled.", param="response_id")
         else:
             raise NotFound(f"Unknown path: {rq.path.decode('latin-1')}")
+
+    async def stored_response(self, response_id: Any) -> StoredResponse | None:
+        """A response made over chat: kept here, or (shared state) by another instance."""
+        stored = self.gw.responses.get(response_id)
+        if stored is None and response_id is not None and self.gw.shared is not None:
+            stored = await self.gw.shared.find_response(response_id)
+        return stored
 
     def pinned_candidates(self, pinned: tuple[str, str], model: str) -> Candidates:
         """The one upstream that made the object addressed; the usual routing if it is gone."""
@@ -4047,6 +4752,8 @@ class ProxyHandler:
             elif content_type.startswith(b"multipart/form-data"):
                 model = multipart_field(body, content_type, "model") or ""
         pinned = next(filter(None, map(gw.sticky.find, self.named_ids(rq, obj))), None)
+        if pinned is None and gw.shared is not None:
+            pinned = await gw.shared.find_ids(list(self.named_ids(rq, obj)))
         if model:
             model = self.allowed_model(rq, model)
         candidates = self.pinned_candidates(pinned, model) if pinned is not None else \
@@ -4072,9 +4779,18 @@ class ProxyHandler:
         client = rq.client
         name = client.name if client is not None else "anonymous"  # budget: checked on admission
         limits = rq.limits
-        if limits is not None and limits.tokens is not None and plan.obj is not None:
+        takes_tokens = limits is not None and limits.tokens is not None and plan.obj is not None
+        if takes_tokens:
             plan.estimate = estimate_tokens(rq.body(), plan.obj)
-            gw.limiter.take_tokens(limits, plan.estimate)
+        shared = gw.shared if rq.shared_take else None
+        if shared is None or not await shared.admit(rq, limits, name, plan.estimate,
+                                                    plan.upstreams()):
+            if rq.shared_take:  # Redis went away since the head: this process's buckets
+                rq.shared_take = False
+                if limits is not None:
+                    gw.limiter.take_request(limits)
+            if takes_tokens:
+                gw.limiter.take_tokens(limits, plan.estimate)  # type: ignore[arg-type]
         try:
             await self.respond(plan)
         finally:
@@ -4145,14 +4861,19 @@ class ProxyHandler:
         raw_input = obj.get("input")
         items = [{"type": "message", "role": "user", "content": raw_input}] \
             if isinstance(raw_input, str) else list(raw_input or [])
-        self.gw.responses.put(StoredResponse(response, [*messages, assistant], items))
+        stored = StoredResponse(response, [*messages, assistant], items)
+        self.gw.responses.put(stored)
+        if self.gw.shared is not None:
+            self.gw.shared.store_response(stored)
 
     def remember_for(self, plan: Plan) -> Callable[[str], None]:
         """Where the id of an object this answer creates will be remembered."""
-        sticky, upstream, key = self.gw.sticky, plan.upstream, plan.key
+        sticky, shared, upstream, key = self.gw.sticky, self.gw.shared, plan.upstream, plan.key
 
         def remember(object_id: str) -> None:
             sticky.remember(object_id, upstream.name, key.name)  # type: ignore[union-attr]
+            if shared is not None:
+                shared.remember_id(object_id, upstream.name, key.name)  # type: ignore[union-attr]
 
         return remember
 
@@ -4163,11 +4884,13 @@ class ProxyHandler:
         takes_tokens = limits is not None and limits.tokens is not None
         if plan.served is None:
             if takes_tokens and plan.estimate:
-                gw.limiter.settle_tokens(limits, -plan.estimate)  # nothing was used
+                self.settle(rq, limits, name, -plan.estimate)  # type: ignore[arg-type]
             return
         prompt, completion, total = usage_tokens(rq.writer.reported_usage())
         gw.ledger.record(name, plan.served, prompt, completion, total, rq.request_id,
                          rq.writer.status)
+        if gw.shared is not None:
+            gw.shared.record_usage(name, plan.served, prompt, completion, total)
         rq.tokens = (prompt, completion)
         metrics = gw.metrics
         if rq.writer.status == 200 and plan.served not in metrics.known_models:
@@ -4178,7 +4901,13 @@ class ProxyHandler:
         if plan.served != plan.asked:
             metrics.count(metrics.fallbacks, (metrics.fold(plan.asked), label))
         if takes_tokens and plan.obj is not None:
-            gw.limiter.settle_tokens(limits, total - plan.estimate)
+            self.settle(rq, limits, name, total - plan.estimate)  # type: ignore[arg-type]
+
+    def settle(self, rq: Request, limits: ClientLimits, name: str, delta: int) -> None:
+        """Correct the token estimate taken before the request, where it was taken."""
+        self.gw.limiter.settle_tokens(limits, delta)
+        if rq.shared_take:
+            self.gw.shared.settle_tokens(rq, limits, name, delta)  # type: ignore[union-attr]
 
 
 class ModelCatalog:
@@ -4271,6 +5000,8 @@ class AdminHandler:
         reasons = [f"circuit breaker open: {up}/{model}" for up, model in gw.breakers.not_closed()]
         reasons += [f"no upstream key available: {u.name}"
                     for u in gw.config.upstreams if gw.keys[u.name].all_unavailable()]
+        if gw.shared is not None and not gw.shared.up:
+            reasons.append(f"redis unreachable (serving on local state): {gw.shared.reason}")
         rq.writer.send_json(200, {
             "status": "degraded" if reasons else "ok",
             "reasons": reasons,
@@ -4295,12 +5026,18 @@ class AdminHandler:
         gw = self.gw
         keys = {(name, key): up for name, pool in gw.keys.items()
                 for key, up in pool.available().items()}
-        text = gw.metrics.render([
+        metrics, refused = gw.metrics, gw.limiter.refused
+        if gw.metrics_dir is not None:  # workers: every worker's counts, as of its last second
+            metrics, theirs = metrics.merged(gw.sibling_metrics())
+            refused += theirs
+        text = metrics.render([
             ("gateway_breaker_open", "1 while the (upstream, model) breaker is open or half-open.",
              ("upstream", "model"), gw.breakers.open_gauge(gw.metrics.fold)),
             ("gateway_key_available", "1 while the upstream key is active (not cooling or "
              "blocked).", ("upstream", "key"), keys),
-        ], gw.limiter.refused)
+            *([("gateway_redis_up", "1 while the shared state in Redis is reachable.", (),
+                {(): int(gw.shared.up)})] if gw.shared is not None else []),
+        ], refused)
         rq.writer.send(200, [_METRICS_CT, (b"x-request-id", rq.request_id)], text)
 
     async def usage_report(self, rq: Request) -> None:
@@ -4311,6 +5048,10 @@ class AdminHandler:
         else:
             client = admission.authenticate(rq)
             keys = self.gw.ledger.report(client.name if client is not None else "anonymous")
+        shared = self.gw.shared
+        totals = await shared.usage_totals([k["name"] for k in keys]) if shared else None
+        for entry in keys if totals else ():  # every instance's, as of its last flush
+            shared_usage(entry, totals[entry["name"]])  # type: ignore[index]
         rq.writer.send_json(200, {"keys": keys})
 
     async def token_stats(self, rq: Request) -> None:
@@ -4339,9 +5080,13 @@ class AdminHandler:
                                   "current": self.gw.keys[upstream.name].rotate().name})
 
     async def reset_stats(self, rq: Request) -> None:
-        for pool in self.gw.keys.values():
+        gw = self.gw
+        for pool in gw.keys.values():
             pool.reset()
-        self.gw.breakers.reset()
+        gw.breakers.reset()
+        if gw.shared is not None:  # every instance's view of the keys and breakers, too
+            for name in gw.keys:
+                gw.shared.write("DEL", gw.shared.key("up", name))
         rq.writer.send_json(200, {"success": True})
 
     async def observed_limits(self, rq: Request) -> None:
@@ -4461,11 +5206,15 @@ class Admission:
             raise Forbidden("This endpoint needs the admin key.", code="admin_only")
         raise Unauthorized("Incorrect API key provided.")
 
-    def limit(self, rq: Request) -> None:
-        """The client's request bucket: per key, or per source address when auth is off."""
+    def limit(self, rq: Request, spends: bool) -> None:
+        """The client's request bucket: per key, or per source address when auth is off.
+        With shared state, a proxied request takes the shared one instead, before it is
+        forwarded (ProxyHandler.run)."""
         limiter = self.gw.limiter
         limits = rq.limits = limiter.limits_for(rq.client, rq.peer)
-        if limits is not None:
+        if spends and self.gw.shared is not None and self.gw.shared.up:
+            rq.shared_take = True
+        elif limits is not None:
             limiter.take_request(limits)
 
     def allow_origin(self, rq: Request) -> None:
@@ -4534,7 +5283,7 @@ class Router:
                               headers=[(b"connection", b"close")])
         if route.access == _CLIENT:
             rq.client = admission.authenticate(rq)
-            admission.limit(rq)
+            admission.limit(rq, route.spends)
             if route.spends:
                 gw.ledger.check_budget(rq.client.name if rq.client is not None else "anonymous")
         elif route.access == _ADMIN:
@@ -4582,7 +5331,7 @@ class Request:
         "flow", "writer", "method", "path", "query", "headers", "body_parts", "body_size",
         "request_id", "authorization", "api_key", "origin", "content_length", "head_size",
         "connection", "expects_continue", "framing_doubt", "peer", "reserve", "client",
-        "limits", "extra", "handler", "refused", "upload",
+        "limits", "shared_take", "extra", "handler", "refused", "upload",
         # for the access log and metrics
         "t0", "route", "model", "served_model", "served_by", "key_name", "ttfb", "tokens",
         "error",
@@ -4641,6 +5390,7 @@ class Request:
         self.reserve = proto.reserve
         self.client: ClientKey | None = None
         self.limits: ClientLimits | None = None  # for every response: x-ratelimit-*
+        self.shared_take = False  # its buckets are taken in Redis, before forwarding
         self.extra: list[tuple[bytes, bytes]] = []  # for every response: CORS, connection
         if self.framing_doubt:
             self.extra.append((b"connection", b"close"))
@@ -4993,6 +5743,10 @@ class Gateway:
         self.retired: set[UpstreamPool] = set()  # replaced by a reload, still finishing
         self.sticky = StickyIds()  # object id -> (upstream, key) that made it
         self.responses = ResponsesStore()  # responses made over chat
+        self.shared: SharedState | None = None  # with redis_url: what instances share
+        self.worker: int | None = None  # workers: this one's index
+        self.metrics_dir: str | None = None  # workers: where each leaves its counts
+        self.metrics_written = 0.0
         # behaviour
         self.forwarder = Forwarder(self)
         self.admission = Admission(self)
@@ -5007,7 +5761,8 @@ class Gateway:
 
     # lifecycle ------------------------------------------------------------------------------
 
-    async def start(self) -> int:
+    async def start(self, sock: socket.socket | None = None) -> int:
+        """Serve on the configured address, or on sock (a worker's share of one socket)."""
         self.loop = asyncio.get_running_loop()
         self.access_log.loop = self.loop
         self.idle_event = asyncio.Event()
@@ -5015,8 +5770,16 @@ class Gateway:
         self.pools = {u.name: UpstreamPool(u, self.loop) for u in self.config.upstreams}
         if self.config.usage_log:
             self.ledger.open(self.config.usage_log)
-        self.server = await self.loop.create_server(
-            lambda: HttpProtocol(self), self.config.host, self.config.port, backlog=2048)
+        if self.config.redis_url:
+            self.shared = SharedState(self, self.config.redis_url, self.config.redis_prefix,
+                                      self.config.redis_timeout_ms)
+            self.share()
+            await self.shared.start()  # unreachable: it says so, and serving starts anyway
+        if sock is not None:
+            self.server = await self.loop.create_server(lambda: HttpProtocol(self), sock=sock)
+        else:
+            self.server = await self.loop.create_server(
+                lambda: HttpProtocol(self), self.config.host, self.config.port, backlog=2048)
         self.sweeper = self.loop.call_later(SWEEP_S, self.sweep)
         self.port = self.server.sockets[0].getsockname()[1]
         return self.port
@@ -5040,8 +5803,18 @@ class Gateway:
             pool.close()
         if self.sweeper is not None:
             self.sweeper.cancel()
+        if self.shared is not None:
+            await self.shared.close()  # the last batch of usage goes out
+        if self.metrics_dir is not None:
+            self.write_metrics()
         self.access_log.flush()
         self.ledger.close()
+
+    def share(self) -> None:
+        """Key pools and breakers tell the shared state what they see."""
+        for pool in self.keys.values():
+            pool.listener = self.shared
+        self.breakers.listener = self.shared
 
     def reload(self, config: Config) -> list[str]:
         """A new configuration for new requests; requests in flight finish on the one they
@@ -5071,9 +5844,13 @@ class Gateway:
         self.access_log.enabled = config.access_log
         self.admission = Admission(self)
         self.catalog.forget()
+        if self.shared is not None:
+            self.share()
         return [f"{what} stays {before!r} until a restart" for what, before, after in (
             ("host", old.host, config.host), ("port", old.port, config.port),
-            ("usage_log", old.usage_log, config.usage_log)) if before != after]
+            ("usage_log", old.usage_log, config.usage_log),
+            ("redis_url", mask_url(old.redis_url), mask_url(config.redis_url)),
+            ("workers", old.workers, config.workers)) if before != after]
 
     def sweep(self) -> None:
         """Enforce every connection's deadline: one timer for the gateway, not per request."""
@@ -5086,7 +5863,29 @@ class Gateway:
             pool.sweep(now)
             if not pool.live:
                 self.retired.discard(pool)
+        if self.metrics_dir is not None and now - self.metrics_written >= 1.0:
+            self.write_metrics()
+            self.metrics_written = now
         self.sweeper = self.loop.call_later(SWEEP_S, self.sweep)  # type: ignore[union-attr]
+
+    def write_metrics(self) -> None:
+        """Workers: this one's counts where the others' scrapes find them (whole, or not)."""
+        path = Path(self.metrics_dir) / f"{self.worker}.json"  # type: ignore[arg-type]
+        try:
+            path.with_suffix(".tmp").write_bytes(self.metrics.snapshot(self.limiter.refused))
+            path.with_suffix(".tmp").replace(path)
+        except OSError as exc:
+            log(f"cannot write metrics for the other workers: {exc}", "warning")
+
+    def sibling_metrics(self) -> list[dict]:
+        snapshots = []
+        for path in Path(self.metrics_dir).glob("*.json"):  # type: ignore[arg-type]
+            if path.stem != str(self.worker):
+                try:
+                    snapshots.append(orjson.loads(path.read_bytes()))
+                except (OSError, orjson.JSONDecodeError):
+                    pass  # a worker that is restarting: counted again from its next write
+        return snapshots
 
     # one request ----------------------------------------------------------------------------
 
@@ -5147,7 +5946,8 @@ def _load_mock(path: Path) -> Any:
     return module
 
 
-async def _serve(args: argparse.Namespace) -> int:
+async def _serve(args: argparse.Namespace, worker: Worker | None = None,
+                 config: Config | None = None) -> int:
     loop = asyncio.get_running_loop()
     overrides: dict[str, Any] = {}
     mock = None
@@ -5157,19 +5957,25 @@ async def _serve(args: argparse.Namespace) -> int:
         mock_port = await mock.start("127.0.0.1", 0)
         overrides["upstreams"] = [{"name": "demo", "url": f"http://127.0.0.1:{mock_port}/v1"}]
     try:
-        config = _configure(args, overrides)
+        if config is None:
+            config = _configure(args, overrides, quiet=worker is not None)
     except ConfigError as exc:
         log(str(exc), "error")
         return 2
+    if worker is not None:
+        config.workers = 1  # this process is one of them
     loop.set_exception_handler(_loop_exception)
     python_warnings.showwarning = _show_warning
     gw = Gateway(config)
+    if worker is not None:
+        gw.worker, gw.metrics_dir = worker.index, worker.metrics_dir
     try:
-        await gw.start()
+        await gw.start(worker.sock if worker is not None else None)
     except OSError as exc:
         log(f"cannot listen on {config.host}:{config.port}: {exc.strerror}", "error")
         return 2
-    log(f"listening on {config.summary(gw.port)}")
+    log(f"worker {worker.index} serving" if worker is not None else
+        f"listening on {config.summary(gw.port)}")
     if mock is not None:
         _demo_lines(config, gw.port, mock.port)
     stop = asyncio.Event()
@@ -5192,6 +5998,92 @@ async def _serve(args: argparse.Namespace) -> int:
         await mock.stop()
     log("exited")
     return 0
+
+
+class Worker(NamedTuple):
+    index: int
+    sock: socket.socket  # the one listening socket, shared by every worker
+    metrics_dir: str  # where each worker leaves its counts for the others' scrapes
+
+
+class Supervisor:
+    """workers: N: N serving processes forked over one listening socket. A worker that dies
+    is started again (with backoff when it keeps dying); SIGTERM, SIGINT and SIGHUP go to
+    every worker; the supervisor exits 0 once all have drained."""
+
+    def __init__(self, args: argparse.Namespace, config: Config) -> None:
+        self.args = args
+        self.config = config
+        self.children: dict[int, tuple[int, float]] = {}  # pid -> (index, started)
+        self.quick_deaths: dict[int, int] = {}  # index -> deaths in a row soon after start
+        self.stopping = False
+
+    def run(self) -> int:
+        config = self.config
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        try:
+            sock = socket.create_server((config.host, config.port), family=family, backlog=2048)
+        except OSError as exc:
+            log(f"cannot listen on {config.host}:{config.port}: {exc.strerror}", "error")
+            return 2
+        sock.setblocking(False)
+        metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self.forward)
+        for index in range(config.workers):
+            self.spawn(Worker(index, sock, metrics_dir))
+        log(f"listening on {config.summary(sock.getsockname()[1])} · {config.workers} workers")
+        while self.children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            index, started = self.children.pop(pid)
+            if self.stopping:
+                continue
+            how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+                   else f"code {os.WEXITSTATUS(status)}")
+            quick = time.monotonic() - started < WORKER_QUICK_DEATH_S
+            deaths = self.quick_deaths[index] = self.quick_deaths.get(index, 0) + 1 if quick else 0
+            delay = min(WORKER_BACKOFF_CAP_S, 0.5 * 2 ** (deaths - 1)) if deaths else 0.0
+            log(f"worker {index} exited ({how}), restarting"
+                + (f" in {delay:g}s" if delay else ""), "warning", worker=index)
+            deadline = time.monotonic() + delay
+            while not self.stopping and time.monotonic() < deadline:
+                time.sleep(min(0.1, deadline - time.monotonic()))
+            if not self.stopping:
+                self.spawn(Worker(index, sock, metrics_dir))
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        log("exited")
+        return 0
+
+    def spawn(self, worker: Worker) -> None:
+        pid = os.fork()
+        if pid:
+            self.children[pid] = (worker.index, time.monotonic())
+            return
+        code = 1  # the worker: it never returns into the supervisor's loop
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            _LogFormat.worker = worker.index
+            _new_id_prefix()
+            random.seed()  # nor share the retry jitter
+            code = asyncio.run(_serve(self.args, worker))
+        except BaseException:  # noqa: BLE001  # whatever it was, this process ends here
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+
+    def forward(self, sig: int, frame: Any) -> None:
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            self.stopping = True
+        for pid in self.children:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
 
 
 def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -5229,13 +6121,17 @@ def _reload(gw: Gateway, args: argparse.Namespace, overrides: dict[str, Any]) ->
     log(f"config reloaded: {config.summary(gw.port)}")
 
 
-def _configure(args: argparse.Namespace, overrides: dict[str, Any]) -> Config:
-    """Load the config; its log_format applies from here on (its warnings included)."""
+def _configure(args: argparse.Namespace, overrides: dict[str, Any],
+               quiet: bool = False) -> Config:
+    """Load the config; its log_format applies from here on (its warnings included, unless
+    quiet: a worker, whose supervisor said them)."""
     warnings: list[str] = []
+    if getattr(args, "workers", None) is not None:
+        overrides = {**overrides, "workers": args.workers}
     config = load_config(config_file=args.config, host=args.host, port=args.port,
                          overrides=overrides, warnings=warnings)
     set_log_format(config.log_format)
-    for warning in warnings:
+    for warning in warnings if not quiet else ():
         log(warning, "warning")
     return config
 
@@ -5249,6 +6145,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", help="listen address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (default 4000)")
     parser.add_argument("--config", metavar="FILE", help="JSON config file")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="serving processes sharing the port (more than 1 needs redis_url)")
     parser.add_argument("--check", action="store_true",
                         help="validate the config, print a summary and exit (2: bad config)")
     parser.add_argument("--probe", nargs="?", const="/health", metavar="PATH",
@@ -5283,7 +6181,11 @@ def check_summary(config: Config) -> list[str]:
     else:
         admin = "open (no auth: local use only)"
     lines.append(f"  admin: {admin}")
-    lines.append("  redis: off (state lives in this process)")
+    if config.redis_url:
+        lines.append(f"  redis: {mask_url(config.redis_url)} (prefix {config.redis_prefix!r}, "
+                     f"timeout {config.redis_timeout_ms:g} ms) · {config.workers} worker(s)")
+    else:
+        lines.append("  redis: off (state lives in this process)")
     return lines
 
 
@@ -5312,7 +6214,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     if uvloop is not None:
         uvloop.install()
-    sys.exit(asyncio.run(_serve(args)))
+    config = None
+    if not args.demo:  # (the demo's config names the mock, which it starts first)
+        try:
+            config = _configure(args, {})
+        except ConfigError as exc:
+            log(str(exc), "error")
+            sys.exit(2)
+        if config.workers > 1:
+            sys.exit(Supervisor(args, config).run())
+    sys.exit(asyncio.run(_serve(args, config=config)))
 
 
 if __name__ == "__main__":

@@ -99,6 +99,64 @@ def raw_upstream(loop_thread: LoopThread) -> Iterator[RawUpstream]:
         loop_thread.call(server.close)
 
 
+class RedisServer:
+    """A real redis-server on a free port, no persistence; kill() and start() again on the
+    same port, as an outage would."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        assert eventually(lambda: self.ping(), timeout=10), "redis-server did not start"
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def command(self, *args: str) -> bytes:
+        """One command, its raw reply (RESP): enough for the tests' few looks inside."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(f"*{len(args)}\r\n".encode() + b"".join(
+                f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args))
+            time_limit = time.monotonic() + 5
+            data = b""
+            while not data.endswith(b"\r\n") and time.monotonic() < time_limit:
+                data += sock.recv(65536)
+            return data
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    if subprocess.run(["which", "redis-server"], capture_output=True).returncode != 0:
+        pytest.fail("redis-server is not installed (.ci/run installs it)")
+    server = RedisServer()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The shared Redis, emptied for this test."""
+    if not redis_server.ping():
+        redis_server.start()
+    redis_server.command("FLUSHALL")
+    return redis_server.url
+
+
 class Running:
     def __init__(self, gateway: gw.Gateway, lt: LoopThread) -> None:
         self.gw = gateway
@@ -586,8 +644,9 @@ FAMILIES = {
 }
 
 
-def scrape(g: Running) -> dict[str, Any]:
-    (resp,) = raw(g.port, b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+def scrape(g: Running | int) -> dict[str, Any]:
+    """/metrics of a gateway (or of whatever serves on a port), parsed."""
+    (resp,) = raw(g if isinstance(g, int) else g.port, b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
     assert resp.status == 200 and resp.headers["content-type"].startswith("text/plain; version=0.0.4")
     return {f.name: f for f in text_string_to_metric_families(resp.body.decode())}
 
@@ -1284,6 +1343,181 @@ def test_usage_survives_a_restart_through_usage_log_even_after_a_torn_line(
     second.lt.run(second.gw.shutdown(grace_s=0))
     third = start_gateway(config)
     assert usage_of(third, SDK_KEY)[0]["requests"] == 3
+
+
+################################################################################
+# Shared state: two instances and a real Redis
+################################################################################
+
+def shared_config(mock: mock_upstream.MockUpstream, redis_url: str, **extra: Any) -> dict:
+    return {"redis_url": redis_url, "upstreams": [
+        {"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS}], **extra}
+
+
+def redis_hash(server: RedisServer, key: str) -> list[str]:
+    """The field names of a hash, from its raw HKEYS reply."""
+    reply = server.command("HKEYS", key).decode()
+    return [line for line in reply.split("\r\n")[1:] if line and not line.startswith("$")]
+
+
+def test_two_instances_admit_exactly_a_client_keys_rpm_between_them(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_url: str) -> None:
+    config = shared_config(mock, redis_url, api_keys=[{"key": SDK_KEY, "name": "team", "rpm": 10}])
+    a, b = start_gateway(config), start_gateway(config)
+    statuses = []
+    for i in range(30):
+        (resp,) = raw((a, b)[i % 2].port, post("/v1/chat/completions", CHAT, f"Authorization: Bearer {SDK_KEY}\r\n"))
+        statuses.append(resp.status)
+    assert statuses.count(200) == 10 and statuses[:10] == [200] * 10 and set(statuses[10:]) == {429}
+    assert 0 < float(resp.headers["retry-after"]) <= 7
+    assert usage_of(a, SDK_KEY)[0]["requests"] + usage_of(b, SDK_KEY)[0]["requests"] >= 10
+
+
+def test_a_budget_crossed_through_one_instance_is_refused_by_the_other(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_url: str) -> None:
+    config = shared_config(mock, redis_url, api_keys=[{"key": SDK_KEY, "name": "team", "budget_tokens": 25}])
+    a, b = start_gateway(config), start_gateway(config)
+    for _ in range(2):
+        a.client().chat.completions.create(model="m", messages=MSGS)  # crosses it on a
+    assert eventually(lambda: usage_of(b, SDK_KEY)[0]["total_tokens"] >= 25)  # a's batch reached Redis
+    with pytest.raises(openai.APIStatusError) as info:
+        b.client().chat.completions.create(model="m", messages=MSGS)
+    assert info.value.status_code == 402 and info.value.code == "insufficient_quota"
+    assert usage_of(b, SDK_KEY)[0]["budget_left"] == 0 and usage_of(b, SDK_KEY)[0]["requests"] == 2
+
+
+def test_a_429_for_a_model_and_a_401_seen_by_one_instance_keep_the_other_off_that_key(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer, redis_url: str) -> None:
+    a, b = start_gateway(shared_config(mock, redis_url)), start_gateway(shared_config(mock, redis_url))
+    mock.key_model_faults[(KEYS[0], "gpt-4o")] = (429, {"retry-after": "60"})
+    a.client().chat.completions.create(model="gpt-4o", messages=MSGS)  # KEYS[0]: 429, then KEYS[1]
+    assert eventually(lambda: "c\tmock#0\tgpt-4o" in redis_hash(redis_server, "gateway:v1:up:mock"))
+    seen = len(mock.requests)
+    for model in ["gpt-4o"] * 6 + ["gpt-4o-mini"] * 3:
+        b.client().chat.completions.create(model=model, messages=MSGS)
+    by_model = collections.Counter((r.key(), r.json()["model"]) for r in list(mock.requests)[seen:])
+    assert by_model[(KEYS[0], "gpt-4o")] == 0 and by_model[(KEYS[0], "gpt-4o-mini")] > 0
+    mock.key_faults[KEYS[2]] = (401, {}, "Incorrect API key provided")
+    for _ in range(3):
+        a.client().chat.completions.create(model="gpt-4o-mini", messages=MSGS)
+    assert key_states(a)["mock#2"] == "blocked"
+    assert eventually(lambda: "b\tmock#2" in redis_hash(redis_server, "gateway:v1:up:mock"))
+    seen = len(mock.requests)
+    for _ in range(6):
+        b.client().chat.completions.create(model="gpt-4o-mini", messages=MSGS)
+    assert KEYS[2] not in [r.key() for r in list(mock.requests)[seen:]]
+    assert key_states(b)["mock#2"] == "blocked"
+
+
+def test_objects_made_through_one_instance_are_followed_up_through_the_other(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str) -> None:
+    a, b = start_gateway(shared_config(mock, redis_url)), start_gateway(shared_config(mock, redis_url))
+    a.client().chat.completions.create(model="gpt-4o", messages=MSGS)  # a's round robin moves on
+    made = a.client().responses.create(model="gpt-4o", input="keep me")
+    owner = mock.owner(made.id)
+    assert eventually(lambda: redis_server.command("EXISTS", f"gateway:v1:id:{made.id}") == b":1\r\n")
+    for _ in range(3):  # b never saw it made; round robin alone would miss the account
+        assert b.client().responses.retrieve(made.id).output_text == "echo: keep me"
+    assert [r.key() for r in mock.requests if made.id in r.path] == [owner] * 3
+    chat_only = shared_config(mock, redis_url)
+    chat_only["upstreams"][0]["chat_only"] = True
+    c, d = start_gateway(chat_only), start_gateway(chat_only)
+    first = c.client().responses.create(model="gpt-4o", input="first")
+    assert eventually(lambda: redis_server.command("EXISTS", f"gateway:v1:resp:{first.id}") == b":1\r\n")
+    reply = d.client().responses.create(model="gpt-4o", input="next", previous_response_id=first.id)
+    assert reply.output_text == "echo: next"
+    assert [m["content"] for m in mock.requests[-1].json()["messages"]] == ["first", "echo: first", "next"]
+    assert d.client().responses.retrieve(first.id).output_text == "echo: first"
+
+
+def test_rpm_per_key_pacing_is_kept_by_all_instances_together(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_url: str) -> None:
+    config = {"redis_url": redis_url, "upstreams": [
+        {"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS[:1], "rpm_per_key": 300}]}
+    gateways = [start_gateway(config), start_gateway(config)]
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        replies = list(pool.map(lambda i: gateways[i % 2].client().chat.completions.create(
+            model="m", messages=MSGS), range(10)))
+    assert len(replies) == 10  # no client error
+    times = sorted(r.at for r in mock.requests if r.method == "POST")
+    busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
+    assert busiest <= 6, times  # 300 rpm: 5 a second on the key (each alone would send 5 too)
+    assert times[-1] - times[0] >= 9 * 0.2 * 0.9
+
+
+def test_redis_urls_with_a_database_a_password_or_a_unix_socket(tmp_path: Path, loop_thread: LoopThread) -> None:
+    port, sock = free_port(), tmp_path / "redis.sock"
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--unixsocket", str(sock), "--requirepass", "s3cret"],
+                              stdout=subprocess.DEVNULL)
+
+    async def roundtrip(url: str) -> list:
+        conn = await gw.RedisConnection.open(url, 5)
+        try:
+            return await conn.send([("SET", "k", url), ("GET", "k"), ("CLIENT", "INFO")])
+        finally:
+            conn.close()
+
+    try:
+        assert eventually(lambda: sock.exists(), timeout=10)
+        for url, db in ((f"redis://:s3cret@127.0.0.1:{port}/2", b"db=2"),
+                        (f"redis://default:s3cret@127.0.0.1:{port}?db=3", b"db=3"),
+                        (f"unix://:s3cret@{sock}?db=4", b"db=4")):
+            ok, value, info = loop_thread.run(roundtrip(url))
+            assert ok == b"OK" and value == url.encode() and db in info, url
+        with pytest.raises(ConnectionError, match="WRONGPASS|invalid password"):
+            loop_thread.run(roundtrip(f"redis://:wrong@127.0.0.1:{port}/0"))
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_redis_killed_mid_load_then_restarted_costs_no_request(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str, capfd: pytest.CaptureFixture[str]) -> None:
+    g = start_gateway(shared_config(mock, redis_url, api_keys=[{"key": SDK_KEY, "rpm": 100000}],
+                                    redis_timeout_ms=1000))  # the outage, not a busy test machine
+    client = g.client()
+
+    def health() -> tuple[str, float]:
+        (resp,) = raw(g.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        up = samples(scrape(g)["gateway_redis_up"])[()]
+        return resp.json()["status"], up
+
+    assert health() == ("ok", 1)
+    failures, done = [], threading.Event()
+
+    def load() -> None:
+        while not done.is_set():
+            try:
+                client.chat.completions.create(model="m", messages=MSGS)
+            except openai.OpenAIError as exc:
+                failures.append(exc)
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        served = len(mock.requests)
+        assert eventually(lambda: len(mock.requests) > served + 20)
+        redis_server.kill()
+        assert eventually(lambda: health() == ("degraded", 0))
+        served = len(mock.requests)
+        assert eventually(lambda: len(mock.requests) > served + 20)  # still serving, on local state
+        redis_server.start()
+        assert eventually(lambda: health() == ("ok", 1), timeout=15)
+        served = len(mock.requests)
+        assert eventually(lambda: len(mock.requests) > served + 20)
+    finally:
+        done.set()
+        for w in workers:
+            w.join()
+    assert failures == []
+    lines = [json.loads(l) for l in capfd.readouterr().err.splitlines() if l.startswith("{")]
+    changes = [l["redis"] for l in lines if "redis" in l]
+    assert changes[:2] == ["down", "up"]  # one line per change
+    assert all(before != after for before, after in zip(changes, changes[1:]))
 
 
 ################################################################################
@@ -3247,6 +3481,72 @@ def test_sighup_reloads_keys_keeps_state_and_streams_and_refuses_a_bad_config(
         gp.kill()
 
 
+def socket_owners(pids: list[int], ports: set[int]) -> set[int]:
+    """Which of these processes hold a TCP socket bound to one of these local ports."""
+    inodes = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) in ports:
+                inodes[fields[9]] = True
+    owners = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                owners.add(pid)
+    return owners
+
+
+def worker_pids(gp: GatewayProcess) -> list[int]:
+    children = Path(f"/proc/{gp.proc.pid}/task/{gp.proc.pid}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def test_workers_share_the_port_drain_together_and_a_killed_one_is_replaced(
+        mock: mock_upstream.MockUpstream, redis_url: str) -> None:
+    config = {"port": 0, "redis_url": redis_url, "upstreams": [
+        {"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS}]}
+    env = {**os.environ, "GATEWAY_CONFIG": json.dumps(config)}
+    gp = GatewayProcess(["--workers", "2"], env, ready="listening")
+    try:
+        assert gp.wait_for_line("worker 0 serving") and gp.wait_for_line("worker 1 serving")
+        pids = worker_pids(gp)
+        assert len(pids) == 2
+        made = 0
+        while len(socket_owners(pids, {r.peer[1] for r in mock.requests if r.peer})) < 2:
+            assert made < 200, "one worker served everything"
+            assert raw(gp.port, post("/v1/chat/completions", CHAT))[0].status == 200  # a new connection each
+            made += 1
+        assert eventually(lambda: samples(scrape(gp.port)
+                                          ["gateway_requests"], "_total").get(
+            (("model", "gpt-4o-mini"), ("path", "/v1/chat/completions"), ("status", "200"))) == made)
+        os.kill(pids[1], signal.SIGKILL)
+        assert gp.wait_for_line("worker 1 exited (signal 9), restarting"), gp.lines
+        assert eventually(lambda: len(worker_pids(gp)) == 2 and pids[1] not in worker_pids(gp))
+        streaming = connect(gp.port)
+        streaming.sendall(post("/v1/chat/completions", b'{"model":"m","messages":[],"stream":true}',
+                               "x-mock-chunks: 10\r\nx-mock-delay-ms: 100\r\n"))
+        stream_f = streaming.makefile("rb")
+        assert stream_f.readline().startswith(b"HTTP/1.1 200")
+        gp.proc.send_signal(signal.SIGTERM)
+        assert b"data: [DONE]" in stream_f.read()  # the stream finished: drained, not cut
+        assert gp.proc.wait(20) == 0 and gp.lines[-1].find('"exited"') > 0
+        assert all("worker" in json.loads(line) for line in gp.lines[1:-1])
+    finally:
+        gp.kill()
+
+
+def test_more_than_one_worker_needs_redis() -> None:
+    bad = run_gateway("--workers", "2", "--check", env={"GATEWAY_CONFIG": json.dumps({"upstreams": [{"url": "http://127.0.0.1:9/v1"}]})})
+    assert bad.returncode == 2 and "config: workers: more than 1 needs redis_url" in bad.stderr
+    bad = run_gateway(env={"GATEWAY_WORKERS": "3"})
+    assert bad.returncode == 2 and "workers" in bad.stderr
+
+
 ################################################################################
 # main(): --check, --probe, --demo
 ################################################################################
@@ -3313,7 +3613,7 @@ def test_the_container_image_and_examples_are_wired_as_a_sidecar_needs() -> None
     examples' probes, drain and configs are the ones the gateway serves and accepts."""
     docker = (HERE / "Dockerfile").read_text()
     assert re.search(r'^ENTRYPOINT \["gateway"\]$', docker, re.M)  # exec form: PID 1 gets SIGTERM
-    assert re.search(r"^USER (?!root|0\b)\S+", docker, re.M) and "pip install ." in docker
+    assert re.search(r"^USER (?!root|0\b)\S+", docker, re.M) and re.search(r"pip install '?\.", docker)
     assert "GATEWAY_HOST=0.0.0.0" in docker and re.search(r"^EXPOSE 4000$", docker, re.M)
     assert re.search(r'HEALTHCHECK .*\n?.*CMD \["gateway", "--probe", "/health"\]', docker)
     assert "*" in (HERE / ".dockerignore").read_text().split()

@@ -95,7 +95,7 @@ _REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Fo
 
 
 class MockRequest:
-    __slots__ = ("method", "path", "headers", "body", "spool", "size", "at")
+    __slots__ = ("method", "path", "headers", "body", "spool", "size", "at", "peer")
 
     def __init__(self, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> None:
         self.method = method
@@ -105,6 +105,7 @@ class MockRequest:
         self.spool: Any = None  # the temporary file holding a large body
         self.size = len(body)
         self.at = time.monotonic()
+        self.peer: tuple | None = None  # (host, port) of the connection it came on
 
     def json(self) -> Any:
         return orjson.loads(self.body)
@@ -368,6 +369,7 @@ class _MockConnection(asyncio.Protocol):
 
     def handle(self, rq: MockRequest) -> None:
         mock = self.mock
+        rq.peer = self.transport.get_extra_info("peername")
         mock.request_count += 1
         if mock.record:
             mock.requests.append(rq)

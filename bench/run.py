@@ -2,6 +2,7 @@
 
     python bench/run.py --quick        # under 2 minutes: one short run per cell
     python bench/run.py                # the full run: 3 runs per cell (medians), 10k streams
+    python bench/run.py --quick --only shared   # one group of rows
 
 Starts bench/mock_upstream.py and gateway.py, pins them where `taskset` exists (the gateway
 alone on CPU 0; the mock and the load generator on CPU 1), and runs bench/load.py against the
@@ -13,7 +14,11 @@ mock directly and through the gateway, alternating, for:
 - streams paced at 5 ms per chunk, at 1, 32, 256;
 - memory: N concurrent slow streams held open, gateway RSS per stream (256; 10,000 in full);
 - key rotation under upstream rate limits: 4 keys, each limited by the mock to R requests per
-  minute, with the gateway pacing at R: delivered rate against 4R, client-visible errors.
+  minute, with the gateway pacing at R: delivered rate against 4R, client-visible errors;
+- shared state (when `redis-server` is installed): the same gateway with and without
+  `redis_url`, non-stream and stream at 32, alternating: the CPU µs per request each spends
+  (from /proc) and the p50 each adds, so that the cost of Redis is read in one run;
+- workers: `--workers 2` against 1 worker (both with Redis, neither pinned), non-stream at 256.
 
 The gateway runs as users run it: client auth on, a client rate limit (high enough not to
 bite), metrics and the access log on (to /dev/null). Prints a table with ratios to direct,
@@ -65,6 +70,24 @@ def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 20) -> No
     raise SystemExit(f"nothing listening on {port}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its live children (workers), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    try:
+        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -97,11 +120,13 @@ class Bench:
     def start_gateway(self, upstream: dict, **config: Any) -> tuple[int, subprocess.Popen]:
         port = free_port()
         env = {**os.environ, **config.pop("_env", {})}
+        args = config.pop("_args", [])
+        cpu = config.pop("_cpu", self.gw_cpu)
         cfg = {"port": port, "max_connections": 50000, "shutdown_grace_s": 1,
                "api_keys": [{"key": CLIENT_KEY, "name": "bench", "rpm": 1e9}],
                "upstreams": [upstream], **config}
         env["GATEWAY_CONFIG"] = json.dumps(cfg)
-        proc = subprocess.Popen(pinned(self.gw_cpu, [sys.executable, str(ROOT / "gateway.py")]),
+        proc = subprocess.Popen(pinned(cpu, [sys.executable, str(ROOT / "gateway.py"), *args]),
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append(proc)
         wait_listening(port, proc)
@@ -211,16 +236,85 @@ class Bench:
               f"client-visible errors {errors}", flush=True)
         self.stop(proc)
 
+    def start_redis(self) -> str | None:
+        if shutil.which("redis-server") is None:
+            print("(no redis-server: the shared-state and workers rows are skipped)", flush=True)
+            return None
+        port = free_port()
+        proc = subprocess.Popen(pinned(self.side_cpu, [
+            "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no"]), stdout=subprocess.DEVNULL)
+        self.procs.append(proc)
+        wait_listening(port, proc)
+        return f"redis://127.0.0.1:{port}/0"
+
+    def shared(self, redis_url: str) -> None:
+        """In-memory against Redis-shared state, same gateway, same load, alternating."""
+        mock = self.start_mock("--chunks", "20")
+        upstream = {"name": "mock", "url": f"http://127.0.0.1:{mock}/v1"}
+        gateways = {"memory": self.start_gateway(upstream),
+                    "redis": self.start_gateway(upstream, redis_url=redis_url)}
+        stream = ["--stream", "--expect-events", str(STREAM_EVENTS), "--check-order"]
+        for scenario, flags, c in (("non-stream", [], 1), ("non-stream", [], 32),
+                                   ("stream 20 chunks", stream, 32)):
+            runs: dict[str, list] = {"memory": [], "redis": []}
+            for _ in range(self.args.runs):
+                for name, (port, proc) in gateways.items():
+                    before = cpu_seconds(proc.pid)
+                    result = self.load(port, "-c", str(c), "-d", str(self.args.duration), *flags)
+                    result["cpu_us"] = (cpu_seconds(proc.pid) - before) / max(1, result["ok"]) * 1e6
+                    runs[name].append(result)
+            mem, red = summarize(runs["memory"]), summarize(runs["redis"])
+            cpu = {n: round(statistics.median(r["cpu_us"] for r in runs[n]), 1) for n in runs}
+            key = "first_event_p50_ms" if flags else "p50_ms"
+            cell = {"scenario": f"redis: {scenario}", "concurrency": c, "memory": mem,
+                    "redis": red, "cpu_us_per_request": cpu,
+                    "added_cpu_us": round(cpu["redis"] - cpu["memory"], 1),
+                    "added_p50_ms": round((red[key] or 0) - (mem[key] or 0), 3), "raw": runs}
+            self.results["cells"].append(cell)
+            print(f"{cell['scenario']:<26} c={c:<3}| CPU {cpu['memory']:.0f} -> {cpu['redis']:.0f} "
+                  f"µs/request (+{cell['added_cpu_us']:.1f}) | p50 +{cell['added_p50_ms']:.3f} ms"
+                  f" | {mem['rps']:.0f} -> {red['rps']:.0f} /s | errors {red['errors']}", flush=True)
+        for _, proc in gateways.values():
+            self.stop(proc)
+
+    def workers(self, redis_url: str) -> None:
+        """--workers 2 against 1, both with Redis, neither pinned (two workers need two CPUs)."""
+        mock = self.start_mock("--chunks", "20")
+        upstream = {"name": "mock", "url": f"http://127.0.0.1:{mock}/v1"}
+        one = self.start_gateway(upstream, redis_url=redis_url, _cpu=None)
+        two = self.start_gateway(upstream, redis_url=redis_url, _cpu=None, _args=["--workers", "2"])
+        rps: dict[str, list[float]] = {"1 worker": [], "2 workers": []}
+        for _ in range(self.args.runs):
+            for name, (port, _) in (("1 worker", one), ("2 workers", two)):
+                rps[name].append(self.load(port, "-c", "256", "-d", str(self.args.duration))["rps"])
+        med = {n: statistics.median(v) for n, v in rps.items()}
+        cell = {"scenario": "workers: 2 against 1", "concurrency": 256, "rps": med,
+                "ratio": round(med["2 workers"] / med["1 worker"], 2) if med["1 worker"] else None}
+        self.results["cells"].append(cell)
+        print(f"{cell['scenario']:<26} c=256 | {med['1 worker']:.0f} -> {med['2 workers']:.0f} "
+              f"req/s = x{cell['ratio']} (the load generator shares the 2 CPUs)", flush=True)
+        for _, proc in (one, two):
+            self.stop(proc)
+
     def run(self) -> None:
         raise_fd_limit()
         print(f"gateway.py bench · {self.results['machine']['cpu']} · "
               f"{'pinned: gateway on CPU 0, mock + load on CPU 1' if self.pin else 'not pinned'}")
         print(f"{'scenario':<22}{'c':>5} | {'direct':>22} | {'gateway':>22} | ratio   added p50")
+        only = self.args.only
         try:
-            self.throughput()
-            for n in self.args.memory_streams:
-                self.memory(self.streams_possible(n))
-            self.rotation()
+            if only in (None, "throughput"):
+                self.throughput()
+            if only in (None, "memory"):
+                for n in self.args.memory_streams:
+                    self.memory(self.streams_possible(n))
+            if only in (None, "rotation"):
+                self.rotation()
+            redis_url = self.start_redis() if only in (None, "shared") else None
+            if redis_url is not None:
+                self.shared(redis_url)
+                self.workers(redis_url)
         finally:
             for proc in self.procs:
                 if proc.poll() is None:
@@ -274,7 +368,7 @@ def plot(results: dict, path: Path) -> bool:
     except ImportError:
         print("(no plot: pip install -e '.[bench]' for matplotlib)")
         return False
-    cells = [c for c in results["cells"] if "direct" in c]
+    cells = [c for c in results["cells"] if "direct" in c]  # the gateway-against-direct ones
     labels = [f"{c['scenario']}\nc={c['concurrency']}" for c in cells]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 8))
     x = range(len(cells))
@@ -321,6 +415,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="one 2 s run per cell; under 2 minutes")
     p.add_argument("--out", default=str(HERE / "results"), help="where results.json/png go")
+    p.add_argument("--only", choices=["throughput", "memory", "rotation", "shared"],
+                   help="one group of rows (shared: Redis and workers)")
     args = p.parse_args(argv)
     args.concurrency = [1, 32, 256]
     if args.quick:
