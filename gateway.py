@@ -332,7 +332,11 @@ def log(message: str, level: str = "info", **fields: Any) -> None:
         line = prefix + message  # the fields are in the message, but for a traceback
         if "traceback" in fields:
             line += "\n" + str(fields["traceback"]).rstrip()
-    print(line, file=sys.stderr, flush=True)
+    sys.stderr.flush()  # (whatever Python still holds goes first)
+    try:  # one write for the whole line: workers share stderr, and print() may make two
+        os.write(2, (line + "\n").encode())
+    except OSError:
+        pass
 
 
 def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
@@ -6058,14 +6062,24 @@ class Supervisor:
         return 0
 
     def spawn(self, worker: Worker) -> None:
+        # Signals wait while the worker is forked: the supervisor's handler must neither run
+        # in the new worker nor miss it; both sides let them through once settled.
+        signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+        supervisor = os.getpid()
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
         pid = os.fork()
         if pid:
             self.children[pid] = (worker.index, time.monotonic())
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # a pending SIGTERM: forwarded
+            if self.stopping:  # it came just before the fork: this worker stops at once too
+                os.kill(pid, signal.SIGTERM)
             return
         code = 1  # the worker: it never returns into the supervisor's loop
         try:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in signals:
                 signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+            _end_with_parent(supervisor)
             _LogFormat.worker = worker.index
             _new_id_prefix()
             random.seed()  # nor share the retry jitter
@@ -6084,6 +6098,20 @@ class Supervisor:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
+
+
+def _end_with_parent(parent: int) -> None:
+    """A worker whose supervisor is killed outright (SIGKILL: nothing forwarded) drains and
+    exits rather than serve on as an orphan: Linux sends it SIGTERM then."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux: the supervisor's own SIGTERM handling is what there is
+    if os.getppid() != parent:  # the supervisor died before prctl took hold
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

@@ -559,7 +559,13 @@ class GatewayProcess:
     def json_lines(self) -> list[dict]:
         """Every stderr line so far, each of which must be one JSON object."""
         with self.cond:
-            return [json.loads(line) for line in self.lines]
+            lines = list(self.lines)
+        for line in lines:
+            try:
+                json.loads(line)
+            except ValueError:
+                raise AssertionError(f"not one JSON object: {line!r}") from None
+        return [json.loads(line) for line in lines]
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -3534,8 +3540,14 @@ def test_workers_share_the_port_drain_together_and_a_killed_one_is_replaced(
         assert stream_f.readline().startswith(b"HTTP/1.1 200")
         gp.proc.send_signal(signal.SIGTERM)
         assert b"data: [DONE]" in stream_f.read()  # the stream finished: drained, not cut
-        assert gp.proc.wait(20) == 0 and gp.lines[-1].find('"exited"') > 0
-        assert all("worker" in json.loads(line) for line in gp.lines[1:-1])
+        try:
+            gp.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(gp.lines[-12:]) from None
+        assert gp.proc.returncode == 0 and gp.wait_for_line('"msg":"exited"}'), gp.lines  # the supervisor's
+        lines = gp.json_lines()
+        assert [l["worker"] for l in lines if l["msg"] == "exited" and "worker" in l] != []
+        assert all("worker" in l for l in lines if l["msg"] not in ("exited",) and "listening" not in l["msg"])
     finally:
         gp.kill()
 
