@@ -5978,14 +5978,14 @@ async def _serve(args: argparse.Namespace, worker: Worker | None = None,
     except OSError as exc:
         log(f"cannot listen on {config.host}:{config.port}: {exc.strerror}", "error")
         return 2
+    stop = asyncio.Event()  # (handled before the line that says it serves: a SIGTERM
+    for sig in (signal.SIGINT, signal.SIGTERM):  # right after that line still drains)
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, gw, args, overrides)
     log(f"worker {worker.index} serving" if worker is not None else
         f"listening on {config.summary(gw.port)}")
     if mock is not None:
         _demo_lines(config, gw.port, mock.port)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload, gw, args, overrides)
     await stop.wait()
     delay = gw.config.shutdown_delay_s
     if delay > 0:  # a load balancer sees /ready fail before the listener goes
