@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import bisect
 import collections
+import decimal
 import difflib
 import email.utils
 import enum
@@ -1054,70 +1055,152 @@ class Limiter:
 
 
 _USAGE_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
+PICO = 10 ** 12  # money is counted in integer pico-dollars: sums are exact, and a request
+# that costs a fraction of a micro-dollar still counts
+_MICRO = decimal.Decimal("0.000001")
+
+
+def pico(usd: Any) -> int | None:
+    """Dollars (a JSON number) as integer pico-dollars, exactly as written; None stays None."""
+    if usd is None:
+        return None
+    return int(decimal.Decimal(str(usd)) * PICO)
+
+
+def usd(amount: int) -> float:
+    """Pico-dollars as dollars with 6 decimals, for JSON and logs."""
+    return float((decimal.Decimal(amount) / PICO).quantize(_MICRO))
+
+
+class Price(NamedTuple):
+    """A model's price, in pico-dollars per token (the config says USD per million)."""
+
+    input: int
+    cached_input: int
+    output: int
+
+
+class Prices:
+    """What one request's usage costs: the upstream's own usage.cost when it reports one
+    (OpenRouter does), else prompt tokens not cached × input + cached × cached_input +
+    completion × output. A model without a price costs 0, and is named once on stderr."""
+
+    __slots__ = ("table", "unpriced")
+
+    def __init__(self, table: dict[str, Price]) -> None:
+        self.table = table
+        self.unpriced: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"Prices({len(self.table)} models)"
+
+    def cost(self, model: str, usage: dict | None) -> int:
+        if not usage:
+            return 0
+        reported = usage.get("cost")
+        if isinstance(reported, (int, float)) and not isinstance(reported, bool) \
+                and 0 <= reported < float("inf"):
+            return pico(reported)  # type: ignore[return-value]
+        price = self.table.get(model)
+        if price is None:
+            if model not in self.unpriced and len(self.unpriced) < MAX_LEARNED_MODELS:
+                self.unpriced.add(model)
+                log(f"no price for model {model!r}: its requests cost 0", "warning", model=model)
+            return 0
+        prompt, completion, _ = usage_tokens(usage)
+        cached = min(prompt, cached_tokens(usage))
+        return (prompt - cached) * price.input + cached * price.cached_input \
+            + completion * price.output
 
 
 class ClientUsage:
-    """Tokens counted for one client key (from the usage upstreams report), per model."""
+    """Tokens and cost counted for one client key (from the usage upstreams report), in
+    total and per model."""
 
-    __slots__ = ("name", "budget", "requests", "prompt_tokens", "completion_tokens",
-                 "total_tokens", "models")
+    __slots__ = ("name", "budget", "budget_usd", "requests", "prompt_tokens",
+                 "completion_tokens", "total_tokens", "cost", "models")
 
-    def __init__(self, name: str, budget: int | None = None) -> None:
+    def __init__(self, name: str, budget: int | None = None,
+                 budget_usd: int | None = None) -> None:
         self.name = name
         self.budget = budget
+        self.budget_usd = budget_usd  # pico-dollars
         self.requests = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.total_tokens = 0
-        # model -> [requests, prompt, completion, total]; client-chosen names, so bounded
+        self.cost = 0  # pico-dollars
+        # model -> [requests, prompt, completion, total, cost]; client-chosen names: bounded
         self.models = BoundedMap(MAX_BREAKERS, keep=lambda counts: True)
 
     def __repr__(self) -> str:
         return f"ClientUsage({self.name!r}, total={self.total_tokens}, budget={self.budget})"
 
-    def add(self, model: str, prompt: int, completion: int, total: int) -> None:
+    def add(self, model: str, prompt: int, completion: int, total: int, cost: int = 0) -> None:
         total = total or prompt + completion
         self.requests += 1
         self.prompt_tokens += prompt
         self.completion_tokens += completion
         self.total_tokens += total
+        self.cost += cost
         counts = self.models.get(model)
         if counts is None:
-            counts = [0, 0, 0, 0]
+            counts = [0, 0, 0, 0, 0]
             if not self.models.put(model, counts):
                 return
         counts[0] += 1
         counts[1] += prompt
         counts[2] += completion
         counts[3] += total
+        counts[4] += cost
 
-    def over_budget(self) -> bool:
-        return self.budget is not None and self.total_tokens >= self.budget
+    def over_budget(self) -> str:
+        """What budget is spent ("" while none is)."""
+        if self.budget is not None and self.total_tokens >= self.budget:
+            return f"{self.budget} tokens"
+        if self.budget_usd is not None and self.cost >= self.budget_usd:
+            return f"${usd(self.budget_usd):g}"
+        return ""
 
-    def as_json(self) -> dict:
+    def as_json(self, priced: bool) -> dict:
         left = None if self.budget is None else max(0, self.budget - self.total_tokens)
-        return {
+        entry = {
             "name": self.name, "requests": self.requests, "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens, "total_tokens": self.total_tokens,
             "budget_tokens": self.budget, "budget_left": left,
             "models": {m: dict(zip(_USAGE_FIELDS, c)) for m, c in self.models.items()},
         }
+        if priced:
+            entry.update(money(self.cost, self.budget_usd))
+            for model, counts in self.models.items():
+                entry["models"][model]["cost_usd"] = usd(counts[4])
+        return entry
+
+
+def money(cost: int, budget: int | None) -> dict:
+    """The cost fields of a /v1/usage entry."""
+    return {"cost_usd": usd(cost), "budget_usd": None if budget is None else usd(budget),
+            "budget_usd_left": None if budget is None else usd(max(0, budget - cost))}
 
 
 class UsageLedger:
     """Usage per client name: totals, budgets, and the usage log that carries them across
     restarts (replayed on open, one line appended per request)."""
 
-    __slots__ = ("_clients", "_file")
+    __slots__ = ("_clients", "_file", "priced")
 
-    def __init__(self, keys: Iterable[ClientKey]) -> None:
-        self._clients = {k.name: ClientUsage(k.name, k.budget_tokens) for k in keys}
+    def __init__(self, keys: Iterable[ClientKey], priced: bool = False) -> None:
+        self._clients = {k.name: ClientUsage(k.name, k.budget_tokens, k.budget_usd)
+                         for k in keys}
         self._file: Any = None
+        self.priced = priced  # prices are configured: usage shows cost
 
-    def reconfigure(self, keys: Iterable[ClientKey]) -> None:
+    def reconfigure(self, keys: Iterable[ClientKey], priced: bool = False) -> None:
         """Budgets from a new configuration; usage counted so far stays, by client name."""
+        self.priced = priced
         for key in keys:
-            self._of(key.name).budget = key.budget_tokens
+            usage = self._of(key.name)
+            usage.budget, usage.budget_usd = key.budget_tokens, key.budget_usd
 
     def __repr__(self) -> str:
         return f"UsageLedger({len(self._clients)} clients, log={'on' if self._file else 'off'})"
@@ -1129,26 +1212,29 @@ class UsageLedger:
         return usage
 
     def check_budget(self, name: str) -> None:
-        usage = self._of(name)
-        if usage.over_budget():
-            raise QuotaExceeded(f"This key has used its budget of {usage.budget} tokens.")
+        spent = self._of(name).over_budget()
+        if spent:
+            raise QuotaExceeded(f"This key has used its budget of {spent}.")
 
     def record(self, name: str, model: str, prompt: int, completion: int, total: int,
-               request_id: bytes, status: int) -> None:
+               request_id: bytes, status: int, cost: int = 0) -> None:
         total = total or prompt + completion
-        self._of(name).add(model, prompt, completion, total)
+        self._of(name).add(model, prompt, completion, total, cost)
         if self._file is not None:
-            self._file.write(orjson.dumps({
+            entry = {
                 "ts": round(time.time(), 3), "request_id": request_id.decode("latin-1"),
                 "key": name, "model": model, "prompt_tokens": prompt,
                 "completion_tokens": completion, "total_tokens": total, "status": status,
-            }).decode() + "\n")
+            }
+            if self.priced:
+                entry["cost_usd"] = usd(cost)
+            self._file.write(orjson.dumps(entry).decode() + "\n")
 
     def report(self, name: str | None = None) -> list[dict]:
         """One client's usage, or every client's (name None)."""
         if name is not None:
-            return [self._of(name).as_json()]
-        return [u.as_json() for u in self._clients.values()]
+            return [self._of(name).as_json(self.priced)]
+        return [u.as_json(self.priced) for u in self._clients.values()]
 
     def open(self, path: str) -> None:
         """Replay the log (so usage and budgets survive a restart), then append to it."""
@@ -1163,8 +1249,9 @@ class UsageLedger:
                 continue
             try:
                 entry = orjson.loads(line)
-                self._of(str(entry["key"])).add(str(entry["model"]), *usage_tokens(entry))
-            except (orjson.JSONDecodeError, KeyError, TypeError):
+                self._of(str(entry["key"])).add(str(entry["model"]), *usage_tokens(entry),
+                                                pico(entry.get("cost_usd")) or 0)
+            except (orjson.JSONDecodeError, KeyError, TypeError, decimal.InvalidOperation):
                 torn = number == len(lines)
                 log(f"usage_log {path}: skipped {'a torn last' if torn else 'an unreadable'} "
                     f"line {number}", "warning")
@@ -1263,9 +1350,12 @@ local function put(key, value, rate, cap)
   redis.call('HSET', key, 'l', tostring(value), 's', tostring(now))
   redis.call('PEXPIRE', key, math.ceil((cap - value) / rate * 1000) + 1000)
 end
-local budget = tonumber(ARGV[6])
+local budget, budget_usd = tonumber(ARGV[6]), tonumber(ARGV[7])
 if budget >= 0 and tonumber(redis.call('HGET', KEYS[3], 'total_tokens') or '0') >= budget then
   return {'budget', '0', '0'}
+end
+if budget_usd >= 0 and tonumber(redis.call('HGET', KEYS[3], 'cost_pico') or '0') >= budget_usd then
+  return {'budget_usd', '0', '0'}
 end
 local r_rate, r_cap = tonumber(ARGV[1]), tonumber(ARGV[2])
 local k_rate, k_cap = tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -1309,6 +1399,7 @@ return tostring(slot - now)
 """
 
 SHARED_ID_TTL_S = 7 * 86400  # object id -> (upstream, key)
+_SHARED_USAGE = (*_USAGE_FIELDS, "cost_pico")  # the fields of a client's usage hash
 SHARED_RESPONSE_TTL_S = 86400  # responses made over chat
 SHARED_STATE_TTL_S = 86400  # an upstream's key and breaker states, refreshed on every write
 SHARED_FLUSH_S = 1.0  # usage and token corrections go out in batches this often
@@ -1323,12 +1414,21 @@ def shared_usage(entry: dict, fields: list[bytes]) -> None:
     models: dict[str, dict[str, int]] = {}
     for raw_field, raw_value in zip(fields[::2], fields[1::2]):
         model, _, field = raw_field.decode("utf-8", "replace").rpartition("\t")
-        if field in _USAGE_FIELDS:
+        if field in _SHARED_USAGE:
             if model:
-                models.setdefault(model, dict.fromkeys(_USAGE_FIELDS, 0))[field] = int(raw_value)
+                models.setdefault(model, dict.fromkeys(_SHARED_USAGE, 0))[field] = int(raw_value)
             else:
                 entry[field] = int(raw_value)
+    priced = "cost_usd" in entry
+    for counts in models.values():
+        cost = counts.pop("cost_pico")
+        if priced:
+            counts["cost_usd"] = usd(cost)
     entry["models"] = models
+    cost = entry.pop("cost_pico", 0)
+    if priced:
+        budget = entry["budget_usd"]
+        entry.update(money(cost, None if budget is None else pico(budget)))
     if entry.get("budget_tokens") is not None:
         entry["budget_left"] = max(0, entry["budget_tokens"] - entry["total_tokens"])
 
@@ -1467,7 +1567,7 @@ class SharedState:
         self.reconnecting: asyncio.Task | None = None
         self.watchdog: asyncio.TimerHandle | None = None
         self.keys_of: dict[str, tuple[str, str, str]] = {}  # bucket -> its three Redis keys
-        self.budgets = (None, {})  # (api_keys it was made from, name -> budget_tokens)
+        self.budgets = (None, {})  # (api_keys it was made from, name -> both budgets)
 
     def __repr__(self) -> str:
         return f"SharedState(up={self.up}, pending={len(self.writes)}, usage={len(self.usage)})"
@@ -1567,8 +1667,9 @@ class SharedState:
             return False
         api_keys = self.gw.config.api_keys
         if self.budgets[0] is not api_keys:
-            self.budgets = (api_keys, {k.name: k.budget_tokens for k in api_keys})
-        budget = self.budgets[1].get(name)
+            self.budgets = (api_keys, {k.name: (k.budget_tokens, k.budget_usd)
+                                       for k in api_keys})
+        budget, budget_usd = self.budgets[1].get(name, (None, None))
         requests = limits.requests if limits is not None else None
         tokens = limits.tokens if limits is not None else None
         bucket = name if rq.client is not None or limits is None else f"ip:{rq.peer}"
@@ -1583,7 +1684,8 @@ class SharedState:
             ("EVALSHA", self.scripts[_ADMIT_LUA], 3, *keys,
              requests.rate if requests else 0, requests.capacity if requests else 0,
              tokens.rate if tokens else 0, tokens.capacity if tokens else 0,
-             estimate if tokens else 0, -1 if budget is None else budget),
+             estimate if tokens else 0, -1 if budget is None else budget,
+             -1 if budget_usd is None else budget_usd),
             *[("HGETALL", self.key("up", upstream)) for upstream in names]])
         if replies is None:
             return False
@@ -1593,6 +1695,8 @@ class SharedState:
             self.adopt(upstream, fields, wall, now)
         if verdict == "budget":
             raise QuotaExceeded(f"This key has used its budget of {budget} tokens.")
+        if verdict == "budget_usd":
+            raise QuotaExceeded(f"This key has used its budget of ${usd(budget_usd or 0):g}.")
         if verdict == "requests":
             raise self.gw.limiter.refuse(
                 f"Rate limit reached for requests: {limits.rpm:g} per minute.", float(first))
@@ -1636,16 +1740,17 @@ class SharedState:
     # after: batched, or written by a task of their own ---------------------------------------
 
     def record_usage(self, name: str, model: str, prompt: int, completion: int,
-                     total: int) -> None:
+                     total: int, cost: int = 0) -> None:
         counts = self.usage.get((name, model))
         if counts is None:
             if len(self.usage) >= MAX_SHARED_PENDING:
                 return
-            counts = self.usage[(name, model)] = [0, 0, 0, 0]
+            counts = self.usage[(name, model)] = [0, 0, 0, 0, 0]
         counts[0] += 1
         counts[1] += prompt
         counts[2] += completion
         counts[3] += total or prompt + completion
+        counts[4] += cost
 
     def settle_tokens(self, rq: Request, limits: ClientLimits, name: str, delta: float) -> None:
         bucket = name if rq.client is not None else f"ip:{rq.peer}"
@@ -1756,22 +1861,18 @@ class SharedState:
         usage, self.usage = self.usage, {}
         settles, self.settles = self.settles, {}
         commands: list[tuple] = []
-        for (name, model), (requests, prompt, completion, total) in usage.items():
+        for (name, model), counts in usage.items():
             key = self.key("usage", name)
-            for field, amount in (("requests", requests), ("prompt_tokens", prompt),
-                                  ("completion_tokens", completion), ("total_tokens", total),
-                                  (f"{model}\trequests", requests),
-                                  (f"{model}\tprompt_tokens", prompt),
-                                  (f"{model}\tcompletion_tokens", completion),
-                                  (f"{model}\ttotal_tokens", total)):
+            for field, amount in zip(_SHARED_USAGE, counts):
                 if amount:
-                    commands.append(("HINCRBY", key, field, amount))
+                    commands += [("HINCRBY", key, field, amount),
+                                 ("HINCRBY", key, f"{model}\t{field}", amount)]
         commands += [("EVALSHA", self.scripts[_SETTLE_LUA], 1, self.key("tpm", bucket), rate,
                       capacity, delta) for (bucket, rate, capacity), delta in settles.items()
                      if delta]
         if commands and await self.pipeline(commands) is None:  # Redis went: keep them
             for slot, counts in usage.items():
-                mine = self.usage.setdefault(slot, [0, 0, 0, 0])
+                mine = self.usage.setdefault(slot, [0, 0, 0, 0, 0])
                 for i, amount in enumerate(counts):
                     mine[i] += amount
             for slot, delta in settles.items():
@@ -1819,13 +1920,14 @@ class Metrics:
     Label values come from configuration (routes, known models, key names), never raw
     from a request: every model name passes through fold()."""
 
-    __slots__ = ("requests", "upstream_requests", "tokens", "fallbacks", "durations", "ttfb",
-                 "active_streams", "known_models", "learned")
+    __slots__ = ("requests", "upstream_requests", "tokens", "cost", "fallbacks", "durations",
+                 "ttfb", "active_streams", "known_models", "learned")
 
     def __init__(self, known_models: Iterable[str] = ()) -> None:
         self.requests: dict[tuple[str, str, int], int] = {}
         self.upstream_requests: dict[tuple[str, str, str], int] = {}
         self.tokens: dict[tuple[str, str], int] = {}
+        self.cost: dict[tuple[str], int] = {}  # pico-dollars, by model label
         self.fallbacks: dict[tuple[str, str], int] = {}
         self.durations: dict[str, Histogram] = {}
         self.ttfb: dict[str, Histogram] = {}
@@ -1853,7 +1955,7 @@ class Metrics:
             found = table[key] = Histogram()
         return found
 
-    _COUNTERS = ("requests", "upstream_requests", "tokens", "fallbacks")
+    _COUNTERS = ("requests", "upstream_requests", "tokens", "cost", "fallbacks")
     _HISTOGRAMS = ("durations", "ttfb")
 
     def snapshot(self, refused: int) -> bytes:
@@ -1906,6 +2008,11 @@ class Metrics:
         for name, text, names, table in counters:
             out += [f"# HELP {name} {text}", f"# TYPE {name} counter"]
             out += [f"{name}{{{_labels(names, k)}}} {v}" for k, v in table.items()]
+        if self.cost:
+            out += ["# HELP gateway_cost_usd_total Spend in USD, by model (prices, or the "
+                    "upstream's own usage.cost).", "# TYPE gateway_cost_usd_total counter"]
+            out += [f'gateway_cost_usd_total{{model="{_label(k[0])}"}} {usd(v):.6f}'
+                    for k, v in self.cost.items()]
         out += ["# HELP gateway_rate_limited_total Requests refused by a client's own limits.",
                 "# TYPE gateway_rate_limited_total counter",
                 f"gateway_rate_limited_total {rate_limited}"]
@@ -1951,7 +2058,8 @@ class AccessLog:
             "client": rq.client.name if rq.client is not None else None, "stream": w.sse,
             "ttfb_ms": None if rq.ttfb is None else round(rq.ttfb * 1000, 3),
             "duration_ms": round(duration * 1000, 3), "prompt_tokens": rq.tokens[0],
-            "completion_tokens": rq.tokens[1], "bytes_out": w.bytes_out,
+            "completion_tokens": rq.tokens[1], "cost_usd": usd(rq.cost) if rq.cost else None,
+            "bytes_out": w.bytes_out,
             "error": rq.error or None,
         }))
 
@@ -2200,17 +2308,19 @@ class Upstream:
 class ClientKey:
     """A client credential with its own limits and allow-list."""
 
-    __slots__ = ("key", "name", "rpm", "tpm", "models", "budget_tokens", "digest")
-    FIELDS = frozenset("key name rpm tpm models budget_tokens".split())
+    __slots__ = ("key", "name", "rpm", "tpm", "models", "budget_tokens", "budget_usd", "digest")
+    FIELDS = frozenset("key name rpm tpm models budget_tokens budget_usd".split())
 
     def __init__(self, key: str, name: str, rpm: float | None = None, tpm: float | None = None,
-                 models: frozenset[str] | None = None, budget_tokens: int | None = None) -> None:
+                 models: frozenset[str] | None = None, budget_tokens: int | None = None,
+                 budget_usd: int | None = None) -> None:
         self.key = key
         self.name = name
         self.rpm = rpm
         self.tpm = tpm
         self.models = models
         self.budget_tokens = budget_tokens
+        self.budget_usd = budget_usd  # pico-dollars
         self.digest = hashlib.sha256(key.encode()).digest()
 
     @classmethod
@@ -2231,6 +2341,7 @@ class ClientKey:
             r.number("tpm", None, nullable=True, above=True),
             frozenset(models) if models is not None else None,
             r.number("budget_tokens", None, nullable=True, integer=True),
+            pico(r.number("budget_usd", None, nullable=True, above=True)),
         )
 
     def allows(self, requested: str, model: str) -> bool:
@@ -2248,8 +2359,9 @@ class Config:
         "host port api_keys admin_key rate_limit upstreams aliases fallbacks retry breaker "
         "max_body_bytes max_connections cors_origins access_log usage_log shutdown_grace_s "
         "cooldown_cap_s block_recheck_s max_upload_bytes shutdown_delay_s log_format "
-        "trusted_proxies redis_url redis_prefix redis_timeout_ms workers".split()
+        "trusted_proxies redis_url redis_prefix redis_timeout_ms workers prices".split()
     )
+    PRICE_FIELDS = ("input", "cached_input", "output")
     SECTIONS = {"rate_limit": ("rpm", "tpm", "burst"),
                 "retry": ("attempts", "base_delay_s", "max_delay_s"),
                 "breaker": ("failure_threshold", "recovery_timeout_s")}
@@ -2305,6 +2417,7 @@ class Config:
         self.redis_prefix: str = r.string("redis_prefix", "gateway:")
         self.redis_timeout_ms: float = r.number("redis_timeout_ms", 50, above=True)
         self.workers: int = r.number("workers", 1, lo=1, integer=True)
+        self.prices = self._prices(r)
         if self.workers > 1 and self.redis_url is None:
             raise _fail("workers", "more than 1 needs redis_url (the workers share state there)")
 
@@ -2323,6 +2436,24 @@ class Config:
                 raise _fail(f"api_keys[{i}]", "duplicate key")
             seen.add(key.digest)
         return keys
+
+    @staticmethod
+    def _prices(r: _Reader) -> dict[str, Price]:
+        """USD per million tokens, per model id: integer pico-dollars per token."""
+        table = r.child("prices")
+        prices = {}
+        for model in table.obj:
+            entry = table.child(str(model))
+            entry.only(Config.PRICE_FIELDS)
+            for name in ("input", "output"):
+                if name not in entry.obj:
+                    raise _fail(entry.at(name), "is required")
+            per_token = {name: pico(entry.number(name, None)) // 1_000_000
+                         if name in entry.obj else None for name in Config.PRICE_FIELDS}
+            prices[str(model)] = Price(per_token["input"],
+                                       per_token["cached_input"] if per_token["cached_input"]
+                                       is not None else per_token["input"], per_token["output"])
+        return prices
 
     @staticmethod
     def _upstreams(r: _Reader) -> list[Upstream]:
@@ -2392,6 +2523,7 @@ def config_keys() -> list[str]:
     keys += [f"{section}.{key}" for section, fields in Config.SECTIONS.items() for key in fields]
     keys += [f"upstreams[].{key}" for key in sorted(Upstream.FIELDS)]
     keys += [f"api_keys[].{key}" for key in sorted(ClientKey.FIELDS)]
+    keys += [f"prices.<model>.{key}" for key in Config.PRICE_FIELDS]
     return keys
 
 
@@ -4131,6 +4263,13 @@ def usage_tokens(usage: dict | None) -> tuple[int, int, int]:
     return prompt, completion, total or prompt + completion
 
 
+def cached_tokens(usage: dict) -> int:
+    """Prompt tokens the upstream served from its cache (chat and Responses shapes)."""
+    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
+    found = details.get("cached_tokens") if isinstance(details, dict) else None
+    return found if isinstance(found, int) and not isinstance(found, bool) and found > 0 else 0
+
+
 def chat_from_completion(obj: dict) -> dict:
     """A /v1/completions request as the one-user-message chat request that answers it."""
     prompt = obj["prompt"]
@@ -4890,18 +5029,23 @@ class ProxyHandler:
             if takes_tokens and plan.estimate:
                 self.settle(rq, limits, name, -plan.estimate)  # type: ignore[arg-type]
             return
-        prompt, completion, total = usage_tokens(rq.writer.reported_usage())
+        usage = rq.writer.reported_usage()
+        prompt, completion, total = usage_tokens(usage)
+        cost = gw.prices.cost(plan.served, usage) if gw.prices.table or usage and \
+            "cost" in usage else 0
         gw.ledger.record(name, plan.served, prompt, completion, total, rq.request_id,
-                         rq.writer.status)
+                         rq.writer.status, cost)
         if gw.shared is not None:
-            gw.shared.record_usage(name, plan.served, prompt, completion, total)
-        rq.tokens = (prompt, completion)
+            gw.shared.record_usage(name, plan.served, prompt, completion, total, cost)
+        rq.tokens, rq.cost = (prompt, completion), cost
         metrics = gw.metrics
         if rq.writer.status == 200 and plan.served not in metrics.known_models:
             metrics.learn(plan.served)
         label = metrics.fold(plan.served)
         metrics.count(metrics.tokens, (label, "prompt"), prompt)
         metrics.count(metrics.tokens, (label, "completion"), completion)
+        if cost:
+            metrics.count(metrics.cost, (label,), cost)
         if plan.served != plan.asked:
             metrics.count(metrics.fallbacks, (metrics.fold(plan.asked), label))
         if takes_tokens and plan.obj is not None:
@@ -5338,7 +5482,7 @@ class Request:
         "limits", "shared_take", "extra", "handler", "refused", "upload",
         # for the access log and metrics
         "t0", "route", "model", "served_model", "served_by", "key_name", "ttfb", "tokens",
-        "error",
+        "cost", "error",
     )
 
     def __init__(self, proto: HttpProtocol, event: h11.Request) -> None:
@@ -5409,6 +5553,7 @@ class Request:
         self.key_name = ""  # upstream key name, never the key
         self.ttfb: float | None = None
         self.tokens = (0, 0)
+        self.cost = 0  # pico-dollars
         self.error = ""
 
     def __repr__(self) -> str:
@@ -5740,7 +5885,8 @@ class Gateway:
         self.metrics = Metrics(config.known_models())
         self.access_log = AccessLog(config.access_log)
         self.limiter = Limiter(config, clock)
-        self.ledger = UsageLedger(config.api_keys)
+        self.ledger = UsageLedger(config.api_keys, bool(config.prices))
+        self.prices = Prices(config.prices)
         self.breakers = BreakerBoard(config.failure_threshold, config.recovery_timeout_s)
         self.keys = {u.name: KeyPool.of(u, config.block_recheck_s) for u in config.upstreams}
         self.pools: dict[str, UpstreamPool] = {}
@@ -5842,7 +5988,8 @@ class Gateway:
                 self.retired.add(pool)
         self.pools = pools
         self.limiter.reconfigure(config)
-        self.ledger.reconfigure(config.api_keys)
+        self.ledger.reconfigure(config.api_keys, bool(config.prices))
+        self.prices.table = config.prices
         self.breakers.reconfigure(config.failure_threshold, config.recovery_timeout_s)
         self.metrics.known_models |= config.known_models()
         self.access_log.enabled = config.access_log

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import collections
 import concurrent.futures
+import decimal
 import email.utils
 import gc
 import hashlib
@@ -1351,6 +1352,117 @@ def test_usage_survives_a_restart_through_usage_log_even_after_a_torn_line(
     assert usage_of(third, SDK_KEY)[0]["requests"] == 3
 
 
+PRICES = {"big": {"input": 2.5, "cached_input": 1.25, "output": 10}, "small": {"input": 0.15, "output": 0.6}}
+
+
+def priced() -> gw.Prices:
+    return gw.Prices(gw.load_config({"GATEWAY_CONFIG": json.dumps({"prices": PRICES})}).prices)
+
+
+def test_a_requests_cost_prices_cached_tokens_apart_believes_the_upstream_and_names_a_free_model_once(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    prices = priced()
+    chat = {"prompt_tokens": 1000, "completion_tokens": 100, "prompt_tokens_details": {"cached_tokens": 400}}
+    # 600 × 2.5 + 400 × 1.25 + 100 × 10 USD per million = 0.003 USD
+    assert prices.cost("big", chat) == gw.pico("0.003")
+    responses = {"input_tokens": 1000, "output_tokens": 100, "input_tokens_details": {"cached_tokens": 400}}
+    assert prices.cost("big", responses) == prices.cost("big", chat)
+    assert prices.cost("small", {"prompt_tokens": 1000, "completion_tokens": 100,  # cached_input = input
+                                 "prompt_tokens_details": {"cached_tokens": 400}}) == gw.pico("0.00021")
+    assert prices.cost("big", {**chat, "cost": 0.0123}) == gw.pico("0.0123")  # OpenRouter's own figure
+    assert prices.cost("free", chat) == prices.cost("free", chat) == 0
+    assert capfd.readouterr().err.count("no price for model 'free'") == 1
+    assert gw.usd(gw.pico("0.0000004")) == 0.0 and gw.usd(gw.pico("1.2345675")) == 1.234568
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["big", "small", "free"]), st.integers(0, 10**7),
+                          st.integers(0, 10**7), st.integers(0, 10**6), st.booleans()), max_size=40))
+def test_per_request_costs_sum_to_the_reported_total_exactly(requests: list) -> None:
+    prices = priced()
+    ledger = gw.UsageLedger([gw.ClientKey("k", "team")], priced=True)
+    costs = []
+    for model, prompt, cached, completion, responses_shape in requests:
+        cached = min(cached, prompt)
+        usage = {"input_tokens": prompt, "output_tokens": completion,
+                 "input_tokens_details": {"cached_tokens": cached}} if responses_shape else \
+            {"prompt_tokens": prompt, "completion_tokens": completion,
+             "prompt_tokens_details": {"cached_tokens": cached}}
+        cost = prices.cost(model, usage)
+        price = PRICES.get(model)
+        exact = 0 if price is None else (
+            decimal.Decimal(prompt - cached) * decimal.Decimal(str(price["input"]))
+            + decimal.Decimal(cached) * decimal.Decimal(str(price.get("cached_input", price["input"])))
+            + decimal.Decimal(completion) * decimal.Decimal(str(price["output"]))) / 1_000_000
+        assert decimal.Decimal(cost) / gw.PICO == exact  # no float anywhere on the way
+        costs.append(cost)
+        ledger.record("team", model, prompt, completion, 0, b"r", 200, cost)
+    (report,) = ledger.report("team")
+    assert report["cost_usd"] == gw.usd(sum(costs))
+    assert set(report["models"]) == {r[0] for r in requests}
+    assert ledger._of("team").cost == sum(costs) == sum(c[4] for c in ledger._of("team").models.values())
+
+
+def fixed_usage_upstream(usage: dict) -> Handler:
+    """An upstream that answers every chat request with this usage, as JSON or as a stream."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                body = json.loads(await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1))))
+                if body.get("stream"):
+                    events = [{"id": "c", "choices": [{"index": 0, "delta": {"content": "hi"}}]},
+                              {"id": "c", "choices": [], "usage": usage}]
+                    data = b"".join(b"data: %s\n\n" % json.dumps(e).encode() for e in events) + b"data: [DONE]\n\n"
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                                 b"content-length: %d\r\n\r\n%s" % (len(data), data))
+                else:
+                    data = json.dumps({"id": "c", "object": "chat.completion", "model": body["model"], "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                        "usage": usage}).encode()
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                                 b"content-length: %d\r\n\r\n%s" % (len(data), data))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+    return handler
+
+
+def test_spend_in_usage_metrics_logs_and_a_usd_budget_that_survives_a_restart(
+        raw_upstream: RawUpstream, start_gateway: StartGateway, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    usage = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100,
+             "prompt_tokens_details": {"cached_tokens": 400}}
+    port = raw_upstream(fixed_usage_upstream(usage))
+    log = tmp_path / "usage.jsonl"
+    config = {"upstreams": [{"name": "fixed", "url": f"http://127.0.0.1:{port}/v1"}], "prices": PRICES,
+              "api_keys": [{"key": SDK_KEY, "name": "team", "budget_usd": 0.005}], "usage_log": str(log),
+              "access_log": True}
+    g = start_gateway(config)
+    client = g.client()
+    client.chat.completions.create(model="big", messages=MSGS)  # 0.003
+    list(client.chat.completions.create(model="big", messages=MSGS, stream=True))  # 0.003: crosses 0.005
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="big", messages=MSGS)
+    assert info.value.status_code == 402 and info.value.code == "insufficient_quota"
+    (usage_now,) = usage_of(g, SDK_KEY)
+    assert usage_now["cost_usd"] == 0.006 and usage_now["budget_usd"] == 0.005 and usage_now["budget_usd_left"] == 0
+    assert usage_now["models"]["big"]["cost_usd"] == 0.006
+    costs = samples(scrape(g)["gateway_cost_usd"], "_total")
+    assert costs == {(("model", "big"),): 0.006}
+    lines = [json.loads(l) for l in capfd.readouterr().err.splitlines() if '"msg":"request"' in l]
+    assert [l["cost_usd"] for l in lines if l["path"] == "/v1/chat/completions"] == [0.003, 0.003, None]
+    assert [json.loads(l)["cost_usd"] for l in log.read_text().splitlines()] == [0.003, 0.003]
+    g.lt.run(g.gw.shutdown(grace_s=0))
+    again = start_gateway(config)  # the usage log brings the spend back: still over
+    assert usage_of(again, SDK_KEY)[0]["cost_usd"] == 0.006
+    with pytest.raises(openai.APIStatusError) as info:
+        again.client().chat.completions.create(model="big", messages=MSGS)
+    assert info.value.status_code == 402
+    unpriced = start_gateway({"upstreams": config["upstreams"], "api_keys": [SDK_KEY]})
+    unpriced.client().chat.completions.create(model="big", messages=MSGS)
+    assert "cost_usd" not in usage_of(unpriced, SDK_KEY)[0]  # no prices, no money fields
+
+
 ################################################################################
 # Shared state: two instances and a real Redis
 ################################################################################
@@ -1390,6 +1502,21 @@ def test_a_budget_crossed_through_one_instance_is_refused_by_the_other(
         b.client().chat.completions.create(model="m", messages=MSGS)
     assert info.value.status_code == 402 and info.value.code == "insufficient_quota"
     assert usage_of(b, SDK_KEY)[0]["budget_left"] == 0 and usage_of(b, SDK_KEY)[0]["requests"] == 2
+
+
+def test_spend_is_shared_and_a_usd_budget_crossed_on_one_instance_is_refused_by_the_other(
+        raw_upstream: RawUpstream, start_gateway: StartGateway, redis_url: str) -> None:
+    port = raw_upstream(fixed_usage_upstream({"prompt_tokens": 1000, "completion_tokens": 100}))
+    config = {"redis_url": redis_url, "prices": PRICES, "upstreams": [{"name": "fixed", "url": f"http://127.0.0.1:{port}/v1"}],
+              "api_keys": [{"key": SDK_KEY, "name": "team", "budget_usd": 0.005}]}
+    a, b = start_gateway(config), start_gateway(config)
+    for _ in range(2):
+        a.client().chat.completions.create(model="big", messages=MSGS)  # 0.0035 each
+    assert eventually(lambda: usage_of(b, SDK_KEY)[0]["cost_usd"] == 0.007)  # a's batch, seen by b
+    assert usage_of(b, SDK_KEY)[0]["models"]["big"]["cost_usd"] == 0.007
+    with pytest.raises(openai.APIStatusError) as info:
+        b.client().chat.completions.create(model="big", messages=MSGS)
+    assert info.value.status_code == 402 and "$0.005" in info.value.message
 
 
 def test_a_429_for_a_model_and_a_401_seen_by_one_instance_keep_the_other_off_that_key(
