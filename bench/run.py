@@ -153,15 +153,21 @@ class Bench:
     # scenarios ------------------------------------------------------------------------------
 
     def compare(self, scenario: str, direct: int, gateway: int, concurrency: int,
-                flags: list[str]) -> None:
-        """Direct and gateway, alternating, `runs` times; keep each run, report medians."""
+                flags: list[str], proc: subprocess.Popen) -> None:
+        """Direct and gateway, alternating, `runs` times; keep each run, report medians,
+        with the gateway's own CPU per request (from /proc, over each gateway run)."""
         runs = {"direct": [], "gateway": []}
         for _ in range(self.args.runs):
             for path, port in (("direct", direct), ("gateway", gateway)):
-                runs[path].append(self.load(port, "-c", str(concurrency), "-d",
-                                            str(self.args.duration), *flags))
+                before = cpu_seconds(proc.pid)
+                result = self.load(port, "-c", str(concurrency), "-d", str(self.args.duration),
+                                   *flags)
+                if path == "gateway":
+                    result["cpu_us"] = (cpu_seconds(proc.pid) - before) / max(1, result["ok"]) * 1e6
+                runs[path].append(result)
         cell = {"scenario": scenario, "concurrency": concurrency,
                 "direct": summarize(runs["direct"]), "gateway": summarize(runs["gateway"]),
+                "gateway_cpu_us": round(statistics.median(r["cpu_us"] for r in runs["gateway"]), 1),
                 "raw": runs}
         self.results["cells"].append(cell)
         print(row(cell), flush=True)
@@ -175,7 +181,7 @@ class Bench:
                                 ("stream paced 5 ms", [*stream, "--header",
                                                        "x-mock-delay-ms: 5"])):
             for c in self.args.concurrency:
-                self.compare(scenario, mock, gateway, c, flags)
+                self.compare(scenario, mock, gateway, c, flags, proc)
         self.stop(proc)
 
     def memory(self, streams: int) -> None:
@@ -301,7 +307,8 @@ class Bench:
         raise_fd_limit()
         print(f"gateway.py bench · {self.results['machine']['cpu']} · "
               f"{'pinned: gateway on CPU 0, mock + load on CPU 1' if self.pin else 'not pinned'}")
-        print(f"{'scenario':<22}{'c':>5} | {'direct':>22} | {'gateway':>22} | ratio   added p50")
+        print(f"{'scenario':<22}{'c':>5} | {'direct':>22} | {'gateway':>22} | ratio  "
+              f"gw CPU/req  added p50")
         only = self.args.only
         try:
             if only in (None, "throughput"):
@@ -354,7 +361,7 @@ def row(cell: dict) -> str:
     added = (g[key] - d[key]) if g[key] is not None and d[key] is not None else None
     errors = f"  errors {g['errors']}" if g["errors"] or d["errors"] else ""
     return (f"{cell['scenario']:<22}{cell['concurrency']:>5} | {d['rps']:>10.0f} {unit:<11}| "
-            f"{g['rps']:>10.0f} {unit:<11}| {ratio:5.2f}  "
+            f"{g['rps']:>10.0f} {unit:<11}| {ratio:5.2f}  {cell['gateway_cpu_us']:>6.0f} µs  "
             f"{'+' if added is not None and added >= 0 else ''}"
             f"{added:.3f} ms{' (first event)' if stream else ''}{errors}"
             if added is not None else f"{cell['scenario']} c={cell['concurrency']}: no data")
