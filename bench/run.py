@@ -247,11 +247,15 @@ class Bench:
             print("(no redis-server: the shared-state and workers rows are skipped)", flush=True)
             return None
         port = free_port()
+        sock = Path(self.args.out).resolve() / f"redis-{port}.sock"
+        sock.parent.mkdir(parents=True, exist_ok=True)
         proc = subprocess.Popen(pinned(self.side_cpu, [
             "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no"]), stdout=subprocess.DEVNULL)
+            "--appendonly", "no", "--unixsocket", str(sock)]), stdout=subprocess.DEVNULL)
         self.procs.append(proc)
         wait_listening(port, proc)
+        if self.args.redis_unix:
+            return f"unix://{sock}"
         return f"redis://127.0.0.1:{port}/0"
 
     def shared(self, redis_url: str) -> None:
@@ -424,6 +428,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(HERE / "results"), help="where results.json/png go")
     p.add_argument("--only", choices=["throughput", "memory", "rotation", "shared"],
                    help="one group of rows (shared: Redis and workers)")
+    p.add_argument("--redis-unix", action="store_true",
+                   help="the shared-state rows reach Redis over a unix socket, not TCP")
     args = p.parse_args(argv)
     args.concurrency = [1, 32, 256]
     if args.quick:
