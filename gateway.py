@@ -6113,8 +6113,6 @@ async def _serve(args: argparse.Namespace, worker: Worker | None = None,
     except ConfigError as exc:
         log(str(exc), "error")
         return 2
-    if worker is not None:
-        config.workers = 1  # this process is one of them
     loop.set_exception_handler(_loop_exception)
     python_warnings.showwarning = _show_warning
     gw = Gateway(config)
