@@ -1274,6 +1274,8 @@ def test_behind_a_trusted_proxy_the_forwarded_client_is_limited_and_logged(
     assert statuses == [200, 429, 200]  # one bucket per client behind the proxy
     untrusted = start_gateway(limited(mock, trusted_proxies=["10.0.0.0/8"], access_log=True))
     raw(untrusted.port, post("/v1/chat/completions", CHAT, "X-Forwarded-For: 203.0.113.9\r\n"))
+    for running in (g, untrusted):  # the lines of this loop turn, written now, on the loop
+        running.lt.call(running.gw.access_log.flush)
     lines = [json.loads(l) for l in capfd.readouterr().err.splitlines() if l.startswith("{")]
     assert [l["client_ip"] for l in lines if l["msg"] == "request"] == [
         "203.0.113.7", "203.0.113.7", "198.51.100.1", "127.0.0.1"]
@@ -1449,6 +1451,7 @@ def test_spend_in_usage_metrics_logs_and_a_usd_budget_that_survives_a_restart(
     assert usage_now["models"]["big"]["cost_usd"] == 0.006
     costs = samples(scrape(g)["gateway_cost_usd"], "_total")
     assert costs == {(("model", "big"),): 0.006}
+    g.lt.call(g.gw.access_log.flush)
     lines = [json.loads(l) for l in capfd.readouterr().err.splitlines() if '"msg":"request"' in l]
     assert [l["cost_usd"] for l in lines if l["path"] == "/v1/chat/completions"] == [0.003, 0.003, None]
     assert [json.loads(l)["cost_usd"] for l in log.read_text().splitlines()] == [0.003, 0.003]
