@@ -132,7 +132,7 @@ _NOT_RELAYED = frozenset(
 _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _QUOTE_SAFE = "/:@!$&'()*+,;=-._~"  # a model id in x-gateway-model: these stay as they are
 _PLAIN_VALUE = re.compile(r"[A-Za-z0-9/:@!$&'()*+,;=._~-]{1,256}")  # needs no quoting
-_END_OF_MESSAGE = h11.EndOfMessage()  # immutable: one for every response
+_COPY_MAX = 16384  # a body piece below this is copied into one write with its framing
 _JSON_CT = (b"content-type", b"application/json")
 _BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
 _METRICS_CT = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
@@ -3968,7 +3968,8 @@ class ResponseWriter(BodySink):
     upstream's status, headers and body as they arrive (the sink of the relay)."""
 
     __slots__ = ("proto", "rq", "status", "started", "finished", "unsent", "sse", "filter",
-                 "keep_tail", "tail", "usage", "bytes_out", "head_only", "capture_id")
+                 "keep_tail", "tail", "usage", "bytes_out", "head_only", "capture_id",
+                 "framing", "left", "must_close")
 
     def __init__(self, proto: HttpProtocol, rq: Request) -> None:
         self.proto = proto
@@ -3985,6 +3986,9 @@ class ResponseWriter(BodySink):
         self.bytes_out = 0
         self.head_only = rq.method == b"HEAD"  # everything as for GET, but no body bytes
         self.capture_id: Callable[[str], None] | None = None  # told a created object's id
+        self.framing = _NO_BODY  # of the body written: set with the head
+        self.left = 0  # bytes the head's Content-Length still owes
+        self.must_close = False  # the connection ends with this response
 
     def __repr__(self) -> str:
         return (f"ResponseWriter(status={self.status}, sse={self.sse}, "
@@ -4003,14 +4007,51 @@ class ResponseWriter(BodySink):
             headers.append((b"x-gateway-model", header_value(rq.served_model)))
         if rq.limits is not None:
             headers += rq.limits.headers()
-        # _parsed: skip h11's per-header regexes. Every value here is ours, came through h11's
-        # own request parser, or came from an upstream head that _parse_head checked for
-        # bare CR/LF, so none can split a header line.
-        event = h11.Response(status_code=status, headers=headers,
-                             reason=_REASONS.get(status, b""), _parsed=True)
-        self.unsent = proto.conn.send(event)  # type: ignore[assignment]
+        self.unsent = self.head(status, headers)
         self.status = status  # only now: the access log says what the client really got
         self.started = True
+
+    def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
+        """The response head, framed as h11 frames it (RFC 9112 §6), which h11 is not asked
+        to build: its request side alone is needed, and its response side cost a third of
+        a request. Every value here is ours, came through h11's own request parser, or came
+        from an upstream head that _parse_head checked for bare CR/LF, so none can split a
+        header line."""
+        if not 200 <= status < 1000:
+            raise h11.LocalProtocolError(f"status {status} is not a final response")
+        rq = self.rq
+        length = -1
+        close = not rq.keep_alive
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
+        for name, value in headers:
+            if name == b"content-length":
+                if length >= 0:
+                    if int(value) != length:
+                        raise h11.LocalProtocolError("conflicting Content-Length headers")
+                    continue
+                length = int(value)
+            elif name == b"connection":
+                if b"close" in value.lower():
+                    close = True
+                if not rq.keep_alive:
+                    continue  # one Connection: close follows
+            lines.append(b"%s: %s\r\n" % (name, value))
+        if status in (204, 304):
+            self.framing = _NO_BODY
+        elif length >= 0:
+            self.framing, self.left = _LENGTH, length
+        elif rq.http11:
+            self.framing = _CHUNKED
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        else:  # an HTTP/1.0 client knows no chunks: the body runs to the close
+            self.framing = _UNTIL_CLOSE
+        if self.head_only:  # framed as for GET, sent without its body
+            self.framing = _NO_BODY
+        if not rq.keep_alive:
+            lines.append(b"Connection: close\r\n")
+        self.must_close = close
+        lines.append(b"\r\n")
+        return b"".join(lines)
 
     def send(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         """A whole response at once, in one write."""
@@ -4098,14 +4139,33 @@ class ResponseWriter(BodySink):
     def _write(self, data: bytes) -> None:
         if self.head_only:
             return
-        self.bytes_out += len(data)
-        proto = self.proto
-        pieces = proto.conn.send_with_data_passthrough(h11.Data(data=data))
+        size = len(data)
+        if not size:
+            return
+        self.bytes_out += size
+        framing = self.framing
+        if framing is _CHUNKED:
+            if size < _COPY_MAX:  # one small write: head (first time), chunk size, data
+                data = b"%s%x\r\n%s\r\n" % (self.unsent, size, data)
+                self.unsent = b""
+            else:
+                self._send([self.unsent, b"%x\r\n" % size, data, b"\r\n"])
+                return
+        elif framing is _LENGTH:
+            self.left -= size
+            if self.left < 0:
+                raise h11.LocalProtocolError("Too much data for declared Content-Length")
+        elif framing is _NO_BODY:
+            raise h11.LocalProtocolError("a body for a response that has none")
         if self.unsent:  # one write for head and first bytes: a syscall less per response
-            pieces.insert(0, self.unsent)
-            self.unsent = b""
-        if not proto.closing:
-            proto.transport.writelines(pieces)
+            self._send([self.unsent, data])
+        elif not self.proto.closing:
+            self.proto.transport.write(data)
+
+    def _send(self, pieces: list[bytes]) -> None:
+        self.unsent = b""
+        if not self.proto.closing:
+            self.proto.transport.writelines(pieces)
 
     def on_end(self) -> None:
         if self.finished:
@@ -4119,8 +4179,14 @@ class ResponseWriter(BodySink):
                 self._write(ending)
         self.finished = True
         proto = self.proto
-        data = self.unsent + proto.conn.send(_END_OF_MESSAGE)  # type: ignore[operator]
+        framing = self.framing
+        data = self.unsent
         self.unsent = b""
+        if framing is _CHUNKED and not self.head_only:
+            data += b"0\r\n\r\n"
+        elif framing is _LENGTH and self.left and not self.head_only:
+            proto.close()  # the client sees a short body, never a whole one
+            raise h11.LocalProtocolError("Too little data for declared Content-Length")
         if data and not proto.closing:
             proto.transport.write(data)
         proto.response_done(self.rq)
@@ -5479,6 +5545,7 @@ class Request:
         "flow", "writer", "method", "path", "query", "headers", "body_parts", "body_size",
         "request_id", "authorization", "api_key", "origin", "content_length", "head_size",
         "connection", "expects_continue", "framing_doubt", "peer", "reserve", "client",
+        "keep_alive", "http11",
         "limits", "shared_take", "extra", "handler", "refused", "upload",
         # for the access log and metrics
         "t0", "route", "model", "served_model", "served_by", "key_name", "ttfb", "tokens",
@@ -5527,6 +5594,10 @@ class Request:
                 self.expects_continue = value.lower() == b"100-continue"
         if not self.request_id:
             self.request_id = new_request_id()
+        # h11's keep-alive rule (RFC 9112 §9.3): HTTP/1.1 without Connection: close
+        self.http11 = event.http_version >= b"1.1"
+        self.keep_alive = self.http11 and not (
+            self.connection and b"close" in [t.strip() for t in self.connection.split(b",")])
         self.head_size = size  # h11 limits only heads that arrive in pieces; this is the rest
         # Both framings (RFC 9112 §6.3): answered, then the connection closes, so that
         # nothing after it can be read as a request of its own (smuggling).
@@ -5621,7 +5692,7 @@ class HttpProtocol(asyncio.Protocol):
         self.task: asyncio.Task | None = None
 
     def __repr__(self) -> str:
-        return (f"HttpProtocol(our={self.conn.our_state}, their={self.conn.their_state}, "
+        return (f"HttpProtocol(their={self.conn.their_state}, "
                 f"waiting={self.waiting.value}, cycle={self.cycle!r})")
 
     # asyncio.Protocol callbacks -------------------------------------------------------------
@@ -5809,7 +5880,7 @@ class HttpProtocol(asyncio.Protocol):
         if self.closing:
             self.cycle = None
             return
-        if conn.our_state is h11.MUST_CLOSE or self.gw.draining:
+        if rq.writer.must_close or self.gw.draining:
             self.close()
         elif rq.refused and conn.their_state is h11.SEND_BODY:
             pass  # the body is read and dropped; its end starts the next cycle
@@ -5819,14 +5890,20 @@ class HttpProtocol(asyncio.Protocol):
             self._next_cycle()
 
     def _next_cycle(self) -> None:
-        conn = self.conn
+        # h11 parsed this request; the response went out without it (ResponseWriter.head).
+        # A new h11 connection, given what the client sent after the request, is the state
+        # start_next_cycle() would have reached, at the cost of one small object.
+        ahead, closed = self.conn.trailing_data
+        conn = self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         self.cycle = None
-        conn.start_next_cycle()
         self._arm(self.gw.keepalive_timeout_s, Waiting.KEEPALIVE)
         self.ahead = 0
         if self.flow.read_paused:
             self.flow.resume_reading()
-        if conn.trailing_data[0]:  # a pipelined request is already buffered
+        if ahead or closed:  # a pipelined request is already buffered
+            conn.receive_data(ahead)
+            if closed:
+                conn.receive_data(b"")
             self.loop.call_soon(self._handle_events)
 
     def close(self) -> None:

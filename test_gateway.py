@@ -3437,6 +3437,33 @@ def test_a_last_request_followed_by_stray_bytes_still_gets_its_answer(start_gate
         assert read_response(f) is None
 
 
+def test_response_framing_follows_the_client_http_version(start_gateway: StartGateway) -> None:
+    """Responses are framed without h11's help: chunked to HTTP/1.1 clients, with keep-alive;
+    to an HTTP/1.0 client a stream runs to the close, and a sized answer keeps its length."""
+    g = start_gateway()
+    stream = CHAT[:-1] + b', "stream": true}'
+    with connect(g.port) as sock:
+        sock.sendall(post("/v1/chat/completions", stream) + post("/v1/chat/completions", CHAT))
+        f = sock.makefile("rb")
+        first, second = read_response(f), read_response(f)
+        assert first.headers["transfer-encoding"] == "chunked" and "connection" not in first.headers
+        assert first.body.rstrip().endswith(b"data: [DONE]")
+        assert second.status == 200 and second.json()["object"] == "chat.completion"
+    old = post("/v1/chat/completions", stream).replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+    with connect(g.port) as sock:
+        sock.sendall(old)
+        f = sock.makefile("rb")
+        resp = read_response(f)  # no length, no chunks: the body is what comes before EOF
+        assert resp.status == 200 and resp.headers["connection"] == "close"
+        assert "transfer-encoding" not in resp.headers and "content-length" not in resp.headers
+        assert resp.body.startswith(b"data: {") and resp.body.rstrip().endswith(b"data: [DONE]")
+    with connect(g.port) as sock:
+        sock.sendall(b"HEAD /v1/chat/completions HTTP/1.0\r\n\r\n")
+        resp = read_response(sock.makefile("rb"), head=True)
+        assert resp.status == 405 and resp.headers["connection"] == "close"
+        assert sock.recv(1) == b""  # closed, and no body bytes came
+
+
 ################################################################################
 # Gateway: drain and shutdown
 ################################################################################
