@@ -6476,5 +6476,33 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(asyncio.run(_serve(args, config=config)))
 
 
+def _run_from_bytecode() -> None:
+    """`python gateway.py` runs this file as CPython's main script, and CPython keeps a main
+    script's syntax tree alive until the script returns: ~16 MB for this file, more than the
+    gateway's own idle footprint, and compiling it leaves the heap fragmented. So start again
+    in the same process (same pid, interpreter options and arguments) from this module's code
+    object, handed over in an anonymous file: no syntax tree, nothing written to disk."""
+    boot = ("import marshal, os, sys\n"
+            "del sys.argv[0]\n"
+            "with open(int(sys.argv.pop(0)), 'rb') as f: code = marshal.load(f)\n"
+            "__file__ = sys.argv[0]\n"
+            "if not sys.flags.safe_path: sys.path[0] = os.path.dirname(os.path.abspath(__file__))\n"
+            "_from_bytecode = True\n"
+            "del f, marshal\n"
+            "exec(code)")
+    import marshal
+    options = sys.orig_argv[:len(sys.orig_argv) - len(sys.argv)]
+    try:
+        fd = os.memfd_create("gateway", 0)  # without MFD_CLOEXEC: it outlives the exec
+        with open(fd, "wb", closefd=False) as f:
+            f.write(marshal.dumps(sys._getframe(1).f_code))
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.execv(sys.executable, [*options, "-c", boot, str(fd), __file__, *sys.argv[1:]])
+    except (AttributeError, OSError):
+        pass  # no memfd (not Linux) or no exec: run on as we are, only larger
+
+
 if __name__ == "__main__":
+    if __spec__ is None and "_from_bytecode" not in globals() and os.path.isfile(sys.argv[0]):
+        _run_from_bytecode()  # run as `python gateway.py`: `python -m gateway` needs none of it
     main()

@@ -531,8 +531,9 @@ class GatewayProcess:
     """gateway.py in a subprocess; its stderr lines collected as they come."""
 
     def __init__(self, args: list[str], env: dict[str, str], ready: str,
-                 prefix: tuple[str, ...] = ()) -> None:
-        self.proc = subprocess.Popen([*prefix, sys.executable, str(HERE / "gateway.py"), *args],
+                 prefix: tuple[str, ...] = (), options: list[str] | None = None) -> None:
+        self.proc = subprocess.Popen([*prefix, sys.executable, *(options or []),
+                                      str(HERE / "gateway.py"), *args],
                                      env=env, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self.cond = threading.Condition()
@@ -3538,6 +3539,27 @@ def test_shutdown_delay_fails_ready_first_while_still_serving_then_drains(mock: 
     try:
         gp.proc.send_signal(signal.SIGTERM)
         assert gp.proc.wait(20) == 0  # the delay ends by itself
+    finally:
+        gp.kill()
+
+
+def test_a_script_run_restarts_itself_from_bytecode_keeping_pid_options_and_arguments(
+        mock: mock_upstream.MockUpstream) -> None:
+    """`python gateway.py` hands its code object to a fresh interpreter in the same process
+    (so the syntax tree of the whole file is not kept): same pid, interpreter options kept,
+    arguments kept, the handover descriptor closed, and the file still found as __file__."""
+    env = {**os.environ, "GATEWAY_CONFIG": json.dumps({
+        "port": 0, "upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1"}]})}
+    gp = GatewayProcess(["--host", "127.0.0.1"], env, ready="listening", options=["-X", "utf8"])
+    try:
+        argv = Path(f"/proc/{gp.proc.pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+        assert argv[1:4] == ["-X", "utf8", "-c"] and "marshal.load" in argv[4]
+        assert argv[6:] == [str(HERE / "gateway.py"), "--host", "127.0.0.1"]
+        fds = [os.readlink(p) for p in Path(f"/proc/{gp.proc.pid}/fd").iterdir()]
+        assert not [t for t in fds if "memfd:" in t], fds
+        assert raw(gp.port, post("/v1/chat/completions", CHAT))[0].status == 200
+        gp.proc.send_signal(signal.SIGTERM)
+        assert gp.proc.wait(20) == 0
     finally:
         gp.kill()
 
