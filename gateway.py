@@ -138,6 +138,7 @@ _BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
 _METRICS_CT = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 header field name
 _HEX_DIGITS = b"0123456789abcdefABCDEF"  # a chunk size is these and nothing else
+_CHUNK_HEAD = re.compile(rb"([0-9a-fA-F]{1,16})\r\n").match  # a size line, no extension
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,%d}" % REQUEST_ID_MAX)  # visible ASCII, echoed back
 _CONTINUE = h11.InformationalResponse(status_code=100, headers=[])
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
@@ -2717,6 +2718,18 @@ class ChunkedDecoder:
         pos, end = 0, len(data)
         while pos < end:
             state = self.state
+            if state is _SIZE and not self.line:  # a whole chunk, as chunks most often come
+                found = _CHUNK_HEAD(data, pos)
+                if found is not None:
+                    size = int(found[1], 16)
+                    start = found.end()
+                    stop = start + size
+                    if size and stop + 2 <= end:
+                        if data[stop] != 13 or data[stop + 1] != 10:
+                            raise ValueError("no CRLF after chunk data")
+                        out.append(data[start:stop])
+                        pos = stop + 2
+                        continue
             if state is _DATA:
                 take = min(self.left, end - pos)
                 out.append(data if take == end else data[pos:pos + take])
@@ -3819,10 +3832,7 @@ def raw_error(exc: GatewayError, request_id: bytes = b"") -> bytes:
             % (exc.status, _REASONS[exc.status], head, len(body), body))
 
 
-def real_usage(data: bytes) -> bool:
-    """Does data mention a usage that is not null? Two or three C-level counts, no parse."""
-    n = data.count(b'"usage"')
-    return n > 0 and n != data.count(b'"usage":null') + data.count(b'"usage": null')
+_REAL_USAGE = re.compile(rb'"usage"[ \t]*:(?![ \t]*null)')  # a usage that is not null
 
 
 def _event_end(data: bytes) -> int:
@@ -3920,20 +3930,30 @@ class SseFilter:
         return out
 
     def _inspect(self, data: bytes) -> bytes:
-        convert = self.convert
-        if convert is None and not real_usage(data):
+        if self.convert is not None:
+            kept = [e for e in map(self._event, data.split(b"\n\n")[:-1]) if e is not None]
+            return b"\n\n".join(kept) + b"\n\n" if kept else b""
+        # Only the events that carry a usage are parsed (one, at the end of a stream): found
+        # by one C-level search per read, whatever the number of events in it.
+        found = _REAL_USAGE.search(data)
+        if found is None:
             return data
-        kept = []
-        for event in data.split(b"\n\n")[:-1]:
-            if convert is None:  # real_usage(event), inlined: it runs for every event
-                n = event.count(b'"usage"')
-                if not n or n == event.count(b'"usage":null') + event.count(b'"usage": null'):
-                    kept.append(event)
-                    continue
-            event = self._event(event)  # type: ignore[assignment]
+        pieces = []
+        at = 0
+        while found is not None:
+            start = data.rfind(b"\n\n", at, found.start())
+            start = start + 2 if start >= 0 else at
+            end = data.find(b"\n\n", found.end())
+            if end < 0:
+                end = len(data)
+            event = self._event(data[start:end])
+            pieces.append(data[at:start])
             if event is not None:
-                kept.append(event)
-        return b"\n\n".join(kept) + b"\n\n" if kept else b""
+                pieces.append(event + b"\n\n")
+            at = end + 2
+            found = _REAL_USAGE.search(data, at)
+        pieces.append(data[at:])
+        return b"".join(pieces)
 
     def _event(self, event: bytes) -> bytes | None:
         at = 0 if event.startswith(b"data:") else event.find(b"\ndata:") + 1  # after event:

@@ -2428,6 +2428,30 @@ def test_sse_filter_holds_back_only_an_incomplete_event_and_drops_the_unasked_us
     assert plain.feed(usage) == usage and plain.usage is None
 
 
+SSE_EVENTS = {
+    "content": b'data: {"choices":[{"index":0,"delta":{"content":"\\"usage\\": 5"}}],"usage":null}',
+    "spaced_null": b'data: {"choices":[{"index":0,"delta":{}}], "usage" : null}',
+    "usage_only": b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":%d}}',
+    "usage_with_choice": b'data: {"choices":[{"index":0,"delta":{}}],"usage": {"prompt_tokens":2,"completion_tokens":%d}}',
+    "comment": b": keep-alive",
+    "done": b"data: [DONE]",
+}
+
+
+@settings(max_examples=200, deadline=None)
+@given(kinds=st.lists(st.sampled_from(sorted(SSE_EVENTS)), min_size=1, max_size=12), drop=st.booleans())
+def test_sse_filter_reads_every_usage_in_one_read_of_many_events(kinds: list[str], drop: bool) -> None:
+    """However many events one read holds, each non-null usage is seen (the last one wins),
+    only usage-only chunks are dropped, and every other event passes byte for byte."""
+    events = [SSE_EVENTS[k] % i if b"%d" in SSE_EVENTS[k] else SSE_EVENTS[k] for i, k in enumerate(kinds)]
+    flt = gw.SseFilter(inspect=True, drop_usage=drop)
+    out = flt.feed(b"".join(e + b"\n\n" for e in events))
+    kept = [e for e, k in zip(events, kinds) if not (drop and k == "usage_only")]
+    assert out == b"".join(e + b"\n\n" for e in kept)
+    usages = [i for i, k in enumerate(kinds) if k.startswith("usage")]
+    assert (flt.usage or {}).get("completion_tokens") == (usages[-1] if usages else None)
+
+
 def test_sse_filter_converts_chat_chunks_to_completion_chunks() -> None:
     flt = gw.SseFilter(inspect=True, convert=gw.CompletionsFromChat())
     out = flt.feed(USAGE_STREAM[0] + USAGE_STREAM[1] + USAGE_STREAM[4])
