@@ -2782,6 +2782,10 @@ class BodySink:
     def on_end(self) -> None:
         raise NotImplementedError
 
+    def hold(self) -> None:
+        """The body's end follows at once, in the same read: what on_data writes can wait
+        for it, so that both go in one write."""
+
     def on_error(self, exc: GatewayError) -> None:
         raise NotImplementedError
 
@@ -2961,6 +2965,8 @@ class UpstreamConnection(asyncio.Protocol):
     def relay(self, sink: BodySink) -> asyncio.Future:
         """Hand the body to sink as it arrives; the future resolves when the body has ended."""
         pending, self.pending, self.sink = self.pending, None, sink
+        if pending and self.done.done() and self.error is None:  # type: ignore[union-attr]
+            sink.hold()
         for piece in pending or ():
             sink.on_data(piece)
         if self.done.done():  # type: ignore[union-attr]
@@ -3157,6 +3163,8 @@ class UpstreamConnection(asyncio.Protocol):
             if out:  # _emit, inlined: this runs for every read of a stream
                 data = out[0] if len(out) == 1 else b"".join(out)
                 if self.sink is not None:
+                    if end >= 0:
+                        self.sink.hold()
                     self.sink.on_data(data)
                 else:
                     self.pending.append(data)  # type: ignore[union-attr]
@@ -3989,7 +3997,7 @@ class ResponseWriter(BodySink):
 
     __slots__ = ("proto", "rq", "status", "started", "finished", "unsent", "sse", "filter",
                  "keep_tail", "tail", "usage", "bytes_out", "head_only", "capture_id",
-                 "framing", "left", "must_close")
+                 "framing", "left", "must_close", "holding")
 
     def __init__(self, proto: HttpProtocol, rq: Request) -> None:
         self.proto = proto
@@ -4008,6 +4016,7 @@ class ResponseWriter(BodySink):
         self.capture_id: Callable[[str], None] | None = None  # told a created object's id
         self.framing = _NO_BODY  # of the body written: set with the head
         self.left = 0  # bytes the head's Content-Length still owes
+        self.holding = False  # the end follows at once: writes wait for it (see hold)
         self.must_close = False  # the connection ends with this response
 
     def __repr__(self) -> str:
@@ -4177,10 +4186,15 @@ class ResponseWriter(BodySink):
                 raise h11.LocalProtocolError("Too much data for declared Content-Length")
         elif framing is _NO_BODY:
             raise h11.LocalProtocolError("a body for a response that has none")
-        if self.unsent:  # one write for head and first bytes: a syscall less per response
+        if self.holding:
+            self.unsent += data
+        elif self.unsent:  # one write for head and first bytes: a syscall less per response
             self._send([self.unsent, data])
         elif not self.proto.closing:
             self.proto.transport.write(data)
+
+    def hold(self) -> None:
+        self.holding = True
 
     def _send(self, pieces: list[bytes]) -> None:
         self.unsent = b""
