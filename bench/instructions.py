@@ -38,7 +38,8 @@ def instructions(gateway: Path, requests: int, args: argparse.Namespace, mock: i
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
         proc = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+            ["valgrind", "--tool=callgrind", "--trace-children=yes",  # into its own execv
+             f"--callgrind-out-file={out}",
              sys.executable, str(gateway)],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
