@@ -9,6 +9,8 @@ alone on CPU 0; the mock and the load generator on CPU 1), and runs bench/load.p
 mock directly and through the gateway, alternating, for:
 
 - non-stream chat completions at concurrency 1, 32, 256;
+- routes at 32: chat, embeddings (a pass-through route), Responses, and the chat and
+  Responses streams, each with the same small input;
 - streams of 20 chunks, unpaced, at 1, 32, 256 (every stream's event count and chunk order
   are checked);
 - streams paced at 5 ms per chunk, at 1, 32, 256;
@@ -139,9 +141,10 @@ class Bench:
         except subprocess.TimeoutExpired:
             proc.kill()
 
-    def load(self, port: int, *flags: str, key: bool = True) -> dict:
-        argv = [sys.executable, str(HERE / "load.py"),
-                f"http://127.0.0.1:{port}/v1/chat/completions", "--json", *flags]
+    def load(self, port: int, *flags: str, key: bool = True,
+             path: str = "/v1/chat/completions") -> dict:
+        argv = [sys.executable, str(HERE / "load.py"), f"http://127.0.0.1:{port}{path}", "--json",
+                *flags]
         if key:
             argv += ["--key", CLIENT_KEY]
         out = subprocess.run(pinned(self.side_cpu, argv), capture_output=True, text=True,
@@ -153,7 +156,7 @@ class Bench:
     # scenarios ------------------------------------------------------------------------------
 
     def compare(self, scenario: str, direct: int, gateway: int, concurrency: int,
-                flags: list[str], proc: subprocess.Popen) -> None:
+                flags: list[str], proc: subprocess.Popen, route: str = "/v1/chat/completions") -> None:
         """Direct and gateway, alternating, `runs` times; keep each run, report medians,
         with the gateway's own CPU per request (from /proc, over each gateway run)."""
         runs = {"direct": [], "gateway": []}
@@ -161,7 +164,7 @@ class Bench:
             for path, port in (("direct", direct), ("gateway", gateway)):
                 before = cpu_seconds(proc.pid)
                 result = self.load(port, "-c", str(concurrency), "-d", str(self.args.duration),
-                                   *flags)
+                                   *flags, path=route)
                 if path == "gateway":
                     result["cpu_us"] = (cpu_seconds(proc.pid) - before) / max(1, result["ok"]) * 1e6
                 runs[path].append(result)
@@ -182,6 +185,24 @@ class Bench:
                                                        "x-mock-delay-ms: 5"])):
             for c in self.args.concurrency:
                 self.compare(scenario, mock, gateway, c, flags, proc)
+        self.stop(proc)
+
+    def routes(self) -> None:
+        """Chat against other routes at c=32, each with the same small input: a pass-through
+        route (embeddings), Responses, and the Responses stream (typed events)."""
+        mock = self.start_mock("--chunks", "20")
+        gateway, proc = self.start_gateway({"name": "mock", "url": f"http://127.0.0.1:{mock}/v1"})
+        chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
+        responses = {"model": "gpt-4o-mini", "input": "hello"}
+        embeddings = {"model": "text-embedding-3-small", "input": "hello"}
+        for scenario, path, body in (
+                ("route: chat", "/v1/chat/completions", chat),
+                ("route: embeddings", "/v1/embeddings", embeddings),
+                ("route: responses", "/v1/responses", responses),
+                ("stream route: chat", "/v1/chat/completions", {**chat, "stream": True}),
+                ("stream route: responses", "/v1/responses", {**responses, "stream": True})):
+            flags = ["--body", json.dumps(body)] + (["--stream"] if body.get("stream") else [])
+            self.compare(scenario, mock, gateway, 32, flags, proc, route=path)
         self.stop(proc)
 
     def memory(self, streams: int) -> None:
@@ -311,12 +332,14 @@ class Bench:
         raise_fd_limit()
         print(f"gateway.py bench · {self.results['machine']['cpu']} · "
               f"{'pinned: gateway on CPU 0, mock + load on CPU 1' if self.pin else 'not pinned'}")
-        print(f"{'scenario':<22}{'c':>5} | {'direct':>22} | {'gateway':>22} | ratio  "
+        print(f"{'scenario':<24}{'c':>5} | {'direct':>22} | {'gateway':>22} | ratio  "
               f"gw CPU/req  added p50")
         only = self.args.only
         try:
             if only in (None, "throughput"):
                 self.throughput()
+            if only in (None, "routes"):
+                self.routes()
             if only in (None, "memory"):
                 for n in self.args.memory_streams:
                     self.memory(self.streams_possible(n))
@@ -364,7 +387,7 @@ def row(cell: dict) -> str:
     key = "first_event_p50_ms" if stream else "p50_ms"
     added = (g[key] - d[key]) if g[key] is not None and d[key] is not None else None
     errors = f"  errors {g['errors']}" if g["errors"] or d["errors"] else ""
-    return (f"{cell['scenario']:<22}{cell['concurrency']:>5} | {d['rps']:>10.0f} {unit:<11}| "
+    return (f"{cell['scenario']:<24}{cell['concurrency']:>5} | {d['rps']:>10.0f} {unit:<11}| "
             f"{g['rps']:>10.0f} {unit:<11}| {ratio:5.2f}  {cell['gateway_cpu_us']:>6.0f} µs  "
             f"{'+' if added is not None and added >= 0 else ''}"
             f"{added:.3f} ms{' (first event)' if stream else ''}{errors}"
@@ -426,7 +449,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="one 2 s run per cell; under 2 minutes")
     p.add_argument("--out", default=str(HERE / "results"), help="where results.json/png go")
-    p.add_argument("--only", choices=["throughput", "memory", "rotation", "shared"],
+    p.add_argument("--only", choices=["throughput", "routes", "memory", "rotation", "shared"],
                    help="one group of rows (shared: Redis and workers)")
     p.add_argument("--redis-unix", action="store_true",
                    help="the shared-state rows reach Redis over a unix socket, not TCP")
