@@ -2718,18 +2718,18 @@ class ChunkedDecoder:
         pos, end = 0, len(data)
         while pos < end:
             state = self.state
-            if state is _SIZE and not self.line:  # a whole chunk, as chunks most often come
-                found = _CHUNK_HEAD(data, pos)
-                if found is not None:
-                    size = int(found[1], 16)
+            if state is _SIZE and not self.line:  # whole chunks, as chunks most often come:
+                while (found := _CHUNK_HEAD(data, pos)) is not None:  # one match each
                     start = found.end()
-                    stop = start + size
-                    if size and stop + 2 <= end:
-                        if data[stop] != 13 or data[stop + 1] != 10:
-                            raise ValueError("no CRLF after chunk data")
-                        out.append(data[start:stop])
-                        pos = stop + 2
-                        continue
+                    stop = start + int(found[1], 16)
+                    if stop == start or stop + 2 > end:
+                        break
+                    if data[stop] != 13 or data[stop + 1] != 10:
+                        raise ValueError("no CRLF after chunk data")
+                    out.append(data[start:stop])
+                    pos = stop + 2
+                if pos == end:
+                    break
             if state is _DATA:
                 take = min(self.left, end - pos)
                 out.append(data if take == end else data[pos:pos + take])
@@ -5806,6 +5806,7 @@ class HttpProtocol(asyncio.Protocol):
                 self._on_request(event)  # type: ignore[arg-type]
             elif kind is h11.EndOfMessage:
                 self._on_request_end()
+                return  # what follows waits for the next cycle: h11 would say PAUSED
             elif kind is h11.ConnectionClosed:
                 if self.cycle is None:
                     self.close()
