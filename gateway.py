@@ -2970,10 +2970,10 @@ class UpstreamConnection(asyncio.Protocol):
         for piece in pending or ():
             sink.on_data(piece)
         if self.done.done():  # type: ignore[union-attr]
-            self._recycle()
             if self.error is None:
-                sink.on_end()
+                self._end_sink(sink)
             else:
+                self._recycle()
                 sink.on_error(self.error)  # type: ignore[arg-type]
         else:
             self.resume_reading()
@@ -3033,8 +3033,16 @@ class UpstreamConnection(asyncio.Protocol):
         done.set_result(None)
         sink = self.sink
         if sink is not None:  # else relay() recycles once the consumer has read the head
-            self._recycle()
+            self._end_sink(sink)
+
+    def _end_sink(self, sink: BodySink) -> None:
+        """The sink writes the body's end (with what it held for it) before the connection
+        goes back to the pool: a write that fills the client's buffer pauses this connection,
+        and only release() resumes it."""
+        try:
             sink.on_end()
+        finally:
+            self._recycle()
 
     def _fail(self, exc: BaseException) -> None:
         """The exchange ends in error: the socket is dropped and whoever waits is told."""

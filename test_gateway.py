@@ -2014,6 +2014,52 @@ def test_upstream_connection_goes_idle_wait_head_body_done_and_back_to_the_pool(
     asyncio.run(run())
 
 
+class FullTransport(FakeTransport):
+    """A client whose socket buffer is full after every write: its protocol is told so."""
+
+    def __init__(self, protocol: gw.HttpProtocol) -> None:
+        super().__init__()
+        self.protocol = protocol
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.protocol.pause_writing()
+
+    def writelines(self, parts: Any) -> None:
+        super().writelines(parts)
+        self.protocol.pause_writing()
+
+
+def test_a_body_end_that_fills_the_clients_buffer_leaves_the_pooled_connection_reading() -> None:
+    """The last bytes of a body and its end, in one read, go out in one write; when that
+    write fills the client's buffer, the upstream connection it paused is back in the pool
+    reading, not waiting for a resume that would never come."""
+    async def run() -> None:
+        gateway = gw.Gateway(gw.load_config({}))
+        gateway.loop = asyncio.get_running_loop()
+        proto = gw.HttpProtocol(gateway)
+        client = FullTransport(proto)
+        proto.connection_made(client)
+        proto.conn.receive_data(b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n")
+        rq = proto.cycle = gw.Request(proto, proto.conn.next_event())
+        proto.conn.next_event()
+        conn, pool, transport = await upstream_connection()
+        head = asyncio.ensure_future(conn.exchange([b"x"], 30, 30))
+        await asyncio.sleep(0)
+        conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                           b"transfer-encoding: chunked\r\n\r\n")
+        await head
+        rq.flow.attach(conn)
+        rq.writer.relay_head(conn.status, conn.headers)
+        body = conn.relay(rq.writer)
+        conn.data_received(b"5\r\nhello\r\n0\r\n\r\n")
+        await body
+        assert client.out.endswith(b"\r\n5\r\nhello\r\n0\r\n\r\n") and rq.flow.write_paused
+        assert pool.idle == [conn] and not conn.paused and transport.reading
+
+    asyncio.run(run())
+
+
 def test_upstream_connection_timeout_loss_and_abort_each_end_in_closed() -> None:
     async def run() -> None:
         loop = asyncio.get_running_loop()
