@@ -3947,26 +3947,32 @@ class SseFilter:
 
     def _inspect(self, data: bytes) -> bytes:
         if self.convert is not None:
+            if b"\r" in data:  # CRLF line ends (a JSON payload holds no raw CR or LF)
+                data = data.replace(b"\r\n", b"\n")
             kept = [e for e in map(self._event, data.split(b"\n\n")[:-1]) if e is not None]
             return b"\n\n".join(kept) + b"\n\n" if kept else b""
         # Only the events that carry a usage are parsed (one, at the end of a stream): found
-        # by one C-level search per read, whatever the number of events in it.
+        # by one C-level search per read, whatever the number of events in it, and cut out
+        # between blank lines (LF or CRLF ones) that are kept as they came.
         found = _REAL_USAGE.search(data)
         if found is None:
             return data
         pieces = []
         at = 0
         while found is not None:
-            start = data.rfind(b"\n\n", at, found.start())
-            start = start + 2 if start >= 0 else at
-            end = data.find(b"\n\n", found.end())
-            if end < 0:
-                end = len(data)
+            lf = data.rfind(b"\n\n", at, found.start())
+            crlf = data.rfind(b"\r\n\r\n", at, found.start())
+            start = max(lf + 2 if lf >= 0 else at, crlf + 4 if crlf >= 0 else at)
+            lf, crlf = data.find(b"\n\n", found.end()), data.find(b"\r\n\r\n", found.end())
+            if crlf >= 0 and (lf < 0 or crlf < lf):
+                end, blank = crlf, 4
+            else:
+                end, blank = (lf, 2) if lf >= 0 else (len(data), 0)
             event = self._event(data[start:end])
             pieces.append(data[at:start])
             if event is not None:
-                pieces.append(event + b"\n\n")
-            at = end + 2
+                pieces.append(event + data[end:end + blank])
+            at = end + blank
             found = _REAL_USAGE.search(data, at)
         pieces.append(data[at:])
         return b"".join(pieces)

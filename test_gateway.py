@@ -2484,16 +2484,20 @@ SSE_EVENTS = {
 }
 
 
-@settings(max_examples=200, deadline=None)
-@given(kinds=st.lists(st.sampled_from(sorted(SSE_EVENTS)), min_size=1, max_size=12), drop=st.booleans())
-def test_sse_filter_reads_every_usage_in_one_read_of_many_events(kinds: list[str], drop: bool) -> None:
-    """However many events one read holds, each non-null usage is seen (the last one wins),
-    only usage-only chunks are dropped, and every other event passes byte for byte."""
-    events = [SSE_EVENTS[k] % i if b"%d" in SSE_EVENTS[k] else SSE_EVENTS[k] for i, k in enumerate(kinds)]
+@settings(max_examples=300, deadline=None)
+@given(kinds=st.lists(st.sampled_from(sorted(SSE_EVENTS)), min_size=1, max_size=12), drop=st.booleans(),
+       blanks=st.lists(st.sampled_from([b"\n\n", b"\r\n\r\n"]), min_size=12, max_size=12))
+def test_sse_filter_reads_every_usage_in_one_read_of_many_events(
+        kinds: list[str], drop: bool, blanks: list[bytes]) -> None:
+    """However many events one read holds, and whatever blank lines end them (LF or CRLF),
+    each non-null usage is seen (the last one wins), only usage-only chunks are dropped, and
+    every other event passes byte for byte."""
+    events = [(SSE_EVENTS[k] % i if b"%d" in SSE_EVENTS[k] else SSE_EVENTS[k]) + blank
+              for i, (k, blank) in enumerate(zip(kinds, blanks))]
     flt = gw.SseFilter(inspect=True, drop_usage=drop)
-    out = flt.feed(b"".join(e + b"\n\n" for e in events))
+    out = flt.feed(b"".join(events))
     kept = [e for e, k in zip(events, kinds) if not (drop and k == "usage_only")]
-    assert out == b"".join(e + b"\n\n" for e in kept)
+    assert out == b"".join(kept)
     usages = [i for i, k in enumerate(kinds) if k.startswith("usage")]
     assert (flt.usage or {}).get("completion_tokens") == (usages[-1] if usages else None)
 
