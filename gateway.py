@@ -6531,27 +6531,36 @@ def _run_from_bytecode() -> None:
     gateway's own idle footprint, and compiling it leaves the heap fragmented. So start again
     in the same process (same pid, interpreter options and arguments) from this module's code
     object, handed over in an anonymous file: no syntax tree, nothing written to disk."""
-    boot = ("import marshal, os, sys\n"
-            "del sys.argv[0]\n"
-            "with open(int(sys.argv.pop(0)), 'rb') as f: code = marshal.load(f)\n"
-            "__file__ = sys.argv[0]\n"
-            "if not sys.flags.safe_path: sys.path[0] = os.path.dirname(os.path.abspath(__file__))\n"
-            "_from_bytecode = True\n"
-            "del f, marshal\n"
-            "exec(code)")
     import marshal
+    # [python, *options, script, *args]; a "--" among the options would make "-c" a script
     options = sys.orig_argv[:len(sys.orig_argv) - len(sys.argv)]
+    options = [o for o in options if o != "--"]
+    # The script's directory leads sys.path, as for the script itself (symlinks resolved).
+    home = "" if sys.flags.safe_path else os.path.dirname(os.path.realpath(__file__))
+    boot = ("import marshal, sys\n"  # built in: nothing is looked up on sys.path yet
+            "fd, home = sys.argv[1:3]\n"
+            "del sys.argv[:3]\n"
+            "if home: sys.path[0] = home\n"
+            "with open(int(fd), 'rb') as f: code = marshal.load(f)\n"
+            "__file__ = sys.argv[0]\n"
+            "del marshal, fd, home, f\n"
+            "exec(code)")
     try:
         fd = os.memfd_create("gateway", 0)  # without MFD_CLOEXEC: it outlives the exec
+    except (AttributeError, OSError):
+        return  # no memfd (not Linux): run on as we are, only larger
+    try:
         with open(fd, "wb", closefd=False) as f:
             f.write(marshal.dumps(sys._getframe(1).f_code))
         os.lseek(fd, 0, os.SEEK_SET)
-        os.execv(sys.executable, [*options, "-c", boot, str(fd), __file__, *sys.argv[1:]])
-    except (AttributeError, OSError):
-        pass  # no memfd (not Linux) or no exec: run on as we are, only larger
+        os.execv(sys.executable, [*options, "-c", boot, str(fd), home, __file__, *sys.argv[1:]])
+    except OSError:
+        os.close(fd)  # no exec (no sys.executable, say): run on as we are, only larger
 
 
 if __name__ == "__main__":
-    if __spec__ is None and "_from_bytecode" not in globals() and os.path.isfile(sys.argv[0]):
-        _run_from_bytecode()  # run as `python gateway.py`: `python -m gateway` needs none of it
+    # Only when CPython itself runs this file (no frame below this one): not under the boot
+    # above, runpy, a profiler or a debugger, which keep no syntax tree or need this process.
+    if __spec__ is None and sys._getframe().f_back is None and os.path.isfile(sys.argv[0]):
+        _run_from_bytecode()
     main()

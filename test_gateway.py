@@ -3628,7 +3628,7 @@ def test_a_script_run_restarts_itself_from_bytecode_keeping_pid_options_and_argu
     try:
         argv = Path(f"/proc/{gp.proc.pid}/cmdline").read_bytes().decode().split("\0")[:-1]
         assert argv[1:4] == ["-X", "utf8", "-c"] and "marshal.load" in argv[4]
-        assert argv[6:] == [str(HERE / "gateway.py"), "--host", "127.0.0.1"]
+        assert argv[6:] == [str(HERE), str(HERE / "gateway.py"), "--host", "127.0.0.1"]
         fds = [os.readlink(p) for p in Path(f"/proc/{gp.proc.pid}/fd").iterdir()]
         assert not [t for t in fds if "memfd:" in t], fds
         assert raw(gp.port, post("/v1/chat/completions", CHAT))[0].status == 200
@@ -3636,6 +3636,25 @@ def test_a_script_run_restarts_itself_from_bytecode_keeping_pid_options_and_argu
         assert gp.proc.wait(20) == 0
     finally:
         gp.kill()
+
+
+def test_the_restart_is_only_for_a_script_cpython_runs_itself() -> None:
+    """`python -- gateway.py` starts over like `python gateway.py`; run through runpy (as
+    profilers and debuggers do) it runs in place and its caller goes on."""
+    path = str(HERE / "gateway.py")
+    dashes = subprocess.run([sys.executable, "--", path, "--version"], capture_output=True,
+                            text=True, timeout=60)
+    assert dashes.returncode == 0 and dashes.stdout.strip() == gw.__version__, dashes.stderr
+    caller = ("import runpy, sys\n"
+              f"sys.argv = [{path!r}, '--version']\n"
+              "try:\n"
+              f"    runpy.run_path({path!r}, run_name='__main__')\n"
+              "except SystemExit as exc:\n"
+              "    print('caller goes on after exit', exc.code)\n")
+    wrapped = subprocess.run([sys.executable, "-c", caller], capture_output=True, text=True,
+                             timeout=60)
+    assert wrapped.returncode == 0, wrapped.stderr
+    assert wrapped.stdout.splitlines() == [gw.__version__, "caller goes on after exit 0"]
 
 
 def pid_namespace() -> tuple[str, ...]:
