@@ -1,6 +1,7 @@
 """Instructions per request through the gateway, counted by callgrind: the stable measure.
 
     python bench/instructions.py [--stream] [--gateway PATH] [-n 500 2500] [-c 8]
+    python bench/instructions.py --stream --path /v1/responses --body '{"model": "m", "input": "hi", "stream": true}'
 
 Wall-clock figures on a shared machine drift by tens of percent between runs; instruction
 counts repeat to a fraction of a percent. The gateway runs under `valgrind --tool=callgrind`
@@ -44,9 +45,11 @@ def instructions(gateway: Path, requests: int, args: argparse.Namespace, mock: i
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_listening(port, proc, timeout=120)
-            load = [sys.executable, str(HERE / "load.py"),
-                    f"http://127.0.0.1:{port}/v1/chat/completions", "--json", "--key",
-                    CLIENT_KEY, "-c", str(args.concurrency), "-n", str(requests), "-d", "600"]
+            load = [sys.executable, str(HERE / "load.py"), f"http://127.0.0.1:{port}{args.path}",
+                    "--json", "--key", CLIENT_KEY, "-c", str(args.concurrency), "-n",
+                    str(requests), "-d", "600"]
+            if args.body:
+                load += ["--body", args.body]
             if args.stream:
                 load.append("--stream")
             result = json.loads(subprocess.run(load, capture_output=True, text=True,
@@ -71,6 +74,8 @@ def main() -> None:
     p.add_argument("--stream", action="store_true", help="20-chunk streams instead of plain")
     p.add_argument("-n", type=int, nargs=2, default=[500, 2500], metavar=("N1", "N2"))
     p.add_argument("-c", "--concurrency", type=int, default=8)
+    p.add_argument("--path", default="/v1/chat/completions", help="another route, with --body")
+    p.add_argument("--body", help="the JSON body to send (default: load.py's chat request)")
     p.add_argument("--keep", metavar="FILE", help="keep the N2 run's callgrind output here "
                    "(read it with callgrind_annotate)")
     args = p.parse_args()
@@ -89,7 +94,7 @@ def main() -> None:
         mock.kill()
     per = (b - a) / (n2 - n1)
     kind = "stream" if args.stream else "request"
-    print(json.dumps({"gateway": args.gateway, "kind": kind, "n": [n1, n2],
+    print(json.dumps({"gateway": args.gateway, "kind": kind, "path": args.path, "n": [n1, n2],
                       "instructions": [a, b], "per_" + kind: round(per)}))
 
 
