@@ -2382,6 +2382,7 @@ class Config:
         self.tpm = rl.number("tpm", None, nullable=True, above=True)
         self.burst = rl.number("burst", None, nullable=True, above=True)
         self.upstreams = self._upstreams(r)
+        self.any_chat_only = any(u.chat_only for u in self.upstreams)  # Responses over chat?
         self.aliases = self._aliases(r)
         self.fallbacks = self._fallbacks(r)
         retry = r.child("retry")
@@ -4910,12 +4911,14 @@ class ProxyHandler:
         conversation = obj.get("conversation")
         if isinstance(conversation, dict):
             conversation = conversation.get("id")
-        stored = await self.stored_response(previous)
-        pinned = None if stored is not None else \
-            gw.sticky.find(previous) or gw.sticky.find(conversation)
-        if pinned is None and stored is None and gw.shared is not None:
-            pinned = await gw.shared.find_ids([i for i in (previous, conversation)
-                                               if isinstance(i, str)])
+        stored = pinned = None
+        if previous is not None or conversation is not None:  # a follow-up
+            stored = await self.stored_response(previous)
+            pinned = None if stored is not None else \
+                gw.sticky.find(previous) or gw.sticky.find(conversation)
+            if pinned is None and stored is None and gw.shared is not None:
+                pinned = await gw.shared.find_ids([i for i in (previous, conversation)
+                                                   if isinstance(i, str)])
         candidates = self.pinned_candidates(pinned, model) if pinned is not None else \
             gw.forwarder.candidates(gw.config, model, "responses")
         if stored is not None:  # made over chat: only a chat_only upstream can go on from it
@@ -4923,7 +4926,8 @@ class ProxyHandler:
                     for m, groups in candidates]
             candidates = [(m, groups) for m, groups in only if groups] or candidates
         translated = None
-        if any(u.chat_only for _, groups in candidates for group in groups for u in group):
+        if gw.config.any_chat_only and any(u.chat_only for _, groups in candidates
+                                           for group in groups for u in group):
             if previous is not None and stored is None:
                 raise BadRequest(f"Previous response with id {previous!r} not found.",
                                  code="previous_response_not_found",
