@@ -3961,8 +3961,8 @@ class SseFilter:
         pieces = []
         at = 0
         while found is not None:
-            lf = data.rfind(b"\n\n", at, found.start())
-            crlf = data.rfind(b"\r\n\r\n", at, found.start())
+            lf = data.rfind(b"\n\n", at, found.start())  # the nearest blank line before:
+            crlf = data.rfind(b"\r\n\r\n", lf + 1 if lf >= 0 else at, found.start())  # no rescan
             start = max(lf + 2 if lf >= 0 else at, crlf + 4 if crlf >= 0 else at)
             lf, crlf = data.find(b"\n\n", found.end()), data.find(b"\r\n\r\n", found.end())
             if crlf >= 0 and (lf < 0 or crlf < lf):
