@@ -3852,10 +3852,12 @@ def raw_error(exc: GatewayError, request_id: bytes = b"") -> bytes:
 _REAL_USAGE = re.compile(rb'"usage"[ \t]*:(?![ \t]*null)')  # a usage that is not null
 
 
-def _event_end(data: bytes) -> int:
-    """Just past the last blank line (the end of an SSE event) in data; 0 if none."""
-    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
-    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+def _event_end(data: bytes, lo: int = 0, hi: int | None = None) -> int:
+    """Just past the last blank line (the end of an SSE event) in data[lo:hi]; lo if none.
+    A CRLF one is looked for only after the last LF one: none before it can end later."""
+    lf = data.rfind(b"\n\n", lo, hi)
+    crlf = data.rfind(b"\r\n\r\n", lf + 1 if lf >= 0 else lo, hi)
+    return max(lf + 2 if lf >= 0 else lo, crlf + 4 if crlf >= 0 else lo)
 
 
 class SseFilter:
@@ -3961,9 +3963,7 @@ class SseFilter:
         pieces = []
         at = 0
         while found is not None:
-            lf = data.rfind(b"\n\n", at, found.start())  # the nearest blank line before:
-            crlf = data.rfind(b"\r\n\r\n", lf + 1 if lf >= 0 else at, found.start())  # no rescan
-            start = max(lf + 2 if lf >= 0 else at, crlf + 4 if crlf >= 0 else at)
+            start = _event_end(data, at, found.start())
             lf, crlf = data.find(b"\n\n", found.end()), data.find(b"\r\n\r\n", found.end())
             if crlf >= 0 and (lf < 0 or crlf < lf):
                 end, blank = crlf, 4
