@@ -3170,13 +3170,13 @@ class UpstreamConnection(asyncio.Protocol):
                 self._garbage("malformed chunked body")
                 return
             if out:  # _emit, inlined: this runs for every read of a stream
-                data = out[0] if len(out) == 1 else b"".join(out)
+                body = out[0] if len(out) == 1 else b"".join(out)
                 if self.sink is not None:
                     if end >= 0:
                         self.sink.hold()
-                    self.sink.on_data(data)
+                    self.sink.on_data(body)
                 else:
-                    self.pending.append(data)  # type: ignore[union-attr]
+                    self.pending.append(body)  # type: ignore[union-attr]
             if end >= 0:
                 if end < len(data):  # bytes past the body: the connection is unusable
                     self.keep_alive = False

@@ -2014,6 +2014,22 @@ def test_upstream_connection_goes_idle_wait_head_body_done_and_back_to_the_pool(
     asyncio.run(run())
 
 
+def test_bytes_after_a_chunked_body_in_the_same_read_keep_the_connection_out_of_the_pool() -> None:
+    async def run() -> None:
+        conn, pool, transport = await upstream_connection()
+        head = asyncio.ensure_future(conn.exchange([b"GET / HTTP/1.1\r\n\r\n"], 30, 30))
+        await asyncio.sleep(0)
+        conn.data_received(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        await head
+        body = asyncio.ensure_future(conn.read_body(100))
+        await asyncio.sleep(0)
+        conn.data_received(b"2\r\nab\r\n3\r\ncde\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n")  # unasked
+        assert await body == b"abcde"
+        assert pool.idle == [] and transport.closed
+
+    asyncio.run(run())
+
+
 class FullTransport(FakeTransport):
     """A client whose socket buffer is full after every write: its protocol is told so."""
 
