@@ -139,6 +139,7 @@ _METRICS_CT = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 header field name
 _HEX_DIGITS = b"0123456789abcdefABCDEF"  # a chunk size is these and nothing else
 _CHUNK_HEAD = re.compile(rb"([0-9a-fA-F]{1,16})\r\n").match  # a size line, no extension
+_NEXT_CHUNK = re.compile(rb"\r\n([0-9a-fA-F]{1,16})\r\n").match  # a chunk's CRLF, the next size
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,%d}" % REQUEST_ID_MAX)  # visible ASCII, echoed back
 _CONTINUE = h11.InformationalResponse(status_code=100, headers=[])
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
@@ -2720,14 +2721,19 @@ class ChunkedDecoder:
         while pos < end:
             state = self.state
             if state is _SIZE and not self.line:  # whole chunks, as chunks most often come:
-                while (found := _CHUNK_HEAD(data, pos)) is not None:  # one match each
+                found = _CHUNK_HEAD(data, pos)  # one match each: a chunk's CRLF and the
+                while found is not None:  # next size line are matched together
                     start = found.end()
                     stop = start + int(found[1], 16)
                     if stop == start or stop + 2 > end:
                         break
-                    if data[stop] != 13 or data[stop + 1] != 10:
-                        raise ValueError("no CRLF after chunk data")
                     out.append(data[start:stop])
+                    found = _NEXT_CHUNK(data, stop)
+                    if found is None:  # its CRLF is checked below, byte by byte
+                        pos = stop
+                        self.state = state = _DATA_CRLF
+                        self.left = 2
+                        break
                     pos = stop + 2
                 if pos == end:
                     break
