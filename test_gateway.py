@@ -2566,6 +2566,41 @@ def test_slow_reader_pauses_the_upstream_and_still_gets_every_byte(
     sock.close()
 
 
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(sizes=st.lists(st.sampled_from([None, 0, 30, 2000, 65_400, 70_000]), min_size=1, max_size=4),
+       cuts=st.lists(st.integers(1, 150_000), max_size=5),
+       near_ends=st.lists(st.tuples(st.integers(0, 3), st.integers(-2, 2)), max_size=3))
+def test_pipelined_requests_split_anywhere_each_get_their_own_answer(
+        start_gateway: StartGateway, sizes: list[int | None], cuts: list[int],
+        near_ends: list[tuple[int, int]]) -> None:
+    """Bodies whole in one read (read past h11's body events), bodies in pieces and over
+    that path's bound (read through them), requests without a body, all in one pipeline,
+    cut anywhere and around where each request ends."""
+    g = start_gateway()
+    wire = b""
+    ends = []
+    for i, size in enumerate(sizes):
+        if size is None:
+            wire += b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n"
+        else:
+            content = f"m{i}-" + "x" * size
+            wire += post("/v1/chat/completions", orjson.dumps(
+                {"model": "m", "messages": [{"role": "user", "content": content}]}))
+        ends.append(len(wire))
+    cuts += [ends[i % len(ends)] + delta for i, delta in near_ends]
+    bounds = sorted({c for c in cuts if 0 < c < len(wire)})
+    with connect(g.port) as sock:
+        for start, end in zip([0, *bounds], [*bounds, len(wire)]):
+            sock.sendall(wire[start:end])
+        f = sock.makefile("rb")
+        for i, size in enumerate(sizes):
+            resp = read_response(f)
+            assert resp is not None and resp.status == 200
+            if size is not None:
+                assert resp.json()["choices"][0]["message"]["content"].startswith(f"echo: m{i}-")
+
+
 def test_pipelined_bytes_beyond_the_bound_pause_reading_and_all_answers_come(start_gateway: StartGateway) -> None:
     g = start_gateway()
     big = b'{"model":"m","messages":[{"role":"user","content":"' + b"x" * 100_000 + b'"}]}'
