@@ -106,6 +106,7 @@ PACING_MAX_WAIT_S = 10.0  # a paced request queues this long at most, then gets 
 PACING_SLACK = 1.01  # rpm_per_key spaces requests 1% wider than 60/rpm: room for jitter
 MAX_BREAKERS = 1024  # (upstream, model) pairs tracked; "*" upstreams see client-chosen models
 MAX_CLIENT_IPS = 10000  # per-IP buckets kept (LRU) when auth is off: bounded whatever the sources
+MAX_ROUTES = 1024  # candidate lists kept per configuration (Forwarder.candidates)
 MAX_TAKEN_BODY = 65536  # a whole request body up to this is read past h11's body events
 USAGE_TAIL_BYTES = 4096  # how much of a response's end is kept to find its usage object
 MODELS_CACHE_S = 60.0  # how long an upstream's own /models list is reused
@@ -3553,11 +3554,14 @@ class Forwarder:
     another key at once on 429/401/403, backs off on 5xx and errors, falls back, and gives
     up with the last upstream error or the reason nothing was usable."""
 
-    __slots__ = ("gw", "spread", "observed")
+    __slots__ = ("gw", "spread", "observed", "_routes_of", "_routes")
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.spread = itertools.count()  # turns groups of equal upstreams, to share the load
+        # candidates() that nothing rotates, per (model, embeddings?), for one configuration
+        self._routes_of: Config | None = None
+        self._routes: dict[tuple[str, bool], Candidates] = {}
         # (upstream, key, model) -> (unix time, x-ratelimit-* seen); models are client-chosen
         self.observed = BoundedMap(MAX_BREAKERS)
 
@@ -3567,16 +3571,25 @@ class Forwarder:
     def candidates(self, cfg: Config, model: str, kind: str) -> Candidates:
         """The models to try in order, the one asked for and then its fallbacks, each with
         its groups of upstreams: those that list the model (rotated, to spread load across
-        them), then the "*" ones."""
+        them), then the "*" ones. Read-only: the same list may answer many requests."""
+        embeddings = kind == "embeddings"
+        if cfg is not self._routes_of:
+            self._routes_of, self._routes = cfg, {}
+        else:
+            found = self._routes.get((model, embeddings))
+            if found is not None:
+                return found
         out: Candidates = []
+        rotates = False
         for name in (model, *cfg.fallbacks.get(model, ())):
             name = cfg.resolve_alias(name)
             usable = [u for u in cfg.upstreams if u.serves(name)
-                      and (kind != "embeddings" or u.embeddings)]
+                      and (not embeddings or u.embeddings)]
             groups = []
             for group in ([u for u in usable if u.models is not None],
                           [u for u in usable if u.models is None]):
                 if len(group) > 1:
+                    rotates = True
                     turn = next(self.spread) % len(group)
                     group = group[turn:] + group[:turn]
                 if group:
@@ -3584,9 +3597,13 @@ class Forwarder:
             if groups and all(name != seen for seen, _ in out):
                 out.append((name, groups))
         if not out:
-            if kind == "embeddings" and any(u.serves(model) for u in cfg.upstreams):
+            if embeddings and any(u.serves(model) for u in cfg.upstreams):
                 raise Unsupported("No upstream serving this model serves embeddings.")
             raise model_not_found(model)
+        if not rotates:  # the same answer next time: kept (bounded: models are client-chosen)
+            if len(self._routes) >= MAX_ROUTES:
+                self._routes.clear()
+            self._routes[(model, embeddings)] = out
         return out
 
     async def forward(self, plan: Plan) -> UpstreamConnection | None:

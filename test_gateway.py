@@ -2405,6 +2405,27 @@ def test_connect_errors_fail_over_to_another_upstream_serving_the_model(start_ga
     assert len(used_keys(mock)) == 6
 
 
+def test_candidates_follow_a_new_configuration_and_equal_upstreams_still_take_turns() -> None:
+    def config(*upstreams: tuple[str, list[str] | None]) -> gw.Config:
+        return cfg({"upstreams": [{"name": n, "url": f"http://127.0.0.1:9/{n}"}
+                                  | ({"models": m} if m is not None else {}) for n, m in upstreams]})
+
+    forwarder = gw.Gateway(gw.load_config({})).forwarder
+
+    def names(cfg: gw.Config, model: str) -> list[list[list[str]]]:
+        return [[[u.name for u in g] for g in groups] for _, groups in forwarder.candidates(cfg, model, "chat")]
+
+    first = config(("a", ["m"]), ("any", None))
+    assert names(first, "m") == names(first, "m") == [[["a"], ["any"]]]
+    assert names(first, "other") == [[["any"]]]
+    second = config(("b", ["m"]))
+    assert names(second, "m") == [[["b"]]]
+    with pytest.raises(gw.GatewayError):
+        forwarder.candidates(second, "other", "chat")
+    equal = config(("x", ["m"]), ("y", ["m"]))
+    assert {names(equal, "m")[0][0][0] for _ in range(4)} == {"x", "y"}
+
+
 def test_several_upstreams_serving_one_model_share_the_load(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     url = f"http://127.0.0.1:{mock.port}/v1"
     g = start_gateway({"upstreams": [{"name": "a", "url": url, "keys": [KEYS[0]], "models": ["m"]},
