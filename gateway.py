@@ -986,8 +986,10 @@ class ClientLimits:
         """x-ratelimit-* in OpenAI's formats, for every response to this client."""
         out = []
         for (limit_name, remaining_name, reset_name), limit, bucket in self._kinds:
-            out += [(limit_name, limit), (remaining_name, b"%d" % bucket.remaining()),
-                    (reset_name, format_duration(bucket.until_full()).encode())]
+            bucket._refill()  # once for both: remaining() and until_full() would each refill
+            out += [(limit_name, limit), (remaining_name, b"%d" % bucket.level),
+                    (reset_name, format_duration((bucket.capacity - bucket.level)
+                                                 / bucket.rate).encode())]
         return out
 
 
@@ -4396,14 +4398,13 @@ _RESPONSES_USAGE = ("input_tokens", "output_tokens", "total_tokens")
 
 def usage_tokens(usage: dict | None) -> tuple[int, int, int]:
     """(prompt, completion, total) from a usage object; what is missing or bad counts 0."""
-    counts = [0, 0, 0]
-    if usage:
-        names = _CHAT_USAGE if "input_tokens" not in usage else _RESPONSES_USAGE
-        for i, name in enumerate(names):
-            value = usage.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                counts[i] = value
-    prompt, completion, total = counts
+    if not usage:
+        return 0, 0, 0
+    first, second, third = _CHAT_USAGE if "input_tokens" not in usage else _RESPONSES_USAGE
+    prompt, completion, total = usage.get(first), usage.get(second), usage.get(third)
+    prompt = prompt if type(prompt) is int and prompt >= 0 else 0  # (not a bool: JSON's ints
+    completion = completion if type(completion) is int and completion >= 0 else 0  # are int)
+    total = total if type(total) is int and total >= 0 else 0
     return prompt, completion, total or prompt + completion
 
 
