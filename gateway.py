@@ -3099,23 +3099,27 @@ class UpstreamConnection(asyncio.Protocol):
     # parsing --------------------------------------------------------------------------------
 
     def _feed_head(self, data: bytes) -> None:
-        buf = self.head_buf
-        buf += data
-        if not buf.startswith(b"HTTP/"[:len(buf)]):  # an SSH banner, TLS, HTML: not HTTP at all
+        if self.head_buf:  # the head came in pieces (else it is read where it came: no copies)
+            self.head_buf += data
+            data = bytes(self.head_buf)
+        if not data.startswith(b"HTTP/"[:len(data)]):  # an SSH banner, TLS, HTML: not HTTP
             self._garbage("not an HTTP response")
             return
-        end = buf.find(b"\r\n\r\n")
+        end = data.find(b"\r\n\r\n")
         if end < 0:
-            if len(buf) > UPSTREAM_MAX_HEAD:
+            if len(data) > UPSTREAM_MAX_HEAD:
                 self._garbage("response head too large")
+            elif not self.head_buf:
+                self.head_buf += data
             return
         try:
-            self._parse_head(bytes(buf[:end]))
+            self._parse_head(data[:end])
         except (ValueError, IndexError):
             self._garbage("malformed response head")
             return
-        rest = bytes(buf[end + 4:])
-        self.head_buf = bytearray()
+        rest = data[end + 4:]
+        if self.head_buf:
+            self.head_buf = bytearray()
         if 100 <= self.status < 200:  # interim response: wait for the real one
             self.status = 0
             if rest:

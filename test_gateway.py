@@ -2014,6 +2014,39 @@ def test_upstream_connection_goes_idle_wait_head_body_done_and_back_to_the_pool(
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("piece", [1, 7, 10_000])
+def test_an_upstream_head_in_any_pieces_after_an_interim_one_is_read_once(piece: int) -> None:
+    reply = (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Type: text/plain\r\n"
+             b"X-A:  spaced  \r\ncontent-length: 5\r\n\r\nhello")
+
+    async def run() -> None:
+        conn, pool, _ = await upstream_connection()
+        head = asyncio.ensure_future(conn.exchange([b"x"], 30, 30))
+        await asyncio.sleep(0)
+        for at in range(0, len(reply), piece):
+            conn.data_received(reply[at:at + piece])
+        assert (await head).status == 201
+        assert conn.headers == [(b"content-type", b"text/plain"), (b"x-a", b"spaced"), (b"content-length", b"5")]
+        assert await conn.read_body(100) == b"hello" and pool.idle == [conn]
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("reply", [b"SSH-2.0-OpenSSH_9.6\r\n", b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 70_000])
+def test_an_upstream_that_is_not_http_or_sends_an_endless_head_fails_the_exchange(reply: bytes) -> None:
+    async def run() -> None:
+        conn, _, transport = await upstream_connection()
+        head = asyncio.ensure_future(conn.exchange([b"x"], 30, 30))
+        await asyncio.sleep(0)
+        for at in range(0, len(reply), 4096):
+            conn.data_received(reply[at:at + 4096])
+        with pytest.raises(gw.UpstreamError, match="garbage"):
+            await head
+        assert transport.closed
+
+    asyncio.run(run())
+
+
 def test_bytes_after_a_chunked_body_in_the_same_read_keep_the_connection_out_of_the_pool() -> None:
     async def run() -> None:
         conn, pool, transport = await upstream_connection()
