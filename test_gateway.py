@@ -2438,6 +2438,16 @@ def test_connect_errors_fail_over_to_another_upstream_serving_the_model(start_ga
     assert len(used_keys(mock)) == 6
 
 
+@pytest.mark.parametrize("cap", [1, 3, 64, 200])
+def test_sticky_ids_stay_within_their_cap_and_forget_the_oldest_first(cap: int) -> None:
+    sticky = gw.StickyIds(cap)
+    for i in range(5 * cap + 7):
+        sticky.remember(f"resp_{i}", "up", f"k{i % 2}")
+        assert len(sticky) <= cap and sticky.find(f"resp_{i}") == ("up", f"k{i % 2}")
+        kept = [j for j in range(i + 1) if sticky.find(f"resp_{j}") is not None]
+        assert kept == list(range(i + 1 - len(kept), i + 1))  # the newest, without a gap
+
+
 def test_candidates_follow_a_new_configuration_and_equal_upstreams_still_take_turns() -> None:
     def config(*upstreams: tuple[str, list[str] | None]) -> gw.Config:
         return cfg({"upstreams": [{"name": n, "url": f"http://127.0.0.1:9/{n}"}
