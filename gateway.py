@@ -5633,7 +5633,8 @@ class Request:
     __slots__ = (
         "flow", "writer", "method", "path", "query", "headers", "body_parts", "body_size",
         "request_id", "authorization", "api_key", "origin", "content_length", "head_size",
-        "connection", "expects_continue", "chunked", "framing_doubt", "peer", "reserve", "client",
+        "connection", "expects_continue", "chunked", "switches", "framing_doubt", "peer",
+        "reserve", "client",
         "keep_alive", "http11",
         "limits", "shared_take", "extra", "handler", "refused", "upload",
         # for the access log and metrics
@@ -5662,6 +5663,7 @@ class Request:
         self.connection = b""  # the Connection header: hop-by-hop names, close
         self.expects_continue = False
         length = chunked = False
+        self.switches = event.method == b"CONNECT"  # or an Upgrade: see _take_body
         size = 0
         for _, name, value in self.headers:
             size += len(name) + len(value)
@@ -5681,6 +5683,8 @@ class Request:
                 self.connection = value.lower()
             elif name == b"expect":
                 self.expects_continue = value.lower() == b"100-continue"
+            elif name == b"upgrade" and value.strip(b" \t,"):
+                self.switches = True
         if not self.request_id:
             self.request_id = new_request_id()
         # h11's keep-alive rule (RFC 9112 §9.3): HTTP/1.1 without Connection: close
@@ -5901,9 +5905,10 @@ class HttpProtocol(asyncio.Protocol):
         more this cycle: the next one starts on a new connection given what follows the
         body (_next_cycle), as it would after EndOfMessage."""
         rq = self.cycle
-        if rq.refused or rq.upload is not None or rq.chunked or self.closing \
+        if rq.refused or rq.upload is not None or rq.chunked or rq.switches or self.closing \
                 or rq.content_length > MAX_TAKEN_BODY:  # type: ignore[union-attr]
-            return False
+            return False  # (a CONNECT or Upgrade request: through h11, which then waits for
+        # a protocol switch that never comes, so the connection closes after the answer)
         size = rq.content_length  # type: ignore[union-attr]
         rest = self.conn.trailing_data[0]
         if len(rest) < size:

@@ -2665,6 +2665,23 @@ def test_pipelined_requests_split_anywhere_each_get_their_own_answer(
                 assert resp.json()["choices"][0]["message"]["content"].startswith(f"echo: m{i}-")
 
 
+@pytest.mark.parametrize("first", [
+    b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    post("/v1/chat/completions", CHAT, "Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n"),
+    b"CONNECT /v1/tunnel HTTP/1.1\r\nHost: t\r\n\r\n",
+])
+def test_a_request_proposing_a_protocol_switch_is_answered_then_the_connection_closes(
+        start_gateway: StartGateway, first: bytes) -> None:
+    """Nothing after it is read as a request of its own: a front proxy that tunnels once it
+    sees Upgrade must not get the tunnelled bytes served (whatever the reads look like)."""
+    g = start_gateway()
+    with connect(g.port) as sock:
+        sock.sendall(first + b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        f = sock.makefile("rb")
+        assert read_response(f) is not None
+        assert read_response(f) is None  # closed: the second request was never answered
+
+
 def test_pipelined_bytes_beyond_the_bound_pause_reading_and_all_answers_come(start_gateway: StartGateway) -> None:
     g = start_gateway()
     big = b'{"model":"m","messages":[{"role":"user","content":"' + b"x" * 100_000 + b'"}]}'
