@@ -106,6 +106,7 @@ PACING_MAX_WAIT_S = 10.0  # a paced request queues this long at most, then gets 
 PACING_SLACK = 1.01  # rpm_per_key spaces requests 1% wider than 60/rpm: room for jitter
 MAX_BREAKERS = 1024  # (upstream, model) pairs tracked; "*" upstreams see client-chosen models
 MAX_CLIENT_IPS = 10000  # per-IP buckets kept (LRU) when auth is off: bounded whatever the sources
+MAX_CHUNK_SIZES = 1024  # parsed chunk-size lines kept (ChunkedDecoder)
 MAX_ROUTES = 1024  # candidate lists kept per configuration (Forwarder.candidates)
 MAX_TAKEN_BODY = 65536  # a whole request body up to this is read past h11's body events
 USAGE_TAIL_BYTES = 4096  # how much of a response's end is kept to find its usage object
@@ -141,6 +142,7 @@ _METRICS_CT = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 header field name
 _HEX_DIGITS = b"0123456789abcdefABCDEF"  # a chunk size is these and nothing else
 _CHUNK_HEAD = re.compile(rb"([0-9a-fA-F]{1,16})\r\n").match  # a size line, no extension
+_CHUNK_SIZES: dict[bytes, int] = {}  # size lines seen, parsed: a stream's chunks repeat a few
 _NEXT_CHUNK = re.compile(rb"\r\n([0-9a-fA-F]{1,16})\r\n").match  # a chunk's CRLF, the next size
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,%d}" % REQUEST_ID_MAX)  # visible ASCII, echoed back
 _CONTINUE = h11.InformationalResponse(status_code=100, headers=[])
@@ -2729,12 +2731,19 @@ class ChunkedDecoder:
             state = self.state
             if state is _SIZE and not self.line:  # whole chunks, as chunks most often come:
                 found = _CHUNK_HEAD(data, pos)  # one match each: a chunk's CRLF and the
-                while found is not None:  # next size line are matched together
+                append, sizes = out.append, _CHUNK_SIZES  # next size line are matched together
+                while found is not None:
+                    digits = found[1]
+                    size = sizes.get(digits)
+                    if size is None:
+                        size = int(digits, 16)
+                        if len(sizes) < MAX_CHUNK_SIZES:
+                            sizes[digits] = size
                     start = found.end()
-                    stop = start + int(found[1], 16)
+                    stop = start + size
                     if stop == start or stop + 2 > end:
                         break
-                    out.append(data[start:stop])
+                    append(data[start:stop])
                     found = _NEXT_CHUNK(data, stop)
                     if found is None:  # its CRLF is checked below, byte by byte
                         pos = stop
@@ -3887,7 +3896,9 @@ def raw_error(exc: GatewayError, request_id: bytes = b"") -> bytes:
             % (exc.status, _REASONS[exc.status], head, len(body), body))
 
 
-_REAL_USAGE = re.compile(rb'"usage"[ \t]*:(?![ \t]*null)')  # a usage that is not null
+# A usage that is not null. Without its opening quote: the search skips ahead to the rarer
+# "u", not to every quote of the JSON (an "xusage" key matched too only costs a parse).
+_REAL_USAGE = re.compile(rb'usage"[ \t]*:(?![ \t]*null)')
 
 
 def _event_end(data: bytes, lo: int = 0, hi: int | None = None) -> int:
