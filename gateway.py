@@ -308,15 +308,22 @@ class _LogFormat:
     worker: int | None = None  # workers: in every line, so that they can be told apart
     _second = -1
     _prefix = ""
+    _milli = -1  # the last stamp made, to the millisecond: under load, many lines share it
+    _stamp = ""
 
     @classmethod
     def timestamp(cls, now: float) -> str:
         """RFC 3339 UTC with milliseconds; the part up to the second made once a second."""
-        second = int(now)
+        milli = int(now * 1000)
+        if milli == cls._milli:
+            return cls._stamp
+        second = milli // 1000
         if second != cls._second:
             cls._second = second
             cls._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{cls._prefix}.{int((now - second) * 1000):03d}Z"
+        cls._milli = milli
+        cls._stamp = stamp = f"{cls._prefix}.{milli - second * 1000:03d}Z"
+        return stamp
 
 
 def set_log_format(name: str | None) -> None:
@@ -427,9 +434,19 @@ def _new_id_prefix() -> None:
 def header_value(text: str) -> bytes:
     """Client-chosen text (a model id) as a header value that cannot break the head:
     percent-quoted unless it is plain already (the common case, a regex match)."""
-    if _PLAIN_VALUE.fullmatch(text):
-        return text.encode()
-    return quote(text[:256], safe=_QUOTE_SAFE).encode()
+    found = _HEADER_VALUES.get(text)
+    if found is None:
+        if _PLAIN_VALUE.fullmatch(text):
+            found = text.encode()
+        else:
+            found = quote(text[:256], safe=_QUOTE_SAFE).encode()
+        if len(_HEADER_VALUES) >= MAX_ROUTES:
+            _HEADER_VALUES.clear()
+        _HEADER_VALUES[text] = found
+    return found
+
+
+_HEADER_VALUES: dict[str, bytes] = {}  # model ids as header values, made once each
 
 
 def retry_after_headers(seconds: float) -> list[tuple[bytes, bytes]]:
