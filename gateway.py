@@ -5938,13 +5938,13 @@ class HttpProtocol(asyncio.Protocol):
             return False  # (a CONNECT or Upgrade request: through h11, which then waits for
         # a protocol switch that never comes, so the connection closes after the answer)
         size = rq.content_length  # type: ignore[union-attr]
-        rest = self.conn.trailing_data[0]
-        if len(rest) < size:
-            return False
-        self.taken = size
-        if size:
+        if size:  # (trailing_data copies all h11 holds: not asked for a request with no body)
+            rest = self.conn.trailing_data[0]
+            if len(rest) < size:
+                return False
             rq.body_parts.append(rest if len(rest) == size else rest[:size])  # type: ignore[union-attr]
             rq.body_size = size  # type: ignore[union-attr]
+        self.taken = size
         self._on_request_end()
         return True
 
