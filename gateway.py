@@ -970,13 +970,14 @@ class TokenBucket:
         self._refill()
         self.level = min(self.capacity, max(0.0, self.level - delta))
 
-    def remaining(self) -> int:
-        self._refill()
-        return int(self.level)
-
     def until_full(self) -> float:
         self._refill()
         return (self.capacity - self.level) / self.rate
+
+    def left(self) -> tuple[int, float]:
+        """Whole tokens left, and the seconds until full: one refill for both."""
+        wait = self.until_full()
+        return int(self.level), wait
 
 
 class ClientLimits:
@@ -1005,10 +1006,9 @@ class ClientLimits:
         """x-ratelimit-* in OpenAI's formats, for every response to this client."""
         out = []
         for (limit_name, remaining_name, reset_name), limit, bucket in self._kinds:
-            bucket._refill()  # once for both: remaining() and until_full() would each refill
-            out += [(limit_name, limit), (remaining_name, b"%d" % bucket.level),
-                    (reset_name, format_duration((bucket.capacity - bucket.level)
-                                                 / bucket.rate).encode())]
+            remaining, wait = bucket.left()
+            out += [(limit_name, limit), (remaining_name, b"%d" % remaining),
+                    (reset_name, format_duration(wait).encode())]
         return out
 
 
