@@ -107,7 +107,7 @@ PACING_SLACK = 1.01  # rpm_per_key spaces requests 1% wider than 60/rpm: room fo
 MAX_BREAKERS = 1024  # (upstream, model) pairs tracked; "*" upstreams see client-chosen models
 MAX_CLIENT_IPS = 10000  # per-IP buckets kept (LRU) when auth is off: bounded whatever the sources
 MAX_CHUNK_SIZES = 1024  # parsed chunk-size lines kept (ChunkedDecoder)
-MAX_ROUTES = 1024  # candidate lists kept per configuration (Forwarder.candidates)
+MAX_ROUTES = 1024  # per-model entries kept: candidate lists (per configuration), header values
 MAX_TAKEN_BODY = 65536  # a whole request body up to this is read past h11's body events
 USAGE_TAIL_BYTES = 4096  # how much of a response's end is kept to find its usage object
 MODELS_CACHE_S = 60.0  # how long an upstream's own /models list is reused
@@ -142,7 +142,6 @@ _METRICS_CT = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 header field name
 _HEX_DIGITS = b"0123456789abcdefABCDEF"  # a chunk size is these and nothing else
 _CHUNK_HEAD = re.compile(rb"([0-9a-fA-F]{1,16})\r\n").match  # a size line, no extension
-_CHUNK_SIZES: dict[bytes, int] = {}  # size lines seen, parsed: a stream's chunks repeat a few
 _NEXT_CHUNK = re.compile(rb"\r\n([0-9a-fA-F]{1,16})\r\n").match  # a chunk's CRLF, the next size
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,%d}" % REQUEST_ID_MAX)  # visible ASCII, echoed back
 _CONTINUE = h11.InformationalResponse(status_code=100, headers=[])
@@ -440,13 +439,11 @@ def header_value(text: str) -> bytes:
             found = text.encode()
         else:
             found = quote(text[:256], safe=_QUOTE_SAFE).encode()
-        if len(_HEADER_VALUES) >= MAX_ROUTES:
-            _HEADER_VALUES.clear()
-        _HEADER_VALUES[text] = found
+        _HEADER_VALUES.put(text, found)
     return found
 
 
-_HEADER_VALUES: dict[str, bytes] = {}  # model ids as header values, made once each
+_HEADER_VALUES = BoundedMap(MAX_ROUTES)  # model ids as header values, made once each
 
 
 def retry_after_headers(seconds: float) -> list[tuple[bytes, bytes]]:
@@ -2731,6 +2728,7 @@ class ChunkedDecoder:
     """Chunked transfer coding, decoded as the bytes arrive, in any split."""
 
     __slots__ = ("state", "left", "line")
+    sizes = BoundedMap(MAX_CHUNK_SIZES)  # size lines seen, parsed: a stream's chunks repeat a few
 
     def __init__(self) -> None:
         self.state = _SIZE
@@ -2747,15 +2745,15 @@ class ChunkedDecoder:
         while pos < end:
             state = self.state
             if state is _SIZE and not self.line:  # whole chunks, as chunks most often come:
-                found = _CHUNK_HEAD(data, pos)  # one match each: a chunk's CRLF and the
-                append, sizes = out.append, _CHUNK_SIZES  # next size line are matched together
+                # one match each, a chunk's CRLF and the next size line together
+                found = _CHUNK_HEAD(data, pos)
+                append, size_of = out.append, self.sizes.get
                 while found is not None:
                     digits = found[1]
-                    size = sizes.get(digits)
+                    size = size_of(digits)
                     if size is None:
                         size = int(digits, 16)
-                        if len(sizes) < MAX_CHUNK_SIZES:
-                            sizes[digits] = size
+                        self.sizes.put(digits, size)
                     start = found.end()
                     stop = start + size
                     if stop == start or stop + 2 > end:
@@ -3596,7 +3594,7 @@ class Forwarder:
         self.spread = itertools.count()  # turns groups of equal upstreams, to share the load
         # candidates() that nothing rotates, per (model, embeddings?), for one configuration
         self._routes_of: Config | None = None
-        self._routes: dict[tuple[str, bool], Candidates] = {}
+        self._routes = BoundedMap(MAX_ROUTES)  # (model, embeddings?) -> Candidates
         # (upstream, key, model) -> (unix time, x-ratelimit-* seen); models are client-chosen
         self.observed = BoundedMap(MAX_BREAKERS)
 
@@ -3609,7 +3607,7 @@ class Forwarder:
         them), then the "*" ones. Read-only: the same list may answer many requests."""
         embeddings = kind == "embeddings"
         if cfg is not self._routes_of:
-            self._routes_of, self._routes = cfg, {}
+            self._routes_of, self._routes = cfg, BoundedMap(MAX_ROUTES)
         else:
             found = self._routes.get((model, embeddings))
             if found is not None:
@@ -3636,9 +3634,7 @@ class Forwarder:
                 raise Unsupported("No upstream serving this model serves embeddings.")
             raise model_not_found(model)
         if not rotates:  # the same answer next time: kept (bounded: models are client-chosen)
-            if len(self._routes) >= MAX_ROUTES:
-                self._routes.clear()
-            self._routes[(model, embeddings)] = out
+            self._routes.put((model, embeddings), out)
         return out
 
     async def forward(self, plan: Plan) -> UpstreamConnection | None:
