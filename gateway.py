@@ -5929,16 +5929,17 @@ class HttpProtocol(asyncio.Protocol):
         more this cycle: the next one starts on a new connection given what follows the
         body (_next_cycle), as it would after EndOfMessage."""
         rq = self.cycle
+        # A CONNECT or Upgrade request goes through h11, which then waits for a protocol
+        # switch that never comes: the connection closes after the answer.
         if rq.refused or rq.upload is not None or rq.chunked or rq.switches or self.closing \
                 or rq.content_length > MAX_TAKEN_BODY:  # type: ignore[union-attr]
-            return False  # (a CONNECT or Upgrade request: through h11, which then waits for
-        # a protocol switch that never comes, so the connection closes after the answer)
+            return False
         size = rq.content_length  # type: ignore[union-attr]
         if size:  # (trailing_data copies all h11 holds: not asked for a request with no body)
             rest = self.conn.trailing_data[0]
             if len(rest) < size:
                 return False
-            rq.body_parts.append(rest if len(rest) == size else rest[:size])  # type: ignore[union-attr]
+            rq.body_parts.append(rest[:size])  # type: ignore[union-attr]  # (rest, if all)
             rq.body_size = size  # type: ignore[union-attr]
         self.taken = size
         self._on_request_end()
