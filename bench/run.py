@@ -156,7 +156,8 @@ class Bench:
     # scenarios ------------------------------------------------------------------------------
 
     def compare(self, scenario: str, direct: int, gateway: int, concurrency: int,
-                flags: list[str], proc: subprocess.Popen, route: str = "/v1/chat/completions") -> None:
+                flags: list[str], proc: subprocess.Popen,
+                route: str = "/v1/chat/completions") -> None:
         """Direct and gateway, alternating, `runs` times; keep each run, report medians,
         with the gateway's own CPU per request (from /proc, over each gateway run)."""
         runs = {"direct": [], "gateway": []}
@@ -189,7 +190,7 @@ class Bench:
 
     def routes(self) -> None:
         """Chat against other routes at c=32, each with the same small input: a pass-through
-        route (embeddings), Responses, and the Responses stream (typed events)."""
+        route (embeddings), Responses, and the chat and Responses (typed events) streams."""
         mock = self.start_mock("--chunks", "20")
         gateway, proc = self.start_gateway({"name": "mock", "url": f"http://127.0.0.1:{mock}/v1"})
         chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
