@@ -20,7 +20,12 @@ mock directly and through the gateway, alternating, for:
 - shared state (when `redis-server` is installed): the same gateway with and without
   `redis_url`, non-stream and stream at 32, alternating: the CPU µs per request each spends
   (from /proc) and the p50 each adds, so that the cost of Redis is read in one run;
-- workers: `--workers 2` against 1 worker (both with Redis, neither pinned), non-stream at 256.
+- workers: `--workers 2` against 1 worker (both with Redis, neither pinned), non-stream at 256;
+- reference (when `nginx` is installed, Debian: `apt-get install nginx-light`): nginx as a
+  plain reverse proxy, pinned where the gateway is (one process, upstream keep-alive, no
+  buffering, access log on, to /dev/null), in the non-stream cells at 1 and 32 and the
+  stream cell at 32: what a proxy that does nothing but relay adds on this machine, in the
+  same run.
 
 The gateway runs as users run it: client auth on, a client rate limit (high enough not to
 bite), metrics and the access log on (to /dev/null). Prints a table with ratios to direct,
@@ -39,6 +44,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +53,22 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CLIENT_KEY = "sk-bench-client-0001"
 STREAM_EVENTS = 23  # the mock's 20 content chunks + role chunk + finish chunk + [DONE]
+NGINX_CONF = """daemon off; master_process off; worker_processes 1; pid %(prefix)s/nginx.pid;
+error_log stderr crit;
+events { worker_connections 65536; }
+http {
+  access_log /dev/null;
+  keepalive_requests 100000000;
+  upstream mock { server 127.0.0.1:%(mock)d; keepalive 1024; keepalive_requests 100000000; }
+  server {
+    listen 127.0.0.1:%(port)d;
+    location / {
+      proxy_pass http://mock; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_buffering off; proxy_request_buffering off;
+    }
+  }
+}
+"""
 
 
 def free_port() -> int:
@@ -157,7 +179,7 @@ class Bench:
 
     def compare(self, scenario: str, direct: int, gateway: int, concurrency: int,
                 flags: list[str], proc: subprocess.Popen,
-                route: str = "/v1/chat/completions") -> None:
+                route: str = "/v1/chat/completions", proxy: str = "gateway") -> None:
         """Direct and gateway, alternating, `runs` times; keep each run, report medians,
         with the gateway's own CPU per request (from /proc, over each gateway run)."""
         runs = {"direct": [], "gateway": []}
@@ -169,7 +191,7 @@ class Bench:
                 if path == "gateway":
                     result["cpu_us"] = (cpu_seconds(proc.pid) - before) / max(1, result["ok"]) * 1e6
                 runs[path].append(result)
-        cell = {"scenario": scenario, "concurrency": concurrency,
+        cell = {"scenario": scenario, "proxy": proxy, "concurrency": concurrency,
                 "direct": summarize(runs["direct"]), "gateway": summarize(runs["gateway"]),
                 "gateway_cpu_us": round(statistics.median(r["cpu_us"] for r in runs["gateway"]), 1),
                 "raw": runs}
@@ -264,6 +286,31 @@ class Bench:
               f"client-visible errors {errors}", flush=True)
         self.stop(proc)
 
+    def reference(self) -> None:
+        """nginx in the gateway's place: the relay floor of this machine, in this run."""
+        nginx = shutil.which("nginx")
+        if nginx is None:
+            print("(no nginx reference: apt-get install nginx-light)", flush=True)
+            return
+        mock = self.start_mock("--chunks", "20")
+        port = free_port()
+        prefix = Path(tempfile.mkdtemp(prefix="bench-nginx-"))
+        (prefix / "nginx.conf").write_text(NGINX_CONF % {"prefix": prefix, "mock": mock,
+                                                         "port": port})
+        proc = subprocess.Popen(pinned(self.gw_cpu, [nginx, "-p", str(prefix), "-c",
+                                                     str(prefix / "nginx.conf")]),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(proc)
+        try:
+            wait_listening(port, proc)
+            stream = ["--stream", "--expect-events", str(STREAM_EVENTS), "--check-order"]
+            for scenario, flags, c in (("non-stream", [], 1), ("non-stream", [], 32),
+                                       ("stream 20 chunks", stream, 32)):
+                self.compare(scenario, mock, port, c, flags, proc, proxy="nginx")
+        finally:
+            self.stop(proc)
+            shutil.rmtree(prefix, ignore_errors=True)
+
     def start_redis(self) -> str | None:
         if shutil.which("redis-server") is None:
             print("(no redis-server: the shared-state and workers rows are skipped)", flush=True)
@@ -346,6 +393,8 @@ class Bench:
                     self.memory(self.streams_possible(n))
             if only in (None, "rotation"):
                 self.rotation()
+            if only in (None, "reference"):
+                self.reference()
             redis_url = self.start_redis() if only in (None, "shared") else None
             if redis_url is not None:
                 self.shared(redis_url)
@@ -388,7 +437,9 @@ def row(cell: dict) -> str:
     key = "first_event_p50_ms" if stream else "p50_ms"
     added = (g[key] - d[key]) if g[key] is not None and d[key] is not None else None
     errors = f"  errors {g['errors']}" if g["errors"] or d["errors"] else ""
-    return (f"{cell['scenario']:<24}{cell['concurrency']:>5} | {d['rps']:>10.0f} {unit:<11}| "
+    name = cell["scenario"] if cell.get("proxy", "gateway") == "gateway" else \
+        f"{cell['proxy']}: {cell['scenario']}"
+    return (f"{name:<24}{cell['concurrency']:>5} | {d['rps']:>10.0f} {unit:<11}| "
             f"{g['rps']:>10.0f} {unit:<11}| {ratio:5.2f}  {cell['gateway_cpu_us']:>6.0f} µs  "
             f"{'+' if added is not None and added >= 0 else ''}"
             f"{added:.3f} ms{' (first event)' if stream else ''}{errors}"
@@ -403,7 +454,8 @@ def plot(results: dict, path: Path) -> bool:
     except ImportError:
         print("(no plot: pip install -e '.[bench]' for matplotlib)")
         return False
-    cells = [c for c in results["cells"] if "direct" in c]  # the gateway-against-direct ones
+    cells = [c for c in results["cells"]  # the gateway-against-direct ones
+             if "direct" in c and c.get("proxy", "gateway") == "gateway"]
     labels = [f"{c['scenario']}\nc={c['concurrency']}" for c in cells]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 8))
     x = range(len(cells))
@@ -450,7 +502,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="one 2 s run per cell; under 2 minutes")
     p.add_argument("--out", default=str(HERE / "results"), help="where results.json/png go")
-    p.add_argument("--only", choices=["throughput", "routes", "memory", "rotation", "shared"],
+    p.add_argument("--only", choices=["throughput", "routes", "memory", "rotation", "reference",
+                                      "shared"],
                    help="one group of rows (shared: Redis and workers)")
     p.add_argument("--redis-unix", action="store_true",
                    help="the shared-state rows reach Redis over a unix socket, not TCP")
