@@ -2,6 +2,7 @@
 
     python bench/instructions.py [--stream] [--gateway PATH] [-n 500 2500] [-c 8]
     python bench/instructions.py --stream --path /v1/responses --body '{"model": "m", "input": "hi", "stream": true}'
+    python bench/instructions.py --redis-url redis://127.0.0.1:6379   # with shared state
 
 Wall-clock figures on a shared machine drift by tens of percent between runs; instruction
 counts repeat to a fraction of a percent. The gateway runs under `valgrind --tool=callgrind`
@@ -35,6 +36,8 @@ def instructions(gateway: Path, requests: int, args: argparse.Namespace, mock: i
     cfg = {"port": port, "api_keys": [{"key": CLIENT_KEY, "name": "bench", "rpm": 1e9}],
            "upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock}/v1"}],
            "shutdown_grace_s": 1}
+    if args.redis_url:
+        cfg["redis_url"] = args.redis_url
     env = {**os.environ, "GATEWAY_CONFIG": json.dumps(cfg)}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
@@ -76,6 +79,8 @@ def main() -> None:
     p.add_argument("-c", "--concurrency", type=int, default=8)
     p.add_argument("--path", default="/v1/chat/completions", help="another route, with --body")
     p.add_argument("--body", help="the JSON body to send (default: load.py's chat request)")
+    p.add_argument("--redis-url", help="share state through this Redis (a running "
+                   "redis-server): the shared-state path's count")
     p.add_argument("--keep", metavar="FILE", help="keep the N2 run's callgrind output here "
                    "(read it with callgrind_annotate)")
     args = p.parse_args()
