@@ -1531,18 +1531,23 @@ class RedisConnection(asyncio.Protocol):
             if not future.done():
                 future.set_exception(ConnectionError("redis closed the connection"))
 
-    def send(self, commands: list[tuple]) -> asyncio.Future:
-        """Queue the commands, written with every other request's of this loop turn; the
-        future is their replies, in order (errors as hiredis.ReplyError values)."""
+    def send(self, commands: list[tuple | bytes]) -> asyncio.Future:
+        """Write the commands (tuples, or commands already packed): at once when Redis has
+        none of ours to answer, else with every other request's of this loop turn. The future
+        is their replies, in order (errors as hiredis.ReplyError values)."""
         loop = self.loop
         future = loop.create_future()
         if self.closed or self.transport is None or self.transport.is_closing():
             future.set_exception(ConnectionError("redis connection closed"))
             return future
-        if not self.out:
-            loop.call_soon(self.flush)
         pack = self.pack
-        self.out += [pack(command) for command in commands]
+        packed = [c if c.__class__ is bytes else pack(c) for c in commands]
+        if not self.waiting and not self.out:  # (a loop turn less between a request and Redis)
+            self.transport.write(b"".join(packed))
+        else:
+            if not self.out:
+                loop.call_soon(self.flush)
+            self.out += packed
         self.waiting.append([future, len(commands), [], loop.time()])
         return future
 
@@ -1591,7 +1596,10 @@ class SharedState:
         self.flusher: asyncio.Task | None = None
         self.reconnecting: asyncio.Task | None = None
         self.watchdog: asyncio.TimerHandle | None = None
-        self.keys_of: dict[str, tuple[str, str, str]] = {}  # bucket -> its three Redis keys
+        # bucket -> (its admission's arguments, the admission packed): one client's requests
+        # repeat the same command unless it has a tpm limit (the estimate changes)
+        self.admissions = BoundedMap(MAX_CLIENT_IPS)
+        self.state_reads = BoundedMap(MAX_ROUTES)  # upstream name -> its HGETALL, packed
         self.budgets = (None, {})  # (api_keys it was made from, name -> both budgets)
 
     def __repr__(self) -> str:
@@ -1660,7 +1668,7 @@ class SharedState:
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
-    async def pipeline(self, commands: list[tuple]) -> list | None:
+    async def pipeline(self, commands: list[tuple | bytes]) -> list | None:
         """One round trip, bounded by redis_timeout_ms: the replies, or None when Redis is not
         there (or a command failed). Scripts a restarted Redis no longer knows are loaded,
         and the commands sent again, once."""
@@ -1688,7 +1696,7 @@ class SharedState:
         """Take the client's shared buckets and check its shared budget (raises the refusal),
         and bring in the shared states of the upstreams it may use. False when Redis is not
         there: the caller limits on local state."""
-        if not self.up:
+        if not self.up or self.conn is None:
             return False
         api_keys = self.gw.config.api_keys
         if self.budgets[0] is not api_keys:
@@ -1698,34 +1706,39 @@ class SharedState:
         requests = limits.requests if limits is not None else None
         tokens = limits.tokens if limits is not None else None
         bucket = name if rq.client is not None or limits is None else f"ip:{rq.peer}"
-        keys = self.keys_of.get(bucket)
-        if keys is None:
-            if len(self.keys_of) >= MAX_CLIENT_IPS:
-                self.keys_of.clear()
-            keys = self.keys_of[bucket] = (self.key("rpm", bucket), self.key("tpm", bucket),
-                                           self.key("usage", name))
+        args = (name, requests.rate if requests else 0, requests.capacity if requests else 0,
+                tokens.rate if tokens else 0, tokens.capacity if tokens else 0,
+                estimate if tokens else 0, -1 if budget is None else budget,
+                -1 if budget_usd is None else budget_usd)
+        admission = self.admissions.get(bucket)
+        if admission is None or admission[0] != args:  # packed again only when args change
+            keys = (self.key("rpm", bucket), self.key("tpm", bucket), self.key("usage", name))
+            admission = (args, self.conn.pack(  # type: ignore[union-attr]
+                ("EVALSHA", self.scripts[_ADMIT_LUA], 3, *keys, *args[1:])))
+            self.admissions.put(bucket, admission)
         names = list(dict.fromkeys(u.name for u in upstreams))
-        replies = await self.pipeline([
-            ("EVALSHA", self.scripts[_ADMIT_LUA], 3, *keys,
-             requests.rate if requests else 0, requests.capacity if requests else 0,
-             tokens.rate if tokens else 0, tokens.capacity if tokens else 0,
-             estimate if tokens else 0, -1 if budget is None else budget,
-             -1 if budget_usd is None else budget_usd),
-            *[("HGETALL", self.key("up", upstream)) for upstream in names]])
+        state_reads = self.state_reads
+        reads = [state_reads.get(upstream) for upstream in names]
+        if None in reads:
+            for upstream in names:
+                state_reads.put(upstream, self.conn.pack(  # type: ignore[union-attr]
+                    ("HGETALL", self.key("up", upstream))))
+            reads = [state_reads[upstream] for upstream in names]
+        replies = await self.pipeline([admission[1], *reads])
         if replies is None:
             return False
-        verdict, first, second = (v.decode() for v in replies[0])
+        verdict, first, second = replies[0]  # bytes: float() reads them as they are
         wall, now = time.time(), time.monotonic()
         for upstream, fields in zip(names, replies[1:]):
             self.adopt(upstream, fields, wall, now)
-        if verdict == "budget":
+        if verdict == b"budget":
             raise QuotaExceeded(f"This key has used its budget of {budget} tokens.")
-        if verdict == "budget_usd":
+        if verdict == b"budget_usd":
             raise QuotaExceeded(f"This key has used its budget of ${usd(budget_usd or 0):g}.")
-        if verdict == "requests":
+        if verdict == b"requests":
             raise self.gw.limiter.refuse(
                 f"Rate limit reached for requests: {limits.rpm:g} per minute.", float(first))
-        if verdict == "tokens":
+        if verdict == b"tokens":
             raise self.gw.limiter.refuse("Rate limit reached for tokens per minute.",
                                          float(first))
         if requests is not None:  # the local bucket follows the shared one (headers, fail-open)

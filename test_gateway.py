@@ -1495,6 +1495,25 @@ def test_two_instances_admit_exactly_a_client_keys_rpm_between_them(
     assert usage_of(a, SDK_KEY)[0]["requests"] + usage_of(b, SDK_KEY)[0]["requests"] >= 10
 
 
+def test_the_shared_admission_carries_each_requests_estimate_and_a_reloaded_limit(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_url: str) -> None:
+    config = shared_config(mock, redis_url, api_keys=[{"key": SDK_KEY, "name": "team", "rpm": 3, "tpm": 1000}])
+    g = start_gateway(config)
+    auth = f"Authorization: Bearer {SDK_KEY}\r\n"
+
+    def ask(max_tokens: int) -> int:
+        body = orjson.dumps({"model": "gpt-4o-mini", "messages": MSGS, "max_tokens": max_tokens})
+        (resp,) = raw(g.port, post("/v1/chat/completions", body, auth))
+        return resp.status
+
+    # the same client, a new estimate: the second asks for more tokens than the bucket holds
+    assert [ask(10), ask(990)] == [200, 429]
+    assert [ask(10), ask(10), ask(10)] == [200, 200, 429]  # the refused one took nothing; rpm 3
+    config["api_keys"][0]["rpm"] = 6000  # a request every 10 ms: Redis must be told at once
+    g.lt.call(g.gw.reload, gw.load_config({"GATEWAY_CONFIG": json.dumps(config)}))
+    assert eventually(lambda: ask(10) == 200, timeout=3)  # the old rpm: 20 s to the next
+
+
 def test_a_budget_crossed_through_one_instance_is_refused_by_the_other(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_url: str) -> None:
     config = shared_config(mock, redis_url, api_keys=[{"key": SDK_KEY, "name": "team", "budget_tokens": 25}])
