@@ -1429,6 +1429,7 @@ SHARED_RESPONSE_TTL_S = 86400  # responses made over chat
 SHARED_STATE_TTL_S = 86400  # an upstream's key and breaker states, refreshed on every write
 SHARED_FLUSH_S = 1.0  # usage and token corrections go out in batches this often
 MAX_SHARED_PENDING = 10_000  # writes waiting while Redis is away; the oldest go first
+EARLY_ADMISSION_UPSTREAMS = 8  # up to this many, a request's admission brings all their states
 _ID_SHAPE = re.compile(r"(resp|file|batch|vs|conv|upload|msg|fc|asst|thread|run|ftjob)[-_]\w{4,}")
 
 
@@ -1456,6 +1457,13 @@ def shared_usage(entry: dict, fields: list[bytes]) -> None:
         entry.update(money(cost, None if budget is None else pico(budget)))
     if entry.get("budget_tokens") is not None:
         entry["budget_left"] = max(0, entry["budget_tokens"] - entry["total_tokens"])
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    """A done callback: the future's exception counts as seen, so that no "exception was
+    never retrieved" line follows when nothing awaits it."""
+    if not future.cancelled():
+        future.exception()
 
 
 class RedisConnection(asyncio.Protocol):
@@ -1608,7 +1616,7 @@ class SharedState:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            self.conn = await RedisConnection.open(self.url, max(self.timeout, 1.0))
+            self.conn = await self.connect()
         except (OSError, asyncio.TimeoutError) as exc:
             self.lost(exc)
         self.flusher = loop.create_task(self.flush_every())
@@ -1653,9 +1661,7 @@ class SharedState:
         while True:
             await asyncio.sleep(delay)
             try:
-                conn = await RedisConnection.open(self.url, max(self.timeout, 1.0))
-                async with asyncio.timeout(max(self.timeout, 1.0)):
-                    await conn.send([("PING",)])
+                conn = await self.connect()
             except (OSError, asyncio.TimeoutError) as exc:
                 self.reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 delay = min(delay * 2, 5.0)
@@ -1665,22 +1671,42 @@ class SharedState:
             self.kick()
             return
 
+    async def connect(self) -> RedisConnection:
+        """A connection with the scripts loaded: an admission sent from a request's head is
+        not awaited when the request is answered before forwarding, so it could not load
+        them itself (a restart that keeps the connection is still met by NOSCRIPT)."""
+        wait = max(self.timeout, 1.0)
+        conn = await RedisConnection.open(self.url, wait)
+        try:
+            async with asyncio.timeout(wait):
+                for reply in await conn.send([("SCRIPT", "LOAD", lua) for lua in self.scripts]):
+                    if isinstance(reply, Exception):
+                        raise ConnectionError(f"redis: {reply}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
-    async def pipeline(self, commands: list[tuple | bytes]) -> list | None:
+    async def pipeline(self, commands: list[tuple | bytes],
+                       sent: asyncio.Future | None = None) -> list | None:
         """One round trip, bounded by redis_timeout_ms: the replies, or None when Redis is not
         there (or a command failed). Scripts a restarted Redis no longer knows are loaded,
-        and the commands sent again, once."""
+        and the commands sent again, once. `sent`: their replies, when they were sent already."""
         for _ in range(2):
-            if not self.up or self.conn is None:
-                return None
+            if sent is None:
+                if not self.up or self.conn is None:
+                    return None
+                sent = self.conn.send(commands)
             try:  # bounded by the watchdog, not a timer per call
-                replies = await self.conn.send(commands)
+                replies = await sent
             except OSError as exc:
                 self.lost(exc)
                 return None
-            errors = [r for r in replies if isinstance(r, self.conn.error_type)]
+            sent = None
+            errors = [r for r in replies if isinstance(r, Exception)]  # error replies
             if not errors:
                 return replies
             if not all(str(e).startswith("NOSCRIPT") for e in errors):
@@ -1691,13 +1717,43 @@ class SharedState:
 
     # before a request: one round trip ---------------------------------------------------------
 
+    def admit_early(self, rq: Request, limits: ClientLimits | None, name: str) -> None:
+        """At the head, the admission of a request it needs nothing of the body for (no tpm
+        estimate) when the upstreams are few (their states all come back with it): sent now,
+        so that its round trip overlaps the reading, parsing and routing of the request.
+        Awaited by admit(), before forwarding."""
+        if not self.up or self.conn is None or limits is not None and limits.tokens is not None:
+            return
+        upstreams = self.gw.config.upstreams
+        if len(upstreams) > EARLY_ADMISSION_UPSTREAMS:
+            return
+        names = list(dict.fromkeys(u.name for u in upstreams))
+        commands = self.admission(rq, limits, name, 0, names)
+        sent = self.conn.send(commands)
+        sent.add_done_callback(_retrieved)  # a request that ends before admit() never awaits it
+        rq.admission = (sent, names, commands)
+
     async def admit(self, rq: Request, limits: ClientLimits | None, name: str, estimate: int,
                     upstreams: Iterable[Upstream]) -> bool:
         """Take the client's shared buckets and check its shared budget (raises the refusal),
         and bring in the shared states of the upstreams it may use. False when Redis is not
         there: the caller limits on local state."""
-        if not self.up or self.conn is None:
+        if rq.admission is not None:  # sent at the head
+            sent, names, commands = rq.admission
+            rq.admission = None
+        elif not self.up or self.conn is None:
             return False
+        else:
+            sent, names = None, list(dict.fromkeys(u.name for u in upstreams))
+            commands = self.admission(rq, limits, name, estimate, names)
+        replies = await self.pipeline(commands, sent)
+        return replies is not None and self.admitted(replies, names, limits, name)
+
+    def admission(self, rq: Request, limits: ClientLimits | None, name: str, estimate: int,
+                  names: list[str]) -> list[bytes]:
+        """The admission's commands: the client's buckets and budget in one Lua call, then the
+        states of the upstreams named. Both are kept packed: a client's admission is the same
+        command from one request to the next unless it has a tpm limit (the estimate)."""
         api_keys = self.gw.config.api_keys
         if self.budgets[0] is not api_keys:
             self.budgets = (api_keys, {k.name: (k.budget_tokens, k.budget_usd)
@@ -1710,37 +1766,42 @@ class SharedState:
                 tokens.rate if tokens else 0, tokens.capacity if tokens else 0,
                 estimate if tokens else 0, -1 if budget is None else budget,
                 -1 if budget_usd is None else budget_usd)
+        pack = self.conn.pack  # type: ignore[union-attr]
         admission = self.admissions.get(bucket)
         if admission is None or admission[0] != args:  # packed again only when args change
             keys = (self.key("rpm", bucket), self.key("tpm", bucket), self.key("usage", name))
-            admission = (args, self.conn.pack(  # type: ignore[union-attr]
-                ("EVALSHA", self.scripts[_ADMIT_LUA], 3, *keys, *args[1:])))
+            admission = (args, pack(("EVALSHA", self.scripts[_ADMIT_LUA], 3, *keys, *args[1:])))
             self.admissions.put(bucket, admission)
-        names = list(dict.fromkeys(u.name for u in upstreams))
         state_reads = self.state_reads
         reads = [state_reads.get(upstream) for upstream in names]
         if None in reads:
             for upstream in names:
-                state_reads.put(upstream, self.conn.pack(  # type: ignore[union-attr]
-                    ("HGETALL", self.key("up", upstream))))
+                state_reads.put(upstream, pack(("HGETALL", self.key("up", upstream))))
             reads = [state_reads[upstream] for upstream in names]
-        replies = await self.pipeline([admission[1], *reads])
-        if replies is None:
-            return False
+        return [admission[1], *reads]
+
+    def admitted(self, replies: list, names: list[str], limits: ClientLimits | None,
+                 name: str) -> bool:
+        """The admission's verdict (a refusal is raised) and the upstream states it brought."""
         verdict, first, second = replies[0]  # bytes: float() reads them as they are
         wall, now = time.time(), time.monotonic()
         for upstream, fields in zip(names, replies[1:]):
             self.adopt(upstream, fields, wall, now)
         if verdict == b"budget":
+            budget = self.budgets[1].get(name, (None, None))[0]
             raise QuotaExceeded(f"This key has used its budget of {budget} tokens.")
         if verdict == b"budget_usd":
+            budget_usd = self.budgets[1].get(name, (None, None))[1]
             raise QuotaExceeded(f"This key has used its budget of ${usd(budget_usd or 0):g}.")
         if verdict == b"requests":
             raise self.gw.limiter.refuse(
-                f"Rate limit reached for requests: {limits.rpm:g} per minute.", float(first))
+                f"Rate limit reached for requests: {limits.rpm:g} per minute.",  # type: ignore[union-attr]
+                float(first))
         if verdict == b"tokens":
             raise self.gw.limiter.refuse("Rate limit reached for tokens per minute.",
                                          float(first))
+        requests = limits.requests if limits is not None else None
+        tokens = limits.tokens if limits is not None else None
         if requests is not None:  # the local bucket follows the shared one (headers, fail-open)
             requests.level, requests.stamp = float(first), requests.clock()
         if tokens is not None:
@@ -5552,8 +5613,10 @@ class Admission:
         forwarded (ProxyHandler.run)."""
         limiter = self.gw.limiter
         limits = rq.limits = limiter.limits_for(rq.client, rq.peer)
-        if spends and self.gw.shared is not None and self.gw.shared.up:
+        shared = self.gw.shared
+        if spends and shared is not None and shared.up:
             rq.shared_take = True
+            shared.admit_early(rq, limits, rq.client.name if rq.client is not None else "anonymous")
         elif limits is not None:
             limiter.take_request(limits)
 
@@ -5673,7 +5736,7 @@ class Request:
         "connection", "expects_continue", "chunked", "switches", "framing_doubt", "peer",
         "reserve", "client",
         "keep_alive", "http11",
-        "limits", "shared_take", "extra", "handler", "refused", "upload",
+        "limits", "shared_take", "admission", "extra", "handler", "refused", "upload",
         # for the access log and metrics
         "t0", "route", "model", "served_model", "served_by", "key_name", "ttfb", "tokens",
         "cost", "error",
@@ -5741,6 +5804,7 @@ class Request:
         self.client: ClientKey | None = None
         self.limits: ClientLimits | None = None  # for every response: x-ratelimit-*
         self.shared_take = False  # its buckets are taken in Redis, before forwarding
+        self.admission: tuple[asyncio.Future, list[str], list[bytes]] | None = None  # at the head
         self.extra: list[tuple[bytes, bytes]] = []  # for every response: CORS, connection
         if self.framing_doubt:
             self.extra.append((b"connection", b"close"))

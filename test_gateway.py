@@ -1514,6 +1514,24 @@ def test_the_shared_admission_carries_each_requests_estimate_and_a_reloaded_limi
     assert eventually(lambda: ask(10) == 200, timeout=3)  # the old rpm: 20 s to the next
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_request_refused_for_its_body_counts_against_the_rpm_in_memory_and_shared_alike(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, request: pytest.FixtureRequest,
+        shared: bool) -> None:
+    # With Redis, a request that needs no tpm estimate has its admission sent from its head, as
+    # the in-memory bucket is taken at the head: one answered 400 has spent its request.
+    api_keys = [{"key": SDK_KEY, "name": "team", "rpm": 3}]
+    config = shared_config(mock, request.getfixturevalue("redis_url"), api_keys=api_keys) if shared else \
+        {"upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS}], "api_keys": api_keys}
+    g = start_gateway(config)
+    assert not shared or eventually(lambda: g.gw.shared.up)
+    auth = f"Authorization: Bearer {SDK_KEY}\r\n"
+    statuses = [raw(g.port, post("/v1/chat/completions", body, auth))[0].status
+                for body in (b'{"model": ', CHAT, CHAT, CHAT)]
+    assert statuses == [400, 200, 200, 429]
+    assert len(mock.requests) == 2
+
+
 def test_a_budget_crossed_through_one_instance_is_refused_by_the_other(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_url: str) -> None:
     config = shared_config(mock, redis_url, api_keys=[{"key": SDK_KEY, "name": "team", "budget_tokens": 25}])
