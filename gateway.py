@@ -1677,11 +1677,9 @@ class SharedState:
         them itself (a restart that keeps the connection is still met by NOSCRIPT)."""
         wait = max(self.timeout, 1.0)
         conn = await RedisConnection.open(self.url, wait)
-        try:
+        try:  # (a Redis that refuses scripts is still reached: its refusals come per command)
             async with asyncio.timeout(wait):
-                for reply in await conn.send([("SCRIPT", "LOAD", lua) for lua in self.scripts]):
-                    if isinstance(reply, Exception):
-                        raise ConnectionError(f"redis: {reply}")
+                await conn.send([("SCRIPT", "LOAD", lua) for lua in self.scripts])
         except BaseException:
             conn.close()
             raise
@@ -1691,19 +1689,22 @@ class SharedState:
         return self.prefix + ":".join(parts)
 
     async def pipeline(self, commands: list[tuple | bytes],
-                       sent: asyncio.Future | None = None) -> list | None:
+                       sent: tuple[asyncio.Future, RedisConnection] | None = None) -> list | None:
         """One round trip, bounded by redis_timeout_ms: the replies, or None when Redis is not
         there (or a command failed). Scripts a restarted Redis no longer knows are loaded,
-        and the commands sent again, once. `sent`: their replies, when they were sent already."""
+        and the commands sent again, once. `sent`: their replies and the connection they
+        went on, when they were sent already."""
         for _ in range(2):
             if sent is None:
                 if not self.up or self.conn is None:
                     return None
-                sent = self.conn.send(commands)
+                sent = (self.conn.send(commands), self.conn)
+            replies_of, conn = sent
             try:  # bounded by the watchdog, not a timer per call
-                replies = await sent
+                replies = await replies_of
             except OSError as exc:
-                self.lost(exc)
+                if conn is self.conn:  # not one since replaced: its loss is old news
+                    self.lost(exc)
                 return None
             sent = None
             errors = [r for r in replies if isinstance(r, Exception)]  # error replies
@@ -1729,9 +1730,9 @@ class SharedState:
             return
         names = list(dict.fromkeys(u.name for u in upstreams))
         commands = self.admission(rq, limits, name, 0, names)
-        sent = self.conn.send(commands)
-        sent.add_done_callback(_retrieved)  # a request that ends before admit() never awaits it
-        rq.admission = (sent, names, commands)
+        replies = self.conn.send(commands)
+        replies.add_done_callback(_retrieved)  # a request that ends before admit() never awaits it
+        rq.admission = ((replies, self.conn), names, commands)
 
     async def admit(self, rq: Request, limits: ClientLimits | None, name: str, estimate: int,
                     upstreams: Iterable[Upstream]) -> bool:
@@ -1774,10 +1775,11 @@ class SharedState:
             self.admissions.put(bucket, admission)
         state_reads = self.state_reads
         reads = [state_reads.get(upstream) for upstream in names]
-        if None in reads:
-            for upstream in names:
-                state_reads.put(upstream, pack(("HGETALL", self.key("up", upstream))))
-            reads = [state_reads[upstream] for upstream in names]
+        if None in reads:  # (taken as they are put: a full map may evict one of them)
+            for i, upstream in enumerate(names):
+                if reads[i] is None:
+                    reads[i] = pack(("HGETALL", self.key("up", upstream)))
+                    state_reads.put(upstream, reads[i])
         return [admission[1], *reads]
 
     def admitted(self, replies: list, names: list[str], limits: ClientLimits | None,
@@ -5804,7 +5806,8 @@ class Request:
         self.client: ClientKey | None = None
         self.limits: ClientLimits | None = None  # for every response: x-ratelimit-*
         self.shared_take = False  # its buckets are taken in Redis, before forwarding
-        self.admission: tuple[asyncio.Future, list[str], list[bytes]] | None = None  # at the head
+        # sent at the head: ((its replies, the Redis connection), upstream names, commands)
+        self.admission: tuple[tuple[asyncio.Future, Any], list[str], list[bytes]] | None = None
         self.extra: list[tuple[bytes, bytes]] = []  # for every response: CORS, connection
         if self.framing_doubt:
             self.extra.append((b"connection", b"close"))

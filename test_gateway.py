@@ -1532,6 +1532,53 @@ def test_a_request_refused_for_its_body_counts_against_the_rpm_in_memory_and_sha
     assert len(mock.requests) == 2
 
 
+def test_an_admission_sent_on_a_lost_redis_link_leaves_the_new_link_alone(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str, capfd: pytest.CaptureFixture) -> None:
+    g = start_gateway(shared_config(mock, redis_url, api_keys=[{"key": SDK_KEY, "rpm": 100000}],
+                                    redis_timeout_ms=200))
+    shared = g.gw.shared
+    assert eventually(lambda: shared.up)
+    head = post("/v1/chat/completions", CHAT, f"Authorization: Bearer {SDK_KEY}\r\n")[:-len(CHAT)]
+    held = []
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)  # the heads' admissions stay owed
+    try:
+        for _ in range(2):
+            held.append(socket.create_connection(("127.0.0.1", g.port), timeout=10))
+            held[-1].sendall(head)  # the body comes later
+        assert eventually(lambda: not shared.up, timeout=3)  # the watchdog drops that link
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    assert eventually(lambda: shared.up, timeout=5)
+    fresh = shared.conn
+    for sock in held:  # each awaits an admission that failed with the old link
+        with sock:
+            sock.sendall(CHAT)
+            assert read_response(sock.makefile("rb")).status == 200  # on local limits
+    assert shared.up and shared.conn is fresh and not fresh.closed
+    lines = [json.loads(l) for l in capfd.readouterr().err.splitlines() if l.startswith("{")]
+    assert [l["redis"] for l in lines if "redis" in l] == ["down", "up"]  # one outage, one line each
+
+
+def test_a_full_table_of_upstream_state_reads_still_reads_every_upstream(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_url: str) -> None:
+    config = shared_config(mock, redis_url, api_keys=[{"key": SDK_KEY, "rpm": 100000}])
+    g = start_gateway(config)
+    shared = g.gw.shared
+    assert eventually(lambda: shared.up)
+    auth = f"Authorization: Bearer {SDK_KEY}\r\n"
+    assert raw(g.port, post("/v1/chat/completions", CHAT, auth))[0].status == 200
+
+    def fill() -> None:  # names of upstreams past configurations had, up to the cap
+        for i in range(gw.MAX_ROUTES - 1):
+            shared.state_reads.put(f"old{i}", b"")
+    g.lt.call(fill)
+    config["upstreams"].append({"name": "mock2", "url": config["upstreams"][0]["url"], "keys": ["sk-x-1"]})
+    g.lt.call(g.gw.reload, gw.load_config({"GATEWAY_CONFIG": json.dumps(config)}))
+    # "mock2" evicts the oldest entry, "mock", which the same admission reads
+    assert raw(g.port, post("/v1/chat/completions", CHAT, auth))[0].status == 200
+
+
 def test_a_budget_crossed_through_one_instance_is_refused_by_the_other(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_url: str) -> None:
     config = shared_config(mock, redis_url, api_keys=[{"key": SDK_KEY, "name": "team", "budget_tokens": 25}])
