@@ -1459,6 +1459,9 @@ def shared_usage(entry: dict, fields: list[bytes]) -> None:
         entry["budget_left"] = max(0, entry["budget_tokens"] - entry["total_tokens"])
 
 
+_SENT: tuple[()] = ()  # Request.admission: the shared admission went out
+
+
 def _retrieved(future: asyncio.Future) -> None:
     """A done callback: the future's exception counts as seen, so that no "exception was
     never retrieved" line follows when nothing awaits it."""
@@ -1598,7 +1601,7 @@ class SharedState:
         self.up = True  # until a call fails
         self.reason = ""
         self.usage: dict[tuple[str, str], list[int]] = {}  # (client, model) -> counts to add
-        self.settles: dict[tuple[str, float, float], float] = {}  # (bucket, rate, cap) -> delta
+        self.settles: dict[tuple[str, float, float], float] = {}  # (key, rate, cap) -> delta
         self.writes: collections.deque = collections.deque(maxlen=MAX_SHARED_PENDING)
         self.writing: asyncio.Task | None = None
         self.flusher: asyncio.Task | None = None
@@ -1739,14 +1742,14 @@ class SharedState:
         """Take the client's shared buckets and check its shared budget (raises the refusal),
         and bring in the shared states of the upstreams it may use. False when Redis is not
         there: the caller limits on local state."""
-        if rq.admission is not None:  # sent at the head
+        if rq.admission:  # sent at the head
             sent, names, commands = rq.admission
-            rq.admission = None
         elif not self.up or self.conn is None:
             return False
         else:
             sent, names = None, list(dict.fromkeys(u.name for u in upstreams))
             commands = self.admission(rq, limits, name, estimate, names)
+        rq.admission = _SENT
         replies = await self.pipeline(commands, sent)
         return replies is not None and self.admitted(replies, names, limits, name)
 
@@ -1857,8 +1860,17 @@ class SharedState:
         bucket = name if rq.client is not None else f"ip:{rq.peer}"
         tokens = limits.tokens
         if tokens is not None and len(self.settles) < MAX_SHARED_PENDING:
-            slot = (bucket, tokens.rate, tokens.capacity)
+            slot = (self.key("tpm", bucket), tokens.rate, tokens.capacity)
             self.settles[slot] = self.settles.get(slot, 0.0) + delta
+
+    def spend_request(self, rq: Request) -> None:
+        """A request answered before its admission was sent (its body refused, say) still
+        spends one request of its client's bucket, as it does in memory: batched."""
+        requests = rq.limits.requests if rq.limits is not None else None
+        if requests is not None and len(self.settles) < MAX_SHARED_PENDING:
+            bucket = rq.client.name if rq.client is not None else f"ip:{rq.peer}"
+            slot = (self.key("rpm", bucket), requests.rate, requests.capacity)
+            self.settles[slot] = self.settles.get(slot, 0.0) + 1
 
     def write(self, *command: Any) -> None:
         """A state change the other instances should see by their next request."""
@@ -1968,9 +1980,8 @@ class SharedState:
                 if amount:
                     commands += [("HINCRBY", key, field, amount),
                                  ("HINCRBY", key, f"{model}\t{field}", amount)]
-        commands += [("EVALSHA", self.scripts[_SETTLE_LUA], 1, self.key("tpm", bucket), rate,
-                      capacity, delta) for (bucket, rate, capacity), delta in settles.items()
-                     if delta]
+        commands += [("EVALSHA", self.scripts[_SETTLE_LUA], 1, key, rate, capacity, delta)
+                     for (key, rate, capacity), delta in settles.items() if delta]
         if commands and await self.pipeline(commands) is None:  # Redis went: keep them
             for slot, counts in usage.items():
                 mine = self.usage.setdefault(slot, [0, 0, 0, 0, 0])
@@ -5806,8 +5817,10 @@ class Request:
         self.client: ClientKey | None = None
         self.limits: ClientLimits | None = None  # for every response: x-ratelimit-*
         self.shared_take = False  # its buckets are taken in Redis, before forwarding
-        # sent at the head: ((its replies, the Redis connection), upstream names, commands)
-        self.admission: tuple[tuple[asyncio.Future, Any], list[str], list[bytes]] | None = None
+        # sent at the head: ((its replies, the Redis connection), upstream names, commands);
+        # _SENT once admit() has it (or sent it), None while it has not been sent
+        self.admission: tuple[tuple[asyncio.Future, Any], list[str], list[bytes]] | \
+            tuple[()] | None = None
         self.extra: list[tuple[bytes, bytes]] = []  # for every response: CORS, connection
         if self.framing_doubt:
             self.extra.append((b"connection", b"close"))
@@ -6381,6 +6394,8 @@ class Gateway:
         metrics.histogram(metrics.durations, rq.route).observe(duration)
         if self.access_log.enabled:
             self.access_log.request(rq, duration)
+        if rq.shared_take and rq.admission is None:  # answered before it was admitted
+            self.shared.spend_request(rq)  # type: ignore[union-attr]
         rq.writer.rq = None  # type: ignore[assignment]  # the one cycle a request makes: broken,
         # so that it is freed at once by reference counting, not later by the collector
 

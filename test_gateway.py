@@ -1514,20 +1514,27 @@ def test_the_shared_admission_carries_each_requests_estimate_and_a_reloaded_limi
     assert eventually(lambda: ask(10) == 200, timeout=3)  # the old rpm: 20 s to the next
 
 
-@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("mode", ["memory", "shared", "shared, 9 upstreams", "shared, tpm"])
 def test_a_request_refused_for_its_body_counts_against_the_rpm_in_memory_and_shared_alike(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, request: pytest.FixtureRequest,
-        shared: bool) -> None:
-    # With Redis, a request that needs no tpm estimate has its admission sent from its head, as
-    # the in-memory bucket is taken at the head: one answered 400 has spent its request.
-    api_keys = [{"key": SDK_KEY, "name": "team", "rpm": 3}]
-    config = shared_config(mock, request.getfixturevalue("redis_url"), api_keys=api_keys) if shared else \
-        {"upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS}], "api_keys": api_keys}
+        mode: str) -> None:
+    # In memory the bucket is taken at the head. With Redis, a request that needs no tpm
+    # estimate has its admission sent from the head (up to 8 upstreams); any other one answered
+    # before its admission went out spends its request in the next batch. 400 spends one alike.
+    key: dict[str, Any] = {"key": SDK_KEY, "name": "team", "rpm": 3, **({"tpm": 100000} if "tpm" in mode else {})}
+    url = f"http://127.0.0.1:{mock.port}/v1"
+    upstreams = [{"name": "mock", "url": url, "keys": KEYS}] + \
+        [{"name": f"spare{i}", "url": url, "keys": KEYS} for i in range(8 if "9" in mode else 0)]
+    config: dict[str, Any] = {"upstreams": upstreams, "api_keys": [key]}
+    if mode != "memory":
+        config["redis_url"] = request.getfixturevalue("redis_url")
     g = start_gateway(config)
-    assert not shared or eventually(lambda: g.gw.shared.up)
+    assert mode == "memory" or eventually(lambda: g.gw.shared.up)
     auth = f"Authorization: Bearer {SDK_KEY}\r\n"
-    statuses = [raw(g.port, post("/v1/chat/completions", body, auth))[0].status
-                for body in (b'{"model": ', CHAT, CHAT, CHAT)]
+    statuses = [raw(g.port, post("/v1/chat/completions", b'{"model": ', auth))[0].status]
+    if mode != "memory":
+        g.lt.run(g.gw.shared.flush())  # what is batched goes out now
+    statuses += [raw(g.port, post("/v1/chat/completions", CHAT, auth))[0].status for _ in range(3)]
     assert statuses == [400, 200, 200, 429]
     assert len(mock.requests) == 2
 
