@@ -1765,7 +1765,7 @@ class SharedState:
         budget, budget_usd = self.budgets[1].get(name, (None, None))
         requests = limits.requests if limits is not None else None
         tokens = limits.tokens if limits is not None else None
-        bucket = name if rq.client is not None or limits is None else f"ip:{rq.peer}"
+        bucket = self.bucket(rq)
         args = (name, requests.rate if requests else 0, requests.capacity if requests else 0,
                 tokens.rate if tokens else 0, tokens.capacity if tokens else 0,
                 estimate if tokens else 0, -1 if budget is None else budget,
@@ -1856,21 +1856,29 @@ class SharedState:
         counts[3] += total or prompt + completion
         counts[4] += cost
 
-    def settle_tokens(self, rq: Request, limits: ClientLimits, name: str, delta: float) -> None:
-        bucket = name if rq.client is not None else f"ip:{rq.peer}"
-        tokens = limits.tokens
-        if tokens is not None and len(self.settles) < MAX_SHARED_PENDING:
-            slot = (self.key("tpm", bucket), tokens.rate, tokens.capacity)
-            self.settles[slot] = self.settles.get(slot, 0.0) + delta
+    @staticmethod
+    def bucket(rq: Request) -> str:
+        """Whose shared buckets a request takes: its client key's, else (auth off, a limit per
+        address) its address's."""
+        if rq.client is not None:
+            return rq.client.name
+        return "anonymous" if rq.limits is None else f"ip:{rq.peer}"
+
+    def settle_tokens(self, rq: Request, limits: ClientLimits, delta: float) -> None:
+        if limits.tokens is not None:
+            self.settle(self.key("tpm", self.bucket(rq)), limits.tokens, delta)
 
     def spend_request(self, rq: Request) -> None:
         """A request answered before its admission was sent (its body refused, say) still
         spends one request of its client's bucket, as it does in memory: batched."""
-        requests = rq.limits.requests if rq.limits is not None else None
-        if requests is not None and len(self.settles) < MAX_SHARED_PENDING:
-            bucket = rq.client.name if rq.client is not None else f"ip:{rq.peer}"
-            slot = (self.key("rpm", bucket), requests.rate, requests.capacity)
-            self.settles[slot] = self.settles.get(slot, 0.0) + 1
+        if rq.limits is not None and rq.limits.requests is not None:
+            self.settle(self.key("rpm", self.bucket(rq)), rq.limits.requests, 1)
+
+    def settle(self, key: str, bucket: TokenBucket, delta: float) -> None:
+        """delta more taken from (or -delta given back to) a shared bucket: batched."""
+        if len(self.settles) < MAX_SHARED_PENDING:
+            slot = (key, bucket.rate, bucket.capacity)
+            self.settles[slot] = self.settles.get(slot, 0.0) + delta
 
     def write(self, *command: Any) -> None:
         """A state change the other instances should see by their next request."""
@@ -5293,7 +5301,7 @@ class ProxyHandler:
         takes_tokens = limits is not None and limits.tokens is not None
         if plan.served is None:
             if takes_tokens and plan.estimate:
-                self.settle(rq, limits, name, -plan.estimate)  # type: ignore[arg-type]
+                self.settle(rq, limits, -plan.estimate)  # type: ignore[arg-type]
             return
         usage = rq.writer.reported_usage()
         prompt, completion, total = usage_tokens(usage)
@@ -5315,13 +5323,13 @@ class ProxyHandler:
         if plan.served != plan.asked:
             metrics.count(metrics.fallbacks, (metrics.fold(plan.asked), label))
         if takes_tokens and plan.obj is not None:
-            self.settle(rq, limits, name, total - plan.estimate)  # type: ignore[arg-type]
+            self.settle(rq, limits, total - plan.estimate)  # type: ignore[arg-type]
 
-    def settle(self, rq: Request, limits: ClientLimits, name: str, delta: int) -> None:
+    def settle(self, rq: Request, limits: ClientLimits, delta: int) -> None:
         """Correct the token estimate taken before the request, where it was taken."""
         self.gw.limiter.settle_tokens(limits, delta)
         if rq.shared_take:
-            self.gw.shared.settle_tokens(rq, limits, name, delta)  # type: ignore[union-attr]
+            self.gw.shared.settle_tokens(rq, limits, delta)  # type: ignore[union-attr]
 
 
 class ModelCatalog:
