@@ -53,6 +53,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CLIENT_KEY = "sk-bench-client-0001"
 STREAM_EVENTS = 23  # the mock's 20 content chunks + role chunk + finish chunk + [DONE]
+STREAM_FLAGS = ["--stream", "--expect-events", str(STREAM_EVENTS), "--check-order"]
 NGINX_CONF = """daemon off; master_process off; worker_processes 1; pid %(prefix)s/nginx.pid;
 error_log stderr crit;
 events { worker_connections 65536; }
@@ -202,9 +203,8 @@ class Bench:
         mock = self.start_mock("--chunks", "20")
         gateway, proc = self.start_gateway({"name": "mock", "url": f"http://127.0.0.1:{mock}/v1"})
         self.results["gateway_idle_rss_kib"] = rss_kib(proc.pid)
-        stream = ["--stream", "--expect-events", str(STREAM_EVENTS), "--check-order"]
-        for scenario, flags in (("non-stream", []), ("stream 20 chunks", stream),
-                                ("stream paced 5 ms", [*stream, "--header",
+        for scenario, flags in (("non-stream", []), ("stream 20 chunks", STREAM_FLAGS),
+                                ("stream paced 5 ms", [*STREAM_FLAGS, "--header",
                                                        "x-mock-delay-ms: 5"])):
             for c in self.args.concurrency:
                 self.compare(scenario, mock, gateway, c, flags, proc)
@@ -303,9 +303,8 @@ class Bench:
         self.procs.append(proc)
         try:
             wait_listening(port, proc)
-            stream = ["--stream", "--expect-events", str(STREAM_EVENTS), "--check-order"]
             for scenario, flags, c in (("non-stream", [], 1), ("non-stream", [], 32),
-                                       ("stream 20 chunks", stream, 32)):
+                                       ("stream 20 chunks", STREAM_FLAGS, 32)):
                 self.compare(scenario, mock, port, c, flags, proc, proxy="nginx")
         finally:
             self.stop(proc)
@@ -333,9 +332,8 @@ class Bench:
         upstream = {"name": "mock", "url": f"http://127.0.0.1:{mock}/v1"}
         gateways = {"memory": self.start_gateway(upstream),
                     "redis": self.start_gateway(upstream, redis_url=redis_url)}
-        stream = ["--stream", "--expect-events", str(STREAM_EVENTS), "--check-order"]
         for scenario, flags, c in (("non-stream", [], 1), ("non-stream", [], 32),
-                                   ("stream 20 chunks", stream, 32)):
+                                   ("stream 20 chunks", STREAM_FLAGS, 32)):
             runs: dict[str, list] = {"memory": [], "redis": []}
             for _ in range(self.args.runs):
                 for name, (port, proc) in gateways.items():
