@@ -129,6 +129,7 @@ class Bench:
         self.gw_cpu = 0 if self.pin else None
         self.side_cpu = 1 if self.pin else None
         self.procs: list[subprocess.Popen] = []
+        self.scratch: list[Path] = []  # removed at the end, whatever the processes left
         self.results: dict[str, Any] = {"machine": machine(), "pinned": self.pin, "cells": []}
 
     # processes ------------------------------------------------------------------------------
@@ -315,8 +316,9 @@ class Bench:
             print("(no redis-server: the shared-state and workers rows are skipped)", flush=True)
             return None
         port = free_port()
-        sock = Path(self.args.out).resolve() / f"redis-{port}.sock"
-        sock.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix="bench-redis-"))
+        self.scratch.append(scratch)
+        sock = scratch / "redis.sock"  # (killed at the end, redis-server leaves it behind)
         proc = subprocess.Popen(pinned(self.side_cpu, [
             "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "no", "--unixsocket", str(sock)]), stdout=subprocess.DEVNULL)
@@ -401,6 +403,8 @@ class Bench:
             for proc in self.procs:
                 if proc.poll() is None:
                     proc.kill()
+            for scratch in self.scratch:
+                shutil.rmtree(scratch, ignore_errors=True)
         self.save()
 
     def save(self) -> None:
