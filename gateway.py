@@ -3203,8 +3203,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._fail(UpstreamError(f"upstream answered garbage: {why}"))
 
     def _recycle(self) -> None:
-        """Back to the pool if the exchange ended cleanly on a keep-alive connection."""
-        if self.state is _DONE and self.keep_alive and self.error is None:
+        """Back to the pool if the exchange ended cleanly on a keep-alive connection, with
+        all of its request sent: an upload the upstream answered before the client's body
+        was all in would have the rest of that body taken for the next request."""
+        upload = self.upload
+        if self.state is _DONE and self.keep_alive and self.error is None \
+                and (upload is None or upload.ended and upload.error is None):
             self.pool.release(self)
         elif self.state is not _CLOSED:
             self.transport.close()  # type: ignore[union-attr]

@@ -3338,6 +3338,48 @@ def test_a_100_mb_upload_streams_through_with_flat_memory_then_follow_ups_use_it
         proc.kill()
 
 
+def test_an_upload_answered_before_its_body_was_all_sent_never_goes_back_to_the_pool(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    uploads: list[bytes] = []  # what an upload's connection carried after its answer
+    requests: list[bytes] = []
+    reply = b'{"id":"c","object":"chat.completion","choices":[]}'
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+                if head.startswith(b"POST /v1/files"):  # refused early, the rest read and dropped
+                    await reader.readexactly(4096)
+                    writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                                 b"content-length: 2\r\n\r\n{}")
+                    await writer.drain()
+                    try:
+                        uploads.append(await reader.readexactly(length - 4096))
+                    except asyncio.IncompleteReadError as exc:
+                        uploads.append(exc.partial)
+                        return
+                    continue
+                await reader.readexactly(length)
+                requests.append(head.split(b"\r\n")[0])
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                             % (len(reply), reply))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+    port = raw_upstream(handler)
+    g = start_gateway({"upstreams": [{"name": "raw", "url": f"http://127.0.0.1:{port}/v1", "keys": ["sk-a"],
+                                      "first_byte_timeout_s": 2}]})
+    with connect(g.port) as sock:  # 20 kB of a declared 200 kB, and the answer comes first
+        sock.sendall(b"POST /v1/files HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 200000\r\n\r\n" + b"u" * 20_000)
+        assert read_response(sock.makefile("rb")).status == 400
+    (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))  # not written into that upload
+    assert resp.status == 200 and requests == [b"POST /v1/chat/completions HTTP/1.1"]
+    assert eventually(lambda: len(uploads) == 1) and set(uploads[0]) == {ord("u")}
+
+
 def test_responses_over_a_chat_only_upstream_give_the_sdk_valid_objects(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     g = start_gateway(three_keys(mock, chat_only=True))
