@@ -3228,29 +3228,31 @@ class UpstreamConnection(asyncio.Protocol):
         if self.head_buf:  # the head came in pieces (else it is read where it came: no copies)
             self.head_buf += data
             data = bytes(self.head_buf)
-        if not data.startswith(b"HTTP/"[:len(data)]):  # an SSH banner, TLS, HTML: not HTTP
-            self._garbage("not an HTTP response")
-            return
-        end = data.find(b"\r\n\r\n")
-        if end < 0:
-            if len(data) > UPSTREAM_MAX_HEAD:
-                self._garbage("response head too large")
-            elif not self.head_buf:
-                self.head_buf += data
-            return
-        try:
-            self._parse_head(data[:end])
-        except (ValueError, IndexError):
-            self._garbage("malformed response head")
-            return
-        rest = data[end + 4:]
-        if self.head_buf:
-            self.head_buf = bytearray()
-        if 100 <= self.status < 200:  # interim response: wait for the real one
-            self.status = 0
-            if rest:
-                self._feed_head(rest)
-            return
+        while True:  # once more for each interim (1xx) response ahead of the real one
+            if not data.startswith(b"HTTP/"[:len(data)]):  # an SSH banner, TLS, HTML: not HTTP
+                self._garbage("not an HTTP response")
+                return
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                if len(data) > UPSTREAM_MAX_HEAD:
+                    self._garbage("response head too large")
+                elif not self.head_buf:
+                    self.head_buf += data
+                return
+            try:
+                self._parse_head(data[:end])
+            except (ValueError, IndexError):
+                self._garbage("malformed response head")
+                return
+            rest = data[end + 4:]
+            if self.head_buf:
+                self.head_buf = bytearray()
+            if not 100 <= self.status < 200:
+                break
+            self.status = 0  # interim response: wait for the real one
+            if not rest:
+                return
+            data = rest
         waiter = self.head_waiter
         self._to(_BODY)
         if self.framing is _NO_BODY or (self.framing is _LENGTH and self.left == 0):
@@ -3263,9 +3265,10 @@ class UpstreamConnection(asyncio.Protocol):
         # collect in `pending`. Pausing here would cost an epoll_ctl pair per stream.
 
     def _parse_head(self, head: bytes) -> None:
-        bare = head.replace(b"\r\n", b"")  # what is left of CR and LF is bare
-        if b"\r" in bare or b"\n" in bare or b"\0" in bare:
-            raise ValueError("bare CR, LF or NUL in the head")  # could split a relayed header
+        if _HEAD_CONTROL.search(head.replace(b"\r\n", b"")):  # what is left of CR and LF is bare
+            raise ValueError("a control byte in the head")  # could split a relayed header
+        if _BAD_FIELD_LINE.search(head):  # a client's parser would refuse what we relay
+            raise ValueError("a header line that is not name: value")
         lines = head.split(b"\r\n")
         version, status, _ = (lines[0] + b" ").split(b" ", 2)
         if version not in (b"HTTP/1.1", b"HTTP/1.0") or not status.isdigit() \
@@ -3277,13 +3280,12 @@ class UpstreamConnection(asyncio.Protocol):
         coding: bytes | None = None
         conn = b""
         for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not name or name[-1:] in b" \t":
-                raise ValueError(line)
+            name, _, value = line.partition(b":")  # (each line is a name, then ":")
             name = name.lower()
             value = value.strip()
             if name == b"content-length":  # digits only, and one value however often sent
-                if not value.isdigit() or (length is not None and int(length) != int(value)):
+                if not value.isdigit() or len(value) > 18 \
+                        or (length is not None and int(length) != int(value)):
                     raise ValueError(line)
                 length = value
             elif name == b"transfer-encoding":
@@ -3344,6 +3346,12 @@ class UpstreamConnection(asyncio.Protocol):
             self.sink.on_data(data)
         else:
             self.pending.append(data)  # type: ignore[union-attr]
+
+
+# A response head: no control byte but HTAB outside its CRLFs (obs-text is let through, as
+# h11 lets it through), and every header line a token and a colon (no obs-fold, no space).
+_HEAD_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_BAD_FIELD_LINE = re.compile(rb"\r\n(?![!#$%&'*+\-.^_`|~0-9A-Za-z]+:)")
 
 
 def _set_nodelay(sock: Any) -> None:

@@ -2123,6 +2123,54 @@ def test_an_upstream_head_in_any_pieces_after_an_interim_one_is_read_once(piece:
     asyncio.run(run())
 
 
+def test_thousands_of_interim_responses_ahead_of_the_answer_are_read_in_a_loop() -> None:
+    async def run() -> None:
+        conn, pool, _ = await upstream_connection()
+        head = asyncio.ensure_future(conn.exchange([b"x"], 30, 30))
+        await asyncio.sleep(0)
+        conn.data_received(b"HTTP/1.1 100 Continue\r\n\r\n" * 3000
+                           + b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+        assert (await head).status == 200
+        assert await conn.read_body(100) == b"{}" and pool.idle == [conn]
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 200 OK\r\nFoo Bar: x",  # not a token
+    b"HTTP/1.1 200 OK\r\nA: b\r\n Folded: x",  # obs-fold, which a client joins to the line above
+    b"HTTP/1.1 200 OK\r\nA: b\r\n\tFolded: x",
+    b"HTTP/1.1 200 OK\r\nA : b",  # space before the colon
+    b"HTTP/1.1 200 OK\r\n: b",
+    b"HTTP/1.1 200 OK\r\nA: b\x01c",  # a control byte
+    b"HTTP/1.1 200 OK\r\nA: b\x7f",
+    b"HTTP/1.1 200 OK\r\nA: b\rc",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999",  # past what a client reads
+])
+def test_an_upstream_head_a_client_would_refuse_is_the_upstreams_garbage(head: bytes) -> None:
+    async def run() -> None:
+        conn, _, transport = await upstream_connection()
+        waiting = asyncio.ensure_future(conn.exchange([b"x"], 30, 30))
+        await asyncio.sleep(0)
+        conn.data_received(head + b"\r\n\r\n")
+        with pytest.raises(gw.UpstreamError, match="garbage"):
+            await waiting
+        assert transport.closed
+
+    asyncio.run(run())
+
+
+def test_an_upstream_head_with_tabs_and_non_ascii_values_is_relayed() -> None:
+    async def run() -> None:
+        conn, _, _ = await upstream_connection()
+        waiting = asyncio.ensure_future(conn.exchange([b"x"], 30, 30))
+        await asyncio.sleep(0)
+        conn.data_received(b"HTTP/1.1 200 OK\r\nX-A: a\tb\r\nX-B: caf\xc3\xa9\r\ncontent-length: 0\r\n\r\n")
+        assert (await waiting).headers == [(b"x-a", b"a\tb"), (b"x-b", b"caf\xc3\xa9"), (b"content-length", b"0")]
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("reply", [b"SSH-2.0-OpenSSH_9.6\r\n", b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 70_000])
 def test_an_upstream_that_is_not_http_or_sends_an_endless_head_fails_the_exchange(reply: bytes) -> None:
     async def run() -> None:
