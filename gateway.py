@@ -3054,8 +3054,8 @@ class UpstreamConnection(asyncio.Protocol):
             stale = self.reused and not self.got_bytes
             self._tell(state, _StaleConnection() if stale else
                        UpstreamError("upstream closed the connection before answering"))
-        elif state is _BODY and self.framing is _UNTIL_CLOSE:
-            self._end_body()
+        elif state is _BODY and self.framing is _UNTIL_CLOSE and exc is None:
+            self._end_body()  # a body framed by the close ends with it (not with a reset)
         elif state is _BODY:
             self._tell(state, UpstreamError("upstream closed the connection mid-response"))
 

@@ -2171,6 +2171,24 @@ def test_an_upstream_head_with_tabs_and_non_ascii_values_is_relayed() -> None:
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("reset", [False, True])
+def test_a_body_framed_by_the_close_ends_whole_on_a_close_and_in_error_on_a_reset(reset: bool) -> None:
+    async def run() -> None:
+        conn, _, _ = await upstream_connection()
+        waiting = asyncio.ensure_future(conn.exchange([b"x"], 30, 30))
+        await asyncio.sleep(0)
+        conn.data_received(b"HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\r\n{\"a\":")
+        await waiting
+        sink = Recorder()
+        done = conn.relay(sink)
+        conn.connection_lost(ConnectionResetError() if reset else None)
+        await asyncio.wait_for(done, 5)
+        assert sink.data == [b'{"a":']
+        assert (sink.ended, sink.error is not None) == ((False, True) if reset else (True, False))
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("reply", [b"SSH-2.0-OpenSSH_9.6\r\n", b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 70_000])
 def test_an_upstream_that_is_not_http_or_sends_an_endless_head_fails_the_exchange(reply: bytes) -> None:
     async def run() -> None:
