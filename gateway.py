@@ -1080,6 +1080,7 @@ _USAGE_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens
 PICO = 10 ** 12  # money is counted in integer pico-dollars: sums are exact, and a request
 # that costs a fraction of a micro-dollar still counts
 _MICRO = decimal.Decimal("0.000001")
+MAX_REPORTED_USD = 1e6  # a usage.cost past this is no price (and would not fit the sums)
 
 
 def pico(usd: Any) -> int | None:
@@ -1121,7 +1122,7 @@ class Prices:
             return 0
         reported = usage.get("cost")
         if isinstance(reported, (int, float)) and not isinstance(reported, bool) \
-                and 0 <= reported < float("inf"):
+                and 0 <= reported <= MAX_REPORTED_USD:
             return pico(reported)  # type: ignore[return-value]
         price = self.table.get(model)
         if price is None:

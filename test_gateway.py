@@ -2189,6 +2189,16 @@ def test_a_body_framed_by_the_close_ends_whole_on_a_close_and_in_error_on_a_rese
     asyncio.run(run())
 
 
+def test_an_upstream_cost_too_large_to_be_a_price_is_not_believed() -> None:
+    prices = gw.Prices({"m": gw.Price(2_000_000, 1_000_000, 8_000_000)})
+    usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+    assert prices.cost("m", {**usage, "cost": 0.25}) == 250_000_000_000
+    assert prices.cost("m", {**usage, "cost": 1e6}) == 10 ** 18
+    for garbage in (1e300, 1e6 + 1, -1, float("nan"), "1", True):  # the table's price instead
+        assert prices.cost("m", {**usage, "cost": garbage}) == 60_000_000
+    assert gw.usd(prices.cost("m", {**usage, "cost": 1e300})) == 0.00006  # (1e300 would not fit)
+
+
 @pytest.mark.parametrize("reply", [b"SSH-2.0-OpenSSH_9.6\r\n", b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 70_000])
 def test_an_upstream_that_is_not_http_or_sends_an_endless_head_fails_the_exchange(reply: bytes) -> None:
     async def run() -> None:
