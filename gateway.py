@@ -4297,7 +4297,8 @@ class ResponseWriter(BodySink):
         for name, value in upstream_headers:
             if name in _NOT_RELAYED or name.startswith(b"x-ratelimit-"):
                 continue
-            if name == b"content-type" and value.startswith(b"text/event-stream"):
+            if name == b"content-type" and value[:17].lower() == b"text/event-stream" \
+                    and status not in (204, 304):  # (media types are case-insensitive)
                 sse = True
             elif name == b"x-request-id":
                 name = b"x-upstream-request-id"

@@ -2199,6 +2199,20 @@ def test_an_upstream_cost_too_large_to_be_a_price_is_not_believed() -> None:
     assert gw.usd(prices.cost("m", {**usage, "cost": 1e300})) == 0.00006  # (1e300 would not fit)
 
 
+def test_sse_is_recognised_whatever_the_case_of_its_media_type() -> None:
+    async def run() -> tuple[gw.ResponseWriter, FakeTransport]:
+        writer, transport = sse_request(drop=True)
+        fresh = gw.ResponseWriter(writer.proto, writer.rq)
+        fresh.relay_head(200, [(b"content-type", b"Text/Event-Stream; charset=utf-8")], inspect=True,
+                         drop_usage=True)
+        return fresh, transport
+
+    writer, transport = asyncio.run(run())
+    assert writer.sse and writer.filter is not None
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}\n\n'
+    assert writer.filter.feed(usage) == b"" and writer.filter.usage["total_tokens"] == 3
+
+
 @pytest.mark.parametrize("reply", [b"SSH-2.0-OpenSSH_9.6\r\n", b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 70_000])
 def test_an_upstream_that_is_not_http_or_sends_an_endless_head_fails_the_exchange(reply: bytes) -> None:
     async def run() -> None:
