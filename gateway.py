@@ -3104,8 +3104,12 @@ class UpstreamConnection(asyncio.Protocol):
         pending, self.pending, self.sink = self.pending, None, sink
         if pending and self.done.done() and self.error is None:  # type: ignore[union-attr]
             sink.hold()
-        for piece in pending or ():
-            sink.on_data(piece)
+        try:
+            for piece in pending or ():
+                sink.on_data(piece)
+        except GatewayError as exc:
+            self._refused(sink, exc)
+            return self.done  # type: ignore[return-value]
         if self.done.done():  # type: ignore[union-attr]
             if self.error is None:
                 self._end_sink(sink)
@@ -3178,6 +3182,8 @@ class UpstreamConnection(asyncio.Protocol):
         and only release() resumes it."""
         try:
             sink.on_end()
+        except GatewayError as exc:
+            self._refused(sink, exc)
         finally:
             self._recycle()
 
@@ -3199,6 +3205,16 @@ class UpstreamConnection(asyncio.Protocol):
                 done.set_result(None)
                 if self.sink is not None:
                     self.sink.on_error(exc)  # type: ignore[arg-type]
+
+    def _refused(self, sink: BodySink, exc: GatewayError) -> None:
+        """The sink could not take what the upstream sent (a stream that cannot be
+        converted): the exchange ends in that error, and the socket goes."""
+        done = self.done
+        self.error = exc
+        self._drop()
+        if done is not None and not done.done():
+            done.set_result(None)
+        sink.on_error(exc)
 
     def _garbage(self, why: str) -> None:
         self._fail(UpstreamError(f"upstream answered garbage: {why}"))
@@ -3320,7 +3336,11 @@ class UpstreamConnection(asyncio.Protocol):
                 if self.sink is not None:
                     if end >= 0:
                         self.sink.hold()
-                    self.sink.on_data(body)
+                    try:
+                        self.sink.on_data(body)
+                    except GatewayError as exc:
+                        self._refused(self.sink, exc)
+                        return
                 else:
                     self.pending.append(body)  # type: ignore[union-attr]
             if end >= 0:
@@ -3344,7 +3364,10 @@ class UpstreamConnection(asyncio.Protocol):
         if not data:
             return
         if self.sink is not None:
-            self.sink.on_data(data)
+            try:
+                self.sink.on_data(data)
+            except GatewayError as exc:
+                self._refused(self.sink, exc)
         else:
             self.pending.append(data)  # type: ignore[union-attr]
 
@@ -4084,11 +4107,10 @@ class SseFilter:
 
     def finish(self) -> bytes:
         """A converted stream that ended without [DONE] still ends as its API says."""
-        convert = self.convert
-        if convert is None or self.passthrough or self.converted_end:
+        if self.convert is None or self.passthrough or self.converted_end:
             return b""
         self.converted_end = True
-        end = convert.end()
+        end = self._convert(None)
         return end + b"\n\n" if end else b""
 
     def take_held(self) -> bytes:
@@ -4157,7 +4179,7 @@ class SseFilter:
             if self.convert is None:
                 return event
             self.converted_end = True
-            return self.convert.end() or None
+            return self._convert(None) or None
         try:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:
@@ -4172,8 +4194,17 @@ class SseFilter:
         if self.drop_usage and isinstance(usage, dict) and not obj.get("choices"):
             return None  # the usage-only chunk the client did not ask for
         if self.convert is not None:
-            return self.convert.event(obj)
+            return self._convert(obj)
         return event
+
+    def _convert(self, chunk: dict | None) -> bytes | None:
+        """A chat chunk converted, or (None) the converted stream's end. A chunk the
+        converter cannot read is the upstream's garbage: the exchange ends in a 502's error."""
+        try:
+            return self.convert.event(chunk) if chunk is not None else self.convert.end()
+        except (AttributeError, TypeError, ValueError, KeyError, IndexError):
+            raise UpstreamError("upstream answered garbage: not a chat completion stream") \
+                from None
 
 
 class ResponseWriter(BodySink):
@@ -4538,7 +4569,7 @@ _RESPONSES_USAGE = ("input_tokens", "output_tokens", "total_tokens")
 
 def usage_tokens(usage: dict | None) -> tuple[int, int, int]:
     """(prompt, completion, total) from a usage object; what is missing or bad counts 0."""
-    if not usage:
+    if not usage or not isinstance(usage, dict):
         return 0, 0, 0
     first, second, third = _CHAT_USAGE if "input_tokens" not in usage else _RESPONSES_USAGE
     prompt, completion, total = usage.get(first), usage.get(second), usage.get(third)
@@ -4813,11 +4844,13 @@ def _chat_format(text: Any) -> dict:
 
 def responses_usage(usage: dict | None) -> dict | None:
     """Chat usage as Responses usage (input/output tokens and their details)."""
-    if not usage:
+    if not usage or not isinstance(usage, dict):
         return None
     prompt, completion, total = usage_tokens(usage)
-    details = usage.get("prompt_tokens_details") or {}
-    reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
+    details = usage.get("prompt_tokens_details")
+    details = details if isinstance(details, dict) else {}
+    reasoning = usage.get("completion_tokens_details")
+    reasoning = reasoning.get("reasoning_tokens") or 0 if isinstance(reasoning, dict) else 0
     return {"input_tokens": prompt,
             "input_tokens_details": {"cached_tokens": details.get("cached_tokens") or 0,
                                      "cache_write_tokens": details.get("cache_write_tokens") or 0},
@@ -4925,7 +4958,7 @@ class ResponsesFromChat:
             self.started = True
             out += [self._event("response.created", response=self._snapshot("in_progress")),
                     self._event("response.in_progress", response=self._snapshot("in_progress"))]
-        if chunk.get("usage"):
+        if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
         for choice in (chunk.get("choices") or [])[:1]:
             delta = choice.get("delta") or {}
@@ -5272,10 +5305,12 @@ class ProxyHandler:
                                                           new_object_id("resp"))
             else:
                 converted = completion_from_chat(reply)
-        except (orjson.JSONDecodeError, AttributeError, TypeError, IndexError):
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError, KeyError,
+                IndexError):
             raise UpstreamError("upstream answered garbage: not a chat completion") from None
         rq.flow.detach()
-        rq.writer.usage = reply.get("usage")
+        usage = reply.get("usage")
+        rq.writer.usage = usage if isinstance(usage, dict) else None
         rq.writer.send_json(200, converted)
         if plan.kind == "responses":
             self.store(plan, converted, assistant)

@@ -2199,6 +2199,91 @@ def test_an_upstream_cost_too_large_to_be_a_price_is_not_believed() -> None:
     assert gw.usd(prices.cost("m", {**usage, "cost": 1e300})) == 0.00006  # (1e300 would not fit)
 
 
+async def convert_stream(convert: Any, first: bytes, later: bytes) -> bytes:
+    """A chat stream from a chat_only upstream, converted: `first` arrives with the head
+    (before the relay starts), `later` after it; what the client was sent."""
+    loop = asyncio.get_running_loop()
+    gateway = gw.Gateway(gw.load_config({}))
+    gateway.loop = loop
+    proto = gw.HttpProtocol(gateway)
+    client_t = FakeTransport()
+    proto.connection_made(client_t)
+    proto.conn.receive_data(b"POST /v1/responses HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n")
+    rq = proto.cycle = gw.Request(proto, proto.conn.next_event())
+    conn, _, upstream_t = await upstream_connection()
+    got = asyncio.ensure_future(conn.exchange([b"req"], 30, 30))
+    await asyncio.sleep(0)
+    chunk = b"%x\r\n%s\r\n"
+    conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                       + (chunk % (len(first), first) if first else b""))
+    head = await got
+    rq.writer.relay_head(head.status, head.headers, inspect=True, convert=convert)
+    relaying = conn.relay(rq.writer)
+    if later:
+        conn.data_received(chunk % (len(later), later))
+    conn.data_received(b"0\r\n\r\n")
+    await asyncio.wait_for(relaying, 5)
+    assert rq.writer.finished
+    return bytes(client_t.out)
+
+
+GOOD_CHUNK = b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":"hi"}}]}\n\n'
+
+
+@pytest.mark.parametrize("bad", [b'{"choices":[null]}', b'{"choices":[{"delta":"oops"}]}',
+                                 b'{"choices":[{"delta":{"content":5}}]}', b'{"choices":5}'])
+@pytest.mark.parametrize("where", ["first", "later"])
+def test_a_chat_stream_that_cannot_be_converted_ends_in_an_error_event(bad: bytes, where: str) -> None:
+    rest = b"data: " + bad + b"\n\ndata: [DONE]\n\n"
+    first, later = (GOOD_CHUNK + rest, b"") if where == "first" else (GOOD_CHUNK, rest)
+    out = asyncio.run(convert_stream(gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1"),
+                                     first, later))
+    status, _, body, complete = client_body(out)
+    events = [e for e in body.split(b"\n\n") if e]
+    assert status == 200 and complete  # (a read that holds the bad chunk is not relayed)
+    assert events[0].startswith(b"event: response.created") or where == "first"
+    assert orjson.loads(events[-1][6:])["error"]["type"] == "upstream_error"
+    completions = asyncio.run(convert_stream(gw.CompletionsFromChat(), GOOD_CHUNK, b"data: {\"choices\":[null]}\n\n"))
+    events = [e for e in client_body(completions)[2].split(b"\n\n") if e]
+    assert orjson.loads(events[0][6:])["choices"][0]["text"] == "hi"
+    assert orjson.loads(events[-1][6:])["error"]["type"] == "upstream_error"
+
+
+def test_a_chat_only_upstreams_odd_answers_are_502s_or_relayed_never_internal_errors(
+        raw_upstream: RawUpstream, start_gateway: StartGateway, capfd: pytest.CaptureFixture[str]) -> None:
+    replies = {
+        b"created": b'{"id":"c","object":"chat.completion","created":"yesterday","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"x"},"finish_reason":"stop"}]}',
+        b"usage": b'{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"x"},"finish_reason":"stop"}],"usage":"x"}',
+    }
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        body = await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+        reply = replies[orjson.loads(body)["model"].encode()]
+        if b'"stream":true' in body:  # a 204 for a stream: no body to convert
+            writer.write(b"HTTP/1.1 204 No Content\r\ncontent-type: text/event-stream\r\n\r\n")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                         % (len(reply), reply))
+        await writer.drain()
+        writer.close()
+
+    port = raw_upstream(handler)
+    g = start_gateway({"upstreams": [{"name": "chat", "url": f"http://127.0.0.1:{port}/v1", "chat_only": True}]})
+    (resp,) = raw(g.port, post("/v1/responses", b'{"model":"created","input":"hi"}'))
+    assert resp.status == 502 and resp.json()["error"]["type"] == "upstream_error"
+    (resp,) = raw(g.port, post("/v1/completions", b'{"model":"usage","prompt":"hi"}'))
+    assert resp.status == 200 and resp.json()["choices"][0]["text"] == "x"
+    with connect(g.port) as sock:  # a 204 has no body, whatever its content type says
+        sock.sendall(post("/v1/responses", b'{"model":"usage","input":"hi","stream":true}'))
+        resp = read_response(sock.makefile("rb"), head=True)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")  # and the connection goes on
+        assert resp.status == 204 and read_response(sock.makefile("rb")).status == 200
+    assert "transfer-encoding" not in resp.headers and "content-length" not in resp.headers
+    err = capfd.readouterr().err
+    assert "internal error" not in err and "Traceback" not in err and "never retrieved" not in err
+
+
 def test_sse_is_recognised_whatever_the_case_of_its_media_type() -> None:
     async def run() -> tuple[gw.ResponseWriter, FakeTransport]:
         writer, transport = sse_request(drop=True)
