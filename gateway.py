@@ -93,7 +93,7 @@ UPSTREAM_KEEPALIVE_S = 20.0  # reuse an idle upstream connection only this long 
 MAX_CHUNK_LINE = 4096  # a chunk-size or trailer line longer than this is garbage
 MAX_ERROR_BODY = 1024 * 1024  # upstream error bodies the gateway reads: this much, then it stops
 MAX_READ_BODY = 64 * 1024 * 1024  # 200 bodies the gateway converts itself: far above any reply
-MAX_SSE_EVENT = 1024 * 1024  # an SSE event this long with no end: relay it unfiltered from then on
+MAX_SSE_EVENT = 1024 * 1024  # an SSE event this long with no end: relayed as it comes
 COOLDOWN_CAP_S = 60.0  # a 429 with no hint cools a key 1, 2, 4 ... s, never longer than this
 COOLDOWN_HINT_CAP_S = 3600.0  # the longest cooldown an upstream's hint may impose (configurable)
 BLOCK_RECHECK_S = 300.0  # a blocked key gets one real request this often (configurable)
@@ -4053,6 +4053,14 @@ def _event_end(data: bytes, lo: int = 0, hi: int | None = None) -> int:
     return max(lf + 2 if lf >= 0 else lo, crlf + 4 if crlf >= 0 else lo)
 
 
+def _first_event_end(data: bytes) -> int:
+    """Just past the first blank line (LF or CRLF) in data; 0 if none."""
+    lf, crlf = data.find(b"\n\n"), data.find(b"\r\n\r\n")
+    if crlf >= 0 and (lf < 0 or crlf + 2 < lf):
+        return crlf + 4
+    return lf + 2 if lf >= 0 else 0
+
+
 class SseFilter:
     """Attached to SSE responses only. Holds back an incomplete last event, so that an
     error event can follow cleanly (a client cannot use half an event anyway; complete
@@ -4062,17 +4070,18 @@ class SseFilter:
 
     What it holds is bounded and searched once: each read is searched alone (with the last
     three held bytes, for a blank line split across reads), and an "event" that grows past
-    MAX_SSE_EVENT with no end is relayed as it is, the filter passing everything from then on."""
+    MAX_SSE_EVENT with no end is relayed as it comes, up to its end; the events after it are
+    held and inspected again."""
 
     __slots__ = ("_held", "held_size", "_edge", "passthrough", "inspect", "drop_usage",
-                 "convert", "converted_end", "usage", "capture_id")
+                 "convert", "converted_end", "usage", "capture_id", "id_seen")
 
     def __init__(self, inspect: bool = False, drop_usage: bool = False,
                  convert: Any = None, capture_id: Callable[[str], None] | None = None) -> None:
         self._held: list[bytes] = []  # the start of an event whose end has not arrived yet
         self.held_size = 0
         self._edge = b""  # the last three held bytes
-        self.passthrough = False  # an endless event went by: no more holding or inspecting
+        self.passthrough = False  # an overlong event is going by: relayed till its end
         self.inspect = inspect
         self.drop_usage = drop_usage  # the client did not ask for the usage-only chunk
         self.convert = convert  # rewrites the stream: .event(chunk), .end() at [DONE]
@@ -4089,7 +4098,7 @@ class SseFilter:
         if self.capture_id is not None:
             self._capture(data)
         if self.passthrough:
-            return data
+            return self._pass_long_event(data)
         if self._held or not data.endswith(b"\n\n"):
             data = self._whole_events(data)
             if self.passthrough:
@@ -4120,6 +4129,19 @@ class SseFilter:
         self.held_size, self._edge = 0, b""
         return held
 
+    def _pass_long_event(self, data: bytes) -> bytes:
+        """The rest of an overlong event, as it comes; what follows its end is filtered."""
+        edge = self._edge
+        cut = _first_event_end(edge + data[:3]) - len(edge)  # a blank line across reads
+        if cut <= 0:
+            cut = _first_event_end(data)
+        if cut <= 0:
+            self._edge = (edge + data)[-3:]
+            return data
+        self.passthrough, self._edge = False, b""
+        rest = data[cut:]
+        return data[:cut] + self.feed(rest) if rest else data
+
     def _whole_events(self, data: bytes) -> bytes:
         held = self._held
         edge = self._edge
@@ -4130,7 +4152,9 @@ class SseFilter:
             self._edge = (edge + data)[-3:]
             if self.held_size > MAX_SSE_EVENT:
                 self.passthrough = True
-                return self.take_held()
+                held = self.take_held()
+                self._edge = held[-3:]  # (its end may come split across reads)
+                return held
             return b""
         out = b"".join((*held, data[:cut])) if held else data[:cut]
         held.clear()

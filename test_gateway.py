@@ -3000,15 +3000,21 @@ def test_chat_only_stream_cut_by_the_upstream_still_ends_with_an_error_event(
     assert json.loads(events[-1][6:])["error"]["type"] == "upstream_error"
 
 
-def test_an_sse_event_that_never_ends_is_held_to_a_bound_then_passed_through() -> None:
+@pytest.mark.parametrize("cut", [0, 1, 2, 3])
+def test_an_overlong_sse_event_is_passed_through_to_its_end_and_what_follows_is_filtered(cut: int) -> None:
     flt = gw.SseFilter(inspect=True, drop_usage=True)
     piece = b"x" * 65536
     out = [flt.feed(b"data: ")]
     for _ in range(30 * 16):  # 30 MB of one event: never re-joined, never re-searched whole
         out.append(flt.feed(piece))
         assert flt.held_size <= gw.MAX_SSE_EVENT
-    out.append(flt.feed(b"\n\ndata: [DONE]\n\n"))
-    assert flt.passthrough and b"".join(out) == b"data: " + piece * 480 + b"\n\ndata: [DONE]\n\n"
+    assert flt.passthrough
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}\n\n'
+    rest = b"\r\n\r\n" + usage + b"data: [DONE]\n\n"  # its end split across reads at `cut`
+    out += [flt.feed(rest[:cut]), flt.feed(rest[cut:])]
+    assert not flt.passthrough  # the usage-only chunk after it is dropped and counted again
+    assert b"".join(out) == b"data: " + piece * 480 + b"\r\n\r\ndata: [DONE]\n\n"
+    assert flt.usage == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
     split = gw.SseFilter()  # a blank line split across reads still ends the event
     assert split.feed(b"data: a\r\n\r") == b"" and split.feed(b"\ndata: b") == b"data: a\r\n\r\n"
     assert split.take_held() == b"data: b"
