@@ -4088,6 +4088,7 @@ class SseFilter:
         self.converted_end = False  # convert.end() was written (or an error ended it)
         self.usage: dict | None = None
         self.capture_id = capture_id  # told the id in the first event (response.created)
+        self.id_seen = b""  # the stream's start, while the id is not in it yet
 
     def __repr__(self) -> str:
         return (f"SseFilter(held={self.held_size}, inspect={self.inspect}, "
@@ -4108,11 +4109,13 @@ class SseFilter:
         return data
 
     def _capture(self, data: bytes) -> None:
-        """The id of the object a stream creates: in its first event (response.created)."""
-        capture, self.capture_id = self.capture_id, None
-        found = created_id(data)  # in response.created, the response's is the first "id"
-        if found is not None:
-            capture(found)  # type: ignore[misc]
+        """The id of the object a stream creates: in its first event (response.created),
+        which may come after comments, and in pieces."""
+        seen = look_for_id(self.id_seen, data, self.capture_id)  # type: ignore[arg-type]
+        if seen is None:
+            self.capture_id = None
+        else:
+            self.id_seen = seen
 
     def finish(self) -> bytes:
         """A converted stream that ended without [DONE] still ends as its API says."""
@@ -4236,7 +4239,7 @@ class ResponseWriter(BodySink):
     upstream's status, headers and body as they arrive (the sink of the relay)."""
 
     __slots__ = ("proto", "rq", "status", "started", "finished", "unsent", "sse", "filter",
-                 "keep_tail", "tail", "usage", "bytes_out", "head_only", "capture_id",
+                 "keep_tail", "tail", "usage", "bytes_out", "head_only", "capture_id", "id_seen",
                  "framing", "left", "must_close", "holding")
 
     def __init__(self, proto: HttpProtocol, rq: Request) -> None:
@@ -4254,6 +4257,7 @@ class ResponseWriter(BodySink):
         self.bytes_out = 0
         self.head_only = rq.method == b"HEAD"  # everything as for GET, but no body bytes
         self.capture_id: Callable[[str], None] | None = None  # told a created object's id
+        self.id_seen = b""  # the body's start, while the id is not in it yet
         self.framing = _NO_BODY  # of the body written: set with the head
         self.left = 0  # bytes the head's Content-Length still owes
         self.holding = False  # the end follows at once: writes wait for it (see hold)
@@ -4397,10 +4401,11 @@ class ResponseWriter(BodySink):
             if not data:
                 return
         elif self.capture_id is not None:  # the object this answer creates: its id comes first
-            capture, self.capture_id = self.capture_id, None
-            found = created_id(data)
-            if found is not None:
-                capture(found)
+            seen = look_for_id(self.id_seen, data, self.capture_id)
+            if seen is None:
+                self.capture_id = None
+            else:
+                self.id_seen = seen
         if flt is None and self.keep_tail:  # keep the tail only: usage comes last in an OpenAI body
             tail = self.tail + data if len(data) < USAGE_TAIL_BYTES else data
             self.tail = tail[-USAGE_TAIL_BYTES:]
@@ -4686,8 +4691,23 @@ _OBJECT_ID = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9][A-Za-z0-9_\-]{3,127})"')
 
 def created_id(head: bytes) -> str | None:
     """The id of the object a JSON answer describes: OpenAI writes it first."""
-    found = _OBJECT_ID.search(head, 0, 512)
+    found = _OBJECT_ID.search(head, 0, _ID_WITHIN)
     return found.group(1).decode() if found is not None else None
+
+
+def look_for_id(seen: bytes, data: bytes, capture: Callable[[str], None]) -> bytes | None:
+    """The created object's id, looked for in an answer's first bytes however they are
+    read: None once it is found (and told to capture) or cannot come; else the bytes seen so
+    far, to look at again with the next read."""
+    head = seen + data[:_ID_WITHIN - len(seen)] if seen else data[:_ID_WITHIN]
+    found = created_id(head)
+    if found is not None:
+        capture(found)
+        return None
+    return head if len(head) < _ID_WITHIN else None
+
+
+_ID_WITHIN = 512  # how far into an answer its id is looked for
 
 
 # Responses over chat ------------------------------------------------------------------------

@@ -2298,6 +2298,29 @@ def test_sse_is_recognised_whatever_the_case_of_its_media_type() -> None:
     assert writer.filter.feed(usage) == b"" and writer.filter.usage["total_tokens"] == 3
 
 
+@pytest.mark.parametrize("sse", [False, True])
+def test_a_created_objects_id_is_found_when_the_answer_starts_in_small_pieces(sse: bool) -> None:
+    told: list[str] = []
+    if sse:
+        flt = gw.SseFilter(capture_id=told.append)
+        pieces = [b": PROCESSING\n\n", b"event: response.created\n", b'data: {"type":"response.created","response":{"id":"resp_',
+                  b'abc123","object":"response"}}\n\n']
+        for piece in pieces:
+            flt.feed(piece)
+    else:
+        async def run() -> None:
+            writer, _ = sse_request(drop=False)
+            fresh = gw.ResponseWriter(writer.proto, writer.rq)
+            fresh.capture_id = told.append
+            pieces = (b'{"id"', b': "resp_abc123"', b', "object": "response" }')
+            fresh.relay_head(200, [(b"content-type", b"application/json"),
+                                   (b"content-length", b"%d" % len(b"".join(pieces)))])
+            for piece in pieces:
+                fresh.on_data(piece)
+        asyncio.run(run())
+    assert told == ["resp_abc123"]
+
+
 @pytest.mark.parametrize("reply", [b"SSH-2.0-OpenSSH_9.6\r\n", b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 70_000])
 def test_an_upstream_that_is_not_http_or_sends_an_endless_head_fails_the_exchange(reply: bytes) -> None:
     async def run() -> None:
