@@ -3797,6 +3797,9 @@ class Forwarder:
                 upload = plan.rq.upload
                 if upload is not None and upload.error is not None:
                     raise upload.error from None  # the client's fault, not the upstream's
+                if exc.status < 500:  # the request could not be made (the client's): no try
+                    breaker.abandon()
+                    raise
                 breaker.record(False)
                 keys.failed(key)
                 if upload is not None and upload.sent:
@@ -4510,6 +4513,8 @@ def parse_body(body: bytes, kind: str) -> dict:
     obj = load_json(body)
     if not isinstance(obj, dict):
         raise BadRequest("The request body must be a JSON object.")
+    if body.count(b"{") + body.count(b"[") > MAX_JSON_DEPTH and too_deep(obj):
+        raise nested_too_deep()
     if body.count(b'"model"') > 1 and _names_twice(body, "model"):
         # orjson keeps the last one; an allow-list check and the upstream must not disagree
         raise BadRequest("The JSON body names 'model' more than once.", param="model")
@@ -4534,8 +4539,28 @@ def _names_twice(body: bytes, key: str) -> bool:
         counts.append(sum(1 for name, _ in items if name == key))
         return dict(items)
 
-    json.loads(body, object_pairs_hook=pairs)  # the top-level object is the last one built
+    try:
+        json.loads(body, object_pairs_hook=pairs)  # the top-level object is the last one built
+    except RecursionError:  # orjson read it; Python's parser cannot go that deep
+        raise nested_too_deep() from None
     return bool(counts) and counts[-1] > 1
+
+
+MAX_JSON_DEPTH = 255  # the deepest JSON orjson writes: what the gateway may have to rewrite
+
+
+def too_deep(obj: Any) -> bool:
+    """Nested past MAX_JSON_DEPTH? Asked only of a body with more brackets than that: a body
+    the gateway might rewrite (a model, a stream flag, a translation) must be writable."""
+    try:
+        orjson.dumps(obj)
+    except TypeError:
+        return True
+    return False
+
+
+def nested_too_deep() -> GatewayError:
+    return BadRequest(f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.")
 
 
 _SECRET_LIKE = re.compile(r"\b(?:sk|pk|rk|ghp|gho|ghs|ghu|github_pat|gsk|xai)[-_][A-Za-z0-9_\-]{8,}")
@@ -5179,7 +5204,11 @@ class ProxyHandler:
                 raise BadRequest(f"Previous response with id {previous!r} not found.",
                                  code="previous_response_not_found",
                                  param="previous_response_id")
-            translated = chat_from_responses(obj, stored.messages if stored else [])
+            try:
+                translated = chat_from_responses(obj, stored.messages if stored else [])
+            except (KeyError, TypeError, AttributeError, ValueError) as exc:
+                raise BadRequest(f"The request is not a valid Responses request: {exc!r}.",
+                                 code="invalid_type") from None
         await self.run(Plan(rq, "responses", obj, False, gw, candidates,
                             pinned=pinned[1] if pinned else None, translated=translated))
 

@@ -3867,6 +3867,39 @@ def test_huge_headers_get_431(start_gateway: StartGateway) -> None:
     assert resp.status == 431 and resp.json()["error"]["code"] == "headers_too_large"
 
 
+def test_json_nested_past_what_can_be_rewritten_is_a_400_not_a_500(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, capfd: pytest.CaptureFixture[str]) -> None:
+    g = start_gateway()
+    deep = lambda n: b"[" * n + b"]" * n  # noqa: E731
+    for path, body in (
+            ("/v1/chat/completions", b'{"model":"a","model":"b","messages":[],"x":' + deep(5000) + b"}"),
+            ("/v1/chat/completions", b'{"model":"m","stream":true,"messages":[],"x":' + deep(300) + b"}"),
+            ("/v1/moderations", b'{"model":"a","model":"b","input":"x","x":' + deep(5000) + b"}")):
+        (resp,) = raw(g.port, post(path, body))
+        assert resp.status == 400 and "nested" in resp.json()["error"]["message"], (path, resp.body)
+    (resp,) = raw(g.port, post("/v1/chat/completions", b'{"model":"m","messages":[],"x":' + deep(200) + b"}"))
+    assert resp.status == 200  # as deep as can be rewritten: served
+    assert mock.request_count == 1 and "Traceback" not in capfd.readouterr().err
+
+
+def test_a_request_the_gateway_cannot_translate_is_the_clients_400_never_a_breaker_failure(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway({"upstreams": [{"name": "chat", "url": f"http://127.0.0.1:{mock.port}/v1", "chat_only": True}],
+                       "breaker": {"failure_threshold": 2}})
+    for _ in range(3):
+        (resp,) = raw(g.port, post("/v1/completions", b'{"model":"gpt-4o-mini","prompt":["a","b"]}'))
+        assert resp.status == 400 and resp.json()["error"]["param"] == "prompt"
+    for body in (b'{"model":"m","input":"hi","tools":[{"type":"function"}]}',
+                 b'{"model":"m","input":"hi","text":{"format":"x"}}'):
+        (resp,) = raw(g.port, post("/v1/responses", body))
+        assert resp.status == 400 and resp.json()["error"]["code"] == "invalid_type", resp.body
+    assert mock.request_count == 0
+    (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))
+    assert resp.status == 200  # no breaker opened by the client's requests
+    (resp,) = raw(g.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert resp.json()["status"] == "ok"
+
+
 def test_huge_body_gets_413_by_length_and_by_chunks(start_gateway: StartGateway) -> None:
     g = start_gateway({"max_body_bytes": 1000})
     (resp,) = raw(g.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n")
