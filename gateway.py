@@ -5769,7 +5769,7 @@ class Admission:
                          (b"access-control-expose-headers", _CORS_EXPOSE)]
 
     async def preflight(self, rq: Request) -> None:
-        headers = [(b"x-request-id", rq.request_id), (b"content-length", b"0")]
+        headers = [(b"x-request-id", rq.request_id)]  # (a 204: no Content-Length)
         if rq.extra:  # an allowed origin
             asked = next((v for _, n, v in rq.headers if n == b"access-control-request-headers"),
                          _CORS_HEADERS)
@@ -5907,7 +5907,7 @@ class Request:
         self.expects_continue = False
         length = chunked = False
         self.switches = event.method == b"CONNECT"  # or an Upgrade: see _take_body
-        size = 0
+        size = len(target)  # (h11 bounds only heads that come in pieces: see head_size)
         for _, name, value in self.headers:
             size += len(name) + len(value)
             if name == b"authorization":
@@ -6177,7 +6177,9 @@ class HttpProtocol(asyncio.Protocol):
         if upload is not None:  # sent on; the deadline is for silence, not for the whole body
             if rq.body_size > self.gw.config.max_upload_bytes:
                 if upload.error is None:
-                    upload.fail(self._too_large(True))
+                    exc = self._too_large(True)
+                    exc.headers.append((b"connection", b"close"))  # the rest is not read
+                    upload.fail(exc)
                 return
             self._arm(self.gw.body_timeout_s, Waiting.BODY)
             upload.feed(data)

@@ -243,7 +243,7 @@ def read_response(f: Any, head: bool = False) -> RawResponse | None:
             break
         name, _, value = line.decode("latin-1").partition(":")
         headers[name.strip().lower()] = value.strip()
-    if head:
+    if head or status in (204, 304):  # no body, whatever the headers say (RFC 9112 §6.3)
         body = b""
     elif "content-length" in headers:
         body = f.read(int(headers["content-length"]))
@@ -3724,6 +3724,7 @@ def test_cors_preflight_and_streamed_response_headers(start_gateway: StartGatewa
     assert pre.status == 204 and pre.headers["access-control-allow-origin"] == "http://app.local"
     assert "POST" in pre.headers["access-control-allow-methods"]
     assert pre.headers["access-control-allow-headers"] == "authorization, content-type"
+    assert "content-length" not in pre.headers  # a 204 has none (RFC 9110 §8.6)
     (resp,) = raw(g.port, post("/v1/chat/completions", b'{"model":"m","messages":[],"stream":true}',
                                f"Origin: http://app.local\r\nAuthorization: Bearer {SDK_KEY}\r\n"))
     assert resp.status == 200 and resp.headers["access-control-allow-origin"] == "http://app.local"
@@ -3867,6 +3868,12 @@ def test_huge_headers_get_431(start_gateway: StartGateway) -> None:
     assert resp.status == 431 and resp.json()["error"]["code"] == "headers_too_large"
 
 
+def test_a_long_request_target_counts_in_the_heads_size_however_it_arrives(start_gateway: StartGateway) -> None:
+    g = start_gateway()
+    (resp,) = raw(g.port, b"GET /v1/" + b"a" * 30_000 + b" HTTP/1.1\r\nHost: t\r\n\r\n")  # one write
+    assert resp.status == 431 and resp.json()["error"]["code"] == "headers_too_large"
+
+
 def test_json_nested_past_what_can_be_rewritten_is_a_400_not_a_500(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, capfd: pytest.CaptureFixture[str]) -> None:
     g = start_gateway()
@@ -3898,6 +3905,18 @@ def test_a_request_the_gateway_cannot_translate_is_the_clients_400_never_a_break
     assert resp.status == 200  # no breaker opened by the client's requests
     (resp,) = raw(g.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
     assert resp.json()["status"] == "ok"
+
+
+def test_a_chunked_upload_over_its_limit_is_a_413_that_says_the_connection_closes(
+        start_gateway: StartGateway) -> None:
+    g = start_gateway({"max_upload_bytes": 100_000})
+    head = (b"POST /v1/files HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    piece = b"%x\r\n%s\r\n" % (20_000, b"u" * 20_000)
+    with connect(g.port) as sock:
+        sock.sendall(head + piece * 6 + b"0\r\n\r\n")  # 120 kB, all sent before any answer
+        resp = read_response(sock.makefile("rb"))
+    assert resp.status == 413 and resp.headers["connection"] == "close"
 
 
 def test_huge_body_gets_413_by_length_and_by_chunks(start_gateway: StartGateway) -> None:
