@@ -5780,6 +5780,9 @@ class Admission:
         rq.writer.on_end()
 
 
+_DOT_SEGMENT = re.compile(rb"/(?:\.|%2e){1,2}(?:/|$)", re.I)
+
+
 class Router:
     """The route table bound to this gateway's handlers. Admission runs on the head alone,
     before any body byte is read or held."""
@@ -5796,6 +5799,8 @@ class Router:
         route = self.routes.get(path)
         if route is not None:
             return route
+        if _DOT_SEGMENT.search(path):  # "/v1/../x" would leave the upstream's base path
+            raise NotFound(f"Unknown path: {path.decode('latin-1')}")
         if path.startswith(_MODEL_PREFIX) and method in (b"GET", b"HEAD"):
             return self.routes[b"/v1/models/{id}"]
         if path.startswith(_RESPONSE_PREFIX):

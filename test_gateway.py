@@ -3874,6 +3874,15 @@ def test_a_long_request_target_counts_in_the_heads_size_however_it_arrives(start
     assert resp.status == 431 and resp.json()["error"]["code"] == "headers_too_large"
 
 
+@pytest.mark.parametrize("path", [b"/v1/../health", b"/v1/files/../../admin", b"/v1/%2e%2e/x", b"/v1/./files",
+                                  b"/v1/responses/../../x", b"/v1/models/%2E%2E"])
+def test_dot_segments_are_never_sent_on(start_gateway: StartGateway, mock: mock_upstream.MockUpstream,
+                                        path: bytes) -> None:
+    g = start_gateway()
+    (resp,) = raw(g.port, b"GET " + path + b" HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert resp.status == 404 and mock.request_count == 0
+
+
 def test_json_nested_past_what_can_be_rewritten_is_a_400_not_a_500(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, capfd: pytest.CaptureFixture[str]) -> None:
     g = start_gateway()
