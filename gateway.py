@@ -751,6 +751,18 @@ class KeyPool:
         return keys
 
 
+_NUMERAL = re.compile(rb"[0-9.eE+-]+")  # what float() reads, less "inf", "nan", "1_000", spaces
+
+
+def _number(value: bytes | None) -> float | None:
+    if value is None or not _NUMERAL.fullmatch(value):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
 def cooldown_from_headers(headers: list[tuple[bytes, bytes]],
                           cap: float = COOLDOWN_HINT_CAP_S) -> float | None:
     """How long an upstream asked us to wait: retry-after-ms, Retry-After, x-ratelimit-reset-*.
@@ -760,18 +772,17 @@ def cooldown_from_headers(headers: list[tuple[bytes, bytes]],
     for name, value in headers:
         if name in _COOLDOWN_HEADERS:
             found[name] = value
-    hint: float | None = None
-    try:
-        if b"retry-after-ms" in found:
-            hint = float(found[b"retry-after-ms"]) / 1000
-        elif b"retry-after" in found:
-            value = found[b"retry-after"].decode("latin-1")
+    hint = _number(found.get(b"retry-after-ms"))
+    hint = hint / 1000 if hint is not None and hint >= 0 else None
+    if hint is None and b"retry-after" in found:  # seconds, or an HTTP-date
+        value = found[b"retry-after"]
+        hint = _number(value)
+        if hint is None:
             try:
-                hint = float(value)
-            except ValueError:  # an HTTP-date
-                hint = max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (ValueError, TypeError, OverflowError, IndexError):
-        hint = None
+                when = email.utils.parsedate_to_datetime(value.decode("latin-1")).timestamp()
+                hint = max(0.0, when - time.time())
+            except (ValueError, TypeError, OverflowError, IndexError):
+                hint = None
     if hint is None or not 0 <= hint < float("inf"):  # also NaN, which compares false
         resets = [parse_duration(found[n].decode("latin-1")) for n in _RESET_HEADERS if n in found]
         resets = [r for r in resets if r is not None]

@@ -865,6 +865,8 @@ def test_cooldown_hints_from_headers() -> None:
     future = email.utils.formatdate(time.time() + 100, usegmt=True).encode()
     assert 95 < hint([(b"retry-after", future)]) <= 100
     assert hint([(b"retry-after", b"soon")]) is None and hint([]) is None
+    assert hint([(b"retry-after-ms", b"abc"), (b"retry-after", b"7")]) == 7  # the one that reads
+    assert hint([(b"retry-after-ms", b"-1"), (b"retry-after", b"7")]) == 7
 
 
 def test_breaker_opens_after_consecutive_failures_only() -> None:
@@ -1034,7 +1036,7 @@ def test_observed_rate_limits_per_key_and_model(start_gateway: StartGateway, moc
     (b"retry-after", b"-5", None), (b"retry-after-ms", b"-1", None), (b"retry-after", b"soon", None),
     (b"retry-after", b"Fri, 31 Dec 9999 23:59:59 GMT", 120), (b"retry-after", b"99999999", 120),
     (b"retry-after-ms", b"1e300", 120), (b"x-ratelimit-reset-requests", b"99999h", 120),
-    (b"retry-after", b"7", 7),
+    (b"retry-after", b"7", 7), (b"retry-after", b"1_000", None), (b"retry-after", b"infinity", None),
 ])
 def test_garbage_hints_are_ignored_and_huge_ones_capped(name: bytes, value: bytes, expected: float | None) -> None:
     assert gw.cooldown_from_headers([(name, value)], cap=120) == expected
