@@ -3264,6 +3264,8 @@ class UpstreamConnection(asyncio.Protocol):
             if end < 0:
                 if len(data) > UPSTREAM_MAX_HEAD:
                     self._garbage("response head too large")
+                elif b"\n\n" in data:  # a head with bare LF line ends: never a CRLF one
+                    self._garbage("a head with bare LF line ends")
                 elif not self.head_buf:
                     self.head_buf += data
                 return

@@ -2162,6 +2162,18 @@ def test_an_upstream_head_a_client_would_refuse_is_the_upstreams_garbage(head: b
     asyncio.run(run())
 
 
+def test_an_upstream_head_with_bare_lf_line_ends_fails_at_once_not_at_its_timeout() -> None:
+    async def run() -> None:
+        conn, _, _ = await upstream_connection()
+        waiting = asyncio.ensure_future(conn.exchange([b"x"], 30, 30))
+        await asyncio.sleep(0)
+        conn.data_received(b"HTTP/1.1 200 OK\ncontent-length: 2\n\n{}")
+        with pytest.raises(gw.UpstreamError, match="bare LF"):
+            await asyncio.wait_for(waiting, 5)
+
+    asyncio.run(run())
+
+
 def test_an_upstream_head_with_tabs_and_non_ascii_values_is_relayed() -> None:
     async def run() -> None:
         conn, _, _ = await upstream_connection()
