@@ -5357,7 +5357,9 @@ class ProxyHandler:
             raise Unsupported("The upstream does not serve embeddings.")
         ok = 200 <= conn.status < 300
         convert = ok and plan.converts(plan.upstream)  # type: ignore[arg-type]
-        if convert and not plan.stream:
+        if convert and (not plan.stream or next(  # a stream asked for, a whole answer given
+                (v for n, v in conn.headers if n == b"content-type"), b"")[:16].lower()
+                == b"application/json"):
             await self.converted_reply(plan, conn)
             return
         writer.keep_tail = ok

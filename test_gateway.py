@@ -2268,13 +2268,14 @@ def test_a_chat_only_upstreams_odd_answers_are_502s_or_relayed_never_internal_er
     replies = {
         b"created": b'{"id":"c","object":"chat.completion","created":"yesterday","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"x"},"finish_reason":"stop"}]}',
         b"usage": b'{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"x"},"finish_reason":"stop"}],"usage":"x"}',
+        b"json": b'{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"whole"},"finish_reason":"stop"}]}',
     }
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         body = await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
         reply = replies[orjson.loads(body)["model"].encode()]
-        if b'"stream":true' in body:  # a 204 for a stream: no body to convert
+        if b'"stream":true' in body and b'"usage"' in body:  # a 204 for a stream: no body
             writer.write(b"HTTP/1.1 204 No Content\r\ncontent-type: text/event-stream\r\n\r\n")
         else:
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
@@ -2294,6 +2295,9 @@ def test_a_chat_only_upstreams_odd_answers_are_502s_or_relayed_never_internal_er
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")  # and the connection goes on
         assert resp.status == 204 and read_response(sock.makefile("rb")).status == 200
     assert "transfer-encoding" not in resp.headers and "content-length" not in resp.headers
+    (resp,) = raw(g.port, post("/v1/responses", b'{"model":"json","input":"hi","stream":true}'))
+    assert resp.status == 200 and resp.json()["object"] == "response"  # a whole answer, converted
+    assert resp.json()["output"][0]["content"][0]["text"] == "whole"
     err = capfd.readouterr().err
     assert "internal error" not in err and "Traceback" not in err and "never retrieved" not in err
 
