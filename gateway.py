@@ -5910,6 +5910,8 @@ class Request:
         self.method: bytes = event.method
         self.writer = ResponseWriter(proto, self)
         target: bytes = event.target
+        if target[:1] != b"/" and b"://" in target[:8]:  # absolute-form (RFC 9112 §3.2.2)
+            target = b"/" + target.split(b"/", 3)[3] if target.count(b"/") >= 3 else b"/"
         self.path, _, self.query = target.partition(b"?")
         if not self.path.startswith(b"/v1/"):
             self.path = bare_path(self.path)

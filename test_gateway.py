@@ -3892,6 +3892,13 @@ def test_a_long_request_target_counts_in_the_heads_size_however_it_arrives(start
     assert resp.status == 431 and resp.json()["error"]["code"] == "headers_too_large"
 
 
+def test_an_absolute_form_target_is_served_as_its_path(start_gateway: StartGateway) -> None:
+    g = start_gateway()
+    for target in (b"http://gw.local/health", b"HTTP://gw.local:8080/v1/models?x=1"):
+        (resp,) = raw(g.port, b"GET " + target + b" HTTP/1.1\r\nHost: gw.local\r\n\r\n")
+        assert resp.status == 200, target
+
+
 @pytest.mark.parametrize("path", [b"/v1/../health", b"/v1/files/../../admin", b"/v1/%2e%2e/x", b"/v1/./files",
                                   b"/v1/responses/../../x", b"/v1/models/%2E%2E"])
 def test_dot_segments_are_never_sent_on(start_gateway: StartGateway, mock: mock_upstream.MockUpstream,
