@@ -758,9 +758,10 @@ def _number(value: bytes | None) -> float | None:
     if value is None or not _NUMERAL.fullmatch(value):
         return None
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         return None
+    return number if number < float("inf") else None
 
 
 def cooldown_from_headers(headers: list[tuple[bytes, bytes]],
@@ -3264,7 +3265,7 @@ class UpstreamConnection(asyncio.Protocol):
             if end < 0:
                 if len(data) > UPSTREAM_MAX_HEAD:
                     self._garbage("response head too large")
-                elif b"\n\n" in data:  # a head with bare LF line ends: never a CRLF one
+                elif _BARE_LF.search(data):  # an LF with no CR before it: never a CRLF head
                     self._garbage("a head with bare LF line ends")
                 elif not self.head_buf:
                     self.head_buf += data
@@ -3388,6 +3389,7 @@ class UpstreamConnection(asyncio.Protocol):
 # A response head: no control byte but HTAB outside its CRLFs (obs-text is let through, as
 # h11 lets it through), and every header line a token and a colon (no obs-fold, no space).
 _HEAD_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 _BAD_FIELD_LINE = re.compile(rb"\r\n(?![!#$%&'*+\-.^_`|~0-9A-Za-z]+:)")
 
 
@@ -3713,7 +3715,7 @@ class Plan:
                 chat = dict(self.translated, model=model)  # type: ignore[arg-type]
                 if not upstream.stream_usage:
                     chat.pop("stream_options", None)
-                body = orjson.dumps(chat)
+                body = rewritten(chat)
             else:
                 obj = dict(obj, model=model)
                 if self.force_stream:
@@ -3721,9 +3723,18 @@ class Plan:
                 if inject:
                     obj["stream_options"] = {**(obj.get("stream_options") or {}),
                                              "include_usage": True}
-                body = orjson.dumps(chat_from_completion(obj) if convert else obj)
+                body = rewritten(chat_from_completion(obj) if convert else obj)
             self._bodies[(model, convert, inject)] = body
         return body
+
+
+def rewritten(obj: dict) -> bytes:
+    """A request body the gateway changed; the client's 400 if it cannot be written (a body
+    past MAX_JSON_DEPTH that no route checked, or that a translation made one level deeper)."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        raise nested_too_deep() from None
 
 
 class Forwarder:
@@ -3810,9 +3821,11 @@ class Forwarder:
                 upload = plan.rq.upload
                 if upload is not None and upload.error is not None:
                     raise upload.error from None  # the client's fault, not the upstream's
-                if exc.status < 500:  # the request could not be made (the client's): no try
-                    breaker.abandon()
-                    raise
+                if exc.status < 500:  # the request cannot be made for this upstream (a
+                    breaker.abandon()  # translation refused it): no blame, and its keys are
+                    plan.tried.update(keys.keys)  # skipped; the client's error if none other
+                    plan.last_error = exc
+                    continue
                 breaker.record(False)
                 keys.failed(key)
                 if upload is not None and upload.sent:
@@ -4170,6 +4183,9 @@ class SseFilter:
             self.held_size += len(data)
             self._edge = (edge + data)[-3:]
             if self.held_size > MAX_SSE_EVENT:
+                if self.convert is not None:  # a chunk relayed unconverted would be garbage
+                    raise UpstreamError("upstream answered garbage: an SSE event over "
+                                        f"{MAX_SSE_EVENT} bytes, which cannot be converted")
                 self.passthrough = True
                 held = self.take_held()
                 self._edge = held[-3:]  # (its end may come split across reads)
@@ -5114,10 +5130,11 @@ class ResponsesFromChat:
                     self._event("response.output_item.done", output_index=index, item=item)]
         if not self.output:
             self.output.append(_message_item(new_object_id("msg"), "", "completed"))
-        self.response = self._snapshot("completed")
-        kind = "response.completed" if self.response["status"] == "completed" \
+        response = self._snapshot("completed")
+        kind = "response.completed" if response["status"] == "completed" \
             else "response.incomplete"
-        out.append(self._event(kind, response=self.response))
+        out.append(self._event(kind, response=response))
+        self.response = response  # (only now: a stream that failed to end is not kept)
         return b"\n\n".join(out)
 
     def assistant_message(self) -> dict:
@@ -5393,13 +5410,14 @@ class ProxyHandler:
                                                           new_object_id("resp"))
             else:
                 converted = completion_from_chat(reply)
+            body = orjson.dumps(converted)  # (an int past 64 bits, a usage nested too deep)
         except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError, KeyError,
                 IndexError):
             raise UpstreamError("upstream answered garbage: not a chat completion") from None
         rq.flow.detach()
         usage = reply.get("usage")
         rq.writer.usage = usage if isinstance(usage, dict) else None
-        rq.writer.send_json(200, converted)
+        rq.writer.send(200, [_JSON_CT, (b"x-request-id", rq.request_id)], body)
         if plan.kind == "responses":
             self.store(plan, converted, assistant)
 
@@ -5795,7 +5813,7 @@ class Admission:
         rq.writer.on_end()
 
 
-_DOT_SEGMENT = re.compile(rb"/(?:\.|%2e){1,2}(?:/|$)", re.I)
+_DOT_SEGMENT = re.compile(rb"(?:/|%2f)(?:\.|%2e){1,2}(?:/|%2f|$)", re.I)  # %2F: a slash to some
 
 
 class Router:
@@ -5911,7 +5929,9 @@ class Request:
         self.writer = ResponseWriter(proto, self)
         target: bytes = event.target
         if target[:1] != b"/" and b"://" in target[:8]:  # absolute-form (RFC 9112 §3.2.2)
-            target = b"/" + target.split(b"/", 3)[3] if target.count(b"/") >= 3 else b"/"
+            rest = target.partition(b"://")[2]
+            cut = min(i for i in (rest.find(b"/"), rest.find(b"?"), len(rest)) if i >= 0)
+            target = rest[cut:] if rest[cut:cut + 1] == b"/" else b"/" + rest[cut:]
         self.path, _, self.query = target.partition(b"?")
         if not self.path.startswith(b"/v1/"):
             self.path = bare_path(self.path)
@@ -5929,7 +5949,7 @@ class Request:
         self.expects_continue = False
         length = chunked = False
         self.switches = event.method == b"CONNECT"  # or an Upgrade: see _take_body
-        size = len(target)  # (h11 bounds only heads that come in pieces: see head_size)
+        size = len(event.target)  # (h11 bounds only heads that come in pieces: head_size)
         for _, name, value in self.headers:
             size += len(name) + len(value)
             if name == b"authorization":

@@ -867,6 +867,7 @@ def test_cooldown_hints_from_headers() -> None:
     assert hint([(b"retry-after", b"soon")]) is None and hint([]) is None
     assert hint([(b"retry-after-ms", b"abc"), (b"retry-after", b"7")]) == 7  # the one that reads
     assert hint([(b"retry-after-ms", b"-1"), (b"retry-after", b"7")]) == 7
+    assert hint([(b"retry-after-ms", b"1e999"), (b"retry-after", b"7")]) == 7
 
 
 def test_breaker_opens_after_consecutive_failures_only() -> None:
@@ -2162,12 +2163,14 @@ def test_an_upstream_head_a_client_would_refuse_is_the_upstreams_garbage(head: b
     asyncio.run(run())
 
 
-def test_an_upstream_head_with_bare_lf_line_ends_fails_at_once_not_at_its_timeout() -> None:
+@pytest.mark.parametrize("head", [b"HTTP/1.1 200 OK\ncontent-length: 2\n\n{}",
+                                  b"HTTP/1.1 200 OK\ncontent-length: 2\n\r\n{}"])
+def test_an_upstream_head_with_bare_lf_line_ends_fails_at_once_not_at_its_timeout(head: bytes) -> None:
     async def run() -> None:
         conn, _, _ = await upstream_connection()
         waiting = asyncio.ensure_future(conn.exchange([b"x"], 30, 30))
         await asyncio.sleep(0)
-        conn.data_received(b"HTTP/1.1 200 OK\ncontent-length: 2\n\n{}")
+        conn.data_received(head)
         with pytest.raises(gw.UpstreamError, match="bare LF"):
             await asyncio.wait_for(waiting, 5)
 
@@ -2263,12 +2266,29 @@ def test_a_chat_stream_that_cannot_be_converted_ends_in_an_error_event(bad: byte
     assert orjson.loads(events[-1][6:])["error"]["type"] == "upstream_error"
 
 
+@pytest.mark.parametrize("trouble", ["a usage that cannot be written", "an event over the bound"])
+def test_a_converted_stream_that_fails_is_never_kept_as_completed(trouble: str) -> None:
+    converter = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1")
+    if trouble == "an event over the bound":
+        later = b"data: " + b"x" * (gw.MAX_SSE_EVENT + 10)
+    else:
+        usage = b'{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2,"prompt_tokens_details":{"cached_tokens":' \
+            + b"[" * 300 + b"]" * 300 + b"}}"
+        later = b'data: {"choices":[],"usage":' + usage + b"}\n\ndata: [DONE]\n\n"
+    out = asyncio.run(convert_stream(converter, GOOD_CHUNK, later))
+    events = [e for e in client_body(out)[2].split(b"\n\n") if e]
+    assert events[0].startswith(b"event: response.created")
+    assert orjson.loads(events[-1][6:])["error"]["type"] == "upstream_error"
+    assert converter.response is None  # so it is neither stored nor answered for later
+
+
 def test_a_chat_only_upstreams_odd_answers_are_502s_or_relayed_never_internal_errors(
         raw_upstream: RawUpstream, start_gateway: StartGateway, capfd: pytest.CaptureFixture[str]) -> None:
     replies = {
         b"created": b'{"id":"c","object":"chat.completion","created":"yesterday","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"x"},"finish_reason":"stop"}]}',
         b"usage": b'{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"x"},"finish_reason":"stop"}],"usage":"x"}',
         b"json": b'{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"whole"},"finish_reason":"stop"}]}',
+        b"huge": b'{"id":"c","object":"chat.completion","created":1e300,"model":"m","choices":[]}',
     }
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -2285,8 +2305,9 @@ def test_a_chat_only_upstreams_odd_answers_are_502s_or_relayed_never_internal_er
 
     port = raw_upstream(handler)
     g = start_gateway({"upstreams": [{"name": "chat", "url": f"http://127.0.0.1:{port}/v1", "chat_only": True}]})
-    (resp,) = raw(g.port, post("/v1/responses", b'{"model":"created","input":"hi"}'))
-    assert resp.status == 502 and resp.json()["error"]["type"] == "upstream_error"
+    for model in (b"created", b"huge"):  # "yesterday"; a time past 64 bits
+        (resp,) = raw(g.port, post("/v1/responses", b'{"model":"%s","input":"hi"}' % model))
+        assert resp.status == 502 and resp.json()["error"]["type"] == "upstream_error"
     (resp,) = raw(g.port, post("/v1/completions", b'{"model":"usage","prompt":"hi"}'))
     assert resp.status == 200 and resp.json()["choices"][0]["text"] == "x"
     with connect(g.port) as sock:  # a 204 has no body, whatever its content type says
@@ -3897,10 +3918,15 @@ def test_an_absolute_form_target_is_served_as_its_path(start_gateway: StartGatew
     for target in (b"http://gw.local/health", b"HTTP://gw.local:8080/v1/models?x=1"):
         (resp,) = raw(g.port, b"GET " + target + b" HTTP/1.1\r\nHost: gw.local\r\n\r\n")
         assert resp.status == 200, target
+    (resp,) = raw(g.port, b"GET http://gw.local?x=/health HTTP/1.1\r\nHost: gw.local\r\n\r\n")
+    assert resp.status == 404  # the path is "/"; the query is only a query
+    (resp,) = raw(g.port, b"GET http://" + b"a" * 30_000 + b"/health HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert resp.status == 431  # what came counts, not what is left of it
 
 
 @pytest.mark.parametrize("path", [b"/v1/../health", b"/v1/files/../../admin", b"/v1/%2e%2e/x", b"/v1/./files",
-                                  b"/v1/responses/../../x", b"/v1/models/%2E%2E"])
+                                  b"/v1/responses/../../x", b"/v1/models/%2E%2E", b"/v1/files/..%2fx",
+                                  b"/v1/files/%2e%2e%2Fx"])
 def test_dot_segments_are_never_sent_on(start_gateway: StartGateway, mock: mock_upstream.MockUpstream,
                                         path: bytes) -> None:
     g = start_gateway()
@@ -3939,6 +3965,28 @@ def test_a_request_the_gateway_cannot_translate_is_the_clients_400_never_a_break
     assert resp.status == 200  # no breaker opened by the client's requests
     (resp,) = raw(g.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
     assert resp.json()["status"] == "ok"
+
+
+def test_a_request_one_upstream_cannot_take_goes_to_one_that_can(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    url = f"http://127.0.0.1:{mock.port}/v1"
+    g = start_gateway({"upstreams": [{"name": "chat", "url": url, "chat_only": True},
+                                     {"name": "full", "url": url}]})
+    for _ in range(4):  # whichever the rotation offers first
+        (resp,) = raw(g.port, post("/v1/completions", b'{"model":"gpt-4o-mini","prompt":["a","b"]}'))
+        assert resp.status == 200, resp.body
+    assert [r.path for r in mock.requests] == ["/v1/completions"] * 4  # the full one, each time
+
+
+def test_a_body_too_deep_to_rewrite_is_a_400_on_every_route_that_rewrites_it(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway({"aliases": {"a": "gpt-4o-mini"}})
+    deep = b"[" * 300 + b"]" * 300
+    (resp,) = raw(g.port, post("/v1/moderations", b'{"model":"a","input":' + deep + b"}"))  # passed through
+    assert resp.status == 400 and "nested" in resp.json()["error"]["message"]
+    (resp,) = raw(g.port, post("/v1/moderations", b'{"model":"gpt-4o-mini","input":' + deep + b"}"))
+    assert resp.status == 200  # not rewritten: sent as it came
+    assert len(mock.requests) == 1
 
 
 def test_a_chunked_upload_over_its_limit_is_a_413_that_says_the_connection_closes(
