@@ -6312,7 +6312,10 @@ class HttpProtocol(asyncio.Protocol):
         self.taken = -1
         conn = self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         self.cycle = None
-        self._arm(self.gw.keepalive_timeout_s, Waiting.KEEPALIVE)
+        if ahead:  # the next head has begun: it has the head's time, not keep-alive's
+            self._arm(self.gw.header_timeout_s, Waiting.HEAD)
+        else:
+            self._arm(self.gw.keepalive_timeout_s, Waiting.KEEPALIVE)
         self.ahead = 0
         if self.flow.read_paused:
             self.flow.resume_reading()

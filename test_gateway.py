@@ -4040,6 +4040,17 @@ def test_slowloris_is_cut_while_another_client_is_served(start_gateway: StartGat
         assert time.monotonic() - started < 8
 
 
+def test_a_pipelined_head_that_never_ends_has_the_heads_deadline(start_gateway: StartGateway) -> None:
+    g = start_gateway(header_timeout_s=1.0)  # keep-alive stays at its 75 s
+    with connect(g.port) as slow:
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\nGET /health HTTP/1.1\r\n")  # and no more
+        started = time.monotonic()
+        assert read_response(slow.makefile("rb")).status == 200
+        slow.settimeout(10)
+        assert slow.recv(1024) == b""  # closed by the gateway, not answered
+        assert time.monotonic() - started < 8
+
+
 def test_max_connections_turns_extra_clients_away_but_keeps_room_for_probes(start_gateway: StartGateway) -> None:
     g = start_gateway({"max_connections": 2})
     with connect(g.port) as a, connect(g.port) as b:
