@@ -4103,7 +4103,7 @@ class SseFilter:
     held and inspected again."""
 
     __slots__ = ("_held", "held_size", "_edge", "passthrough", "inspect", "drop_usage",
-                 "convert", "converted_end", "usage", "capture_id", "id_seen")
+                 "convert", "converted_end", "usage", "capture_id", "id_seen", "failed")
 
     def __init__(self, inspect: bool = False, drop_usage: bool = False,
                  convert: Any = None, capture_id: Callable[[str], None] | None = None) -> None:
@@ -4118,6 +4118,7 @@ class SseFilter:
         self.usage: dict | None = None
         self.capture_id = capture_id  # told the id in the first event (response.created)
         self.id_seen = b""  # the stream's start, while the id is not in it yet
+        self.failed: GatewayError | None = None  # a chunk that could not be converted
 
     def __repr__(self) -> str:
         return (f"SseFilter(held={self.held_size}, inspect={self.inspect}, "
@@ -4203,7 +4204,15 @@ class SseFilter:
         if self.convert is not None:
             if b"\r" in data:  # CRLF line ends (a JSON payload holds no raw CR or LF)
                 data = data.replace(b"\r\n", b"\n")
-            kept = [e for e in map(self._event, data.split(b"\n\n")[:-1]) if e is not None]
+            kept = []
+            for event in data.split(b"\n\n")[:-1]:
+                try:
+                    converted = self._event(event)
+                except GatewayError as exc:  # what came before it still goes out, then this
+                    self.failed = exc
+                    break
+                if converted is not None:
+                    kept.append(converted)
             return b"\n\n".join(kept) + b"\n\n" if kept else b""
         # Only the events that carry a usage are parsed (one, at the end of a stream): found
         # by one C-level search per read, whatever the number of events in it, and cut out
@@ -4430,6 +4439,9 @@ class ResponseWriter(BodySink):
         flt = self.filter
         if flt is not None:
             data = flt.feed(data)
+            if flt.failed is not None:  # the events before it are written, then it ends this
+                self._write(data)
+                raise flt.failed
             if not data:
                 return
         elif self.capture_id is not None:  # the object this answer creates: its id comes first
