@@ -3630,11 +3630,12 @@ class Plan:
     __slots__ = ("rq", "kind", "obj", "force_stream", "config", "keys", "pools", "candidates",
                  "asked", "model", "pinned", "method", "endpoint", "content_type", "translated",
                  "tried", "failures", "shift", "last_error", "last_reply", "forwarded",
-                 "stream", "client_usage", "estimate", "upstream", "key", "served", "_bodies")
+                 "stream", "client_usage", "estimate", "upstream", "key", "served", "_bodies",
+                 "refusal")
 
     def __init__(self, rq: Request, kind: str, obj: dict | None, force_stream: bool,
                  gw: Gateway, candidates: Candidates, *, pinned: str | None = None,
-                 translated: dict | None = None) -> None:
+                 translated: dict | None = None, refusal: GatewayError | None = None) -> None:
         self.rq = rq
         self.kind = kind
         self.obj = obj
@@ -3648,6 +3649,7 @@ class Plan:
         self.endpoint = rq.path[3:] if endpoint is None else endpoint[2]  # after /v1
         self.content_type = b"application/json" if endpoint is not None else rq.content_type()
         self.translated = translated  # the chat request, for a chat_only upstream
+        self.refusal = refusal  # why it cannot go as chat: chat_only upstreams are skipped
         self.tried: set[UpstreamKey] = set()  # keys that answered 429/401/403 for this model
         self.failures = 0  # tries for this model that count against retry.attempts
         self.shift = 0  # rotation of each group, so that a retry prefers another upstream
@@ -3924,10 +3926,12 @@ class Forwarder:
     def choose(self, plan: Plan, groups: list[list[Upstream]]
                ) -> tuple[Upstream, KeyPool, UpstreamKey, CircuitBreaker, float] | None:
         """The first usable upstream for plan.model, its pool, a key and its pacing wait."""
-        gw, model = self.gw, plan.model
+        gw, model, refusal = self.gw, plan.model, plan.refusal
         for group in groups:
             for i in range(len(group)):
                 upstream = group[(plan.shift + i) % len(group)]
+                if refusal is not None and plan.converts(upstream):
+                    continue  # its translation refused the request: never tried, never paced
                 breaker = gw.breakers.get(upstream.name, model)
                 if not breaker.available():
                     continue
@@ -3955,9 +3959,12 @@ class Forwarder:
     def unavailable_error(self, plan: Plan) -> GatewayError:
         gw = self.gw
         waits, opened, refused = [], [], ""
-        blocked = False
+        blocked = considered = False
         for model, groups in plan.candidates:
             for upstream in (u for group in groups for u in group):
+                if plan.refusal is not None and plan.converts(upstream):
+                    continue
+                considered = True
                 breaker = gw.breakers.get(upstream.name, model)
                 if not breaker.available():
                     opened.append(breaker.retry_in())
@@ -3969,6 +3976,8 @@ class Forwarder:
                     refused = refused or keys.block_reason()
                 else:
                     waits.append(wait)
+        if not considered and plan.refusal is not None:  # only upstreams that refused it
+            return plan.refusal
         if waits:
             wait = min(waits)
             return RateLimited("All upstream keys for this model are rate-limited; retry "
@@ -4495,8 +4504,10 @@ class ResponseWriter(BodySink):
         if self.finished:
             return
         flt = self.filter
-        if flt is not None and flt.held_size:  # the stream ends as the upstream ended it
-            self._write(flt.take_held())
+        if flt is not None and flt.held_size:  # the stream ends as the upstream ended it; an
+            held = flt.take_held()  # unfinished event is dropped by any SSE client, and one
+            if flt.convert is None:  # that was never converted is not written at all
+                self._write(held)
         if flt is not None:
             ending = flt.finish()
             if ending:
@@ -4587,12 +4598,16 @@ def _names_twice(body: bytes, key: str) -> bool:
     return bool(counts) and counts[-1] > 1
 
 
-MAX_JSON_DEPTH = 255  # the deepest JSON orjson writes: what the gateway may have to rewrite
+MAX_JSON_DEPTH = 200  # orjson writes 255 levels: the rest is for what the gateway wraps
+_WRAPPED = 255 - MAX_JSON_DEPTH  # around a body's fields (a response object in an event)
 
 
-def too_deep(obj: Any) -> bool:
+def too_deep(obj: Any, wrapped: int = _WRAPPED) -> bool:
     """Nested past MAX_JSON_DEPTH? Asked only of a body with more brackets than that: a body
-    the gateway might rewrite (a model, a stream flag, a translation) must be writable."""
+    the gateway might rewrite or wrap (a model, a stream flag, a translation, a response
+    object) must stay writable. wrapped=0: can it be written as it is?"""
+    for _ in range(wrapped):
+        obj = [obj]
     try:
         orjson.dumps(obj)
     except TypeError:
@@ -5201,7 +5216,13 @@ class ProxyHandler:
         obj = parse_body(rq.body(), kind)
         model = self.allowed_model(rq, obj["model"])
         candidates = gw.forwarder.candidates(gw.config, model, kind)
-        await self.run(Plan(rq, kind, obj, force_stream, gw, candidates))
+        refusal = None
+        if kind == "completions" and gw.config.any_chat_only:
+            try:
+                chat_from_completion(obj)
+            except GatewayError as exc:
+                refusal = exc
+        await self.run(Plan(rq, kind, obj, force_stream, gw, candidates, refusal=refusal))
 
     def allowed_model(self, rq: Request, requested: str) -> str:
         """The model a request names, after aliases, if this client may use it."""
@@ -5239,7 +5260,7 @@ class ProxyHandler:
             only = [(m, [kept for g in groups if (kept := [u for u in g if u.chat_only])])
                     for m, groups in candidates]
             candidates = [(m, groups) for m, groups in only if groups] or candidates
-        translated = None
+        translated = refusal = None
         if gw.config.any_chat_only and any(u.chat_only for _, groups in candidates
                                            for group in groups for u in group):
             if previous is not None and stored is None:
@@ -5248,11 +5269,14 @@ class ProxyHandler:
                                  param="previous_response_id")
             try:
                 translated = chat_from_responses(obj, stored.messages if stored else [])
+            except GatewayError as exc:
+                refusal = exc
             except (KeyError, TypeError, AttributeError, ValueError) as exc:
-                raise BadRequest(f"The request is not a valid Responses request: {exc!r}.",
-                                 code="invalid_type") from None
+                refusal = BadRequest(f"The request is not a valid Responses request: {exc!r}.",
+                                     code="invalid_type")
         await self.run(Plan(rq, "responses", obj, False, gw, candidates,
-                            pinned=pinned[1] if pinned else None, translated=translated))
+                            pinned=pinned[1] if pinned else None, translated=translated,
+                            refusal=refusal))
 
     async def response_object(self, rq: Request) -> None:
         """GET/DELETE /v1/responses/{id}, /cancel, /input_items: answered here for responses
@@ -5446,6 +5470,8 @@ class ProxyHandler:
         items = [{"type": "message", "role": "user", "content": raw_input}] \
             if isinstance(raw_input, str) else list(raw_input or [])
         stored = StoredResponse(response, [*messages, assistant], items)
+        if too_deep(list(stored), 0):  # (an upstream's tool call nested past what can be sent)
+            return
         self.gw.responses.put(stored)
         if self.gw.shared is not None:
             self.gw.shared.store_response(stored)

@@ -2267,6 +2267,17 @@ def test_a_chat_stream_that_cannot_be_converted_ends_in_an_error_event(bad: byte
     assert orjson.loads(events[-1][6:])["error"]["type"] == "upstream_error"
 
 
+def test_a_converted_stream_never_passes_an_unfinished_event_through() -> None:
+    converter = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1")
+    last = b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"content":" there"}}]}\n'  # no blank line
+    out = asyncio.run(convert_stream(converter, GOOD_CHUNK, last))
+    status, _, body, complete = client_body(out)
+    assert status == 200 and complete and b"chat.completion" not in body and b'"choices"' not in body
+    events = [e for e in body.split(b"\n\n") if e]
+    assert events[-1].startswith(b"event: response.completed")
+    assert converter.response["output"][0]["content"][0]["text"] == "hi"
+
+
 @pytest.mark.parametrize("trouble", ["a usage that cannot be written", "an event over the bound"])
 def test_a_converted_stream_that_fails_is_never_kept_as_completed(trouble: str) -> None:
     converter = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1")
@@ -2322,6 +2333,32 @@ def test_a_chat_only_upstreams_odd_answers_are_502s_or_relayed_never_internal_er
     assert resp.json()["output"][0]["content"][0]["text"] == "whole"
     err = capfd.readouterr().err
     assert "internal error" not in err and "Traceback" not in err and "never retrieved" not in err
+
+
+def test_an_answer_too_deep_to_send_on_is_answered_but_not_kept_for_follow_ups(
+        raw_upstream: RawUpstream, start_gateway: StartGateway, capfd: pytest.CaptureFixture[str]) -> None:
+    deep = b"[" * 252 + b"]" * 252  # the reply itself can be written; kept in a conversation, not
+    reply = (b'{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,'
+             b'"message":{"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function",'
+             b'"function":{"name":"f","arguments":"{}"},"x":' + deep + b'}]},"finish_reason":"tool_calls"}]}')
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                     % (len(reply), reply))
+        await writer.drain()
+        writer.close()
+
+    port = raw_upstream(handler)
+    g = start_gateway({"upstreams": [{"name": "chat", "url": f"http://127.0.0.1:{port}/v1", "chat_only": True}]})
+    (resp,) = raw(g.port, post("/v1/responses", b'{"model":"m","input":"hi"}'))
+    assert resp.status == 200 and resp.json()["output"][0]["type"] == "function_call"
+    assert g.gw.responses.get(resp.json()["id"]) is None  # a follow-up would have to send it on
+    (follow,) = raw(g.port, post("/v1/responses", b'{"model":"m","input":"and?","previous_response_id":"%s"}'
+                                 % resp.json()["id"].encode()))
+    assert follow.status == 400 and follow.json()["error"]["code"] == "previous_response_not_found"
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_sse_is_recognised_whatever_the_case_of_its_media_type() -> None:
@@ -3942,11 +3979,14 @@ def test_json_nested_past_what_can_be_rewritten_is_a_400_not_a_500(
     for path, body in (
             ("/v1/chat/completions", b'{"model":"a","model":"b","messages":[],"x":' + deep(5000) + b"}"),
             ("/v1/chat/completions", b'{"model":"m","stream":true,"messages":[],"x":' + deep(300) + b"}"),
-            ("/v1/moderations", b'{"model":"a","model":"b","input":"x","x":' + deep(5000) + b"}")):
+            ("/v1/moderations", b'{"model":"a","model":"b","input":"x","x":' + deep(5000) + b"}"),
+            ("/v1/responses", b'{"model":"m","input":"hi","stream":true,"metadata":{"a":' + deep(205) + b"}}")):
         (resp,) = raw(g.port, post(path, body))
         assert resp.status == 400 and "nested" in resp.json()["error"]["message"], (path, resp.body)
+    (resp,) = raw(g.port, post("/v1/chat/completions", b'{"model":"m","messages":[],"x":' + deep(199) + b"}"))
+    assert resp.status == 200  # 200 levels in all: served
     (resp,) = raw(g.port, post("/v1/chat/completions", b'{"model":"m","messages":[],"x":' + deep(200) + b"}"))
-    assert resp.status == 200  # as deep as can be rewritten: served
+    assert resp.status == 400  # one more
     assert mock.request_count == 1 and "Traceback" not in capfd.readouterr().err
 
 
@@ -3977,6 +4017,19 @@ def test_a_request_one_upstream_cannot_take_goes_to_one_that_can(
         (resp,) = raw(g.port, post("/v1/completions", b'{"model":"gpt-4o-mini","prompt":["a","b"]}'))
         assert resp.status == 200, resp.body
     assert [r.path for r in mock.requests] == ["/v1/completions"] * 4  # the full one, each time
+
+
+def test_a_request_only_chat_only_upstreams_refuse_gets_the_other_upstreams_answer(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    url = f"http://127.0.0.1:{mock.port}/v1"
+    g = start_gateway({"upstreams": [{"name": "chat", "url": url, "chat_only": True, "min_interval_ms": 60_000},
+                                     {"name": "full", "url": url}]})
+    (resp,) = raw(g.port, post("/v1/responses", b'{"model":"gpt-4o-mini","input":"hi","tools":[{"type":"web_search"}]}'))
+    assert resp.status == 200 and resp.json()["object"] == "response"  # the full upstream's
+    (resp,) = raw(g.port, post("/v1/completions", b'{"model":"gpt-4o-mini","prompt":["a","b"]}',
+                               "x-mock-status: 429\r\nx-mock-retry-after: 30\r\n"))
+    assert resp.status == 429 and int(resp.headers["retry-after"]) >= 29  # its 429, not the refusal
+    assert [r.path for r in mock.requests] == ["/v1/responses", "/v1/completions"]
 
 
 def test_a_body_too_deep_to_rewrite_is_a_400_on_every_route_that_rewrites_it(
