@@ -4112,7 +4112,8 @@ class SseFilter:
     held and inspected again."""
 
     __slots__ = ("_held", "held_size", "_edge", "passthrough", "inspect", "drop_usage",
-                 "convert", "converted_end", "usage", "capture_id", "id_seen", "failed")
+                 "convert", "converted_end", "completed", "usage", "capture_id", "id_seen",
+                 "failed")
 
     def __init__(self, inspect: bool = False, drop_usage: bool = False,
                  convert: Any = None, capture_id: Callable[[str], None] | None = None) -> None:
@@ -4124,6 +4125,7 @@ class SseFilter:
         self.drop_usage = drop_usage  # the client did not ask for the usage-only chunk
         self.convert = convert  # rewrites the stream: .event(chunk), .end() at [DONE]
         self.converted_end = False  # convert.end() was written (or an error ended it)
+        self.completed = False  # convert.end() was made: the client was told it is complete
         self.usage: dict | None = None
         self.capture_id = capture_id  # told the id in the first event (response.created)
         self.id_seen = b""  # the stream's start, while the id is not in it yet
@@ -4248,6 +4250,8 @@ class SseFilter:
         return b"".join(pieces)
 
     def _event(self, event: bytes) -> bytes | None:
+        if self.converted_end and self.convert is not None:
+            return None  # the converted stream has ended: what the upstream adds is dropped
         at = 0 if event.startswith(b"data:") else event.find(b"\ndata:") + 1  # after event:
         if at == 0 and not event.startswith(b"data:"):
             return event
@@ -4278,7 +4282,11 @@ class SseFilter:
         """A chat chunk converted, or (None) the converted stream's end. A chunk the
         converter cannot read is the upstream's garbage: the exchange ends in a 502's error."""
         try:
-            return self.convert.event(chunk) if chunk is not None else self.convert.end()
+            if chunk is not None:
+                return self.convert.event(chunk)
+            end = self.convert.end()
+            self.completed = True
+            return end
         except (AttributeError, TypeError, ValueError, KeyError, IndexError):
             raise UpstreamError("upstream answered garbage: not a chat completion stream") \
                 from None
@@ -4530,7 +4538,11 @@ class ResponseWriter(BodySink):
         if self.finished:
             return
         self.rq.error = exc.message
-        if self.filter is not None:  # an SSE client can be told in-band, then the stream ends
+        flt = self.filter
+        if flt is not None and flt.completed:
+            self.on_end()  # a converted stream already said it is complete: it stays so
+            return
+        if flt is not None:  # an SSE client can be told in-band, then the stream ends
             # An incomplete event is dropped, as an SSE client would at EOF; our own event is
             # not for the usage filter or the converter.
             self.filter.take_held()
@@ -4602,11 +4614,11 @@ MAX_JSON_DEPTH = 200  # orjson writes 255 levels: the rest is for what the gatew
 _WRAPPED = 255 - MAX_JSON_DEPTH  # around a body's fields (a response object in an event)
 
 
-def too_deep(obj: Any, wrapped: int = _WRAPPED) -> bool:
+def too_deep(obj: Any) -> bool:
     """Nested past MAX_JSON_DEPTH? Asked only of a body with more brackets than that: a body
     the gateway might rewrite or wrap (a model, a stream flag, a translation, a response
-    object) must stay writable. wrapped=0: can it be written as it is?"""
-    for _ in range(wrapped):
+    object) must stay writable."""
+    for _ in range(_WRAPPED):
         obj = [obj]
     try:
         orjson.dumps(obj)
@@ -5035,8 +5047,11 @@ def response_from_chat(reply: dict, request: dict, response_id: str) -> tuple[di
                                reply.get("model"), "completed", output,
                                responses_usage(reply.get("usage")), choice.get("finish_reason"))
     assistant = {"role": "assistant", "content": text or None}
-    if calls:
-        assistant["tool_calls"] = calls
+    if calls:  # as the response describes them: nothing else of the upstream's is kept
+        assistant["tool_calls"] = [
+            {"id": item["call_id"], "type": "function",
+             "function": {"name": item["name"], "arguments": item["arguments"]}}
+            for item in output if item["type"] == "function_call"]
     return response, assistant
 
 
@@ -5263,17 +5278,18 @@ class ProxyHandler:
         translated = refusal = None
         if gw.config.any_chat_only and any(u.chat_only for _, groups in candidates
                                            for group in groups for u in group):
-            if previous is not None and stored is None:
-                raise BadRequest(f"Previous response with id {previous!r} not found.",
-                                 code="previous_response_not_found",
-                                 param="previous_response_id")
-            try:
-                translated = chat_from_responses(obj, stored.messages if stored else [])
-            except GatewayError as exc:
-                refusal = exc
-            except (KeyError, TypeError, AttributeError, ValueError) as exc:
-                refusal = BadRequest(f"The request is not a valid Responses request: {exc!r}.",
-                                     code="invalid_type")
+            if previous is not None and stored is None:  # an upstream may know it: the
+                refusal = BadRequest(f"Previous response with id {previous!r} not found.",
+                                     code="previous_response_not_found",  # chat_only ones not
+                                     param="previous_response_id")
+            else:
+                try:
+                    translated = chat_from_responses(obj, stored.messages if stored else [])
+                except GatewayError as exc:
+                    refusal = exc
+                except (KeyError, TypeError, AttributeError, ValueError) as exc:
+                    refusal = BadRequest("The request is not a valid Responses request: "
+                                         f"{exc!r}.", code="invalid_type")
         await self.run(Plan(rq, "responses", obj, False, gw, candidates,
                             pinned=pinned[1] if pinned else None, translated=translated,
                             refusal=refusal))
@@ -5470,8 +5486,6 @@ class ProxyHandler:
         items = [{"type": "message", "role": "user", "content": raw_input}] \
             if isinstance(raw_input, str) else list(raw_input or [])
         stored = StoredResponse(response, [*messages, assistant], items)
-        if too_deep(list(stored), 0):  # (an upstream's tool call nested past what can be sent)
-            return
         self.gw.responses.put(stored)
         if self.gw.shared is not None:
             self.gw.shared.store_response(stored)

@@ -2267,6 +2267,16 @@ def test_a_chat_stream_that_cannot_be_converted_ends_in_an_error_event(bad: byte
     assert orjson.loads(events[-1][6:])["error"]["type"] == "upstream_error"
 
 
+@pytest.mark.parametrize("after", [b'data: {"choices":[null]}\n\n', GOOD_CHUNK])
+def test_a_converted_stream_that_said_it_is_complete_stays_complete(after: bytes) -> None:
+    converter = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1")
+    out = asyncio.run(convert_stream(converter, GOOD_CHUNK + b"data: [DONE]\n\n", after))
+    events = [e for e in client_body(out)[2].split(b"\n\n") if e]
+    assert events[-1].startswith(b"event: response.completed")
+    assert not any(e.startswith(b'data: {"error"') for e in events)
+    assert converter.response is not None and converter.response["status"] == "completed"
+
+
 def test_a_converted_stream_never_passes_an_unfinished_event_through() -> None:
     converter = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1")
     last = b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"content":" there"}}]}\n'  # no blank line
@@ -2335,16 +2345,17 @@ def test_a_chat_only_upstreams_odd_answers_are_502s_or_relayed_never_internal_er
     assert "internal error" not in err and "Traceback" not in err and "never retrieved" not in err
 
 
-def test_an_answer_too_deep_to_send_on_is_answered_but_not_kept_for_follow_ups(
+def test_a_conversation_over_chat_keeps_only_what_its_response_says_of_a_tool_call(
         raw_upstream: RawUpstream, start_gateway: StartGateway, capfd: pytest.CaptureFixture[str]) -> None:
-    deep = b"[" * 252 + b"]" * 252  # the reply itself can be written; kept in a conversation, not
+    deep = b"[" * 252 + b"]" * 252  # an upstream's extra field, too deep to send on in a follow-up
     reply = (b'{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,'
              b'"message":{"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function",'
              b'"function":{"name":"f","arguments":"{}"},"x":' + deep + b'}]},"finish_reason":"tool_calls"}]}')
+    bodies: list[bytes] = []
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
-        await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+        bodies.append(await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1))))
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
                      % (len(reply), reply))
         await writer.drain()
@@ -2354,10 +2365,13 @@ def test_an_answer_too_deep_to_send_on_is_answered_but_not_kept_for_follow_ups(
     g = start_gateway({"upstreams": [{"name": "chat", "url": f"http://127.0.0.1:{port}/v1", "chat_only": True}]})
     (resp,) = raw(g.port, post("/v1/responses", b'{"model":"m","input":"hi"}'))
     assert resp.status == 200 and resp.json()["output"][0]["type"] == "function_call"
-    assert g.gw.responses.get(resp.json()["id"]) is None  # a follow-up would have to send it on
-    (follow,) = raw(g.port, post("/v1/responses", b'{"model":"m","input":"and?","previous_response_id":"%s"}'
+    (follow,) = raw(g.port, post("/v1/responses", b'{"model":"m","input":[{"type":"function_call_output",'
+                                 b'"call_id":"call_1","output":"ok"}],"previous_response_id":"%s"}'
                                  % resp.json()["id"].encode()))
-    assert follow.status == 400 and follow.json()["error"]["code"] == "previous_response_not_found"
+    assert follow.status == 200
+    assert orjson.loads(bodies[1])["messages"][1] == {
+        "role": "assistant", "content": None,
+        "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
     assert "Traceback" not in capfd.readouterr().err
 
 
@@ -4026,10 +4040,14 @@ def test_a_request_only_chat_only_upstreams_refuse_gets_the_other_upstreams_answ
                                      {"name": "full", "url": url}]})
     (resp,) = raw(g.port, post("/v1/responses", b'{"model":"gpt-4o-mini","input":"hi","tools":[{"type":"web_search"}]}'))
     assert resp.status == 200 and resp.json()["object"] == "response"  # the full upstream's
+    (resp,) = raw(g.port, post("/v1/responses", b'{"model":"gpt-4o-mini","input":"hi",'
+                                                b'"previous_response_id":"resp_unknown_here"}'))
+    assert mock.requests[-1].json()["previous_response_id"] == "resp_unknown_here"  # asked, not refused
+    assert resp.status == 400 and len(mock.requests) == 2  # the full upstream's own answer
     (resp,) = raw(g.port, post("/v1/completions", b'{"model":"gpt-4o-mini","prompt":["a","b"]}',
                                "x-mock-status: 429\r\nx-mock-retry-after: 30\r\n"))
     assert resp.status == 429 and int(resp.headers["retry-after"]) >= 29  # its 429, not the refusal
-    assert [r.path for r in mock.requests] == ["/v1/responses", "/v1/completions"]
+    assert [r.path for r in mock.requests] == ["/v1/responses", "/v1/responses", "/v1/completions"]
 
 
 def test_a_body_too_deep_to_rewrite_is_a_400_on_every_route_that_rewrites_it(
