@@ -4459,6 +4459,13 @@ class ResponseWriter(BodySink):
             if flt.failed is not None:  # the events before it are written, then it ends this
                 self._write(data)
                 raise flt.failed
+            if flt.completed:  # a converted stream has ended: what else the upstream sends
+                self._write(data)  # (events, keep-alive comments) is not waited for
+                self.on_end()
+                upstream = self.rq.flow.upstream
+                if upstream is not None:
+                    upstream.cut_short()
+                return
             if not data:
                 return
         elif self.capture_id is not None:  # the object this answer creates: its id comes first
@@ -5028,6 +5035,14 @@ def response_object(request: dict, response_id: str, created: int, model: Any, s
     }
 
 
+def _as_text(value: Any) -> str:
+    """A field that must be a string (a tool call's id, name, arguments), whatever an
+    upstream sent: JSON text if it is not one (TypeError if it cannot be written)."""
+    if isinstance(value, str):
+        return value
+    return "" if value is None else orjson.dumps(value).decode()
+
+
 def response_from_chat(reply: dict, request: dict, response_id: str) -> tuple[dict, dict]:
     """A chat completion as the `response` object the client asked for, and the assistant
     message it adds to the conversation (for previous_response_id)."""
@@ -5040,9 +5055,10 @@ def response_from_chat(reply: dict, request: dict, response_id: str) -> tuple[di
         output.append(_message_item(new_object_id("msg"), text or "", "completed"))
     for call in calls:
         function = call.get("function") or {}
-        output.append(_call_item(new_object_id("fc"), call.get("id") or new_object_id("call"),
-                                 function.get("name") or "", function.get("arguments") or "",
-                                 "completed"))
+        output.append(_call_item(new_object_id("fc"),
+                                 _as_text(call.get("id")) or new_object_id("call"),
+                                 _as_text(function.get("name")),
+                                 _as_text(function.get("arguments")), "completed"))
     response = response_object(request, response_id, int(reply.get("created") or time.time()),
                                reply.get("model"), "completed", output,
                                responses_usage(reply.get("usage")), choice.get("finish_reason"))
@@ -5135,16 +5151,16 @@ class ResponsesFromChat:
         item = self.calls.get(index)
         if item is None:
             item = self.calls[index] = _call_item(
-                new_object_id("fc"), call.get("id") or new_object_id("call"),
-                function.get("name") or "", "", "in_progress")
+                new_object_id("fc"), _as_text(call.get("id")) or new_object_id("call"),
+                _as_text(function.get("name")), "", "in_progress")
             self.output.append(item)
             out.append(self._event("response.output_item.added",
                                    output_index=len(self.output) - 1, item=dict(item)))
-        if function.get("arguments"):
-            item["arguments"] += function["arguments"]
+        arguments = _as_text(function.get("arguments"))
+        if arguments:
+            item["arguments"] += arguments
             out.append(self._event("response.function_call_arguments.delta", item_id=item["id"],
-                                   output_index=self.output.index(item),
-                                   delta=function["arguments"]))
+                                   output_index=self.output.index(item), delta=arguments))
         return out
 
     def end(self) -> bytes:

@@ -2216,7 +2216,8 @@ def test_an_upstream_cost_too_large_to_be_a_price_is_not_believed() -> None:
     assert gw.usd(prices.cost("m", {**usage, "cost": 1e300})) == 0.00006  # (1e300 would not fit)
 
 
-async def convert_stream(convert: Any, first: bytes, later: bytes) -> bytes:
+async def convert_stream(convert: Any, first: bytes, later: bytes, end: bool = True,
+                         seen: dict | None = None) -> bytes:
     """A chat stream from a chat_only upstream, converted: `first` arrives with the head
     (before the relay starts), `later` after it; what the client was sent."""
     loop = asyncio.get_running_loop()
@@ -2234,13 +2235,17 @@ async def convert_stream(convert: Any, first: bytes, later: bytes) -> bytes:
     conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
                        + (chunk % (len(first), first) if first else b""))
     head = await got
+    rq.flow.attach(conn)  # (as the forwarder does)
     rq.writer.relay_head(head.status, head.headers, inspect=True, convert=convert)
     relaying = conn.relay(rq.writer)
     if later:
         conn.data_received(chunk % (len(later), later))
-    conn.data_received(b"0\r\n\r\n")
+    if end:
+        conn.data_received(b"0\r\n\r\n")
     await asyncio.wait_for(relaying, 5)
     assert rq.writer.finished
+    if seen is not None:
+        seen["upstream closed"] = upstream_t.closed
     return bytes(client_t.out)
 
 
@@ -2275,6 +2280,30 @@ def test_a_converted_stream_that_said_it_is_complete_stays_complete(after: bytes
     assert events[-1].startswith(b"event: response.completed")
     assert not any(e.startswith(b'data: {"error"') for e in events)
     assert converter.response is not None and converter.response["status"] == "completed"
+
+
+def test_a_converted_streams_end_ends_the_exchange_whatever_the_upstream_sends_after() -> None:
+    seen: dict = {}
+    converter = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1")
+    out = asyncio.run(convert_stream(converter, GOOD_CHUNK, b"data: [DONE]\n\n: keep-alive\n\n",
+                                     end=False, seen=seen))  # and the upstream never ends its body
+    status, _, body, complete = client_body(out)
+    assert status == 200 and complete and seen["upstream closed"]
+    assert [e for e in body.split(b"\n\n") if e][-1].startswith(b"event: response.completed")
+
+
+def test_tool_call_fields_that_are_not_strings_are_converted_as_json_text() -> None:
+    deep = orjson.loads(b"[" * 250 + b"]" * 250)
+    reply = {"id": "c", "model": "m", "created": 1, "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+        "role": "assistant", "content": None,
+        "tool_calls": [{"id": None, "type": "function", "function": {"name": "f", "arguments": {"a": 1}}},
+                       {"id": "call_2", "type": "function", "function": {"name": None, "arguments": deep}}]}}]}
+    response, assistant = gw.response_from_chat(reply, {"model": "m", "input": "hi"}, "resp_1")
+    calls = [item for item in response["output"] if item["type"] == "function_call"]
+    assert calls[0]["arguments"] == '{"a":1}' and calls[0]["call_id"].startswith("call_")
+    assert calls[1]["name"] == "" and calls[1]["arguments"] == "[" * 250 + "]" * 250
+    assert [c["function"]["arguments"] for c in assistant["tool_calls"]] == [calls[0]["arguments"], calls[1]["arguments"]]
+    orjson.dumps([response, [{"role": "user", "content": "hi"}, assistant]])  # writable, kept or sent on
 
 
 def test_a_converted_stream_never_passes_an_unfinished_event_through() -> None:
