@@ -3155,6 +3155,10 @@ class UpstreamConnection(asyncio.Protocol):
                 future.cancel()
         self._drop()
 
+    def ending(self) -> bool:
+        """Is the body all in (its end being handled now, or past)?"""
+        return self.state is not _BODY or self.framing is _LENGTH and self.left == 0
+
     def cut_short(self) -> None:
         """The reader has all it wants: the exchange ends here and the socket is dropped."""
         done = self.done
@@ -4460,10 +4464,11 @@ class ResponseWriter(BodySink):
                 self._write(data)
                 raise flt.failed
             if flt.completed:  # a converted stream has ended: what else the upstream sends
-                self._write(data)  # (events, keep-alive comments) is not waited for
+                holding = self.holding  # (events, keep-alive comments) is not waited for,
+                self._write(data)  # unless its body ends with this read (it is then reused)
                 self.on_end()
                 upstream = self.rq.flow.upstream
-                if upstream is not None:
+                if upstream is not None and not holding and not upstream.ending():
                     upstream.cut_short()
                 return
             if not data:

@@ -2292,6 +2292,34 @@ def test_a_converted_streams_end_ends_the_exchange_whatever_the_upstream_sends_a
     assert [e for e in body.split(b"\n\n") if e][-1].startswith(b"event: response.completed")
 
 
+@pytest.mark.parametrize("framing", ["chunked", "length"])
+def test_a_converted_stream_that_ends_cleanly_leaves_its_upstream_connection_for_the_next(
+        raw_upstream: RawUpstream, start_gateway: StartGateway, framing: str) -> None:
+    connections: list[int] = []
+    body = GOOD_CHUNK + b"data: [DONE]\n\n"
+    answer = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n" +
+              (b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if framing == "chunked"
+               else b"content-length: %d\r\n\r\n%s" % (len(body), body)))  # the end in one write
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+                writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+    port = raw_upstream(handler)
+    g = start_gateway({"upstreams": [{"name": "chat", "url": f"http://127.0.0.1:{port}/v1", "chat_only": True}]})
+    for _ in range(3):
+        (resp,) = raw(g.port, post("/v1/responses", b'{"model":"m","input":"hi","stream":true}'))
+        assert resp.status == 200 and b"response.completed" in resp.body
+    assert len(connections) == 1  # reused: nothing was cut
+
+
 def test_tool_call_fields_that_are_not_strings_are_converted_as_json_text() -> None:
     deep = orjson.loads(b"[" * 250 + b"]" * 250)
     reply = {"id": "c", "model": "m", "created": 1, "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
