@@ -4116,11 +4116,10 @@ class SseFilter:
     held and inspected again."""
 
     __slots__ = ("_held", "held_size", "_edge", "passthrough", "inspect", "drop_usage",
-                 "convert", "converted_end", "completed", "usage", "capture_id", "id_seen",
-                 "failed")
+                 "convert", "converted_end", "completed", "usage", "failed")
 
     def __init__(self, inspect: bool = False, drop_usage: bool = False,
-                 convert: Any = None, capture_id: Callable[[str], None] | None = None) -> None:
+                 convert: Any = None) -> None:
         self._held: list[bytes] = []  # the start of an event whose end has not arrived yet
         self.held_size = 0
         self._edge = b""  # the last three held bytes
@@ -4131,8 +4130,6 @@ class SseFilter:
         self.converted_end = False  # convert.end() was written (or an error ended it)
         self.completed = False  # convert.end() was made: the client was told it is complete
         self.usage: dict | None = None
-        self.capture_id = capture_id  # told the id in the first event (response.created)
-        self.id_seen = b""  # the stream's start, while the id is not in it yet
         self.failed: GatewayError | None = None  # a chunk that could not be converted
 
     def __repr__(self) -> str:
@@ -4141,8 +4138,6 @@ class SseFilter:
 
     def feed(self, data: bytes) -> bytes:
         """What of data can go to the client now."""
-        if self.capture_id is not None:
-            self._capture(data)
         if self.passthrough:
             return self._pass_long_event(data)
         if self._held or not data.endswith(b"\n\n"):
@@ -4152,15 +4147,6 @@ class SseFilter:
         if self.inspect and data:
             data = self._inspect(data)
         return data
-
-    def _capture(self, data: bytes) -> None:
-        """The id of the object a stream creates: in its first event (response.created),
-        which may come after comments, and in pieces."""
-        seen = look_for_id(self.id_seen, data, self.capture_id)  # type: ignore[arg-type]
-        if seen is None:
-            self.capture_id = None
-        else:
-            self.id_seen = seen
 
     def finish(self) -> bytes:
         """A converted stream that ended without [DONE] still ends as its API says."""
@@ -4427,8 +4413,7 @@ class ResponseWriter(BodySink):
         if sse:  # framed by us (chunked), never cached or buffered by a proxy in front
             headers = [h for h in headers if h[0] not in (b"content-length", b"cache-control")]
             headers += _SSE_HEADERS
-            self.filter = SseFilter(inspect, drop_usage, convert, self.capture_id)
-            self.capture_id = None
+            self.filter = SseFilter(inspect, drop_usage, convert)
         headers.append((b"x-request-id", self.rq.request_id))
         self.sse = sse
         try:
@@ -4457,6 +4442,13 @@ class ResponseWriter(BodySink):
     # BodySink -------------------------------------------------------------------------------
 
     def on_data(self, data: bytes) -> None:
+        if self.capture_id is not None:  # the object this answer creates: its id comes first
+            # (a stream's in response.created, perhaps after comments), looked for as it came
+            seen = look_for_id(self.id_seen, data, self.capture_id)
+            if seen is None:
+                self.capture_id = None
+            else:
+                self.id_seen = seen
         flt = self.filter
         if flt is not None:
             data = flt.feed(data)
@@ -4473,13 +4465,7 @@ class ResponseWriter(BodySink):
                 return
             if not data:
                 return
-        elif self.capture_id is not None:  # the object this answer creates: its id comes first
-            seen = look_for_id(self.id_seen, data, self.capture_id)
-            if seen is None:
-                self.capture_id = None
-            else:
-                self.id_seen = seen
-        if flt is None and self.keep_tail:  # keep the tail only: usage comes last in an OpenAI body
+        elif self.keep_tail:  # keep the tail only: usage comes last in an OpenAI body
             tail = self.tail + data if len(data) < USAGE_TAIL_BYTES else data
             self.tail = tail[-USAGE_TAIL_BYTES:]
         self._write(data)
