@@ -3689,6 +3689,10 @@ class Plan:
                 and not self.client_usage
                 and isinstance(self.obj.get("stream_options", {}), dict))  # type: ignore[union-attr]
 
+    def refused_by(self, upstream: Upstream) -> bool:
+        """Would this upstream's translation refuse the request (it is then never tried)?"""
+        return self.refusal is not None and self.converts(upstream)
+
     def converts(self, upstream: Upstream) -> bool:
         """Completions or Responses sent as chat, to a chat_only upstream?"""
         return upstream.chat_only and self.kind in ("completions", "responses")
@@ -3930,12 +3934,12 @@ class Forwarder:
     def choose(self, plan: Plan, groups: list[list[Upstream]]
                ) -> tuple[Upstream, KeyPool, UpstreamKey, CircuitBreaker, float] | None:
         """The first usable upstream for plan.model, its pool, a key and its pacing wait."""
-        gw, model, refusal = self.gw, plan.model, plan.refusal
+        gw, model = self.gw, plan.model
         for group in groups:
             for i in range(len(group)):
                 upstream = group[(plan.shift + i) % len(group)]
-                if refusal is not None and plan.converts(upstream):
-                    continue  # its translation refused the request: never tried, never paced
+                if plan.refused_by(upstream):
+                    continue  # never tried, never paced
                 breaker = gw.breakers.get(upstream.name, model)
                 if not breaker.available():
                     continue
@@ -3966,7 +3970,7 @@ class Forwarder:
         blocked = considered = False
         for model, groups in plan.candidates:
             for upstream in (u for group in groups for u in group):
-                if plan.refusal is not None and plan.converts(upstream):
+                if plan.refused_by(upstream):
                     continue
                 considered = True
                 breaker = gw.breakers.get(upstream.name, model)
