@@ -408,6 +408,15 @@ async def upstream_connection() -> tuple[gw.UpstreamConnection, gw.UpstreamPool,
     return conn, pool, transport
 
 
+async def exchanging(request: bytes = b"x", timeout: float = 30
+                     ) -> tuple[gw.UpstreamConnection, gw.UpstreamPool, FakeTransport, asyncio.Future]:
+    """upstream_connection() with a request sent: the future of its response head too."""
+    conn, pool, transport = await upstream_connection()
+    head = asyncio.ensure_future(conn.exchange([request], timeout, timeout))
+    await asyncio.sleep(0)  # let exchange() register its waiter
+    return conn, pool, transport, head
+
+
 STREAM_EVENT: Any = TypeAdapter(ResponseStreamEvent)  # what the SDK parses each event as
 
 
@@ -2114,9 +2123,7 @@ def test_an_upstream_head_in_any_pieces_after_an_interim_one_is_read_once(piece:
              b"X-A:  spaced  \r\ncontent-length: 5\r\n\r\nhello")
 
     async def run() -> None:
-        conn, pool, _ = await upstream_connection()
-        head = asyncio.ensure_future(conn.exchange([b"x"], 30, 30))
-        await asyncio.sleep(0)
+        conn, pool, _, head = await exchanging()
         for at in range(0, len(reply), piece):
             conn.data_received(reply[at:at + piece])
         assert (await head).status == 201
@@ -2128,9 +2135,7 @@ def test_an_upstream_head_in_any_pieces_after_an_interim_one_is_read_once(piece:
 
 def test_thousands_of_interim_responses_ahead_of_the_answer_are_read_in_a_loop() -> None:
     async def run() -> None:
-        conn, pool, _ = await upstream_connection()
-        head = asyncio.ensure_future(conn.exchange([b"x"], 30, 30))
-        await asyncio.sleep(0)
+        conn, pool, _, head = await exchanging()
         conn.data_received(b"HTTP/1.1 100 Continue\r\n\r\n" * 3000
                            + b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
         assert (await head).status == 200
@@ -2152,9 +2157,7 @@ def test_thousands_of_interim_responses_ahead_of_the_answer_are_read_in_a_loop()
 ])
 def test_an_upstream_head_a_client_would_refuse_is_the_upstreams_garbage(head: bytes) -> None:
     async def run() -> None:
-        conn, _, transport = await upstream_connection()
-        waiting = asyncio.ensure_future(conn.exchange([b"x"], 30, 30))
-        await asyncio.sleep(0)
+        conn, _, transport, waiting = await exchanging()
         conn.data_received(head + b"\r\n\r\n")
         with pytest.raises(gw.UpstreamError, match="garbage"):
             await waiting
@@ -2167,9 +2170,7 @@ def test_an_upstream_head_a_client_would_refuse_is_the_upstreams_garbage(head: b
                                   b"HTTP/1.1 200 OK\ncontent-length: 2\n\r\n{}"])
 def test_an_upstream_head_with_bare_lf_line_ends_fails_at_once_not_at_its_timeout(head: bytes) -> None:
     async def run() -> None:
-        conn, _, _ = await upstream_connection()
-        waiting = asyncio.ensure_future(conn.exchange([b"x"], 30, 30))
-        await asyncio.sleep(0)
+        conn, _, _, waiting = await exchanging()
         conn.data_received(head)
         with pytest.raises(gw.UpstreamError, match="bare LF"):
             await asyncio.wait_for(waiting, 5)
@@ -2179,9 +2180,7 @@ def test_an_upstream_head_with_bare_lf_line_ends_fails_at_once_not_at_its_timeou
 
 def test_an_upstream_head_with_tabs_and_non_ascii_values_is_relayed() -> None:
     async def run() -> None:
-        conn, _, _ = await upstream_connection()
-        waiting = asyncio.ensure_future(conn.exchange([b"x"], 30, 30))
-        await asyncio.sleep(0)
+        conn, _, _, waiting = await exchanging()
         conn.data_received(b"HTTP/1.1 200 OK\r\nX-A: a\tb\r\nX-B: caf\xc3\xa9\r\ncontent-length: 0\r\n\r\n")
         assert (await waiting).headers == [(b"x-a", b"a\tb"), (b"x-b", b"caf\xc3\xa9"), (b"content-length", b"0")]
 
@@ -2191,9 +2190,7 @@ def test_an_upstream_head_with_tabs_and_non_ascii_values_is_relayed() -> None:
 @pytest.mark.parametrize("reset", [False, True])
 def test_a_body_framed_by_the_close_ends_whole_on_a_close_and_in_error_on_a_reset(reset: bool) -> None:
     async def run() -> None:
-        conn, _, _ = await upstream_connection()
-        waiting = asyncio.ensure_future(conn.exchange([b"x"], 30, 30))
-        await asyncio.sleep(0)
+        conn, _, _, waiting = await exchanging()
         conn.data_received(b"HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\r\n{\"a\":")
         await waiting
         sink = Recorder()
@@ -2228,9 +2225,7 @@ async def convert_stream(convert: Any, first: bytes, later: bytes, end: bool = T
     proto.connection_made(client_t)
     proto.conn.receive_data(b"POST /v1/responses HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n")
     rq = proto.cycle = gw.Request(proto, proto.conn.next_event())
-    conn, _, upstream_t = await upstream_connection()
-    got = asyncio.ensure_future(conn.exchange([b"req"], 30, 30))
-    await asyncio.sleep(0)
+    conn, _, upstream_t, got = await exchanging(b"req")
     chunk = b"%x\r\n%s\r\n"
     conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
                        + (chunk % (len(first), first) if first else b""))
@@ -2473,9 +2468,7 @@ def test_a_created_objects_id_is_found_when_the_answer_starts_in_small_pieces(ss
 @pytest.mark.parametrize("reply", [b"SSH-2.0-OpenSSH_9.6\r\n", b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 70_000])
 def test_an_upstream_that_is_not_http_or_sends_an_endless_head_fails_the_exchange(reply: bytes) -> None:
     async def run() -> None:
-        conn, _, transport = await upstream_connection()
-        head = asyncio.ensure_future(conn.exchange([b"x"], 30, 30))
-        await asyncio.sleep(0)
+        conn, _, transport, head = await exchanging()
         for at in range(0, len(reply), 4096):
             conn.data_received(reply[at:at + 4096])
         with pytest.raises(gw.UpstreamError, match="garbage"):
@@ -2487,9 +2480,7 @@ def test_an_upstream_that_is_not_http_or_sends_an_endless_head_fails_the_exchang
 
 def test_bytes_after_a_chunked_body_in_the_same_read_keep_the_connection_out_of_the_pool() -> None:
     async def run() -> None:
-        conn, pool, transport = await upstream_connection()
-        head = asyncio.ensure_future(conn.exchange([b"GET / HTTP/1.1\r\n\r\n"], 30, 30))
-        await asyncio.sleep(0)
+        conn, pool, transport, head = await exchanging(b"GET / HTTP/1.1\r\n\r\n")
         conn.data_received(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
         await head
         body = asyncio.ensure_future(conn.read_body(100))
@@ -2530,9 +2521,7 @@ def test_a_body_end_that_fills_the_clients_buffer_leaves_the_pooled_connection_r
         proto.conn.receive_data(b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n")
         rq = proto.cycle = gw.Request(proto, proto.conn.next_event())
         proto.conn.next_event()
-        conn, pool, transport = await upstream_connection()
-        head = asyncio.ensure_future(conn.exchange([b"x"], 30, 30))
-        await asyncio.sleep(0)
+        conn, pool, transport, head = await exchanging()
         conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                            b"transfer-encoding: chunked\r\n\r\n")
         await head
@@ -2550,18 +2539,14 @@ def test_a_body_end_that_fills_the_clients_buffer_leaves_the_pooled_connection_r
 def test_upstream_connection_timeout_loss_and_abort_each_end_in_closed() -> None:
     async def run() -> None:
         loop = asyncio.get_running_loop()
-        conn, _, transport = await upstream_connection()
-        head = asyncio.ensure_future(conn.exchange([b"x"], 5, 5))
-        await asyncio.sleep(0)
+        conn, _, transport, head = await exchanging(timeout=5)
         conn.data_received(b"HTTP/1.1 200 OK\r\n")  # a status line, then silence
         conn.check_timeout(loop.time() + 6)
         with pytest.raises(gw.GatewayError) as info:
             await head
         assert info.value.status == 504 and conn.state is gw.ConnState.CLOSED and transport.closed
 
-        conn, _, _ = await upstream_connection()
-        head = asyncio.ensure_future(conn.exchange([b"x"], 5, 5))
-        await asyncio.sleep(0)
+        conn, _, _, head = await exchanging(timeout=5)
         conn.data_received(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nab")
         await head
         sink = Recorder()
@@ -2570,9 +2555,7 @@ def test_upstream_connection_timeout_loss_and_abort_each_end_in_closed() -> None
         await done
         assert conn.state is gw.ConnState.CLOSED and sink.data == [b"ab"] and sink.error.status == 502
 
-        conn, _, transport = await upstream_connection()
-        head = asyncio.ensure_future(conn.exchange([b"x"], 5, 5))
-        await asyncio.sleep(0)
+        conn, _, transport, head = await exchanging(timeout=5)
         conn.abort()  # the client left: nobody waits on an abandoned exchange
         with pytest.raises(asyncio.CancelledError):
             await head
@@ -2762,9 +2745,7 @@ def test_an_upstream_error_body_is_read_up_to_its_bound_and_the_rest_dropped(
 
 def test_a_head_arriving_just_after_the_client_left_is_dropped_quietly() -> None:
     async def run() -> None:
-        conn, _, transport = await upstream_connection()
-        head = asyncio.ensure_future(conn.exchange([b"x"], 5, 5))
-        await asyncio.sleep(0)
+        conn, _, transport, head = await exchanging(timeout=5)
         head.cancel()  # the client left: its task is cancelled while it waits for the head
         conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")  # in the same turn
         with pytest.raises(asyncio.CancelledError):
