@@ -1550,6 +1550,9 @@ class RedisConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._fail_waiting()
+
+    def _fail_waiting(self) -> None:
         waiting, self.waiting = self.waiting, collections.deque()
         for future, *_ in waiting:
             if not future.done():
@@ -1585,9 +1588,12 @@ class RedisConnection(asyncio.Protocol):
         return now - self.waiting[0][3] if self.waiting else 0.0
 
     def close(self) -> None:
+        """Drop the link now, and fail the replies owed on it: a graceful close would wait
+        for what is still unsent to drain, for ever if Redis has stopped reading."""
         self.closed = True
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
+        self._fail_waiting()
 
 
 class SharedState:
@@ -1648,15 +1654,20 @@ class SharedState:
         self.watchdog = asyncio.get_running_loop().call_later(self.timeout / 2, self.watch)
 
     async def close(self) -> None:
-        """On drain: what is batched goes out, then the connection closes."""
+        """On drain: what is batched goes out, for as long as a slow Redis is given, then
+        the connection closes."""
         for task in (self.flusher, self.reconnecting):
             if task is not None:
                 task.cancel()
+        try:
+            async with asyncio.timeout(max(self.timeout * 4, 0.5)):
+                await self.flush()
+                if self.writing is not None:
+                    await asyncio.wait([self.writing])
+        except TimeoutError:
+            pass  # (the watchdog has dropped the link: Redis is not answering)
         if self.watchdog is not None:
             self.watchdog.cancel()
-        await self.flush()
-        if self.writing is not None:
-            await asyncio.wait([self.writing], timeout=max(self.timeout * 4, 0.5))
         if self.conn is not None:
             self.conn.close()
 

@@ -1760,6 +1760,45 @@ def test_redis_killed_mid_load_then_restarted_costs_no_request(
     assert all(before != after for before, after in zip(changes, changes[1:]))
 
 
+def test_a_redis_that_stops_reading_fails_the_replies_owed_at_once(loop_thread: LoopThread) -> None:
+    # A graceful close waits for the unsent bytes to drain: with a Redis that stopped reading
+    # (a stall, a partition) the requests awaiting replies would wait with it.
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    async def case() -> str:
+        conn = await gw.RedisConnection.open(f"redis://127.0.0.1:{port}", 5)
+        conn.send([("SET", "big", "x" * 16_000_000)])  # far more than the socket buffers hold
+        owed = conn.send([("GET", "big")])
+        conn.close()
+        try:
+            await asyncio.wait_for(owed, 5)
+        except ConnectionError as exc:
+            return str(exc)
+        return "answered"
+
+    try:
+        assert loop_thread.run(case()) == "redis closed the connection"
+    finally:
+        listener.close()
+
+
+def test_a_drain_with_redis_stalled_ends_within_its_bound(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str) -> None:
+    g = start_gateway(shared_config(mock, redis_url, redis_timeout_ms=100))
+    assert eventually(lambda: g.gw.shared.up)
+    g.client().chat.completions.create(model="m", messages=MSGS)  # usage to flush on drain
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        drain = threading.Thread(target=g.lt.run, args=(g.gw.shutdown(grace_s=0),), daemon=True)
+        drain.start()
+        drain.join(10)
+        assert not drain.is_alive()
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+
+
 ################################################################################
 # Observability: /metrics, the access log
 ################################################################################
