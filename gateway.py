@@ -1412,18 +1412,38 @@ if k_rate > 0 then k = k - amount; put(KEYS[2], k, k_rate, k_cap) end
 return {'ok', tostring(r), tostring(k)}
 """
 
-# A token estimate corrected after the fact: delta more taken, or -delta given back.
-_SETTLE_LUA = """
+# One batch of usage counts and token estimates corrected after the fact (delta more taken,
+# or -delta given back), applied once: a batch sent again because its reply never came
+# (Redis stalled past redis_timeout_ms, the link dropped) finds its number already seen.
+# KEYS[1]: the last batch number this process had applied; KEYS[2..]: the hashes written.
+# ARGV: the batch number, how many counts follow, then (key index, field, amount) per count
+# and (key index, rate, capacity, delta) per correction. A key Redis refuses (another type)
+# costs its own counts only. Returns how many were refused.
+_FLUSH_LUA = """
+local seq = tonumber(ARGV[1])
+if seq <= (tonumber(redis.call('GET', KEYS[1])) or 0) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', 3600)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local rate, cap, delta = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local v = redis.call('HMGET', KEYS[1], 'l', 's')
-local l = cap
-if v[1] then l = math.min(cap, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * rate) end
-l = math.min(cap, math.max(0, l - delta))
-redis.call('HSET', KEYS[1], 'l', tostring(l), 's', tostring(now))
-redis.call('PEXPIRE', KEYS[1], math.ceil((cap - l) / rate * 1000) + 1000)
-return tostring(l)
+local function settle(key, rate, cap, delta)
+  local v = redis.call('HMGET', key, 'l', 's')
+  local l = cap
+  if v[1] then l = math.min(cap, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * rate) end
+  l = math.min(cap, math.max(0, l - delta))
+  redis.call('HSET', key, 'l', tostring(l), 's', tostring(now))
+  redis.call('PEXPIRE', key, math.ceil((cap - l) / rate * 1000) + 1000)
+end
+local refused = 0
+local settles = 3 + 3 * tonumber(ARGV[2])
+for i = 3, settles - 1, 3 do
+  local r = redis.pcall('HINCRBY', KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2])
+  if type(r) == 'table' and r.err then refused = refused + 1 end
+end
+for i = settles, #ARGV, 4 do
+  if not pcall(settle, KEYS[tonumber(ARGV[i])], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]),
+               tonumber(ARGV[i + 3])) then refused = refused + 1 end
+end
+return refused
 """
 
 # rpm_per_key pacing across instances: the next free slot of one upstream key.
@@ -1453,7 +1473,7 @@ def shared_usage(entry: dict, fields: list[bytes]) -> None:
     models: dict[str, dict[str, int]] = {}
     for raw_field, raw_value in zip(fields[::2], fields[1::2]):
         model, _, field = raw_field.decode("utf-8", "replace").rpartition("\t")
-        if field in _SHARED_USAGE:
+        if field in _SHARED_USAGE and raw_value.isdigit():  # (HINCRBY writes nothing else)
             if model:
                 models.setdefault(model, dict.fromkeys(_SHARED_USAGE, 0))[field] = int(raw_value)
             else:
@@ -1473,6 +1493,7 @@ def shared_usage(entry: dict, fields: list[bytes]) -> None:
 
 
 _SENT: tuple[()] = ()  # Request.admission: the shared admission went out
+_VERDICTS = frozenset((b"ok", b"budget", b"budget_usd", b"requests", b"tokens"))  # _ADMIT_LUA's
 
 
 def _retrieved(future: asyncio.Future) -> None:
@@ -1616,11 +1637,16 @@ class SharedState:
         self.conn: RedisConnection | None = None
         # EVALSHA: a script travels once (SCRIPT LOAD, again after a Redis restart).
         self.scripts = {lua: hashlib.sha1(lua.encode()).hexdigest()
-                        for lua in (_ADMIT_LUA, _SETTLE_LUA, _PACE_LUA)}
+                        for lua in (_ADMIT_LUA, _FLUSH_LUA, _PACE_LUA)}
         self.up = True  # until a call fails
         self.reason = ""
+        self.refusal = ("", 0.0, 0.0)  # what Redis last refused: (error, when, when logged)
         self.usage: dict[tuple[str, str], list[int]] = {}  # (client, model) -> counts to add
         self.settles: dict[tuple[str, float, float], float] = {}  # (key, rate, cap) -> delta
+        # the batch that went out without its reply, and is sent again as it was
+        self.batch: tuple | None = None
+        self.batches = itertools.count(1)
+        self.batch_key = self.key("batch", os.urandom(8).hex())  # this process's last one
         self.writes: collections.deque = collections.deque(maxlen=MAX_SHARED_PENDING)
         self.writing: asyncio.Task | None = None
         self.flusher: asyncio.Task | None = None
@@ -1717,31 +1743,58 @@ class SharedState:
 
     async def pipeline(self, commands: list[tuple | bytes],
                        sent: tuple[asyncio.Future, RedisConnection] | None = None) -> list | None:
-        """One round trip, bounded by redis_timeout_ms: the replies, or None when Redis is not
-        there (or a command failed). Scripts a restarted Redis no longer knows are loaded,
-        and the commands sent again, once. `sent`: their replies and the connection they
-        went on, when they were sent already."""
-        for _ in range(2):
-            if sent is None:
-                if not self.up or self.conn is None:
-                    return None
-                sent = (self.conn.send(commands), self.conn)
-            replies_of, conn = sent
-            try:  # bounded by the watchdog, not a timer per call
-                replies = await replies_of
-            except OSError as exc:
-                if conn is self.conn:  # not one since replaced: its loss is old news
-                    self.lost(exc)
+        """One round trip, bounded by redis_timeout_ms: the replies in order (a command Redis
+        refused: its error, a hiredis.ReplyError), or None when Redis is not there. Commands
+        that met a restarted Redis without the scripts are sent again, alone (the others
+        have taken effect), once the scripts are loaded. `sent`: their replies and the
+        connection they went on, when they were sent already."""
+        if sent is None:
+            if not self.up or self.conn is None:
                 return None
-            sent = None
-            errors = [r for r in replies if isinstance(r, Exception)]  # error replies
-            if not errors:
-                return replies
-            if not all(str(e).startswith("NOSCRIPT") for e in errors):
-                return None
-            if await self.pipeline([("SCRIPT", "LOAD", lua) for lua in self.scripts]) is None:
-                return None
-        return None
+            sent = (self.conn.send(commands), self.conn)
+        replies = await self.replies(*sent)
+        if replies is None:
+            return None
+        again = [i for i, r in enumerate(replies)
+                 if isinstance(r, Exception) and str(r).startswith("NOSCRIPT")]
+        if not again:
+            return replies
+        if not self.up or self.conn is None:
+            return None
+        loads = [("SCRIPT", "LOAD", lua) for lua in self.scripts]
+        more = await self.replies(self.conn.send([*loads, *(commands[i] for i in again)]),
+                                  self.conn)
+        if more is None:
+            return None
+        for i, reply in zip(again, more[len(loads):]):
+            replies[i] = reply
+        return replies
+
+    async def replies(self, replies_of: asyncio.Future, conn: RedisConnection) -> list | None:
+        try:  # bounded by the watchdog, not a timer per call
+            return await replies_of
+        except OSError as exc:
+            if conn is self.conn:  # not one since replaced: its loss is old news
+                self.lost(exc)
+            return None
+
+    def refused(self, error: Any) -> None:
+        """Redis answered, but not as asked: a command refused (out of memory, a read-only
+        replica, a key of another type under the prefix) or a reply of the wrong shape. The
+        request goes on with this process's state; /health says so for a minute, and a
+        line says so at most once a minute."""
+        text, now = str(error)[:200], time.monotonic()
+        if text != self.refusal[0] or now - self.refusal[2] >= 60:
+            log(f"redis refused a command, serving on this process's own state where it "
+                f"mattered: {text}", "warning", redis="refused")
+            self.refusal = (text, now, now)
+        else:
+            self.refusal = (text, now, self.refusal[2])
+
+    def refusing(self) -> str:
+        """What Redis refused in the last minute, if anything."""
+        text, when, _ = self.refusal
+        return text if text and time.monotonic() - when < 60 else ""
 
     # before a request: one round trip ---------------------------------------------------------
 
@@ -1811,11 +1864,18 @@ class SharedState:
 
     def admitted(self, replies: list, names: list[str], limits: ClientLimits | None,
                  name: str) -> bool:
-        """The admission's verdict (a refusal is raised) and the upstream states it brought."""
-        verdict, first, second = replies[0]  # bytes: float() reads them as they are
+        """The admission's verdict (a refusal is raised) and the upstream states it brought.
+        False when the verdict is not the script's (the caller limits on local state)."""
         wall, now = time.time(), time.monotonic()
         for upstream, fields in zip(names, replies[1:]):
             self.adopt(upstream, fields, wall, now)
+        reply = replies[0]
+        if reply.__class__ is not list or len(reply) != 3 or reply[0] not in _VERDICTS \
+                or (first := _number(reply[1])) is None or (second := _number(reply[2])) is None:
+            self.refused(reply if isinstance(reply, Exception)
+                         else f"an admission answered {reply!r:.80}")
+            return False
+        verdict = reply[0]
         if verdict == b"budget":
             budget = self.budgets[1].get(name, (None, None))[0]
             raise QuotaExceeded(f"This key has used its budget of {budget} tokens.")
@@ -1825,36 +1885,46 @@ class SharedState:
         if verdict == b"requests":
             raise self.gw.limiter.refuse(
                 f"Rate limit reached for requests: {limits.rpm:g} per minute.",  # type: ignore[union-attr]
-                float(first))
+                first)
         if verdict == b"tokens":
-            raise self.gw.limiter.refuse("Rate limit reached for tokens per minute.",
-                                         float(first))
+            raise self.gw.limiter.refuse("Rate limit reached for tokens per minute.", first)
         requests = limits.requests if limits is not None else None
         tokens = limits.tokens if limits is not None else None
         if requests is not None:  # the local bucket follows the shared one (headers, fail-open)
-            requests.level, requests.stamp = float(first), requests.clock()
+            requests.level, requests.stamp = first, requests.clock()
         if tokens is not None:
-            tokens.level, tokens.stamp = float(second), tokens.clock()
+            tokens.level, tokens.stamp = second, tokens.clock()
         return True
 
-    def adopt(self, upstream: str, fields: list[bytes], wall: float, now: float) -> None:
-        """Another instance's cooldowns, blocks and open breakers, into this one's state."""
+    def adopt(self, upstream: str, fields: Any, wall: float, now: float) -> None:
+        """Another instance's cooldowns, blocks and open breakers, into this one's state:
+        each for no longer than this instance would have set it itself (the times are the
+        writer's wall clock, which may be off; a value that is not a time is passed over)."""
         pool = self.gw.keys.get(upstream)
         if pool is None:
             return
+        if fields.__class__ is not list:
+            self.refused(fields)  # an error reply: the upstream's hash is not a hash
+            return
+        breakers = self.gw.breakers
+        caps = {"c": self.gw.config.cooldown_cap_s, "b": pool.recheck_s,
+                "o": breakers.recovery_s}
         shared_blocks = set()
         for raw_field, raw_value in zip(fields[::2], fields[1::2]):
             kind, _, rest = raw_field.decode("utf-8", "replace").partition("\t")
-            value = raw_value.decode("utf-8", "replace")
+            until, _, reason = raw_value.partition(b"\t")
+            left = _number(until)
+            if kind not in caps or left is None or (left := left - wall) <= 0:
+                continue
+            at = now + min(left, caps[kind])
             if kind == "c":
                 key_name, _, model = rest.partition("\t")
-                pool.adopt_cooldown(key_name, model, float(value) - wall + now)
+                pool.adopt_cooldown(key_name, model, at)
             elif kind == "b":
-                recheck, _, reason = value.partition("\t")
                 shared_blocks.add(rest)
-                pool.adopt_block(rest, reason, float(recheck) - wall + now)
-            elif kind == "o":
-                self.gw.breakers.adopt_open(upstream, rest, float(value) - wall + now)
+                pool.adopt_block(rest, reason.decode("utf-8", "replace"), at)
+            else:
+                breakers.adopt_open(upstream, rest, at)
         pool.adopt_unblocks(shared_blocks)
 
     async def pace(self, upstream: Upstream, key: UpstreamKey) -> float | None:
@@ -1863,7 +1933,12 @@ class SharedState:
         replies = await self.pipeline([("EVALSHA", self.scripts[_PACE_LUA], 1,
                                         self.key("pace", upstream.name, key.name),
                                         upstream.pacing_interval)])
-        return None if replies is None else float(replies[0])
+        if replies is None:
+            return None
+        wait = _number(replies[0]) if replies[0].__class__ is bytes else None
+        if wait is None:
+            self.refused(replies[0])
+        return wait
 
     # after: batched, or written by a task of their own ---------------------------------------
 
@@ -1914,12 +1989,19 @@ class SharedState:
             self.writing = asyncio.get_running_loop().create_task(self.write_pending())
 
     async def write_pending(self) -> None:
+        """State changes go out in order; each is the same when written twice, so a batch
+        whose replies never came is sent again whole. One Redis refuses is not: it would
+        hold back all the others."""
         try:
             while self.writes and self.up:
                 batch = [self.writes.popleft() for _ in range(min(len(self.writes), 256))]
-                if await self.pipeline(batch) is None:
+                replies = await self.pipeline(batch)
+                if replies is None:
                     self.writes.extendleft(reversed(batch))  # kept for when Redis is back
                     return
+                refused = next((r for r in replies if isinstance(r, Exception)), None)
+                if refused is not None:
+                    self.refused(refused)
         finally:
             self.writing = None
 
@@ -1959,8 +2041,8 @@ class SharedState:
         if not ids:
             return None
         found = await self.pipeline([("MGET", *[self.key("id", i) for i in ids])])
-        for value in found[0] if found else ():
-            if value is not None:
+        for value in found[0] if found and found[0].__class__ is list else ():
+            if value.__class__ is bytes:
                 upstream, _, key = value.decode("utf-8", "replace").partition("\t")
                 return upstream, key
         return None
@@ -1976,7 +2058,7 @@ class SharedState:
         if not isinstance(response_id, str) or not response_id.startswith("resp_"):
             return None
         found = await self.pipeline([("GET", self.key("resp", response_id))])
-        if not found or found[0] is None:
+        if not found or found[0].__class__ is not bytes:
             return None
         try:
             return StoredResponse(*orjson.loads(found[0]))
@@ -1989,7 +2071,8 @@ class SharedState:
         if not names:
             return None
         found = await self.pipeline([("HGETALL", self.key("usage", name)) for name in names])
-        return None if found is None else dict(zip(names, found))
+        return None if found is None else \
+            {name: fields for name, fields in zip(names, found) if fields.__class__ is list}
 
     # the batch ----------------------------------------------------------------------------------
 
@@ -1999,28 +2082,39 @@ class SharedState:
             await self.flush()
 
     async def flush(self) -> None:
-        """Usage and token corrections since the last flush, in one pipeline. While Redis is
-        away they add up here (bounded), and go out when it is back."""
-        if not self.up or not (self.usage or self.settles):
-            return
+        """Usage and token corrections since the last flush, in one batch applied once.
+        While Redis is away they add up here (bounded); a batch whose reply did not come
+        is sent again as it was, before the next."""
+        while self.up and (self.batch is not None or self.usage or self.settles):
+            if self.batch is None:
+                self.batch = self.next_batch()
+            replies = await self.pipeline([self.batch])
+            if replies is None:
+                return  # kept for when Redis is back
+            if replies[0].__class__ is not int:
+                self.refused(replies[0])  # (out of memory, say: nothing was applied)
+                return
+            self.batch = None
+            if replies[0]:
+                self.refused(f"{replies[0]} usage count(s) or token correction(s) not applied "
+                             "(a key or value of another type under the prefix)")
+
+    def next_batch(self) -> tuple:
         usage, self.usage = self.usage, {}
         settles, self.settles = self.settles, {}
-        commands: list[tuple] = []
-        for (name, model), counts in usage.items():
-            key = self.key("usage", name)
-            for field, amount in zip(_SHARED_USAGE, counts):
+        keys: dict[str, int] = {self.batch_key: 1}
+        counts: list[Any] = []
+        for (name, model), amounts in usage.items():
+            at = keys.setdefault(self.key("usage", name), len(keys) + 1)
+            for field, amount in zip(_SHARED_USAGE, amounts):
                 if amount:
-                    commands += [("HINCRBY", key, field, amount),
-                                 ("HINCRBY", key, f"{model}\t{field}", amount)]
-        commands += [("EVALSHA", self.scripts[_SETTLE_LUA], 1, key, rate, capacity, delta)
-                     for (key, rate, capacity), delta in settles.items() if delta]
-        if commands and await self.pipeline(commands) is None:  # Redis went: keep them
-            for slot, counts in usage.items():
-                mine = self.usage.setdefault(slot, [0, 0, 0, 0, 0])
-                for i, amount in enumerate(counts):
-                    mine[i] += amount
-            for slot, delta in settles.items():
-                self.settles[slot] = self.settles.get(slot, 0.0) + delta
+                    counts += [at, field, amount, at, f"{model}\t{field}", amount]
+        corrections: list[Any] = []
+        for (key, rate, capacity), delta in settles.items():
+            if delta:
+                corrections += [keys.setdefault(key, len(keys) + 1), rate, capacity, delta]
+        return ("EVALSHA", self.scripts[_FLUSH_LUA], len(keys), *keys, next(self.batches),
+                len(counts) // 3, *counts, *corrections)
 
 
 ################################################################################
@@ -5653,6 +5747,9 @@ class AdminHandler:
                     for u in gw.config.upstreams if gw.keys[u.name].all_unavailable()]
         if gw.shared is not None and not gw.shared.up:
             reasons.append(f"redis unreachable (serving on local state): {gw.shared.reason}")
+        elif gw.shared is not None and (refused := gw.shared.refusing()):
+            reasons.append(f"redis refused a command in the last minute (served on local "
+                           f"state): {refused}")
         rq.writer.send_json(200, {
             "status": "degraded" if reasons else "ok",
             "reasons": reasons,

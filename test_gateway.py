@@ -1760,6 +1760,47 @@ def test_redis_killed_mid_load_then_restarted_costs_no_request(
     assert all(before != after for before, after in zip(changes, changes[1:]))
 
 
+def redis_int(server: RedisServer, key: str, field: str) -> int:
+    reply = server.command("HGET", key, field)  # b"$2\r\n36\r\n", or b"$-1\r\n" when none
+    return int(reply.split(b"\r\n")[1]) if not reply.startswith(b"$-1") else 0
+
+
+@pytest.mark.parametrize("fault", ["stall", "script cache lost", "another client's key"])
+def test_usage_reaches_redis_exactly_once_whatever_happens_to_a_batch(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str, fault: str) -> None:
+    # A batch whose reply never came is sent again; Redis may have applied it meanwhile (a
+    # stall past redis_timeout_ms). NOSCRIPT, or a key Redis refuses, answers one command of
+    # a batch whose others took effect. None of it may count a request twice (a false 402).
+    other = "sk-client-other-0002"
+    g = start_gateway(shared_config(mock, redis_url, redis_timeout_ms=200, api_keys=[
+        {"key": SDK_KEY, "name": "team", "tpm": 100000}, {"key": other, "name": "other"}]))
+    shared = g.gw.shared
+    assert eventually(lambda: shared.up)
+    used = g.client().chat.completions.create(model="m", messages=MSGS).usage.total_tokens
+    if fault == "another client's key":
+        redis_server.command("SET", "gateway:v1:usage:other", "not a hash")
+        g.client(other).chat.completions.create(model="m", messages=MSGS)
+        g.lt.run(shared.flush())
+    elif fault == "script cache lost":
+        redis_server.command("SCRIPT", "FLUSH")
+        g.lt.run(shared.flush())
+    else:
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            g.lt.run(shared.flush())  # sent; the watchdog gives up on its reply
+            assert not shared.up and shared.batch is not None
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)  # ...and Redis applies it now
+        assert eventually(lambda: shared.up)
+        g.lt.run(shared.flush())  # sent again
+    g.lt.run(shared.flush())
+    assert shared.batch is None
+    assert redis_int(redis_server, "gateway:v1:usage:team", "total_tokens") == used
+    assert redis_int(redis_server, "gateway:v1:usage:team", "requests") == 1
+    assert g.client().chat.completions.create(model="m", messages=MSGS).usage.total_tokens == used
+
+
 def test_a_redis_that_stops_reading_fails_the_replies_owed_at_once(loop_thread: LoopThread) -> None:
     # A graceful close waits for the unsent bytes to drain: with a Redis that stopped reading
     # (a stall, a partition) the requests awaiting replies would wait with it.
@@ -1797,6 +1838,39 @@ def test_a_drain_with_redis_stalled_ends_within_its_bound(
         assert not drain.is_alive()
     finally:
         os.kill(redis_server.proc.pid, signal.SIGCONT)
+
+
+def test_what_redis_refuses_or_garbles_is_passed_over_and_reported(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str, capfd: pytest.CaptureFixture[str]) -> None:
+    now = time.time()
+    redis_server.command("HSET", "gateway:v1:up:mock", "c\tmock#0\tm", "not a time",
+                         "c\tmock#1\tm", f"{now + 86400}",  # a writer's clock a day ahead
+                         "o\tm2", "inf", "o\tm3", f"{now + 86400}")
+    redis_server.command("SET", "gateway:v1:up:other", "not a hash")  # the state writes' target
+    config = shared_config(mock, redis_url, cooldown_cap_s=60, api_keys=[{"key": SDK_KEY, "name": "team"}])
+    config["upstreams"].append({"name": "other", "url": config["upstreams"][0]["url"], "keys": ["sk-o-1"],
+                                "models": ["only-other"]})
+    g = start_gateway(config)
+    shared = g.gw.shared
+    assert eventually(lambda: shared.up)
+    g.client().chat.completions.create(model="m", messages=MSGS)  # 200: the garbage is passed over
+    keys = g.gw.keys["mock"]
+    assert 0 < keys.keys[1].cools_for("m", 0.0) - time.monotonic() <= 60  # the cap, not a day
+    breaker = g.gw.breakers.get("mock", "m3")
+    assert 0 < breaker.retry_in() <= g.gw.config.recovery_timeout_s
+    assert g.gw.breakers.get("mock", "m2").retry_in() == 0  # "inf" is not a time
+    # a write Redis refuses goes by; the ones queued after it still land
+    g.lt.call(shared.write, "HSET", "gateway:v1:up:other", "f", "v")
+    for i in range(300):
+        g.lt.call(shared.remember_id, f"resp_{i:04d}", "mock", "mock#0")
+    assert eventually(lambda: redis_server.command("EXISTS", "gateway:v1:id:resp_0299") == b":1\r\n")
+    (health,) = raw(g.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert health.json()["status"] == "degraded" and "WRONGTYPE" in " ".join(health.json()["reasons"])
+    redis_server.command("HSET", "gateway:v1:usage:team", "total_tokens", "many")
+    assert usage_of(g, SDK_KEY)[0]["requests"] >= 0  # /v1/usage answers
+    lines = [json.loads(l) for l in capfd.readouterr().err.splitlines() if l.startswith("{")]
+    assert [l["redis"] for l in lines if "redis" in l] == ["refused"]  # once, however often
 
 
 ################################################################################
