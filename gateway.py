@@ -49,6 +49,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import sys
 import tempfile
 import time
@@ -1222,13 +1223,15 @@ class UsageLedger:
     """Usage per client name: totals, budgets, and the usage log that carries them across
     restarts (replayed on open, one line appended per request)."""
 
-    __slots__ = ("_clients", "_file", "priced")
+    __slots__ = ("_clients", "_file", "priced", "path", "failed_at")
 
     def __init__(self, keys: Iterable[ClientKey], priced: bool = False) -> None:
         self._clients = {k.name: ClientUsage(k.name, k.budget_tokens, k.budget_usd)
                          for k in keys}
         self._file: Any = None
         self.priced = priced  # prices are configured: usage shows cost
+        self.path = ""
+        self.failed_at = -60.0  # when a line last could not be written (monotonic)
 
     def reconfigure(self, keys: Iterable[ClientKey], priced: bool = False) -> None:
         """Budgets from a new configuration; usage counted so far stays, by client name."""
@@ -1263,7 +1266,14 @@ class UsageLedger:
             }
             if self.priced:
                 entry["cost_usd"] = usd(cost)
-            self._file.write(orjson.dumps(entry).decode() + "\n")
+            try:
+                self._file.write(orjson.dumps(entry) + b"\n")  # one write, unbuffered
+            except OSError as exc:  # a full disk, say: the count stands, the line is lost
+                now = time.monotonic()
+                if now - self.failed_at >= 60:
+                    log(f"usage_log {self.path}: cannot write ({exc.strerror}); usage is still "
+                        "counted, but not kept across a restart", "error")
+                    self.failed_at = now
 
     def report(self, name: str | None = None) -> list[dict]:
         """One client's usage, or every client's (name None)."""
@@ -1273,11 +1283,17 @@ class UsageLedger:
 
     def open(self, path: str) -> None:
         """Replay the log (so usage and budgets survive a restart), then append to it."""
+        problem = usage_log_problem(path)  # (a FIFO or a device is never read)
+        if problem:
+            raise _fail("usage_log", problem)
+        self.path = path
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             data = b""
+        except OSError as exc:
+            raise _fail("usage_log", f"{path}: {exc.strerror}") from None
         lines = data.split(b"\n")
         for number, line in enumerate(lines, 1):
             if not line.strip():
@@ -1290,14 +1306,34 @@ class UsageLedger:
                 torn = number == len(lines)
                 log(f"usage_log {path}: skipped {'a torn last' if torn else 'an unreadable'} "
                     f"line {number}", "warning")
-        self._file = open(path, "a", buffering=1, encoding="utf-8")  # a line per write
-        if data and not data.endswith(b"\n"):
-            self._file.write("\n")  # end the torn line: the next entry gets its own
+        try:
+            self._file = open(path, "ab", buffering=0)
+            if data and not data.endswith(b"\n"):
+                self._file.write(b"\n")  # end the torn line: the next entry gets its own
+        except OSError as exc:
+            raise _fail("usage_log", f"{path}: {exc.strerror}") from None
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def usage_log_problem(path: str) -> str:
+    """Why the usage log could not be kept at path ("" when it can): said by the config's
+    check, before any worker starts."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            return f"{folder} is not a directory"
+        return "" if os.access(folder, os.W_OK) else f"cannot create a file in {folder}"
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    if not stat.S_ISREG(mode):
+        return f"{path} is not a regular file"
+    return "" if os.access(path, os.R_OK | os.W_OK) else f"{path} cannot be read and written"
 
 
 ################################################################################
@@ -2637,7 +2673,9 @@ class Config:
         self.max_connections: int = r.number("max_connections", 10000, lo=1, integer=True)
         self.cors_origins: list[str] = r.strings("cors_origins")
         self.access_log: bool = r.boolean("access_log", True)
-        self.usage_log: str | None = r.string("usage_log", None, nullable=True)
+        self.usage_log: str | None = r.string("usage_log", None, nullable=True) or None
+        if self.usage_log is not None and (problem := usage_log_problem(self.usage_log)):
+            raise _fail("usage_log", problem)
         self.shutdown_grace_s: float = r.number("shutdown_grace_s", 30)
         self.cooldown_cap_s: float = r.number("cooldown_cap_s", COOLDOWN_HINT_CAP_S, above=True)
         self.block_recheck_s: float = r.number("block_recheck_s", BLOCK_RECHECK_S, above=True)
@@ -6789,6 +6827,9 @@ async def _serve(args: argparse.Namespace, worker: Worker | None = None,
         gw.worker, gw.metrics_dir = worker.index, worker.metrics_dir
     try:
         await gw.start(worker.sock if worker is not None else None)
+    except ConfigError as exc:  # (the usage log, gone since the config's check)
+        log(str(exc), "error")
+        return 2
     except OSError as exc:
         log(f"cannot listen on {config.host}:{config.port}: {exc.strerror}", "error")
         return 2

@@ -4662,6 +4662,31 @@ def test_workers_share_the_port_drain_together_and_a_killed_one_is_replaced(
         gp.kill()
 
 
+@pytest.mark.parametrize("where", ["a directory", "a device", "a missing directory"])
+def test_a_usage_log_that_cannot_be_kept_is_a_config_error_naming_it(tmp_path: Path, where: str) -> None:
+    path = {"a directory": str(tmp_path), "a device": "/dev/full",  # (read, it never ends)
+            "a missing directory": str(tmp_path / "gone" / "usage.jsonl")}[where]
+    config = {"usage_log": path, "upstreams": [{"url": "http://127.0.0.1:9/v1"}]}
+    checked = run_gateway("--check", env={"GATEWAY_CONFIG": json.dumps(config)})
+    assert checked.returncode == 2 and "config: usage_log: " in checked.stderr and "Traceback" not in checked.stderr
+
+
+def test_a_usage_log_write_that_fails_costs_neither_the_request_nor_its_accounting(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, tmp_path: Path,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    g = start_gateway(limited(mock, api_keys=[{"key": SDK_KEY, "name": "team"}],
+                              usage_log=str(tmp_path / "usage.jsonl")))
+    full = open("/dev/full", "wb", buffering=0)  # every write: ENOSPC, as on a full disk
+    g.lt.call(setattr, g.gw.ledger, "_file", full)
+    for _ in range(3):
+        g.client().chat.completions.create(model="m", messages=MSGS)
+    assert usage_of(g, SDK_KEY)[0]["requests"] == 3
+    assert sum(samples(scrape(g)["gateway_tokens"], "_total").values()) > 0
+    g.lt.run(g.gw.shutdown(grace_s=0))
+    err = capfd.readouterr().err
+    assert err.count("cannot write (No space left on device)") == 1 and "internal error" not in err
+
+
 def test_more_than_one_worker_needs_redis() -> None:
     bad = run_gateway("--workers", "2", "--check", env={"GATEWAY_CONFIG": json.dumps({"upstreams": [{"url": "http://127.0.0.1:9/v1"}]})})
     assert bad.returncode == 2 and "config: workers: more than 1 needs redis_url" in bad.stderr
