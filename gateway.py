@@ -6630,8 +6630,9 @@ class Gateway:
                                       self.config.redis_timeout_ms)
             self.share()
             await self.shared.start()  # unreachable: it says so, and serving starts anyway
-        if sock is not None:
-            self.server = await self.loop.create_server(lambda: HttpProtocol(self), sock=sock)
+        if sock is not None:  # (listen() again: uvloop's default backlog is 100)
+            self.server = await self.loop.create_server(lambda: HttpProtocol(self), sock=sock,
+                                                        backlog=2048)
         else:
             self.server = await self.loop.create_server(
                 lambda: HttpProtocol(self), self.config.host, self.config.port, backlog=2048)
@@ -6733,6 +6734,18 @@ class Gateway:
         except OSError as exc:
             log(f"cannot write metrics for the other workers: {exc}", "warning")
 
+    def inherit_metrics(self) -> None:
+        """Workers: a restarted one goes on from the counts its predecessor left, so that the
+        sum over the workers never goes back (a counter that drops reads as a reset)."""
+        path = Path(self.metrics_dir) / f"{self.worker}.json"  # type: ignore[arg-type]
+        try:
+            snapshot = orjson.loads(path.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            return
+        snapshot["active_streams"] = 0  # (those streams died with it)
+        self.metrics, refused = self.metrics.merged([snapshot])
+        self.limiter.refused += refused
+
     def sibling_metrics(self) -> list[dict]:
         snapshots = []
         for path in Path(self.metrics_dir).glob("*.json"):  # type: ignore[arg-type]
@@ -6825,6 +6838,7 @@ async def _serve(args: argparse.Namespace, worker: Worker | None = None,
     gw = Gateway(config)
     if worker is not None:
         gw.worker, gw.metrics_dir = worker.index, worker.metrics_dir
+        gw.inherit_metrics()
     try:
         await gw.start(worker.sock if worker is not None else None)
     except ConfigError as exc:  # (the usage log, gone since the config's check)
@@ -6872,10 +6886,11 @@ class Supervisor:
 
     def __init__(self, args: argparse.Namespace, config: Config) -> None:
         self.args = args
-        self.config = config
+        self.config = config  # the workers' running config: a restarted worker's too
         self.children: dict[int, tuple[int, float]] = {}  # pid -> (index, started)
         self.quick_deaths: dict[int, int] = {}  # index -> deaths in a row soon after start
         self.stopping = False
+        self.sock: socket.socket | None = None
 
     def run(self) -> int:
         config = self.config
@@ -6886,6 +6901,7 @@ class Supervisor:
             log(f"cannot listen on {config.host}:{config.port}: {exc.strerror}", "error")
             return 2
         sock.setblocking(False)
+        self.sock = sock
         metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self.forward)
@@ -6938,7 +6954,7 @@ class Supervisor:
             _LogFormat.worker = worker.index
             _new_id_prefix()
             random.seed()  # nor share the retry jitter
-            code = asyncio.run(_serve(self.args, worker))
+            code = asyncio.run(_serve(self.args, worker, self.config))
         except BaseException:  # noqa: BLE001  # whatever it was, this process ends here
             traceback.print_exc()
         finally:
@@ -6948,6 +6964,13 @@ class Supervisor:
     def forward(self, sig: int, frame: Any) -> None:
         if sig in (signal.SIGTERM, signal.SIGINT):
             self.stopping = True
+            if self.sock is not None:  # the workers close theirs as they drain: from now
+                self.sock.close()  # on a new connection is refused, not left in the backlog
+        elif sig == signal.SIGHUP:  # the config a worker restarted from now on starts with
+            try:
+                self.config = _configure(self.args, {}, quiet=True)
+            except ConfigError:
+                pass  # each worker says so, and keeps the running one
         for pid in self.children:
             try:
                 os.kill(pid, sig)

@@ -4687,6 +4687,62 @@ def test_a_usage_log_write_that_fails_costs_neither_the_request_nor_its_accounti
     assert err.count("cannot write (No space left on device)") == 1 and "internal error" not in err
 
 
+def test_workers_keep_the_running_config_close_the_port_on_drain_and_never_count_backwards(
+        mock: mock_upstream.MockUpstream, redis_url: str, tmp_path: Path) -> None:
+    path = tmp_path / "gateway.json"
+    config = {"port": 0, "redis_url": redis_url, "api_keys": [SDK_KEY], "upstreams": [
+        {"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS}]}
+    path.write_text(json.dumps(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "OPENAI_"))}
+    gp = GatewayProcess(["--workers", "2"], {**env, "GATEWAY_CONFIG_FILE": str(path)}, ready="listening")
+    auth = f"Authorization: Bearer {SDK_KEY}\r\n"
+
+    def served() -> float:
+        return samples(scrape(gp.port)["gateway_requests"], "_total").get(
+            (("model", "gpt-4o-mini"), ("path", "/v1/chat/completions"), ("status", "200")), 0)
+    try:
+        assert gp.wait_for_line("worker 0 serving") and gp.wait_for_line("worker 1 serving")
+        for _ in range(20):
+            assert raw(gp.port, post("/v1/chat/completions", CHAT, auth))[0].status == 200
+        assert eventually(lambda: served() == 20)  # each worker's file is a second old at most
+        del config["api_keys"]  # auth off, in the file only: no SIGHUP
+        path.write_text(json.dumps(config))
+        pids = worker_pids(gp)
+        os.kill(pids[1], signal.SIGKILL)
+        assert gp.wait_for_line("worker 1 exited (signal 9), restarting"), gp.lines
+        assert eventually(lambda: len(worker_pids(gp)) == 2 and pids[1] not in worker_pids(gp))
+        assert gp.wait_for_line("worker 1 serving")
+        answered, statuses = set(), []  # by each worker: its request ids' prefix
+        while len(answered) < 2:
+            assert len(statuses) < 200, "one worker answered everything"
+            (resp,) = raw(gp.port, post("/v1/chat/completions", CHAT))
+            statuses.append(resp.status)
+            answered.add(resp.headers["x-request-id"][:12])
+        assert set(statuses) == {401}  # the running config, in both workers
+        assert eventually(lambda: served() == 20) and served() == 20  # not 20 less the dead one's
+        streaming = connect(gp.port)
+        streaming.sendall(post("/v1/chat/completions", b'{"model":"m","messages":[],"stream":true}',
+                               auth + "x-mock-chunks: 40\r\nx-mock-delay-ms: 100\r\n"))
+        stream_f = streaming.makefile("rb")
+        assert stream_f.readline().startswith(b"HTTP/1.1 200")
+        gp.proc.send_signal(signal.SIGTERM)
+        assert gp.wait_for_line("shutting down")
+        assert eventually(lambda: refused(gp.port), timeout=2)  # while the stream still drains
+        assert gp.proc.poll() is None
+        assert b"data: [DONE]" in stream_f.read()
+        assert gp.proc.wait(20) == 0
+    finally:
+        gp.kill()
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 def test_more_than_one_worker_needs_redis() -> None:
     bad = run_gateway("--workers", "2", "--check", env={"GATEWAY_CONFIG": json.dumps({"upstreams": [{"url": "http://127.0.0.1:9/v1"}]})})
     assert bad.returncode == 2 and "config: workers: more than 1 needs redis_url" in bad.stderr
