@@ -300,6 +300,10 @@ class BoundedMap(collections.OrderedDict):
         return False
 
 
+if sys.stderr is None:  # started with fd 2 closed: the log goes nowhere, not into a crash
+    sys.stderr = open(os.devnull, "w")
+
+
 class _LogFormat:
     """How stderr lines look: JSON objects (for a log shipper; the default when stderr is not
     a terminal) or text for a person (start-up and operator lines; access lines stay JSON)."""
@@ -6851,6 +6855,11 @@ async def _serve(args: argparse.Namespace, worker: Worker | None = None,
     for sig in (signal.SIGINT, signal.SIGTERM):  # right after that line still drains)
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload, gw, args, overrides)
+    early, _EARLY_SIGNALS[:] = set(_EARLY_SIGNALS), []
+    if signal.SIGHUP in early:
+        _reload(gw, args, overrides)
+    if early & {signal.SIGINT, signal.SIGTERM}:
+        stop.set()
     log(f"worker {worker.index} serving" if worker is not None else
         f"listening on {config.summary(gw.port)}")
     if mock is not None:
@@ -6871,6 +6880,17 @@ async def _serve(args: argparse.Namespace, worker: Worker | None = None,
         await mock.stop()
     log("exited")
     return 0
+
+
+_EARLY_SIGNALS: list[int] = []  # SIGTERM, SIGINT, SIGHUP received before the loop handles them
+
+
+def _hold_signals() -> None:
+    """Until the loop's own handlers are in place, SIGTERM, SIGINT and SIGHUP are noted and
+    acted on then: one sent while the process starts neither kills it nor goes unheard."""
+    _EARLY_SIGNALS.clear()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda number, _: _EARLY_SIGNALS.append(number))
 
 
 class Worker(NamedTuple):
@@ -6905,7 +6925,9 @@ class Supervisor:
         metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self.forward)
-        for index in range(config.workers):
+        for sig in _EARLY_SIGNALS:  # (a SIGTERM already: no worker starts)
+            self.forward(sig, None)
+        for index in range(config.workers if not self.stopping else 0):
             self.spawn(Worker(index, sock, metrics_dir))
         log(f"listening on {config.summary(sock.getsockname()[1])} · {config.workers} workers")
         while self.children:
@@ -6947,8 +6969,7 @@ class Supervisor:
             return
         code = 1  # the worker: it never returns into the supervisor's loop
         try:
-            for sig in signals:
-                signal.signal(sig, signal.SIG_DFL)
+            _hold_signals()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
             _end_with_parent(supervisor)
             _LogFormat.worker = worker.index
@@ -7118,6 +7139,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(probe(config, args.probe))
         print("\n".join(check_summary(config)))
         sys.exit(0)
+    _hold_signals()
     if uvloop is not None:
         uvloop.install()
     config = None

@@ -4743,6 +4743,39 @@ def refused(port: int) -> bool:
     return False
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_sighup_and_a_sigterm_during_start_up_are_acted_on_once_it_serves(
+        redis_url: str, workers: str) -> None:
+    # Start-up waits on a "Redis" that takes the connection and never answers: the signals
+    # land between the process starting and its loop handling them.
+    silent = socket.create_server(("127.0.0.1", 0))
+    config = {"port": 0, "redis_url": f"redis://127.0.0.1:{silent.getsockname()[1]}",
+              "upstreams": [{"url": "http://127.0.0.1:9/v1"}]}
+    proc = subprocess.Popen([sys.executable, str(HERE / "gateway.py"), "--workers", workers],
+                            env={**os.environ, "GATEWAY_CONFIG": json.dumps(config)},
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        silent.settimeout(20)
+        held, _ = silent.accept()  # the gateway is starting: it waits for this "Redis"
+        proc.send_signal(signal.SIGHUP)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        held.close()
+    finally:
+        proc.kill()
+        silent.close()
+    assert proc.returncode == 0, err
+    assert "config reloaded" in err and err.rstrip().endswith('"msg":"exited"}')
+
+
+def test_a_gateway_started_with_stderr_closed_still_runs() -> None:
+    config = {"upstreams": [{"url": "http://127.0.0.1:9/v1"}]}
+    checked = subprocess.run([sys.executable, str(HERE / "gateway.py"), "--check"], capture_output=False,
+                             stdout=subprocess.PIPE, text=True, timeout=30, preexec_fn=lambda: os.close(2),
+                             env={**os.environ, "GATEWAY_CONFIG": json.dumps(config)})
+    assert checked.returncode == 0 and checked.stdout.startswith("config ok")
+
+
 def test_more_than_one_worker_needs_redis() -> None:
     bad = run_gateway("--workers", "2", "--check", env={"GATEWAY_CONFIG": json.dumps({"upstreams": [{"url": "http://127.0.0.1:9/v1"}]})})
     assert bad.returncode == 2 and "config: workers: more than 1 needs redis_url" in bad.stderr
