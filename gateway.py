@@ -1456,9 +1456,10 @@ return {'ok', tostring(r), tostring(k)}
 # or -delta given back), applied once: a batch sent again because its reply never came
 # (Redis stalled past redis_timeout_ms, the link dropped) finds its number already seen.
 # KEYS[1]: the last batch number this process had applied; KEYS[2..]: the hashes written.
-# ARGV: the batch number, how many counts follow, then (key index, field, amount) per count
-# and (key index, rate, capacity, delta) per correction. A key Redis refuses (another type)
-# costs its own counts only. Returns how many were refused.
+# ARGV: the batch number, how many counts follow, the most fields a usage hash may have
+# (models are client-chosen: past it, only models it has are counted), then (key index,
+# field, amount) per count and (key index, rate, capacity, delta) per correction. A key
+# Redis refuses (another type) costs its own counts only. Returns how many were refused.
 _FLUSH_LUA = """
 local seq = tonumber(ARGV[1])
 if seq <= (tonumber(redis.call('GET', KEYS[1])) or 0) then return 0 end
@@ -1474,16 +1475,47 @@ local function settle(key, rate, cap, delta)
   redis.call('PEXPIRE', key, math.ceil((cap - l) / rate * 1000) + 1000)
 end
 local refused = 0
-local settles = 3 + 3 * tonumber(ARGV[2])
-for i = 3, settles - 1, 3 do
-  local r = redis.pcall('HINCRBY', KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2])
-  if type(r) == 'table' and r.err then refused = refused + 1 end
+local settles = 4 + 3 * tonumber(ARGV[2])
+local most = tonumber(ARGV[3])
+for i = 4, settles - 1, 3 do
+  local key, field = KEYS[tonumber(ARGV[i])], ARGV[i + 1]
+  local size = redis.pcall('HLEN', key)
+  if type(size) ~= 'number' then
+    refused = refused + 1
+  elseif size + 5 <= most or not string.find(field, '\t', 1, true)
+      or redis.call('HEXISTS', key, string.match(field, '^(.*)\t') .. '\trequests') == 1 then
+    local r = redis.pcall('HINCRBY', key, field, ARGV[i + 2])
+    if type(r) == 'table' and r.err then refused = refused + 1 end
+  end
 end
 for i = settles, #ARGV, 4 do
   if not pcall(settle, KEYS[tonumber(ARGV[i])], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]),
                tonumber(ARGV[i + 3])) then refused = refused + 1 end
 end
 return refused
+"""
+
+# One state of an upstream (a key's cooldown or block, a breaker open) into its hash, which
+# every admission reads whole: cooldowns and open breakers that are over are cleared first
+# (by the writer's clock), and a new field is dropped while MAX_SHARED_STATE_FIELDS are
+# live (models are client-chosen). ARGV: field, value, ttl, the cap, the time now.
+_STATE_LUA = """
+local all = redis.call('HGETALL', KEYS[1])
+local now = tonumber(ARGV[5])
+for i = 1, #all, 2 do
+  local kind = string.sub(all[i], 1, 1)
+  if kind == 'c' or kind == 'o' then
+    local t = tonumber(string.match(all[i + 1], '^[^\t]*'))
+    if not t or t <= now then redis.call('HDEL', KEYS[1], all[i]) end
+  end
+end
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0
+    and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
 """
 
 # rpm_per_key pacing across instances: the next free slot of one upstream key.
@@ -1500,6 +1532,8 @@ SHARED_ID_TTL_S = 7 * 86400  # object id -> (upstream, key)
 _SHARED_USAGE = (*_USAGE_FIELDS, "cost_pico")  # the fields of a client's usage hash
 SHARED_RESPONSE_TTL_S = 86400  # responses made over chat
 SHARED_STATE_TTL_S = 86400  # an upstream's key and breaker states, refreshed on every write
+MAX_SHARED_STATE_FIELDS = 256  # states of one upstream in Redis (each admission reads them)
+MAX_SHARED_USAGE_FIELDS = 5 * (1 + MAX_BREAKERS)  # a client's usage hash: totals, and models
 SHARED_FLUSH_S = 1.0  # usage and token corrections go out in batches this often
 MAX_SHARED_PENDING = 10_000  # writes waiting while Redis is away; the oldest go first
 EARLY_ADMISSION_UPSTREAMS = 8  # up to this many, a request's admission brings all their states
@@ -1677,7 +1711,7 @@ class SharedState:
         self.conn: RedisConnection | None = None
         # EVALSHA: a script travels once (SCRIPT LOAD, again after a Redis restart).
         self.scripts = {lua: hashlib.sha1(lua.encode()).hexdigest()
-                        for lua in (_ADMIT_LUA, _FLUSH_LUA, _PACE_LUA)}
+                        for lua in (_ADMIT_LUA, _FLUSH_LUA, _PACE_LUA, _STATE_LUA)}
         self.up = True  # until a call fails
         self.reason = ""
         self.refusal = ("", 0.0, 0.0)  # what Redis last refused: (error, when, when logged)
@@ -1954,17 +1988,19 @@ class SharedState:
             kind, _, rest = raw_field.decode("utf-8", "replace").partition("\t")
             until, _, reason = raw_value.partition(b"\t")
             left = _number(until)
-            if kind not in caps or left is None or (left := left - wall) <= 0:
+            if kind not in caps or left is None:
                 continue
-            at = now + min(left, caps[kind])
-            if kind == "c":
-                key_name, _, model = rest.partition("\t")
-                pool.adopt_cooldown(key_name, model, at)
-            elif kind == "b":
+            left = min(left - wall, caps[kind])
+            if kind == "b":  # blocked until a request gets through: rechecked from then
                 shared_blocks.add(rest)
-                pool.adopt_block(rest, reason.decode("utf-8", "replace"), at)
+                pool.adopt_block(rest, reason.decode("utf-8", "replace"), now + max(left, 0.0))
+            elif left <= 0:
+                continue  # over (the next write of this hash clears it)
+            elif kind == "c":
+                key_name, _, model = rest.partition("\t")
+                pool.adopt_cooldown(key_name, model, now + left)
             else:
-                breakers.adopt_open(upstream, rest, at)
+                breakers.adopt_open(upstream, rest, now + left)
         pool.adopt_unblocks(shared_blocks)
 
     async def pace(self, upstream: Upstream, key: UpstreamKey) -> float | None:
@@ -2067,8 +2103,8 @@ class SharedState:
             self.write_state(upstream, f"o\t{model}", f"{time.time() + open_for:.3f}")
 
     def write_state(self, upstream: str, field: str, value: str) -> None:
-        self.write("HSET", self.key("up", upstream), field, value)
-        self.write("EXPIRE", self.key("up", upstream), SHARED_STATE_TTL_S)
+        self.write("EVALSHA", self.scripts[_STATE_LUA], 1, self.key("up", upstream), field,
+                   value, SHARED_STATE_TTL_S, MAX_SHARED_STATE_FIELDS, f"{time.time():.3f}")
 
     # objects: the id memory and the responses made over chat ---------------------------------
 
@@ -2154,7 +2190,7 @@ class SharedState:
             if delta:
                 corrections += [keys.setdefault(key, len(keys) + 1), rate, capacity, delta]
         return ("EVALSHA", self.scripts[_FLUSH_LUA], len(keys), *keys, next(self.batches),
-                len(counts) // 3, *counts, *corrections)
+                len(counts) // 3, MAX_SHARED_USAGE_FIELDS, *counts, *corrections)
 
 
 ################################################################################

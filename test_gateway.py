@@ -1873,6 +1873,46 @@ def test_what_redis_refuses_or_garbles_is_passed_over_and_reported(
     assert [l["redis"] for l in lines if "redis" in l] == ["refused"]  # once, however often
 
 
+def test_a_key_blocked_here_stays_blocked_when_the_shared_block_is_due_for_its_recheck(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str) -> None:
+    g = start_gateway(shared_config(mock, redis_url))
+    assert eventually(lambda: g.gw.shared.up)
+    mock.key_faults[KEYS[2]] = (401, {}, "Incorrect API key provided")
+    for _ in range(3):
+        g.client().chat.completions.create(model="m", messages=MSGS)
+    assert key_states(g)["mock#2"] == "blocked"
+    assert eventually(lambda: "b\tmock#2" in redis_hash(redis_server, "gateway:v1:up:mock"))
+    redis_server.command("HSET", "gateway:v1:up:mock", "b\tmock#2", "1.0\t401 revoked")  # recheck due
+    key = g.gw.keys["mock"].keys[2]
+    g.lt.call(setattr, key, "blocked_at", key.blocked_at - 10)  # not blocked just now
+    g.client().chat.completions.create(model="m", messages=MSGS)  # its admission reads the field
+    assert key_states(g)["mock#2"] == "blocked"  # still blocked somewhere: not freed here
+
+
+def test_the_shared_state_and_usage_hashes_stay_bounded_whatever_models_clients_name(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gw, "MAX_SHARED_STATE_FIELDS", 4)
+    monkeypatch.setattr(gw, "MAX_SHARED_USAGE_FIELDS", 15)  # the totals and two models
+    g = start_gateway(shared_config(mock, redis_url, api_keys=[{"key": SDK_KEY, "name": "team"}]))
+    shared = g.gw.shared
+    assert eventually(lambda: shared.up)
+    over = f"{time.time() - 5:.3f}"
+    redis_server.command("HSET", "gateway:v1:up:mock", "c\tmock#0\told1", over, "c\tmock#0\told2", over,
+                         "b\tmock#1", f"{over}\t401")  # a block stays until a request gets through
+    for i in range(6):
+        g.lt.call(shared.cooled, "mock", "mock#0", f"m{i}", 60.0)
+    assert eventually(lambda: not shared.writes and shared.writing is None)
+    fields = redis_hash(redis_server, "gateway:v1:up:mock")
+    assert sorted(fields) == ["b\tmock#1", "c\tmock#0\tm0", "c\tmock#0\tm1", "c\tmock#0\tm2"]
+    for i in range(4):
+        g.lt.call(shared.record_usage, "team", f"model{i}", 1, 1, 2)
+    g.lt.run(shared.flush())
+    usage = redis_hash(redis_server, "gateway:v1:usage:team")
+    assert len(usage) == 12 and redis_int(redis_server, "gateway:v1:usage:team", "requests") == 4
+
+
 ################################################################################
 # Observability: /metrics, the access log
 ################################################################################
