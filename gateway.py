@@ -101,6 +101,7 @@ BLOCK_RECHECK_S = 300.0  # a blocked key gets one real request this often (confi
 MAX_KEY_MODELS = 256  # models remembered per upstream key: "*" upstreams see any name
 MAX_LEARNED_MODELS = 256  # models that become metric labels because an upstream served them
 MAX_STICKY_IDS = 100_000  # object ids remembered with the key that made them (~120 B each)
+MAX_MODEL_NAME = 256  # characters: longer model names are refused (400)
 MAX_STORED_RESPONSES = 10_000  # responses made over chat, kept for previous_response_id
 UPLOAD_BUFFER = 1024 * 1024  # an upload's bytes waiting for the upstream connection, at most
 PACING_MAX_WAIT_S = 10.0  # a paced request queues this long at most, then gets 429
@@ -2374,7 +2375,7 @@ class AccessLog:
             "duration_ms": round(duration * 1000, 3), "prompt_tokens": rq.tokens[0],
             "completion_tokens": rq.tokens[1], "cost_usd": usd(rq.cost) if rq.cost else None,
             "bytes_out": w.bytes_out,
-            "error": rq.error or None,
+            "error": rq.error[:512] or None,
         }))
 
     def protocol_error(self, err: GatewayError, peer: str) -> None:
@@ -5435,6 +5436,9 @@ class ProxyHandler:
 
     def allowed_model(self, rq: Request, requested: str) -> str:
         """The model a request names, after aliases, if this client may use it."""
+        if len(requested) > MAX_MODEL_NAME:  # (every per-model table and label is keyed by it)
+            raise BadRequest(f"The model name is longer than {MAX_MODEL_NAME} characters.",
+                             param="model")
         rq.model = requested
         model = self.gw.config.resolve_alias(requested)
         client = rq.client

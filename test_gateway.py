@@ -1913,6 +1913,16 @@ def test_the_shared_state_and_usage_hashes_stay_bounded_whatever_models_clients_
     assert len(usage) == 12 and redis_int(redis_server, "gateway:v1:usage:team", "requests") == 4
 
 
+def test_a_model_name_past_256_characters_is_refused_before_any_table_keeps_it(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway()
+    with pytest.raises(openai.BadRequestError) as info:
+        g.client().chat.completions.create(model="m" * 257, messages=MSGS)
+    assert info.value.param == "model" and "256" in info.value.message
+    assert g.client().chat.completions.create(model="m" * 256, messages=MSGS).choices
+    assert len(mock.requests) == 1
+
+
 ################################################################################
 # Observability: /metrics, the access log
 ################################################################################
