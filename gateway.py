@@ -879,9 +879,14 @@ class CircuitBreaker:
             return 0.0
         return max(0.0, self.opened_at + self.recovery_s - self.clock())
 
-    def healthy(self) -> bool:
-        """Closed with no failure counted: nothing would be lost by forgetting it."""
-        return self.state is BreakerState.CLOSED and not self.failures
+    def holding(self) -> bool:
+        """Open with time left, or half-open with its probe out: what forgetting it would
+        undo. One whose time is up is as good as a new one until its model is asked for, and
+        failures counted while closed are not worth a place that a model in use needs
+        ("*" upstreams see client-chosen names, each failing once)."""
+        if self.state is BreakerState.OPEN:
+            return self.clock() < self.opened_at + self.recovery_s
+        return self.state is BreakerState.HALF_OPEN and self.probing
 
 
 class BreakerBoard:
@@ -895,7 +900,7 @@ class BreakerBoard:
         self.threshold = threshold
         self.recovery_s = recovery_s
         self.clock = clock
-        self._breakers = BoundedMap(MAX_BREAKERS, keep=lambda b: not b.healthy())
+        self._breakers = BoundedMap(MAX_BREAKERS, keep=CircuitBreaker.holding)
 
     def __repr__(self) -> str:
         return f"BreakerBoard({len(self._breakers)} pairs, {len(self.not_closed())} not closed)"
@@ -905,14 +910,14 @@ class BreakerBoard:
         if found is None:
             found = CircuitBreaker(self.threshold, self.recovery_s, self.clock,
                                    (upstream, model), self.listener)
-            self._breakers.put((upstream, model), found)  # unstored when full of unhealthy
+            self._breakers.put((upstream, model), found)  # unstored when all are holding
         return found
 
     def adopt_open(self, upstream: str, model: str, until: float) -> None:
         self.get(upstream, model).adopt_open(until)
 
     def not_closed(self) -> list[tuple[str, str]]:
-        return [pair for pair, b in self._breakers.items() if b.state is not BreakerState.CLOSED]
+        return [pair for pair, b in self._breakers.items() if b.holding()]
 
     def snapshot(self) -> dict[str, dict]:
         """Every pair as /health/circuit-breakers shows it."""
@@ -930,7 +935,7 @@ class BreakerBoard:
         gauge: dict[tuple[str, str], int] = {}
         for (up, model), b in self._breakers.items():
             pair = (up, fold(model))
-            gauge[pair] = max(gauge.get(pair, 0), int(b.state is not BreakerState.CLOSED))
+            gauge[pair] = max(gauge.get(pair, 0), int(b.holding()))
         return gauge
 
     def reset(self) -> None:

@@ -1923,6 +1923,19 @@ def test_a_model_name_past_256_characters_is_refused_before_any_table_keeps_it(
     assert len(mock.requests) == 1
 
 
+def test_breakers_of_models_that_failed_once_give_way_to_the_ones_in_use() -> None:
+    clock = FakeClock()
+    board = gw.BreakerBoard(2, 60, clock)
+    for i in range(gw.MAX_BREAKERS + 100):  # a "*" upstream, client-chosen names, one failure each
+        board.get("up", f"junk{i}").record(False)
+    for _ in range(2):
+        board.get("up", "gpt-4o").record(False)
+    assert board.get("up", "gpt-4o").state is gw.BreakerState.OPEN  # kept, so it can open
+    assert board.not_closed() == [("up", "gpt-4o")]
+    clock.advance(61)  # its recovery time is over: the next request is its probe
+    assert board.not_closed() == [] and board.get("up", "gpt-4o").available()
+
+
 ################################################################################
 # Observability: /metrics, the access log
 ################################################################################
