@@ -103,6 +103,7 @@ MAX_LEARNED_MODELS = 256  # models that become metric labels because an upstream
 MAX_STICKY_IDS = 100_000  # object ids remembered with the key that made them (~120 B each)
 MAX_MODEL_NAME = 256  # characters: longer model names are refused (400)
 MAX_STORED_RESPONSES = 10_000  # responses made over chat, kept for previous_response_id
+MAX_STORED_RESPONSE_BYTES = 32 * 1024 * 1024  # ...and their JSON size, all together
 UPLOAD_BUFFER = 1024 * 1024  # an upload's bytes waiting for the upstream connection, at most
 PACING_MAX_WAIT_S = 10.0  # a paced request queues this long at most, then gets 429
 PACING_SLACK = 1.01  # rpm_per_key spaces requests 1% wider than 60/rpm: room for jitter
@@ -1392,24 +1393,41 @@ class StoredResponse(NamedTuple):
 
 class ResponsesStore:
     """Responses the gateway made itself over chat: previous_response_id continues them,
-    and GET/DELETE /v1/responses/{id} read them. The last MAX_STORED_RESPONSES."""
+    and GET/DELETE /v1/responses/{id} read them. The last MAX_STORED_RESPONSES, and no more
+    than MAX_STORED_RESPONSE_BYTES of them (each holds its whole conversation so far): the
+    oldest go first; one over a quarter of that is not kept."""
 
-    __slots__ = ("_responses",)
+    __slots__ = ("_responses", "size")
 
     def __init__(self) -> None:
-        self._responses = BoundedMap(MAX_STORED_RESPONSES)
+        self._responses: collections.OrderedDict[str, tuple[StoredResponse, int]] = \
+            collections.OrderedDict()
+        self.size = 0  # the JSON bytes of those kept
 
     def __repr__(self) -> str:
-        return f"ResponsesStore({len(self._responses)})"
+        return f"ResponsesStore({len(self._responses)}, {self.size} bytes)"
 
     def get(self, response_id: Any) -> StoredResponse | None:
-        return self._responses.get(response_id) if isinstance(response_id, str) else None
+        found = self._responses.get(response_id) if isinstance(response_id, str) else None
+        return found[0] if found is not None else None
 
-    def put(self, stored: StoredResponse) -> None:
-        self._responses.put(stored.response["id"], stored)
+    def put(self, stored: StoredResponse, size: int) -> None:
+        response_id = stored.response["id"]
+        self.delete(response_id)
+        if size > MAX_STORED_RESPONSE_BYTES // 4:
+            return
+        kept = self._responses
+        while kept and (len(kept) >= MAX_STORED_RESPONSES
+                        or self.size + size > MAX_STORED_RESPONSE_BYTES):
+            self.size -= kept.popitem(last=False)[1][1]
+        kept[response_id] = (stored, size)
+        self.size += size
 
     def delete(self, response_id: str) -> bool:
-        return self._responses.pop(response_id, None) is not None
+        found = self._responses.pop(response_id, None)
+        if found is not None:
+            self.size -= found[1]
+        return found is not None
 
 
 ################################################################################
@@ -2129,9 +2147,9 @@ class SharedState:
                 return upstream, key
         return None
 
-    def store_response(self, stored: StoredResponse) -> None:
-        self.write("SET", self.key("resp", stored.response["id"]), orjson.dumps(list(stored)),
-                   "EX", SHARED_RESPONSE_TTL_S)
+    def store_response(self, response_id: str, data: bytes) -> None:
+        """A response made over chat (a StoredResponse as a JSON list)."""
+        self.write("SET", self.key("resp", response_id), data, "EX", SHARED_RESPONSE_TTL_S)
 
     def delete_response(self, response_id: str) -> None:
         self.write("DEL", self.key("resp", response_id))
@@ -5689,9 +5707,10 @@ class ProxyHandler:
         items = [{"type": "message", "role": "user", "content": raw_input}] \
             if isinstance(raw_input, str) else list(raw_input or [])
         stored = StoredResponse(response, [*messages, assistant], items)
-        self.gw.responses.put(stored)
+        data = orjson.dumps(list(stored))
+        self.gw.responses.put(stored, len(data))
         if self.gw.shared is not None:
-            self.gw.shared.store_response(stored)
+            self.gw.shared.store_response(response["id"], data)
 
     def remember_for(self, plan: Plan) -> Callable[[str], None]:
         """Where the id of an object this answer creates will be remembered."""

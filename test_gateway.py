@@ -1936,6 +1936,21 @@ def test_breakers_of_models_that_failed_once_give_way_to_the_ones_in_use() -> No
     assert board.not_closed() == [] and board.get("up", "gpt-4o").available()
 
 
+def test_the_responses_store_is_bounded_in_bytes_as_well_as_in_number() -> None:
+    store = gw.ResponsesStore()
+    mib = 1024 * 1024
+
+    def stored(i: int) -> gw.StoredResponse:
+        return gw.StoredResponse({"id": f"resp_{i:04d}"}, [], [])
+    for i in range(40):
+        store.put(stored(i), mib)
+    assert store.size <= gw.MAX_STORED_RESPONSE_BYTES and store.get("resp_0039") is not None
+    assert store.get("resp_0000") is None  # the oldest went first
+    store.put(stored(99), gw.MAX_STORED_RESPONSE_BYTES // 4 + 1)  # one alone would take a quarter
+    assert store.get("resp_0099") is None
+    assert store.delete("resp_0039") and store.size == (len(store._responses)) * mib
+
+
 ################################################################################
 # Observability: /metrics, the access log
 ################################################################################
