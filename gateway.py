@@ -1611,6 +1611,7 @@ class RedisConnection(asyncio.Protocol):
         self.pack = hiredis.pack_command
         self.reader = hiredis.Reader()
         self.error_type = hiredis.ReplyError
+        self.garbled = hiredis.ProtocolError
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
         # [future, replies expected, replies, loop time sent], oldest first
@@ -1656,7 +1657,14 @@ class RedisConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
         waiting = self.waiting
-        while (reply := self.reader.gets()) is not False:
+        while True:
+            try:
+                reply = self.reader.gets()
+            except self.garbled:  # not RESP: whatever answers there is not Redis
+                self.close()
+                return
+            if reply is False:
+                return
             if not waiting:
                 self.close()  # a reply nobody asked for: this connection is unusable
                 return
@@ -6652,6 +6660,7 @@ class Gateway:
         self.active = 0
         self.idle_event: asyncio.Event | None = None
         self.draining = False
+        self.cutting = False  # the drain's grace period is over
         self.unready = False  # /ready answers 503 (shutdown_delay_s), all else still served
         self.sweeper: asyncio.TimerHandle | None = None
         # state: reached only through each room's methods
@@ -6721,6 +6730,7 @@ class Gateway:
                 await asyncio.wait_for(self.idle_event.wait(), grace)  # type: ignore[union-attr]
             except asyncio.TimeoutError:
                 log(f"grace period over: cutting {self.active} request(s)")
+        self.cutting = True
         for proto in list(self.connections):
             proto.close()
         for pool in (*self.pools.values(), *self.retired):
@@ -6838,7 +6848,8 @@ class Gateway:
             rq.error = exc.message
             rq.writer.fail(exc)
         except asyncio.CancelledError:
-            rq.error = "client disconnected"  # its connection is already closed
+            rq.error = "cut: the shutdown grace period is over" if self.cutting else \
+                "client disconnected"  # its connection is already closed
         except Exception as exc:  # a bug: answer 500 and say where, but keep serving
             log(f"internal error on {rq!r}: {exc!r}", "error", traceback=traceback.format_exc())
             rq.error = f"internal error: {exc!r}"

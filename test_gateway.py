@@ -4471,6 +4471,35 @@ def test_ready_is_503_while_draining(start_gateway: StartGateway, mock: mock_ups
         assert resp.status == 503 and resp.json()["error"]["code"] == "draining"
 
 
+def test_a_request_cut_when_the_grace_period_is_over_says_so_in_the_access_log(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, capfd: pytest.CaptureFixture[str]) -> None:
+    g = start_gateway({"access_log": True})
+    stream = open_slow_stream(g.port)  # still streaming when the drain's grace is over
+    capfd.readouterr()
+    g.lt.run(g.gw.shutdown(grace_s=0))
+    stream.close()
+    assert eventually(lambda: g.gw.active == 0)  # the cut request has ended
+    g.lt.call(g.gw.access_log.flush)
+    lines = [json.loads(l) for l in capfd.readouterr().err.splitlines() if l.startswith("{")]
+    assert [l["error"] for l in lines if l["msg"] == "request"] == ["cut: the shutdown grace period is over"]
+
+
+def test_a_redis_url_where_something_else_answers_is_degraded_quietly(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, raw_upstream: RawUpstream,
+        capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    async def not_redis(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(65536):  # whatever it is asked, it answers this (not RESP)
+            writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+        writer.close()
+    garbage = raw_upstream(not_redis)
+    g = start_gateway(shared_config(mock, f"redis://127.0.0.1:{garbage}"))
+    assert g.client().chat.completions.create(model="m", messages=MSGS).choices
+    (health,) = raw(g.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert health.json()["status"] == "degraded"
+    assert "Traceback" not in capfd.readouterr().err
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []  # no "Fatal error"
+
+
 def test_requests_leave_no_reference_cycles_behind(start_gateway: StartGateway, mock: mock_upstream.MockUpstream,
                                                    raw_upstream: RawUpstream) -> None:
     """Whatever a request went through, reference counting frees it: nothing waits for the
