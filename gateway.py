@@ -1479,7 +1479,8 @@ return {'ok', tostring(r), tostring(k)}
 # One batch of usage counts and token estimates corrected after the fact (delta more taken,
 # or -delta given back), applied once: a batch sent again because its reply never came
 # (Redis stalled past redis_timeout_ms, the link dropped) finds its number already seen.
-# KEYS[1]: the last batch number this process had applied; KEYS[2..]: the hashes written.
+# KEYS[1]: the last batch number this process had applied (kept a week after its last
+# batch: longer than any batch waits to be sent again); KEYS[2..]: the hashes written.
 # ARGV: the batch number, how many counts follow, the most fields a usage hash may have
 # (models are client-chosen: past it, only models it has are counted), then (key index,
 # field, amount) per count and (key index, rate, capacity, delta) per correction. A key
@@ -1487,7 +1488,7 @@ return {'ok', tostring(r), tostring(k)}
 _FLUSH_LUA = """
 local seq = tonumber(ARGV[1])
 if seq <= (tonumber(redis.call('GET', KEYS[1])) or 0) then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', 3600)
+redis.call('SET', KEYS[1], ARGV[1], 'EX', 604800)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local function settle(key, rate, cap, delta)
@@ -1500,16 +1501,22 @@ local function settle(key, rate, cap, delta)
 end
 local refused = 0
 local settles = 4 + 3 * tonumber(ARGV[2])
-local most = tonumber(ARGV[3])
+local most, sizes = tonumber(ARGV[3]), {}
 for i = 4, settles - 1, 3 do
-  local key, field = KEYS[tonumber(ARGV[i])], ARGV[i + 1]
-  local size = redis.pcall('HLEN', key)
-  if type(size) ~= 'number' then
+  local key, field, amount = KEYS[tonumber(ARGV[i])], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local size = sizes[key]
+  if size == nil then
+    size = redis.pcall('HLEN', key)
+    if type(size) ~= 'number' then size = false end
+    sizes[key] = size
+  end
+  if size == false then
     refused = refused + 1
   elseif size + 5 <= most or not string.find(field, '\t', 1, true)
       or redis.call('HEXISTS', key, string.match(field, '^(.*)\t') .. '\trequests') == 1 then
-    local r = redis.pcall('HINCRBY', key, field, ARGV[i + 2])
-    if type(r) == 'table' and r.err then refused = refused + 1 end
+    local r = redis.pcall('HINCRBY', key, field, amount)
+    if type(r) ~= 'number' then refused = refused + 1
+    elseif r == amount then sizes[key] = size + 1 end
   end
 end
 for i = settles, #ARGV, 4 do
@@ -1521,11 +1528,12 @@ return refused
 
 # One state of an upstream (a key's cooldown or block, a breaker open) into its hash, which
 # every admission reads whole: cooldowns and open breakers that are over are cleared first
-# (by the writer's clock), and a new field is dropped while MAX_SHARED_STATE_FIELDS are
-# live (models are client-chosen). ARGV: field, value, ttl, the cap, the time now.
+# (by Redis's clock), and a new cooldown or breaker is dropped while MAX_SHARED_STATE_FIELDS
+# are live (models are client-chosen; blocks, one per key at most, always go in).
+# ARGV: field, value, ttl, the cap.
 _STATE_LUA = """
 local all = redis.call('HGETALL', KEYS[1])
-local now = tonumber(ARGV[5])
+local now = tonumber(redis.call('TIME')[1])
 for i = 1, #all, 2 do
   local kind = string.sub(all[i], 1, 1)
   if kind == 'c' or kind == 'o' then
@@ -1533,7 +1541,7 @@ for i = 1, #all, 2 do
     if not t or t <= now then redis.call('HDEL', KEYS[1], all[i]) end
   end
 end
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0
+if string.sub(ARGV[1], 1, 1) ~= 'b' and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0
     and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]) then
   return 0
 end
@@ -1560,6 +1568,7 @@ MAX_SHARED_STATE_FIELDS = 256  # states of one upstream in Redis (each admission
 MAX_SHARED_USAGE_FIELDS = 5 * (1 + MAX_BREAKERS)  # a client's usage hash: totals, and models
 SHARED_FLUSH_S = 1.0  # usage and token corrections go out in batches this often
 MAX_SHARED_PENDING = 10_000  # writes waiting while Redis is away; the oldest go first
+MAX_BATCH_ENTRIES = 500  # (client, model) usage pairs, and corrections, in one flush's script
 EARLY_ADMISSION_UPSTREAMS = 8  # up to this many, a request's admission brings all their states
 _ID_SHAPE = re.compile(r"(resp|file|batch|vs|conv|upload|msg|fc|asst|thread|run|ftjob)[-_]\w{4,}")
 
@@ -1570,9 +1579,9 @@ def shared_usage(entry: dict, fields: list[bytes]) -> None:
         return
     models: dict[str, dict[str, int]] = {}
     for raw_field, raw_value in zip(fields[::2], fields[1::2]):
-        model, _, field = raw_field.decode("utf-8", "replace").rpartition("\t")
+        model, per_model, field = raw_field.decode("utf-8", "replace").rpartition("\t")
         if field in _SHARED_USAGE and raw_value.isdigit():  # (HINCRBY writes nothing else)
-            if model:
+            if per_model:  # (a model's name may be empty)
                 models.setdefault(model, dict.fromkeys(_SHARED_USAGE, 0))[field] = int(raw_value)
             else:
                 entry[field] = int(raw_value)
@@ -1746,7 +1755,7 @@ class SharedState:
                         for lua in (_ADMIT_LUA, _FLUSH_LUA, _PACE_LUA, _STATE_LUA)}
         self.up = True  # until a call fails
         self.reason = ""
-        self.refusal = ("", 0.0, 0.0)  # what Redis last refused: (error, when, when logged)
+        self.refusal = ("", 0.0, -60.0)  # what Redis last refused: (error, when, when logged)
         self.usage: dict[tuple[str, str], list[int]] = {}  # (client, model) -> counts to add
         self.settles: dict[tuple[str, float, float], float] = {}  # (key, rate, cap) -> delta
         # the batch that went out without its reply, and is sent again as it was
@@ -1850,10 +1859,11 @@ class SharedState:
     async def pipeline(self, commands: list[tuple | bytes],
                        sent: tuple[asyncio.Future, RedisConnection] | None = None) -> list | None:
         """One round trip, bounded by redis_timeout_ms: the replies in order (a command Redis
-        refused: its error, a hiredis.ReplyError), or None when Redis is not there. Commands
-        that met a restarted Redis without the scripts are sent again, alone (the others
-        have taken effect), once the scripts are loaded. `sent`: their replies and the
-        connection they went on, when they were sent already."""
+        refused: its error, a hiredis.ReplyError), or None when Redis is not there. When a
+        restarted Redis no longer knows a script, the scripts are loaded and everything
+        from that command on is sent again, in order (what came before it took effect;
+        nothing after it may overtake it). `sent`: their replies and the connection they
+        went on, when they were sent already."""
         if sent is None:
             if not self.up or self.conn is None:
                 return None
@@ -1861,20 +1871,17 @@ class SharedState:
         replies = await self.replies(*sent)
         if replies is None:
             return None
-        again = [i for i, r in enumerate(replies)
-                 if isinstance(r, Exception) and str(r).startswith("NOSCRIPT")]
-        if not again:
+        first = next((i for i, r in enumerate(replies)
+                      if isinstance(r, Exception) and str(r).startswith("NOSCRIPT")), None)
+        if first is None:
             return replies
         if not self.up or self.conn is None:
             return None
         loads = [("SCRIPT", "LOAD", lua) for lua in self.scripts]
-        more = await self.replies(self.conn.send([*loads, *(commands[i] for i in again)]),
-                                  self.conn)
+        more = await self.replies(self.conn.send([*loads, *commands[first:]]), self.conn)
         if more is None:
             return None
-        for i, reply in zip(again, more[len(loads):]):
-            replies[i] = reply
-        return replies
+        return replies[:first] + more[len(loads):]
 
     async def replies(self, replies_of: asyncio.Future, conn: RedisConnection) -> list | None:
         try:  # bounded by the watchdog, not a timer per call
@@ -1888,9 +1895,9 @@ class SharedState:
         """Redis answered, but not as asked: a command refused (out of memory, a read-only
         replica, a key of another type under the prefix) or a reply of the wrong shape. The
         request goes on with this process's state; /health says so for a minute, and a
-        line says so at most once a minute."""
+        line says so at most once a minute (the latest refusal is what /health shows)."""
         text, now = str(error)[:200], time.monotonic()
-        if text != self.refusal[0] or now - self.refusal[2] >= 60:
+        if now - self.refusal[2] >= 60:
             log(f"redis refused a command, serving on this process's own state where it "
                 f"mattered: {text}", "warning", redis="refused")
             self.refusal = (text, now, now)
@@ -2136,7 +2143,7 @@ class SharedState:
 
     def write_state(self, upstream: str, field: str, value: str) -> None:
         self.write("EVALSHA", self.scripts[_STATE_LUA], 1, self.key("up", upstream), field,
-                   value, SHARED_STATE_TTL_S, MAX_SHARED_STATE_FIELDS, f"{time.time():.3f}")
+                   value, SHARED_STATE_TTL_S, MAX_SHARED_STATE_FIELDS)
 
     # objects: the id memory and the responses made over chat ---------------------------------
 
@@ -2193,8 +2200,11 @@ class SharedState:
         """Usage and token corrections since the last flush, in one batch applied once.
         While Redis is away they add up here (bounded); a batch whose reply did not come
         is sent again as it was, before the next."""
-        while self.up and (self.batch is not None or self.usage or self.settles):
-            if self.batch is None:
+        while self.up:
+            fresh = self.batch is None
+            if fresh:
+                if not (self.usage or self.settles):
+                    return
                 self.batch = self.next_batch()
             replies = await self.pipeline([self.batch])
             if replies is None:
@@ -2204,12 +2214,25 @@ class SharedState:
                 return
             self.batch = None
             if replies[0]:
-                self.refused(f"{replies[0]} usage count(s) or token correction(s) not applied "
-                             "(a key or value of another type under the prefix)")
+                self.refused("usage counts or token corrections not applied (a key or value "
+                             "of another type under the prefix)")
+            if fresh:
+                return  # one batch a flush: what was counted meanwhile goes with the next
 
     def next_batch(self) -> tuple:
-        usage, self.usage = self.usage, {}
-        settles, self.settles = self.settles, {}
+        """Up to MAX_BATCH_ENTRIES of each kind (one script call holds Redis for all the
+        others while it runs); the rest waits for the next flush."""
+        usage, settles = self.usage, self.settles
+        if len(usage) > MAX_BATCH_ENTRIES:
+            usage = dict(itertools.islice(self.usage.items(), MAX_BATCH_ENTRIES))
+            self.usage = {k: v for k, v in self.usage.items() if k not in usage}
+        else:
+            self.usage = {}
+        if len(settles) > MAX_BATCH_ENTRIES:
+            settles = dict(itertools.islice(self.settles.items(), MAX_BATCH_ENTRIES))
+            self.settles = {k: v for k, v in self.settles.items() if k not in settles}
+        else:
+            self.settles = {}
         keys: dict[str, int] = {self.batch_key: 1}
         counts: list[Any] = []
         for (name, model), amounts in usage.items():

@@ -1870,6 +1870,8 @@ def test_what_redis_refuses_or_garbles_is_passed_over_and_reported(
     redis_server.command("HSET", "gateway:v1:usage:team", "total_tokens", "many")
     assert usage_of(g, SDK_KEY)[0]["requests"] >= 0  # /v1/usage answers
     lines = [json.loads(l) for l in capfd.readouterr().err.splitlines() if l.startswith("{")]
+    g.lt.call(shared.refused, "ERR something else")  # another message, the same minute
+    lines += [json.loads(l) for l in capfd.readouterr().err.splitlines() if l.startswith("{")]
     assert [l["redis"] for l in lines if "redis" in l] == ["refused"]  # once, however often
 
 
@@ -1906,6 +1908,8 @@ def test_the_shared_state_and_usage_hashes_stay_bounded_whatever_models_clients_
     assert eventually(lambda: not shared.writes and shared.writing is None)
     fields = redis_hash(redis_server, "gateway:v1:up:mock")
     assert sorted(fields) == ["b\tmock#1", "c\tmock#0\tm0", "c\tmock#0\tm1", "c\tmock#0\tm2"]
+    g.lt.call(shared.blocked, "mock", "mock#2", "401 revoked", 60.0)  # a block is never crowded out
+    assert eventually(lambda: "b\tmock#2" in redis_hash(redis_server, "gateway:v1:up:mock"))
     for i in range(4):
         g.lt.call(shared.record_usage, "team", f"model{i}", 1, 1, 2)
     g.lt.run(shared.flush())
@@ -1949,6 +1953,53 @@ def test_the_responses_store_is_bounded_in_bytes_as_well_as_in_number() -> None:
     store.put(stored(99), gw.MAX_STORED_RESPONSE_BYTES // 4 + 1)  # one alone would take a quarter
     assert store.get("resp_0099") is None
     assert store.delete("resp_0039") and store.size == (len(store._responses)) * mib
+
+
+def test_a_flush_sends_one_new_batch_however_much_is_counted_meanwhile_and_bounds_it(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_url: str) -> None:
+    g = start_gateway(shared_config(mock, redis_url))
+    shared = g.gw.shared
+    assert eventually(lambda: shared.up)
+    sent = []
+
+    async def case() -> None:
+        plain = shared.pipeline
+
+        async def counting(commands: list, sent_already: Any = None) -> Any:
+            sent.append(len(commands))
+            shared.record_usage("team", "m", 1, 1, 2)  # counted while the batch is out
+            return await plain(commands, sent_already)
+        shared.pipeline = counting
+        try:
+            for i in range(gw.MAX_BATCH_ENTRIES + 200):
+                shared.record_usage("team", f"model{i}", 1, 1, 2)
+            await asyncio.wait_for(shared.flush(), 5)
+        finally:
+            del shared.pipeline
+    g.lt.run(case())
+    assert sent == [1] and len(shared.usage) == 200 + 1  # the rest, and what came meanwhile
+
+
+def test_a_state_write_and_its_undo_keep_their_order_when_redis_lost_its_scripts(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str) -> None:
+    g = start_gateway(shared_config(mock, redis_url))
+    shared = g.gw.shared
+    assert eventually(lambda: shared.up)
+    redis_server.command("SCRIPT", "FLUSH")
+
+    def block_then_unblock() -> None:  # one loop turn: one batch
+        shared.blocked("mock", "mock#1", "401 revoked", 60)
+        shared.unblocked("mock", "mock#1")
+    g.lt.call(block_then_unblock)
+    assert eventually(lambda: not shared.writes and shared.writing is None)
+    assert redis_hash(redis_server, "gateway:v1:up:mock") == []
+
+
+def test_an_empty_model_name_in_shared_usage_is_a_model_not_the_totals() -> None:
+    entry: dict[str, Any] = {}
+    gw.shared_usage(entry, [b"requests", b"4", b"\trequests", b"1", b"m\trequests", b"3"])
+    assert entry["requests"] == 4 and entry["models"][""]["requests"] == 1
 
 
 ################################################################################
