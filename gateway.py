@@ -27,6 +27,11 @@ Where is (each a banner below, in file order):
 
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__main__":  # from the first line on, a signal waits for its handler
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+
 import argparse
 import asyncio
 import bisect
@@ -46,7 +51,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import ssl
 import stat
@@ -1234,7 +1238,7 @@ class UsageLedger:
     """Usage per client name: totals, budgets, and the usage log that carries them across
     restarts (replayed on open, one line appended per request)."""
 
-    __slots__ = ("_clients", "_file", "priced", "path", "failed_at")
+    __slots__ = ("_clients", "_file", "priced", "path", "failed_at", "torn")
 
     def __init__(self, keys: Iterable[ClientKey], priced: bool = False) -> None:
         self._clients = {k.name: ClientUsage(k.name, k.budget_tokens, k.budget_usd)
@@ -1243,6 +1247,7 @@ class UsageLedger:
         self.priced = priced  # prices are configured: usage shows cost
         self.path = ""
         self.failed_at = -60.0  # when a line last could not be written (monotonic)
+        self.torn = False  # a line was cut short: the next one starts on a line of its own
 
     def reconfigure(self, keys: Iterable[ClientKey], priced: bool = False) -> None:
         """Budgets from a new configuration; usage counted so far stays, by client name."""
@@ -1277,14 +1282,25 @@ class UsageLedger:
             }
             if self.priced:
                 entry["cost_usd"] = usd(cost)
-            try:
-                self._file.write(orjson.dumps(entry) + b"\n")  # one write, unbuffered
-            except OSError as exc:  # a full disk, say: the count stands, the line is lost
-                now = time.monotonic()
-                if now - self.failed_at >= 60:
-                    log(f"usage_log {self.path}: cannot write ({exc.strerror}); usage is still "
-                        "counted, but not kept across a restart", "error")
-                    self.failed_at = now
+            self._append(orjson.dumps(entry) + b"\n")
+
+    def _append(self, line: bytes) -> None:
+        """One write, unbuffered (O_APPEND: whole lines, whichever worker writes them), the
+        rest of it again if the kernel took only part."""
+        data = memoryview(b"\n" + line if self.torn else line)
+        size = len(data)
+        try:
+            while data:
+                data = data[self._file.write(data):]
+            self.torn = False
+        except OSError as exc:  # a full disk, say: the count stands, the line is lost
+            if len(data) < size:  # a part went: what follows must not join it
+                self.torn = True
+            now = time.monotonic()
+            if now - self.failed_at >= 60:
+                log(f"usage_log {self.path}: cannot write ({exc.strerror}); usage is still "
+                    "counted, but not kept across a restart", "error")
+                self.failed_at = now
 
     def report(self, name: str | None = None) -> list[dict]:
         """One client's usage, or every client's (name None)."""
@@ -1335,13 +1351,15 @@ def usage_log_problem(path: str) -> str:
     check, before any worker starts."""
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        folder = os.path.dirname(os.path.abspath(path))
+    except FileNotFoundError:  # (where a dangling symlink or a ".." really leads)
+        folder = os.path.dirname(os.path.realpath(path))
         if not os.path.isdir(folder):
             return f"{folder} is not a directory"
         return "" if os.access(folder, os.W_OK) else f"cannot create a file in {folder}"
     except OSError as exc:
         return f"{path}: {exc.strerror}"
+    except ValueError as exc:  # (a NUL in it)
+        return f"{path!r}: {exc}"
     if not stat.S_ISREG(mode):
         return f"{path} is not a regular file"
     return "" if os.access(path, os.R_OK | os.W_OK) else f"{path} cannot be read and written"
@@ -2769,8 +2787,6 @@ class Config:
         self.cors_origins: list[str] = r.strings("cors_origins")
         self.access_log: bool = r.boolean("access_log", True)
         self.usage_log: str | None = r.string("usage_log", None, nullable=True) or None
-        if self.usage_log is not None and (problem := usage_log_problem(self.usage_log)):
-            raise _fail("usage_log", problem)
         self.shutdown_grace_s: float = r.number("shutdown_grace_s", 30)
         self.cooldown_cap_s: float = r.number("cooldown_cap_s", COOLDOWN_HINT_CAP_S, above=True)
         self.block_recheck_s: float = r.number("block_recheck_s", BLOCK_RECHECK_S, above=True)
@@ -5492,7 +5508,7 @@ class ProxyHandler:
         """The model a request names, after aliases, if this client may use it."""
         if len(requested) > MAX_MODEL_NAME:  # (every per-model table and label is keyed by it)
             raise BadRequest(f"The model name is longer than {MAX_MODEL_NAME} characters.",
-                             param="model")
+                             code="invalid_value", param="model")
         rq.model = requested
         model = self.gw.config.resolve_alias(requested)
         client = rq.client
@@ -6780,6 +6796,7 @@ class Gateway:
         the pooled connections of an upstream that still points at the same place. Returns
         what could not change without a restart."""
         old, self.config = self.config, config
+        kept = kept_till_restart(old, config)
         self.keys = {u.name: KeyPool.of(u, config.block_recheck_s, self.keys.get(u.name))
                      for u in config.upstreams}
         pools = {}
@@ -6804,11 +6821,7 @@ class Gateway:
         self.catalog.forget()
         if self.shared is not None:
             self.share()
-        return [f"{what} stays {before!r} until a restart" for what, before, after in (
-            ("host", old.host, config.host), ("port", old.port, config.port),
-            ("usage_log", old.usage_log, config.usage_log),
-            ("redis_url", mask_url(old.redis_url), mask_url(config.redis_url)),
-            ("workers", old.workers, config.workers)) if before != after]
+        return kept
 
     def sweep(self) -> None:
         """Enforce every connection's deadline: one timer for the gateway, not per request."""
@@ -6931,7 +6944,7 @@ async def _serve(args: argparse.Namespace, worker: Worker | None = None,
         overrides["upstreams"] = [{"name": "demo", "url": f"http://127.0.0.1:{mock_port}/v1"}]
     try:
         if config is None:
-            config = _configure(args, overrides, quiet=worker is not None)
+            config = _configure(args, overrides, quiet=worker is not None, starting=True)
     except ConfigError as exc:
         log(str(exc), "error")
         return 2
@@ -6980,15 +6993,34 @@ async def _serve(args: argparse.Namespace, worker: Worker | None = None,
     return 0
 
 
+_RESTART_ONLY = ("host", "port", "usage_log", "redis_url", "redis_prefix", "workers")
+
+
+def kept_till_restart(old: Config, new: Config) -> list[str]:
+    """A reloaded config keeps the running one's values of what only a restart changes (so
+    that a worker restarted later starts as its siblings run); one line for each it kept."""
+    kept = []
+    for name in _RESTART_ONLY:
+        before = getattr(old, name)
+        if getattr(new, name) != before:
+            setattr(new, name, before)
+            shown = mask_url(before) if name == "redis_url" else before
+            kept.append(f"{name} stays {shown!r} until a restart")
+    return kept
+
+
+_HELD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # noted while the process starts
 _EARLY_SIGNALS: list[int] = []  # SIGTERM, SIGINT, SIGHUP received before the loop handles them
 
 
 def _hold_signals() -> None:
     """Until the loop's own handlers are in place, SIGTERM, SIGINT and SIGHUP are noted and
-    acted on then: one sent while the process starts neither kills it nor goes unheard."""
+    acted on then: one sent while the process starts neither kills it nor goes unheard.
+    (Run as a program, they are blocked from the module's first line until here.)"""
     _EARLY_SIGNALS.clear()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in _HELD:
         signal.signal(sig, lambda number, _: _EARLY_SIGNALS.append(number))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
 
 
 class Worker(NamedTuple):
@@ -7019,15 +7051,15 @@ class Supervisor:
             log(f"cannot listen on {config.host}:{config.port}: {exc.strerror}", "error")
             return 2
         sock.setblocking(False)
-        self.sock = sock
+        self.sock, port = sock, sock.getsockname()[1]  # (a SIGTERM closes it from now on)
         metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in _HELD:
             signal.signal(sig, self.forward)
-        for sig in _EARLY_SIGNALS:  # (a SIGTERM already: no worker starts)
+        for sig in _EARLY_SIGNALS:
             self.forward(sig, None)
-        for index in range(config.workers if not self.stopping else 0):
+        for index in range(config.workers):
             self.spawn(Worker(index, sock, metrics_dir))
-        log(f"listening on {config.summary(sock.getsockname()[1])} · {config.workers} workers")
+        log(f"listening on {config.summary(port)} · {config.workers} workers")
         while self.children:
             try:
                 pid, status = os.wait()
@@ -7055,9 +7087,12 @@ class Supervisor:
     def spawn(self, worker: Worker) -> None:
         # Signals wait while the worker is forked: the supervisor's handler must neither run
         # in the new worker nor miss it; both sides let them through once settled.
-        signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+        signals = set(_HELD)
         supervisor = os.getpid()
         signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        if self.stopping:  # (decided with signals held: a SIGTERM has closed the socket)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+            return
         pid = os.fork()
         if pid:
             self.children[pid] = (worker.index, time.monotonic())
@@ -7087,9 +7122,14 @@ class Supervisor:
                 self.sock.close()  # on a new connection is refused, not left in the backlog
         elif sig == signal.SIGHUP:  # the config a worker restarted from now on starts with
             try:
-                self.config = _configure(self.args, {}, quiet=True)
+                config = _configure(self.args, {}, quiet=True)
             except ConfigError:
                 pass  # each worker says so, and keeps the running one
+            except Exception as exc:  # noqa: BLE001  # (raised here, it would end us all)
+                log(f"config reload failed: {exc!r}", "error")
+            else:
+                kept_till_restart(self.config, config)
+                self.config = config
         for pid in self.children:
             try:
                 os.kill(pid, sig)
@@ -7147,14 +7187,17 @@ def _reload(gw: Gateway, args: argparse.Namespace, overrides: dict[str, Any]) ->
 
 
 def _configure(args: argparse.Namespace, overrides: dict[str, Any],
-               quiet: bool = False) -> Config:
+               quiet: bool = False, starting: bool = False) -> Config:
     """Load the config; its log_format applies from here on (its warnings included, unless
-    quiet: a worker, whose supervisor said them)."""
+    quiet: a worker, whose supervisor said them). Starting (and --check): the usage log's
+    path is checked too (a reload keeps the running one, whatever the config says)."""
     warnings: list[str] = []
     if getattr(args, "workers", None) is not None:
         overrides = {**overrides, "workers": args.workers}
     config = load_config(config_file=args.config, host=args.host, port=args.port,
                          overrides=overrides, warnings=warnings)
+    if starting and config.usage_log and (problem := usage_log_problem(config.usage_log)):
+        raise _fail("usage_log", problem)
     set_log_format(config.log_format)
     for warning in warnings if not quiet else ():
         log(warning, "warning")
@@ -7228,8 +7271,9 @@ def probe(config: Config, path: str) -> int:
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     if args.check or args.probe:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
         try:
-            config = _configure(args, {})
+            config = _configure(args, {}, starting=True)
         except ConfigError as exc:
             log(str(exc), "error")
             sys.exit(2)
@@ -7243,7 +7287,7 @@ def main(argv: list[str] | None = None) -> None:
     config = None
     if not args.demo:  # (the demo's config names the mock, which it starts first)
         try:
-            config = _configure(args, {})
+            config = _configure(args, {}, starting=True)
         except ConfigError as exc:
             log(str(exc), "error")
             sys.exit(2)

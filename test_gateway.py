@@ -14,6 +14,7 @@ import collections
 import concurrent.futures
 import decimal
 import email.utils
+import errno
 import gc
 import hashlib
 import ipaddress
@@ -4820,13 +4821,44 @@ def test_workers_share_the_port_drain_together_and_a_killed_one_is_replaced(
         gp.kill()
 
 
-@pytest.mark.parametrize("where", ["a directory", "a device", "a missing directory"])
+@pytest.mark.parametrize("where", ["a directory", "a device", "a missing directory", "a dangling symlink",
+                                   "a NUL"])
 def test_a_usage_log_that_cannot_be_kept_is_a_config_error_naming_it(tmp_path: Path, where: str) -> None:
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "gone" / "usage.jsonl")
     path = {"a directory": str(tmp_path), "a device": "/dev/full",  # (read, it never ends)
-            "a missing directory": str(tmp_path / "gone" / "usage.jsonl")}[where]
+            "a missing directory": str(tmp_path / "gone" / "usage.jsonl"),
+            "a dangling symlink": str(tmp_path / "link.jsonl"), "a NUL": f"{tmp_path}/x\0y"}[where]
     config = {"usage_log": path, "upstreams": [{"url": "http://127.0.0.1:9/v1"}]}
     checked = run_gateway("--check", env={"GATEWAY_CONFIG": json.dumps(config)})
     assert checked.returncode == 2 and "config: usage_log: " in checked.stderr and "Traceback" not in checked.stderr
+
+
+def test_a_usage_log_line_cut_short_is_finished_or_ended_before_the_next(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, tmp_path: Path) -> None:
+    class NearlyFull:  # takes 20 bytes, then refuses (ENOSPC) until room is made
+        def __init__(self) -> None:
+            self.data, self.room = b"", 20
+
+        def write(self, data: memoryview) -> int:
+            if not self.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            taken = bytes(data[:self.room])
+            self.data += taken
+            self.room -= len(taken)
+            return len(taken)
+
+        def close(self) -> None:
+            pass
+    g = start_gateway(limited(mock, api_keys=[{"key": SDK_KEY, "name": "team"}],
+                              usage_log=str(tmp_path / "usage.jsonl")))
+    disk = NearlyFull()
+    g.lt.call(setattr, g.gw.ledger, "_file", disk)
+    for room in (0, 10_000, 10_000, 10_000):  # a line cut short, one lost, then two whole ones
+        g.client().chat.completions.create(model="m", messages=MSGS)
+        disk.room = room
+    lines = disk.data.split(b"\n")
+    assert len(lines) == 4 and lines[-1] == b"" and len(lines[0]) == 20  # the torn one, alone
+    assert [json.loads(line)["key"] for line in lines[1:3]] == ["team", "team"]
 
 
 def test_a_usage_log_write_that_fails_costs_neither_the_request_nor_its_accounting(
@@ -4932,6 +4964,37 @@ def test_a_gateway_started_with_stderr_closed_still_runs() -> None:
                              stdout=subprocess.PIPE, text=True, timeout=30, preexec_fn=lambda: os.close(2),
                              env={**os.environ, "GATEWAY_CONFIG": json.dumps(config)})
     assert checked.returncode == 0 and checked.stdout.startswith("config ok")
+
+
+def test_a_reload_keeps_what_only_a_restart_changes_and_ignores_the_running_usage_logs_path(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, tmp_path: Path) -> None:
+    (tmp_path / "logs").mkdir()
+    config = limited(mock, api_keys=[{"key": SDK_KEY, "name": "team"}], usage_log=str(tmp_path / "logs" / "u.jsonl"))
+    g = start_gateway(config)
+    (tmp_path / "logs").rename(tmp_path / "rotated")  # the running file moved; its path leads nowhere now
+    config["api_keys"] = [{"key": "sk-client-new-0002", "name": "new"}]
+    config["usage_log"], config["redis_prefix"] = str(tmp_path / "other.jsonl"), "other:"
+    kept = g.lt.call(g.gw.reload, gw.load_config({"GATEWAY_CONFIG": json.dumps({**config, "port": 0})}))
+    assert kept == [f"usage_log stays {str(tmp_path / 'logs' / 'u.jsonl')!r} until a restart",
+                    "redis_prefix stays 'gateway:' until a restart"]
+    assert g.gw.config.usage_log == str(tmp_path / "logs" / "u.jsonl")  # as a worker restarted now gets it
+    g.client("sk-client-new-0002").chat.completions.create(model="m", messages=MSGS)  # the new key works
+    assert (tmp_path / "rotated" / "u.jsonl").read_text().count('"key":"new"') == 1
+
+
+def test_a_sigterm_while_the_supervisor_starts_its_workers_drains_and_exits_0(redis_url: str) -> None:
+    config = {"port": 0, "redis_url": redis_url, "upstreams": [{"url": "http://127.0.0.1:9/v1"}]}
+    proc = subprocess.Popen([sys.executable, str(HERE / "gateway.py"), "--workers", "8"],
+                            env={**os.environ, "GATEWAY_CONFIG": json.dumps(config)},
+                            stderr=subprocess.PIPE, text=True)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    try:
+        assert eventually(lambda: children.exists() and children.read_text().split(), timeout=20)
+        proc.send_signal(signal.SIGTERM)  # the first worker is out, the others are coming
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in err and "cannot listen" not in err, err
 
 
 def test_more_than_one_worker_needs_redis() -> None:
