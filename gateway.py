@@ -1886,28 +1886,26 @@ class SharedState:
             if not self.up or self.conn is None:
                 return None
             sent = (self.conn.send(commands), self.conn)
-        replies = await self.replies(*sent)
-        if replies is None:
-            return None
-        first = next((i for i, r in enumerate(replies)
-                      if isinstance(r, Exception) and str(r).startswith("NOSCRIPT")), None)
-        if first is None:
-            return replies
-        if not self.up or self.conn is None:
-            return None
-        loads = [("SCRIPT", "LOAD", lua) for lua in self.scripts]
-        more = await self.replies(self.conn.send([*loads, *commands[first:]]), self.conn)
-        if more is None:
-            return None
-        return replies[:first] + more[len(loads):]
-
-    async def replies(self, replies_of: asyncio.Future, conn: RedisConnection) -> list | None:
-        try:  # bounded by the watchdog, not a timer per call
-            return await replies_of
-        except OSError as exc:
-            if conn is self.conn:  # not one since replaced: its loss is old news
-                self.lost(exc)
-            return None
+        before: list | None = None  # the replies before the first NOSCRIPT, once sent again
+        while True:
+            replies_of, conn = sent
+            try:  # bounded by the watchdog, not a timer per call
+                replies = await replies_of
+            except OSError as exc:
+                if conn is self.conn:  # not one since replaced: its loss is old news
+                    self.lost(exc)
+                return None
+            if before is not None:
+                return before + replies[len(self.scripts):]
+            first = next((i for i, r in enumerate(replies)
+                          if isinstance(r, Exception) and str(r).startswith("NOSCRIPT")), None)
+            if first is None:
+                return replies
+            if not self.up or self.conn is None:
+                return None
+            before = replies[:first]
+            sent = (self.conn.send([*(("SCRIPT", "LOAD", lua) for lua in self.scripts),
+                                    *commands[first:]]), self.conn)
 
     def refused(self, error: Any) -> None:
         """Redis answered, but not as asked: a command refused (out of memory, a read-only
@@ -2001,12 +1999,15 @@ class SharedState:
         for upstream, fields in zip(names, replies[1:]):
             self.adopt(upstream, fields, wall, now)
         reply = replies[0]
-        if reply.__class__ is not list or len(reply) != 3 or reply[0] not in _VERDICTS \
-                or (first := _number(reply[1])) is None or (second := _number(reply[2])) is None:
+        try:  # (the script's numbers, as text: finite unless something else wrote them)
+            verdict, first, second = reply[0], float(reply[1]), float(reply[2])
+            if reply.__class__ is not list or len(reply) != 3 or verdict not in _VERDICTS \
+                    or first - first or second - second:  # (nan, inf: not 0)
+                raise ValueError
+        except (TypeError, ValueError, IndexError, KeyError):
             self.refused(reply if isinstance(reply, Exception)
                          else f"an admission answered {reply!r:.80}")
             return False
-        verdict = reply[0]
         if verdict == b"budget":
             budget = self.budgets[1].get(name, (None, None))[0]
             raise QuotaExceeded(f"This key has used its budget of {budget} tokens.")
@@ -2037,10 +2038,13 @@ class SharedState:
         if fields.__class__ is not list:
             self.refused(fields)  # an error reply: the upstream's hash is not a hash
             return
+        shared_blocks: set[str] = set()
+        if not fields:  # (the common case: nothing cooling, blocked or open anywhere)
+            pool.adopt_unblocks(shared_blocks)
+            return
         breakers = self.gw.breakers
         caps = {"c": self.gw.config.cooldown_cap_s, "b": pool.recheck_s,
                 "o": breakers.recovery_s}
-        shared_blocks = set()
         for raw_field, raw_value in zip(fields[::2], fields[1::2]):
             kind, _, rest = raw_field.decode("utf-8", "replace").partition("\t")
             until, _, reason = raw_value.partition(b"\t")
