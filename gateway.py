@@ -1819,8 +1819,11 @@ class SharedState:
             if task is not None:
                 task.cancel()
         try:
-            async with asyncio.timeout(max(self.timeout * 4, 0.5)):
-                await self.flush()
+            async with asyncio.timeout(max(self.timeout * 4, 2.0)):
+                while self.up and (self.batch is not None or self.usage or self.settles):
+                    await self.flush()  # (a batch at a time)
+                    if self.batch is not None:
+                        break  # refused, or Redis went: kept no longer
                 if self.writing is not None:
                     await asyncio.wait([self.writing])
         except TimeoutError:
@@ -6776,6 +6779,11 @@ class Gateway:
         self.cutting = True
         for proto in list(self.connections):
             proto.close()
+        if self.active:  # the cut requests end (and account for what they used) first
+            try:
+                await asyncio.wait_for(self.idle_event.wait(), 1.0)  # type: ignore[union-attr]
+            except asyncio.TimeoutError:
+                pass
         for pool in (*self.pools.values(), *self.retired):
             pool.close()
         if self.sweeper is not None:

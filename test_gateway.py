@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -1979,6 +1980,22 @@ def test_a_flush_sends_one_new_batch_however_much_is_counted_meanwhile_and_bound
             del shared.pipeline
     g.lt.run(case())
     assert sent == [1] and len(shared.usage) == 200 + 1  # the rest, and what came meanwhile
+
+
+def test_a_drain_sends_all_the_usage_counted_however_many_batches_it_takes(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str) -> None:
+    g = start_gateway(shared_config(mock, redis_url))
+    shared = g.gw.shared
+    assert eventually(lambda: shared.up)
+
+    def count() -> None:
+        for i in range(2 * gw.MAX_BATCH_ENTRIES + 200):
+            shared.record_usage(f"client{i}", "m", 1, 1, 2)
+    g.lt.call(count)
+    g.lt.run(g.gw.shutdown(grace_s=0))
+    found = redis_server.command("EVAL", "return #redis.call('KEYS', ARGV[1])", "0", "gateway:v1:usage:client*")
+    assert found == b":%d\r\n" % (2 * gw.MAX_BATCH_ENTRIES + 200)
 
 
 def test_a_state_write_and_its_undo_keep_their_order_when_redis_lost_its_scripts(
@@ -4523,9 +4540,10 @@ def test_ready_is_503_while_draining(start_gateway: StartGateway, mock: mock_ups
         assert resp.status == 503 and resp.json()["error"]["code"] == "draining"
 
 
-def test_a_request_cut_when_the_grace_period_is_over_says_so_in_the_access_log(
-        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, capfd: pytest.CaptureFixture[str]) -> None:
-    g = start_gateway({"access_log": True})
+def test_a_request_cut_when_the_grace_period_is_over_says_so_and_is_accounted_for(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, capfd: pytest.CaptureFixture[str],
+        tmp_path: Path) -> None:
+    g = start_gateway({"access_log": True, "usage_log": str(tmp_path / "usage.jsonl")})
     stream = open_slow_stream(g.port)  # still streaming when the drain's grace is over
     capfd.readouterr()
     g.lt.run(g.gw.shutdown(grace_s=0))
@@ -4534,6 +4552,7 @@ def test_a_request_cut_when_the_grace_period_is_over_says_so_in_the_access_log(
     g.lt.call(g.gw.access_log.flush)
     lines = [json.loads(l) for l in capfd.readouterr().err.splitlines() if l.startswith("{")]
     assert [l["error"] for l in lines if l["msg"] == "request"] == ["cut: the shutdown grace period is over"]
+    assert len((tmp_path / "usage.jsonl").read_text().splitlines()) == 1  # counted before the log closed
 
 
 def test_a_redis_url_where_something_else_answers_is_degraded_quietly(
@@ -4884,8 +4903,14 @@ def test_workers_keep_the_running_config_close_the_port_on_drain_and_never_count
         {"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS}]}
     path.write_text(json.dumps(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "OPENAI_"))}
+    earlier = set(Path(tempfile.gettempdir()).glob("gateway-metrics-*"))
     gp = GatewayProcess(["--workers", "2"], {**env, "GATEWAY_CONFIG_FILE": str(path)}, ready="listening")
+    (metrics_dir,) = set(Path(tempfile.gettempdir()).glob("gateway-metrics-*")) - earlier
     auth = f"Authorization: Bearer {SDK_KEY}\r\n"
+
+    def on_disk() -> int:  # what the workers' files hold: a killed worker's counts are its file's
+        files = [json.loads(p.read_bytes()) for p in metrics_dir.glob("*.json")]
+        return sum(row[-1] for snap in files for row in snap["requests"] if row[2] == 200)
 
     def served() -> float:
         return samples(scrape(gp.port)["gateway_requests"], "_total").get(
@@ -4894,7 +4919,7 @@ def test_workers_keep_the_running_config_close_the_port_on_drain_and_never_count
         assert gp.wait_for_line("worker 0 serving") and gp.wait_for_line("worker 1 serving")
         for _ in range(20):
             assert raw(gp.port, post("/v1/chat/completions", CHAT, auth))[0].status == 200
-        assert eventually(lambda: served() == 20)  # each worker's file is a second old at most
+        assert eventually(lambda: on_disk() == 20)  # each worker's file is a second old at most
         del config["api_keys"]  # auth off, in the file only: no SIGHUP
         path.write_text(json.dumps(config))
         pids = worker_pids(gp)
