@@ -2663,7 +2663,10 @@ class Upstream:
         self.keys = self._with_heads(keys, r.at("headers"))
 
     def _parse_url(self, path: str) -> None:
-        parts = urlsplit(self.url) if isinstance(self.url, str) else None
+        try:
+            parts = urlsplit(self.url) if isinstance(self.url, str) else None
+        except ValueError:  # ("http://[::1/v1": an unclosed IPv6 address)
+            parts = None
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
             raise _fail(path, "not an http(s) URL")
         try:
@@ -2804,7 +2807,7 @@ class Config:
         self.trusted_proxies = tuple(_network(cidr, f"trusted_proxies[{i}]")
                                      for i, cidr in enumerate(r.strings("trusted_proxies")))
         self.redis_url: str | None = r.string("redis_url", None, nullable=True) or None
-        if self.redis_url is not None and urlsplit(self.redis_url).scheme not in (
+        if self.redis_url is not None and _scheme(self.redis_url) not in (
                 "redis", "rediss", "unix"):
             raise _fail("redis_url", "not a redis://, rediss:// or unix:// URL")
         if self.redis_url is not None and importlib.util.find_spec("hiredis") is None:
@@ -2910,6 +2913,15 @@ class Config:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return (f"http://{host}:{self.port if port is None else port} · {n} "
                 f"upstream{'s' * (n != 1)} · {count} models · auth {'on' if self.auth_on else 'off'}")
+
+
+def _scheme(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        parts.port  # (read: a port that is not a number raises here)
+    except ValueError:  # (an unclosed IPv6 address, say)
+        return ""
+    return parts.scheme
 
 
 def config_keys() -> list[str]:
@@ -7005,7 +7017,8 @@ async def _serve(args: argparse.Namespace, worker: Worker | None = None,
     return 0
 
 
-_RESTART_ONLY = ("host", "port", "usage_log", "redis_url", "redis_prefix", "workers")
+_RESTART_ONLY = ("host", "port", "usage_log", "redis_url", "redis_prefix", "redis_timeout_ms",
+                 "workers")
 
 
 def kept_till_restart(old: Config, new: Config) -> list[str]:
@@ -7192,6 +7205,9 @@ def _reload(gw: Gateway, args: argparse.Namespace, overrides: dict[str, Any]) ->
         config = _configure(args, overrides)
     except ConfigError as exc:
         log(f"config reload refused, the running config stays: {exc}", "error")
+        return
+    except Exception as exc:  # noqa: BLE001  # (a config no check foresaw: still refused)
+        log(f"config reload refused, the running config stays: {exc!r}", "error")
         return
     for unchanged in gw.reload(config):
         log(unchanged, "warning")

@@ -4983,6 +4983,13 @@ def test_a_sighup_and_a_sigterm_during_start_up_are_acted_on_once_it_serves(
     assert "config reloaded" in err and err.rstrip().endswith('"msg":"exited"}')
 
 
+@pytest.mark.parametrize("key, value", [("upstreams", [{"url": "http://[::1/v1"}]), ("redis_url", "redis://[::1")])
+def test_a_url_python_cannot_split_is_a_config_error(key: str, value: Any) -> None:
+    config = {"upstreams": [{"url": "http://127.0.0.1:9/v1"}], key: value}
+    checked = run_gateway("--check", env={"GATEWAY_CONFIG": json.dumps(config)})
+    assert checked.returncode == 2 and f"config: {key}" in checked.stderr and "Traceback" not in checked.stderr
+
+
 def test_a_gateway_started_with_stderr_closed_still_runs() -> None:
     config = {"upstreams": [{"url": "http://127.0.0.1:9/v1"}]}
     checked = subprocess.run([sys.executable, str(HERE / "gateway.py"), "--check"], capture_output=False,
