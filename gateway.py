@@ -2807,9 +2807,8 @@ class Config:
         self.trusted_proxies = tuple(_network(cidr, f"trusted_proxies[{i}]")
                                      for i, cidr in enumerate(r.strings("trusted_proxies")))
         self.redis_url: str | None = r.string("redis_url", None, nullable=True) or None
-        if self.redis_url is not None and _scheme(self.redis_url) not in (
-                "redis", "rediss", "unix"):
-            raise _fail("redis_url", "not a redis://, rediss:// or unix:// URL")
+        if self.redis_url is not None and (problem := _redis_url_problem(self.redis_url)):
+            raise _fail("redis_url", problem)
         if self.redis_url is not None and importlib.util.find_spec("hiredis") is None:
             raise _fail("redis_url", "needs hiredis: pip install 'gateway-py[redis]'")
         self.redis_prefix: str = r.string("redis_prefix", "gateway:")
@@ -2915,13 +2914,18 @@ class Config:
                 f"upstream{'s' * (n != 1)} · {count} models · auth {'on' if self.auth_on else 'off'}")
 
 
-def _scheme(url: str) -> str:
+def _redis_url_problem(url: str) -> str:
     try:
         parts = urlsplit(url)
-        parts.port  # (read: a port that is not a number raises here)
     except ValueError:  # (an unclosed IPv6 address, say)
-        return ""
-    return parts.scheme
+        parts = None
+    if parts is None or parts.scheme not in ("redis", "rediss", "unix"):
+        return "not a redis://, rediss:// or unix:// URL"
+    try:
+        parts.port  # (read: a port that is not a number, or past 65535, raises here)
+    except ValueError:
+        return "has an invalid port"
+    return ""
 
 
 def config_keys() -> list[str]:
@@ -6674,6 +6678,16 @@ class HttpProtocol(asyncio.Protocol):
             self.deadline = 0.0
             self.transport.close()  # type: ignore[union-attr]
 
+    def cut(self) -> None:
+        """The drain is over: a request still being answered loses its connection now (a
+        graceful close would wait on a client that reads nothing, and its request with it)."""
+        if self.task is None or self.task.done():
+            self.close()
+        elif not self.closing:
+            self.closing = True
+            self.deadline = 0.0
+            self.transport.abort()  # type: ignore[union-attr]  # (connection_lost cancels it)
+
     # timers ---------------------------------------------------------------------------------
 
     def _arm(self, delay: float, waiting: Waiting) -> None:
@@ -6790,7 +6804,7 @@ class Gateway:
                 log(f"grace period over: cutting {self.active} request(s)")
         self.cutting = True
         for proto in list(self.connections):
-            proto.close()
+            proto.cut()
         if self.active:  # the cut requests end (and account for what they used) first
             try:
                 await asyncio.wait_for(self.idle_event.wait(), 1.0)  # type: ignore[union-attr]
@@ -7029,6 +7043,8 @@ def kept_till_restart(old: Config, new: Config) -> list[str]:
         before = getattr(old, name)
         if getattr(new, name) != before:
             setattr(new, name, before)
+            if name.startswith("redis_") and name != "redis_url" and old.redis_url is None:
+                continue  # (no Redis: nothing it would change)
             shown = mask_url(before) if name == "redis_url" else before
             kept.append(f"{name} stays {shown!r} until a restart")
     return kept
