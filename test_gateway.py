@@ -419,6 +419,21 @@ async def exchanging(request: bytes = b"x", timeout: float = 30
     return conn, pool, transport, head
 
 
+def client_request(path: bytes = b"/v1/chat/completions",
+                   transport: Callable[[gw.HttpProtocol], Any] | None = None) -> tuple[gw.Request, Any]:
+    """A request read on a client connection over a fake transport (FakeTransport unless
+    `transport` makes one for the protocol), on the running loop: the request, the transport."""
+    gateway = gw.Gateway(gw.load_config({}))
+    gateway.loop = asyncio.get_running_loop()
+    proto = gw.HttpProtocol(gateway)
+    client = transport(proto) if transport is not None else FakeTransport()
+    proto.connection_made(client)
+    proto.conn.receive_data(b"POST %s HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n" % path)
+    rq = proto.cycle = gw.Request(proto, proto.conn.next_event())
+    assert proto.conn.next_event() == h11.EndOfMessage()
+    return rq, client
+
+
 STREAM_EVENT: Any = TypeAdapter(ResponseStreamEvent)  # what the SDK parses each event as
 
 
@@ -479,21 +494,9 @@ def frame(payload: bytes, framing: str, sizes: list[int]) -> bytes:
 
 
 async def relay_split(wire: bytes, cuts: list[int], close_at_end: bool) -> bytes:
-    loop = asyncio.get_running_loop()
-    gateway = gw.Gateway(gw.load_config({}))
-    gateway.loop = loop
-    proto = gw.HttpProtocol(gateway)
-    client_t = FakeTransport()
-    proto.connection_made(client_t)
-    proto.conn.receive_data(b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n")
-    rq = proto.cycle = gw.Request(proto, proto.conn.next_event())
-    assert proto.conn.next_event() == h11.EndOfMessage()
+    rq, client_t = client_request()
     writer = rq.writer
-    upstream = gateway.config.upstreams[0]
-    conn = gw.UpstreamConnection(gw.UpstreamPool(upstream, loop))
-    conn.connection_made(FakeTransport())
-    got = asyncio.ensure_future(conn.exchange([b"req"], 30, 30))
-    await asyncio.sleep(0)  # let exchange() register its waiter
+    conn, _, _, got = await exchanging(b"req")
     bounds = [0, *sorted(set(c % (len(wire) + 1) for c in cuts)), len(wire)]
     relaying = None
     for a, b in zip(bounds, bounds[1:]):
@@ -515,14 +518,7 @@ async def relay_split(wire: bytes, cuts: list[int], close_at_end: bool) -> bytes
 
 
 def sse_request(drop: bool) -> tuple[gw.ResponseWriter, FakeTransport]:
-    gateway = gw.Gateway(gw.load_config({}))
-    gateway.loop = asyncio.get_running_loop()
-    proto = gw.HttpProtocol(gateway)
-    transport = FakeTransport()
-    proto.connection_made(transport)
-    proto.conn.receive_data(b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n")
-    rq = proto.cycle = gw.Request(proto, proto.conn.next_event())
-    proto.conn.next_event()
+    rq, transport = client_request()
     rq.writer.relay_head(200, [(b"content-type", b"text/event-stream")], inspect=True, drop_usage=drop)
     return rq.writer, transport
 
@@ -2477,14 +2473,7 @@ async def convert_stream(convert: Any, first: bytes, later: bytes, end: bool = T
                          seen: dict | None = None) -> bytes:
     """A chat stream from a chat_only upstream, converted: `first` arrives with the head
     (before the relay starts), `later` after it; what the client was sent."""
-    loop = asyncio.get_running_loop()
-    gateway = gw.Gateway(gw.load_config({}))
-    gateway.loop = loop
-    proto = gw.HttpProtocol(gateway)
-    client_t = FakeTransport()
-    proto.connection_made(client_t)
-    proto.conn.receive_data(b"POST /v1/responses HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n")
-    rq = proto.cycle = gw.Request(proto, proto.conn.next_event())
+    rq, client_t = client_request(b"/v1/responses")
     conn, _, upstream_t, got = await exchanging(b"req")
     chunk = b"%x\r\n%s\r\n"
     conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -2773,14 +2762,7 @@ def test_a_body_end_that_fills_the_clients_buffer_leaves_the_pooled_connection_r
     write fills the client's buffer, the upstream connection it paused is back in the pool
     reading, not waiting for a resume that would never come."""
     async def run() -> None:
-        gateway = gw.Gateway(gw.load_config({}))
-        gateway.loop = asyncio.get_running_loop()
-        proto = gw.HttpProtocol(gateway)
-        client = FullTransport(proto)
-        proto.connection_made(client)
-        proto.conn.receive_data(b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n")
-        rq = proto.cycle = gw.Request(proto, proto.conn.next_event())
-        proto.conn.next_event()
+        rq, client = client_request(transport=FullTransport)
         conn, pool, transport, head = await exchanging()
         conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                            b"transfer-encoding: chunked\r\n\r\n")
