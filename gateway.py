@@ -1617,6 +1617,14 @@ def shared_usage(entry: dict, fields: list[bytes]) -> None:
         entry["budget_left"] = max(0, entry["budget_tokens"] - entry["total_tokens"])
 
 
+def _split(table: dict, count: int) -> tuple[dict, dict]:
+    """The first `count` entries of a table, and the rest."""
+    if len(table) <= count:
+        return table, {}
+    entries = iter(table.items())
+    return dict(itertools.islice(entries, count)), dict(entries)
+
+
 _SENT: tuple[()] = ()  # Request.admission: the shared admission went out
 _VERDICTS = frozenset((b"ok", b"budget", b"budget_usd", b"requests", b"tokens"))  # _ADMIT_LUA's
 
@@ -1820,10 +1828,7 @@ class SharedState:
                 task.cancel()
         try:
             async with asyncio.timeout(max(self.timeout * 4, 2.0)):
-                while self.up and (self.batch is not None or self.usage or self.settles):
-                    await self.flush()  # (a batch at a time)
-                    if self.batch is not None:
-                        break  # refused, or Redis went: kept no longer
+                await self.flush(drain=True)
                 if self.writing is not None:
                     await asyncio.wait([self.writing])
         except TimeoutError:
@@ -2221,10 +2226,11 @@ class SharedState:
             await asyncio.sleep(SHARED_FLUSH_S)
             await self.flush()
 
-    async def flush(self) -> None:
-        """Usage and token corrections since the last flush, in one batch applied once.
-        While Redis is away they add up here (bounded); a batch whose reply did not come
-        is sent again as it was, before the next."""
+    async def flush(self, drain: bool = False) -> None:
+        """Usage and token corrections since the last flush, in one batch applied once (on
+        drain, batch after batch until none is left). While Redis is away they add up here
+        (bounded); a batch whose reply did not come is sent again as it was, before the
+        next."""
         while self.up:
             fresh = self.batch is None
             if fresh:
@@ -2241,23 +2247,14 @@ class SharedState:
             if replies[0]:
                 self.refused("usage counts or token corrections not applied (a key or value "
                              "of another type under the prefix)")
-            if fresh:
+            if fresh and not drain:
                 return  # one batch a flush: what was counted meanwhile goes with the next
 
     def next_batch(self) -> tuple:
         """Up to MAX_BATCH_ENTRIES of each kind (one script call holds Redis for all the
         others while it runs); the rest waits for the next flush."""
-        usage, settles = self.usage, self.settles
-        if len(usage) > MAX_BATCH_ENTRIES:
-            usage = dict(itertools.islice(self.usage.items(), MAX_BATCH_ENTRIES))
-            self.usage = {k: v for k, v in self.usage.items() if k not in usage}
-        else:
-            self.usage = {}
-        if len(settles) > MAX_BATCH_ENTRIES:
-            settles = dict(itertools.islice(self.settles.items(), MAX_BATCH_ENTRIES))
-            self.settles = {k: v for k, v in self.settles.items() if k not in settles}
-        else:
-            self.settles = {}
+        usage, self.usage = _split(self.usage, MAX_BATCH_ENTRIES)
+        settles, self.settles = _split(self.settles, MAX_BATCH_ENTRIES)
         keys: dict[str, int] = {self.batch_key: 1}
         counts: list[Any] = []
         for (name, model), amounts in usage.items():
@@ -6672,21 +6669,20 @@ class HttpProtocol(asyncio.Protocol):
                 conn.receive_data(b"")
             self.loop.call_soon(self._handle_events)
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         if not self.closing:
             self.closing = True
             self.deadline = 0.0
-            self.transport.close()  # type: ignore[union-attr]
+            if abort:
+                self.transport.abort()  # type: ignore[union-attr]
+            else:
+                self.transport.close()  # type: ignore[union-attr]
 
     def cut(self) -> None:
         """The drain is over: a request still being answered loses its connection now (a
-        graceful close would wait on a client that reads nothing, and its request with it)."""
-        if self.task is None or self.task.done():
-            self.close()
-        elif not self.closing:
-            self.closing = True
-            self.deadline = 0.0
-            self.transport.abort()  # type: ignore[union-attr]  # (connection_lost cancels it)
+        graceful close would wait on a client that reads nothing, and its request with it;
+        connection_lost cancels it)."""
+        self.close(abort=self.task is not None and not self.task.done())
 
     # timers ---------------------------------------------------------------------------------
 
@@ -7143,8 +7139,7 @@ class Supervisor:
             return
         code = 1  # the worker: it never returns into the supervisor's loop
         try:
-            _hold_signals()
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+            _hold_signals()  # (and lets them through)
             _end_with_parent(supervisor)
             _LogFormat.worker = worker.index
             _new_id_prefix()
@@ -7219,11 +7214,9 @@ def _reload(gw: Gateway, args: argparse.Namespace, overrides: dict[str, Any]) ->
     """SIGHUP: read every config source again; a bad config is refused, the old one stays."""
     try:
         config = _configure(args, overrides)
-    except ConfigError as exc:
-        log(f"config reload refused, the running config stays: {exc}", "error")
-        return
-    except Exception as exc:  # noqa: BLE001  # (a config no check foresaw: still refused)
-        log(f"config reload refused, the running config stays: {exc!r}", "error")
+    except Exception as exc:  # noqa: BLE001  # (a config no check foresaw is refused too)
+        why = exc if isinstance(exc, ConfigError) else repr(exc)
+        log(f"config reload refused, the running config stays: {why}", "error")
         return
     for unchanged in gw.reload(config):
         log(unchanged, "warning")
