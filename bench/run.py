@@ -21,11 +21,12 @@ mock directly and through the gateway, alternating, for:
   `redis_url`, non-stream and stream at 32, alternating: the CPU µs per request each spends
   (from /proc) and the p50 each adds, so that the cost of Redis is read in one run;
 - workers: `--workers 2` against 1 worker (both with Redis, neither pinned), non-stream at 256;
-- reference (when `nginx` is installed, Debian: `apt-get install nginx-light`): nginx as a
-  plain reverse proxy, pinned where the gateway is (one process, upstream keep-alive, no
-  buffering, access log on, to /dev/null), in the non-stream cells at 1 and 32 and the
-  stream cell at 32: what a proxy that does nothing but relay adds on this machine, in the
-  same run.
+- reference, in the non-stream cells at 1 and 32 and the stream cell at 32, each proxy
+  pinned where the gateway is: nginx as a plain reverse proxy (when it is installed, Debian:
+  `apt-get install nginx-light`; one process, upstream keep-alive, no buffering, access log
+  on, to /dev/null), what a proxy that does nothing but relay adds on this machine; and
+  bench/floor.py, a uvloop relay that parses each request head with h11 and does nothing
+  else, what any proxy built as the gateway is (Python, uvloop, h11) adds at the least.
 
 The gateway runs as users run it: client auth on, a client rate limit (high enough not to
 bite), metrics and the access log on (to /dev/null). Prints a table with ratios to direct,
@@ -288,28 +289,37 @@ class Bench:
         self.stop(proc)
 
     def reference(self) -> None:
-        """nginx in the gateway's place: the relay floor of this machine, in this run."""
+        """Two proxies in the gateway's place, pinned as it is, in this run: nginx (the
+        relay floor of this machine) and bench/floor.py (a uvloop relay that parses each
+        request head with h11: the floor of a proxy built as the gateway is)."""
+        mock = self.start_mock("--chunks", "20")
         nginx = shutil.which("nginx")
         if nginx is None:
             print("(no nginx reference: apt-get install nginx-light)", flush=True)
-            return
-        mock = self.start_mock("--chunks", "20")
+        else:
+            port = free_port()
+            prefix = Path(tempfile.mkdtemp(prefix="bench-nginx-"))
+            self.scratch.append(prefix)
+            (prefix / "nginx.conf").write_text(NGINX_CONF % {"prefix": prefix, "mock": mock,
+                                                             "port": port})
+            self.reference_rows("nginx", mock, port, [nginx, "-p", str(prefix), "-c",
+                                                       str(prefix / "nginx.conf")])
         port = free_port()
-        prefix = Path(tempfile.mkdtemp(prefix="bench-nginx-"))
-        (prefix / "nginx.conf").write_text(NGINX_CONF % {"prefix": prefix, "mock": mock,
-                                                         "port": port})
-        proc = subprocess.Popen(pinned(self.gw_cpu, [nginx, "-p", str(prefix), "-c",
-                                                     str(prefix / "nginx.conf")]),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.reference_rows("floor", mock, port, [
+            sys.executable, str(HERE / "floor.py"), "--port", str(port),
+            "--upstream", f"127.0.0.1:{mock}"])
+
+    def reference_rows(self, proxy: str, mock: int, port: int, argv: list[str]) -> None:
+        proc = subprocess.Popen(pinned(self.gw_cpu, argv), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
         self.procs.append(proc)
         try:
             wait_listening(port, proc)
             for scenario, flags, c in (("non-stream", [], 1), ("non-stream", [], 32),
                                        ("stream 20 chunks", STREAM_FLAGS, 32)):
-                self.compare(scenario, mock, port, c, flags, proc, proxy="nginx")
+                self.compare(scenario, mock, port, c, flags, proc, proxy=proxy)
         finally:
             self.stop(proc)
-            shutil.rmtree(prefix, ignore_errors=True)
 
     def start_redis(self) -> str | None:
         if shutil.which("redis-server") is None:
