@@ -150,6 +150,10 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 header field na
 _HEX_DIGITS = b"0123456789abcdefABCDEF"  # a chunk size is these and nothing else
 _CHUNK_HEAD = re.compile(rb"([0-9a-fA-F]{1,16})\r\n").match  # a size line, no extension
 _NEXT_CHUNK = re.compile(rb"\r\n([0-9a-fA-F]{1,16})\r\n").match  # a chunk's CRLF, the next size
+# the request headers Request reads; the others are only forwarded
+_READ_FIELDS = frozenset((b"authorization", b"x-api-key", b"x-request-id", b"origin",
+                          b"content-length", b"transfer-encoding", b"connection", b"expect",
+                          b"upgrade"))
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,%d}" % REQUEST_ID_MAX)  # visible ASCII, echoed back
 _CONTINUE = h11.InformationalResponse(status_code=100, headers=[])
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
@@ -6296,6 +6300,8 @@ class Request:
         size = len(event.target)  # (h11 bounds only heads that come in pieces: head_size)
         for _, name, value in self.headers:
             size += len(name) + len(value)
+            if name not in _READ_FIELDS:  # most of an SDK's 18: one set lookup each
+                continue
             if name == b"authorization":
                 self.authorization = value
             elif name == b"x-api-key":

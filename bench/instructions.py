@@ -3,6 +3,7 @@
     python bench/instructions.py [--stream] [--gateway PATH] [-n 500 2500] [-c 8]
     python bench/instructions.py --stream --path /v1/responses --body '{"model": "m", "input": "hi", "stream": true}'
     python bench/instructions.py --redis-url redis://127.0.0.1:6379   # with shared state
+    python bench/instructions.py --sdk-headers   # the head the OpenAI SDK sends (17 headers)
 
 Wall-clock figures on a shared machine drift by tens of percent between runs; instruction
 counts repeat to a fraction of a percent. The gateway runs under `valgrind --tool=callgrind`
@@ -31,6 +32,16 @@ sys.path.insert(0, str(HERE))
 from run import CLIENT_KEY, free_port, wait_listening  # noqa: E402
 
 
+# What the OpenAI Python SDK sends besides Host, Content-Type, Content-Length and
+# Authorization: an SDK-sized head has 17 headers where bench/load.py's has 4.
+SDK_HEADERS = ["Accept: application/json", "User-Agent: OpenAI/Python 1.109.1",
+               "X-Stainless-Lang: python", "X-Stainless-Package-Version: 1.109.1",
+               "X-Stainless-OS: Linux", "X-Stainless-Arch: x64", "X-Stainless-Runtime: CPython",
+               "X-Stainless-Runtime-Version: 3.11.7", "X-Stainless-Async: false",
+               "x-stainless-retry-count: 0", "x-stainless-read-timeout: 600",
+               "Accept-Encoding: gzip, deflate", "Connection: keep-alive"]
+
+
 def instructions(gateway: Path, requests: int, args: argparse.Namespace, mock: int) -> int:
     port = free_port()
     cfg = {"port": port, "api_keys": [{"key": CLIENT_KEY, "name": "bench", "rpm": 1e9}],
@@ -53,6 +64,8 @@ def instructions(gateway: Path, requests: int, args: argparse.Namespace, mock: i
                     str(requests), "-d", "600"]
             if args.body:
                 load += ["--body", args.body]
+            for header in args.header:
+                load += ["--header", header]
             if args.stream:
                 load.append("--stream")
             result = json.loads(subprocess.run(load, capture_output=True, text=True,
@@ -79,11 +92,17 @@ def main() -> None:
     p.add_argument("-c", "--concurrency", type=int, default=8)
     p.add_argument("--path", default="/v1/chat/completions", help="another route, with --body")
     p.add_argument("--body", help="the JSON body to send (default: load.py's chat request)")
+    p.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="another request header (repeat it: --sdk-headers adds an SDK's)")
+    p.add_argument("--sdk-headers", action="store_true",
+                   help="the 13 headers the OpenAI Python SDK adds to the bench's four")
     p.add_argument("--redis-url", help="share state through this Redis (a running "
                    "redis-server): the shared-state path's count")
     p.add_argument("--keep", metavar="FILE", help="keep the N2 run's callgrind output here "
                    "(read it with callgrind_annotate)")
     args = p.parse_args()
+    if args.sdk_headers:
+        args.header += SDK_HEADERS
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
     mock_port = free_port()
