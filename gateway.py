@@ -3963,9 +3963,9 @@ class Plan:
 
     def injects(self, upstream: Upstream) -> bool:
         """Ask this upstream for the usage chunk the client did not ask for?"""
+        options = self.obj.get("stream_options")  # type: ignore[union-attr]  # (null: none)
         return (self.kind in ("chat", "completions") and self.stream and upstream.stream_usage
-                and not self.client_usage
-                and isinstance(self.obj.get("stream_options", {}), dict))  # type: ignore[union-attr]
+                and not self.client_usage and (options is None or isinstance(options, dict)))
 
     def refused_by(self, upstream: Upstream) -> bool:
         """Would this upstream's translation refuse the request (it is then never tried)?"""
@@ -4939,9 +4939,10 @@ def model_entry(model: str, owner: str) -> dict:
 
 
 def estimate_tokens(body: bytes, obj: dict) -> int:
-    """Before the answer: ~4 bytes a token for the prompt, plus the completion's ceiling."""
-    ceiling = obj.get("max_completion_tokens", obj.get("max_tokens"))
-    ceiling = ceiling if isinstance(ceiling, int) and not isinstance(ceiling, bool) else 0
+    """Before the answer: ~4 bytes a token for the prompt, plus the completion's ceiling
+    (chat's max_completion_tokens or max_tokens, Responses' max_output_tokens)."""
+    ceiling = next((n for n in (obj.get("max_completion_tokens"), obj.get("max_tokens"),
+                                obj.get("max_output_tokens")) if type(n) is int), 0)
     return len(body) // 4 + max(0, ceiling)
 
 

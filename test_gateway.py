@@ -1318,15 +1318,30 @@ def test_sdk_streams_see_exactly_what_they_asked_for_and_usage_is_counted(
     assert asked[-1].choices == [] and asked[-1].usage.completion_tokens == 5
     assert all(c.choices for c in asked[:-1])
     client.chat.completions.create(model="m", messages=MSGS)
+    null = list(client.chat.completions.create(model="m", messages=MSGS, stream=True,
+                                               stream_options=None))  # sent as null: none asked
+    assert mock.requests[-1].json()["stream_options"] == {"include_usage": True}
+    assert all(c.choices for c in null) and all(c.usage is None for c in null)
     usage = usage_of(g, SDK_KEY)
-    assert len(usage) == 1 and usage[0]["name"] == "team" and usage[0]["requests"] == 3
-    assert usage[0]["completion_tokens"] == 15 and usage[0]["models"]["m"]["requests"] == 3
-    assert usage[0]["total_tokens"] == usage[0]["prompt_tokens"] + 15
+    assert len(usage) == 1 and usage[0]["name"] == "team" and usage[0]["requests"] == 4
+    assert usage[0]["completion_tokens"] == 20 and usage[0]["models"]["m"]["requests"] == 4
+    assert usage[0]["total_tokens"] == usage[0]["prompt_tokens"] + 20
     assert usage_of(g, "adm-key-123")[0]["name"] == "team"
     no_injection = start_gateway(limited(mock) | {"upstreams": [
         {"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "stream_usage": False}]})
     list(no_injection.client().chat.completions.create(model="m", messages=MSGS, stream=True))
     assert "stream_options" not in mock.requests[-1].json()
+
+
+def test_the_token_estimate_takes_each_apis_completion_ceiling() -> None:
+    prompt = b"x" * 400  # ~100 tokens
+    assert gw.estimate_tokens(prompt, {}) == 100
+    assert gw.estimate_tokens(prompt, {"max_tokens": 50}) == 150
+    assert gw.estimate_tokens(prompt, {"max_completion_tokens": 70, "max_tokens": 50}) == 170
+    assert gw.estimate_tokens(prompt, {"max_completion_tokens": None, "max_tokens": 50}) == 150
+    assert gw.estimate_tokens(prompt, {"max_output_tokens": 1000}) == 1100  # Responses
+    assert gw.estimate_tokens(prompt, {"max_output_tokens": True}) == 100  # not a number
+    assert gw.estimate_tokens(prompt, {"max_tokens": -5}) == 100
 
 
 def test_budget_crossing_gives_402_on_the_next_request(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
