@@ -117,6 +117,7 @@ MAX_CHUNK_SIZES = 1024  # parsed chunk-size lines kept (ChunkedDecoder)
 MAX_ROUTES = 1024  # per-model entries kept: candidate lists (per configuration), header values
 MAX_TAKEN_BODY = 65536  # a whole request body up to this is read past h11's body events
 USAGE_TAIL_BYTES = 4096  # how much of a response's end is kept to find its usage object
+MAX_USAGE_BODY = 8 * 1024 * 1024  # a Responses object up to this is parsed whole for its usage
 MODELS_CACHE_S = 60.0  # how long an upstream's own /models list is reused
 MODELS_FAIL_CACHE_S = 5.0  # how long a failed /models fetch is remembered
 REQUEST_ID_MAX = 128  # longer client X-Request-IDs are replaced, not forwarded
@@ -4569,7 +4570,8 @@ class ResponseWriter(BodySink):
     upstream's status, headers and body as they arrive (the sink of the relay)."""
 
     __slots__ = ("proto", "rq", "status", "started", "finished", "unsent", "sse", "filter",
-                 "keep_tail", "tail", "usage", "bytes_out", "head_only", "capture_id", "id_seen",
+                 "keep_tail", "tail", "whole", "usage", "bytes_out", "head_only", "capture_id",
+                 "id_seen",
                  "framing", "left", "must_close", "holding")
 
     def __init__(self, proto: HttpProtocol, rq: Request) -> None:
@@ -4583,6 +4585,9 @@ class ResponseWriter(BodySink):
         self.filter: SseFilter | None = None
         self.keep_tail = False  # keep the body's tail, to find its usage
         self.tail = b""
+        # a body whose usage may not be the last "usage" in it (a Responses object echoes the
+        # client's metadata after it): kept whole, up to MAX_USAGE_BODY, and parsed
+        self.whole: list[bytes] | None = None
         self.usage: dict | None = None  # usage the handler found itself
         self.bytes_out = 0
         self.head_only = rq.method == b"HEAD"  # everything as for GET, but no body bytes
@@ -4719,6 +4724,8 @@ class ResponseWriter(BodySink):
             return self.usage
         if self.filter is not None and self.filter.usage is not None:
             return self.filter.usage
+        if self.whole:
+            return top_usage(b"".join(self.whole))
         return usage_in(self.tail) if self.tail else None
 
     # BodySink -------------------------------------------------------------------------------
@@ -4748,6 +4755,11 @@ class ResponseWriter(BodySink):
             if not data:
                 return
         elif self.keep_tail:  # keep the tail only: usage comes last in an OpenAI body
+            if self.whole is not None:
+                if self.bytes_out + len(data) <= MAX_USAGE_BODY:
+                    self.whole.append(data)
+                else:
+                    self.whole = None  # past the bound: the tail it is
             tail = self.tail + data if len(data) < USAGE_TAIL_BYTES else data
             self.tail = tail[-USAGE_TAIL_BYTES:]
         self._write(data)
@@ -4947,22 +4959,34 @@ def estimate_tokens(body: bytes, obj: dict) -> int:
 
 
 def usage_in(tail: bytes) -> dict | None:
-    """The last `"usage": {...}` object in the tail of a JSON body, parsed alone."""
-    i = tail.rfind(b'"usage"')
-    if i < 0:
-        return None
-    j = tail.find(b"{", i)
-    if j < 0 or tail[i + 7:j].strip() != b":":
-        return None
-    end = tail.find(b"}", j)
-    while end >= 0 and tail.count(b"{", j, end + 1) != tail.count(b"}", j, end + 1):
-        end = tail.find(b"}", end + 1)  # usage holds nested *_details objects
-    if end < 0:
-        return None
+    """The last `"usage": {...}` object in the tail of a JSON body, parsed alone (a "usage"
+    that is not one, a metadata key say, is passed over)."""
+    i = len(tail)
+    while (i := tail.rfind(b'"usage"', 0, i)) >= 0:
+        j = tail.find(b"{", i)
+        if j < 0 or tail[i + 7:j].strip() != b":":
+            continue
+        end = tail.find(b"}", j)
+        while end >= 0 and tail.count(b"{", j, end + 1) != tail.count(b"}", j, end + 1):
+            end = tail.find(b"}", end + 1)  # usage holds nested *_details objects
+        if end < 0:
+            continue
+        try:
+            usage = orjson.loads(tail[j:end + 1])
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(usage, dict):
+            return usage
+    return None
+
+
+def top_usage(body: bytes) -> dict | None:
+    """The usage object at the top of a whole JSON body."""
     try:
-        usage = orjson.loads(tail[j:end + 1])
+        obj = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
+    usage = obj.get("usage") if isinstance(obj, dict) else None
     return usage if isinstance(usage, dict) else None
 
 
@@ -5725,6 +5749,8 @@ class ProxyHandler:
             await self.converted_reply(plan, conn)
             return
         writer.keep_tail = ok
+        if ok and plan.kind == "responses" and not plan.stream:
+            writer.whole = []
         inspect = ok and plan.stream
         converter: Any = None
         if convert:

@@ -3485,6 +3485,8 @@ def test_usage_found_in_a_body_tail() -> None:
     assert gw.usage_in(body) == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
                                  "prompt_tokens_details": {"cached_tokens": 1}}
     assert gw.usage_in(b'{"usage": null}') is None and gw.usage_in(b"{}") is None
+    echoed = b'{"usage":{"input_tokens":3,"output_tokens":4},"user":null,"metadata":{"usage":"x"}}'
+    assert gw.usage_in(echoed) == {"input_tokens": 3, "output_tokens": 4}  # a key passed over
 
 
 def test_completions_conversion_both_ways() -> None:
@@ -4070,6 +4072,21 @@ def test_responses_usage_reaches_usage_budgets_and_metrics(
     with pytest.raises(openai.APIStatusError) as info:
         client.responses.create(model="gpt-4o", input="over")
     assert info.value.status_code == 402
+
+
+def test_a_responses_usage_counts_whatever_metadata_the_upstream_echoes_after_it(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    # A Response object ends with usage, then the client's user and metadata, echoed back:
+    # a "usage" key there, or 16 long values pushing usage out of the body's last 4 KiB,
+    # must not keep the request off its client's budget.
+    g = start_gateway(limited(mock, api_keys=[{"key": SDK_KEY, "name": "team"}]))
+    client = g.client()
+    answers = [client.responses.create(model="gpt-4o", input="count me", metadata=metadata)
+               for metadata in ({"usage": "x"}, {f"k{i}": "v" * 500 for i in range(16)})]
+    usage = usage_of(g, SDK_KEY)[0]
+    assert usage["requests"] == 2
+    assert usage["prompt_tokens"] == sum(a.usage.input_tokens for a in answers) > 0
+    assert usage["completion_tokens"] == sum(a.usage.output_tokens for a in answers) > 0
 
 
 ################################################################################
