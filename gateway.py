@@ -99,6 +99,7 @@ MAX_CHUNK_LINE = 4096  # a chunk-size or trailer line longer than this is garbag
 MAX_ERROR_BODY = 1024 * 1024  # upstream error bodies the gateway reads: this much, then it stops
 MAX_READ_BODY = 64 * 1024 * 1024  # 200 bodies the gateway converts itself: far above any reply
 MAX_SSE_EVENT = 1024 * 1024  # an SSE event this long with no end: relayed as it comes
+LONG_EVENT_TAIL = 128 * 1024  # ...its end kept, to find its usage (before the echoed metadata)
 COOLDOWN_CAP_S = 60.0  # a 429 with no hint cools a key 1, 2, 4 ... s, never longer than this
 COOLDOWN_HINT_CAP_S = 3600.0  # the longest cooldown an upstream's hint may impose (configurable)
 BLOCK_RECHECK_S = 300.0  # a blocked key gets one real request this often (configurable)
@@ -4395,11 +4396,12 @@ class SseFilter:
 
     What it holds is bounded and searched once: each read is searched alone (with the last
     three held bytes, for a blank line split across reads), and an "event" that grows past
-    MAX_SSE_EVENT with no end is relayed as it comes, up to its end; the events after it are
-    held and inspected again."""
+    MAX_SSE_EVENT with no end is relayed as it comes, up to its end (inspected, its last
+    LONG_EVENT_TAIL bytes are kept and searched for its usage: a Responses event is as long
+    as the instructions it echoes); the events after it are held and inspected again."""
 
-    __slots__ = ("_held", "held_size", "_edge", "passthrough", "inspect", "drop_usage",
-                 "convert", "converted_end", "completed", "usage", "failed")
+    __slots__ = ("_held", "held_size", "_edge", "passthrough", "_long_tail", "inspect",
+                 "drop_usage", "convert", "converted_end", "completed", "usage", "failed")
 
     def __init__(self, inspect: bool = False, drop_usage: bool = False,
                  convert: Any = None) -> None:
@@ -4407,6 +4409,7 @@ class SseFilter:
         self.held_size = 0
         self._edge = b""  # the last three held bytes
         self.passthrough = False  # an overlong event is going by: relayed till its end
+        self._long_tail = b""  # its last bytes, when inspecting
         self.inspect = inspect
         self.drop_usage = drop_usage  # the client did not ask for the usage-only chunk
         self.convert = convert  # rewrites the stream: .event(chunk), .end() at [DONE]
@@ -4454,8 +4457,15 @@ class SseFilter:
             cut = _first_event_end(data)
         if cut <= 0:
             self._edge = (edge + data)[-3:]
+            if self.inspect:
+                self._long_tail = (self._long_tail + data)[-LONG_EVENT_TAIL:]
             return data
         self.passthrough, self._edge = False, b""
+        if self.inspect:
+            usage = usage_in((self._long_tail + data[:cut])[-LONG_EVENT_TAIL:])
+            if usage is not None:
+                self.usage = usage
+            self._long_tail = b""
         rest = data[cut:]
         return data[:cut] + self.feed(rest) if rest else data
 
@@ -4474,6 +4484,8 @@ class SseFilter:
                 self.passthrough = True
                 held = self.take_held()
                 self._edge = held[-3:]  # (its end may come split across reads)
+                if self.inspect:
+                    self._long_tail = held[-LONG_EVENT_TAIL:]
                 return held
             return b""
         out = b"".join((*held, data[:cut])) if held else data[:cut]

@@ -3425,6 +3425,15 @@ def test_an_overlong_sse_event_is_passed_through_to_its_end_and_what_follows_is_
     assert not flt.passthrough  # the usage-only chunk after it is dropped and counted again
     assert b"".join(out) == b"data: " + piece * 480 + b"\r\n\r\ndata: [DONE]\n\n"
     assert flt.usage == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    # A Responses stream's response.completed echoes the instructions, megabytes of them if
+    # the client sent that much: the usage near its end is still found, its end in any read.
+    long = gw.SseFilter(inspect=True)
+    completed = (b'event: response.completed\ndata: {"type":"response.completed","response":'
+                 b'{"instructions":"' + b"i" * 3_000_000 + b'","usage":{"input_tokens":750003,'
+                 b'"output_tokens":5,"total_tokens":750008},"metadata":{"usage":"x"}}}\n\n')
+    relayed = b"".join(long.feed(completed[at:at + 65536]) for at in range(0, len(completed), 65536))
+    assert relayed == completed and not long.passthrough
+    assert long.usage == {"input_tokens": 750003, "output_tokens": 5, "total_tokens": 750008}
     split = gw.SseFilter()  # a blank line split across reads still ends the event
     assert split.feed(b"data: a\r\n\r") == b"" and split.feed(b"\ndata: b") == b"data: a\r\n\r\n"
     assert split.take_held() == b"data: b"
