@@ -4541,6 +4541,9 @@ class SseFilter:
         if at == 0 and not event.startswith(b"data:"):
             return event
         payload = event[at + 5:].strip()
+        if b"\n" in payload:  # data lines are one payload, joined by LF (SSE); others drop
+            payload = b"\n".join(line[5:] for line in event.split(b"\n")
+                                 if line.startswith(b"data:")).strip()
         if payload == b"[DONE]":
             if self.convert is None:
                 return event
@@ -4549,9 +4552,13 @@ class SseFilter:
         try:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            return event
+            obj = None
         if not isinstance(obj, dict):
+            if self.convert is not None:  # relayed as it is, it would be garbage to the client
+                raise UpstreamError("upstream answered garbage: not a chat completion stream")
             return event
+        if self.convert is not None and obj.get("error") is not None:  # not a success, ever
+            raise UpstreamError(f"upstream error mid-stream: {short_message(obj['error'])}")
         usage = obj.get("usage")
         if usage is None and isinstance(obj.get("response"), dict):  # Responses: in the object
             usage = obj["response"].get("usage")
@@ -4945,13 +4952,21 @@ def upstream_message(body: bytes, keys: KeyPool) -> str:
         message = orjson.loads(body[:65536])["error"]["message"]
     except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
         message = body[:300].decode("utf-8", "replace")
-    if not isinstance(message, str):
-        message = str(message)
-    message = " ".join(message.split())[:300]
+    message = short_message(message)
     for key in keys.keys:
         if key.secret:
             message = message.replace(key.secret, mask_secret(key.secret))
     return _SECRET_LIKE.sub(lambda m: mask_secret(m.group()), message)
+
+
+def short_message(message: Any) -> str:
+    """An upstream's error message on one line, at most 300 characters, anything like a
+    secret masked."""
+    if isinstance(message, dict):  # an OpenAI error object
+        message = message.get("message", message)
+    if not isinstance(message, str):
+        message = str(message)
+    return _SECRET_LIKE.sub(lambda m: mask_secret(m.group()), " ".join(message.split())[:300])
 
 
 def model_not_found(model: str) -> GatewayError:
@@ -5788,6 +5803,10 @@ class ProxyHandler:
         rq = plan.rq
         try:
             reply = orjson.loads(await conn.read_body(MAX_READ_BODY))
+            if reply.get("error") is not None:  # a 200 that says it failed
+                raise UpstreamError(f"upstream error: {short_message(reply['error'])}")
+            if not isinstance(reply.get("choices"), list):
+                raise TypeError("no choices")
             if plan.kind == "responses":
                 converted, assistant = response_from_chat(reply, plan.obj,  # type: ignore[arg-type]
                                                           new_object_id("resp"))

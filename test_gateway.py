@@ -2604,11 +2604,16 @@ def test_a_converted_stream_never_passes_an_unfinished_event_through() -> None:
     assert converter.response["output"][0]["content"][0]["text"] == "hi"
 
 
-@pytest.mark.parametrize("trouble", ["a usage that cannot be written", "an event over the bound"])
+@pytest.mark.parametrize("trouble", ["a usage that cannot be written", "an event over the bound",
+                                     "an error event", "a payload that is not JSON"])
 def test_a_converted_stream_that_fails_is_never_kept_as_completed(trouble: str) -> None:
     converter = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1")
     if trouble == "an event over the bound":
         later = b"data: " + b"x" * (gw.MAX_SSE_EVENT + 10)
+    elif trouble == "an error event":  # what a chat client's SDK raises: never "completed"
+        later = b'data: {"error":{"message":"boom","type":"server_error"}}\n\ndata: [DONE]\n\n'
+    elif trouble == "a payload that is not JSON":
+        later = b"data: {not json\n\ndata: [DONE]\n\n"
     else:
         usage = b'{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2,"prompt_tokens_details":{"cached_tokens":' \
             + b"[" * 300 + b"]" * 300 + b"}}"
@@ -2616,8 +2621,17 @@ def test_a_converted_stream_that_fails_is_never_kept_as_completed(trouble: str) 
     out = asyncio.run(convert_stream(converter, GOOD_CHUNK, later))
     events = [e for e in client_body(out)[2].split(b"\n\n") if e]
     assert events[0].startswith(b"event: response.created")
-    assert orjson.loads(events[-1][6:])["error"]["type"] == "upstream_error"
+    error = orjson.loads(events[-1][6:])["error"]
+    assert error["type"] == "upstream_error" and ("boom" in error["message"]) == (trouble == "an error event")
     assert converter.response is None  # so it is neither stored nor answered for later
+
+
+def test_a_converted_streams_data_lines_are_one_payload() -> None:
+    converter = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1")
+    split = b'data: {"id":"c","model":"m",\ndata: "choices":[{"index":0,"delta":{"content":"Y"}}]}\n\ndata: [DONE]\n\n'
+    status, _, body, complete = client_body(asyncio.run(convert_stream(converter, GOOD_CHUNK, split)))
+    assert status == 200 and complete and b"chat.completion" not in body
+    assert converter.response["output"][0]["content"][0]["text"] == "hiY"
 
 
 def test_a_chat_only_upstreams_odd_answers_are_502s_or_relayed_never_internal_errors(
@@ -2627,6 +2641,8 @@ def test_a_chat_only_upstreams_odd_answers_are_502s_or_relayed_never_internal_er
         b"usage": b'{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"x"},"finish_reason":"stop"}],"usage":"x"}',
         b"json": b'{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"whole"},"finish_reason":"stop"}]}',
         b"huge": b'{"id":"c","object":"chat.completion","created":1e300,"model":"m","choices":[]}',
+        b"failed": b'{"error":{"message":"boom, with sk-proj-abcdefghijklmnop","type":"server_error"}}',
+        b"nochoices": b'{"id":"c","object":"chat.completion","created":1,"model":"m"}',
     }
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -2643,9 +2659,15 @@ def test_a_chat_only_upstreams_odd_answers_are_502s_or_relayed_never_internal_er
 
     port = raw_upstream(handler)
     g = start_gateway({"upstreams": [{"name": "chat", "url": f"http://127.0.0.1:{port}/v1", "chat_only": True}]})
-    for model in (b"created", b"huge"):  # "yesterday"; a time past 64 bits
-        (resp,) = raw(g.port, post("/v1/responses", b'{"model":"%s","input":"hi"}' % model))
-        assert resp.status == 502 and resp.json()["error"]["type"] == "upstream_error"
+    for model in (b"created", b"huge", b"failed", b"nochoices"):  # "yesterday"; a time past 64
+        for path, body in ((b"/v1/responses", b'{"model":"%s","input":"hi"}'),  # bits; a 200 that
+                           (b"/v1/completions", b'{"model":"%s","prompt":"hi"}')):  # failed; none
+            (resp,) = raw(g.port, post(path.decode(), body % model))
+            if model in (b"created", b"huge") and path == b"/v1/completions":
+                continue  # (a completion's created is the client's to read: relayed as it is)
+            assert resp.status == 502 and resp.json()["error"]["type"] == "upstream_error"
+            message = resp.json()["error"]["message"]
+            assert ("boom" in message and "abcdefghijklmnop" not in message) == (model == b"failed")
     (resp,) = raw(g.port, post("/v1/completions", b'{"model":"usage","prompt":"hi"}'))
     assert resp.status == 200 and resp.json()["choices"][0]["text"] == "x"
     with connect(g.port) as sock:  # a 204 has no body, whatever its content type says
