@@ -4702,9 +4702,12 @@ class ResponseWriter(BodySink):
     # an upstream's answer -------------------------------------------------------------------
 
     def relay_head(self, status: int, upstream_headers: list[tuple[bytes, bytes]], *,
-                   inspect: bool = False, drop_usage: bool = False, convert: Any = None) -> None:
+                   inspect: bool = False, drop_usage: bool = False, convert: Any = None,
+                   stream: bool = False) -> None:
         """Pass the upstream's status and headers through, minus hop-by-hop ones; an SSE
-        body gets the filter (inspecting usage when asked)."""
+        body gets the filter (inspecting usage when asked). `stream`: the client asked for
+        a stream and this is not a whole JSON answer: SSE, whatever its content type says
+        (what it holds is counted, converted and filtered as a stream's)."""
         sse = False
         headers = []
         for name, value in upstream_headers:
@@ -4716,6 +4719,10 @@ class ResponseWriter(BodySink):
             elif name == b"x-request-id":
                 name = b"x-upstream-request-id"
             headers.append((name, value))
+        if stream and not sse and status not in (204, 304):
+            sse = True
+            headers = [h for h in headers if h[0] != b"content-type"]
+            headers.append((b"content-type", b"text/event-stream"))
         if sse:  # framed by us (chunked), never cached or buffered by a proxy in front
             headers = [h for h in headers if h[0] not in (b"content-length", b"cache-control")]
             headers += _SSE_HEADERS
@@ -5770,9 +5777,9 @@ class ProxyHandler:
             raise Unsupported("The upstream does not serve embeddings.")
         ok = 200 <= conn.status < 300
         convert = ok and plan.converts(plan.upstream)  # type: ignore[arg-type]
-        if convert and (not plan.stream or next(  # a stream asked for, a whole answer given
-                (v for n, v in conn.headers if n == b"content-type"), b"")[:16].lower()
-                == b"application/json"):
+        whole = ok and next((v for n, v in conn.headers if n == b"content-type"),
+                            b"")[:16].lower() == b"application/json"
+        if convert and (not plan.stream or whole):  # (a stream asked for, a whole answer given)
             await self.converted_reply(plan, conn)
             return
         writer.keep_tail = ok
@@ -5787,7 +5794,7 @@ class ProxyHandler:
             writer.capture_id = self.remember_for(plan)
         writer.relay_head(conn.status, conn.headers, inspect=inspect,
                           drop_usage=inspect and plan.injects(plan.upstream),  # type: ignore[arg-type]
-                          convert=converter)
+                          convert=converter, stream=inspect and not whole)
         streaming = writer.sse
         gw.metrics.active_streams += streaming
         try:

@@ -2727,6 +2727,39 @@ def test_sse_is_recognised_whatever_the_case_of_its_media_type() -> None:
     assert writer.filter.feed(usage) == b"" and writer.filter.usage["total_tokens"] == 3
 
 
+@pytest.mark.parametrize("content_type", [b"text/plain", None])
+def test_a_stream_asked_for_is_read_as_one_whatever_content_type_the_upstream_gives_it(
+        raw_upstream: RawUpstream, start_gateway: StartGateway, content_type: bytes | None) -> None:
+    usage = b'data: {"id":"c","model":"m","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n'
+    body = GOOD_CHUNK + usage + b"data: [DONE]\n\n"
+    head = b"HTTP/1.1 200 OK\r\n" + (b"content-type: %s\r\n" % content_type if content_type else b"")
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                request = await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", request).group(1)))
+                writer.write(head + b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+    port = raw_upstream(handler)
+    g = start_gateway({"api_keys": [{"key": SDK_KEY, "name": "team"}], "upstreams": [
+        {"name": "chat", "url": f"http://127.0.0.1:{port}/v1", "chat_only": True}]})
+    client = g.client()
+    chunks = list(client.chat.completions.create(model="m", messages=MSGS, stream=True))
+    assert all(c.choices for c in chunks)  # the usage chunk it did not ask for: not seen
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "hi"
+    with client.responses.stream(model="m", input="hi") as stream:  # converted
+        final = stream.get_final_response()
+    assert final.output_text == "hi" and final.usage.output_tokens == 2
+    completions = list(client.completions.create(model="m", prompt="hi", stream=True))
+    assert "".join(c.choices[0].text for c in completions if c.choices) == "hi"
+    counted = usage_of(g, SDK_KEY)[0]
+    assert counted["requests"] == 3 and counted["completion_tokens"] == 6
+
+
 @pytest.mark.parametrize("sse", [False, True])
 def test_a_created_objects_id_is_found_when_the_answer_starts_in_small_pieces(sse: bool) -> None:
     told: list[str] = []
