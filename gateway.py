@@ -4966,6 +4966,15 @@ def upstream_message(body: bytes, keys: KeyPool) -> str:
     return _SECRET_LIKE.sub(lambda m: mask_secret(m.group()), message)
 
 
+def error_code(body: bytes) -> Any:
+    """The code of an OpenAI error body; None if it is not one."""
+    try:
+        error = orjson.loads(body)["error"]
+    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
+        return None
+    return error.get("code") if isinstance(error, dict) else None
+
+
 def short_message(message: Any) -> str:
     """An upstream's error message on one line, at most 300 characters, anything like a
     secret masked."""
@@ -5772,9 +5781,13 @@ class ProxyHandler:
         conn = await gw.forwarder.forward(plan)
         if conn is None:
             return  # the last upstream error was passed through
-        if plan.kind == "embeddings" and conn.status == 404:
-            await conn.read_body(MAX_ERROR_BODY)
-            raise Unsupported("The upstream does not serve embeddings.")
+        if plan.kind == "embeddings" and conn.status == 404:  # no /embeddings, or no model
+            body = await conn.read_body(MAX_ERROR_BODY)
+            if error_code(body) != "model_not_found":
+                raise Unsupported("The upstream does not serve embeddings.")
+            rq.flow.detach()
+            writer.relay_whole(404, conn.headers, body)
+            return
         ok = 200 <= conn.status < 300
         convert = ok and plan.converts(plan.upstream)  # type: ignore[arg-type]
         whole = ok and next((v for n, v in conn.headers if n == b"content-type"),

@@ -3772,6 +3772,10 @@ def test_upstream_404_on_embeddings_is_501(start_gateway: StartGateway) -> None:
     with pytest.raises(openai.APIStatusError) as info:
         g.client().embeddings.create(model="m", input="x", extra_headers={"x-mock-status": "404"})
     assert info.value.status_code == 501 and info.value.type == "unsupported"
+    with pytest.raises(openai.NotFoundError) as found:  # the path is there, the model is not
+        g.client().embeddings.create(model="m", input="x", extra_headers={
+            "x-mock-status": "404", "x-mock-code": "model_not_found"})
+    assert found.value.code == "model_not_found" and found.value.body["message"] == "mock error 404"
 
 
 def test_body_forwarded_byte_for_byte_unless_alias_rewrites(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:

@@ -24,6 +24,7 @@ they pass through a gateway unchanged:
 
     x-mock-status: N        answer N with an OpenAI error body
     x-mock-retry-after: S   with x-mock-status, send Retry-After: S
+    x-mock-code: CODE       with x-mock-status, the error's code (default mock_N)
     x-mock-chunks: N        stream N content chunks (default --chunks)
     x-mock-delay-ms: N      wait N ms before each stream chunk (default --delay-ms)
     x-mock-die-after: N     drop the connection after N content chunks (a mid-stream death)
@@ -384,7 +385,7 @@ class _MockConnection(asyncio.Protocol):
         if "x-mock-status" in h:
             status = int(h["x-mock-status"])
             extra = [("retry-after", h["x-mock-retry-after"])] if "x-mock-retry-after" in h else []
-            self.send_error(status, f"mock error {status}", extra)
+            self.send_error(status, f"mock error {status}", extra, code=h.get("x-mock-code"))
             return
         path = rq.path.split("?", 1)[0]
         if not path.startswith("/v1/models") and self.fault(rq):
