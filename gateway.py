@@ -5487,7 +5487,12 @@ class ResponsesFromChat:
 
     def _call(self, call: dict) -> list[bytes]:
         out = []
-        index = call.get("index", 0)
+        index = call.get("index")
+        if not isinstance(index, int):  # (some upstreams send none: a new id, a new call)
+            last = max(self.calls, default=None)
+            fresh = call.get("id") and (last is None or
+                                        self.calls[last]["call_id"] != _as_text(call["id"]))
+            index = (-1 if last is None else last) + 1 if fresh or last is None else last
         function = call.get("function") or {}
         item = self.calls.get(index)
         if item is None:

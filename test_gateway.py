@@ -2626,6 +2626,23 @@ def test_a_converted_stream_that_fails_is_never_kept_as_completed(trouble: str) 
     assert converter.response is None  # so it is neither stored nor answered for later
 
 
+def test_streamed_tool_calls_without_an_index_are_told_apart_by_their_ids() -> None:
+    converter = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1")
+
+    def chunk(*calls: dict) -> bytes:
+        return b"data: " + orjson.dumps({"id": "c", "model": "m", "choices": [
+            {"index": 0, "delta": {"tool_calls": list(calls)}}]}) + b"\n\n"
+
+    stream = (chunk({"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\""}})
+              + chunk({"function": {"arguments": ": 1}"}})  # more of the same call: no id
+              + chunk({"id": "call_2", "type": "function", "function": {"name": "g", "arguments": "{}"}})
+              + chunk({"id": "call_2", "function": {"arguments": ""}}) + b"data: [DONE]\n\n")
+    status, _, body, complete = client_body(asyncio.run(convert_stream(converter, stream, b"")))
+    assert status == 200 and complete
+    calls = [(i["call_id"], i["name"], i["arguments"]) for i in converter.response["output"]]
+    assert calls == [("call_1", "f", '{"a": 1}'), ("call_2", "g", "{}")]
+
+
 def test_a_converted_streams_data_lines_are_one_payload() -> None:
     converter = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1")
     split = b'data: {"id":"c","model":"m",\ndata: "choices":[{"index":0,"delta":{"content":"Y"}}]}\n\ndata: [DONE]\n\n'
