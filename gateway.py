@@ -5083,7 +5083,7 @@ def _as_completion(chat: dict, choices: list[dict]) -> dict:
 def completion_from_chat(reply: dict) -> dict:
     """A chat.completion as the text_completion the client asked for."""
     return _as_completion(reply, [
-        {"text": (c.get("message") or {}).get("content") or "", "index": c.get("index", i),
+        {"text": reply_text((c.get("message") or {}).get("content")), "index": c.get("index", i),
          "logprobs": None, "finish_reason": c.get("finish_reason")}
         for i, c in enumerate(reply.get("choices") or [])])
 
@@ -5092,7 +5092,7 @@ def completion_chunk_from_chat(chunk: dict) -> dict | None:
     """A chat.completion.chunk as a text_completion stream chunk (None: nothing to say)."""
     choices = []
     for i, c in enumerate(chunk.get("choices") or []):
-        text = (c.get("delta") or {}).get("content") or ""
+        text = reply_text((c.get("delta") or {}).get("content"))
         if text or c.get("finish_reason") is not None:  # the role-only first chunk says nothing
             choices.append({"text": text, "index": c.get("index", i), "logprobs": None,
                             "finish_reason": c.get("finish_reason")})
@@ -5345,7 +5345,26 @@ def responses_usage(usage: dict | None) -> dict | None:
 
 def _message_item(item_id: str, text: str, status: str) -> dict:
     return {"type": "message", "id": item_id, "status": status, "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+            "content": [_content_part("output_text", text)]}
+
+
+def _content_part(kind: str, text: str) -> dict:
+    if kind == "refusal":
+        return {"type": "refusal", "refusal": text}
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def reply_text(content: Any) -> str:
+    """A chat message's content as text: a string, or (as some upstreams send it) a list of
+    text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p["text"] for p in content
+                       if isinstance(p, dict) and isinstance(p.get("text"), str))
+    if content is None:
+        return ""
+    raise TypeError("a message content that is not text")  # the upstream's garbage
 
 
 def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict:
@@ -5389,11 +5408,15 @@ def response_from_chat(reply: dict, request: dict, response_id: str) -> tuple[di
     message it adds to the conversation (for previous_response_id)."""
     choice = (reply.get("choices") or [{}])[0]
     message = choice.get("message") or {}
-    text = message.get("content")
+    text = reply_text(message.get("content"))
+    refusal = _as_text(message.get("refusal"))
     calls = message.get("tool_calls") or []
     output = []
-    if text or not calls:
-        output.append(_message_item(new_object_id("msg"), text or "", "completed"))
+    if text or refusal or not calls:
+        item = _message_item(new_object_id("msg"), text, "completed")
+        if refusal:  # what the model would not do, as the Responses API says it
+            item["content"] = [*(item["content"] if text else ()), _content_part("refusal", refusal)]
+        output.append(item)
     for call in calls:
         function = call.get("function") or {}
         output.append(_call_item(new_object_id("fc"),
@@ -5417,7 +5440,7 @@ class ResponsesFromChat:
     output items and their deltas, response.completed (with usage). Fed one chat chunk at a
     time; `end()` at the chat stream's [DONE]."""
 
-    __slots__ = ("request", "response_id", "created", "model", "seq", "output", "text",
+    __slots__ = ("request", "response_id", "created", "model", "seq", "output", "parts",
                  "message", "calls", "usage", "finish", "started", "ended", "response")
 
     def __init__(self, request: dict, response_id: str) -> None:
@@ -5427,8 +5450,8 @@ class ResponsesFromChat:
         self.model: Any = None
         self.seq = 0
         self.output: list[dict] = []  # the items, in output_index order
-        self.text: list[str] = []
-        self.message: dict | None = None  # the message item, once text has come
+        self.parts: list[tuple[str, list[str]]] = []  # the message's (kind, pieces), in order
+        self.message: dict | None = None  # the message item, once text or a refusal has come
         self.calls: dict[int, dict] = {}  # chat tool-call index -> function_call item
         self.usage: dict | None = None
         self.finish: str | None = None
@@ -5459,30 +5482,36 @@ class ResponsesFromChat:
             self.usage = chunk["usage"]
         for choice in (chunk.get("choices") or [])[:1]:
             delta = choice.get("delta") or {}
-            if delta.get("content"):
-                out += self._text(delta["content"])
+            text, refusal = reply_text(delta.get("content")), _as_text(delta.get("refusal"))
+            if text:
+                out += self._text("output_text", text)
+            if refusal:
+                out += self._text("refusal", refusal)
             for call in delta.get("tool_calls") or []:
                 out += self._call(call)
             self.finish = choice.get("finish_reason") or self.finish
         return b"\n\n".join(out) if out else None
 
-    def _text(self, text: str) -> list[bytes]:
+    def _text(self, kind: str, text: str) -> list[bytes]:
+        """More of the message's text (output_text) or of its refusal: a part each."""
         out = []
         if self.message is None:
             self.message = _message_item(new_object_id("msg"), "", "in_progress")
             self.message["content"] = []
             self.output.append(self.message)
-            index = len(self.output) - 1
-            out += [self._event("response.output_item.added", output_index=index,
-                                item=self.message),
-                    self._event("response.content_part.added", item_id=self.message["id"],
-                                output_index=index, content_index=0,
-                                part={"type": "output_text", "text": "", "annotations": [],
-                                      "logprobs": []})]
-        self.text.append(text)
-        out.append(self._event("response.output_text.delta", item_id=self.message["id"],
-                               output_index=self.output.index(self.message), content_index=0,
-                               delta=text, logprobs=[]))
+            out.append(self._event("response.output_item.added",
+                                   output_index=len(self.output) - 1, item=self.message))
+        index = self.output.index(self.message)
+        if not self.parts or self.parts[-1][0] != kind:
+            self.parts.append((kind, []))
+            out.append(self._event("response.content_part.added", item_id=self.message["id"],
+                                   output_index=index, content_index=len(self.parts) - 1,
+                                   part=_content_part(kind, "")))
+        self.parts[-1][1].append(text)
+        fields = {"logprobs": []} if kind == "output_text" else {}
+        out.append(self._event(f"response.{kind}.delta", item_id=self.message["id"],
+                               output_index=index, content_index=len(self.parts) - 1,
+                               delta=text, **fields))
         return out
 
     def _call(self, call: dict) -> list[bytes]:
@@ -5517,15 +5546,20 @@ class ResponsesFromChat:
         out = [] if self.started else [
             self._event("response.created", response=self._snapshot("in_progress"))]
         if self.message is not None:
-            index, text = self.output.index(self.message), "".join(self.text)
-            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-            self.message.update(status="completed", content=[part])
-            out += [self._event("response.output_text.done", item_id=self.message["id"],
-                                output_index=index, content_index=0, text=text, logprobs=[]),
-                    self._event("response.content_part.done", item_id=self.message["id"],
-                                output_index=index, content_index=0, part=part),
-                    self._event("response.output_item.done", output_index=index,
-                                item=self.message)]
+            index, parts = self.output.index(self.message), []
+            for at, (kind, pieces) in enumerate(self.parts):
+                whole = "".join(pieces)
+                part = _content_part(kind, whole)
+                parts.append(part)
+                fields = {"text": whole, "logprobs": []} if kind == "output_text" \
+                    else {"refusal": whole}
+                out += [self._event(f"response.{kind}.done", item_id=self.message["id"],
+                                    output_index=index, content_index=at, **fields),
+                        self._event("response.content_part.done", item_id=self.message["id"],
+                                    output_index=index, content_index=at, part=part)]
+            self.message.update(status="completed", content=parts)
+            out.append(self._event("response.output_item.done", output_index=index,
+                                   item=self.message))
         for item in self.calls.values():
             index = self.output.index(item)
             item["status"] = "completed"
@@ -5543,7 +5577,9 @@ class ResponsesFromChat:
 
     def assistant_message(self) -> dict:
         """The reply as a chat message, for the conversation previous_response_id continues."""
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.text) or None}
+        text = "".join(piece for kind, pieces in self.parts if kind == "output_text"
+                       for piece in pieces)
+        message: dict[str, Any] = {"role": "assistant", "content": text or None}
         if self.calls:
             message["tool_calls"] = [{"id": c["call_id"], "type": "function", "function": {
                 "name": c["name"], "arguments": c["arguments"]}} for c in self.calls.values()]

@@ -2643,6 +2643,31 @@ def test_streamed_tool_calls_without_an_index_are_told_apart_by_their_ids() -> N
     assert calls == [("call_1", "f", '{"a": 1}'), ("call_2", "g", "{}")]
 
 
+def test_a_refusal_and_content_in_parts_are_converted_as_the_responses_api_says() -> None:
+    from openai.types.responses import Response
+    events_of = TypeAdapter(ResponseStreamEvent)
+    refused = {"id": "c", "model": "m", "created": 1, "choices": [{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": None, "refusal": "I can't help with that."}}]}
+    response, assistant = gw.response_from_chat(refused, {"model": "m", "input": "hi"}, "resp_1")
+    assert Response.model_validate(response).output[0].content[0].refusal == "I can't help with that."
+    assert assistant["content"] is None
+    parts = {"id": "c", "model": "m", "created": 1, "choices": [{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}}]}
+    assert Response.model_validate(gw.response_from_chat(parts, {"model": "m", "input": "hi"}, "r")[0]).output_text == "ab"
+    assert gw.completion_from_chat(parts)["choices"][0]["text"] == "ab"
+    converter = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1")
+    stream = b"".join(b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"refusal":"%s"}}]}\n\n' % piece
+                      for piece in (b"I can", b"'t.")) + b"data: [DONE]\n\n"
+    status, _, body, complete = client_body(asyncio.run(convert_stream(converter, GOOD_CHUNK, stream)))
+    assert status == 200 and complete
+    events = [events_of.validate_python(orjson.loads(e.split(b"data: ", 1)[1])) for e in body.split(b"\n\n") if e]
+    assert [e.delta for e in events if e.type == "response.refusal.delta"] == ["I can", "'t."]
+    assert [e.refusal for e in events if e.type == "response.refusal.done"] == ["I can't."]
+    final = Response.model_validate(converter.response)
+    assert [c.type for c in final.output[0].content] == ["output_text", "refusal"]
+    assert final.output_text == "hi" and final.output[0].content[1].refusal == "I can't."
+
+
 def test_a_converted_streams_data_lines_are_one_payload() -> None:
     converter = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1")
     split = b'data: {"id":"c","model":"m",\ndata: "choices":[{"index":0,"delta":{"content":"Y"}}]}\n\ndata: [DONE]\n\n'
