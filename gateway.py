@@ -5348,6 +5348,49 @@ def _message_item(item_id: str, text: str, status: str) -> dict:
             "content": [_content_part("output_text", text)]}
 
 
+def input_item(item: Any) -> Any:
+    """An input item as GET /v1/responses/{id}/input_items lists it: an id of its own, and a
+    message's text as content parts."""
+    if not isinstance(item, dict):
+        return item
+    item = dict(item)
+    if item.get("type", "message") == "message":
+        item["type"] = "message"
+        if isinstance(item.get("content"), str):
+            kind = "output_text" if item.get("role") == "assistant" else "input_text"
+            item["content"] = [{"type": kind, "text": item["content"]}]
+        item.setdefault("status", "completed")
+    if not item.get("id"):
+        item["id"] = new_object_id("msg" if item["type"] == "message" else "item")
+    return item
+
+
+def items_page(items: list, query: dict[str, list[str]]) -> dict:
+    """A page of input items: `order` (desc, the newest first, by default), `after` an id,
+    `limit` 1 to 100 (20)."""
+    order = query.get("order", ["desc"])[-1]
+    if order not in ("asc", "desc"):
+        raise BadRequest("order must be 'asc' or 'desc'.", code="invalid_value", param="order")
+    try:
+        limit = int(query.get("limit", ["20"])[-1])
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 100:
+        raise BadRequest("limit must be an integer from 1 to 100.", code="invalid_value",
+                         param="limit")
+    listed = [input_item(i) for i in items if isinstance(i, dict)]  # (kept before ids were)
+    if order == "desc":
+        listed.reverse()
+    after = query.get("after", [None])[-1]
+    if after is not None:
+        ids = [i.get("id") for i in listed]
+        listed = listed[ids.index(after) + 1:] if after in ids else []
+    page = listed[:limit]
+    return {"object": "list", "data": page, "has_more": len(listed) > limit,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None}
+
+
 def _content_part(kind: str, text: str) -> dict:
     if kind == "refusal":
         return {"type": "refusal", "refusal": text}
@@ -5708,10 +5751,7 @@ class ProxyHandler:
         if rq.method in (b"GET", b"HEAD") and not action:
             rq.writer.send_json(200, stored.response)
         elif rq.method in (b"GET", b"HEAD") and action == b"input_items":
-            items = [dict(item, id=item.get("id") or f"msg_{i}") for i, item in enumerate(stored.input)]
-            rq.writer.send_json(200, {"object": "list", "data": items[::-1], "has_more": False,
-                                      "first_id": items[-1]["id"] if items else None,
-                                      "last_id": items[0]["id"] if items else None})
+            rq.writer.send_json(200, items_page(stored.input, parse_qs(rq.query.decode("latin-1"))))
         elif rq.method == b"DELETE" and not action:
             self.gw.responses.delete(response_id)
             if self.gw.shared is not None:
@@ -5896,7 +5936,7 @@ class ProxyHandler:
         raw_input = obj.get("input")
         items = [{"type": "message", "role": "user", "content": raw_input}] \
             if isinstance(raw_input, str) else list(raw_input or [])
-        stored = StoredResponse(response, [*messages, assistant], items)
+        stored = StoredResponse(response, [*messages, assistant], [input_item(i) for i in items])
         data = orjson.dumps(list(stored))
         self.gw.responses.put(stored, len(data))
         if self.gw.shared is not None:

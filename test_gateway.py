@@ -4096,6 +4096,21 @@ def test_responses_over_a_chat_only_upstream_give_the_sdk_valid_objects(
     assert reply.output_text == "echo: hello" and reply.usage.output_tokens == 5
     assert reply.usage.total_tokens == reply.usage.input_tokens + 5
     assert client.responses.retrieve(reply.id).output_text == "echo: hello"  # from the gateway
+    (said,) = client.responses.input_items.list(reply.id).data  # as the API lists them
+    assert said.type == "message" and said.content[0].type == "input_text" and said.content[0].text == "hello"
+    several = client.responses.create(model="gpt-4o", input=[
+        {"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+        {"role": "user", "content": [{"type": "input_text", "text": "three"}]}])
+    listed = client.responses.input_items.list(several.id)
+    assert [i.content[0].text for i in listed.data] == ["three", "two", "one"]  # newest first
+    assert len({i.id for i in listed.data} | {said.id}) == 4  # ids of their own
+    first = client.responses.input_items.list(several.id, order="asc", limit=1)
+    assert [i.content[0].text for i in first.data] == ["one"] and first.has_more
+    rest = client.responses.input_items.list(several.id, order="asc", after=first.data[0].id)
+    assert [i.content[0].text for i in rest.data] == ["two", "three"] and not rest.has_more
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.input_items.list(several.id, limit=500)
+    assert info.value.param == "limit"
     call = client.responses.create(model="gpt-4o", input="weather?", tools=[WEATHER])
     (item,) = call.output
     assert item.type == "function_call" and item.name == "weather" and json.loads(item.arguments) == {"city": "mock"}
