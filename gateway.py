@@ -3999,8 +3999,10 @@ class Plan:
         inject = self.injects(upstream)
         body = self._bodies.get((model, convert, inject))
         if body is None:
-            if model == obj.get("model") and not (self.force_stream or convert or inject):
-                body = self.rq.body()
+            named = obj.get("model")
+            if (model == named or not isinstance(named, str)) \
+                    and not (self.force_stream or convert or inject):  # (no model named: none
+                body = self.rq.body()  # was changed, and none is added)
             elif convert and self.kind == "responses":
                 chat = dict(self.translated, model=model)  # type: ignore[arg-type]
                 if not upstream.stream_usage:

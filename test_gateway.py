@@ -3822,6 +3822,10 @@ def test_upstream_404_on_embeddings_is_501(start_gateway: StartGateway) -> None:
 
 def test_body_forwarded_byte_for_byte_unless_alias_rewrites(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     g = start_gateway({"aliases": {"gpt-4": "gpt-4o"}})
+    for body in (b'{"input_file_id": "file-abc", "endpoint": "/v1/chat/completions", "completion_window": "24h"}',
+                 b'{"model": 123, "x": 1}'):  # no model named: none added, none replaced
+        raw(g.port, post("/v1/batches", body))
+        assert mock.requests[-1].body == body
     body = b'{ "model" : "gpt-4o-mini",\n "messages": [{"role":"user","content":"\\u00e9"}], "x_extra": [1, 2.50] }'
     (resp,) = raw(g.port, post("/v1/chat/completions", body, "OpenAI-Beta: test=1\r\n"))
     assert resp.status == 200 and mock.requests[-1].body == body
