@@ -6775,6 +6775,12 @@ class HttpProtocol(asyncio.Protocol):
         if self.task is not None and not self.task.done():
             # Bytes the client should not have sent after a request it said was its last (or
             # garbage after a whole request): that request is still answered, then we close.
+            # An upload whose body broke off mid-way (a bad chunk) ends in this error: its
+            # upstream would wait for the rest, and the client for the answer, till a timeout.
+            upload = self.cycle.upload if self.cycle is not None else None
+            if upload is not None and not upload.ended and upload.error is None:
+                err.headers.append((b"connection", b"close"))
+                upload.fail(err)
             self.flow.pause_reading()
             return
         rq = self.cycle

@@ -4515,6 +4515,20 @@ def test_a_chunked_upload_over_its_limit_is_a_413_that_says_the_connection_close
     assert resp.status == 413 and resp.headers["connection"] == "close"
 
 
+def test_an_upload_whose_chunked_body_breaks_off_gets_its_400_at_once(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway()
+    head = (b"POST /v1/files HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    with connect(g.port) as sock:
+        sock.sendall(head + b"5\r\n--b\r\n\r\n")
+        assert mock.wait_until(lambda: mock.open_connections == 1, timeout=5)  # the upload is under way
+        sock.sendall(b"zz\r\n")  # not a chunk size: the body can never end
+        resp = read_response(sock.makefile("rb"))
+    assert resp.status == 400 and resp.headers["connection"] == "close"
+    assert mock.wait_until(lambda: mock.open_connections == 0, timeout=5)  # and its upstream is let go
+
+
 def test_huge_body_gets_413_by_length_and_by_chunks(start_gateway: StartGateway) -> None:
     g = start_gateway({"max_body_bytes": 1000})
     (resp,) = raw(g.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n")
