@@ -4628,8 +4628,8 @@ class ResponseWriter(BodySink):
     def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """Send the response head; the body follows through on_data / on_end."""
         proto, rq = self.proto, self.rq
-        if proto.gw.draining:
-            headers.append((b"connection", b"close"))
+        if proto.gw.draining or rq.upload is not None and not rq.upload.ended:
+            headers.append((b"connection", b"close"))  # (an upload's rest is never read)
         if rq.extra:
             headers += rq.extra
         if rq.served_model:

@@ -4529,6 +4529,25 @@ def test_an_upload_whose_chunked_body_breaks_off_gets_its_400_at_once(
     assert mock.wait_until(lambda: mock.open_connections == 0, timeout=5)  # and its upstream is let go
 
 
+def test_an_upload_answered_before_its_body_is_in_says_the_connection_closes(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # the head only: refused before the body
+        body = b'{"error":{"message":"no","type":"invalid_request_error","param":null,"code":null}}'
+        writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        await reader.read()  # (what else comes is never read)
+
+    port = raw_upstream(handler)
+    g = start_gateway({"upstreams": [{"name": "up", "url": f"http://127.0.0.1:{port}/v1"}]})
+    with connect(g.port) as sock:
+        sock.sendall(b"POST /v1/files HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; "
+                     b"boundary=b\r\nContent-Length: 1000000\r\n\r\n--b\r\n")
+        resp = read_response(sock.makefile("rb"))
+    assert resp.status == 400 and resp.headers["connection"] == "close"
+
+
 def test_huge_body_gets_413_by_length_and_by_chunks(start_gateway: StartGateway) -> None:
     g = start_gateway({"max_body_bytes": 1000})
     (resp,) = raw(g.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n")
