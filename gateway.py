@@ -141,6 +141,7 @@ _NOT_RELAYED = frozenset(
     b"connection keep-alive proxy-connection transfer-encoding te trailer upgrade set-cookie "
     b"openai-organization openai-project".split()
 )
+_NOT_RELAYED_METHODS = frozenset((b"TRACE", b"CONNECT"))  # never sent on, whatever the route
 _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _QUOTE_SAFE = "/:@!$&'()*+,;=-._~"  # a model id in x-gateway-model: these stay as they are
 _PLAIN_VALUE = re.compile(r"[A-Za-z0-9/:@!$&'()*+,;=._~-]{1,256}")  # needs no quoting
@@ -3603,21 +3604,23 @@ class UpstreamConnection(asyncio.Protocol):
                         or (length is not None and int(length) != int(value)):
                     raise ValueError(line)
                 length = value
-            elif name == b"transfer-encoding":
-                coding = value.lower()
+            elif name == b"transfer-encoding":  # (every line of a field is one list)
+                coding = value.lower() if coding is None else coding + b"," + value.lower()
             elif name == b"connection":
-                conn = value.lower()
+                conn += b"," + value.lower()
             headers.append((name, value))
         if length is not None and coding is not None:  # RFC 9112 §6.3: the framing is in doubt
             raise ValueError("both Content-Length and Transfer-Encoding")
         self.keep_alive = version == b"HTTP/1.1" and b"close" not in conn
         if self.status < 200 or self.status in (204, 304) or self.no_body:
             self.framing = _NO_BODY
-        elif coding is not None and coding.rsplit(b",", 1)[-1].strip() == b"chunked":
+        elif coding is not None:  # no TE was sent: a coding but chunked would reach the client
+            if [c.strip() for c in coding.split(b",") if c.strip()] != [b"chunked"]:  # undone
+                raise ValueError("a transfer coding other than chunked")
             self.framing, self.decoder = _CHUNKED, ChunkedDecoder()
-        elif length is not None and coding is None:
+        elif length is not None:
             self.framing, self.left = _LENGTH, int(length)
-        else:  # no framing, or a coding other than chunked last: the body runs to the close
+        else:  # no framing: the body runs to the close
             self.framing, self.keep_alive = _UNTIL_CLOSE, False
 
     def _feed_body(self, data: bytes) -> None:
@@ -3813,11 +3816,14 @@ def build_request(method: bytes, target: bytes, static_head: bytes, body: bytes,
     """The request as a list for writelines: a small one joined (one piece costs the
     transport less than many), a large body never copied. framing: the Content-Length or
     Transfer-Encoding line of an upload that follows."""
-    if body:
+    if body and content_type:
         fields = b"Content-Type: %s\r\nContent-Length: %d\r\nX-Request-ID: " % (content_type,
                                                                                 len(body))
+    elif body:  # (the client sent none: nor does the gateway, rather than an empty one)
+        fields = b"Content-Length: %d\r\nX-Request-ID: " % len(body)
     elif framing:
-        fields = b"Content-Type: %s\r\n%s\r\nX-Request-ID: " % (content_type, framing)
+        fields = b"%s%s\r\nX-Request-ID: " % (
+            b"Content-Type: %s\r\n" % content_type if content_type else b"", framing)
     elif method in _BODY_METHODS:
         fields = b"Content-Length: 0\r\nX-Request-ID: "
     else:
@@ -4628,8 +4634,9 @@ class ResponseWriter(BodySink):
     def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """Send the response head; the body follows through on_data / on_end."""
         proto, rq = self.proto, self.rq
-        if proto.gw.draining or rq.upload is not None and not rq.upload.ended:
-            headers.append((b"connection", b"close"))  # (an upload's rest is never read)
+        if proto.gw.draining or rq.switches or rq.upload is not None and not rq.upload.ended:
+            headers.append((b"connection", b"close"))  # (an upload's rest is never read; what
+            # follows a protocol switch proposed is never served: see _take_body)
         if rq.extra:
             headers += rq.extra
         if rq.served_model:
@@ -6315,7 +6322,7 @@ class Admission:
         if rq.extra:  # an allowed origin
             asked = next((v for _, n, v in rq.headers if n == b"access-control-request-headers"),
                          _CORS_HEADERS)
-            headers += [(b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+            headers += [(b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
                         (b"access-control-allow-headers", asked),
                         (b"access-control-max-age", b"600")]
         rq.writer.start(204, headers)
@@ -6368,6 +6375,8 @@ class Router:
             raise MethodNotAllowed(
                 f"Method {rq.method.decode()} not allowed; use {route.method.decode()}",
                 headers=[(b"allow", route.method)])
+        if method in _NOT_RELAYED_METHODS:  # TRACE: an upstream that echoes it would send
+            raise MethodNotAllowed(f"Method {rq.method.decode()} not allowed.")  # its key back
         if gw.draining:
             raise Unavailable("The gateway is shutting down.", code="draining",
                               headers=[(b"connection", b"close")])
@@ -6475,8 +6484,9 @@ class Request:
                 self.content_length, length = int(value), True
             elif name == b"transfer-encoding":
                 chunked = True
-            elif name == b"connection":
-                self.connection = value.lower()
+            elif name == b"connection":  # (each line of it: one list, RFC 9110 §5.3)
+                self.connection = self.connection + b"," + value.lower() if self.connection \
+                    else value.lower()
             elif name == b"expect":
                 self.expects_continue = value.lower() == b"100-continue"
             elif name == b"upgrade" and value.strip(b" \t,"):
@@ -6765,7 +6775,7 @@ class HttpProtocol(asyncio.Protocol):
         """Answer from the head (or a body over its limit). The rest of the body is read and
         dropped, or, when that could mean much or nothing at all, the connection closes."""
         rq.refused = True
-        if rq.body_unbounded() or rq.body_size or exc.status in (413, 431):
+        if rq.body_unbounded() or rq.body_size or exc.status in (413, 431) or rq.switches:
             exc.headers.append((b"connection", b"close"))
         rq.error = exc.message
         rq.writer.fail(exc)

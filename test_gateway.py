@@ -2425,6 +2425,9 @@ def test_thousands_of_interim_responses_ahead_of_the_answer_are_read_in_a_loop()
     b"HTTP/1.1 200 OK\r\nA: b\x7f",
     b"HTTP/1.1 200 OK\r\nA: b\rc",
     b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999",  # past what a client reads
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked",  # a coding nobody asked for, and
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked",  # the relay
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip",  # would undo only its chunks
 ])
 def test_an_upstream_head_a_client_would_refuse_is_the_upstreams_garbage(head: bytes) -> None:
     async def run() -> None:
@@ -3451,7 +3454,8 @@ def test_a_request_proposing_a_protocol_switch_is_answered_then_the_connection_c
     with connect(g.port) as sock:
         sock.sendall(first + b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
         f = sock.makefile("rb")
-        assert read_response(f) is not None
+        answer = read_response(f)
+        assert answer is not None and answer.headers["connection"] == "close"  # and says so
         assert read_response(f) is None  # closed: the second request was never answered
 
 
@@ -4255,7 +4259,7 @@ def test_cors_preflight_and_streamed_response_headers(start_gateway: StartGatewa
     (pre,) = raw(g.port, b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: t\r\nOrigin: http://app.local\r\n"
                  b"Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type\r\n\r\n")
     assert pre.status == 204 and pre.headers["access-control-allow-origin"] == "http://app.local"
-    assert "POST" in pre.headers["access-control-allow-methods"]
+    assert {"POST", "DELETE"} <= {m.strip() for m in pre.headers["access-control-allow-methods"].split(",")}
     assert pre.headers["access-control-allow-headers"] == "authorization, content-type"
     assert "content-length" not in pre.headers  # a 204 has none (RFC 9110 §8.6)
     (resp,) = raw(g.port, post("/v1/chat/completions", b'{"model":"m","messages":[],"stream":true}',
@@ -4310,6 +4314,23 @@ def test_expect_100_continue_gets_100_or_the_refusal_at_once(start_gateway: Star
         sock.sendall(head.format("").encode())  # no key: the answer comes without the body
         resp = read_response(sock.makefile("rb"))
         assert resp.status == 401 and resp.headers["connection"] == "close"
+
+
+def test_trace_is_never_sent_on_and_every_connection_line_counts(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway()
+    before = mock.request_count
+    (resp,) = raw(g.port, b"TRACE /v1/files HTTP/1.1\r\nHost: t\r\n\r\n")  # an echo would carry the key
+    assert resp.status == 405 and mock.request_count == before
+    with connect(g.port) as sock:  # Connection: close on one line of two: this is the last request
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\nConnection: x-hop\r\n\r\n"
+                     b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        f = sock.makefile("rb")
+        assert read_response(f).status == 200 and read_response(f) is None
+    raw(g.port, post("/v1/chat/completions", CHAT, "Connection: x-secret\r\nConnection: keep-alive\r\nx-secret: 1\r\n"))
+    assert "x-secret" not in mock.requests[-1].headers  # named by a Connection line: hop-by-hop
+    raw(g.port, b"POST /v1/batches HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}")
+    assert "content-type" not in mock.requests[-1].headers  # none sent: none made up
 
 
 def test_hop_by_hop_and_account_headers_stay_behind_and_request_ids_are_clean(
