@@ -93,6 +93,7 @@ SWEEP_S = 0.25  # how often deadlines are checked: the resolution of every timeo
 WRITE_HIGH_WATER = 64 * 1024  # client buffer above this pauses reading from the upstream
 MAX_PIPELINED_BYTES = 64 * 1024  # read ahead of the request in flight before pausing
 UPSTREAM_MAX_HEAD = 64 * 1024  # an upstream response head larger than this is garbage
+MAX_INTERIM = 1024  # interim (1xx) responses ahead of an answer; more are garbage
 UPSTREAM_MAX_IDLE = 256  # idle keep-alive connections kept per upstream
 UPSTREAM_KEEPALIVE_S = 20.0  # reuse an idle upstream connection only this long (servers drop ~60s)
 MAX_CHUNK_LINE = 4096  # a chunk-size or trailer line longer than this is garbage
@@ -3263,7 +3264,7 @@ class UpstreamConnection(asyncio.Protocol):
         # per exchange
         "got_bytes", "head_buf", "head_waiter", "status", "headers", "framing", "keep_alive",
         "left", "decoder", "sink", "pending", "done", "deadline", "first_byte_timeout",
-        "idle_timeout", "last_rx", "error", "no_body", "upload",
+        "idle_timeout", "last_rx", "error", "no_body", "upload", "interims",
     )
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -3296,6 +3297,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.error: BaseException | None = None
         self.no_body = False  # the answer to a HEAD request: no body, whatever its head says
         self.upload: BodyStream | None = None  # a request body still being sent
+        self.interims = 0  # interim (1xx) responses read ahead of this exchange's answer
 
     def __repr__(self) -> str:
         return (f"UpstreamConnection({self.pool.upstream.name!r}, {self.state.value}, "
@@ -3542,33 +3544,38 @@ class UpstreamConnection(asyncio.Protocol):
         if self.head_buf:  # the head came in pieces (else it is read where it came: no copies)
             self.head_buf += data
             data = bytes(self.head_buf)
-        while True:  # once more for each interim (1xx) response ahead of the real one
-            if not data.startswith(b"HTTP/"[:len(data)]):  # an SSH banner, TLS, HTML: not HTTP
+        at = 0  # where the head being read starts: past the interim (1xx) ones before it
+        while True:  # once more for each interim response ahead of the real one
+            if not data.startswith(b"HTTP/"[:len(data) - at], at):  # SSH, TLS, HTML: not HTTP
                 self._garbage("not an HTTP response")
                 return
-            end = data.find(b"\r\n\r\n")
+            end = data.find(b"\r\n\r\n", at)
             if end < 0:
-                if len(data) > UPSTREAM_MAX_HEAD:
+                if len(data) - at > UPSTREAM_MAX_HEAD:
                     self._garbage("response head too large")
-                elif _BARE_LF.search(data):  # an LF with no CR before it: never a CRLF head
+                elif _BARE_LF.search(data, at):  # an LF with no CR before it: no CRLF head
                     self._garbage("a head with bare LF line ends")
                 elif not self.head_buf:
-                    self.head_buf += data
+                    self.head_buf += data[at:] if at else data
                 return
             try:
-                self._parse_head(data[:end])
+                self._parse_head(data[at:end])
             except (ValueError, IndexError):
                 self._garbage("malformed response head")
                 return
-            rest = data[end + 4:]
+            at = end + 4
             if self.head_buf:
                 self.head_buf = bytearray()
             if not 100 <= self.status < 200:
                 break
             self.status = 0  # interim response: wait for the real one
-            if not rest:
+            self.interims += 1
+            if self.interims > MAX_INTERIM:  # (each costs a parse: a flood is a CPU sink)
+                self._garbage(f"more than {MAX_INTERIM} interim responses")
                 return
-            data = rest
+            if at == len(data):
+                return
+        rest = data[at:] if at < len(data) else b""
         waiter = self.head_waiter
         self._to(_BODY)
         if self.framing is _NO_BODY or (self.framing is _LENGTH and self.left == 0):

@@ -2404,13 +2404,20 @@ def test_an_upstream_head_in_any_pieces_after_an_interim_one_is_read_once(piece:
     asyncio.run(run())
 
 
-def test_thousands_of_interim_responses_ahead_of_the_answer_are_read_in_a_loop() -> None:
+def test_a_thousand_interim_responses_ahead_of_the_answer_are_read_in_a_loop_and_more_are_garbage() -> None:
+    interim = b"HTTP/1.1 102 Processing\r\n\r\n"
+
     async def run() -> None:
         conn, pool, _, head = await exchanging()
-        conn.data_received(b"HTTP/1.1 100 Continue\r\n\r\n" * 3000
-                           + b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+        conn.data_received(interim * (gw.MAX_INTERIM - 1) + b"HTTP/1.1 100 Continue\r\n")
+        conn.data_received(b"\r\n" + b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
         assert (await head).status == 200
         assert await conn.read_body(100) == b"{}" and pool.idle == [conn]
+        flooded, _, transport, waiting = await exchanging()  # a flood, each a parse: cut
+        flooded.data_received(interim * (gw.MAX_INTERIM + 1))
+        with pytest.raises(gw.UpstreamError, match="interim"):
+            await waiting
+        assert transport.closed
 
     asyncio.run(run())
 
