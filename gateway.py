@@ -4724,18 +4724,19 @@ class ResponseWriter(BodySink):
         body gets the filter (inspecting usage when asked). `stream`: the client asked for
         a stream and this is not a whole JSON answer: SSE, whatever its content type says
         (what it holds is counted, converted and filtered as a stream's)."""
-        sse = False
+        sse = whole = False
         headers = []
         for name, value in upstream_headers:
             if name in _NOT_RELAYED or name.startswith(b"x-ratelimit-"):
                 continue
-            if name == b"content-type" and value[:17].lower() == b"text/event-stream" \
-                    and status not in (204, 304):  # (media types are case-insensitive)
-                sse = True
+            if name == b"content-type":
+                media = value[:17].lower()  # (media types are case-insensitive)
+                sse = media == b"text/event-stream" and status not in (204, 304)
+                whole = media[:16] == b"application/json"
             elif name == b"x-request-id":
                 name = b"x-upstream-request-id"
             headers.append((name, value))
-        if stream and not sse and status not in (204, 304):
+        if stream and not sse and not whole and status not in (204, 304):
             sse = True
             headers = [h for h in headers if h[0] != b"content-type"]
             headers.append((b"content-type", b"text/event-stream"))
@@ -5887,9 +5888,9 @@ class ProxyHandler:
             return
         ok = 200 <= conn.status < 300
         convert = ok and plan.converts(plan.upstream)  # type: ignore[arg-type]
-        whole = ok and next((v for n, v in conn.headers if n == b"content-type"),
-                            b"")[:16].lower() == b"application/json"
-        if convert and (not plan.stream or whole):  # (a stream asked for, a whole answer given)
+        if convert and (not plan.stream or next(  # a stream asked for, a whole answer given
+                (v for n, v in conn.headers if n == b"content-type"), b"")[:16].lower()
+                == b"application/json"):
             await self.converted_reply(plan, conn)
             return
         writer.keep_tail = ok
@@ -5904,7 +5905,7 @@ class ProxyHandler:
             writer.capture_id = self.remember_for(plan)
         writer.relay_head(conn.status, conn.headers, inspect=inspect,
                           drop_usage=inspect and plan.injects(plan.upstream),  # type: ignore[arg-type]
-                          convert=converter, stream=inspect and not whole)
+                          convert=converter, stream=inspect)
         streaming = writer.sse
         gw.metrics.active_streams += streaming
         try:
