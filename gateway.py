@@ -5105,6 +5105,20 @@ def completion_from_chat(reply: dict) -> dict:
         for i, c in enumerate(reply.get("choices") or [])])
 
 
+def chunk_from_chat(reply: dict) -> dict:
+    """A whole chat completion as the one stream chunk that says all of it."""
+    choice = (reply.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    delta = {k: message[k] for k in ("role", "content", "refusal") if message.get(k) is not None}
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        delta["tool_calls"] = [dict(c, index=i) for i, c in enumerate(calls)]
+    return {"id": reply.get("id"), "object": "chat.completion.chunk",
+            "created": reply.get("created"), "model": reply.get("model"),
+            "choices": [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason")}],
+            "usage": reply.get("usage")}
+
+
 def completion_chunk_from_chat(chunk: dict) -> dict | None:
     """A chat.completion.chunk as a text_completion stream chunk (None: nothing to say)."""
     choices = []
@@ -5925,19 +5939,29 @@ class ProxyHandler:
                 raise UpstreamError(f"upstream error: {short_message(reply['error'])}")
             if not isinstance(reply.get("choices"), list):
                 raise TypeError("no choices")
-            if plan.kind == "responses":
+            if plan.stream:  # asked for, and a whole answer given: the stream it would be
+                converter: Any = ResponsesFromChat(plan.obj, new_object_id("resp")) \
+                    if plan.kind == "responses" else CompletionsFromChat()  # type: ignore[arg-type]
+                events = [e for e in (converter.event(chunk_from_chat(reply)), converter.end())
+                          if e]
+                body = b"\n\n".join(events) + b"\n\n"
+                head = [(b"content-type", b"text/event-stream"), *_SSE_HEADERS]
+                if plan.kind == "responses":
+                    converted, assistant = converter.response, converter.assistant_message()
+            elif plan.kind == "responses":
                 converted, assistant = response_from_chat(reply, plan.obj,  # type: ignore[arg-type]
                                                           new_object_id("resp"))
             else:
                 converted = completion_from_chat(reply)
-            body = orjson.dumps(converted)  # (an int past 64 bits, a usage nested too deep)
+            if not plan.stream:
+                body, head = orjson.dumps(converted), [_JSON_CT]  # (an int past 64 bits...)
         except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError, KeyError,
                 IndexError):
             raise UpstreamError("upstream answered garbage: not a chat completion") from None
         rq.flow.detach()
         usage = reply.get("usage")
         rq.writer.usage = usage if isinstance(usage, dict) else None
-        rq.writer.send(200, [_JSON_CT, (b"x-request-id", rq.request_id)], body)
+        rq.writer.send(200, [*head, (b"x-request-id", rq.request_id)], body)
         if plan.kind == "responses":
             self.store(plan, converted, assistant)
 

@@ -2728,9 +2728,14 @@ def test_a_chat_only_upstreams_odd_answers_are_502s_or_relayed_never_internal_er
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")  # and the connection goes on
         assert resp.status == 204 and read_response(sock.makefile("rb")).status == 200
     assert "transfer-encoding" not in resp.headers and "content-length" not in resp.headers
-    (resp,) = raw(g.port, post("/v1/responses", b'{"model":"json","input":"hi","stream":true}'))
-    assert resp.status == 200 and resp.json()["object"] == "response"  # a whole answer, converted
-    assert resp.json()["output"][0]["content"][0]["text"] == "whole"
+    # A whole answer to a stream asked for: the stream it would have been, to an SDK too.
+    with g.client().responses.stream(model="json", input="hi") as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert deltas == ["whole"] and final.output_text == "whole" and final.status == "completed"
+    assert g.client().responses.retrieve(final.id).output_text == "whole"  # kept, as streamed ones
+    chunks = list(g.client().completions.create(model="json", prompt="hi", stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "whole"
     err = capfd.readouterr().err
     assert "internal error" not in err and "Traceback" not in err and "never retrieved" not in err
 
