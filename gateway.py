@@ -119,6 +119,8 @@ MAX_CHUNK_SIZES = 1024  # parsed chunk-size lines kept (ChunkedDecoder)
 MAX_ROUTES = 1024  # per-model entries kept: candidate lists (per configuration), header values
 MAX_TAKEN_BODY = 65536  # a whole request body up to this is read past h11's body events
 USAGE_TAIL_BYTES = 4096  # how much of a response's end is kept to find its usage object
+MAX_USAGE_OBJECT = 4096  # a usage object longer than this is not one
+USAGE_CANDIDATES = 8  # "usage" keys tried, from the end, before giving up
 MAX_USAGE_BODY = 8 * 1024 * 1024  # a Responses object up to this is parsed whole for its usage
 MODELS_CACHE_S = 60.0  # how long an upstream's own /models list is reused
 MODELS_FAIL_CACHE_S = 5.0  # how long a failed /models fetch is remembered
@@ -151,6 +153,8 @@ _JSON_CT = (b"content-type", b"application/json")
 _BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
 _METRICS_CT = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 header field name
+_BRACE = re.compile(rb"[{}]")
+_SSE_FIELDS = (b":", b"data:", b"event:", b"id:", b"retry:")  # an event's lines
 _HEX_DIGITS = b"0123456789abcdefABCDEF"  # a chunk size is these and nothing else
 _CHUNK_HEAD = re.compile(rb"([0-9a-fA-F]{1,16})\r\n").match  # a size line, no extension
 _NEXT_CHUNK = re.compile(rb"\r\n([0-9a-fA-F]{1,16})\r\n").match  # a chunk's CRLF, the next size
@@ -4386,6 +4390,11 @@ def raw_error(exc: GatewayError, request_id: bytes = b"") -> bytes:
 _REAL_USAGE = re.compile(rb'usage"[ \t]*:(?![ \t]*null)')
 
 
+def sse_lines(event: bytes) -> bool:
+    """Is every line of this an SSE field or comment (not a bare JSON error, not HTML)?"""
+    return all(not line or line.startswith(_SSE_FIELDS) for line in event.splitlines())
+
+
 def _event_end(data: bytes, lo: int = 0, hi: int | None = None) -> int:
     """Just past the last blank line (the end of an SSE event) in data[lo:hi]; lo if none.
     A CRLF one is looked for only after the last LF one: none before it can end later."""
@@ -4554,7 +4563,11 @@ class SseFilter:
             return None  # the converted stream has ended: what the upstream adds is dropped
         at = 0 if event.startswith(b"data:") else event.find(b"\ndata:") + 1  # after event:
         if at == 0 and not event.startswith(b"data:"):
-            return event
+            if self.convert is None:
+                return event
+            if not sse_lines(event):
+                raise UpstreamError("upstream answered garbage: not a chat completion stream")
+            return None  # comments, event names: the converted stream has its own
         payload = event[at + 5:].strip()
         if b"\n" in payload:  # data lines are one payload, joined by LF (SSE); others drop
             payload = b"\n".join(line[5:] for line in event.split(b"\n")
@@ -4641,9 +4654,10 @@ class ResponseWriter(BodySink):
     def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """Send the response head; the body follows through on_data / on_end."""
         proto, rq = self.proto, self.rq
-        if proto.gw.draining or rq.switches or rq.upload is not None and not rq.upload.ended:
-            headers.append((b"connection", b"close"))  # (an upload's rest is never read; what
-            # follows a protocol switch proposed is never served: see _take_body)
+        if (proto.gw.draining or rq.switches or rq.upload is not None and not rq.upload.ended) \
+                and (b"connection", b"close") not in headers:  # (an upload's rest is never
+            headers.append((b"connection", b"close"))  # read; what follows a protocol switch
+            # proposed is never served: see _take_body)
         if rq.extra:
             headers += rq.extra
         if rq.served_model:
@@ -4725,11 +4739,12 @@ class ResponseWriter(BodySink):
         a stream and this is not a whole JSON answer: SSE, whatever its content type says
         (what it holds is counted, converted and filtered as a stream's)."""
         sse = whole = False
+        media = None
         headers = []
         for name, value in upstream_headers:
             if name in _NOT_RELAYED or name.startswith(b"x-ratelimit-"):
                 continue
-            if name == b"content-type":
+            if name == b"content-type" and media is None:  # (the first, as respond reads it)
                 media = value[:17].lower()  # (media types are case-insensitive)
                 sse = media == b"text/event-stream" and status not in (204, 304)
                 whole = media[:16] == b"application/json"
@@ -4851,6 +4866,8 @@ class ResponseWriter(BodySink):
             held = flt.take_held()  # unfinished event is dropped by any SSE client, and one
             if flt.convert is None:  # that was never converted is not written at all
                 self._write(held)
+            elif not flt.converted_end and not sse_lines(held):  # not even SSE (an error
+                raise UpstreamError("upstream answered garbage: not a chat completion stream")
         if flt is not None:
             ending = flt.finish()
             if ending:
@@ -5020,23 +5037,27 @@ def estimate_tokens(body: bytes, obj: dict) -> int:
 
 def usage_in(tail: bytes) -> dict | None:
     """The last `"usage": {...}` object in the tail of a JSON body, parsed alone (a "usage"
-    that is not one, a metadata key say, is passed over)."""
+    that is not one, a metadata key say, is passed over). Bounded whatever the tail holds:
+    a few candidates, each read to at most MAX_USAGE_OBJECT bytes, in one pass."""
     i = len(tail)
-    while (i := tail.rfind(b'"usage"', 0, i)) >= 0:
-        j = tail.find(b"{", i)
+    for _ in range(USAGE_CANDIDATES):
+        i = tail.rfind(b'"usage"', 0, i)
+        if i < 0:
+            return None
+        j = tail.find(b"{", i, i + 64)
         if j < 0 or tail[i + 7:j].strip() != b":":
             continue
-        end = tail.find(b"}", j)
-        while end >= 0 and tail.count(b"{", j, end + 1) != tail.count(b"}", j, end + 1):
-            end = tail.find(b"}", end + 1)  # usage holds nested *_details objects
-        if end < 0:
-            continue
-        try:
-            usage = orjson.loads(tail[j:end + 1])
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(usage, dict):
-            return usage
+        depth = 0  # usage holds nested *_details objects (a brace in a string: not in usage)
+        for brace in _BRACE.finditer(tail, j, j + MAX_USAGE_OBJECT):
+            depth += 1 if brace[0] == b"{" else -1
+            if depth == 0:
+                try:
+                    usage = orjson.loads(tail[j:brace.end()])
+                except orjson.JSONDecodeError:
+                    break
+                if isinstance(usage, dict):
+                    return usage
+                break
     return None
 
 
@@ -5489,7 +5510,8 @@ def response_from_chat(reply: dict, request: dict, response_id: str) -> tuple[di
     if text or refusal or not calls:
         item = _message_item(new_object_id("msg"), text, "completed")
         if refusal:  # what the model would not do, as the Responses API says it
-            item["content"] = [*(item["content"] if text else ()), _content_part("refusal", refusal)]
+            item["content"] = [*(item["content"] if text else ()),
+                               _content_part("refusal", refusal)]
         output.append(item)
     for call in calls:
         function = call.get("function") or {}
@@ -5902,9 +5924,9 @@ class ProxyHandler:
             return
         ok = 200 <= conn.status < 300
         convert = ok and plan.converts(plan.upstream)  # type: ignore[arg-type]
-        if convert and (not plan.stream or next(  # a stream asked for, a whole answer given
-                (v for n, v in conn.headers if n == b"content-type"), b"")[:16].lower()
-                == b"application/json"):
+        if convert and (not plan.stream or next(  # a stream asked for, and no stream given: a
+                (v for n, v in conn.headers if n == b"content-type"), b"")[:17].lower()
+                != b"text/event-stream"):  # whole answer, an error, or garbage, read whole
             await self.converted_reply(plan, conn)
             return
         writer.keep_tail = ok
@@ -6408,7 +6430,8 @@ class Router:
                 f"Method {rq.method.decode()} not allowed; use {route.method.decode()}",
                 headers=[(b"allow", route.method)])
         if method in _NOT_RELAYED_METHODS:  # TRACE: an upstream that echoes it would send
-            raise MethodNotAllowed(f"Method {rq.method.decode()} not allowed.")  # its key back
+            raise MethodNotAllowed(f"Method {rq.method.decode()} not allowed.",  # its key back
+                                   headers=[(b"allow", b"GET, HEAD, POST, DELETE, OPTIONS")])
         if gw.draining:
             raise Unavailable("The gateway is shutting down.", code="draining",
                               headers=[(b"connection", b"close")])
