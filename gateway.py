@@ -154,7 +154,8 @@ _BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
 _METRICS_CT = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 header field name
 _BRACE = re.compile(rb"[{}]")
-_SSE_FIELDS = (b":", b"data:", b"event:", b"id:", b"retry:")  # an event's lines
+_USAGE_KEY = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*\{')
+_SSE_LINE = re.compile(rb'[^:\s{}<>"\[\]]*(?::|$)')  # a field's name, or a comment (":")
 _HEX_DIGITS = b"0123456789abcdefABCDEF"  # a chunk size is these and nothing else
 _CHUNK_HEAD = re.compile(rb"([0-9a-fA-F]{1,16})\r\n").match  # a size line, no extension
 _NEXT_CHUNK = re.compile(rb"\r\n([0-9a-fA-F]{1,16})\r\n").match  # a chunk's CRLF, the next size
@@ -4391,8 +4392,9 @@ _REAL_USAGE = re.compile(rb'usage"[ \t]*:(?![ \t]*null)')
 
 
 def sse_lines(event: bytes) -> bool:
-    """Is every line of this an SSE field or comment (not a bare JSON error, not HTML)?"""
-    return all(not line or line.startswith(_SSE_FIELDS) for line in event.splitlines())
+    """Could every line of this be an SSE field or comment (a name, then a colon or the line's
+    end), and none a bare JSON error or HTML?"""
+    return all(_SSE_LINE.match(line) for line in event.splitlines())
 
 
 def _event_end(data: bytes, lo: int = 0, hi: int | None = None) -> int:
@@ -4567,7 +4569,9 @@ class SseFilter:
                 return event
             if not sse_lines(event):
                 raise UpstreamError("upstream answered garbage: not a chat completion stream")
-            return None  # comments, event names: the converted stream has its own
+            if all(not line or line[:1] == b":" for line in event.split(b"\n")):
+                return event  # comments (keep-alives, while the model thinks): sent on
+            return None  # event names and other fields: the converted stream has its own
         payload = event[at + 5:].strip()
         if b"\n" in payload:  # data lines are one payload, joined by LF (SSE); others drop
             payload = b"\n".join(line[5:] for line in event.split(b"\n")
@@ -4744,7 +4748,9 @@ class ResponseWriter(BodySink):
         for name, value in upstream_headers:
             if name in _NOT_RELAYED or name.startswith(b"x-ratelimit-"):
                 continue
-            if name == b"content-type" and media is None:  # (the first, as respond reads it)
+            if name == b"content-type":  # the first, as respond reads it; not the others
+                if media is not None:
+                    continue
                 media = value[:17].lower()  # (media types are case-insensitive)
                 sse = media == b"text/event-stream" and status not in (204, 304)
                 whole = media[:16] == b"application/json"
@@ -5038,15 +5044,10 @@ def estimate_tokens(body: bytes, obj: dict) -> int:
 def usage_in(tail: bytes) -> dict | None:
     """The last `"usage": {...}` object in the tail of a JSON body, parsed alone (a "usage"
     that is not one, a metadata key say, is passed over). Bounded whatever the tail holds:
-    a few candidates, each read to at most MAX_USAGE_OBJECT bytes, in one pass."""
-    i = len(tail)
-    for _ in range(USAGE_CANDIDATES):
-        i = tail.rfind(b'"usage"', 0, i)
-        if i < 0:
-            return None
-        j = tail.find(b"{", i, i + 64)
-        if j < 0 or tail[i + 7:j].strip() != b":":
-            continue
+    the last few "usage" keys that open an object, each read to at most MAX_USAGE_OBJECT
+    bytes, in one pass."""
+    starts = [found.end() - 1 for found in _USAGE_KEY.finditer(tail)]  # (keys that open
+    for j in reversed(starts[-USAGE_CANDIDATES:]):  # an object: a "usage" string spends none)
         depth = 0  # usage holds nested *_details objects (a brace in a string: not in usage)
         for brace in _BRACE.finditer(tail, j, j + MAX_USAGE_OBJECT):
             depth += 1 if brace[0] == b"{" else -1
@@ -5128,15 +5129,18 @@ def completion_from_chat(reply: dict) -> dict:
 
 def chunk_from_chat(reply: dict) -> dict:
     """A whole chat completion as the one stream chunk that says all of it."""
-    choice = (reply.get("choices") or [{}])[0]
-    message = choice.get("message") or {}
-    delta = {k: message[k] for k in ("role", "content", "refusal") if message.get(k) is not None}
-    calls = message.get("tool_calls")
-    if isinstance(calls, list):
-        delta["tool_calls"] = [dict(c, index=i) for i, c in enumerate(calls)]
+    choices = []
+    for i, choice in enumerate(reply["choices"]):
+        message = choice.get("message") or {}
+        delta = {k: message[k] for k in ("role", "content", "refusal")
+                 if message.get(k) is not None}
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):
+            delta["tool_calls"] = [dict(c, index=n) for n, c in enumerate(calls)]
+        choices.append({"index": choice.get("index", i), "delta": delta,
+                        "finish_reason": choice.get("finish_reason")})
     return {"id": reply.get("id"), "object": "chat.completion.chunk",
-            "created": reply.get("created"), "model": reply.get("model"),
-            "choices": [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason")}],
+            "created": reply.get("created"), "model": reply.get("model"), "choices": choices,
             "usage": reply.get("usage")}
 
 
@@ -5953,39 +5957,56 @@ class ProxyHandler:
             self.store(plan, converter.response, converter.assistant_message())
 
     async def converted_reply(self, plan: Plan, conn: UpstreamConnection) -> None:
-        """A chat_only upstream's whole answer, as the completion or response asked for."""
+        """A chat_only upstream's answer read whole (JSON; or, asked for as a stream, a stream
+        said to be something else), as the completion or response asked for."""
         rq = plan.rq
+        raw = await conn.read_body(MAX_READ_BODY)
+        if plan.stream and b"data:" in raw and raw.lstrip()[:1] != b"{" and sse_lines(raw):
+            self.converted_events(plan, raw)  # a stream, whatever its content type said
+            return
         try:
-            reply = orjson.loads(await conn.read_body(MAX_READ_BODY))
+            reply = orjson.loads(raw)
             if reply.get("error") is not None:  # a 200 that says it failed
                 raise UpstreamError(f"upstream error: {short_message(reply['error'])}")
             if not isinstance(reply.get("choices"), list):
                 raise TypeError("no choices")
             if plan.stream:  # asked for, and a whole answer given: the stream it would be
-                converter: Any = ResponsesFromChat(plan.obj, new_object_id("resp")) \
-                    if plan.kind == "responses" else CompletionsFromChat()  # type: ignore[arg-type]
-                events = [e for e in (converter.event(chunk_from_chat(reply)), converter.end())
-                          if e]
-                body = b"\n\n".join(events) + b"\n\n"
-                head = [(b"content-type", b"text/event-stream"), *_SSE_HEADERS]
-                if plan.kind == "responses":
-                    converted, assistant = converter.response, converter.assistant_message()
+                events = b"data: %s\n\ndata: [DONE]\n\n" % orjson.dumps(chunk_from_chat(reply))
             elif plan.kind == "responses":
                 converted, assistant = response_from_chat(reply, plan.obj,  # type: ignore[arg-type]
                                                           new_object_id("resp"))
+                body = orjson.dumps(converted)  # (an int past 64 bits, a usage nested too deep)
             else:
-                converted = completion_from_chat(reply)
-            if not plan.stream:
-                body, head = orjson.dumps(converted), [_JSON_CT]  # (an int past 64 bits...)
+                body = orjson.dumps(completion_from_chat(reply))
         except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError, KeyError,
                 IndexError):
             raise UpstreamError("upstream answered garbage: not a chat completion") from None
+        if plan.stream:
+            self.converted_events(plan, events)
+            return
         rq.flow.detach()
         usage = reply.get("usage")
         rq.writer.usage = usage if isinstance(usage, dict) else None
-        rq.writer.send(200, [*head, (b"x-request-id", rq.request_id)], body)
+        rq.writer.send(200, [_JSON_CT, (b"x-request-id", rq.request_id)], body)
         if plan.kind == "responses":
             self.store(plan, converted, assistant)
+
+    def converted_events(self, plan: Plan, events: bytes) -> None:
+        """A chat stream read whole, converted as it is when it comes as a stream."""
+        rq = plan.rq
+        rq.flow.detach()
+        converter: Any = ResponsesFromChat(plan.obj, new_object_id("resp")) \
+            if plan.kind == "responses" else CompletionsFromChat()  # type: ignore[arg-type]
+        writer = rq.writer
+        writer.relay_head(200, [(b"content-type", b"text/event-stream")], inspect=True,
+                          convert=converter)
+        try:
+            writer.on_data(events)
+            writer.on_end()
+        except GatewayError as exc:
+            writer.on_error(exc)
+        if isinstance(converter, ResponsesFromChat) and converter.response is not None:
+            self.store(plan, converter.response, converter.assistant_message())
 
     def store(self, plan: Plan, response: dict, assistant: dict) -> None:
         """Keep a response made over chat, for previous_response_id and GET (unless the

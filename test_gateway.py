@@ -2678,6 +2678,22 @@ def test_a_refusal_and_content_in_parts_are_converted_as_the_responses_api_says(
     assert final.output_text == "hi" and final.output[0].content[1].refusal == "I can't."
 
 
+def test_a_converted_stream_keeps_comments_and_takes_any_field_but_never_garbage() -> None:
+    converter = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1")
+    later = b": OPENROUTER PROCESSING\n\nx-trace: abc\nretry: 5\n\ndata\n\n" + GOOD_CHUNK + b"data: [DONE]\n\n"
+    status, _, body, complete = client_body(asyncio.run(convert_stream(converter, b": PROCESSING\n\n", later)))
+    assert status == 200 and complete and converter.response["output"][0]["content"][0]["text"] == "hi"
+    assert body.startswith(b": PROCESSING\n\n") and b": OPENROUTER PROCESSING\n\n" in body  # keep-alives
+    assert b"x-trace" not in body and b"retry" not in body
+    assert gw.sse_lines(b"event: x\ndata: y\n: c\ndata") and not gw.sse_lines(b'{"error": {}}')
+    assert not gw.sse_lines(b"<html><body>502</body></html>")
+    two = {"id": "c", "model": "m", "choices": [
+        {"index": 0, "message": {"content": "first"}, "finish_reason": "stop"},
+        {"index": 1, "message": {"content": "second"}, "finish_reason": "stop"}]}
+    chunk = gw.completion_chunk_from_chat(gw.chunk_from_chat(two))  # a whole answer as a stream
+    assert [(c["index"], c["text"]) for c in chunk["choices"]] == [(0, "first"), (1, "second")]
+
+
 def test_a_converted_streams_data_lines_are_one_payload() -> None:
     converter = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1")
     split = b'data: {"id":"c","model":"m",\ndata: "choices":[{"index":0,"delta":{"content":"Y"}}]}\n\ndata: [DONE]\n\n'
@@ -2777,8 +2793,9 @@ def test_a_converted_stream_that_is_not_one_is_never_a_completed_response(
         if model == "sseerr":  # the error event ends it: nothing completed, nothing kept
             assert orjson.loads(events[-1][6:])["error"]["type"] == "upstream_error"
             assert not any(e.startswith(b"event: response.completed") for e in events)
-        else:  # the first content type, as everywhere: converted
+        else:  # the first content type, as everywhere: converted, and the only one sent on
             assert events[-1].startswith(b"event: response.completed")
+            assert resp.headers["content-type"] == "text/event-stream"
     assert len(g.gw.responses._responses) == 2  # plainok's and twotypes' only
 
 
@@ -2850,13 +2867,13 @@ def test_a_stream_asked_for_is_read_as_one_whatever_content_type_the_upstream_gi
     chunks = list(client.chat.completions.create(model="m", messages=MSGS, stream=True))
     assert all(c.choices for c in chunks)  # the usage chunk it did not ask for: not seen
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "hi"
+    with client.responses.stream(model="m", input="hi") as stream:  # converted (read whole)
+        final = stream.get_final_response()
+    assert final.output_text == "hi" and final.usage.output_tokens == 2
+    completions = list(client.completions.create(model="m", prompt="hi", stream=True))
+    assert "".join(c.choices[0].text for c in completions if c.choices) == "hi"
     counted = usage_of(g, SDK_KEY)[0]
-    assert counted["requests"] == 1 and counted["completion_tokens"] == 2
-    # To be converted, a stream must say it is one: else it is read whole, as what it says
-    # (a whole answer, an error), and what it cannot be read as is the upstream's garbage.
-    with pytest.raises(openai.APIStatusError) as info:
-        list(client.completions.create(model="m", prompt="hi", stream=True))
-    assert info.value.status_code == 502 and "garbage" in info.value.message
+    assert counted["requests"] == 3 and counted["completion_tokens"] == 6
 
 
 @pytest.mark.parametrize("sse", [False, True])
@@ -3654,6 +3671,9 @@ def test_usage_found_in_a_body_tail() -> None:
     # Bounded work whatever the tail holds: an "object" past MAX_USAGE_OBJECT is not a usage
     # (braces were matched by counting from the start again for each one: 128 KiB took 5 s).
     assert gw.usage_in(b'{"usage":{"a":[' + b"{}," * gw.MAX_USAGE_OBJECT + b'{}]}}') is None
+    spent = b'{"usage":{"input_tokens":3},"metadata":{%s}}' % b",".join(
+        b'"k%d":"usage","usage%d":"usage"' % (i, i) for i in range(gw.USAGE_CANDIDATES + 1))
+    assert gw.usage_in(spent) == {"input_tokens": 3}  # strings named usage spend no try
 
 
 def test_completions_conversion_both_ways() -> None:
