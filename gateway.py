@@ -121,6 +121,7 @@ MAX_TAKEN_BODY = 65536  # a whole request body up to this is read past h11's bod
 USAGE_TAIL_BYTES = 4096  # how much of a response's end is kept to find its usage object
 MAX_USAGE_OBJECT = 4096  # a usage object longer than this is not one
 USAGE_CANDIDATES = 8  # "usage" keys tried, from the end, before giving up
+MAX_USAGE_BRACES = 16  # ...and closing braces tried in each
 MAX_USAGE_BODY = 8 * 1024 * 1024  # a Responses object up to this is parsed whole for its usage
 MODELS_CACHE_S = 60.0  # how long an upstream's own /models list is reused
 MODELS_FAIL_CACHE_S = 5.0  # how long a failed /models fetch is remembered
@@ -153,8 +154,7 @@ _JSON_CT = (b"content-type", b"application/json")
 _BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
 _METRICS_CT = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 header field name
-_BRACE = re.compile(rb"[{}]")
-_USAGE_KEY = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*\{')
+_USAGE_KEY = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*\{').match
 _SSE_LINE = re.compile(rb'[^:\s{}<>"\[\]]*(?::|$)')  # a field's name, or a comment (":")
 _HEX_DIGITS = b"0123456789abcdefABCDEF"  # a chunk size is these and nothing else
 _CHUNK_HEAD = re.compile(rb"([0-9a-fA-F]{1,16})\r\n").match  # a size line, no extension
@@ -5044,21 +5044,32 @@ def estimate_tokens(body: bytes, obj: dict) -> int:
 def usage_in(tail: bytes) -> dict | None:
     """The last `"usage": {...}` object in the tail of a JSON body, parsed alone (a "usage"
     that is not one, a metadata key say, is passed over). Bounded whatever the tail holds:
-    the last few "usage" keys that open an object, each read to at most MAX_USAGE_OBJECT
-    bytes, in one pass."""
-    starts = [found.end() - 1 for found in _USAGE_KEY.finditer(tail)]  # (keys that open
-    for j in reversed(starts[-USAGE_CANDIDATES:]):  # an object: a "usage" string spends none)
-        depth = 0  # usage holds nested *_details objects (a brace in a string: not in usage)
-        for brace in _BRACE.finditer(tail, j, j + MAX_USAGE_OBJECT):
-            depth += 1 if brace[0] == b"{" else -1
-            if depth == 0:
+    the last USAGE_CANDIDATES "usage" keys that open an object, each read to at most
+    MAX_USAGE_OBJECT bytes and its first MAX_USAGE_BRACES closing braces."""
+    i, tries = len(tail), 0
+    while tries < USAGE_CANDIDATES:
+        i = tail.rfind(b'"usage"', 0, i)
+        if i < 0:
+            return None
+        key = _USAGE_KEY(tail, i)
+        if key is None:  # a string, or a usage that is not an object: it spends no try
+            continue
+        tries += 1
+        j = key.end() - 1
+        stop = j + MAX_USAGE_OBJECT
+        end = tail.find(b"}", j, stop)
+        for _ in range(MAX_USAGE_BRACES):  # usage holds nested *_details objects
+            if end < 0:
+                break
+            if tail.count(b"{", j, end) == tail.count(b"}", j, end) + 1:
                 try:
-                    usage = orjson.loads(tail[j:brace.end()])
+                    usage = orjson.loads(tail[j:end + 1])
                 except orjson.JSONDecodeError:
                     break
                 if isinstance(usage, dict):
                     return usage
                 break
+            end = tail.find(b"}", end + 1, stop)
     return None
 
 
