@@ -4569,8 +4569,9 @@ class SseFilter:
                 return event
             if not sse_lines(event):
                 raise UpstreamError("upstream answered garbage: not a chat completion stream")
-            if all(not line or line[:1] == b":" for line in event.split(b"\n")):
-                return event  # comments (keep-alives, while the model thinks): sent on
+            lines = event.splitlines()  # (a CR ends a line too: as a client splits them)
+            if all(not line or line[:1] == b":" for line in lines):
+                return b"\n".join(lines)  # comments (keep-alives, while the model thinks)
             return None  # event names and other fields: the converted stream has its own
         payload = event[at + 5:].strip()
         if b"\n" in payload:  # data lines are one payload, joined by LF (SSE); others drop
@@ -5516,7 +5517,8 @@ def _as_text(value: Any) -> str:
 def response_from_chat(reply: dict, request: dict, response_id: str) -> tuple[dict, dict]:
     """A chat completion as the `response` object the client asked for, and the assistant
     message it adds to the conversation (for previous_response_id)."""
-    choice = (reply.get("choices") or [{}])[0]
+    choices = reply.get("choices") or [{}]
+    choice = next((c for c in choices if c.get("index", 0) == 0), choices[0])  # (one message)
     message = choice.get("message") or {}
     text = reply_text(message.get("content"))
     refusal = _as_text(message.get("refusal"))
@@ -5591,7 +5593,9 @@ class ResponsesFromChat:
                     self._event("response.in_progress", response=self._snapshot("in_progress"))]
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
-        for choice in (chunk.get("choices") or [])[:1]:
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue  # a response has one message: the first choice's (n is refused)
             delta = choice.get("delta") or {}
             text, refusal = reply_text(delta.get("content")), _as_text(delta.get("refusal"))
             if text:
@@ -6010,7 +6014,7 @@ class ProxyHandler:
             if plan.kind == "responses" else CompletionsFromChat()  # type: ignore[arg-type]
         writer = rq.writer
         writer.relay_head(200, [(b"content-type", b"text/event-stream")], inspect=True,
-                          convert=converter)
+                          drop_usage=plan.injects(plan.upstream), convert=converter)
         try:
             writer.on_data(events)
             writer.on_end()

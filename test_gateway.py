@@ -2680,11 +2680,14 @@ def test_a_refusal_and_content_in_parts_are_converted_as_the_responses_api_says(
 
 def test_a_converted_stream_keeps_comments_and_takes_any_field_but_never_garbage() -> None:
     converter = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1")
-    later = b": OPENROUTER PROCESSING\n\nx-trace: abc\nretry: 5\n\ndata\n\n" + GOOD_CHUNK + b"data: [DONE]\n\n"
+    later = (b": OPENROUTER PROCESSING\n\nx-trace: abc\nretry: 5\n\ndata\n\n" + GOOD_CHUNK
+             + b': ping\rdata: {"id":"c","model":"m","object":"chat.completion.chunk"}\n\n'  # a CR: two lines
+             + b'data: {"id":"c","model":"m","choices":[{"index":1,"delta":{"content":"other"}}]}\n\n'
+             + b"data: [DONE]\n\n")
     status, _, body, complete = client_body(asyncio.run(convert_stream(converter, b": PROCESSING\n\n", later)))
     assert status == 200 and complete and converter.response["output"][0]["content"][0]["text"] == "hi"
     assert body.startswith(b": PROCESSING\n\n") and b": OPENROUTER PROCESSING\n\n" in body  # keep-alives
-    assert b"x-trace" not in body and b"retry" not in body
+    assert b"x-trace" not in body and b"retry" not in body and b"chat.completion" not in body
     assert gw.sse_lines(b"event: x\ndata: y\n: c\ndata") and not gw.sse_lines(b'{"error": {}}')
     assert not gw.sse_lines(b"<html><body>502</body></html>")
     two = {"id": "c", "model": "m", "choices": [
@@ -2692,6 +2695,9 @@ def test_a_converted_stream_keeps_comments_and_takes_any_field_but_never_garbage
         {"index": 1, "message": {"content": "second"}, "finish_reason": "stop"}]}
     chunk = gw.completion_chunk_from_chat(gw.chunk_from_chat(two))  # a whole answer as a stream
     assert [(c["index"], c["text"]) for c in chunk["choices"]] == [(0, "first"), (1, "second")]
+    two["choices"].reverse()  # a response has one message: choice 0's, wherever it is listed
+    response = gw.response_from_chat(two, {"model": "m", "input": "hi"}, "resp_2")[0]
+    assert response["output"][0]["content"][0]["text"] == "first"
 
 
 def test_a_converted_streams_data_lines_are_one_payload() -> None:
@@ -2785,18 +2791,21 @@ def test_a_converted_stream_that_is_not_one_is_never_a_completed_response(
         assert info.value.status_code == 502
         assert ("quota" in info.value.message) == (model == "plainerr")
     with client.responses.stream(model="plainok", input="hi") as stream:  # a whole answer
-        assert stream.get_final_response().output_text == "real"
+        kept = stream.get_final_response()
+    assert kept.output_text == "real" and client.responses.retrieve(kept.id).output_text == "real"
     for model in ("sseerr", "twotypes"):
         (resp,) = raw(g.port, post("/v1/responses", b'{"model":"%s","input":"hi","stream":true}' % model.encode()))
         events = [e for e in resp.body.split(b"\n\n") if e]
         assert resp.status == 200 and b"chat.completion" not in resp.body
         if model == "sseerr":  # the error event ends it: nothing completed, nothing kept
             assert orjson.loads(events[-1][6:])["error"]["type"] == "upstream_error"
-            assert not any(e.startswith(b"event: response.completed") for e in events)
-        else:  # the first content type, as everywhere: converted, and the only one sent on
+            assert not any(e.startswith(b"event: response.") for e in events)
+        else:
+            created = orjson.loads(events[0].split(b"data: ", 1)[1])["response"]["id"]  # the first content type, as everywhere: converted, and the only one sent on
             assert events[-1].startswith(b"event: response.completed")
             assert resp.headers["content-type"] == "text/event-stream"
-    assert len(g.gw.responses._responses) == 2  # plainok's and twotypes' only
+            assert eventually(lambda: raw(g.port, b"GET /v1/responses/%s HTTP/1.1\r\nHost: t\r\n\r\n"
+                                          % created.encode())[0].status == 200)  # (kept once relayed)
 
 
 def test_a_conversation_over_chat_keeps_only_what_its_response_says_of_a_tool_call(
@@ -2871,7 +2880,8 @@ def test_a_stream_asked_for_is_read_as_one_whatever_content_type_the_upstream_gi
         final = stream.get_final_response()
     assert final.output_text == "hi" and final.usage.output_tokens == 2
     completions = list(client.completions.create(model="m", prompt="hi", stream=True))
-    assert "".join(c.choices[0].text for c in completions if c.choices) == "hi"
+    assert all(c.choices for c in completions)  # the usage chunk it did not ask for: not seen
+    assert "".join(c.choices[0].text for c in completions) == "hi"
     counted = usage_of(g, SDK_KEY)[0]
     assert counted["requests"] == 3 and counted["completion_tokens"] == 6
 
