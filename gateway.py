@@ -4426,7 +4426,7 @@ class SseFilter:
     LONG_EVENT_TAIL bytes are kept and searched for its usage: a Responses event is as long
     as the instructions it echoes); the events after it are held and inspected again."""
 
-    __slots__ = ("_held", "held_size", "_edge", "passthrough", "_long_tail", "inspect",
+    __slots__ = ("_held", "held_size", "_edge", "passthrough", "_long_tail", "_cr", "inspect",
                  "drop_usage", "convert", "converted_end", "completed", "usage", "failed")
 
     def __init__(self, inspect: bool = False, drop_usage: bool = False,
@@ -4436,6 +4436,7 @@ class SseFilter:
         self._edge = b""  # the last three held bytes
         self.passthrough = False  # an overlong event is going by: relayed till its end
         self._long_tail = b""  # its last bytes, when inspecting
+        self._cr = False  # converting: the last read ended in a CR (its LF may follow)
         self.inspect = inspect
         self.drop_usage = drop_usage  # the client did not ask for the usage-only chunk
         self.convert = convert  # rewrites the stream: .event(chunk), .end() at [DONE]
@@ -4450,6 +4451,8 @@ class SseFilter:
 
     def feed(self, data: bytes) -> bytes:
         """What of data can go to the client now."""
+        if self.convert is not None and (self._cr or b"\r" in data):
+            data = self._lf(data)  # (a stream it rewrites: its line ends can be made LF)
         if self.passthrough:
             return self._pass_long_event(data)
         if self._held or not data.endswith(b"\n\n"):
@@ -4459,6 +4462,14 @@ class SseFilter:
         if self.inspect and data:
             data = self._inspect(data)
         return data
+
+    def _lf(self, data: bytes) -> bytes:
+        """SSE's three line ends (CRLF, CR, LF), as LF, whatever the reads split."""
+        if self._cr:
+            data, self._cr = b"\r" + data, False
+        if data.endswith(b"\r"):
+            data, self._cr = data[:-1], True
+        return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
     def finish(self) -> bytes:
         """A converted stream that ended without [DONE] still ends as its API says."""
@@ -4524,9 +4535,7 @@ class SseFilter:
 
     def _inspect(self, data: bytes) -> bytes:
         if self.convert is not None:
-            if b"\r" in data:  # CRLF line ends (a JSON payload holds no raw CR or LF)
-                data = data.replace(b"\r\n", b"\n")
-            kept = []
+            kept = []  # (its line ends are LF: see feed)
             for event in data.split(b"\n\n")[:-1]:
                 try:
                     converted = self._event(event)
@@ -4569,9 +4578,8 @@ class SseFilter:
                 return event
             if not sse_lines(event):
                 raise UpstreamError("upstream answered garbage: not a chat completion stream")
-            lines = event.splitlines()  # (a CR ends a line too: as a client splits them)
-            if all(not line or line[:1] == b":" for line in lines):
-                return b"\n".join(lines)  # comments (keep-alives, while the model thinks)
+            if all(not line or line[:1] == b":" for line in event.split(b"\n")):
+                return b": keep-alive"  # comments (while the model thinks), as our own bytes
             return None  # event names and other fields: the converted stream has its own
         payload = event[at + 5:].strip()
         if b"\n" in payload:  # data lines are one payload, joined by LF (SSE); others drop
@@ -5518,7 +5526,7 @@ def response_from_chat(reply: dict, request: dict, response_id: str) -> tuple[di
     """A chat completion as the `response` object the client asked for, and the assistant
     message it adds to the conversation (for previous_response_id)."""
     choices = reply.get("choices") or [{}]
-    choice = next((c for c in choices if c.get("index", 0) == 0), choices[0])  # (one message)
+    choice = next((c for c in choices if c.get("index") in (None, 0, "0")), choices[0])
     message = choice.get("message") or {}
     text = reply_text(message.get("content"))
     refusal = _as_text(message.get("refusal"))
@@ -5594,7 +5602,7 @@ class ResponsesFromChat:
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
         for choice in chunk.get("choices") or ():
-            if choice.get("index", 0) != 0:
+            if choice.get("index") not in (None, 0, "0"):
                 continue  # a response has one message: the first choice's (n is refused)
             delta = choice.get("delta") or {}
             text, refusal = reply_text(delta.get("content")), _as_text(delta.get("refusal"))

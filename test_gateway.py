@@ -2680,14 +2680,21 @@ def test_a_refusal_and_content_in_parts_are_converted_as_the_responses_api_says(
 
 def test_a_converted_stream_keeps_comments_and_takes_any_field_but_never_garbage() -> None:
     converter = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1")
-    later = (b": OPENROUTER PROCESSING\n\nx-trace: abc\nretry: 5\n\ndata\n\n" + GOOD_CHUNK
+    content = b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"content":"%s"}}]}'
+    later = (b"\r: OPENROUTER PROCESSING \xff\n\nx-trace: abc\nretry: 5\n\ndata\n\n" + GOOD_CHUNK
              + b': ping\rdata: {"id":"c","model":"m","object":"chat.completion.chunk"}\n\n'  # a CR: two lines
              + b'data: {"id":"c","model":"m","choices":[{"index":1,"delta":{"content":"other"}}]}\n\n'
+             + content % b"!" + b"\r\r" + content % b"?" + b"\n\r\n"  # SSE's other line ends
              + b"data: [DONE]\n\n")
-    status, _, body, complete = client_body(asyncio.run(convert_stream(converter, b": PROCESSING\n\n", later)))
-    assert status == 200 and complete and converter.response["output"][0]["content"][0]["text"] == "hi"
-    assert body.startswith(b": PROCESSING\n\n") and b": OPENROUTER PROCESSING\n\n" in body  # keep-alives
+    first = b": PROCESSING\r"  # its LF, or its blank line, in the next read
+    status, _, body, complete = client_body(asyncio.run(convert_stream(converter, first, later)))
+    assert status == 200 and complete and converter.response["output"][0]["content"][0]["text"] == "hi!?"
+    assert body.startswith(b": keep-alive\n\n") and body.count(b": keep-alive\n\n") == 2  # ours: UTF-8
     assert b"x-trace" not in body and b"retry" not in body and b"chat.completion" not in body
+    loose = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_3")  # an index as a string, or null
+    asyncio.run(convert_stream(loose, b'data: {"id":"c","model":"m","choices":[{"index":"0","delta":{"content":"s"}}]}\n\n',
+                               b'data: {"choices":[{"index":null,"delta":{"content":"n"}}]}\n\ndata: [DONE]\n\n'))
+    assert loose.response["output"][0]["content"][0]["text"] == "sn"
     assert gw.sse_lines(b"event: x\ndata: y\n: c\ndata") and not gw.sse_lines(b'{"error": {}}')
     assert not gw.sse_lines(b"<html><body>502</body></html>")
     two = {"id": "c", "model": "m", "choices": [
