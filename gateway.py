@@ -6874,8 +6874,8 @@ class HttpProtocol(asyncio.Protocol):
         """Answer from the head (or a body over its limit). The rest of the body is read and
         dropped, or, when that could mean much or nothing at all, the connection closes."""
         rq.refused = True
-        if rq.body_unbounded() or rq.body_size or exc.status in (413, 431) or rq.switches:
-            exc.headers.append((b"connection", b"close"))
+        if rq.body_unbounded() or rq.body_size or exc.status in (413, 431):
+            exc.headers.append((b"connection", b"close"))  # (a switch proposed: see start)
         rq.error = exc.message
         rq.writer.fail(exc)
         self.gw.finish(rq)
@@ -6888,8 +6888,7 @@ class HttpProtocol(asyncio.Protocol):
             # upstream would wait for the rest, and the client for the answer, till a timeout.
             upload = self.cycle.upload if self.cycle is not None else None
             if upload is not None and not upload.ended and upload.error is None:
-                err.headers.append((b"connection", b"close"))
-                upload.fail(err)
+                upload.fail(err)  # (its answer says the connection closes: see start)
             self.flow.pause_reading()
             return
         rq = self.cycle
