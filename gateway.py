@@ -5004,23 +5004,26 @@ _SECRET_LIKE = re.compile(r"\b(?:sk|pk|rk|ghp|gho|ghs|ghu|github_pat|gsk|xai)[-_
 def upstream_message(body: bytes, keys: KeyPool) -> str:
     """An upstream error's own message (its OpenAI error body, else its text), short and with
     anything like a secret masked: it goes to stderr and to clients."""
-    try:
-        message = orjson.loads(body[:65536])["error"]["message"]
-    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
-        message = body[:300].decode("utf-8", "replace")
-    message = short_message(message)
-    for key in keys.keys:
+    error = error_object(body[:65536])
+    message = short_message(error["message"] if isinstance(error, dict) and "message" in error
+                            else body[:300].decode("utf-8", "replace"))
+    for key in keys.keys:  # (what looks like a secret is masked already: a key need not)
         if key.secret:
             message = message.replace(key.secret, mask_secret(key.secret))
-    return _SECRET_LIKE.sub(lambda m: mask_secret(m.group()), message)
+    return message
+
+
+def error_object(body: bytes) -> Any:
+    """The `error` of an OpenAI error body; None if it is not one."""
+    try:
+        return orjson.loads(body)["error"]
+    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
+        return None
 
 
 def error_code(body: bytes) -> Any:
     """The code of an OpenAI error body; None if it is not one."""
-    try:
-        error = orjson.loads(body)["error"]
-    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
-        return None
+    error = error_object(body)
     return error.get("code") if isinstance(error, dict) else None
 
 
