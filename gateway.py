@@ -5645,9 +5645,12 @@ class ResponsesFromChat:
         index = call.get("index")
         if not isinstance(index, int):  # (some upstreams send none: a new id, a new call)
             last = max(self.calls, default=None)
-            fresh = call.get("id") and (last is None or
-                                        self.calls[last]["call_id"] != _as_text(call["id"]))
-            index = (-1 if last is None else last) + 1 if fresh or last is None else last
+            if last is None:
+                index = 0
+            elif call.get("id") and self.calls[last]["call_id"] != _as_text(call["id"]):
+                index = last + 1
+            else:
+                index = last  # more of the last call
         function = call.get("function") or {}
         item = self.calls.get(index)
         if item is None:
