@@ -4936,7 +4936,15 @@ def load_json(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if too_deep_to_read(exc):
+            raise nested_too_deep() from None
         raise BadRequest(f"We could not parse the JSON body of your request: {exc}") from None
+
+
+def too_deep_to_read(exc: orjson.JSONDecodeError) -> bool:
+    """Newer orjson (3.13) refuses to read past 1,024 levels, where 3.8 read on: a body
+    nested that deep is refused as too deep, whichever is installed."""
+    return str(exc).startswith("depth limit")
 
 
 def parse_body(body: bytes, kind: str) -> dict:
@@ -4977,8 +4985,21 @@ def _names_twice(body: bytes, key: str) -> bool:
     return bool(counts) and counts[-1] > 1
 
 
-MAX_JSON_DEPTH = 200  # orjson writes 255 levels: the rest is for what the gateway wraps
-_WRAPPED = 255 - MAX_JSON_DEPTH  # around a body's fields (a response object in an event)
+def _writable_depth() -> int:
+    """How many levels orjson.dumps writes (255 in orjson 3.8, 254 in 3.13): asked once."""
+    obj: list = []
+    for depth in range(1, 1024):
+        try:
+            orjson.dumps(obj)
+        except TypeError:
+            return depth - 1
+        obj = [obj]
+    return 1023
+
+
+MAX_JSON_DEPTH = 200  # what a body may have; the rest of what orjson writes is for what the
+_WRAPPED = _writable_depth() - MAX_JSON_DEPTH  # gateway wraps around a body's fields (a
+# response object in an event)
 
 
 def too_deep(obj: Any) -> bool:
@@ -5887,7 +5908,9 @@ class ProxyHandler:
             if content_type.startswith(b"application/json"):
                 try:
                     found = orjson.loads(body)
-                except orjson.JSONDecodeError:
+                except orjson.JSONDecodeError as exc:
+                    if too_deep_to_read(exc):
+                        raise nested_too_deep() from None
                     found = None  # the upstream says what is wrong with it
                 if isinstance(found, dict):
                     obj = found
