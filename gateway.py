@@ -661,7 +661,9 @@ class KeyPool:
         key.last_status = status
 
     def failed(self, key: UpstreamKey) -> None:
+        """Any failed try (5xx, no answer, 429, 401/403): the retry goes to another key."""
         key.failures += 1
+        self._move_off(key)
 
     def succeeded(self, key: UpstreamKey, model: str = "") -> bool:
         """A usable answer: the model's backoff starts over; a blocked key (its recheck) is
@@ -681,7 +683,7 @@ class KeyPool:
         entry = key.cooling.get(model)
         streak = entry[1] if entry is not None else 0
         if seconds is None:
-            seconds = min(COOLDOWN_CAP_S, 2.0 ** streak)
+            seconds = min(COOLDOWN_CAP_S, 2.0 ** min(streak, 32))  # (2.0 ** 1024 overflows)
         for name in [m for m, (until, _) in key.cooling.items() if until + COOLDOWN_CAP_S < now]:
             del key.cooling[name]  # long over: bounded by what cools now
         key.cooling.put(model, [now + seconds, streak + 1])
@@ -744,9 +746,18 @@ class KeyPool:
                  for k in self.keys if not k.blocked]
         return min(waits) if waits else None
 
+    def mask(self, body: bytes) -> bytes:
+        """An upstream's answer, with any of these keys it echoes masked (an upstream key is
+        never returned to a client)."""
+        for key in self.keys:
+            if key.secret and key.secret.encode() in body:
+                body = body.replace(key.secret.encode(), mask_secret(key.secret).encode())
+        return body
+
     def block_reason(self) -> str:
-        """What the upstream said when it refused a key, the latest first."""
-        return next((k.block_reason for k in self.keys if k.blocked and k.block_reason), "")
+        """What the upstream said when it last refused a key."""
+        said = [k for k in self.keys if k.blocked and k.block_reason]
+        return max(said, key=lambda k: k.blocked_at).block_reason if said else ""
 
     def all_unavailable(self) -> bool:
         now = self.clock()
@@ -853,12 +864,15 @@ class CircuitBreaker:
             return self.clock() >= self.opened_at + self.recovery_s
         return not self.probing
 
-    def acquire(self) -> None:
-        """Let one request through; in half-open (or when recovery is due) it is the probe."""
+    def acquire(self) -> bool:
+        """Let one request through; in half-open (or when recovery is due) it is the probe.
+        True when it is."""
         if self.state is BreakerState.OPEN:
             self._move(BreakerState.HALF_OPEN)
         if self.state is BreakerState.HALF_OPEN:
             self.probing = True
+            return True
+        return False
 
     def record(self, ok: bool) -> None:
         self.probing = False
@@ -872,9 +886,11 @@ class CircuitBreaker:
         if self.state is BreakerState.HALF_OPEN or self.failures >= self.threshold:
             self._move(BreakerState.OPEN)
 
-    def abandon(self) -> None:
-        """The request ended without a verdict (client gone): free the probe slot."""
-        self.probing = False
+    def abandon(self, probe: bool) -> None:
+        """The request ended without a verdict (client gone): if it was the probe, free
+        its slot. Any other request leaves the probe out."""
+        if probe:
+            self.probing = False
 
     def _move(self, state: BreakerState) -> None:
         # Every transition goes through here.
@@ -2790,7 +2806,7 @@ class Config:
         self.upstreams = self._upstreams(r)
         self.any_chat_only = any(u.chat_only for u in self.upstreams)  # Responses over chat?
         self.aliases = self._aliases(r)
-        self.fallbacks = self._fallbacks(r)
+        self.fallbacks = self._by_target(self._fallbacks(r))
         retry = r.child("retry")
         retry.only(self.SECTIONS["retry"])
         self.retry_attempts: int = retry.number("attempts", 3, lo=1, integer=True)
@@ -2892,6 +2908,15 @@ class Config:
     def _fallbacks(r: _Reader) -> dict[str, list[str]]:
         chains = r.child("fallbacks")
         return {str(model): chains.strings(str(model)) for model in chains.obj}
+
+    def _by_target(self, chains: dict[str, list[str]]) -> dict[str, list[str]]:
+        """Fallbacks by the model they serve: a chain given for an alias is its target's (a
+        request naming the alias is routed as its target), after the target's own."""
+        out: dict[str, list[str]] = {}
+        for model in sorted(chains, key=lambda m: m in self.aliases):  # (stable: own first)
+            into = out.setdefault(self.resolve_alias(model), [])
+            into += [m for m in chains[model] if m not in into]
+        return out
 
     @property
     def auth_on(self) -> bool:
@@ -4123,7 +4148,7 @@ class Forwarder:
             choice = self.choose(plan, groups)
             if choice is None:
                 return None
-            upstream, keys, key, breaker, wait = choice
+            upstream, keys, key, breaker, wait, probe = choice
             try:
                 conn = await self.attempt(plan, upstream, keys, key, wait)
             except GatewayError as exc:  # no usable HTTP answer: connect error or timeout
@@ -4132,7 +4157,7 @@ class Forwarder:
                 if upload is not None and upload.error is not None:
                     raise upload.error from None  # the client's fault, not the upstream's
                 if exc.status < 500:  # the request cannot be made for this upstream (a
-                    breaker.abandon()  # translation refused it): no blame, and its keys are
+                    breaker.abandon(probe)  # translation refused it): no blame, its keys are
                     plan.tried.update(keys.keys)  # skipped; the client's error if none other
                     plan.last_error = exc
                     continue
@@ -4144,7 +4169,7 @@ class Forwarder:
                     return None
                 continue
             except BaseException:
-                breaker.abandon()
+                breaker.abandon(probe)
                 raise
             status = conn.status
             breaker.record(status < 500)
@@ -4158,7 +4183,7 @@ class Forwarder:
                     keys.cool_down(key, cooldown_from_headers(conn.headers,
                                                               plan.config.cooldown_cap_s), model)
                 elif status in (401, 403):
-                    keys.block(key, f"{status}")
+                    self.block(upstream, keys, key, f"{status} (to an upload)")
                 return conn
             headers = conn.headers
             try:
@@ -4172,14 +4197,17 @@ class Forwarder:
                                model)
                 plan.tried.add(key)  # another key at once: no backoff, no attempt spent
             elif status in (401, 403):
-                reason = f"{status} {upstream_message(body, keys)}"
-                keys.block(key, reason)
-                log(f"upstream {upstream.name}: key {key.name} blocked: the upstream answered "
-                    f"{reason}; one request tries it again in {keys.recheck_s:g}s", "warning",
-                    upstream=upstream.name, key=key.name)
+                self.block(upstream, keys, key, f"{status} {upstream_message(body, keys)}")
                 plan.tried.add(key)
-            elif await self.backoff(plan, None, (status, headers, body)):
+            elif await self.backoff(plan, None, (status, headers, keys.mask(body))):
                 return None
+
+    @staticmethod
+    def block(upstream: Upstream, keys: KeyPool, key: UpstreamKey, reason: str) -> None:
+        keys.block(key, reason)
+        log(f"upstream {upstream.name}: key {key.name} blocked: the upstream answered "
+            f"{reason}; one request tries it again in {keys.recheck_s:g}s", "warning",
+            upstream=upstream.name, key=key.name)
 
     async def attempt(self, plan: Plan, upstream: Upstream, keys: KeyPool,
                       key: UpstreamKey, wait: float) -> UpstreamConnection:
@@ -4217,7 +4245,10 @@ class Forwarder:
         plan.rq.flow.detach()
         plan.failures += 1
         plan.shift += 1  # prefer another upstream for the next try
-        plan.last_error, plan.last_reply = exc, reply
+        if reply is not None:  # the last HTTP answer is what the client gets, even when a
+            plan.last_reply = reply  # later try got none (502/504 are for no answer at all)
+        else:
+            plan.last_error = exc
         cfg = plan.config
         if plan.failures >= cfg.retry_attempts:
             return True
@@ -4232,8 +4263,9 @@ class Forwarder:
         return False
 
     def choose(self, plan: Plan, groups: list[list[Upstream]]
-               ) -> tuple[Upstream, KeyPool, UpstreamKey, CircuitBreaker, float] | None:
-        """The first usable upstream for plan.model, its pool, a key and its pacing wait."""
+               ) -> tuple[Upstream, KeyPool, UpstreamKey, CircuitBreaker, float, bool] | None:
+        """The first usable upstream for plan.model, its pool, a key, its pacing wait, and
+        whether the request is its breaker's half-open probe."""
         gw, model = self.gw, plan.model
         for group in groups:
             for i in range(len(group)):
@@ -4251,8 +4283,7 @@ class Forwarder:
                     picked = keys.pick(plan.tried, PACING_MAX_WAIT_S, model=model)
                 if picked is None:
                     continue
-                breaker.acquire()
-                return upstream, keys, picked[0], breaker, picked[1]
+                return upstream, keys, picked[0], breaker, picked[1], breaker.acquire()
         return None
 
     def give_up(self, plan: Plan) -> None:
@@ -4286,8 +4317,8 @@ class Forwarder:
                     waits.append(wait)
         if not considered and plan.refusal is not None:  # only upstreams that refused it
             return plan.refusal
-        if waits:
-            wait = min(waits)
+        if waits:  # (an open breaker that recovers sooner may let it through sooner)
+            wait = min(waits + opened)
             return RateLimited("All upstream keys for this model are rate-limited; retry "
                                f"after {wait:.1f}s.", headers=retry_after_headers(wait))
         if blocked:
@@ -5971,12 +6002,14 @@ class ProxyHandler:
         conn = await gw.forwarder.forward(plan)
         if conn is None:
             return  # the last upstream error was passed through
-        if plan.kind == "embeddings" and conn.status == 404:  # no /embeddings, or no model
-            body = await conn.read_body(MAX_ERROR_BODY)
-            if error_code(body) != "model_not_found":
+        if conn.status >= 400 and not writer.head_only:  # read whole: the upstream key is masked
+            body = plan.keys[plan.upstream.name].mask(  # type: ignore[union-attr]
+                await conn.read_body(MAX_ERROR_BODY))  # in what an upstream echoes of it
+            if plan.kind == "embeddings" and conn.status == 404 \
+                    and error_code(body) != "model_not_found":  # no /embeddings (not no model)
                 raise Unsupported("The upstream does not serve embeddings.")
             rq.flow.detach()
-            writer.relay_whole(404, conn.headers, body)
+            writer.relay_whole(conn.status, conn.headers, body)
             return
         ok = 200 <= conn.status < 300
         convert = ok and plan.converts(plan.upstream)  # type: ignore[arg-type]

@@ -790,6 +790,9 @@ def test_cooldown_without_hint_grows_exponentially_from_1s_and_is_capped() -> No
     pool.succeeded(key)
     pool.cool_down(key, None)
     assert key.cooldown_until(clock()) - clock() == 1
+    for _ in range(1100):  # a key that is never answered again: the streak grows without end
+        pool.cool_down(key, None)
+    assert key.cooldown_until(clock()) - clock() == 60
 
 
 def test_all_cooling_reports_time_to_first_return_and_all_blocked_none() -> None:
@@ -798,9 +801,11 @@ def test_all_cooling_reports_time_to_first_return_and_all_blocked_none() -> None
         pool.cool_down(key, secs)
     assert pool.pick() is None and pool.all_unavailable()
     assert pool.seconds_until_usable() == 5
-    for key in pool.keys:
-        pool.block(key)
+    for key, reason in zip(pool.keys, ("403 forbidden", "", "401 revoked")):
+        pool.block(key, reason)
+        clock.advance(1)
     assert pool.seconds_until_usable() is None
+    assert pool.block_reason() == "401 revoked"  # the last thing the upstream said
 
 
 def test_pacing_spaces_requests_per_key_and_bounds_the_wait() -> None:
@@ -902,8 +907,10 @@ def test_breaker_half_open_admits_exactly_one_probe_then_closes_or_reopens() -> 
     b.record(False)  # the probe failed: open again, for a full recovery period
     assert b.state is gw.BreakerState.OPEN and not b.available()
     clock.advance(10)
-    b.acquire()
-    b.abandon()  # the probe's client went away: the slot is free again
+    assert b.acquire() is True
+    b.abandon(False)  # a request let through before it opened went away: the probe is still out
+    assert not b.available()
+    b.abandon(True)  # the probe's client went away: the slot is free again
     assert b.available()
     b.acquire()
     b.record(True)
@@ -995,6 +1002,11 @@ def test_failover_sticks_to_one_key_and_rotate_changes_the_key_upstream_sees(sta
     client.chat.completions.create(model="m", messages=MSGS)
     assert used_keys(mock)[-1] == KEYS[1]
     assert admin(g, "POST", "/v1/tokens/rotate", b'{"upstream": "nope"}').status == 404
+    mock.key_faults[KEYS[1]] = (500, {})  # the current key fails: its retry, and what follows, go on
+    assert client.chat.completions.create(model="m", messages=MSGS).choices
+    assert used_keys(mock)[-2:] == [KEYS[1], KEYS[2]]
+    client.chat.completions.create(model="m", messages=MSGS)
+    assert used_keys(mock)[-1] == KEYS[2]
 
 
 def test_all_keys_cooling_is_429_with_retry_after_and_all_blocked_is_503(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
@@ -1124,6 +1136,23 @@ def test_a_blocked_key_says_why_is_rechecked_and_comes_back(
     assert info.value.response.headers["x-should-retry"] == "false"
     message = info.value.message
     assert "may not use this model" in message and all(key not in message for key in KEYS)
+
+
+def test_an_upstream_key_echoed_in_an_error_never_reaches_the_client(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, capfd: pytest.CaptureFixture[str]) -> None:
+    g = start_gateway(resilient(mock, keys=KEYS[:1]) | {"retry": {"attempts": 1}})
+    for status in (400, 404, 500):  # passed through at once, or as the last error after retries
+        mock.key_faults[KEYS[0]] = (status, {}, f"key {KEYS[0]} says no")
+        (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))
+        assert resp.status == status and KEYS[0].encode() not in resp.body
+        assert resp.json()["error"]["message"] == f"key {gw.mask_secret(KEYS[0])} says no"
+    mock.key_faults[KEYS[0]] = (401, {}, f"key {KEYS[0]} is revoked")
+    with pytest.raises(openai.AuthenticationError) as info:  # an upload: its answer stands
+        g.client().files.create(file=("a.jsonl", b'{"a": 1}\n'), purpose="batch")
+    assert KEYS[0] not in info.value.response.text
+    (line,) = [x for x in capfd.readouterr().err.splitlines() if "blocked" in x]
+    assert "mock#0" in line and "401" in line and "upload" in line  # said, as for any request
+    assert key_states(g)["mock#0"] == "blocked"
 
 
 ################################################################################
@@ -3017,6 +3046,31 @@ def test_upstream_connections_are_reused(start_gateway: StartGateway, mock: mock
     assert mock.connections_opened == 1
 
 
+def test_the_last_http_error_is_passed_through_when_a_later_try_gets_no_answer(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    seen = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+            seen.append(1)
+            if len(seen) > 1:  # every later try: the connection drops, no answer at all
+                writer.close()
+                return
+            body = b'{"error": {"message": "overloaded, try later", "type": "server_error"}}'
+            writer.write(b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+
+    port = raw_upstream(handler)
+    g = start_gateway({"upstreams": [{"name": "flaky", "url": f"http://127.0.0.1:{port}/v1"}],
+                       "retry": {"attempts": 2, "base_delay_s": 0.01}})
+    (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))
+    assert len(seen) >= 2  # both tries were made
+    assert resp.status == 500 and resp.json()["error"]["message"] == "overloaded, try later"
+
+
 def test_stale_pooled_connection_is_retried_once_on_a_fresh_one(raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
     """An upstream that closes an idle keep-alive connection just as a request arrives."""
     served = []
@@ -3266,6 +3320,36 @@ def test_breaker_opens_fails_fast_uses_fallback_and_recovers_through_half_open(
     reply = client.chat.completions.create(model="gpt-4o", messages=MSGS)  # the half-open probe
     assert reply.model == "gpt-4o"
     assert admin(g, "GET", "/health/circuit-breakers").json()["circuit_breakers"]["mock/gpt-4o"]["state"] == "closed"
+
+
+def test_fallbacks_given_for_an_alias_serve_requests_that_name_it(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    config = cfg({"upstreams": [{"name": "u", "url": "http://127.0.0.1:9/v1"}],
+                  "aliases": {"smart": "gpt-4o", "quick": "smart"},
+                  "fallbacks": {"quick": ["o3", "gpt-4o-mini"], "gpt-4o": ["gpt-4o-mini", "o1"]}})
+    assert config.fallbacks == {"gpt-4o": ["gpt-4o-mini", "o1", "o3"]}  # its own chain first
+    mock.model_faults["gpt-4o"] = 500
+    g = start_gateway(resilient(mock) | {"retry": {"attempts": 1}, "aliases": {"smart": "gpt-4o"},
+                                         "fallbacks": {"smart": ["gpt-4o-mini"]}})
+    reply = g.client().chat.completions.with_raw_response.create(model="smart", messages=MSGS)
+    assert reply.headers["x-gateway-model"] == "gpt-4o-mini" and reply.parse().model == "gpt-4o-mini"
+
+
+def test_retry_after_is_the_soonest_of_cooling_keys_and_open_breakers(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    mock.model_faults["gpt-4o"] = 500
+    for key in KEYS:
+        mock.key_model_faults[(key, "gpt-4o-mini")] = (429, {"retry-after": "600"})
+    config = resilient(mock)
+    config.update(retry={"attempts": 1}, breaker={"failure_threshold": 1, "recovery_timeout_s": 5},
+                  fallbacks={"gpt-4o": ["gpt-4o-mini"]})
+    g = start_gateway(config)
+    body = b'{"model": "gpt-4o", "messages": []}'
+    (first,) = raw(g.port, post("/v1/chat/completions", body))
+    assert first.status == 500  # gpt-4o's error: its fallback had no key to answer
+    (resp,) = raw(g.port, post("/v1/chat/completions", body))
+    assert resp.status == 429  # the fallback's keys all cool for 600 s, gpt-4o's breaker opened for 5
+    assert int(resp.headers["retry-after"]) <= 5 and int(resp.headers["retry-after-ms"]) <= 5000
 
 
 def test_open_breaker_without_fallback_is_503_circuit_open_without_calling_upstream(
