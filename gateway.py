@@ -407,7 +407,7 @@ def format_duration(seconds: float) -> str:
     """OpenAI's reset format: `120ms`, `1s`, `1.5s`, `6m0s`, `1h2m3s`."""
     if seconds < 1:
         return f"{int(seconds * 1000)}ms"
-    hours, rest = divmod(seconds, 3600)
+    hours, rest = divmod(round(seconds, 3), 3600)  # (rounded first: 59.9999 is 1m0s, not 60s)
     minutes, secs = divmod(rest, 60)
     text = f"{round(secs, 3):g}s"
     if hours or minutes:
@@ -1019,10 +1019,11 @@ class TokenBucket:
         return (amount - self.level) / self.rate
 
     def adjust(self, delta: float) -> None:
-        """Correct an estimate after the fact: take delta more (or give -delta back),
-        never going below empty or above full."""
+        """Correct an estimate after the fact: take delta more (or give -delta back). What
+        was used past the estimate is owed, up to one capacity (a minute of tpm): the
+        bucket goes below empty and refills from there. Never above full."""
         self._refill()
-        self.level = min(self.capacity, max(0.0, self.level - delta))
+        self.level = min(self.capacity, max(-self.capacity, self.level - delta))
 
     def until_full(self) -> float:
         self._refill()
@@ -1031,7 +1032,7 @@ class TokenBucket:
     def left(self) -> tuple[int, float]:
         """Whole tokens left, and the seconds until full: one refill for both."""
         wait = self.until_full()
-        return int(self.level), wait
+        return max(0, int(self.level)), wait
 
 
 class ClientLimits:
@@ -1542,7 +1543,7 @@ local function settle(key, rate, cap, delta)
   local v = redis.call('HMGET', key, 'l', 's')
   local l = cap
   if v[1] then l = math.min(cap, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * rate) end
-  l = math.min(cap, math.max(0, l - delta))
+  l = math.min(cap, math.max(-cap, l - delta))
   redis.call('HSET', key, 'l', tostring(l), 's', tostring(now))
   redis.call('PEXPIRE', key, math.ceil((cap - l) / rate * 1000) + 1000)
 end
@@ -6439,6 +6440,17 @@ class Admission:
             raise Unauthorized("Incorrect API key provided.")
         return key
 
+    def identify(self, rq: Request) -> None:
+        """For an answer that spends nothing (an open route, a refusal before the client's
+        limits were taken), the client's limits all the same, so that it carries
+        x-ratelimit-* as every answer to a limited client does. Nothing is taken; a client
+        that cannot be told apart (no key, a wrong one) gets none."""
+        try:
+            client = self.authenticate(rq)
+        except Unauthorized:
+            return
+        rq.limits = self.gw.limiter.limits_for(client, rq.peer)
+
     def is_admin(self, token: bytes) -> bool:
         admin = self.gw.config.admin_key
         return bool(admin and token and hmac.compare_digest(admin.encode(), token))
@@ -6521,6 +6533,16 @@ class Router:
     def admit(self, rq: Request) -> None:
         """Route, CORS, method, draining, who the client is, its limits and budget: all
         decided from the head. Sets rq.handler, or raises the refusal."""
+        try:
+            route = self._admit(rq)
+        except GatewayError:
+            if rq.limits is None:  # refused before its limits were taken: it is told them
+                self.gw.admission.identify(rq)
+            raise
+        if route is not None and route.access == _OPEN:
+            self.gw.admission.identify(rq)
+
+    def _admit(self, rq: Request) -> Route | None:
         gw = self.gw
         route = self.find(rq.path, rq.method)
         rq.route = route.label
@@ -6529,7 +6551,7 @@ class Router:
             admission.allow_origin(rq)
         if rq.method == b"OPTIONS" and admission.cors:
             rq.handler = admission.preflight
-            return
+            return None
         method = b"GET" if rq.method == b"HEAD" else rq.method  # HEAD: GET without the body
         if method != route.method and route.method != _ANY:
             raise MethodNotAllowed(
@@ -6552,6 +6574,7 @@ class Router:
         elif route.access == _ADMIN:
             admission.authorize_admin(rq)
         rq.handler = route.handler
+        return route
 
 
 ################################################################################

@@ -740,8 +740,17 @@ def test_duration_examples_and_garbage() -> None:
 
 @given(st.floats(0, 100000))
 def test_reset_durations_round_trip(seconds: float) -> None:
-    parsed = gw.parse_duration(gw.format_duration(seconds))
+    text = gw.format_duration(seconds)
+    parsed = gw.parse_duration(text)
     assert parsed == pytest.approx(seconds, abs=0.001 if seconds >= 1 else 0.001 + 1e-9)
+    found = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?([\d.]+)s|\d+ms", text)
+    assert found and all(int(part) < 60 for part in found.groups()[1:2] if part)
+    assert found.group(3) is None or float(found.group(3)) < 60  # 1m0s, never 60s or 1m60s
+
+
+def test_reset_durations_carry_into_minutes_and_hours() -> None:
+    assert [gw.format_duration(s) for s in (59.9999, 119.9999, 3599.9999, 0.5, 1.5, 360)] == \
+        ["1m0s", "2m0s", "1h0m0s", "500ms", "1.5s", "6m0s"]
 
 
 ################################################################################
@@ -1189,10 +1198,25 @@ def test_token_bucket_refills_to_exactly_capacity_and_corrections_stay_in_bounds
         bucket.take(amount)
     for delta in deltas:
         bucket.adjust(delta)
-        assert 0 <= bucket.level <= capacity
-    clock.advance(capacity / rate + 1)
+        assert -capacity <= bucket.level <= capacity  # (owed: at most one capacity)
+        assert 0 <= bucket.left()[0] <= capacity
+    clock.advance(2 * capacity / rate + 1)
     bucket.take(0)
     assert bucket.level == capacity and bucket.until_full() == 0
+
+
+def test_tokens_used_past_the_estimate_are_owed_up_to_one_capacity() -> None:
+    clock = FakeClock()
+    bucket = gw.TokenBucket(100, 6000, clock)  # tpm 6000
+    for _ in range(2):  # estimated at 10, each answer used 3,000
+        assert bucket.take(10) == 0
+        bucket.adjust(2990)
+    assert bucket.level == 0 and bucket.take(10) == pytest.approx(0.1)
+    bucket.adjust(20000)  # far past the estimate: one minute of tpm is owed, no more
+    assert bucket.level == -6000 and bucket.left() == (0, 120)
+    assert bucket.take(10) == pytest.approx(60.1)
+    clock.advance(60.2)
+    assert bucket.take(10) == 0
 
 
 def test_token_bucket_wait_says_when_the_amount_will_be_there() -> None:
@@ -1283,6 +1307,15 @@ def test_rpm_3_burst_3_fourth_request_429_with_headers_then_refill(start_gateway
     assert [r.status for r in again] == [200, 429]
     (health,) = raw(g.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
     assert health.status == 200 and "x-ratelimit-limit-requests" not in health.headers
+    spending_nothing = [f"GET {path} HTTP/1.1\r\nHost: t\r\n{auth}\r\n".encode()
+                        for path in ("/v1/chat/completions", "/v1/usage", "/nope", "/health")]
+    told = raw(g.port, b"".join(spending_nothing), count=4)
+    assert [r.status for r in told] == [405, 200, 404, 200]  # the client's limits, all the same
+    assert all(r.headers["x-ratelimit-limit-requests"] == "3" for r in told)
+    assert all(r.headers["x-ratelimit-remaining-requests"] == "0" for r in told)
+    clock.advance(20)  # none of them spent the request that refills now
+    (again,) = raw(g.port, post("/v1/chat/completions", CHAT, auth))
+    assert again.status == 200
 
 
 def test_two_keys_are_limited_independently_with_per_key_overrides(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
@@ -1332,6 +1365,8 @@ def test_tpm_limit_uses_the_estimate_and_reports_token_headers(start_gateway: St
     (second,) = raw(g.port, post("/v1/chat/completions", body))  # the correction emptied the bucket
     assert second.status == 429 and "tokens" in second.json()["error"]["message"]
     assert second.headers["x-ratelimit-remaining-tokens"] == "0"
+    owed = first.json()["usage"]["total_tokens"] - 100  # used past the bucket: owed, then refilled
+    assert int(second.headers["retry-after-ms"]) == pytest.approx((owed + estimate) * 600, abs=1)
 
 
 def test_sdk_streams_see_exactly_what_they_asked_for_and_usage_is_counted(
