@@ -6019,7 +6019,12 @@ class ProxyHandler:
                 != b"text/event-stream"):  # whole answer, an error, or garbage, read whole
             await self.converted_reply(plan, conn)
             return
-        writer.keep_tail = ok
+        # Usage is counted from what a model made for this request: not from an object read
+        # back, polled or cancelled (a response, a batch, a downloaded file), which would be
+        # counted again each time. A pass-through request counts when it is a POST naming a
+        # model (images, audio, moderations), or a stream it asked for (read as usual).
+        writer.keep_tail = ok and (plan.kind != "passthrough" or
+                                   plan.method == b"POST" and plan.asked != "")
         if ok and plan.kind == "responses" and not plan.stream:
             writer.whole = []
         inspect = ok and plan.stream

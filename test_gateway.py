@@ -4420,6 +4420,26 @@ def test_responses_usage_reaches_usage_budgets_and_metrics(
     assert info.value.status_code == 402
 
 
+def test_objects_read_back_polled_or_cancelled_are_not_counted_again(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway(limited(mock, api_keys=[{"key": SDK_KEY, "name": "team"}]))
+    client = g.client()
+    made = client.responses.create(model="gpt-4o", input="count me once")
+    counted = usage_of(g, SDK_KEY)[0]
+    assert counted["total_tokens"] == made.usage.total_tokens > 0
+    for _ in range(3):
+        assert client.responses.retrieve(made.id).usage.total_tokens == made.usage.total_tokens
+    client.responses.cancel(made.id)
+    line = orjson.dumps({"id": "batch_req_1", "response": {"body": {"usage": {
+        "prompt_tokens": 50000, "completion_tokens": 1, "total_tokens": 50001}}}})
+    uploaded = client.files.create(file=("out.jsonl", line + b"\n"), purpose="batch")
+    assert b"50001" in client.files.content(uploaded.id).read()  # a download: its usage is a batch's
+    after = usage_of(g, SDK_KEY)[0]
+    assert after["total_tokens"] == counted["total_tokens"] and after["requests"] == 7
+    client.moderations.create(model="omni-moderation-latest", input="a POST naming a model")
+    assert usage_of(g, SDK_KEY)[0]["requests"] == 8
+
+
 def test_a_responses_usage_counts_whatever_metadata_the_upstream_echoes_after_it(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     # A Response object ends with usage, then the client's user and metadata, echoed back:
