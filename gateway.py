@@ -5152,15 +5152,20 @@ _CHAT_USAGE = ("prompt_tokens", "completion_tokens", "total_tokens")
 _RESPONSES_USAGE = ("input_tokens", "output_tokens", "total_tokens")
 
 
+MAX_REPORTED_TOKENS = 10 ** 12  # a count past this in a usage is garbage (no request is that
+# large), and counted 0: 2**64 - 1, say, would overflow the sums written as JSON
+
+
 def usage_tokens(usage: dict | None) -> tuple[int, int, int]:
     """(prompt, completion, total) from a usage object; what is missing or bad counts 0."""
     if not usage or not isinstance(usage, dict):
         return 0, 0, 0
     first, second, third = _CHAT_USAGE if "input_tokens" not in usage else _RESPONSES_USAGE
     prompt, completion, total = usage.get(first), usage.get(second), usage.get(third)
-    prompt = prompt if type(prompt) is int and prompt >= 0 else 0  # (not a bool: JSON's ints
-    completion = completion if type(completion) is int and completion >= 0 else 0  # are int)
-    total = total if type(total) is int and total >= 0 else 0
+    prompt = prompt if type(prompt) is int and 0 <= prompt <= MAX_REPORTED_TOKENS else 0  # (not
+    completion = completion if type(completion) is int and 0 <= completion <= MAX_REPORTED_TOKENS \
+        else 0  # a bool: JSON's ints are int)
+    total = total if type(total) is int and 0 <= total <= MAX_REPORTED_TOKENS else 0
     return prompt, completion, total or prompt + completion
 
 
@@ -7229,7 +7234,9 @@ class Gateway:
         return kept
 
     def sweep(self) -> None:
-        """Enforce every connection's deadline: one timer for the gateway, not per request."""
+        """Enforce every connection's deadline: one timer for the gateway, not per request.
+        Armed again first: nothing that fails below can stop it for good."""
+        self.sweeper = self.loop.call_later(SWEEP_S, self.sweep)  # type: ignore[union-attr]
         now = self.loop.time()  # type: ignore[union-attr]
         for proto in list(self.connections):
             proto.check_timeout(now)
@@ -7240,9 +7247,8 @@ class Gateway:
             if not pool.live:
                 self.retired.discard(pool)
         if self.metrics_dir is not None and now - self.metrics_written >= 1.0:
-            self.write_metrics()
             self.metrics_written = now
-        self.sweeper = self.loop.call_later(SWEEP_S, self.sweep)  # type: ignore[union-attr]
+            self.write_metrics()
 
     def write_metrics(self) -> None:
         """Workers: this one's counts where the others' scrapes find them (whole, or not)."""
@@ -7250,7 +7256,7 @@ class Gateway:
         try:
             path.with_suffix(".tmp").write_bytes(self.metrics.snapshot(self.limiter.refused))
             path.with_suffix(".tmp").replace(path)
-        except OSError as exc:
+        except (OSError, TypeError) as exc:  # (TypeError: a sum orjson cannot write)
             log(f"cannot write metrics for the other workers: {exc}", "warning")
 
     def inherit_metrics(self) -> None:

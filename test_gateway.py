@@ -3812,6 +3812,30 @@ def test_usage_found_in_a_body_tail() -> None:
     assert gw.usage_in(spent) == {"input_tokens": 3}  # strings named usage spend no try
 
 
+def test_a_token_count_no_request_could_have_counts_nothing(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+            body = b'{"id":"c","object":"chat.completion","choices":[],"usage":{"prompt_tokens":%d,' \
+                   b'"completion_tokens":5,"total_tokens":%d}}' % (2 ** 64 - 1, 2 ** 64 + 4)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+
+    port = raw_upstream(handler)
+    g = start_gateway({"upstreams": [{"name": "odd", "url": f"http://127.0.0.1:{port}/v1"}],
+                       "prices": {"m": {"input": 1, "output": 1}}})
+    for _ in range(2):
+        (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))
+        assert resp.status == 200
+    assert gw.usage_tokens({"prompt_tokens": 2 ** 64 - 1, "completion_tokens": 5}) == (0, 5, 5)
+    (usage,) = usage_of(g)
+    assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (0, 10, 10)
+    assert samples(scrape(g)["gateway_tokens"], "_total")
+
+
 def test_completions_conversion_both_ways() -> None:
     chat = gw.chat_from_completion({"model": "m", "prompt": ["Say hi"], "max_tokens": 5, "stream": True,
                                     "temperature": 0.2, "echo": True})
