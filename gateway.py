@@ -2534,6 +2534,10 @@ class _Env:
         self.used: set[str] = set()
 
 
+MAX_CONFIG_NUMBER = 1e15  # any number in the configuration: no limit, size or time is larger
+MAX_CONFIG_USD = 1e9  # prices (per million tokens) and budgets: the sums stay exact
+
+
 class _Reader:
     """Typed access into a JSON object, raising ConfigError that names the key."""
 
@@ -2566,15 +2570,17 @@ class _Reader:
         return resolve_env(value, self.at(key), self.env)
 
     def number(self, key: str, default: Any, *, lo: float = 0, integer: bool = False,
-               nullable: bool = False, above: bool = False) -> Any:
+               nullable: bool = False, above: bool = False, hi: float = MAX_CONFIG_NUMBER) -> Any:
         value = self.obj.get(key, default)
         if value is None and nullable:
             return None
         kinds = (int,) if integer else (int, float)
         if isinstance(value, bool) or not isinstance(value, kinds):
             raise _fail(self.at(key), "must be an integer" if integer else "must be a number")
-        if value < lo or (above and value == lo) or value != value or value == float("inf"):
+        if value < lo or (above and value == lo) or value != value:
             raise _fail(self.at(key), f"must be {'above' if above else 'at least'} {lo}")
+        if value > hi:  # (and infinity): past any use, and past what the sums can hold
+            raise _fail(self.at(key), f"must be at most {hi:g}")
         return value
 
     def boolean(self, key: str, default: bool) -> bool:
@@ -2636,9 +2642,13 @@ def _expand_keys(value: Any, path: str, upstream: str, env: _Env) -> list[tuple[
             keys.append((item[4:], resolve_env(item, at, env)))
         else:
             keys.append((f"{upstream}#{i}", resolve_env(item, at, env)))
-    for i, (_, secret) in enumerate(keys):
+    named: set[str] = set()
+    for i, (name, secret) in enumerate(keys):
         if not secret or any(c in secret for c in "\r\n\0"):
             raise _fail(f"{path}[{i}]", "empty or has a control character")
+        if name in named:  # (env:TK* and env:TK1, say): one key twice in the rotation
+            raise _fail(f"{path}[{i}]", f"names the key {name} twice")
+        named.add(name)
     return keys
 
 
@@ -2765,7 +2775,7 @@ class ClientKey:
             r.number("tpm", None, nullable=True, above=True),
             frozenset(models) if models is not None else None,
             r.number("budget_tokens", None, nullable=True, integer=True),
-            pico(r.number("budget_usd", None, nullable=True, above=True)),
+            pico(r.number("budget_usd", None, nullable=True, above=True, hi=MAX_CONFIG_USD)),
         )
 
     def allows(self, requested: str, model: str) -> bool:
@@ -2811,8 +2821,8 @@ class Config:
         retry = r.child("retry")
         retry.only(self.SECTIONS["retry"])
         self.retry_attempts: int = retry.number("attempts", 3, lo=1, integer=True)
-        self.retry_base_delay_s: float = retry.number("base_delay_s", 0.2)
-        self.retry_max_delay_s: float = retry.number("max_delay_s", 8.0)
+        self.retry_base_delay_s: float = retry.number("base_delay_s", 0.2, hi=3600)
+        self.retry_max_delay_s: float = retry.number("max_delay_s", 8.0, hi=3600)
         breaker = r.child("breaker")
         breaker.only(self.SECTIONS["breaker"])
         self.failure_threshold: int = breaker.number("failure_threshold", 5, lo=1, integer=True)
@@ -2853,12 +2863,16 @@ class Config:
         keys = [ClientKey.read(item, f"api_keys[{i}]", i, r.env)
                 for i, item in enumerate(items)]
         seen: set[bytes] = set()
+        names: set[str] = set()
         for i, key in enumerate(keys):
             if not key.key:
                 raise _fail(f"api_keys[{i}]", "must not be empty")
             if key.digest in seen:
                 raise _fail(f"api_keys[{i}]", "duplicate key")
+            if key.name in names:  # limits, usage and budgets are kept by name: one would
+                raise _fail(f"api_keys[{i}].name", f"duplicate name {key.name!r}")  # be the other's
             seen.add(key.digest)
+            names.add(key.name)
         return keys
 
     @staticmethod
@@ -2872,7 +2886,7 @@ class Config:
             for name in ("input", "output"):
                 if name not in entry.obj:
                     raise _fail(entry.at(name), "is required")
-            per_token = {name: pico(entry.number(name, None)) // 1_000_000
+            per_token = {name: pico(entry.number(name, None, hi=MAX_CONFIG_USD)) // 1_000_000
                          if name in entry.obj else None for name in Config.PRICE_FIELDS}
             prices[str(model)] = Price(per_token["input"],
                                        per_token["cached_input"] if per_token["cached_input"]
@@ -3082,6 +3096,7 @@ def load_config(
         raw.update(_read_json_source(env["GATEWAY_CONFIG"], "GATEWAY_CONFIG"))
     raw.update(overrides or {})
     moot = _apply_env(raw, env, warnings)
+    raw.update(overrides or {})  # command-line flags win over GATEWAY_* variables too
     if host is not None:
         raw["host"] = host
     if port is not None:

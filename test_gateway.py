@@ -2244,6 +2244,9 @@ def test_sources_precedence_file_then_json_env_then_vars_then_flags(tmp_path: Pa
     assert (config.port, config.host, config.max_connections) == (2, "h-env", 7)
     config = gw.load_config(env, host="h-flag", port=3)
     assert (config.port, config.host) == (3, "h-flag")
+    env |= {"GATEWAY_WORKERS": "2", "GATEWAY_REDIS_URL": "redis://127.0.0.1:1"}
+    assert gw.load_config(env).workers == 2
+    assert gw.load_config(env, overrides={"workers": 1}).workers == 1  # --workers 1
 
 
 def test_json_upstreams_replace_default_and_warn_about_ignored_vars() -> None:
@@ -2284,6 +2287,12 @@ def test_env_references_and_prefix_expansion() -> None:
     ({"aliases": {"a": "b", "b": "a"}}, "config: aliases.a: aliases form a cycle"),
     ({"api_keys": [{"name": "x"}]}, "config: api_keys[0].key: is required"),
     ({"api_keys": ["same", "same"]}, "config: api_keys[1]: duplicate key"),
+    ({"api_keys": [{"key": "k-a", "name": "team"}, {"key": "k-b", "name": "team"}]},
+     "config: api_keys[1].name: duplicate name 'team'"),
+    ({"prices": {"m": {"input": 1e30, "output": 1}}}, "config: prices.m.input: must be at most 1e+09"),
+    ({"api_keys": [{"key": "k", "budget_usd": 1e22}]}, "config: api_keys[0].budget_usd: must be at most 1e+09"),
+    ({"retry": {"max_delay_s": 1e308}}, "config: retry.max_delay_s: must be at most 3600"),
+    ({"max_body_bytes": 10 ** 16}, "config: max_body_bytes: must be at most 1e+15"),
     ({"max_body_bytes": True}, "config: max_body_bytes: must be an integer"),
     ({"colour": "blue"}, "config: colour: unknown key"),
     ({"upstreams": [{"model": ["m"]}]}, "config: upstreams[0].model: unknown key (did you mean `models`?)"),
