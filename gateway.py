@@ -6306,9 +6306,13 @@ class AdminHandler:
         keys = {(name, key): up for name, pool in gw.keys.items()
                 for key, up in pool.available().items()}
         metrics, refused = gw.metrics, gw.limiter.refused
-        if gw.metrics_dir is not None:  # workers: every worker's counts, as of its last second
-            metrics, theirs = metrics.merged(gw.sibling_metrics())
-            refused += theirs
+        if gw.metrics_dir is not None:  # workers: every worker's counts as it last published
+            # them; this one's published first. A scrape never shows more of a worker than
+            # its file says, so the next one, whichever worker answers it, shows no less (a
+            # counter that drops reads as a reset).
+            gw.write_metrics()
+            published = [orjson.loads(metrics.snapshot(refused)), *gw.sibling_metrics()]
+            metrics, refused = Metrics(metrics.known_models).merged(published)
         text = metrics.render([
             ("gateway_breaker_open", "1 while the (upstream, model) breaker is open or half-open.",
              ("upstream", "model"), gw.breakers.open_gauge(gw.metrics.fold)),

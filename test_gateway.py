@@ -5391,7 +5391,8 @@ def test_workers_keep_the_running_config_close_the_port_on_drain_and_never_count
 
     def on_disk() -> int:  # what the workers' files hold: a killed worker's counts are its file's
         files = [json.loads(p.read_bytes()) for p in metrics_dir.glob("*.json")]
-        return sum(row[-1] for snap in files for row in snap["requests"] if row[2] == 200)
+        return sum(row[-1] for snap in files for row in snap["requests"]
+                   if row[0] == "/v1/chat/completions" and row[2] == 200)
 
     def served() -> float:
         return samples(scrape(gp.port)["gateway_requests"], "_total").get(
@@ -5401,6 +5402,11 @@ def test_workers_keep_the_running_config_close_the_port_on_drain_and_never_count
         for _ in range(20):
             assert raw(gp.port, post("/v1/chat/completions", CHAT, auth))[0].status == 200
         assert eventually(lambda: on_disk() == 20)  # each worker's file is a second old at most
+        seen = []
+        for _ in range(40):  # whichever worker answers each scrape, no count ever drops
+            assert raw(gp.port, post("/v1/chat/completions", CHAT, auth))[0].status == 200
+            seen.append(served())
+        assert seen == sorted(seen) and eventually(lambda: on_disk() == 60)
         del config["api_keys"]  # auth off, in the file only: no SIGHUP
         path.write_text(json.dumps(config))
         pids = worker_pids(gp)
@@ -5415,7 +5421,7 @@ def test_workers_keep_the_running_config_close_the_port_on_drain_and_never_count
             statuses.append(resp.status)
             answered.add(resp.headers["x-request-id"][:12])
         assert set(statuses) == {401}  # the running config, in both workers
-        assert eventually(lambda: served() == 20) and served() == 20  # not 20 less the dead one's
+        assert eventually(lambda: served() == 60) and served() == 60  # not 60 less the dead one's
         streaming = connect(gp.port)
         streaming.sendall(post("/v1/chat/completions", b'{"model":"m","messages":[],"stream":true}',
                                auth + "x-mock-chunks: 40\r\nx-mock-delay-ms: 100\r\n"))
