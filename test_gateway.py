@@ -2257,6 +2257,11 @@ def test_json_upstreams_replace_default_and_warn_about_ignored_vars() -> None:
     assert warnings and "GATEWAY_UPSTREAM_URL" in warnings[0] and "OPENAI_API_KEY" in warnings[0]
 
 
+def test_an_upstream_that_names_one_key_twice_is_refused() -> None:
+    with pytest.raises(gw.ConfigError, match=r"upstreams\[0\]\.keys\[2\]: names the key TK1 twice"):
+        cfg({"upstreams": [{"url": "http://x/v1", "keys": ["env:TK*", "env:TK1"]}]}, TK1="a", TK2="b")
+
+
 def test_env_references_and_prefix_expansion() -> None:
     config = cfg({"upstreams": [{"name": "gh", "url": "https://models.example/v1",
                                  "keys": ["env:GITHUB_TOKEN*", "plain-key-0000"],
