@@ -5815,6 +5815,9 @@ class ProxyHandler:
         self.gw = gw
 
     async def chat(self, rq: Request) -> None:
+        if rq.method != b"POST":  # the list of stored chat completions: the rest of the API's
+            await self.passthrough(rq)
+            return
         await self.proxy(rq, "chat")
 
     async def chat_stream(self, rq: Request) -> None:
@@ -6052,8 +6055,11 @@ class ProxyHandler:
         if convert:
             converter = ResponsesFromChat(plan.obj, new_object_id("resp")) \
                 if plan.kind == "responses" else CompletionsFromChat()  # type: ignore[arg-type]
-        elif ok and plan.method == b"POST" and plan.kind in ("responses", "passthrough"):
-            writer.capture_id = self.remember_for(plan)
+        elif ok and plan.method == b"POST" and (
+                plan.kind in ("responses", "passthrough")
+                or plan.kind == "chat" and plan.obj.get("store") is True):  # type: ignore[union-attr]
+            writer.capture_id = self.remember_for(plan)  # (a stored chat completion is read
+            # back by its id, from the account that made it)
         writer.relay_head(conn.status, conn.headers, inspect=inspect,
                           drop_usage=inspect and plan.injects(plan.upstream),  # type: ignore[arg-type]
                           convert=converter, stream=inspect)
@@ -6389,7 +6395,7 @@ _ANY = b"*"  # a route that takes every method
 
 # path -> (method, who may call it, handler room, handler name): made once, at import.
 ROUTE_TABLE: dict[bytes, tuple[bytes, int, str, str]] = {
-    b"/v1/chat/completions": (b"POST", _CLIENT, "proxy", "chat"),
+    b"/v1/chat/completions": (_ANY, _CLIENT, "proxy", "chat"),  # GET: stored ones, listed
     b"/v1/chat/completions/stream": (b"POST", _CLIENT, "proxy", "chat_stream"),
     b"/v1/completions": (b"POST", _CLIENT, "proxy", "completions"),
     b"/v1/embeddings": (b"POST", _CLIENT, "proxy", "embeddings"),

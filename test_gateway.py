@@ -1308,7 +1308,7 @@ def test_rpm_3_burst_3_fourth_request_429_with_headers_then_refill(start_gateway
     (health,) = raw(g.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
     assert health.status == 200 and "x-ratelimit-limit-requests" not in health.headers
     spending_nothing = [f"GET {path} HTTP/1.1\r\nHost: t\r\n{auth}\r\n".encode()
-                        for path in ("/v1/chat/completions", "/v1/usage", "/nope", "/health")]
+                        for path in ("/v1/embeddings", "/v1/usage", "/nope", "/health")]
     told = raw(g.port, b"".join(spending_nothing), count=4)
     assert [r.status for r in told] == [405, 200, 404, 200]  # the client's limits, all the same
     assert all(r.headers["x-ratelimit-limit-requests"] == "3" for r in told)
@@ -4458,6 +4458,18 @@ def test_responses_usage_reaches_usage_budgets_and_metrics(
     assert info.value.status_code == 402
 
 
+def test_stored_chat_completions_are_listed_and_read_back_from_the_key_that_made_them(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway(resilient(mock))  # three keys: three accounts, to the mock
+    client = g.client()
+    made = [client.chat.completions.create(model="m", messages=MSGS, store=True) for _ in KEYS]
+    assert len({mock.owner(c.id) for c in made}) == 3
+    for completion in made:
+        assert client.chat.completions.retrieve(completion.id).id == completion.id
+    listed = client.chat.completions.list()  # GET /v1/chat/completions: passed through
+    assert listed.data and all(c.id in {m.id for m in made} for c in listed.data)
+
+
 def test_objects_read_back_polled_or_cancelled_are_not_counted_again(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     g = start_gateway(limited(mock, api_keys=[{"key": SDK_KEY, "name": "team"}]))
@@ -4855,7 +4867,7 @@ def test_bad_json_and_missing_fields_keep_the_connection(start_gateway: StartGat
     g = start_gateway()
     reqs = [post("/v1/chat/completions", b"{nope"), post("/v1/chat/completions", b'{"messages": []}'),
             post("/v1/embeddings", b'{"model": "m", "input": 5}'), post("/v1/chat/completions", b"[1]"),
-            b"GET /v1/chat/completions HTTP/1.1\r\nHost: t\r\n\r\n", b"GET /v2/what HTTP/1.1\r\nHost: t\r\n\r\n",
+            b"GET /v1/embeddings HTTP/1.1\r\nHost: t\r\n\r\n", b"GET /v2/what HTTP/1.1\r\nHost: t\r\n\r\n",
             post("/v1/chat/completions", CHAT)]
     responses = raw(g.port, b"".join(reqs), count=len(reqs))  # pipelined on one connection
     got = [(r.status, r.json()["error"]["code"] if r.status >= 400 else None,

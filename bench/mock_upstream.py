@@ -5,7 +5,8 @@
 It serves the OpenAI API in OpenAI's shapes: /v1/models, /v1/models/{id},
 /v1/chat/completions and /v1/completions (streaming or not, with usage, the usage-only chunk
 when the request asks for `stream_options.include_usage`, and a function tool call when the
-request offers tools and the last message is not a tool result), /v1/embeddings,
+request offers tools and the last message is not a tool result; a chat completion made with
+`store: true` is kept: GET /v1/chat/completions lists them, GET/DELETE .../{id}), /v1/embeddings,
 /v1/responses (non-stream, or the typed event sequence ending in response.completed with
 usage; a function_call item when tools are offered and no function_call_output is given),
 GET/DELETE /v1/responses/{id} and its /cancel and /input_items, /v1/moderations,
@@ -402,6 +403,9 @@ class _MockConnection(asyncio.Protocol):
                 self.send_error(404, f"The model '{model}' does not exist")
         elif method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
             self.completion(rq, chat=path == "/v1/chat/completions")
+        elif path == "/v1/chat/completions" or path.startswith("/v1/chat/completions/"):
+            self.collection(rq, path.split("/")[4:], "chat.completion", self.completion,
+                            "Completion {} not found.", {})  # the stored ones (store: true)
         elif method == "POST" and path == "/v1/embeddings":
             self.embeddings(rq)
         elif method == "POST" and path == "/v1/responses":
@@ -515,8 +519,11 @@ class _MockConnection(asyncio.Protocol):
         call = _chat_tool_call(body) if chat else None
         n = self.mock.request_count
         if not body.get("stream"):
-            self.send_json(200, _completion(model, _reply_text(body, chat, chunks), chat,
-                                            _usage(prompt_tokens, chunks), n, call))
+            answer = _completion(model, _reply_text(body, chat, chunks), chat,
+                                 _usage(prompt_tokens, chunks), n, call)
+            if chat and body.get("store") is True:  # read back by id, by the key that made it
+                self.mock.keep(answer["id"], rq.key(), answer)
+            self.send_json(200, answer)
             return
         options = body.get("stream_options") or {}
         self.send_stream(rq, _stream_events(model, chat, chunks, prompt_tokens,
