@@ -2455,6 +2455,12 @@ class Metrics:
         return ("\n".join(out) + "\n").encode()
 
 
+# The fields of an access line that a request too malformed to be read has no value for.
+_NO_EXCHANGE = {"model": None, "served_model": None, "upstream": None, "upstream_key": None,
+                "client": None, "stream": False, "ttfb_ms": None, "duration_ms": None,
+                "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": None, "bytes_out": 0}
+
+
 class AccessLog:
     """One JSON line per request on stderr, written once per loop turn: under load, many
     requests share a write."""
@@ -2488,8 +2494,9 @@ class AccessLog:
         """A request too malformed to become a Request still gets its line."""
         self._write(orjson.dumps({
             "ts": _LogFormat.timestamp(time.time()), "level": "info", "msg": "request",
+            **({"worker": _LogFormat.worker} if _LogFormat.worker is not None else {}),
             "request_id": None, "client_ip": peer or None, "method": None, "path": None,
-            "status": err.status, "error": err.message}))
+            "status": err.status, **_NO_EXCHANGE, "error": err.message}))
 
     def _write(self, line: bytes) -> None:
         if not self._lines:
@@ -6868,6 +6875,11 @@ class HttpProtocol(asyncio.Protocol):
         self.flow.drop_upstream()  # the client is gone: free the upstream at once
         if self.task is not None and not self.task.done():
             self.task.cancel()  # the task holds its request till the end; we need not
+        elif self.cycle is not None and self.task is None and self.cycle.writer.rq is not None:
+            # admitted, and its body never all in (the client left, or stopped sending): no
+            # task will finish it, and it still gets its metric and its log line
+            self.cycle.error = self.cycle.error or "client disconnected before its whole body"
+            self.gw.finish(self.cycle)
         self.cycle = self.task = None
 
     def pause_writing(self) -> None:
@@ -7014,7 +7026,11 @@ class HttpProtocol(asyncio.Protocol):
         rq = self.cycle
         if rq is None or not rq.writer.started:
             self.transport.write(raw_error(err))  # type: ignore[union-attr]
-            self.gw.count_protocol_error(err, self.peer)
+            if rq is not None and rq.writer.rq is not None:  # admitted, then its body broke
+                rq.error, rq.writer.status = err.message, err.status  # off: its own line
+                self.gw.finish(rq)
+            else:
+                self.gw.count_protocol_error(err, self.peer)
         self.close()
 
     def _turn_away(self) -> None:
@@ -7096,6 +7112,8 @@ class HttpProtocol(asyncio.Protocol):
         # Idle keep-alive, or a request head/body that did not arrive in time (slowloris).
         if self.deadline and now >= self.deadline:
             self.deadline = 0.0
+            if self.cycle is not None and self.waiting is Waiting.BODY:
+                self.cycle.error = "the body did not come in time: closed"
             self.close()
         elif self.flow.write_stalled(now):
             # A client that stopped reading: drop its socket and what the kernel holds for

@@ -23,6 +23,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -2208,6 +2209,41 @@ def test_access_log_off_and_malformed_requests_still_counted(start_gateway: Star
     requests = samples(scrape(g)["gateway_requests"], "_total")
     assert requests[(("model", ""), ("path", "/health"), ("status", "200"))] == 1
     assert requests[(("model", ""), ("path", "other"), ("status", "400"))] == 1
+
+
+def test_a_request_whose_body_never_comes_whole_still_gets_its_line_and_metric(
+        start_gateway: StartGateway, capfd: pytest.CaptureFixture[str]) -> None:
+    g = start_gateway({"access_log": True}, body_timeout_s=0.3)
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{\"model\":"
+    with connect(g.port) as left:  # the client says it is done, mid-body
+        left.sendall(head)
+        left.shutdown(socket.SHUT_WR)
+        assert left.recv(100).startswith(b"HTTP/1.1 400")
+    with connect(g.port) as reset:  # the client goes away at once, mid-body (a reset)
+        reset.sendall(head)
+        reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with connect(g.port) as stalled:  # the client stops sending: the body timeout closes it
+        stalled.sendall(head)
+        stalled.settimeout(10)
+        assert stalled.recv(100) == b""
+    raw(g.port, b"GET / HTTP/1.1\r\nbad header\r\n\r\n")
+    err = []
+
+    def lines() -> dict[str, dict]:
+        err.append(capfd.readouterr().err)
+        found = [json.loads(x) for x in "".join(err).splitlines() if x.startswith("{")]
+        return {x["error"][:30]: x for x in found if x["msg"] == "request"}
+    assert eventually(lambda: len(lines()) == 4), lines()
+    by_error = lines()
+    broken = by_error["Malformed HTTP request: peer c"]
+    assert broken["status"] == 400 and broken["path"] == "/v1/chat/completions"  # its own line
+    assert by_error["client disconnected before its"]["status"] == 0
+    assert by_error["the body did not come in time:"]["path"] == "/v1/chat/completions"
+    malformed = by_error["Malformed HTTP request: illega"]
+    assert set(broken) <= set(malformed) and malformed["status"] == 400  # every field, for each
+    requests = samples(scrape(g)["gateway_requests"], "_total")
+    assert requests[(("model", ""), ("path", "/v1/chat/completions"), ("status", "0"))] == 2
+    assert requests[(("model", ""), ("path", "/v1/chat/completions"), ("status", "400"))] == 1
 
 
 ################################################################################
