@@ -5398,7 +5398,15 @@ def _add_item(messages: list[dict], item: dict) -> None:
         role = _CHAT_ROLES.get(item["role"])
         if role is None:
             raise TypeError(f"role {item['role']!r}")
-        messages.append({"role": role, "content": _chat_content(item["content"], role)})
+        content = item["content"]
+        refused = [p["refusal"] for p in content if p.get("type") == "refusal"] \
+            if role == "assistant" and isinstance(content, list) else []
+        if refused:  # a refusal given back in the history: chat's own field for it
+            content = [p for p in content if p.get("type") != "refusal"]
+            messages.append({"role": role, "content": _plain_text(content) or None,
+                             "refusal": "".join(refused)})
+        else:
+            messages.append({"role": role, "content": _chat_content(content, role)})
     elif kind == "function_call":
         call = {"id": item["call_id"], "type": "function",
                 "function": {"name": item["name"], "arguments": item.get("arguments") or ""}}
@@ -5631,6 +5639,8 @@ def response_from_chat(reply: dict, request: dict, response_id: str) -> tuple[di
                                reply.get("model"), "completed", output,
                                responses_usage(reply.get("usage")), choice.get("finish_reason"))
     assistant = {"role": "assistant", "content": text or None}
+    if refusal:
+        assistant["refusal"] = refusal
     if calls:  # as the response describes them: nothing else of the upstream's is kept
         assistant["tool_calls"] = [
             {"id": item["call_id"], "type": "function",
@@ -5789,6 +5799,10 @@ class ResponsesFromChat:
         text = "".join(piece for kind, pieces in self.parts if kind == "output_text"
                        for piece in pieces)
         message: dict[str, Any] = {"role": "assistant", "content": text or None}
+        refusal = "".join(piece for kind, pieces in self.parts if kind == "refusal"
+                          for piece in pieces)
+        if refusal:
+            message["refusal"] = refusal
         if self.calls:
             message["tool_calls"] = [{"id": c["call_id"], "type": "function", "function": {
                 "name": c["name"], "arguments": c["arguments"]}} for c in self.calls.values()]

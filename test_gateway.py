@@ -2774,7 +2774,10 @@ def test_a_refusal_and_content_in_parts_are_converted_as_the_responses_api_says(
         "role": "assistant", "content": None, "refusal": "I can't help with that."}}]}
     response, assistant = gw.response_from_chat(refused, {"model": "m", "input": "hi"}, "resp_1")
     assert Response.model_validate(response).output[0].content[0].refusal == "I can't help with that."
-    assert assistant["content"] is None
+    assert assistant == {"role": "assistant", "content": None, "refusal": "I can't help with that."}
+    # the history a client sends on (its response's output as input) goes back as chat says it
+    history = [{"role": "user", "content": "hi"}, *response["output"], {"role": "user", "content": "why?"}]
+    assert gw.chat_from_responses({"model": "m", "input": history}, [])["messages"][1] == assistant
     parts = {"id": "c", "model": "m", "created": 1, "choices": [{"index": 0, "finish_reason": "stop", "message": {
         "role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}}]}
     assert Response.model_validate(gw.response_from_chat(parts, {"model": "m", "input": "hi"}, "r")[0]).output_text == "ab"
@@ -2790,6 +2793,9 @@ def test_a_refusal_and_content_in_parts_are_converted_as_the_responses_api_says(
     final = Response.model_validate(converter.response)
     assert [c.type for c in final.output[0].content] == ["output_text", "refusal"]
     assert final.output_text == "hi" and final.output[0].content[1].refusal == "I can't."
+    assert converter.assistant_message() == {"role": "assistant", "content": "hi", "refusal": "I can't."}
+    again = gw.chat_from_responses({"model": "m", "input": converter.response["output"]}, [])["messages"]
+    assert again == [converter.assistant_message()]
 
 
 def test_a_converted_stream_keeps_comments_and_takes_any_field_but_never_garbage() -> None:
