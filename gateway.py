@@ -5317,6 +5317,7 @@ _RESPONSES_OVER_CHAT = frozenset(
     "model input instructions tools tool_choice max_output_tokens temperature top_p text "
     "stream stream_options previous_response_id store metadata parallel_tool_calls user "
     "reasoning truncation include service_tier safety_identifier prompt_cache_key "
+    "prompt_cache_retention "
     "background".split())
 _CHAT_ROLES = {"user": "user", "assistant": "assistant", "system": "system",
                "developer": "system"}
@@ -5356,7 +5357,8 @@ def chat_from_responses(obj: dict, history: list[dict]) -> dict:
                               ("top_p", "top_p"), ("parallel_tool_calls", "parallel_tool_calls"),
                               ("user", "user"), ("service_tier", "service_tier"),
                               ("safety_identifier", "safety_identifier"),
-                              ("prompt_cache_key", "prompt_cache_key")):
+                              ("prompt_cache_key", "prompt_cache_key"),
+                              ("prompt_cache_retention", "prompt_cache_retention")):
         if obj.get(field) is not None:
             chat[chat_field] = obj[field]
     chat.update(_chat_format(obj.get("text")))
@@ -5473,6 +5475,12 @@ def _chat_tool_choice(choice: Any) -> Any:
         return choice
     if isinstance(choice, dict) and choice.get("type") == "function" and choice.get("name"):
         return {"type": "function", "function": {"name": choice["name"]}}
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools" \
+            and choice.get("mode") in ("auto", "required") and isinstance(choice.get("tools"), list) \
+            and all(isinstance(t, dict) and t.get("type") == "function" and t.get("name")
+                    for t in choice["tools"]):  # (function tools only, as chat has no others)
+        return {"type": "allowed_tools", "allowed_tools": {"mode": choice["mode"], "tools": [
+            {"type": "function", "function": {"name": t["name"]}} for t in choice["tools"]]}}
     raise _unsupported("tool_choice", f"tool_choice {choice!r} has no chat equivalent.")
 
 

@@ -3952,6 +3952,11 @@ def test_a_responses_request_becomes_the_chat_request_that_answers_it() -> None:
         "response_format": {"type": "json_schema", "json_schema": {"name": "out", "schema": {"type": "object"}, "strict": True}},
         "stream": True, "stream_options": {"include_usage": True},
     }
+    allowed = {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "look"}]}
+    assert gw.chat_from_responses(request | {"tool_choice": allowed, "prompt_cache_retention": "24h"},
+                                  [])["tool_choice"] == {"type": "allowed_tools", "allowed_tools": {
+                                      "mode": "required", "tools": [{"type": "function", "function": {"name": "look"}}]}}
+    assert gw.chat_from_responses(request | {"prompt_cache_retention": "24h"}, [])["prompt_cache_retention"] == "24h"
 
 
 @pytest.mark.parametrize("extra, param", [
@@ -3964,6 +3969,7 @@ def test_a_responses_request_becomes_the_chat_request_that_answers_it() -> None:
     ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]}, "input"),
     ({"tool_choice": {"type": "web_search"}}, "tool_choice"),
+    ({"tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": [{"type": "mcp"}]}}, "tool_choice"),
     ({"text": {"format": {"type": "grammar"}}}, "text"),
 ])
 def test_what_chat_cannot_express_is_400_naming_the_field(extra: dict, param: str) -> None:
