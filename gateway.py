@@ -4855,6 +4855,19 @@ class ResponseWriter(BodySink):
             return top_usage(b"".join(self.whole))
         return usage_in(self.tail) if self.tail else None
 
+    def cut_short(self) -> bool:
+        """A success whose usage would have been read, that ended before its end (the client
+        left, the upstream died): its usage never came."""
+        return 200 <= self.status < 300 and (not self.finished or bool(self.rq.error)) and (
+            self.keep_tail or self.filter is not None and self.filter.inspect)
+
+    def tokens_relayed(self) -> int:
+        """What went out of a success cut short, in tokens, roughly: a stream's events are
+        ~200 bytes a token (an OpenAI chat chunk carries one), a body's bytes 4 a token.
+        Counted from bytes_out, which is kept anyway: counting a stream's events as they
+        pass would cost every stream ~1% more."""
+        return self.bytes_out // (SSE_BYTES_PER_TOKEN if self.sse else 4)
+
     # BodySink -------------------------------------------------------------------------------
 
     def on_data(self, data: bytes) -> None:
@@ -5174,6 +5187,8 @@ _CHAT_USAGE = ("prompt_tokens", "completion_tokens", "total_tokens")
 _RESPONSES_USAGE = ("input_tokens", "output_tokens", "total_tokens")
 
 
+SSE_BYTES_PER_TOKEN = 200  # an OpenAI chat chunk of one token, as relayed: for a stream cut
+# short before its usage came, what went out is charged at this rate
 MAX_REPORTED_TOKENS = 10 ** 12  # a count past this in a usage is garbage (no request is that
 # large), and counted 0: 2**64 - 1, say, would overflow the sums written as JSON
 
@@ -6193,6 +6208,9 @@ class ProxyHandler:
                 self.settle(rq, limits, -plan.estimate)  # type: ignore[arg-type]
             return
         usage = rq.writer.reported_usage()
+        if usage is None and plan.obj is not None and rq.writer.cut_short():
+            usage = {"prompt_tokens": len(rq.body()) // 4,  # its usage never came: estimated,
+                     "completion_tokens": rq.writer.tokens_relayed()}  # not forgiven
         prompt, completion, total = usage_tokens(usage)
         cost = gw.prices.cost(plan.served, usage) if gw.prices.table or usage and \
             "cost" in usage else 0

@@ -1409,6 +1409,24 @@ def test_the_token_estimate_takes_each_apis_completion_ceiling() -> None:
     assert gw.estimate_tokens(prompt, {"max_tokens": -5}) == 100
 
 
+def test_a_stream_cut_short_before_its_usage_is_charged_what_went_out(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway(limited(mock, api_keys=[{"key": SDK_KEY, "name": "team", "budget_tokens": 100}]))
+    auth = f"Authorization: Bearer {SDK_KEY}\r\nx-mock-chunks: 400\r\nx-mock-delay-ms: 2\r\n"
+    with connect(g.port) as sock:  # reads 120 chunks, then hangs up: the usage chunk never comes
+        sock.sendall(post("/v1/chat/completions", b'{"model":"m","messages":[],"stream":true}', auth))
+        f = sock.makefile("rb")
+        seen = 0
+        while seen < 120:
+            seen += f.readline().startswith(b"data:")
+        f.close()  # (the socket closes only once its file is closed too)
+    assert eventually(lambda: usage_of(g, SDK_KEY)[0]["completion_tokens"] >= 100)
+    usage = usage_of(g, SDK_KEY)[0]  # what went out: 120 chunks at least (~207 bytes each here)
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] < 400
+    (refused,) = raw(g.port, post("/v1/chat/completions", CHAT, f"Authorization: Bearer {SDK_KEY}\r\n"))
+    assert refused.status == 402  # the budget is not dodged by hanging up before the end
+
+
 def test_budget_crossing_gives_402_on_the_next_request(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     g = start_gateway(limited(mock, api_keys=[{"key": SDK_KEY, "budget_tokens": 25}]))
     client = g.client()
