@@ -2663,7 +2663,7 @@ class Upstream:
     """One configured upstream: where it is, which models it serves, its keys."""
 
     __slots__ = (
-        "name", "url", "scheme", "host", "port", "base_path", "models", "keys",
+        "name", "url", "scheme", "host", "port", "base_path", "query", "models", "keys",
         "key_strategy", "rpm_per_key", "min_interval_ms", "pacing_interval",
         "connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s", "headers", "chat_only",
         "embeddings", "stream_usage", "host_header",
@@ -2717,10 +2717,16 @@ class Upstream:
             port = parts.port
         except ValueError:
             raise _fail(path, "has an invalid port") from None
+        if parts.username is not None or parts.password is not None:
+            raise _fail(path, "has credentials in it, which are never sent: give them as keys "
+                              "(Bearer) or headers")
+        if not (parts.query + parts.path).isprintable() or " " in parts.query + parts.path:
+            raise _fail(path, "has a space or a control character in its path or query")
         self.scheme = parts.scheme
         self.host = parts.hostname
         self.port = port or (443 if parts.scheme == "https" else 80)
         self.base_path = parts.path.rstrip("/")
+        self.query = parts.query.encode()  # sent with every request (Azure's api-version)
         default_port = port is None or port == (443 if self.scheme == "https" else 80)
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = host if default_port else f"{host}:{self.port}"
@@ -4047,8 +4053,11 @@ class Plan:
         """The upstream request for one try, ready for writelines."""
         convert = self.converts(upstream)
         target = upstream.base_path.encode() + (b"/chat/completions" if convert else self.endpoint)
-        if self.rq.query:
-            target += b"?" + self.rq.query
+        query = self.rq.query
+        if upstream.query:  # the upstream URL's own, first
+            query = upstream.query + b"&" + query if query else upstream.query
+        if query:
+            target += b"?" + query
         upload = self.rq.upload
         if upload is not None:
             return build_request(self.method, target, key.head, b"", self.rq.request_id,
@@ -6305,8 +6314,9 @@ class ModelCatalog:
 
     async def fetch(self, u: Upstream) -> list[dict]:
         gw = self.gw
-        request = build_request(b"GET", u.base_path.encode() + b"/models",
-                                gw.keys[u.name].current_key().head, b"", new_request_id(), [])
+        target = u.base_path.encode() + b"/models" + (b"?" + u.query if u.query else b"")
+        request = build_request(b"GET", target, gw.keys[u.name].current_key().head, b"",
+                                new_request_id(), [])
         conn = await gw.pools[u.name].request(request)
         body = await conn.read_body(MAX_READ_BODY)
         if conn.status != 200:

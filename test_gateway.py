@@ -2346,6 +2346,8 @@ def test_env_references_and_prefix_expansion() -> None:
     ({"aliases": {"a": "b", "b": "a"}}, "config: aliases.a: aliases form a cycle"),
     ({"api_keys": [{"name": "x"}]}, "config: api_keys[0].key: is required"),
     ({"api_keys": ["same", "same"]}, "config: api_keys[1]: duplicate key"),
+    ({"upstreams": [{"url": "https://user:hunter2@x.example/v1"}]},
+     "config: upstreams[0].url: has credentials in it, which are never sent"),
     ({"api_keys": [{"key": "k-a", "name": "team"}, {"key": "k-b", "name": "team"}]},
      "config: api_keys[1].name: duplicate name 'team'"),
     ({"prices": {"m": {"input": 1e30, "output": 1}}}, "config: prices.m.input: must be at most 1e+09"),
@@ -3178,6 +3180,18 @@ def test_the_last_http_error_is_passed_through_when_a_later_try_gets_no_answer(
     (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))
     assert len(seen) >= 2  # both tries were made
     assert resp.status == 500 and resp.json()["error"]["message"] == "overloaded, try later"
+
+
+def test_an_upstream_urls_query_goes_with_every_request_and_credentials_in_it_are_refused(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway({"upstreams": [{"name": "azure", "url": f"http://127.0.0.1:{mock.port}/v1?api-version=2024-10-21"}]})
+    g.client().chat.completions.create(model="m", messages=MSGS)
+    assert mock.requests[-1].path == "/v1/chat/completions?api-version=2024-10-21"
+    raw(g.port, b"GET /v1/files?limit=2 HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert mock.requests[-1].path == "/v1/files?api-version=2024-10-21&limit=2"  # its own first
+    with pytest.raises(gw.ConfigError) as info:
+        cfg({"upstreams": [{"url": "https://user:hunter2@x.example/v1"}]})
+    assert "hunter2" not in str(info.value)
 
 
 def test_stale_pooled_connection_is_retried_once_on_a_fresh_one(raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
