@@ -2413,7 +2413,7 @@ class Metrics:
         return total, refused
 
     def render(self, gauges: list[tuple[str, str, tuple[str, ...], dict]],
-               rate_limited: int) -> bytes:
+               rate_limited: int, priced: bool = False) -> bytes:
         out: list[str] = []
         counters = (
             ("gateway_requests_total", "Requests answered, by route, model and status.",
@@ -2429,7 +2429,7 @@ class Metrics:
         for name, text, names, table in counters:
             out += [f"# HELP {name} {text}", f"# TYPE {name} counter"]
             out += [f"{name}{{{_labels(names, k)}}} {v}" for k, v in table.items()]
-        if self.cost:
+        if self.cost or priced:  # (with prices: there from the start, as a scraper expects)
             out += ["# HELP gateway_cost_usd_total Spend in USD, by model (prices, or the "
                     "upstream's own usage.cost).", "# TYPE gateway_cost_usd_total counter"]
             out += [f'gateway_cost_usd_total{{model="{_label(k[0])}"}} {usd(v):.6f}'
@@ -6383,7 +6383,7 @@ class AdminHandler:
              "blocked).", ("upstream", "key"), keys),
             *([("gateway_redis_up", "1 while the shared state in Redis is reachable.", (),
                 {(): int(gw.shared.up)})] if gw.shared is not None else []),
-        ], refused)
+        ], refused, bool(gw.prices.table))
         rq.writer.send(200, [_METRICS_CT, (b"x-request-id", rq.request_id)], text)
 
     async def usage_report(self, rq: Request) -> None:

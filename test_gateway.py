@@ -1549,6 +1549,7 @@ def test_spend_in_usage_metrics_logs_and_a_usd_budget_that_survives_a_restart(
               "api_keys": [{"key": SDK_KEY, "name": "team", "budget_usd": 0.005}], "usage_log": str(log),
               "access_log": True}
     g = start_gateway(config)
+    assert "gateway_cost_usd" in scrape(g)  # with prices: there before anything costs
     client = g.client()
     client.chat.completions.create(model="big", messages=MSGS)  # 0.003
     list(client.chat.completions.create(model="big", messages=MSGS, stream=True))  # 0.003: crosses 0.005
