@@ -7506,13 +7506,16 @@ def kept_till_restart(old: Config, new: Config) -> list[str]:
     that a worker restarted later starts as its siblings run); one line for each it kept."""
     kept = []
     for name in _RESTART_ONLY:
-        before = getattr(old, name)
-        if getattr(new, name) != before:
+        before, after = getattr(old, name), getattr(new, name)
+        if after != before:
             setattr(new, name, before)
             if name.startswith("redis_") and name != "redis_url" and old.redis_url is None:
                 continue  # (no Redis: nothing it would change)
             shown = mask_url(before) if name == "redis_url" else before
             kept.append(f"{name} stays {shown!r} until a restart")
+            if name == "usage_log" and after and (problem := usage_log_problem(after)):
+                kept[-1] += f"; the new one cannot be kept ({problem}): a restart with this " \
+                            "config will fail"
     return kept
 
 

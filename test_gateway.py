@@ -5600,6 +5600,9 @@ def test_a_reload_keeps_what_only_a_restart_changes_and_ignores_the_running_usag
     assert g.gw.config.usage_log == str(tmp_path / "logs" / "u.jsonl")  # as a worker restarted now gets it
     g.client("sk-client-new-0002").chat.completions.create(model="m", messages=MSGS)  # the new key works
     assert eventually(lambda: (tmp_path / "rotated" / "u.jsonl").read_text().count('"key":"new"') == 1)
+    config["usage_log"] = str(tmp_path / "nowhere" / "u.jsonl")  # one --check refuses: said now
+    (said,) = g.lt.call(g.gw.reload, gw.load_config({"GATEWAY_CONFIG": json.dumps({**config, "port": 0})}))
+    assert said.endswith("is not a directory): a restart with this config will fail")
 
 
 def test_a_sigterm_while_the_supervisor_starts_its_workers_drains_and_exits_0(redis_url: str) -> None:
