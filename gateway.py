@@ -7091,6 +7091,8 @@ class HttpProtocol(asyncio.Protocol):
         transport = self.transport
         refusal = Unavailable("Too many connections.", code="overloaded")
         transport.write(raw_error(refusal))  # type: ignore[union-attr]
+        peer = transport.get_extra_info("peername")  # type: ignore[union-attr]
+        self.gw.count_protocol_error(refusal, peer[0] if isinstance(peer, tuple) else "")
         if transport.can_write_eof():  # type: ignore[union-attr]
             transport.write_eof()  # type: ignore[union-attr]
         self.loop.call_later(HEADER_TIMEOUT_S, transport.close)  # type: ignore[union-attr]

@@ -5009,6 +5009,8 @@ def test_max_connections_turns_extra_clients_away_but_keeps_room_for_probes(star
     assert eventually(lambda: len(g.gw.connections) == 0)
     (resp,) = raw(g.port, b"GET /ready HTTP/1.1\r\nHost: t\r\n\r\n")
     assert resp.status == 200
+    requests = samples(scrape(g)["gateway_requests"], "_total")
+    assert requests[(("model", ""), ("path", "other"), ("status", "503"))] == 1  # turned away: counted
 
 
 def test_head_is_answered_on_every_path_without_a_body(start_gateway: StartGateway) -> None:
