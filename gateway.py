@@ -1494,7 +1494,7 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local function level(key, rate, cap)
   local v = redis.call('HMGET', key, 'l', 's')
   if not v[1] then return cap end
-  return math.min(cap, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * rate)
+  return math.max(-cap, math.min(cap, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * rate))
 end
 local function put(key, value, rate, cap)
   redis.call('HSET', key, 'l', tostring(value), 's', tostring(now))
@@ -1531,7 +1531,8 @@ return {'ok', tostring(r), tostring(k)}
 # batch: longer than any batch waits to be sent again); KEYS[2..]: the hashes written.
 # ARGV: the batch number, how many counts follow, the most fields a usage hash may have
 # (models are client-chosen: past it, only models it has are counted), then (key index,
-# field, amount) per count and (key index, rate, capacity, delta) per correction. A key
+# field, amount) per count and (key index, rate, capacity, floor, delta) per correction
+# (floor: 0 for a request bucket, -capacity for a token bucket, which may owe). A key
 # Redis refuses (another type) costs its own counts only. Returns how many were refused.
 _FLUSH_LUA = """
 local seq = tonumber(ARGV[1])
@@ -1539,11 +1540,11 @@ if seq <= (tonumber(redis.call('GET', KEYS[1])) or 0) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', 604800)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local function settle(key, rate, cap, delta)
+local function settle(key, rate, cap, floor, delta)
   local v = redis.call('HMGET', key, 'l', 's')
   local l = cap
   if v[1] then l = math.min(cap, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * rate) end
-  l = math.min(cap, math.max(-cap, l - delta))
+  l = math.min(cap, math.max(floor, l - delta))
   redis.call('HSET', key, 'l', tostring(l), 's', tostring(now))
   redis.call('PEXPIRE', key, math.ceil((cap - l) / rate * 1000) + 1000)
 end
@@ -1567,9 +1568,9 @@ for i = 4, settles - 1, 3 do
     elseif r == amount then sizes[key] = size + 1 end
   end
 end
-for i = settles, #ARGV, 4 do
+for i = settles, #ARGV, 5 do
   if not pcall(settle, KEYS[tonumber(ARGV[i])], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]),
-               tonumber(ARGV[i + 3])) then refused = refused + 1 end
+               tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])) then refused = refused + 1 end
 end
 return refused
 """
@@ -1813,7 +1814,8 @@ class SharedState:
         self.reason = ""
         self.refusal = ("", 0.0, -60.0)  # what Redis last refused: (error, when, when logged)
         self.usage: dict[tuple[str, str], list[int]] = {}  # (client, model) -> counts to add
-        self.settles: dict[tuple[str, float, float], float] = {}  # (key, rate, cap) -> delta
+        self.settles: dict[tuple[str, float, float, float], float] = {}  # (key, rate, cap,
+        # the level it may go down to) -> delta
         # the batch that went out without its reply, and is sent again as it was
         self.batch: tuple | None = None
         self.batches = itertools.count(1)
@@ -2052,11 +2054,17 @@ class SharedState:
         if verdict == b"budget_usd":
             budget_usd = self.budgets[1].get(name, (None, None))[1]
             raise QuotaExceeded(f"This key has used its budget of ${usd(budget_usd or 0):g}.")
+        # A refusal: the local bucket is told where the shared one is, since the 429's
+        # x-ratelimit-* headers are read from it (tokens: empty, as far as a header says).
         if verdict == b"requests":
+            bucket: TokenBucket = limits.requests  # type: ignore[union-attr, assignment]
+            bucket.level, bucket.stamp = 1 - first * bucket.rate, bucket.clock()
             raise self.gw.limiter.refuse(
                 f"Rate limit reached for requests: {limits.rpm:g} per minute.",  # type: ignore[union-attr]
                 first)
         if verdict == b"tokens":
+            bucket = limits.tokens  # type: ignore[union-attr, assignment]
+            bucket.level, bucket.stamp = min(bucket.level, 0.0), bucket.clock()
             raise self.gw.limiter.refuse("Rate limit reached for tokens per minute.", first)
         requests = limits.requests if limits is not None else None
         tokens = limits.tokens if limits is not None else None
@@ -2140,7 +2148,7 @@ class SharedState:
 
     def settle_tokens(self, rq: Request, limits: ClientLimits, delta: float) -> None:
         if limits.tokens is not None:
-            self.settle(self.key("tpm", self.bucket(rq)), limits.tokens, delta)
+            self.settle(self.key("tpm", self.bucket(rq)), limits.tokens, delta, owes=True)
 
     def spend_request(self, rq: Request) -> None:
         """A request answered before its admission was sent (its body refused, say) still
@@ -2148,10 +2156,11 @@ class SharedState:
         if rq.limits is not None and rq.limits.requests is not None:
             self.settle(self.key("rpm", self.bucket(rq)), rq.limits.requests, 1)
 
-    def settle(self, key: str, bucket: TokenBucket, delta: float) -> None:
-        """delta more taken from (or -delta given back to) a shared bucket: batched."""
+    def settle(self, key: str, bucket: TokenBucket, delta: float, owes: bool = False) -> None:
+        """delta more taken from (or -delta given back to) a shared bucket: batched. Only a
+        token bucket may owe (go below empty), as in memory."""
         if len(self.settles) < MAX_SHARED_PENDING:
-            slot = (key, bucket.rate, bucket.capacity)
+            slot = (key, bucket.rate, bucket.capacity, -bucket.capacity if owes else 0.0)
             self.settles[slot] = self.settles.get(slot, 0.0) + delta
 
     def write(self, *command: Any) -> None:
@@ -2293,9 +2302,9 @@ class SharedState:
                 if amount:
                     counts += [at, field, amount, at, f"{model}\t{field}", amount]
         corrections: list[Any] = []
-        for (key, rate, capacity), delta in settles.items():
+        for (key, rate, capacity, floor), delta in settles.items():
             if delta:
-                corrections += [keys.setdefault(key, len(keys) + 1), rate, capacity, delta]
+                corrections += [keys.setdefault(key, len(keys) + 1), rate, capacity, floor, delta]
         return ("EVALSHA", self.scripts[_FLUSH_LUA], len(keys), *keys, next(self.batches),
                 len(counts) // 3, MAX_SHARED_USAGE_FIELDS, *counts, *corrections)
 
@@ -6057,8 +6066,9 @@ class ProxyHandler:
         name = client.name if client is not None else "anonymous"  # budget: checked on admission
         limits = rq.limits
         takes_tokens = limits is not None and limits.tokens is not None and plan.obj is not None
-        if takes_tokens:
-            plan.estimate = estimate_tokens(rq.body(), plan.obj)
+        if takes_tokens:  # (what a bucket takes at most: its capacity, so that is what is
+            plan.estimate = min(estimate_tokens(rq.body(), plan.obj),  # settled against)
+                                int(limits.tokens.capacity))  # type: ignore[union-attr]
         shared = gw.shared if rq.shared_take else None
         if shared is None or not await shared.admit(rq, limits, name, plan.estimate,
                                                     plan.upstreams()):

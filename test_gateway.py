@@ -1370,6 +1370,16 @@ def test_tpm_limit_uses_the_estimate_and_reports_token_headers(start_gateway: St
     assert int(second.headers["retry-after-ms"]) == pytest.approx((owed + estimate) * 600, abs=1)
 
 
+def test_a_max_tokens_past_tpm_takes_the_whole_bucket_and_the_usage_still_settles(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway(limited(mock, rate_limit={"tpm": 100}), clock=FakeClock())
+    body = b'{"model":"m","messages":[],"max_tokens":100000}'
+    (first,) = raw(g.port, post("/v1/chat/completions", body, "x-mock-chunks: 150\r\n"))
+    assert first.status == 200 and first.headers["x-ratelimit-remaining-tokens"] == "0"
+    (second,) = raw(g.port, post("/v1/chat/completions", body))
+    assert second.status == 429  # what the answer used is owed: not 100,000 less it given back
+
+
 def test_sdk_streams_see_exactly_what_they_asked_for_and_usage_is_counted(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     g = start_gateway(limited(mock, api_keys=[{"key": SDK_KEY, "name": "team"}], admin_key="adm-key-123"))
@@ -1601,6 +1611,12 @@ def test_two_instances_admit_exactly_a_client_keys_rpm_between_them(
         statuses.append(resp.status)
     assert statuses.count(200) == 10 and statuses[:10] == [200] * 10 and set(statuses[10:]) == {429}
     assert 0 < float(resp.headers["retry-after"]) <= 7
+    fresh = start_gateway(config)  # an instance that has admitted nothing: its 429 still says
+    assert eventually(lambda: fresh.gw.shared.up)  # where the shared bucket is, not its own
+    (resp,) = raw(fresh.port, post("/v1/chat/completions", CHAT, f"Authorization: Bearer {SDK_KEY}\r\n"))
+    assert resp.status == 429 and resp.headers["x-ratelimit-remaining-requests"] == "0"
+    assert gw.parse_duration(resp.headers["x-ratelimit-reset-requests"]) >= 50
+    assert usage_of(a, SDK_KEY)[0]["requests"] + usage_of(b, SDK_KEY)[0]["requests"] >= 10
     assert usage_of(a, SDK_KEY)[0]["requests"] + usage_of(b, SDK_KEY)[0]["requests"] >= 10
 
 
@@ -1646,6 +1662,20 @@ def test_a_request_refused_for_its_body_counts_against_the_rpm_in_memory_and_sha
     statuses += [raw(g.port, post("/v1/chat/completions", CHAT, auth))[0].status for _ in range(3)]
     assert statuses == [400, 200, 200, 429]
     assert len(mock.requests) == 2
+
+
+def test_requests_refused_for_their_bodies_never_put_the_shared_rpm_in_debt(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_url: str) -> None:
+    key = {"key": SDK_KEY, "name": "team", "rpm": 60, "tpm": 100000}  # tpm: admitted after the body
+    g = start_gateway({"upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1"}],
+                       "api_keys": [key], "redis_url": redis_url})
+    assert eventually(lambda: g.gw.shared.up)
+    auth = f"Authorization: Bearer {SDK_KEY}\r\n"
+    bad = raw(g.port, post("/v1/chat/completions", b'{"model": ', auth) * 120, count=120)
+    assert {r.status for r in bad} == {400}
+    g.lt.run(g.gw.shared.flush())  # 120 requests spent: the bucket is empty, not 60 in debt
+    assert eventually(lambda: raw(g.port, post("/v1/chat/completions", CHAT, auth))[0].status == 200,
+                      timeout=4)
 
 
 def test_an_admission_sent_on_a_lost_redis_link_leaves_the_new_link_alone(
