@@ -97,6 +97,7 @@ MAX_INTERIM = 1024  # interim (1xx) responses ahead of an answer; more are garba
 UPSTREAM_MAX_IDLE = 256  # idle keep-alive connections kept per upstream
 UPSTREAM_KEEPALIVE_S = 20.0  # reuse an idle upstream connection only this long (servers drop ~60s)
 MAX_CHUNK_LINE = 4096  # a chunk-size or trailer line longer than this is garbage
+MAX_MASKED_BODY = 64 * 1024  # an upstream error this long or shorter has its keys masked
 MAX_ERROR_BODY = 1024 * 1024  # upstream error bodies the gateway reads: this much, then it stops
 MAX_READ_BODY = 64 * 1024 * 1024  # 200 bodies the gateway converts itself: far above any reply
 MAX_SSE_EVENT = 1024 * 1024  # an SSE event this long with no end: relayed as it comes
@@ -748,7 +749,9 @@ class KeyPool:
 
     def mask(self, body: bytes) -> bytes:
         """An upstream's answer, with any of these keys it echoes masked (an upstream key is
-        never returned to a client)."""
+        never returned to a client). Errors only, up to MAX_MASKED_BODY: one search per key."""
+        if len(body) > MAX_MASKED_BODY:
+            return body
         for key in self.keys:
             if key.secret and key.secret.encode() in body:
                 body = body.replace(key.secret.encode(), mask_secret(key.secret).encode())
@@ -2839,7 +2842,7 @@ class Config:
         self.upstreams = self._upstreams(r)
         self.any_chat_only = any(u.chat_only for u in self.upstreams)  # Responses over chat?
         self.aliases = self._aliases(r)
-        self.fallbacks = self._by_target(self._fallbacks(r))
+        self.fallbacks = self._fallbacks(r)
         retry = r.child("retry")
         retry.only(self.SECTIONS["retry"])
         self.retry_attempts: int = retry.number("attempts", 3, lo=1, integer=True)
@@ -2891,8 +2894,8 @@ class Config:
                 raise _fail(f"api_keys[{i}]", "must not be empty")
             if key.digest in seen:
                 raise _fail(f"api_keys[{i}]", "duplicate key")
-            if key.name in names:  # limits, usage and budgets are kept by name: one would
-                raise _fail(f"api_keys[{i}].name", f"duplicate name {key.name!r}")  # be the other's
+            if key.name in names:  # limits, usage and budgets are kept by name
+                raise _fail(f"api_keys[{i}].name", f"duplicate name {key.name!r}")
             seen.add(key.digest)
             names.add(key.name)
         return keys
@@ -2946,14 +2949,14 @@ class Config:
         chains = r.child("fallbacks")
         return {str(model): chains.strings(str(model)) for model in chains.obj}
 
-    def _by_target(self, chains: dict[str, list[str]]) -> dict[str, list[str]]:
-        """Fallbacks by the model they serve: a chain given for an alias is its target's (a
-        request naming the alias is routed as its target), after the target's own."""
-        out: dict[str, list[str]] = {}
-        for model in sorted(chains, key=lambda m: m in self.aliases):  # (stable: own first)
-            into = out.setdefault(self.resolve_alias(model), [])
-            into += [m for m in chains[model] if m not in into]
-        return out
+    def fallback_chain(self, asked: str) -> list[str]:
+        """The fallbacks of a model as a request names it: its own, else (an alias) those of
+        the name it stands for, and so on. One alias's chain is never another's."""
+        name, seen = asked, set()
+        while name not in self.fallbacks and name in self.aliases and name not in seen:
+            seen.add(name)
+            name = self.aliases[name]
+        return self.fallbacks.get(name, [])
 
     @property
     def auth_on(self) -> bool:
@@ -3461,6 +3464,12 @@ class UpstreamConnection(asyncio.Protocol):
             self.abort()
             raise
         return self
+
+    def body_within(self, limit: int) -> bool:
+        """Is the body known, from its head, to be at most limit bytes (or none at all)?"""
+        if self.framing is _NO_BODY:
+            return True
+        return self.framing is _LENGTH and self.left + sum(map(len, self.pending or ())) <= limit
 
     def relay(self, sink: BodySink) -> asyncio.Future:
         """Hand the body to sink as it arrives; the future resolves when the body has ended."""
@@ -4132,20 +4141,22 @@ class Forwarder:
     def __repr__(self) -> str:
         return f"Forwarder(observed={len(self.observed)})"
 
-    def candidates(self, cfg: Config, model: str, kind: str) -> Candidates:
-        """The models to try in order, the one asked for and then its fallbacks, each with
-        its groups of upstreams: those that list the model (rotated, to spread load across
-        them), then the "*" ones. Read-only: the same list may answer many requests."""
+    def candidates(self, cfg: Config, model: str, kind: str, asked: str = "") -> Candidates:
+        """The models to try in order, the one asked for (model, after aliases; asked, as
+        the request named it) and then its fallbacks, each with its groups of upstreams:
+        those that list the model (rotated, to spread load across them), then the "*" ones.
+        Read-only: the same list may answer many requests."""
         embeddings = kind == "embeddings"
+        asked = asked or model
         if cfg is not self._routes_of:
             self._routes_of, self._routes = cfg, BoundedMap(MAX_ROUTES)
         else:
-            found = self._routes.get((model, embeddings))
+            found = self._routes.get((asked, embeddings))
             if found is not None:
                 return found
         out: Candidates = []
         rotates = False
-        for name in (model, *cfg.fallbacks.get(model, ())):
+        for name in (model, *cfg.fallback_chain(asked)):
             name = cfg.resolve_alias(name)
             usable = [u for u in cfg.upstreams if u.serves(name)
                       and (not embeddings or u.embeddings)]
@@ -4165,7 +4176,7 @@ class Forwarder:
                 raise Unsupported("No upstream serving this model serves embeddings.")
             raise model_not_found(model)
         if not rotates:  # the same answer next time: kept (bounded: models are client-chosen)
-            self._routes.put((model, embeddings), out)
+            self._routes.put((asked, embeddings), out)
         return out
 
     async def forward(self, plan: Plan) -> UpstreamConnection | None:
@@ -4196,6 +4207,7 @@ class Forwarder:
                 exc.with_traceback(None)  # kept in the plan: no frames (and cycles) with it
                 upload = plan.rq.upload
                 if upload is not None and upload.error is not None:
+                    breaker.abandon(probe)  # (a probe that never reached a verdict)
                     raise upload.error from None  # the client's fault, not the upstream's
                 if exc.status < 500:  # the request cannot be made for this upstream (a
                     breaker.abandon(probe)  # translation refused it): no blame, its keys are
@@ -4225,6 +4237,8 @@ class Forwarder:
                                                               plan.config.cooldown_cap_s), model)
                 elif status in (401, 403):
                     self.block(upstream, keys, key, f"{status} (to an upload)")
+                elif status >= 500:
+                    keys.failed(key)  # (failover: the next request goes to another key)
                 return conn
             headers = conn.headers
             try:
@@ -4358,6 +4372,7 @@ class Forwarder:
                     waits.append(wait)
         if not considered and plan.refusal is not None:  # only upstreams that refused it
             return plan.refusal
+        opened = [o for o in opened if o > 0]  # (a half-open one with its probe out: unknown)
         if waits:  # (an open breaker that recovers sooner may let it through sooner)
             wait = min(waits + opened)
             return RateLimited("All upstream keys for this model are rate-limited; retry "
@@ -4367,7 +4382,7 @@ class Forwarder:
             return Unavailable("Every upstream key for this model was refused (401/403)."
                                + said, code="upstream_credentials_exhausted", retry=False)
         return Unavailable("The circuit breaker for this model is open.", code="circuit_open",
-                           headers=retry_after_headers(min(opened) if opened else 1.0))
+                           headers=retry_after_headers(min(opened, default=1.0)))
 
     def observe(self, upstream: Upstream, key: UpstreamKey, model: str,
                 headers: list[tuple[bytes, bytes]]) -> None:
@@ -5022,13 +5037,13 @@ def load_json(body: bytes) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         if too_deep_to_read(exc):
-            raise nested_too_deep() from None
+            raise nested_too_deep(1024) from None
         raise BadRequest(f"We could not parse the JSON body of your request: {exc}") from None
 
 
 def too_deep_to_read(exc: orjson.JSONDecodeError) -> bool:
-    """Newer orjson (3.13) refuses to read past 1,024 levels, where 3.8 read on: a body
-    nested that deep is refused as too deep, whichever is installed."""
+    """Newer orjson (3.13) refuses to read past 1,024 levels, where 3.8 read on: such a
+    body is then refused for its depth, not as JSON that cannot be read."""
     return str(exc).startswith("depth limit")
 
 
@@ -5100,8 +5115,10 @@ def too_deep(obj: Any) -> bool:
     return False
 
 
-def nested_too_deep() -> GatewayError:
-    return BadRequest(f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.")
+def nested_too_deep(levels: int = MAX_JSON_DEPTH) -> GatewayError:
+    """levels: MAX_JSON_DEPTH (a body the gateway may rewrite), or 1,024 (past what the
+    installed orjson reads: any body it must read, pass-through ones too)."""
+    return BadRequest(f"The JSON body is nested more than {levels} levels deep.")
 
 
 _SECRET_LIKE = re.compile(r"\b(?:sk|pk|rk|ghp|gho|ghs|ghu|github_pat|gsk|xai)[-_][A-Za-z0-9_\-]{8,}")
@@ -5508,10 +5525,10 @@ def _chat_tool_choice(choice: Any) -> Any:
         return choice
     if isinstance(choice, dict) and choice.get("type") == "function" and choice.get("name"):
         return {"type": "function", "function": {"name": choice["name"]}}
-    if isinstance(choice, dict) and choice.get("type") == "allowed_tools" \
-            and choice.get("mode") in ("auto", "required") and isinstance(choice.get("tools"), list) \
-            and all(isinstance(t, dict) and t.get("type") == "function" and t.get("name")
-                    for t in choice["tools"]):  # (function tools only, as chat has no others)
+    tools = choice.get("tools") if isinstance(choice, dict) else None
+    if tools is not None and choice.get("type") == "allowed_tools" \
+            and choice.get("mode") in ("auto", "required") and isinstance(tools, list) and all(  # (function tools: chat has no others)
+                isinstance(t, dict) and t.get("type") == "function" and t.get("name") for t in tools):
         return {"type": "allowed_tools", "allowed_tools": {"mode": choice["mode"], "tools": [
             {"type": "function", "function": {"name": t["name"]}} for t in choice["tools"]]}}
     raise _unsupported("tool_choice", f"tool_choice {choice!r} has no chat equivalent.")
@@ -5895,7 +5912,7 @@ class ProxyHandler:
         gw = self.gw
         obj = parse_body(rq.body(), kind)
         model = self.allowed_model(rq, obj["model"])
-        candidates = gw.forwarder.candidates(gw.config, model, kind)
+        candidates = gw.forwarder.candidates(gw.config, model, kind, rq.model)
         refusal = None
         if kind == "completions" and gw.config.any_chat_only:
             try:
@@ -5938,7 +5955,7 @@ class ProxyHandler:
                 pinned = await gw.shared.find_ids([i for i in (previous, conversation)
                                                    if isinstance(i, str)])
         candidates = self.pinned_candidates(pinned, model) if pinned is not None else \
-            gw.forwarder.candidates(gw.config, model, "responses")
+            gw.forwarder.candidates(gw.config, model, "responses", rq.model)
         if stored is not None:  # made over chat: only a chat_only upstream can go on from it
             only = [(m, [kept for g in groups if (kept := [u for u in g if u.chat_only])])
                     for m, groups in candidates]
@@ -6000,12 +6017,12 @@ class ProxyHandler:
             return self.default_candidates(model)
         return [(model, [[upstream]])]
 
-    def default_candidates(self, model: str) -> Candidates:
+    def default_candidates(self, model: str, asked: str = "") -> Candidates:
         """By model when an upstream serves it; else the first "*" upstream, else the first."""
         cfg = self.gw.config
         if model:
             try:
-                return self.gw.forwarder.candidates(cfg, model, "passthrough")
+                return self.gw.forwarder.candidates(cfg, model, "passthrough", asked)
             except GatewayError:
                 pass
         upstream = next((u for u in cfg.upstreams if u.models is None), cfg.upstreams[0])
@@ -6027,7 +6044,7 @@ class ProxyHandler:
                     found = orjson.loads(body)
                 except orjson.JSONDecodeError as exc:
                     if too_deep_to_read(exc):
-                        raise nested_too_deep() from None
+                        raise nested_too_deep(1024) from None
                     found = None  # the upstream says what is wrong with it
                 if isinstance(found, dict):
                     obj = found
@@ -6043,7 +6060,7 @@ class ProxyHandler:
         if model:
             model = self.allowed_model(rq, model)
         candidates = self.pinned_candidates(pinned, model) if pinned is not None else \
-            self.default_candidates(model)
+            self.default_candidates(model, rq.model)
         await self.run(Plan(rq, "passthrough", obj, False, gw, candidates,
                             pinned=pinned[1] if pinned else None))
 
@@ -6089,9 +6106,13 @@ class ProxyHandler:
         conn = await gw.forwarder.forward(plan)
         if conn is None:
             return  # the last upstream error was passed through
-        if conn.status >= 400 and not writer.head_only:  # read whole: the upstream key is masked
+        if conn.status >= 400 and not writer.head_only and (
+                conn.body_within(MAX_MASKED_BODY)
+                or plan.kind == "embeddings" and conn.status == 404):
+            # an error read whole (a short one: the upstream key is masked in what it echoes
+            # of it; a longer one goes on as it comes, whole)
             body = plan.keys[plan.upstream.name].mask(  # type: ignore[union-attr]
-                await conn.read_body(MAX_ERROR_BODY))  # in what an upstream echoes of it
+                await conn.read_body(MAX_ERROR_BODY))
             if plan.kind == "embeddings" and conn.status == 404 \
                     and error_code(body) != "model_not_found":  # no /embeddings (not no model)
                 raise Unsupported("The upstream does not serve embeddings.")
@@ -6120,7 +6141,8 @@ class ProxyHandler:
                 if plan.kind == "responses" else CompletionsFromChat()  # type: ignore[arg-type]
         elif ok and plan.method == b"POST" and (
                 plan.kind in ("responses", "passthrough")
-                or plan.kind == "chat" and plan.obj.get("store") is True):  # type: ignore[union-attr]
+                or plan.kind == "chat"
+                and plan.obj.get("store") is True):  # type: ignore[union-attr]
             writer.capture_id = self.remember_for(plan)  # (a stored chat completion is read
             # back by its id, from the account that made it)
         writer.relay_head(conn.status, conn.headers, inspect=inspect,

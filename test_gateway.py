@@ -1617,7 +1617,6 @@ def test_two_instances_admit_exactly_a_client_keys_rpm_between_them(
     assert resp.status == 429 and resp.headers["x-ratelimit-remaining-requests"] == "0"
     assert gw.parse_duration(resp.headers["x-ratelimit-reset-requests"]) >= 50
     assert usage_of(a, SDK_KEY)[0]["requests"] + usage_of(b, SDK_KEY)[0]["requests"] >= 10
-    assert usage_of(a, SDK_KEY)[0]["requests"] + usage_of(b, SDK_KEY)[0]["requests"] >= 10
 
 
 def test_the_shared_admission_carries_each_requests_estimate_and_a_reloaded_limit(
@@ -3225,6 +3224,22 @@ def test_an_upstream_urls_query_goes_with_every_request_and_credentials_in_it_ar
     assert "hunter2" not in str(info.value)
 
 
+def test_a_long_upstream_error_goes_on_whole(raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    body = b'{"error": {"message": "%s", "type": "invalid_request_error"}}' % (b"x" * 3_000_000)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+        writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+
+    port = raw_upstream(handler)
+    g = start_gateway({"upstreams": [{"name": "u", "url": f"http://127.0.0.1:{port}/v1"}]})
+    (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))
+    assert resp.status == 400 and resp.body == body  # past what is read to be masked: as it came
+
+
 def test_stale_pooled_connection_is_retried_once_on_a_fresh_one(raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
     """An upstream that closes an idle keep-alive connection just as a request arrives."""
     served = []
@@ -3479,9 +3494,11 @@ def test_breaker_opens_fails_fast_uses_fallback_and_recovers_through_half_open(
 def test_fallbacks_given_for_an_alias_serve_requests_that_name_it(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     config = cfg({"upstreams": [{"name": "u", "url": "http://127.0.0.1:9/v1"}],
-                  "aliases": {"smart": "gpt-4o", "quick": "smart"},
-                  "fallbacks": {"quick": ["o3", "gpt-4o-mini"], "gpt-4o": ["gpt-4o-mini", "o1"]}})
-    assert config.fallbacks == {"gpt-4o": ["gpt-4o-mini", "o1", "o3"]}  # its own chain first
+                  "aliases": {"smart": "gpt-4o", "quick": "smart", "cheap": "gpt-4o-mini"},
+                  "fallbacks": {"quick": ["o3"], "gpt-4o": ["gpt-4o-mini", "o1"], "cheap": ["o1"]}})
+    assert config.fallback_chain("quick") == ["o3"]  # its own
+    assert config.fallback_chain("smart") == config.fallback_chain("gpt-4o") == ["gpt-4o-mini", "o1"]
+    assert config.fallback_chain("gpt-4o-mini") == []  # one alias's chain is never another name's
     mock.model_faults["gpt-4o"] = 500
     g = start_gateway(resilient(mock) | {"retry": {"attempts": 1}, "aliases": {"smart": "gpt-4o"},
                                          "fallbacks": {"smart": ["gpt-4o-mini"]}})
@@ -3504,6 +3521,22 @@ def test_retry_after_is_the_soonest_of_cooling_keys_and_open_breakers(
     (resp,) = raw(g.port, post("/v1/chat/completions", body))
     assert resp.status == 429  # the fallback's keys all cool for 600 s, gpt-4o's breaker opened for 5
     assert int(resp.headers["retry-after"]) <= 5 and int(resp.headers["retry-after-ms"]) <= 5000
+
+
+def test_an_upload_refused_mid_body_while_it_is_the_half_open_probe_frees_the_probe(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway({"retry": {"attempts": 1}, "max_upload_bytes": 1000,
+                       "breaker": {"failure_threshold": 1, "recovery_timeout_s": 0.2}})
+    (failed,) = raw(g.port, b"GET /v1/files HTTP/1.1\r\nHost: t\r\nx-mock-status: 500\r\n\r\n")
+    assert failed.status == 500  # the breaker of model-less requests opens
+    breaker = g.gw.breakers.get("mock", "")
+    assert eventually(lambda: g.lt.call(breaker.available))
+    upload = (b"POST /v1/files HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+              b"Content-Type: multipart/form-data; boundary=b\r\n\r\n1388\r\n" + b"x" * 5000 + b"\r\n0\r\n\r\n")
+    (refused,) = raw(g.port, upload)
+    assert refused.status == 413  # the probe: refused for its size, no verdict on the upstream
+    (listed,) = raw(g.port, b"GET /v1/files HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert listed.status == 200  # the next request is the probe, and closes the breaker
 
 
 def test_open_breaker_without_fallback_is_503_circuit_open_without_calling_upstream(
@@ -4033,6 +4066,7 @@ def test_a_responses_request_becomes_the_chat_request_that_answers_it() -> None:
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]}, "input"),
     ({"tool_choice": {"type": "web_search"}}, "tool_choice"),
     ({"tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": [{"type": "mcp"}]}}, "tool_choice"),
+    ({"tool_choice": 5}, "tool_choice"),
     ({"text": {"format": {"type": "grammar"}}}, "text"),
 ])
 def test_what_chat_cannot_express_is_400_naming_the_field(extra: dict, param: str) -> None:
