@@ -2697,6 +2697,9 @@ class Upstream:
             or [(f"{self.name}#anonymous", "")]
         models = r.obj.get("models", "*")
         self.models = None if models == "*" else frozenset(r.strings("models"))
+        if self.models is not None and not self.models:
+            raise _fail(r.at("models"), 'is empty: the upstream would serve nothing ("*" serves '
+                                         "any model)")
         self.key_strategy = r.string("key_strategy", "round_robin")
         if self.key_strategy not in ("round_robin", "failover"):
             raise _fail(r.at("key_strategy"), "must be round_robin or failover")
@@ -2833,7 +2836,9 @@ class Config:
         if self.port > 65535:
             raise _fail("port", "must be at most 65535")
         self.api_keys = self._client_keys(r)
-        self.admin_key: str | None = r.string("admin_key", None, nullable=True) or None
+        self.admin_key: str | None = r.string("admin_key", None, nullable=True)
+        if self.admin_key == "":  # (an env: reference to an empty variable, say)
+            raise _fail("admin_key", "is empty (leave it out, or null, for no admin key)")
         rl = r.child("rate_limit")
         rl.only(self.SECTIONS["rate_limit"])
         self.rpm = rl.number("rpm", None, nullable=True, above=True)
@@ -3067,8 +3072,11 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str], overridden: list[str]) 
         if raw.get("api_keys"):
             overridden.append("GATEWAY_API_KEYS replaces the JSON config's api_keys")
         raw["api_keys"] = keys
-    if "GATEWAY_ADMIN_KEY" in env:
-        raw["admin_key"] = env["GATEWAY_ADMIN_KEY"]
+    if "GATEWAY_ADMIN_KEY" in env:  # (empty: none, as for GATEWAY_API_KEYS)
+        admin_key = env["GATEWAY_ADMIN_KEY"] or None
+        if raw.get("admin_key") not in (None, admin_key):
+            overridden.append("GATEWAY_ADMIN_KEY replaces the JSON config's admin_key")
+        raw["admin_key"] = admin_key
     if "GATEWAY_REDIS_URL" in env:
         raw["redis_url"] = env["GATEWAY_REDIS_URL"] or None
     if "GATEWAY_WORKERS" in env:
@@ -3080,8 +3088,12 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str], overridden: list[str]) 
         try:
             rpm = float(env["GATEWAY_RPM"])
         except ValueError:
-            raise ConfigError("config: GATEWAY_RPM: not a number") from None
+            rpm = float("nan")
+        if not 0 < rpm < float("inf"):  # (and nan)
+            raise ConfigError("config: GATEWAY_RPM: must be a number above 0")
         base = raw.get("rate_limit") if isinstance(raw.get("rate_limit"), dict) else {}
+        if base.get("rpm") not in (None, rpm):
+            overridden.append("GATEWAY_RPM replaces the JSON config's rate_limit.rpm")
         raw["rate_limit"] = {**base, "rpm": rpm}
     single = [n for n in ("GATEWAY_UPSTREAM_URL", "GATEWAY_UPSTREAM_KEYS", "OPENAI_API_KEY")
               if n in env]

@@ -2416,6 +2416,19 @@ def test_config_nits_found_on_a_first_run() -> None:
         assert gw.load_config({"GATEWAY_HOST": host}).host == host
     assert gw.load_config({"GATEWAY_HOST": "::"}).summary().startswith("http://[::]:4000 ")
     assert gw.load_config({"GATEWAY_HOST": "0.0.0.0"}).summary().startswith("http://0.0.0.0:4000 ")
+    assert gw.load_config({"GATEWAY_ADMIN_KEY": ""}).admin_key is None  # empty: unset, as above
+    with pytest.raises(gw.ConfigError, match="admin_key: is empty"):  # a secret that never came
+        gw.load_config({"GATEWAY_CONFIG": json.dumps({"admin_key": "env:ADMIN"}), "ADMIN": ""})
+    for rpm in ("nan", "-1", "inf", "x"):
+        with pytest.raises(gw.ConfigError, match="GATEWAY_RPM: must be a number above 0"):
+            gw.load_config({"GATEWAY_RPM": rpm})
+    warnings = []
+    gw.load_config({"GATEWAY_RPM": "5", "GATEWAY_ADMIN_KEY": "a-new-admin-key",
+                    "GATEWAY_CONFIG": json.dumps({"rate_limit": {"rpm": 60}, "admin_key": "the-old-key"})},
+                   warnings=warnings)
+    assert any("GATEWAY_RPM replaces" in w for w in warnings) and any("GATEWAY_ADMIN_KEY replaces" in w for w in warnings)
+    with pytest.raises(gw.ConfigError, match=r"upstreams\[0\]\.models: is empty"):
+        cfg({"upstreams": [{"url": "http://x/v1", "models": []}]})
 
 
 @pytest.mark.parametrize("upstream, warns", [
