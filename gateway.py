@@ -6972,7 +6972,9 @@ class HttpProtocol(asyncio.Protocol):
         elif self.cycle is not None and self.task is None and self.cycle.writer.rq is not None:
             # admitted, and its body never all in (the client left, or stopped sending): no
             # task will finish it, and it still gets its metric and its log line
-            self.cycle.error = self.cycle.error or "client disconnected before its whole body"
+            self.cycle.error = self.cycle.error or (
+                "cut: the shutdown grace period is over" if self.gw.cutting
+                else "client disconnected before its whole body")
             self.gw.finish(self.cycle)
         self.cycle = self.task = None
 
@@ -7306,13 +7308,20 @@ class Gateway:
         if self.server is not None:
             self.server.close()
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
-        if self.active:
-            log(f"draining {self.active} in-flight request(s) "
+        deadline = self.loop.time() + grace  # type: ignore[union-attr]
+        receiving = self.receiving()
+        if self.active or receiving:
+            log(f"draining {self.active + receiving} in-flight request(s) "
                 f"({self.metrics.active_streams} streaming), up to {grace:g}s")
+        while receiving and self.loop.time() < deadline:  # type: ignore[union-attr]
+            await asyncio.sleep(SWEEP_S)  # (a drain only: bodies still coming in are polled)
+            receiving = self.receiving()
+        if self.active or receiving:
             try:
-                await asyncio.wait_for(self.idle_event.wait(), grace)  # type: ignore[union-attr]
+                await asyncio.wait_for(self.idle_event.wait(),  # type: ignore[union-attr]
+                                       max(0.0, deadline - self.loop.time()))  # type: ignore[union-attr]
             except asyncio.TimeoutError:
-                log(f"grace period over: cutting {self.active} request(s)")
+                log(f"grace period over: cutting {self.active + receiving} request(s)")
         self.cutting = True
         for proto in list(self.connections):
             proto.cut()
@@ -7331,6 +7340,11 @@ class Gateway:
             self.write_metrics()
         self.access_log.flush()
         self.ledger.close()
+
+    def receiving(self) -> int:
+        """Requests admitted whose body is still coming in: in flight, with no task yet."""
+        return sum(1 for p in self.connections if p.cycle is not None and p.task is None
+                   and p.waiting is Waiting.BODY and not p.cycle.refused and not p.closing)
 
     def share(self) -> None:
         """Key pools and breakers tell the shared state what they see."""

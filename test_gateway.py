@@ -5195,6 +5195,22 @@ def test_a_request_cut_when_the_grace_period_is_over_says_so_and_is_accounted_fo
     assert len((tmp_path / "usage.jsonl").read_text().splitlines()) == 1  # counted before the log closed
 
 
+def test_a_request_whose_body_is_still_coming_when_the_drain_starts_is_answered(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway()
+    body = b'{"model": "m", "messages": []}'
+    with connect(g.port) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body[:5]))
+        assert eventually(lambda: g.lt.call(g.gw.receiving) == 1)
+        drain = asyncio.run_coroutine_threadsafe(g.gw.shutdown(grace_s=10), g.lt.loop)
+        assert eventually(lambda: g.gw.draining)
+        sock.sendall(body[5:])  # in flight when the drain began: it is answered, then it closes
+        resp = read_response(sock.makefile("rb"))
+        assert resp.status == 200 and resp.headers["connection"] == "close"
+        drain.result(10)
+
+
 def test_a_request_cut_at_the_end_of_the_drain_ends_even_when_its_client_reads_nothing(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, tmp_path: Path) -> None:
     g = start_gateway({"usage_log": str(tmp_path / "usage.jsonl")})
