@@ -427,10 +427,15 @@ def mask_secret(secret: str) -> str:
 
 
 def mask_url(url: str | None) -> str | None:
-    """A URL with its password, if any, masked: for logs."""
+    """A URL with its password, and query values that look like credentials (a key, a
+    token, a signature), masked: for logs."""
     if not url:
         return url
-    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
+    return _SECRET_QUERY.sub(r"\1***", re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url))
+
+
+_SECRET_QUERY = re.compile(r"([?&][^=&#]*(?:key|token|secret|sig|pass|auth|code)[^=&#]*=)[^&#]*",
+                           re.IGNORECASE)
 
 
 def wall_time(monotonic: float, now: float, wall: float) -> float:
@@ -3089,8 +3094,9 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str], overridden: list[str]) 
             rpm = float(env["GATEWAY_RPM"])
         except ValueError:
             rpm = float("nan")
-        if not 0 < rpm < float("inf"):  # (and nan)
-            raise ConfigError("config: GATEWAY_RPM: must be a number above 0")
+        if not 0 < rpm <= MAX_CONFIG_NUMBER:  # (and nan)
+            raise ConfigError(f"config: GATEWAY_RPM: must be a number above 0, at most "
+                              f"{MAX_CONFIG_NUMBER:g}")
         base = raw.get("rate_limit") if isinstance(raw.get("rate_limit"), dict) else {}
         if base.get("rpm") not in (None, rpm):
             overridden.append("GATEWAY_RPM replaces the JSON config's rate_limit.rpm")
@@ -3145,9 +3151,11 @@ def load_config(
         warnings.append(f"{', '.join(moot)} ignored: the JSON config gives upstreams")
     for u in config.upstreams:
         if _public_host(u.host) and not any(k.secret for k in u.keys) and not any(
-                h.lower() in _AUTH_HEADERS for h in u.headers):
-            warnings.append(f"upstream {u.name} ({u.url}) has no keys: its requests carry no "
-                            "credential (set keys, or OPENAI_API_KEY for the default upstream)")
+                h.lower() in _AUTH_HEADERS for h in u.headers) \
+                and not _SECRET_QUERY.search(u.url):  # (a key in the URL's query is one)
+            warnings.append(f"upstream {u.name} ({mask_url(u.url)}) has no keys: its requests "
+                            "carry no credential (set keys, or OPENAI_API_KEY for the default "
+                            "upstream)")
     return config
 
 
@@ -7802,7 +7810,7 @@ def check_summary(config: Config) -> list[str]:
     for u in config.upstreams:
         models = "any model" if u.models is None else ", ".join(sorted(u.models))
         keys = sum(1 for k in u.keys if k.secret)
-        lines.append(f"  upstream {u.name}: {u.url} · {keys} key(s) · {models}"
+        lines.append(f"  upstream {u.name}: {mask_url(u.url)} · {keys} key(s) · {models}"
                      f"{' · chat_only' if u.chat_only else ''}")
     own = sum(1 for k in config.api_keys if k.rpm is not None or k.tpm is not None)
     lines.append(f"  auth: {len(config.api_keys)} client key(s)" if config.auth_on else

@@ -2419,7 +2419,7 @@ def test_config_nits_found_on_a_first_run() -> None:
     assert gw.load_config({"GATEWAY_ADMIN_KEY": ""}).admin_key is None  # empty: unset, as above
     with pytest.raises(gw.ConfigError, match="admin_key: is empty"):  # a secret that never came
         gw.load_config({"GATEWAY_CONFIG": json.dumps({"admin_key": "env:ADMIN"}), "ADMIN": ""})
-    for rpm in ("nan", "-1", "inf", "x"):
+    for rpm in ("nan", "-1", "inf", "x", "1e300"):
         with pytest.raises(gw.ConfigError, match="GATEWAY_RPM: must be a number above 0"):
             gw.load_config({"GATEWAY_RPM": rpm})
     warnings = []
@@ -3235,6 +3235,13 @@ def test_an_upstream_urls_query_goes_with_every_request_and_credentials_in_it_ar
     with pytest.raises(gw.ConfigError) as info:
         cfg({"upstreams": [{"url": "https://user:hunter2@x.example/v1"}]})
     assert "hunter2" not in str(info.value)
+    warnings: list[str] = []
+    apim = gw.load_config({"GATEWAY_CONFIG": json.dumps({"upstreams": [
+        {"url": "https://apim.example.net/openai?subscription-key=SUPERSECRET123456&api-version=1"}]})},
+        warnings=warnings)
+    shown = "\n".join(gw.check_summary(apim))  # what --check prints
+    assert not warnings and "SUPERSECRET" not in shown  # a key in the query: one, and unshown
+    assert "subscription-key=***&api-version=1" in shown
 
 
 def test_a_long_upstream_error_goes_on_whole(raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
