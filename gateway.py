@@ -97,7 +97,7 @@ MAX_INTERIM = 1024  # interim (1xx) responses ahead of an answer; more are garba
 UPSTREAM_MAX_IDLE = 256  # idle keep-alive connections kept per upstream
 UPSTREAM_KEEPALIVE_S = 20.0  # reuse an idle upstream connection only this long (servers drop ~60s)
 MAX_CHUNK_LINE = 4096  # a chunk-size or trailer line longer than this is garbage
-MAX_MASKED_BODY = 64 * 1024  # an upstream error this long or shorter has its keys masked
+MAX_BACKGROUND = 10_000  # background responses whose usage is still to be counted
 MAX_ERROR_BODY = 1024 * 1024  # upstream error bodies the gateway reads: this much, then it stops
 MAX_READ_BODY = 64 * 1024 * 1024  # 200 bodies the gateway converts itself: far above any reply
 MAX_SSE_EVENT = 1024 * 1024  # an SSE event this long with no end: relayed as it comes
@@ -754,13 +754,18 @@ class KeyPool:
 
     def mask(self, body: bytes) -> bytes:
         """An upstream's answer, with any of these keys it echoes masked (an upstream key is
-        never returned to a client). Errors only, up to MAX_MASKED_BODY: one search per key."""
-        if len(body) > MAX_MASKED_BODY:
-            return body
+        never returned to a client): errors only, one search per key. The mask is as long as
+        the key, so that the answer's length (its Content-Length) stays true."""
         for key in self.keys:
-            if key.secret and key.secret.encode() in body:
-                body = body.replace(key.secret.encode(), mask_secret(key.secret).encode())
+            secret = key.secret.encode()
+            if secret and secret in body:
+                body = body.replace(secret, b"*" * len(secret) if len(secret) < 12 else
+                                    secret[:3] + b"*" * (len(secret) - 7) + secret[-4:])
         return body
+
+    def longest(self) -> int:
+        """The longest key, in bytes: what an answer masked as it comes holds back."""
+        return max((len(k.secret.encode()) for k in self.keys), default=0)
 
     def block_reason(self) -> str:
         """What the upstream said when it last refused a key."""
@@ -1525,7 +1530,7 @@ if r_rate > 0 then
 end
 if k_rate > 0 then
   k = level(KEYS[2], k_rate, k_cap)
-  if k < amount then return {'tokens', tostring((amount - k) / k_rate), '0'} end
+  if k < amount then return {'tokens', tostring((amount - k) / k_rate), tostring(r)} end
 end
 if r_rate > 0 then r = r - 1; put(KEYS[1], r, r_rate, r_cap) end
 if k_rate > 0 then k = k - amount; put(KEYS[2], k, k_rate, k_cap) end
@@ -2070,9 +2075,12 @@ class SharedState:
             raise self.gw.limiter.refuse(
                 f"Rate limit reached for requests: {limits.rpm:g} per minute.",  # type: ignore[union-attr]
                 first)
-        if verdict == b"tokens":
+        if verdict == b"tokens":  # (second: the request bucket's level, untaken)
             bucket = limits.tokens  # type: ignore[union-attr, assignment]
             bucket.level, bucket.stamp = min(bucket.level, 0.0), bucket.clock()
+            requests = limits.requests  # type: ignore[union-attr]
+            if requests is not None and second >= 0:
+                requests.level, requests.stamp = second, requests.clock()
             raise self.gw.limiter.refuse("Rate limit reached for tokens per minute.", first)
         requests = limits.requests if limits is not None else None
         tokens = limits.tokens if limits is not None else None
@@ -3485,12 +3493,6 @@ class UpstreamConnection(asyncio.Protocol):
             raise
         return self
 
-    def body_within(self, limit: int) -> bool:
-        """Is the body known, from its head, to be at most limit bytes (or none at all)?"""
-        if self.framing is _NO_BODY:
-            return True
-        return self.framing is _LENGTH and self.left + sum(map(len, self.pending or ())) <= limit
-
     def relay(self, sink: BodySink) -> asyncio.Future:
         """Hand the body to sink as it arrives; the future resolves when the body has ended."""
         pending, self.pending, self.sink = self.pending, None, sink
@@ -4025,7 +4027,7 @@ class Plan:
                  "asked", "model", "pinned", "method", "endpoint", "content_type", "translated",
                  "tried", "failures", "shift", "last_error", "last_reply", "forwarded",
                  "stream", "client_usage", "estimate", "upstream", "key", "served", "_bodies",
-                 "refusal")
+                 "refusal", "background")
 
     def __init__(self, rq: Request, kind: str, obj: dict | None, force_stream: bool,
                  gw: Gateway, candidates: Candidates, *, pinned: str | None = None,
@@ -4044,6 +4046,7 @@ class Plan:
         self.content_type = b"application/json" if endpoint is not None else rq.content_type()
         self.translated = translated  # the chat request, for a chat_only upstream
         self.refusal = refusal  # why it cannot go as chat: chat_only upstreams are skipped
+        self.background: str | None = None  # a background response polled, still uncounted
         self.tried: set[UpstreamKey] = set()  # keys that answered 429/401/403 for this model
         self.failures = 0  # tries for this model that count against retry.attempts
         self.shift = 0  # rotation of each group, so that a retry prefers another upstream
@@ -4075,9 +4078,11 @@ class Plan:
 
     def injects(self, upstream: Upstream) -> bool:
         """Ask this upstream for the usage chunk the client did not ask for?"""
+        if self.kind not in ("chat", "completions") or not self.stream:
+            return False
         options = self.obj.get("stream_options")  # type: ignore[union-attr]  # (null: none)
-        return (self.kind in ("chat", "completions") and self.stream and upstream.stream_usage
-                and not self.client_usage and (options is None or isinstance(options, dict)))
+        return upstream.stream_usage and not self.client_usage \
+            and (options is None or isinstance(options, dict))
 
     def refused_by(self, upstream: Upstream) -> bool:
         """Would this upstream's translation refuse the request (it is then never tried)?"""
@@ -4265,6 +4270,10 @@ class Forwarder:
                 body = await conn.read_body(MAX_ERROR_BODY)  # so the connection can be reused
             except GatewayError:
                 body = b""
+            if len(body) >= MAX_ERROR_BODY:  # cut: passed on, it would be broken JSON
+                headers = [h for h in headers if h[0] != b"content-type"] + [_JSON_CT]
+                body = UpstreamError(f"The upstream answered {status} with an error body over "
+                                    f"{MAX_ERROR_BODY} bytes, not passed on.").body()
             flow.detach()
             keys.failed(key)
             if status == 429:
@@ -4738,7 +4747,7 @@ class ResponseWriter(BodySink):
 
     __slots__ = ("proto", "rq", "status", "started", "finished", "unsent", "sse", "filter",
                  "keep_tail", "tail", "whole", "usage", "bytes_out", "head_only", "capture_id",
-                 "id_seen",
+                 "id_seen", "masker", "carry",
                  "framing", "left", "must_close", "holding")
 
     def __init__(self, proto: HttpProtocol, rq: Request) -> None:
@@ -4760,6 +4769,8 @@ class ResponseWriter(BodySink):
         self.head_only = rq.method == b"HEAD"  # everything as for GET, but no body bytes
         self.capture_id: Callable[[str], None] | None = None  # told a created object's id
         self.id_seen = b""  # the body's start, while the id is not in it yet
+        self.masker: KeyPool | None = None  # an error's: masks the upstream keys it echoes
+        self.carry = b""  # its last bytes, held back: a key may be cut across two reads
         self.framing = _NO_BODY  # of the body written: set with the head
         self.left = 0  # bytes the head's Content-Length still owes
         self.holding = False  # the end follows at once: writes wait for it (see hold)
@@ -4921,9 +4932,20 @@ class ResponseWriter(BodySink):
         pass would cost every stream ~1% more."""
         return self.bytes_out // (SSE_BYTES_PER_TOKEN if self.sse else 4)
 
+    def mask_with(self, keys: KeyPool) -> None:
+        """An upstream's error, relayed as it comes: any of these keys in it is masked."""
+        self.masker = keys
+
     # BodySink -------------------------------------------------------------------------------
 
     def on_data(self, data: bytes) -> None:
+        if self.masker is not None:  # (errors only) what a key could start in is held back
+            data = self.masker.mask(self.carry + data)
+            keep = self.masker.longest() - 1
+            if keep > 0:
+                data, self.carry = data[:-keep], data[-keep:]
+            if not data:
+                return
         if self.capture_id is not None:  # the object this answer creates: its id comes first
             # (a stream's in response.created, perhaps after comments), looked for as it came
             seen = look_for_id(self.id_seen, data, self.capture_id)
@@ -4996,6 +5018,9 @@ class ResponseWriter(BodySink):
     def on_end(self) -> None:
         if self.finished:
             return
+        if self.carry:  # an error's last bytes, masked already
+            carry, self.carry, self.masker = self.carry, b"", None
+            self.on_data(carry)
         flt = self.filter
         if flt is not None and flt.held_size:  # the stream ends as the upstream ended it; an
             held = flt.take_held()  # unfinished event is dropped by any SSE client, and one
@@ -5186,6 +5211,18 @@ def model_not_found(model: str) -> GatewayError:
 
 def model_entry(model: str, owner: str) -> dict:
     return {"id": model, "object": "model", "created": START_TIME, "owned_by": owner}
+
+
+_GENERATES = frozenset(("chat", "completions", "responses"))  # text a client could cut short
+_DATA_URL = re.compile(rb"data:[\w/+.-]*;base64,[A-Za-z0-9+/=]+")
+
+
+def prompt_estimate(body: bytes) -> int:
+    """A prompt's tokens, roughly, for a request whose usage never came: 4 bytes a token,
+    images inlined as base64 not counted (an image is billed by its size in pixels, not its
+    bytes: 3 MB of base64 would be ~800,000 tokens where the upstream counts ~1,000)."""
+    inlined = sum(len(m) for m in _DATA_URL.findall(body)) if b";base64," in body else 0
+    return (len(body) - inlined) // 4
 
 
 def estimate_tokens(body: bytes, obj: dict) -> int:
@@ -6126,19 +6163,16 @@ class ProxyHandler:
         conn = await gw.forwarder.forward(plan)
         if conn is None:
             return  # the last upstream error was passed through
-        if conn.status >= 400 and not writer.head_only and (
-                conn.body_within(MAX_MASKED_BODY)
-                or plan.kind == "embeddings" and conn.status == 404):
-            # an error read whole (a short one: the upstream key is masked in what it echoes
-            # of it; a longer one goes on as it comes, whole)
-            body = plan.keys[plan.upstream.name].mask(  # type: ignore[union-attr]
-                await conn.read_body(MAX_ERROR_BODY))
-            if plan.kind == "embeddings" and conn.status == 404 \
-                    and error_code(body) != "model_not_found":  # no /embeddings (not no model)
-                raise Unsupported("The upstream does not serve embeddings.")
-            rq.flow.detach()
-            writer.relay_whole(conn.status, conn.headers, body)
-            return
+        if conn.status >= 400:  # an error: any upstream key it echoes is masked as it goes
+            keys = plan.keys[plan.upstream.name]  # type: ignore[union-attr]
+            if plan.kind == "embeddings" and conn.status == 404 and not writer.head_only:
+                body = keys.mask(await conn.read_body(MAX_ERROR_BODY))
+                if error_code(body) != "model_not_found":  # no /embeddings (not no model)
+                    raise Unsupported("The upstream does not serve embeddings.")
+                rq.flow.detach()
+                writer.relay_whole(404, conn.headers, body)
+                return
+            writer.mask_with(keys)
         ok = 200 <= conn.status < 300
         convert = ok and plan.converts(plan.upstream)  # type: ignore[arg-type]
         if convert and (not plan.stream or next(  # a stream asked for, and no stream given: a
@@ -6149,12 +6183,14 @@ class ProxyHandler:
         # Usage is counted from what a model made for this request: not from an object read
         # back, polled or cancelled (a response, a batch, a downloaded file), which would be
         # counted again each time. A pass-through request counts when it is a POST naming a
-        # model (images, audio, moderations), or a stream it asked for (read as usual).
-        writer.keep_tail = ok and (plan.kind != "passthrough" or
-                                   plan.method == b"POST" and plan.asked != "")
-        if ok and plan.kind == "responses" and not plan.stream:
+        # model (images, audio, moderations), or a stream it asked for (read as usual); and
+        # a background response made here, once, from the first poll that has its usage.
+        plan.background = self.background_polled(plan) if ok and gw.background else None
+        writer.keep_tail = ok and (plan.kind != "passthrough" or plan.background is not None
+                                   or plan.method == b"POST" and plan.asked != "")
+        if ok and (plan.kind == "responses" and not plan.stream or plan.background):
             writer.whole = []
-        inspect = ok and plan.stream
+        inspect = ok and (plan.stream or plan.background is not None)
         converter: Any = None
         if convert:
             converter = ResponsesFromChat(plan.obj, new_object_id("resp")) \
@@ -6248,11 +6284,26 @@ class ProxyHandler:
         if self.gw.shared is not None:
             self.gw.shared.store_response(response["id"], data)
 
+    def background_polled(self, plan: Plan) -> str | None:
+        """The id of a background response made here and not counted yet, if this request
+        reads it (GET /v1/responses/{id}, as an object or as a stream)."""
+        path = plan.rq.path
+        if plan.method != b"GET" or not path.startswith(_RESPONSE_PREFIX):
+            return None
+        response_id = unquote(path[len(_RESPONSE_PREFIX):].decode("latin-1"))
+        return response_id if response_id in self.gw.background else None
+
     def remember_for(self, plan: Plan) -> Callable[[str], None]:
         """Where the id of an object this answer creates will be remembered."""
         sticky, shared, upstream, key = self.gw.sticky, self.gw.shared, plan.upstream, plan.key
+        background = self.gw.background if plan.kind == "responses" \
+            and plan.obj.get("background") is True else None  # type: ignore[union-attr]
+        client = plan.rq.client.name if plan.rq.client is not None else "anonymous"
 
         def remember(object_id: str) -> None:
+            if background is not None:  # its usage comes with a poll (unless with this answer)
+                background.put(object_id, client)
+                plan.background = object_id
             sticky.remember(object_id, upstream.name, key.name)  # type: ignore[union-attr]
             if shared is not None:
                 shared.remember_id(object_id, upstream.name, key.name)  # type: ignore[union-attr]
@@ -6269,9 +6320,18 @@ class ProxyHandler:
                 self.settle(rq, limits, -plan.estimate)  # type: ignore[arg-type]
             return
         usage = rq.writer.reported_usage()
-        if usage is None and plan.obj is not None and rq.writer.cut_short():
-            usage = {"prompt_tokens": len(rq.body()) // 4,  # its usage never came: estimated,
-                     "completion_tokens": rq.writer.tokens_relayed()}  # not forgiven
+        if plan.background is not None and plan.kind == "responses":  # made by this request:
+            if usage:  # its usage came with it after all (a stream)
+                gw.background.pop(plan.background, None)
+        elif plan.background is not None:  # a poll: counted once, to the client that made it
+            owner = gw.background.pop(plan.background, None) if usage else None
+            if owner is None:  # (no usage yet, or another poll counted it)
+                usage = None
+            else:
+                name = owner
+        elif usage is None and plan.kind in _GENERATES and rq.writer.cut_short():
+            usage = {"prompt_tokens": prompt_estimate(rq.body()),  # its usage never came:
+                     "completion_tokens": rq.writer.tokens_relayed()}  # estimated, not forgiven
         prompt, completion, total = usage_tokens(usage)
         cost = gw.prices.cost(plan.served, usage) if gw.prices.table or usage and \
             "cost" in usage else 0
@@ -7268,6 +7328,9 @@ class Gateway:
         self.retired: set[UpstreamPool] = set()  # replaced by a reload, still finishing
         self.sticky = StickyIds()  # object id -> (upstream, key) that made it
         self.responses = ResponsesStore()  # responses made over chat
+        # background responses made here whose usage is not counted yet -> the client that
+        # made them: counted once, from the first answer to a poll that has it
+        self.background = BoundedMap(MAX_BACKGROUND)
         self.shared: SharedState | None = None  # with redis_url: what instances share
         self.worker: int | None = None  # workers: this one's index
         self.metrics_dir: str | None = None  # workers: where each leaves its counts

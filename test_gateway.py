@@ -1155,7 +1155,7 @@ def test_an_upstream_key_echoed_in_an_error_never_reaches_the_client(
         mock.key_faults[KEYS[0]] = (status, {}, f"key {KEYS[0]} says no")
         (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))
         assert resp.status == status and KEYS[0].encode() not in resp.body
-        assert resp.json()["error"]["message"] == f"key {gw.mask_secret(KEYS[0])} says no"
+        assert resp.json()["error"]["message"] == f"key {KEYS[0][:3]}{'*' * (len(KEYS[0]) - 7)}{KEYS[0][-4:]} says no"
     mock.key_faults[KEYS[0]] = (401, {}, f"key {KEYS[0]} is revoked")
     with pytest.raises(openai.AuthenticationError) as info:  # an upload: its answer stands
         g.client().files.create(file=("a.jsonl", b'{"a": 1}\n'), purpose="batch")
@@ -1435,6 +1435,9 @@ def test_a_stream_cut_short_before_its_usage_is_charged_what_went_out(
     assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] < 400
     (refused,) = raw(g.port, post("/v1/chat/completions", CHAT, f"Authorization: Bearer {SDK_KEY}\r\n"))
     assert refused.status == 402  # the budget is not dodged by hanging up before the end
+    image = b'{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":' \
+            b'{"url":"data:image/png;base64,%s"}}]}]}' % (b"iVBO" * 750_000)
+    assert gw.prompt_estimate(image) < 40  # 3 MB inlined: an image, not 750,000 tokens
 
 
 def test_budget_crossing_gives_402_on_the_next_request(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
@@ -3244,6 +3247,32 @@ def test_an_upstream_urls_query_goes_with_every_request_and_credentials_in_it_ar
     assert "subscription-key=***&api-version=1" in shown
 
 
+def test_an_upstream_key_in_an_error_sent_chunked_or_long_is_masked_even_cut_across_chunks(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    secret = b"sk-upstream-SECRET-0123456789abcdef"
+    masked = secret[:3] + b"*" * (len(secret) - 7) + secret[-4:]
+    answers = {b"400": (b'{"error": {"message": "bad key ' + secret[:10], secret[10:] + b'"}}'),
+               b"500": (b'{"error": {"message": "' + b"x" * 100_000 + secret, b'"}}')}
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+            status = re.search(rb"(?i)x-status: (\d+)", head).group(1)
+            first, second = answers[status]  # the key cut across two chunks
+            writer.write(b"HTTP/1.1 %s Oops\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+                         b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (status, len(first), first, len(second), second))
+            await writer.drain()
+
+    port = raw_upstream(handler)
+    g = start_gateway({"retry": {"attempts": 1},
+                       "upstreams": [{"name": "u", "url": f"http://127.0.0.1:{port}/v1", "keys": [secret.decode()]}]})
+    for status in (b"400", b"500"):  # relayed as it comes; read whole as the last error after retries
+        (resp,) = raw(g.port, post("/v1/chat/completions", CHAT, f"x-status: {status.decode()}\r\n"))
+        assert resp.status == int(status) and secret not in resp.body and masked in resp.body
+        assert resp.body == b"".join(answers[status]).replace(secret, masked)  # whole, as long
+
+
 def test_a_long_upstream_error_goes_on_whole(raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
     body = b'{"error": {"message": "%s", "type": "invalid_request_error"}}' % (b"x" * 3_000_000)
 
@@ -3427,7 +3456,8 @@ def test_an_upstream_error_body_is_read_up_to_its_bound_and_the_rest_dropped(
     g = start_gateway({"retry": {"attempts": 1},
                        "upstreams": [{"name": "loud", "url": f"http://127.0.0.1:{port}/v1"}]})
     (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))
-    assert resp.status == 500 and resp.body == big[:gw.MAX_ERROR_BODY]
+    assert resp.status == 500 and resp.json()["error"]["type"] == "upstream_error"  # not cut JSON
+    assert f"over {gw.MAX_ERROR_BODY} bytes" in resp.json()["error"]["message"]
     assert eventually(lambda: upstream.closed == 1)  # the rest was never read
 
 
@@ -4653,6 +4683,19 @@ def test_objects_read_back_polled_or_cancelled_are_not_counted_again(
     assert after["total_tokens"] == counted["total_tokens"] and after["requests"] == 7
     client.moderations.create(model="omni-moderation-latest", input="a POST naming a model")
     assert usage_of(g, SDK_KEY)[0]["requests"] == 8
+
+
+def test_a_background_response_is_counted_once_from_the_first_poll_that_has_its_usage(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway(limited(mock, api_keys=[{"key": SDK_KEY, "name": "team", "budget_tokens": 100}]))
+    client = g.client()
+    queued = client.responses.create(model="gpt-4o", input="later", background=True)
+    assert queued.status == "queued" and usage_of(g, SDK_KEY)[0]["total_tokens"] == 0
+    done = client.responses.retrieve(queued.id)
+    assert done.status == "completed" and done.usage.total_tokens > 0
+    for _ in range(3):  # polled again: counted once
+        client.responses.retrieve(queued.id)
+    assert usage_of(g, SDK_KEY)[0]["total_tokens"] == done.usage.total_tokens
 
 
 def test_a_responses_usage_counts_whatever_metadata_the_upstream_echoes_after_it(

@@ -8,7 +8,8 @@ when the request asks for `stream_options.include_usage`, and a function tool ca
 request offers tools and the last message is not a tool result; a chat completion made with
 `store: true` is kept: GET /v1/chat/completions lists them, GET/DELETE .../{id}), /v1/embeddings,
 /v1/responses (non-stream, or the typed event sequence ending in response.completed with
-usage; a function_call item when tools are offered and no function_call_output is given),
+usage; a function_call item when tools are offered and no function_call_output is given;
+`background: true` answers "queued" with no usage, and GET shows it completed, with usage),
 GET/DELETE /v1/responses/{id} and its /cancel and /input_items, /v1/moderations,
 /v1/images/generations (a PNG as b64_json), /v1/audio/transcriptions (multipart),
 /v1/audio/speech (binary, speech_bytes(input)), /v1/files (multipart upload; list,
@@ -727,6 +728,9 @@ class _MockConnection(asyncio.Protocol):
                    for i, item in enumerate(items)])
         if body.get("stream"):
             self.send_stream(rq, _response_events(response, chunks))
+        elif body.get("background") is True:  # done at once, said later: GET shows it done
+            response["background"] = True
+            self.send_json(200, {**response, "status": "queued", "output": [], "usage": None})
         else:
             self.send_json(200, response)
 
