@@ -434,8 +434,11 @@ def mask_url(url: str | None) -> str | None:
     return _SECRET_QUERY.sub(r"\1***", re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url))
 
 
-_SECRET_QUERY = re.compile(r"([?&][^=&#]*(?:key|token|secret|sig|pass|auth|code)[^=&#]*=)[^&#]*",
-                           re.IGNORECASE)
+# A query parameter whose name has a credential's word in it (between -, _ or .), with a
+# value: subscription-key, access_token, sig, jwt ... (not "unicode", not an empty "key=").
+_SECRET_QUERY = re.compile(
+    r"([?&](?:[^=&#]*[-_.])?(?:api-?key|key|token|secret|sig|signature|pass|password|passwd|"
+    r"auth|authorization|code|jwt|bearer|credentials?)(?:[-_.][^=&#]*)?=)[^&#]+", re.IGNORECASE)
 
 
 def wall_time(monotonic: float, now: float, wall: float) -> float:
@@ -4267,10 +4270,10 @@ class Forwarder:
                 return conn
             headers = conn.headers
             try:
-                body = await conn.read_body(MAX_ERROR_BODY)  # so the connection can be reused
-            except GatewayError:
+                body = await conn.read_body(MAX_ERROR_BODY + 1)  # so the connection can be
+            except GatewayError:  # reused (one byte past the bound: to tell a cut body)
                 body = b""
-            if len(body) >= MAX_ERROR_BODY:  # cut: passed on, it would be broken JSON
+            if len(body) > MAX_ERROR_BODY:  # cut: passed on, it would be broken JSON
                 headers = [h for h in headers if h[0] != b"content-type"] + [_JSON_CT]
                 body = UpstreamError(f"The upstream answered {status} with an error body over "
                                     f"{MAX_ERROR_BODY} bytes, not passed on.").body()
@@ -5049,6 +5052,12 @@ class ResponseWriter(BodySink):
     def on_error(self, exc: GatewayError) -> None:
         if self.finished:
             return
+        if self.carry:  # an error's last bytes, masked already: before the error event
+            carry, self.carry, self.masker = self.carry, b"", None
+            try:
+                self.on_data(carry)
+            except GatewayError:
+                pass
         self.rq.error = exc.message
         flt = self.filter
         if flt is not None and flt.completed:
@@ -5214,14 +5223,14 @@ def model_entry(model: str, owner: str) -> dict:
 
 
 _GENERATES = frozenset(("chat", "completions", "responses"))  # text a client could cut short
-_DATA_URL = re.compile(rb"data:[\w/+.-]*;base64,[A-Za-z0-9+/=]+")
+_INLINED = re.compile(rb"[A-Za-z0-9+/=\\]{1024,}")  # base64 (slashes JSON-escaped or not)
 
 
 def prompt_estimate(body: bytes) -> int:
     """A prompt's tokens, roughly, for a request whose usage never came: 4 bytes a token,
     images inlined as base64 not counted (an image is billed by its size in pixels, not its
     bytes: 3 MB of base64 would be ~800,000 tokens where the upstream counts ~1,000)."""
-    inlined = sum(len(m) for m in _DATA_URL.findall(body)) if b";base64," in body else 0
+    inlined = sum(len(m) for m in _INLINED.findall(body))
     return (len(body) - inlined) // 4
 
 
@@ -6286,12 +6295,15 @@ class ProxyHandler:
 
     def background_polled(self, plan: Plan) -> str | None:
         """The id of a background response made here and not counted yet, if this request
-        reads it (GET /v1/responses/{id}, as an object or as a stream)."""
+        reads it (GET /v1/responses/{id}, as an object or as a stream) or cancels it."""
         path = plan.rq.path
-        if plan.method != b"GET" or not path.startswith(_RESPONSE_PREFIX):
+        if not path.startswith(_RESPONSE_PREFIX):
             return None
-        response_id = unquote(path[len(_RESPONSE_PREFIX):].decode("latin-1"))
-        return response_id if response_id in self.gw.background else None
+        response_id, _, action = path[len(_RESPONSE_PREFIX):].partition(b"/")
+        if (plan.method, action) not in ((b"GET", b""), (b"POST", b"cancel")):
+            return None
+        found = unquote(response_id.decode("latin-1"))
+        return found if found in self.gw.background else None
 
     def remember_for(self, plan: Plan) -> Callable[[str], None]:
         """Where the id of an object this answer creates will be remembered."""
@@ -6302,7 +6314,7 @@ class ProxyHandler:
 
         def remember(object_id: str) -> None:
             if background is not None:  # its usage comes with a poll (unless with this answer)
-                background.put(object_id, client)
+                background.put(object_id, (client, plan.served))
                 plan.background = object_id
             sticky.remember(object_id, upstream.name, key.name)  # type: ignore[union-attr]
             if shared is not None:
@@ -6320,30 +6332,32 @@ class ProxyHandler:
                 self.settle(rq, limits, -plan.estimate)  # type: ignore[arg-type]
             return
         usage = rq.writer.reported_usage()
-        if plan.background is not None and plan.kind == "responses":  # made by this request:
-            if usage:  # its usage came with it after all (a stream)
-                gw.background.pop(plan.background, None)
-        elif plan.background is not None:  # a poll: counted once, to the client that made it
-            owner = gw.background.pop(plan.background, None) if usage else None
-            if owner is None:  # (no usage yet, or another poll counted it)
-                usage = None
+        served = plan.served
+        if plan.background is not None and plan.kind == "passthrough":  # a background
+            made = gw.background.pop(plan.background, None) if usage else None  # response's
+            if made is None:  # poll: counted once, as the request that made it (no usage
+                usage = None  # yet, or another poll counted it: nothing)
             else:
-                name = owner
-        elif usage is None and plan.kind in _GENERATES and rq.writer.cut_short():
-            usage = {"prompt_tokens": prompt_estimate(rq.body()),  # its usage never came:
-                     "completion_tokens": rq.writer.tokens_relayed()}  # estimated, not forgiven
+                name, served = made
+        else:
+            cut = plan.kind in _GENERATES and rq.writer.cut_short()
+            if plan.background is not None and (usage or cut):  # made by this request, and
+                gw.background.pop(plan.background, None)  # its usage came (or never will)
+            if usage is None and cut:
+                usage = {"prompt_tokens": prompt_estimate(rq.body()),  # its usage never came:
+                         "completion_tokens": rq.writer.tokens_relayed()}  # estimated
         prompt, completion, total = usage_tokens(usage)
-        cost = gw.prices.cost(plan.served, usage) if gw.prices.table or usage and \
+        cost = gw.prices.cost(served, usage) if gw.prices.table or usage and \
             "cost" in usage else 0
-        gw.ledger.record(name, plan.served, prompt, completion, total, rq.request_id,
+        gw.ledger.record(name, served, prompt, completion, total, rq.request_id,
                          rq.writer.status, cost)
         if gw.shared is not None:
-            gw.shared.record_usage(name, plan.served, prompt, completion, total, cost)
+            gw.shared.record_usage(name, served, prompt, completion, total, cost)
         rq.tokens, rq.cost = (prompt, completion), cost
         metrics = gw.metrics
-        if rq.writer.status == 200 and plan.served not in metrics.known_models:
-            metrics.learn(plan.served)
-        label = metrics.fold(plan.served)
+        if rq.writer.status == 200 and served not in metrics.known_models:
+            metrics.learn(served)
+        label = metrics.fold(served)
         metrics.count(metrics.tokens, (label, "prompt"), prompt)
         metrics.count(metrics.tokens, (label, "completion"), completion)
         if cost:
@@ -7328,8 +7342,8 @@ class Gateway:
         self.retired: set[UpstreamPool] = set()  # replaced by a reload, still finishing
         self.sticky = StickyIds()  # object id -> (upstream, key) that made it
         self.responses = ResponsesStore()  # responses made over chat
-        # background responses made here whose usage is not counted yet -> the client that
-        # made them: counted once, from the first answer to a poll that has it
+        # background responses made here whose usage is not counted yet -> (the client that
+        # made one, the model that serves it): counted once, from the first poll that has it
         self.background = BoundedMap(MAX_BACKGROUND)
         self.shared: SharedState | None = None  # with redis_url: what instances share
         self.worker: int | None = None  # workers: this one's index

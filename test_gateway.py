@@ -1438,6 +1438,9 @@ def test_a_stream_cut_short_before_its_usage_is_charged_what_went_out(
     image = b'{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":' \
             b'{"url":"data:image/png;base64,%s"}}]}]}' % (b"iVBO" * 750_000)
     assert gw.prompt_estimate(image) < 40  # 3 MB inlined: an image, not 750,000 tokens
+    assert gw.prompt_estimate(image.replace(b"/", b"\\/")) < 40  # slashes escaped, as JSON may
+    audio = b'{"input_audio": {"data": "%s", "format": "wav"}}' % (b"UklG" * 200_000)
+    assert gw.prompt_estimate(audio) < 20  # plain base64, no data: URL
 
 
 def test_budget_crossing_gives_402_on_the_next_request(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
@@ -3245,6 +3248,8 @@ def test_an_upstream_urls_query_goes_with_every_request_and_credentials_in_it_ar
     shown = "\n".join(gw.check_summary(apim))  # what --check prints
     assert not warnings and "SUPERSECRET" not in shown  # a key in the query: one, and unshown
     assert "subscription-key=***&api-version=1" in shown
+    assert gw.mask_url("https://a/v1?jwt=J&access_token=T&unicode=1&api-key=") == \
+        "https://a/v1?jwt=***&access_token=***&unicode=1&api-key="  # (words, with a value)
 
 
 def test_an_upstream_key_in_an_error_sent_chunked_or_long_is_masked_even_cut_across_chunks(
@@ -3271,6 +3276,28 @@ def test_an_upstream_key_in_an_error_sent_chunked_or_long_is_masked_even_cut_acr
         (resp,) = raw(g.port, post("/v1/chat/completions", CHAT, f"x-status: {status.decode()}\r\n"))
         assert resp.status == int(status) and secret not in resp.body and masked in resp.body
         assert resp.body == b"".join(answers[status]).replace(secret, masked)  # whole, as long
+
+
+def test_an_sse_error_that_dies_mid_stream_keeps_its_events_and_ends_with_the_error_event(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    secret = b"sk-upstream-SECRET-0123456789abcdef"
+    events = b'data: {"a":1}\n\ndata: {"error":"%s"}\n\n' % secret
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+        writer.write(b"HTTP/1.1 400 Bad\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked"
+                     b"\r\n\r\n%x\r\n%s\r\n" % (len(events), events))  # then dies, unended
+        await writer.drain()
+        writer.close()
+
+    port = raw_upstream(handler)
+    g = start_gateway({"upstreams": [{"name": "u", "url": f"http://127.0.0.1:{port}/v1", "keys": [secret.decode()]}]})
+    (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))
+    got = [e for e in resp.body.split(b"\n\n") if e]
+    assert got[0] == b'data: {"a":1}' and secret not in resp.body
+    assert got[1] == b'data: {"error":"sk-****************************cdef"}'
+    assert got[2].startswith(b'data: {"error":{') and len(got) == 3  # the gateway's, last
 
 
 def test_a_long_upstream_error_goes_on_whole(raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
@@ -4695,7 +4722,13 @@ def test_a_background_response_is_counted_once_from_the_first_poll_that_has_its_
     assert done.status == "completed" and done.usage.total_tokens > 0
     for _ in range(3):  # polled again: counted once
         client.responses.retrieve(queued.id)
-    assert usage_of(g, SDK_KEY)[0]["total_tokens"] == done.usage.total_tokens
+    usage = usage_of(g, SDK_KEY)[0]
+    assert usage["total_tokens"] == done.usage.total_tokens
+    assert usage["models"]["gpt-4o"]["total_tokens"] == done.usage.total_tokens  # as the request
+    assert usage["models"][""]["total_tokens"] == 0  # that made it; the polls, requests of no model
+    cancelled = client.responses.create(model="gpt-4o", input="never mind", background=True)
+    client.responses.cancel(cancelled.id)  # a cancel's answer that carries the usage counts it
+    assert usage_of(g, SDK_KEY)[0]["total_tokens"] > done.usage.total_tokens
 
 
 def test_a_responses_usage_counts_whatever_metadata_the_upstream_echoes_after_it(
