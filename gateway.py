@@ -434,11 +434,11 @@ def mask_url(url: str | None) -> str | None:
     return _SECRET_QUERY.sub(r"\1***", re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url))
 
 
-# A query parameter whose name has a credential's word in it (between -, _ or .), with a
-# value: subscription-key, access_token, sig, jwt ... (not "unicode", not an empty "key=").
+# A query parameter whose name has a credential's word in it, with a value: subscription-key,
+# accessToken, X-Amz-Signature, jwt ... ("code" only as a word of its own: not "unicode").
 _SECRET_QUERY = re.compile(
-    r"([?&](?:[^=&#]*[-_.])?(?:api-?key|key|token|secret|sig|signature|pass|password|passwd|"
-    r"auth|authorization|code|jwt|bearer|credentials?)(?:[-_.][^=&#]*)?=)[^&#]+", re.IGNORECASE)
+    r"([?&][^=&#]*(?:key|token|secret|sig|pass|auth|jwt|bearer|credential)[^=&#]*=|"
+    r"[?&](?:[^=&#]*[-_.])?code(?:[-_.][^=&#]*)?=)[^&#]+", re.IGNORECASE)
 
 
 def wall_time(monotonic: float, now: float, wall: float) -> float:
@@ -5052,8 +5052,8 @@ class ResponseWriter(BodySink):
     def on_error(self, exc: GatewayError) -> None:
         if self.finished:
             return
-        if self.carry:  # an error's last bytes, masked already: before the error event
-            carry, self.carry, self.masker = self.carry, b"", None
+        if self.carry and self.filter is not None:  # an SSE error's last bytes, masked
+            carry, self.carry, self.masker = self.carry, b"", None  # already: before our event
             try:
                 self.on_data(carry)
             except GatewayError:
@@ -5224,13 +5224,15 @@ def model_entry(model: str, owner: str) -> dict:
 
 _GENERATES = frozenset(("chat", "completions", "responses"))  # text a client could cut short
 _INLINED = re.compile(rb"[A-Za-z0-9+/=\\]{1024,}")  # base64 (slashes JSON-escaped or not)
+_UPPER, _LOWER = re.compile(rb"[A-Z]"), re.compile(rb"[a-z]")
 
 
 def prompt_estimate(body: bytes) -> int:
     """A prompt's tokens, roughly, for a request whose usage never came: 4 bytes a token,
     images inlined as base64 not counted (an image is billed by its size in pixels, not its
     bytes: 3 MB of base64 would be ~800,000 tokens where the upstream counts ~1,000)."""
-    inlined = sum(len(m) for m in _INLINED.findall(body))
+    inlined = sum(len(m) for m in _INLINED.findall(body)  # (base64 mixes cases: not hex, say)
+                  if _UPPER.search(m) and _LOWER.search(m))
     return (len(body) - inlined) // 4
 
 
@@ -6332,13 +6334,13 @@ class ProxyHandler:
                 self.settle(rq, limits, -plan.estimate)  # type: ignore[arg-type]
             return
         usage = rq.writer.reported_usage()
-        served = plan.served
+        served, settles = plan.served, True
         if plan.background is not None and plan.kind == "passthrough":  # a background
             made = gw.background.pop(plan.background, None) if usage else None  # response's
             if made is None:  # poll: counted once, as the request that made it (no usage
                 usage = None  # yet, or another poll counted it: nothing)
-            else:
-                name, served = made
+            else:  # (budgets only: the poller's tpm bucket is not the maker's)
+                (name, served), settles = made, False
         else:
             cut = plan.kind in _GENERATES and rq.writer.cut_short()
             if plan.background is not None and (usage or cut):  # made by this request, and
@@ -6364,7 +6366,7 @@ class ProxyHandler:
             metrics.count(metrics.cost, (label,), cost)
         if plan.served != plan.asked:
             metrics.count(metrics.fallbacks, (metrics.fold(plan.asked), label))
-        if takes_tokens and plan.obj is not None:
+        if takes_tokens and plan.obj is not None and settles:
             self.settle(rq, limits, total - plan.estimate)  # type: ignore[arg-type]
 
     def settle(self, rq: Request, limits: ClientLimits, delta: int) -> None:

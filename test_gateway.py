@@ -1441,6 +1441,7 @@ def test_a_stream_cut_short_before_its_usage_is_charged_what_went_out(
     assert gw.prompt_estimate(image.replace(b"/", b"\\/")) < 40  # slashes escaped, as JSON may
     audio = b'{"input_audio": {"data": "%s", "format": "wav"}}' % (b"UklG" * 200_000)
     assert gw.prompt_estimate(audio) < 20  # plain base64, no data: URL
+    assert gw.prompt_estimate(b"0123456789abcdef" * 2048) == 8192  # hex is text: not base64
 
 
 def test_budget_crossing_gives_402_on_the_next_request(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
@@ -3248,8 +3249,8 @@ def test_an_upstream_urls_query_goes_with_every_request_and_credentials_in_it_ar
     shown = "\n".join(gw.check_summary(apim))  # what --check prints
     assert not warnings and "SUPERSECRET" not in shown  # a key in the query: one, and unshown
     assert "subscription-key=***&api-version=1" in shown
-    assert gw.mask_url("https://a/v1?jwt=J&access_token=T&unicode=1&api-key=") == \
-        "https://a/v1?jwt=***&access_token=***&unicode=1&api-key="  # (words, with a value)
+    assert gw.mask_url("https://a/v1?jwt=J&access_token=T&accessToken=U&unicode=1&api-key=") == \
+        "https://a/v1?jwt=***&access_token=***&accessToken=***&unicode=1&api-key="  # (with a value)
 
 
 def test_an_upstream_key_in_an_error_sent_chunked_or_long_is_masked_even_cut_across_chunks(
@@ -3298,6 +3299,22 @@ def test_an_sse_error_that_dies_mid_stream_keeps_its_events_and_ends_with_the_er
     assert got[0] == b'data: {"a":1}' and secret not in resp.body
     assert got[1] == b'data: {"error":"sk-****************************cdef"}'
     assert got[2].startswith(b'data: {"error":{') and len(got) == 3  # the gateway's, last
+
+
+def test_an_upstream_error_cut_before_any_of_it_went_out_is_a_clean_502(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+        writer.write(b"HTTP/1.1 400 Bad\r\ncontent-type: application/json\r\ncontent-length: 200\r\n\r\n"
+                     b'{"error":')  # 9 of 200 bytes, then the upstream dies
+        await writer.drain()
+        writer.close()
+
+    port = raw_upstream(handler)
+    g = start_gateway({"upstreams": [{"name": "u", "url": f"http://127.0.0.1:{port}/v1", "keys": ["sk-up-key-0123456789"]}]})
+    (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))
+    assert resp.status == 502 and resp.json()["error"]["type"] == "upstream_error"
 
 
 def test_a_long_upstream_error_goes_on_whole(raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
