@@ -431,14 +431,27 @@ def mask_url(url: str | None) -> str | None:
     token, a signature), masked: for logs."""
     if not url:
         return url
-    return _SECRET_QUERY.sub(r"\1***", re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url))
+    url = re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
+    return _QUERY_PARAM.sub(lambda m: m.group(1) + "***" if credential_name(m.group(2))
+                            else m.group(0), url)
 
 
-# A query parameter whose name has a credential's word in it, with a value: subscription-key,
-# accessToken, X-Amz-Signature, jwt ... ("code" only as a word of its own: not "unicode").
-_SECRET_QUERY = re.compile(
-    r"([?&][^=&#]*(?:key|token|secret|sig|pass|auth|jwt|bearer|credential)[^=&#]*=|"
-    r"[?&](?:[^=&#]*[-_.])?code(?:[-_.][^=&#]*)?=)[^&#]+", re.IGNORECASE)
+_QUERY_PARAM = re.compile(r"([?&]([^=&#]*)=)[^&#]+")  # (a name, and a value that is not empty)
+_NAME_WORDS = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|[0-9]+")
+_CREDENTIAL_WORDS = frozenset(
+    "key apikey token secret sig signature pass password passwd pwd auth authorization code "
+    "jwt bearer credential credentials sas".split())
+
+
+def credential_name(name: str) -> bool:
+    """Does a query parameter's name say it holds a credential? By its words, split at -, _,
+    . and case (accessToken, subscription-key, X-Amz-Signature; not max_tokens, author)."""
+    words = [w.lower() for w in _NAME_WORDS.findall(name)]
+    return any(w in _CREDENTIAL_WORDS or w.endswith(("token", "secret")) for w in words)
+
+
+def credential_in_query(url: str) -> bool:
+    return any(credential_name(m.group(2)) for m in _QUERY_PARAM.finditer(url))
 
 
 def wall_time(monotonic: float, now: float, wall: float) -> float:
@@ -3163,7 +3176,7 @@ def load_config(
     for u in config.upstreams:
         if _public_host(u.host) and not any(k.secret for k in u.keys) and not any(
                 h.lower() in _AUTH_HEADERS for h in u.headers) \
-                and not _SECRET_QUERY.search(u.url):  # (a key in the URL's query is one)
+                and not credential_in_query(u.url):  # (a key in the URL's query is one)
             warnings.append(f"upstream {u.name} ({mask_url(u.url)}) has no keys: its requests "
                             "carry no credential (set keys, or OPENAI_API_KEY for the default "
                             "upstream)")
@@ -5052,8 +5065,9 @@ class ResponseWriter(BodySink):
     def on_error(self, exc: GatewayError) -> None:
         if self.finished:
             return
-        if self.carry and self.filter is not None:  # an SSE error's last bytes, masked
-            carry, self.carry, self.masker = self.carry, b"", None  # already: before our event
+        if self.carry and (self.filter is not None or not self.unsent):  # an error's last
+            carry, self.carry, self.masker = self.carry, b"", None  # bytes, masked already:
+            # before our event (SSE), or after what went out (none went: a clean answer)
             try:
                 self.on_data(carry)
             except GatewayError:
@@ -5231,8 +5245,9 @@ def prompt_estimate(body: bytes) -> int:
     """A prompt's tokens, roughly, for a request whose usage never came: 4 bytes a token,
     images inlined as base64 not counted (an image is billed by its size in pixels, not its
     bytes: 3 MB of base64 would be ~800,000 tokens where the upstream counts ~1,000)."""
-    inlined = sum(len(m) for m in _INLINED.findall(body)  # (base64 mixes cases: not hex, say)
-                  if _UPPER.search(m) and _LOWER.search(m))
+    inlined = sum(len(m) for m in _INLINED.findall(body)  # (base64 mixes cases, and escapes
+                  if _UPPER.search(m) and _LOWER.search(m)  # nothing but slashes: not hex,
+                  and m.count(b"\\") == m.count(b"\\/"))  # not \u-escaped text)
     return (len(body) - inlined) // 4
 
 
@@ -5594,9 +5609,10 @@ def _chat_tool_choice(choice: Any) -> Any:
     if isinstance(choice, dict) and choice.get("type") == "function" and choice.get("name"):
         return {"type": "function", "function": {"name": choice["name"]}}
     tools = choice.get("tools") if isinstance(choice, dict) else None
-    if tools is not None and choice.get("type") == "allowed_tools" \
-            and choice.get("mode") in ("auto", "required") and isinstance(tools, list) and all(  # (function tools: chat has no others)
-                isinstance(t, dict) and t.get("type") == "function" and t.get("name") for t in tools):
+    if isinstance(tools, list) and choice.get("type") == "allowed_tools" \
+            and choice.get("mode") in ("auto", "required") \
+            and all(isinstance(t, dict) and t.get("type") == "function" and t.get("name")
+                    for t in tools):  # (function tools only: chat has no others)
         return {"type": "allowed_tools", "allowed_tools": {"mode": choice["mode"], "tools": [
             {"type": "function", "function": {"name": t["name"]}} for t in choice["tools"]]}}
     raise _unsupported("tool_choice", f"tool_choice {choice!r} has no chat equivalent.")
@@ -6366,8 +6382,9 @@ class ProxyHandler:
             metrics.count(metrics.cost, (label,), cost)
         if plan.served != plan.asked:
             metrics.count(metrics.fallbacks, (metrics.fold(plan.asked), label))
-        if takes_tokens and plan.obj is not None and settles:
-            self.settle(rq, limits, total - plan.estimate)  # type: ignore[arg-type]
+        if takes_tokens and plan.obj is not None:  # (a background poll's usage: budgets only)
+            used = total if settles else 0
+            self.settle(rq, limits, used - plan.estimate)  # type: ignore[arg-type]
 
     def settle(self, rq: Request, limits: ClientLimits, delta: int) -> None:
         """Correct the token estimate taken before the request, where it was taken."""
@@ -7405,8 +7422,8 @@ class Gateway:
             receiving = self.receiving()
         if self.active or receiving:
             try:
-                await asyncio.wait_for(self.idle_event.wait(),  # type: ignore[union-attr]
-                                       max(0.0, deadline - self.loop.time()))  # type: ignore[union-attr]
+                left = max(0.0, deadline - self.loop.time())  # type: ignore[union-attr]
+                await asyncio.wait_for(self.idle_event.wait(), left)  # type: ignore[union-attr]
             except asyncio.TimeoutError:
                 log(f"grace period over: cutting {self.active + receiving} request(s)")
         self.cutting = True

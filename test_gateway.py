@@ -1442,6 +1442,7 @@ def test_a_stream_cut_short_before_its_usage_is_charged_what_went_out(
     audio = b'{"input_audio": {"data": "%s", "format": "wav"}}' % (b"UklG" * 200_000)
     assert gw.prompt_estimate(audio) < 20  # plain base64, no data: URL
     assert gw.prompt_estimate(b"0123456789abcdef" * 2048) == 8192  # hex is text: not base64
+    assert gw.prompt_estimate(b"\\u4e2d\\u6587OpenAI" * 500) == 2250  # and so is \\u-escaped text
 
 
 def test_budget_crossing_gives_402_on_the_next_request(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
@@ -3251,6 +3252,8 @@ def test_an_upstream_urls_query_goes_with_every_request_and_credentials_in_it_ar
     assert "subscription-key=***&api-version=1" in shown
     assert gw.mask_url("https://a/v1?jwt=J&access_token=T&accessToken=U&unicode=1&api-key=") == \
         "https://a/v1?jwt=***&access_token=***&accessToken=***&unicode=1&api-key="  # (with a value)
+    assert gw.mask_url("https://a/v1?accessCode=C&pwd=P&design=d&author=a&max_tokens=5&monkey=1") == \
+        "https://a/v1?accessCode=***&pwd=***&design=d&author=a&max_tokens=5&monkey=1"  # by words
 
 
 def test_an_upstream_key_in_an_error_sent_chunked_or_long_is_masked_even_cut_across_chunks(
@@ -3315,6 +3318,28 @@ def test_an_upstream_error_cut_before_any_of_it_went_out_is_a_clean_502(
     g = start_gateway({"upstreams": [{"name": "u", "url": f"http://127.0.0.1:{port}/v1", "keys": ["sk-up-key-0123456789"]}]})
     (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))
     assert resp.status == 502 and resp.json()["error"]["type"] == "upstream_error"
+
+
+def test_an_upstream_error_cut_after_some_went_out_keeps_what_came(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    sent = b'{"error": {"message": "' + b"x" * 975
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+        writer.write(b"HTTP/1.1 400 Bad\r\ncontent-type: application/json\r\ncontent-length: 2000\r\n\r\n"
+                     + sent)  # 1,000 of 2,000 bytes, then the upstream dies
+        await writer.drain()
+        writer.close()
+
+    port = raw_upstream(handler)
+    g = start_gateway({"upstreams": [{"name": "u", "url": f"http://127.0.0.1:{port}/v1", "keys": ["sk-up-key-0123456789"]}]})
+    with connect(g.port) as sock:
+        sock.sendall(post("/v1/chat/completions", CHAT))
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 400") and got.endswith(sent)  # all that came, then the close
 
 
 def test_a_long_upstream_error_goes_on_whole(raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
@@ -4746,6 +4771,18 @@ def test_a_background_response_is_counted_once_from_the_first_poll_that_has_its_
     cancelled = client.responses.create(model="gpt-4o", input="never mind", background=True)
     client.responses.cancel(cancelled.id)  # a cancel's answer that carries the usage counts it
     assert usage_of(g, SDK_KEY)[0]["total_tokens"] > done.usage.total_tokens
+
+
+def test_a_background_poll_takes_nothing_from_the_pollers_tpm(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway(limited(mock, api_keys=[{"key": SDK_KEY, "name": "team", "tpm": 100000}]), clock=FakeClock())
+    auth = f"Authorization: Bearer {SDK_KEY}\r\n"
+    made = g.client().responses.create(model="gpt-4o", input="later", background=True)
+    body = b'{"note": "%s"}' % (b"x" * 8000)  # a body: an estimate taken, and given back
+    (cancel,) = raw(g.port, post(f"/v1/responses/{made.id}/cancel", body, auth + "Content-Type: application/json\r\n"))
+    assert cancel.status == 200 and int(cancel.headers["x-ratelimit-remaining-tokens"]) < 98000
+    (after,) = raw(g.port, b"GET /v1/usage HTTP/1.1\r\nHost: t\r\n" + auth.encode() + b"\r\n")
+    assert after.headers["x-ratelimit-remaining-tokens"] == "100000"  # budgets only, estimate back
 
 
 def test_a_responses_usage_counts_whatever_metadata_the_upstream_echoes_after_it(
