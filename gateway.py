@@ -436,18 +436,17 @@ def mask_url(url: str | None) -> str | None:
                             else m.group(0), url)
 
 
-_QUERY_PARAM = re.compile(r"([?&]([^=&#]*)=)[^&#]+")  # (a name, and a value that is not empty)
-_NAME_WORDS = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|[0-9]+")
-_CREDENTIAL_WORDS = frozenset(
-    "key apikey token secret sig signature pass password passwd pwd auth authorization code "
-    "jwt bearer credential credentials sas".split())
+_QUERY_PARAM = re.compile(r"([?&]([^=&#?]*)=)[^&#?]+")  # (a name, and a value, not empty)
+_CREDENTIAL_PARTS = ("key", "token", "secret", "sig", "pass", "pwd", "auth", "jwt", "bearer",
+                     "credential", "code", "sas")
 
 
 def credential_name(name: str) -> bool:
-    """Does a query parameter's name say it holds a credential? By its words, split at -, _,
-    . and case (accessToken, subscription-key, X-Amz-Signature; not max_tokens, author)."""
-    words = [w.lower() for w in _NAME_WORDS.findall(name)]
-    return any(w in _CREDENTIAL_WORDS or w.endswith(("token", "secret")) for w in words)
+    """Might a query parameter hold a credential, by its name? Any of a credential's words
+    in it (appkey, accessToken, X-Amz-Signature, passcode). Masking a harmless value
+    (max_tokens, author) costs a log line some detail; missing a key would show it."""
+    name = unquote(name).lower()
+    return any(part in name for part in _CREDENTIAL_PARTS)
 
 
 def credential_in_query(url: str) -> bool:
@@ -778,6 +777,17 @@ class KeyPool:
                 body = body.replace(secret, b"*" * len(secret) if len(secret) < 12 else
                                     secret[:3] + b"*" * (len(secret) - 7) + secret[-4:])
         return body
+
+    def mask_tail(self, data: bytes) -> bytes:
+        """The last bytes of an error whose end came (or was cut) with a key begun in them
+        and not finished: that start is masked too (8 bytes or more of it)."""
+        for key in self.keys:
+            secret = key.secret.encode()
+            for size in range(min(len(secret) - 1, len(data)), 7, -1):
+                if data.endswith(secret[:size]):
+                    data = data[:-size] + b"*" * size
+                    break
+        return data
 
     def longest(self) -> int:
         """The longest key, in bytes: what an answer masked as it comes holds back."""
@@ -5034,8 +5044,9 @@ class ResponseWriter(BodySink):
     def on_end(self) -> None:
         if self.finished:
             return
-        if self.carry:  # an error's last bytes, masked already
-            carry, self.carry, self.masker = self.carry, b"", None
+        if self.carry:  # an error's last bytes: masked, a key begun in them too
+            carry, self.carry = self.masker.mask_tail(self.carry), b""  # type: ignore[union-attr]
+            self.masker = None
             self.on_data(carry)
         flt = self.filter
         if flt is not None and flt.held_size:  # the stream ends as the upstream ended it; an
@@ -5066,8 +5077,9 @@ class ResponseWriter(BodySink):
         if self.finished:
             return
         if self.carry and (self.filter is not None or not self.unsent):  # an error's last
-            carry, self.carry, self.masker = self.carry, b"", None  # bytes, masked already:
-            # before our event (SSE), or after what went out (none went: a clean answer)
+            carry = self.masker.mask_tail(self.carry)  # type: ignore[union-attr]  # bytes:
+            self.carry, self.masker = b"", None  # before our event (SSE), or after what went
+            # out (when none went: a clean answer)
             try:
                 self.on_data(carry)
             except GatewayError:
@@ -5246,8 +5258,9 @@ def prompt_estimate(body: bytes) -> int:
     images inlined as base64 not counted (an image is billed by its size in pixels, not its
     bytes: 3 MB of base64 would be ~800,000 tokens where the upstream counts ~1,000)."""
     inlined = sum(len(m) for m in _INLINED.findall(body)  # (base64 mixes cases, and escapes
-                  if _UPPER.search(m) and _LOWER.search(m)  # nothing but slashes: not hex,
-                  and m.count(b"\\") == m.count(b"\\/"))  # not \u-escaped text)
+                  if _UPPER.search(m) and _LOWER.search(m)  # nothing but slashes and line
+                  and m.count(b"\\") == m.count(b"\\/") + m.count(b"\\n") + m.count(b"\\r"))
+    # ends: not hex, not \u-escaped text)
     return (len(body) - inlined) // 4
 
 

@@ -1443,6 +1443,8 @@ def test_a_stream_cut_short_before_its_usage_is_charged_what_went_out(
     assert gw.prompt_estimate(audio) < 20  # plain base64, no data: URL
     assert gw.prompt_estimate(b"0123456789abcdef" * 2048) == 8192  # hex is text: not base64
     assert gw.prompt_estimate(b"\\u4e2d\\u6587OpenAI" * 500) == 2250  # and so is \\u-escaped text
+    wrapped = base64.encodebytes(bytes(range(256)) * 3000).replace(b"\n", b"\\n")  # 76 a line
+    assert gw.prompt_estimate(b'{"url": "data:image/png;base64,%s"}' % wrapped) < 20
 
 
 def test_budget_crossing_gives_402_on_the_next_request(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
@@ -3250,10 +3252,10 @@ def test_an_upstream_urls_query_goes_with_every_request_and_credentials_in_it_ar
     shown = "\n".join(gw.check_summary(apim))  # what --check prints
     assert not warnings and "SUPERSECRET" not in shown  # a key in the query: one, and unshown
     assert "subscription-key=***&api-version=1" in shown
-    assert gw.mask_url("https://a/v1?jwt=J&access_token=T&accessToken=U&unicode=1&api-key=") == \
-        "https://a/v1?jwt=***&access_token=***&accessToken=***&unicode=1&api-key="  # (with a value)
-    assert gw.mask_url("https://a/v1?accessCode=C&pwd=P&design=d&author=a&max_tokens=5&monkey=1") == \
-        "https://a/v1?accessCode=***&pwd=***&design=d&author=a&max_tokens=5&monkey=1"  # by words
+    assert gw.mask_url("https://a/v1?jwt=J&access_token=T&accessToken=U&api-version=1&api-key=") == \
+        "https://a/v1?jwt=***&access_token=***&accessToken=***&api-version=1&api-key="  # (a value)
+    assert gw.mask_url("https://a/v1?appkey=A&api%5Fkey=K&passcode=P&pwd=W&foo=1?token=T") == \
+        "https://a/v1?appkey=***&api%5Fkey=***&passcode=***&pwd=***&foo=1?token=***"  # any such word
 
 
 def test_an_upstream_key_in_an_error_sent_chunked_or_long_is_masked_even_cut_across_chunks(
@@ -3340,6 +3342,31 @@ def test_an_upstream_error_cut_after_some_went_out_keeps_what_came(
         while chunk := sock.recv(65536):
             got += chunk
     assert got.startswith(b"HTTP/1.1 400") and got.endswith(sent)  # all that came, then the close
+
+
+def test_an_upstream_error_cut_in_the_middle_of_a_key_shows_no_part_of_it(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    secret = b"sk-up-key-0123456789abcdef"
+    body = b'{"error": {"message": "' + b"x" * 1000 + b' Incorrect API key provided: ' + secret + b'."}}'
+
+    start = body.index(secret)
+    for cut in (start + 10, start + 20, start + 25):  # the key begun, unfinished, when it dies
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cut: int = cut) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+            writer.write(b"HTTP/1.1 400 Bad\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                         % (len(body), body[:cut]))
+            await writer.drain()
+            writer.close()
+
+        port = raw_upstream(handler)
+        g = start_gateway({"upstreams": [{"name": "u", "url": f"http://127.0.0.1:{port}/v1", "keys": [secret.decode()]}]})
+        with connect(g.port) as sock:
+            sock.sendall(post("/v1/chat/completions", CHAT))
+            got = b""
+            while chunk := sock.recv(65536):
+                got += chunk
+        assert secret[:8] not in got, (cut, got[-40:])
 
 
 def test_a_long_upstream_error_goes_on_whole(raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
