@@ -770,8 +770,9 @@ class KeyPool:
     def mask(self, body: bytes) -> bytes:
         """An upstream's answer, with any of these keys it echoes masked (an upstream key is
         never returned to a client): errors only, one search per key. The mask is as long as
-        the key, so that the answer's length (its Content-Length) stays true."""
-        for key in self.keys:
+        the key, so that the answer's length (its Content-Length) stays true. The longest
+        keys first: one that begins with a shorter one is masked whole."""
+        for key in sorted(self.keys, key=lambda k: -len(k.secret)):
             secret = key.secret.encode()
             if secret and secret in body:
                 body = body.replace(secret, b"*" * len(secret) if len(secret) < 12 else
@@ -788,6 +789,12 @@ class KeyPool:
                     data = data[:-size] + b"*" * size
                     break
         return data
+
+    def mask_whole(self, headers: list[tuple[bytes, bytes]], body: bytes
+                   ) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        """An error read whole: its headers and body masked, and its end too (it may have
+        been cut in a key)."""
+        return [(n, self.mask(v)) for n, v in headers], self.mask_tail(self.mask(body))
 
     def longest(self) -> int:
         """The longest key, in bytes: what an answer masked as it comes holds back."""
@@ -4309,7 +4316,7 @@ class Forwarder:
             elif status in (401, 403):
                 self.block(upstream, keys, key, f"{status} {upstream_message(body, keys)}")
                 plan.tried.add(key)
-            elif await self.backoff(plan, None, (status, headers, keys.mask(body))):
+            elif await self.backoff(plan, None, (status, *keys.mask_whole(headers, body))):
                 return None
 
     @staticmethod
@@ -6206,13 +6213,15 @@ class ProxyHandler:
         if conn.status >= 400:  # an error: any upstream key it echoes is masked as it goes
             keys = plan.keys[plan.upstream.name]  # type: ignore[union-attr]
             if plan.kind == "embeddings" and conn.status == 404 and not writer.head_only:
-                body = keys.mask(await conn.read_body(MAX_ERROR_BODY))
+                headers, body = keys.mask_whole(conn.headers,
+                                                await conn.read_body(MAX_ERROR_BODY))
                 if error_code(body) != "model_not_found":  # no /embeddings (not no model)
                     raise Unsupported("The upstream does not serve embeddings.")
                 rq.flow.detach()
-                writer.relay_whole(404, conn.headers, body)
+                writer.relay_whole(404, headers, body)
                 return
             writer.mask_with(keys)
+            conn.headers = [(n, keys.mask(v)) for n, v in conn.headers]  # (its headers too)
         ok = 200 <= conn.status < 300
         convert = ok and plan.converts(plan.upstream)  # type: ignore[arg-type]
         if convert and (not plan.stream or next(  # a stream asked for, and no stream given: a

@@ -3369,6 +3369,32 @@ def test_an_upstream_error_cut_in_the_middle_of_a_key_shows_no_part_of_it(
         assert secret[:8] not in got, (cut, got[-40:])
 
 
+def test_a_key_in_an_errors_headers_a_longer_key_and_a_5xx_cut_in_a_key_are_masked(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    short, long = b"sk-up-key-0123456789", b"sk-up-key-0123456789abcdef"  # one begins the other
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+        if b"x-status: 500" in head:  # close-delimited, cut in the middle of a key
+            writer.write(b'HTTP/1.1 500 Oops\r\nconnection: close\r\n\r\n{"error": {"message": "bad ' + long[:15])
+        else:
+            body = b'{"error": {"message": "%s"}}' % long
+            writer.write(b"HTTP/1.1 400 Bad\r\nx-debug-auth: Bearer %s\r\ncontent-length: %d\r\n\r\n%s"
+                         % (long, len(body), body))
+        await writer.drain()
+        writer.close()
+
+    port = raw_upstream(handler)
+    g = start_gateway({"retry": {"attempts": 1}, "upstreams": [
+        {"name": "u", "url": f"http://127.0.0.1:{port}/v1", "keys": [short.decode(), long.decode()]}]})
+    (bad,) = raw(g.port, post("/v1/chat/completions", CHAT))
+    assert bad.status == 400 and long[:10] not in bad.body and long[:10] not in bad.headers["x-debug-auth"].encode()
+    assert bad.body.endswith(b'sk-*******************cdef"}}')  # the longer key, masked whole
+    (cut,) = raw(g.port, post("/v1/chat/completions", CHAT, "x-status: 500\r\n"))
+    assert cut.status == 500 and long[:8] not in cut.body
+
+
 def test_a_long_upstream_error_goes_on_whole(raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
     body = b'{"error": {"message": "%s", "type": "invalid_request_error"}}' % (b"x" * 3_000_000)
 
