@@ -6380,10 +6380,10 @@ class ProxyHandler:
             else:  # (budgets only: the poller's tpm bucket is not the maker's)
                 (name, served), settles = made, False
         else:
-            cut = plan.kind in _GENERATES and rq.writer.cut_short()
+            cut = usage is None and plan.kind in _GENERATES and rq.writer.cut_short()
             if plan.background is not None and (usage or cut):  # made by this request, and
                 gw.background.pop(plan.background, None)  # its usage came (or never will)
-            if usage is None and cut:
+            if cut:
                 usage = {"prompt_tokens": prompt_estimate(rq.body()),  # its usage never came:
                          "completion_tokens": rq.writer.tokens_relayed()}  # estimated
         prompt, completion, total = usage_tokens(usage)
