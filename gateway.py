@@ -790,11 +790,14 @@ class KeyPool:
                     break
         return data
 
+    def mask_headers(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        return [(name, self.mask(value)) for name, value in headers]
+
     def mask_whole(self, headers: list[tuple[bytes, bytes]], body: bytes
                    ) -> tuple[list[tuple[bytes, bytes]], bytes]:
         """An error read whole: its headers and body masked, and its end too (it may have
         been cut in a key)."""
-        return [(n, self.mask(v)) for n, v in headers], self.mask_tail(self.mask(body))
+        return self.mask_headers(headers), self.mask_tail(self.mask(body))
 
     def longest(self) -> int:
         """The longest key, in bytes: what an answer masked as it comes holds back."""
@@ -4969,6 +4972,13 @@ class ResponseWriter(BodySink):
         """An upstream's error, relayed as it comes: any of these keys in it is masked."""
         self.masker = keys
 
+    def _release_carry(self) -> bytes:
+        """An error's held-back last bytes, now that nothing follows them: masked, a key
+        begun in them too. What is written after them is not masked again."""
+        carry, self.carry = self.masker.mask_tail(self.carry), b""  # type: ignore[union-attr]
+        self.masker = None
+        return carry
+
     # BodySink -------------------------------------------------------------------------------
 
     def on_data(self, data: bytes) -> None:
@@ -5051,10 +5061,8 @@ class ResponseWriter(BodySink):
     def on_end(self) -> None:
         if self.finished:
             return
-        if self.carry:  # an error's last bytes: masked, a key begun in them too
-            carry, self.carry = self.masker.mask_tail(self.carry), b""  # type: ignore[union-attr]
-            self.masker = None
-            self.on_data(carry)
+        if self.carry:
+            self.on_data(self._release_carry())
         flt = self.filter
         if flt is not None and flt.held_size:  # the stream ends as the upstream ended it; an
             held = flt.take_held()  # unfinished event is dropped by any SSE client, and one
@@ -5083,12 +5091,9 @@ class ResponseWriter(BodySink):
     def on_error(self, exc: GatewayError) -> None:
         if self.finished:
             return
-        if self.carry and (self.filter is not None or not self.unsent):  # an error's last
-            carry = self.masker.mask_tail(self.carry)  # type: ignore[union-attr]  # bytes:
-            self.carry, self.masker = b"", None  # before our event (SSE), or after what went
-            # out (when none went: a clean answer)
-            try:
-                self.on_data(carry)
+        if self.carry and (self.filter is not None or not self.unsent):  # before our event
+            try:  # (SSE), or after what went out (when none went: a clean answer instead)
+                self.on_data(self._release_carry())
             except GatewayError:
                 pass
         self.rq.error = exc.message
@@ -6221,7 +6226,7 @@ class ProxyHandler:
                 writer.relay_whole(404, headers, body)
                 return
             writer.mask_with(keys)
-            conn.headers = [(n, keys.mask(v)) for n, v in conn.headers]  # (its headers too)
+            conn.headers = keys.mask_headers(conn.headers)
         ok = 200 <= conn.status < 300
         convert = ok and plan.converts(plan.upstream)  # type: ignore[arg-type]
         if convert and (not plan.stream or next(  # a stream asked for, and no stream given: a
