@@ -6545,8 +6545,9 @@ class AdminHandler:
             # them; this one's published first. A scrape never shows more of a worker than
             # its file says, so the next one, whichever worker answers it, shows no less (a
             # counter that drops reads as a reset).
-            gw.write_metrics()
-            published = [orjson.loads(metrics.snapshot(refused)), *gw.sibling_metrics()]
+            own = gw.write_metrics()
+            published = [orjson.loads(own if own is not None else metrics.snapshot(refused)),
+                         *gw.sibling_metrics()]
             metrics, refused = Metrics(metrics.known_models).merged(published)
         text = metrics.render([
             ("gateway_breaker_open", "1 while the (upstream, model) breaker is open or half-open.",
@@ -7534,14 +7535,18 @@ class Gateway:
             self.metrics_written = now
             self.write_metrics()
 
-    def write_metrics(self) -> None:
-        """Workers: this one's counts where the others' scrapes find them (whole, or not)."""
+    def write_metrics(self) -> bytes | None:
+        """Workers: this one's counts where the others' scrapes find them (whole, or not).
+        Returns them (None when they could not be made)."""
         path = Path(self.metrics_dir) / f"{self.worker}.json"  # type: ignore[arg-type]
+        snapshot = None
         try:
-            path.with_suffix(".tmp").write_bytes(self.metrics.snapshot(self.limiter.refused))
+            snapshot = self.metrics.snapshot(self.limiter.refused)
+            path.with_suffix(".tmp").write_bytes(snapshot)
             path.with_suffix(".tmp").replace(path)
         except (OSError, TypeError) as exc:  # (TypeError: a sum orjson cannot write)
             log(f"cannot write metrics for the other workers: {exc}", "warning")
+        return snapshot
 
     def inherit_metrics(self) -> None:
         """Workers: a restarted one goes on from the counts its predecessor left, so that the
