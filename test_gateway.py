@@ -103,6 +103,14 @@ def raw_upstream(loop_thread: LoopThread) -> Iterator[RawUpstream]:
         loop_thread.call(server.close)
 
 
+async def request_in(reader: asyncio.StreamReader) -> bytes:
+    """For a raw upstream's handler: the next request's head, its body (Content-Length)
+    read past."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+    return head
+
+
 class RedisServer:
     """A real redis-server on a free port, no persistence; kill() and start() again on the
     same port, as an outage would."""
@@ -2761,8 +2769,7 @@ def test_a_converted_stream_that_ends_cleanly_leaves_its_upstream_connection_for
         connections.append(1)
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+                await request_in(reader)
                 writer.write(answer)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -3216,8 +3223,7 @@ def test_the_last_http_error_is_passed_through_when_a_later_try_gets_no_answer(
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+            await request_in(reader)
             seen.append(1)
             if len(seen) > 1:  # every later try: the connection drops, no answer at all
                 writer.close()
@@ -3267,8 +3273,7 @@ def test_an_upstream_key_in_an_error_sent_chunked_or_long_is_masked_even_cut_acr
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+            head = await request_in(reader)
             status = re.search(rb"(?i)x-status: (\d+)", head).group(1)
             first, second = answers[status]  # the key cut across two chunks
             writer.write(b"HTTP/1.1 %s Oops\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -3290,8 +3295,7 @@ def test_an_sse_error_that_dies_mid_stream_keeps_its_events_and_ends_with_the_er
     events = b'data: {"a":1}\n\ndata: {"error":"%s"}\n\n' % secret
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+        await request_in(reader)
         writer.write(b"HTTP/1.1 400 Bad\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked"
                      b"\r\n\r\n%x\r\n%s\r\n" % (len(events), events))  # then dies, unended
         await writer.drain()
@@ -3309,8 +3313,7 @@ def test_an_sse_error_that_dies_mid_stream_keeps_its_events_and_ends_with_the_er
 def test_an_upstream_error_cut_before_any_of_it_went_out_is_a_clean_502(
         raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+        await request_in(reader)
         writer.write(b"HTTP/1.1 400 Bad\r\ncontent-type: application/json\r\ncontent-length: 200\r\n\r\n"
                      b'{"error":')  # 9 of 200 bytes, then the upstream dies
         await writer.drain()
@@ -3327,8 +3330,7 @@ def test_an_upstream_error_cut_after_some_went_out_keeps_what_came(
     sent = b'{"error": {"message": "' + b"x" * 975
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+        await request_in(reader)
         writer.write(b"HTTP/1.1 400 Bad\r\ncontent-type: application/json\r\ncontent-length: 2000\r\n\r\n"
                      + sent)  # 1,000 of 2,000 bytes, then the upstream dies
         await writer.drain()
@@ -3352,8 +3354,7 @@ def test_an_upstream_error_cut_in_the_middle_of_a_key_shows_no_part_of_it(
     start = body.index(secret)
     for cut in (start + 10, start + 20, start + 25):  # the key begun, unfinished, when it dies
         async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cut: int = cut) -> None:
-            head = await reader.readuntil(b"\r\n\r\n")
-            await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+            await request_in(reader)
             writer.write(b"HTTP/1.1 400 Bad\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
                          % (len(body), body[:cut]))
             await writer.drain()
@@ -3374,8 +3375,7 @@ def test_a_key_in_an_errors_headers_a_longer_key_and_a_5xx_cut_in_a_key_are_mask
     short, long = b"sk-up-key-0123456789", b"sk-up-key-0123456789abcdef"  # one begins the other
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+        head = await request_in(reader)
         if b"x-status: 500" in head:  # close-delimited, cut in the middle of a key
             writer.write(b'HTTP/1.1 500 Oops\r\nconnection: close\r\n\r\n{"error": {"message": "bad ' + long[:15])
         else:
@@ -3399,8 +3399,7 @@ def test_a_long_upstream_error_goes_on_whole(raw_upstream: RawUpstream, start_ga
     body = b'{"error": {"message": "%s", "type": "invalid_request_error"}}' % (b"x" * 3_000_000)
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+        await request_in(reader)
         writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
                      b"content-length: %d\r\n\r\n%s" % (len(body), body))
         await writer.drain()
@@ -4140,8 +4139,7 @@ def test_a_token_count_no_request_could_have_counts_nothing(
         raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+            await request_in(reader)
             body = b'{"id":"c","object":"chat.completion","choices":[],"usage":{"prompt_tokens":%d,' \
                    b'"completion_tokens":5,"total_tokens":%d}}' % (2 ** 64 - 1, 2 ** 64 + 4)
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
@@ -4442,8 +4440,7 @@ def test_completions_through_a_chat_only_upstream(start_gateway: StartGateway, m
 
 def test_chat_only_upstream_answering_garbage_is_502_not_500(raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+        await request_in(reader)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 7\r\n\r\n[1,2,3]")
         await writer.drain()
 
