@@ -565,6 +565,72 @@ class UpstreamKey:
                 f"blocked={self.blocked}, cooling={list(self.cooling)})")
 
 
+class Masker:
+    """Upstream keys in an answer that is not a success, masked as it streams (an upstream
+    key never reaches a client). A mask is as long as its key, so that a Content-Length stays
+    true, and shows at most what mask_secret shows; keys that overlap are masked together.
+
+    The last `hold` bytes (the longest key, less one) wait for what follows, since a key may
+    be cut across reads, and the `hold` bytes written before them are kept unmasked, to find
+    a key that ends in what waited. So each byte is masked as it would be in the whole body."""
+
+    __slots__ = ("secrets", "hold", "seen", "waiting")
+
+    def __init__(self, secrets: Iterable[bytes], escaped: Iterable[bytes] = ()) -> None:
+        # (a key, and what of it a mask shows): an escaped form is hidden whole, so that no
+        # escape is cut in two (`\*` is not JSON)
+        self.secrets = tuple((s, 3, 4) if len(s) >= 12 else (s, 0, 0) for s in secrets if s) \
+            + tuple((s, 0, 0) for s in escaped if s)
+        self.hold = max((len(s) for s, _, _ in self.secrets), default=1) - 1
+        self.seen = b""  # written already: only looked at
+        self.waiting = b""  # not written yet
+
+    def __repr__(self) -> str:
+        return f"Masker({len(self.secrets)} secrets, waiting={len(self.waiting)})"
+
+    def feed(self, data: bytes) -> bytes:
+        """What of the answer so far can be written, masked."""
+        body = self.seen + self.waiting + data
+        start, stop = len(self.seen), len(body) - self.hold
+        if stop <= start:
+            self.waiting = body[start:]
+            return b""
+        self.seen, self.waiting = body[max(0, stop - self.hold):stop], body[stop:]
+        return self._masked(body, start, stop, False)
+
+    def end(self) -> bytes:
+        """What waited, now that the answer has ended (or been cut, perhaps in a key)."""
+        body, start = self.seen + self.waiting, len(self.seen)
+        self.seen = self.waiting = b""
+        return self._masked(body, start, len(body), True)
+
+    def whole(self, data: bytes) -> bytes:
+        """A piece that is all there is (a header, an error read whole), masked."""
+        return self._masked(data, 0, len(data), True)
+
+    def _masked(self, body: bytes, start: int, stop: int, ended: bool) -> bytes:
+        hidden = []
+        for secret, head, tail in self.secrets:
+            size = len(secret)
+            at = body.find(secret)
+            while at >= 0:
+                hidden.append((at + head, at + size - tail))
+                at = body.find(secret, at + 1)
+            if ended:  # the end came in a key: what of it came is hidden, from a few bytes on
+                for cut in range(min(size - 1, len(body)), max(1, min(8, size // 2)) - 1, -1):
+                    if body.endswith(secret[:cut]):
+                        hidden.append((len(body) - cut + head, len(body)))
+                        break
+        if not hidden:
+            return body[start:stop]
+        out = bytearray(body[start:stop])
+        for a, b in hidden:
+            a, b = max(a, start), min(b, stop)
+            if a < b:
+                out[a - start:b - start] = b"*" * (b - a)
+        return bytes(out)
+
+
 class KeyPool:
     """The keys of one upstream: pick (round_robin or failover), cool down, block, pace.
 
@@ -767,41 +833,20 @@ class KeyPool:
                  for k in self.keys if not k.blocked]
         return min(waits) if waits else None
 
-    def mask(self, body: bytes) -> bytes:
-        """An upstream's answer, with any of these keys it echoes masked (an upstream key is
-        never returned to a client): errors only, one search per key. The mask is as long as
-        the key, so that the answer's length (its Content-Length) stays true. The longest
-        keys first: one that begins with a shorter one is masked whole."""
-        for key in sorted(self.keys, key=lambda k: -len(k.secret)):
-            secret = key.secret.encode()
-            if secret and secret in body:
-                body = body.replace(secret, b"*" * len(secret) if len(secret) < 12 else
-                                    secret[:3] + b"*" * (len(secret) - 7) + secret[-4:])
-        return body
-
-    def mask_tail(self, data: bytes) -> bytes:
-        """The last bytes of an error whose end came (or was cut) with a key begun in them
-        and not finished: that start is masked too (8 bytes or more of it)."""
+    def masker(self) -> Masker:
+        """What masks these keys in an answer that is not a success: each key as it is
+        sent (latin-1), and as JSON strings carry it (escaped, "/" too or not)."""
+        secrets, escaped = set(), set()
         for key in self.keys:
-            secret = key.secret.encode()
-            for size in range(min(len(secret) - 1, len(data)), 7, -1):
-                if data.endswith(secret[:size]):
-                    data = data[:-size] + b"*" * size
-                    break
-        return data
+            if key.secret:
+                secrets.add(key.secret.encode("latin-1"))
+                json = orjson.dumps(key.secret)[1:-1]
+                escaped.update((json, json.replace(b"/", b"\\/")))
+        return Masker(secrets, escaped - secrets)
 
     def mask_headers(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        return [(name, self.mask(value)) for name, value in headers]
-
-    def mask_whole(self, headers: list[tuple[bytes, bytes]], body: bytes
-                   ) -> tuple[list[tuple[bytes, bytes]], bytes]:
-        """An error read whole: its headers and body masked, and its end too (it may have
-        been cut in a key)."""
-        return self.mask_headers(headers), self.mask_tail(self.mask(body))
-
-    def longest(self) -> int:
-        """The longest key, in bytes: what an answer masked as it comes holds back."""
-        return max((len(k.secret.encode()) for k in self.keys), default=0)
+        masker = self.masker()
+        return [(masker.whole(name), masker.whole(value)) for name, value in headers]
 
     def block_reason(self) -> str:
         """What the upstream said when it last refused a key."""
@@ -2692,6 +2737,14 @@ class KeySpec(NamedTuple):
     head: bytes = b""
 
 
+def _latin1(text: str) -> bool:
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _expand_keys(value: Any, path: str, upstream: str, env: _Env) -> list[tuple[str, str]]:
     """An upstream's keys: plain strings, "env:NAME", or "env:PREFIX*" (sorted by name)."""
     if not isinstance(value, list):
@@ -2712,8 +2765,9 @@ def _expand_keys(value: Any, path: str, upstream: str, env: _Env) -> list[tuple[
             keys.append((f"{upstream}#{i}", resolve_env(item, at, env)))
     named: set[str] = set()
     for i, (name, secret) in enumerate(keys):
-        if not secret or any(c in secret for c in "\r\n\0"):
-            raise _fail(f"{path}[{i}]", "empty or has a control character")
+        if not secret or not secret.isprintable() or not _latin1(secret):
+            raise _fail(f"{path}[{i}]", "empty, or has a control character or one that a "
+                        "header cannot carry (past Latin-1)")
         if name in named:  # (env:TK* and env:TK1, say): one key twice in the rotation
             raise _fail(f"{path}[{i}]", f"names the key {name} twice")
         named.add(name)
@@ -4306,10 +4360,6 @@ class Forwarder:
                 body = await conn.read_body(MAX_ERROR_BODY + 1)  # so the connection can be
             except GatewayError:  # reused (one byte past the bound: to tell a cut body)
                 body = b""
-            if len(body) > MAX_ERROR_BODY:  # cut: passed on, it would be broken JSON
-                headers = [h for h in headers if h[0] != b"content-type"] + [_JSON_CT]
-                body = UpstreamError(f"The upstream answered {status} with an error body over "
-                                    f"{MAX_ERROR_BODY} bytes, not passed on.").body()
             flow.detach()
             keys.failed(key)
             if status == 429:
@@ -4319,7 +4369,8 @@ class Forwarder:
             elif status in (401, 403):
                 self.block(upstream, keys, key, f"{status} {upstream_message(body, keys)}")
                 plan.tried.add(key)
-            elif await self.backoff(plan, None, (status, *keys.mask_whole(headers, body))):
+            elif await self.backoff(plan, None, (status, *masked_error(keys, status, headers,
+                                                                       body))):
                 return None
 
     @staticmethod
@@ -4783,7 +4834,7 @@ class ResponseWriter(BodySink):
 
     __slots__ = ("proto", "rq", "status", "started", "finished", "unsent", "sse", "filter",
                  "keep_tail", "tail", "whole", "usage", "bytes_out", "head_only", "capture_id",
-                 "id_seen", "masker", "carry",
+                 "id_seen", "masker",
                  "framing", "left", "must_close", "holding")
 
     def __init__(self, proto: HttpProtocol, rq: Request) -> None:
@@ -4805,8 +4856,7 @@ class ResponseWriter(BodySink):
         self.head_only = rq.method == b"HEAD"  # everything as for GET, but no body bytes
         self.capture_id: Callable[[str], None] | None = None  # told a created object's id
         self.id_seen = b""  # the body's start, while the id is not in it yet
-        self.masker: KeyPool | None = None  # an error's: masks the upstream keys it echoes
-        self.carry = b""  # its last bytes, held back: a key may be cut across two reads
+        self.masker: Masker | None = None  # not a success's: masks the upstream keys it echoes
         self.framing = _NO_BODY  # of the body written: set with the head
         self.left = 0  # bytes the head's Content-Length still owes
         self.holding = False  # the end follows at once: writes wait for it (see hold)
@@ -4969,24 +5019,22 @@ class ResponseWriter(BodySink):
         return self.bytes_out // (SSE_BYTES_PER_TOKEN if self.sse else 4)
 
     def mask_with(self, keys: KeyPool) -> None:
-        """An upstream's error, relayed as it comes: any of these keys in it is masked."""
-        self.masker = keys
+        """An upstream's answer that is not a success, relayed as it comes: any of these keys
+        in it is masked."""
+        self.masker = keys.masker()
 
-    def _release_carry(self) -> bytes:
-        """An error's held-back last bytes, now that nothing follows them: masked, a key
-        begun in them too. What is written after them is not masked again."""
-        carry, self.carry = self.masker.mask_tail(self.carry), b""  # type: ignore[union-attr]
+    def _release_held(self) -> bytes:
+        """What the masker held back, now that nothing follows it: masked, a key begun in it
+        too. What is written after it is not masked again."""
+        held = self.masker.end()  # type: ignore[union-attr]
         self.masker = None
-        return carry
+        return held
 
     # BodySink -------------------------------------------------------------------------------
 
     def on_data(self, data: bytes) -> None:
-        if self.masker is not None:  # (errors only) what a key could start in is held back
-            data = self.masker.mask(self.carry + data)
-            keep = self.masker.longest() - 1
-            if keep > 0:
-                data, self.carry = data[:-keep], data[-keep:]
+        if self.masker is not None:  # (not a success) what a key could start in is held back
+            data = self.masker.feed(data)
             if not data:
                 return
         if self.capture_id is not None:  # the object this answer creates: its id comes first
@@ -5061,8 +5109,8 @@ class ResponseWriter(BodySink):
     def on_end(self) -> None:
         if self.finished:
             return
-        if self.carry:
-            self.on_data(self._release_carry())
+        if self.masker is not None:
+            self.on_data(self._release_held())
         flt = self.filter
         if flt is not None and flt.held_size:  # the stream ends as the upstream ended it; an
             held = flt.take_held()  # unfinished event is dropped by any SSE client, and one
@@ -5091,9 +5139,9 @@ class ResponseWriter(BodySink):
     def on_error(self, exc: GatewayError) -> None:
         if self.finished:
             return
-        if self.carry and (self.filter is not None or not self.unsent):  # before our event
-            try:  # (SSE), or after what went out (when none went: a clean answer instead)
-                self.on_data(self._release_carry())
+        if self.masker is not None and (self.filter is not None or not self.unsent):  # before
+            try:  # our event (SSE), or after what went out (none went: a clean answer instead)
+                self.on_data(self._release_held())
             except GatewayError:
                 pass
         self.rq.error = exc.message
@@ -5218,14 +5266,40 @@ _SECRET_LIKE = re.compile(r"\b(?:sk|pk|rk|ghp|gho|ghs|ghu|github_pat|gsk|xai)[-_
 
 def upstream_message(body: bytes, keys: KeyPool) -> str:
     """An upstream error's own message (its OpenAI error body, else its text), short and with
-    anything like a secret masked: it goes to stderr and to clients."""
+    anything like a secret masked: it goes to stderr and to clients. The keys are masked
+    before it is cut short, the longest first (a key may begin with another)."""
     error = error_object(body[:65536])
-    message = short_message(error["message"] if isinstance(error, dict) and "message" in error
-                            else body[:300].decode("utf-8", "replace"))
-    for key in keys.keys:  # (what looks like a secret is masked already: a key need not)
+    if not isinstance(error, dict) or "message" not in error:  # text: masked as bytes
+        return short_message(keys.masker().whole(body[:65536]).decode("utf-8", "replace"))
+    message = error["message"] if isinstance(error["message"], str) else str(error["message"])
+    for key in sorted(keys.keys, key=lambda k: -len(k.secret)):
         if key.secret:
             message = message.replace(key.secret, mask_secret(key.secret))
-    return message
+    return short_message(message)
+
+
+def content_encoding(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """How an answer's body is encoded, when it is (the gateway asks for identity)."""
+    for name, value in headers:
+        if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+            return value
+    return None
+
+
+def masked_error(keys: KeyPool, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+                 ) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """An upstream's answer that is not a success, read whole (to one byte past
+    MAX_ERROR_BODY, which tells one cut), as it may reach the client: its keys masked. Cut, it
+    would be broken JSON; encoded, its keys cannot be seen: the gateway's own error instead."""
+    encoding = content_encoding(headers)
+    if len(body) > MAX_ERROR_BODY or encoding is not None:
+        why = f"an error body over {MAX_ERROR_BODY} bytes" if encoding is None else \
+            f"a body in {encoding.decode('latin-1')!r} encoding"
+        headers = [h for h in headers if h[0] not in (b"content-type", b"content-encoding")]
+        headers.append(_JSON_CT)
+        body = UpstreamError(f"The upstream answered {status} with {why}, not passed "
+                             "on.").body()
+    return keys.mask_headers(headers), keys.masker().whole(body)
 
 
 def error_object(body: bytes) -> Any:
@@ -6215,15 +6289,17 @@ class ProxyHandler:
         conn = await gw.forwarder.forward(plan)
         if conn is None:
             return  # the last upstream error was passed through
-        if conn.status >= 400:  # an error: any upstream key it echoes is masked as it goes
+        if conn.status >= 300:  # not a success: any upstream key it echoes is masked as it goes
             keys = plan.keys[plan.upstream.name]  # type: ignore[union-attr]
-            if plan.kind == "embeddings" and conn.status == 404 and not writer.head_only:
-                headers, body = keys.mask_whole(conn.headers,
-                                                await conn.read_body(MAX_ERROR_BODY))
-                if error_code(body) != "model_not_found":  # no /embeddings (not no model)
-                    raise Unsupported("The upstream does not serve embeddings.")
-                rq.flow.detach()
-                writer.relay_whole(404, headers, body)
+            no_embeddings = plan.kind == "embeddings" and conn.status == 404 and \
+                not writer.head_only
+            if no_embeddings or content_encoding(conn.headers) is not None:  # read whole
+                headers, body = masked_error(keys, conn.status, conn.headers,
+                                             await conn.read_body(MAX_ERROR_BODY + 1))
+                if no_embeddings and error_code(body) != "model_not_found":  # no /embeddings
+                    raise Unsupported("The upstream does not serve embeddings.")  # (not no
+                rq.flow.detach()  # such model)
+                writer.relay_whole(conn.status, headers, body)
                 return
             writer.mask_with(keys)
             conn.headers = keys.mask_headers(conn.headers)

@@ -16,6 +16,7 @@ import decimal
 import email.utils
 import errno
 import gc
+import gzip
 import hashlib
 import ipaddress
 import json
@@ -2412,6 +2413,9 @@ def test_env_references_and_prefix_expansion() -> None:
     ({"trusted_proxies": ["10.0.0.0/33"]}, "config: trusted_proxies[0]: '10.0.0.0/33' is not an address or CIDR"),
     ({"shutdown_delay_s": -1}, "config: shutdown_delay_s: must be at least 0"),
     ({"upstreams": [{"headers": {"Bad Header": "x"}}]}, "config: upstreams[0].headers.Bad Header: not a valid header"),
+    ({"upstreams": [{"keys": ["sk-ключ-0123456789"]}]},
+     "config: upstreams[0].keys[0]: empty, or has a control character or one that a header cannot carry"),
+    ({"upstreams": [{"keys": ["sk-a\tb-0123456789"]}]}, "config: upstreams[0].keys[0]: empty, or has a control"),
 ])
 def test_bad_config_names_the_key(obj: dict, message: str) -> None:
     with pytest.raises(gw.ConfigError) as info:
@@ -3393,6 +3397,109 @@ def test_a_key_in_an_errors_headers_a_longer_key_and_a_5xx_cut_in_a_key_are_mask
     assert bad.body.endswith(b'sk-*******************cdef"}}')  # the longer key, masked whole
     (cut,) = raw(g.port, post("/v1/chat/completions", CHAT, "x-status: 500\r\n"))
     assert cut.status == 500 and long[:8] not in cut.body
+
+
+@st.composite
+def _masking_cases(draw: st.DrawFn) -> tuple[list[bytes], bytes, list[int]]:
+    """Keys from a small alphabet (so that they begin, end and hold one another), a body of
+    keys, key starts and other bytes, and where its reads split it."""
+    secrets = draw(st.lists(st.text("ab/-", min_size=1, max_size=16), min_size=1, max_size=4, unique=True))
+    piece = st.one_of(st.sampled_from(secrets), st.text("ab-xy\\", max_size=8),
+                      st.tuples(st.sampled_from(secrets), st.integers(1, 15)).map(lambda t: t[0][:t[1]]))
+    body = "".join(draw(st.lists(piece, max_size=12))).encode()
+    return [x.encode() for x in secrets], body, sorted(draw(st.lists(st.integers(0, len(body)), max_size=6)))
+
+
+@settings(max_examples=500, deadline=None)
+@given(case=_masking_cases())
+def test_a_key_is_masked_the_same_in_any_split_of_reads_and_never_shows(case: tuple) -> None:
+    secrets, body, cuts = case
+    masker = gw.Masker(secrets)
+    pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)])]
+    streamed = b"".join(masker.feed(p) for p in pieces) + masker.end()
+    assert streamed == gw.Masker(secrets).whole(body)  # each byte as in the whole body
+    assert len(streamed) == len(body) and all(a == b or a == ord("*") for a, b in zip(streamed, body))
+    for secret in secrets:
+        assert secret not in streamed
+        for size in range(max(1, min(8, len(secret) // 2)), len(secret)):  # cut in a key: hidden
+            if body.endswith(secret[:size]):
+                shown = 3 if len(secret) >= 12 else 0
+                assert streamed[len(body) - size + shown:] == b"*" * (size - shown)
+
+
+def test_keys_that_begin_one_another_are_masked_whole_in_every_error_even_cut(
+        raw_upstream: RawUpstream, start_gateway: StartGateway, capfd: pytest.CaptureFixture[str]) -> None:
+    short = b"AIzaSy-0123456789"
+    long = short + b"-LONGKEY-SECRET-PART-xyz"  # the short one begins it
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await request_in(reader)
+        status = re.search(rb"(?i)x-status: (\d+)", head).group(1)
+        if status in (b"400", b"500"):  # close-delimited, cut in the long key past the short one's end
+            writer.write(b'HTTP/1.1 %s Oops\r\nconnection: close\r\n\r\n{"error": {"message": "bad %s'
+                         % (status, long[:-3]))
+        else:  # a 401: its message, 280 characters in, goes into the 503's
+            body = orjson.dumps({"error": {"message": "x" * 280 + " key " + long.decode()}})
+            writer.write(b"HTTP/1.1 401 No\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    port = raw_upstream(handler)
+    g = start_gateway({"retry": {"attempts": 1}, "upstreams": [
+        {"name": "u", "url": f"http://127.0.0.1:{port}/v1", "keys": [short.decode(), long.decode()]}]})
+    for status in ("400", "500"):  # relayed as it comes; read whole as the last error after retries
+        (resp,) = raw(g.port, post("/v1/chat/completions", CHAT, f"x-status: {status}\r\n"))
+        assert resp.status == int(status) and resp.body.endswith(b"bad " + long[:3] + b"*" * (len(long) - 6))
+    (resp,) = raw(g.port, post("/v1/chat/completions", CHAT, "x-status: 401\r\n"))
+    assert resp.status == 503 and b"LONG" not in resp.body and b"0123" not in resp.body
+    assert "LONGKEY" not in capfd.readouterr().err
+
+
+def test_a_key_is_masked_as_it_was_sent_and_as_json_escapes_it_in_header_names_too(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await request_in(reader)
+        sent = re.search(rb"Authorization: Bearer ([^\r]*)", head).group(1)  # latin-1, as a header
+        body = b'{"error": {"message": "Incorrect API key provided: %s"}}' % sent.replace(b"/", b"\\/")
+        name = b"x-key-%s" % sent if re.fullmatch(rb"[\w-]+", sent) else b"x-key"  # as PHP writes JSON
+        writer.write(b"HTTP/1.1 400 Bad\r\n%s: 1\r\ncontent-length: %d\r\n\r\n%s" % (name, len(body), body))
+        await writer.drain()
+        writer.close()
+
+    port = raw_upstream(handler)
+    for key in ("sk-clé-0123456789abcdef", "up/key+0123456789/abcdefXYZ", "sk-up-key-0123456789abcdef"):
+        g = start_gateway({"upstreams": [{"name": "u", "url": f"http://127.0.0.1:{port}/v1", "keys": [key]}]})
+        (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))
+        message = resp.json()["error"]["message"]  # still JSON: no escape is cut in two
+        assert resp.status == 400 and key[4:-4] not in message and message.startswith("Incorrect API key provided: ")
+        assert not any(key[4:-4].lower() in name for name in resp.headers)
+
+
+def test_an_error_encoded_against_identity_is_replaced_and_a_redirect_is_masked(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    secret = b"sk-up-key-0123456789abcdef"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await request_in(reader)
+            if b"x-status: 400" in head:  # gzip, though the gateway asked for identity
+                body = gzip.compress(b'{"error": {"message": "bad key %s"}}' % secret)
+                writer.write(b"HTTP/1.1 400 Bad\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            else:
+                body = b'{"error": {"message": "moved; you sent %s"}}' % secret
+                writer.write(b"HTTP/1.1 307 Moved\r\nlocation: https://x.example/v1?k=%s\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (secret, len(body), body))
+            await writer.drain()
+
+    port = raw_upstream(handler)
+    g = start_gateway({"upstreams": [{"name": "u", "url": f"http://127.0.0.1:{port}/v1", "keys": [secret.decode()]}]})
+    (resp,) = raw(g.port, post("/v1/chat/completions", CHAT, "x-status: 400\r\nAccept-Encoding: gzip\r\n"))
+    assert resp.status == 400 and "content-encoding" not in resp.headers
+    assert resp.json()["error"]["message"] == "The upstream answered 400 with a body in 'gzip' encoding, not passed on."
+    (resp,) = raw(g.port, post("/v1/chat/completions", CHAT, "x-status: 307\r\n"))
+    assert resp.status == 307 and secret not in resp.body and secret.decode() not in resp.headers["location"]
 
 
 def test_a_long_upstream_error_goes_on_whole(raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
