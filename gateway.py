@@ -6622,8 +6622,11 @@ class AdminHandler:
             # its file says, so the next one, whichever worker answers it, shows no less (a
             # counter that drops reads as a reset).
             own = gw.write_metrics()
-            published = [orjson.loads(own if own is not None else metrics.snapshot(refused)),
-                         *gw.sibling_metrics()]
+            published = gw.sibling_metrics()
+            try:
+                published += [orjson.loads(own)] if own is not None else []
+            except orjson.JSONDecodeError:  # (a file that is not what a worker wrote)
+                pass
             metrics, refused = Metrics(metrics.known_models).merged(published)
         text = metrics.render([
             ("gateway_breaker_open", "1 while the (upstream, model) breaker is open or half-open.",
@@ -7613,16 +7616,20 @@ class Gateway:
 
     def write_metrics(self) -> bytes | None:
         """Workers: this one's counts where the others' scrapes find them (whole, or not).
-        Returns them (None when they could not be made)."""
+        Returns what they find: these counts, or when they could not be written, what the
+        file still holds from before (None: nothing)."""
         path = Path(self.metrics_dir) / f"{self.worker}.json"  # type: ignore[arg-type]
-        snapshot = None
         try:
             snapshot = self.metrics.snapshot(self.limiter.refused)
             path.with_suffix(".tmp").write_bytes(snapshot)
             path.with_suffix(".tmp").replace(path)
+            return snapshot
         except (OSError, TypeError) as exc:  # (TypeError: a sum orjson cannot write)
             log(f"cannot write metrics for the other workers: {exc}", "warning")
-        return snapshot
+        try:
+            return path.read_bytes()
+        except OSError:
+            return None
 
     def inherit_metrics(self) -> None:
         """Workers: a restarted one goes on from the counts its predecessor left, so that the

@@ -5864,6 +5864,26 @@ def test_a_usage_log_write_that_fails_costs_neither_the_request_nor_its_accounti
     assert err.count("cannot write (No space left on device)") == 1 and "internal error" not in err
 
 
+def test_a_worker_that_cannot_publish_its_counts_shows_no_more_of_them_than_its_file(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, tmp_path: Path) -> None:
+    first, second = start_gateway(limited(mock)), start_gateway(limited(mock))
+    for index, g in enumerate((first, second)):  # two workers, as a supervisor makes them
+        g.lt.call(setattr, g.gw, "worker", index)
+        g.lt.call(setattr, g.gw, "metrics_dir", str(tmp_path))
+
+    def served(g: Running) -> float:
+        return sum(samples(scrape(g)["gateway_requests"], "_total").values())
+    for _ in range(3):
+        assert raw(first.port, post("/v1/chat/completions", CHAT))[0].status == 200
+    shown = served(first)  # published as it answers
+    assert served(second) >= shown >= 3
+    (tmp_path / "0.tmp").mkdir()  # the first can no longer publish (a full disk, say)
+    for _ in range(3):
+        assert raw(first.port, post("/v1/chat/completions", CHAT))[0].status == 200
+    seen = served(first)
+    assert served(second) >= seen  # whichever worker answers the next scrape: no count drops
+
+
 def test_workers_keep_the_running_config_close_the_port_on_drain_and_never_count_backwards(
         mock: mock_upstream.MockUpstream, redis_url: str, tmp_path: Path) -> None:
     path = tmp_path / "gateway.json"
