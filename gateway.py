@@ -3177,7 +3177,10 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str], overridden: list[str]) 
         raw["api_keys"] = keys
     if "GATEWAY_ADMIN_KEY" in env:  # (empty: none, as for GATEWAY_API_KEYS)
         admin_key = env["GATEWAY_ADMIN_KEY"] or None
-        if raw.get("admin_key") not in (None, admin_key):
+        configured = raw.get("admin_key")
+        if isinstance(configured, str) and configured.startswith("env:"):  # (the same
+            configured = env.get(configured[4:])  # variable, say: nothing is replaced)
+        if configured not in (None, admin_key):
             overridden.append("GATEWAY_ADMIN_KEY replaces the JSON config's admin_key")
         raw["admin_key"] = admin_key
     if "GATEWAY_REDIS_URL" in env:
@@ -7722,6 +7725,10 @@ async def _serve(args: argparse.Namespace, worker: Worker | None = None,
     mock = None
     if args.demo:
         mock_path = Path(__file__).resolve().parent / "bench" / "mock_upstream.py"
+        if not mock_path.is_file():  # (an install from a wheel has no bench/)
+            log(f"--demo needs {mock_path}: run it from a checkout of gateway.py, or an "
+                "editable install (pip install -e .)", "error")
+            return 2
         mock = _load_mock(mock_path).MockUpstream()
         mock_port = await mock.start("127.0.0.1", 0)
         overrides["upstreams"] = [{"name": "demo", "url": f"http://127.0.0.1:{mock_port}/v1"}]

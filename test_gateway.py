@@ -2441,6 +2441,11 @@ def test_config_nits_found_on_a_first_run() -> None:
     assert gw.load_config({"GATEWAY_ADMIN_KEY": ""}).admin_key is None  # empty: unset, as above
     with pytest.raises(gw.ConfigError, match="admin_key: is empty"):  # a secret that never came
         gw.load_config({"GATEWAY_CONFIG": json.dumps({"admin_key": "env:ADMIN"}), "ADMIN": ""})
+    for configured, told in (("env:GATEWAY_ADMIN_KEY", False), ("other", True)):  # told only
+        warnings = []  # when the variable replaces a different key
+        config = gw.load_config({"GATEWAY_CONFIG": json.dumps({"admin_key": configured}),
+                                 "GATEWAY_ADMIN_KEY": "adm"}, warnings=warnings)
+        assert config.admin_key == "adm" and any("replaces the JSON config's admin_key" in w for w in warnings) == told
     for rpm in ("nan", "-1", "inf", "x", "1e300"):
         with pytest.raises(gw.ConfigError, match="GATEWAY_RPM: must be a number above 0"):
             gw.load_config({"GATEWAY_RPM": rpm})
@@ -6094,6 +6099,15 @@ def test_demo_serves_the_bundled_mock_and_every_line_it_prints_works() -> None:
     finally:
         gp.proc.send_signal(signal.SIGINT)
         assert gp.proc.wait(20) == 0
+
+
+def test_demo_without_the_bundled_mock_says_where_it_runs(tmp_path: Path) -> None:
+    (tmp_path / "gateway.py").write_bytes((HERE / "gateway.py").read_bytes())  # as a wheel installs it
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "OPENAI_"))}
+    out = subprocess.run([sys.executable, str(tmp_path / "gateway.py"), "--demo", "--port", "0"], env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "run it from a checkout of gateway.py, or an editable install" in out.stderr
 
 
 def test_the_container_image_and_examples_are_wired_as_a_sidecar_needs() -> None:
