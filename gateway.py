@@ -62,7 +62,7 @@ import urllib.request
 import warnings as python_warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, quote_plus, unquote, urlsplit
 
 import h11
 import orjson
@@ -565,6 +565,17 @@ class UpstreamKey:
                 f"blocked={self.blocked}, cooling={list(self.cooling)})")
 
 
+def _escaped_forms(secret: str) -> set[bytes]:
+    """A key as a JSON string or a URL may carry it, other than as it is."""
+    utf8 = orjson.dumps(secret)[1:-1]  # (a JSON string of a header value: no code point
+    ascii_ = json.dumps(secret)[1:-1]  # past U+00FF, so no surrogate pair)
+    go = ascii_.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+    forms = {utf8, ascii_.encode(), go.encode()}
+    forms |= {form.replace(b"/", b"\\/") for form in forms}  # as PHP writes "/"
+    return forms | {quote(secret, safe=safe).encode("latin-1") for safe in ("", "/")} | {
+        quote_plus(secret).encode("latin-1")}
+
+
 class Masker:
     """Upstream keys in an answer that is not a success, masked as it streams (an upstream
     key never reaches a client). A mask is as long as its key, so that a Content-Length stays
@@ -588,6 +599,13 @@ class Masker:
     def __repr__(self) -> str:
         return f"Masker({len(self.secrets)} secrets, waiting={len(self.waiting)})"
 
+    def fresh(self) -> Masker:
+        """The same keys, nothing seen yet: one for each answer."""
+        masker = Masker.__new__(Masker)
+        masker.secrets, masker.hold = self.secrets, self.hold
+        masker.seen = masker.waiting = b""
+        return masker
+
     def feed(self, data: bytes) -> bytes:
         """What of the answer so far can be written, masked."""
         body = self.seen + self.waiting + data
@@ -604,9 +622,10 @@ class Masker:
         self.seen = self.waiting = b""
         return self._masked(body, start, len(body), True)
 
-    def whole(self, data: bytes) -> bytes:
-        """A piece that is all there is (a header, an error read whole), masked."""
-        return self._masked(data, 0, len(data), True)
+    def whole(self, data: bytes, cut: bool = True) -> bytes:
+        """A piece that is all there is, masked: an error read whole (perhaps cut in a key),
+        or a header (never cut)."""
+        return self._masked(data, 0, len(data), cut)
 
     def _masked(self, body: bytes, start: int, stop: int, ended: bool) -> bytes:
         hidden = []
@@ -617,10 +636,13 @@ class Masker:
                 hidden.append((at + head, at + size - tail))
                 at = body.find(secret, at + 1)
             if ended:  # the end came in a key: what of it came is hidden, from a few bytes on
-                for cut in range(min(size - 1, len(body)), max(1, min(8, size // 2)) - 1, -1):
-                    if body.endswith(secret[:cut]):
-                        hidden.append((len(body) - cut + head, len(body)))
+                begun = secret[:max(1, min(8, size // 2))]
+                at = body.find(begun, max(0, len(body) - size + 1))
+                while at >= 0:  # the first such start is the longest
+                    if secret.startswith(body[at:]):
+                        hidden.append((at + head, len(body)))
                         break
+                    at = body.find(begun, at + 1)
         if not hidden:
             return body[start:stop]
         out = bytearray(body[start:stop])
@@ -639,7 +661,7 @@ class KeyPool:
     on success. Pacing (rpm_per_key / min_interval_ms) spaces requests per key."""
 
     __slots__ = ("keys", "strategy", "interval", "recheck_s", "clock", "current", "_next",
-                 "upstream", "listener")
+                 "upstream", "listener", "_masking")
 
     def __init__(self, keys: list[UpstreamKey], strategy: str = "round_robin",
                  interval: float = 0.0, clock: Clock = time.monotonic,
@@ -653,6 +675,7 @@ class KeyPool:
         self.clock = clock
         self.current = 0  # failover: the key in use
         self._next = 0  # round_robin: where the next pick starts
+        self._masking: tuple = ((), None, None)  # the secrets, and their maskers (see masker)
 
     @classmethod
     def of(cls, upstream: Upstream, recheck_s: float,
@@ -833,20 +856,26 @@ class KeyPool:
                  for k in self.keys if not k.blocked]
         return min(waits) if waits else None
 
-    def masker(self) -> Masker:
+    def masker(self, lower: bool = False) -> Masker:
         """What masks these keys in an answer that is not a success: each key as it is
-        sent (latin-1), and as JSON strings carry it (escaped, "/" too or not)."""
-        secrets, escaped = set(), set()
-        for key in self.keys:
-            if key.secret:
-                secrets.add(key.secret.encode("latin-1"))
-                json = orjson.dumps(key.secret)[1:-1]
-                escaped.update((json, json.replace(b"/", b"\\/")))
-        return Masker(secrets, escaped - secrets)
+        sent (latin-1), and as JSON strings (UTF-8 or ASCII, Go's too, "/" escaped or not)
+        and URLs (percent-encoded) carry it. `lower`: as a header name, lowercased. Made
+        again only when a secret changed (a reload changes the secret of a key it keeps)."""
+        now = tuple(key.secret for key in self.keys)
+        if self._masking[0] != now:
+            secrets, escaped = set(), set()
+            for secret in filter(None, now):
+                secrets.add(secret.encode("latin-1"))
+                escaped.update(_escaped_forms(secret))
+            lowered = {s.lower() for s in secrets}
+            self._masking = (now, Masker(secrets, escaped - secrets),
+                             Masker(lowered, {s.lower() for s in escaped} - lowered))
+        return self._masking[2 if lower else 1].fresh()
 
     def mask_headers(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        masker = self.masker()
-        return [(masker.whole(name), masker.whole(value)) for name, value in headers]
+        names, values = self.masker(lower=True), self.masker()  # (names come lowercased)
+        return [(names.whole(name, False), values.whole(value, False))
+                for name, value in headers]
 
     def block_reason(self) -> str:
         """What the upstream said when it last refused a key."""
@@ -4633,10 +4662,11 @@ class SseFilter:
     as the instructions it echoes); the events after it are held and inspected again."""
 
     __slots__ = ("_held", "held_size", "_edge", "passthrough", "_long_tail", "_cr", "inspect",
-                 "drop_usage", "convert", "converted_end", "completed", "usage", "failed")
+                 "drop_usage", "convert", "converted_end", "completed", "usage", "failed",
+                 "keys")
 
     def __init__(self, inspect: bool = False, drop_usage: bool = False,
-                 convert: Any = None) -> None:
+                 convert: Any = None, keys: KeyPool | None = None) -> None:
         self._held: list[bytes] = []  # the start of an event whose end has not arrived yet
         self.held_size = 0
         self._edge = b""  # the last three held bytes
@@ -4650,6 +4680,7 @@ class SseFilter:
         self.completed = False  # convert.end() was made: the client was told it is complete
         self.usage: dict | None = None
         self.failed: GatewayError | None = None  # a chunk that could not be converted
+        self.keys = keys  # converting: masked in an upstream error the gateway quotes
 
     def __repr__(self) -> str:
         return (f"SseFilter(held={self.held_size}, inspect={self.inspect}, "
@@ -4805,7 +4836,8 @@ class SseFilter:
                 raise UpstreamError("upstream answered garbage: not a chat completion stream")
             return event
         if self.convert is not None and obj.get("error") is not None:  # not a success, ever
-            raise UpstreamError(f"upstream error mid-stream: {short_message(obj['error'])}")
+            raise UpstreamError("upstream error mid-stream: "
+                                + masked_message(obj["error"], self.keys))
         usage = obj.get("usage")
         if usage is None and isinstance(obj.get("response"), dict):  # Responses: in the object
             usage = obj["response"].get("usage")
@@ -4953,11 +4985,12 @@ class ResponseWriter(BodySink):
 
     def relay_head(self, status: int, upstream_headers: list[tuple[bytes, bytes]], *,
                    inspect: bool = False, drop_usage: bool = False, convert: Any = None,
-                   stream: bool = False) -> None:
+                   stream: bool = False, keys: KeyPool | None = None) -> None:
         """Pass the upstream's status and headers through, minus hop-by-hop ones; an SSE
         body gets the filter (inspecting usage when asked). `stream`: the client asked for
         a stream and this is not a whole JSON answer: SSE, whatever its content type says
-        (what it holds is counted, converted and filtered as a stream's)."""
+        (what it holds is counted, converted and filtered as a stream's). `keys`: converted,
+        the upstream's, masked in an error it sends in the stream."""
         sse = whole = False
         media = None
         headers = []
@@ -4980,7 +5013,7 @@ class ResponseWriter(BodySink):
         if sse:  # framed by us (chunked), never cached or buffered by a proxy in front
             headers = [h for h in headers if h[0] not in (b"content-length", b"cache-control")]
             headers += _SSE_HEADERS
-            self.filter = SseFilter(inspect, drop_usage, convert)
+            self.filter = SseFilter(inspect, drop_usage, convert, keys)
         headers.append((b"x-request-id", self.rq.request_id))
         self.sse = sse
         try:
@@ -5274,8 +5307,17 @@ def upstream_message(body: bytes, keys: KeyPool) -> str:
     error = error_object(body[:65536])
     if not isinstance(error, dict) or "message" not in error:  # text: masked as bytes
         return short_message(keys.masker().whole(body[:65536]).decode("utf-8", "replace"))
-    message = error["message"] if isinstance(error["message"], str) else str(error["message"])
-    for key in sorted(keys.keys, key=lambda k: -len(k.secret)):
+    return masked_message(error["message"], keys)
+
+
+def masked_message(message: Any, keys: KeyPool | None) -> str:
+    """An upstream's error message (or error object) as the gateway quotes it: short, these
+    keys masked before it is cut, the longest first (a key may begin with another)."""
+    if isinstance(message, dict):  # an OpenAI error object
+        message = message.get("message", message)
+    if not isinstance(message, str):
+        message = str(message)
+    for key in sorted(keys.keys if keys is not None else (), key=lambda k: -len(k.secret)):
         if key.secret:
             message = message.replace(key.secret, mask_secret(key.secret))
     return short_message(message)
@@ -6296,7 +6338,8 @@ class ProxyHandler:
             keys = plan.keys[plan.upstream.name]  # type: ignore[union-attr]
             no_embeddings = plan.kind == "embeddings" and conn.status == 404 and \
                 not writer.head_only
-            if no_embeddings or content_encoding(conn.headers) is not None:  # read whole
+            if no_embeddings or conn.framing is not _NO_BODY and \
+                    content_encoding(conn.headers) is not None:  # read whole
                 headers, body = masked_error(keys, conn.status, conn.headers,
                                              await conn.read_body(MAX_ERROR_BODY + 1))
                 if no_embeddings and error_code(body) != "model_not_found":  # no /embeddings
@@ -6334,9 +6377,10 @@ class ProxyHandler:
                 and plan.obj.get("store") is True):  # type: ignore[union-attr]
             writer.capture_id = self.remember_for(plan)  # (a stored chat completion is read
             # back by its id, from the account that made it)
+        quoting = plan.keys[plan.upstream.name] if convert else None  # type: ignore[union-attr]
         writer.relay_head(conn.status, conn.headers, inspect=inspect,
                           drop_usage=inspect and plan.injects(plan.upstream),  # type: ignore[arg-type]
-                          convert=converter, stream=inspect)
+                          convert=converter, stream=inspect, keys=quoting)
         streaming = writer.sse
         gw.metrics.active_streams += streaming
         try:
@@ -6358,7 +6402,8 @@ class ProxyHandler:
         try:
             reply = orjson.loads(raw)
             if reply.get("error") is not None:  # a 200 that says it failed
-                raise UpstreamError(f"upstream error: {short_message(reply['error'])}")
+                raise UpstreamError("upstream error: " + masked_message(
+                    reply["error"], plan.keys[plan.upstream.name]))  # type: ignore[union-attr]
             if not isinstance(reply.get("choices"), list):
                 raise TypeError("no choices")
             if plan.stream:  # asked for, and a whole answer given: the stream it would be
@@ -6390,7 +6435,8 @@ class ProxyHandler:
             if plan.kind == "responses" else CompletionsFromChat()  # type: ignore[arg-type]
         writer = rq.writer
         writer.relay_head(200, [(b"content-type", b"text/event-stream")], inspect=True,
-                          drop_usage=plan.injects(plan.upstream), convert=converter)
+                          drop_usage=plan.injects(plan.upstream), convert=converter,
+                          keys=plan.keys[plan.upstream.name])  # type: ignore[union-attr]
         try:
             writer.on_data(events)
             writer.on_end()

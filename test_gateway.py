@@ -33,6 +33,7 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator
+from urllib.parse import quote
 
 import h11
 import openai
@@ -108,7 +109,8 @@ async def request_in(reader: asyncio.StreamReader) -> bytes:
     """For a raw upstream's handler: the next request's head, its body (Content-Length)
     read past."""
     head = await reader.readuntil(b"\r\n\r\n")
-    await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+    if length := re.search(rb"(?i)content-length: (\d+)", head):
+        await reader.readexactly(int(length.group(1)))
     return head
 
 
@@ -3461,24 +3463,32 @@ def test_keys_that_begin_one_another_are_masked_whole_in_every_error_even_cut(
     assert "LONGKEY" not in capfd.readouterr().err
 
 
-def test_a_key_is_masked_as_it_was_sent_and_as_json_escapes_it_in_header_names_too(
+def test_a_key_is_masked_as_it_was_sent_as_json_and_urls_escape_it_and_in_header_names(
         raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await request_in(reader)
         sent = re.search(rb"Authorization: Bearer ([^\r]*)", head).group(1)  # latin-1, as a header
-        body = b'{"error": {"message": "Incorrect API key provided: %s"}}' % sent.replace(b"/", b"\\/")
-        name = b"x-key-%s" % sent if re.fullmatch(rb"[\w-]+", sent) else b"x-key"  # as PHP writes JSON
-        writer.write(b"HTTP/1.1 400 Bad\r\n%s: 1\r\ncontent-length: %d\r\n\r\n%s" % (name, len(body), body))
+        key = sent.decode("latin-1")
+        written = {b"php": json.dumps(key, ensure_ascii=False).encode().replace(b"/", b"\\/"),
+                   b"python": json.dumps(key).encode(),  # \u00e9
+                   b"go": json.dumps(key).replace("&", "\\u0026").encode()}[re.search(rb"x-as: (\w+)", head).group(1)]
+        body = b'{"error": {"message": "Incorrect API key provided: %s"}}' % written[1:-1]
+        name = b"X-Key-%s" % sent if re.fullmatch(rb"[\w-]+", sent) else b"x-key"
+        writer.write(b"HTTP/1.1 400 Bad\r\n%s: 1\r\nlocation: /v1?k=%s\r\ncontent-length: %d\r\n\r\n%s"
+                     % (name, quote(key, safe="").encode(), len(body), body))
         await writer.drain()
         writer.close()
 
     port = raw_upstream(handler)
-    for key in ("sk-clé-0123456789abcdef", "up/key+0123456789/abcdefXYZ", "sk-up-key-0123456789abcdef"):
+    for key in ("sk-clé-0123456789abcdef", "up/key+0123456789/abcdefXYZ", "sk-Up-Key-0123456789abcdef",
+                "sk-key&0123456789abcdefXYZ"):
         g = start_gateway({"upstreams": [{"name": "u", "url": f"http://127.0.0.1:{port}/v1", "keys": [key]}]})
-        (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))
-        message = resp.json()["error"]["message"]  # still JSON: no escape is cut in two
-        assert resp.status == 400 and key[4:-4] not in message and message.startswith("Incorrect API key provided: ")
-        assert not any(key[4:-4].lower() in name for name in resp.headers)
+        for writer in ("php", "python", "go"):
+            (resp,) = raw(g.port, post("/v1/chat/completions", CHAT, f"x-as: {writer}\r\n"))
+            message = resp.json()["error"]["message"]  # still JSON: no escape is cut in two
+            assert resp.status == 400 and key[4:-4] not in message and message.startswith("Incorrect API key provided: ")
+            assert not any(key[4:-4].lower() in name for name in resp.headers)  # (names come lowercased)
+            assert quote(key, safe="")[4:-4] not in resp.headers["location"]
 
 
 def test_an_error_encoded_against_identity_is_replaced_and_a_redirect_is_masked(
@@ -3488,7 +3498,9 @@ def test_an_error_encoded_against_identity_is_replaced_and_a_redirect_is_masked(
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             head = await request_in(reader)
-            if b"x-status: 400" in head:  # gzip, though the gateway asked for identity
+            if b"if-none-match" in head.lower():  # no body to hide: as it came
+                writer.write(b'HTTP/1.1 304 Not Modified\r\netag: "x"\r\ncontent-encoding: gzip\r\n\r\n')
+            elif b"x-status: 400" in head:  # gzip, though the gateway asked for identity
                 body = gzip.compress(b'{"error": {"message": "bad key %s"}}' % secret)
                 writer.write(b"HTTP/1.1 400 Bad\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
                              b"content-length: %d\r\n\r\n%s" % (len(body), body))
@@ -3505,6 +3517,31 @@ def test_an_error_encoded_against_identity_is_replaced_and_a_redirect_is_masked(
     assert resp.json()["error"]["message"] == "The upstream answered 400 with a body in 'gzip' encoding, not passed on."
     (resp,) = raw(g.port, post("/v1/chat/completions", CHAT, "x-status: 307\r\n"))
     assert resp.status == 307 and secret not in resp.body and secret.decode() not in resp.headers["location"]
+    (resp,) = raw(g.port, b'GET /v1/files/file-1/content HTTP/1.1\r\nHost: t\r\nIf-None-Match: "x"\r\n\r\n')
+    assert resp.status == 304 and resp.headers["content-encoding"] == "gzip" and resp.body == b""
+
+
+def test_an_error_a_chat_only_upstream_sends_in_a_success_is_quoted_with_its_keys_masked(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    key = "AIzaSyA-0123456789abcdefghijklmnopq"
+    said = b'{"error": {"message": "API key %s not valid"}}' % key.encode()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await request_in(reader)
+            body, kind = (b"data: %s\n\n" % said, b"text/event-stream") if b"x-stream" in head else \
+                (said, b"application/json")  # a 200 that says it failed, whole or in the stream
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s"
+                         % (kind, len(body), body))
+            await writer.drain()
+
+    port = raw_upstream(handler)
+    g = start_gateway({"upstreams": [{"name": "u", "url": f"http://127.0.0.1:{port}/v1", "keys": [key],
+                                      "chat_only": True}]})
+    (whole,) = raw(g.port, post("/v1/responses", b'{"model": "m", "input": "hi"}'))
+    assert whole.status == 502 and whole.json()["error"]["message"] == "upstream error: API key AI...nopq not valid"
+    (streamed,) = raw(g.port, post("/v1/responses", b'{"model": "m", "input": "hi", "stream": true}', "x-stream: 1\r\n"))
+    assert b"upstream error mid-stream: API key AI...nopq not valid" in streamed.body and key.encode() not in streamed.body
 
 
 def test_a_long_upstream_error_goes_on_whole(raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
