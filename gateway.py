@@ -2534,17 +2534,20 @@ class Metrics:
                 mine.counts, mine.sum = list(hist.counts), hist.sum
         total.active_streams, refused = self.active_streams, 0
         for snap in snapshots:
-            for name in self._COUNTERS:
-                table = getattr(total, name)
-                for *key, value in snap.get(name, ()):
-                    total.count(table, tuple(key), value)
-            for name in self._HISTOGRAMS:
-                for key, (counts, hist_sum) in snap.get(name, {}).items():
-                    mine = total.histogram(getattr(total, name), key)
-                    mine.counts = [a + b for a, b in zip(mine.counts, counts)]
-                    mine.sum += hist_sum
-            total.active_streams += snap.get("active_streams", 0)
-            refused += snap.get("refused", 0)
+            try:
+                for name in self._COUNTERS:
+                    table = getattr(total, name)
+                    for *key, value in snap.get(name, ()):
+                        total.count(table, tuple(key), value)
+                for name in self._HISTOGRAMS:
+                    for key, (counts, hist_sum) in snap.get(name, {}).items():
+                        mine = total.histogram(getattr(total, name), key)
+                        mine.counts = [a + b for a, b in zip(mine.counts, counts)]
+                        mine.sum += hist_sum
+                total.active_streams += snap.get("active_streams", 0)
+                refused += snap.get("refused", 0)
+            except (TypeError, ValueError, AttributeError) as exc:  # not what a worker wrote
+                log(f"metrics: a worker's snapshot is not one, left out: {exc!r}", "warning")
         return total, refused
 
     def render(self, gauges: list[tuple[str, str, tuple[str, ...], dict]],
@@ -6676,6 +6679,7 @@ class AdminHandler:
                 published += [orjson.loads(own)] if own is not None else []
             except orjson.JSONDecodeError:  # (a file that is not what a worker wrote)
                 pass
+            published = [snap for snap in published if isinstance(snap, dict)]
             metrics, refused = Metrics(metrics.known_models).merged(published)
         text = metrics.render([
             ("gateway_breaker_open", "1 while the (upstream, model) breaker is open or half-open.",
@@ -7687,6 +7691,8 @@ class Gateway:
         try:
             snapshot = orjson.loads(path.read_bytes())
         except (OSError, orjson.JSONDecodeError):
+            return
+        if not isinstance(snapshot, dict):  # (not what a worker wrote)
             return
         snapshot["active_streams"] = 0  # (those streams died with it)
         self.metrics, refused = self.metrics.merged([snapshot])

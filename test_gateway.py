@@ -5924,6 +5924,10 @@ def test_a_worker_that_cannot_publish_its_counts_shows_no_more_of_them_than_its_
         assert raw(first.port, post("/v1/chat/completions", CHAT))[0].status == 200
     seen = served(first)
     assert served(second) >= seen  # whichever worker answers the next scrape: no count drops
+    for garbage in ("[]", '{"requests": 5}', "null"):  # a file no worker wrote: left out, not a 500
+        (tmp_path / "0.json").write_text(garbage)
+        assert served(first) >= 0 and served(second) >= 0
+        first.lt.call(first.gw.inherit_metrics)  # nor a worker that starts over it
 
 
 def test_workers_keep_the_running_config_close_the_port_on_drain_and_never_count_backwards(
