@@ -105,6 +105,9 @@ LONG_EVENT_TAIL = 128 * 1024  # ...its end kept, to find its usage (before the e
 COOLDOWN_CAP_S = 60.0  # a 429 with no hint cools a key 1, 2, 4 ... s, never longer than this
 COOLDOWN_HINT_CAP_S = 3600.0  # the longest cooldown an upstream's hint may impose (configurable)
 BLOCK_RECHECK_S = 300.0  # a blocked key gets one real request this often (configurable)
+MAX_RETIRED_SECRETS = 4  # a key's secrets before a reload changed it, still masked: an
+# answer to a request sent with one may come after the reload
+MIN_OTHER_SECRET = 8  # a credential in an upstream's headers or URL is masked from this long
 MAX_KEY_MODELS = 256  # models remembered per upstream key: "*" upstreams see any name
 MAX_LEARNED_MODELS = 256  # models that become metric labels because an upstream served them
 MAX_STICKY_IDS = 100_000  # object ids remembered with the key that made them (~120 B each)
@@ -518,11 +521,13 @@ class UpstreamKey:
     __slots__ = (
         "name", "secret", "head", "cooling", "asked", "blocked", "blocked_at", "recheck_at",
         "block_reason", "next_slot", "requests", "failures", "last_used", "last_status",
+        "retired",
     )
 
     def __init__(self, name: str, secret: str, head: bytes = b"") -> None:
         self.name = name
         self.secret = secret
+        self.retired: tuple[str, ...] = ()  # the secrets a reload replaced, the latest first
         self.head = head  # "Authorization: ...\r\nHost: ...\r\n" and the upstream's headers
         self.reset()
 
@@ -572,8 +577,12 @@ def _escaped_forms(secret: str) -> set[bytes]:
     go = ascii_.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
     forms = {utf8, ascii_.encode(), go.encode()}
     forms |= {form.replace(b"/", b"\\/") for form in forms}  # as PHP writes "/"
-    return forms | {quote(secret, safe=safe).encode("latin-1") for safe in ("", "/")} | {
-        quote_plus(secret).encode("latin-1")}
+    urls = {quote(secret, safe=safe).encode() for safe in ("", "/", "+", "/+")}
+    urls.add(quote_plus(secret).encode())
+    return forms | urls | {_PERCENT_HEX.sub(lambda m: m.group().lower(), url) for url in urls}
+
+
+_PERCENT_HEX = re.compile(rb"%[0-9A-F]{2}")  # (.NET writes lower-case hex)
 
 
 class Masker:
@@ -661,7 +670,7 @@ class KeyPool:
     on success. Pacing (rpm_per_key / min_interval_ms) spaces requests per key."""
 
     __slots__ = ("keys", "strategy", "interval", "recheck_s", "clock", "current", "_next",
-                 "upstream", "listener", "_masking")
+                 "upstream", "listener", "others", "_masking")
 
     def __init__(self, keys: list[UpstreamKey], strategy: str = "round_robin",
                  interval: float = 0.0, clock: Clock = time.monotonic,
@@ -675,6 +684,7 @@ class KeyPool:
         self.clock = clock
         self.current = 0  # failover: the key in use
         self._next = 0  # round_robin: where the next pick starts
+        self.others: tuple[str, ...] = ()  # credentials in the upstream's headers or URL
         self._masking: tuple = ((), None, None)  # the secrets, and their maskers (see masker)
 
     @classmethod
@@ -690,11 +700,14 @@ class KeyPool:
             if key is None:
                 key = UpstreamKey(spec.name, spec.secret, spec.head)
             elif key.secret != spec.secret:
+                key.retired = (key.secret, *key.retired)[:MAX_RETIRED_SECRETS]
                 key.secret, key.blocked, key.block_reason = spec.secret, False, ""
             key.head = spec.head
             keys.append(key)
-        return cls(keys, upstream.key_strategy, upstream.pacing_interval, recheck_s=recheck_s,
+        pool = cls(keys, upstream.key_strategy, upstream.pacing_interval, recheck_s=recheck_s,
                    upstream=upstream.name)
+        pool.others = upstream.credentials()
+        return pool
 
     def __repr__(self) -> str:
         now = self.clock()
@@ -859,9 +872,11 @@ class KeyPool:
     def masker(self, lower: bool = False) -> Masker:
         """What masks these keys in an answer that is not a success: each key as it is
         sent (latin-1), and as JSON strings (UTF-8 or ASCII, Go's too, "/" escaped or not)
-        and URLs (percent-encoded) carry it. `lower`: as a header name, lowercased. Made
+        and URLs (percent-encoded) carry it; the secrets a reload replaced, and credentials
+        in the upstream's headers or URL, too. `lower`: as a header name, lowercased. Made
         again only when a secret changed (a reload changes the secret of a key it keeps)."""
-        now = tuple(key.secret for key in self.keys)
+        now = (*(key.secret for key in self.keys), *(s for key in self.keys for s in key.retired),
+               *self.others)
         if self._masking[0] != now:
             secrets, escaped = set(), set()
             for secret in filter(None, now):
@@ -2898,6 +2913,16 @@ class Upstream:
     def serves(self, model: str) -> bool:
         return self.models is None or model in self.models
 
+    def credentials(self) -> tuple[str, ...]:
+        """Secrets sent besides the keys, masked as keys are: the values of headers and of
+        URL query parameters named as credentials are (Azure's api-key, a ?key=)."""
+        found = [value for name, value in self.headers.items() if credential_name(name)]
+        for m in _QUERY_PARAM.finditer(self.url):
+            if credential_name(m.group(2)):
+                value = m.group()[len(m.group(1)):]
+                found += (value, unquote(value))
+        return tuple(dict.fromkeys(v for v in found if len(v) >= MIN_OTHER_SECRET and _latin1(v)))
+
     def __repr__(self) -> str:
         return f"Upstream({self.name!r}, {self.url!r}, keys={len(self.keys)})"
 
@@ -4351,6 +4376,7 @@ class Forwarder:
             if choice is None:
                 return None
             upstream, keys, key, breaker, wait, probe = choice
+            secret = key.secret  # (a reload may change it while the request is out)
             try:
                 conn = await self.attempt(plan, upstream, keys, key, wait)
             except GatewayError as exc:  # no usable HTTP answer: connect error or timeout
@@ -4381,11 +4407,12 @@ class Forwarder:
                     log(f"upstream {upstream.name}: key {key.name} answered again: unblocked",
                         upstream=upstream.name, key=key.name)
                 return conn
+            judged = key.secret == secret  # a 401/403/429 says nothing of a secret not sent
             if plan.rq.upload is not None:  # an upload is not sent twice: its answer stands
-                if status == 429:
+                if status == 429 and judged:
                     keys.cool_down(key, cooldown_from_headers(conn.headers,
                                                               plan.config.cooldown_cap_s), model)
-                elif status in (401, 403):
+                elif status in (401, 403) and judged:
                     self.block(upstream, keys, key, f"{status} (to an upload)")
                 elif status >= 500:
                     keys.failed(key)  # (failover: the next request goes to another key)
@@ -4397,6 +4424,8 @@ class Forwarder:
                 body = b""
             flow.detach()
             keys.failed(key)
+            if not judged and status in (401, 403, 429):
+                continue  # the key again, with its new secret (if it is picked)
             if status == 429:
                 keys.cool_down(key, cooldown_from_headers(headers, plan.config.cooldown_cap_s),
                                model)
@@ -5315,14 +5344,13 @@ def upstream_message(body: bytes, keys: KeyPool) -> str:
 
 def masked_message(message: Any, keys: KeyPool | None) -> str:
     """An upstream's error message (or error object) as the gateway quotes it: short, these
-    keys masked before it is cut, the longest first (a key may begin with another)."""
+    keys masked (as in a relayed error) before it is cut."""
     if isinstance(message, dict):  # an OpenAI error object
         message = message.get("message", message)
     if not isinstance(message, str):
         message = str(message)
-    for key in sorted(keys.keys if keys is not None else (), key=lambda k: -len(k.secret)):
-        if key.secret:
-            message = message.replace(key.secret, mask_secret(key.secret))
+    if keys is not None:
+        message = keys.masker().whole(message.encode(), False).decode("utf-8", "replace")
     return short_message(message)
 
 

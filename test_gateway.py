@@ -1142,7 +1142,7 @@ def test_a_blocked_key_says_why_is_rechecked_and_comes_back(
     err = capfd.readouterr().err
     (line,) = [x for x in err.splitlines() if "blocked" in x]
     assert "mock#0" in line and "401" in line and "Incorrect API key provided" in line
-    assert KEYS[0] not in err and gw.mask_secret(KEYS[0]) in line
+    assert KEYS[0] not in err and f"{KEYS[0][:3]}{'*' * (len(KEYS[0]) - 7)}{KEYS[0][-4:]}" in line  # as relayed
     assert key_states(g)["mock#0"] == "blocked"
     del mock.key_faults[KEYS[0]]
     # One real request tries it again after block_recheck_s, and its success unblocks it.
@@ -3474,8 +3474,10 @@ def test_a_key_is_masked_as_it_was_sent_as_json_and_urls_escape_it_and_in_header
                    b"go": json.dumps(key).replace("&", "\\u0026").encode()}[re.search(rb"x-as: (\w+)", head).group(1)]
         body = b'{"error": {"message": "Incorrect API key provided: %s"}}' % written[1:-1]
         name = b"X-Key-%s" % sent if re.fullmatch(rb"[\w-]+", sent) else b"x-key"
+        url = {b"php": quote(key, safe=""), b"python": re.sub("%..", lambda m: m.group().lower(), quote(key, safe="")),
+               b"go": quote(key, safe="+")}[re.search(rb"x-as: (\w+)", head).group(1)]  # (.NET: lower-case hex)
         writer.write(b"HTTP/1.1 400 Bad\r\n%s: 1\r\nlocation: /v1?k=%s\r\ncontent-length: %d\r\n\r\n%s"
-                     % (name, quote(key, safe="").encode(), len(body), body))
+                     % (name, url.encode(), len(body), body))
         await writer.drain()
         writer.close()
 
@@ -3488,7 +3490,7 @@ def test_a_key_is_masked_as_it_was_sent_as_json_and_urls_escape_it_and_in_header
             message = resp.json()["error"]["message"]  # still JSON: no escape is cut in two
             assert resp.status == 400 and key[4:-4] not in message and message.startswith("Incorrect API key provided: ")
             assert not any(key[4:-4].lower() in name for name in resp.headers)  # (names come lowercased)
-            assert quote(key, safe="")[4:-4] not in resp.headers["location"]
+            assert "0123456789" not in resp.headers["location"]
 
 
 def test_an_error_encoded_against_identity_is_replaced_and_a_redirect_is_masked(
@@ -3523,8 +3525,8 @@ def test_an_error_encoded_against_identity_is_replaced_and_a_redirect_is_masked(
 
 def test_an_error_a_chat_only_upstream_sends_in_a_success_is_quoted_with_its_keys_masked(
         raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
-    key = "AIzaSyA-0123456789abcdefghijklmnopq"
-    said = b'{"error": {"message": "API key %s not valid"}}' % key.encode()
+    key = "AIzaSyA/0123456789abcdefghijklmnopq"
+    said = b'{"error": {"message": "API key %s not valid (GET /v1?key=%s)"}}' % (key.encode(), quote(key, safe="").encode())
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
@@ -3539,9 +3541,76 @@ def test_an_error_a_chat_only_upstream_sends_in_a_success_is_quoted_with_its_key
     g = start_gateway({"upstreams": [{"name": "u", "url": f"http://127.0.0.1:{port}/v1", "keys": [key],
                                       "chat_only": True}]})
     (whole,) = raw(g.port, post("/v1/responses", b'{"model": "m", "input": "hi"}'))
-    assert whole.status == 502 and whole.json()["error"]["message"] == "upstream error: API key AI...nopq not valid"
+    masked = f"API key {key[:3]}{'*' * (len(key) - 7)}{key[-4:]} not valid (GET /v1?key={'*' * len(quote(key, safe=''))})"
+    assert whole.status == 502 and whole.json()["error"]["message"] == f"upstream error: {masked}"
     (streamed,) = raw(g.port, post("/v1/responses", b'{"model": "m", "input": "hi", "stream": true}', "x-stream: 1\r\n"))
-    assert b"upstream error mid-stream: API key AI...nopq not valid" in streamed.body and key.encode() not in streamed.body
+    assert f"upstream error mid-stream: {masked}".encode() in streamed.body
+
+
+def test_an_answer_to_a_secret_a_reload_replaced_is_masked_and_judges_no_key(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    old, new = "AIzaSy-OLD-0123456789abcdef", "AIzaSy-NEW-0123456789abcdef"
+    arrived, answer = threading.Event(), threading.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await request_in(reader)
+            sent = re.search(rb"Authorization: Bearer ([^\r]*)", head).group(1)
+            if sent == old.encode():  # held until the reload is done
+                arrived.set()
+                await asyncio.get_running_loop().run_in_executor(None, answer.wait, 10)
+                status = re.search(rb"x-status: (\d+)", head).group(1)
+                body = b'{"error": {"message": "Incorrect API key provided: %s"}}' % sent
+                writer.write(b"HTTP/1.1 %s No\r\ncontent-length: %d\r\n\r\n%s" % (status, len(body), body))
+            else:
+                body = orjson.dumps({"id": "c", "object": "chat.completion", "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]})
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                             % (len(body), body))
+            await writer.drain()
+
+    config = {"retry": {"attempts": 1}, "upstreams": [{"name": "u", "url": f"http://127.0.0.1:{raw_upstream(handler)}/v1",
+                                                       "keys": [old]}]}
+    g = start_gateway(config)
+    for status in ("400", "401"):
+        config["upstreams"][0]["keys"] = [old]
+        g.lt.call(g.gw.reload, gw.load_config({"GATEWAY_CONFIG": json.dumps(config)}))
+        arrived.clear()
+        answer.clear()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            out = pool.submit(raw, g.port, post("/v1/chat/completions", CHAT, f"x-status: {status}\r\n"))
+            assert arrived.wait(10)  # sent with the old secret; the reload gives the key a new one
+            config["upstreams"][0]["keys"] = [new]
+            g.lt.call(g.gw.reload, gw.load_config({"GATEWAY_CONFIG": json.dumps(config)}))
+            answer.set()
+            (resp,) = out.result(10)
+        assert b"OLD-0123" not in resp.body
+        if status == "400":  # relayed, the replaced secret masked
+            assert resp.status == 400 and resp.body.endswith(b"AIz********************cdef\"}}")
+        else:  # a refusal of the replaced secret: the key is tried again with its new one
+            assert resp.status == 200 and key_states(g)["u#0"] == "active"
+
+
+def test_credentials_in_an_upstreams_headers_and_url_are_masked_as_keys_are(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    header, query = "0123456789abcdef0123456789abcdef", "ab/cdefghijklmnop"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await request_in(reader)
+        echoed = b" ".join(re.search(rb"(?i)api-key: ([^\r]*)", head).group(1) for _ in range(1)) + \
+            b" " + re.search(rb"[?&]key=([^ &]*)", head).group(1)  # as sent: the query percent-encoded
+        body = b'{"error": {"message": "bad credentials: %s %s"}}' % (echoed, query.encode())
+        writer.write(b"HTTP/1.1 400 Bad\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    port = raw_upstream(handler)
+    g = start_gateway({"upstreams": [{"name": "azure", "url": f"http://127.0.0.1:{port}/v1?api-version=2024-06-01&key="
+                                      + quote(query, safe=""), "headers": {"api-key": header}}]})
+    (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))
+    message = resp.json()["error"]["message"]
+    assert resp.status == 400 and header[3:-4] not in message and "cdefghij" not in message and "cdefghij" not in message
+    assert message.startswith("bad credentials: 012") and message.count("*") >= len(header) - 7 + 2 * (len(query) - 7)
 
 
 def test_a_long_upstream_error_goes_on_whole(raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
