@@ -2528,6 +2528,28 @@ class Metrics:
 
     _COUNTERS = ("requests", "upstream_requests", "tokens", "cost", "fallbacks")
     _HISTOGRAMS = ("durations", "ttfb")
+    _LABELS = {"requests": (str, str, int), "upstream_requests": (str, str, str),
+               "tokens": (str, str), "cost": (str,), "fallbacks": (str, str)}
+
+    @classmethod
+    def published(cls, snap: Any) -> bool:
+        """Is this what snapshot() writes? Another worker's file is read whole or not at all:
+        one that is not (a torn or foreign file) must not fail, skew or half-join a scrape."""
+        def count(value: Any) -> bool:
+            return type(value) is int and 0 <= value < 2 ** 64
+        try:
+            return isinstance(snap, dict) and all(
+                all(len(row) == len(types) + 1 and count(row[-1]) and all(
+                    type(label) is kind for label, kind in zip(row, types))
+                    for row in snap.get(name, ()))
+                for name, types in cls._LABELS.items()) and all(
+                type(key) is str and len(counts) == len(LATENCY_BUCKETS) + 1
+                and all(map(count, counts)) and type(total) in (int, float)
+                and 0 <= total < 1e300
+                for name in cls._HISTOGRAMS for key, (counts, total) in snap.get(name, {}).items()
+            ) and count(snap.get("active_streams", 0)) and count(snap.get("refused", 0))
+        except (TypeError, ValueError, AttributeError):
+            return False
 
     def snapshot(self, refused: int) -> bytes:
         """The counters as JSON, for the other workers' scrapes."""
@@ -2549,20 +2571,20 @@ class Metrics:
                 mine.counts, mine.sum = list(hist.counts), hist.sum
         total.active_streams, refused = self.active_streams, 0
         for snap in snapshots:
-            try:
-                for name in self._COUNTERS:
-                    table = getattr(total, name)
-                    for *key, value in snap.get(name, ()):
-                        total.count(table, tuple(key), value)
-                for name in self._HISTOGRAMS:
-                    for key, (counts, hist_sum) in snap.get(name, {}).items():
-                        mine = total.histogram(getattr(total, name), key)
-                        mine.counts = [a + b for a, b in zip(mine.counts, counts)]
-                        mine.sum += hist_sum
-                total.active_streams += snap.get("active_streams", 0)
-                refused += snap.get("refused", 0)
-            except (TypeError, ValueError, AttributeError) as exc:  # not what a worker wrote
-                log(f"metrics: a worker's snapshot is not one, left out: {exc!r}", "warning")
+            if not self.published(snap):
+                log("metrics: a worker's file is not a snapshot; left out", "warning")
+                continue
+            for name in self._COUNTERS:
+                table = getattr(total, name)
+                for *key, value in snap.get(name, ()):
+                    total.count(table, tuple(key), value)
+            for name in self._HISTOGRAMS:
+                for key, (counts, hist_sum) in snap.get(name, {}).items():
+                    mine = total.histogram(getattr(total, name), key)
+                    mine.counts = [a + b for a, b in zip(mine.counts, counts)]
+                    mine.sum += hist_sum
+            total.active_streams += snap.get("active_streams", 0)
+            refused += snap.get("refused", 0)
         return total, refused
 
     def render(self, gauges: list[tuple[str, str, tuple[str, ...], dict]],
@@ -6707,7 +6729,6 @@ class AdminHandler:
                 published += [orjson.loads(own)] if own is not None else []
             except orjson.JSONDecodeError:  # (a file that is not what a worker wrote)
                 pass
-            published = [snap for snap in published if isinstance(snap, dict)]
             metrics, refused = Metrics(metrics.known_models).merged(published)
         text = metrics.render([
             ("gateway_breaker_open", "1 while the (upstream, model) breaker is open or half-open.",
@@ -7720,7 +7741,7 @@ class Gateway:
             snapshot = orjson.loads(path.read_bytes())
         except (OSError, orjson.JSONDecodeError):
             return
-        if not isinstance(snapshot, dict):  # (not what a worker wrote)
+        if not Metrics.published(snapshot):  # (not what a worker wrote)
             return
         snapshot["active_streams"] = 0  # (those streams died with it)
         self.metrics, refused = self.metrics.merged([snapshot])

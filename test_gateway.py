@@ -5993,10 +5993,19 @@ def test_a_worker_that_cannot_publish_its_counts_shows_no_more_of_them_than_its_
         assert raw(first.port, post("/v1/chat/completions", CHAT))[0].status == 200
     seen = served(first)
     assert served(second) >= seen  # whichever worker answers the next scrape: no count drops
-    for garbage in ("[]", '{"requests": 5}', "null"):  # a file no worker wrote: left out, not a 500
-        (tmp_path / "0.json").write_text(garbage)
-        assert served(first) >= 0 and served(second) >= 0
-        first.lt.call(first.gw.inherit_metrics)  # nor a worker that starts over it
+    for garbage in ("[]", '{"requests": 5}', "null", '{"cost": [[1, 5]]}', '{"cost": [["m", 1e40]]}',
+                    '{"durations": {"/v1/chat/completions": [[1], 0.5]}}',  # (a histogram cut short)
+                    '{"requests": [["/v1/chat/completions", "m", 200, 1000]], "tokens": [["x"]]}'):
+        (tmp_path / "0.json").write_text(garbage)  # a file no worker wrote: left out whole, not a 500
+        assert served(second) < 1000 and served(first) < 1000  # (the first's counts: lost with its file)
+        first.lt.call(first.gw.inherit_metrics)  # nor taken in by a worker that starts over it
+    def counted() -> int:
+        return first.lt.call(lambda: sum(first.gw.metrics.requests.values()))
+    before = counted()
+    assert raw(first.port, post("/v1/chat/completions", CHAT))[0].status == 200
+    assert eventually(lambda: counted() > before)  # its histograms as they were: it goes on counting
+    assert first.lt.call(lambda: {len(h.counts) for h in first.gw.metrics.durations.values()}) == {
+        len(gw.LATENCY_BUCKETS) + 1}
 
 
 def test_workers_keep_the_running_config_close_the_port_on_drain_and_never_count_backwards(
