@@ -62,7 +62,7 @@ import urllib.request
 import warnings as python_warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
-from urllib.parse import parse_qs, quote, quote_plus, unquote, urlsplit
+from urllib.parse import parse_qs, quote, quote_plus, unquote, unquote_plus, urlsplit
 
 import h11
 import orjson
@@ -105,8 +105,9 @@ LONG_EVENT_TAIL = 128 * 1024  # ...its end kept, to find its usage (before the e
 COOLDOWN_CAP_S = 60.0  # a 429 with no hint cools a key 1, 2, 4 ... s, never longer than this
 COOLDOWN_HINT_CAP_S = 3600.0  # the longest cooldown an upstream's hint may impose (configurable)
 BLOCK_RECHECK_S = 300.0  # a blocked key gets one real request this often (configurable)
-MAX_RETIRED_SECRETS = 4  # a key's secrets before a reload changed it, still masked: an
+MAX_RETIRED_SECRETS = 8  # credentials a reload replaced, still masked (per key): an
 # answer to a request sent with one may come after the reload
+MAX_QUOTED = 300  # characters of an upstream's error message the gateway quotes
 MIN_OTHER_SECRET = 8  # a credential in an upstream's headers or URL is masked from this long
 MAX_KEY_MODELS = 256  # models remembered per upstream key: "*" upstreams see any name
 MAX_LEARNED_MODELS = 256  # models that become metric labels because an upstream served them
@@ -441,7 +442,7 @@ def mask_url(url: str | None) -> str | None:
 
 _QUERY_PARAM = re.compile(r"([?&]([^=&#?]*)=)[^&#?]+")  # (a name, and a value, not empty)
 _CREDENTIAL_PARTS = ("key", "token", "secret", "sig", "pass", "pwd", "auth", "jwt", "bearer",
-                     "credential", "code", "sas")
+                     "credential", "code", "sas", "cookie", "session", "hmac")
 
 
 def credential_name(name: str) -> bool:
@@ -521,13 +522,15 @@ class UpstreamKey:
     __slots__ = (
         "name", "secret", "head", "cooling", "asked", "blocked", "blocked_at", "recheck_at",
         "block_reason", "next_slot", "requests", "failures", "last_used", "last_status",
-        "retired",
+        "query", "others", "retired",
     )
 
     def __init__(self, name: str, secret: str, head: bytes = b"") -> None:
         self.name = name
         self.secret = secret
-        self.retired: tuple[str, ...] = ()  # the secrets a reload replaced, the latest first
+        self.query = b""  # the upstream URL's query, sent with it (it may hold a credential)
+        self.others: tuple[str, ...] = ()  # credentials sent with it: in headers, in the URL
+        self.retired: tuple[str, ...] = ()  # credentials a reload replaced, the latest first
         self.head = head  # "Authorization: ...\r\nHost: ...\r\n" and the upstream's headers
         self.reset()
 
@@ -570,6 +573,11 @@ class UpstreamKey:
                 f"blocked={self.blocked}, cooling={list(self.cooling)})")
 
 
+def _secret_shaped(value: str) -> bool:
+    return len(value) >= MIN_OTHER_SECRET and not any(c.isspace() or c in '"\\' for c in value) \
+        and any(c.isdigit() for c in value) and any(c.isalpha() for c in value)
+
+
 def _escaped_forms(secret: str) -> set[bytes]:
     """A key as a JSON string or a URL may carry it, other than as it is."""
     utf8 = orjson.dumps(secret)[1:-1]  # (a JSON string of a header value: no code point
@@ -577,7 +585,7 @@ def _escaped_forms(secret: str) -> set[bytes]:
     go = ascii_.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
     forms = {utf8, ascii_.encode(), go.encode()}
     forms |= {form.replace(b"/", b"\\/") for form in forms}  # as PHP writes "/"
-    urls = {quote(secret, safe=safe).encode() for safe in ("", "/", "+", "/+")}
+    urls = {quote(secret, safe=safe).encode() for safe in ("", "/", "+", "/+", "!'()*")}
     urls.add(quote_plus(secret).encode())
     return forms | urls | {_PERCENT_HEX.sub(lambda m: m.group().lower(), url) for url in urls}
 
@@ -670,7 +678,7 @@ class KeyPool:
     on success. Pacing (rpm_per_key / min_interval_ms) spaces requests per key."""
 
     __slots__ = ("keys", "strategy", "interval", "recheck_s", "clock", "current", "_next",
-                 "upstream", "listener", "others", "_masking")
+                 "upstream", "listener", "_masking")
 
     def __init__(self, keys: list[UpstreamKey], strategy: str = "round_robin",
                  interval: float = 0.0, clock: Clock = time.monotonic,
@@ -684,7 +692,6 @@ class KeyPool:
         self.clock = clock
         self.current = 0  # failover: the key in use
         self._next = 0  # round_robin: where the next pick starts
-        self.others: tuple[str, ...] = ()  # credentials in the upstream's headers or URL
         self._masking: tuple = ((), None, None)  # the secrets, and their maskers (see masker)
 
     @classmethod
@@ -694,20 +701,25 @@ class KeyPool:
         same objects: requests still in flight see it too); one whose secret changed is
         given another chance if it was blocked."""
         kept = {k.name: k for k in previous.keys} if previous is not None else {}
-        keys = []
+        keys, others = [], upstream.credentials()
         for spec in upstream.keys:
             key = kept.get(spec.name)
             if key is None:
                 key = UpstreamKey(spec.name, spec.secret, spec.head)
-            elif key.secret != spec.secret:
-                key.retired = (key.secret, *key.retired)[:MAX_RETIRED_SECRETS]
-                key.secret, key.blocked, key.block_reason = spec.secret, False, ""
-            key.head = spec.head
+            else:
+                gone = [s for s in (key.secret, *key.others) if s not in (spec.secret, *others)]
+                key.retired = tuple(dict.fromkeys((*gone, *key.retired)))[:MAX_RETIRED_SECRETS]
+                if key.secret != spec.secret:
+                    key.secret, key.blocked, key.block_reason = spec.secret, False, ""
+            key.head, key.query, key.others = spec.head, upstream.query, others
             keys.append(key)
-        pool = cls(keys, upstream.key_strategy, upstream.pacing_interval, recheck_s=recheck_s,
+        return cls(keys, upstream.key_strategy, upstream.pacing_interval, recheck_s=recheck_s,
                    upstream=upstream.name)
-        pool.others = upstream.credentials()
-        return pool
+
+    def sends(self, key: UpstreamKey, head: bytes, query: bytes) -> bool:
+        """Are these (a request's head and URL query) still the key's credentials? An answer
+        to ones a reload has since replaced judges nothing of the key."""
+        return key.head == head and key.query == query
 
     def __repr__(self) -> str:
         now = self.clock()
@@ -875,12 +887,11 @@ class KeyPool:
         and URLs (percent-encoded) carry it; the secrets a reload replaced, and credentials
         in the upstream's headers or URL, too. `lower`: as a header name, lowercased. Made
         again only when a secret changed (a reload changes the secret of a key it keeps)."""
-        now = (*(key.secret for key in self.keys), *(s for key in self.keys for s in key.retired),
-               *self.others)
+        now = tuple(s for key in self.keys for s in (key.secret, *key.others, *key.retired))
         if self._masking[0] != now:
             secrets, escaped = set(), set()
-            for secret in filter(None, now):
-                secrets.add(secret.encode("latin-1"))
+            for secret in filter(None, now):  # (a key as a header: latin-1; a URL's: UTF-8)
+                secrets.add(secret.encode("latin-1") if _latin1(secret) else secret.encode())
                 escaped.update(_escaped_forms(secret))
             lowered = {s.lower() for s in secrets}
             self._masking = (now, Masker(secrets, escaped - secrets),
@@ -2936,14 +2947,19 @@ class Upstream:
         return self.models is None or model in self.models
 
     def credentials(self) -> tuple[str, ...]:
-        """Secrets sent besides the keys, masked as keys are: the values of headers and of
-        URL query parameters named as credentials are (Azure's api-key, a ?key=)."""
-        found = [value for name, value in self.headers.items() if credential_name(name)]
+        """Secrets sent besides the keys, masked as keys are: the values of headers and of URL
+        query parameters named as credentials (Azure's api-key, a ?key=), the token alone
+        too ("Bearer <token>"), when they look like secrets: 8 characters or more, letters
+        and digits mixed (not a word such as a provider's name)."""
+        found = []
+        for name, value in self.headers.items():
+            if credential_name(name):
+                found += (value, (value.split() or [""])[-1])
         for m in _QUERY_PARAM.finditer(self.url):
             if credential_name(m.group(2)):
                 value = m.group()[len(m.group(1)):]
-                found += (value, unquote(value))
-        return tuple(dict.fromkeys(v for v in found if len(v) >= MIN_OTHER_SECRET and _latin1(v)))
+                found += (value, unquote(value), unquote_plus(value))
+        return tuple(dict.fromkeys(filter(_secret_shaped, found)))
 
     def __repr__(self) -> str:
         return f"Upstream({self.name!r}, {self.url!r}, keys={len(self.keys)})"
@@ -4199,7 +4215,7 @@ class Plan:
                  "asked", "model", "pinned", "method", "endpoint", "content_type", "translated",
                  "tried", "failures", "shift", "last_error", "last_reply", "forwarded",
                  "stream", "client_usage", "estimate", "upstream", "key", "served", "_bodies",
-                 "refusal", "background")
+                 "refusal", "background", "sent")
 
     def __init__(self, rq: Request, kind: str, obj: dict | None, force_stream: bool,
                  gw: Gateway, candidates: Candidates, *, pinned: str | None = None,
@@ -4231,6 +4247,7 @@ class Plan:
         self.estimate = 0  # tokens taken from the client's tpm bucket before the request
         self.upstream: Upstream | None = None  # the upstream of the latest try
         self.key: UpstreamKey | None = None  # and its key
+        self.sent: tuple[bytes, bytes] = (b"", b"")  # and the credentials it went with
         self.served: str | None = None  # the model an upstream answered for
         self._bodies: dict[tuple, bytes] = {}
 
@@ -4398,7 +4415,6 @@ class Forwarder:
             if choice is None:
                 return None
             upstream, keys, key, breaker, wait, probe = choice
-            secret = key.secret  # (a reload may change it while the request is out)
             try:
                 conn = await self.attempt(plan, upstream, keys, key, wait)
             except GatewayError as exc:  # no usable HTTP answer: connect error or timeout
@@ -4424,12 +4440,13 @@ class Forwarder:
                 raise
             status = conn.status
             breaker.record(status < 500)
+            # (a reload may have replaced the credentials sent: their answer judges nothing)
+            judged = keys.sends(key, *plan.sent)  # type: ignore[misc]
             if status < 400 or (status < 500 and status not in (401, 403, 429)):
-                if keys.succeeded(key, model):
+                if judged and keys.succeeded(key, model):
                     log(f"upstream {upstream.name}: key {key.name} answered again: unblocked",
                         upstream=upstream.name, key=key.name)
                 return conn
-            judged = key.secret == secret  # a 401/403/429 says nothing of a secret not sent
             if plan.rq.upload is not None:  # an upload is not sent twice: its answer stands
                 if status == 429 and judged:
                     keys.cool_down(key, cooldown_from_headers(conn.headers,
@@ -4476,7 +4493,7 @@ class Forwarder:
         if wait > 0:
             await asyncio.sleep(wait)  # pacing: this key's next slot
         request = plan.request_for(upstream, model, key)
-        plan.upstream, plan.key = upstream, key
+        plan.upstream, plan.key, plan.sent = upstream, key, (key.head, upstream.query)
         keys.sending(key, model)
         rq.served_by, rq.key_name = upstream.name, key.name
         metrics = gw.metrics
@@ -5371,8 +5388,10 @@ def masked_message(message: Any, keys: KeyPool | None) -> str:
         message = message.get("message", message)
     if not isinstance(message, str):
         message = str(message)
-    if keys is not None:
-        message = keys.masker().whole(message.encode(), False).decode("utf-8", "replace")
+    if keys is not None:  # (on what can be shown: on one line, up to a key past its end)
+        masker = keys.masker()
+        shown = " ".join(message.split())[:MAX_QUOTED + masker.hold + 1].encode()
+        message = masker.whole(shown).decode("utf-8", "replace")
     return short_message(message)
 
 
@@ -5421,7 +5440,8 @@ def short_message(message: Any) -> str:
         message = message.get("message", message)
     if not isinstance(message, str):
         message = str(message)
-    return _SECRET_LIKE.sub(lambda m: mask_secret(m.group()), " ".join(message.split())[:300])
+    return _SECRET_LIKE.sub(lambda m: mask_secret(m.group()),
+                            " ".join(message.split())[:MAX_QUOTED])
 
 
 def model_not_found(model: str) -> GatewayError:

@@ -3547,70 +3547,81 @@ def test_an_error_a_chat_only_upstream_sends_in_a_success_is_quoted_with_its_key
     assert f"upstream error mid-stream: {masked}".encode() in streamed.body
 
 
-def test_an_answer_to_a_secret_a_reload_replaced_is_masked_and_judges_no_key(
-        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+@pytest.mark.parametrize("where", ["keys", "headers"])
+def test_an_answer_to_credentials_a_reload_replaced_is_masked_and_judges_no_key(
+        raw_upstream: RawUpstream, start_gateway: StartGateway, where: str) -> None:
     old, new = "AIzaSy-OLD-0123456789abcdef", "AIzaSy-NEW-0123456789abcdef"
     arrived, answer = threading.Event(), threading.Event()
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             head = await request_in(reader)
-            sent = re.search(rb"Authorization: Bearer ([^\r]*)", head).group(1)
+            sent = re.search(rb"(?:Bearer |api-key: )([^\r]*)", head).group(1)
+            status = re.search(rb"x-status: (\d+)", head).group(1)
             if sent == old.encode():  # held until the reload is done
                 arrived.set()
                 await asyncio.get_running_loop().run_in_executor(None, answer.wait, 10)
-                status = re.search(rb"x-status: (\d+)", head).group(1)
-                body = b'{"error": {"message": "Incorrect API key provided: %s"}}' % sent
-                writer.write(b"HTTP/1.1 %s No\r\ncontent-length: %d\r\n\r\n%s" % (status, len(body), body))
+            elif status == b"500":  # the retry, with the new credential: an error that echoes it
+                status = b"400"
             else:
+                status = b"200"
+            if status == b"200":
                 body = orjson.dumps({"id": "c", "object": "chat.completion", "choices": [
                     {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]})
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                             % (len(body), body))
+            else:
+                body = b'{"error": {"message": "Incorrect API key provided: %s"}}' % sent
+            writer.write(b"HTTP/1.1 %s X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                         % (status, len(body), body))
             await writer.drain()
 
-    config = {"retry": {"attempts": 1}, "upstreams": [{"name": "u", "url": f"http://127.0.0.1:{raw_upstream(handler)}/v1",
-                                                       "keys": [old]}]}
-    g = start_gateway(config)
-    for status in ("400", "401"):
-        config["upstreams"][0]["keys"] = [old]
-        g.lt.call(g.gw.reload, gw.load_config({"GATEWAY_CONFIG": json.dumps(config)}))
+    def configured(credential: str) -> dict:
+        upstream = {"name": "u", "url": f"http://127.0.0.1:{port}/v1"}
+        upstream |= {"keys": [credential]} if where == "keys" else {"headers": {"api-key": credential}}
+        return {"retry": {"attempts": 2, "base_delay_s": 0}, "upstreams": [upstream]}
+
+    port = raw_upstream(handler)
+    g = start_gateway(configured(old))
+    masked = {secret: secret[:3] + "*" * (len(secret) - 7) + secret[-4:] for secret in (old, new)}
+    for status in ("400", "401", "500"):
+        g.lt.call(g.gw.reload, gw.load_config({"GATEWAY_CONFIG": json.dumps(configured(old))}))
         arrived.clear()
         answer.clear()
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             out = pool.submit(raw, g.port, post("/v1/chat/completions", CHAT, f"x-status: {status}\r\n"))
-            assert arrived.wait(10)  # sent with the old secret; the reload gives the key a new one
-            config["upstreams"][0]["keys"] = [new]
-            g.lt.call(g.gw.reload, gw.load_config({"GATEWAY_CONFIG": json.dumps(config)}))
+            assert arrived.wait(10)  # sent with the old credential; the reload replaces it
+            g.lt.call(g.gw.reload, gw.load_config({"GATEWAY_CONFIG": json.dumps(configured(new))}))
             answer.set()
             (resp,) = out.result(10)
-        assert b"OLD-0123" not in resp.body
-        if status == "400":  # relayed, the replaced secret masked
-            assert resp.status == 400 and resp.body.endswith(b"AIz********************cdef\"}}")
-        else:  # a refusal of the replaced secret: the key is tried again with its new one
-            assert resp.status == 200 and key_states(g)["u#0"] == "active"
+        assert b"OLD-0123" not in resp.body and b"NEW-0123" not in resp.body
+        if status == "400":  # relayed, the replaced credential masked
+            assert resp.status == 400 and resp.body.endswith(masked[old].encode() + b'"}}')
+        elif status == "401":  # a refusal of the replaced credential: tried again with the new one
+            assert resp.status == 200 and set(key_states(g).values()) == {"active"}
+        else:  # retried (by the request that began before the reload) with the new one: masked
+            assert resp.status == 400 and resp.body.endswith(masked[new].encode() + b'"}}')
 
 
 def test_credentials_in_an_upstreams_headers_and_url_are_masked_as_keys_are(
         raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
-    header, query = "0123456789abcdef0123456789abcdef", "ab/cdefghijklmnop"
+    header, query, token = "0123456789abcdef0123456789abcdef", "ab/cdef0123456789", "tok_0123456789abcdefXYZ"
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await request_in(reader)
-        echoed = b" ".join(re.search(rb"(?i)api-key: ([^\r]*)", head).group(1) for _ in range(1)) + \
-            b" " + re.search(rb"[?&]key=([^ &]*)", head).group(1)  # as sent: the query percent-encoded
-        body = b'{"error": {"message": "bad credentials: %s %s"}}' % (echoed, query.encode())
-        writer.write(b"HTTP/1.1 400 Bad\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        sent = [re.search(pattern, head).group(1) for pattern in (
+            rb"(?i)api-key: ([^\r]*)", rb"x-auth: Bearer ([^\r]*)", rb"[?&]key=([^ &]*)")]  # the token alone
+        body = b'{"error": {"message": "bad credentials: %s %s %s %s"}}' % (*sent, query.encode())  # the query as
+        writer.write(b"HTTP/1.1 400 Bad\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))  # sent and decoded
         await writer.drain()
         writer.close()
 
     port = raw_upstream(handler)
     g = start_gateway({"upstreams": [{"name": "azure", "url": f"http://127.0.0.1:{port}/v1?api-version=2024-06-01&key="
-                                      + quote(query, safe=""), "headers": {"api-key": header}}]})
+                                      + quote(query, safe=""), "headers": {"api-key": header,
+                                                                            "x-auth": f"Bearer {token}"}}]})
     (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))
     message = resp.json()["error"]["message"]
-    assert resp.status == 400 and header[3:-4] not in message and "cdefghij" not in message and "cdefghij" not in message
-    assert message.startswith("bad credentials: 012") and message.count("*") >= len(header) - 7 + 2 * (len(query) - 7)
+    assert resp.status == 400 and message == "bad credentials: " + " ".join(
+        secret[:3] + "*" * (len(secret) - 7) + secret[-4:] for secret in (header, token, quote(query, safe=""), query))
 
 
 def test_a_long_upstream_error_goes_on_whole(raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
