@@ -62,7 +62,7 @@ import urllib.request
 import warnings as python_warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
-from urllib.parse import parse_qs, quote, quote_plus, unquote, unquote_plus, urlsplit
+from urllib.parse import parse_qs, quote, quote_plus, unquote, urlsplit
 
 import h11
 import orjson
@@ -105,7 +105,7 @@ LONG_EVENT_TAIL = 128 * 1024  # ...its end kept, to find its usage (before the e
 COOLDOWN_CAP_S = 60.0  # a 429 with no hint cools a key 1, 2, 4 ... s, never longer than this
 COOLDOWN_HINT_CAP_S = 3600.0  # the longest cooldown an upstream's hint may impose (configurable)
 BLOCK_RECHECK_S = 300.0  # a blocked key gets one real request this often (configurable)
-MAX_RETIRED_SECRETS = 8  # credentials a reload replaced, still masked (per key): an
+MAX_RETIRED_SECRETS = 32  # credentials a reload replaced, still masked (per key): an
 # answer to a request sent with one may come after the reload
 MAX_QUOTED = 300  # characters of an upstream's error message the gateway quotes
 MIN_OTHER_SECRET = 8  # a credential in an upstream's headers or URL is masked from this long
@@ -442,7 +442,7 @@ def mask_url(url: str | None) -> str | None:
 
 _QUERY_PARAM = re.compile(r"([?&]([^=&#?]*)=)[^&#?]+")  # (a name, and a value, not empty)
 _CREDENTIAL_PARTS = ("key", "token", "secret", "sig", "pass", "pwd", "auth", "jwt", "bearer",
-                     "credential", "code", "sas", "cookie", "session", "hmac")
+                     "credential", "code", "sas", "cookie")
 
 
 def credential_name(name: str) -> bool:
@@ -522,7 +522,7 @@ class UpstreamKey:
     __slots__ = (
         "name", "secret", "head", "cooling", "asked", "blocked", "blocked_at", "recheck_at",
         "block_reason", "next_slot", "requests", "failures", "last_used", "last_status",
-        "query", "others", "retired",
+        "query", "others", "retired", "creds",
     )
 
     def __init__(self, name: str, secret: str, head: bytes = b"") -> None:
@@ -531,6 +531,8 @@ class UpstreamKey:
         self.query = b""  # the upstream URL's query, sent with it (it may hold a credential)
         self.others: tuple[str, ...] = ()  # credentials sent with it: in headers, in the URL
         self.retired: tuple[str, ...] = ()  # credentials a reload replaced, the latest first
+        self.creds: tuple = (secret, (), b"")  # (secret, others, query): a new object only when
+        # a reload changes them, so a try tells whether its answer is about the key as it is
         self.head = head  # "Authorization: ...\r\nHost: ...\r\n" and the upstream's headers
         self.reset()
 
@@ -571,6 +573,9 @@ class UpstreamKey:
     def __repr__(self) -> str:
         return (f"UpstreamKey({self.name!r}, {mask_secret(self.secret)!r}, "
                 f"blocked={self.blocked}, cooling={list(self.cooling)})")
+
+
+_HEADER_PARTS = re.compile(r"[\s;,=]+")
 
 
 def _secret_shaped(value: str) -> bool:
@@ -699,27 +704,25 @@ class KeyPool:
            previous: KeyPool | None = None) -> KeyPool:
         """The pool for a configured upstream. Keys that kept their name keep their state (the
         same objects: requests still in flight see it too); one whose secret changed is
-        given another chance if it was blocked."""
+        given another chance if it was blocked, as is one whose header or URL credentials
+        changed; the credentials it had are still masked."""
         kept = {k.name: k for k in previous.keys} if previous is not None else {}
         keys, others = [], upstream.credentials()
         for spec in upstream.keys:
+            creds = (spec.secret, others, upstream.query)
             key = kept.get(spec.name)
             if key is None:
                 key = UpstreamKey(spec.name, spec.secret, spec.head)
-            else:
-                gone = [s for s in (key.secret, *key.others) if s not in (spec.secret, *others)]
-                key.retired = tuple(dict.fromkeys((*gone, *key.retired)))[:MAX_RETIRED_SECRETS]
-                if key.secret != spec.secret:
-                    key.secret, key.blocked, key.block_reason = spec.secret, False, ""
+                key.creds = creds
+            elif key.creds != creds:
+                now = {spec.secret, *others}
+                key.retired = tuple(s for s in dict.fromkeys(
+                    (key.secret, *key.others, *key.retired)) if s not in now)[:MAX_RETIRED_SECRETS]
+                key.secret, key.blocked, key.block_reason, key.creds = spec.secret, False, "", creds
             key.head, key.query, key.others = spec.head, upstream.query, others
             keys.append(key)
         return cls(keys, upstream.key_strategy, upstream.pacing_interval, recheck_s=recheck_s,
                    upstream=upstream.name)
-
-    def sends(self, key: UpstreamKey, head: bytes, query: bytes) -> bool:
-        """Are these (a request's head and URL query) still the key's credentials? An answer
-        to ones a reload has since replaced judges nothing of the key."""
-        return key.head == head and key.query == query
 
     def __repr__(self) -> str:
         now = self.clock()
@@ -2953,12 +2956,12 @@ class Upstream:
         and digits mixed (not a word such as a provider's name)."""
         found = []
         for name, value in self.headers.items():
-            if credential_name(name):
-                found += (value, (value.split() or [""])[-1])
+            if credential_name(name):  # (a cookie's values, a scheme's token: alone too)
+                found += (value, *_HEADER_PARTS.split(value))
         for m in _QUERY_PARAM.finditer(self.url):
             if credential_name(m.group(2)):
                 value = m.group()[len(m.group(1)):]
-                found += (value, unquote(value), unquote_plus(value))
+                found += (value, unquote(value))
         return tuple(dict.fromkeys(filter(_secret_shaped, found)))
 
     def __repr__(self) -> str:
@@ -4247,7 +4250,7 @@ class Plan:
         self.estimate = 0  # tokens taken from the client's tpm bucket before the request
         self.upstream: Upstream | None = None  # the upstream of the latest try
         self.key: UpstreamKey | None = None  # and its key
-        self.sent: tuple[bytes, bytes] = (b"", b"")  # and the credentials it went with
+        self.sent: tuple = ()  # and the credentials it went with (its key's creds)
         self.served: str | None = None  # the model an upstream answered for
         self._bodies: dict[tuple, bytes] = {}
 
@@ -4286,8 +4289,8 @@ class Plan:
         convert = self.converts(upstream)
         target = upstream.base_path.encode() + (b"/chat/completions" if convert else self.endpoint)
         query = self.rq.query
-        if upstream.query:  # the upstream URL's own, first
-            query = upstream.query + b"&" + query if query else upstream.query
+        if key.query:  # the upstream URL's own, first (as the key has it: a reload may change it)
+            query = key.query + b"&" + query if query else key.query
         if query:
             target += b"?" + query
         upload = self.rq.upload
@@ -4440,8 +4443,9 @@ class Forwarder:
                 raise
             status = conn.status
             breaker.record(status < 500)
-            # (a reload may have replaced the credentials sent: their answer judges nothing)
-            judged = keys.sends(key, *plan.sent)  # type: ignore[misc]
+            # (a reload may have replaced the credentials sent: their answer judges nothing,
+            # and the next try sends the key's new ones)
+            judged = key.creds == plan.sent
             if status < 400 or (status < 500 and status not in (401, 403, 429)):
                 if judged and keys.succeeded(key, model):
                     log(f"upstream {upstream.name}: key {key.name} answered again: unblocked",
@@ -4493,7 +4497,7 @@ class Forwarder:
         if wait > 0:
             await asyncio.sleep(wait)  # pacing: this key's next slot
         request = plan.request_for(upstream, model, key)
-        plan.upstream, plan.key, plan.sent = upstream, key, (key.head, upstream.query)
+        plan.upstream, plan.key, plan.sent = upstream, key, key.creds
         keys.sending(key, model)
         rq.served_by, rq.key_name = upstream.name, key.name
         metrics = gw.metrics
@@ -5390,9 +5394,24 @@ def masked_message(message: Any, keys: KeyPool | None) -> str:
         message = str(message)
     if keys is not None:  # (on what can be shown: on one line, up to a key past its end)
         masker = keys.masker()
-        shown = " ".join(message.split())[:MAX_QUOTED + masker.hold + 1].encode()
+        shown = one_line(message, MAX_QUOTED + masker.hold + 1).encode()
         message = masker.whole(shown).decode("utf-8", "replace")
     return short_message(message)
+
+
+def one_line(text: str, limit: int) -> str:
+    """The start of a text on one line (whitespace runs as one space), at most `limit`
+    characters: read no further than that, however long the text."""
+    words, size = [], 0
+    for word in _WORD.finditer(text):
+        words.append(word.group())
+        size += len(words[-1]) + 1
+        if size > limit:
+            break
+    return " ".join(words)[:limit]
+
+
+_WORD = re.compile(r"\S+")
 
 
 def content_encoding(headers: list[tuple[bytes, bytes]]) -> bytes | None:
@@ -5440,8 +5459,7 @@ def short_message(message: Any) -> str:
         message = message.get("message", message)
     if not isinstance(message, str):
         message = str(message)
-    return _SECRET_LIKE.sub(lambda m: mask_secret(m.group()),
-                            " ".join(message.split())[:MAX_QUOTED])
+    return _SECRET_LIKE.sub(lambda m: mask_secret(m.group()), one_line(message, MAX_QUOTED))
 
 
 def model_not_found(model: str) -> GatewayError:

@@ -3434,6 +3434,11 @@ def test_a_key_is_masked_the_same_in_any_split_of_reads_and_never_shows(case: tu
                 assert streamed[len(body) - size + shown:] == b"*" * (size - shown)
 
 
+@given(text=st.text(st.sampled_from("ab \t\n\u00a0é"), max_size=60), limit=st.integers(0, 40))
+def test_a_quoted_message_is_put_on_one_line_reading_no_further_than_it_shows(text: str, limit: int) -> None:
+    assert gw.one_line(text, limit) == " ".join(text.split())[:limit]
+
+
 def test_keys_that_begin_one_another_are_masked_whole_in_every_error_even_cut(
         raw_upstream: RawUpstream, start_gateway: StartGateway, capfd: pytest.CaptureFixture[str]) -> None:
     short = b"AIzaSy-0123456789"
@@ -3547,18 +3552,22 @@ def test_an_error_a_chat_only_upstream_sends_in_a_success_is_quoted_with_its_key
     assert f"upstream error mid-stream: {masked}".encode() in streamed.body
 
 
-@pytest.mark.parametrize("where", ["keys", "headers"])
+@pytest.mark.parametrize("where", ["keys", "headers", "query"])
 def test_an_answer_to_credentials_a_reload_replaced_is_masked_and_judges_no_key(
         raw_upstream: RawUpstream, start_gateway: StartGateway, where: str) -> None:
     old, new = "AIzaSy-OLD-0123456789abcdef", "AIzaSy-NEW-0123456789abcdef"
     arrived, answer = threading.Event(), threading.Event()
+    sends = collections.Counter()
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             head = await request_in(reader)
-            sent = re.search(rb"(?:Bearer |api-key: )([^\r]*)", head).group(1)
+            sent = re.search(rb"(?:Bearer |api-key: |[?&]key=)([^\r &]*)", head).group(1)
+            sends[sent] += 1
             status = re.search(rb"x-status: (\d+)", head).group(1)
-            if sent == old.encode():  # held until the reload is done
+            if status == b"403":  # the credential as configured is refused, till a reload mends it
+                status = b"403" if sent == old.encode() else b"200"
+            elif sent == old.encode():  # held until the reload is done
                 arrived.set()
                 await asyncio.get_running_loop().run_in_executor(None, answer.wait, 10)
             elif status == b"500":  # the retry, with the new credential: an error that echoes it
@@ -3575,8 +3584,13 @@ def test_an_answer_to_credentials_a_reload_replaced_is_masked_and_judges_no_key(
             await writer.drain()
 
     def configured(credential: str) -> dict:
-        upstream = {"name": "u", "url": f"http://127.0.0.1:{port}/v1"}
-        upstream |= {"keys": [credential]} if where == "keys" else {"headers": {"api-key": credential}}
+        upstream: dict = {"name": "u", "url": f"http://127.0.0.1:{port}/v1", "keys": []}
+        if where == "keys":
+            upstream["keys"] = [credential]
+        elif where == "headers":  # (and a header that is no credential, changed too)
+            upstream["headers"] = {"api-key": credential, "x-title": credential[7:10]}
+        else:
+            upstream["url"] += f"?key={credential}"
         return {"retry": {"attempts": 2, "base_delay_s": 0}, "upstreams": [upstream]}
 
     port = raw_upstream(handler)
@@ -3597,31 +3611,40 @@ def test_an_answer_to_credentials_a_reload_replaced_is_masked_and_judges_no_key(
             assert resp.status == 400 and resp.body.endswith(masked[old].encode() + b'"}}')
         elif status == "401":  # a refusal of the replaced credential: tried again with the new one
             assert resp.status == 200 and set(key_states(g).values()) == {"active"}
+            assert sends[new.encode()] == 1  # once: the try after it sends what the key has now
         else:  # retried (by the request that began before the reload) with the new one: masked
             assert resp.status == 400 and resp.body.endswith(masked[new].encode() + b'"}}')
+        sends.clear()
+    g.lt.call(g.gw.reload, gw.load_config({"GATEWAY_CONFIG": json.dumps(configured(old))}))
+    (resp,) = raw(g.port, post("/v1/chat/completions", CHAT, "x-status: 403\r\n"))
+    assert resp.status == 503 and set(key_states(g).values()) == {"blocked"}
+    g.lt.call(g.gw.reload, gw.load_config({"GATEWAY_CONFIG": json.dumps(configured(new))}))
+    (resp,) = raw(g.port, post("/v1/chat/completions", CHAT, "x-status: 403\r\n"))
+    assert resp.status == 200  # its credential mended by the reload: another chance at once
 
 
 def test_credentials_in_an_upstreams_headers_and_url_are_masked_as_keys_are(
         raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
     header, query, token = "0123456789abcdef0123456789abcdef", "ab/cdef0123456789", "tok_0123456789abcdefXYZ"
+    cookie = "sess_0123456789abcdef"
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await request_in(reader)
-        sent = [re.search(pattern, head).group(1) for pattern in (
-            rb"(?i)api-key: ([^\r]*)", rb"x-auth: Bearer ([^\r]*)", rb"[?&]key=([^ &]*)")]  # the token alone
-        body = b'{"error": {"message": "bad credentials: %s %s %s %s"}}' % (*sent, query.encode())  # the query as
+        sent = [re.search(pattern, head).group(1) for pattern in (  # a token, a cookie's value: alone
+            rb"(?i)api-key: ([^\r]*)", rb"x-auth: Bearer ([^\r]*)", rb"session=([^;]*)", rb"[?&]key=([^ &]*)")]
+        body = b'{"error": {"message": "bad credentials: %s %s %s %s %s"}}' % (*sent, query.encode())  # the query as
         writer.write(b"HTTP/1.1 400 Bad\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))  # sent and decoded
         await writer.drain()
         writer.close()
 
     port = raw_upstream(handler)
     g = start_gateway({"upstreams": [{"name": "azure", "url": f"http://127.0.0.1:{port}/v1?api-version=2024-06-01&key="
-                                      + quote(query, safe=""), "headers": {"api-key": header,
-                                                                            "x-auth": f"Bearer {token}"}}]})
+                                      + quote(query, safe=""), "headers": {
+        "api-key": header, "x-auth": f"Bearer {token}", "cookie": f"session={cookie}; theme=dark"}}]})
     (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))
     message = resp.json()["error"]["message"]
     assert resp.status == 400 and message == "bad credentials: " + " ".join(
-        secret[:3] + "*" * (len(secret) - 7) + secret[-4:] for secret in (header, token, quote(query, safe=""), query))
+        secret[:3] + "*" * (len(secret) - 7) + secret[-4:] for secret in (header, token, cookie, quote(query, safe=""), query))
 
 
 def test_a_long_upstream_error_goes_on_whole(raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
