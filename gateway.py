@@ -83,6 +83,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4000
 DEFAULT_UPSTREAM_URL = "https://api.openai.com/v1"
 MAX_HEADER_BYTES = 16 * 1024  # 16 KiB: twice nginx's default header buffer, far above any SDK's
+LINGER_S = 2.0  # a connection closed after its answer drops what the client still sends, this
+# long at most (its FIN is out already), so that no reset costs the client the answer's end
 HEADER_TIMEOUT_S = 10.0  # a request head must arrive within this once its first byte has
 BODY_TIMEOUT_S = 60.0  # a request body must arrive within this once its head has
 KEEPALIVE_TIMEOUT_S = 75.0  # idle client connections: nginx's keepalive_timeout default
@@ -3550,7 +3552,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         # per connection
-        "pool", "loop", "transport", "state", "expires", "reused", "paused",
+        "pool", "loop", "transport", "state", "expires", "reused", "paused", "owner",
         # per exchange
         "got_bytes", "head_buf", "head_waiter", "status", "headers", "framing", "keep_alive",
         "left", "decoder", "sink", "pending", "done", "deadline", "first_byte_timeout",
@@ -3564,6 +3566,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.state = _IDLE
         self.expires = 0.0  # loop time: an idle connection is not reused after this
         self.paused = False  # reading paused by the client's flow control
+        self.owner: FlowControl | None = None  # the client connection relaying it, if any
         self._reset()
 
     def _reset(self) -> None:
@@ -4089,7 +4092,8 @@ class UpstreamPool:
             return
         conn._to(_IDLE)
         conn.expires = self.loop.time() + UPSTREAM_KEEPALIVE_S
-        conn.sink = conn.upload = None
+        conn.sink = conn.upload = conn.owner = None  # (a flow that still points at it: see
+        # FlowControl.mine)
         # A body can end in the read that filled the client's buffer and paused this
         # connection: the next exchange must find it reading.
         if conn.paused:
@@ -4653,16 +4657,25 @@ class FlowControl:
             self.read_paused = False
             self.transport.resume_reading()
 
+    def mine(self) -> UpstreamConnection | None:
+        """The upstream this connection relays, if it still does: one that went back to the
+        pool (its body ended in a read, before the request's task came back to detach it)
+        may already relay another request's answer."""
+        upstream = self.upstream
+        return upstream if upstream is not None and upstream.owner is self else None
+
     def pause_writing(self) -> None:
         self.write_paused = True
         self.paused_at = self.loop.time()
-        if self.upstream is not None:
-            self.upstream.pause_reading()
+        upstream = self.mine()
+        if upstream is not None:
+            upstream.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if self.upstream is not None:
-            self.upstream.resume_reading()
+        upstream = self.mine()
+        if upstream is not None:
+            upstream.resume_reading()
 
     def write_stalled(self, now: float) -> bool:
         """Has the client read nothing for as long as the upstream may be silent?"""
@@ -4674,6 +4687,7 @@ class FlowControl:
     def attach(self, upstream: UpstreamConnection) -> None:
         """The upstream whose body this connection relays now."""
         self.upstream = upstream
+        upstream.owner = self
         if self.write_paused:
             upstream.pause_reading()
 
@@ -4682,7 +4696,8 @@ class FlowControl:
 
     def drop_upstream(self) -> None:
         """The request ended or the client left: an upstream still attached is abandoned."""
-        upstream, self.upstream = self.upstream, None
+        upstream = self.mine()
+        self.upstream = None
         if upstream is not None:
             upstream.abort()
 
@@ -5165,7 +5180,7 @@ class ResponseWriter(BodySink):
                 holding = self.holding  # (events, keep-alive comments) is not waited for,
                 self._write(data)  # unless its body ends with this read (it is then reused)
                 self.on_end()
-                upstream = self.rq.flow.upstream
+                upstream = self.rq.flow.mine()
                 if upstream is not None and not holding and not upstream.ending():
                     upstream.cut_short()
                 return
@@ -7317,7 +7332,8 @@ class HttpProtocol(asyncio.Protocol):
         self.flow.drop_upstream()  # the client is gone: free the upstream at once
         if self.task is not None and not self.task.done():
             self.task.cancel()  # the task holds its request till the end; we need not
-        elif self.cycle is not None and self.task is None and self.cycle.writer.rq is not None:
+        elif self.cycle is not None and self.task is None and self.cycle.writer.rq is not None \
+                and not self.cycle.writer.started:  # (answered: its task ends it, if still on)
             # admitted, and its body never all in (the client left, or stopped sending): no
             # task will finish it, and it still gets its metric and its log line
             self.cycle.error = self.cycle.error or (
@@ -7501,11 +7517,11 @@ class HttpProtocol(asyncio.Protocol):
             self.cycle = None
             return
         if rq.writer.must_close or self.gw.draining:
-            self.close()
+            self.linger()
         elif rq.refused and conn.their_state is h11.SEND_BODY:
             pass  # the body is read and dropped; its end starts the next cycle
         elif conn.their_state is not h11.DONE and self.taken < 0:
-            self.close()
+            self.linger()
         else:
             self._next_cycle()
 
@@ -7541,10 +7557,29 @@ class HttpProtocol(asyncio.Protocol):
             else:
                 self.transport.close()  # type: ignore[union-attr]
 
+    def linger(self) -> None:
+        """Close after an answer: our FIN once it is all out, then what the client still
+        sends is read and dropped until it closes too (at most LINGER_S). Closed at once, a
+        socket that then receives bytes is reset, and the client may lose the answer's end."""
+        if self.closing:
+            return
+        transport = self.transport
+        if not transport.can_write_eof():  # type: ignore[union-attr]
+            self.close()
+            return
+        self.closing = True
+        self.deadline = 0.0
+        transport.write_eof()  # type: ignore[union-attr]
+        self.flow.resume_reading()
+        self.loop.call_later(LINGER_S, transport.close)  # type: ignore[union-attr]
+
     def cut(self) -> None:
         """The drain is over: a request still being answered loses its connection now (a
         graceful close would wait on a client that reads nothing, and its request with it;
-        connection_lost cancels it)."""
+        connection_lost cancels it). One lingering after its answer closes now too."""
+        if self.closing:
+            self.transport.close()  # type: ignore[union-attr]
+            return
         self.close(abort=self.task is not None and not self.task.done())
 
     # timers ---------------------------------------------------------------------------------

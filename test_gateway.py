@@ -3662,6 +3662,80 @@ def test_a_long_upstream_error_goes_on_whole(raw_upstream: RawUpstream, start_ga
     assert resp.status == 400 and resp.body == body  # past what is read to be masked: as it came
 
 
+def test_an_error_raised_after_its_upstream_answer_was_read_leaves_that_connection_to_the_pool(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    """The connection went back to the pool as its body ended, and another request may hold
+    it by the time the failed one ends: that one must not abort it under the other."""
+    connections = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        while True:
+            head = await request_in(reader)
+            if b"/embeddings" in head:  # no /embeddings here: the gateway's 501, raised after the read
+                body, status = b'{"error": {"message": "no", "code": "unknown_url"}}', b"404 Not Found"
+            elif b"x-fail" in head:  # a chat_only 200 that says it failed: the gateway's 502
+                body, status = b'{"error": {"message": "overloaded"}}', b"200 OK"
+            else:
+                body, status = orjson.dumps({"id": "c", "object": "chat.completion", "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}), b"200 OK"
+            writer.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                         % (status, len(body), body))
+            await writer.drain()
+
+    port = raw_upstream(handler)
+    g = start_gateway({"upstreams": [{"name": "u", "url": f"http://127.0.0.1:{port}/v1", "chat_only": True}]})
+    embeddings = post("/v1/embeddings", b'{"model": "e", "input": "hi"}')
+    statuses = [raw(g.port, request)[0].status for request in (
+        embeddings, post("/v1/chat/completions", CHAT), post("/v1/responses", b'{"model": "m", "input": "hi"}', "x-fail: 1\r\n"),
+        post("/v1/chat/completions", CHAT))]
+    assert statuses == [501, 200, 502, 200] and len(connections) == 1  # one upstream connection, kept
+
+
+def test_a_client_that_leaves_after_its_answer_before_its_request_ends_is_counted_once(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, monkeypatch: pytest.MonkeyPatch,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    g = start_gateway(limited(mock, access_log=True))
+    account = gw.ProxyHandler.account
+
+    def leaving(self: Any, plan: Any, name: str) -> None:  # its close comes in after the answer
+        plan.rq.writer.proto.connection_lost(None)  # and before its task accounts for it
+        account(self, plan, name)
+
+    monkeypatch.setattr(gw.ProxyHandler, "account", leaving)
+    (resp,) = raw(g.port, post("/v1/chat/completions", CHAT[:-1] + b', "stream": true}', "Connection: close\r\n"))
+    assert resp.status == 200 and resp.body.rstrip().endswith(b"data: [DONE]")
+    assert eventually(lambda: g.lt.call(lambda: g.gw.active) == 0)
+    g.lt.call(g.gw.access_log.flush)
+    err = capfd.readouterr().err
+    assert len([line for line in err.splitlines() if '"msg":"request"' in line]) == 1 and "internal error" not in err
+
+
+def test_stray_bytes_after_a_closing_answer_do_not_reset_what_is_still_on_its_way(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    body = b'{"object": "chat.completion", "choices": [], "pad": "%s"}' % (b"x" * 50_000)  # (all of it
+    # taken by the gateway's buffers, so that it is done with the request before the client reads)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await request_in(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        await writer.drain()
+
+    g = start_gateway({"upstreams": [{"name": "u", "url": f"http://127.0.0.1:{raw_upstream(handler)}/v1"}]})
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader: most of it waits
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", g.port))
+        sock.sendall(post("/v1/chat/completions", CHAT, "Connection: close\r\n"))
+        got = sock.recv(4096)
+        assert eventually(lambda: g.lt.call(lambda: all(p.closing for p in g.gw.connections)))  # answered
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")  # then the client sends more
+        while chunk := sock.recv(1 << 20):
+            got += chunk
+    assert got.endswith(body) and got.startswith(b"HTTP/1.1 200")  # all of it, then our FIN
+
+
 def test_stale_pooled_connection_is_retried_once_on_a_fresh_one(raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
     """An upstream that closes an idle keep-alive connection just as a request arrives."""
     served = []
