@@ -4554,6 +4554,8 @@ class Forwarder:
                 upstream = group[(plan.shift + i) % len(group)]
                 if plan.refused_by(upstream):
                     continue  # never tried, never paced
+                if plan.pools[upstream.name].retired:  # a reload moved it: its keys (shared
+                    continue  # by name) hold the new one's credentials, not for the old one
                 breaker = gw.breakers.get(upstream.name, model)
                 if not breaker.available():
                     continue
@@ -4580,12 +4582,15 @@ class Forwarder:
     def unavailable_error(self, plan: Plan) -> GatewayError:
         gw = self.gw
         waits, opened, refused = [], [], ""
-        blocked = considered = False
+        blocked = considered = moved = False
         for model, groups in plan.candidates:
             for upstream in (u for group in groups for u in group):
                 if plan.refused_by(upstream):
                     continue
                 considered = True
+                if plan.pools[upstream.name].retired:
+                    moved = True
+                    continue
                 breaker = gw.breakers.get(upstream.name, model)
                 if not breaker.available():
                     opened.append(breaker.retry_in())
@@ -4608,6 +4613,9 @@ class Forwarder:
             said = f" The upstream said: {refused}" if refused else ""
             return Unavailable("Every upstream key for this model was refused (401/403)."
                                + said, code="upstream_credentials_exhausted", retry=False)
+        if moved and not opened:
+            return Unavailable("The upstream for this model was reconfigured while the request "
+                               "was in flight; send it again.", code="overloaded")
         return Unavailable("The circuit breaker for this model is open.", code="circuit_open",
                            headers=retry_after_headers(min(opened, default=1.0)))
 
@@ -7569,6 +7577,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         self.closing = True
         self.deadline = 0.0
+        self.gw.connections.discard(self)  # (no longer one that max_connections counts)
         transport.write_eof()  # type: ignore[union-attr]
         self.flow.resume_reading()
         self.loop.call_later(LINGER_S, transport.close)  # type: ignore[union-attr]
@@ -7576,10 +7585,7 @@ class HttpProtocol(asyncio.Protocol):
     def cut(self) -> None:
         """The drain is over: a request still being answered loses its connection now (a
         graceful close would wait on a client that reads nothing, and its request with it;
-        connection_lost cancels it). One lingering after its answer closes now too."""
-        if self.closing:
-            self.transport.close()  # type: ignore[union-attr]
-            return
+        connection_lost cancels it)."""
         self.close(abort=self.task is not None and not self.task.done())
 
     # timers ---------------------------------------------------------------------------------

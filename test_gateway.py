@@ -3623,6 +3623,39 @@ def test_an_answer_to_credentials_a_reload_replaced_is_masked_and_judges_no_key(
     assert resp.status == 200  # its credential mended by the reload: another chance at once
 
 
+def test_a_request_in_flight_when_a_reload_moves_its_upstream_sends_the_new_credentials_nowhere_old(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    arrived, answer = threading.Event(), threading.Event()
+    seen: dict[str, list[bytes]] = {"old": [], "new": []}
+
+    def upstream(name: str) -> Callable:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                head = await request_in(reader)
+                seen[name].append(re.search(rb"Bearer ([^\r]*)", head).group(1))
+                if name == "old":  # held until the reload has moved the upstream, then refused
+                    arrived.set()
+                    await asyncio.get_running_loop().run_in_executor(None, answer.wait, 10)
+                body = b'{"error": {"message": "no"}}'
+                writer.write(b"HTTP/1.1 401 No\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        return handler
+
+    ports = {name: raw_upstream(upstream(name)) for name in seen}
+
+    def configured(name: str) -> dict:
+        return {"upstreams": [{"name": "u", "url": f"http://127.0.0.1:{ports[name]}/v1", "keys": [f"sk-{name}-0123456789"]}]}
+    g = start_gateway(configured("old"))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        out = pool.submit(raw, g.port, post("/v1/chat/completions", CHAT))
+        assert arrived.wait(10)
+        g.lt.call(g.gw.reload, gw.load_config({"GATEWAY_CONFIG": json.dumps(configured("new"))}))
+        answer.set()
+        (resp,) = out.result(10)
+    assert seen == {"old": [b"sk-old-0123456789"], "new": []}, resp.body  # not tried again there
+    assert resp.status == 503 and "reconfigured" in resp.json()["error"]["message"]
+
+
 def test_credentials_in_an_upstreams_headers_and_url_are_masked_as_keys_are(
         raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
     header, query, token = "0123456789abcdef0123456789abcdef", "ab/cdef0123456789", "tok_0123456789abcdefXYZ"
@@ -3734,6 +3767,20 @@ def test_stray_bytes_after_a_closing_answer_do_not_reset_what_is_still_on_its_wa
         while chunk := sock.recv(1 << 20):
             got += chunk
     assert got.endswith(body) and got.startswith(b"HTTP/1.1 200")  # all of it, then our FIN
+
+
+def test_a_connection_lingering_after_its_closing_answer_takes_no_connection_slot(start_gateway: StartGateway) -> None:
+    g = start_gateway({"max_connections": 2})
+    answered = []
+    for _ in range(2):  # answered, and their clients have not closed yet
+        sock = connect(g.port)
+        sock.sendall(post("/v1/chat/completions", CHAT, "Connection: close\r\n"))
+        answered.append((sock, read_response(sock.makefile("rb"))))
+    assert [resp.status for _, resp in answered] == [200, 200]
+    (third,) = raw(g.port, post("/v1/chat/completions", CHAT))
+    assert third.status == 200
+    for sock, _ in answered:
+        sock.close()
 
 
 def test_stale_pooled_connection_is_retried_once_on_a_fresh_one(raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
