@@ -109,6 +109,7 @@ COOLDOWN_HINT_CAP_S = 3600.0  # the longest cooldown an upstream's hint may impo
 BLOCK_RECHECK_S = 300.0  # a blocked key gets one real request this often (configurable)
 MAX_RETIRED_SECRETS = 32  # credentials a reload replaced, still masked (per key): an
 # answer to a request sent with one may come after the reload
+RIGHT_SIZED_BODY = 1 << 20  # a rewritten body up to this is copied to its size (see rewritten)
 MAX_QUOTED = 300  # characters of an upstream's error message the gateway quotes
 MIN_OTHER_SECRET = 8  # a credential in an upstream's headers or URL is masked from this long
 MAX_KEY_MODELS = 256  # models remembered per upstream key: "*" upstreams see any name
@@ -4338,9 +4339,12 @@ def rewritten(obj: dict) -> bytes:
     """A request body the gateway changed; the client's 400 if it cannot be written (a body
     past MAX_JSON_DEPTH that no route checked, or that a translation made one level deeper)."""
     try:
-        return orjson.dumps(obj)
+        body = orjson.dumps(obj)
     except TypeError:
         raise nested_too_deep() from None
+    # orjson (3.9 on) returns its output in the buffer it wrote it in, 4 KiB at least: this
+    # one lives as long as the request (a retry sends it again), so it is copied to its size
+    return memoryview(body).tobytes() if len(body) < RIGHT_SIZED_BODY else body
 
 
 class Forwarder:

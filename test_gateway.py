@@ -3434,6 +3434,20 @@ def test_a_key_is_masked_the_same_in_any_split_of_reads_and_never_shows(case: tu
                 assert streamed[len(body) - size + shown:] == b"*" * (size - shown)
 
 
+def test_a_rewritten_body_a_request_keeps_holds_no_more_memory_than_its_size() -> None:
+    """It lives as long as its request (a stream's, minutes): orjson (3.9 on) returns its output
+    in a buffer of 4 KiB at least, which held 10,000 streams' gateway 40 MB over its bound."""
+    import tracemalloc
+    obj = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    tracemalloc.start()
+    try:
+        body = gw.rewritten(obj)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert body == orjson.dumps(obj) and held < len(body) + 512
+
+
 @given(text=st.text(st.sampled_from("ab \t\n\u00a0é"), max_size=60), limit=st.integers(0, 40))
 def test_a_quoted_message_is_put_on_one_line_reading_no_further_than_it_shows(text: str, limit: int) -> None:
     assert gw.one_line(text, limit) == " ".join(text.split())[:limit]
