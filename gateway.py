@@ -4273,6 +4273,10 @@ class Plan:
         self.tried = set()
         self.failures = self.shift = 0
 
+    def pool(self) -> KeyPool:
+        """The key pool of the latest try's upstream."""
+        return self.keys[self.upstream.name]  # type: ignore[union-attr]
+
     def injects(self, upstream: Upstream) -> bool:
         """Ask this upstream for the usage chunk the client did not ask for?"""
         if self.kind not in ("chat", "completions") or not self.stream:
@@ -4939,7 +4943,7 @@ class SseFilter:
             return event
         if self.convert is not None and obj.get("error") is not None:  # not a success, ever
             raise UpstreamError("upstream error mid-stream: "
-                                + masked_message(obj["error"], self.keys))
+                                + short_message(obj["error"], self.keys))
         usage = obj.get("usage")
         if usage is None and isinstance(obj.get("response"), dict):  # Responses: in the object
             usage = obj["response"].get("usage")
@@ -5404,26 +5408,11 @@ _SECRET_LIKE = re.compile(r"\b(?:sk|pk|rk|ghp|gho|ghs|ghu|github_pat|gsk|xai)[-_
 
 def upstream_message(body: bytes, keys: KeyPool) -> str:
     """An upstream error's own message (its OpenAI error body, else its text), short and with
-    anything like a secret masked: it goes to stderr and to clients. The keys are masked
-    before it is cut short, the longest first (a key may begin with another)."""
+    anything like a secret masked: it goes to stderr and to clients."""
     error = error_object(body[:65536])
     if not isinstance(error, dict) or "message" not in error:  # text: masked as bytes
         return short_message(keys.masker().whole(body[:65536]).decode("utf-8", "replace"))
-    return masked_message(error["message"], keys)
-
-
-def masked_message(message: Any, keys: KeyPool | None) -> str:
-    """An upstream's error message (or error object) as the gateway quotes it: short, these
-    keys masked (as in a relayed error) before it is cut."""
-    if isinstance(message, dict):  # an OpenAI error object
-        message = message.get("message", message)
-    if not isinstance(message, str):
-        message = str(message)
-    if keys is not None:  # (on what can be shown: on one line, up to a key past its end)
-        masker = keys.masker()
-        shown = one_line(message, MAX_QUOTED + masker.hold + 1).encode()
-        message = masker.whole(shown).decode("utf-8", "replace")
-    return short_message(message)
+    return short_message(error["message"], keys)
 
 
 def one_line(text: str, limit: int) -> str:
@@ -5479,13 +5468,18 @@ def error_code(body: bytes) -> Any:
     return error.get("code") if isinstance(error, dict) else None
 
 
-def short_message(message: Any) -> str:
-    """An upstream's error message on one line, at most 300 characters, anything like a
-    secret masked."""
+def short_message(message: Any, keys: KeyPool | None = None) -> str:
+    """An upstream's error message (or error object) as the gateway quotes it: on one line,
+    at most MAX_QUOTED characters, anything like a secret masked, and these keys masked (as
+    in a relayed error) before it is cut."""
     if isinstance(message, dict):  # an OpenAI error object
         message = message.get("message", message)
     if not isinstance(message, str):
         message = str(message)
+    if keys is not None:  # (on what can be shown: on one line, up to a key past its end)
+        masker = keys.masker()
+        shown = one_line(message, MAX_QUOTED + masker.hold + 1).encode()
+        message = masker.whole(shown).decode("utf-8", "replace")
     return _SECRET_LIKE.sub(lambda m: mask_secret(m.group()), one_line(message, MAX_QUOTED))
 
 
@@ -6453,7 +6447,7 @@ class ProxyHandler:
         if conn is None:
             return  # the last upstream error was passed through
         if conn.status >= 300:  # not a success: any upstream key it echoes is masked as it goes
-            keys = plan.keys[plan.upstream.name]  # type: ignore[union-attr]
+            keys = plan.pool()
             no_embeddings = plan.kind == "embeddings" and conn.status == 404 and \
                 not writer.head_only
             if no_embeddings or conn.framing is not _NO_BODY and \
@@ -6495,7 +6489,7 @@ class ProxyHandler:
                 and plan.obj.get("store") is True):  # type: ignore[union-attr]
             writer.capture_id = self.remember_for(plan)  # (a stored chat completion is read
             # back by its id, from the account that made it)
-        quoting = plan.keys[plan.upstream.name] if convert else None  # type: ignore[union-attr]
+        quoting = plan.pool() if convert else None
         writer.relay_head(conn.status, conn.headers, inspect=inspect,
                           drop_usage=inspect and plan.injects(plan.upstream),  # type: ignore[arg-type]
                           convert=converter, stream=inspect, keys=quoting)
@@ -6520,8 +6514,8 @@ class ProxyHandler:
         try:
             reply = orjson.loads(raw)
             if reply.get("error") is not None:  # a 200 that says it failed
-                raise UpstreamError("upstream error: " + masked_message(
-                    reply["error"], plan.keys[plan.upstream.name]))  # type: ignore[union-attr]
+                raise UpstreamError("upstream error: "
+                                    + short_message(reply["error"], plan.pool()))
             if not isinstance(reply.get("choices"), list):
                 raise TypeError("no choices")
             if plan.stream:  # asked for, and a whole answer given: the stream it would be
@@ -6554,7 +6548,7 @@ class ProxyHandler:
         writer = rq.writer
         writer.relay_head(200, [(b"content-type", b"text/event-stream")], inspect=True,
                           drop_usage=plan.injects(plan.upstream), convert=converter,
-                          keys=plan.keys[plan.upstream.name])  # type: ignore[union-attr]
+                          keys=plan.pool())
         try:
             writer.on_data(events)
             writer.on_end()
