@@ -7503,15 +7503,12 @@ class HttpProtocol(asyncio.Protocol):
         """Past max_connections and the probe reserve: a 503, then a close the client sees
         after it (our FIN once the answer is out; what it sends meanwhile is dropped, so no
         reset destroys the answer)."""
-        self.closing = True
         transport = self.transport
         refusal = Unavailable("Too many connections.", code="overloaded")
         transport.write(raw_error(refusal))  # type: ignore[union-attr]
         peer = transport.get_extra_info("peername")  # type: ignore[union-attr]
         self.gw.count_protocol_error(refusal, peer[0] if isinstance(peer, tuple) else "")
-        if transport.can_write_eof():  # type: ignore[union-attr]
-            transport.write_eof()  # type: ignore[union-attr]
-        self.loop.call_later(HEADER_TIMEOUT_S, transport.close)  # type: ignore[union-attr]
+        self.linger(HEADER_TIMEOUT_S)
 
     # response side --------------------------------------------------------------------------
 
@@ -7563,9 +7560,9 @@ class HttpProtocol(asyncio.Protocol):
             else:
                 self.transport.close()  # type: ignore[union-attr]
 
-    def linger(self) -> None:
+    def linger(self, seconds: float = LINGER_S) -> None:
         """Close after an answer: our FIN once it is all out, then what the client still
-        sends is read and dropped until it closes too (at most LINGER_S). Closed at once, a
+        sends is read and dropped until it closes too (at most `seconds`). Closed at once, a
         socket that then receives bytes is reset, and the client may lose the answer's end."""
         if self.closing:
             return
@@ -7578,7 +7575,7 @@ class HttpProtocol(asyncio.Protocol):
         self.gw.connections.discard(self)  # (no longer one that max_connections counts)
         transport.write_eof()  # type: ignore[union-attr]
         self.flow.resume_reading()
-        self.loop.call_later(LINGER_S, transport.close)  # type: ignore[union-attr]
+        self.loop.call_later(seconds, transport.close)  # type: ignore[union-attr]
 
     def cut(self) -> None:
         """The drain is over: a request still being answered loses its connection now (a
