@@ -323,6 +323,8 @@ def post(path: str, body: bytes, extra: str = "") -> bytes:
 
 
 CHAT = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
+CHAT_ANSWER = orjson.dumps({"id": "c", "object": "chat.completion", "choices": [  # as a raw upstream
+    {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]})  # gives it
 
 
 KEYS = ["sk-up-aaaa1111", "sk-up-bbbb2222", "sk-up-cccc3333"]
@@ -3589,8 +3591,7 @@ def test_an_answer_to_credentials_a_reload_replaced_is_masked_and_judges_no_key(
             else:
                 status = b"200"
             if status == b"200":
-                body = orjson.dumps({"id": "c", "object": "chat.completion", "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]})
+                body = CHAT_ANSWER
             else:
                 body = b'{"error": {"message": "Incorrect API key provided: %s"}}' % sent
             writer.write(b"HTTP/1.1 %s X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
@@ -3724,8 +3725,7 @@ def test_an_error_raised_after_its_upstream_answer_was_read_leaves_that_connecti
             elif b"x-fail" in head:  # a chat_only 200 that says it failed: the gateway's 502
                 body, status = b'{"error": {"message": "overloaded"}}', b"200 OK"
             else:
-                body, status = orjson.dumps({"id": "c", "object": "chat.completion", "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}), b"200 OK"
+                body, status = CHAT_ANSWER, b"200 OK"
             writer.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
                          % (status, len(body), body))
             await writer.drain()
