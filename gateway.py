@@ -2662,7 +2662,7 @@ class AccessLog:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._lines: list[bytes] = []  # lines not yet written
+        self._lines: list[bytes] = []  # lines not yet written, each a copy of its own size
 
     def request(self, rq: Request, duration: float) -> None:
         w = rq.writer
@@ -2693,13 +2693,12 @@ class AccessLog:
     def _write(self, line: bytes) -> None:
         if not self._lines:
             self.loop.call_soon(self.flush)  # type: ignore[union-attr]
-        self._lines.append(line)
+        self._lines.append(line + b"\n")  # (orjson's output is in a buffer of 4 KiB at least)
 
     def flush(self) -> None:
         if not self._lines:
             return
-        self._lines.append(b"")
-        data = b"\n".join(self._lines)
+        data = b"".join(self._lines)
         self._lines.clear()
         if _LogFormat.worker is None:
             sys.stderr.write(data.decode())
