@@ -3423,6 +3423,24 @@ class ChunkedDecoder:
     def feed(self, data: bytes, out: list[bytes]) -> int:
         """Append the body bytes in data to out. Returns the offset just past the end of
         the body, or -1 while it goes on; ValueError when the coding is malformed."""
+        if self.state is _SIZE and not self.line and data.endswith(b"\r\n"):
+            # Whole chunks, as a stream's reads most often are: split at every CRLF, each
+            # payload must be as long as the (known) size line before it says, compared in C.
+            # Then each piece is what the byte-by-byte reading would have cut: a payload that
+            # holds a CRLF, or a size not seen before, is left to it.
+            parts = data.split(b"\r\n")
+            if len(parts) & 1:
+                payloads = parts[1::2]
+                lengths = list(map(len, payloads))
+                if list(map(self.sizes.get, parts[:-1:2])) == lengths:
+                    if 0 not in lengths:
+                        out += payloads
+                        return -1
+                    if lengths.index(0) == len(lengths) - 1:  # the last chunk, no trailers
+                        del payloads[-1]
+                        out += payloads
+                        self.state = _END
+                        return len(data)
         pos, end = 0, len(data)
         while pos < end:
             state = self.state

@@ -19,6 +19,7 @@ import gc
 import gzip
 import hashlib
 import ipaddress
+import itertools
 import json
 import os
 import re
@@ -40,7 +41,7 @@ import openai
 import orjson
 import pytest
 import uvloop
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from openai.types.responses import ResponseStreamEvent
 from prometheus_client.parser import text_string_to_metric_families
@@ -2557,14 +2558,46 @@ def test_chunked_decoder_gives_the_body_and_where_it_ends_for_any_split(
         body: bytes, sizes: list[int], cuts: list[int], after: bytes) -> None:
     wire = frame(body, "chunked", sizes)
     wire = wire[wire.index(b"\r\n\r\n") + 4:]  # the body framing only, trailers included
-    data = wire + after
+    assert decode_in_reads(wire + after, cuts) == (body, len(wire))
+
+
+def decode_in_reads(data: bytes, cuts: list[int]) -> tuple[bytes, int]:
+    """A chunked body read in pieces cut at cuts: what the decoder gives, and where it says
+    the body ends (-1: not yet)."""
     bounds = [0, *sorted(set(c % (len(data) + 1) for c in cuts)), len(data)]
     decoder, out, end = gw.ChunkedDecoder(), [], -1
     for a, b in zip(bounds, bounds[1:]):
         if a < b and end < 0:
             found = decoder.feed(data[a:b], out)
             end = a + found if found >= 0 else -1
-    assert b"".join(out) == body and end == len(wire)
+    return b"".join(out), end
+
+
+_CRLF_HEAVY = st.lists(st.sampled_from([b"\r\n", b"\r", b"\n", b"0", b"a", b"5\r\n", b"\r\n\r\n"]),
+                       max_size=30).map(b"".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=_CRLF_HEAVY, sizes=st.lists(st.integers(1, 12), min_size=1, max_size=4),
+       trailer=st.booleans(), cuts=st.lists(st.integers(0, 500), max_size=3), after=_CRLF_HEAVY)
+@example(body=b"a\r\n", sizes=[3], trailer=False, cuts=[], after=b"0\r\n\r\n")  # a read past the end
+@example(body=b"a", sizes=[1], trailer=False, cuts=[], after=b"1\r\nb\r\n")  # whole chunks past it
+def test_chunked_decoder_cuts_payloads_full_of_crlfs_where_their_sizes_say(
+        body: bytes, sizes: list[int], trailer: bool, cuts: list[int], after: bytes) -> None:
+    """Reads of whole chunks are split at their CRLFs at once: a payload holding CRLFs, a
+    last chunk with or without trailers, and bytes past the body still read as the sizes say."""
+    for size in range(13):  # sizes already seen (the split takes only those)
+        gw.ChunkedDecoder().feed(b"%x\r\n" % size, [])
+    wire, pos = [], 0
+    for i in itertools.count():
+        if pos >= len(body):
+            break
+        piece = body[pos:pos + sizes[i % len(sizes)]]
+        pos += len(piece)
+        wire.append(b"%x\r\n%s\r\n" % (len(piece), piece))
+    wire.append(b"0\r\nx-trailer: y\r\n\r\n" if trailer else b"0\r\n\r\n")
+    whole = b"".join(wire)
+    assert decode_in_reads(whole + after, cuts) == (body, len(whole))
 
 
 def test_chunked_decoder_refuses_a_bad_size_and_an_endless_line() -> None:
