@@ -3420,27 +3420,30 @@ class ChunkedDecoder:
     def __repr__(self) -> str:
         return f"ChunkedDecoder({self.state.value}, left={self.left})"
 
+    def _many(self, data: bytes, out: list[bytes]) -> int | None:
+        """A read of whole chunks, as a stream's reads most often are, at once: split at
+        every CRLF, each payload must be as long as the (known) size line before it says,
+        compared in C; each piece is then what feed's reading would have cut. None (nothing
+        taken) when a payload holds a CRLF, a size was not seen before, or the read does not
+        end with the last chunk (no trailers) or a chunk's CRLF: feed reads it."""
+        parts = data.split(b"\r\n")
+        if len(parts) & 1:
+            payloads = parts[1::2]
+            lengths = list(map(len, payloads))
+            if list(map(self.sizes.get, parts[:-1:2])) == lengths:
+                if 0 not in lengths:
+                    out += payloads
+                    return -1
+                if lengths.index(0) == len(lengths) - 1:  # the last chunk, no trailers
+                    del payloads[-1]
+                    out += payloads
+                    self.state = _END
+                    return len(data)
+        return None
+
     def feed(self, data: bytes, out: list[bytes]) -> int:
         """Append the body bytes in data to out. Returns the offset just past the end of
         the body, or -1 while it goes on; ValueError when the coding is malformed."""
-        if self.state is _SIZE and not self.line and data.endswith(b"\r\n"):
-            # Whole chunks, as a stream's reads most often are: split at every CRLF, each
-            # payload must be as long as the (known) size line before it says, compared in C.
-            # Then each piece is what the byte-by-byte reading would have cut: a payload that
-            # holds a CRLF, or a size not seen before, is left to it.
-            parts = data.split(b"\r\n")
-            if len(parts) & 1:
-                payloads = parts[1::2]
-                lengths = list(map(len, payloads))
-                if list(map(self.sizes.get, parts[:-1:2])) == lengths:
-                    if 0 not in lengths:
-                        out += payloads
-                        return -1
-                    if lengths.index(0) == len(lengths) - 1:  # the last chunk, no trailers
-                        del payloads[-1]
-                        out += payloads
-                        self.state = _END
-                        return len(data)
         pos, end = 0, len(data)
         while pos < end:
             state = self.state
@@ -3448,6 +3451,7 @@ class ChunkedDecoder:
                 # one match each, a chunk's CRLF and the next size line together
                 found = _CHUNK_HEAD(data, pos)
                 append, size_of = out.append, self.sizes.get
+                many = pos == 0  # (the read may be whole chunks: see _many)
                 while found is not None:
                     digits = found[1]
                     size = size_of(digits)
@@ -3458,6 +3462,13 @@ class ChunkedDecoder:
                     stop = start + size
                     if stop == start or stop + 2 > end:
                         break
+                    if many:
+                        many = False
+                        if 4 * size < end and data.endswith(b"\r\n"):  # (not one big chunk:
+                            # the split would search all of it)
+                            ended = self._many(data, out)
+                            if ended is not None:
+                                return ended
                     append(data[start:stop])
                     found = _NEXT_CHUNK(data, stop)
                     if found is None:  # its CRLF is checked below, byte by byte
