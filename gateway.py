@@ -3426,6 +3426,8 @@ class ChunkedDecoder:
         compared in C; each piece is then what feed's reading would have cut. None (nothing
         taken) when a payload holds a CRLF, a size was not seen before, or the read does not
         end with the last chunk (no trailers) or a chunk's CRLF: feed reads it."""
+        if not data.endswith(b"\r\n"):  # (a chunk cut by the read: the split is not tried)
+            return None
         parts = data.split(b"\r\n")
         if len(parts) & 1:
             payloads = parts[1::2]
@@ -3464,9 +3466,8 @@ class ChunkedDecoder:
                         break
                     if many:
                         many = False
-                        if 4 * size < end and data.endswith(b"\r\n"):  # (not one big chunk:
-                            # the split would search all of it)
-                            ended = self._many(data, out)
+                        if 4 * size < end:  # (not one big chunk: the split would search
+                            ended = self._many(data, out)  # all of it)
                             if ended is not None:
                                 return ended
                     append(data[start:stop])
