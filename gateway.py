@@ -738,6 +738,22 @@ class KeyPool:
              model: str = "") -> tuple[UpstreamKey, float] | None:
         """A key usable for model and how long to wait before using it (pacing), or None."""
         now = self.clock()
+        best = self._usable(exclude, max_wait, model, now)
+        if best is None:
+            return None
+        index = self.current = self.keys.index(best)
+        if self.strategy == "round_robin":
+            self._next = index + 1
+        if best.blocked:  # its recheck: this request is the one probe until the next period
+            best.recheck_at = now + self.recheck_s
+        wait = max(0.0, best.next_slot - now)
+        if self.interval:
+            best.next_slot = max(now, best.next_slot) + self.interval
+        return best, wait
+
+    def _usable(self, exclude: Iterable[UpstreamKey], max_wait: float, model: str,
+                now: float) -> UpstreamKey | None:
+        """The key a pick would take now, the pick itself aside."""
         n = len(self.keys)
         start = self.current if self.strategy == "failover" else self._next
         best: UpstreamKey | None = None
@@ -752,15 +768,17 @@ class KeyPool:
                 break  # without pacing (or with a free slot) the first usable key wins
         if best is None or best.next_slot - now > max_wait:
             return None
-        index = self.current = self.keys.index(best)
-        if self.strategy == "round_robin":
-            self._next = index + 1
-        if best.blocked:  # its recheck: this request is the one probe until the next period
-            best.recheck_at = now + self.recheck_s
-        wait = max(0.0, best.next_slot - now)
-        if self.interval:
-            best.next_slot = max(now, best.next_slot) + self.interval
-        return best, wait
+        return best
+
+    def next_key(self, pinned: str | None, exclude: Iterable[UpstreamKey] = (),
+                 max_wait: float = float("inf"), *, model: str = "") -> UpstreamKey | None:
+        """The key pick (or pick_named, given the key pinned) would return now; nothing is
+        taken, nor any state moved."""
+        now = self.clock()
+        key = next((k for k in self.keys if k.name == pinned), None) if pinned else None
+        if key is None or key.blocked:
+            return self._usable(exclude, max_wait, model, now)
+        return None if key in exclude or key.next_slot - now > max_wait else key
 
     def pick_named(self, name: str, exclude: Iterable[UpstreamKey] = (),
                    max_wait: float = float("inf"), *, model: str = ""
@@ -1639,13 +1657,25 @@ class ResponsesStore:
 
 SHARED_SCHEMA = "v1"  # in every key and script: a rolling upgrade never mixes two meanings
 
+# An upstream key's pacing slot (a time on the server's clock, kept while it is ahead):
+# the seconds until the next free one, which is taken.
+_PACE_STEP = """
+local function pace(key, interval)
+  local slot = math.max(now, tonumber(redis.call('GET', key)) or 0)
+  redis.call('SET', key, tostring(slot + interval), 'PX', math.ceil((slot + interval - now) * 1000) + 1000)
+  return slot - now
+end
+"""
+
 # Admission, atomically on the server's clock: the budget, then the request bucket, then the
 # token bucket; all or nothing. Buckets are hashes {l: level, s: stamp} that expire once
-# full again, so an idle client costs nothing. Numbers go back as strings (Lua numbers
-# would be cut to integers).
+# full again, so an idle client costs nothing. Admitted, and given a pacing slot (KEYS[4],
+# ARGV[8]: the key its first try is expected to take), the slot is taken too: its wait is a
+# fourth value. Numbers go back as strings (Lua numbers would be cut to integers).
 _ADMIT_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+""" + _PACE_STEP + """
 local function level(key, rate, cap)
   local v = redis.call('HMGET', key, 'l', 's')
   if not v[1] then return cap end
@@ -1676,6 +1706,7 @@ if k_rate > 0 then
 end
 if r_rate > 0 then r = r - 1; put(KEYS[1], r, r_rate, r_cap) end
 if k_rate > 0 then k = k - amount; put(KEYS[2], k, k_rate, k_cap) end
+if KEYS[4] then return {'ok', tostring(r), tostring(k), tostring(pace(KEYS[4], tonumber(ARGV[8])))} end
 return {'ok', tostring(r), tostring(k)}
 """
 
@@ -1754,14 +1785,12 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
-# rpm_per_key pacing across instances: the next free slot of one upstream key.
+# rpm_per_key pacing across instances: the next free slot of one upstream key, taken.
 _PACE_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local slot = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0'))
-local interval = tonumber(ARGV[1])
-redis.call('SET', KEYS[1], tostring(slot + interval), 'PX', math.ceil((slot + interval - now) * 1000) + 1000)
-return tostring(slot - now)
+""" + _PACE_STEP + """
+return tostring(pace(KEYS[1], tonumber(ARGV[1])))
 """
 
 SHARED_ID_TTL_S = 7 * 86400  # object id -> (upstream, key)
@@ -1985,6 +2014,9 @@ class SharedState:
         self.admissions = BoundedMap(MAX_CLIENT_IPS)
         self.state_reads = BoundedMap(MAX_ROUTES)  # upstream name -> its HGETALL, packed
         self.budgets = (None, {})  # (api_keys it was made from, name -> both budgets)
+        # (the upstreams configured, their names when an admission may go from the head,
+        # whether any of them paces)
+        self.configured: tuple[Any, list[str] | None, bool] = (None, None, False)
 
     def __repr__(self) -> str:
         return f"SharedState(up={self.up}, pending={len(self.writes)}, usage={len(self.usage)})"
@@ -2126,36 +2158,57 @@ class SharedState:
         """At the head, the admission of a request it needs nothing of the body for (no tpm
         estimate) when the upstreams are few (their states all come back with it): sent now,
         so that its round trip overlaps the reading, parsing and routing of the request.
-        Awaited by admit(), before forwarding."""
+        Awaited by admit(), before forwarding. Not when an upstream paces its keys: the
+        admission then waits for the route, to take the slot of the key expected with it."""
         if not self.up or self.conn is None or limits is not None and limits.tokens is not None:
             return
-        upstreams = self.gw.config.upstreams
-        if len(upstreams) > EARLY_ADMISSION_UPSTREAMS:
+        names = self.upstreams()[1]
+        if names is None:
             return
-        names = list(dict.fromkeys(u.name for u in upstreams))
         commands = self.admission(rq, limits, name, 0, names)
         replies = self.conn.send(commands)
         replies.add_done_callback(_retrieved)  # a request that ends before admit() never awaits it
         rq.admission = ((replies, self.conn), names, commands)
 
-    async def admit(self, rq: Request, limits: ClientLimits | None, name: str, estimate: int,
-                    upstreams: Iterable[Upstream]) -> bool:
+    def upstreams(self) -> tuple[Any, list[str] | None, bool]:
+        """The upstreams configured; their names when an admission may go from the head (few
+        of them, none paced); whether any paces its keys."""
+        upstreams = self.gw.config.upstreams
+        if self.configured[0] is not upstreams:
+            paces = any(u.pacing_interval for u in upstreams)
+            early = len(upstreams) <= EARLY_ADMISSION_UPSTREAMS and not paces
+            self.configured = (upstreams, list(dict.fromkeys(u.name for u in upstreams))
+                               if early else None, paces)
+        return self.configured
+
+    async def admit(self, plan: Plan, limits: ClientLimits | None, name: str) -> bool:
         """Take the client's shared buckets and check its shared budget (raises the refusal),
-        and bring in the shared states of the upstreams it may use. False when Redis is not
-        there: the caller limits on local state."""
+        and bring in the shared states of the upstreams it may use. When the key its first
+        try is expected to take is paced, that key's shared slot is taken with it, in the
+        same round trip (plan.paced). False when Redis is not there: the caller limits on
+        local state."""
+        rq, pace = plan.rq, None
         if rq.admission:  # sent at the head
             sent, names, commands = rq.admission
         elif not self.up or self.conn is None:
             return False
         else:
-            sent, names = None, list(dict.fromkeys(u.name for u in upstreams))
-            commands = self.admission(rq, limits, name, estimate, names)
+            sent, names = None, list(dict.fromkeys(u.name for u in plan.upstreams()))
+            if self.upstreams()[2]:
+                pace = self.gw.forwarder.expected(plan)
+            commands = self.admission(rq, limits, name, plan.estimate, names, pace)
         rq.admission = _SENT
         replies = await self.pipeline(commands, sent)
-        return replies is not None and self.admitted(replies, names, limits, name)
+        if replies is None or not self.admitted(replies, names, limits, name):
+            return False
+        if pace is not None:  # (an admission answered without the wait: paced on its own)
+            wait = _number(replies[0][3]) if len(replies[0]) == 4 else None
+            plan.paced = None if wait is None else (*pace, wait)
+        return True
 
     def admission(self, rq: Request, limits: ClientLimits | None, name: str, estimate: int,
-                  names: list[str]) -> list[bytes]:
+                  names: list[str], pace: tuple[Upstream, UpstreamKey] | None = None
+                  ) -> list[bytes]:
         """The admission's commands: the client's buckets and budget in one Lua call, then the
         states of the upstreams named. Both are kept packed: a client's admission is the same
         command from one request to the next unless it has a tpm limit (the estimate)."""
@@ -2173,10 +2226,17 @@ class SharedState:
                 -1 if budget_usd is None else budget_usd)
         pack = self.conn.pack  # type: ignore[union-attr]
         admission = self.admissions.get(bucket)
-        if admission is None or admission[0] != args:  # packed again only when args change
+        if pace is not None or admission is None or admission[0] != args:
             keys = (self.key("rpm", bucket), self.key("tpm", bucket), self.key("usage", name))
-            admission = (args, pack(("EVALSHA", self.scripts[_ADMIT_LUA], 3, *keys, *args[1:])))
-            self.admissions.put(bucket, admission)
+            if pace is None:  # packed again only when args change
+                admission = (args, pack(("EVALSHA", self.scripts[_ADMIT_LUA], 3, *keys,
+                                         *args[1:])))
+                self.admissions.put(bucket, admission)
+            else:  # a key's slot: packed for this request
+                upstream, key = pace
+                admission = (args, pack(("EVALSHA", self.scripts[_ADMIT_LUA], 4, *keys,
+                                         self.key("pace", upstream.name, key.name), *args[1:],
+                                         upstream.pacing_interval)))
         state_reads = self.state_reads
         reads = [state_reads.get(upstream) for upstream in names]
         if None in reads:  # (taken as they are put: a full map may evict one of them)
@@ -2196,7 +2256,8 @@ class SharedState:
         reply = replies[0]
         try:  # (the script's numbers, as text: finite unless something else wrote them)
             verdict, first, second = reply[0], float(reply[1]), float(reply[2])
-            if reply.__class__ is not list or len(reply) != 3 or verdict not in _VERDICTS \
+            if reply.__class__ is not list or len(reply) not in (3, 4) \
+                    or verdict not in _VERDICTS \
                     or first - first or second - second:  # (nan, inf: not 0)
                 raise ValueError
         except (TypeError, ValueError, IndexError, KeyError):
@@ -4252,7 +4313,7 @@ class Plan:
                  "asked", "model", "pinned", "method", "endpoint", "content_type", "translated",
                  "tried", "failures", "shift", "last_error", "last_reply", "forwarded",
                  "stream", "client_usage", "estimate", "upstream", "key", "served", "_bodies",
-                 "refusal", "background", "sent")
+                 "refusal", "background", "sent", "paced")
 
     def __init__(self, rq: Request, kind: str, obj: dict | None, force_stream: bool,
                  gw: Gateway, candidates: Candidates, *, pinned: str | None = None,
@@ -4285,6 +4346,8 @@ class Plan:
         self.upstream: Upstream | None = None  # the upstream of the latest try
         self.key: UpstreamKey | None = None  # and its key
         self.sent: tuple = ()  # and the credentials it went with (its key's creds)
+        self.paced: tuple[Upstream, UpstreamKey, float] | None = None  # a shared slot taken
+        # with the admission: for that key, and the wait till it
         self.served: str | None = None  # the model an upstream answered for
         self._bodies: dict[tuple, bytes] = {}
 
@@ -4532,7 +4595,11 @@ class Forwarder:
                       key: UpstreamKey, wait: float) -> UpstreamConnection:
         gw, rq, model = self.gw, plan.rq, plan.model
         if upstream.pacing_interval and gw.shared is not None and gw.shared.up:
-            shared_wait = await gw.shared.pace(upstream, key)  # the slot across instances
+            paced, plan.paced = plan.paced, None
+            if paced is not None and paced[0] is upstream and paced[1] is key:
+                shared_wait: float | None = paced[2]  # its slot came with the admission
+            else:
+                shared_wait = await gw.shared.pace(upstream, key)  # the slot across instances
             if shared_wait is not None:
                 wait = shared_wait
         if wait > 0:
@@ -4581,10 +4648,11 @@ class Forwarder:
             await asyncio.sleep(delay)
         return False
 
-    def choose(self, plan: Plan, groups: list[list[Upstream]]
+    def choose(self, plan: Plan, groups: list[list[Upstream]], peek: bool = False
                ) -> tuple[Upstream, KeyPool, UpstreamKey, CircuitBreaker, float, bool] | None:
         """The first usable upstream for plan.model, its pool, a key, its pacing wait, and
-        whether the request is its breaker's half-open probe."""
+        whether the request is its breaker's half-open probe. peek: which upstream and key
+        that would be, with nothing taken (no wait, no probe)."""
         gw, model = self.gw, plan.model
         for group in groups:
             for i in range(len(group)):
@@ -4597,6 +4665,11 @@ class Forwarder:
                 if not breaker.available():
                     continue
                 keys = plan.keys[upstream.name]
+                if peek:
+                    key = keys.next_key(plan.pinned, plan.tried, PACING_MAX_WAIT_S, model=model)
+                    if key is None:
+                        continue
+                    return upstream, keys, key, breaker, 0.0, False
                 if plan.pinned is not None:
                     picked = keys.pick_named(plan.pinned, plan.tried, PACING_MAX_WAIT_S,
                                              model=model)
@@ -4606,6 +4679,15 @@ class Forwarder:
                     continue
                 return upstream, keys, picked[0], breaker, picked[1], breaker.acquire()
         return None
+
+    def expected(self, plan: Plan) -> tuple[Upstream, UpstreamKey] | None:
+        """The upstream and key the first try is expected to take, when it paces its keys
+        (the shared slot is then taken with the admission); as far as this process knows
+        before the admission brings the other instances' states."""
+        choice = self.choose(plan, plan.candidates[0][1], peek=True)
+        if choice is None or not choice[0].pacing_interval:
+            return None
+        return choice[0], choice[2]
 
     def give_up(self, plan: Plan) -> None:
         """No model left: pass the last upstream error through, or say why nothing was usable."""
@@ -6456,8 +6538,7 @@ class ProxyHandler:
             plan.estimate = min(estimate_tokens(rq.body(), plan.obj),  # settled against)
                                 int(limits.tokens.capacity))  # type: ignore[union-attr]
         shared = gw.shared if rq.shared_take else None
-        if shared is None or not await shared.admit(rq, limits, name, plan.estimate,
-                                                    plan.upstreams()):
+        if shared is None or not await shared.admit(plan, limits, name):
             if rq.shared_take:  # Redis went away since the head: this process's buckets
                 rq.shared_take = False
                 if limits is not None:

@@ -1836,6 +1836,61 @@ def test_rpm_per_key_pacing_is_kept_by_all_instances_together(
     assert times[-1] - times[0] >= 9 * 0.2 * 0.9
 
 
+def test_a_paced_request_makes_one_redis_round_trip_before_it_is_forwarded(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str, raw_upstream: RawUpstream) -> None:
+    # Redis behind a relay that notes when the gateway writes to it: each admission or pacing
+    # script it sends before the upstream has the request is one round trip on its path.
+    writes: list[tuple[float, bytes]] = []
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", redis_server.port)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, noted: bool) -> None:
+            while data := await src.read(65536):
+                if noted:
+                    writes.append((time.monotonic(), data))
+                dst.write(data)
+            dst.close()
+        await asyncio.gather(pump(reader, upstream_writer, True), pump(upstream_reader, writer, False))
+
+    relayed = f"redis://127.0.0.1:{raw_upstream(relay)}/0"
+    config = {"redis_url": relayed, "upstreams": [
+        {"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS[:2], "rpm_per_key": 6000}]}
+    a, b = start_gateway(config), start_gateway(config)
+    assert eventually(lambda: a.gw.shared.up and b.gw.shared.up)
+    scripts = {a.gw.shared.scripts[gw._ADMIT_LUA].encode(), a.gw.shared.scripts[gw._PACE_LUA].encode()}
+
+    def trips(g: Running) -> tuple[int, str]:
+        start = time.monotonic()
+        g.client().chat.completions.create(model="m", messages=MSGS)
+        forwarded = mock.requests[-1]
+        return sum(1 for t, data in writes if start <= t < forwarded.at
+                   and any(sha in data for sha in scripts)), forwarded.key()
+
+    assert [trips(a) for _ in range(4)] == [(1, KEYS[0]), (1, KEYS[1])] * 2
+    assert redis_server.command("EXISTS", "gateway:v1:pace:mock:mock#0") == b":1\r\n"
+    mock.key_faults[KEYS[0]] = (429, {"retry-after": "60"})
+    b.client().chat.completions.create(model="m", messages=MSGS)  # KEYS[0] cools, for both
+    # a expected KEYS[0]; the admission says it cools: KEYS[1]'s slot is one more trip, once
+    assert [trips(a) for _ in range(2)] == [(2, KEYS[1]), (1, KEYS[1])]
+
+
+def test_a_request_its_shared_rpm_refuses_takes_no_pacing_slot(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str) -> None:
+    config = {"redis_url": redis_url, "api_keys": [{"key": SDK_KEY, "rpm": 1}], "upstreams": [
+        {"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS[:1], "rpm_per_key": 60}]}
+    g = start_gateway(config)
+    assert eventually(lambda: g.gw.shared.up)
+    statuses = [raw(g.port, post("/v1/chat/completions", CHAT, f"Authorization: Bearer {SDK_KEY}\r\n"))[0].status
+                for _ in range(6)]
+    assert statuses == [200] + [429] * 5
+    slot = float(redis_server.command("GET", "gateway:v1:pace:mock:mock#0").split(b"\r\n")[1])
+    now = [int(n) for n in redis_server.command("TIME").split(b"\r\n")[2:5:2]]
+    assert 0 < slot - (now[0] + now[1] / 1e6) <= 60 / 60 * gw.PACING_SLACK  # the one admitted
+
+
 def test_redis_urls_with_a_database_a_password_or_a_unix_socket(tmp_path: Path, loop_thread: LoopThread) -> None:
     port, sock = free_port(), tmp_path / "redis.sock"
     server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
