@@ -1578,12 +1578,14 @@ class StickyIds:
     batch, vector store, conversation, upload...). Such an object exists only in the account
     whose key made it, so its follow-ups must go there. The oldest ids are forgotten first."""
 
-    __slots__ = ("cap", "_ids", "_pairs")
+    __slots__ = ("cap", "_ids", "_pairs", "nested")
 
     def __init__(self, cap: int = MAX_STICKY_IDS) -> None:
         self.cap = cap
         self._ids: dict[str, tuple[str, str]] = {}  # insertion-ordered: the oldest first
         self._pairs: dict[tuple[str, str], tuple[str, str]] = {}  # one tuple per (upstream, key)
+        self.nested = False  # a file, vector store or container seen made: worth looking for
+        # in chat and Responses bodies
 
     def __repr__(self) -> str:
         return f"StickyIds({len(self._ids)}/{self.cap})"
@@ -1600,6 +1602,8 @@ class StickyIds:
                 del ids[old]
         pair = (upstream, key)
         ids[object_id] = self._pairs.setdefault(pair, pair)
+        if not self.nested and object_id.startswith(_NESTED_KINDS):
+            self.nested = True
 
     def find(self, object_id: Any) -> tuple[str, str] | None:
         """(upstream, key) that made object_id, if the gateway saw it made."""
@@ -1803,7 +1807,23 @@ SHARED_FLUSH_S = 1.0  # usage and token corrections go out in batches this often
 MAX_SHARED_PENDING = 10_000  # writes waiting while Redis is away; the oldest go first
 MAX_BATCH_ENTRIES = 500  # (client, model) usage pairs, and corrections, in one flush's script
 EARLY_ADMISSION_UPSTREAMS = 8  # up to this many, a request's admission brings all their states
-_ID_SHAPE = re.compile(r"(resp|file|batch|vs|conv|upload|msg|fc|asst|thread|run|ftjob)[-_]\w{4,}")
+_ID_SHAPE = re.compile(r"(resp|file|batch|vs|conv|upload|msg|fc|asst|thread|run|ftjob|cntr)"
+                       r"[-_]\w{4,}")
+# Objects a body may name anywhere (a file in a message or an input item, the vector stores
+# of a file_search tool, a vector store's files, a container): a JSON string that is one id.
+# One inside a string (tool arguments, text) is escaped, so never a match.
+_NESTED_KINDS = ("file-", "vs_", "cntr_")
+_NESTED_ID = re.compile(rb'"((?:%s)[A-Za-z0-9_]{4,128})"' % b"|".join(
+    k.encode() for k in _NESTED_KINDS))
+MAX_NESTED_IDS = 16  # looked up per request
+
+
+def nested_ids(body: bytes) -> list[str]:
+    """The files, vector stores and containers a JSON body names, anywhere in it, in order."""
+    if b'"file-' not in body and b'"vs_' not in body and b'"cntr_' not in body:
+        return []  # (most bodies: three scans in C, no pattern run)
+    found = itertools.islice(_NESTED_ID.finditer(body), MAX_NESTED_IDS)
+    return [m.group(1).decode() for m in found]
 
 
 def shared_usage(entry: dict, fields: list[bytes]) -> None:
@@ -6361,16 +6381,37 @@ class ProxyHandler:
 
     async def proxy(self, rq: Request, kind: str, force_stream: bool = False) -> None:
         gw = self.gw
-        obj = parse_body(rq.body(), kind)
+        body = rq.body()
+        obj = parse_body(body, kind)
         model = self.allowed_model(rq, obj["model"])
-        candidates = gw.forwarder.candidates(gw.config, model, kind, rq.model)
+        ids = self.named_inside(body) if kind == "chat" else None  # (a file in a message)
+        pinned = await self.pinned_by(ids) if ids else None
+        candidates = self.pinned_candidates(pinned, model) if pinned is not None else \
+            gw.forwarder.candidates(gw.config, model, kind, rq.model)
         refusal = None
         if kind == "completions" and gw.config.any_chat_only:
             try:
                 chat_from_completion(obj)
             except GatewayError as exc:
                 refusal = exc
-        await self.run(Plan(rq, kind, obj, force_stream, gw, candidates, refusal=refusal))
+        await self.run(Plan(rq, kind, obj, force_stream, gw, candidates,
+                            pinned=pinned[1] if pinned else None, refusal=refusal))
+
+    def named_inside(self, body: bytes) -> list[str]:
+        """The files, vector stores and containers a chat or Responses body names: looked for
+        once such an object may be known (one was made here, or instances share ids)."""
+        gw = self.gw
+        return nested_ids(body) if gw.sticky.nested or gw.shared is not None else []
+
+    async def pinned_by(self, ids: list[str]) -> tuple[str, str] | None:
+        """(upstream, key) that made the first of these objects the gateway saw made (or,
+        with redis_url, another instance did: one lookup). Such an object exists only in the
+        account of the key that made it."""
+        gw = self.gw
+        pinned = next(filter(None, map(gw.sticky.find, ids)), None)
+        if pinned is None and gw.shared is not None:
+            pinned = await gw.shared.find_ids(ids)
+        return pinned
 
     def allowed_model(self, rq: Request, requested: str) -> str:
         """The model a request names, after aliases, if this client may use it."""
@@ -6400,11 +6441,10 @@ class ProxyHandler:
         stored = pinned = None
         if previous is not None or conversation is not None:  # a follow-up
             stored = await self.stored_response(previous)
-            pinned = None if stored is not None else \
-                gw.sticky.find(previous) or gw.sticky.find(conversation)
-            if pinned is None and stored is None and gw.shared is not None:
-                pinned = await gw.shared.find_ids([i for i in (previous, conversation)
-                                                   if isinstance(i, str)])
+        if stored is None:  # what it continues, else a file or vector store it names
+            ids = [i for i in (previous, conversation) if isinstance(i, str)]
+            ids += self.named_inside(rq.body())
+            pinned = await self.pinned_by(ids) if ids else None
         candidates = self.pinned_candidates(pinned, model) if pinned is not None else \
             gw.forwarder.candidates(gw.config, model, "responses", rq.model)
         if stored is not None:  # made over chat: only a chat_only upstream can go on from it
@@ -6505,9 +6545,7 @@ class ProxyHandler:
                                          param="model")
             elif content_type.startswith(b"multipart/form-data"):
                 model = multipart_field(body, content_type, "model") or ""
-        pinned = next(filter(None, map(gw.sticky.find, self.named_ids(rq, obj))), None)
-        if pinned is None and gw.shared is not None:
-            pinned = await gw.shared.find_ids(list(self.named_ids(rq, obj)))
+        pinned = await self.pinned_by(self.named_ids(rq, obj))
         if model:
             model = self.allowed_model(rq, model)
         candidates = self.pinned_candidates(pinned, model) if pinned is not None else \
@@ -6516,15 +6554,14 @@ class ProxyHandler:
                             pinned=pinned[1] if pinned else None))
 
     @staticmethod
-    def named_ids(rq: Request, obj: dict | None) -> Iterable[str]:
-        """Object ids a request may name: path segments, then the body's top-level strings."""
-        for part in rq.path.split(b"/")[3:]:
-            if part:
-                yield unquote(part.decode("latin-1"))
+    def named_ids(rq: Request, obj: dict | None) -> list[str]:
+        """Object ids a request may name: path segments, the body's top-level strings, then
+        the files, vector stores and containers named deeper in it."""
+        ids = [unquote(part.decode("latin-1")) for part in rq.path.split(b"/")[3:] if part]
         if obj is not None:
-            for value in obj.values():
-                if isinstance(value, str):
-                    yield value
+            ids += [value for value in obj.values() if isinstance(value, str)]
+            ids += nested_ids(rq.body())
+        return ids
 
     # one run, any endpoint --------------------------------------------------------------------
 

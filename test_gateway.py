@@ -1810,6 +1810,12 @@ def test_objects_made_through_one_instance_are_followed_up_through_the_other(
     for _ in range(3):  # b never saw it made; round robin alone would miss the account
         assert b.client().responses.retrieve(made.id).output_text == "echo: keep me"
     assert [r.key() for r in mock.requests if made.id in r.path] == [owner] * 3
+    upload = a.client().files.create(file=("notes.txt", b"remember this"), purpose="user_data")
+    assert eventually(lambda: redis_server.command("EXISTS", f"gateway:v1:id:{upload.id}") == b":1\r\n")
+    for _ in range(3):  # named inside the input: found the same way
+        b.client().responses.create(model="gpt-4o", input=[{"role": "user", "content": [
+            {"type": "input_file", "file_id": upload.id}]}])
+        assert mock.requests[-1].key() == mock.owner(upload.id)
     chat_only = shared_config(mock, redis_url)
     chat_only["upstreams"][0]["chat_only"] = True
     c, d = start_gateway(chat_only), start_gateway(chat_only)
@@ -5040,6 +5046,34 @@ def test_follow_ups_go_to_the_key_that_created_the_response_and_a_blocked_one_ge
     assert f"No response found with id '{gone.id}'" in info.value.message
     assert keys_for(mock, gone.id)[-2] == owner and keys_for(mock, gone.id)[-1] != owner
     assert key_states(g)[f"mock#{KEYS.index(owner)}"] == "blocked"
+
+
+def test_files_and_vector_stores_named_deep_in_a_body_take_it_to_the_key_that_made_them(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    client = start_gateway(three_keys(mock)).client()
+    made = client.files.create(file=("notes.txt", b"remember this"), purpose="user_data")
+    owner = mock.owner(made.id)
+    document = {"type": "input_file", "file_id": made.id}
+    for _ in range(3):  # round robin alone would send two of each to a key without the file
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": [
+            {"type": "text", "text": "summarise"}, {"type": "file", "file": {"file_id": made.id}}]}])
+        client.responses.create(model="gpt-4o", input=[{"role": "user", "content": [document]}])
+    store = client.vector_stores.create(name="notes", file_ids=[made.id])  # a list, not a string
+    assert store.file_counts.total == 1 and mock.owner(store.id) == owner
+    for _ in range(3):
+        reply = client.responses.create(model="gpt-4o", input="search", tools=[
+            {"type": "file_search", "vector_store_ids": [store.id]}])
+        assert reply.output_text == "echo: search"
+    assert client.vector_stores.retrieve(store.id).name == "notes"  # by the id in the path
+    assert [r.key() for r in mock.requests if r.path != "/v1/files"] == [owner] * 11
+    # an id inside text, or inside a string of JSON, names nothing
+    for _ in range(3):
+        client.chat.completions.create(model="gpt-4o", messages=[
+            {"role": "user", "content": f"what is {made.id}?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+             "function": {"name": "read", "arguments": json.dumps({"file_id": made.id})}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "nothing"}])
+    assert len({r.key() for r in list(mock.requests)[-3:]}) == 3
 
 
 def test_other_endpoints_pass_through_to_the_model_upstream_or_the_first_serving_everything(

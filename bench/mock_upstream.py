@@ -13,10 +13,13 @@ usage; a function_call item when tools are offered and no function_call_output i
 GET/DELETE /v1/responses/{id} and its /cancel and /input_items, /v1/moderations,
 /v1/images/generations (a PNG as b64_json), /v1/audio/transcriptions (multipart),
 /v1/audio/speech (binary, speech_bytes(input)), /v1/files (multipart upload; list,
-retrieve, /content, delete) and /v1/batches (create, list, retrieve, /cancel).
+retrieve, /content, delete), /v1/batches (create, list, retrieve, /cancel) and
+/v1/vector_stores (create with file_ids, list, retrieve, delete).
 
-Every object it creates (responses, files, batches) belongs to the key that created it, as
-in a real multi-account pool: another key gets 404, and `owner(id)` says which key it was.
+Every object it creates (responses, files, batches, vector stores) belongs to the key that
+created it, as in a real multi-account pool: another key gets 404, and `owner(id)` says
+which key it was. So does a chat completion, a response or a vector store whose body names,
+anywhere in it, a file, vector store or container id another key made.
 Request bodies larger than SPOOL_AT go to a temporary file as they arrive (content-length or
 chunked), so an upload of any size costs the mock no memory; uploaded files are served back
 from there.
@@ -89,6 +92,7 @@ FAULT_BYTES = 30_000_000  # x-mock-fault-bytes default: no-blank-line, huge-erro
 PIECE = 64 * 1024  # what the large faults write at a time, waiting for the peer in between
 SPOOL_AT = 8 * 1024 * 1024  # request bodies beyond this go to a temporary file
 MAX_OBJECTS = 10_000  # responses, files, batches kept (the oldest go first)
+NAMED_OBJECT = re.compile(rb'"((?:file-|vs_|cntr_)[A-Za-z0-9_]+)"')  # anywhere in a body
 FILE_PIECE = 1024 * 1024  # what a file download writes at a time
 PNG = base64.b64decode(  # a 1x1 transparent PNG: what /v1/images/generations draws
     b"iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==")
@@ -431,6 +435,9 @@ class _MockConnection(asyncio.Protocol):
         elif path == "/v1/batches" or path.startswith("/v1/batches/"):
             self.collection(rq, path.split("/")[3:], "batch", self.batch_create,
                             "No batch found with id '{}'.", {("POST", "cancel"): self.batch_cancel})
+        elif path == "/v1/vector_stores" or path.startswith("/v1/vector_stores/"):
+            self.collection(rq, path.split("/")[3:], "vector_store", self.vector_store_create,
+                            "No vector store found with id '{}'.", {})
         else:
             self.send_error(404, f"Unknown path {path}")
 
@@ -510,9 +517,19 @@ class _MockConnection(asyncio.Protocol):
         self.send_error(400, f"a multipart body with {missing} is required", param=missing)
         return view, None
 
+    def foreign(self, rq: MockRequest) -> bool:
+        """A file, vector store or container the body names that this key did not make: 404
+        (another account's objects are not there). True if it answered."""
+        for found in NAMED_OBJECT.finditer(rq.body):
+            obj_id = found.group(1).decode()
+            if self.mock.find(obj_id, rq.key()) is None:
+                self.send_error(404, f"No such object: {obj_id}")
+                return True
+        return False
+
     def completion(self, rq: MockRequest, chat: bool) -> None:
         body = self.body(rq, "model")
-        if body is None:
+        if body is None or self.foreign(rq):
             return
         model = body["model"]
         chunks = int(rq.headers.get("x-mock-chunks", self.mock.chunks))
@@ -684,7 +701,7 @@ class _MockConnection(asyncio.Protocol):
 
     def response_create(self, rq: MockRequest) -> None:
         body = self.body(rq, "model")
-        if body is None:
+        if body is None or self.foreign(rq):
             return
         model = body["model"]
         try:
@@ -843,6 +860,19 @@ class _MockConnection(asyncio.Protocol):
                "expired_at": None, "cancelling_at": None, "cancelled_at": None,
                "request_counts": {"total": 0, "completed": 0, "failed": 0},
                "metadata": body.get("metadata")}
+        self.mock.keep(obj["id"], rq.key(), obj)
+        self.send_json(200, obj)
+
+    def vector_store_create(self, rq: MockRequest) -> None:
+        body = self.body(rq)
+        if body is None or self.foreign(rq):
+            return
+        file_ids = body.get("file_ids") or []
+        obj = {"id": f"vs_mock{self.mock.request_count}", "object": "vector_store",
+               "name": body.get("name"), "status": "completed", "created_at": int(time.time()),
+               "usage_bytes": 0, "last_active_at": None, "metadata": body.get("metadata"),
+               "file_counts": {"in_progress": 0, "completed": len(file_ids), "failed": 0,
+                               "cancelled": 0, "total": len(file_ids)}}
         self.mock.keep(obj["id"], rq.key(), obj)
         self.send_json(200, obj)
 
