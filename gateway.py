@@ -1584,8 +1584,8 @@ class StickyIds:
         self.cap = cap
         self._ids: dict[str, tuple[str, str]] = {}  # insertion-ordered: the oldest first
         self._pairs: dict[tuple[str, str], tuple[str, str]] = {}  # one tuple per (upstream, key)
-        self.nested = False  # a file, vector store or container seen made: worth looking for
-        # in chat and Responses bodies
+        self.nested = False  # a file, vector store or container may be known (one was seen
+        # made, or ids are shared): worth looking for in chat and Responses requests
 
     def __repr__(self) -> str:
         return f"StickyIds({len(self._ids)}/{self.cap})"
@@ -1824,6 +1824,42 @@ def nested_ids(body: bytes) -> list[str]:
         return []  # (most bodies: three scans in C, no pattern run)
     found = itertools.islice(_NESTED_ID.finditer(body), MAX_NESTED_IDS)
     return [m.group(1).decode() for m in found]
+
+
+def named_objects(obj: dict) -> list[str]:
+    """The files, vector stores and containers a chat or Responses request names where the
+    API takes them: a content part's file (chat's file.file_id, an input_file's or
+    input_image's file_id), a file_search tool's vector_store_ids, a code_interpreter
+    tool's container (or its file_ids). Looked for there only: a long conversation costs a
+    look at each message, not a scan of every byte."""
+    ids: list[Any] = []
+    items = obj.get("messages")
+    if items is None:
+        items = obj.get("input")
+    if items.__class__ is list:
+        for item in items:
+            if item.__class__ is dict:
+                content = item.get("content")
+                if content.__class__ is list:
+                    for part in content:
+                        if part.__class__ is dict and ("file_id" in part or "file" in part):
+                            inner = part.get("file")
+                            ids.append(inner.get("file_id") if inner.__class__ is dict
+                                       else part.get("file_id"))
+    tools = obj.get("tools")
+    if tools.__class__ is list:
+        for tool in tools:
+            if tool.__class__ is dict and ("vector_store_ids" in tool or "container" in tool):
+                stores, container = tool.get("vector_store_ids"), tool.get("container")
+                if stores.__class__ is list:
+                    ids += stores
+                if container.__class__ is dict:
+                    container = container.get("file_ids")
+                if container.__class__ is list:
+                    ids += container
+                else:
+                    ids.append(container)
+    return [i for i in ids if i.__class__ is str][:MAX_NESTED_IDS] if ids else ids
 
 
 def shared_usage(entry: dict, fields: list[bytes]) -> None:
@@ -6381,10 +6417,9 @@ class ProxyHandler:
 
     async def proxy(self, rq: Request, kind: str, force_stream: bool = False) -> None:
         gw = self.gw
-        body = rq.body()
-        obj = parse_body(body, kind)
+        obj = parse_body(rq.body(), kind)
         model = self.allowed_model(rq, obj["model"])
-        ids = self.named_inside(body) if kind == "chat" else None  # (a file in a message)
+        ids = named_objects(obj) if kind == "chat" and gw.sticky.nested else None
         pinned = await self.pinned_by(ids) if ids else None
         candidates = self.pinned_candidates(pinned, model) if pinned is not None else \
             gw.forwarder.candidates(gw.config, model, kind, rq.model)
@@ -6396,12 +6431,6 @@ class ProxyHandler:
                 refusal = exc
         await self.run(Plan(rq, kind, obj, force_stream, gw, candidates,
                             pinned=pinned[1] if pinned else None, refusal=refusal))
-
-    def named_inside(self, body: bytes) -> list[str]:
-        """The files, vector stores and containers a chat or Responses body names: looked for
-        once such an object may be known (one was made here, or instances share ids)."""
-        gw = self.gw
-        return nested_ids(body) if gw.sticky.nested or gw.shared is not None else []
 
     async def pinned_by(self, ids: list[str]) -> tuple[str, str] | None:
         """(upstream, key) that made the first of these objects the gateway saw made (or,
@@ -6439,11 +6468,13 @@ class ProxyHandler:
         if isinstance(conversation, dict):
             conversation = conversation.get("id")
         stored = pinned = None
+        ids: list[str] = []
         if previous is not None or conversation is not None:  # a follow-up
             stored = await self.stored_response(previous)
-        if stored is None:  # what it continues, else a file or vector store it names
             ids = [i for i in (previous, conversation) if isinstance(i, str)]
-            ids += self.named_inside(rq.body())
+        if stored is None:  # what it continues, else a file or vector store it names
+            if gw.sticky.nested:
+                ids += named_objects(obj)
             pinned = await self.pinned_by(ids) if ids else None
         candidates = self.pinned_candidates(pinned, model) if pinned is not None else \
             gw.forwarder.candidates(gw.config, model, "responses", rq.model)
@@ -7824,6 +7855,7 @@ class Gateway:
         if self.config.redis_url:
             self.shared = SharedState(self, self.config.redis_url, self.config.redis_prefix,
                                       self.config.redis_timeout_ms)
+            self.sticky.nested = True  # (another instance may have made one)
             self.share()
             await self.shared.start()  # unreachable: it says so, and serving starts anyway
         if sock is not None:  # (listen() again: uvloop's default backlog is 100)

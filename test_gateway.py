@@ -5064,8 +5064,10 @@ def test_files_and_vector_stores_named_deep_in_a_body_take_it_to_the_key_that_ma
         reply = client.responses.create(model="gpt-4o", input="search", tools=[
             {"type": "file_search", "vector_store_ids": [store.id]}])
         assert reply.output_text == "echo: search"
+        client.responses.create(model="gpt-4o", input="run", tools=[
+            {"type": "code_interpreter", "container": {"type": "auto", "file_ids": [made.id]}}])
     assert client.vector_stores.retrieve(store.id).name == "notes"  # by the id in the path
-    assert [r.key() for r in mock.requests if r.path != "/v1/files"] == [owner] * 11
+    assert [r.key() for r in mock.requests if r.path != "/v1/files"] == [owner] * 14
     # an id inside text, or inside a string of JSON, names nothing
     for _ in range(3):
         client.chat.completions.create(model="gpt-4o", messages=[
