@@ -264,6 +264,10 @@ Unavailable = _error_class("Unavailable", 503, "service_unavailable", "circuit_o
 UpstreamTimeout = _error_class("UpstreamTimeout", 504, "upstream_timeout", "upstream_timeout", True)
 
 
+class _PacedOut(Exception):
+    """A key's pacing slot across instances is further off than a request may wait."""
+
+
 class _StaleConnection(Exception):
     """A reused upstream connection closed before answering: safe to resend once."""
 
@@ -738,22 +742,6 @@ class KeyPool:
              model: str = "") -> tuple[UpstreamKey, float] | None:
         """A key usable for model and how long to wait before using it (pacing), or None."""
         now = self.clock()
-        best = self._usable(exclude, max_wait, model, now)
-        if best is None:
-            return None
-        index = self.current = self.keys.index(best)
-        if self.strategy == "round_robin":
-            self._next = index + 1
-        if best.blocked:  # its recheck: this request is the one probe until the next period
-            best.recheck_at = now + self.recheck_s
-        wait = max(0.0, best.next_slot - now)
-        if self.interval:
-            best.next_slot = max(now, best.next_slot) + self.interval
-        return best, wait
-
-    def _usable(self, exclude: Iterable[UpstreamKey], max_wait: float, model: str,
-                now: float) -> UpstreamKey | None:
-        """The key a pick would take now, the pick itself aside."""
         n = len(self.keys)
         start = self.current if self.strategy == "failover" else self._next
         best: UpstreamKey | None = None
@@ -768,17 +756,15 @@ class KeyPool:
                 break  # without pacing (or with a free slot) the first usable key wins
         if best is None or best.next_slot - now > max_wait:
             return None
-        return best
-
-    def next_key(self, pinned: str | None, exclude: Iterable[UpstreamKey] = (),
-                 max_wait: float = float("inf"), *, model: str = "") -> UpstreamKey | None:
-        """The key pick (or pick_named, given the key pinned) would return now; nothing is
-        taken, nor any state moved."""
-        now = self.clock()
-        key = next((k for k in self.keys if k.name == pinned), None) if pinned else None
-        if key is None or key.blocked:
-            return self._usable(exclude, max_wait, model, now)
-        return None if key in exclude or key.next_slot - now > max_wait else key
+        index = self.current = self.keys.index(best)
+        if self.strategy == "round_robin":
+            self._next = index + 1
+        if best.blocked:  # its recheck: this request is the one probe until the next period
+            best.recheck_at = now + self.recheck_s
+        wait = max(0.0, best.next_slot - now)
+        if self.interval:
+            best.next_slot = max(now, best.next_slot) + self.interval
+        return best, wait
 
     def pick_named(self, name: str, exclude: Iterable[UpstreamKey] = (),
                    max_wait: float = float("inf"), *, model: str = ""
@@ -1662,20 +1648,27 @@ class ResponsesStore:
 SHARED_SCHEMA = "v1"  # in every key and script: a rolling upgrade never mixes two meanings
 
 # An upstream key's pacing slot (a time on the server's clock, kept while it is ahead):
-# the seconds until the next free one, which is taken.
+# the seconds until the next free one, as text, taken unless it is more than max_wait away.
+# A key Redis cannot read as one (another type under the prefix) gives '': no slot, and
+# nothing else the script does is undone by it.
 _PACE_STEP = """
-local function pace(key, interval)
-  local slot = math.max(now, tonumber(redis.call('GET', key)) or 0)
-  redis.call('SET', key, tostring(slot + interval), 'PX', math.ceil((slot + interval - now) * 1000) + 1000)
-  return slot - now
+local function pace(key, interval, max_wait)
+  local v = redis.pcall('GET', key)
+  if type(v) == 'table' then return '' end
+  local slot = math.max(now, tonumber(v) or 0)
+  if slot - now <= max_wait then
+    redis.pcall('SET', key, tostring(slot + interval), 'PX', math.ceil((slot + interval - now) * 1000) + 1000)
+  end
+  return tostring(slot - now)
 end
 """
 
 # Admission, atomically on the server's clock: the budget, then the request bucket, then the
 # token bucket; all or nothing. Buckets are hashes {l: level, s: stamp} that expire once
-# full again, so an idle client costs nothing. Admitted, and given a pacing slot (KEYS[4],
-# ARGV[8]: the key its first try is expected to take), the slot is taken too: its wait is a
-# fourth value. Numbers go back as strings (Lua numbers would be cut to integers).
+# full again, so an idle client costs nothing. Admitted, and given a pacing key (KEYS[4],
+# ARGV[8..9]: the slot of the key its first try takes, its interval and the longest wait),
+# the slot is taken too: its wait is a fourth value. Numbers go back as strings (Lua
+# numbers would be cut to integers).
 _ADMIT_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -1710,7 +1703,7 @@ if k_rate > 0 then
 end
 if r_rate > 0 then r = r - 1; put(KEYS[1], r, r_rate, r_cap) end
 if k_rate > 0 then k = k - amount; put(KEYS[2], k, k_rate, k_cap) end
-if KEYS[4] then return {'ok', tostring(r), tostring(k), tostring(pace(KEYS[4], tonumber(ARGV[8])))} end
+if KEYS[4] then return {'ok', tostring(r), tostring(k), pace(KEYS[4], tonumber(ARGV[8]), tonumber(ARGV[9]))} end
 return {'ok', tostring(r), tostring(k)}
 """
 
@@ -1789,12 +1782,12 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
-# rpm_per_key pacing across instances: the next free slot of one upstream key, taken.
+# Pacing (rpm_per_key, min_interval_ms) across instances: one upstream key's next slot.
 _PACE_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """ + _PACE_STEP + """
-return tostring(pace(KEYS[1], tonumber(ARGV[1])))
+return pace(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
 """
 
 SHARED_ID_TTL_S = 7 * 86400  # object id -> (upstream, key)
@@ -2239,10 +2232,10 @@ class SharedState:
 
     async def admit(self, plan: Plan, limits: ClientLimits | None, name: str) -> bool:
         """Take the client's shared buckets and check its shared budget (raises the refusal),
-        and bring in the shared states of the upstreams it may use. When the key its first
-        try is expected to take is paced, that key's shared slot is taken with it, in the
-        same round trip (plan.paced). False when Redis is not there: the caller limits on
-        local state."""
+        and bring in the shared states of the upstreams it may use. When an upstream paces,
+        the first try's upstream and key are chosen before (Forwarder.choose_early) and,
+        if paced, that key's shared slot is taken with the admission, in its round trip
+        (plan.paced). False when Redis is not there: the caller limits on local state."""
         rq, pace = plan.rq, None
         if rq.admission:  # sent at the head
             sent, names, commands = rq.admission
@@ -2251,23 +2244,29 @@ class SharedState:
         else:
             sent, names = None, list(dict.fromkeys(u.name for u in plan.upstreams()))
             if self.upstreams()[2]:
-                pace = self.gw.forwarder.expected(plan)
+                pace = self.gw.forwarder.choose_early(plan)
             commands = self.admission(rq, limits, name, plan.estimate, names, pace)
         rq.admission = _SENT
-        replies = await self.pipeline(commands, sent)
-        if replies is None or not self.admitted(replies, names, limits, name):
-            return False
-        if pace is not None:  # (an admission answered without the wait: paced on its own)
-            wait = _number(replies[0][3]) if len(replies[0]) == 4 else None
-            plan.paced = None if wait is None else (*pace, wait)
+        try:
+            replies = await self.pipeline(commands, sent)
+            if replies is None or not self.admitted(replies, names, limits, name):
+                return False
+        except BaseException:  # refused, or the client is gone: the choice is let go
+            self.gw.forwarder.release(plan)
+            raise
+        if pace is not None:
+            reply = replies[0]
+            wait = self.slot_wait(reply[3] if len(reply) == 4 else None, pace[1])
+            plan.paced = None if wait is None else (pace[1], wait)  # (else paced on its own)
         return True
 
     def admission(self, rq: Request, limits: ClientLimits | None, name: str, estimate: int,
                   names: list[str], pace: tuple[Upstream, UpstreamKey] | None = None
                   ) -> list[bytes]:
-        """The admission's commands: the client's buckets and budget in one Lua call, then the
-        states of the upstreams named. Both are kept packed: a client's admission is the same
-        command from one request to the next unless it has a tpm limit (the estimate)."""
+        """The admission's commands: the client's buckets and budget in one Lua call (with
+        the pacing slot of pace's key), then the states of the upstreams named. Both are
+        kept packed: a client's admission is the same command from one request to the next
+        unless it has a tpm limit (the estimate) or takes a pacing slot."""
         api_keys = self.gw.config.api_keys
         if self.budgets[0] is not api_keys:
             self.budgets = (api_keys, {k.name: (k.budget_tokens, k.budget_usd)
@@ -2292,7 +2291,7 @@ class SharedState:
                 upstream, key = pace
                 admission = (args, pack(("EVALSHA", self.scripts[_ADMIT_LUA], 4, *keys,
                                          self.key("pace", upstream.name, key.name), *args[1:],
-                                         upstream.pacing_interval)))
+                                         upstream.pacing_interval, PACING_MAX_WAIT_S)))
         state_reads = self.state_reads
         reads = [state_reads.get(upstream) for upstream in names]
         if None in reads:  # (taken as they are put: a full map may evict one of them)
@@ -2390,12 +2389,15 @@ class SharedState:
         when Redis is not there (local pacing stands)."""
         replies = await self.pipeline([("EVALSHA", self.scripts[_PACE_LUA], 1,
                                         self.key("pace", upstream.name, key.name),
-                                        upstream.pacing_interval)])
-        if replies is None:
-            return None
-        wait = _number(replies[0]) if replies[0].__class__ is bytes else None
+                                        upstream.pacing_interval, PACING_MAX_WAIT_S)])
+        return None if replies is None else self.slot_wait(replies[0], key)
+
+    def slot_wait(self, reply: Any, key: UpstreamKey) -> float | None:
+        """A pacing step's wait; None (and said) when the reply is not one."""
+        wait = _number(reply) if reply.__class__ is bytes else None
         if wait is None:
-            self.refused(replies[0])
+            self.refused(reply if isinstance(reply, Exception) else
+                         f"the pacing slot of key {key.name} answered {reply!r:.60}")
         return wait
 
     # after: batched, or written by a task of their own ---------------------------------------
@@ -4358,6 +4360,8 @@ class BodyStream:
 
 
 Candidates = list[tuple[str, list[list[Upstream]]]]  # (model, groups of upstreams) in order
+# an upstream, its pool, a key, its pacing wait, and whether it is the breaker's probe
+Choice = tuple["Upstream", "KeyPool", "UpstreamKey", "CircuitBreaker", float, bool]
 
 
 class Plan:
@@ -4369,7 +4373,7 @@ class Plan:
                  "asked", "model", "pinned", "method", "endpoint", "content_type", "translated",
                  "tried", "failures", "shift", "last_error", "last_reply", "forwarded",
                  "stream", "client_usage", "estimate", "upstream", "key", "served", "_bodies",
-                 "refusal", "background", "sent", "paced")
+                 "refusal", "background", "sent", "chosen", "paced")
 
     def __init__(self, rq: Request, kind: str, obj: dict | None, force_stream: bool,
                  gw: Gateway, candidates: Candidates, *, pinned: str | None = None,
@@ -4402,8 +4406,11 @@ class Plan:
         self.upstream: Upstream | None = None  # the upstream of the latest try
         self.key: UpstreamKey | None = None  # and its key
         self.sent: tuple = ()  # and the credentials it went with (its key's creds)
-        self.paced: tuple[Upstream, UpstreamKey, float] | None = None  # a shared slot taken
-        # with the admission: for that key, and the wait till it
+        # with shared pacing: the first try's choice, made before the admission (its model,
+        # the choice, whether its key was blocked then), and the key whose shared slot the
+        # admission took, with the wait till it
+        self.chosen: tuple[str, Choice, bool] | None = None
+        self.paced: tuple[UpstreamKey, float] | None = None
         self.served: str | None = None  # the model an upstream answered for
         self._bodies: dict[tuple, bytes] = {}
 
@@ -4560,26 +4567,36 @@ class Forwarder:
         """The model asked for, then each fallback while a model cannot be served (its
         retries used up, every key cooling or blocked, its breakers open); None if the last
         upstream error was passed through. Nothing is retried once a byte reached the client."""
-        for model, groups in plan.candidates:
-            if model != plan.model:
-                plan.next_model(model)
-            conn = await self.forward_model(plan, groups)
-            if conn is not None:
-                return conn
-        return self.give_up(plan)
+        try:
+            for model, groups in plan.candidates:
+                if model != plan.model:
+                    plan.next_model(model)
+                conn = await self.forward_model(plan, groups)
+                if conn is not None:
+                    return conn
+            return self.give_up(plan)
+        finally:
+            if plan.chosen is not None:  # (made for a model it never came to)
+                self.release(plan)
 
     async def forward_model(self, plan: Plan,
                             groups: list[list[Upstream]]) -> UpstreamConnection | None:
         """Try upstream keys for plan.model until one answers usably, or None when the model
         cannot be served on this request. Other 4xx are the answer: never a fallback."""
         flow, model = plan.rq.flow, plan.model
+        chosen = self.kept(plan) if plan.chosen is not None else None
         while True:
-            choice = self.choose(plan, groups)
+            choice = chosen or self.choose(plan, groups)
+            chosen = None
             if choice is None:
                 return None
             upstream, keys, key, breaker, wait, probe = choice
             try:
                 conn = await self.attempt(plan, upstream, keys, key, wait)
+            except _PacedOut:  # its slot across instances is too far off: another key, or
+                breaker.abandon(probe)  # a 429 that says when (its local slot now knows)
+                plan.tried.add(key)
+                continue
             except GatewayError as exc:  # no usable HTTP answer: connect error or timeout
                 exc.with_traceback(None)  # kept in the plan: no frames (and cycles) with it
                 upload = plan.rq.upload
@@ -4650,14 +4667,19 @@ class Forwarder:
     async def attempt(self, plan: Plan, upstream: Upstream, keys: KeyPool,
                       key: UpstreamKey, wait: float) -> UpstreamConnection:
         gw, rq, model = self.gw, plan.rq, plan.model
-        if upstream.pacing_interval and gw.shared is not None and gw.shared.up:
-            paced, plan.paced = plan.paced, None
-            if paced is not None and paced[0] is upstream and paced[1] is key:
-                shared_wait: float | None = paced[2]  # its slot came with the admission
-            else:
-                shared_wait = await gw.shared.pace(upstream, key)  # the slot across instances
-            if shared_wait is not None:
-                wait = shared_wait
+        if upstream.pacing_interval:
+            paced, plan.paced = plan.paced, None  # (one try's: a retry asks again)
+            if gw.shared is not None and gw.shared.up:
+                if paced is not None and paced[0] is key:
+                    shared_wait: float | None = paced[1]  # it came with the admission
+                else:
+                    shared_wait = await gw.shared.pace(upstream, key)  # across instances
+                if shared_wait is not None:  # (this process's next pick knows it too)
+                    if shared_wait > PACING_MAX_WAIT_S:  # (not taken)
+                        key.next_slot = max(key.next_slot, keys.clock() + shared_wait)
+                        raise _PacedOut
+                    wait = shared_wait
+                    key.next_slot = max(key.next_slot, keys.clock() + wait + keys.interval)
         if wait > 0:
             await asyncio.sleep(wait)  # pacing: this key's next slot
         request = plan.request_for(upstream, model, key)
@@ -4704,12 +4726,10 @@ class Forwarder:
             await asyncio.sleep(delay)
         return False
 
-    def choose(self, plan: Plan, groups: list[list[Upstream]], peek: bool = False
-               ) -> tuple[Upstream, KeyPool, UpstreamKey, CircuitBreaker, float, bool] | None:
-        """The first usable upstream for plan.model, its pool, a key, its pacing wait, and
-        whether the request is its breaker's half-open probe. peek: which upstream and key
-        that would be, with nothing taken (no wait, no probe)."""
-        gw, model = self.gw, plan.model
+    def choose(self, plan: Plan, groups: list[list[Upstream]], model: str = "") -> Choice | None:
+        """The first usable upstream for plan.model (or model), its pool, a key, its pacing
+        wait, and whether the request is its breaker's half-open probe."""
+        gw, model = self.gw, model or plan.model
         for group in groups:
             for i in range(len(group)):
                 upstream = group[(plan.shift + i) % len(group)]
@@ -4721,11 +4741,6 @@ class Forwarder:
                 if not breaker.available():
                     continue
                 keys = plan.keys[upstream.name]
-                if peek:
-                    key = keys.next_key(plan.pinned, plan.tried, PACING_MAX_WAIT_S, model=model)
-                    if key is None:
-                        continue
-                    return upstream, keys, key, breaker, 0.0, False
                 if plan.pinned is not None:
                     picked = keys.pick_named(plan.pinned, plan.tried, PACING_MAX_WAIT_S,
                                              model=model)
@@ -4736,14 +4751,41 @@ class Forwarder:
                 return upstream, keys, picked[0], breaker, picked[1], breaker.acquire()
         return None
 
-    def expected(self, plan: Plan) -> tuple[Upstream, UpstreamKey] | None:
-        """The upstream and key the first try is expected to take, when it paces its keys
-        (the shared slot is then taken with the admission); as far as this process knows
-        before the admission brings the other instances' states."""
-        choice = self.choose(plan, plan.candidates[0][1], peek=True)
-        if choice is None or not choice[0].pacing_interval:
+    def choose_early(self, plan: Plan) -> tuple[Upstream, UpstreamKey] | None:
+        """With shared pacing, the first try's choice is made before the admission, for the
+        first model that has one (plan.chosen), so that concurrent requests take turns as
+        they would later, and the admission can take that key's slot: its upstream and key,
+        if paced. It stands once the admission's states are in if they leave it usable."""
+        for model, groups in plan.candidates:
+            choice = self.choose(plan, groups, model)
+            if choice is not None:
+                plan.chosen = (model, choice, choice[2].blocked)
+                return (choice[0], choice[2]) if choice[0].pacing_interval else None
+        return None
+
+    def kept(self, plan: Plan) -> Choice | None:
+        """The choice made before the admission, if it is for this model and still usable
+        now that the other instances' states are in (a key cooling or blocked elsewhere, a
+        breaker opened elsewhere, a reload): else its probe is let go, and so is its slot."""
+        if plan.chosen[0] != plan.model:  # type: ignore[index]
             return None
-        return choice[0], choice[2]
+        _, choice, was_blocked = plan.chosen  # type: ignore[misc]
+        plan.chosen = None
+        upstream, keys, key, breaker, _, probe = choice
+        if (probe or breaker.state is BreakerState.CLOSED) \
+                and not plan.pools[upstream.name].retired and (was_blocked or not key.blocked) \
+                and not (key.cooling and key.cools_for(plan.model, keys.clock())):
+            return choice
+        breaker.abandon(probe)
+        plan.paced = None
+        return None
+
+    @staticmethod
+    def release(plan: Plan) -> None:
+        """A choice made before the admission and never tried: its probe is let go."""
+        if plan.chosen is not None:
+            choice, plan.chosen = plan.chosen[1], None
+            choice[3].abandon(choice[5])
 
     def give_up(self, plan: Plan) -> None:
         """No model left: pass the last upstream error through, or say why nothing was usable."""

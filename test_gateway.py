@@ -1863,8 +1863,8 @@ def test_a_paced_request_makes_one_redis_round_trip_before_it_is_forwarded(
     relayed = f"redis://127.0.0.1:{raw_upstream(relay)}/0"
     config = {"redis_url": relayed, "upstreams": [
         {"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS[:2], "rpm_per_key": 6000}]}
-    a, b = start_gateway(config), start_gateway(config)
-    assert eventually(lambda: a.gw.shared.up and b.gw.shared.up)
+    a, b, c = start_gateway(config), start_gateway(config), start_gateway(config)
+    assert eventually(lambda: a.gw.shared.up and b.gw.shared.up and c.gw.shared.up)
     scripts = {a.gw.shared.scripts[gw._ADMIT_LUA].encode(), a.gw.shared.scripts[gw._PACE_LUA].encode()}
 
     def trips(g: Running) -> tuple[int, str]:
@@ -1876,10 +1876,17 @@ def test_a_paced_request_makes_one_redis_round_trip_before_it_is_forwarded(
 
     assert [trips(a) for _ in range(4)] == [(1, KEYS[0]), (1, KEYS[1])] * 2
     assert redis_server.command("EXISTS", "gateway:v1:pace:mock:mock#0") == b":1\r\n"
+    # requests at once take turns before their admissions go out: one script each (their
+    # pipelines may share a read), no slot lost
+    start, seen = time.monotonic(), len(mock.requests)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: b.client().chat.completions.create(model="m", messages=MSGS), range(8)))
+    assert sum(data.count(sha) for t, data in writes if t >= start for sha in scripts) == 8
+    assert collections.Counter(r.key() for r in list(mock.requests)[seen:]) == {KEYS[0]: 4, KEYS[1]: 4}
     mock.key_faults[KEYS[0]] = (429, {"retry-after": "60"})
-    b.client().chat.completions.create(model="m", messages=MSGS)  # KEYS[0] cools, for both
-    # a expected KEYS[0]; the admission says it cools: KEYS[1]'s slot is one more trip, once
-    assert [trips(a) for _ in range(2)] == [(2, KEYS[1]), (1, KEYS[1])]
+    assert trips(a)[1] == KEYS[1]  # KEYS[0] answered 429 first: it cools, for every instance
+    # c, new, chose KEYS[0]; the admission says it cools: KEYS[1]'s slot is one more trip, once
+    assert [trips(c) for _ in range(2)] == [(2, KEYS[1]), (1, KEYS[1])]
 
 
 def test_a_request_its_shared_rpm_refuses_takes_no_pacing_slot(
@@ -1895,6 +1902,28 @@ def test_a_request_its_shared_rpm_refuses_takes_no_pacing_slot(
     slot = float(redis_server.command("GET", "gateway:v1:pace:mock:mock#0").split(b"\r\n")[1])
     now = [int(n) for n in redis_server.command("TIME").split(b"\r\n")[2:5:2]]
     assert 0 < slot - (now[0] + now[1] / 1e6) <= 60 / 60 * gw.PACING_SLACK  # the one admitted
+
+
+def test_a_shared_pacing_slot_too_far_off_is_not_taken_and_the_request_goes_elsewhere_or_gets_429(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str) -> None:
+    config = {"redis_url": redis_url, "upstreams": [
+        {"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS[:2], "rpm_per_key": 600}]}
+    g = start_gateway(config)
+    assert eventually(lambda: g.gw.shared.up)
+    now = float(redis_server.command("EVAL", "local t = redis.call('TIME') return tostring(t[1] + t[2] / 1000000)",
+                                     "0").split(b"\r\n")[1])
+    held = f"{now + 30:.6f}"  # other instances queued 30 s of requests on the first key
+    redis_server.command("SET", "gateway:v1:pace:mock:mock#0", held, "EX", "60")
+    for _ in range(2):
+        g.client().chat.completions.create(model="m", messages=MSGS)
+        assert mock.requests[-1].key() == KEYS[1]
+    redis_server.command("SET", "gateway:v1:pace:mock:mock#1", held, "EX", "60")
+    (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))
+    assert resp.status == 429 and 20 <= float(resp.headers["retry-after"]) <= 31
+    assert len(mock.requests) == 2
+    for key in ("mock#0", "mock#1"):  # a slot the request would not wait for is left alone
+        assert redis_server.command("GET", f"gateway:v1:pace:mock:{key}").split(b"\r\n")[1] == held.encode()
 
 
 def test_redis_urls_with_a_database_a_password_or_a_unix_socket(tmp_path: Path, loop_thread: LoopThread) -> None:
