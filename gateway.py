@@ -120,6 +120,7 @@ MAX_STORED_RESPONSES = 10_000  # responses made over chat, kept for previous_res
 MAX_STORED_RESPONSE_BYTES = 32 * 1024 * 1024  # ...and their JSON size, all together
 UPLOAD_BUFFER = 1024 * 1024  # an upload's bytes waiting for the upstream connection, at most
 PACING_MAX_WAIT_S = 10.0  # a paced request queues this long at most, then gets 429
+MAX_LEARNT_SLOT_S = 60.0  # a shared pacing slot further off sets a key's local one this far
 PACING_SLACK = 1.01  # rpm_per_key spaces requests 1% wider than 60/rpm: room for jitter
 MAX_BREAKERS = 1024  # (upstream, model) pairs tracked; "*" upstreams see client-chosen models
 MAX_CLIENT_IPS = 10000  # per-IP buckets kept (LRU) when auth is off: bounded whatever the sources
@@ -1649,15 +1650,17 @@ SHARED_SCHEMA = "v1"  # in every key and script: a rolling upgrade never mixes t
 
 # An upstream key's pacing slot (a time on the server's clock, kept while it is ahead):
 # the seconds until the next free one, as text, taken unless it is more than max_wait away.
-# A key Redis cannot read as one (another type under the prefix) gives '': no slot, and
-# nothing else the script does is undone by it.
+# A key Redis cannot read or write as one (another type under the prefix, out of memory, a
+# replica) gives Redis's error, as text: no slot (the caller paces on its own), and nothing
+# else the script does is undone by it.
 _PACE_STEP = """
 local function pace(key, interval, max_wait)
   local v = redis.pcall('GET', key)
-  if type(v) == 'table' then return '' end
+  if type(v) == 'table' then return v.err or 'unreadable' end
   local slot = math.max(now, tonumber(v) or 0)
   if slot - now <= max_wait then
-    redis.pcall('SET', key, tostring(slot + interval), 'PX', math.ceil((slot + interval - now) * 1000) + 1000)
+    local set = redis.pcall('SET', key, tostring(slot + interval), 'PX', math.ceil((slot + interval - now) * 1000) + 1000)
+    if type(set) == 'table' and set.err then return set.err end
   end
   return tostring(slot - now)
 end
@@ -1803,10 +1806,11 @@ EARLY_ADMISSION_UPSTREAMS = 8  # up to this many, a request's admission brings a
 _ID_SHAPE = re.compile(r"(resp|file|batch|vs|conv|upload|msg|fc|asst|thread|run|ftjob|cntr)"
                        r"[-_]\w{4,}")
 # Objects a body may name anywhere (a file in a message or an input item, the vector stores
-# of a file_search tool, a vector store's files, a container): a JSON string that is one id.
-# One inside a string (tool arguments, text) is escaped, so never a match.
+# of a file_search tool, a vector store's files, a container): a JSON string that is one id
+# (or an object's key). Inside a string (tool arguments, text) its quotes are escaped: not
+# a match, unless the string ends with it. Possessive: a near miss is not tried again.
 _NESTED_KINDS = ("file-", "vs_", "cntr_")
-_NESTED_ID = re.compile(rb'"((?:%s)[A-Za-z0-9_]{4,128})"' % b"|".join(
+_NESTED_ID = re.compile(rb'"((?:%s)[A-Za-z0-9_]{4,128}+)"' % b"|".join(
     k.encode() for k in _NESTED_KINDS))
 MAX_NESTED_IDS = 16  # looked up per request
 
@@ -1819,20 +1823,19 @@ def nested_ids(body: bytes) -> list[str]:
     return [m.group(1).decode() for m in found]
 
 
-def named_objects(obj: dict) -> list[str]:
+def named_objects(obj: dict, field: str) -> list[str]:
     """The files, vector stores and containers a chat or Responses request names where the
     API takes them: a content part's file (chat's file.file_id, an input_file's or
-    input_image's file_id), a file_search tool's vector_store_ids, a code_interpreter
-    tool's container (or its file_ids). Looked for there only: a long conversation costs a
-    look at each message, not a scan of every byte."""
+    input_image's file_id, in a message or a function call's output), a file_search tool's
+    vector_store_ids, a code_interpreter tool's container (or its file_ids). Looked for
+    there only: a long conversation costs a look at each item of `field` (messages, input),
+    not a scan of every byte."""
     ids: list[Any] = []
-    items = obj.get("messages")
-    if items is None:
-        items = obj.get("input")
+    items = obj.get(field)
     if items.__class__ is list:
         for item in items:
             if item.__class__ is dict:
-                content = item.get("content")
+                content = item.get("content") or item.get("output")
                 if content.__class__ is list:
                     for part in content:
                         if part.__class__ is dict and ("file_id" in part or "file" in part):
@@ -2235,7 +2238,8 @@ class SharedState:
         and bring in the shared states of the upstreams it may use. When an upstream paces,
         the first try's upstream and key are chosen before (Forwarder.choose_early) and,
         if paced, that key's shared slot is taken with the admission, in its round trip
-        (plan.paced). False when Redis is not there: the caller limits on local state."""
+        (plan.paced). False when Redis is not there, or its reply is not an admission: the
+        caller limits on local state."""
         rq, pace = plan.rq, None
         if rq.admission:  # sent at the head
             sent, names, commands = rq.admission
@@ -2247,13 +2251,9 @@ class SharedState:
                 pace = self.gw.forwarder.choose_early(plan)
             commands = self.admission(rq, limits, name, plan.estimate, names, pace)
         rq.admission = _SENT
-        try:
-            replies = await self.pipeline(commands, sent)
-            if replies is None or not self.admitted(replies, names, limits, name):
-                return False
-        except BaseException:  # refused, or the client is gone: the choice is let go
-            self.gw.forwarder.release(plan)
-            raise
+        replies = await self.pipeline(commands, sent)
+        if replies is None or not self.admitted(replies, names, limits, name):
+            return False
         if pace is not None:
             reply = replies[0]
             wait = self.slot_wait(reply[3] if len(reply) == 4 else None, pace[1])
@@ -2366,6 +2366,8 @@ class SharedState:
         caps = {"c": self.gw.config.cooldown_cap_s, "b": pool.recheck_s,
                 "o": breakers.recovery_s}
         for raw_field, raw_value in zip(fields[::2], fields[1::2]):
+            if raw_field.__class__ is not bytes or raw_value.__class__ is not bytes:
+                continue  # (not what a gateway wrote)
             kind, _, rest = raw_field.decode("utf-8", "replace").partition("\t")
             until, _, reason = raw_value.partition(b"\t")
             left = _number(until)
@@ -2385,8 +2387,9 @@ class SharedState:
         pool.adopt_unblocks(shared_blocks)
 
     async def pace(self, upstream: Upstream, key: UpstreamKey) -> float | None:
-        """Seconds until this key's next shared slot (rpm_per_key across instances), or None
-        when Redis is not there (local pacing stands)."""
+        """Seconds until this key's next shared slot (pacing across instances), taken unless
+        it is more than PACING_MAX_WAIT_S off; None when Redis is not there or cannot keep
+        the slot (local pacing stands)."""
         replies = await self.pipeline([("EVALSHA", self.scripts[_PACE_LUA], 1,
                                         self.key("pace", upstream.name, key.name),
                                         upstream.pacing_interval, PACING_MAX_WAIT_S)])
@@ -2396,8 +2399,9 @@ class SharedState:
         """A pacing step's wait; None (and said) when the reply is not one."""
         wait = _number(reply) if reply.__class__ is bytes else None
         if wait is None:
+            said = reply.decode("utf-8", "replace") if reply.__class__ is bytes else repr(reply)
             self.refused(reply if isinstance(reply, Exception) else
-                         f"the pacing slot of key {key.name} answered {reply!r:.60}")
+                         f"the pacing slot of key {key.name}: {said:.100}")
         return wait
 
     # after: batched, or written by a task of their own ---------------------------------------
@@ -4407,9 +4411,9 @@ class Plan:
         self.key: UpstreamKey | None = None  # and its key
         self.sent: tuple = ()  # and the credentials it went with (its key's creds)
         # with shared pacing: the first try's choice, made before the admission (its model,
-        # the choice, whether its key was blocked then), and the key whose shared slot the
-        # admission took, with the wait till it
-        self.chosen: tuple[str, Choice, bool] | None = None
+        # the choice, whether its key was blocked then, and the recheck its pick set), and
+        # the key whose shared slot the admission took, with the wait till it
+        self.chosen: tuple[str, Choice, bool, float] | None = None
         self.paced: tuple[UpstreamKey, float] | None = None
         self.served: str | None = None  # the model an upstream answered for
         self._bodies: dict[tuple, bytes] = {}
@@ -4675,8 +4679,9 @@ class Forwarder:
                 else:
                     shared_wait = await gw.shared.pace(upstream, key)  # across instances
                 if shared_wait is not None:  # (this process's next pick knows it too)
-                    if shared_wait > PACING_MAX_WAIT_S:  # (not taken)
-                        key.next_slot = max(key.next_slot, keys.clock() + shared_wait)
+                    if shared_wait > PACING_MAX_WAIT_S:  # (not taken; what a Redis whose
+                        key.next_slot = max(key.next_slot, keys.clock() + min(  # clock
+                            shared_wait, MAX_LEARNT_SLOT_S))  # stepped back says is bounded)
                         raise _PacedOut
                     wait = shared_wait
                     key.next_slot = max(key.next_slot, keys.clock() + wait + keys.interval)
@@ -4759,33 +4764,42 @@ class Forwarder:
         for model, groups in plan.candidates:
             choice = self.choose(plan, groups, model)
             if choice is not None:
-                plan.chosen = (model, choice, choice[2].blocked)
-                return (choice[0], choice[2]) if choice[0].pacing_interval else None
+                key = choice[2]
+                plan.chosen = (model, choice, key.blocked, key.recheck_at)
+                return (choice[0], key) if choice[0].pacing_interval else None
         return None
 
     def kept(self, plan: Plan) -> Choice | None:
         """The choice made before the admission, if it is for this model and still usable
         now that the other instances' states are in (a key cooling or blocked elsewhere, a
-        breaker opened elsewhere, a reload): else its probe is let go, and so is its slot."""
-        if plan.chosen[0] != plan.model:  # type: ignore[index]
+        breaker opened elsewhere, a reload); else it is let go (release)."""
+        chosen = plan.chosen
+        if chosen[0] != plan.model:  # type: ignore[index]
             return None
-        _, choice, was_blocked = plan.chosen  # type: ignore[misc]
-        plan.chosen = None
+        choice, blocked = chosen[1], chosen[2]  # type: ignore[index]
         upstream, keys, key, breaker, _, probe = choice
         if (probe or breaker.state is BreakerState.CLOSED) \
-                and not plan.pools[upstream.name].retired and (was_blocked or not key.blocked) \
+                and not plan.pools[upstream.name].retired and (blocked or not key.blocked) \
                 and not (key.cooling and key.cools_for(plan.model, keys.clock())):
+            plan.chosen = None
             return choice
-        breaker.abandon(probe)
+        self.release(plan)
         plan.paced = None
         return None
 
     @staticmethod
     def release(plan: Plan) -> None:
-        """A choice made before the admission and never tried: its probe is let go."""
-        if plan.chosen is not None:
-            choice, plan.chosen = plan.chosen[1], None
-            choice[3].abandon(choice[5])
+        """A choice made before the admission and never tried is undone: its probe is let
+        go, its key's local slot given back, a blocked key's recheck due again (so that a
+        refused client never holds up the others)."""
+        if plan.chosen is None:
+            return
+        (_, (_, keys, key, breaker, _, probe), blocked, recheck), plan.chosen = plan.chosen, None
+        breaker.abandon(probe)
+        if keys.interval:
+            key.next_slot -= keys.interval
+        if blocked and key.recheck_at == recheck:
+            key.recheck_at = 0.0
 
     def give_up(self, plan: Plan) -> None:
         """No model left: pass the last upstream error through, or say why nothing was usable."""
@@ -6461,7 +6475,7 @@ class ProxyHandler:
         gw = self.gw
         obj = parse_body(rq.body(), kind)
         model = self.allowed_model(rq, obj["model"])
-        ids = named_objects(obj) if kind == "chat" and gw.sticky.nested else None
+        ids = named_objects(obj, "messages") if kind == "chat" and gw.sticky.nested else None
         pinned = await self.pinned_by(ids) if ids else None
         candidates = self.pinned_candidates(pinned, model) if pinned is not None else \
             gw.forwarder.candidates(gw.config, model, kind, rq.model)
@@ -6516,7 +6530,7 @@ class ProxyHandler:
             ids = [i for i in (previous, conversation) if isinstance(i, str)]
         if stored is None:  # what it continues, else a file or vector store it names
             if gw.sticky.nested:
-                ids += named_objects(obj)
+                ids += named_objects(obj, "input")
             pinned = await self.pinned_by(ids) if ids else None
         candidates = self.pinned_candidates(pinned, model) if pinned is not None else \
             gw.forwarder.candidates(gw.config, model, "responses", rq.model)
@@ -6626,14 +6640,15 @@ class ProxyHandler:
         await self.run(Plan(rq, "passthrough", obj, False, gw, candidates,
                             pinned=pinned[1] if pinned else None))
 
-    @staticmethod
-    def named_ids(rq: Request, obj: dict | None) -> list[str]:
+    def named_ids(self, rq: Request, obj: dict | None) -> list[str]:
         """Object ids a request may name: path segments, the body's top-level strings, then
-        the files, vector stores and containers named deeper in it."""
+        the files, vector stores and containers named deeper in it (once such an object
+        may be known)."""
         ids = [unquote(part.decode("latin-1")) for part in rq.path.split(b"/")[3:] if part]
         if obj is not None:
             ids += [value for value in obj.values() if isinstance(value, str)]
-            ids += nested_ids(rq.body())
+            if self.gw.sticky.nested:
+                ids += nested_ids(rq.body())
         return ids
 
     # one run, any endpoint --------------------------------------------------------------------
@@ -6648,13 +6663,18 @@ class ProxyHandler:
             plan.estimate = min(estimate_tokens(rq.body(), plan.obj),  # settled against)
                                 int(limits.tokens.capacity))  # type: ignore[union-attr]
         shared = gw.shared if rq.shared_take else None
-        if shared is None or not await shared.admit(plan, limits, name):
-            if rq.shared_take:  # Redis went away since the head: this process's buckets
-                rq.shared_take = False
-                if limits is not None:
-                    gw.limiter.take_request(limits)
-            if takes_tokens:
-                gw.limiter.take_tokens(limits, plan.estimate)  # type: ignore[arg-type]
+        try:
+            if shared is None or not await shared.admit(plan, limits, name):
+                if rq.shared_take:  # Redis went away since the head: this process's buckets
+                    rq.shared_take = False
+                    if limits is not None:
+                        gw.limiter.take_request(limits)
+                if takes_tokens:
+                    gw.limiter.take_tokens(limits, plan.estimate)  # type: ignore[arg-type]
+        except BaseException:  # refused, or the client is gone: a choice made is undone
+            if plan.chosen is not None:
+                gw.forwarder.release(plan)
+            raise
         try:
             await self.respond(plan)
         finally:

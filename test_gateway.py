@@ -1926,6 +1926,54 @@ def test_a_shared_pacing_slot_too_far_off_is_not_taken_and_the_request_goes_else
         assert redis_server.command("GET", f"gateway:v1:pace:mock:{key}").split(b"\r\n")[1] == held.encode()
 
 
+def test_a_paced_choice_a_refused_client_made_is_undone_its_probe_and_its_slot(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str) -> None:
+    # The first try's upstream and key are chosen before the admission: a client the admission
+    # or (Redis not answering as one) the local bucket refuses must leave them as they were.
+    other = "sk-client-test-0002"
+    config = {"redis_url": redis_url, "retry": {"attempts": 1},
+              "breaker": {"failure_threshold": 1, "recovery_timeout_s": 0.2},
+              "api_keys": [{"key": SDK_KEY, "name": "limited", "rpm": 1}, {"key": other, "name": "free"}],
+              "upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS[:2],
+                             "rpm_per_key": 60}]}
+    g = start_gateway(config)
+    assert eventually(lambda: g.gw.shared.up)
+
+    def ask(key: str, extra: str = "") -> int:
+        return raw(g.port, post("/v1/chat/completions", CHAT, f"Authorization: Bearer {key}\r\n{extra}"))[0].status
+
+    assert ask(SDK_KEY) == 200
+    refused = [ask(SDK_KEY) for _ in range(30)]  # its shared rpm: 29 429s before any slot
+    assert set(refused) == {429} and ask(other) == 200  # (2 keys at 1 a second: one slot left)
+    redis_server.command("SET", "gateway:v1:rpm:limited", "not a bucket")  # its admission
+    assert ask(other, "x-mock-status: 500\r\n") == 500  # errs: limited by its local bucket
+    breaker = g.gw.breakers.get("mock", "gpt-4o-mini")
+    assert breaker.state is gw.BreakerState.OPEN
+    assert eventually(lambda: g.lt.call(breaker.available))
+    assert ask(SDK_KEY) == 429  # chose the half-open probe, then its local bucket refused it
+    assert ask(other) == 200 and breaker.state is gw.BreakerState.CLOSED
+
+
+def test_a_redis_that_cannot_keep_a_pacing_slot_leaves_pacing_to_the_process(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str) -> None:
+    g = start_gateway({"redis_url": redis_url, "upstreams": [
+        {"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS[:1], "rpm_per_key": 300}]})
+    assert eventually(lambda: g.gw.shared.up)
+    redis_server.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+    redis_server.command("CONFIG", "SET", "maxmemory", "1")  # every write: OOM
+    try:
+        statuses = [raw(g.port, post("/v1/chat/completions", CHAT))[0].status for _ in range(4)]
+        health = raw(g.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")[0].json()
+    finally:
+        redis_server.command("CONFIG", "SET", "maxmemory", "0")
+    assert statuses == [200] * 4
+    sent = [r.at for r in mock.requests]
+    assert min(b - a for a, b in zip(sent, sent[1:])) >= 60 / 300 * 0.9  # paced here, one a 0.2 s
+    assert health["status"] == "degraded" and "OOM" in health["reasons"][0], health
+
+
 def test_redis_urls_with_a_database_a_password_or_a_unix_socket(tmp_path: Path, loop_thread: LoopThread) -> None:
     port, sock = free_port(), tmp_path / "redis.sock"
     server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
@@ -2100,6 +2148,8 @@ def test_what_redis_refuses_or_garbles_is_passed_over_and_reported(
     breaker = g.gw.breakers.get("mock", "m3")
     assert 0 < breaker.retry_in() <= g.gw.config.recovery_timeout_s
     assert g.gw.breakers.get("mock", "m2").retry_in() == 0  # "inf" is not a time
+    g.lt.call(shared.adopt, "mock", [1, 2, [], b"x"], time.time(), time.monotonic())  # what no
+    # Redis sends for a hash (something else on its port might): passed over too
     # a write Redis refuses goes by; the ones queued after it still land
     g.lt.call(shared.write, "HSET", "gateway:v1:up:other", "f", "v")
     for i in range(300):

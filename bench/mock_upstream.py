@@ -91,7 +91,7 @@ MAX_HEAD = 64 * 1024
 FAULT_BYTES = 30_000_000  # x-mock-fault-bytes default: no-blank-line, huge-error
 PIECE = 64 * 1024  # what the large faults write at a time, waiting for the peer in between
 SPOOL_AT = 8 * 1024 * 1024  # request bodies beyond this go to a temporary file
-MAX_OBJECTS = 10_000  # responses, files, batches kept (the oldest go first)
+MAX_OBJECTS = 10_000  # responses, files, batches, vector stores kept (the oldest go first)
 NAMED_OBJECT = re.compile(rb'"((?:file-|vs_|cntr_)[A-Za-z0-9_]+)"')  # anywhere in a body
 FILE_PIECE = 1024 * 1024  # what a file download writes at a time
 PNG = base64.b64decode(  # a 1x1 transparent PNG: what /v1/images/generations draws
@@ -868,6 +868,9 @@ class _MockConnection(asyncio.Protocol):
         if body is None or self.foreign(rq):
             return
         file_ids = body.get("file_ids") or []
+        if not isinstance(file_ids, list):
+            self.send_error(400, "file_ids must be an array", param="file_ids")
+            return
         obj = {"id": f"vs_mock{self.mock.request_count}", "object": "vector_store",
                "name": body.get("name"), "status": "completed", "created_at": int(time.time()),
                "usage_bytes": 0, "last_active_at": None, "metadata": body.get("metadata"),
