@@ -120,7 +120,6 @@ MAX_STORED_RESPONSES = 10_000  # responses made over chat, kept for previous_res
 MAX_STORED_RESPONSE_BYTES = 32 * 1024 * 1024  # ...and their JSON size, all together
 UPLOAD_BUFFER = 1024 * 1024  # an upload's bytes waiting for the upstream connection, at most
 PACING_MAX_WAIT_S = 10.0  # a paced request queues this long at most, then gets 429
-MAX_LEARNT_SLOT_S = 60.0  # a shared pacing slot further off sets a key's local one this far
 PACING_SLACK = 1.01  # rpm_per_key spaces requests 1% wider than 60/rpm: room for jitter
 MAX_BREAKERS = 1024  # (upstream, model) pairs tracked; "*" upstreams see client-chosen models
 MAX_CLIENT_IPS = 10000  # per-IP buckets kept (LRU) when auth is off: bounded whatever the sources
@@ -2239,7 +2238,8 @@ class SharedState:
         the first try's upstream and key are chosen before (Forwarder.choose_early) and,
         if paced, that key's shared slot is taken with the admission, in its round trip
         (plan.paced). False when Redis is not there, or its reply is not an admission: the
-        caller limits on local state."""
+        caller limits on local state. Whatever ends the request before it is forwarded must
+        let that choice go (Forwarder.release)."""
         rq, pace = plan.rq, None
         if rq.admission:  # sent at the head
             sent, names, commands = rq.admission
@@ -4411,9 +4411,9 @@ class Plan:
         self.key: UpstreamKey | None = None  # and its key
         self.sent: tuple = ()  # and the credentials it went with (its key's creds)
         # with shared pacing: the first try's choice, made before the admission (its model,
-        # the choice, whether its key was blocked then, and the recheck its pick set), and
-        # the key whose shared slot the admission took, with the wait till it
-        self.chosen: tuple[str, Choice, bool, float] | None = None
+        # the choice, whether its key was blocked then, the recheck and the local slot its
+        # pick set), and the key whose shared slot the admission took, with the wait till it
+        self.chosen: tuple[str, Choice, bool, float, float] | None = None
         self.paced: tuple[UpstreamKey, float] | None = None
         self.served: str | None = None  # the model an upstream answered for
         self._bodies: dict[tuple, bytes] = {}
@@ -4679,10 +4679,10 @@ class Forwarder:
                 else:
                     shared_wait = await gw.shared.pace(upstream, key)  # across instances
                 if shared_wait is not None:  # (this process's next pick knows it too)
-                    if shared_wait > PACING_MAX_WAIT_S:  # (not taken; what a Redis whose
-                        key.next_slot = max(key.next_slot, keys.clock() + min(  # clock
-                            shared_wait, MAX_LEARNT_SLOT_S))  # stepped back says is bounded)
-                        raise _PacedOut
+                    if shared_wait > PACING_MAX_WAIT_S:  # (not taken; learnt no further
+                        key.next_slot = max(key.next_slot, keys.clock() + min(  # than a
+                            shared_wait, PACING_MAX_WAIT_S + keys.interval + 1.0))  # gateway
+                        raise _PacedOut  # takes one: a further one is a Redis clock's step)
                     wait = shared_wait
                     key.next_slot = max(key.next_slot, keys.clock() + wait + keys.interval)
         if wait > 0:
@@ -4765,14 +4765,15 @@ class Forwarder:
             choice = self.choose(plan, groups, model)
             if choice is not None:
                 key = choice[2]
-                plan.chosen = (model, choice, key.blocked, key.recheck_at)
+                plan.chosen = (model, choice, key.blocked, key.recheck_at, key.next_slot)
                 return (choice[0], key) if choice[0].pacing_interval else None
         return None
 
     def kept(self, plan: Plan) -> Choice | None:
         """The choice made before the admission, if it is for this model and still usable
         now that the other instances' states are in (a key cooling or blocked elsewhere, a
-        breaker opened elsewhere, a reload); else it is let go (release)."""
+        breaker opened elsewhere, a reload); if unusable, it is let go (release). One for a
+        fallback model waits for that model."""
         chosen = plan.chosen
         if chosen[0] != plan.model:  # type: ignore[index]
             return None
@@ -4794,10 +4795,11 @@ class Forwarder:
         refused client never holds up the others)."""
         if plan.chosen is None:
             return
-        (_, (_, keys, key, breaker, _, probe), blocked, recheck), plan.chosen = plan.chosen, None
+        (_, (_, keys, key, breaker, _, probe), blocked, recheck, slot), plan.chosen = \
+            plan.chosen, None
         breaker.abandon(probe)
-        if keys.interval:
-            key.next_slot -= keys.interval
+        if keys.interval and key.next_slot == slot:  # (moved since: another took the next
+            key.next_slot = slot - keys.interval  # one, or it learnt; this one is lost)
         if blocked and key.recheck_at == recheck:
             key.recheck_at = 0.0
 
