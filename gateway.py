@@ -998,6 +998,8 @@ class CircuitBreaker:
     __slots__ = ("threshold", "recovery_s", "clock", "state", "failures", "opened_at",
                  "last_failure", "probing", "pair", "listener")
 
+    _probes = itertools.count(1)  # each probe's own number: only it can give its place back
+
     def __init__(self, threshold: int, recovery_s: float, clock: Clock = time.monotonic,
                  pair: tuple[str, str] = ("", ""), listener: Any = None) -> None:
         self.pair = pair  # (upstream, model)
@@ -1009,7 +1011,7 @@ class CircuitBreaker:
         self.failures = 0
         self.opened_at = 0.0
         self.last_failure: float | None = None  # monotonic
-        self.probing = False
+        self.probing = 0  # the probe out (half-open), or 0
 
     def __repr__(self) -> str:
         return (f"CircuitBreaker({self.state.value}, failures={self.failures}/{self.threshold}, "
@@ -1023,18 +1025,18 @@ class CircuitBreaker:
             return self.clock() >= self.opened_at + self.recovery_s
         return not self.probing
 
-    def acquire(self) -> bool:
+    def acquire(self) -> int:
         """Let one request through; in half-open (or when recovery is due) it is the probe.
-        True when it is."""
+        The probe's number when it is, else 0."""
         if self.state is BreakerState.OPEN:
             self._move(BreakerState.HALF_OPEN)
         if self.state is BreakerState.HALF_OPEN:
-            self.probing = True
-            return True
-        return False
+            self.probing = next(self._probes)
+            return self.probing
+        return 0
 
     def record(self, ok: bool) -> None:
-        self.probing = False
+        self.probing = 0
         if ok:
             self.failures = 0
             if self.state is not BreakerState.CLOSED:
@@ -1045,18 +1047,19 @@ class CircuitBreaker:
         if self.state is BreakerState.HALF_OPEN or self.failures >= self.threshold:
             self._move(BreakerState.OPEN)
 
-    def abandon(self, probe: bool) -> None:
-        """The request ended without a verdict (client gone): if it was the probe, free
-        its slot. Any other request leaves the probe out."""
-        if probe:
-            self.probing = False
+    def abandon(self, probe: int) -> None:
+        """The request ended without a verdict (client gone): if it is the probe out, free
+        its slot. Any other request leaves the probe out, as does a probe of an earlier
+        half-open period (the breaker reopened under it, and another probe is out now)."""
+        if probe and probe == self.probing:
+            self.probing = 0
 
     def _move(self, state: BreakerState) -> None:
         # Every transition goes through here.
         self.state = state
         if state is BreakerState.OPEN:
             self.opened_at = self.clock()
-        self.probing = False
+        self.probing = 0
         if self.listener is not None and state is not BreakerState.HALF_OPEN:
             self.listener.breaker_moved(*self.pair, self.recovery_s
                                         if state is BreakerState.OPEN else None)
@@ -1064,7 +1067,7 @@ class CircuitBreaker:
     def adopt_open(self, until: float) -> None:
         """Another instance opened it, until then (monotonic): open here too, quietly."""
         if self.state is BreakerState.CLOSED and until > self.clock():
-            self.state, self.probing = BreakerState.OPEN, False
+            self.state, self.probing = BreakerState.OPEN, 0
             self.opened_at = until - self.recovery_s
 
     def retry_in(self) -> float:
@@ -1079,7 +1082,7 @@ class CircuitBreaker:
         ("*" upstreams see client-chosen names, each failing once)."""
         if self.state is BreakerState.OPEN:
             return self.clock() < self.opened_at + self.recovery_s
-        return self.state is BreakerState.HALF_OPEN and self.probing
+        return self.state is BreakerState.HALF_OPEN and self.probing != 0
 
 
 class BreakerBoard:
@@ -4366,7 +4369,7 @@ class BodyStream:
 
 Candidates = list[tuple[str, list[list[Upstream]]]]  # (model, groups of upstreams) in order
 # an upstream, its pool, a key, its pacing wait, and whether it is the breaker's probe
-Choice = tuple["Upstream", "KeyPool", "UpstreamKey", "CircuitBreaker", float, bool]
+Choice = tuple["Upstream", "KeyPool", "UpstreamKey", "CircuitBreaker", float, int]
 
 
 class Plan:

@@ -966,10 +966,19 @@ def test_breaker_half_open_admits_exactly_one_probe_then_closes_or_reopens() -> 
     b.record(False)  # the probe failed: open again, for a full recovery period
     assert b.state is gw.BreakerState.OPEN and not b.available()
     clock.advance(10)
-    assert b.acquire() is True
-    b.abandon(False)  # a request let through before it opened went away: the probe is still out
+    probe = b.acquire()
+    assert probe
+    b.abandon(0)  # a request let through before it opened went away: the probe is still out
     assert not b.available()
-    b.abandon(True)  # the probe's client went away: the slot is free again
+    b.abandon(probe)  # the probe's client went away: the slot is free again
+    assert b.available()
+    stale = b.acquire()
+    b.record(False)  # a request from before failed: open again, with that probe still out
+    clock.advance(10)
+    probe = b.acquire()
+    b.abandon(stale)  # the earlier period's probe went away: it frees no place of this one's
+    assert not b.available() and b.holding()
+    b.abandon(probe)
     assert b.available()
     b.acquire()
     b.record(True)
