@@ -707,12 +707,15 @@ class KeyPool:
         self._masking: tuple = ((), None, None)  # the secrets, and their maskers (see masker)
 
     @classmethod
-    def of(cls, upstream: Upstream, recheck_s: float,
-           previous: KeyPool | None = None) -> KeyPool:
+    def of(cls, upstream: Upstream, recheck_s: float, previous: KeyPool | None = None,
+           shared: bool = False) -> KeyPool:
         """The pool for a configured upstream. Keys that kept their name keep their state (the
         same objects: requests still in flight see it too); one whose secret changed is
         given another chance if it was blocked, as is one whose header or URL credentials
-        changed; the credentials it had are still masked."""
+        changed; the credentials it had are still masked. The current key and where the
+        next round_robin pick starts stay on the keys they were on. A new pool that other
+        processes share keys with (shared) starts its round robin at a random key, so that
+        their first requests do not all go to the first one."""
         kept = {k.name: k for k in previous.keys} if previous is not None else {}
         keys, others = [], upstream.credentials()
         for spec in upstream.keys:
@@ -728,8 +731,16 @@ class KeyPool:
                 key.secret, key.blocked, key.block_reason, key.creds = spec.secret, False, "", creds
             key.head, key.query, key.others = spec.head, upstream.query, others
             keys.append(key)
-        return cls(keys, upstream.key_strategy, upstream.pacing_interval, recheck_s=recheck_s,
+        pool = cls(keys, upstream.key_strategy, upstream.pacing_interval, recheck_s=recheck_s,
                    upstream=upstream.name)
+        if previous is not None and previous.keys:
+            index = {key.name: i for i, key in enumerate(keys)}
+            was = previous.keys
+            pool.current = index.get(was[previous.current % len(was)].name, 0)
+            pool._next = index.get(was[previous._next % len(was)].name, 0)
+        elif shared and upstream.key_strategy == "round_robin":
+            pool._next = random.randrange(len(keys))
+        return pool
 
     def __repr__(self) -> str:
         now = self.clock()
@@ -7885,7 +7896,8 @@ class Gateway:
         self.ledger = UsageLedger(config.api_keys, bool(config.prices))
         self.prices = Prices(config.prices)
         self.breakers = BreakerBoard(config.failure_threshold, config.recovery_timeout_s)
-        self.keys = {u.name: KeyPool.of(u, config.block_recheck_s) for u in config.upstreams}
+        self.keys = {u.name: KeyPool.of(u, config.block_recheck_s, shared=bool(config.redis_url))
+                     for u in config.upstreams}
         self.pools: dict[str, UpstreamPool] = {}
         self.retired: set[UpstreamPool] = set()  # replaced by a reload, still finishing
         self.sticky = StickyIds()  # object id -> (upstream, key) that made it
@@ -7994,8 +8006,8 @@ class Gateway:
         what could not change without a restart."""
         old, self.config = self.config, config
         kept = kept_till_restart(old, config)
-        self.keys = {u.name: KeyPool.of(u, config.block_recheck_s, self.keys.get(u.name))
-                     for u in config.upstreams}
+        self.keys = {u.name: KeyPool.of(u, config.block_recheck_s, self.keys.get(u.name),
+                                        bool(config.redis_url)) for u in config.upstreams}
         pools = {}
         for u in config.upstreams:
             pool = self.pools.get(u.name)

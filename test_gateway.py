@@ -809,6 +809,28 @@ def test_rotate_under_round_robin_starts_the_next_pick_after_it() -> None:
     assert names(pool, 2) == ["k2", "k3"]
 
 
+def test_processes_sharing_keys_start_their_round_robin_anywhere_and_a_reload_keeps_its_place() -> None:
+    # Workers and instances pointed at one Redis each pick from the same keys: a burst whose
+    # first request each of them sends must not land on the first key of every one.
+    ups = {"name": "up", "url": "http://127.0.0.1:9/v1", "keys": [f"sk-{i:02d}-abcdefgh1234" for i in range(4)]}
+    shared = {"upstreams": [ups], "redis_url": "redis://127.0.0.1:9"}
+    firsts = {gw.Gateway(cfg(shared)).keys["up"].pick()[0].name for _ in range(40)}
+    assert len(firsts) > 1  # (all 40 on one key by chance: 4 ** -39)
+    assert {gw.Gateway(cfg({"upstreams": [ups]})).keys["up"].pick()[0].name for _ in range(5)} == {"up#0"}
+    failover = {"upstreams": [{**ups, "key_strategy": "failover"}], "redis_url": "redis://127.0.0.1:9"}
+    assert {gw.Gateway(cfg(failover)).keys["up"].pick()[0].name for _ in range(10)} == {"up#0"}
+    # a reload (a key more) keeps the current key and where the next pick starts
+    for config, want in ((failover, "up#2"), (shared, "up#3")):
+        gateway = gw.Gateway(cfg({"upstreams": [{**config["upstreams"][0]}]}))
+        pool = gateway.keys["up"]
+        pool.rotate(), pool.rotate()
+        assert pool.current_key().name == "up#2"
+        reloaded = {**config["upstreams"][0], "keys": [*ups["keys"], "sk-04-abcdefgh1234"]}
+        gateway.reload(cfg({"upstreams": [reloaded]}))
+        pool = gateway.keys["up"]
+        assert pool.current_key().name == "up#2" and pool.pick()[0].name == want
+
+
 def test_cooldown_without_hint_grows_exponentially_from_1s_and_is_capped() -> None:
     pool, clock = make_pool(1)
     key = pool.keys[0]
@@ -1663,6 +1685,13 @@ def shared_config(mock: mock_upstream.MockUpstream, redis_url: str, **extra: Any
         {"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS}], **extra}
 
 
+def from_the_first_key(*running: Running) -> None:
+    """Instances sharing keys start their round robin at a random key; these start at the first."""
+    for g in running:
+        for pool in g.gw.keys.values():
+            pool._next = 0
+
+
 def redis_hash(server: RedisServer, key: str) -> list[str]:
     """The field names of a hash, from its raw HKEYS reply."""
     reply = server.command("HKEYS", key).decode()
@@ -1823,6 +1852,7 @@ def test_spend_is_shared_and_a_usd_budget_crossed_on_one_instance_is_refused_by_
 def test_a_429_for_a_model_and_a_401_seen_by_one_instance_keep_the_other_off_that_key(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer, redis_url: str) -> None:
     a, b = start_gateway(shared_config(mock, redis_url)), start_gateway(shared_config(mock, redis_url))
+    from_the_first_key(a, b)
     mock.key_model_faults[(KEYS[0], "gpt-4o")] = (429, {"retry-after": "60"})
     a.client().chat.completions.create(model="gpt-4o", messages=MSGS)  # KEYS[0]: 429, then KEYS[1]
     assert eventually(lambda: "c\tmock#0\tgpt-4o" in redis_hash(redis_server, "gateway:v1:up:mock"))
@@ -1909,6 +1939,7 @@ def test_a_paced_request_makes_one_redis_round_trip_before_it_is_forwarded(
         {"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS[:2], "rpm_per_key": 6000}]}
     a, b, c = start_gateway(config), start_gateway(config), start_gateway(config)
     assert eventually(lambda: a.gw.shared.up and b.gw.shared.up and c.gw.shared.up)
+    from_the_first_key(a, b, c)
     scripts = {a.gw.shared.scripts[gw._ADMIT_LUA].encode(), a.gw.shared.scripts[gw._PACE_LUA].encode()}
 
     def trips(g: Running) -> tuple[int, str]:
