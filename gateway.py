@@ -4609,6 +4609,9 @@ class Forwarder:
             chosen = None
             if choice is None:
                 return None
+            if plan.chosen is not None:  # made for a fallback, and this model is tried
+                self.release(plan)  # first: its slot and probe are not held meanwhile
+                plan.paced = None
             upstream, keys, key, breaker, wait, probe = choice
             try:
                 conn = await self.attempt(plan, upstream, keys, key, wait)
@@ -4788,7 +4791,7 @@ class Forwarder:
         """The choice made before the admission, if it is for this model and still usable
         now that the other instances' states are in (a key cooling or blocked elsewhere, a
         breaker opened elsewhere, a reload); if unusable, it is let go (release). One for a
-        fallback model waits for that model."""
+        fallback model waits for that model, and is let go if an earlier one is tried."""
         chosen = plan.chosen
         if chosen[0] != plan.model:  # type: ignore[index]
             return None

@@ -898,6 +898,38 @@ def test_an_early_pacing_choice_let_go_never_puts_two_requests_in_one_interval(o
             assert other is not key or abs(at - then) >= min(interval, other_interval) - 1e-9
 
 
+def test_a_choice_made_early_for_a_fallback_is_let_go_when_the_model_asked_is_tried() -> None:
+    # Before the admission the asked model had nothing usable, so the first try was chosen for
+    # its fallback (a paced key's slot, its breaker's half-open probe). Once the asked model
+    # is usable after all and tried, the fallback's slot and probe are not held meanwhile.
+    pool, _ = make_pool(1, interval=2.0)
+    key, _ = pool.pick()
+    breaker, clock = make_breaker(1)
+    breaker.record(False)
+    clock.advance(10)
+    probe = breaker.acquire()
+    plan = types.SimpleNamespace(model="asked", rq=types.SimpleNamespace(flow=None), paced=(key, 0.0),
+                                 chosen=("fallback", (None, pool, key, breaker, 0.0, probe),
+                                         key.blocked, key.recheck_at, key.next_slot))
+    asked_pool, _ = make_pool(1)
+    asked_breaker, _ = make_breaker()
+    tried: list[tuple] = []
+
+    class Forwarder(gw.Forwarder):
+        def choose(self, plan: Any, groups: Any, model: str = "") -> Any:
+            return None, asked_pool, asked_pool.keys[0], asked_breaker, 0.0, 0
+
+        async def attempt(self, plan: Any, upstream: Any, keys: Any, key_: Any, wait: float) -> Any:
+            tried.append((key_.name, plan.chosen, plan.paced, breaker.available(), pool.pick()))
+            raise asyncio.CancelledError  # (the client left: enough to see what was held)
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(Forwarder(types.SimpleNamespace()).forward_model(plan, []))
+    (name, chosen, paced, free, picked), = tried
+    assert name == "k0" and chosen is None and paced is None and free
+    assert picked is not None and picked[1] == 0  # the fallback key's slot was given back
+
+
 _ops = st.lists(st.tuples(st.sampled_from(["pick", "cool", "block", "advance", "reset", "rotate", "ok"]),
                           st.integers(0, 5), st.sampled_from(["a", "b"]), st.floats(0, 120)), max_size=60)
 
