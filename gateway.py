@@ -780,14 +780,15 @@ class KeyPool:
     def pick_named(self, name: str, exclude: Iterable[UpstreamKey] = (),
                    max_wait: float = float("inf"), *, model: str = ""
                    ) -> tuple[UpstreamKey, float] | None:
-        """The key that made an object (only it can reach it), paced like any pick; another
-        key when that one is blocked or gone, so the client gets the upstream's own answer."""
+        """The key that made an object (only it can reach it), paced like any pick, and
+        none while it cools for model; another key when that one is blocked or gone, so the
+        client gets the upstream's own answer."""
         key = next((k for k in self.keys if k.name == name), None)
         if key is None or key.blocked:
             return self.pick(exclude, max_wait, model=model)
-        if key in exclude:
-            return None
         now = self.clock()
+        if key in exclude or (key.cooling and key.cools_for(model, now)):
+            return None
         wait = max(0.0, key.next_slot - now)
         if wait > max_wait:
             return None
@@ -895,11 +896,14 @@ class KeyPool:
 
     # reading the pool -----------------------------------------------------------------------
 
-    def seconds_until_usable(self, model: str = "") -> float | None:
-        """Until the first key is back for model (None when every key is blocked)."""
+    def seconds_until_usable(self, model: str = "", named: str | None = None) -> float | None:
+        """Until the first key is back for model (None when every key is blocked); only the
+        named one counts while it is there and not blocked (see pick_named)."""
         now = self.clock()
+        keys = [k for k in self.keys if k.name == named and not k.blocked] \
+            if named is not None else None
         waits = [max(0.0, max(k.cools_for(model, now), k.next_slot) - now)
-                 for k in self.keys if not k.blocked]
+                 for k in keys or self.keys if not k.blocked]
         return min(waits) if waits else None
 
     def masker(self, lower: bool = False) -> Masker:
@@ -4847,7 +4851,7 @@ class Forwarder:
                     opened.append(breaker.retry_in())
                     continue
                 keys = plan.keys[upstream.name]
-                wait = keys.seconds_until_usable(model)
+                wait = keys.seconds_until_usable(model, plan.pinned)
                 if wait is None:
                     blocked = True
                     refused = refused or keys.block_reason()
@@ -6497,8 +6501,7 @@ class ProxyHandler:
         model = self.allowed_model(rq, obj["model"])
         ids = named_objects(obj, "messages") if kind == "chat" and gw.sticky.nested else None
         pinned = await self.pinned_by(ids) if ids else None
-        candidates = self.pinned_candidates(pinned, model) if pinned is not None else \
-            gw.forwarder.candidates(gw.config, model, kind, rq.model)
+        candidates = self.candidates(rq, model, kind, pinned)
         refusal = None
         if kind == "completions" and gw.config.any_chat_only:
             try:
@@ -6552,8 +6555,7 @@ class ProxyHandler:
             if gw.sticky.nested:
                 ids += named_objects(obj, "input")
             pinned = await self.pinned_by(ids) if ids else None
-        candidates = self.pinned_candidates(pinned, model) if pinned is not None else \
-            gw.forwarder.candidates(gw.config, model, "responses", rq.model)
+        candidates = self.candidates(rq, model, "responses", pinned)
         if stored is not None:  # made over chat: only a chat_only upstream can go on from it
             only = [(m, [kept for g in groups if (kept := [u for u in g if u.chat_only])])
                     for m, groups in candidates]
@@ -6608,12 +6610,27 @@ class ProxyHandler:
             stored = await self.gw.shared.find_response(response_id)
         return stored
 
-    def pinned_candidates(self, pinned: tuple[str, str], model: str) -> Candidates:
-        """The one upstream that made the object addressed; the usual routing if it is gone."""
-        upstream = next((u for u in self.gw.config.upstreams if u.name == pinned[0]), None)
+    def candidates(self, rq: Request, model: str, kind: str,
+                   pinned: tuple[str, str] | None) -> Candidates:
+        """The models to try and their upstreams. A request that names an object the
+        gateway saw made (pinned: its upstream and key) goes to that upstream alone, for the
+        model and each fallback it serves (or, serving none, the model anyway: the object
+        is there); to the usual routing if the upstream is gone from the configuration."""
+        cfg = self.gw.config
+        try:
+            routes = self.default_candidates(model, rq.model) if kind == "passthrough" \
+                else self.gw.forwarder.candidates(cfg, model, kind, rq.model)
+        except GatewayError:
+            if pinned is None:
+                raise
+            routes = []
+        if pinned is None:
+            return routes
+        upstream = next((u for u in cfg.upstreams if u.name == pinned[0]), None)
         if upstream is None:
-            return self.default_candidates(model)
-        return [(model, [[upstream]])]
+            return routes or self.default_candidates(model)
+        return [(name, [[upstream]]) for name, groups in routes
+                if any(upstream in group for group in groups)] or [(model, [[upstream]])]
 
     def default_candidates(self, model: str, asked: str = "") -> Candidates:
         """By model when an upstream serves it; else the first "*" upstream, else the first."""
@@ -6655,8 +6672,7 @@ class ProxyHandler:
         pinned = await self.pinned_by(self.named_ids(rq, obj))
         if model:
             model = self.allowed_model(rq, model)
-        candidates = self.pinned_candidates(pinned, model) if pinned is not None else \
-            self.default_candidates(model, rq.model)
+        candidates = self.candidates(rq, model, "passthrough", pinned)
         await self.run(Plan(rq, "passthrough", obj, False, gw, candidates,
                             pinned=pinned[1] if pinned else None))
 

@@ -5263,6 +5263,31 @@ def test_files_and_vector_stores_named_deep_in_a_body_take_it_to_the_key_that_ma
     assert len({r.key() for r in list(mock.requests)[-3:]}) == 3
 
 
+def test_a_request_pinned_to_the_key_that_made_its_file_keeps_that_keys_cooldowns_and_its_fallbacks(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    plain = start_gateway(three_keys(mock)).client()
+    client = start_gateway(three_keys(mock) | {"fallbacks": {"gpt-4o": ["gpt-4o-mini"]}}).client()
+    made = client.files.create(file=("notes.txt", b"remember this"), purpose="user_data")
+    owner = mock.owner(made.id)
+    mock.key_model_faults[(owner, "gpt-4o")] = (429, {"retry-after": "60"})
+    messages = [{"role": "user", "content": [{"type": "file", "file": {"file_id": made.id}}]}]
+    seen = len(mock.requests)
+    for _ in range(2):  # the owner cools for gpt-4o: its fallback, on the owner, once it knows
+        assert client.chat.completions.create(model="gpt-4o", messages=messages).model == "gpt-4o-mini"
+    assert [(r.key(), r.json()["model"]) for r in list(mock.requests)[seen:]] == \
+        [(owner, "gpt-4o"), (owner, "gpt-4o-mini"), (owner, "gpt-4o-mini")]
+    made = plain.files.create(file=("notes.txt", b"remember this"), purpose="user_data")
+    owner = mock.owner(made.id)
+    mock.key_model_faults[(owner, "gpt-4o")] = (429, {"retry-after": "60"})
+    messages = [{"role": "user", "content": [{"type": "file", "file": {"file_id": made.id}}]}]
+    seen = len(mock.requests)
+    for _ in range(2):  # no fallback: the other keys have no such file; its 429, then none
+        with pytest.raises(openai.RateLimitError) as refused:
+            plain.chat.completions.create(model="gpt-4o", messages=messages)
+        assert 55 < float(refused.value.response.headers["retry-after"]) <= 60
+    assert [r.key() for r in list(mock.requests)[seen:]] == [owner]
+
+
 def test_other_endpoints_pass_through_to_the_model_upstream_or_the_first_serving_everything(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     g = start_gateway({"upstreams": [
