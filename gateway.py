@@ -6726,8 +6726,9 @@ class ProxyHandler:
             keys = plan.pool()
             no_embeddings = plan.kind == "embeddings" and conn.status == 404 and \
                 not writer.head_only
-            if no_embeddings or conn.framing is not _NO_BODY and \
-                    content_encoding(conn.headers) is not None:  # read whole
+            if no_embeddings or content_encoding(conn.headers) is not None and (
+                    conn.framing is not _NO_BODY  # read whole; a HEAD's, as its GET's would be
+                    or writer.head_only and conn.status >= 400):
                 headers, body = masked_error(keys, conn.status, conn.headers,
                                              await conn.read_body(MAX_ERROR_BODY + 1))
                 if no_embeddings and error_code(body) != "model_not_found":  # no /embeddings

@@ -3830,7 +3830,7 @@ def test_an_error_encoded_against_identity_is_replaced_and_a_redirect_is_masked(
             elif b"x-status: 400" in head:  # gzip, though the gateway asked for identity
                 body = gzip.compress(b'{"error": {"message": "bad key %s"}}' % secret)
                 writer.write(b"HTTP/1.1 400 Bad\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
-                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                             b"content-length: %d\r\n\r\n%s" % (len(body), b"" if head.startswith(b"HEAD") else body))
             else:
                 body = b'{"error": {"message": "moved; you sent %s"}}' % secret
                 writer.write(b"HTTP/1.1 307 Moved\r\nlocation: https://x.example/v1?k=%s\r\n"
@@ -3842,6 +3842,15 @@ def test_an_error_encoded_against_identity_is_replaced_and_a_redirect_is_masked(
     (resp,) = raw(g.port, post("/v1/chat/completions", CHAT, "x-status: 400\r\nAccept-Encoding: gzip\r\n"))
     assert resp.status == 400 and "content-encoding" not in resp.headers
     assert resp.json()["error"]["message"] == "The upstream answered 400 with a body in 'gzip' encoding, not passed on."
+    answers = []
+    for method in ("GET", "HEAD"):  # HEAD: the head GET has, without the body
+        with connect(g.port) as sock:
+            sock.sendall(f"{method} /v1/files/file-1/content HTTP/1.1\r\nHost: t\r\nx-status: 400\r\n\r\n".encode())
+            answers.append(read_response(sock.makefile("rb"), head=method == "HEAD"))
+    get, head = answers
+    assert get.status == head.status == 400 and head.body == b"" and "content-encoding" not in head.headers
+    assert {n: v for n, v in head.headers.items() if n not in ("date", "x-request-id")} == \
+        {n: v for n, v in get.headers.items() if n not in ("date", "x-request-id")}
     (resp,) = raw(g.port, post("/v1/chat/completions", CHAT, "x-status: 307\r\n"))
     assert resp.status == 307 and secret not in resp.body and secret.decode() not in resp.headers["location"]
     (resp,) = raw(g.port, b'GET /v1/files/file-1/content HTTP/1.1\r\nHost: t\r\nIf-None-Match: "x"\r\n\r\n')
