@@ -8273,6 +8273,30 @@ def _hold_signals() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
 
 
+def sweep_metrics_dirs(parent: Path, idle_s: float = 60.0) -> None:
+    """The metrics directories of supervisors killed outright (SIGKILL: no cleanup ran):
+    the process named in the directory's name is gone, and nothing in it was written for
+    idle_s (another machine's or container's supervisor, whose process is not seen from
+    here, writes every second)."""
+    for path in parent.glob("gateway-metrics-*-*"):
+        pid = path.name.split("-")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (PermissionError below: alive, another user's)
+        except ProcessLookupError:
+            pass
+        except (OSError, OverflowError):
+            continue
+        try:
+            written = max(p.stat().st_mtime for p in (path, *path.iterdir()))
+        except OSError:
+            continue
+        if time.time() - written > idle_s:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 class Worker(NamedTuple):
     index: int
     sock: socket.socket  # the one listening socket, shared by every worker
@@ -8302,7 +8326,8 @@ class Supervisor:
             return 2
         sock.setblocking(False)
         self.sock, port = sock, sock.getsockname()[1]  # (a SIGTERM closes it from now on)
-        metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+        metrics_dir = tempfile.mkdtemp(prefix=f"gateway-metrics-{os.getpid()}-")
+        sweep_metrics_dirs(Path(metrics_dir).parent)
         for sig in _HELD:
             signal.signal(sig, self.forward)
         for sig in _EARLY_SIGNALS:

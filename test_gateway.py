@@ -6545,6 +6545,21 @@ def test_a_worker_that_cannot_publish_its_counts_shows_no_more_of_them_than_its_
         len(gw.LATENCY_BUCKETS) + 1}
 
 
+def test_metrics_directories_of_killed_supervisors_are_swept_and_no_other(tmp_path: Path) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()  # (its pid names no process now)
+    made = {}
+    for name, pid, age in [("stale", gone.pid, 120), ("recent", gone.pid, 5), ("alive", os.getpid(), 120),
+                           ("huge", 10 ** 30, 120), ("odd", "x", 120)]:
+        path = made[name] = tmp_path / f"gateway-metrics-{pid}-abc{name}"
+        path.mkdir()
+        (path / "0.json").write_text("{}")
+        for p in (path / "0.json", path):
+            os.utime(p, (time.time() - age, time.time() - age))
+    gw.sweep_metrics_dirs(tmp_path)
+    assert {name for name, path in made.items() if path.exists()} == {"recent", "alive", "huge", "odd"}
+
+
 def test_workers_keep_the_running_config_close_the_port_on_drain_and_never_count_backwards(
         mock: mock_upstream.MockUpstream, redis_url: str, tmp_path: Path) -> None:
     path = tmp_path / "gateway.json"
@@ -6552,9 +6567,8 @@ def test_workers_keep_the_running_config_close_the_port_on_drain_and_never_count
         {"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS}]}
     path.write_text(json.dumps(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "OPENAI_"))}
-    earlier = set(Path(tempfile.gettempdir()).glob("gateway-metrics-*"))
     gp = GatewayProcess(["--workers", "2"], {**env, "GATEWAY_CONFIG_FILE": str(path)}, ready="listening")
-    (metrics_dir,) = set(Path(tempfile.gettempdir()).glob("gateway-metrics-*")) - earlier
+    (metrics_dir,) = Path(tempfile.gettempdir()).glob(f"gateway-metrics-{gp.proc.pid}-*")
     auth = f"Authorization: Bearer {SDK_KEY}\r\n"
 
     def on_disk() -> int:  # what the workers' files hold: a killed worker's counts are its file's
