@@ -2531,6 +2531,40 @@ class SharedState:
                 return upstream, key
         return None
 
+    def made_background(self, response_id: str, client: str, model: str) -> None:
+        """A background response made here: its usage comes with a poll, to any process."""
+        self.write("SET", self.key("bg", response_id), f"{client}\t{model}", "EX",
+                   SHARED_ID_TTL_S)
+
+    def claim_background(self, response_id: str,
+                         then: Callable[[tuple[str, str] | None, bool], None] | None) -> None:
+        """The first process to claim a background response counts its usage (GET and DEL
+        in one transaction): then(maker, True) with the client and model that made it, or
+        None when another process claimed it first; then(None, False) when Redis could not
+        be asked. then None: only the claim (its maker's answer carried the usage)."""
+        key = self.key("bg", response_id)
+        if then is None:
+            self.write("DEL", key)
+            return
+        if not self.up or self.conn is None:
+            then(None, False)
+            return
+        replies = self.conn.send([("MULTI",), ("GET", key), ("DEL", key), ("EXEC",)])
+
+        def claimed(done: asyncio.Future) -> None:
+            if done.cancelled() or done.exception() is not None:
+                then(None, False)
+                return
+            result = done.result()[-1]
+            value = result[0] if result.__class__ is list and result else None
+            if value.__class__ is not bytes:
+                then(None, not isinstance(result, Exception))
+                return
+            client, _, model = value.decode("utf-8", "replace").partition("\t")
+            then((client, model), True)
+
+        replies.add_done_callback(claimed)
+
     def store_response(self, response_id: str, data: bytes) -> None:
         """A response made over chat (a StoredResponse as a JSON list)."""
         self.write("SET", self.key("resp", response_id), data, "EX", SHARED_RESPONSE_TTL_S)
@@ -6749,8 +6783,9 @@ class ProxyHandler:
         # back, polled or cancelled (a response, a batch, a downloaded file), which would be
         # counted again each time. A pass-through request counts when it is a POST naming a
         # model (images, audio, moderations), or a stream it asked for (read as usual); and
-        # a background response made here, once, from the first poll that has its usage.
-        plan.background = self.background_polled(plan) if ok and gw.background else None
+        # a background response, once, from the first poll that has its usage.
+        plan.background = self.background_polled(plan) \
+            if ok and (gw.background or gw.shared is not None) else None
         writer.keep_tail = ok and (plan.kind != "passthrough" or plan.background is not None
                                    or plan.method == b"POST" and plan.asked != "")
         if ok and (plan.kind == "responses" and not plan.stream or plan.background):
@@ -6853,8 +6888,9 @@ class ProxyHandler:
             self.gw.shared.store_response(response["id"], data)
 
     def background_polled(self, plan: Plan) -> str | None:
-        """The id of a background response made here and not counted yet, if this request
-        reads it (GET /v1/responses/{id}, as an object or as a stream) or cancels it."""
+        """The id of a background response made here and not counted yet (with shared state:
+        any response, made by any process), if this request reads it (GET
+        /v1/responses/{id}, as an object or as a stream) or cancels it."""
         path = plan.rq.path
         if not path.startswith(_RESPONSE_PREFIX):
             return None
@@ -6862,7 +6898,7 @@ class ProxyHandler:
         if (plan.method, action) not in ((b"GET", b""), (b"POST", b"cancel")):
             return None
         found = unquote(response_id.decode("latin-1"))
-        return found if found in self.gw.background else None
+        return found if found in self.gw.background or self.gw.shared is not None else None
 
     def remember_for(self, plan: Plan) -> Callable[[str], None]:
         """Where the id of an object this answer creates will be remembered."""
@@ -6875,6 +6911,8 @@ class ProxyHandler:
             if background is not None:  # its usage comes with a poll (unless with this answer)
                 background.put(object_id, (client, plan.served))
                 plan.background = object_id
+                if shared is not None:  # (polled through any process)
+                    shared.made_background(object_id, client, plan.served)  # type: ignore[arg-type]
             sticky.remember(object_id, upstream.name, key.name)  # type: ignore[union-attr]
             if shared is not None:
                 shared.remember_id(object_id, upstream.name, key.name)  # type: ignore[union-attr]
@@ -6894,38 +6932,63 @@ class ProxyHandler:
         served, settles = plan.served, True
         if plan.background is not None and plan.kind == "passthrough":  # a background
             made = gw.background.pop(plan.background, None) if usage else None  # response's
-            if made is None:  # poll: counted once, as the request that made it (no usage
-                usage = None  # yet, or another poll counted it: nothing)
+            if usage and gw.shared is not None:  # poll: counted once, as the request that
+                found = usage  # made it, by whichever process claims it first (now: nothing)
+                gw.shared.claim_background(plan.background, lambda maker, reached: (
+                    self.count_claimed(found, rq.request_id, made, maker, reached)))
+                usage = None
+            elif made is None:  # (no usage yet, or another poll counted it: nothing)
+                usage = None
             else:  # (budgets only: the poller's tpm bucket is not the maker's)
                 (name, served), settles = made, False
         else:
             cut = usage is None and plan.kind in _GENERATES and rq.writer.cut_short()
             if plan.background is not None and (usage or cut):  # made by this request, and
                 gw.background.pop(plan.background, None)  # its usage came (or never will)
+                if gw.shared is not None:
+                    gw.shared.claim_background(plan.background, None)
             if cut:
                 usage = {"prompt_tokens": prompt_estimate(rq.body()),  # its usage never came:
                          "completion_tokens": rq.writer.tokens_relayed()}  # estimated
+        prompt, completion, total, cost = self.count(name, served, usage, rq.request_id,
+                                                     rq.writer.status)
+        rq.tokens, rq.cost = (prompt, completion), cost
+        metrics = gw.metrics
+        if plan.served != plan.asked:
+            metrics.count(metrics.fallbacks, (metrics.fold(plan.asked), metrics.fold(served)))
+        if takes_tokens and plan.obj is not None:  # (a background poll's usage: budgets only)
+            used = total if settles else 0
+            self.settle(rq, limits, used - plan.estimate)  # type: ignore[arg-type]
+
+    def count(self, name: str, served: str, usage: dict | None, request_id: bytes,
+              status: int) -> tuple[int, int, int, int]:
+        """What a model made, to a client's usage (and the shared one) and the metrics:
+        its tokens and cost."""
+        gw = self.gw
         prompt, completion, total = usage_tokens(usage)
         cost = gw.prices.cost(served, usage) if gw.prices.table or usage and \
             "cost" in usage else 0
-        gw.ledger.record(name, served, prompt, completion, total, rq.request_id,
-                         rq.writer.status, cost)
+        gw.ledger.record(name, served, prompt, completion, total, request_id, status, cost)
         if gw.shared is not None:
             gw.shared.record_usage(name, served, prompt, completion, total, cost)
-        rq.tokens, rq.cost = (prompt, completion), cost
         metrics = gw.metrics
-        if rq.writer.status == 200 and served not in metrics.known_models:
+        if status == 200 and served not in metrics.known_models:
             metrics.learn(served)
         label = metrics.fold(served)
         metrics.count(metrics.tokens, (label, "prompt"), prompt)
         metrics.count(metrics.tokens, (label, "completion"), completion)
         if cost:
             metrics.count(metrics.cost, (label,), cost)
-        if plan.served != plan.asked:
-            metrics.count(metrics.fallbacks, (metrics.fold(plan.asked), label))
-        if takes_tokens and plan.obj is not None:  # (a background poll's usage: budgets only)
-            used = total if settles else 0
-            self.settle(rq, limits, used - plan.estimate)  # type: ignore[arg-type]
+        return prompt, completion, total, cost
+
+    def count_claimed(self, usage: dict, request_id: bytes, made: tuple[str, str] | None,
+                      maker: tuple[str, str] | None, reached: bool) -> None:
+        """A background response's usage, once this process claimed it (maker: the client
+        and model that made it); when Redis could not be asked, as made here, if it was."""
+        if not reached:
+            maker = made
+        if maker is not None:
+            self.count(*maker, usage, request_id, 200)
 
     def settle(self, rq: Request, limits: ClientLimits, delta: int) -> None:
         """Correct the token estimate taken before the request, where it was taken."""

@@ -5578,6 +5578,35 @@ def test_a_background_response_is_counted_once_from_the_first_poll_that_has_its_
     assert usage_of(g, SDK_KEY)[0]["total_tokens"] > done.usage.total_tokens
 
 
+def test_a_background_response_made_through_one_instance_is_counted_once_from_a_poll_through_any(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str) -> None:
+    config = shared_config(mock, redis_url, api_keys=[{"key": SDK_KEY, "name": "team"}])
+    a, b = start_gateway(config), start_gateway(config)
+
+    def settled() -> bool:  # no claim, count or batch of either still on its way to Redis
+        return all(g.lt.call(lambda: not (g.gw.shared.usage or g.gw.shared.batch or g.gw.shared.writes
+                                          or g.gw.shared.conn.waiting)) for g in (a, b))
+
+    def counted() -> int:
+        assert eventually(settled)
+        return usage_of(b, SDK_KEY)[0]["total_tokens"]
+
+    queued = a.client().responses.create(model="gpt-4o", input="later", background=True)
+    assert eventually(lambda: redis_server.command("EXISTS", f"gateway:v1:bg:{queued.id}") == b":1\r\n")
+    done = b.client().responses.retrieve(queued.id)  # (b never saw it made)
+    assert done.status == "completed" and done.usage.total_tokens > 0
+    for g in (a, b, a, b):  # polled again, through either: counted once
+        g.client().responses.retrieve(queued.id)
+    assert counted() == done.usage.total_tokens
+    assert usage_of(a, SDK_KEY)[0]["models"]["gpt-4o"]["total_tokens"] == done.usage.total_tokens
+    again = a.client().responses.create(model="gpt-4o", input="again", background=True)
+    polled = a.client().responses.retrieve(again.id)  # through its maker first
+    b.client().responses.retrieve(again.id)
+    assert counted() == done.usage.total_tokens + polled.usage.total_tokens
+    assert redis_server.command("EXISTS", f"gateway:v1:bg:{again.id}") == b":0\r\n"
+
+
 def test_a_background_poll_takes_nothing_from_the_pollers_tpm(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     g = start_gateway(limited(mock, api_keys=[{"key": SDK_KEY, "name": "team", "tpm": 100000}]), clock=FakeClock())
