@@ -713,10 +713,14 @@ class KeyPool:
         same objects: requests still in flight see it too); one whose secret changed is
         given another chance if it was blocked, as is one whose header or URL credentials
         changed; the credentials it had are still masked. The current key and where the
-        next round_robin pick starts stay on the keys they were on. A new pool that other
+        next round_robin pick starts stay on the keys they were on (the same secret, else
+        the same name: inline keys are named by their place in the list). A new pool that other
         processes share keys with (shared) starts its round robin at a random key, so that
         their first requests do not all go to the first one."""
         kept = {k.name: k for k in previous.keys} if previous is not None else {}
+        places = [(k.secret, k.name) for k in (  # (before a kept key takes a new secret)
+            previous.keys[previous.current % len(previous.keys)],
+            previous.keys[previous._next % len(previous.keys)])] if previous is not None else []
         keys, others = [], upstream.credentials()
         for spec in upstream.keys:
             creds = (spec.secret, others, upstream.query)
@@ -733,11 +737,11 @@ class KeyPool:
             keys.append(key)
         pool = cls(keys, upstream.key_strategy, upstream.pacing_interval, recheck_s=recheck_s,
                    upstream=upstream.name)
-        if previous is not None and previous.keys:
-            index = {key.name: i for i, key in enumerate(keys)}
-            was = previous.keys
-            pool.current = index.get(was[previous.current % len(was)].name, 0)
-            pool._next = index.get(was[previous._next % len(was)].name, 0)
+        if places:  # the same secret, else the same name (an env: key given a new secret)
+            by_secret = {key.secret: i for i, key in reversed(list(enumerate(keys)))}
+            by_name = {key.name: i for i, key in enumerate(keys)}
+            pool.current, pool._next = (by_secret.get(secret, by_name.get(name, 0))
+                                        for secret, name in places)
         elif shared and upstream.key_strategy == "round_robin":
             pool._next = random.randrange(len(keys))
         return pool

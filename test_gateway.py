@@ -819,16 +819,17 @@ def test_processes_sharing_keys_start_their_round_robin_anywhere_and_a_reload_ke
     assert {gw.Gateway(cfg({"upstreams": [ups]})).keys["up"].pick()[0].name for _ in range(5)} == {"up#0"}
     failover = {"upstreams": [{**ups, "key_strategy": "failover"}], "redis_url": "redis://127.0.0.1:9"}
     assert {gw.Gateway(cfg(failover)).keys["up"].pick()[0].name for _ in range(10)} == {"up#0"}
-    # a reload (a key more) keeps the current key and where the next pick starts
-    for config, want in ((failover, "up#2"), (shared, "up#3")):
-        gateway = gw.Gateway(cfg({"upstreams": [{**config["upstreams"][0]}]}))
-        pool = gateway.keys["up"]
-        pool.rotate(), pool.rotate()
-        assert pool.current_key().name == "up#2"
-        reloaded = {**config["upstreams"][0], "keys": [*ups["keys"], "sk-04-abcdefgh1234"]}
-        gateway.reload(cfg({"upstreams": [reloaded]}))
-        pool = gateway.keys["up"]
-        assert pool.current_key().name == "up#2" and pool.pick()[0].name == want
+    # a reload keeps the current key and where the next pick starts: a key more; the first
+    # key gone (inline keys are named by their place: the same secret, another name)
+    for config, want in ((failover, "sk-02"), (shared, "sk-03")):
+        for keys in ([*ups["keys"], "sk-04-abcdefgh1234"], ups["keys"][1:]):
+            gateway = gw.Gateway(cfg({"upstreams": [{**config["upstreams"][0]}]}))
+            pool = gateway.keys["up"]
+            pool.rotate(), pool.rotate()
+            assert pool.current_key().secret.startswith("sk-02")
+            gateway.reload(cfg({"upstreams": [{**config["upstreams"][0], "keys": keys}]}))
+            pool = gateway.keys["up"]
+            assert pool.current_key().secret.startswith("sk-02") and pool.pick()[0].secret.startswith(want)
 
 
 def test_cooldown_without_hint_grows_exponentially_from_1s_and_is_capped() -> None:
