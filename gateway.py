@@ -4652,8 +4652,8 @@ class Forwarder:
             if choice is None:
                 return None
             if plan.chosen is not None:  # made for a fallback, and this model is tried
-                self.release(plan)  # first: its slot and probe are not held meanwhile
-                plan.paced = None
+                self.release(plan)  # first: its slot and probe are not held meanwhile (the
+                # admission's shared slot stays in plan.paced: a try on that key takes it)
             upstream, keys, key, breaker, wait, probe = choice
             try:
                 conn = await self.attempt(plan, upstream, keys, key, wait)
@@ -4839,7 +4839,7 @@ class Forwarder:
             return None
         choice, blocked = chosen[1], chosen[2]  # type: ignore[index]
         upstream, keys, key, breaker, _, probe = choice
-        if (probe or breaker.state is BreakerState.CLOSED) \
+        if (probe and probe == breaker.probing or breaker.state is BreakerState.CLOSED) \
                 and not plan.pools[upstream.name].retired and (blocked or not key.blocked) \
                 and not (key.cooling and key.cools_for(plan.model, keys.clock())):
             plan.chosen = None

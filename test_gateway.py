@@ -927,8 +927,26 @@ def test_a_choice_made_early_for_a_fallback_is_let_go_when_the_model_asked_is_tr
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(Forwarder(types.SimpleNamespace()).forward_model(plan, []))
     (name, chosen, paced, free, picked), = tried
-    assert name == "k0" and chosen is None and paced is None and free
+    assert name == "k0" and chosen is None and free
     assert picked is not None and picked[1] == 0  # the fallback key's slot was given back
+    assert paced == (key, 0.0)  # (the admission's shared slot: a try on that key takes it)
+
+
+def test_a_choice_made_early_whose_breaker_reopened_meanwhile_is_let_go() -> None:
+    # The early choice was its breaker's half-open probe; during the admission another
+    # request's failure opened the breaker again: that probe no longer lets anything through.
+    pool, _ = make_pool(1, interval=2.0)
+    key, _ = pool.pick()
+    breaker, clock = make_breaker(1)
+    breaker.record(False)
+    clock.advance(10)
+    probe = breaker.acquire()
+    breaker.record(False)  # (open again)
+    plan = types.SimpleNamespace(model="m", paced=(key, 0.0), pools={"u": types.SimpleNamespace(retired=False)},
+                                 chosen=("m", (types.SimpleNamespace(name="u"), pool, key, breaker, 0.0, probe),
+                                         key.blocked, key.recheck_at, key.next_slot))
+    assert gw.Forwarder(types.SimpleNamespace()).kept(plan) is None
+    assert plan.chosen is None and pool.pick()[1] == 0  # let go: its slot is free again
 
 
 _ops = st.lists(st.tuples(st.sampled_from(["pick", "cool", "block", "advance", "reset", "rotate", "ok"]),
