@@ -6651,9 +6651,10 @@ class ProxyHandler:
     def candidates(self, rq: Request, model: str, kind: str,
                    pinned: tuple[str, str] | None) -> Candidates:
         """The models to try and their upstreams. A request that names an object the
-        gateway saw made (pinned: its upstream and key) goes to that upstream alone, for the
-        model and each fallback it serves (or, serving none, the model anyway: the object
-        is there); to the usual routing if the upstream is gone from the configuration."""
+        gateway saw made (pinned: its upstream and key) goes to that upstream alone: for the
+        model asked (whether it lists it or not: the object is there), then each fallback
+        that it lists (a pass-through request: no fallbacks); to the usual routing if the
+        upstream is gone from the configuration."""
         cfg = self.gw.config
         try:
             routes = self.default_candidates(model, rq.model) if kind == "passthrough" \
@@ -6667,8 +6668,11 @@ class ProxyHandler:
         upstream = next((u for u in cfg.upstreams if u.name == pinned[0]), None)
         if upstream is None:
             return routes or self.default_candidates(model)
-        return [(name, [[upstream]]) for name, groups in routes
-                if any(upstream in group for group in groups)] or [(model, [[upstream]])]
+        if kind == "passthrough":  # (a job or an object made from a file: never on a model
+            return [(model, [[upstream]])]  # other than the one it names)
+        return [(model, [[upstream]])] + [(name, [[upstream]]) for name, groups in routes
+                                          if name != model and any(upstream in group
+                                                                   for group in groups)]
 
     def default_candidates(self, model: str, asked: str = "") -> Candidates:
         """By model when an upstream serves it; else the first "*" upstream, else the first."""

@@ -5304,6 +5304,11 @@ def test_a_request_pinned_to_the_key_that_made_its_file_keeps_that_keys_cooldown
         assert client.chat.completions.create(model="gpt-4o", messages=messages).model == "gpt-4o-mini"
     assert [(r.key(), r.json()["model"]) for r in list(mock.requests)[seen:]] == \
         [(owner, "gpt-4o"), (owner, "gpt-4o-mini"), (owner, "gpt-4o-mini")]
+    seen = len(mock.requests)
+    job = {"model": "gpt-4o", "training_file": made.id}  # pass-through: no other model, ever
+    with pytest.raises(openai.RateLimitError):
+        client.post("/fine_tuning/jobs", body=job, cast_to=object)
+    assert len(mock.requests) == seen
     made = plain.files.create(file=("notes.txt", b"remember this"), purpose="user_data")
     owner = mock.owner(made.id)
     mock.key_model_faults[(owner, "gpt-4o")] = (429, {"retry-after": "60"})
@@ -5314,6 +5319,23 @@ def test_a_request_pinned_to_the_key_that_made_its_file_keeps_that_keys_cooldown
             plain.chat.completions.create(model="gpt-4o", messages=messages)
         assert 55 < float(refused.value.response.headers["retry-after"]) <= 60
     assert [r.key() for r in list(mock.requests)[seen:]] == [owner]
+
+
+def test_a_pinned_request_tries_the_model_asked_first_where_the_object_is(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    url = f"http://127.0.0.1:{mock.port}/v1"
+    client = start_gateway({"upstreams": [  # files go to the first; it lists only the fallback
+        {"name": "A", "url": url, "keys": [KEYS[0]], "models": ["gpt-4o-mini"]},
+        {"name": "B", "url": url, "keys": [KEYS[1]], "models": ["gpt-4o"]}],
+        "fallbacks": {"gpt-4o": ["gpt-4o-mini"]}}).client()
+    made = client.files.create(file=("notes.txt", b"remember this"), purpose="user_data")
+    first = client.responses.create(model="gpt-4o-mini", input="hello")
+    assert mock.owner(made.id) == mock.owner(first.id) == KEYS[0]
+    seen = len(mock.requests)
+    client.chat.completions.create(model="gpt-4o", messages=[
+        {"role": "user", "content": [{"type": "file", "file": {"file_id": made.id}}]}])
+    client.responses.create(model="gpt-4o", input="more", previous_response_id=first.id)
+    assert [(r.key(), r.json()["model"]) for r in list(mock.requests)[seen:]] == [(KEYS[0], "gpt-4o")] * 2
 
 
 def test_other_endpoints_pass_through_to_the_model_upstream_or_the_first_serving_everything(
