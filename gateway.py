@@ -6539,7 +6539,8 @@ class ProxyHandler:
         model = self.allowed_model(rq, obj["model"])
         ids = named_objects(obj, "messages") if kind == "chat" and gw.sticky.nested else None
         pinned = await self.pinned_by(ids) if ids else None
-        candidates = self.candidates(rq, model, kind, pinned)
+        candidates = gw.forwarder.candidates(gw.config, model, kind, rq.model) \
+            if pinned is None else self.candidates(rq, model, kind, pinned)  # (the hot path)
         refusal = None
         if kind == "completions" and gw.config.any_chat_only:
             try:
