@@ -2524,50 +2524,68 @@ class SharedState:
         self.write("SET", self.key("id", object_id), f"{upstream}\t{key}", "EX", SHARED_ID_TTL_S)
 
     async def find_ids(self, ids: list[str]) -> tuple[str, str] | None:
-        """The first of these ids another instance saw created: (upstream, key)."""
+        """The first of these ids another instance saw created: (upstream, key). Responses
+        among them that another made in the background, with their usage still to be
+        counted, are noted in gw.background (a poll through this process may count one)."""
         ids = [i for i in ids if _ID_SHAPE.fullmatch(i)][:16]
         if not ids:
             return None
-        found = await self.pipeline([("MGET", *[self.key("id", i) for i in ids])])
-        for value in found[0] if found and found[0].__class__ is list else ():
+        polled = [i for i in ids if i.startswith("resp_")]
+        found = await self.pipeline([("MGET", *[self.key("id", i) for i in ids],
+                                      *[self.key("bg", i) for i in polled])])
+        values = found[0] if found and found[0].__class__ is list else []
+        for response_id, value in zip(polled, values[len(ids):]):
+            try:
+                client, model = orjson.loads(value) if value.__class__ is bytes else (0, 0)
+            except (orjson.JSONDecodeError, TypeError, ValueError):
+                continue
+            if client.__class__ is str and model.__class__ is str:
+                self.gw.background.put(response_id, (client, model))
+        for value in values[:len(ids)]:
             if value.__class__ is bytes:
                 upstream, _, key = value.decode("utf-8", "replace").partition("\t")
                 return upstream, key
         return None
 
     def made_background(self, response_id: str, client: str, model: str) -> None:
-        """A background response made here: its usage comes with a poll, to any process."""
-        self.write("SET", self.key("bg", response_id), f"{client}\t{model}", "EX",
+        """A background response made here: the client and model it counts to, for a poll
+        through another process (found with its id, find_ids)."""
+        self.write("SET", self.key("bg", response_id), orjson.dumps([client, model]), "EX",
                    SHARED_ID_TTL_S)
 
     def claim_background(self, response_id: str,
-                         then: Callable[[tuple[str, str] | None, bool], None] | None) -> None:
-        """The first process to claim a background response counts its usage (GET and DEL
-        in one transaction): then(maker, True) with the client and model that made it, or
-        None when another process claimed it first; then(None, False) when Redis could not
-        be asked. then None: only the claim (its maker's answer carried the usage)."""
-        key = self.key("bg", response_id)
-        if then is None:
-            self.write("DEL", key)
+                         decided: Callable[[bool | None], None] | None = None) -> None:
+        """Whichever process claims a background response's usage first counts it (SET NX,
+        after the poll's answer: nothing waits on it): decided(True) when this one did,
+        False when another did first, None when Redis could not say (this one counts it,
+        and the claim is written when Redis is back). decided None: only the claim (the
+        answer that made it carried the usage)."""
+        claim = ("SET", self.key("bgc", response_id), "1", "NX", "EX", SHARED_ID_TTL_S)
+        if decided is None or not self.up or self.conn is None:
+            self.claimed_background(response_id, claim)
+            if decided is not None:
+                decided(None)
             return
-        if not self.up or self.conn is None:
-            then(None, False)
-            return
-        replies = self.conn.send([("MULTI",), ("GET", key), ("DEL", key), ("EXEC",)])
 
-        def claimed(done: asyncio.Future) -> None:
-            if done.cancelled() or done.exception() is not None:
-                then(None, False)
-                return
-            result = done.result()[-1]
-            value = result[0] if result.__class__ is list and result else None
-            if value.__class__ is not bytes:
-                then(None, not isinstance(result, Exception))
-                return
-            client, _, model = value.decode("utf-8", "replace").partition("\t")
-            then((client, model), True)
+        def done(replies: asyncio.Future) -> None:
+            won: bool | None = None  # (no answer: Redis gone, or slow)
+            if not replies.cancelled() and replies.exception() is None:
+                reply = replies.result()[0]
+                if isinstance(reply, Exception):
+                    self.refused(reply)
+                else:
+                    won = reply is not None  # OK: this one's; nil: another's
+            if won is not False:
+                self.claimed_background(response_id, claim if won is None else None)
+            decided(won)
 
-        replies.add_done_callback(claimed)
+        self.conn.send([claim]).add_done_callback(done)
+
+    def claimed_background(self, response_id: str, claim: tuple | None) -> None:
+        """Claimed (or to be, when Redis is back): no other process finds its maker again."""
+        if claim is not None:
+            self.write(*claim)
+        self.write("DEL", self.key("bg", response_id))
 
     def store_response(self, response_id: str, data: bytes) -> None:
         """A response made over chat (a StoredResponse as a JSON list)."""
@@ -6793,8 +6811,7 @@ class ProxyHandler:
         # counted again each time. A pass-through request counts when it is a POST naming a
         # model (images, audio, moderations), or a stream it asked for (read as usual); and
         # a background response, once, from the first poll that has its usage.
-        plan.background = self.background_polled(plan) \
-            if ok and (gw.background or gw.shared is not None) else None
+        plan.background = self.background_polled(plan) if ok and gw.background else None
         writer.keep_tail = ok and (plan.kind != "passthrough" or plan.background is not None
                                    or plan.method == b"POST" and plan.asked != "")
         if ok and (plan.kind == "responses" and not plan.stream or plan.background):
@@ -6897,9 +6914,9 @@ class ProxyHandler:
             self.gw.shared.store_response(response["id"], data)
 
     def background_polled(self, plan: Plan) -> str | None:
-        """The id of a background response made here and not counted yet (with shared state:
-        any response, made by any process), if this request reads it (GET
-        /v1/responses/{id}, as an object or as a stream) or cancels it."""
+        """The id of a background response made here (or, with shared state, by another
+        process) and not counted yet, if this request reads it (GET /v1/responses/{id}, as
+        an object or as a stream) or cancels it."""
         path = plan.rq.path
         if not path.startswith(_RESPONSE_PREFIX):
             return None
@@ -6907,7 +6924,7 @@ class ProxyHandler:
         if (plan.method, action) not in ((b"GET", b""), (b"POST", b"cancel")):
             return None
         found = unquote(response_id.decode("latin-1"))
-        return found if found in self.gw.background or self.gw.shared is not None else None
+        return found if found in self.gw.background else None
 
     def remember_for(self, plan: Plan) -> Callable[[str], None]:
         """Where the id of an object this answer creates will be remembered."""
@@ -6941,13 +6958,13 @@ class ProxyHandler:
         served, settles = plan.served, True
         if plan.background is not None and plan.kind == "passthrough":  # a background
             made = gw.background.pop(plan.background, None) if usage else None  # response's
-            if usage and gw.shared is not None:  # poll: counted once, as the request that
-                found = usage  # made it, by whichever process claims it first (now: nothing)
-                gw.shared.claim_background(plan.background, lambda maker, reached: (
-                    self.count_claimed(found, rq.request_id, made, maker, reached)))
-                usage = None
-            elif made is None:  # (no usage yet, or another poll counted it: nothing)
-                usage = None
+            if made is None:  # poll: counted once, as the request that made it (no usage
+                usage = None  # yet, or another poll counted it: nothing)
+            elif gw.shared is not None:  # (any process may poll it: the first to claim it
+                self.claim(rq, plan.background, name, served, made, usage)  # counts it)
+                if takes_tokens and plan.obj is not None:
+                    self.settle(rq, limits, -plan.estimate)  # type: ignore[arg-type]
+                return
             else:  # (budgets only: the poller's tpm bucket is not the maker's)
                 (name, served), settles = made, False
         else:
@@ -6955,13 +6972,11 @@ class ProxyHandler:
             if plan.background is not None and (usage or cut):  # made by this request, and
                 gw.background.pop(plan.background, None)  # its usage came (or never will)
                 if gw.shared is not None:
-                    gw.shared.claim_background(plan.background, None)
+                    gw.shared.claim_background(plan.background)
             if cut:
                 usage = {"prompt_tokens": prompt_estimate(rq.body()),  # its usage never came:
                          "completion_tokens": rq.writer.tokens_relayed()}  # estimated
-        prompt, completion, total, cost = self.count(name, served, usage, rq.request_id,
-                                                     rq.writer.status)
-        rq.tokens, rq.cost = (prompt, completion), cost
+        total = self.count(rq, name, served, usage)
         metrics = gw.metrics
         if plan.served != plan.asked:
             metrics.count(metrics.fallbacks, (metrics.fold(plan.asked), metrics.fold(served)))
@@ -6969,15 +6984,15 @@ class ProxyHandler:
             used = total if settles else 0
             self.settle(rq, limits, used - plan.estimate)  # type: ignore[arg-type]
 
-    def count(self, name: str, served: str, usage: dict | None, request_id: bytes,
-              status: int) -> tuple[int, int, int, int]:
-        """What a model made, to a client's usage (and the shared one) and the metrics:
-        its tokens and cost."""
-        gw = self.gw
+    def count(self, rq: Request, name: str, served: str, usage: dict | None) -> int:
+        """A request, and what a model made for it, to a client's usage (and the shared
+        one), the metrics and its access log line: its total tokens."""
+        gw, status = self.gw, rq.writer.status
         prompt, completion, total = usage_tokens(usage)
         cost = gw.prices.cost(served, usage) if gw.prices.table or usage and \
             "cost" in usage else 0
-        gw.ledger.record(name, served, prompt, completion, total, request_id, status, cost)
+        gw.ledger.record(name, served, prompt, completion, total, rq.request_id, status, cost)
+        rq.tokens, rq.cost = (prompt, completion), cost
         if gw.shared is not None:
             gw.shared.record_usage(name, served, prompt, completion, total, cost)
         metrics = gw.metrics
@@ -6988,16 +7003,20 @@ class ProxyHandler:
         metrics.count(metrics.tokens, (label, "completion"), completion)
         if cost:
             metrics.count(metrics.cost, (label,), cost)
-        return prompt, completion, total, cost
+        return total
 
-    def count_claimed(self, usage: dict, request_id: bytes, made: tuple[str, str] | None,
-                      maker: tuple[str, str] | None, reached: bool) -> None:
-        """A background response's usage, once this process claimed it (maker: the client
-        and model that made it); when Redis could not be asked, as made here, if it was."""
-        if not reached:
-            maker = made
-        if maker is not None:
-            self.count(*maker, usage, request_id, 200)
+    def claim(self, rq: Request, response_id: str, poller: str, served: str,
+              made: tuple[str, str], usage: dict) -> None:
+        """A poll that carries a background response's usage, with shared state: counted as
+        the request that made it (made: its client and model) if this process claims it
+        first (or Redis cannot say), else as a poll of no usage. Counted once decided."""
+        def decided(won: bool | None) -> None:
+            if won is False:
+                self.count(rq, poller, served, None)
+            else:
+                self.count(rq, *made, usage)
+
+        self.gw.shared.claim_background(response_id, decided)  # type: ignore[union-attr]
 
     def settle(self, rq: Request, limits: ClientLimits, delta: int) -> None:
         """Correct the token estimate taken before the request, where it was taken."""

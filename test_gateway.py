@@ -5640,12 +5640,39 @@ def test_a_background_response_made_through_one_instance_is_counted_once_from_a_
     for g in (a, b, a, b):  # polled again, through either: counted once
         g.client().responses.retrieve(queued.id)
     assert counted() == done.usage.total_tokens
-    assert usage_of(a, SDK_KEY)[0]["models"]["gpt-4o"]["total_tokens"] == done.usage.total_tokens
+    usage = usage_of(a, SDK_KEY)[0]
+    assert usage["models"]["gpt-4o"]["total_tokens"] == done.usage.total_tokens
+    assert usage["requests"] == 6  # each poll one request, as without redis_url
     again = a.client().responses.create(model="gpt-4o", input="again", background=True)
     polled = a.client().responses.retrieve(again.id)  # through its maker first
     b.client().responses.retrieve(again.id)
     assert counted() == done.usage.total_tokens + polled.usage.total_tokens
     assert redis_server.command("EXISTS", f"gateway:v1:bg:{again.id}") == b":0\r\n"
+    plain = a.client().responses.create(model="gpt-4o", input="now")  # not in the background:
+    for g in (a, b):  # a poll of it claims nothing (its usage was counted when it was made)
+        assert g.client().responses.retrieve(plain.id).usage.total_tokens > 0
+    assert counted() == done.usage.total_tokens + polled.usage.total_tokens + plain.usage.total_tokens
+    assert redis_server.command("EXISTS", f"gateway:v1:bgc:{plain.id}") == b":0\r\n"
+
+
+def test_a_background_response_its_maker_counted_while_redis_was_down_is_not_counted_again(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str) -> None:
+    config = shared_config(mock, redis_url, redis_timeout_ms=200, api_keys=[{"key": SDK_KEY, "name": "team"}])
+    a, b = start_gateway(config), start_gateway(config)
+    assert eventually(lambda: a.gw.shared.up and b.gw.shared.up)
+    redis_server.kill()
+    queued = a.client().responses.create(model="gpt-4o", input="later", background=True)
+    done = a.client().responses.retrieve(queued.id)  # Redis cannot say: its maker counts it
+    b.client().chat.completions.create(model="gpt-4o-mini", messages=MSGS)  # (b sees Redis go)
+    assert not a.gw.shared.up and not b.gw.shared.up
+    redis_server.start()
+    assert eventually(lambda: a.gw.shared.up and b.gw.shared.up, timeout=20)
+    assert eventually(lambda: a.lt.call(lambda: not a.gw.shared.writes))  # (what a owed Redis)
+    b.client().responses.retrieve(queued.id)  # b finds its maker, and that it was claimed
+    assert eventually(lambda: all(g.lt.call(lambda: not (g.gw.shared.usage or g.gw.shared.batch or g.gw.shared.writes
+                                                        or g.gw.shared.conn.waiting)) for g in (a, b)))
+    assert usage_of(b, SDK_KEY)[0]["models"]["gpt-4o"]["total_tokens"] == done.usage.total_tokens > 0
 
 
 def test_a_background_poll_takes_nothing_from_the_pollers_tpm(
