@@ -6789,7 +6789,7 @@ class ProxyHandler:
                 not writer.head_only
             if no_embeddings or content_encoding(conn.headers) is not None and (
                     conn.framing is not _NO_BODY  # read whole; a HEAD's, as its GET's would be
-                    or writer.head_only and conn.status >= 400):
+                    or writer.head_only and conn.status not in (204, 304)):
                 headers, body = masked_error(keys, conn.status, conn.headers,
                                              await conn.read_body(MAX_ERROR_BODY + 1))
                 if no_embeddings and error_code(body) != "model_not_found":  # no /embeddings

@@ -3846,9 +3846,10 @@ def test_an_error_encoded_against_identity_is_replaced_and_a_redirect_is_masked(
             head = await request_in(reader)
             if b"if-none-match" in head.lower():  # no body to hide: as it came
                 writer.write(b'HTTP/1.1 304 Not Modified\r\netag: "x"\r\ncontent-encoding: gzip\r\n\r\n')
-            elif b"x-status: 400" in head:  # gzip, though the gateway asked for identity
-                body = gzip.compress(b'{"error": {"message": "bad key %s"}}' % secret)
-                writer.write(b"HTTP/1.1 400 Bad\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
+            elif b"x-status: 400" in head or b"x-status: 302" in head:  # gzip, though the gateway
+                body = gzip.compress(b'{"error": {"message": "bad key %s"}}' % secret)  # asked for identity
+                writer.write(b"HTTP/1.1 %s Bad\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
+                             % head.split(b"x-status: ")[1][:3] +
                              b"content-length: %d\r\n\r\n%s" % (len(body), b"" if head.startswith(b"HEAD") else body))
             else:
                 body = b'{"error": {"message": "moved; you sent %s"}}' % secret
@@ -3861,15 +3862,16 @@ def test_an_error_encoded_against_identity_is_replaced_and_a_redirect_is_masked(
     (resp,) = raw(g.port, post("/v1/chat/completions", CHAT, "x-status: 400\r\nAccept-Encoding: gzip\r\n"))
     assert resp.status == 400 and "content-encoding" not in resp.headers
     assert resp.json()["error"]["message"] == "The upstream answered 400 with a body in 'gzip' encoding, not passed on."
-    answers = []
-    for method in ("GET", "HEAD"):  # HEAD: the head GET has, without the body
-        with connect(g.port) as sock:
-            sock.sendall(f"{method} /v1/files/file-1/content HTTP/1.1\r\nHost: t\r\nx-status: 400\r\n\r\n".encode())
-            answers.append(read_response(sock.makefile("rb"), head=method == "HEAD"))
-    get, head = answers
-    assert get.status == head.status == 400 and head.body == b"" and "content-encoding" not in head.headers
-    assert {n: v for n, v in head.headers.items() if n not in ("date", "x-request-id")} == \
-        {n: v for n, v in get.headers.items() if n not in ("date", "x-request-id")}
+    for status in (400, 302):
+        answers = []
+        for method in ("GET", "HEAD"):  # HEAD: the head GET has, without the body
+            with connect(g.port) as sock:
+                sock.sendall(f"{method} /v1/files/file-1/content HTTP/1.1\r\nHost: t\r\nx-status: {status}\r\n\r\n".encode())
+                answers.append(read_response(sock.makefile("rb"), head=method == "HEAD"))
+        get, head = answers
+        assert get.status == head.status == status and head.body == b"" and "content-encoding" not in head.headers
+        assert {n: v for n, v in head.headers.items() if n not in ("date", "x-request-id")} == \
+            {n: v for n, v in get.headers.items() if n not in ("date", "x-request-id")}
     (resp,) = raw(g.port, post("/v1/chat/completions", CHAT, "x-status: 307\r\n"))
     assert resp.status == 307 and secret not in resp.body and secret.decode() not in resp.headers["location"]
     (resp,) = raw(g.port, b'GET /v1/files/file-1/content HTTP/1.1\r\nHost: t\r\nIf-None-Match: "x"\r\n\r\n')
