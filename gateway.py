@@ -6671,9 +6671,10 @@ class ProxyHandler:
                    pinned: tuple[str, str] | None) -> Candidates:
         """The models to try and their upstreams. A request that names an object the
         gateway saw made (pinned: its upstream and key) goes to that upstream alone: for the
-        model asked (whether it lists it or not: the object is there), then each fallback
-        that it lists (a pass-through request: no fallbacks); to the usual routing if the
-        upstream is gone from the configuration."""
+        model asked, then each fallback that it lists (a pass-through request: none). One
+        that does not list the model asked but lists a fallback goes on to its fallbacks;
+        one that lists neither is sent the model asked all the same (the object is there).
+        The usual routing if the upstream is gone from the configuration."""
         cfg = self.gw.config
         try:
             routes = self.default_candidates(model, rq.model) if kind == "passthrough" \
@@ -6689,9 +6690,11 @@ class ProxyHandler:
             return routes or self.default_candidates(model)
         if kind == "passthrough":  # (a job or an object made from a file: never on a model
             return [(model, [[upstream]])]  # other than the one it names)
-        return [(model, [[upstream]])] + [(name, [[upstream]]) for name, groups in routes
-                                          if name != model and any(upstream in group
-                                                                   for group in groups)]
+        fallbacks = [(name, [[upstream]]) for name, groups in routes
+                     if name != model and any(upstream in group for group in groups)]
+        if fallbacks and not upstream.serves(model):  # the model asked cannot be served
+            return [(model, []), *fallbacks]  # where the object is: its fallbacks there
+        return [(model, [[upstream]]), *fallbacks]
 
     def default_candidates(self, model: str, asked: str = "") -> Candidates:
         """By model when an upstream serves it; else the first "*" upstream, else the first."""

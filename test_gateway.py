@@ -5323,21 +5323,33 @@ def test_a_request_pinned_to_the_key_that_made_its_file_keeps_that_keys_cooldown
     assert [r.key() for r in list(mock.requests)[seen:]] == [owner]
 
 
-def test_a_pinned_request_tries_the_model_asked_first_where_the_object_is(
+def test_a_pinned_request_tries_the_model_asked_where_the_object_is_then_its_fallbacks_there(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     url = f"http://127.0.0.1:{mock.port}/v1"
-    client = start_gateway({"upstreams": [  # files go to the first; it lists only the fallback
-        {"name": "A", "url": url, "keys": [KEYS[0]], "models": ["gpt-4o-mini"]},
-        {"name": "B", "url": url, "keys": [KEYS[1]], "models": ["gpt-4o"]}],
-        "fallbacks": {"gpt-4o": ["gpt-4o-mini"]}}).client()
-    made = client.files.create(file=("notes.txt", b"remember this"), purpose="user_data")
-    first = client.responses.create(model="gpt-4o-mini", input="hello")
-    assert mock.owner(made.id) == mock.owner(first.id) == KEYS[0]
-    seen = len(mock.requests)
-    client.chat.completions.create(model="gpt-4o", messages=[
-        {"role": "user", "content": [{"type": "file", "file": {"file_id": made.id}}]}])
-    client.responses.create(model="gpt-4o", input="more", previous_response_id=first.id)
-    assert [(r.key(), r.json()["model"]) for r in list(mock.requests)[seen:]] == [(KEYS[0], "gpt-4o")] * 2
+
+    def gateway(a_models: list[str]) -> tuple[Running, str, str]:
+        g = start_gateway({"upstreams": [  # files go to the first (no model named)
+            {"name": "A", "url": url, "keys": [KEYS[0]], "models": a_models},
+            {"name": "B", "url": url, "keys": [KEYS[1]], "models": ["gpt-4o"]}],
+            "fallbacks": {"gpt-4o": ["gpt-4o-mini"]}})
+        made = g.client().files.create(file=("notes.txt", b"remember this"), purpose="user_data")
+        first = g.client().responses.create(model=a_models[0], input="hello")
+        assert mock.owner(made.id) == mock.owner(first.id) == KEYS[0]
+        return g, made.id, first.id
+
+    for a_models, sent in ((["gpt-4o-mini", "gpt-4o"], "gpt-4o"),  # A serves it: asked first
+                           (["gpt-4o-mini"], "gpt-4o-mini"),  # A does not: its fallback there
+                           (["o1"], "gpt-4o")):  # neither: the model asked, where the object is
+        g, file_id, response_id = gateway(a_models)
+        seen = len(mock.requests)
+        chat = g.client().chat.completions.with_raw_response.create(model="gpt-4o", messages=[
+            {"role": "user", "content": [{"type": "file", "file": {"file_id": file_id}}]}])
+        follow_up = g.client().responses.with_raw_response.create(
+            model="gpt-4o", input="more", previous_response_id=response_id)
+        assert [(r.key(), r.json()["model"]) for r in list(mock.requests)[seen:]] == [(KEYS[0], sent)] * 2
+        assert chat.headers["x-gateway-model"] == follow_up.headers["x-gateway-model"] == sent
+        fallbacks = samples(scrape(g)["gateway_fallbacks"], "_total")
+        assert fallbacks == ({(("model", "gpt-4o"), ("served_model", "gpt-4o-mini")): 2} if sent == "gpt-4o-mini" else {})
 
 
 def test_other_endpoints_pass_through_to_the_model_upstream_or_the_first_serving_everything(
