@@ -8368,27 +8368,27 @@ def _hold_signals() -> None:
 
 
 def sweep_metrics_dirs(parent: Path, idle_s: float = 60.0) -> None:
-    """The metrics directories of supervisors killed outright (SIGKILL: no cleanup ran):
-    the process named in the directory's name is gone, and nothing in it was written for
-    idle_s (another machine's or container's supervisor, whose process is not seen from
-    here, writes every second)."""
-    for path in parent.glob("gateway-metrics-*-*"):
-        pid = path.name.split("-")[2]
-        if not pid.isdigit():
-            continue
+    """The metrics directories of supervisors killed outright (SIGKILL: no cleanup ran).
+    A running supervisor holds a lock on its directory (so do its workers, which inherit
+    it), whatever its pid or pid namespace; one that can be locked here, and in which
+    nothing was written for idle_s (workers write every second; a supervisor locks its
+    own as soon as it is made), is left over."""
+    import fcntl  # (workers only)
+
+    for path in parent.glob("gateway-metrics-*"):
         try:
-            os.kill(int(pid), 0)
-            continue  # alive (PermissionError below: alive, another user's)
-        except ProcessLookupError:
-            pass
-        except (OSError, OverflowError):
-            continue
-        try:
-            written = max(p.stat().st_mtime for p in (path, *path.iterdir()))
+            held = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
-            continue
-        if time.time() - written > idle_s:
-            shutil.rmtree(path, ignore_errors=True)
+            continue  # (gone meanwhile, not a directory, not ours to read)
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            written = max(p.stat().st_mtime for p in (path, *path.iterdir()))
+            if time.time() - written > idle_s:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass  # locked: its supervisor runs (or it went meanwhile)
+        finally:
+            os.close(held)  # (the lock goes with it)
 
 
 class Worker(NamedTuple):
@@ -8421,6 +8421,7 @@ class Supervisor:
         sock.setblocking(False)
         self.sock, port = sock, sock.getsockname()[1]  # (a SIGTERM closes it from now on)
         metrics_dir = tempfile.mkdtemp(prefix=f"gateway-metrics-{os.getpid()}-")
+        self.lock_metrics(metrics_dir)
         sweep_metrics_dirs(Path(metrics_dir).parent)
         for sig in _HELD:
             signal.signal(sig, self.forward)
@@ -8452,6 +8453,14 @@ class Supervisor:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         log("exited")
         return 0
+
+    @staticmethod
+    def lock_metrics(path: str) -> None:
+        """Held for as long as this supervisor or a worker of it lives (sweep_metrics_dirs).
+        The descriptor stays open on purpose."""
+        import fcntl
+
+        fcntl.flock(os.open(path, os.O_RDONLY | os.O_DIRECTORY), fcntl.LOCK_EX)
 
     def spawn(self, worker: Worker) -> None:
         # Signals wait while the worker is forked: the supervisor's handler must neither run
