@@ -8421,7 +8421,11 @@ class Supervisor:
         sock.setblocking(False)
         self.sock, port = sock, sock.getsockname()[1]  # (a SIGTERM closes it from now on)
         metrics_dir = tempfile.mkdtemp(prefix=f"gateway-metrics-{os.getpid()}-")
-        self.lock_metrics(metrics_dir)
+        try:
+            self.lock_metrics(metrics_dir)
+        except OSError as exc:  # (flock refused: NFS, say) the sweep's minute still holds
+            log(f"cannot lock {metrics_dir}: {exc.strerror}; another supervisor may take it "
+                "for a dead one's if its workers write nothing for a minute", "warning")
         sweep_metrics_dirs(Path(metrics_dir).parent)
         for sig in _HELD:
             signal.signal(sig, self.forward)
