@@ -2088,6 +2088,8 @@ class SharedState:
         self.admissions = BoundedMap(MAX_CLIENT_IPS)
         self.state_reads = BoundedMap(MAX_ROUTES)  # upstream name -> its HGETALL, packed
         self.budgets = (None, {})  # (api_keys it was made from, name -> both budgets)
+        # background responses claimed, Redis's answer still to come -> what decides them
+        self.claims: dict[str, Callable[[bool | None], None]] = {}
         # (the upstreams configured, their names when an admission may go from the head,
         # whether any of them paces)
         self.configured: tuple[Any, list[str] | None, bool] = (None, None, False)
@@ -2119,6 +2121,9 @@ class SharedState:
         for task in (self.flusher, self.reconnecting):
             if task is not None:
                 task.cancel()
+        claims, self.claims = self.claims, {}
+        for decided in claims.values():  # (Redis never said: counted by their makers)
+            decided(None)
         try:
             async with asyncio.timeout(max(self.timeout * 4, 2.0)):
                 await self.flush(drain=True)
@@ -2526,7 +2531,7 @@ class SharedState:
     async def find_ids(self, ids: list[str]) -> tuple[str, str] | None:
         """The first of these ids another instance saw created: (upstream, key). Responses
         among them that another made in the background, with their usage still to be
-        counted, are noted in gw.background (a poll through this process may count one)."""
+        counted, are noted in gw.noted (a poll through this process may count one)."""
         ids = [i for i in ids if _ID_SHAPE.fullmatch(i)][:16]
         if not ids:
             return None
@@ -2540,7 +2545,7 @@ class SharedState:
             except (orjson.JSONDecodeError, TypeError, ValueError):
                 continue
             if client.__class__ is str and model.__class__ is str:
-                self.gw.background.put(response_id, (client, model))
+                self.gw.noted.put(response_id, (client, model))
         for value in values[:len(ids)]:
             if value.__class__ is bytes:
                 upstream, _, key = value.decode("utf-8", "replace").partition("\t")
@@ -2553,39 +2558,42 @@ class SharedState:
         self.write("SET", self.key("bg", response_id), orjson.dumps([client, model]), "EX",
                    SHARED_ID_TTL_S)
 
-    def claim_background(self, response_id: str,
-                         decided: Callable[[bool | None], None] | None = None) -> None:
+    def claim_background(self, response_id: str, decided: Callable[[bool | None], None]) -> None:
         """Whichever process claims a background response's usage first counts it (SET NX,
-        after the poll's answer: nothing waits on it): decided(True) when this one did,
-        False when another did first, None when Redis could not say (this one counts it,
-        and the claim is written when Redis is back). decided None: only the claim (the
-        answer that made it carried the usage)."""
-        claim = ("SET", self.key("bgc", response_id), "1", "NX", "EX", SHARED_ID_TTL_S)
-        if decided is None or not self.up or self.conn is None:
-            self.claimed_background(response_id, claim)
-            if decided is not None:
-                decided(None)
+        after the answer that carried it: nothing waits on it): decided(True) when this one
+        did, False when another did first (or this one's earlier claim still waits), None
+        on drain when Redis never answered. Until it answers (Redis away, slow, refusing
+        writes) the claim is sent again every second: nothing is counted before then."""
+        if response_id in self.claims or len(self.claims) >= MAX_BACKGROUND:
+            decided(False if response_id in self.claims else None)
+            return
+        self.claims[response_id] = decided
+        self.send_claim(response_id)
+
+    def counted_here(self, response_id: str) -> None:
+        """Counted without Redis's answer (the drain): claimed, if Redis takes it still."""
+        self.write("SET", self.key("bgc", response_id), "1", "NX", "EX", SHARED_ID_TTL_S)
+        self.write("DEL", self.key("bg", response_id))
+
+    def send_claim(self, response_id: str) -> None:
+        if not self.up or self.conn is None:
             return
 
         def done(replies: asyncio.Future) -> None:
-            won: bool | None = None  # (no answer: Redis gone, or slow)
-            if not replies.cancelled() and replies.exception() is None:
-                reply = replies.result()[0]
-                if isinstance(reply, Exception):
-                    self.refused(reply)
-                else:
-                    won = reply is not None  # OK: this one's; nil: another's
-            if won is not False:
-                self.claimed_background(response_id, claim if won is None else None)
-            decided(won)
+            if replies.cancelled() or replies.exception() is not None:
+                return  # (sent again)
+            reply = replies.result()[0]
+            if isinstance(reply, Exception):
+                self.refused(reply)
+                return
+            decided = self.claims.pop(response_id, None)
+            if decided is not None:  # (else: decided by an answer to an earlier send)
+                if reply is not None:  # OK: this one's. No other process finds its maker.
+                    self.write("DEL", self.key("bg", response_id))
+                decided(reply is not None)
 
-        self.conn.send([claim]).add_done_callback(done)
-
-    def claimed_background(self, response_id: str, claim: tuple | None) -> None:
-        """Claimed (or to be, when Redis is back): no other process finds its maker again."""
-        if claim is not None:
-            self.write(*claim)
-        self.write("DEL", self.key("bg", response_id))
+        self.conn.send([("SET", self.key("bgc", response_id), "1", "NX", "EX",
+                         SHARED_ID_TTL_S)]).add_done_callback(done)
 
     def store_response(self, response_id: str, data: bytes) -> None:
         """A response made over chat (a StoredResponse as a JSON list)."""
@@ -2619,6 +2627,8 @@ class SharedState:
     async def flush_every(self) -> None:
         while True:
             await asyncio.sleep(SHARED_FLUSH_S)
+            for response_id in list(self.claims):  # (Redis was away, or refused them)
+                self.send_claim(response_id)
             await self.flush()
 
     async def flush(self, drain: bool = False) -> None:
@@ -6814,7 +6824,8 @@ class ProxyHandler:
         # counted again each time. A pass-through request counts when it is a POST naming a
         # model (images, audio, moderations), or a stream it asked for (read as usual); and
         # a background response, once, from the first poll that has its usage.
-        plan.background = self.background_polled(plan) if ok and gw.background else None
+        plan.background = self.background_polled(plan) \
+            if ok and (gw.background or gw.noted) else None
         writer.keep_tail = ok and (plan.kind != "passthrough" or plan.background is not None
                                    or plan.method == b"POST" and plan.asked != "")
         if ok and (plan.kind == "responses" and not plan.stream or plan.background):
@@ -6927,7 +6938,7 @@ class ProxyHandler:
         if (plan.method, action) not in ((b"GET", b""), (b"POST", b"cancel")):
             return None
         found = unquote(response_id.decode("latin-1"))
-        return found if found in self.gw.background else None
+        return found if found in self.gw.background or found in self.gw.noted else None
 
     def remember_for(self, plan: Plan) -> Callable[[str], None]:
         """Where the id of an object this answer creates will be remembered."""
@@ -6959,27 +6970,31 @@ class ProxyHandler:
             return
         usage = rq.writer.reported_usage()
         served, settles = plan.served, True
-        if plan.background is not None and plan.kind == "passthrough":  # a background
-            made = gw.background.pop(plan.background, None) if usage else None  # response's
-            if made is None:  # poll: counted once, as the request that made it (no usage
-                usage = None  # yet, or another poll counted it: nothing)
-            elif gw.shared is not None:  # (any process may poll it: the first to claim it
-                self.claim(rq, plan.background, name, served, made, usage)  # counts it)
-                if takes_tokens and plan.obj is not None:
-                    self.settle(rq, limits, -plan.estimate)  # type: ignore[arg-type]
-                return
+        claimed = None  # a background response's usage, with shared state: (whose it is,
+        if plan.background is not None and plan.kind == "passthrough":  # made here?)
+            mine = plan.background in gw.background  # a background response's poll: counted
+            made = gw.background.pop(plan.background, None) or gw.noted.pop(  # once, as the
+                plan.background, None) if usage else None  # request that made it (no usage
+            if made is None:  # yet, or another poll counted it: nothing)
+                usage = None
+            elif gw.shared is not None:  # (by whichever process claims it first)
+                claimed, settles = (made, mine), False
             else:  # (budgets only: the poller's tpm bucket is not the maker's)
                 (name, served), settles = made, False
         else:
             cut = usage is None and plan.kind in _GENERATES and rq.writer.cut_short()
             if plan.background is not None and (usage or cut):  # made by this request, and
                 gw.background.pop(plan.background, None)  # its usage came (or never will)
-                if gw.shared is not None:
-                    gw.shared.claim_background(plan.background)
+                if gw.shared is not None:  # (a poll through another process may have had
+                    claimed = ((name, served), True)  # it first)
             if cut:
                 usage = {"prompt_tokens": prompt_estimate(rq.body()),  # its usage never came:
                          "completion_tokens": rq.writer.tokens_relayed()}  # estimated
-        total = self.count(rq, name, served, usage)
+        if claimed is None:
+            total = self.count(rq, name, served, usage)
+        else:
+            total = self.claim(rq, plan.background, name, served, *claimed,  # type: ignore[arg-type]
+                               usage)  # type: ignore[arg-type]
         metrics = gw.metrics
         if plan.served != plan.asked:
             metrics.count(metrics.fallbacks, (metrics.fold(plan.asked), metrics.fold(served)))
@@ -6992,8 +7007,7 @@ class ProxyHandler:
         one), the metrics and its access log line: its total tokens."""
         gw, status = self.gw, rq.writer.status
         prompt, completion, total = usage_tokens(usage)
-        cost = gw.prices.cost(served, usage) if gw.prices.table or usage and \
-            "cost" in usage else 0
+        cost = self.cost(served, usage)
         gw.ledger.record(name, served, prompt, completion, total, rq.request_id, status, cost)
         rq.tokens, rq.cost = (prompt, completion), cost
         if gw.shared is not None:
@@ -7008,18 +7022,29 @@ class ProxyHandler:
             metrics.count(metrics.cost, (label,), cost)
         return total
 
-    def claim(self, rq: Request, response_id: str, poller: str, served: str,
-              made: tuple[str, str], usage: dict) -> None:
-        """A poll that carries a background response's usage, with shared state: counted as
-        the request that made it (made: its client and model) if this process claims it
-        first (or Redis cannot say), else as a poll of no usage. Counted once decided."""
-        def decided(won: bool | None) -> None:
-            if won is False:
-                self.count(rq, poller, served, None)
-            else:
-                self.count(rq, *made, usage)
+    def cost(self, served: str, usage: dict | None) -> int:
+        prices = self.gw.prices
+        return prices.cost(served, usage) if prices.table or usage and "cost" in usage else 0
 
+    def claim(self, rq: Request, response_id: str, name: str, served: str,
+              made: tuple[str, str], mine: bool, usage: dict) -> int:
+        """An answer that carries a background response's usage, with shared state (a poll,
+        or the request that made it): counted as the request that made it (made: its client
+        and model) if this process claims it first, else as a request of no usage. Counted
+        once Redis has said; if it never does before the drain, by the process that made
+        it. Its access log line, written before, shows the usage it carried."""
+        def decided(won: bool | None) -> None:
+            if won or won is None and mine:
+                self.count(rq, *made, usage)
+                if won is None:  # (if Redis takes it still: nobody counts it again)
+                    self.gw.shared.counted_here(response_id)  # type: ignore[union-attr]
+            else:
+                self.count(rq, name, served, None)
+
+        prompt, completion, total = usage_tokens(usage)
+        rq.tokens, rq.cost = (prompt, completion), self.cost(made[1], usage)
         self.gw.shared.claim_background(response_id, decided)  # type: ignore[union-attr]
+        return total
 
     def settle(self, rq: Request, limits: ClientLimits, delta: int) -> None:
         """Correct the token estimate taken before the request, where it was taken."""
@@ -8019,6 +8044,9 @@ class Gateway:
         # background responses made here whose usage is not counted yet -> (the client that
         # made one, the model that serves it): counted once, from the first poll that has it
         self.background = BoundedMap(MAX_BACKGROUND)
+        # with shared state, those another process made, learnt when a request named one:
+        # apart, so that other processes' notes never push this one's own out
+        self.noted = BoundedMap(MAX_BACKGROUND)
         self.shared: SharedState | None = None  # with redis_url: what instances share
         self.worker: int | None = None  # workers: this one's index
         self.metrics_dir: str | None = None  # workers: where each leaves its counts

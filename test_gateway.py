@@ -5641,7 +5641,7 @@ def test_a_background_response_made_through_one_instance_is_counted_once_from_a_
 
     def settled() -> bool:  # no claim, count or batch of either still on its way to Redis
         return all(g.lt.call(lambda: not (g.gw.shared.usage or g.gw.shared.batch or g.gw.shared.writes
-                                          or g.gw.shared.conn.waiting)) for g in (a, b))
+                                          or g.gw.shared.claims or g.gw.shared.conn.waiting)) for g in (a, b))
 
     def counted() -> int:
         assert eventually(settled)
@@ -5669,7 +5669,7 @@ def test_a_background_response_made_through_one_instance_is_counted_once_from_a_
     assert redis_server.command("EXISTS", f"gateway:v1:bgc:{plain.id}") == b":0\r\n"
 
 
-def test_a_background_response_its_maker_counted_while_redis_was_down_is_not_counted_again(
+def test_a_background_response_polled_while_redis_was_down_is_counted_once_when_it_is_back(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
         redis_url: str) -> None:
     config = shared_config(mock, redis_url, redis_timeout_ms=200, api_keys=[{"key": SDK_KEY, "name": "team"}])
@@ -5677,16 +5677,39 @@ def test_a_background_response_its_maker_counted_while_redis_was_down_is_not_cou
     assert eventually(lambda: a.gw.shared.up and b.gw.shared.up)
     redis_server.kill()
     queued = a.client().responses.create(model="gpt-4o", input="later", background=True)
-    done = a.client().responses.retrieve(queued.id)  # Redis cannot say: its maker counts it
+    done = a.client().responses.retrieve(queued.id)  # Redis cannot say: counted once it can
     b.client().chat.completions.create(model="gpt-4o-mini", messages=MSGS)  # (b sees Redis go)
     assert not a.gw.shared.up and not b.gw.shared.up
     redis_server.start()
     assert eventually(lambda: a.gw.shared.up and b.gw.shared.up, timeout=20)
     assert eventually(lambda: a.lt.call(lambda: not a.gw.shared.writes))  # (what a owed Redis)
-    b.client().responses.retrieve(queued.id)  # b finds its maker, and that it was claimed
+    b.client().responses.retrieve(queued.id)  # b finds its maker: one of them claims it
     assert eventually(lambda: all(g.lt.call(lambda: not (g.gw.shared.usage or g.gw.shared.batch or g.gw.shared.writes
-                                                        or g.gw.shared.conn.waiting)) for g in (a, b)))
+                                                        or g.gw.shared.claims or g.gw.shared.conn.waiting))
+                                  for g in (a, b)))
     assert usage_of(b, SDK_KEY)[0]["models"]["gpt-4o"]["total_tokens"] == done.usage.total_tokens > 0
+
+
+def test_a_background_claim_redis_refuses_waits_and_is_counted_once_when_redis_takes_it(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str) -> None:
+    config = shared_config(mock, redis_url, api_keys=[{"key": SDK_KEY, "name": "team"}])
+    a, b = start_gateway(config), start_gateway(config)
+    queued = a.client().responses.create(model="gpt-4o", input="later", background=True)
+    assert eventually(lambda: redis_server.command("EXISTS", f"gateway:v1:bg:{queued.id}") == b":1\r\n")
+    redis_server.command("REPLICAOF", "127.0.0.1", str(free_port()))  # (a demoted master: reads only)
+    try:
+        for _ in range(3):  # each poll finds its maker again; nothing is counted meanwhile
+            used = b.client().responses.retrieve(queued.id).usage.total_tokens
+        assert b.lt.call(lambda: list(b.gw.shared.claims)) == [queued.id]
+        assert b.lt.call(lambda: b.gw.ledger.report("team")[0]["total_tokens"]) == 0
+    finally:
+        redis_server.command("REPLICAOF", "NO", "ONE")
+    assert eventually(lambda: all(g.lt.call(lambda: not (g.gw.shared.usage or g.gw.shared.batch or g.gw.shared.writes
+                                                        or g.gw.shared.claims or g.gw.shared.conn.waiting))
+                                  for g in (a, b)))
+    assert b.lt.call(lambda: b.gw.ledger.report("team")[0])["total_tokens"] == used > 0
+    assert usage_of(a, SDK_KEY)[0]["models"]["gpt-4o"]["total_tokens"] == used
 
 
 def test_a_background_poll_takes_nothing_from_the_pollers_tpm(
