@@ -1380,7 +1380,7 @@ class ClientUsage:
     total and per model."""
 
     __slots__ = ("name", "budget", "budget_usd", "requests", "prompt_tokens",
-                 "completion_tokens", "total_tokens", "cost", "models")
+                 "completion_tokens", "total_tokens", "cost", "models", "held")
 
     def __init__(self, name: str, budget: int | None = None,
                  budget_usd: int | None = None) -> None:
@@ -1392,6 +1392,7 @@ class ClientUsage:
         self.completion_tokens = 0
         self.total_tokens = 0
         self.cost = 0  # pico-dollars
+        self.held = [0, 0]  # (tokens, cost) of usage a claim waits on: on the budget already
         # model -> [requests, prompt, completion, total, cost]; client-chosen names: bounded
         self.models = BoundedMap(MAX_BREAKERS, keep=lambda counts: True)
 
@@ -1418,9 +1419,9 @@ class ClientUsage:
 
     def over_budget(self) -> str:
         """What budget is spent ("" while none is)."""
-        if self.budget is not None and self.total_tokens >= self.budget:
+        if self.budget is not None and self.total_tokens + self.held[0] >= self.budget:
             return f"{self.budget} tokens"
-        if self.budget_usd is not None and self.cost >= self.budget_usd:
+        if self.budget_usd is not None and self.cost + self.held[1] >= self.budget_usd:
             return f"${usd(self.budget_usd):g}"
         return ""
 
@@ -1475,6 +1476,12 @@ class UsageLedger:
         if usage is None:
             usage = self._clients[name] = ClientUsage(name)
         return usage
+
+    def hold(self, name: str, total: int, cost: int) -> None:
+        """Usage that is this client's once a claim is decided (negative: decided)."""
+        held = self._of(name).held
+        held[0] += total
+        held[1] += cost
 
     def check_budget(self, name: str) -> None:
         spent = self._of(name).over_budget()
@@ -1693,6 +1700,18 @@ end
 # ARGV[8..9]: the slot of the key its first try takes, its interval and the longest wait),
 # the slot is taken too: its wait is a fourth value. Numbers go back as strings (Lua
 # numbers would be cut to integers).
+# A background response's usage is claimed by the first process to ask (SET NX), with its
+# own token: an answer that never came (a stall) is recognised when the claim is sent again.
+_CLAIM_LUA = """
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return 1
+end
+if v == ARGV[1] then return 1 end
+return 0
+"""
+
 _ADMIT_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -2088,8 +2107,11 @@ class SharedState:
         self.admissions = BoundedMap(MAX_CLIENT_IPS)
         self.state_reads = BoundedMap(MAX_ROUTES)  # upstream name -> its HGETALL, packed
         self.budgets = (None, {})  # (api_keys it was made from, name -> both budgets)
-        # background responses claimed, Redis's answer still to come -> what decides them
-        self.claims: dict[str, Callable[[bool | None], None]] = {}
+        # background responses claimed, Redis's answer still to come -> [what decides it,
+        # whether a send of it is owed an answer]; this process's claims carry its token
+        self.claims: dict[str, list] = {}
+        self.token = os.urandom(8).hex()
+        self.closing = False
         # (the upstreams configured, their names when an admission may go from the head,
         # whether any of them paces)
         self.configured: tuple[Any, list[str] | None, bool] = (None, None, False)
@@ -2121,8 +2143,16 @@ class SharedState:
         for task in (self.flusher, self.reconnecting):
             if task is not None:
                 task.cancel()
+        self.closing = True
+        try:  # claims still waiting: one more try, for as long as a slow Redis is given
+            async with asyncio.timeout(max(self.timeout * 4, 2.0)):
+                owed = [self.send_claim(response_id) for response_id in list(self.claims)]
+                if any(owed):
+                    await asyncio.wait([f for f in owed if f is not None])
+        except TimeoutError:
+            pass
         claims, self.claims = self.claims, {}
-        for decided in claims.values():  # (Redis never said: counted by their makers)
+        for decided, _ in claims.values():  # (Redis never said: counted here)
             decided(None)
         try:
             async with asyncio.timeout(max(self.timeout * 4, 2.0)):
@@ -2559,41 +2589,52 @@ class SharedState:
                    SHARED_ID_TTL_S)
 
     def claim_background(self, response_id: str, decided: Callable[[bool | None], None]) -> None:
-        """Whichever process claims a background response's usage first counts it (SET NX,
-        after the answer that carried it: nothing waits on it): decided(True) when this one
-        did, False when another did first (or this one's earlier claim still waits), None
-        on drain when Redis never answered. Until it answers (Redis away, slow, refusing
-        writes) the claim is sent again every second: nothing is counted before then."""
-        if response_id in self.claims or len(self.claims) >= MAX_BACKGROUND:
-            decided(False if response_id in self.claims else None)
-            return
-        self.claims[response_id] = decided
-        self.send_claim(response_id)
+        """Whichever process claims a background response's usage first counts it (after
+        the answer that carried it: nothing waits on it): decided(True) when this one did,
+        False when another did first (or this one's earlier claim still waits), None when
+        Redis never answered by the drain (or too many wait: counted here all the same).
+        Until it answers (Redis away, slow, refusing writes) the claim is sent again every
+        second: nothing is counted before then."""
+        if response_id in self.claims:
+            decided(False)
+        elif self.closing or len(self.claims) >= MAX_BACKGROUND:
+            self.counted_here(response_id)
+            decided(None)
+        else:
+            self.claims[response_id] = [decided, False]
+            self.send_claim(response_id)
 
     def counted_here(self, response_id: str) -> None:
-        """Counted without Redis's answer (the drain): claimed, if Redis takes it still."""
-        self.write("SET", self.key("bgc", response_id), "1", "NX", "EX", SHARED_ID_TTL_S)
+        """Counted without Redis's answer: claimed, if Redis takes it still."""
+        self.write("EVAL", _CLAIM_LUA, 1, self.key("bgc", response_id), self.token,
+                   SHARED_ID_TTL_S)
         self.write("DEL", self.key("bg", response_id))
 
-    def send_claim(self, response_id: str) -> None:
-        if not self.up or self.conn is None:
-            return
+    def send_claim(self, response_id: str) -> asyncio.Future | None:
+        """The claim, unless Redis is away or an earlier send of it is still owed an answer;
+        its answer's future (what the drain waits for)."""
+        claim = self.claims.get(response_id)
+        if claim is None or claim[1] or not self.up or self.conn is None:
+            return None
 
         def done(replies: asyncio.Future) -> None:
+            claim[1] = False
             if replies.cancelled() or replies.exception() is not None:
                 return  # (sent again)
             reply = replies.result()[0]
             if isinstance(reply, Exception):
                 self.refused(reply)
                 return
-            decided = self.claims.pop(response_id, None)
-            if decided is not None:  # (else: decided by an answer to an earlier send)
-                if reply is not None:  # OK: this one's. No other process finds its maker.
+            if self.claims.pop(response_id, None) is not None:  # (decided once)
+                if reply == 1:  # this one's: no other process finds its maker again
                     self.write("DEL", self.key("bg", response_id))
-                decided(reply is not None)
+                claim[0](reply == 1)
 
-        self.conn.send([("SET", self.key("bgc", response_id), "1", "NX", "EX",
-                         SHARED_ID_TTL_S)]).add_done_callback(done)
+        claim[1] = True  # (the script travels whole: claims are rare, NOSCRIPT never hits)
+        replies = self.conn.send([("EVAL", _CLAIM_LUA, 1, self.key("bgc", response_id),
+                                   self.token, SHARED_ID_TTL_S)])
+        replies.add_done_callback(done)
+        return replies
 
     def store_response(self, response_id: str, data: bytes) -> None:
         """A response made over chat (a StoredResponse as a JSON list)."""
@@ -2628,7 +2669,7 @@ class SharedState:
         while True:
             await asyncio.sleep(SHARED_FLUSH_S)
             for response_id in list(self.claims):  # (Redis was away, or refused them)
-                self.send_claim(response_id)
+                self.send_claim(response_id)  # (unless an earlier send is still owed)
             await self.flush()
 
     async def flush(self, drain: bool = False) -> None:
@@ -6970,15 +7011,14 @@ class ProxyHandler:
             return
         usage = rq.writer.reported_usage()
         served, settles = plan.served, True
-        claimed = None  # a background response's usage, with shared state: (whose it is,
-        if plan.background is not None and plan.kind == "passthrough":  # made here?)
-            mine = plan.background in gw.background  # a background response's poll: counted
-            made = gw.background.pop(plan.background, None) or gw.noted.pop(  # once, as the
-                plan.background, None) if usage else None  # request that made it (no usage
-            if made is None:  # yet, or another poll counted it: nothing)
-                usage = None
+        claimed = None  # a background response's usage, with shared state: (whose it is,)
+        if plan.background is not None and plan.kind == "passthrough":
+            made = gw.background.pop(plan.background, None) or gw.noted.pop(  # a background
+                plan.background, None) if usage else None  # response's poll: counted once,
+            if made is None:  # as the request that made it (no usage yet, or another poll
+                usage = None  # counted it: nothing)
             elif gw.shared is not None:  # (by whichever process claims it first)
-                claimed, settles = (made, mine), False
+                claimed, settles = (made,), False
             else:  # (budgets only: the poller's tpm bucket is not the maker's)
                 (name, served), settles = made, False
         else:
@@ -6986,15 +7026,19 @@ class ProxyHandler:
             if plan.background is not None and (usage or cut):  # made by this request, and
                 gw.background.pop(plan.background, None)  # its usage came (or never will)
                 if gw.shared is not None:  # (a poll through another process may have had
-                    claimed = ((name, served), True)  # it first)
+                    claimed = ((name, served),)  # it first)
             if cut:
                 usage = {"prompt_tokens": prompt_estimate(rq.body()),  # its usage never came:
                          "completion_tokens": rq.writer.tokens_relayed()}  # estimated
         if claimed is None:
-            total = self.count(rq, name, served, usage)
-        else:
-            total = self.claim(rq, plan.background, name, served, *claimed,  # type: ignore[arg-type]
-                               usage)  # type: ignore[arg-type]
+            prompt, completion, total, cost = self.count(name, served, usage, rq.request_id,
+                                                         rq.writer.status)
+        else:  # (the usage it carried, counted once Redis says by whom)
+            prompt, completion, total = usage_tokens(usage)
+            cost = self.cost(claimed[0][1], usage)
+            self.claim(plan.background, name, served, claimed[0], usage,  # type: ignore[arg-type]
+                       rq.request_id, rq.writer.status)
+        rq.tokens, rq.cost = (prompt, completion), cost
         metrics = gw.metrics
         if plan.served != plan.asked:
             metrics.count(metrics.fallbacks, (metrics.fold(plan.asked), metrics.fold(served)))
@@ -7002,14 +7046,14 @@ class ProxyHandler:
             used = total if settles else 0
             self.settle(rq, limits, used - plan.estimate)  # type: ignore[arg-type]
 
-    def count(self, rq: Request, name: str, served: str, usage: dict | None) -> int:
+    def count(self, name: str, served: str, usage: dict | None, request_id: bytes,
+              status: int) -> tuple[int, int, int, int]:
         """A request, and what a model made for it, to a client's usage (and the shared
-        one), the metrics and its access log line: its total tokens."""
-        gw, status = self.gw, rq.writer.status
+        one) and the metrics: its tokens and cost."""
+        gw = self.gw
         prompt, completion, total = usage_tokens(usage)
         cost = self.cost(served, usage)
-        gw.ledger.record(name, served, prompt, completion, total, rq.request_id, status, cost)
-        rq.tokens, rq.cost = (prompt, completion), cost
+        gw.ledger.record(name, served, prompt, completion, total, request_id, status, cost)
         if gw.shared is not None:
             gw.shared.record_usage(name, served, prompt, completion, total, cost)
         metrics = gw.metrics
@@ -7020,31 +7064,31 @@ class ProxyHandler:
         metrics.count(metrics.tokens, (label, "completion"), completion)
         if cost:
             metrics.count(metrics.cost, (label,), cost)
-        return total
+        return prompt, completion, total, cost
 
     def cost(self, served: str, usage: dict | None) -> int:
         prices = self.gw.prices
         return prices.cost(served, usage) if prices.table or usage and "cost" in usage else 0
 
-    def claim(self, rq: Request, response_id: str, name: str, served: str,
-              made: tuple[str, str], mine: bool, usage: dict) -> int:
+    def claim(self, response_id: str, name: str, served: str, made: tuple[str, str],
+              usage: dict, request_id: bytes, status: int) -> None:
         """An answer that carries a background response's usage, with shared state (a poll,
         or the request that made it): counted as the request that made it (made: its client
-        and model) if this process claims it first, else as a request of no usage. Counted
-        once Redis has said; if it never does before the drain, by the process that made
-        it. Its access log line, written before, shows the usage it carried."""
-        def decided(won: bool | None) -> None:
-            if won or won is None and mine:
-                self.count(rq, *made, usage)
-                if won is None:  # (if Redis takes it still: nobody counts it again)
-                    self.gw.shared.counted_here(response_id)  # type: ignore[union-attr]
-            else:
-                self.count(rq, name, served, None)
+        and model) if this process claims it first (or Redis never says, by the drain),
+        else as a request of no usage. Counted once decided; nothing of the request is
+        kept meanwhile but these values."""
+        ledger = self.gw.ledger
+        total, cost = usage_tokens(usage)[2], self.cost(made[1], usage)
 
-        prompt, completion, total = usage_tokens(usage)
-        rq.tokens, rq.cost = (prompt, completion), self.cost(made[1], usage)
+        def decided(won: bool | None) -> None:
+            ledger.hold(made[0], -total, -cost)
+            if won is False:
+                self.count(name, served, None, request_id, status)
+            else:
+                self.count(*made, usage, request_id, status)
+
+        ledger.hold(made[0], total, cost)  # (its budget counts it meanwhile, here)
         self.gw.shared.claim_background(response_id, decided)  # type: ignore[union-attr]
-        return total
 
     def settle(self, rq: Request, limits: ClientLimits, delta: int) -> None:
         """Correct the token estimate taken before the request, where it was taken."""
@@ -8452,7 +8496,7 @@ class Supervisor:
         try:
             self.lock_metrics(metrics_dir)
         except OSError as exc:  # (flock refused: NFS, say) the sweep's minute still holds
-            log(f"cannot lock {metrics_dir}: {exc.strerror}; another supervisor may take it "
+            log(f"cannot lock {metrics_dir}: {exc.strerror or exc}; another supervisor may take it "
                 "for a dead one's if its workers write nothing for a minute", "warning")
         sweep_metrics_dirs(Path(metrics_dir).parent)
         for sig in _HELD:
@@ -8492,7 +8536,12 @@ class Supervisor:
         The descriptor stays open on purpose."""
         import fcntl
 
-        fcntl.flock(os.open(path, os.O_RDONLY | os.O_DIRECTORY), fcntl.LOCK_EX)
+        held = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX)
+        except OSError:
+            os.close(held)
+            raise
 
     def spawn(self, worker: Worker) -> None:
         # Signals wait while the worker is forked: the supervisor's handler must neither run

@@ -5710,6 +5710,27 @@ def test_a_background_claim_redis_refuses_waits_and_is_counted_once_when_redis_t
                                   for g in (a, b)))
     assert b.lt.call(lambda: b.gw.ledger.report("team")[0])["total_tokens"] == used > 0
     assert usage_of(a, SDK_KEY)[0]["models"]["gpt-4o"]["total_tokens"] == used
+    again = a.client().responses.create(model="gpt-4o", input="again", background=True)
+    assert eventually(lambda: redis_server.command("EXISTS", f"gateway:v1:bg:{again.id}") == b":1\r\n")
+    redis_server.command("REPLICAOF", "127.0.0.1", str(free_port()))
+    try:  # b drains with its claim still waiting: counted there, its budget holding it meanwhile
+        carried = b.client().responses.retrieve(again.id).usage.total_tokens
+        assert b.lt.call(lambda: list(b.gw.ledger._of("team").held)) == [carried, 0]
+        b.lt.run(b.gw.shutdown(grace_s=0))
+    finally:
+        redis_server.command("REPLICAOF", "NO", "ONE")
+    team = b.gw.ledger._of("team")
+    assert team.total_tokens == used + carried and team.held == [0, 0]
+
+
+def test_a_background_claim_is_won_by_one_token_and_known_again_by_it(redis_server: RedisServer) -> None:
+    # A claim whose answer never came (Redis stalled past redis_timeout_ms, then ran it) is
+    # sent again: the process that made it must see it won, the others that they lost.
+    def claim(token: str) -> bytes:
+        return redis_server.command("EVAL", gw._CLAIM_LUA, "1", "gateway:v1:bgc:resp_x", token, "60")
+
+    assert [claim("a"), claim("a"), claim("b"), claim("a")] == [b":1\r\n", b":1\r\n", b":0\r\n", b":1\r\n"]
+    assert 0 < int(redis_server.command("TTL", "gateway:v1:bgc:resp_x")[1:-2]) <= 60
 
 
 def test_a_background_poll_takes_nothing_from_the_pollers_tpm(
