@@ -1426,7 +1426,8 @@ class ClientUsage:
         return ""
 
     def as_json(self, priced: bool) -> dict:
-        left = None if self.budget is None else max(0, self.budget - self.total_tokens)
+        left = None if self.budget is None else \
+            max(0, self.budget - self.total_tokens - self.held[0])
         entry = {
             "name": self.name, "requests": self.requests, "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens, "total_tokens": self.total_tokens,
@@ -2108,7 +2109,7 @@ class SharedState:
         self.state_reads = BoundedMap(MAX_ROUTES)  # upstream name -> its HGETALL, packed
         self.budgets = (None, {})  # (api_keys it was made from, name -> both budgets)
         # background responses claimed, Redis's answer still to come -> [what decides it,
-        # whether a send of it is owed an answer]; this process's claims carry its token
+        # the answer owed to a send of it, or None]; this process's claims carry its token
         self.claims: dict[str, list] = {}
         self.token = os.urandom(8).hex()
         self.closing = False
@@ -2152,7 +2153,8 @@ class SharedState:
         except TimeoutError:
             pass
         claims, self.claims = self.claims, {}
-        for decided, _ in claims.values():  # (Redis never said: counted here)
+        for response_id, (decided, _) in claims.items():  # (Redis never said: counted
+            self.counted_here(response_id)  # here, and claimed if Redis takes it still)
             decided(None)
         try:
             async with asyncio.timeout(max(self.timeout * 4, 2.0)):
@@ -2176,7 +2178,8 @@ class SharedState:
             self.up, self.reason = False, reason
             log(f"redis unreachable, serving on this process's own state: {reason}", "warning",
                 redis="down")
-            self.reconnecting = asyncio.get_running_loop().create_task(self.reconnect())
+            if not self.closing:  # (a drain's last words are not worth a reconnect)
+                self.reconnecting = asyncio.get_running_loop().create_task(self.reconnect())
 
     async def reconnect(self) -> None:
         delay = 0.1
@@ -2601,7 +2604,7 @@ class SharedState:
             self.counted_here(response_id)
             decided(None)
         else:
-            self.claims[response_id] = [decided, False]
+            self.claims[response_id] = [decided, None]
             self.send_claim(response_id)
 
     def counted_here(self, response_id: str) -> None:
@@ -2612,13 +2615,13 @@ class SharedState:
 
     def send_claim(self, response_id: str) -> asyncio.Future | None:
         """The claim, unless Redis is away or an earlier send of it is still owed an answer;
-        its answer's future (what the drain waits for)."""
+        the answer owed (what the drain waits for)."""
         claim = self.claims.get(response_id)
-        if claim is None or claim[1] or not self.up or self.conn is None:
-            return None
+        if claim is None or claim[1] is not None or not self.up or self.conn is None:
+            return None if claim is None else claim[1]
 
         def done(replies: asyncio.Future) -> None:
-            claim[1] = False
+            claim[1] = None
             if replies.cancelled() or replies.exception() is not None:
                 return  # (sent again)
             reply = replies.result()[0]
@@ -2630,9 +2633,9 @@ class SharedState:
                     self.write("DEL", self.key("bg", response_id))
                 claim[0](reply == 1)
 
-        claim[1] = True  # (the script travels whole: claims are rare, NOSCRIPT never hits)
         replies = self.conn.send([("EVAL", _CLAIM_LUA, 1, self.key("bgc", response_id),
-                                   self.token, SHARED_ID_TTL_S)])
+                                   self.token, SHARED_ID_TTL_S)])  # (the script travels
+        claim[1] = replies  # whole: claims are rare, and NOSCRIPT never meets them)
         replies.add_done_callback(done)
         return replies
 

@@ -5723,14 +5723,31 @@ def test_a_background_claim_redis_refuses_waits_and_is_counted_once_when_redis_t
     assert team.total_tokens == used + carried and team.held == [0, 0]
 
 
+def test_a_background_claim_on_its_way_when_its_process_drains_is_waited_for(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str) -> None:
+    # Decided without its answer, a claim another process won would be counted twice.
+    g = start_gateway(shared_config(mock, redis_url, redis_timeout_ms=3000))
+    assert eventually(lambda: g.gw.shared.up)
+    redis_server.command("SET", "gateway:v1:bgc:resp_drained", "another-process")
+    redis_server.command("CLIENT", "PAUSE", "1000", "WRITE")  # (scripts held, reads answered)
+    decisions: list[bool | None] = []
+    g.lt.call(lambda: g.gw.shared.claim_background("resp_drained", decisions.append))
+    assert g.lt.call(lambda: g.gw.shared.claims["resp_drained"][1] is not None)  # on its way
+    g.lt.run(g.gw.shutdown(grace_s=0))
+    assert decisions == [False]
+    assert redis_server.command("GETDEL", "gateway:v1:bgc:resp_drained") == b"$15\r\nanother-process\r\n"
+
+
 def test_a_background_claim_is_won_by_one_token_and_known_again_by_it(redis_server: RedisServer) -> None:
     # A claim whose answer never came (Redis stalled past redis_timeout_ms, then ran it) is
     # sent again: the process that made it must see it won, the others that they lost.
     def claim(token: str) -> bytes:
-        return redis_server.command("EVAL", gw._CLAIM_LUA, "1", "gateway:v1:bgc:resp_x", token, "60")
+        return redis_server.command("EVAL", gw._CLAIM_LUA, "1", "gateway:v1:bgc:resp_tokens", token, "60")
 
+    redis_server.command("DEL", "gateway:v1:bgc:resp_tokens")
     assert [claim("a"), claim("a"), claim("b"), claim("a")] == [b":1\r\n", b":1\r\n", b":0\r\n", b":1\r\n"]
-    assert 0 < int(redis_server.command("TTL", "gateway:v1:bgc:resp_x")[1:-2]) <= 60
+    assert 0 < int(redis_server.command("TTL", "gateway:v1:bgc:resp_tokens")[1:-2]) <= 60
 
 
 def test_a_background_poll_takes_nothing_from_the_pollers_tpm(
