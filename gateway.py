@@ -1435,16 +1435,16 @@ class ClientUsage:
             "models": {m: dict(zip(_USAGE_FIELDS, c)) for m, c in self.models.items()},
         }
         if priced:
-            entry.update(money(self.cost, self.budget_usd))
+            entry.update(money(self.cost, self.budget_usd, self.held[1]))
             for model, counts in self.models.items():
                 entry["models"][model]["cost_usd"] = usd(counts[4])
         return entry
 
 
-def money(cost: int, budget: int | None) -> dict:
-    """The cost fields of a /v1/usage entry."""
+def money(cost: int, budget: int | None, held: int = 0) -> dict:
+    """The cost fields of a /v1/usage entry (held: what waits on a claim, on the budget)."""
     return {"cost_usd": usd(cost), "budget_usd": None if budget is None else usd(budget),
-            "budget_usd_left": None if budget is None else usd(max(0, budget - cost))}
+            "budget_usd_left": None if budget is None else usd(max(0, budget - cost - held))}
 
 
 class UsageLedger:
@@ -1477,6 +1477,10 @@ class UsageLedger:
         if usage is None:
             usage = self._clients[name] = ClientUsage(name)
         return usage
+
+    def holding(self, name: str) -> list[int]:
+        usage = self._clients.get(name)
+        return usage.held if usage is not None else [0, 0]
 
     def hold(self, name: str, total: int, cost: int) -> None:
         """Usage that is this client's once a claim is decided (negative: decided)."""
@@ -1900,8 +1904,9 @@ def named_objects(obj: dict, field: str) -> list[str]:
     return [i for i in ids if i.__class__ is str][:MAX_NESTED_IDS] if ids else ids
 
 
-def shared_usage(entry: dict, fields: list[bytes]) -> None:
-    """A /v1/usage entry with the totals every instance recorded in Redis (an HGETALL)."""
+def shared_usage(entry: dict, fields: list[bytes], held: list[int] | tuple = (0, 0)) -> None:
+    """A /v1/usage entry with the totals every instance recorded in Redis (an HGETALL);
+    held: this process's (tokens, cost) that wait on a claim, on the budget already."""
     if not fields:
         return
     models: dict[str, dict[str, int]] = {}
@@ -1921,9 +1926,9 @@ def shared_usage(entry: dict, fields: list[bytes]) -> None:
     cost = entry.pop("cost_pico", 0)
     if priced:
         budget = entry["budget_usd"]
-        entry.update(money(cost, None if budget is None else pico(budget)))
+        entry.update(money(cost, None if budget is None else pico(budget), held[1]))
     if entry.get("budget_tokens") is not None:
-        entry["budget_left"] = max(0, entry["budget_tokens"] - entry["total_tokens"])
+        entry["budget_left"] = max(0, entry["budget_tokens"] - entry["total_tokens"] - held[0])
 
 
 def _split(table: dict, count: int) -> tuple[dict, dict]:
@@ -2139,8 +2144,9 @@ class SharedState:
         self.watchdog = asyncio.get_running_loop().call_later(self.timeout / 2, self.watch)
 
     async def close(self) -> None:
-        """On drain: what is batched goes out, for as long as a slow Redis is given, then
-        the connection closes."""
+        """On drain: claims still waiting are sent, then what is batched goes out, each for
+        as long as a slow Redis is given (max(4 × redis_timeout_ms, 2 s), twice at most),
+        then the connection closes."""
         for task in (self.flusher, self.reconnecting):
             if task is not None:
                 task.cancel()
@@ -2167,6 +2173,7 @@ class SharedState:
             self.watchdog.cancel()
         if self.conn is not None:
             self.conn.close()
+        self.up = False  # (closed for good: nothing written after it)
 
     # the link ---------------------------------------------------------------------------------
 
@@ -2620,9 +2627,16 @@ class SharedState:
         if claim is None or claim[1] is not None or not self.up or self.conn is None:
             return None if claim is None else claim[1]
 
+        conn = self.conn
+
         def done(replies: asyncio.Future) -> None:
             claim[1] = None
-            if replies.cancelled() or replies.exception() is not None:
+            if replies.cancelled():
+                return
+            failed = replies.exception()
+            if failed is not None:
+                if isinstance(failed, OSError) and conn is self.conn:
+                    self.lost(failed)  # (an idle process notices it here)
                 return  # (sent again)
             reply = replies.result()[0]
             if isinstance(reply, Exception):
@@ -2633,7 +2647,7 @@ class SharedState:
                     self.write("DEL", self.key("bg", response_id))
                 claim[0](reply == 1)
 
-        replies = self.conn.send([("EVAL", _CLAIM_LUA, 1, self.key("bgc", response_id),
+        replies = conn.send([("EVAL", _CLAIM_LUA, 1, self.key("bgc", response_id),
                                    self.token, SHARED_ID_TTL_S)])  # (the script travels
         claim[1] = replies  # whole: claims are rare, and NOSCRIPT never meets them)
         replies.add_done_callback(done)
@@ -7253,7 +7267,8 @@ class AdminHandler:
         shared = self.gw.shared
         totals = await shared.usage_totals([k["name"] for k in keys]) if shared else None
         for entry in keys if totals else ():  # every instance's, as of its last flush
-            shared_usage(entry, totals[entry["name"]])  # type: ignore[index]
+            shared_usage(entry, totals[entry["name"]],  # type: ignore[index]
+                         self.gw.ledger.holding(entry["name"]))
         rq.writer.send_json(200, {"keys": keys})
 
     async def token_stats(self, rq: Request) -> None:

@@ -5693,16 +5693,19 @@ def test_a_background_response_polled_while_redis_was_down_is_counted_once_when_
 def test_a_background_claim_redis_refuses_waits_and_is_counted_once_when_redis_takes_it(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
         redis_url: str) -> None:
-    config = shared_config(mock, redis_url, api_keys=[{"key": SDK_KEY, "name": "team"}])
+    config = shared_config(mock, redis_url, api_keys=[{"key": SDK_KEY, "name": "team", "budget_tokens": 10000}])
     a, b = start_gateway(config), start_gateway(config)
+    chat = a.client().chat.completions.create(model="gpt-4o-mini", messages=MSGS).usage.total_tokens
     queued = a.client().responses.create(model="gpt-4o", input="later", background=True)
-    assert eventually(lambda: redis_server.command("EXISTS", f"gateway:v1:bg:{queued.id}") == b":1\r\n")
+    assert eventually(lambda: redis_server.command("EXISTS", f"gateway:v1:bg:{queued.id}") == b":1\r\n"
+                      and usage_of(b, SDK_KEY)[0]["total_tokens"] == chat)  # (in Redis)
     redis_server.command("REPLICAOF", "127.0.0.1", str(free_port()))  # (a demoted master: reads only)
     try:
         for _ in range(3):  # each poll finds its maker again; nothing is counted meanwhile
             used = b.client().responses.retrieve(queued.id).usage.total_tokens
         assert b.lt.call(lambda: list(b.gw.shared.claims)) == [queued.id]
         assert b.lt.call(lambda: b.gw.ledger.report("team")[0]["total_tokens"]) == 0
+        assert usage_of(b, SDK_KEY)[0]["budget_left"] == 10000 - chat - used  # (held: on the budget)
     finally:
         redis_server.command("REPLICAOF", "NO", "ONE")
     assert eventually(lambda: all(g.lt.call(lambda: not (g.gw.shared.usage or g.gw.shared.batch or g.gw.shared.writes
