@@ -1699,14 +1699,9 @@ local function pace(key, interval, max_wait)
 end
 """
 
-# Admission, atomically on the server's clock: the budget, then the request bucket, then the
-# token bucket; all or nothing. Buckets are hashes {l: level, s: stamp} that expire once
-# full again, so an idle client costs nothing. Admitted, and given a pacing key (KEYS[4],
-# ARGV[8..9]: the slot of the key its first try takes, its interval and the longest wait),
-# the slot is taken too: its wait is a fourth value. Numbers go back as strings (Lua
-# numbers would be cut to integers).
-# A background response's usage is claimed by the first process to ask (SET NX), with its
-# own token: an answer that never came (a stall) is recognised when the claim is sent again.
+# A background response's usage is claimed by the first process to ask (set if absent),
+# with its own token: an answer that never came (a stall) is recognised when the claim is
+# sent again.
 _CLAIM_LUA = """
 local v = redis.call('GET', KEYS[1])
 if not v then
@@ -1717,6 +1712,12 @@ if v == ARGV[1] then return 1 end
 return 0
 """
 
+# Admission, atomically on the server's clock: the budget, then the request bucket, then the
+# token bucket; all or nothing. Buckets are hashes {l: level, s: stamp} that expire once
+# full again, so an idle client costs nothing. Admitted, and given a pacing key (KEYS[4],
+# ARGV[8..9]: the slot of the key its first try takes, its interval and the longest wait),
+# the slot is taken too: its wait is a fourth value. Numbers go back as strings (Lua
+# numbers would be cut to integers).
 _ADMIT_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -2616,9 +2617,13 @@ class SharedState:
 
     def counted_here(self, response_id: str) -> None:
         """Counted without Redis's answer: claimed, if Redis takes it still."""
-        self.write("EVAL", _CLAIM_LUA, 1, self.key("bgc", response_id), self.token,
-                   SHARED_ID_TTL_S)
+        self.write(*self.claim_command(response_id))
         self.write("DEL", self.key("bg", response_id))
+
+    def claim_command(self, response_id: str) -> tuple:
+        """(The script travels whole: claims are rare, and NOSCRIPT never meets them.)"""
+        return ("EVAL", _CLAIM_LUA, 1, self.key("bgc", response_id), self.token,
+                SHARED_ID_TTL_S)
 
     def send_claim(self, response_id: str) -> asyncio.Future | None:
         """The claim, unless Redis is away or an earlier send of it is still owed an answer;
@@ -2647,9 +2652,7 @@ class SharedState:
                     self.write("DEL", self.key("bg", response_id))
                 claim[0](reply == 1)
 
-        replies = conn.send([("EVAL", _CLAIM_LUA, 1, self.key("bgc", response_id),
-                                   self.token, SHARED_ID_TTL_S)])  # (the script travels
-        claim[1] = replies  # whole: claims are rare, and NOSCRIPT never meets them)
+        replies = claim[1] = conn.send([self.claim_command(response_id)])
         replies.add_done_callback(done)
         return replies
 
@@ -7028,14 +7031,16 @@ class ProxyHandler:
             return
         usage = rq.writer.reported_usage()
         served, settles = plan.served, True
-        claimed = None  # a background response's usage, with shared state: (whose it is,)
+        # a background response's usage, with shared state: the client and model it counts
+        # to, once Redis says which process claimed it
+        claimed: tuple[str, str] | None = None
         if plan.background is not None and plan.kind == "passthrough":
             made = gw.background.pop(plan.background, None) or gw.noted.pop(  # a background
                 plan.background, None) if usage else None  # response's poll: counted once,
             if made is None:  # as the request that made it (no usage yet, or another poll
                 usage = None  # counted it: nothing)
             elif gw.shared is not None:  # (by whichever process claims it first)
-                claimed, settles = (made,), False
+                claimed, settles = made, False
             else:  # (budgets only: the poller's tpm bucket is not the maker's)
                 (name, served), settles = made, False
         else:
@@ -7043,7 +7048,7 @@ class ProxyHandler:
             if plan.background is not None and (usage or cut):  # made by this request, and
                 gw.background.pop(plan.background, None)  # its usage came (or never will)
                 if gw.shared is not None:  # (a poll through another process may have had
-                    claimed = ((name, served),)  # it first)
+                    claimed = (name, served)  # it first)
             if cut:
                 usage = {"prompt_tokens": prompt_estimate(rq.body()),  # its usage never came:
                          "completion_tokens": rq.writer.tokens_relayed()}  # estimated
@@ -7051,10 +7056,9 @@ class ProxyHandler:
             prompt, completion, total, cost = self.count(name, served, usage, rq.request_id,
                                                          rq.writer.status)
         else:  # (the usage it carried, counted once Redis says by whom)
-            prompt, completion, total = usage_tokens(usage)
-            cost = self.cost(claimed[0][1], usage)
-            self.claim(plan.background, name, served, claimed[0], usage,  # type: ignore[arg-type]
-                       rq.request_id, rq.writer.status)
+            prompt, completion, total, cost = self.claim(
+                plan.background, name, served, claimed, usage,  # type: ignore[arg-type]
+                rq.request_id, rq.writer.status)
         rq.tokens, rq.cost = (prompt, completion), cost
         metrics = gw.metrics
         if plan.served != plan.asked:
@@ -7088,14 +7092,15 @@ class ProxyHandler:
         return prices.cost(served, usage) if prices.table or usage and "cost" in usage else 0
 
     def claim(self, response_id: str, name: str, served: str, made: tuple[str, str],
-              usage: dict, request_id: bytes, status: int) -> None:
+              usage: dict, request_id: bytes, status: int) -> tuple[int, int, int, int]:
         """An answer that carries a background response's usage, with shared state (a poll,
         or the request that made it): counted as the request that made it (made: its client
         and model) if this process claims it first (or Redis never says, by the drain),
         else as a request of no usage. Counted once decided; nothing of the request is
-        kept meanwhile but these values."""
+        kept meanwhile but these values. The usage's tokens and cost, as count() gives."""
         ledger = self.gw.ledger
-        total, cost = usage_tokens(usage)[2], self.cost(made[1], usage)
+        prompt, completion, total = usage_tokens(usage)
+        cost = self.cost(made[1], usage)
 
         def decided(won: bool | None) -> None:
             ledger.hold(made[0], -total, -cost)
@@ -7106,6 +7111,7 @@ class ProxyHandler:
 
         ledger.hold(made[0], total, cost)  # (its budget counts it meanwhile, here)
         self.gw.shared.claim_background(response_id, decided)  # type: ignore[union-attr]
+        return prompt, completion, total, cost
 
     def settle(self, rq: Request, limits: ClientLimits, delta: int) -> None:
         """Correct the token estimate taken before the request, where it was taken."""
