@@ -899,19 +899,25 @@ def test_an_early_pacing_choice_let_go_never_puts_two_requests_in_one_interval(o
             assert other is not key or abs(at - then) >= min(interval, other_interval) - 1e-9
 
 
-def test_a_choice_made_early_for_a_fallback_is_let_go_when_the_model_asked_is_tried() -> None:
-    # Before the admission the asked model had nothing usable, so the first try was chosen for
-    # its fallback (a paced key's slot, its breaker's half-open probe). Once the asked model
-    # is usable after all and tried, the fallback's slot and probe are not held meanwhile.
+def early_choice(chosen_for: str, upstream: Any = None, **plan: Any) -> tuple[Any, gw.KeyPool, gw.UpstreamKey,
+                                                                              gw.CircuitBreaker]:
+    """A plan whose first try was chosen before its admission, for model chosen_for: a paced
+    key's slot and its breaker's half-open probe (Forwarder.choose_early)."""
     pool, _ = make_pool(1, interval=2.0)
     key, _ = pool.pick()
     breaker, clock = make_breaker(1)
     breaker.record(False)
     clock.advance(10)
     probe = breaker.acquire()
-    plan = types.SimpleNamespace(model="asked", rq=types.SimpleNamespace(flow=None), paced=(key, 0.0),
-                                 chosen=("fallback", (None, pool, key, breaker, 0.0, probe),
-                                         key.blocked, key.recheck_at, key.next_slot))
+    chosen = (chosen_for, (upstream, pool, key, breaker, 0.0, probe), key.blocked, key.recheck_at, key.next_slot)
+    return types.SimpleNamespace(paced=(key, 0.0), chosen=chosen, **plan), pool, key, breaker
+
+
+def test_a_choice_made_early_for_a_fallback_is_let_go_when_the_model_asked_is_tried() -> None:
+    # Before the admission the asked model had nothing usable, so the first try was chosen for
+    # its fallback (a paced key's slot, its breaker's half-open probe). Once the asked model
+    # is usable after all and tried, the fallback's slot and probe are not held meanwhile.
+    plan, pool, key, breaker = early_choice("fallback", model="asked", rq=types.SimpleNamespace(flow=None))
     asked_pool, _ = make_pool(1)
     asked_breaker, _ = make_breaker()
     tried: list[tuple] = []
@@ -935,16 +941,9 @@ def test_a_choice_made_early_for_a_fallback_is_let_go_when_the_model_asked_is_tr
 def test_a_choice_made_early_whose_breaker_reopened_meanwhile_is_let_go() -> None:
     # The early choice was its breaker's half-open probe; during the admission another
     # request's failure opened the breaker again: that probe no longer lets anything through.
-    pool, _ = make_pool(1, interval=2.0)
-    key, _ = pool.pick()
-    breaker, clock = make_breaker(1)
-    breaker.record(False)
-    clock.advance(10)
-    probe = breaker.acquire()
+    plan, pool, _, breaker = early_choice("m", types.SimpleNamespace(name="u"), model="m",
+                                          pools={"u": types.SimpleNamespace(retired=False)})
     breaker.record(False)  # (open again)
-    plan = types.SimpleNamespace(model="m", paced=(key, 0.0), pools={"u": types.SimpleNamespace(retired=False)},
-                                 chosen=("m", (types.SimpleNamespace(name="u"), pool, key, breaker, 0.0, probe),
-                                         key.blocked, key.recheck_at, key.next_slot))
     assert gw.Forwarder(types.SimpleNamespace()).kept(plan) is None
     assert plan.chosen is None and pool.pick()[1] == 0  # let go: its slot is free again
 
