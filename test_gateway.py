@@ -5741,6 +5741,27 @@ def test_a_background_claim_on_its_way_when_its_process_drains_is_waited_for(
     assert redis_server.command("GETDEL", "gateway:v1:bgc:resp_drained") == b"$15\r\nanother-process\r\n"
 
 
+def test_a_background_claim_sent_on_a_dead_link_notices_it_and_is_claimed_once_redis_is_back(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str) -> None:
+    # An idle process learns that Redis went away only when it next sends: here, the claim.
+    g = start_gateway(shared_config(mock, redis_url, redis_timeout_ms=200))
+    assert eventually(lambda: g.gw.shared.up)
+    redis_server.kill()
+    try:
+        assert g.lt.call(lambda: g.gw.shared.up)  # (nothing has been sent since)
+        decisions: list[bool | None] = []
+        g.lt.call(lambda: g.gw.shared.claim_background("resp_dead_link", decisions.append))
+        assert eventually(lambda: not g.gw.shared.up)
+        assert decisions == [] and g.lt.call(lambda: list(g.gw.shared.claims)) == ["resp_dead_link"]
+    finally:
+        redis_server.start()
+    assert eventually(lambda: decisions == [True], timeout=20)  # sent again on the new link
+    token = g.gw.shared.token.encode()
+    assert redis_server.command("GET", "gateway:v1:bgc:resp_dead_link") == \
+        b"$%d\r\n%s\r\n" % (len(token), token)
+
+
 def test_a_background_claim_is_won_by_one_token_and_known_again_by_it(redis_server: RedisServer) -> None:
     # A claim whose answer never came (Redis stalled past redis_timeout_ms, then ran it) is
     # sent again: the process that made it must see it won, the others that they lost.
