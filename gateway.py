@@ -1968,6 +1968,8 @@ class RedisConnection(asyncio.Protocol):
         self.waiting: collections.deque = collections.deque()
         self.out: list[bytes] = []  # commands of this loop turn: one write for them all
         self.closed = False
+        self.on_lost: Callable[[RedisConnection, Exception], None] | None = None  # told when
+        # Redis closes it (or the link breaks): not when it is closed here
 
     @classmethod
     async def open(cls, url: str, timeout: float) -> RedisConnection:
@@ -2026,8 +2028,11 @@ class RedisConnection(asyncio.Protocol):
                     slot[0].set_result(slot[2])
 
     def connection_lost(self, exc: Exception | None) -> None:
+        ours = self.closed
         self.closed = True
         self._fail_waiting()
+        if not ours and self.on_lost is not None:
+            self.on_lost(self, exc or ConnectionError("redis closed the connection"))
 
     def _fail_waiting(self) -> None:
         waiting, self.waiting = self.waiting, collections.deque()
@@ -2189,6 +2194,12 @@ class SharedState:
             if not self.closing:  # (a drain's last words are not worth a reconnect)
                 self.reconnecting = asyncio.get_running_loop().create_task(self.reconnect())
 
+    def dropped(self, conn: RedisConnection, exc: Exception) -> None:
+        """Redis closed the link (a restart, say), or it broke: noticed now, not by the next
+        command, which an idle process may not send for a long time."""
+        if conn is self.conn:  # (not one since replaced)
+            self.lost(exc)
+
     async def reconnect(self) -> None:
         delay = 0.1
         while True:
@@ -2210,6 +2221,7 @@ class SharedState:
         them itself (a restart that keeps the connection is still met by NOSCRIPT)."""
         wait = max(self.timeout, 1.0)
         conn = await RedisConnection.open(self.url, wait)
+        conn.on_lost = self.dropped
         try:  # (a Redis that refuses scripts is still reached: its refusals come per command)
             async with asyncio.timeout(wait):
                 await conn.send([("SCRIPT", "LOAD", lua) for lua in self.scripts])
@@ -2688,6 +2700,10 @@ class SharedState:
     async def flush_every(self) -> None:
         while True:
             await asyncio.sleep(SHARED_FLUSH_S)
+            conn = self.conn
+            if self.up and conn is not None and not conn.waiting:  # a PING on an idle link:
+                conn.send([("PING",)]).add_done_callback(_retrieved)  # a Redis that stopped
+                # answering is noticed by the watchdog, as a busy process notices it
             for response_id in list(self.claims):  # (Redis was away, or refused them)
                 self.send_claim(response_id)  # (unless an earlier send is still owed)
             await self.flush()

@@ -5741,25 +5741,41 @@ def test_a_background_claim_on_its_way_when_its_process_drains_is_waited_for(
     assert redis_server.command("GETDEL", "gateway:v1:bgc:resp_drained") == b"$15\r\nanother-process\r\n"
 
 
-def test_a_background_claim_sent_on_a_dead_link_notices_it_and_is_claimed_once_redis_is_back(
+def redis_health(g: Running) -> tuple[str, float]:
+    (resp,) = raw(g.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+    return resp.json()["status"], samples(scrape(g)["gateway_redis_up"])[()]
+
+
+def test_an_idle_process_sees_redis_go_and_a_claim_made_meanwhile_is_claimed_once_it_is_back(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
         redis_url: str) -> None:
-    # An idle process learns that Redis went away only when it next sends: here, the claim.
+    # Nothing is sent to Redis after it goes: it closed the link, and that is seen at once.
     g = start_gateway(shared_config(mock, redis_url, redis_timeout_ms=200))
-    assert eventually(lambda: g.gw.shared.up)
+    assert eventually(lambda: g.gw.shared.up) and redis_health(g) == ("ok", 1)
     redis_server.kill()
+    decisions: list[bool | None] = []
     try:
-        assert g.lt.call(lambda: g.gw.shared.up)  # (nothing has been sent since)
-        decisions: list[bool | None] = []
+        assert eventually(lambda: redis_health(g) == ("degraded", 0))
         g.lt.call(lambda: g.gw.shared.claim_background("resp_dead_link", decisions.append))
-        assert eventually(lambda: not g.gw.shared.up)
         assert decisions == [] and g.lt.call(lambda: list(g.gw.shared.claims)) == ["resp_dead_link"]
     finally:
         redis_server.start()
     assert eventually(lambda: decisions == [True], timeout=20)  # sent again on the new link
+    assert redis_health(g) == ("ok", 1)
     token = g.gw.shared.token.encode()
     assert redis_server.command("GET", "gateway:v1:bgc:resp_dead_link") == \
         b"$%d\r\n%s\r\n" % (len(token), token)
+
+
+def test_an_idle_process_sees_redis_stop_answering(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str) -> None:
+    # The link stays open but nothing comes back on it: a PING once a second finds that out.
+    g = start_gateway(shared_config(mock, redis_url, redis_timeout_ms=200))
+    assert eventually(lambda: g.gw.shared.up) and redis_health(g) == ("ok", 1)
+    redis_server.command("CLIENT", "PAUSE", "3000", "ALL")
+    assert eventually(lambda: redis_health(g) == ("degraded", 0))
+    assert eventually(lambda: redis_health(g) == ("ok", 1), timeout=20)
 
 
 def test_a_background_claim_is_won_by_one_token_and_known_again_by_it(redis_server: RedisServer) -> None:
