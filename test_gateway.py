@@ -1940,6 +1940,12 @@ def test_objects_made_through_one_instance_are_followed_up_through_the_other(
         b.client().responses.create(model="gpt-4o", input=[{"role": "user", "content": [
             {"type": "input_file", "file_id": upload.id}]}])
         assert mock.requests[-1].key() == mock.owner(upload.id)
+    stored = a.client().chat.completions.create(model="gpt-4o", messages=MSGS, store=True)
+    assert stored.id.startswith("chatcmpl-")  # (as OpenAI names them)
+    assert eventually(lambda: redis_server.command("EXISTS", f"gateway:v1:id:{stored.id}") == b":1\r\n")
+    for _ in range(3):  # a stored chat completion, read back by its id
+        assert b.client().chat.completions.retrieve(stored.id).id == stored.id
+    assert [r.key() for r in mock.requests if stored.id in r.path] == [mock.owner(stored.id)] * 3
     chat_only = shared_config(mock, redis_url)
     chat_only["upstreams"][0]["chat_only"] = True
     c, d = start_gateway(chat_only), start_gateway(chat_only)

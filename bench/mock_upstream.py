@@ -1121,7 +1121,8 @@ def _completion(model: str, text: str, chat: bool, usage: dict, n: int,
                   "logprobs": None, "finish_reason": "stop"}
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
-    return {"id": f"cmpl-mock-{n}", "object": "chat.completion" if chat else "text_completion",
+    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-mock-{n}",  # (OpenAI's prefixes)
+            "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [choice], "usage": usage}
 
 
@@ -1140,8 +1141,9 @@ def _reply_text(body: dict, chat: bool, chunks: int) -> str:
 
 def _stream_events(model: str, chat: bool, chunks: int, prompt_tokens: int,
                    include_usage: bool, n: int, call: tuple[str, str] | None = None) -> list[bytes]:
-    base = {"id": f"cmpl-mock-{n}", "object": "chat.completion.chunk" if chat else
-            "text_completion", "created": int(time.time()), "model": model}
+    base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-mock-{n}",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": model}
 
     def event(choice: dict | None, usage: dict | None = None) -> bytes:
         obj = dict(base, choices=[choice] if choice else [])
