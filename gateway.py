@@ -6864,10 +6864,14 @@ class ProxyHandler:
             if plan.chosen is not None:
                 gw.forwarder.release(plan)
             raise
+        refusal = 0
         try:
             await self.respond(plan)
+        except GatewayError as exc:
+            refusal = exc.status  # (the client gets it once this returns: Gateway.handle)
+            raise
         finally:
-            self.account(plan, name)
+            self.account(plan, name, refusal)
 
     async def respond(self, plan: Plan) -> None:
         rq, gw = plan.rq, self.gw
@@ -7038,9 +7042,11 @@ class ProxyHandler:
 
         return remember
 
-    def account(self, plan: Plan, name: str) -> None:
-        """Count what the upstream reported and correct the client's token estimate."""
+    def account(self, plan: Plan, name: str, refusal: int = 0) -> None:
+        """Count what the upstream reported and correct the client's token estimate.
+        refusal: the status of the gateway's own answer, when it gives one instead."""
         rq, gw = plan.rq, self.gw
+        status = rq.writer.status or refusal
         limits = rq.limits
         takes_tokens = limits is not None and limits.tokens is not None
         if plan.served is None:
@@ -7072,11 +7078,11 @@ class ProxyHandler:
                          "completion_tokens": rq.writer.tokens_relayed()}  # estimated
         if claimed is None:
             prompt, completion, total, cost = self.count(name, served, usage, rq.request_id,
-                                                         rq.writer.status)
+                                                         status)
         else:  # (the usage it carried, counted once Redis says by whom)
             prompt, completion, total, cost = self.claim(
                 plan.background, name, served, claimed, usage,  # type: ignore[arg-type]
-                rq.request_id, rq.writer.status)
+                rq.request_id, status)
         rq.tokens, rq.cost = (prompt, completion), cost
         metrics = gw.metrics
         if plan.served != plan.asked:

@@ -7039,3 +7039,15 @@ def test_bench_load_py_runs_through_the_gateway_and_reports_sane_json(start_gate
         assert result["events"] == 8 * result["ok"] and result["first_event_ms"]["p50"] <= lat["p50"]
     else:
         assert result["events"] == 0 and result["first_event_ms"]["p50"] is None
+
+
+def test_the_usage_log_says_the_status_the_client_got_when_the_gateway_answers_after_trying(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, tmp_path: Path) -> None:
+    log = tmp_path / "usage.jsonl"
+    g = start_gateway(resilient(mock) | {"usage_log": str(log)})
+    (resp,) = raw(g.port, post("/v1/chat/completions", CHAT, "x-mock-status: 401\r\n"))  # every key
+    assert resp.status == 503 and resp.json()["error"]["code"] == "upstream_credentials_exhausted"
+    assert len(mock.requests) == len(KEYS)  # (tried: counted, as a request of no usage)
+    g.lt.run(g.gw.shutdown(grace_s=0))
+    (line,) = [json.loads(l) for l in log.read_text().splitlines()]
+    assert line["status"] == 503 and line["total_tokens"] == 0
