@@ -4084,9 +4084,9 @@ def test_a_client_that_leaves_after_its_answer_before_its_request_ends_is_counte
     g = start_gateway(limited(mock, access_log=True))
     account = gw.ProxyHandler.account
 
-    def leaving(self: Any, plan: Any, name: str) -> None:  # its close comes in after the answer
-        plan.rq.writer.proto.connection_lost(None)  # and before its task accounts for it
-        account(self, plan, name)
+    def leaving(self: Any, plan: Any, name: str, refusal: int) -> None:  # its close comes in
+        plan.rq.writer.proto.connection_lost(None)  # after the answer, and before its task
+        account(self, plan, name, refusal)  # accounts for it
 
     monkeypatch.setattr(gw.ProxyHandler, "account", leaving)
     (resp,) = raw(g.port, post("/v1/chat/completions", CHAT[:-1] + b', "stream": true}', "Connection: close\r\n"))
