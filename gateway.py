@@ -1846,6 +1846,8 @@ SHARED_STATE_TTL_S = 86400  # an upstream's key and breaker states, refreshed on
 MAX_SHARED_STATE_FIELDS = 256  # states of one upstream in Redis (each admission reads them)
 MAX_SHARED_USAGE_FIELDS = 5 * (1 + MAX_BREAKERS)  # a client's usage hash: totals, and models
 SHARED_FLUSH_S = 1.0  # usage and token corrections go out in batches this often
+SHARED_BUDGET_FLUSH_S = 0.1  # and this often while a client with a budget has usage to send:
+# what other processes spent and did not send yet is all a budget can be passed by
 MAX_SHARED_PENDING = 10_000  # writes waiting while Redis is away; the oldest go first
 MAX_BATCH_ENTRIES = 500  # (client, model) usage pairs, and corrections, in one flush's script
 EARLY_ADMISSION_UPSTREAMS = 8  # up to this many, a request's admission brings all their states
@@ -2120,7 +2122,11 @@ class SharedState:
         # repeat the same command unless it has a tpm limit (the estimate changes)
         self.admissions = BoundedMap(MAX_CLIENT_IPS)
         self.state_reads = BoundedMap(MAX_ROUTES)  # upstream name -> its HGETALL, packed
-        self.budgets = (None, {})  # (api_keys it was made from, name -> both budgets)
+        self.budgets = (None, {})  # (api_keys it was made from, name -> both budgets, for
+        # the clients that have one)
+        self.pending: dict[str, list[int]] = {}  # a client with a budget -> [tokens, cost]
+        # counted here and not yet sent (what was sent, Redis applies before any admission
+        # sent after it: one connection, in order): on its budget here too
         # background responses claimed, Redis's answer still to come -> [what decides it,
         # the answer owed to a send of it, or None]; this process's claims carry its token
         self.claims: dict[str, list] = {}
@@ -2350,11 +2356,11 @@ class SharedState:
         the pacing slot of pace's key), then the states of the upstreams named. Both are
         kept packed: a client's admission is the same command from one request to the next
         unless it has a tpm limit (the estimate) or takes a pacing slot."""
-        api_keys = self.gw.config.api_keys
-        if self.budgets[0] is not api_keys:
-            self.budgets = (api_keys, {k.name: (k.budget_tokens, k.budget_usd)
-                                       for k in api_keys})
-        budget, budget_usd = self.budgets[1].get(name, (None, None))
+        budget, budget_usd = self.budget_of(name) or (None, None)
+        owed = self.pending.get(name)
+        if owed is not None:  # what it spent here that Redis does not have yet
+            budget = None if budget is None else max(0, budget - owed[0])
+            budget_usd = None if budget_usd is None else max(0, budget_usd - owed[1])
         requests = limits.requests if limits is not None else None
         tokens = limits.tokens if limits is not None else None
         bucket = self.bucket(rq)
@@ -2496,11 +2502,26 @@ class SharedState:
             if len(self.usage) >= MAX_SHARED_PENDING:
                 return
             counts = self.usage[(name, model)] = [0, 0, 0, 0, 0]
+        spent = total or prompt + completion
         counts[0] += 1
         counts[1] += prompt
         counts[2] += completion
-        counts[3] += total or prompt + completion
+        counts[3] += spent
         counts[4] += cost
+        if self.budget_of(name) is not None:
+            owed = self.pending.get(name)
+            if owed is None:
+                owed = self.pending[name] = [0, 0]
+            owed[0] += spent
+            owed[1] += cost
+
+    def budget_of(self, name: str) -> tuple[int | None, int | None] | None:
+        """A client's (budget_tokens, budget_usd), None when it has neither."""
+        api_keys = self.gw.config.api_keys
+        if self.budgets[0] is not api_keys:
+            self.budgets = (api_keys, {k.name: (k.budget_tokens, k.budget_usd) for k in api_keys
+                                       if k.budget_tokens is not None or k.budget_usd is not None})
+        return self.budgets[1].get(name)
 
     @staticmethod
     def bucket(rq: Request) -> str:
@@ -2700,8 +2721,13 @@ class SharedState:
     # the batch ----------------------------------------------------------------------------------
 
     async def flush_every(self) -> None:
-        while True:
-            await asyncio.sleep(SHARED_FLUSH_S)
+        every = round(SHARED_FLUSH_S / SHARED_BUDGET_FLUSH_S)
+        for tick in itertools.count(1):
+            await asyncio.sleep(SHARED_BUDGET_FLUSH_S)
+            if tick % every:  # (between the seconds: only usage that counts on a budget)
+                if self.pending and self.usage:
+                    await self.flush()
+                continue
             conn = self.conn
             if self.up and conn is not None and not conn.waiting:  # a PING on an idle link:
                 conn.send([("PING",)]).add_done_callback(_retrieved)  # a Redis that stopped
@@ -2741,7 +2767,14 @@ class SharedState:
         settles, self.settles = _split(self.settles, MAX_BATCH_ENTRIES)
         keys: dict[str, int] = {self.batch_key: 1}
         counts: list[Any] = []
+        pending = self.pending
         for (name, model), amounts in usage.items():
+            owed = pending.get(name)
+            if owed is not None:  # (sent: Redis has it before the next admission)
+                owed[0] -= amounts[3]
+                owed[1] -= amounts[4]
+                if owed[0] <= 0 and owed[1] <= 0:
+                    del pending[name]
             at = keys.setdefault(self.key("usage", name), len(keys) + 1)
             for field, amount in zip(_SHARED_USAGE, amounts):
                 if amount:

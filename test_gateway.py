@@ -7051,3 +7051,29 @@ def test_the_usage_log_says_the_status_the_client_got_when_the_gateway_answers_a
     g.lt.run(g.gw.shutdown(grace_s=0))
     (line,) = [json.loads(l) for l in log.read_text().splitlines()]
     assert line["status"] == 503 and line["total_tokens"] == 0
+
+
+def test_a_budget_shared_through_redis_counts_what_this_process_has_not_sent_yet(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str) -> None:
+    # Redis has another process's usage by its next flush; a process's own, unsent, it adds.
+    probe = start_gateway(shared_config(mock, redis_url))
+    used = probe.client().chat.completions.create(model="m", messages=MSGS).usage.total_tokens
+    config = shared_config(mock, redis_url, api_keys=[{"key": SDK_KEY, "name": "team",
+                                                       "budget_tokens": 10 * used}])
+    a, b = start_gateway(config), start_gateway(config)
+    for _ in range(6):
+        b.client().chat.completions.create(model="m", messages=MSGS)
+    assert eventually(lambda: redis_int(redis_server, "gateway:v1:usage:team", "total_tokens") == 6 * used)
+    statuses = []
+    for _ in range(6):  # (faster than a's batches go out: most are not in Redis yet)
+        try:
+            a.client().with_options(max_retries=0).chat.completions.create(model="m", messages=MSGS)
+            statuses.append(200)
+        except openai.APIStatusError as exc:
+            statuses.append(exc.status_code)
+    assert statuses == [200] * 4 + [402] * 2
+    assert eventually(lambda: redis_int(redis_server, "gateway:v1:usage:team", "total_tokens") == 10 * used)
+    with pytest.raises(openai.APIStatusError) as refused:  # (and b, once a's batch is in)
+        b.client().with_options(max_retries=0).chat.completions.create(model="m", messages=MSGS)
+    assert refused.value.status_code == 402
