@@ -2017,12 +2017,12 @@ class RedisConnection(asyncio.Protocol):
             try:
                 reply = self.reader.gets()
             except self.garbled:  # not RESP: whatever answers there is not Redis
-                self.close()
+                self.broken("redis answered something that is not RESP")
                 return
             if reply is False:
                 return
-            if not waiting:
-                self.close()  # a reply nobody asked for: this connection is unusable
+            if not waiting:  # a reply nobody asked for: this connection is unusable
+                self.broken("redis sent a reply nothing asked for")
                 return
             slot = waiting[0]
             slot[2].append(reply)
@@ -2037,6 +2037,12 @@ class RedisConnection(asyncio.Protocol):
         self._fail_waiting()
         if not ours and self.on_lost is not None:
             self.on_lost(self, exc or ConnectionError("redis closed the connection"))
+
+    def broken(self, why: str) -> None:
+        """Closed here, for what Redis sent: told as a close of Redis's own would be."""
+        self.close()
+        if self.on_lost is not None:
+            self.on_lost(self, ConnectionError(why))
 
     def _fail_waiting(self) -> None:
         waiting, self.waiting = self.waiting, collections.deque()
@@ -2517,11 +2523,15 @@ class SharedState:
 
     def budget_of(self, name: str) -> tuple[int | None, int | None] | None:
         """A client's (budget_tokens, budget_usd), None when it has neither."""
+        return self.budgeted().get(name)
+
+    def budgeted(self) -> dict[str, tuple[int | None, int | None]]:
+        """The clients with a budget, as configured now."""
         api_keys = self.gw.config.api_keys
         if self.budgets[0] is not api_keys:
             self.budgets = (api_keys, {k.name: (k.budget_tokens, k.budget_usd) for k in api_keys
                                        if k.budget_tokens is not None or k.budget_usd is not None})
-        return self.budgets[1].get(name)
+        return self.budgets[1]
 
     @staticmethod
     def bucket(rq: Request) -> str:
@@ -2721,13 +2731,15 @@ class SharedState:
     # the batch ----------------------------------------------------------------------------------
 
     async def flush_every(self) -> None:
-        every = round(SHARED_FLUSH_S / SHARED_BUDGET_FLUSH_S)
-        for tick in itertools.count(1):
-            await asyncio.sleep(SHARED_BUDGET_FLUSH_S)
-            if tick % every:  # (between the seconds: only usage that counts on a budget)
-                if self.pending and self.usage:
-                    await self.flush()
+        loop = asyncio.get_running_loop()
+        second = loop.time()
+        while True:  # (ticks between the seconds only when a client has a budget)
+            await asyncio.sleep(SHARED_BUDGET_FLUSH_S if self.budgeted() else SHARED_FLUSH_S)
+            if loop.time() - second < SHARED_FLUSH_S - SHARED_BUDGET_FLUSH_S / 2:
+                if self.pending and self.usage:  # (between the seconds: only usage that
+                    await self.flush()  # counts on a budget)
                 continue
+            second = loop.time()
             conn = self.conn
             if self.up and conn is not None and not conn.waiting:  # a PING on an idle link:
                 conn.send([("PING",)]).add_done_callback(_retrieved)  # a Redis that stopped
@@ -6902,6 +6914,9 @@ class ProxyHandler:
             await self.respond(plan)
         except GatewayError as exc:
             refusal = exc.status  # (the client gets it once this returns: Gateway.handle)
+            raise
+        except Exception:
+            refusal = 500  # (an internal error: Gateway.handle answers it so)
             raise
         finally:
             self.account(plan, name, refusal)

@@ -7077,3 +7077,33 @@ def test_a_budget_shared_through_redis_counts_what_this_process_has_not_sent_yet
     with pytest.raises(openai.APIStatusError) as refused:  # (and b, once a's batch is in)
         b.client().with_options(max_retries=0).chat.completions.create(model="m", messages=MSGS)
     assert refused.value.status_code == 402
+
+
+def test_a_link_closed_for_what_redis_sent_is_replaced_on_an_idle_process(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_url: str) -> None:
+    g = start_gateway(shared_config(mock, redis_url, redis_timeout_ms=200))
+    assert eventually(lambda: g.gw.shared.up)
+    first = g.lt.call(lambda: g.gw.shared.conn)
+    g.lt.call(lambda: first.data_received(b"+PONG\r\n"))  # a reply nothing asked for: closed here
+    assert first.closed
+    assert eventually(lambda: g.lt.call(lambda: g.gw.shared.up and g.gw.shared.conn is not first
+                                        and not g.gw.shared.conn.closed))
+
+
+def test_the_usage_log_says_500_for_an_internal_error_after_trying(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    log = tmp_path / "usage.jsonl"
+    g = start_gateway({"usage_log": str(log)})
+    relay_head = gw.ResponseWriter.relay_head
+
+    def broken(self: Any, *args: Any, **kw: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(gw.ResponseWriter, "relay_head", broken)
+    (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))
+    monkeypatch.setattr(gw.ResponseWriter, "relay_head", relay_head)
+    assert resp.status == 500 and len(mock.requests) == 1
+    g.lt.run(g.gw.shutdown(grace_s=0))
+    (line,) = [json.loads(l) for l in log.read_text().splitlines()]
+    assert line["status"] == 500
