@@ -2715,9 +2715,14 @@ class SharedState:
         if not found or found[0].__class__ is not bytes:
             return None
         try:
-            return StoredResponse(*orjson.loads(found[0]))
+            stored = StoredResponse(*orjson.loads(found[0]))
         except (orjson.JSONDecodeError, TypeError):
             return None
+        if stored.response.__class__ is not dict or stored.response.get("id") != response_id \
+                or stored.messages.__class__ is not list or stored.input.__class__ is not list \
+                or not all(m.__class__ is dict for m in (*stored.messages, *stored.input)):
+            return None  # (not what this gateway wrote: passed over)
+        return stored
 
     # usage, for /v1/usage -------------------------------------------------------------------
 

@@ -7107,3 +7107,20 @@ def test_the_usage_log_says_500_for_an_internal_error_after_trying(
     g.lt.run(g.gw.shutdown(grace_s=0))
     (line,) = [json.loads(l) for l in log.read_text().splitlines()]
     assert line["status"] == 500
+
+
+@pytest.mark.parametrize("value", ['[1, 2, 3]', '[null, null, null]', '"abc"', '[{"id": "resp_other"}, [], []]',
+                                   '[{"id": "resp_foreign"}, [1], []]', '[{"id": "resp_foreign"}, [], {}]'])
+def test_a_stored_response_in_redis_that_the_gateway_did_not_write_is_passed_over(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str, value: str) -> None:
+    g = start_gateway(shared_config(mock, redis_url))
+    assert eventually(lambda: g.gw.shared.up)
+    redis_server.command("SET", "gateway:v1:resp:resp_foreign", '[{"id": "resp_foreign"}, [], []]')
+    assert g.lt.run(g.gw.shared.find_response("resp_foreign")).response == {"id": "resp_foreign"}
+    redis_server.command("SET", "gateway:v1:resp:resp_foreign", value)
+    assert g.lt.run(g.gw.shared.find_response("resp_foreign")) is None
+    (resp,) = raw(g.port, b"GET /v1/responses/resp_foreign HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert resp.status != 200 and mock.requests[-1].path == "/v1/responses/resp_foreign"  # asked upstream
+    (resp,) = raw(g.port, b"GET /v1/responses/resp_foreign/input_items HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert resp.status != 500
