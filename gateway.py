@@ -1699,6 +1699,20 @@ local function pace(key, interval, max_wait)
 end
 """
 
+# A bucket's level now, from its hash {l: level, s: stamp}: full when there is none, or when
+# it is not what the gateway writes (not numbers, not finite, stamped over a minute after
+# now: more than a failover's clocks differ by), so that no value under the prefix locks a
+# client out for good.
+_LEVEL_STEP = """
+local function level_of(v, rate, cap)
+  local l, s = tonumber(v[1]), tonumber(v[2])
+  if not l or not s or l ~= l or s ~= s or l == math.huge or l == -math.huge or s > now + 60 then
+    return cap
+  end
+  return math.max(-cap, math.min(cap, l + math.max(0, now - s) * rate))
+end
+"""
+
 # A background response's usage is claimed by the first process to ask (set if absent),
 # with its own token: an answer that never came (a stall) is recognised when the claim is
 # sent again.
@@ -1721,21 +1735,24 @@ return 0
 _ADMIT_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-""" + _PACE_STEP + """
+""" + _PACE_STEP + _LEVEL_STEP + """
 local function level(key, rate, cap)
-  local v = redis.call('HMGET', key, 'l', 's')
-  if not v[1] then return cap end
-  return math.max(-cap, math.min(cap, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * rate))
+  return level_of(redis.call('HMGET', key, 'l', 's'), rate, cap)
+end
+local function spent(field)
+  local n = tonumber(redis.call('HGET', KEYS[3], field) or '0')
+  if not n or n ~= n or n == math.huge then return 0 end
+  return n
 end
 local function put(key, value, rate, cap)
   redis.call('HSET', key, 'l', tostring(value), 's', tostring(now))
   redis.call('PEXPIRE', key, math.ceil((cap - value) / rate * 1000) + 1000)
 end
 local budget, budget_usd = tonumber(ARGV[6]), tonumber(ARGV[7])
-if budget >= 0 and tonumber(redis.call('HGET', KEYS[3], 'total_tokens') or '0') >= budget then
+if budget >= 0 and spent('total_tokens') >= budget then
   return {'budget', '0', '0'}
 end
-if budget_usd >= 0 and tonumber(redis.call('HGET', KEYS[3], 'cost_pico') or '0') >= budget_usd then
+if budget_usd >= 0 and spent('cost_pico') >= budget_usd then
   return {'budget_usd', '0', '0'}
 end
 local r_rate, r_cap = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -1772,10 +1789,9 @@ if seq <= (tonumber(redis.call('GET', KEYS[1])) or 0) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', 604800)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+""" + _LEVEL_STEP + """
 local function settle(key, rate, cap, floor, delta)
-  local v = redis.call('HMGET', key, 'l', 's')
-  local l = cap
-  if v[1] then l = math.min(cap, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * rate) end
+  local l = level_of(redis.call('HMGET', key, 'l', 's'), rate, cap)
   l = math.min(cap, math.max(floor, l - delta))
   redis.call('HSET', key, 'l', tostring(l), 's', tostring(now))
   redis.call('PEXPIRE', key, math.ceil((cap - l) / rate * 1000) + 1000)

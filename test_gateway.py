@@ -7124,3 +7124,20 @@ def test_a_stored_response_in_redis_that_the_gateway_did_not_write_is_passed_ove
     assert resp.status != 200 and mock.requests[-1].path == "/v1/responses/resp_foreign"  # asked upstream
     (resp,) = raw(g.port, b"GET /v1/responses/resp_foreign/input_items HTTP/1.1\r\nHost: t\r\n\r\n")
     assert resp.status != 500
+
+
+@pytest.mark.parametrize("field, garbage", [
+    ("rpm", ("l", "-inf", "s", "{now}")), ("rpm", ("l", "-5", "s", "1e30")), ("rpm", ("l", "nan", "s", "{now}")),
+    ("rpm", ("l", "abc", "s", "{now}")), ("usage", ("total_tokens", "1e400")), ("usage", ("total_tokens", "abc"))])
+def test_a_bucket_or_total_in_redis_that_the_gateway_did_not_write_locks_no_client_out(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str, field: str, garbage: tuple[str, ...]) -> None:
+    g = start_gateway(shared_config(mock, redis_url, api_keys=[{"key": SDK_KEY, "name": "team", "rpm": 5,
+                                                                "budget_tokens": 10 ** 6}]))
+    assert eventually(lambda: g.gw.shared.up)
+    now = f"{redis_server.now():.3f}"
+    redis_server.command("HSET", f"gateway:v1:{field}:team", *(v.format(now=now) for v in garbage))
+    for _ in range(3):  # admitted by Redis's script, which took the request from a full bucket
+        assert g.client().with_options(max_retries=0).chat.completions.create(model="m", messages=MSGS).choices
+    if field == "rpm":  # (a usage total that is no integer refuses the counts added to it)
+        assert g.lt.call(lambda: g.gw.shared.refusing()) == ""
