@@ -8212,6 +8212,7 @@ class Gateway:
         self.worker: int | None = None  # workers: this one's index
         self.metrics_dir: str | None = None  # workers: where each leaves its counts
         self.metrics_written = 0.0
+        self.metrics_failing = False  # its last write failed (said once, till one succeeds)
         # behaviour
         self.forwarder = Forwarder(self)
         self.admission = Admission(self)
@@ -8359,11 +8360,18 @@ class Gateway:
         path = Path(self.metrics_dir) / f"{self.worker}.json"  # type: ignore[arg-type]
         try:
             snapshot = self.metrics.snapshot(self.limiter.refused)
-            path.with_suffix(".tmp").write_bytes(snapshot)
+            try:
+                path.with_suffix(".tmp").write_bytes(snapshot)
+            except FileNotFoundError:  # the directory went (a hand, a cleaner): made again,
+                os.mkdir(self.metrics_dir, 0o700)  # type: ignore[arg-type]  # by one worker
+                path.with_suffix(".tmp").write_bytes(snapshot)
             path.with_suffix(".tmp").replace(path)
+            self.metrics_failing = False
             return snapshot
         except (OSError, TypeError) as exc:  # (TypeError: a sum orjson cannot write)
-            log(f"cannot write metrics for the other workers: {exc}", "warning")
+            if not self.metrics_failing:
+                log(f"cannot write metrics for the other workers: {exc}", "warning")
+            self.metrics_failing = True
         try:
             return path.read_bytes()
         except OSError:

@@ -23,6 +23,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -7141,3 +7142,26 @@ def test_a_bucket_or_total_in_redis_that_the_gateway_did_not_write_locks_no_clie
         assert g.client().with_options(max_retries=0).chat.completions.create(model="m", messages=MSGS).choices
     if field == "rpm":  # (a usage total that is no integer refuses the counts added to it)
         assert g.lt.call(lambda: g.gw.shared.refusing()) == ""
+
+
+def test_a_metrics_directory_removed_under_the_workers_is_made_again(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, tmp_path: Path,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    shared = tmp_path / "gateway-metrics-1-x"
+    shared.mkdir()
+    first, second = start_gateway(limited(mock)), start_gateway(limited(mock))
+    for index, g in enumerate((first, second)):  # two workers, as a supervisor makes them
+        g.lt.call(setattr, g.gw, "worker", index)
+        g.lt.call(setattr, g.gw, "metrics_dir", str(shared))
+
+    def served(g: Running) -> float:
+        return sum(samples(scrape(g)["gateway_requests"], "_total").values())
+    for _ in range(3):
+        assert raw(first.port, post("/v1/chat/completions", CHAT))[0].status == 200
+    shown = served(first)  # (published as it answers)
+    assert served(second) >= shown >= 3
+    shutil.rmtree(shared)
+    assert eventually(lambda: served(second) >= shown)  # once each has written again (every
+    assert served(first) >= shown  # second): the directory made again, their counts in it
+    assert {p.name for p in shared.iterdir()} == {"0.json", "1.json"}
+    assert "cannot write metrics" not in capfd.readouterr().err
