@@ -2133,6 +2133,7 @@ class SharedState:
         # the level it may go down to) -> delta
         # the batch that went out without its reply, and is sent again as it was
         self.batch: tuple | None = None
+        self.batch_requests = 0  # how many requests' usage it carries
         self.batches = itertools.count(1)
         self.batch_key = self.key("batch", os.urandom(8).hex())  # this process's last one
         self.writes: collections.deque = collections.deque(maxlen=MAX_SHARED_PENDING)
@@ -2187,6 +2188,15 @@ class SharedState:
             if task is not None:
                 task.cancel()
         self.closing = True
+        if not self.up and (self.usage or self.batch or self.settles or self.writes
+                            or self.claims):  # (else lost to the other processes)
+            try:  # Redis was away: one more try to reach it, for as long as a slow one is given
+                async with asyncio.timeout(max(self.timeout * 4, 2.0)):
+                    self.conn = await self.connect()
+                self.up, self.reason = True, ""
+                self.kick()
+            except (OSError, TimeoutError):
+                pass
         try:  # claims still waiting: one more try, for as long as a slow Redis is given
             async with asyncio.timeout(max(self.timeout * 4, 2.0)):
                 owed = [self.send_claim(response_id) for response_id in list(self.claims)]
@@ -2210,6 +2220,11 @@ class SharedState:
         if self.conn is not None:
             self.conn.close()
         self.up = False  # (closed for good: nothing written after it)
+        unsent = sum(counts[0] for counts in self.usage.values()) + \
+            (self.batch_requests if self.batch is not None else 0)
+        if unsent:
+            log(f"redis unreachable at shutdown: the usage of {unsent} request(s) counted "
+                "here is not in the shared totals", "warning")
 
     # the link ---------------------------------------------------------------------------------
 
@@ -2798,6 +2813,7 @@ class SharedState:
         others while it runs); the rest waits for the next flush."""
         usage, self.usage = _split(self.usage, MAX_BATCH_ENTRIES)
         settles, self.settles = _split(self.settles, MAX_BATCH_ENTRIES)
+        self.batch_requests = sum(amounts[0] for amounts in usage.values())
         keys: dict[str, int] = {self.batch_key: 1}
         counts: list[Any] = []
         pending = self.pending

@@ -7165,3 +7165,33 @@ def test_a_metrics_directory_removed_under_the_workers_is_made_again(
     assert served(first) >= shown  # second): the directory made again, their counts in it
     assert {p.name for p in shared.iterdir()} == {"0.json", "1.json"}
     assert "cannot write metrics" not in capfd.readouterr().err
+
+
+def test_a_drain_while_redis_is_away_tries_it_once_more_and_says_what_it_could_not_send(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str, capfd: pytest.CaptureFixture[str]) -> None:
+    config = shared_config(mock, redis_url, redis_timeout_ms=200, api_keys=[{"key": SDK_KEY, "name": "team"}])
+    g = start_gateway(config)
+    assert eventually(lambda: g.gw.shared.up)
+    redis_server.kill()
+    try:
+        assert eventually(lambda: not g.gw.shared.up)
+        for _ in range(3):  # counted here, owed to Redis
+            g.client().chat.completions.create(model="m", messages=MSGS)
+        g.lt.run(g.gw.shutdown(grace_s=0))
+    finally:
+        redis_server.start()
+    assert "the usage of 3 request(s) counted here is not in the shared totals" in capfd.readouterr().err
+    h = start_gateway(config)
+    assert eventually(lambda: h.gw.shared.up)
+    redis_server.kill()
+    try:
+        assert eventually(lambda: not h.gw.shared.up)
+        for _ in range(2):
+            h.client().chat.completions.create(model="m", messages=MSGS)
+        h.lt.call(lambda: h.gw.shared.reconnecting.cancel())  # (its reconnect would be seconds away)
+    finally:
+        redis_server.start()
+    h.lt.run(h.gw.shutdown(grace_s=0))  # Redis is back: the drain reaches it
+    assert redis_int(redis_server, "gateway:v1:usage:team", "requests") == 2
+    assert "not in the shared totals" not in capfd.readouterr().err
