@@ -1867,10 +1867,12 @@ SHARED_BUDGET_FLUSH_S = 0.1  # and this often while a client with a budget has u
 MAX_SHARED_PENDING = 10_000  # writes waiting while Redis is away; the oldest go first
 MAX_BATCH_ENTRIES = 500  # (client, model) usage pairs, and corrections, in one flush's script
 EARLY_ADMISSION_UPSTREAMS = 8  # up to this many, a request's admission brings all their states
-# The shapes of OpenAI's object ids: what another instance may have seen made is looked up
-# in Redis; a path segment or body string of any other shape costs no round trip.
+# The shapes of OpenAI's object ids (a known prefix, then a long random part, or one with a
+# digit in it): what another instance may have seen made is looked up in Redis; a path
+# segment or body string of any other shape ("thread-safe", "video-game") costs no round trip.
 _ID_SHAPE = re.compile(r"(resp|file|batch|vs|vsfb|conv|upload|msg|fc|asst|thread|run|ftjob|"
-                       r"cntr|cfile|chatcmpl|eval|evalrun|video)[-_][\w-]{4,}")
+                       r"cntr|cfile|chatcmpl|eval|evalrun|video)[-_]"
+                       r"(?:(?=[\w-]*\d)[\w-]{4,}|[\w-]{16,})")
 # Objects a body may name anywhere (a file in a message or an input item, the vector stores
 # of a file_search tool, a vector store's files, a container): a JSON string that is one id
 # (or an object's key). Inside a string (tool arguments, text) its quotes are escaped: not

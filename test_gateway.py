@@ -7195,3 +7195,11 @@ def test_a_drain_while_redis_is_away_tries_it_once_more_and_says_what_it_could_n
     h.lt.run(h.gw.shutdown(grace_s=0))  # Redis is back: the drain reaches it
     assert redis_int(redis_server, "gateway:v1:usage:team", "requests") == 2
     assert "not in the shared totals" not in capfd.readouterr().err
+
+
+def test_only_strings_shaped_as_object_ids_are_looked_up_in_redis() -> None:
+    ids = ["resp_mock5", "chatcmpl-mock-85", "file-AbCdEfGhIjKlMnOpQrStUv", "resp_" + "ab" * 24,
+           "chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT", "vs_abc123", "ftjob-abc123", "cntr_1234"]
+    words = ["video-game", "thread-safe", "run-time", "batch-size", "file-name", "eval-mode",
+             "resp_", "file-12", "gpt-4o-mini", "text-embedding-3-small", "chatcmpl-"]
+    assert [i for i in ids + words if gw._ID_SHAPE.fullmatch(i)] == ids
