@@ -1709,6 +1709,7 @@ local function level_of(v, rate, cap)
   if not l or not s or l ~= l or s ~= s or l == math.huge or l == -math.huge or s > now + 60 then
     return cap
   end
+  l = math.max(-cap, math.min(cap, l))  -- (lower than any level written: refills from -cap)
   return math.max(-cap, math.min(cap, l + math.max(0, now - s) * rate))
 end
 """
@@ -1741,7 +1742,7 @@ local function level(key, rate, cap)
 end
 local function spent(field)
   local n = tonumber(redis.call('HGET', KEYS[3], field) or '0')
-  if not n or n ~= n or n == math.huge then return 0 end
+  if not n or n ~= n or n == math.huge or n < 0 then return 0 end
   return n
 end
 local function put(key, value, rate, cap)
@@ -2183,9 +2184,10 @@ class SharedState:
         self.watchdog = asyncio.get_running_loop().call_later(self.timeout / 2, self.watch)
 
     async def close(self) -> None:
-        """On drain: claims still waiting are sent, then what is batched goes out, each for
-        as long as a slow Redis is given (max(4 × redis_timeout_ms, 2 s), twice at most),
-        then the connection closes."""
+        """On drain: Redis is tried once more if it was away and is owed anything, claims
+        still waiting are sent, then what is batched goes out, each for as long as a slow
+        Redis is given (max(4 × redis_timeout_ms, 2 s), three times at most), then the
+        connection closes."""
         for task in (self.flusher, self.reconnecting):
             if task is not None:
                 task.cancel()
@@ -2225,8 +2227,8 @@ class SharedState:
         unsent = sum(counts[0] for counts in self.usage.values()) + \
             (self.batch_requests if self.batch is not None else 0)
         if unsent:
-            log(f"redis unreachable at shutdown: the usage of {unsent} request(s) counted "
-                "here is not in the shared totals", "warning")
+            log(f"redis did not take the last usage at shutdown: that of {unsent} request(s) "
+                "counted here may be missing from the shared totals", "warning")
 
     # the link ---------------------------------------------------------------------------------
 
@@ -8381,7 +8383,10 @@ class Gateway:
             try:
                 path.with_suffix(".tmp").write_bytes(snapshot)
             except FileNotFoundError:  # the directory went (a hand, a cleaner): made again,
-                os.mkdir(self.metrics_dir, 0o700)  # type: ignore[arg-type]  # by one worker
+                try:  # by whichever worker comes first
+                    os.mkdir(self.metrics_dir, 0o700)  # type: ignore[arg-type]
+                except FileExistsError:
+                    pass
                 path.with_suffix(".tmp").write_bytes(snapshot)
             path.with_suffix(".tmp").replace(path)
             self.metrics_failing = False
