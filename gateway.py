@@ -2283,13 +2283,16 @@ class SharedState:
         return self.prefix + ":".join(parts)
 
     async def pipeline(self, commands: list[tuple | bytes],
-                       sent: tuple[asyncio.Future, RedisConnection] | None = None) -> list | None:
+                       sent: tuple[asyncio.Future, RedisConnection] | None = None,
+                       again: tuple | None = None) -> list | None:
         """One round trip, bounded by redis_timeout_ms: the replies in order (a command Redis
         refused: its error, a hiredis.ReplyError), or None when Redis is not there. When a
         restarted Redis no longer knows a script, the scripts are loaded and everything
         from that command on is sent again, in order (what came before it took effect;
         nothing after it may overtake it). `sent`: their replies and the connection they
-        went on, when they were sent already."""
+        went on, when they were sent already. `again`: an admission's arguments, to build
+        it again when it is sent again (its budget less what is still unsent then: a batch
+        that went out meanwhile would be counted twice)."""
         if sent is None:
             if not self.up or self.conn is None:
                 return None
@@ -2312,6 +2315,8 @@ class SharedState:
             if not self.up or self.conn is None:
                 return None
             before = replies[:first]
+            if again is not None:
+                commands = self.admission(*again)
             sent = (self.conn.send([*(("SCRIPT", "LOAD", lua) for lua in self.scripts),
                                     *commands[first:]]), self.conn)
 
@@ -2370,7 +2375,7 @@ class SharedState:
         (plan.paced). False when Redis is not there, or its reply is not an admission: the
         caller limits on local state. Whatever ends the request before it is forwarded must
         let that choice go (Forwarder.release)."""
-        rq, pace = plan.rq, None
+        rq, pace, estimate = plan.rq, None, 0
         if rq.admission:  # sent at the head
             sent, names, commands = rq.admission
         elif not self.up or self.conn is None:
@@ -2379,9 +2384,10 @@ class SharedState:
             sent, names = None, list(dict.fromkeys(u.name for u in plan.upstreams()))
             if self.upstreams()[2]:
                 pace = self.gw.forwarder.choose_early(plan)
-            commands = self.admission(rq, limits, name, plan.estimate, names, pace)
+            estimate = plan.estimate
+            commands = self.admission(rq, limits, name, estimate, names, pace)
         rq.admission = _SENT
-        replies = await self.pipeline(commands, sent)
+        replies = await self.pipeline(commands, sent, (rq, limits, name, estimate, names, pace))
         if replies is None or not self.admitted(replies, names, limits, name):
             return False
         if pace is not None:

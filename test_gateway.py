@@ -7224,3 +7224,35 @@ def test_a_metrics_directory_another_worker_made_first_is_written_in(
     assert g.lt.call(g.gw.write_metrics) is not None
     monkeypatch.setattr(os, "mkdir", mkdir)
     assert (shared / "0.json").exists() and "cannot write metrics" not in capfd.readouterr().err
+
+
+def test_an_admission_sent_again_after_noscript_counts_what_went_out_meanwhile_once(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str) -> None:
+    # Built as "budget less what is unsent", an admission Redis answered NOSCRIPT is built again
+    # when sent again: a batch that reached Redis in between is no longer unsent.
+    g = start_gateway(shared_config(mock, redis_url, api_keys=[{"key": SDK_KEY, "name": "team", "budget_tokens": 100}]))
+    s = g.gw.shared
+    assert eventually(lambda: s.up)
+    g.lt.call(lambda: s.flusher.cancel())  # (this test sends the batch itself)
+    redis_server.command("HSET", "gateway:v1:usage:team", "total_tokens", "50")
+    redis_server.command("SCRIPT", "FLUSH")  # (a restart that kept the link, a failover)
+    rq = types.SimpleNamespace(client=types.SimpleNamespace(name="team"), limits=None, peer="x")
+
+    async def admitted() -> bool:
+        s.record_usage("team", "m", 0, 0, 40)  # 50 in Redis and 40 here: 90, within 100
+        commands = s.admission(rq, None, "team", 0, ["mock"])  # (sent with 100 - 40)
+        sent = (s.conn.send(commands), s.conn)
+        s.conn.send([("SCRIPT", "LOAD", lua) for lua in s.scripts])  # (another process's)
+        s.batch = s.next_batch()  # the 40 go out, and are taken, before the admission again
+        batch = (s.conn.send([s.batch]), s.conn)
+        replies = await s.pipeline(commands, sent, (rq, None, "team", 0, ["mock"], None))
+        assert (await s.pipeline([s.batch], batch))[0] == 0
+        s.batch = None
+        try:
+            return s.admitted(replies, ["mock"], None, "team")  # type: ignore[arg-type]
+        except gw.QuotaExceeded:
+            return False
+
+    assert g.lt.run(admitted()) is True
+    assert redis_int(redis_server, "gateway:v1:usage:team", "total_tokens") == 90
