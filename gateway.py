@@ -4290,8 +4290,8 @@ class UpstreamConnection(asyncio.Protocol):
         # collect in `pending`. Pausing here would cost an epoll_ctl pair per stream.
 
     def _parse_head(self, head: bytes) -> None:
-        if _HEAD_CONTROL.search(head.replace(b"\r\n", b"")):  # what is left of CR and LF is bare
-            raise ValueError("a control byte in the head")  # could split a relayed header
+        if bare_control(head):  # (a bare CR or LF could split a relayed header)
+            raise ValueError("a control byte in the head")
         if _BAD_FIELD_LINE.search(head):  # a client's parser would refuse what we relay
             raise ValueError("a header line that is not name: value")
         lines = head.split(b"\r\n")
@@ -4384,7 +4384,14 @@ class UpstreamConnection(asyncio.Protocol):
 
 # A response head: no control byte but HTAB outside its CRLFs (obs-text is let through, as
 # h11 lets it through), and every header line a token and a colon (no obs-fold, no space).
-_HEAD_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_HEAD_CONTROLS = bytes((*range(0x09), *range(0x0a, 0x20), 0x7f))
+
+
+def bare_control(head: bytes) -> bool:
+    """A control byte but HTAB in a head, other than the CR and LF of its CRLFs: there are
+    then more of them than twice its CRLFs (which never overlap). Counted in C: a pattern
+    search over the head cost 8 µs of an OpenAI head of 1.3 KB, this 2.5."""
+    return len(head) - len(head.translate(None, _HEAD_CONTROLS)) != 2 * head.count(b"\r\n")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _BAD_FIELD_LINE = re.compile(rb"\r\n(?![!#$%&'*+\-.^_`|~0-9A-Za-z]+:)")
 

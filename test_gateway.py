@@ -7256,3 +7256,10 @@ def test_an_admission_sent_again_after_noscript_counts_what_went_out_meanwhile_o
 
     assert g.lt.run(admitted()) is True
     assert redis_int(redis_server, "gateway:v1:usage:team", "total_tokens") == 90
+
+
+@given(st.lists(st.sampled_from([b"\r\n", b"\r", b"\n", b"\t", b"\x00", b"\x1f", b"\x7f", b"\x80", b"a", b":", b" "]),
+                max_size=40))
+def test_a_bare_control_byte_in_a_head_is_found_whatever_surrounds_it(parts: list[bytes]) -> None:
+    head = b"".join(parts)  # the definition: anything of \x00-\x1f and \x7f but HTAB, once CRLFs are out
+    assert gw.bare_control(head) == (re.search(rb"[\x00-\x08\x0a-\x1f\x7f]", head.replace(b"\r\n", b"")) is not None)
