@@ -4,6 +4,7 @@
     python bench/instructions.py --stream --path /v1/responses --body '{"model": "m", "input": "hi", "stream": true}'
     python bench/instructions.py --redis-url redis://127.0.0.1:6379   # with shared state
     python bench/instructions.py --sdk-headers   # the head the OpenAI SDK sends (17 headers)
+    python bench/instructions.py --openai-headers   # the head OpenAI's API answers with
 
 Wall-clock figures on a shared machine drift by tens of percent between runs; instruction
 counts repeat to a fraction of a percent. The gateway runs under `valgrind --tool=callgrind`
@@ -98,6 +99,8 @@ def main() -> None:
                    help="the 13 headers the OpenAI Python SDK adds to the bench's four")
     p.add_argument("--redis-url", help="share state through this Redis (a running "
                    "redis-server): the shared-state path's count")
+    p.add_argument("--openai-headers", action="store_true",
+                   help="the mock answers with the head OpenAI's API sends (19 more headers)")
     p.add_argument("--keep", metavar="FILE", help="keep the N2 run's callgrind output here "
                    "(read it with callgrind_annotate)")
     args = p.parse_args()
@@ -107,7 +110,8 @@ def main() -> None:
         raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
     mock_port = free_port()
     mock = subprocess.Popen([sys.executable, str(HERE / "mock_upstream.py"), "--port",
-                             str(mock_port), "--chunks", "20"],
+                             str(mock_port), "--chunks", "20",
+                             *(["--openai-headers"] if args.openai_headers else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_listening(mock_port, mock)

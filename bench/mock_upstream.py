@@ -1184,6 +1184,25 @@ def _chunk(data: bytes) -> bytes:
 _X_PIECE = b"x" * PIECE
 
 
+# What OpenAI's API sends with an answer besides Content-Type and its framing (the values
+# made up): a head of about 1.3 KB where the mock's own is a few lines.
+OPENAI_HEADERS = (
+    ("date", "Sun, 06 Dec 2026 23:09:36 GMT"), ("access-control-expose-headers", "X-Request-ID"),
+    ("openai-organization", "user-abcdefghijklmnop"), ("openai-processing-ms", "412"),
+    ("openai-project", "proj_AbCdEfGhIjKlMnOpQrStUvWx"), ("openai-version", "2020-10-01"),
+    ("x-envoy-upstream-service-time", "415"), ("x-ratelimit-limit-requests", "10000"),
+    ("x-ratelimit-limit-tokens", "30000000"), ("x-ratelimit-remaining-requests", "9999"),
+    ("x-ratelimit-remaining-tokens", "29999985"), ("x-ratelimit-reset-requests", "6ms"),
+    ("x-ratelimit-reset-tokens", "0s"), ("strict-transport-security",
+                                         "max-age=31536000; includeSubDomains; preload"),
+    ("cf-cache-status", "DYNAMIC"),
+    ("set-cookie", "__cf_bm=AbCdEfGhIjKlMnOpQrStUvWxYz0123456789abcdefghij-1733526576-1.0.1.1-"
+                   "AbCdEf; path=/; expires=Sun, 06-Dec-26 23:39:36 GMT; domain=.api.openai.com;"
+                   " HttpOnly; Secure; SameSite=None"),
+    ("x-content-type-options", "nosniff"), ("server", "cloudflare"),
+    ("cf-ray", "8ef0123456789abc-AMS"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -1191,6 +1210,9 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=20, help="content chunks per stream")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="pause before each chunk")
     parser.add_argument("--key-rpm", type=int, help="per-key requests per minute, then 429")
+    parser.add_argument("--openai-headers", action="store_true",
+                        help="add the 19 headers OpenAI's API sends besides the framing ones "
+                             "(x-ratelimit-*, openai-*, cf-ray, set-cookie, ...) to every answer")
     args = parser.parse_args()
     try:
         import uvloop
@@ -1200,6 +1222,8 @@ def main() -> None:
 
     async def serve() -> None:
         mock = MockUpstream(args.chunks, args.delay_ms, record=False, key_rpm=args.key_rpm)
+        if args.openai_headers:
+            mock.response_headers = list(OPENAI_HEADERS)
         port = await mock.start(args.host, args.port)
         print(f"mock upstream on http://{args.host}:{port}/v1", flush=True)
         await asyncio.Event().wait()
