@@ -4292,8 +4292,6 @@ class UpstreamConnection(asyncio.Protocol):
     def _parse_head(self, head: bytes) -> None:
         if bare_control(head):  # (a bare CR or LF could split a relayed header)
             raise ValueError("a control byte in the head")
-        if _BAD_FIELD_LINE.search(head):  # a client's parser would refuse what we relay
-            raise ValueError("a header line that is not name: value")
         lines = head.split(b"\r\n")
         version, status, _ = (lines[0] + b" ").split(b" ", 2)
         if version not in (b"HTTP/1.1", b"HTTP/1.0") or not status.isdigit() \
@@ -4305,7 +4303,9 @@ class UpstreamConnection(asyncio.Protocol):
         coding: bytes | None = None
         conn = b""
         for line in lines[1:]:
-            name, _, value = line.partition(b":")  # (each line is a name, then ":")
+            name, colon, value = line.partition(b":")
+            if not colon or not name:  # (a client's parser would refuse what we relay; the
+                raise ValueError("a header line that is not name: value")  # names: below)
             name = name.lower()
             value = value.strip()
             if name == b"content-length":  # digits only, and one value however often sent
@@ -4318,6 +4318,10 @@ class UpstreamConnection(asyncio.Protocol):
             elif name == b"connection":
                 conn += b"," + value.lower()
             headers.append((name, value))
+        if b"".join([name for name, _ in headers]).translate(None, _TOKEN_BYTES):
+            raise ValueError("a header name that is not a token")  # (obs-fold, a space: all
+            # of them looked at in one C call, as a pattern over the head cost 18,000
+            # instructions of an OpenAI head)
         if length is not None and coding is not None:  # RFC 9112 §6.3: the framing is in doubt
             raise ValueError("both Content-Length and Transfer-Encoding")
         self.keep_alive = version == b"HTTP/1.1" and b"close" not in conn
@@ -4383,7 +4387,8 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 # A response head: no control byte but HTAB outside its CRLFs (obs-text is let through, as
-# h11 lets it through), and every header line a token and a colon (no obs-fold, no space).
+# h11 lets it through), and every header line a token and a colon (no obs-fold, no space):
+# bare_control, _parse_head.
 _HEAD_CONTROLS = bytes((*range(0x09), *range(0x0a, 0x20), 0x7f))
 
 
@@ -4393,7 +4398,7 @@ def bare_control(head: bytes) -> bool:
     search over the head cost 8 µs of an OpenAI head of 1.3 KB, this 2.5."""
     return len(head) - len(head.translate(None, _HEAD_CONTROLS)) != 2 * head.count(b"\r\n")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
-_BAD_FIELD_LINE = re.compile(rb"\r\n(?![!#$%&'*+\-.^_`|~0-9A-Za-z]+:)")
+_TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"  # (names: lowercased)
 
 
 def _set_nodelay(sock: Any) -> None:

@@ -7263,3 +7263,18 @@ def test_an_admission_sent_again_after_noscript_counts_what_went_out_meanwhile_o
 def test_a_bare_control_byte_in_a_head_is_found_whatever_surrounds_it(parts: list[bytes]) -> None:
     head = b"".join(parts)  # the definition: anything of \x00-\x1f and \x7f but HTAB, once CRLFs are out
     assert gw.bare_control(head) == (re.search(rb"[\x00-\x08\x0a-\x1f\x7f]", head.replace(b"\r\n", b"")) is not None)
+
+
+@given(st.lists(st.lists(st.sampled_from([b"a", b"B", b"-", b":", b" ", b"\t", b"(", b"\x80", b"x"]), max_size=8)
+                .map(b"".join), min_size=1, max_size=6))
+def test_a_response_header_line_must_be_a_token_and_a_colon(lines: list[bytes]) -> None:
+    head = b"HTTP/1.1 200 OK\r\n" + b"\r\n".join(lines)
+    conn = gw.UpstreamConnection.__new__(gw.UpstreamConnection)
+    conn.no_body = False
+    refused = re.search(rb"\r\n(?![!#$%&'*+\-.^_`|~0-9A-Za-z]+:)", head) is not None  # (RFC 9112 §5)
+    try:
+        conn._parse_head(head)
+    except ValueError:
+        assert refused
+    else:
+        assert not refused
