@@ -2192,17 +2192,16 @@ class SharedState:
             if task is not None:
                 task.cancel()
         self.closing = True
+        patience = max(self.timeout * 4, 2.0)  # (what a slow Redis is given, each step)
         if not self.up and (self.usage or self.batch or self.settles or self.writes
                             or self.claims):  # (else lost to the other processes)
-            try:  # Redis was away: one more try to reach it, for as long as a slow one is given
-                async with asyncio.timeout(max(self.timeout * 4, 2.0)):
-                    self.conn = await self.connect()
-                self.up, self.reason = True, ""
-                self.kick()
+            try:  # Redis was away: one more try to reach it
+                async with asyncio.timeout(patience):
+                    self.reached(await self.connect())
             except (OSError, TimeoutError):
                 pass
-        try:  # claims still waiting: one more try, for as long as a slow Redis is given
-            async with asyncio.timeout(max(self.timeout * 4, 2.0)):
+        try:  # claims still waiting: one more try
+            async with asyncio.timeout(patience):
                 owed = [self.send_claim(response_id) for response_id in list(self.claims)]
                 if any(owed):
                     await asyncio.wait([f for f in owed if f is not None])
@@ -2213,7 +2212,7 @@ class SharedState:
             self.counted_here(response_id)  # here, and claimed if Redis takes it still)
             decided(None)
         try:
-            async with asyncio.timeout(max(self.timeout * 4, 2.0)):
+            async with asyncio.timeout(patience):
                 await self.flush(drain=True)
                 if self.writing is not None:
                     await asyncio.wait([self.writing])
@@ -2259,10 +2258,14 @@ class SharedState:
                 self.reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 delay = min(delay * 2, 5.0)
                 continue
-            self.conn, self.up, self.reason, self.reconnecting = conn, True, "", None
-            log("redis reachable again: shared state resumes", redis="up")
-            self.kick()
+            self.reached(conn)
             return
+
+    def reached(self, conn: RedisConnection) -> None:
+        """Redis is there again, on this connection: what waited for it goes out."""
+        self.conn, self.up, self.reason, self.reconnecting = conn, True, "", None
+        log("redis reachable again: shared state resumes", redis="up")
+        self.kick()
 
     async def connect(self) -> RedisConnection:
         """A connection with the scripts loaded: an admission sent from a request's head is
