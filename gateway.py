@@ -8623,22 +8623,33 @@ def sweep_metrics_dirs(parent: Path, idle_s: float = 60.0) -> None:
     it), whatever its pid or pid namespace; one that can be locked here, and in which
     nothing was written for idle_s (workers write every second; a supervisor locks its
     own as soon as it is made), is left over."""
-    import fcntl  # (workers only)
-
     for path in parent.glob("gateway-metrics-*"):
         try:
-            held = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            held = lock_dir(path, wait=False)
         except OSError:
-            continue  # (gone meanwhile, not a directory, not ours to read)
+            continue  # locked: its supervisor runs (or gone meanwhile, not a directory...)
         try:
-            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
             written = max(p.stat().st_mtime for p in (path, *path.iterdir()))
             if time.time() - written > idle_s:
                 shutil.rmtree(path, ignore_errors=True)
         except OSError:
-            pass  # locked: its supervisor runs (or it went meanwhile)
+            pass  # (it went meanwhile)
         finally:
             os.close(held)  # (the lock goes with it)
+
+
+def lock_dir(path: str | Path, wait: bool = True) -> int:
+    """An exclusive flock on a directory, held while the descriptor returned is open (or,
+    not waiting, OSError if another holds it)."""
+    import fcntl  # (workers only)
+
+    held = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(held)
+        raise
+    return held
 
 
 class Worker(NamedTuple):
@@ -8672,7 +8683,7 @@ class Supervisor:
         self.sock, port = sock, sock.getsockname()[1]  # (a SIGTERM closes it from now on)
         metrics_dir = tempfile.mkdtemp(prefix=f"gateway-metrics-{os.getpid()}-")
         try:
-            self.lock_metrics(metrics_dir)
+            lock_dir(metrics_dir)  # (held while it or a worker of it lives: never closed)
         except OSError as exc:  # (flock refused: NFS, say) the sweep's minute still holds
             log(f"cannot lock {metrics_dir}: {exc.strerror or exc}; another supervisor may take it "
                 "for a dead one's if its workers write nothing for a minute", "warning")
@@ -8707,19 +8718,6 @@ class Supervisor:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         log("exited")
         return 0
-
-    @staticmethod
-    def lock_metrics(path: str) -> None:
-        """Held for as long as this supervisor or a worker of it lives (sweep_metrics_dirs).
-        The descriptor stays open on purpose."""
-        import fcntl
-
-        held = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(held, fcntl.LOCK_EX)
-        except OSError:
-            os.close(held)
-            raise
 
     def spawn(self, worker: Worker) -> None:
         # Signals wait while the worker is forked: the supervisor's handler must neither run

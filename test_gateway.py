@@ -6772,7 +6772,7 @@ def test_metrics_directories_of_killed_supervisors_are_swept_and_no_other(tmp_pa
         for p in (path / "0.json", path):
             os.utime(p, (time.time() - age, time.time() - age))
     (tmp_path / "gateway-metrics-file").write_text("not a directory")
-    gw.Supervisor.lock_metrics(str(made["running"]))  # (as a live supervisor holds its own)
+    gw.lock_dir(made["running"])  # (as a live supervisor holds its own)
     gw.sweep_metrics_dirs(tmp_path)
     assert {name for name, path in made.items() if path.exists()} == {"recent", "running"}
     assert (tmp_path / "gateway-metrics-file").exists()
