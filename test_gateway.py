@@ -1731,6 +1731,18 @@ def test_spend_in_usage_metrics_logs_and_a_usd_budget_that_survives_a_restart(
 # Shared state: two instances and a real Redis
 ################################################################################
 
+def redis_health(g: Running) -> tuple[str, float]:
+    """/health's status and gateway_redis_up."""
+    (resp,) = raw(g.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+    return resp.json()["status"], samples(scrape(g)["gateway_redis_up"])[()]
+
+
+def shared_settled(*running: Running) -> bool:
+    """No claim, count, batch or write of any of these still on its way to Redis."""
+    return all(g.lt.call(lambda: not (g.gw.shared.usage or g.gw.shared.batch or g.gw.shared.writes
+                                      or g.gw.shared.claims or g.gw.shared.conn.waiting)) for g in running)
+
+
 def shared_config(mock: mock_upstream.MockUpstream, redis_url: str, **extra: Any) -> dict:
     return {"redis_url": redis_url, "upstreams": [
         {"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS}], **extra}
@@ -2138,13 +2150,7 @@ def test_redis_killed_mid_load_then_restarted_costs_no_request(
     g = start_gateway(shared_config(mock, redis_url, api_keys=[{"key": SDK_KEY, "rpm": 100000}],
                                     redis_timeout_ms=1000))  # the outage, not a busy test machine
     client = g.client()
-
-    def health() -> tuple[str, float]:
-        (resp,) = raw(g.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
-        up = samples(scrape(g)["gateway_redis_up"])[()]
-        return resp.json()["status"], up
-
-    assert health() == ("ok", 1)
+    assert redis_health(g) == ("ok", 1)
     failures, done = [], threading.Event()
 
     def load() -> None:
@@ -2161,11 +2167,11 @@ def test_redis_killed_mid_load_then_restarted_costs_no_request(
         served = len(mock.requests)
         assert eventually(lambda: len(mock.requests) > served + 20)
         redis_server.kill()
-        assert eventually(lambda: health() == ("degraded", 0))
+        assert eventually(lambda: redis_health(g) == ("degraded", 0))
         served = len(mock.requests)
         assert eventually(lambda: len(mock.requests) > served + 20)  # still serving, on local state
         redis_server.start()
-        assert eventually(lambda: health() == ("ok", 1), timeout=15)
+        assert eventually(lambda: redis_health(g) == ("ok", 1), timeout=15)
         served = len(mock.requests)
         assert eventually(lambda: len(mock.requests) > served + 20)
     finally:
@@ -5645,12 +5651,8 @@ def test_a_background_response_made_through_one_instance_is_counted_once_from_a_
     config = shared_config(mock, redis_url, api_keys=[{"key": SDK_KEY, "name": "team"}])
     a, b = start_gateway(config), start_gateway(config)
 
-    def settled() -> bool:  # no claim, count or batch of either still on its way to Redis
-        return all(g.lt.call(lambda: not (g.gw.shared.usage or g.gw.shared.batch or g.gw.shared.writes
-                                          or g.gw.shared.claims or g.gw.shared.conn.waiting)) for g in (a, b))
-
     def counted() -> int:
-        assert eventually(settled)
+        assert eventually(lambda: shared_settled(a, b))
         return usage_of(b, SDK_KEY)[0]["total_tokens"]
 
     queued = a.client().responses.create(model="gpt-4o", input="later", background=True)
@@ -5690,9 +5692,7 @@ def test_a_background_response_polled_while_redis_was_down_is_counted_once_when_
     assert eventually(lambda: a.gw.shared.up and b.gw.shared.up, timeout=20)
     assert eventually(lambda: a.lt.call(lambda: not a.gw.shared.writes))  # (what a owed Redis)
     b.client().responses.retrieve(queued.id)  # b finds its maker: one of them claims it
-    assert eventually(lambda: all(g.lt.call(lambda: not (g.gw.shared.usage or g.gw.shared.batch or g.gw.shared.writes
-                                                        or g.gw.shared.claims or g.gw.shared.conn.waiting))
-                                  for g in (a, b)))
+    assert eventually(lambda: shared_settled(a, b))
     assert usage_of(b, SDK_KEY)[0]["models"]["gpt-4o"]["total_tokens"] == done.usage.total_tokens > 0
 
 
@@ -5714,9 +5714,7 @@ def test_a_background_claim_redis_refuses_waits_and_is_counted_once_when_redis_t
         assert usage_of(b, SDK_KEY)[0]["budget_left"] == 10000 - chat - used  # (held: on the budget)
     finally:
         redis_server.command("REPLICAOF", "NO", "ONE")
-    assert eventually(lambda: all(g.lt.call(lambda: not (g.gw.shared.usage or g.gw.shared.batch or g.gw.shared.writes
-                                                        or g.gw.shared.claims or g.gw.shared.conn.waiting))
-                                  for g in (a, b)))
+    assert eventually(lambda: shared_settled(a, b))
     assert b.lt.call(lambda: b.gw.ledger.report("team")[0])["total_tokens"] == used > 0
     assert usage_of(a, SDK_KEY)[0]["models"]["gpt-4o"]["total_tokens"] == used
     again = a.client().responses.create(model="gpt-4o", input="again", background=True)
@@ -5746,11 +5744,6 @@ def test_a_background_claim_on_its_way_when_its_process_drains_is_waited_for(
     g.lt.run(g.gw.shutdown(grace_s=0))
     assert decisions == [False]
     assert redis_server.command("GETDEL", "gateway:v1:bgc:resp_drained") == b"$15\r\nanother-process\r\n"
-
-
-def redis_health(g: Running) -> tuple[str, float]:
-    (resp,) = raw(g.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
-    return resp.json()["status"], samples(scrape(g)["gateway_redis_up"])[()]
 
 
 def test_an_idle_process_sees_redis_go_and_a_claim_made_meanwhile_is_claimed_once_it_is_back(
@@ -6730,29 +6723,37 @@ def test_a_usage_log_write_that_fails_costs_neither_the_request_nor_its_accounti
     assert err.count("cannot write (No space left on device)") == 1 and "internal error" not in err
 
 
+def as_workers(directory: Path, *running: Running) -> None:
+    """These gateways as the workers of one supervisor make them: numbered, leaving their
+    counts in one directory."""
+    for index, g in enumerate(running):
+        g.lt.call(setattr, g.gw, "worker", index)
+        g.lt.call(setattr, g.gw, "metrics_dir", str(directory))
+
+
+def requests_shown(g: Running) -> float:
+    """The requests a scrape of g shows, over all workers."""
+    return sum(samples(scrape(g)["gateway_requests"], "_total").values())
+
+
 def test_a_worker_that_cannot_publish_its_counts_shows_no_more_of_them_than_its_file(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, tmp_path: Path) -> None:
     first, second = start_gateway(limited(mock)), start_gateway(limited(mock))
-    for index, g in enumerate((first, second)):  # two workers, as a supervisor makes them
-        g.lt.call(setattr, g.gw, "worker", index)
-        g.lt.call(setattr, g.gw, "metrics_dir", str(tmp_path))
-
-    def served(g: Running) -> float:
-        return sum(samples(scrape(g)["gateway_requests"], "_total").values())
+    as_workers(tmp_path, first, second)
     for _ in range(3):
         assert raw(first.port, post("/v1/chat/completions", CHAT))[0].status == 200
-    shown = served(first)  # published as it answers
-    assert served(second) >= shown >= 3
+    shown = requests_shown(first)  # published as it answers
+    assert requests_shown(second) >= shown >= 3
     (tmp_path / "0.tmp").mkdir()  # the first can no longer publish (a full disk, say)
     for _ in range(3):
         assert raw(first.port, post("/v1/chat/completions", CHAT))[0].status == 200
-    seen = served(first)
-    assert served(second) >= seen  # whichever worker answers the next scrape: no count drops
+    seen = requests_shown(first)
+    assert requests_shown(second) >= seen  # whichever worker answers the next scrape: no count drops
     for garbage in ("[]", '{"requests": 5}', "null", '{"cost": [[1, 5]]}', '{"cost": [["m", 1e40]]}',
                     '{"durations": {"/v1/chat/completions": [[1], 0.5]}}',  # (a histogram cut short)
                     '{"requests": [["/v1/chat/completions", "m", 200, 1000]], "tokens": [["x"]]}'):
         (tmp_path / "0.json").write_text(garbage)  # a file no worker wrote: left out whole, not a 500
-        assert served(second) < 1000 and served(first) < 1000  # (the first's counts: lost with its file)
+        assert requests_shown(second) < 1000 and requests_shown(first) < 1000  # (the first's counts: lost with its file)
         first.lt.call(first.gw.inherit_metrics)  # nor taken in by a worker that starts over it
     def counted() -> int:
         return first.lt.call(lambda: sum(first.gw.metrics.requests.values()))
@@ -7152,19 +7153,14 @@ def test_a_metrics_directory_removed_under_the_workers_is_made_again(
     shared = tmp_path / "gateway-metrics-1-x"
     shared.mkdir()
     first, second = start_gateway(limited(mock)), start_gateway(limited(mock))
-    for index, g in enumerate((first, second)):  # two workers, as a supervisor makes them
-        g.lt.call(setattr, g.gw, "worker", index)
-        g.lt.call(setattr, g.gw, "metrics_dir", str(shared))
-
-    def served(g: Running) -> float:
-        return sum(samples(scrape(g)["gateway_requests"], "_total").values())
+    as_workers(shared, first, second)
     for _ in range(3):
         assert raw(first.port, post("/v1/chat/completions", CHAT))[0].status == 200
-    shown = served(first)  # (published as it answers)
-    assert served(second) >= shown >= 3
+    shown = requests_shown(first)  # (published as it answers)
+    assert requests_shown(second) >= shown >= 3
     shutil.rmtree(shared)
-    assert eventually(lambda: served(second) >= shown)  # once each has written again (every
-    assert served(first) >= shown  # second): the directory made again, their counts in it
+    assert eventually(lambda: requests_shown(second) >= shown)  # once each has written again (every
+    assert requests_shown(first) >= shown  # second): the directory made again, their counts in it
     assert {p.name for p in shared.iterdir()} == {"0.json", "1.json"}
     assert "cannot write metrics" not in capfd.readouterr().err
 
@@ -7212,8 +7208,7 @@ def test_a_metrics_directory_another_worker_made_first_is_written_in(
         monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
     g = start_gateway(limited(mock))
     shared = tmp_path / "gateway-metrics-1-y"
-    g.lt.call(setattr, g.gw, "worker", 0)
-    g.lt.call(setattr, g.gw, "metrics_dir", str(shared))  # (removed: it was never made)
+    as_workers(shared, g)  # (its directory removed: it was never made)
     mkdir = os.mkdir
 
     def raced(path: Any, mode: int = 0o777) -> None:  # another worker's mkdir comes first
