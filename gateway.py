@@ -3966,7 +3966,8 @@ class UpstreamConnection(asyncio.Protocol):
         # per connection
         "pool", "loop", "transport", "state", "expires", "reused", "paused", "owner",
         # per exchange
-        "got_bytes", "head_buf", "head_waiter", "status", "headers", "framing", "keep_alive",
+        "got_bytes", "head_buf", "head_waiter", "status", "headers", "plain", "kept",
+        "ratelimits", "framing", "keep_alive",
         "left", "decoder", "sink", "pending", "done", "deadline", "first_byte_timeout",
         "idle_timeout", "last_rx", "error", "no_body", "upload", "interims",
     )
@@ -3987,7 +3988,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_buf = bytearray()
         self.head_waiter: asyncio.Future | None = None
         self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[tuple[bytes, bytes]] = []  # every line: (lowercased name, value)
+        # The same lines, sorted once for relaying (see _parse_head): those relayed as they
+        # are, formatted; those the writer looks at; the upstream's x-ratelimit-* values.
+        self.plain: list[bytes] = []
+        self.kept: list[tuple[bytes, bytes]] = []
+        self.ratelimits: dict[bytes, bytes] | None = None
         self.framing = _NO_BODY
         self.keep_alive = False
         self.left = 0  # LENGTH: body bytes still to come
@@ -4302,18 +4308,33 @@ class UpstreamConnection(asyncio.Protocol):
             raise ValueError(lines[0])
         self.status = int(status)
         headers = self.headers = []
+        plain = self.plain = []
+        kept = self.kept = []
+        ratelimits = self.ratelimits = None
         length: bytes | None = None
         coding: bytes | None = None
         conn = b""
-        for line in lines[1:]:
+        for line in lines[1:]:  # one pass: parsed, checked and sorted for the relay
             name, colon, value = line.partition(b":")
             if not colon or not name:  # (a client's parser would refuse what we relay; the
                 raise ValueError("a header line that is not name: value")  # names: below)
             name = name.lower()
             value = value.strip()
             headers.append((name, value))
-            if name not in _FRAMING_FIELDS:  # (most lines: one set lookup)
+            if name not in _SORTED_FIELDS:  # (most lines: one set lookup, two compares)
+                if b"x-ratelimit-" <= name < b"x-ratelimit.":  # the prefix, without a slice
+                    if ratelimits is None:
+                        ratelimits = self.ratelimits = {}
+                    ratelimits[name] = value
+                else:
+                    plain.append(b"%s: %s\r\n" % (name, value))
                 continue
+            if name in _KEPT_FIELDS:
+                kept.append((name, value))
+                if name != b"content-length":
+                    continue
+            elif name not in _FRAMING_FIELDS:
+                continue  # never relayed
             if name == b"content-length":  # digits only, and one value however often sent
                 if not value.isdigit() or len(value) > 18 \
                         or (length is not None and int(length) != int(value)):
@@ -4397,6 +4418,9 @@ class UpstreamConnection(asyncio.Protocol):
 _HEAD_CONTROLS = bytes((*range(0x09), *range(0x0a, 0x20), 0x7f))
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _FRAMING_FIELDS = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+# What relay_head looks at (the rest is relayed as it came, or not at all: _NOT_RELAYED).
+_KEPT_FIELDS = frozenset((b"content-type", b"content-length", b"x-request-id", b"cache-control"))
+_SORTED_FIELDS = _FRAMING_FIELDS | _KEPT_FIELDS | _NOT_RELAYED
 _TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"  # (names: lowercased)
 
 
@@ -4982,7 +5006,7 @@ class Forwarder:
         metrics.count(metrics.upstream_requests, (upstream.name, key.name, str(conn.status)))
         plan.served = rq.served_model = model
         keys.answered(key, conn.status)
-        self.observe(upstream, key, model, conn.headers)
+        self.observe(upstream, key, model, conn.ratelimits)
         return conn
 
     async def backoff(self, plan: Plan, exc: GatewayError | None,
@@ -5130,11 +5154,9 @@ class Forwarder:
                            headers=retry_after_headers(min(opened, default=1.0)))
 
     def observe(self, upstream: Upstream, key: UpstreamKey, model: str,
-                headers: list[tuple[bytes, bytes]]) -> None:
+                seen: dict[bytes, bytes] | None) -> None:
         """Remember the upstream's x-ratelimit-* values per key and model (as they came:
-        decoded when shown)."""
-        seen = {n: v for n, v in headers if n[:12] == b"x-ratelimit-"}  # (a slice: cheaper
-        # than startswith's argument parsing, per header)
+        decoded when shown; found as the head was parsed)."""
         if seen:
             self.observed.put((upstream.name, key.name, model), (time.time(), seen))
 
@@ -5512,8 +5534,10 @@ class ResponseWriter(BodySink):
 
     # a whole answer -------------------------------------------------------------------------
 
-    def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        """Send the response head; the body follows through on_data / on_end."""
+    def start(self, status: int, headers: list[tuple[bytes, bytes]],
+              plain: list[bytes] | tuple = ()) -> None:
+        """Send the response head (`plain`: header lines already formatted); the body
+        follows through on_data / on_end."""
         proto, rq = self.proto, self.rq
         if (proto.gw.draining or rq.switches or rq.upload is not None and not rq.upload.ended) \
                 and (b"connection", b"close") not in headers:  # (an upload's rest is never
@@ -5525,11 +5549,12 @@ class ResponseWriter(BodySink):
             headers.append((b"x-gateway-model", header_value(rq.served_model)))
         if rq.limits is not None:
             headers += rq.limits.headers()
-        self.unsent = self.head(status, headers)
+        self.unsent = self.head(status, headers, plain)
         self.status = status  # only now: the access log says what the client really got
         self.started = True
 
-    def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
+    def head(self, status: int, headers: list[tuple[bytes, bytes]],
+             plain: list[bytes] | tuple = ()) -> bytes:
         """The response head, framed as h11 frames it (RFC 9112 §6), which h11 is not asked
         to build: its request side alone is needed, and its response side cost a third of
         a request. Every value here is ours, came through h11's own request parser, or came
@@ -5540,7 +5565,7 @@ class ResponseWriter(BodySink):
         rq = self.rq
         length = -1
         close = not rq.keep_alive
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"")), *plain]
         for name, value in headers:
             if name == b"content-length":
                 if length >= 0:
@@ -5593,13 +5618,16 @@ class ResponseWriter(BodySink):
     # an upstream's answer -------------------------------------------------------------------
 
     def relay_head(self, status: int, upstream_headers: list[tuple[bytes, bytes]], *,
-                   inspect: bool = False, drop_usage: bool = False, convert: Any = None,
-                   stream: bool = False, keys: KeyPool | None = None) -> None:
+                   plain: list[bytes] | tuple = (), inspect: bool = False,
+                   drop_usage: bool = False, convert: Any = None, stream: bool = False,
+                   keys: KeyPool | None = None) -> None:
         """Pass the upstream's status and headers through, minus hop-by-hop ones; an SSE
-        body gets the filter (inspecting usage when asked). `stream`: the client asked for
-        a stream and this is not a whole JSON answer: SSE, whatever its content type says
-        (what it holds is counted, converted and filtered as a stream's). `keys`: converted,
-        the upstream's, masked in an error it sends in the stream."""
+        body gets the filter (inspecting usage when asked). `plain`: more of its header
+        lines, formatted, that are relayed as they are (an UpstreamConnection's: its `kept`
+        are the headers then). `stream`: the client asked for a stream and this is not a
+        whole JSON answer: SSE, whatever its content type says (what it holds is counted,
+        converted and filtered as a stream's). `keys`: converted, the upstream's, masked in
+        an error it sends in the stream."""
         sse = whole = False
         media = None
         headers = []
@@ -5626,7 +5654,7 @@ class ResponseWriter(BodySink):
         headers.append((b"x-request-id", self.rq.request_id))
         self.sse = sse
         try:
-            self.start(status, headers)
+            self.start(status, headers, plain)
         except h11.LocalProtocolError as exc:
             raise upstream_failure(exc, "invalid response headers") from None
 
@@ -7008,11 +7036,13 @@ class ProxyHandler:
                 writer.relay_whole(conn.status, headers, body)
                 return
             writer.mask_with(keys)
-            conn.headers = keys.mask_headers(conn.headers)
+            headers, plain = keys.mask_headers(conn.headers), ()
+        else:  # relayed as they came: sorted and formatted as the head was parsed
+            headers, plain = conn.kept, conn.plain
         ok = 200 <= conn.status < 300
         convert = ok and plan.converts(plan.upstream)  # type: ignore[arg-type]
         if convert and (not plan.stream or next(  # a stream asked for, and no stream given: a
-                (v for n, v in conn.headers if n == b"content-type"), b"")[:17].lower()
+                (v for n, v in conn.kept if n == b"content-type"), b"")[:17].lower()
                 != b"text/event-stream"):  # whole answer, an error, or garbage, read whole
             await self.converted_reply(plan, conn)
             return
@@ -7039,7 +7069,7 @@ class ProxyHandler:
             writer.capture_id = self.remember_for(plan)  # (a stored chat completion is read
             # back by its id, from the account that made it)
         quoting = plan.pool() if convert else None
-        writer.relay_head(conn.status, conn.headers, inspect=inspect,
+        writer.relay_head(conn.status, headers, plain=plain, inspect=inspect,
                           drop_usage=inspect and plan.injects(plan.upstream),  # type: ignore[arg-type]
                           convert=converter, stream=inspect, keys=quoting)
         streaming = writer.sse

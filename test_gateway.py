@@ -43,7 +43,7 @@ import openai
 import orjson
 import pytest
 import uvloop
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from openai.types.responses import ResponseStreamEvent
 from prometheus_client.parser import text_string_to_metric_families
@@ -7273,3 +7273,45 @@ def test_a_response_header_line_must_be_a_token_and_a_colon(lines: list[bytes]) 
         assert refused
     else:
         assert not refused
+
+
+_HEAD_NAMES = [b"Content-Type", b"content-type", b"Content-Length", b"x-request-id", b"Cache-Control",
+               b"set-cookie", b"OpenAI-Organization", b"connection", b"x-ratelimit-remaining-tokens",
+               b"X-RateLimit-Reset-Requests", b"x-ratelimit-", b"x-ratelimit", b"x-ratelimits", b"x-ratelimit.", b"x-ratelimit.a",
+               b"x-ratelimiz-a", b"date", b"Server", b"openai-processing-ms", b"x-gateway-model", b"Keep-Alive"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_HEAD_NAMES), st.sampled_from([b"12", b"text/event-stream", b"a b", b""]),
+                          st.sampled_from([b"", b" ", b"  "])), min_size=1, max_size=12),
+       st.sampled_from([200, 200, 204, 404]), st.booleans())
+def test_an_upstream_head_sorted_as_it_is_parsed_is_relayed_as_its_whole_list_would_be(
+        lines: list[tuple[bytes, bytes, bytes]], status: int, stream: bool) -> None:
+    # The hot path relays a success from what _parse_head sorted (kept, plain, ratelimits); every
+    # other path, from the whole list of headers: the client must get the same head either way.
+    head = b"HTTP/1.1 %d X\r\n" % status + b"\r\n".join(b"%s:%s%s" % (n, pad, v) for n, v, pad in lines)
+    conn = gw.UpstreamConnection.__new__(gw.UpstreamConnection)
+    conn.no_body = False
+    try:
+        conn._parse_head(head)
+    except ValueError:  # (a Content-Length that is not one: refused either way)
+        assume(False)
+    assert conn.ratelimits == ({n: v for n, v in conn.headers if n[:12] == b"x-ratelimit-"} or None)
+
+    async def relayed() -> list[dict[bytes, list[bytes]]]:
+        rq, _ = client_request()
+        heads = []
+        for headers, plain in ((conn.headers, ()), (conn.kept, conn.plain)):
+            writer = gw.ResponseWriter(rq.writer.proto, rq)
+            writer.relay_head(status, list(headers), plain=plain, inspect=stream, stream=stream)
+            fields: dict[bytes, list[bytes]] = {}
+            for line in writer.unsent.split(b"\r\n")[1:-2]:
+                name, _, value = line.partition(b": ")
+                fields.setdefault(name.lower(), []).append(value)  # (the order between fields is free)
+            heads.append(fields)
+        return heads
+
+    whole, sorted_ = asyncio.run(relayed())
+    assert sorted_ == whole
+    assert not any(n.startswith((b"x-ratelimit-", b"set-cookie", b"openai-")) and n != b"openai-processing-ms"
+                   for n in whole)
