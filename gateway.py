@@ -1228,24 +1228,24 @@ class ClientLimits:
         self.burst = burst
         self.requests = TokenBucket(rpm / 60, burst or rpm, clock) if rpm else None
         self.tokens = TokenBucket(tpm / 60, tpm, clock) if tpm else None
-        # (header names, the limit as bytes, bucket) per limited kind: made once, not per response
-        self._kinds = [((b"x-ratelimit-limit-" + kind, b"x-ratelimit-remaining-" + kind,
-                         b"x-ratelimit-reset-" + kind), b"%d" % limit, bucket)
-                       for kind, limit, bucket in ((b"requests", rpm, self.requests),
-                                                   (b"tokens", tpm, self.tokens))
+        # (the three header lines, the limit filled in, bucket) per limited kind: made once
+        self._kinds = [(f"x-ratelimit-limit-{kind}: {int(limit)}\r\nx-ratelimit-remaining-{kind}: "
+                        f"%d\r\nx-ratelimit-reset-{kind}: %s\r\n", bucket)
+                       for kind, limit, bucket in (("requests", rpm, self.requests),
+                                                   ("tokens", tpm, self.tokens))
                        if bucket is not None]
 
     def __repr__(self) -> str:
         return f"ClientLimits(rpm={self.rpm}, tpm={self.tpm})"
 
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        """x-ratelimit-* in OpenAI's formats, for every response to this client."""
-        out = []
-        for (limit_name, remaining_name, reset_name), limit, bucket in self._kinds:
+    def head_lines(self) -> bytes:
+        """x-ratelimit-* in OpenAI's formats, for every response to this client: header
+        lines, formatted (one format a kind, not a tuple and a format a header)."""
+        out = ""
+        for lines, bucket in self._kinds:
             remaining, wait = bucket.left()
-            out += [(limit_name, limit), (remaining_name, b"%d" % remaining),
-                    (reset_name, format_duration(wait).encode())]
-        return out
+            out += lines % (remaining, format_duration(wait))
+        return out.encode()
 
 
 class Limiter:
@@ -5547,19 +5547,19 @@ class ResponseWriter(BodySink):
             headers += rq.extra
         if rq.served_model:
             headers.append((b"x-gateway-model", header_value(rq.served_model)))
-        if rq.limits is not None:
-            headers += rq.limits.headers()
-        self.unsent = self.head(status, headers, plain)
+        self.unsent = self.head(status, headers, plain,
+                                rq.limits.head_lines() if rq.limits is not None else b"")
         self.status = status  # only now: the access log says what the client really got
         self.started = True
 
     def head(self, status: int, headers: list[tuple[bytes, bytes]],
-             plain: list[bytes] | tuple = ()) -> bytes:
+             plain: list[bytes] | tuple = (), more: bytes = b"") -> bytes:
         """The response head, framed as h11 frames it (RFC 9112 §6), which h11 is not asked
         to build: its request side alone is needed, and its response side cost a third of
-        a request. Every value here is ours, came through h11's own request parser, or came
-        from an upstream head that _parse_head checked for bare CR/LF, so none can split a
-        header line."""
+        a request. `plain` and `more`: header lines already formatted, neither framing nor
+        Connection (the upstream's, sorted as parsed; the client's limits). Every value
+        here is ours, came through h11's own request parser, or came from an upstream head
+        that _parse_head checked for bare CR/LF, so none can split a header line."""
         if not 200 <= status < 1000:
             raise h11.LocalProtocolError(f"status {status} is not a final response")
         rq = self.rq
@@ -5579,6 +5579,7 @@ class ResponseWriter(BodySink):
                 if not rq.keep_alive:
                     continue  # one Connection: close follows
             lines.append(b"%s: %s\r\n" % (name, value))
+        lines.append(more)
         if status in (204, 304):
             self.framing = _NO_BODY
         elif length >= 0:
