@@ -2136,6 +2136,8 @@ class SharedState:
         # the level it may go down to) -> delta
         # the batch that went out without its reply, and is sent again as it was
         self.batch: tuple | None = None
+        self.batch_sent: tuple[asyncio.Future, RedisConnection] | None = None  # sent again
+        # as Redis was reached again, ahead of any admission: its replies, its connection
         self.batch_requests = 0  # how many requests' usage it carries
         self.batches = itertools.count(1)
         self.batch_key = self.key("batch", os.urandom(8).hex())  # this process's last one
@@ -2262,9 +2264,14 @@ class SharedState:
             return
 
     def reached(self, conn: RedisConnection) -> None:
-        """Redis is there again, on this connection: what waited for it goes out."""
+        """Redis is there again, on this connection: what waited for it goes out. A batch
+        held meanwhile goes first, before the next flush: an admission sent before it would
+        find its usage neither in Redis nor among what is unsent here (see next_batch)."""
         self.conn, self.up, self.reason, self.reconnecting = conn, True, "", None
         log("redis reachable again: shared state resumes", redis="up")
+        if self.batch is not None:
+            self.batch_sent = (conn.send([self.batch]), conn)
+            self.batch_sent[0].add_done_callback(_retrieved)  # (awaited by the next flush)
         self.kick()
 
     async def connect(self) -> RedisConnection:
@@ -2808,7 +2815,8 @@ class SharedState:
                 if not (self.usage or self.settles):
                     return
                 self.batch = self.next_batch()
-            replies = await self.pipeline([self.batch])
+            sent, self.batch_sent = self.batch_sent, None  # (None: sent now)
+            replies = await self.pipeline([self.batch], sent)
             if replies is None:
                 return  # kept for when Redis is back
             if replies[0].__class__ is not int:

@@ -7315,3 +7315,26 @@ def test_an_upstream_head_sorted_as_it_is_parsed_is_relayed_as_its_whole_list_wo
     assert sorted_ == whole
     assert not any(n.startswith((b"x-ratelimit-", b"set-cookie", b"openai-")) and n != b"openai-processing-ms"
                    for n in whole)
+
+
+def test_a_batch_held_while_redis_was_away_reaches_it_before_the_next_admission(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str) -> None:
+    # Usage in a batch that went out as the link dropped is in neither Redis nor what is unsent
+    # here: it must reach Redis ahead of any admission once the link is back, not a flush later.
+    g = start_gateway(shared_config(mock, redis_url, api_keys=[{"key": SDK_KEY, "name": "team", "budget_tokens": 100}]))
+    s = g.gw.shared
+    assert eventually(lambda: s.up)
+    g.lt.call(lambda: s.flusher.cancel())  # (no flush until this test says)
+
+    def dropped_with_a_batch_held() -> None:
+        s.record_usage("team", "m", 0, 0, 120)  # past the budget: counted by another process's
+        s.batch = s.next_batch()  # requests, say; made, and its reply lost with the link
+        s.lost(ConnectionResetError("reset"))
+
+    g.lt.call(dropped_with_a_batch_held)
+    assert eventually(lambda: s.up)  # reconnected (after 0.1 s)
+    with pytest.raises(openai.APIStatusError) as info:
+        g.client().chat.completions.create(model="m", messages=MSGS)
+    assert info.value.status_code == 402 and info.value.code == "insufficient_quota"
+    assert redis_int(redis_server, "gateway:v1:usage:team", "total_tokens") == 120
