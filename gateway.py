@@ -4428,8 +4428,10 @@ class UpstreamConnection(asyncio.Protocol):
 _HEAD_CONTROLS = bytes((*range(0x09), *range(0x0a, 0x20), 0x7f))
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _FRAMING_FIELDS = frozenset((b"content-length", b"transfer-encoding", b"connection"))
-# What relay_head looks at (the rest is relayed as it came, or not at all: _NOT_RELAYED).
-_KEPT_FIELDS = frozenset((b"content-type", b"content-length", b"x-request-id", b"cache-control"))
+# What relay_head looks at (the rest is relayed as it came, or not at all: _NOT_RELAYED);
+# and what its x-request-id is renamed to, which keeps its place among its own lines.
+_KEPT_FIELDS = frozenset((b"content-type", b"content-length", b"x-request-id", b"cache-control",
+                          b"x-upstream-request-id"))
 _SORTED_FIELDS = _FRAMING_FIELDS | _KEPT_FIELDS | _NOT_RELAYED
 _TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"  # (names: lowercased)
 

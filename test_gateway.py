@@ -7278,7 +7278,8 @@ def test_a_response_header_line_must_be_a_token_and_a_colon(lines: list[bytes]) 
 _HEAD_NAMES = [b"Content-Type", b"content-type", b"Content-Length", b"x-request-id", b"Cache-Control",
                b"set-cookie", b"OpenAI-Organization", b"connection", b"x-ratelimit-remaining-tokens",
                b"X-RateLimit-Reset-Requests", b"x-ratelimit-", b"x-ratelimit", b"x-ratelimits", b"x-ratelimit.", b"x-ratelimit.a",
-               b"x-ratelimiz-a", b"date", b"Server", b"openai-processing-ms", b"x-gateway-model", b"Keep-Alive"]
+               b"x-ratelimiz-a", b"date", b"Server", b"openai-processing-ms", b"x-gateway-model", b"Keep-Alive",
+               b"X-Upstream-Request-Id", b"x-accel-buffering"]
 
 
 @settings(max_examples=400, deadline=None)
@@ -7288,7 +7289,8 @@ _HEAD_NAMES = [b"Content-Type", b"content-type", b"Content-Length", b"x-request-
 def test_an_upstream_head_sorted_as_it_is_parsed_is_relayed_as_its_whole_list_would_be(
         lines: list[tuple[bytes, bytes, bytes]], status: int, stream: bool) -> None:
     # The hot path relays a success from what _parse_head sorted (kept, plain, ratelimits); every
-    # other path, from the whole list of headers: the client must get the same head either way.
+    # other path, from the whole list of headers: the client must get the same head either way
+    # (the lines of one field in the same order: x-request-id is relayed as x-upstream-request-id).
     head = b"HTTP/1.1 %d X\r\n" % status + b"\r\n".join(b"%s:%s%s" % (n, pad, v) for n, v, pad in lines)
     conn = gw.UpstreamConnection.__new__(gw.UpstreamConnection)
     conn.no_body = False
