@@ -7221,15 +7221,23 @@ def test_a_metrics_directory_another_worker_made_first_is_written_in(
     assert (shared / "0.json").exists() and "cannot write metrics" not in capfd.readouterr().err
 
 
+def team_budget_flushed_by_hand(start_gateway: StartGateway, mock: mock_upstream.MockUpstream,
+                                redis_url: str) -> tuple[Running, Any]:
+    """A gateway sharing state through Redis, its client "team" with a 100-token budget, and
+    its flusher stopped: the test says when usage goes out. The gateway, its SharedState."""
+    g = start_gateway(shared_config(mock, redis_url, api_keys=[{"key": SDK_KEY, "name": "team", "budget_tokens": 100}]))
+    s = g.gw.shared
+    assert eventually(lambda: s.up)
+    g.lt.call(lambda: s.flusher.cancel())
+    return g, s
+
+
 def test_an_admission_sent_again_after_noscript_counts_what_went_out_meanwhile_once(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
         redis_url: str) -> None:
     # Built as "budget less what is unsent", an admission Redis answered NOSCRIPT is built again
     # when sent again: a batch that reached Redis in between is no longer unsent.
-    g = start_gateway(shared_config(mock, redis_url, api_keys=[{"key": SDK_KEY, "name": "team", "budget_tokens": 100}]))
-    s = g.gw.shared
-    assert eventually(lambda: s.up)
-    g.lt.call(lambda: s.flusher.cancel())  # (this test sends the batch itself)
+    g, s = team_budget_flushed_by_hand(start_gateway, mock, redis_url)  # (this test sends the batch)
     redis_server.command("HSET", "gateway:v1:usage:team", "total_tokens", "50")
     redis_server.command("SCRIPT", "FLUSH")  # (a restart that kept the link, a failover)
     rq = types.SimpleNamespace(client=types.SimpleNamespace(name="team"), limits=None, peer="x")
@@ -7324,10 +7332,7 @@ def test_a_batch_held_while_redis_was_away_reaches_it_before_the_next_admission(
         redis_url: str) -> None:
     # Usage in a batch that went out as the link dropped is in neither Redis nor what is unsent
     # here: it must reach Redis ahead of any admission once the link is back, not a flush later.
-    g = start_gateway(shared_config(mock, redis_url, api_keys=[{"key": SDK_KEY, "name": "team", "budget_tokens": 100}]))
-    s = g.gw.shared
-    assert eventually(lambda: s.up)
-    g.lt.call(lambda: s.flusher.cancel())  # (no flush until this test says)
+    g, s = team_budget_flushed_by_hand(start_gateway, mock, redis_url)
 
     def dropped_with_a_batch_held() -> None:
         s.record_usage("team", "m", 0, 0, 120)  # past the budget: counted by another process's
