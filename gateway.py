@@ -5642,11 +5642,11 @@ class ResponseWriter(BodySink):
                    keys: KeyPool | None = None) -> None:
         """Pass the upstream's status and headers through, minus hop-by-hop ones; an SSE
         body gets the filter (inspecting usage when asked). `plain`: more of its header
-        lines, relayed as they are (an UpstreamConnection's: its `kept`
-        are the headers then). `stream`: the client asked for a stream and this is not a
-        whole JSON answer: SSE, whatever its content type says (what it holds is counted,
-        converted and filtered as a stream's). `keys`: converted, the upstream's, masked in
-        an error it sends in the stream."""
+        lines, relayed as they are (an UpstreamConnection's: its `kept` are the headers
+        then). `stream`: the client asked for a stream and this is not a whole JSON answer:
+        SSE, whatever its content type says (what it holds is counted, converted and
+        filtered as a stream's). `keys`: converted, the upstream's, masked in an error it
+        sends in the stream."""
         sse = whole = False
         media = None
         headers = []
@@ -8459,17 +8459,18 @@ class Gateway:
         Returns what they find: these counts, or when they could not be written, what the
         file still holds from before (None: nothing)."""
         path = Path(self.metrics_dir) / f"{self.worker}.json"  # type: ignore[arg-type]
+        tmp = path.with_suffix(".tmp")
         try:
             snapshot = self.metrics.snapshot(self.limiter.refused)
             try:
-                path.with_suffix(".tmp").write_bytes(snapshot)
+                tmp.write_bytes(snapshot)
             except FileNotFoundError:  # the directory went (a hand, a cleaner): made again,
                 try:  # by whichever worker comes first
                     os.mkdir(self.metrics_dir, 0o700)  # type: ignore[arg-type]
                 except FileExistsError:
                     pass
-                path.with_suffix(".tmp").write_bytes(snapshot)
-            path.with_suffix(".tmp").replace(path)
+                tmp.write_bytes(snapshot)
+            tmp.replace(path)
             self.metrics_failing = False
             return snapshot
         except (OSError, TypeError) as exc:  # (TypeError: a sum orjson cannot write)
