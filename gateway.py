@@ -7776,7 +7776,7 @@ class Request:
 
     __slots__ = (
         "flow", "writer", "method", "path", "query", "headers", "body_parts", "body_size",
-        "request_id", "authorization", "api_key", "origin", "content_length", "head_size",
+        "request_id", "authorization", "api_key", "origin", "content_length",
         "connection", "expects_continue", "chunked", "switches", "framing_doubt", "peer",
         "reserve", "client",
         "keep_alive", "http11",
@@ -7812,9 +7812,7 @@ class Request:
         self.expects_continue = False
         length = chunked = False
         self.switches = event.method == b"CONNECT"  # or an Upgrade: see _take_body
-        size = len(event.target)  # (h11 bounds only heads that come in pieces: head_size)
         for _, name, value in self.headers:
-            size += len(name) + len(value)
             if name not in _READ_FIELDS:  # most of an SDK's 18: one set lookup each
                 continue
             if name == b"authorization":
@@ -7842,7 +7840,6 @@ class Request:
         self.http11 = event.http_version >= b"1.1"
         self.keep_alive = self.http11 and not (
             self.connection and b"close" in [t.strip() for t in self.connection.split(b",")])
-        self.head_size = size  # h11 limits only heads that arrive in pieces; this is the rest
         # Both framings (RFC 9112 §6.3): answered, then the connection closes, so that
         # nothing after it can be read as a request of its own (smuggling).
         self.chunked = chunked  # a Transfer-Encoding: h11 reads the body as chunks
@@ -7907,6 +7904,13 @@ class Request:
         return self.api_key
 
 
+def head_size(event: h11.Request) -> int:
+    """What h11 leaves unbounded of a head that came whole (it limits only one that arrives
+    in pieces): its target and its fields' names and values. Counted only when more bytes
+    than the limit came in this cycle: else the head cannot be over it."""
+    return len(event.target) + sum(len(n) + len(v) for _, n, v in event.headers._full_items)
+
+
 class Waiting(enum.Enum):
     """What a client connection's one deadline is waiting for."""
 
@@ -7922,7 +7926,7 @@ class HttpProtocol(asyncio.Protocol):
     __slots__ = (
         # per connection
         "gw", "loop", "transport", "conn", "flow", "deadline", "waiting", "closing", "peer",
-        "reserve", "ahead", "taken",
+        "reserve", "ahead", "taken", "fed",
         # per request
         "cycle", "task",
     )
@@ -7940,6 +7944,7 @@ class HttpProtocol(asyncio.Protocol):
         self.reserve = False  # past max_connections: may serve probes only
         self.ahead = 0  # bytes received while a request is being answered (pipelining)
         self.taken = -1  # body bytes read past h11 this cycle (see _take_body); -1: none
+        self.fed = 0  # bytes given to this cycle's h11 connection: a bound on its head's size
         self.cycle: Request | None = None
         self.task: asyncio.Task | None = None
 
@@ -7972,6 +7977,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         if self.waiting is Waiting.KEEPALIVE:
             self._arm(self.gw.header_timeout_s, Waiting.HEAD)
+        self.fed += len(data)
         self.conn.receive_data(data)
         self._handle_events()
         if self.task is not None and (self.taken >= 0
@@ -8047,7 +8053,7 @@ class HttpProtocol(asyncio.Protocol):
         rq = self.cycle = Request(self, event)
         config = self.gw.config
         try:
-            if rq.head_size > MAX_HEADER_BYTES:
+            if self.fed > MAX_HEADER_BYTES and head_size(event) > MAX_HEADER_BYTES:
                 raise HeadersTooLarge("Request header block is too large.")
             uploads = streams_body(rq)
             if rq.content_length > (config.max_upload_bytes if uploads else config.max_body_bytes):
@@ -8195,6 +8201,7 @@ class HttpProtocol(asyncio.Protocol):
             ahead = ahead[self.taken:]
         self.taken = -1
         conn = self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self.fed = len(ahead)
         self.cycle = None
         if ahead:  # the next head has begun: it has the head's time, not keep-alive's
             self._arm(self.gw.header_timeout_s, Waiting.HEAD)
