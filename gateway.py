@@ -167,10 +167,10 @@ _SSE_LINE = re.compile(rb'[^:\s{}<>"\[\]]*(?::|$)')  # a field's name, or a comm
 _HEX_DIGITS = b"0123456789abcdefABCDEF"  # a chunk size is these and nothing else
 _CHUNK_HEAD = re.compile(rb"([0-9a-fA-F]{1,16})\r\n").match  # a size line, no extension
 _NEXT_CHUNK = re.compile(rb"\r\n([0-9a-fA-F]{1,16})\r\n").match  # a chunk's CRLF, the next size
-# the request headers Request reads; the others are only forwarded
-_READ_FIELDS = frozenset((b"authorization", b"x-api-key", b"x-request-id", b"origin",
-                          b"content-length", b"transfer-encoding", b"connection", b"expect",
-                          b"upgrade"))
+# the request headers Request reads (Origin, only with CORS on: Request.field); none is sent on
+_READ_FIELDS = frozenset((b"authorization", b"x-api-key", b"x-request-id", b"content-length",
+                          b"transfer-encoding", b"connection", b"expect", b"upgrade"))
+assert _READ_FIELDS <= _NOT_FORWARDED  # (Request sorts the forwarded lines out first)
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,%d}" % REQUEST_ID_MAX)  # visible ASCII, echoed back
 _CONTINUE = h11.InformationalResponse(status_code=100, headers=[])
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
@@ -7708,8 +7708,10 @@ class Router:
         route = self.find(rq.path, rq.method)
         rq.route = route.label
         admission = gw.admission
-        if admission.cors and rq.origin:
-            admission.allow_origin(rq)
+        if admission.cors:
+            rq.origin = rq.field(b"origin")
+            if rq.origin:
+                admission.allow_origin(rq)
         if rq.method == b"OPTIONS" and admission.cors:
             rq.handler = admission.preflight
             return None
@@ -7776,7 +7778,7 @@ class Request:
 
     __slots__ = (
         "flow", "writer", "method", "path", "query", "headers", "body_parts", "body_size",
-        "request_id", "authorization", "api_key", "origin", "content_length",
+        "request_id", "authorization", "api_key", "origin", "content_length", "forward",
         "connection", "expects_continue", "chunked", "switches", "framing_doubt", "peer",
         "reserve", "client",
         "keep_alive", "http11",
@@ -7812,8 +7814,14 @@ class Request:
         self.expects_continue = False
         length = chunked = False
         self.switches = event.method == b"CONNECT"  # or an Upgrade: see _take_body
+        # Sorted in one pass: the lines sent on upstream (unless Connection names them: see
+        # forwarded_headers), and the fields read here.
+        forward = self.forward = []
         for _, name, value in self.headers:
-            if name not in _READ_FIELDS:  # most of an SDK's 18: one set lookup each
+            if name not in _NOT_FORWARDED:  # most of an SDK's 18: one set lookup each
+                forward.append((name, value))
+                continue
+            if name not in _READ_FIELDS:
                 continue
             if name == b"authorization":
                 self.authorization = value
@@ -7821,8 +7829,6 @@ class Request:
                 self.api_key = value
             elif name == b"x-request-id" and _REQUEST_ID.fullmatch(value):
                 self.request_id = value  # else replaced: a control byte could reach our logs
-            elif name == b"origin":
-                self.origin = value
             elif name == b"content-length":
                 self.content_length, length = int(value), True
             elif name == b"transfer-encoding":
@@ -7883,10 +7889,10 @@ class Request:
 
     def forwarded_headers(self) -> bytes:
         """The client's header lines sent on, each ending in CRLF (formatted in C)."""
-        drop = _NOT_FORWARDED
+        fields = self.forward
         if self.connection:  # the headers it names are hop-by-hop too (RFC 9110 §7.6.1)
-            drop = drop | {name.strip() for name in self.connection.split(b",")}
-        fields = [(n, v) for _, n, v in self.headers if n not in drop]
+            named = {name.strip() for name in self.connection.split(b",")}
+            fields = [field for field in fields if field[0] not in named]
         return b"\r\n".join(map(b": ".join, fields)) + b"\r\n" if fields else b""
 
     def body_unbounded(self) -> bool:
@@ -7896,6 +7902,14 @@ class Request:
 
     def content_type(self) -> bytes:
         return next((v for _, n, v in self.headers if n == b"content-type"), b"")
+
+    def field(self, name: bytes) -> bytes:
+        """A header's value (its last line's, as a repeated one overrides), or b"" if none."""
+        found = b""
+        for _, n, v in self.headers:
+            if n == name:
+                found = v
+        return found
 
     def credential(self) -> bytes:
         auth = self.authorization
