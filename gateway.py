@@ -1234,9 +1234,10 @@ class ClientLimits:
         self.burst = burst
         self.requests = TokenBucket(rpm / 60, burst or rpm, clock) if rpm else None
         self.tokens = TokenBucket(tpm / 60, tpm, clock) if tpm else None
-        # (the three header lines, the limit filled in, bucket) per limited kind: made once
-        self._kinds = [(f"x-ratelimit-limit-{kind}: {int(limit)}\r\nx-ratelimit-remaining-{kind}: "
-                        f"%d\r\nx-ratelimit-reset-{kind}: %s\r\n", bucket)
+        # (the three header lines up to the remaining count, the limit filled in; what
+        # follows that count; bucket) per limited kind: made once
+        self._kinds = [(f"x-ratelimit-limit-{kind}: {int(limit)}\r\nx-ratelimit-remaining-{kind}: ",
+                        f"\r\nx-ratelimit-reset-{kind}: ", bucket)
                        for kind, limit, bucket in (("requests", rpm, self.requests),
                                                    ("tokens", tpm, self.tokens))
                        if bucket is not None]
@@ -1246,11 +1247,13 @@ class ClientLimits:
 
     def head_lines(self) -> bytes:
         """x-ratelimit-* in OpenAI's formats, for every response to this client: header
-        lines, formatted (one format a kind, not a tuple and a format a header)."""
+        lines, one f-string a kind (a % format parses its template each time, and a call of
+        format_duration costs more than its usual sub-second case, inlined)."""
         out = ""
-        for lines, bucket in self._kinds:
+        for lines, reset, bucket in self._kinds:
             remaining, wait = bucket.left()
-            out += lines % (remaining, format_duration(wait))
+            out += f"{lines}{remaining}{reset}" \
+                   f"{f'{int(wait * 1000)}ms' if wait < 1 else format_duration(wait)}\r\n"
         return out.encode()
 
 
