@@ -174,6 +174,7 @@ assert _READ_FIELDS <= _NOT_FORWARDED  # (Request sorts the forwarded lines out 
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,%d}" % REQUEST_ID_MAX)  # visible ASCII, echoed back
 _CONTINUE = h11.InformationalResponse(status_code=100, headers=[])
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
+_STATUS_LINES = {code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()}
 _RESET_HEADERS = (b"x-ratelimit-reset-requests", b"x-ratelimit-reset-tokens")
 _COOLDOWN_HEADERS = frozenset((b"retry-after-ms", b"retry-after", *_RESET_HEADERS))
 _CORS_EXPOSE = (b"x-request-id, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, "
@@ -5590,7 +5591,7 @@ class ResponseWriter(BodySink):
         rq = self.rq
         length = -1
         close = not rq.keep_alive
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))]
+        lines = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
         if plain:
             lines += (b"\r\n".join(map(b": ".join, plain)), b"\r\n")
         for name, value in headers:
