@@ -358,8 +358,11 @@ class _LogFormat:
             cls._second = second
             cls._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         cls._milli = milli
-        cls._stamp = stamp = f"{cls._prefix}.{milli - second * 1000:03d}Z"
+        cls._stamp = stamp = cls._prefix + _MILLIS[milli - second * 1000]
         return stamp
+
+
+_MILLIS = [f".{milli:03d}Z" for milli in range(1000)]  # a stamp's end, made once, not formatted
 
 
 def set_log_format(name: str | None) -> None:
@@ -3068,11 +3071,13 @@ class AccessLog:
         """The request's line. Milliseconds to the microsecond, rounded by int(): round(x, 3)
         goes through a decimal string, twice a request."""
         w = rq.writer
-        self._write(orjson.dumps({
+        line = {
             "ts": _LogFormat.timestamp(time.time()), "level": "info", "msg": "request",
-            **({"worker": _LogFormat.worker} if _LogFormat.worker is not None else {}),
-            "request_id": rq.request_id.decode("latin-1"), "client_ip": rq.peer or None,
-            "method": rq.method.decode("latin-1"), "path": rq.path[:256].decode("latin-1"),
+            "worker": _LogFormat.worker,  # (a ** of one entry or none: a second dict merged)
+            # (the request id and method are ASCII, checked: the default codec, not a named
+            # one, whose name is looked up each call; the path may hold any byte but CR/LF)
+            "request_id": rq.request_id.decode(), "client_ip": rq.peer or None,
+            "method": rq.method.decode(), "path": rq.path[:256].decode("latin1"),
             "status": w.status, "model": rq.model[:128] or None,
             "served_model": rq.served_model[:128] or None,
             "upstream": rq.served_by or None, "upstream_key": rq.key_name or None,
@@ -3082,7 +3087,10 @@ class AccessLog:
             "completion_tokens": rq.tokens[1], "cost_usd": usd(rq.cost) if rq.cost else None,
             "bytes_out": w.bytes_out,
             "error": rq.error[:512] or None,
-        }))
+        }
+        if _LogFormat.worker is None:
+            del line["worker"]
+        self._write(orjson.dumps(line))
 
     def protocol_error(self, err: GatewayError, peer: str) -> None:
         """A request too malformed to become a Request still gets its line."""
