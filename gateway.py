@@ -1216,8 +1216,7 @@ class TokenBucket:
         self.level = min(self.capacity, max(-self.capacity, self.level - delta))
 
     def until_full(self) -> float:
-        self._refill()
-        return (self.capacity - self.level) / self.rate
+        return self.left()[1]
 
     def left(self) -> tuple[int, float]:
         """Whole tokens left, and the seconds until full: one refill for both."""
@@ -3075,7 +3074,7 @@ class AccessLog:
             "ts": _LogFormat.timestamp(time.time()), "level": "info", "msg": "request",
             "worker": _LogFormat.worker,  # (a ** of one entry or none: a second dict merged)
             # (the request id and method are ASCII, checked: the default codec, not a named
-            # one, whose name is looked up each call; the path may hold any byte but CR/LF)
+            # one, whose name is looked up each call; the path keeps latin-1, whatever it holds)
             "request_id": rq.request_id.decode(), "client_ip": rq.peer or None,
             "method": rq.method.decode(), "path": rq.path[:256].decode("latin1"),
             "status": w.status, "model": rq.model[:128] or None,
@@ -7976,7 +7975,8 @@ class HttpProtocol(asyncio.Protocol):
         self.reserve = False  # past max_connections: may serve probes only
         self.ahead = 0  # bytes received while a request is being answered (pipelining)
         self.taken = -1  # body bytes read past h11 this cycle (see _take_body); -1: none
-        self.fed = 0  # bytes given to this cycle's h11 connection: a bound on its head's size
+        self.fed = 0  # bytes given to this cycle's h11 connection (all of them: a bound on
+        # its head's size, so every receive_data counts here)
         self.cycle: Request | None = None
         self.task: asyncio.Task | None = None
 
