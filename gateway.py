@@ -342,27 +342,35 @@ class _LogFormat:
 
     json = not sys.stderr.isatty()
     worker: int | None = None  # workers: in every line, so that they can be told apart
-    _second = -1
-    _prefix = ""
-    _milli = -1  # the last stamp made, to the millisecond: under load, many lines share it
-    _stamp = ""
 
-    @classmethod
-    def timestamp(cls, now: float) -> str:
-        """RFC 3339 UTC with milliseconds; the part up to the second made once a second."""
+
+class _Stamp:
+    """A line's time, RFC 3339 UTC with milliseconds. The last one made is kept (under load,
+    many lines share a millisecond), and its part up to the second is made once a second.
+    They are an instance's slots: setting a class's attribute, as each new millisecond
+    would, invalidates what the interpreter has cached of that class's attributes."""
+
+    __slots__ = ("milli", "second", "prefix", "text")
+
+    def __init__(self) -> None:
+        self.milli = self.second = -1
+        self.prefix = self.text = ""
+
+    def at(self, now: float) -> str:
         milli = int(now * 1000)
-        if milli == cls._milli:
-            return cls._stamp
+        if milli == self.milli:
+            return self.text
         second = milli // 1000
-        if second != cls._second:
-            cls._second = second
-            cls._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        cls._milli = milli
-        cls._stamp = stamp = cls._prefix + _MILLIS[milli - second * 1000]
-        return stamp
+        if second != self.second:
+            self.second = second
+            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        self.milli = milli
+        self.text = text = self.prefix + _MILLIS[milli - second * 1000]
+        return text
 
 
 _MILLIS = [f".{milli:03d}Z" for milli in range(1000)]  # a stamp's end, made once, not formatted
+_STAMP = _Stamp()
 
 
 def set_log_format(name: str | None) -> None:
@@ -377,7 +385,7 @@ def log(message: str, level: str = "info", **fields: Any) -> None:
     if _LogFormat.json:
         if worker is not None:
             fields.setdefault("worker", worker)
-        line = orjson.dumps({"ts": _LogFormat.timestamp(time.time()), "level": level,
+        line = orjson.dumps({"ts": _STAMP.at(time.time()), "level": level,
                              "msg": message, **fields}, default=str).decode()
     else:
         name = "gateway" if worker is None else f"gateway[{worker}]"
@@ -3071,7 +3079,7 @@ class AccessLog:
         goes through a decimal string, twice a request."""
         w = rq.writer
         line = {
-            "ts": _LogFormat.timestamp(time.time()), "level": "info", "msg": "request",
+            "ts": _STAMP.at(time.time()), "level": "info", "msg": "request",
             "worker": _LogFormat.worker,  # (a ** of one entry or none: a second dict merged)
             # (the request id and method are ASCII, checked: the default codec, not a named
             # one, whose name is looked up each call; the path keeps latin-1, whatever it holds)
@@ -3094,7 +3102,7 @@ class AccessLog:
     def protocol_error(self, err: GatewayError, peer: str) -> None:
         """A request too malformed to become a Request still gets its line."""
         self._write(orjson.dumps({
-            "ts": _LogFormat.timestamp(time.time()), "level": "info", "msg": "request",
+            "ts": _STAMP.at(time.time()), "level": "info", "msg": "request",
             **({"worker": _LogFormat.worker} if _LogFormat.worker is not None else {}),
             "request_id": None, "client_ip": peer or None, "method": None, "path": None,
             "status": err.status, **_NO_EXCHANGE, "error": err.message}))
