@@ -1223,9 +1223,6 @@ class TokenBucket:
         self._refill()
         self.level = min(self.capacity, max(-self.capacity, self.level - delta))
 
-    def until_full(self) -> float:
-        return self.left()[1]
-
     def left(self) -> tuple[int, float]:
         """Whole tokens left, and the seconds until full: one refill for both."""
         self._refill()

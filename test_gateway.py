@@ -1334,7 +1334,7 @@ def test_token_bucket_refills_to_exactly_capacity_and_corrections_stay_in_bounds
         assert 0 <= bucket.left()[0] <= capacity
     clock.advance(2 * capacity / rate + 1)
     bucket.take(0)
-    assert bucket.level == capacity and bucket.until_full() == 0
+    assert bucket.level == capacity and bucket.left()[1] == 0
 
 
 def test_tokens_used_past_the_estimate_are_owed_up_to_one_capacity() -> None:
