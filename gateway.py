@@ -61,7 +61,7 @@ import traceback
 import urllib.request
 import warnings as python_warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Coroutine, Iterable, NamedTuple
 from urllib.parse import parse_qs, quote, quote_plus, unquote, urlsplit
 
 import h11
@@ -6805,20 +6805,22 @@ class ProxyHandler:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
 
-    async def chat(self, rq: Request) -> None:
+    # These hand back proxy's coroutine, not a coroutine that awaits it: a level less to
+    # start, and to resume when the upstream answers.
+
+    def chat(self, rq: Request) -> Coroutine[Any, Any, None]:
         if rq.method != b"POST":  # the list of stored chat completions: the rest of the API's
-            await self.passthrough(rq)
-            return
-        await self.proxy(rq, "chat")
+            return self.passthrough(rq)
+        return self.proxy(rq, "chat")
 
-    async def chat_stream(self, rq: Request) -> None:
-        await self.proxy(rq, "chat", force_stream=True)
+    def chat_stream(self, rq: Request) -> Coroutine[Any, Any, None]:
+        return self.proxy(rq, "chat", force_stream=True)
 
-    async def completions(self, rq: Request) -> None:
-        await self.proxy(rq, "completions")
+    def completions(self, rq: Request) -> Coroutine[Any, Any, None]:
+        return self.proxy(rq, "completions")
 
-    async def embeddings(self, rq: Request) -> None:
-        await self.proxy(rq, "embeddings")
+    def embeddings(self, rq: Request) -> Coroutine[Any, Any, None]:
+        return self.proxy(rq, "embeddings")
 
     async def proxy(self, rq: Request, kind: str, force_stream: bool = False) -> None:
         gw = self.gw
