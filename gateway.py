@@ -4113,12 +4113,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     # one exchange ---------------------------------------------------------------------------
 
-    async def exchange(self, request: list[bytes], first_byte_timeout: float,
-                       idle_timeout: float, upload: BodyStream | None = None,
-                       no_body: bool = False) -> UpstreamConnection:
-        """Send a request (its body, or the head of an upload that follows as it arrives);
-        return once the response head is in (self.status, self.headers)."""
-        self.head_waiter = self.loop.create_future()
+    def exchange(self, request: list[bytes], first_byte_timeout: float, idle_timeout: float,
+                 upload: BodyStream | None = None, no_body: bool = False) -> asyncio.Future:
+        """Send a request (its body, or the head of an upload that follows as it arrives).
+        The future it returns is done once the response head is in (self.status,
+        self.headers): the caller awaits it, and aborts this connection if cancelled (a
+        future, not a coroutine: one level less to resume when the head comes)."""
+        waiter = self.head_waiter = self.loop.create_future()
         self.done = self.loop.create_future()
         self.first_byte_timeout = first_byte_timeout
         self.idle_timeout = idle_timeout
@@ -4130,12 +4131,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._to(_WAIT_HEAD)
         if upload is not None:
             upload.attach(self)
-        try:
-            await self.head_waiter
-        except asyncio.CancelledError:
-            self.abort()
-            raise
-        return self
+        return waiter
 
     def relay(self, sink: BodySink) -> asyncio.Future:
         """Hand the body to sink as it arrives; the future resolves when the body has ended."""
@@ -4505,18 +4501,22 @@ class UpstreamPool:
         An upload always gets a new one: its bytes cannot be sent twice."""
         u = self.upstream
         conn = self._take_idle() if upload is None else None
-        if conn is not None:
+        fresh = conn is None
+        while True:
+            if fresh:
+                conn = await self._connect()
             try:
-                return await conn.exchange(request, u.first_byte_timeout_s, u.idle_timeout_s,
-                                           None, no_body)
-            except _StaleConnection:
-                pass  # the upstream closed it while idle: the request never arrived
-        conn = await self._connect()
-        try:
-            return await conn.exchange(request, u.first_byte_timeout_s, u.idle_timeout_s,
-                                       upload, no_body)
-        except _StaleConnection:  # pragma: no cover - a fresh connection is never "reused"
-            raise UpstreamError("upstream closed the connection before answering") from None
+                await conn.exchange(request, u.first_byte_timeout_s,  # type: ignore[union-attr]
+                                    u.idle_timeout_s, upload, no_body)
+                return conn  # type: ignore[return-value]
+            except _StaleConnection:  # closed by the upstream while idle: the request never
+                if fresh:  # pragma: no cover - a fresh connection is never "reused" (arrived)
+                    raise UpstreamError("upstream closed the connection before answering") \
+                        from None
+                fresh = True  # once more, on a new one
+            except asyncio.CancelledError:
+                conn.abort()  # type: ignore[union-attr]  # half an exchange: not reusable
+                raise
 
     def _take_idle(self) -> UpstreamConnection | None:
         now = self.loop.time()

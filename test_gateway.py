@@ -434,11 +434,16 @@ async def upstream_connection() -> tuple[gw.UpstreamConnection, gw.UpstreamPool,
 
 async def exchanging(request: bytes = b"x", timeout: float = 30
                      ) -> tuple[gw.UpstreamConnection, gw.UpstreamPool, FakeTransport, asyncio.Future]:
-    """upstream_connection() with a request sent: the future of its response head too."""
+    """upstream_connection() with a request sent, and a future of the connection done once
+    its response head is in (as UpstreamPool.request returns it)."""
     conn, pool, transport = await upstream_connection()
-    head = asyncio.ensure_future(conn.exchange([request], timeout, timeout))
-    await asyncio.sleep(0)  # let exchange() register its waiter
-    return conn, pool, transport, head
+    waiter = conn.exchange([request], timeout, timeout)
+
+    async def answered() -> gw.UpstreamConnection:
+        await waiter
+        return conn
+
+    return conn, pool, transport, asyncio.ensure_future(answered())
 
 
 def client_request(path: bytes = b"/v1/chat/completions",
@@ -2888,13 +2893,13 @@ def test_upstream_connection_goes_idle_wait_head_body_done_and_back_to_the_pool(
     async def run() -> None:
         conn, pool, transport = await upstream_connection()
         assert conn.state is gw.ConnState.IDLE
-        head = asyncio.ensure_future(conn.exchange([b"GET / HTTP/1.1\r\n\r\n"], 30, 30))
-        await asyncio.sleep(0)
+        head = conn.exchange([b"GET / HTTP/1.1\r\n\r\n"], 30, 30)
         assert conn.state is gw.ConnState.WAIT_HEAD and transport.out == b"GET / HTTP/1.1\r\n\r\n"
         conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n")
         assert conn.state is gw.ConnState.WAIT_HEAD  # a head in pieces is still a head to wait for
         conn.data_received(b"\r\nab")
-        assert conn.state is gw.ConnState.BODY and (await head) is conn and conn.status == 200
+        await head
+        assert conn.state is gw.ConnState.BODY and conn.status == 200
         body = asyncio.ensure_future(conn.read_body(100))
         await asyncio.sleep(0)
         conn.data_received(b"cd")
@@ -4317,12 +4322,17 @@ def test_an_upstream_error_body_is_read_up_to_its_bound_and_the_rest_dropped(
 
 def test_a_head_arriving_just_after_the_client_left_is_dropped_quietly() -> None:
     async def run() -> None:
-        conn, _, transport, head = await exchanging(timeout=5)
+        conn, pool, transport = await upstream_connection()
+        conn.expires = asyncio.get_running_loop().time() + 60  # pooled, as a reused one is
+        pool.idle.append(conn)
+        head = asyncio.ensure_future(pool.request([b"x"]))
+        await asyncio.sleep(0)  # (the task's first step: it takes the pooled one and sends)
+        assert conn.state is gw.ConnState.WAIT_HEAD and transport.out == b"x"
         head.cancel()  # the client left: its task is cancelled while it waits for the head
         conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")  # in the same turn
         with pytest.raises(asyncio.CancelledError):
             await head
-        assert conn.state is gw.ConnState.CLOSED and transport.closed
+        assert conn.state is gw.ConnState.CLOSED and transport.closed and not pool.idle
 
     asyncio.run(run())
 
