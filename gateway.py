@@ -3114,17 +3114,17 @@ class AccessLog:
             return
         data = b"".join(self._lines)
         self._lines.clear()
-        if _LogFormat.worker is None:
-            sys.stderr.write(data.decode())
-            return
-        sys.stderr.flush()  # workers share stderr: whole lines, PIPE_BUF at most per write,
-        while data:  # so that no other worker's line lands inside one of these
-            cut = data.rfind(b"\n", 0, PIPE_BUF) + 1 or data.find(b"\n") + 1 or len(data)
+        # The bytes as they are, to the descriptor (as log() writes): sys.stderr would decode
+        # them, and its text layer encode them again.
+        sys.stderr.flush()  # (whatever Python still holds goes first)
+        shared = _LogFormat.worker is not None  # workers share stderr: whole lines, PIPE_BUF
+        while data:  # at most per write, so that no other worker's line lands inside one
+            cut = data.rfind(b"\n", 0, PIPE_BUF) + 1 or data.find(b"\n") + 1 or len(data) \
+                if shared else len(data)
             try:
-                os.write(2, data[:cut])
+                data = data[os.write(2, data[:cut]):]  # (a file or a tty may take part of it)
             except OSError:
                 return
-            data = data[cut:]
 
 
 ################################################################################

@@ -3766,7 +3766,7 @@ def test_a_rewritten_body_a_request_keeps_holds_no_more_memory_than_its_size() -
 
 
 def test_access_lines_waiting_for_their_write_hold_no_more_memory_than_their_size(
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capfd: pytest.CaptureFixture[str]) -> None:
     """Lines wait for the end of a loop turn, and a turn can end thousands of streams at once:
     held as orjson returned them (4 KiB each), 10,000 streams ending together took the
     gateway's RSS from 185 to 250 MB."""
@@ -3785,7 +3785,7 @@ def test_access_lines_waiting_for_their_write_hold_no_more_memory_than_their_siz
         tracemalloc.stop()
         loop.close()
     log.flush()
-    written = capsys.readouterr().err.encode()
+    written = capfd.readouterr().err.encode()
     assert written.count(b"\n") == 200
     assert held < len(written) * 1.5  # (each line's object header and list slot besides)
 
