@@ -2919,13 +2919,15 @@ class Metrics:
                  "ttfb", "active_streams", "known_models", "learned")
 
     def __init__(self, known_models: Iterable[str] = ()) -> None:
-        self.requests: dict[tuple[str, str, int], int] = {}
-        self.upstream_requests: dict[tuple[str, str, str], int] = {}
-        self.tokens: dict[tuple[str, str], int] = {}
-        self.cost: dict[tuple[str], int] = {}  # pico-dollars, by model label
-        self.fallbacks: dict[tuple[str, str], int] = {}
-        self.durations: dict[str, Histogram] = {}
-        self.ttfb: dict[str, Histogram] = {}
+        # Counted in place where it happens, `table[labels] += n`: a missing row is made in
+        # C (defaultdict), not by a method call per count.
+        self.requests: dict[tuple[str, str, int], int] = collections.defaultdict(int)
+        self.upstream_requests: dict[tuple[str, str, str], int] = collections.defaultdict(int)
+        self.tokens: dict[tuple[str, str], int] = collections.defaultdict(int)
+        self.cost: dict[tuple[str], int] = collections.defaultdict(int)  # pico-dollars, by model
+        self.fallbacks: dict[tuple[str, str], int] = collections.defaultdict(int)
+        self.durations: dict[str, Histogram] = collections.defaultdict(Histogram)
+        self.ttfb: dict[str, Histogram] = collections.defaultdict(Histogram)
         self.active_streams = 0
         self.known_models = set(known_models)  # configured, listed or served by an upstream
         self.learned = 0  # of them, served: at most MAX_LEARNED_MODELS
@@ -2940,15 +2942,6 @@ class Metrics:
     def fold(self, model: str) -> str:
         """The one label-folding rule: a known model is its own label, any other is "other"."""
         return model if model in self.known_models else ("other" if model else "")
-
-    def count(self, table: dict, key: tuple, amount: int = 1) -> None:
-        table[key] = table.get(key, 0) + amount
-
-    def histogram(self, table: dict[str, Histogram], key: str) -> Histogram:
-        found = table.get(key)
-        if found is None:
-            found = table[key] = Histogram()
-        return found
 
     _COUNTERS = ("requests", "upstream_requests", "tokens", "cost", "fallbacks")
     _HISTOGRAMS = ("durations", "ttfb")
@@ -2991,7 +2984,7 @@ class Metrics:
             getattr(total, name).update(getattr(self, name))
         for name in self._HISTOGRAMS:
             for key, hist in getattr(self, name).items():
-                mine = total.histogram(getattr(total, name), key)
+                mine = getattr(total, name)[key]
                 mine.counts, mine.sum = list(hist.counts), hist.sum
         total.active_streams, refused = self.active_streams, 0
         for snap in snapshots:
@@ -3001,10 +2994,10 @@ class Metrics:
             for name in self._COUNTERS:
                 table = getattr(total, name)
                 for *key, value in snap.get(name, ()):
-                    total.count(table, tuple(key), value)
+                    table[tuple(key)] += value
             for name in self._HISTOGRAMS:
                 for key, (counts, hist_sum) in snap.get(name, {}).items():
-                    mine = total.histogram(getattr(total, name), key)
+                    mine = getattr(total, name)[key]
                     mine.counts = [a + b for a, b in zip(mine.counts, counts)]
                     mine.sum += hist_sum
             total.active_streams += snap.get("active_streams", 0)
@@ -5035,12 +5028,12 @@ class Forwarder:
             conn = await plan.pools[upstream.name].request(request, rq.upload,
                                                             rq.method == b"HEAD")
         except GatewayError:
-            metrics.count(metrics.upstream_requests, (upstream.name, key.name, "error"))
+            metrics.upstream_requests[upstream.name, key.name, "error"] += 1
             raise
         rq.flow.attach(conn)
         rq.ttfb = time.perf_counter() - sent
-        metrics.histogram(metrics.ttfb, upstream.name).observe(rq.ttfb)
-        metrics.count(metrics.upstream_requests, (upstream.name, key.name, str(conn.status)))
+        metrics.ttfb[upstream.name].observe(rq.ttfb)
+        metrics.upstream_requests[upstream.name, key.name, str(conn.status)] += 1
         plan.served = rq.served_model = model
         keys.answered(key, conn.status)
         self.observe(upstream, key, model, conn.ratelimits)
@@ -7273,7 +7266,7 @@ class ProxyHandler:
         rq.tokens, rq.cost = (prompt, completion), cost
         metrics = gw.metrics
         if plan.served != plan.asked:
-            metrics.count(metrics.fallbacks, (metrics.fold(plan.asked), metrics.fold(served)))
+            metrics.fallbacks[metrics.fold(plan.asked), metrics.fold(served)] += 1
         if takes_tokens and plan.obj is not None:  # (a background poll's usage: budgets only)
             used = total if settles else 0
             self.settle(rq, limits, used - plan.estimate)  # type: ignore[arg-type]
@@ -7292,10 +7285,10 @@ class ProxyHandler:
         if status == 200 and served not in metrics.known_models:
             metrics.learn(served)
         label = metrics.fold(served)
-        metrics.count(metrics.tokens, (label, "prompt"), prompt)
-        metrics.count(metrics.tokens, (label, "completion"), completion)
+        metrics.tokens[label, "prompt"] += prompt
+        metrics.tokens[label, "completion"] += completion
         if cost:
-            metrics.count(metrics.cost, (label,), cost)
+            metrics.cost[label,] += cost
         return prompt, completion, total, cost
 
     def cost(self, served: str, usage: dict | None) -> int:
@@ -8586,8 +8579,8 @@ class Gateway:
         """Metrics and the access log line, once per request."""
         duration = time.perf_counter() - rq.t0
         metrics = self.metrics
-        metrics.count(metrics.requests, (rq.route, metrics.fold(rq.model), rq.writer.status))
-        metrics.histogram(metrics.durations, rq.route).observe(duration)
+        metrics.requests[rq.route, metrics.fold(rq.model), rq.writer.status] += 1
+        metrics.durations[rq.route].observe(duration)
         if self.access_log.enabled:
             self.access_log.request(rq, duration)
         if rq.shared_take and rq.admission is None:  # answered before it was admitted
@@ -8597,7 +8590,7 @@ class Gateway:
 
     def count_protocol_error(self, err: GatewayError, peer: str = "") -> None:
         """A request too malformed to become a Request: still one metric and one line."""
-        self.metrics.count(self.metrics.requests, ("other", "", err.status))
+        self.metrics.requests["other", "", err.status] += 1
         if self.access_log.enabled:
             self.access_log.protocol_error(err, peer)
 
