@@ -4376,7 +4376,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.status < 200 or self.status in (204, 304) or self.no_body:
             self.framing = _NO_BODY
         elif coding is not None:  # no TE was sent: a coding but chunked would reach the client
-            if [c.strip() for c in coding.split(b",") if c.strip()] != [b"chunked"]:  # undone
+            if coding != b"chunked" and [c.strip() for c in coding.split(b",")  # (the usual)
+                                         if c.strip()] != [b"chunked"]:  # undone
                 raise ValueError("a transfer coding other than chunked")
             self.framing, self.decoder = _CHUNKED, ChunkedDecoder()
         elif length is not None:
