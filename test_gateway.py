@@ -2970,6 +2970,34 @@ def test_an_upstream_head_a_client_would_refuse_is_the_upstreams_garbage(head: b
     asyncio.run(run())
 
 
+def test_upstream_header_names_checked_once_are_remembered_up_to_a_bound_and_others_still_checked(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gw, "MAX_TOKEN_NAMES", 6)
+    monkeypatch.setattr(gw, "_TOKEN_NAMES", set())
+
+    async def answer(names: list[bytes]) -> gw.UpstreamConnection:
+        conn, _, _, waiting = await exchanging()
+        conn.data_received(b"HTTP/1.1 200 OK\r\n" + b"".join(b"%s: v\r\n" % n for n in names)
+                           + b"content-length: 0\r\n\r\n")
+        return await waiting
+
+    async def run() -> None:
+        first = await answer([b"X-A", b"x-b"])
+        assert first.plain == [(b"x-a", b"v"), (b"x-b", b"v")]
+        assert gw._TOKEN_NAMES == {b"x-a", b"x-b", b"content-length"}
+        again = await answer([b"x-a", b"x-b"])  # known: not checked again, the same answer
+        assert again.plain == first.plain and len(gw._TOKEN_NAMES) == 3
+        many = [b"x-%d" % i for i in range(10)]
+        assert [n for n, _ in (await answer(many)).plain] == many  # past the bound: still relayed
+        assert len(gw._TOKEN_NAMES) == 6 and gw._TOKEN_NAMES >= {b"x-a", b"x-b", b"content-length"}
+        for bad in (b"x-a x", b"x-1\x00", b"x-b,"):  # a known name's neighbours: each checked
+            with pytest.raises(gw.UpstreamError, match="garbage"):
+                await answer([b"x-a", bad])
+        assert len(gw._TOKEN_NAMES) == 6
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("head", [b"HTTP/1.1 200 OK\ncontent-length: 2\n\n{}",
                                   b"HTTP/1.1 200 OK\ncontent-length: 2\n\r\n{}"])
 def test_an_upstream_head_with_bare_lf_line_ends_fails_at_once_not_at_its_timeout(head: bytes) -> None:
