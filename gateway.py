@@ -3979,6 +3979,9 @@ class _Collector(BodySink):
         pass
 
 
+_NO_FIELDS: Any = ()
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One HTTP/1.1 connection to an upstream: IDLE → WAIT_HEAD → BODY → DONE → IDLE, or
     CLOSED from any state. Every state change goes through _to(), which also arms or
@@ -4011,14 +4014,15 @@ class UpstreamConnection(asyncio.Protocol):
     def _reset(self) -> None:
         self.reused = False
         self.got_bytes = False
-        self.head_buf = bytearray()
+        self.head_buf: bytearray | bytes = b""  # a head that came in pieces, till it is whole
         self.head_waiter: asyncio.Future | None = None
         self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []  # every line: (lowercased name, value)
+        # (made by _parse_head: until then the same empty tuple, not three new lists an exchange)
+        self.headers: list[tuple[bytes, bytes]] = _NO_FIELDS  # every line: (lowercased name, value)
         # The same lines, sorted once for relaying (see _parse_head): those relayed as they
         # are; those the writer looks at; the upstream's x-ratelimit-* values.
-        self.plain: list[tuple[bytes, bytes]] = []
-        self.kept: list[tuple[bytes, bytes]] = []
+        self.plain: list[tuple[bytes, bytes]] = _NO_FIELDS
+        self.kept: list[tuple[bytes, bytes]] = _NO_FIELDS
         self.ratelimits: dict[bytes, bytes] | None = None
         self.framing = _NO_BODY
         self.keep_alive = False
@@ -4289,7 +4293,7 @@ class UpstreamConnection(asyncio.Protocol):
                 elif _BARE_LF.search(data, at):  # an LF with no CR before it: no CRLF head
                     self._garbage("a head with bare LF line ends")
                 elif not self.head_buf:
-                    self.head_buf += data[at:] if at else data
+                    self.head_buf = bytearray(data[at:] if at else data)
                 return
             try:
                 self._parse_head(data[at:end])
@@ -4298,7 +4302,7 @@ class UpstreamConnection(asyncio.Protocol):
                 return
             at = end + 4
             if self.head_buf:
-                self.head_buf = bytearray()
+                self.head_buf = b""
             if not 100 <= self.status < 200:
                 break
             self.status = 0  # interim response: wait for the real one
