@@ -96,7 +96,9 @@ WRITE_HIGH_WATER = 64 * 1024  # client buffer above this pauses reading from the
 MAX_PIPELINED_BYTES = 64 * 1024  # read ahead of the request in flight before pausing
 UPSTREAM_MAX_HEAD = 64 * 1024  # an upstream response head larger than this is garbage
 MAX_INTERIM = 1024  # interim (1xx) responses ahead of an answer; more are garbage
-MAX_TOKEN_NAMES = 4096  # upstream header names remembered as checked (_TOKEN_NAMES)
+MAX_TOKEN_NAMES = 4096  # upstream header names remembered as checked (_TOKEN_NAMES), each
+MAX_TOKEN_NAME = 64  # bytes at most: a name can be near UPSTREAM_MAX_HEAD, and is then checked
+# every time, not kept (4,096 of those would hold 256 MB for good)
 UPSTREAM_MAX_IDLE = 256  # idle keep-alive connections kept per upstream
 UPSTREAM_KEEPALIVE_S = 20.0  # reuse an idle upstream connection only this long (servers drop ~60s)
 MAX_CHUNK_LINE = 4096  # a chunk-size or trailer line longer than this is garbage
@@ -4378,7 +4380,8 @@ class UpstreamConnection(asyncio.Protocol):
             if b"".join(unknown).translate(None, _TOKEN_BYTES):  # over the head cost 18,000
                 raise ValueError("a header name that is not a token")  # instructions of an
             if len(_TOKEN_NAMES) < MAX_TOKEN_NAMES:  # OpenAI head)
-                _TOKEN_NAMES.update(unknown[:MAX_TOKEN_NAMES - len(_TOKEN_NAMES)])
+                _TOKEN_NAMES.update([n for n in unknown if len(n) <= MAX_TOKEN_NAME]
+                                    [:MAX_TOKEN_NAMES - len(_TOKEN_NAMES)])
         if length is not None and coding is not None:  # RFC 9112 §6.3: the framing is in doubt
             raise ValueError("both Content-Length and Transfer-Encoding")
         self.keep_alive = version == b"HTTP/1.1" and b"close" not in conn

@@ -2994,6 +2994,10 @@ def test_upstream_header_names_checked_once_are_remembered_up_to_a_bound_and_oth
             with pytest.raises(gw.UpstreamError, match="garbage"):
                 await answer([b"x-a", bad])
         assert len(gw._TOKEN_NAMES) == 6
+        gw._TOKEN_NAMES.clear()
+        long = b"x" * (gw.MAX_TOKEN_NAME + 1)  # a name near the head's bound is not kept: 4,096
+        assert (await answer([long, b"x" * gw.MAX_TOKEN_NAME])).plain[0] == (long, b"v")  # of
+        assert gw._TOKEN_NAMES == {b"x" * gw.MAX_TOKEN_NAME, b"content-length"}  # them: 256 MB
 
     asyncio.run(run())
 
