@@ -775,18 +775,20 @@ class KeyPool:
         n = len(self.keys)
         start = self.current if self.strategy == "failover" else self._next
         best: UpstreamKey | None = None
+        index = 0
         for i in range(n):
-            key = self.keys[(start + i) % n]
+            at = (start + i) % n
+            key = self.keys[at]
             if (key.blocked and now < key.recheck_at) or key in exclude \
                     or (key.cooling and key.cools_for(model, now)):
                 continue
             if best is None or key.next_slot < best.next_slot - 1e-9:
-                best = key
+                best, index = key, at
             if not self.interval or key.next_slot <= now:
                 break  # without pacing (or with a free slot) the first usable key wins
         if best is None or best.next_slot - now > max_wait:
             return None
-        index = self.current = self.keys.index(best)
+        self.current = index
         if self.strategy == "round_robin":
             self._next = index + 1
         if best.blocked:  # its recheck: this request is the one probe until the next period
