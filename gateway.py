@@ -3340,7 +3340,7 @@ class Upstream:
         self.scheme = parts.scheme
         self.host = parts.hostname
         self.port = port or (443 if parts.scheme == "https" else 80)
-        self.base_path = parts.path.rstrip("/")
+        self.base_path = parts.path.rstrip("/").encode()  # what each request's target starts with
         self.query = parts.query.encode()  # sent with every request (Azure's api-version)
         default_port = port is None or port == (443 if self.scheme == "https" else 80)
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -4801,7 +4801,7 @@ class Plan:
     def request_for(self, upstream: Upstream, model: str, key: UpstreamKey) -> list[bytes]:
         """The upstream request for one try, ready for writelines."""
         convert = self.converts(upstream)
-        target = upstream.base_path.encode() + (b"/chat/completions" if convert else self.endpoint)
+        target = upstream.base_path + (b"/chat/completions" if convert else self.endpoint)
         query = self.rq.query
         if key.query:  # the upstream URL's own, first (as the key has it: a reload may change it)
             query = key.query + b"&" + query if query else key.query
@@ -7408,7 +7408,7 @@ class ModelCatalog:
 
     async def fetch(self, u: Upstream) -> list[dict]:
         gw = self.gw
-        target = u.base_path.encode() + b"/models" + (b"?" + u.query if u.query else b"")
+        target = u.base_path + b"/models" + (b"?" + u.query if u.query else b"")
         request = build_request(b"GET", target, gw.keys[u.name].current_key().head, b"",
                                 new_request_id(), b"")
         conn = await gw.pools[u.name].request(request)

@@ -2621,7 +2621,7 @@ def test_single_value_env_vars() -> None:
     assert (config.host, config.port, config.admin_key, config.rpm) == ("0.0.0.0", 5000, "adm", 120)
     assert [k.key for k in config.api_keys] == ["a1", "b2"]
     (u,) = config.upstreams
-    assert (u.host, u.port, u.base_path) == ("10.0.0.1", 8000, "/v1")
+    assert (u.host, u.port, u.base_path) == ("10.0.0.1", 8000, b"/v1")
     assert [(k.name, k.secret) for k in u.keys] == [("default#0", "k1"), ("default#1", "k2")]
 
 
