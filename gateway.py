@@ -4386,7 +4386,9 @@ class UpstreamConnection(asyncio.Protocol):
                                     [:MAX_TOKEN_NAMES - len(_TOKEN_NAMES)])
         if length is not None and coding is not None:  # RFC 9112 §6.3: the framing is in doubt
             raise ValueError("both Content-Length and Transfer-Encoding")
-        self.keep_alive = version == b"HTTP/1.1" and b"close" not in conn
+        self.keep_alive = version == b"HTTP/1.1" and (  # (b"close" in conn first tries conn as
+            not conn or conn == b",keep-alive" or b"close" not in conn)  # an int: 2,000
+        # instructions, so the usual values are told apart first)
         if self.status < 200 or self.status in (204, 304) or self.no_body:
             self.framing = _NO_BODY
         elif coding is not None:  # no TE was sent: a coding but chunked would reach the client
@@ -4449,6 +4451,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.pending.append(data)  # type: ignore[union-attr]
 
 
+# A byte looked for in bytes as an int: `b"\n" in data` first tries to read b"\n" as an int,
+# and the exception that makes costs ten times the search.
+_LF, _CR = ord("\n"), ord("\r")
 # A response head: no control byte but HTAB outside its CRLFs (obs-text is let through, as
 # h11 lets it through), and every header line a token and a colon (no obs-fold, no space):
 # bare_control, _parse_head.
@@ -5367,7 +5372,7 @@ class SseFilter:
 
     def feed(self, data: bytes) -> bytes:
         """What of data can go to the client now."""
-        if self.convert is not None and (self._cr or b"\r" in data):
+        if self.convert is not None and (self._cr or _CR in data):
             data = self._lf(data)  # (a stream it rewrites: its line ends can be made LF)
         if self.passthrough:
             return self._pass_long_event(data)
@@ -5498,7 +5503,7 @@ class SseFilter:
                 return b": keep-alive"  # comments (while the model thinks), as our own bytes
             return None  # event names and other fields: the converted stream has its own
         payload = event[at + 5:].strip()
-        if b"\n" in payload:  # data lines are one payload, joined by LF (SSE); others drop
+        if _LF in payload:  # data lines are one payload, joined by LF (SSE); others drop
             payload = b"\n".join(line[5:] for line in event.split(b"\n")
                                  if line.startswith(b"data:")).strip()
         if payload == b"[DONE]":
@@ -7879,8 +7884,9 @@ class Request:
             self.request_id = new_request_id()
         # h11's keep-alive rule (RFC 9112 §9.3): HTTP/1.1 without Connection: close
         self.http11 = event.http_version >= b"1.1"
-        self.keep_alive = self.http11 and not (
-            self.connection and b"close" in [t.strip() for t in self.connection.split(b",")])
+        self.keep_alive = self.http11 and not (  # (an SDK's keep-alive: not split)
+            self.connection and self.connection != b"keep-alive"
+            and b"close" in [t.strip() for t in self.connection.split(b",")])
         # Both framings (RFC 9112 §6.3): answered, then the connection closes, so that
         # nothing after it can be read as a request of its own (smuggling).
         self.chunked = chunked  # a Transfer-Encoding: h11 reads the body as chunks
@@ -7925,9 +7931,13 @@ class Request:
     def forwarded_headers(self) -> bytes:
         """The client's header lines sent on, each ending in CRLF (formatted in C)."""
         fields = self.forward
-        if self.connection:  # the headers it names are hop-by-hop too (RFC 9110 §7.6.1)
-            named = {name.strip() for name in self.connection.split(b",")}
-            fields = [field for field in fields if field[0] not in named]
+        connection = self.connection
+        # The headers it names are hop-by-hop too (RFC 9110 §7.6.1): looked for only when it
+        # names one that may be here (an SDK's keep-alive is never forwarded anyway).
+        if connection and connection not in _NOT_FORWARDED:
+            named = {name.strip() for name in connection.split(b",")}
+            if not named <= _NOT_FORWARDED:
+                fields = [field for field in fields if field[0] not in named]
         return b"\r\n".join(map(b": ".join, fields)) + b"\r\n" if fields else b""
 
     def body_unbounded(self) -> bool:
