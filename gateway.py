@@ -4386,9 +4386,9 @@ class UpstreamConnection(asyncio.Protocol):
                                     [:MAX_TOKEN_NAMES - len(_TOKEN_NAMES)])
         if length is not None and coding is not None:  # RFC 9112 §6.3: the framing is in doubt
             raise ValueError("both Content-Length and Transfer-Encoding")
-        self.keep_alive = version == b"HTTP/1.1" and (  # (b"close" in conn first tries conn as
-            not conn or conn == b",keep-alive" or b"close" not in conn)  # an int: 2,000
-        # instructions, so the usual values are told apart first)
+        self.keep_alive = version == b"HTTP/1.1" and (  # (the usual values told apart first:
+            not conn or conn == b",keep-alive" or b"close" not in conn)  # a search costs 2,000
+        # instructions, for b"close" in conn first tries to read b"close" as an int: see _LF)
         if self.status < 200 or self.status in (204, 304) or self.no_body:
             self.framing = _NO_BODY
         elif coding is not None:  # no TE was sent: a coding but chunked would reach the client
