@@ -4287,7 +4287,8 @@ class UpstreamConnection(asyncio.Protocol):
             data = bytes(self.head_buf)
         at = 0  # where the head being read starts: past the interim (1xx) ones before it
         while True:  # once more for each interim response ahead of the real one
-            if not data.startswith(b"HTTP/"[:len(data) - at], at):  # SSH, TLS, HTML: not HTTP
+            start = data[at:at + 5]  # (compared whole: what startswith costs is its arguments)
+            if start != b"HTTP/" and not b"HTTP/".startswith(start):  # SSH, TLS, HTML: not HTTP
                 self._garbage("not an HTTP response")
                 return
             end = data.find(b"\r\n\r\n", at)
@@ -7838,7 +7839,7 @@ class Request:
             cut = min(i for i in (rest.find(b"/"), rest.find(b"?"), len(rest)) if i >= 0)
             target = rest[cut:] if rest[cut:cut + 1] == b"/" else b"/" + rest[cut:]
         self.path, _, self.query = target.partition(b"?")
-        if not self.path.startswith(b"/v1/"):
+        if self.path[:4] != b"/v1/":
             self.path = bare_path(self.path)
         # (raw name, lowercased name, value): h11's own list, read directly because walking
         # its Sequence view costs a Python call per header.
