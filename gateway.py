@@ -174,6 +174,7 @@ _NEXT_CHUNK = re.compile(rb"\r\n([0-9a-fA-F]{1,16})\r\n").match  # a chunk's CRL
 _READ_FIELDS = frozenset((b"authorization", b"x-api-key", b"x-request-id", b"content-length",
                           b"transfer-encoding", b"connection", b"expect", b"upgrade"))
 assert _READ_FIELDS <= _NOT_FORWARDED  # (Request sorts the forwarded lines out first)
+_NO_NAMES: frozenset[bytes] = frozenset()
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,%d}" % REQUEST_ID_MAX)  # visible ASCII, echoed back
 _CONTINUE = h11.InformationalResponse(status_code=100, headers=[])
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
@@ -7820,7 +7821,7 @@ class Request:
     __slots__ = (
         "flow", "writer", "method", "path", "query", "headers", "body_parts", "body_size",
         "request_id", "authorization", "api_key", "origin", "content_length", "forward",
-        "connection", "expects_continue", "chunked", "switches", "framing_doubt", "peer",
+        "connection_names", "expects_continue", "chunked", "switches", "framing_doubt", "peer",
         "reserve", "client",
         "keep_alive", "http11",
         "limits", "shared_take", "admission", "extra", "handler", "refused", "upload",
@@ -7851,9 +7852,9 @@ class Request:
         self.api_key = b""
         self.origin = b""
         self.content_length = 0  # as declared; h11 has checked it is digits
-        self.connection = b""  # the Connection header: hop-by-hop names, close
         self.expects_continue = False
         length = chunked = False
+        connection = b""  # the Connection header: hop-by-hop names, close
         self.switches = event.method == b"CONNECT"  # or an Upgrade: see _take_body
         # Sorted in one pass: the lines sent on upstream (unless Connection names them: see
         # forwarded_headers), and the fields read here.
@@ -7875,19 +7876,21 @@ class Request:
             elif name == b"transfer-encoding":
                 chunked = True
             elif name == b"connection":  # (each line of it: one list, RFC 9110 §5.3)
-                self.connection = self.connection + b"," + value.lower() if self.connection \
-                    else value.lower()
+                connection = connection + b"," + value.lower() if connection else value.lower()
             elif name == b"expect":
                 self.expects_continue = value.lower() == b"100-continue"
             elif name == b"upgrade" and value.strip(b" \t,"):
                 self.switches = True
         if not self.request_id:
             self.request_id = new_request_id()
+        # The names Connection lists, split once for both their uses; not split at all when
+        # it is one name that says nothing more than the header's absence (an SDK's
+        # keep-alive: not close, and never forwarded anyway)
+        self.connection_names = frozenset(t.strip() for t in connection.split(b",")) \
+            if connection and connection not in _NOT_FORWARDED else _NO_NAMES
         # h11's keep-alive rule (RFC 9112 §9.3): HTTP/1.1 without Connection: close
         self.http11 = event.http_version >= b"1.1"
-        self.keep_alive = self.http11 and not (  # (an SDK's keep-alive: not split)
-            self.connection and self.connection != b"keep-alive"
-            and b"close" in [t.strip() for t in self.connection.split(b",")])
+        self.keep_alive = self.http11 and b"close" not in self.connection_names
         # Both framings (RFC 9112 §6.3): answered, then the connection closes, so that
         # nothing after it can be read as a request of its own (smuggling).
         self.chunked = chunked  # a Transfer-Encoding: h11 reads the body as chunks
@@ -7932,13 +7935,9 @@ class Request:
     def forwarded_headers(self) -> bytes:
         """The client's header lines sent on, each ending in CRLF (formatted in C)."""
         fields = self.forward
-        connection = self.connection
-        # The headers it names are hop-by-hop too (RFC 9110 §7.6.1): looked for only when it
-        # names one that may be here (an SDK's keep-alive is never forwarded anyway).
-        if connection and connection not in _NOT_FORWARDED:
-            named = {name.strip() for name in connection.split(b",")}
-            if not named <= _NOT_FORWARDED:
-                fields = [field for field in fields if field[0] not in named]
+        named = self.connection_names  # hop-by-hop too (RFC 9110 §7.6.1): looked for only
+        if named and not named <= _NOT_FORWARDED:  # when one of them may be here
+            fields = [field for field in fields if field[0] not in named]
         return b"\r\n".join(map(b": ".join, fields)) + b"\r\n" if fields else b""
 
     def body_unbounded(self) -> bool:
