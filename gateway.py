@@ -4527,11 +4527,11 @@ class UpstreamPool:
                 await conn.exchange(request, u.first_byte_timeout_s,  # type: ignore[union-attr]
                                     u.idle_timeout_s, upload, no_body)
                 return conn  # type: ignore[return-value]
-            except _StaleConnection:  # closed by the upstream while idle: the request never
-                if fresh:  # pragma: no cover - a fresh connection is never "reused" (arrived)
+            except _StaleConnection:  # the upstream closed it while it sat idle, so the
+                if fresh:  # pragma: no cover - a fresh connection is never "reused"
                     raise UpstreamError("upstream closed the connection before answering") \
                         from None
-                fresh = True  # once more, on a new one
+                fresh = True  # request never arrived: once more, on a new connection
             except asyncio.CancelledError:
                 conn.abort()  # type: ignore[union-attr]  # half an exchange: not reusable
                 raise
