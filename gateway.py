@@ -5686,13 +5686,12 @@ class ResponseWriter(BodySink):
         then). `stream`: the client asked for a stream and this is not a whole JSON answer:
         SSE, whatever its content type says (what it holds is counted, converted and
         filtered as a stream's). `keys`: converted, the upstream's, masked in an error it
-        sends in the stream."""
+        sends in the stream. The headers are the ones a client may get: relayed(), or an
+        UpstreamConnection's `kept`, which are sorted so as the head is parsed."""
         sse = whole = False
         media = None
         headers = []
         for name, value in upstream_headers:
-            if name in _NOT_RELAYED or name[:12] == b"x-ratelimit-":
-                continue
             if name == b"content-type":  # the first, as respond reads it; not the others
                 if media is not None:
                     continue
@@ -5720,7 +5719,7 @@ class ResponseWriter(BodySink):
     def relay_whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         """An upstream answer the gateway has already read (perhaps cut to a bound): framed
         by its length here, whatever the upstream declared."""
-        headers = [h for h in headers if h[0] not in (b"content-length", b"transfer-encoding")]
+        headers = [h for h in relayed(headers) if h[0] != b"content-length"]
         headers.append((b"content-length", b"%d" % len(body)))
         self.relay_head(status, headers)
         self.on_data(body)
@@ -6018,6 +6017,12 @@ def one_line(text: str, limit: int) -> str:
 
 
 _WORD = re.compile(r"\S+")
+
+
+def relayed(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """An upstream's header lines as a client may get them: not hop-by-hop, nor about the
+    gateway's own account (x-ratelimit-* describe one pooled key, not the client)."""
+    return [h for h in headers if h[0] not in _NOT_RELAYED and h[0][:12] != b"x-ratelimit-"]
 
 
 def content_encoding(headers: list[tuple[bytes, bytes]]) -> bytes | None:
@@ -7097,7 +7102,7 @@ class ProxyHandler:
                 writer.relay_whole(conn.status, headers, body)
                 return
             writer.mask_with(keys)
-            headers, plain = keys.mask_headers(conn.headers), ()
+            headers, plain = keys.mask_headers(relayed(conn.headers)), ()
         else:  # relayed as they came: sorted and formatted as the head was parsed
             headers, plain = conn.kept, conn.plain
         ok = 200 <= conn.status < 300
