@@ -6828,8 +6828,8 @@ class ProxyHandler:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
 
-    # These hand back proxy's coroutine, not a coroutine that awaits it: a level less to
-    # start, and to resume when the upstream answers.
+    # These hand back the coroutine proxy makes, not a coroutine that awaits it: a level
+    # less to start, and to resume when the upstream answers.
 
     def chat(self, rq: Request) -> Coroutine[Any, Any, None]:
         if rq.method != b"POST":  # the list of stored chat completions: the rest of the API's
@@ -6845,12 +6845,25 @@ class ProxyHandler:
     def embeddings(self, rq: Request) -> Coroutine[Any, Any, None]:
         return self.proxy(rq, "embeddings")
 
-    async def proxy(self, rq: Request, kind: str, force_stream: bool = False) -> None:
-        gw = self.gw
+    def proxy(self, rq: Request, kind: str, force_stream: bool = False) -> Coroutine[Any, Any, None]:
+        """The request's plan, run: the coroutine is handed back for Gateway.handle to await
+        (a frame less to resume when the upstream answers), unless the objects a chat
+        names must first be looked up to pin it to the key that made them."""
         obj = parse_body(rq.body(), kind)
         model = self.allowed_model(rq, obj["model"])
-        ids = named_objects(obj, "messages") if kind == "chat" and gw.sticky.nested else None
-        pinned = await self.pinned_by(ids) if ids else None
+        ids = named_objects(obj, "messages") if kind == "chat" and self.gw.sticky.nested else None
+        if ids:
+            return self.pinned_run(rq, kind, obj, model, ids, force_stream)
+        return self.run(self.plan(rq, kind, obj, model, force_stream))
+
+    async def pinned_run(self, rq: Request, kind: str, obj: dict, model: str, ids: list[str],
+                         force_stream: bool) -> None:
+        pinned = await self.pinned_by(ids)
+        await self.run(self.plan(rq, kind, obj, model, force_stream, pinned))
+
+    def plan(self, rq: Request, kind: str, obj: dict, model: str, force_stream: bool,
+             pinned: tuple[str, str] | None = None) -> Plan:
+        gw = self.gw
         candidates = gw.forwarder.candidates(gw.config, model, kind, rq.model) \
             if pinned is None else self.candidates(rq, model, kind, pinned)  # (the hot path)
         refusal = None
@@ -6859,8 +6872,8 @@ class ProxyHandler:
                 chat_from_completion(obj)
             except GatewayError as exc:
                 refusal = exc
-        await self.run(Plan(rq, kind, obj, force_stream, gw, candidates,
-                            pinned=pinned[1] if pinned else None, refusal=refusal))
+        return Plan(rq, kind, obj, force_stream, gw, candidates,
+                    pinned=pinned[1] if pinned else None, refusal=refusal)
 
     async def pinned_by(self, ids: list[str]) -> tuple[str, str] | None:
         """(upstream, key) that made the first of these objects the gateway saw made (or,
