@@ -4000,7 +4000,7 @@ class UpstreamConnection(asyncio.Protocol):
         # per connection
         "pool", "loop", "transport", "state", "expires", "reused", "paused", "owner",
         # per exchange
-        "got_bytes", "head_buf", "head_waiter", "status", "headers", "plain", "kept",
+        "got_bytes", "head_buf", "head_waiter", "status", "lines", "plain", "kept",
         "ratelimits", "framing", "keep_alive",
         "left", "decoder", "sink", "pending", "done", "deadline", "first_byte_timeout",
         "idle_timeout", "last_rx", "error", "no_body", "upload", "interims",
@@ -4023,7 +4023,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_waiter: asyncio.Future | None = None
         self.status = 0
         # (made by _parse_head: until then the same empty tuple, not three new lists an exchange)
-        self.headers: list[tuple[bytes, bytes]] = _NO_FIELDS  # every line: (lowercased name, value)
+        self.lines: list[bytes] = _NO_FIELDS  # the header lines as they came: see headers
         # The same lines, sorted once for relaying (see _parse_head): those relayed as they
         # are; those the writer looks at; the upstream's x-ratelimit-* values.
         self.plain: list[tuple[bytes, bytes]] = _NO_FIELDS
@@ -4330,6 +4330,14 @@ class UpstreamConnection(asyncio.Protocol):
         # Reading goes on: until relay() attaches a sink (the next loop turn), body bytes
         # collect in `pending`. Pausing here would cost an epoll_ctl pair per stream.
 
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """Every header line, in order: (lowercased name, value). Made when asked for, by
+        the paths that read an answer that is not a success; a success is relayed from
+        what _parse_head sorted."""
+        return [(name.lower(), value.strip())
+                for name, _, value in (line.partition(b":") for line in self.lines)]
+
     def _parse_head(self, head: bytes) -> None:
         lines = head.split(b"\r\n")
         if bare_control(head, len(lines) - 1):  # (a bare CR or LF could split a relayed
@@ -4339,7 +4347,7 @@ class UpstreamConnection(asyncio.Protocol):
                 or not 100 <= int(status) <= 599 or len(status) != 3:
             raise ValueError(lines[0])
         self.status = int(status)
-        headers = self.headers = []
+        lines = self.lines = lines[1:]
         plain = self.plain = []
         kept = self.kept = []
         ratelimits = self.ratelimits = None
@@ -4347,7 +4355,7 @@ class UpstreamConnection(asyncio.Protocol):
         coding: bytes | None = None
         conn = b""
         unknown = []  # names not yet known to be tokens: checked below
-        for line in lines[1:]:  # one pass: parsed, checked and sorted for the relay
+        for line in lines:  # one pass: parsed, checked and sorted for the relay
             name, colon, value = line.partition(b":")
             if not colon or not name:  # (a client's parser would refuse what we relay; the
                 raise ValueError("a header line that is not name: value")  # names: below)
@@ -4355,7 +4363,6 @@ class UpstreamConnection(asyncio.Protocol):
             if name not in _TOKEN_NAMES:
                 unknown.append(name)
             field = name, value.strip()
-            headers.append(field)
             if name not in _SORTED_FIELDS:  # (most lines: one set lookup, two compares)
                 if b"x-ratelimit-" <= name < b"x-ratelimit.":  # the prefix, without a slice
                     if ratelimits is None:
