@@ -5687,14 +5687,14 @@ class ResponseWriter(BodySink):
                    plain: list[tuple[bytes, bytes]] | tuple = (), inspect: bool = False,
                    drop_usage: bool = False, convert: Any = None, stream: bool = False,
                    keys: KeyPool | None = None) -> None:
-        """Pass the upstream's status and headers through, minus hop-by-hop ones; an SSE
-        body gets the filter (inspecting usage when asked). `plain`: more of its header
-        lines, relayed as they are (an UpstreamConnection's: its `kept` are the headers
-        then). `stream`: the client asked for a stream and this is not a whole JSON answer:
-        SSE, whatever its content type says (what it holds is counted, converted and
-        filtered as a stream's). `keys`: converted, the upstream's, masked in an error it
-        sends in the stream. The headers are the ones a client may get: relayed(), or an
-        UpstreamConnection's `kept`, which are sorted so as the head is parsed."""
+        """Pass the upstream's status and headers through: headers already fit for a
+        client, from relayed() or an UpstreamConnection's `kept` (sorted as its head was
+        parsed); an SSE body gets the filter (inspecting usage when asked). `plain`: more
+        of its header lines, relayed as they are (an UpstreamConnection's: its `kept` are
+        the headers then). `stream`: the client asked for a stream and this is not a whole
+        JSON answer: SSE, whatever its content type says (what it holds is counted,
+        converted and filtered as a stream's). `keys`: converted, the upstream's, masked
+        in an error it sends in the stream."""
         sse = whole = False
         media = None
         headers = []
