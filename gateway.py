@@ -7109,12 +7109,13 @@ class ProxyHandler:
             return  # the last upstream error was passed through
         if conn.status >= 300:  # not a success: any upstream key it echoes is masked as it goes
             keys = plan.pool()
+            fields = conn.headers  # (parsed from the head's lines when asked for: once here)
             no_embeddings = plan.kind == "embeddings" and conn.status == 404 and \
                 not writer.head_only
-            if no_embeddings or content_encoding(conn.headers) is not None and (
+            if no_embeddings or content_encoding(fields) is not None and (
                     conn.framing is not _NO_BODY  # read whole; a HEAD's, as its GET's would be
                     or writer.head_only and conn.status not in (204, 304)):
-                headers, body = masked_error(keys, conn.status, conn.headers,
+                headers, body = masked_error(keys, conn.status, fields,
                                              await conn.read_body(MAX_ERROR_BODY + 1))
                 if no_embeddings and error_code(body) != "model_not_found":  # no /embeddings
                     raise Unsupported("The upstream does not serve embeddings.")  # (not no
@@ -7122,7 +7123,7 @@ class ProxyHandler:
                 writer.relay_whole(conn.status, headers, body)
                 return
             writer.mask_with(keys)
-            headers, plain = keys.mask_headers(relayed(conn.headers)), ()
+            headers, plain = keys.mask_headers(relayed(fields)), ()
         else:  # relayed as they came: sorted and formatted as the head was parsed
             headers, plain = conn.kept, conn.plain
         ok = 200 <= conn.status < 300
