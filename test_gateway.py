@@ -2972,8 +2972,12 @@ def test_an_upstream_head_a_client_would_refuse_is_the_upstreams_garbage(head: b
 
 def test_upstream_header_names_checked_once_are_remembered_up_to_a_bound_and_others_still_checked(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gw, "MAX_TOKEN_NAMES", 6)
-    monkeypatch.setattr(gw, "_TOKEN_NAMES", set())
+    known = dict(gw._SORTED_KINDS)  # the names the gateway sorts itself: known from the start
+    monkeypatch.setattr(gw, "MAX_TOKEN_NAMES", len(known) + 4)
+    monkeypatch.setattr(gw, "_FIELD_KINDS", dict(known))
+
+    def learned() -> set[bytes]:
+        return gw._FIELD_KINDS.keys() - known.keys()
 
     async def answer(names: list[bytes]) -> gw.UpstreamConnection:
         conn, _, _, waiting = await exchanging()
@@ -2982,22 +2986,27 @@ def test_upstream_header_names_checked_once_are_remembered_up_to_a_bound_and_oth
         return await waiting
 
     async def run() -> None:
-        first = await answer([b"X-A", b"x-b"])
+        first = await answer([b"X-A", b"x-b", b"X-RateLimit-Limit-Requests"])
         assert first.plain == [(b"x-a", b"v"), (b"x-b", b"v")]
-        assert gw._TOKEN_NAMES == {b"x-a", b"x-b", b"content-length"}
-        again = await answer([b"x-a", b"x-b"])  # known: not checked again, the same answer
-        assert again.plain == first.plain and len(gw._TOKEN_NAMES) == 3
+        assert first.ratelimits == {b"x-ratelimit-limit-requests": b"v"}
+        assert learned() == {b"x-a", b"x-b", b"x-ratelimit-limit-requests"}
+        # known: not checked again, and sorted as they were
+        again = await answer([b"x-a", b"x-b", b"x-ratelimit-limit-requests"])
+        assert again.plain == first.plain and again.ratelimits == first.ratelimits
+        assert len(learned()) == 3
         many = [b"x-%d" % i for i in range(10)]
         assert [n for n, _ in (await answer(many)).plain] == many  # past the bound: still relayed
-        assert len(gw._TOKEN_NAMES) == 6 and gw._TOKEN_NAMES >= {b"x-a", b"x-b", b"content-length"}
+        assert len(learned()) == 4 and learned() >= {b"x-a", b"x-b"}
+        past = [b"x-ratelimit-reset-%d" % i for i in range(3)]  # and still sorted
+        assert (await answer(past)).ratelimits == dict.fromkeys(past, b"v")
         for bad in (b"x-a x", b"x-1\x00", b"x-b,"):  # a known name's neighbours: each checked
             with pytest.raises(gw.UpstreamError, match="garbage"):
                 await answer([b"x-a", bad])
-        assert len(gw._TOKEN_NAMES) == 6
-        gw._TOKEN_NAMES.clear()
+        assert len(learned()) == 4
+        monkeypatch.setattr(gw, "_FIELD_KINDS", dict(known))
         long = b"x" * (gw.MAX_TOKEN_NAME + 1)  # a name near the head's bound is not kept: 4,096
         assert (await answer([long, b"x" * gw.MAX_TOKEN_NAME])).plain[0] == (long, b"v")  # of
-        assert gw._TOKEN_NAMES == {b"x" * gw.MAX_TOKEN_NAME, b"content-length"}  # them: 256 MB
+        assert learned() == {b"x" * gw.MAX_TOKEN_NAME}  # them: 256 MB
 
     asyncio.run(run())
 
