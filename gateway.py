@@ -4340,7 +4340,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _parse_head(self, head: bytes) -> None:
         lines = head.split(b"\r\n")
-        if bare_control(head, len(lines) - 1):  # (a bare CR or LF could split a relayed
+        if bare_control(lines):  # (a bare CR or LF could split a relayed
             raise ValueError("a control byte in the head")  # header)
         version, status, _ = (lines[0] + b" ").split(b" ", 2)
         if version not in (b"HTTP/1.1", b"HTTP/1.0") or not status.isdigit() \
@@ -4470,7 +4470,8 @@ _LF, _CR = ord("\n"), ord("\r")
 # A response head: no control byte but HTAB outside its CRLFs (obs-text is let through, as
 # h11 lets it through), and every header line a token and a colon (no obs-fold, no space):
 # bare_control, _parse_head.
-_HEAD_CONTROLS = bytes((*range(0x09), *range(0x0a, 0x20), 0x7f))
+# (a translation that changes each of those bytes, and no other)
+_CONTROL_MARKS = bytes(0x20 if b < 0x20 and b != 0x09 or b == 0x7f else b for b in range(256))
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 # What relay_head looks at (the rest is relayed as it came, or not at all: _NOT_RELAYED);
 # and what its x-request-id is renamed to, which keeps its place among its own lines.
@@ -4496,12 +4497,13 @@ def _field_kind(name: bytes) -> int:
     return _AS_RATELIMIT if b"x-ratelimit-" <= name < b"x-ratelimit." else _AS_PLAIN
 
 
-def bare_control(head: bytes, crlfs: int) -> bool:
-    """A control byte but HTAB in a head of `crlfs` CRLFs, other than their CRs and LFs:
-    there are then more of them than twice its CRLFs (which never overlap). Counted in C: a
-    pattern search over the head cost 8 µs of an OpenAI head of 1.3 KB, this 2.5 (the CRLFs
-    are counted by the caller's split: a count of them cost 1.4 more)."""
-    return len(head) - len(head.translate(None, _HEAD_CONTROLS)) != 2 * crlfs
+def bare_control(lines: list[bytes]) -> bool:
+    """A control byte but HTAB in a head split at its CRLFs: a bare CR or LF, or another.
+    Found in C: the lines joined, then translated by a table that changes only those bytes,
+    come out the same for a clean head. Of an OpenAI head of 1.3 KB, a pattern search cost
+    8 µs; the controls deleted from the head and counted, 14,900 instructions; this, 12,500."""
+    joined = b"".join(lines)
+    return joined.translate(_CONTROL_MARKS) != joined
 
 
 def _set_nodelay(sock: Any) -> None:
