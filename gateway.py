@@ -4393,10 +4393,7 @@ class UpstreamConnection(asyncio.Protocol):
         if unknown:  # (obs-fold, a space: all of them looked at in one C call, as a pattern
             if b"".join(unknown).translate(None, _TOKEN_BYTES):  # over the head cost 18,000
                 raise ValueError("a header name that is not a token")  # instructions of an
-            if len(_FIELD_KINDS) < MAX_TOKEN_NAMES:  # OpenAI head)
-                room = MAX_TOKEN_NAMES - len(_FIELD_KINDS)
-                _FIELD_KINDS.update([(n, _field_kind(n)) for n in unknown
-                                     if len(n) <= MAX_TOKEN_NAME][:room])
+            learn_names(unknown)  # OpenAI head)
         if length is not None and coding is not None:  # RFC 9112 §6.3: the framing is in doubt
             raise ValueError("both Content-Length and Transfer-Encoding")
         self.keep_alive = version == b"HTTP/1.1" and (  # (the usual values told apart first:
@@ -4487,14 +4484,29 @@ _SORTED_KINDS = {**dict.fromkeys(_NOT_RELAYED, _AS_DROPPED),
 # them: an upstream sends the same few names on every answer, so most heads check none, and
 # one dict lookup a line sorts it (where a set lookup to know it was checked, one to know it
 # is relayed plain and the x-ratelimit- prefix's compares cost 9,000 instructions of an
-# OpenAI head). A name not in it costs an exception: once, or, past MAX_TOKEN_NAMES, each
-# time (0.5 µs a line).
+# OpenAI head). A name not in it costs an exception (0.5 µs a line). Never emptied but by
+# learn_names, which puts _SORTED_KINDS back: a framing name learned as plain would be
+# relayed, and its framing not read.
 _FIELD_KINDS: dict[bytes, int] = dict(_SORTED_KINDS)
 
 
 def _field_kind(name: bytes) -> int:
     """What is done with a line of a header the gateway does not look at."""
     return _AS_RATELIMIT if b"x-ratelimit-" <= name < b"x-ratelimit." else _AS_PLAIN
+
+
+def learn_names(names: list[bytes]) -> None:
+    """Remember header names checked to be tokens, up to MAX_TOKEN_NAMES. Full, it starts
+    again from the names the gateway sorts, rather than stop learning: an upstream that
+    sends a new name on every answer would otherwise leave every name not learned by then,
+    from any upstream, an exception a line for good."""
+    fresh = [(n, _field_kind(n)) for n in names if len(n) <= MAX_TOKEN_NAME]
+    if len(_FIELD_KINDS) + len(fresh) > MAX_TOKEN_NAMES:
+        _FIELD_KINDS.clear()
+        _FIELD_KINDS.update(_SORTED_KINDS)
+    room = MAX_TOKEN_NAMES - len(_FIELD_KINDS)
+    if room > 0:
+        _FIELD_KINDS.update(fresh[:room])
 
 
 def bare_control(lines: list[bytes]) -> bool:
