@@ -5035,10 +5035,11 @@ class Forwarder:
                     keys.failed(key)  # (failover: the next request goes to another key)
                 return conn
             headers = conn.headers
+            body: bytes | None
             try:
                 body = await conn.read_body(MAX_ERROR_BODY + 1)  # so the connection can be
             except GatewayError:  # reused (one byte past the bound: to tell a cut body)
-                body = b""
+                body = None  # cut short: the upstream closed or went quiet in it
             flow.detach()
             keys.failed(key)
             if not judged and status in (401, 403, 429):
@@ -5048,7 +5049,7 @@ class Forwarder:
                                model)
                 plan.tried.add(key)  # another key at once: no backoff, no attempt spent
             elif status in (401, 403):
-                self.block(upstream, keys, key, f"{status} {upstream_message(body, keys)}")
+                self.block(upstream, keys, key, f"{status} {upstream_message(body or b'', keys)}")
                 plan.tried.add(key)
             elif await self.backoff(plan, None, (status, *masked_error(keys, status, headers,
                                                                        body))):
@@ -6070,14 +6071,17 @@ def content_encoding(headers: list[tuple[bytes, bytes]]) -> bytes | None:
     return None
 
 
-def masked_error(keys: KeyPool, status: int, headers: list[tuple[bytes, bytes]], body: bytes
-                 ) -> tuple[list[tuple[bytes, bytes]], bytes]:
+def masked_error(keys: KeyPool, status: int, headers: list[tuple[bytes, bytes]],
+                 body: bytes | None) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """An upstream's answer that is not a success, read whole (to one byte past
-    MAX_ERROR_BODY, which tells one cut), as it may reach the client: its keys masked. Cut, it
-    would be broken JSON; encoded, its keys cannot be seen: the gateway's own error instead."""
+    MAX_ERROR_BODY, which tells one cut; None: the upstream closed or went quiet before its
+    end), as it may reach the client: its keys masked. Cut, it would be broken JSON (or
+    nothing, under the upstream's Content-Type); encoded, its keys cannot be seen: the
+    gateway's own error instead."""
     encoding = content_encoding(headers)
-    if len(body) > MAX_ERROR_BODY or encoding is not None:
-        why = f"an error body over {MAX_ERROR_BODY} bytes" if encoding is None else \
+    if body is None or len(body) > MAX_ERROR_BODY or encoding is not None:
+        why = "a body cut short" if body is None else \
+            f"an error body over {MAX_ERROR_BODY} bytes" if encoding is None else \
             f"a body in {encoding.decode('latin-1')!r} encoding"
         headers = [h for h in headers if h[0] not in (b"content-type", b"content-encoding")]
         headers.append(_JSON_CT)

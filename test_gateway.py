@@ -4367,6 +4367,31 @@ def test_an_upstream_error_body_is_read_up_to_its_bound_and_the_rest_dropped(
     assert eventually(lambda: upstream.closed == 1)  # the rest was never read
 
 
+def test_an_upstream_error_cut_short_becomes_the_gateways_own_error_not_an_empty_body(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    requests = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await request_in(reader)
+        requests.append(head)
+        status = b"401 Unauthorized" if b"x-status: 401" in head else b"500 Internal Server Error"
+        writer.write(b"HTTP/1.1 %s\r\ncontent-type: text/plain\r\ncontent-length: 100\r\n\r\n"
+                     b'{"error": {"message": "' % status)  # then the line closes
+        await writer.drain()
+        writer.close()
+
+    port = raw_upstream(handler)
+    g = start_gateway({"retry": {"attempts": 2, "base_delay_s": 0.001, "max_delay_s": 0.001},
+                       "upstreams": [{"name": "u", "url": f"http://127.0.0.1:{port}/v1", "keys": ["sk-up-1"]}]})
+    (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))
+    assert len(requests) == 2  # each try's answer was cut; the last one's status stands
+    assert resp.status == 500 and resp.headers["content-type"] == "application/json"
+    assert resp.json()["error"] == {"message": "The upstream answered 500 with a body cut short, not passed on.",
+                                    "type": "upstream_error", "param": None, "code": "upstream_error"}
+    (resp,) = raw(g.port, post("/v1/chat/completions", CHAT, "x-status: 401\r\n"))
+    assert resp.status == 503 and resp.json()["error"]["code"] == "upstream_credentials_exhausted"
+
+
 def test_a_head_arriving_just_after_the_client_left_is_dropped_quietly() -> None:
     async def run() -> None:
         conn, pool, transport = await upstream_connection()
