@@ -621,6 +621,38 @@ def _escaped_forms(secret: str) -> set[bytes]:
 _PERCENT_HEX = re.compile(rb"%[0-9A-F]{2}")  # (.NET writes lower-case hex)
 
 
+# An ASCII character as JSON (\u00XX, \/) or a URL (%XX) may escape it: what one
+# encoder escapes is not what another does (.NET's "+", Gson's "=" and "'", Go's "&", PHP's
+# "/"), so a key may come with any of its characters escaped, each its own way
+_ASCII_ESCAPE = re.compile(rb"\\u00[0-7][0-9a-fA-F]|\\/|%[0-7][0-9a-fA-F]")
+# and one cut off before its end (the end of an answer that came in a key)
+_CUT_ESCAPE = re.compile(rb"(?:\\(?:u[0-9a-fA-F]{0,3})?|%[0-9a-fA-F]?)\Z")
+
+
+def unescaped(data: bytes) -> tuple[bytes, list[int], list[int]]:
+    """Bytes with their ASCII escapes undone, and where each escape was: its place in what is
+    returned, and how many bytes it took before it and itself (with bisect: where a place in
+    what is returned was in the bytes given)."""
+    out, places, shrunk, at, total = [], [], [], 0, 0
+    for found in _ASCII_ESCAPE.finditer(data):
+        start, end = found.span()
+        out.append(data[at:start])
+        escape = found.group()
+        out.append(b"/" if escape == b"\\/" else bytes((int(escape[-2:], 16),)))
+        places.append(start - total)
+        total += end - start - 1
+        shrunk.append(total)
+        at = end
+    out.append(data[at:])
+    return b"".join(out), places, shrunk
+
+
+def _was_at(place: int, places: list[int], shrunk: list[int]) -> int:
+    """Where a place in unescaped bytes (a byte's start, or a span's end) was before."""
+    i = bisect.bisect_left(places, place)
+    return place + (shrunk[i - 1] if i else 0)
+
+
 class Masker:
     """Upstream keys in an answer that is not a success, masked as it streams (an upstream
     key never reaches a client). A mask is as long as its key, so that a Content-Length stays
@@ -630,14 +662,21 @@ class Masker:
     be cut across reads, and the `hold` bytes written before them are kept unmasked, to find
     a key that ends in what waited. So each byte is masked as it would be in the whole body."""
 
-    __slots__ = ("secrets", "hold", "seen", "waiting")
+    __slots__ = ("secrets", "hold", "forms", "keys", "lower", "seen", "waiting")
 
-    def __init__(self, secrets: Iterable[bytes], escaped: Iterable[bytes] = ()) -> None:
+    def __init__(self, secrets: Iterable[bytes], escaped: Iterable[bytes] = (),
+                 keys: Iterable[bytes] = (), lower: bool = False) -> None:
         # (a key, and what of it a mask shows): an escaped form is hidden whole, so that no
         # escape is cut in two (`\*` is not JSON)
         self.secrets = tuple((s, 3, 4) if len(s) >= 12 else (s, 0, 0) for s in secrets if s) \
             + tuple((s, 0, 0) for s in escaped if s)
-        self.hold = max((len(s) for s, _, _ in self.secrets), default=1) - 1
+        self.forms = frozenset(s for s, _, _ in self.secrets)
+        # and ASCII keys with any mix of escapes no form of those has (see _ASCII_ESCAPE):
+        # found with the escapes undone, where there are any; `lower`: in lowercased bytes
+        self.keys = tuple(k for k in keys if k)
+        self.lower = lower
+        self.hold = max(max((len(s) for s in self.forms), default=1),
+                        max((6 * len(k) for k in self.keys), default=0)) - 1  # (\u00XX)
         self.seen = b""  # written already: only looked at
         self.waiting = b""  # not written yet
 
@@ -647,7 +686,8 @@ class Masker:
     def fresh(self) -> Masker:
         """The same keys, nothing seen yet: one for each answer."""
         masker = Masker.__new__(Masker)
-        masker.secrets, masker.hold = self.secrets, self.hold
+        masker.secrets, masker.hold, masker.forms = self.secrets, self.hold, self.forms
+        masker.keys, masker.lower = self.keys, self.lower
         masker.seen = masker.waiting = b""
         return masker
 
@@ -688,6 +728,8 @@ class Masker:
                         hidden.append((at + head, len(body)))
                         break
                     at = body.find(begun, at + 1)
+        if self.keys and (b"%" in body or b"\\" in body):
+            self._escaped(body, ended, hidden)
         if not hidden:
             return body[start:stop]
         out = bytearray(body[start:stop])
@@ -696,6 +738,36 @@ class Masker:
             if a < b:
                 out[a - start:b - start] = b"*" * (b - a)
         return bytes(out)
+
+    def _escaped(self, body: bytes, ended: bool, hidden: list[tuple[int, int]]) -> None:
+        """Keys in a mix of escapes no fixed form has, hidden whole (a key that came as it is,
+        or in one of those forms, is left to them); and, at an end that came in a key, what
+        came of it."""
+        cut = _CUT_ESCAPE.search(body, max(0, len(body) - 6)) if ended else None  # (what of
+        text, places, shrunk = unescaped(body[:cut.start()] if cut else body)  # an escape came,
+        # at the end)
+        if not places and cut is None:
+            return
+        if self.lower:
+            text = text.lower()
+        for key in self.keys:
+            size = len(key)
+            at = text.find(key)
+            while at >= 0:
+                a, b = _was_at(at, places, shrunk), _was_at(at + size, places, shrunk)
+                if b - a != size and body[a:b] not in self.forms:  # (as it is, or in a
+                    hidden.append((a, b))  # fixed form: hidden as those are)
+                at = text.find(key, at + 1)
+            if ended:  # cut off in it: hidden whole, once its first few came
+                begun = key[:max(1, min(8, size // 2))]
+                at = text.find(begun, max(0, len(text) - size + 1))
+                while at >= 0:
+                    if key.startswith(text[at:]):
+                        a = _was_at(at, places, shrunk)
+                        if cut is not None or len(body) - a != len(text) - at:
+                            hidden.append((a, len(body)))
+                        break
+                    at = text.find(begun, at + 1)
 
 
 class KeyPool:
@@ -943,8 +1015,10 @@ class KeyPool:
                 secrets.add(secret.encode("latin-1") if _latin1(secret) else secret.encode())
                 escaped.update(_escaped_forms(secret))
             lowered = {s.lower() for s in secrets}
-            self._masking = (now, Masker(secrets, escaped - secrets),
-                             Masker(lowered, {s.lower() for s in escaped} - lowered))
+            ascii_ = {s for s in secrets if s.isascii()}
+            self._masking = (now, Masker(secrets, escaped - secrets, ascii_),
+                             Masker(lowered, {s.lower() for s in escaped} - lowered,
+                                    {s.lower() for s in ascii_}, lower=True))
         return self._masking[2 if lower else 1].fresh()
 
     def mask_headers(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 import types
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator
@@ -3768,6 +3769,49 @@ def test_a_key_in_an_errors_headers_a_longer_key_and_a_5xx_cut_in_a_key_are_mask
     assert bad.body.endswith(b'sk-*******************cdef"}}')  # the longer key, masked whole
     (cut,) = raw(g.port, post("/v1/chat/completions", CHAT, "x-status: 500\r\n"))
     assert cut.status == 500 and long[:8] not in cut.body
+
+
+def _unescaped(data: bytes) -> bytes:
+    """What a client reads of a JSON string or URL: its escapes undone."""
+    data = re.sub(rb"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)).encode(), data)
+    return urllib.parse.unquote_to_bytes(data.replace(b"\\/", b"/"))
+
+
+@st.composite
+def _escaped_key_cases(draw: st.DrawFn) -> tuple[str, bytes, bytes, list[int]]:
+    """A key with each of its characters escaped or not, each its own way (as JSON does,
+    either case of hex, or as a URL does), in an error body split in reads."""
+    key = draw(st.text("aZ09+/=-~_", min_size=12, max_size=24))
+    forms = []
+    for ch in key:
+        kind = draw(st.sampled_from(["as is", "\\u%04x", "\\u%04X", "%%%02x", "%%%02X"]
+                                    + (["\\/"] if ch == "/" else [])))
+        forms.append(ch if kind == "as is" else kind % ord(ch) if "%" in kind else kind)
+    carried = "".join(forms).encode()
+    body = b'{"error": {"message": "bad key ' + carried + b' there"}}'
+    return key, carried, body, sorted(draw(st.lists(st.integers(0, len(body)), max_size=6)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=_escaped_key_cases())
+def test_a_key_with_any_of_its_characters_escaped_is_masked_in_any_split_of_reads(case: tuple) -> None:
+    key, carried, body, cuts = case
+    keys = gw.KeyPool([gw.UpstreamKey("k", key)])
+    pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)])]
+    masker = keys.masker()
+    streamed = b"".join(masker.feed(p) for p in pieces) + masker.end()
+    assert streamed == keys.masker().whole(body) and len(streamed) == len(body)
+    assert key.encode() not in _unescaped(streamed)
+    if carried != key.encode():  # escaped: hidden whole
+        assert streamed == body.replace(carried, b"*" * len(carried))
+    begun = max(1, min(8, len(key) // 2))  # cut off at the end: hidden once its first few came
+    for size in range(len(carried)):
+        masked = keys.masker().whole(b"bad key " + carried[:size])
+        if len(_unescaped(carried[:size])) >= begun:
+            assert key[:begun].encode() not in _unescaped(masked)
+    headers = keys.mask_headers([(b"x-" + carried.lower(), b"v"), (b"x-echo", carried)])
+    assert all(key.encode().lower() not in _unescaped(n).lower() and key.encode() not in _unescaped(v)
+               for n, v in headers)
 
 
 @st.composite
