@@ -5738,6 +5738,8 @@ class ResponseWriter(BodySink):
             lines += (b"\r\n".join(map(b": ".join, plain)), b"\r\n")
         for name, value in headers:
             if name == b"content-length":
+                if status == 204:
+                    continue  # a 204 has none (RFC 9110 §8.6), whatever an upstream said
                 if length >= 0:
                     if int(value) != length:
                         raise h11.LocalProtocolError("conflicting Content-Length headers")

@@ -4397,6 +4397,20 @@ def test_ambiguous_framing_from_an_upstream_is_502_and_logged_as_what_the_client
     assert [line["status"] for line in lines if line["path"] == "/v1/chat/completions"] == [502]
 
 
+def test_a_204_goes_on_without_the_content_length_an_upstream_gave_it(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    port = raw_upstream(Hostile(b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\nx-kept: yes\r\n\r\n"))
+    g = start_gateway({"upstreams": [{"name": "u", "url": f"http://127.0.0.1:{port}/v1"}]})
+    with connect(g.port) as sock:
+        sock.sendall(b"DELETE /v1/files/file-1 HTTP/1.1\r\nHost: t\r\n\r\n")
+        f = sock.makefile("rb")
+        resp = read_response(f)
+        assert resp.status == 204 and resp.headers["x-kept"] == "yes"
+        assert "content-length" not in resp.headers and "transfer-encoding" not in resp.headers
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")  # and the connection goes on
+        assert read_response(f).status == 200
+
+
 def test_an_upstream_error_body_is_read_up_to_its_bound_and_the_rest_dropped(
         raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
     big = b'{"error": {"message": "' + b"x" * (5 * 2**20) + b'"}}'
