@@ -621,24 +621,30 @@ def _escaped_forms(secret: str) -> set[bytes]:
 _PERCENT_HEX = re.compile(rb"%[0-9A-F]{2}")  # (.NET writes lower-case hex)
 
 
-# An ASCII character as JSON (\u00XX, \/) or a URL (%XX) may escape it: what one
+# An ASCII character as JSON (\u00XX; \/, \", \\) or a URL (%XX) may escape it: what one
 # encoder escapes is not what another does (.NET's "+", Gson's "=" and "'", Go's "&", PHP's
-# "/"), so a key may come with any of its characters escaped, each its own way
-_ASCII_ESCAPE = re.compile(rb"\\u00[0-7][0-9a-fA-F]|\\/|%[0-7][0-9a-fA-F]")
-# and one cut off before its end (the end of an answer that came in a key)
-_CUT_ESCAPE = re.compile(rb"(?:\\(?:u[0-9a-fA-F]{0,3})?|%[0-9a-fA-F]?)\Z")
+# "/"), so a key may come with any of its characters escaped, each its own way. Undone as
+# JSON, as a URL (a "%" is no escape in JSON, nor a "\" in a URL) and as both at once (a URL
+# in a JSON string): each way with what of an escape an answer that ends in a key may end
+# with. (the bytes each needs, its escapes, an escape cut off)
+_ESCAPES = (
+    ((b"\\",), re.compile(rb'\\(?:u00[0-7][0-9a-fA-F]|[/"\\])'),
+     re.compile(rb"\\(?:u[0-9a-fA-F]{0,3})?\Z")),
+    ((b"%",), re.compile(rb"%[0-7][0-9a-fA-F]"), re.compile(rb"%[0-9a-fA-F]?\Z")),
+    ((b"\\", b"%"), re.compile(rb'\\(?:u00[0-7][0-9a-fA-F]|[/"\\])|%[0-7][0-9a-fA-F]'),
+     re.compile(rb"(?:\\(?:u[0-9a-fA-F]{0,3})?|%[0-9a-fA-F]?)\Z")))
 
 
-def unescaped(data: bytes) -> tuple[bytes, list[int], list[int]]:
-    """Bytes with their ASCII escapes undone, and where each escape was: its place in what is
-    returned, and how many bytes it took before it and itself (with bisect: where a place in
-    what is returned was in the bytes given)."""
+def unescaped(data: bytes, escape: re.Pattern) -> tuple[bytes, list[int], list[int]]:
+    """Bytes with their ASCII escapes of one kind undone, and where each escape was: its place
+    in what is returned, and how many bytes it took before it and itself (with bisect: where a
+    place in what is returned was in the bytes given)."""
     out, places, shrunk, at, total = [], [], [], 0, 0
-    for found in _ASCII_ESCAPE.finditer(data):
+    for found in escape.finditer(data):
         start, end = found.span()
         out.append(data[at:start])
-        escape = found.group()
-        out.append(b"/" if escape == b"\\/" else bytes((int(escape[-2:], 16),)))
+        out.append(data[start + 1:end] if end - start == 2  # \/, \", \\
+                   else bytes((int(data[end - 2:end], 16),)))
         places.append(start - total)
         total += end - start - 1
         shrunk.append(total)
@@ -728,8 +734,10 @@ class Masker:
                         hidden.append((at + head, len(body)))
                         break
                     at = body.find(begun, at + 1)
-        if self.keys and (b"%" in body or b"\\" in body):
-            self._escaped(body, ended, hidden)
+        if self.keys:
+            for markers, escape, cut_escape in _ESCAPES:
+                if all(marker in body for marker in markers):
+                    self._escaped(body, ended, hidden, escape, cut_escape)
         if not hidden:
             return body[start:stop]
         out = bytearray(body[start:stop])
@@ -739,13 +747,14 @@ class Masker:
                 out[a - start:b - start] = b"*" * (b - a)
         return bytes(out)
 
-    def _escaped(self, body: bytes, ended: bool, hidden: list[tuple[int, int]]) -> None:
+    def _escaped(self, body: bytes, ended: bool, hidden: list[tuple[int, int]],
+                 escape: re.Pattern, cut_escape: re.Pattern) -> None:
         """Keys in a mix of escapes no fixed form has, hidden whole (a key that came as it is,
         or in one of those forms, is left to them); and, at an end that came in a key, what
         came of it."""
-        cut = _CUT_ESCAPE.search(body, max(0, len(body) - 6)) if ended else None  # (what of
-        text, places, shrunk = unescaped(body[:cut.start()] if cut else body)  # an escape came,
-        # at the end)
+        cut = cut_escape.search(body, max(0, len(body) - 6)) if ended else None  # (what of
+        text, places, shrunk = unescaped(body[:cut.start()] if cut else body, escape)  # an
+        # escape came, at the end)
         if not places and cut is None:
             return
         if self.lower:

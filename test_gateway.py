@@ -3814,6 +3814,18 @@ def test_a_key_with_any_of_its_characters_escaped_is_masked_in_any_split_of_read
                for n, v in headers)
 
 
+@pytest.mark.parametrize("key, carried, shown", [
+    ("a\\b", b"a\\\\\\u0062", 0),  # a backslash, escaped as JSON escapes it, beside another escape
+    ('+"+', b'+\\"\\u002B', 0),  # a quote, so
+    ("a%1a/", b"a%1a\\u002f", 0),  # a "%" that is no escape, in JSON
+    ("1+\\/%", b"%31%2B\\/%25", 0),  # a "\\" that is none, in a URL
+    ("Dy", b"%1D\\u0079", 2),  # what comes before a key is not read as the start of an escape in it
+])
+def test_a_key_holding_what_an_escape_is_made_of_is_masked_escaped(key: str, carried: bytes, shown: int) -> None:
+    masked = gw.KeyPool([gw.UpstreamKey("k", key)]).masker().whole(b"bad key " + carried + b" there")
+    assert masked == b"bad key " + carried[:shown] + b"*" * (len(carried) - shown) + b" there"
+
+
 @st.composite
 def _masking_cases(draw: st.DrawFn) -> tuple[list[bytes], bytes, list[int]]:
     """Keys from a small alphabet (so that they begin, end and hold one another), a body of
