@@ -666,7 +666,9 @@ class Masker:
 
     The last `hold` bytes (the longest key, less one) wait for what follows, since a key may
     be cut across reads, and the `hold` bytes written before them are kept unmasked, to find
-    a key that ends in what waited. So each byte is masked as it would be in the whole body."""
+    a key that ends in what waited. So each byte is masked as it would be in the whole body.
+    What can be written goes `hold` bytes at a time at least (until the end), so that each
+    byte is looked at a few times, however small the reads."""
 
     __slots__ = ("secrets", "hold", "forms", "keys", "lower", "seen", "waiting")
 
@@ -701,7 +703,7 @@ class Masker:
         """What of the answer so far can be written, masked."""
         body = self.seen + self.waiting + data
         start, stop = len(self.seen), len(body) - self.hold
-        if stop <= start:
+        if stop - start < self.hold or stop <= start:
             self.waiting = body[start:]
             return b""
         self.seen, self.waiting = body[max(0, stop - self.hold):stop], body[stop:]
