@@ -627,12 +627,14 @@ _PERCENT_HEX = re.compile(rb"%[0-9A-F]{2}")  # (.NET writes lower-case hex)
 # JSON, as a URL (a "%" is no escape in JSON, nor a "\" in a URL) and as both at once (a URL
 # in a JSON string): each way with what of an escape an answer that ends in a key may end
 # with. (the bytes each needs, its escapes, an escape cut off)
-_ESCAPES = (
-    ((b"\\",), re.compile(rb'\\(?:u00[0-7][0-9a-fA-F]|[/"\\])'),
-     re.compile(rb"\\(?:u[0-9a-fA-F]{0,3})?\Z")),
-    ((b"%",), re.compile(rb"%[0-7][0-9a-fA-F]"), re.compile(rb"%[0-9a-fA-F]?\Z")),
-    ((b"\\", b"%"), re.compile(rb'\\(?:u00[0-7][0-9a-fA-F]|[/"\\])|%[0-7][0-9a-fA-F]'),
-     re.compile(rb"(?:\\(?:u[0-9a-fA-F]{0,3})?|%[0-9a-fA-F]?)\Z")))
+_JSON_ESCAPE, _CUT_JSON = rb'\\(?:u00[0-7][0-9a-fA-F]|[/"\\])', rb"\\(?:u[0-9a-fA-F]{0,3})?"
+_URL_ESCAPE, _CUT_URL = rb"%[0-7][0-9a-fA-F]", rb"%[0-9a-fA-F]?"
+_ESCAPES = tuple((markers, re.compile(b"|".join(escapes)),
+                  re.compile(b"(?:%s)\\Z" % b"|".join(cut_escapes)))
+                 for markers, escapes, cut_escapes in (
+                     ((b"\\",), (_JSON_ESCAPE,), (_CUT_JSON,)),
+                     ((b"%",), (_URL_ESCAPE,), (_CUT_URL,)),
+                     ((b"\\", b"%"), (_JSON_ESCAPE, _URL_ESCAPE), (_CUT_JSON, _CUT_URL))))
 
 
 def unescaped(data: bytes, escape: re.Pattern) -> tuple[bytes, list[int], list[int]]:
@@ -651,6 +653,19 @@ def unescaped(data: bytes, escape: re.Pattern) -> tuple[bytes, list[int], list[i
         at = end
     out.append(data[at:])
     return b"".join(out), places, shrunk
+
+
+def cut_in(data: bytes, key: bytes) -> int:
+    """Where data ends in the start of a key (its first few bytes at least: the longest such
+    start), or -1."""
+    size = len(key)
+    begun = key[:max(1, min(8, size // 2))]
+    at = data.find(begun, max(0, len(data) - size + 1))
+    while at >= 0:  # the first such start is the longest
+        if key.startswith(data[at:]):
+            return at
+        at = data.find(begun, at + 1)
+    return -1
 
 
 def _was_at(place: int, places: list[int], shrunk: list[int]) -> int:
@@ -679,7 +694,7 @@ class Masker:
         self.secrets = tuple((s, 3, 4) if len(s) >= 12 else (s, 0, 0) for s in secrets if s) \
             + tuple((s, 0, 0) for s in escaped if s)
         self.forms = frozenset(s for s, _, _ in self.secrets)
-        # and ASCII keys with any mix of escapes no form of those has (see _ASCII_ESCAPE):
+        # and ASCII keys with any mix of escapes no form of those has (see _ESCAPES):
         # found with the escapes undone, where there are any; `lower`: in lowercased bytes
         self.keys = tuple(k for k in keys if k)
         self.lower = lower
@@ -729,13 +744,9 @@ class Masker:
                 hidden.append((at + head, at + size - tail))
                 at = body.find(secret, at + 1)
             if ended:  # the end came in a key: what of it came is hidden, from a few bytes on
-                begun = secret[:max(1, min(8, size // 2))]
-                at = body.find(begun, max(0, len(body) - size + 1))
-                while at >= 0:  # the first such start is the longest
-                    if secret.startswith(body[at:]):
-                        hidden.append((at + head, len(body)))
-                        break
-                    at = body.find(begun, at + 1)
+                at = cut_in(body, secret)
+                if at >= 0:
+                    hidden.append((at + head, len(body)))
         if self.keys:
             for markers, escape, cut_escape in _ESCAPES:
                 if all(marker in body for marker in markers):
@@ -769,16 +780,11 @@ class Masker:
                 if b - a != size and body[a:b] not in self.forms:  # (as it is, or in a
                     hidden.append((a, b))  # fixed form: hidden as those are)
                 at = text.find(key, at + 1)
-            if ended:  # cut off in it: hidden whole, once its first few came
-                begun = key[:max(1, min(8, size // 2))]
-                at = text.find(begun, max(0, len(text) - size + 1))
-                while at >= 0:
-                    if key.startswith(text[at:]):
-                        a = _was_at(at, places, shrunk)
-                        if cut is not None or len(body) - a != len(text) - at:
-                            hidden.append((a, len(body)))
-                        break
-                    at = text.find(begun, at + 1)
+            at = cut_in(text, key) if ended else -1  # cut off in it: hidden whole
+            if at >= 0:
+                a = _was_at(at, places, shrunk)
+                if cut is not None or len(body) - a != len(text) - at:  # (as it is: above)
+                    hidden.append((a, len(body)))
 
 
 class KeyPool:
