@@ -3263,7 +3263,8 @@ class _Reader:
                 raise _fail(self.at(str(key)), f"unknown key{hint}")
 
     def child(self, key: str) -> _Reader:
-        return _Reader(self.obj.get(key) or {}, self.at(key), self.env)
+        value = self.obj.get(key)  # (null: as if absent; false, 0, "" or [] are wrong)
+        return _Reader({} if value is None else value, self.at(key), self.env)
 
     def string(self, key: str, default: str | None = None, *, nullable: bool = False) -> Any:
         value = self.obj.get(key, default)
@@ -3298,7 +3299,9 @@ class _Reader:
         return [resolve_env(v, f"{self.at(key)}[{i}]", self.env) for i, v in enumerate(value)]
 
     def mapping(self, key: str) -> dict[str, Any]:
-        value = self.obj.get(key) or {}
+        value = self.obj.get(key)
+        if value is None:
+            return {}
         if not isinstance(value, dict):
             raise _fail(self.at(key), "must be a JSON object")
         return value
@@ -3594,8 +3597,10 @@ class Config:
 
     @staticmethod
     def _client_keys(r: _Reader) -> list[ClientKey]:
-        items = r.obj.get("api_keys") or []
-        if not isinstance(items, list):
+        items = r.obj.get("api_keys")
+        if items is None:
+            items = []
+        if not isinstance(items, list):  # (false or "" too: never a silent "auth off")
             raise _fail("api_keys", "must be a list")
         keys = [ClientKey.read(item, f"api_keys[{i}]", i, r.env)
                 for i, item in enumerate(items)]
@@ -3802,10 +3807,11 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str], overridden: list[str]) 
         if not 0 < rpm <= MAX_CONFIG_NUMBER:  # (and nan)
             raise ConfigError(f"config: GATEWAY_RPM: must be a number above 0, at most "
                               f"{MAX_CONFIG_NUMBER:g}")
-        base = raw.get("rate_limit") if isinstance(raw.get("rate_limit"), dict) else {}
-        if base.get("rpm") not in (None, rpm):
-            overridden.append("GATEWAY_RPM replaces the JSON config's rate_limit.rpm")
-        raw["rate_limit"] = {**base, "rpm": rpm}
+        base = raw.get("rate_limit")
+        if base is None or isinstance(base, dict):  # (anything else: named as wrong below)
+            if (base or {}).get("rpm") not in (None, rpm):
+                overridden.append("GATEWAY_RPM replaces the JSON config's rate_limit.rpm")
+            raw["rate_limit"] = {**(base or {}), "rpm": rpm}
     single = [n for n in ("GATEWAY_UPSTREAM_URL", "GATEWAY_UPSTREAM_KEYS", "OPENAI_API_KEY")
               if n in env]
     if "upstreams" in raw:

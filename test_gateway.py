@@ -2704,11 +2704,30 @@ def test_env_references_and_prefix_expansion() -> None:
     ({"upstreams": [{"keys": ["sk-ключ-0123456789"]}]},
      "config: upstreams[0].keys[0]: empty, or has a control character or one that a header cannot carry"),
     ({"upstreams": [{"keys": ["sk-a\tb-0123456789"]}]}, "config: upstreams[0].keys[0]: empty, or has a control"),
+    # a wrong type that is falsy is as wrong as any other (false must not turn auth off)
+    ({"api_keys": False}, "config: api_keys: must be a list"),
+    ({"api_keys": ""}, "config: api_keys: must be a list"),
+    ({"api_keys": {}}, "config: api_keys: must be a list"),
+    ({"rate_limit": []}, "config: rate_limit: must be a JSON object"),
+    ({"retry": False}, "config: retry: must be a JSON object"),
+    ({"breaker": 0}, "config: breaker: must be a JSON object"),
+    ({"aliases": []}, "config: aliases: must be a JSON object"),
+    ({"fallbacks": 0}, "config: fallbacks: must be a JSON object"),
+    ({"prices": []}, "config: prices: must be a JSON object"),
+    ({"upstreams": [{"headers": []}]}, "config: upstreams[0].headers: must be a JSON object"),
 ])
 def test_bad_config_names_the_key(obj: dict, message: str) -> None:
     with pytest.raises(gw.ConfigError) as info:
         cfg(obj)
     assert str(info.value).startswith(message)
+
+
+def test_null_sections_are_as_if_absent() -> None:
+    config = cfg({"api_keys": None, "rate_limit": None, "retry": None, "breaker": None,
+                  "aliases": None, "fallbacks": None, "prices": None})
+    assert not config.auth_on and config.aliases == {} and config.prices == {}
+    with pytest.raises(gw.ConfigError, match=r"^config: rate_limit: must be a JSON object"):
+        gw.load_config({"GATEWAY_RPM": "5", "GATEWAY_CONFIG": json.dumps({"rate_limit": []})})
 
 
 def test_config_nits_found_on_a_first_run() -> None:
