@@ -4973,16 +4973,93 @@ class Plan:
                 if not upstream.stream_usage:
                     chat.pop("stream_options", None)
                 body = rewritten(chat)
-            else:
+            elif convert:
                 obj = dict(obj, model=model)
                 if self.force_stream:
                     obj["stream"] = True
                 if inject:
                     obj["stream_options"] = {**(obj.get("stream_options") or {}),
                                              "include_usage": True}
-                body = rewritten(chat_from_completion(obj) if convert else obj)
+                body = rewritten(chat_from_completion(obj))
+            else:  # only the members changed: every other byte as the client sent it
+                changes = {"model": orjson.dumps(model)} if model != named else {}
+                if self.force_stream:
+                    changes["stream"] = b"true"
+                if inject:
+                    options = obj.get("stream_options")
+                    changes["stream_options"] = orjson.dumps(
+                        {**options, "include_usage": True}) if options else _USAGE_ASKED
+                body = with_members(self.rq.body(), obj, changes)
             self._bodies[(model, convert, inject)] = body
         return body
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_JSON_SCALAR = re.compile(rb"[-+.0-9A-Za-z]+")  # a number, true, false or null
+_JSON_NESTING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.S)
+_USAGE_ASKED = b'{"include_usage":true}'
+_MEMBER_KEYS = {name: re.compile(rb'"%s"[ \t\r\n]*:[ \t\r\n]*' % name.encode())
+                for name in ("model", "stream", "stream_options")}  # (as keys: ":" after)
+
+
+def with_members(body: bytes, obj: dict, changes: dict[str, bytes]) -> bytes:
+    """body (a JSON object, obj parsed) with the top-level members named in changes set to
+    their JSON values, and every other byte as it was: a number past 64 bits, `1E2`, `0.10`
+    or an escape reach the upstream as the client wrote them, which a re-serialization would
+    not keep. A member absent is added at the end; one present is found as a key (no key
+    can be written so inside a string, whose quotes are all escaped) at depth 1, counted
+    in the bytes before it with its strings taken out. A key written with escapes of its
+    own is not found: then the object is written again, whole."""
+    edits: list[tuple[int, int, bytes]] = []
+    added = []
+    for name, value in changes.items():
+        if name not in obj:
+            added.append(b'"%s":%s' % (name.encode(), value))
+            continue
+        found = False
+        for m in _MEMBER_KEYS[name].finditer(body):
+            at = m.start()
+            if (at - len(body[:at].rstrip(b"\\"))) % 2:
+                continue  # an escaped quote: inside a string
+            prefix = _JSON_STRING.sub(b"", body[:at])
+            if prefix.count(b"{") + prefix.count(b"[") - prefix.count(b"}") \
+                    - prefix.count(b"]") != 1:
+                continue  # a member of a nested object
+            start = m.end()
+            edits.append((start, _json_value_end(body, start), value))
+            found = True
+        if not found:
+            return rewritten({**obj, **{n: orjson.loads(v) for n, v in changes.items()}})
+    edits.sort()
+    parts, at = [], 0
+    for start, end, value in edits:
+        parts += (body[at:start], value)
+        at = end
+    if added:
+        close = body.rindex(b"}")  # the object's own: nothing but space may follow it
+        parts += (body[at:close], b"," if obj else b"", b",".join(added), body[close:])
+    else:
+        parts.append(body[at:])
+    return b"".join(parts)
+
+
+def _json_value_end(body: bytes, at: int) -> int:
+    """Where the JSON value that starts at `at` ends."""
+    first = body[at:at + 1]
+    if first == b'"':
+        return _JSON_STRING.match(body, at).end()  # type: ignore[union-attr]
+    if first not in (b"{", b"["):
+        return _JSON_SCALAR.match(body, at).end()  # type: ignore[union-attr]
+    depth = 0
+    for m in _JSON_NESTING.finditer(body, at):
+        token = body[m.start()]
+        if token in b"{[":
+            depth += 1
+        elif token in b"}]":
+            depth -= 1
+            if not depth:
+                return m.end()
+    raise ValueError("unbalanced JSON")  # (never: orjson has read it)
 
 
 def rewritten(obj: dict) -> bytes:

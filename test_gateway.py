@@ -5306,6 +5306,46 @@ def test_body_forwarded_byte_for_byte_unless_alias_rewrites(start_gateway: Start
     assert mock.requests[-1].headers["openai-beta"] == "test=1"
     (resp,) = raw(g.port, post("/v1/chat/completions", b'{"model":"gpt-4","messages":[]}'))
     assert resp.status == 200 and mock.requests[-1].json()["model"] == "gpt-4o"
+    # changed (alias; stream usage asked for; a forced stream): only the members it changes
+    rest = b'"messages": [{"role":"user","content":"\\u00e9 \\"model\\": x"}], "seed": 123456789012345678901234567890, "t": 1E2, "p": 0.10'
+    (resp,) = raw(g.port, post("/v1/chat/completions", b'{"model" : "gpt-4", ' + rest + b"}"))
+    assert resp.status == 200 and mock.requests[-1].body == b'{"model" : "gpt-4o", ' + rest + b"}"
+    (resp,) = raw(g.port, post("/v1/chat/completions", b'{"model":"gpt-4o","stream":true,' + rest + b"}"))
+    assert resp.status == 200 and mock.requests[-1].body == \
+        b'{"model":"gpt-4o","stream":true,' + rest + b',"stream_options":{"include_usage":true}}'
+    (resp,) = raw(g.port, post("/v1/chat/completions/stream", b'{"model":"gpt-4","stream":false,' + rest + b"}"))
+    assert resp.status == 200 and mock.requests[-1].body == \
+        b'{"model":"gpt-4o","stream":true,' + rest + b',"stream_options":{"include_usage":true}}'
+
+
+_json_scalar = st.none() | st.booleans() | st.integers(-10 ** 30, 10 ** 30) | st.text(max_size=6) \
+    | st.sampled_from(["model", '"model":', "\\", "{[", "]}"]) \
+    | st.floats(allow_nan=False, allow_infinity=False)
+_json_names = st.sampled_from(["model", "stream", "stream_options", "messages", "m", 'a"model', "model\\"]) | st.text(max_size=4)
+_json_values = st.recursive(_json_scalar, lambda inner: st.lists(inner, max_size=3)
+                            | st.dictionaries(_json_names, inner, max_size=3), max_leaves=12)
+
+
+@given(obj=st.dictionaries(_json_names, _json_values, max_size=5), ascii_only=st.booleans(),
+       space=st.sampled_from([(", ", ": "), (",", ":"), (" ,\n", " :\t")]),
+       changes=st.dictionaries(st.sampled_from(["model", "stream", "stream_options"]),
+                               _json_values.map(lambda v: json.dumps(v).encode()), min_size=1))
+@settings(max_examples=500, deadline=None)
+def test_members_changed_in_the_bytes_leave_every_other_byte_alone(
+        obj: dict, ascii_only: bool, space: tuple[str, str], changes: dict[str, bytes]) -> None:
+    body = json.dumps(obj, separators=space, ensure_ascii=ascii_only).encode()
+    out = gw.with_members(body, orjson.loads(body), changes)
+    assert json.loads(out) == {**obj, **{n: json.loads(v) for n, v in changes.items()}}
+    # the same bytes, but for the values changed in place and the members added at the end
+    marks = {name: f"\x00\x01{name}\x02" for name in changes}
+    expected = json.dumps({n: marks.get(n, v) for n, v in obj.items()}, separators=space,
+                          ensure_ascii=ascii_only).encode()
+    for name, value in changes.items():
+        expected = expected.replace(json.dumps(marks[name]).encode(), value)
+    added = [b'"%s":%s' % (n.encode(), v) for n, v in changes.items() if n not in obj]
+    if added:
+        expected = expected[:-1] + (b"," if obj else b"") + b",".join(added) + b"}"
+    assert out == expected
 
 
 def test_request_id_passed_through_or_generated(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
@@ -6292,15 +6332,19 @@ def test_a_request_only_chat_only_upstreams_refuse_gets_the_other_upstreams_answ
     assert [r.path for r in mock.requests] == ["/v1/responses", "/v1/responses", "/v1/completions"]
 
 
-def test_a_body_too_deep_to_rewrite_is_a_400_on_every_route_that_rewrites_it(
+def test_a_body_too_deep_to_write_again_is_a_400_on_every_route_that_would(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     g = start_gateway({"aliases": {"a": "gpt-4o-mini"}})
     deep = b"[" * 300 + b"]" * 300
     (resp,) = raw(g.port, post("/v1/moderations", b'{"model":"a","input":' + deep + b"}"))  # passed through
-    assert resp.status == 400 and "nested" in resp.json()["error"]["message"]
+    assert resp.status == 200  # only its model replaced: nothing else written again
+    assert mock.requests[-1].body == b'{"model":"gpt-4o-mini","input":' + deep + b"}"
     (resp,) = raw(g.port, post("/v1/moderations", b'{"model":"gpt-4o-mini","input":' + deep + b"}"))
     assert resp.status == 200  # not rewritten: sent as it came
-    assert len(mock.requests) == 1
+    # a key written with escapes is not found in the bytes: the object is written whole again
+    (resp,) = raw(g.port, post("/v1/moderations", b'{"mod\\u0065l":"a","input":' + deep + b"}"))
+    assert resp.status == 400 and "nested" in resp.json()["error"]["message"]
+    assert len(mock.requests) == 2
 
 
 def test_a_chunked_upload_over_its_limit_is_a_413_that_says_the_connection_closes(
