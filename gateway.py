@@ -1248,12 +1248,16 @@ class BreakerBoard:
     def snapshot(self) -> dict[str, dict]:
         """Every pair as /health/circuit-breakers shows it."""
         now, wall = self.clock(), time.time()
+        # An open breaker whose recovery time is past lets the next request through as its
+        # probe: half-open, as shown, from then on (it moves when that request comes).
         return {f"{up}/{model}": {
-            "state": b.state.value,
+            "state": "half_open" if b.state is BreakerState.OPEN and not b.holding()
+            else b.state.value,
             "failure_count": b.failures,
             "last_failure_time": None if b.last_failure is None
             else wall_time(b.last_failure, now, wall),
-            "retry_at": None if b.state is BreakerState.CLOSED else round(wall + b.retry_in(), 3),
+            "retry_at": None if b.state is BreakerState.CLOSED
+            else round(wall + b.opened_at + b.recovery_s - now, 3),  # (when it went half-open)
         } for (up, model), b in self._breakers.items()}
 
     def open_gauge(self, fold: Callable[[str], str]) -> dict[tuple[str, str], int]:

@@ -1081,6 +1081,15 @@ def test_breaker_board_keeps_one_breaker_per_pair_and_forgets_only_healthy_ones(
     shown = board.snapshot()["up/a"]
     assert shown["state"] == "open" and shown["failure_count"] == 1 and shown["retry_at"] > time.time()
     assert board.open_gauge(lambda m: m if m == "a" else "other") == {("up", "a"): 1, ("up", "other"): 0}
+    clock.advance(10)  # recovery is due: the next request is its probe, and it shows so
+    shown = board.snapshot()["up/a"]
+    assert shown["state"] == "half_open" and shown["retry_at"] <= time.time() + 0.001
+    clock.advance(5)
+    # fixed, not "now": 5 s earlier than before, against a wall clock that has not moved
+    assert board.snapshot()["up/a"]["retry_at"] == pytest.approx(shown["retry_at"] - 5, abs=0.05)
+    assert board.open_gauge(lambda m: m) == {("up", m): 0 for m in "acd"}
+    broken.acquire()
+    assert board.snapshot()["up/a"]["state"] == "half_open" and board.not_closed() == [("up", "a")]
     board.reset()
     assert board.snapshot() == {} and board.not_closed() == []
 
