@@ -947,13 +947,15 @@ class KeyPool:
             self.listener.unblocked(self.upstream, key.name)
         return True
 
-    def cool_down(self, key: UpstreamKey, seconds: float | None, model: str = "") -> None:
-        """Rate-limited for model: as long as the upstream said, else exponential from 1 s."""
+    def cool_down(self, key: UpstreamKey, seconds: float | None, model: str = "",
+                  cap: float = COOLDOWN_CAP_S) -> None:
+        """Rate-limited for model: as long as the upstream said, else exponential from 1 s,
+        up to COOLDOWN_CAP_S or the configured cap (cooldown_cap_s), whichever is shorter."""
         now = self.clock()
         entry = key.cooling.get(model)
         streak = entry[1] if entry is not None else 0
-        if seconds is None:
-            seconds = min(COOLDOWN_CAP_S, 2.0 ** min(streak, 32))  # (2.0 ** 1024 overflows)
+        if seconds is None:  # (2.0 ** 1024 overflows)
+            seconds = min(COOLDOWN_CAP_S, cap, 2.0 ** min(streak, 32))
         for name in [m for m, (until, _) in key.cooling.items() if until + COOLDOWN_CAP_S < now]:
             del key.cooling[name]  # long over: bounded by what cools now
         key.cooling.put(model, [now + seconds, streak + 1])
@@ -5205,8 +5207,8 @@ class Forwarder:
                 return conn
             if plan.rq.upload is not None:  # an upload is not sent twice: its answer stands
                 if status == 429 and judged:
-                    keys.cool_down(key, cooldown_from_headers(conn.headers,
-                                                              plan.config.cooldown_cap_s), model)
+                    cap = plan.config.cooldown_cap_s
+                    keys.cool_down(key, cooldown_from_headers(conn.headers, cap), model, cap)
                 elif status in (401, 403) and judged:
                     self.block(upstream, keys, key, f"{status} (to an upload)")
                 elif status >= 500:
@@ -5223,8 +5225,8 @@ class Forwarder:
             if not judged and status in (401, 403, 429):
                 continue  # the key again, with its new secret (if it is picked)
             if status == 429:
-                keys.cool_down(key, cooldown_from_headers(headers, plan.config.cooldown_cap_s),
-                               model)
+                cap = plan.config.cooldown_cap_s
+                keys.cool_down(key, cooldown_from_headers(headers, cap), model, cap)
                 plan.tried.add(key)  # another key at once: no backoff, no attempt spent
             elif status in (401, 403):
                 self.block(upstream, keys, key, f"{status} {upstream_message(body or b'', keys)}")

@@ -853,6 +853,10 @@ def test_cooldown_without_hint_grows_exponentially_from_1s_and_is_capped() -> No
     for _ in range(1100):  # a key that is never answered again: the streak grows without end
         pool.cool_down(key, None)
     assert key.cooldown_until(clock()) - clock() == 60
+    pool.cool_down(key, None, cap=5)  # a shorter cooldown_cap_s caps it too
+    assert key.cooldown_until(clock()) - clock() == 5
+    pool.cool_down(key, 30, cap=5)  # (a hint is capped where it is read: cooldown_from_headers)
+    assert key.cooldown_until(clock()) - clock() == 30
 
 
 def test_all_cooling_reports_time_to_first_return_and_all_blocked_none() -> None:
