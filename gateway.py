@@ -1270,8 +1270,12 @@ class BreakerBoard:
             gauge[pair] = max(gauge.get(pair, 0), int(b.holding()))
         return gauge
 
-    def reset(self) -> None:
-        self._breakers.clear()
+    def reset(self, upstream: str | None = None) -> None:
+        """Every breaker, or upstream's."""
+        if upstream is None:
+            self._breakers.clear()
+        for pair in [p for p in self._breakers if p[0] == upstream]:
+            del self._breakers[pair]
 
     def reconfigure(self, threshold: int, recovery_s: float) -> None:
         """New thresholds apply to every breaker; their states stay."""
@@ -2270,6 +2274,8 @@ class SharedState:
         # repeat the same command unless it has a tpm limit (the estimate changes)
         self.admissions = BoundedMap(MAX_CLIENT_IPS)
         self.state_reads = BoundedMap(MAX_ROUTES)  # upstream name -> its HGETALL, packed
+        # upstream name -> the last reset-stats its hash said (b"": none yet), once read
+        self.resets: BoundedMap = BoundedMap(MAX_ROUTES)
         self.budgets = (None, {})  # (api_keys it was made from, name -> both budgets, for
         # the clients that have one)
         self.pending: dict[str, list[int]] = {}  # a client with a budget -> [tokens, cost]
@@ -2625,10 +2631,23 @@ class SharedState:
             self.refused(fields)  # an error reply: the upstream's hash is not a hash
             return
         shared_blocks: set[str] = set()
+        resets = self.resets
         if not fields:  # (the common case: nothing cooling, blocked or open anywhere)
+            if resets.get(upstream) is None:
+                resets.put(upstream, b"")
             pool.adopt_unblocks(shared_blocks)
             return
         breakers = self.gw.breakers
+        names = fields[::2]
+        if b"r" in names:  # reset-stats, by this or another process: once, here too
+            reset = fields[2 * names.index(b"r") + 1]
+            seen = resets.get(upstream)
+            if seen is not None and seen != reset:
+                pool.reset()
+                breakers.reset(upstream)
+            resets.put(upstream, reset)
+        elif resets.get(upstream) is None:
+            resets.put(upstream, b"")
         caps = {"c": self.gw.config.cooldown_cap_s, "b": pool.recheck_s,
                 "o": breakers.recovery_s}
         for raw_field, raw_value in zip(fields[::2], fields[1::2]):
@@ -2775,6 +2794,18 @@ class SharedState:
             self.write("HDEL", self.key("up", upstream), f"o\t{model}")
         else:
             self.write_state(upstream, f"o\t{model}", f"{time.time() + open_for:.3f}")
+
+    def reset_all(self, upstreams: Iterable[str]) -> None:
+        """reset-stats: each upstream's hash cleared, and marked with this reset, which every
+        process that reads it next undoes its own states for (adopt). The mark stays while
+        the hash does, so one that reads it a day later still sees a reset it had not."""
+        mark = os.urandom(8).hex().encode()
+        for name in upstreams:
+            self.resets.put(name, mark)
+            key = self.key("up", name)
+            self.write("DEL", key)
+            self.write("HSET", key, "r", mark)
+            self.write("EXPIRE", key, SHARED_STATE_TTL_S)
 
     def write_state(self, upstream: str, field: str, value: str) -> None:
         self.write("EVALSHA", self.scripts[_STATE_LUA], 1, self.key("up", upstream), field,
@@ -7779,8 +7810,7 @@ class AdminHandler:
             pool.reset()
         gw.breakers.reset()
         if gw.shared is not None:  # every instance's view of the keys and breakers, too
-            for name in gw.keys:
-                gw.shared.write("DEL", gw.shared.key("up", name))
+            gw.shared.reset_all(gw.keys)
         rq.writer.send_json(200, {"success": True})
 
     async def observed_limits(self, rq: Request) -> None:

@@ -1955,6 +1955,45 @@ def test_a_429_for_a_model_and_a_401_seen_by_one_instance_keep_the_other_off_tha
     assert key_states(b)["mock#2"] == "blocked"
 
 
+def test_reset_stats_through_one_instance_clears_cooldowns_and_breakers_in_every_other(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer, redis_url: str) -> None:
+    config = shared_config(mock, redis_url, breaker={"failure_threshold": 1, "recovery_timeout_s": 300},
+                           retry={"attempts": 1})
+    a, b = start_gateway(config), start_gateway(config)
+    for key in KEYS:
+        mock.key_model_faults[(key, "gpt-4o")] = (429, {"retry-after": "300"})
+    mock.model_faults["broken"] = 500
+    (resp,) = raw(a.port, post("/v1/chat/completions", b'{"model":"gpt-4o","messages":[]}'))
+    assert resp.status == 429  # every key cools for gpt-4o, for 5 minutes
+    (resp,) = raw(a.port, post("/v1/chat/completions", b'{"model":"broken","messages":[]}'))
+    assert resp.status == 500  # its breaker opens
+    assert eventually(lambda: {"c\tmock#0\tgpt-4o", "o\tbroken"} <= set(redis_hash(redis_server, "gateway:v1:up:mock")))
+    mock.key_model_faults.clear()
+    mock.model_faults.clear()
+    for g in (b, a):  # b has not seen them yet: its next request brings them
+        for model, status in (("gpt-4o", 429), ("broken", 503)):
+            (resp,) = raw(g.port, post("/v1/chat/completions", b'{"model":"%s","messages":[]}' % model.encode()))
+            assert resp.status == status, (g, model, resp.body)
+    assert admin(b, "POST", "/v1/tokens/reset-stats").status == 200
+    assert eventually(lambda: not {"c\tmock#0\tgpt-4o", "o\tbroken"} & set(redis_hash(redis_server, "gateway:v1:up:mock")))
+    for g in (a, b):  # a's own states are undone by the reset made through b
+        for model in ("gpt-4o", "broken"):
+            (resp,) = raw(g.port, post("/v1/chat/completions", b'{"model":"%s","messages":[]}' % model.encode()))
+            assert resp.status == 200, (g, model, resp.body)
+        assert set(key_states(g).values()) == {"active"}
+        assert {v["state"] for v in admin(g, "GET", "/health/circuit-breakers").json()["circuit_breakers"].values()} \
+            <= {"closed"}
+    for key in KEYS:  # states set after the reset are shared again, and not undone by it
+        mock.key_model_faults[(key, "gpt-4o")] = (429, {"retry-after": "300"})
+    (resp,) = raw(a.port, post("/v1/chat/completions", b'{"model":"gpt-4o","messages":[]}'))
+    assert resp.status == 429
+    assert eventually(lambda: "c\tmock#0\tgpt-4o" in redis_hash(redis_server, "gateway:v1:up:mock"))
+    mock.key_model_faults.clear()
+    for g in (b, a):
+        (resp,) = raw(g.port, post("/v1/chat/completions", b'{"model":"gpt-4o","messages":[]}'))
+        assert resp.status == 429, g
+
+
 def test_objects_made_through_one_instance_are_followed_up_through_the_other(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
         redis_url: str) -> None:
