@@ -1766,12 +1766,14 @@ class ResponsesStore:
     than MAX_STORED_RESPONSE_BYTES of them (each holds its whole conversation so far): the
     oldest go first; one over a quarter of that is not kept."""
 
-    __slots__ = ("_responses", "size")
+    __slots__ = ("_responses", "size", "deleted")
 
     def __init__(self) -> None:
         self._responses: collections.OrderedDict[str, tuple[StoredResponse, int]] = \
             collections.OrderedDict()
         self.size = 0  # the JSON bytes of those kept
+        # deleted here (id -> True): gone at once, while Redis may not have the delete yet
+        self.deleted = BoundedMap(MAX_STORED_RESPONSES)
 
     def __repr__(self) -> str:
         return f"ResponsesStore({len(self._responses)}, {self.size} bytes)"
@@ -2908,22 +2910,34 @@ class SharedState:
         self.write("SET", self.key("resp", response_id), data, "EX", SHARED_RESPONSE_TTL_S)
 
     def delete_response(self, response_id: str) -> None:
+        """Deleted, and marked so for as long as it could have been kept: a process with its
+        own copy of it reads the mark (find_response)."""
         self.write("DEL", self.key("resp", response_id))
+        self.write("SET", self.key("gone", response_id), 1, "EX", SHARED_RESPONSE_TTL_S)
 
-    async def find_response(self, response_id: Any) -> StoredResponse | None:
+    async def find_response(self, response_id: Any) -> StoredResponse | bool:
+        """The response made over chat with this id; False when it was deleted, True when
+        Redis has neither it nor its deletion, or did not answer (this process's own copy,
+        if any, stands)."""
         if not isinstance(response_id, str) or not response_id.startswith("resp_"):
-            return None
-        found = await self.pipeline([("GET", self.key("resp", response_id))])
-        if not found or found[0].__class__ is not bytes:
-            return None
+            return True
+        found = await self.pipeline([("MGET", self.key("resp", response_id),
+                                      self.key("gone", response_id))])
+        if not found or found[0].__class__ is not list or len(found[0]) != 2:
+            return True
+        data, gone = found[0]
+        if gone is not None:
+            return False
+        if data.__class__ is not bytes:
+            return True
         try:
-            stored = StoredResponse(*orjson.loads(found[0]))
+            stored = StoredResponse(*orjson.loads(data))
         except (orjson.JSONDecodeError, TypeError):
-            return None
+            return True
         if stored.response.__class__ is not dict or stored.response.get("id") != response_id \
                 or stored.messages.__class__ is not list or stored.input.__class__ is not list \
                 or not all(m.__class__ is dict for m in (*stored.messages, *stored.input)):
-            return None  # (not what this gateway wrote: passed over)
+            return True  # (not what this gateway wrote: passed over)
         return stored
 
     # usage, for /v1/usage -------------------------------------------------------------------
@@ -7213,20 +7227,31 @@ class ProxyHandler:
             rq.writer.send_json(200, items_page(stored.input, parse_qs(rq.query.decode("latin-1"))))
         elif rq.method == b"DELETE" and not action:
             self.gw.responses.delete(response_id)
+            self.gw.responses.deleted.put(response_id, True)
             if self.gw.shared is not None:
                 self.gw.shared.delete_response(response_id)
             rq.writer.send_json(200, {"id": response_id, "object": "response", "deleted": True})
         elif rq.method == b"POST" and action == b"cancel":
-            raise BadRequest("Only background responses can be cancelled.", param="response_id")
+            raise BadRequest("Only background responses can be cancelled.",
+                             code="invalid_value", param="response_id")
         else:
             raise NotFound(f"Unknown path: {rq.path.decode('latin-1')}")
 
     async def stored_response(self, response_id: Any) -> StoredResponse | None:
-        """A response made over chat: kept here, or (shared state) by another instance."""
-        stored = self.gw.responses.get(response_id)
-        if stored is None and response_id is not None and self.gw.shared is not None:
-            stored = await self.gw.shared.find_response(response_id)
-        return stored
+        """A response made over chat: kept here, or (shared state) by another instance.
+        With shared state, Redis is asked even for one kept here, so that one deleted
+        through any instance is gone from all (one lookup)."""
+        responses = self.gw.responses
+        if not isinstance(response_id, str) or response_id in responses.deleted:
+            return None
+        shared = self.gw.shared
+        found = await shared.find_response(response_id) if shared is not None else True
+        if found is True:
+            return responses.get(response_id)
+        if found is False:
+            responses.delete(response_id)
+            return None
+        return found
 
     def candidates(self, rq: Request, model: str, kind: str,
                    pinned: tuple[str, str] | None) -> Candidates:

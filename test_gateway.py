@@ -2026,6 +2026,20 @@ def test_objects_made_through_one_instance_are_followed_up_through_the_other(
     assert reply.output_text == "echo: next"
     assert [m["content"] for m in mock.requests[-1].json()["messages"]] == ["first", "echo: first", "next"]
     assert d.client().responses.retrieve(first.id).output_text == "echo: first"
+    # deleted through d: gone from c too, which made it and keeps its own copy
+    second = c.client().responses.create(model="gpt-4o", input="second")
+    assert eventually(lambda: redis_server.command("EXISTS", f"gateway:v1:resp:{second.id}") == b":1\r\n")
+    d.client().responses.delete(second.id)
+    for g in (d, c):
+        with pytest.raises(openai.NotFoundError):
+            g.client().responses.retrieve(second.id)
+        with pytest.raises(openai.BadRequestError) as info:
+            g.client().responses.create(model="gpt-4o", input="more", previous_response_id=second.id)
+        assert info.value.code == "previous_response_not_found"
+    assert c.client().responses.retrieve(first.id).output_text == "echo: first"  # the others stay
+    with pytest.raises(openai.BadRequestError) as info:  # (made over chat: never in the background)
+        c.client().responses.cancel(first.id)
+    assert info.value.code == "invalid_value" and info.value.param == "response_id"
 
 
 def test_rpm_per_key_pacing_is_kept_by_all_instances_together(
@@ -7402,7 +7416,7 @@ def test_a_stored_response_in_redis_that_the_gateway_did_not_write_is_passed_ove
     redis_server.command("SET", "gateway:v1:resp:resp_foreign", '[{"id": "resp_foreign"}, [], []]')
     assert g.lt.run(g.gw.shared.find_response("resp_foreign")).response == {"id": "resp_foreign"}
     redis_server.command("SET", "gateway:v1:resp:resp_foreign", value)
-    assert g.lt.run(g.gw.shared.find_response("resp_foreign")) is None
+    assert g.lt.run(g.gw.shared.find_response("resp_foreign")) is True  # (nothing there: its own copy, if any)
     (resp,) = raw(g.port, b"GET /v1/responses/resp_foreign HTTP/1.1\r\nHost: t\r\n\r\n")
     assert resp.status != 200 and mock.requests[-1].path == "/v1/responses/resp_foreign"  # asked upstream
     (resp,) = raw(g.port, b"GET /v1/responses/resp_foreign/input_items HTTP/1.1\r\nHost: t\r\n\r\n")
