@@ -1425,8 +1425,12 @@ class Limiter:
                               wait)
 
     def take_tokens(self, limits: ClientLimits, amount: int) -> None:
+        """A request its tpm refuses gives its request back: all or nothing, as a shared
+        admission is (whether Redis is up or not, the client sees the same)."""
         wait = limits.tokens.take(amount)  # type: ignore[union-attr]
         if wait:
+            if limits.requests is not None:
+                limits.requests.adjust(-1)
             raise self.refuse("Rate limit reached for tokens per minute.", wait)
 
     def settle_tokens(self, limits: ClientLimits, delta: int) -> None:

@@ -1520,6 +1520,26 @@ def test_tpm_limit_uses_the_estimate_and_reports_token_headers(start_gateway: St
     assert int(second.headers["retry-after-ms"]) == pytest.approx((owed + estimate) * 600, abs=1)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_request_its_tpm_refuses_takes_nothing_from_its_rpm_with_or_without_redis(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, request: pytest.FixtureRequest, shared: bool) -> None:
+    config = limited(mock, rate_limit={"rpm": 3, "tpm": 1000})
+    if shared:
+        config["redis_url"] = request.getfixturevalue("redis_url")
+    g = start_gateway(config)
+    if shared:
+        assert eventually(lambda: g.gw.shared.up)
+    big = b'{"model":"m","messages":[{"role":"user","content":"%s"}]}' % (b"word " * 700)
+    statuses, left = [], []
+    for body in (CHAT, big, big, big):
+        (resp,) = raw(g.port, post("/v1/chat/completions", body))
+        statuses.append(resp.status)
+        left.append(resp.headers["x-ratelimit-remaining-requests"])
+    assert statuses == [200, 200, 429, 429] and left == ["2", "1", "1", "1"]
+    (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))  # its third request of the minute
+    assert resp.status == 200 and resp.headers["x-ratelimit-remaining-requests"] == "0"
+
+
 def test_a_max_tokens_past_tpm_takes_the_whole_bucket_and_the_usage_still_settles(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     g = start_gateway(limited(mock, rate_limit={"tpm": 100}), clock=FakeClock())
