@@ -1896,7 +1896,7 @@ if r_rate > 0 then
 end
 if k_rate > 0 then
   k = level(KEYS[2], k_rate, k_cap)
-  if k < amount then return {'tokens', tostring((amount - k) / k_rate), tostring(r)} end
+  if k < amount then return {'tokens', tostring((amount - k) / k_rate), tostring(r), tostring(k)} end
 end
 if r_rate > 0 then r = r - 1; put(KEYS[1], r, r_rate, r_cap) end
 if k_rate > 0 then k = k - amount; put(KEYS[2], k, k_rate, k_cap) end
@@ -2530,7 +2530,7 @@ class SharedState:
             commands = self.admission(rq, limits, name, estimate, names, pace)
         rq.admission = _SENT
         replies = await self.pipeline(commands, sent, (rq, limits, name, estimate, names, pace))
-        if replies is None or not self.admitted(replies, names, limits, name):
+        if replies is None or not self.admitted(replies, names, limits, name, rq):
             return False
         if pace is not None:
             reply = replies[0]
@@ -2580,7 +2580,7 @@ class SharedState:
         return [admission[1], *reads]
 
     def admitted(self, replies: list, names: list[str], limits: ClientLimits | None,
-                 name: str) -> bool:
+                 name: str, rq: Request) -> bool:
         """The admission's verdict (a refusal is raised) and the upstream states it brought.
         False when the verdict is not the script's (the caller limits on local state)."""
         wall, now = time.time(), time.monotonic()
@@ -2611,13 +2611,24 @@ class SharedState:
             raise self.gw.limiter.refuse(
                 f"Rate limit reached for requests: {limits.rpm:g} per minute.",  # type: ignore[union-attr]
                 first)
-        if verdict == b"tokens":  # (second: the request bucket's level, untaken)
-            bucket = limits.tokens  # type: ignore[union-attr, assignment]
-            bucket.level, bucket.stamp = min(bucket.level, 0.0), bucket.clock()
+        if verdict == b"tokens":  # (second: the request bucket's level, untaken; then the
+            bucket = limits.tokens  # type: ignore[union-attr, assignment]  # token bucket's)
+            # What this process has counted and not sent yet (an answer that used more than
+            # its estimate) is in Redis before the client's next try: it is counted now, in
+            # the level the headers show and in when to come back.
+            owed = sum(delta for (key, *_), delta in self.settles.items()
+                       if key == self.key("tpm", self.bucket(rq)))
+            level = _number(reply[3]) if len(reply) == 4 and reply[3].__class__ is bytes \
+                else None
+            if level is None:  # (not this script's: empty, as far as a header says)
+                level = min(bucket.level, 0.0) + owed
+            bucket.level = max(-bucket.capacity, level - owed)
+            bucket.stamp = bucket.clock()
             requests = limits.requests  # type: ignore[union-attr]
             if requests is not None and second >= 0:
                 requests.level, requests.stamp = second, requests.clock()
-            raise self.gw.limiter.refuse("Rate limit reached for tokens per minute.", first)
+            raise self.gw.limiter.refuse("Rate limit reached for tokens per minute.",
+                                         first + max(owed, 0.0) / bucket.rate)
         requests = limits.requests if limits is not None else None
         tokens = limits.tokens if limits is not None else None
         if requests is not None:  # the local bucket follows the shared one (headers, fail-open)

@@ -1521,6 +1521,28 @@ def test_tpm_limit_uses_the_estimate_and_reports_token_headers(start_gateway: St
 
 
 @pytest.mark.parametrize("shared", [False, True])
+def test_a_tpm_429_says_what_is_left_and_when_to_come_back_the_same_with_or_without_redis(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, request: pytest.FixtureRequest, shared: bool) -> None:
+    config = limited(mock, rate_limit={"tpm": 1000})
+    if shared:
+        config["redis_url"] = request.getfixturevalue("redis_url")
+    g = start_gateway(config)
+    if shared:  # what the first answer used past its estimate stays unsent: owed, not in Redis
+        assert eventually(lambda: g.gw.shared.up)
+        g.lt.call(lambda: g.gw.shared.flusher.cancel())
+    small = b'{"model":"m","messages":[],"max_tokens":10}'
+    (first,) = raw(g.port, post("/v1/chat/completions", small, "x-mock-chunks: 90\r\n"))
+    used = first.json()["usage"]["total_tokens"]
+    assert first.status == 200 and used > len(small) // 4 + 10
+    (resp,) = raw(g.port, post("/v1/chat/completions", b'{"model":"m","messages":[],"max_tokens":990}'))
+    assert resp.status == 429 and "tokens" in resp.json()["error"]["message"]
+    left = int(resp.headers["x-ratelimit-remaining-tokens"])
+    assert 1000 - used <= left <= 1000 - used + 3  # (refilled meanwhile: 16.7 a second)
+    wait = int(resp.headers["retry-after-ms"]) / 1000
+    assert (used - 3) * 0.06 <= wait <= used * 0.06  # until the whole 1,000 is back
+
+
+@pytest.mark.parametrize("shared", [False, True])
 def test_a_request_its_tpm_refuses_takes_nothing_from_its_rpm_with_or_without_redis(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, request: pytest.FixtureRequest, shared: bool) -> None:
     config = limited(mock, rate_limit={"rpm": 3, "tpm": 1000})
