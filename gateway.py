@@ -122,7 +122,8 @@ MAX_MODEL_NAME = 256  # characters: longer model names are refused (400)
 MAX_STORED_RESPONSES = 10_000  # responses made over chat, kept for previous_response_id
 MAX_STORED_RESPONSE_BYTES = 32 * 1024 * 1024  # ...and their JSON size, all together
 UPLOAD_BUFFER = 1024 * 1024  # an upload's bytes waiting for the upstream connection, at most
-PACING_MAX_WAIT_S = 10.0  # a paced request queues this long at most, then gets 429
+PACING_MAX_WAIT_S = 60.0  # a paced request queues this long at most (or one interval,
+# if longer: a minute's worth of rpm_per_key, and one request of any min_interval_ms)
 PACING_SLACK = 1.01  # rpm_per_key spaces requests 1% wider than 60/rpm: room for jitter
 MAX_BREAKERS = 1024  # (upstream, model) pairs tracked; "*" upstreams see client-chosen models
 MAX_CLIENT_IPS = 10000  # per-IP buckets kept (LRU) when auth is off: bounded whatever the sources
@@ -2569,7 +2570,7 @@ class SharedState:
                 upstream, key = pace
                 admission = (args, pack(("EVALSHA", self.scripts[_ADMIT_LUA], 4, *keys,
                                          self.key("pace", upstream.name, key.name), *args[1:],
-                                         upstream.pacing_interval, PACING_MAX_WAIT_S)))
+                                         upstream.pacing_interval, upstream.pacing_max_wait)))
         state_reads = self.state_reads
         reads = [state_reads.get(upstream) for upstream in names]
         if None in reads:  # (taken as they are put: a full map may evict one of them)
@@ -2690,11 +2691,11 @@ class SharedState:
 
     async def pace(self, upstream: Upstream, key: UpstreamKey) -> float | None:
         """Seconds until this key's next shared slot (pacing across instances), taken unless
-        it is more than PACING_MAX_WAIT_S off; None when Redis is not there or cannot keep
-        the slot (local pacing stands)."""
+        it is more than the upstream's pacing_max_wait off; None when Redis is not there or
+        cannot keep the slot (local pacing stands)."""
         replies = await self.pipeline([("EVALSHA", self.scripts[_PACE_LUA], 1,
                                         self.key("pace", upstream.name, key.name),
-                                        upstream.pacing_interval, PACING_MAX_WAIT_S)])
+                                        upstream.pacing_interval, upstream.pacing_max_wait)])
         return None if replies is None else self.slot_wait(replies[0], key)
 
     def slot_wait(self, reply: Any, key: UpstreamKey) -> float | None:
@@ -3437,7 +3438,7 @@ class Upstream:
 
     __slots__ = (
         "name", "url", "scheme", "host", "port", "base_path", "query", "models", "keys",
-        "key_strategy", "rpm_per_key", "min_interval_ms", "pacing_interval",
+        "key_strategy", "rpm_per_key", "min_interval_ms", "pacing_interval", "pacing_max_wait",
         "connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s", "headers", "chat_only",
         "embeddings", "stream_usage", "host_header",
     )
@@ -3471,6 +3472,7 @@ class Upstream:
         self.pacing_interval = max(
             60.0 / self.rpm_per_key * PACING_SLACK if self.rpm_per_key else 0.0,
             self.min_interval_ms / 1000)
+        self.pacing_max_wait = max(PACING_MAX_WAIT_S, self.pacing_interval)
         self.connect_timeout_s = r.number("connect_timeout_s", 10, above=True)
         self.first_byte_timeout_s = r.number("first_byte_timeout_s", 120, above=True)
         self.idle_timeout_s = r.number("idle_timeout_s", 120, above=True)
@@ -5313,10 +5315,12 @@ class Forwarder:
                 else:
                     shared_wait = await gw.shared.pace(upstream, key)  # across instances
                 if shared_wait is not None:  # (this process's next pick knows it too)
-                    if shared_wait > PACING_MAX_WAIT_S:  # (not taken; learnt no further
-                        key.next_slot = max(key.next_slot, keys.clock() + min(  # than a
-                            shared_wait, PACING_MAX_WAIT_S + keys.interval + 1.0))  # gateway
-                        raise _PacedOut  # takes one: a further one is a Redis clock's step)
+                    # A slot too far off is not taken, and learnt no further than a gateway
+                    # takes one (a further one is a step of Redis's clock).
+                    if shared_wait > upstream.pacing_max_wait:
+                        key.next_slot = max(key.next_slot, keys.clock() + min(
+                            shared_wait, upstream.pacing_max_wait + keys.interval + 1.0))
+                        raise _PacedOut
                     wait = shared_wait
                     key.next_slot = max(key.next_slot, keys.clock() + wait + keys.interval)
         if wait > 0:
@@ -5381,10 +5385,10 @@ class Forwarder:
                     continue
                 keys = plan.keys[upstream.name]
                 if plan.pinned is not None:
-                    picked = keys.pick_named(plan.pinned, plan.tried, PACING_MAX_WAIT_S,
+                    picked = keys.pick_named(plan.pinned, plan.tried, upstream.pacing_max_wait,
                                              model=model)
                 else:
-                    picked = keys.pick(plan.tried, PACING_MAX_WAIT_S, model=model)
+                    picked = keys.pick(plan.tried, upstream.pacing_max_wait, model=model)
                 if picked is None:
                     continue
                 return upstream, keys, picked[0], breaker, picked[1], breaker.acquire()

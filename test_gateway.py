@@ -1196,10 +1196,24 @@ def test_pacing_queues_requests_per_key_and_bounds_the_wait(start_gateway: Start
     assert [r.status for r in replies] == [200, 200, 200]
     times = sorted(r.at for r in mock.requests)
     assert times[1] - times[0] >= 0.2 and times[2] - times[1] >= 0.2  # 0.3 s, less connect jitter
-    slow = start_gateway(resilient(mock, keys=[KEYS[0]], rpm_per_key=2))  # one per 30 s, +1% slack
-    first, second = raw(slow.port, post("/v1/chat/completions", CHAT) * 2, count=2)
-    assert first.status == 200 and second.status == 429 and int(second.headers["retry-after"]) == 31
-    assert 30200 <= int(second.headers["retry-after-ms"]) <= 30300
+    # A minute of queue: with one request every 25 s, the 2nd and 3rd wait (25 s, 50 s), and
+    # the 4th, which would wait 75 s, gets 429 at once.
+    slow = start_gateway(resilient(mock, keys=[KEYS[0]], min_interval_ms=25_000))
+    seen = len(mock.requests)
+    (first,) = raw(slow.port, post("/v1/chat/completions", CHAT))
+    assert first.status == 200
+    key, clock = slow.gw.keys["mock"].keys[0], slow.gw.keys["mock"].clock
+    waiting = []
+    for ahead in (45, 70):
+        waiting.append(socket.create_connection(("127.0.0.1", slow.port)))
+        waiting[-1].sendall(post("/v1/chat/completions", CHAT))
+        assert eventually(lambda: slow.lt.call(lambda: key.next_slot - clock()) > ahead)
+    (fourth,) = raw(slow.port, post("/v1/chat/completions", CHAT))
+    assert fourth.status == 429 and 74 <= float(fourth.headers["retry-after-ms"]) / 1000 <= 75
+    assert len(mock.requests) == seen + 1
+    for conn in waiting:  # (what a client that leaves the queue stops: see the next test)
+        conn.close()
+    assert eventually(lambda: not slow.gw.connections)
 
 
 def test_observed_rate_limits_per_key_and_model(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
@@ -2170,15 +2184,15 @@ def test_a_shared_pacing_slot_too_far_off_is_not_taken_and_the_request_goes_else
         {"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS[:2], "rpm_per_key": 600}]}
     g = start_gateway(config)
     assert eventually(lambda: g.gw.shared.up)
-    held = f"{redis_server.now() + 30:.6f}"  # 30 s of requests queued on the first key (no gateway queues
-    redis_server.command("SET", "gateway:v1:pace:mock:mock#0", held, "EX", "60")  # past 10 s)
+    held = f"{redis_server.now() + 90:.6f}"  # 90 s of requests queued on the first key (no gateway queues
+    redis_server.command("SET", "gateway:v1:pace:mock:mock#0", held, "EX", "120")  # past 60 s)
     for _ in range(2):
         g.client().chat.completions.create(model="m", messages=MSGS)
         assert mock.requests[-1].key() == KEYS[1]
-    redis_server.command("SET", "gateway:v1:pace:mock:mock#1", held, "EX", "60")
+    redis_server.command("SET", "gateway:v1:pace:mock:mock#1", held, "EX", "120")
     (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))
-    assert resp.status == 429 and 10 < float(resp.headers["retry-after"]) <= 12  # as far as a
-    assert len(mock.requests) == 2  # gateway's slots go (10 s, one interval), not 30 s
+    assert resp.status == 429 and 60 < float(resp.headers["retry-after"]) <= 62  # as far as a
+    assert len(mock.requests) == 2  # gateway's slots go (60 s, one interval), not 90 s
     for key in ("mock#0", "mock#1"):  # a slot the request would not wait for is left alone
         assert redis_server.command("GET", f"gateway:v1:pace:mock:{key}").split(b"\r\n")[1] == held.encode()
 
