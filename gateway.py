@@ -3457,8 +3457,10 @@ class Upstream:
         # A keyless upstream (a local server) still gets one key: it can be rate-limited too.
         keys = _expand_keys(r.obj.get("keys", []), r.at("keys"), self.name, r.env) \
             or [(f"{self.name}#anonymous", "")]
-        models = r.obj.get("models", "*")
+        models = r.obj.get("models", "*")  # (["*"], or "*" among names: any model too)
         self.models = None if models == "*" else frozenset(r.strings("models"))
+        if self.models is not None and "*" in self.models:
+            self.models = None
         if self.models is not None and not self.models:
             raise _fail(r.at("models"), 'is empty: the upstream would serve nothing ("*" serves '
                                          "any model)")

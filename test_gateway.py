@@ -2775,6 +2775,14 @@ def test_an_upstream_that_names_one_key_twice_is_refused() -> None:
         cfg({"upstreams": [{"url": "http://x/v1", "keys": ["env:TK*", "env:TK1"]}]}, TK1="a", TK2="b")
 
 
+def test_a_star_among_an_upstreams_models_serves_any_model() -> None:
+    for models in ("*", ["*"], ["gpt-4o", "*"]):
+        (u,) = cfg({"upstreams": [{"url": "http://x/v1", "models": models}]}).upstreams
+        assert u.models is None and u.serves("anything-at-all")
+    (u,) = cfg({"upstreams": [{"url": "http://x/v1", "models": ["gpt-4o"]}]}).upstreams
+    assert u.serves("gpt-4o") and not u.serves("anything-at-all")
+
+
 def test_env_references_and_prefix_expansion() -> None:
     config = cfg({"upstreams": [{"name": "gh", "url": "https://models.example/v1",
                                  "keys": ["env:GITHUB_TOKEN*", "plain-key-0000"],
