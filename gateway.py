@@ -4948,7 +4948,9 @@ class Plan:
         self.asked = self.model = candidates[0][0]  # asked for (after aliases); tried now
         self.pinned = pinned  # the key that made the object addressed: it answers for it
         endpoint = _ENDPOINTS.get(kind)
-        self.method = rq.method if endpoint is None else b"POST"
+        # A HEAD goes upstream as a GET: answered like GET whatever the upstream makes of HEAD
+        self.method = (b"GET" if rq.method == b"HEAD" else rq.method) if endpoint is None \
+            else b"POST"
         self.endpoint = rq.path[3:] if endpoint is None else endpoint[2]  # after /v1
         self.content_type = b"application/json" if endpoint is not None else rq.content_type()
         self.translated = translated  # the chat request, for a chat_only upstream
@@ -5335,7 +5337,7 @@ class Forwarder:
         sent = time.perf_counter()
         try:
             conn = await plan.pools[upstream.name].request(request, rq.upload,
-                                                            rq.method == b"HEAD")
+                                                            plan.method == b"HEAD")
         except GatewayError:
             metrics.upstream_requests[upstream.name, key.name, "error"] += 1
             raise
@@ -7452,6 +7454,8 @@ class ProxyHandler:
         writer.relay_head(conn.status, headers, plain=plain, inspect=inspect,
                           drop_usage=inspect and plan.injects(plan.upstream),  # type: ignore[arg-type]
                           convert=converter, stream=inspect, keys=quoting)
+        if writer.head_only and not conn.ending():  # (sent as GET: a body the client
+            conn.cut_short()  # never gets is not read, a file's, say; its head is all)
         streaming = writer.sse
         gw.metrics.active_streams += streaming
         try:

@@ -6602,23 +6602,49 @@ def test_max_connections_turns_extra_clients_away_but_keeps_room_for_probes(star
     assert requests[(("model", ""), ("path", "other"), ("status", "503"))] == 1  # turned away: counted
 
 
-def test_head_is_answered_on_every_path_without_a_body(start_gateway: StartGateway) -> None:
+def test_head_is_answered_on_every_path_like_get_without_a_body(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     g = start_gateway({"admin_key": "adm-key-123"})
     fill = {b"{id}": b"gpt-4o-mini", b"{other}": b"files"}
-    expect = {b"POST": {405}, b"GET": {200}, gw._ANY: {404, 405}}  # _ANY: forwarded as HEAD
-    cases = [(re.sub(rb"\{\w+\}", lambda m: fill.get(m.group(0), b"resp_x"), path).decode(),
-              expect[method]) for path, (method, *_) in gw.ROUTE_TABLE.items()]
-    cases += [(path[3:], statuses) for path, statuses in cases if path.startswith("/v1/")]
-    cases += [("/nope", {404}), ("/v1/files/file-x/content", {404})]
+    cases = [(re.sub(rb"\{\w+\}", lambda m: fill.get(m.group(0), b"resp_x"), path).decode(), method)
+             for path, (method, *_) in gw.ROUTE_TABLE.items()]
+    cases += [(path[3:], method) for path, method in cases if path.startswith("/v1/")]
+    cases += [("/nope", b"GET"), ("/v1/files/file-x/content", gw._ANY), ("/v1/files", gw._ANY)]
     with connect(g.port) as sock:
         sock.settimeout(5)  # nothing ever waits on a HEAD
         f = sock.makefile("rb")
-        for path, statuses in cases:
-            sock.sendall(f"HEAD {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer adm-key-123\r\n\r\n".encode())
+        for path, method in cases:
+            ask = f" {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer adm-key-123\r\n\r\n".encode()
+            sock.sendall(b"GET" + ask)
+            get = read_response(f)
+            sock.sendall(b"HEAD" + ask)
             resp = read_response(f, head=True)
-            assert resp is not None and resp.status in statuses, (path, resp and resp.status)
+            assert resp is not None and resp.status == get.status, (path, resp and resp.status, get.status)
+            assert resp.status == 405 if method == b"POST" else resp.status != 405, path
+            if method == gw._ANY:  # sent upstream as a GET (whatever the upstream does with HEAD)
+                assert mock.requests[-1].method == "GET" and mock.requests[-1].path.endswith(path.split("?")[0])
+                assert resp.headers.get("content-length") == get.headers.get("content-length"), path
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")  # no body bytes came before it
             assert read_response(f).json()["status"] == "ok", path
+
+
+def test_a_head_for_a_large_file_is_its_gets_head_and_its_body_is_never_read(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway()
+    made = g.client().files.create(file=("big.bin", os.urandom(8 << 20)), purpose="user_data")
+    ask = f" /v1/files/{made.id}/content HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+    with connect(g.port) as sock:
+        f = sock.makefile("rb")
+        sock.sendall(b"GET" + ask)
+        get = read_response(f)
+        assert len(get.body) == 8 << 20 and mock.wait_until(lambda: mock.open_connections == 1, timeout=5)
+        sock.sendall(b"HEAD" + ask)
+        head = read_response(f, head=True)
+        assert head.status == 200 and head.headers["content-length"] == str(8 << 20)
+        assert mock.requests[-1].method == "GET"
+        assert mock.wait_until(lambda: mock.open_connections == 0, timeout=5)  # dropped, not read to its end
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")  # no body bytes came before it
+        assert read_response(f).json()["status"] == "ok"
 
 
 def test_a_request_with_both_framings_is_answered_then_the_connection_closes(start_gateway: StartGateway) -> None:
@@ -6670,9 +6696,9 @@ def test_response_framing_follows_the_client_http_version(start_gateway: StartGa
         assert "transfer-encoding" not in resp.headers and "content-length" not in resp.headers
         assert resp.body.startswith(b"data: {") and resp.body.rstrip().endswith(b"data: [DONE]")
     with connect(g.port) as sock:
-        sock.sendall(b"HEAD /v1/chat/completions HTTP/1.0\r\n\r\n")
+        sock.sendall(b"HEAD /v1/chat/completions HTTP/1.0\r\n\r\n")  # (stored completions)
         resp = read_response(sock.makefile("rb"), head=True)
-        assert resp.status == 405 and resp.headers["connection"] == "close"
+        assert resp.status == 200 and resp.headers["connection"] == "close"
         assert sock.recv(1) == b""  # closed, and no body bytes came
 
 
