@@ -7583,6 +7583,10 @@ class ProxyHandler:
             return
         usage = rq.writer.reported_usage()
         served, settles = plan.served, True
+        upstream = plan.upstream
+        if status == 200 and upstream is not None and upstream.models is None \
+                and served not in gw.metrics.known_models:  # a "*" upstream serves any model:
+            gw.metrics.learn(served)  # one it answered is one the configuration lets in
         # a background response's usage, with shared state: the client and model it counts
         # to, once Redis says which process claimed it
         claimed: tuple[str, str] | None = None
@@ -7630,8 +7634,6 @@ class ProxyHandler:
         if gw.shared is not None:
             gw.shared.record_usage(name, served, prompt, completion, total, cost)
         metrics = gw.metrics
-        if status == 200 and served not in metrics.known_models:
-            metrics.learn(served)
         label = metrics.fold(served)
         metrics.tokens[label, "prompt"] += prompt
         metrics.tokens[label, "completion"] += completion

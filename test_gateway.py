@@ -2578,7 +2578,7 @@ def test_an_empty_model_name_in_shared_usage_is_a_model_not_the_totals() -> None
 ################################################################################
 
 def test_a_served_model_becomes_a_label_a_refused_one_stays_other_and_learning_is_bounded(
-        start_gateway: StartGateway) -> None:
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     g = start_gateway()
     client = g.client()
     client.chat.completions.create(model="served-model", messages=MSGS)
@@ -2587,6 +2587,15 @@ def test_a_served_model_becomes_a_label_a_refused_one_stays_other_and_learning_i
     requests = samples(scrape(g)["gateway_requests"], "_total")
     models = {dict(labels)["model"] for labels in requests}
     assert "served-model" in models and "refused-model" not in models and "other" in models
+    # Upstreams that list their models: a pass-through request naming another one goes to
+    # the first upstream all the same, and its 200 makes no label (only a "*" upstream's do).
+    listed = start_gateway(limited(mock) | {"upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1",
+                                                           "models": ["gpt-4o-mini"]}]})
+    for i in range(3):
+        (resp,) = raw(listed.port, post("/v1/moderations", b'{"model":"made-up-%d","input":"x"}' % i))
+        assert resp.status == 200
+    labels = {dict(labels)["model"] for labels in samples(scrape(listed)["gateway_requests"], "_total")}
+    assert not any(label.startswith("made-up") for label in labels) and "other" in labels
     metrics = gw.Metrics(["configured"])
     for i in range(gw.MAX_LEARNED_MODELS + 50):
         metrics.learn(f"m{i}")
