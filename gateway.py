@@ -8520,6 +8520,8 @@ class HttpProtocol(asyncio.Protocol):
         """Answer from the head (or a body over its limit). The rest of the body is read and
         dropped, or, when that could mean much or nothing at all, the connection closes."""
         rq.refused = True
+        if rq.limits is None:  # (a 413 or 431 comes before the route: its limits are told too)
+            self.gw.admission.identify(rq)
         if rq.body_unbounded() or rq.body_size or exc.status in (413, 431):
             exc.headers.append((b"connection", b"close"))  # (a switch proposed: see start)
         rq.error = exc.message

@@ -1478,6 +1478,12 @@ def test_rpm_3_burst_3_fourth_request_429_with_headers_then_refill(start_gateway
     assert [r.status for r in told] == [405, 200, 404, 200]  # the client's limits, all the same
     assert all(r.headers["x-ratelimit-limit-requests"] == "3" for r in told)
     assert all(r.headers["x-ratelimit-remaining-requests"] == "0" for r in told)
+    huge = f"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\n{auth}Content-Length: {10 ** 9}\r\n\r\n".encode()
+    tall = f"GET /v1/models HTTP/1.1\r\nHost: t\r\n{auth}X-Big: {'b' * (gw.MAX_HEADER_BYTES - 200)}\r\n" \
+           f"X-Big2: {'b' * 300}\r\n\r\n".encode()
+    for data, status in ((huge, 413), (tall, 431)):  # refused before any route: told them too
+        (resp,) = raw(g.port, data)
+        assert resp.status == status and resp.headers["x-ratelimit-limit-requests"] == "3", resp.headers
     clock.advance(20)  # none of them spent the request that refills now
     (again,) = raw(g.port, post("/v1/chat/completions", CHAT, auth))
     assert again.status == 200
