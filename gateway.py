@@ -7690,16 +7690,23 @@ class ModelCatalog:
         self._cache.clear()
 
     async def list_models(self, rq: Request) -> None:
-        rq.writer.send_json(200, {"object": "list", "data": list((await self.known()).values())})
+        models, failures = await self.known()
+        if failures and not models:  # an empty list would say there are no models at all
+            raise UpstreamError(f"Cannot list models: {'; '.join(failures)}")
+        rq.writer.send_json(200, {"object": "list", "data": list(models.values())})
 
     async def retrieve_model(self, rq: Request) -> None:
         model_id = unquote(rq.path[len(b"/v1/models/"):].decode("latin-1"))
-        entry = (await self.known()).get(model_id)
+        models, failures = await self.known()
+        entry = models.get(model_id)
+        if entry is None and failures:  # a "*" upstream that could not be asked may have it
+            raise UpstreamError(f"Cannot list models: {'; '.join(failures)}")
         if entry is None:
             raise model_not_found(model_id)
         rq.writer.send_json(200, entry)
 
-    async def known(self) -> dict[str, dict]:
+    async def known(self) -> tuple[dict[str, dict], list[str]]:
+        """The models known (id -> entry), and why a "*" upstream's own could not be had."""
         cfg = self.gw.config
         models: dict[str, dict] = {}
         for u in cfg.upstreams:
@@ -7717,9 +7724,7 @@ class ModelCatalog:
                     failures.append(f"{u.name}: {failure}")
                 for entry in entries:
                     models.setdefault(entry["id"], entry)
-        if failures and not models:  # an empty list would say there are no models at all
-            raise UpstreamError(f"Cannot list models: {'; '.join(failures)}")
-        return models
+        return models, failures
 
     async def upstream_models(self, u: Upstream) -> tuple[list[dict], str]:
         """The upstream's own list, and why it could not be had ("" when it could)."""

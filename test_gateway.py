@@ -5563,6 +5563,12 @@ def test_models_list_is_502_when_the_only_source_is_unreachable(start_gateway: S
     partial = start_gateway({"upstreams": [{"name": "fixed", "url": dead, "models": ["local-a"]},
                                            {"name": "gone", "url": dead}]})
     assert [m.id for m in partial.client().models.list()] == ["local-a"]  # what is known, still listed
+    assert partial.client().models.retrieve("local-a").id == "local-a"
+    with pytest.raises(openai.APIStatusError) as info:  # not known here: "gone" may have it
+        partial.client().models.retrieve("gpt-4o-mini")
+    assert info.value.status_code == 502 and info.value.code == "upstream_error"
+    with pytest.raises(openai.NotFoundError):  # every source answered, and none has it
+        start_gateway({"upstreams": [{"name": "fixed", "url": dead, "models": ["local-a"]}]}).client().models.retrieve("x")
 
 
 # The whole OpenAI API: Responses native and over chat, pass-through, uploads, Agents SDK
