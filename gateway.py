@@ -197,6 +197,8 @@ _ENDPOINTS = {
 }
 _TYPE_NAMES = {list: "an array", str: "a string", type(None): "null"}
 # Sampling fields a completions request carries over to chat for a chat_only upstream.
+# /v1/completions fields with no chat equivalent, and the value that asks nothing of them
+_COMPLETION_ONLY = (("echo", False), ("suffix", None), ("best_of", None), ("logprobs", None))
 _CARRIED = ("max_tokens", "temperature", "top_p", "n", "stop", "stream", "stream_options",
             "presence_penalty", "frequency_penalty", "logit_bias", "user", "seed")
 # Latency buckets for LLM traffic: a cached answer in a millisecond, a long generation in 2 min.
@@ -6481,6 +6483,9 @@ def chat_from_completion(obj: dict) -> dict:
             raise BadRequest("This model's upstream is chat-only: send one string prompt.",
                              code="invalid_type", param="prompt")
         prompt = prompt[0]
+    for name, unset in _COMPLETION_ONLY:  # what a chat request cannot ask: refused, not dropped
+        if obj.get(name, unset) != unset:
+            raise _unsupported(name, f"'{name}' has no chat completions equivalent.")
     chat = {"model": obj["model"], "messages": [{"role": "user", "content": prompt}]}
     chat.update((k, obj[k]) for k in _CARRIED if k in obj)
     return chat

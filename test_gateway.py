@@ -5209,7 +5209,7 @@ def test_a_token_count_no_request_could_have_counts_nothing(
 
 def test_completions_conversion_both_ways() -> None:
     chat = gw.chat_from_completion({"model": "m", "prompt": ["Say hi"], "max_tokens": 5, "stream": True,
-                                    "temperature": 0.2, "echo": True})
+                                    "temperature": 0.2, "echo": False})
     assert chat == {"model": "m", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 5,
                     "temperature": 0.2, "stream": True}
     with pytest.raises(gw.GatewayError) as info:
@@ -5525,6 +5525,13 @@ def test_completions_through_a_chat_only_upstream(start_gateway: StartGateway, m
     assert "".join(c.choices[0].text for c in chunks if c.choices) == "".join(f"tok{i} " for i in range(5))
     assert all(c.object == "text_completion" for c in chunks) and chunks[-1].choices[0].finish_reason == "stop"
     assert usage_of(g, name="anonymous")["completion_tokens"] == 10
+    seen = len(mock.requests)
+    for field, value in (("echo", True), ("suffix", "end"), ("best_of", 2), ("logprobs", 3)):
+        with pytest.raises(openai.BadRequestError) as info:  # refused, never silently dropped
+            client.completions.create(model="m", prompt="p", **{field: value})
+        assert info.value.param == field and info.value.code == "unsupported_parameter"
+    client.completions.create(model="m", prompt="p", echo=False, suffix=None, logprobs=None)  # asks nothing
+    assert len(mock.requests) == seen + 1
 
 
 def test_chat_only_upstream_answering_garbage_is_502_not_500(raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
