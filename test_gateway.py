@@ -7666,7 +7666,7 @@ def test_an_admission_sent_again_after_noscript_counts_what_went_out_meanwhile_o
         assert (await s.pipeline([s.batch], batch))[0] == 0
         s.batch = None
         try:
-            return s.admitted(replies, ["mock"], None, "team")  # type: ignore[arg-type]
+            return s.admitted(replies, ["mock"], None, "team", rq)  # type: ignore[arg-type]
         except gw.QuotaExceeded:
             return False
 
