@@ -122,6 +122,7 @@ MAX_MODEL_NAME = 256  # characters: longer model names are refused (400)
 MAX_STORED_RESPONSES = 10_000  # responses made over chat, kept for previous_response_id
 MAX_STORED_RESPONSE_BYTES = 32 * 1024 * 1024  # ...and their JSON size, all together
 UPLOAD_BUFFER = 1024 * 1024  # an upload's bytes waiting for the upstream connection, at most
+MAX_QUEUED_GIVEN_BACK = 10_000  # slots given back from the middle of a key's queue, kept
 PACING_MAX_WAIT_S = 60.0  # a paced request queues this long at most (or one interval,
 # if longer: a minute's worth of rpm_per_key, and one request of any min_interval_ms)
 PACING_SLACK = 1.01  # rpm_per_key spaces requests 1% wider than 60/rpm: room for jitter
@@ -547,8 +548,8 @@ class UpstreamKey:
 
     __slots__ = (
         "name", "secret", "head", "cooling", "asked", "blocked", "blocked_at", "recheck_at",
-        "block_reason", "next_slot", "requests", "failures", "last_used", "last_status",
-        "query", "others", "retired", "creds",
+        "block_reason", "next_slot", "given_back", "requests", "failures", "last_used",
+        "last_status", "query", "others", "retired", "creds",
     )
 
     def __init__(self, name: str, secret: str, head: bytes = b"") -> None:
@@ -572,6 +573,8 @@ class UpstreamKey:
         self.recheck_at = 0.0  # monotonic: a blocked key gets one real request then
         self.block_reason = ""  # the upstream's status and message, secrets masked
         self.next_slot = 0.0  # monotonic: pacing, the earliest the next request may go
+        # the ends of slots given back while later ones were still taken (KeyPool.give_back)
+        self.given_back: list[float] = []
         self.requests = 0
         self.failures = 0
         self.last_used: float | None = None  # unix seconds
@@ -892,6 +895,29 @@ class KeyPool:
         if self.interval:
             best.next_slot = max(now, best.next_slot) + self.interval
         return best, wait
+
+    def give_back(self, key: UpstreamKey, end: float) -> None:
+        """A paced request that never went (its client left while it waited) gives back its
+        slot, which ends at `end`: at once if it was the last one taken, with every slot
+        given back just before it; else it is remembered until the ones after it go too.
+        A slot between two that are still taken stays lost: those wait on their own timers."""
+        interval, given = self.interval, key.given_back
+        if not interval:
+            return
+        if abs(key.next_slot - end) > 1e-6:  # not the last: for when the ones after it go
+            now = self.clock()
+            given[:] = [g for g in given if g > now]
+            if len(given) < MAX_QUEUED_GIVEN_BACK:
+                given.append(end)
+            return
+        end -= interval
+        while given:
+            hit = next((g for g in given if abs(g - end) <= 1e-6), None)
+            if hit is None:
+                break
+            given.remove(hit)
+            end -= interval
+        key.next_slot = end
 
     def pick_named(self, name: str, exclude: Iterable[UpstreamKey] = (),
                    max_wait: float = float("inf"), *, model: str = ""
@@ -5229,6 +5255,7 @@ class Forwarder:
         chosen = self.kept(plan) if plan.chosen is not None else None
         while True:
             choice = chosen or self.choose(plan, groups)
+            end = choice[2].next_slot if choice is not None and chosen is None else None
             chosen = None
             if choice is None:
                 return None
@@ -5237,7 +5264,7 @@ class Forwarder:
                 # admission's shared slot stays in plan.paced: a try on that key takes it)
             upstream, keys, key, breaker, wait, probe = choice
             try:
-                conn = await self.attempt(plan, upstream, keys, key, wait)
+                conn = await self.attempt(plan, upstream, keys, key, wait, end)
             except _PacedOut:  # its slot across instances is too far off: another key, or
                 breaker.abandon(probe)  # a 429 that says when (its local slot now knows)
                 plan.tried.add(key)
@@ -5311,7 +5338,10 @@ class Forwarder:
             upstream=upstream.name, key=key.name)
 
     async def attempt(self, plan: Plan, upstream: Upstream, keys: KeyPool,
-                      key: UpstreamKey, wait: float) -> UpstreamConnection:
+                      key: UpstreamKey, wait: float, end: float | None = None
+                      ) -> UpstreamConnection:
+        """One try. end: where the local pacing slot this try took ends, when it was taken
+        just before (given back if the client leaves while it waits for it)."""
         gw, rq, model = self.gw, plan.rq, plan.model
         if upstream.pacing_interval:
             paced, plan.paced = plan.paced, None  # (one try's: a retry asks again)
@@ -5327,10 +5357,15 @@ class Forwarder:
                         key.next_slot = max(key.next_slot, keys.clock() + min(
                             shared_wait, upstream.pacing_max_wait + keys.interval + 1.0))
                         raise _PacedOut
-                    wait = shared_wait
+                    wait, end = shared_wait, None  # (a shared slot is not given back)
                     key.next_slot = max(key.next_slot, keys.clock() + wait + keys.interval)
         if wait > 0:
-            await asyncio.sleep(wait)  # pacing: this key's next slot
+            try:
+                await asyncio.sleep(wait)  # pacing: this key's next slot
+            except asyncio.CancelledError:  # the client left: its place goes to the next
+                if end is not None:
+                    keys.give_back(key, end)
+                raise
         request = plan.request_for(upstream, model, key)
         plan.upstream, plan.key, plan.sent = upstream, key, key.creds
         keys.sending(key, model)
@@ -5442,8 +5477,7 @@ class Forwarder:
         (_, (_, keys, key, breaker, _, probe), blocked, recheck, slot), plan.chosen = \
             plan.chosen, None
         breaker.abandon(probe)
-        if keys.interval and key.next_slot == slot:  # (moved since: another took the next
-            key.next_slot = slot - keys.interval  # one, or it learnt; this one is lost)
+        keys.give_back(key, slot)
         if blocked and key.recheck_at == recheck:
             key.recheck_at = 0.0
 

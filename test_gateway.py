@@ -910,6 +910,40 @@ def test_an_early_pacing_choice_let_go_never_puts_two_requests_in_one_interval(o
             assert other is not key or abs(at - then) >= min(interval, other_interval) - 1e-9
 
 
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(st.tuples(st.just("pick"), st.just(0)), st.tuples(st.just("leave"), st.integers(0, 50)),
+                          st.tuples(st.just("wait"), st.integers(0, 30))), max_size=40))
+@example([("pick", 0)] * 4 + [("leave", 0)] * 4)  # (they leave in the order they came)
+def test_paced_requests_whose_clients_leave_give_their_slots_back_and_never_crowd_the_rest(ops: list) -> None:
+    # Each pick takes a slot one interval after the last (waiting for it); a client that leaves
+    # while it waits gives its slot back (KeyPool.give_back). The requests that go (their time
+    # came) and those still waiting stay one interval apart; once all that wait have left, the
+    # next one waits for nothing but the last that went.
+    pool, clock = make_pool(1, interval=1.0)
+    clock.t = 0.0
+    waiting: list[tuple[float, float]] = []  # (when it goes, where its slot ends)
+    went: list[float] = []
+    for op, arg in ops:
+        if op == "pick":
+            key, wait = pool.pick()
+            waiting.append((clock.t + wait, key.next_slot))
+        elif op == "leave" and waiting:
+            at, end = waiting.pop(arg % len(waiting))
+            if at <= clock.t:
+                went.append(at)  # (it had gone already: nothing to give back)
+            else:
+                pool.give_back(pool.keys[0], end)
+        elif op == "wait":
+            clock.advance(arg / 10)
+            went += [at for at, _ in waiting if at <= clock.t]
+            waiting = [(at, end) for at, end in waiting if at > clock.t]
+    times = sorted(went + [at for at, _ in waiting])
+    assert all(b - a >= 1.0 - 1e-6 for a, b in zip(times, times[1:])), times
+    if not waiting:
+        _, wait = pool.pick()
+        assert wait == pytest.approx(max(0.0, max(went, default=-1.0) + 1.0 - clock.t), abs=1e-6)
+
+
 def early_choice(chosen_for: str, upstream: Any = None, **plan: Any) -> tuple[Any, gw.KeyPool, gw.UpstreamKey,
                                                                               gw.CircuitBreaker]:
     """A plan whose first try was chosen before its admission, for model chosen_for: a paced
@@ -937,7 +971,7 @@ def test_a_choice_made_early_for_a_fallback_is_let_go_when_the_model_asked_is_tr
         def choose(self, plan: Any, groups: Any, model: str = "") -> Any:
             return None, asked_pool, asked_pool.keys[0], asked_breaker, 0.0, 0
 
-        async def attempt(self, plan: Any, upstream: Any, keys: Any, key_: Any, wait: float) -> Any:
+        async def attempt(self, plan: Any, upstream: Any, keys: Any, key_: Any, wait: float, end: Any = None) -> Any:
             tried.append((key_.name, plan.chosen, plan.paced, breaker.available(), pool.pick()))
             raise asyncio.CancelledError  # (the client left: enough to see what was held)
 
@@ -1211,9 +1245,11 @@ def test_pacing_queues_requests_per_key_and_bounds_the_wait(start_gateway: Start
     (fourth,) = raw(slow.port, post("/v1/chat/completions", CHAT))
     assert fourth.status == 429 and 74 <= float(fourth.headers["retry-after-ms"]) / 1000 <= 75
     assert len(mock.requests) == seen + 1
-    for conn in waiting:  # (what a client that leaves the queue stops: see the next test)
-        conn.close()
+    for conn in waiting:  # they leave (in the order they came): their slots are given back,
+        conn.close()  # so the next request waits for nothing but the one that went
     assert eventually(lambda: not slow.gw.connections)
+    assert eventually(lambda: slow.lt.call(lambda: key.next_slot - clock()) <= 25)
+    assert len(mock.requests) == seen + 1
 
 
 def test_observed_rate_limits_per_key_and_model(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
