@@ -2311,6 +2311,8 @@ class SharedState:
         self.state_reads = BoundedMap(MAX_ROUTES)  # upstream name -> its HGETALL, packed
         # upstream name -> the last reset-stats its hash said (b"": none yet), once read
         self.resets: BoundedMap = BoundedMap(MAX_ROUTES)
+        self.epoch = 0  # resets this process made or took in: an admission's states from
+        # before the latest are not taken in
         self.budgets = (None, {})  # (api_keys it was made from, name -> both budgets, for
         # the clients that have one)
         self.pending: dict[str, list[int]] = {}  # a client with a budget -> [tokens, cost]
@@ -2525,7 +2527,7 @@ class SharedState:
         commands = self.admission(rq, limits, name, 0, names)
         replies = self.conn.send(commands)
         replies.add_done_callback(_retrieved)  # a request that ends before admit() never awaits it
-        rq.admission = ((replies, self.conn), names, commands)
+        rq.admission = ((replies, self.conn), names, commands, self.epoch)
 
     def upstreams(self) -> tuple[Any, list[str] | None, bool]:
         """The upstreams configured; their names when an admission may go from the head (few
@@ -2548,18 +2550,18 @@ class SharedState:
         let that choice go (Forwarder.release)."""
         rq, pace, estimate = plan.rq, None, 0
         if rq.admission:  # sent at the head
-            sent, names, commands = rq.admission
+            sent, names, commands, epoch = rq.admission
         elif not self.up or self.conn is None:
             return False
         else:
             sent, names = None, list(dict.fromkeys(u.name for u in plan.upstreams()))
             if self.upstreams()[2]:
                 pace = self.gw.forwarder.choose_early(plan)
-            estimate = plan.estimate
+            estimate, epoch = plan.estimate, self.epoch
             commands = self.admission(rq, limits, name, estimate, names, pace)
         rq.admission = _SENT
         replies = await self.pipeline(commands, sent, (rq, limits, name, estimate, names, pace))
-        if replies is None or not self.admitted(replies, names, limits, name, rq):
+        if replies is None or not self.admitted(replies, names, limits, name, rq, epoch):
             return False
         if pace is not None:
             reply = replies[0]
@@ -2609,12 +2611,15 @@ class SharedState:
         return [admission[1], *reads]
 
     def admitted(self, replies: list, names: list[str], limits: ClientLimits | None,
-                 name: str, rq: Request) -> bool:
-        """The admission's verdict (a refusal is raised) and the upstream states it brought.
-        False when the verdict is not the script's (the caller limits on local state)."""
-        wall, now = time.time(), time.monotonic()
-        for upstream, fields in zip(names, replies[1:]):
-            self.adopt(upstream, fields, wall, now)
+                 name: str, rq: Request, epoch: int) -> bool:
+        """The admission's verdict (a refusal is raised) and the upstream states it brought,
+        unless a reset came between its sending and now (epoch): those states are from
+        before it. False when the verdict is not the script's (the caller limits on local
+        state)."""
+        if epoch == self.epoch:
+            wall, now = time.time(), time.monotonic()
+            for upstream, fields in zip(names, replies[1:]):
+                self.adopt(upstream, fields, wall, now)
         reply = replies[0]
         try:  # (the script's numbers, as text: finite unless something else wrote them)
             verdict, first, second = reply[0], float(reply[1]), float(reply[2])
@@ -2691,6 +2696,7 @@ class SharedState:
             if seen is not None and seen != reset:
                 pool.reset()
                 breakers.reset(upstream)
+                self.epoch += 1  # (admissions sent before it bring states from before it)
             resets.put(upstream, reset)
         elif resets.get(upstream) is None:
             resets.put(upstream, b"")
@@ -2846,6 +2852,7 @@ class SharedState:
         process that reads it next undoes its own states for (adopt). The mark stays while
         the hash does, so one that reads it a day later still sees a reset it had not."""
         mark = os.urandom(8).hex().encode()
+        self.epoch += 1  # (admissions sent before it bring states from before it)
         for name in upstreams:
             self.resets.put(name, mark)
             key = self.key("up", name)
@@ -8273,7 +8280,7 @@ class Request:
         self.shared_take = False  # its buckets are taken in Redis, before forwarding
         # sent at the head: ((its replies, the Redis connection), upstream names, commands);
         # _SENT once admit() has it (or sent it), None while it has not been sent
-        self.admission: tuple[tuple[asyncio.Future, Any], list[str], list[bytes]] | \
+        self.admission: tuple[tuple[asyncio.Future, Any], list[str], list[bytes], int] | \
             tuple[()] | None = None
         self.extra: list[tuple[bytes, bytes]] = []  # for every response: CORS, connection
         if self.framing_doubt:

@@ -2092,6 +2092,29 @@ def test_reset_stats_through_one_instance_clears_cooldowns_and_breakers_in_every
         assert resp.status == 429, g
 
 
+def test_an_admission_sent_before_a_reset_brings_back_nothing_it_cleared(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer, redis_url: str) -> None:
+    g = start_gateway(shared_config(mock, redis_url))
+    for key in KEYS:
+        mock.key_model_faults[(key, "gpt-4o")] = (429, {"retry-after": "600"})
+    (resp,) = raw(g.port, post("/v1/chat/completions", b'{"model":"gpt-4o","messages":[]}'))
+    assert resp.status == 429  # every key cools for gpt-4o, here and in Redis
+    assert eventually(lambda: "c\tmock#0\tgpt-4o" in redis_hash(redis_server, "gateway:v1:up:mock"))
+    mock.key_model_faults.clear()
+    body = b'{"model":"gpt-4o","messages":[]}'
+    with connect(g.port) as held:  # its admission goes at its head, and reads those states
+        held.sendall(post("/v1/chat/completions", body)[:-len(body)])
+        assert eventually(lambda: g.lt.call(lambda: any(
+            p.cycle is not None and p.cycle.admission for p in g.gw.connections)))
+        assert admin(g, "POST", "/v1/tokens/reset-stats").status == 200
+        assert set(key_states(g).values()) == {"active"}
+        held.sendall(body)  # its admission's reply is taken in only now, after the reset
+        assert read_response(held.makefile("rb")).status == 200
+    assert set(key_states(g).values()) == {"active"}
+    (resp,) = raw(g.port, post("/v1/chat/completions", body))
+    assert resp.status == 200
+
+
 def test_objects_made_through_one_instance_are_followed_up_through_the_other(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
         redis_url: str) -> None:
@@ -7702,7 +7725,7 @@ def test_an_admission_sent_again_after_noscript_counts_what_went_out_meanwhile_o
         assert (await s.pipeline([s.batch], batch))[0] == 0
         s.batch = None
         try:
-            return s.admitted(replies, ["mock"], None, "team", rq)  # type: ignore[arg-type]
+            return s.admitted(replies, ["mock"], None, "team", rq, s.epoch)  # type: ignore[arg-type]
         except gw.QuotaExceeded:
             return False
 
