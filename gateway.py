@@ -2650,19 +2650,23 @@ class SharedState:
             # What this process has counted and not sent yet (an answer that used more than
             # its estimate) is in Redis before the client's next try: it is counted now, in
             # the level the headers show and in when to come back.
+            # Tokens given back go out within a flush (SHARED_FLUSH_S at most): until then
+            # the shared bucket refuses what they would let through.
             owed = sum(delta for (key, *_), delta in self.settles.items()
                        if key == self.key("tpm", self.bucket(rq)))
             level = _number(reply[3]) if len(reply) == 4 and reply[3].__class__ is bytes \
                 else None
             if level is None:  # (not this script's: empty, as far as a header says)
                 level = min(bucket.level, 0.0) + owed
-            bucket.level = max(-bucket.capacity, level - owed)
-            bucket.stamp = bucket.clock()
+            after = min(bucket.capacity, max(-bucket.capacity, level - owed))  # (as Redis
+            bucket.level, bucket.stamp = after, bucket.clock()  # will hold it)
             requests = limits.requests  # type: ignore[union-attr]
             if requests is not None and second >= 0:
                 requests.level, requests.stamp = second, requests.clock()
-            raise self.gw.limiter.refuse("Rate limit reached for tokens per minute.",
-                                         first + max(owed, 0.0) / bucket.rate)
+            wait = first + (level - after) / bucket.rate  # (what it needs less what it has)
+            if owed < 0:
+                wait = max(wait, SHARED_FLUSH_S)
+            raise self.gw.limiter.refuse("Rate limit reached for tokens per minute.", wait)
         requests = limits.requests if limits is not None else None
         tokens = limits.tokens if limits is not None else None
         if requests is not None:  # the local bucket follows the shared one (headers, fail-open)

@@ -1599,6 +1599,38 @@ def test_a_tpm_429_says_what_is_left_and_when_to_come_back_the_same_with_or_with
 
 
 @pytest.mark.parametrize("shared", [False, True])
+def test_a_tpm_429_after_an_answer_that_used_far_more_than_the_bucket_waits_at_most_two_buckets(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, request: pytest.FixtureRequest, shared: bool) -> None:
+    config = limited(mock, rate_limit={"tpm": 1000})
+    if shared:
+        config["redis_url"] = request.getfixturevalue("redis_url")
+    g = start_gateway(config)
+    if shared:  # (what is owed stays unsent: 3,000 past its estimate)
+        assert eventually(lambda: g.gw.shared.up)
+        g.lt.call(lambda: g.gw.shared.flusher.cancel())
+    (first,) = raw(g.port, post("/v1/chat/completions", b'{"model":"m","messages":[],"max_tokens":10}',
+                                "x-mock-chunks: 3000\r\n"))
+    assert first.status == 200 and first.json()["usage"]["total_tokens"] > 3000
+    (resp,) = raw(g.port, post("/v1/chat/completions", b'{"model":"m","messages":[],"max_tokens":990}'))
+    assert resp.status == 429 and resp.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert 119 <= int(resp.headers["retry-after-ms"]) / 1000 <= 120  # owed down to -1,000, not more
+
+
+def test_with_redis_tokens_given_back_and_not_sent_yet_are_shown_and_waited_for_one_flush(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_url: str) -> None:
+    g = start_gateway(limited(mock, rate_limit={"tpm": 1000}, redis_url=redis_url))
+    assert eventually(lambda: g.gw.shared.up)
+    g.lt.call(lambda: g.gw.shared.flusher.cancel())  # what is given back stays unsent
+    (first,) = raw(g.port, post("/v1/chat/completions", b'{"model":"m","messages":[],"max_tokens":5000}'))
+    used = first.json()["usage"]["total_tokens"]
+    assert first.status == 200 and used < 100  # the whole bucket taken, nearly all of it given back
+    (resp,) = raw(g.port, post("/v1/chat/completions", b'{"model":"m","messages":[],"max_tokens":10}'))
+    assert resp.status == 429  # Redis has not had it back yet: within a flush it has
+    assert 1000 - used <= int(resp.headers["x-ratelimit-remaining-tokens"]) <= 1000 - used + 3
+    assert int(resp.headers["retry-after-ms"]) == 1000
+
+
+@pytest.mark.parametrize("shared", [False, True])
 def test_a_request_its_tpm_refuses_takes_nothing_from_its_rpm_with_or_without_redis(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, request: pytest.FixtureRequest, shared: bool) -> None:
     config = limited(mock, rate_limit={"rpm": 3, "tpm": 1000})
