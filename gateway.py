@@ -5108,61 +5108,77 @@ class Plan:
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _JSON_SCALAR = re.compile(rb"[-+.0-9A-Za-z]+")  # a number, true, false or null
 _JSON_NESTING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.S)
+_AS_KEY = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*")  # after a string: it was a key
+# An escaped lowercase letter or "_": the only way a key can spell a member name other than
+# plainly (no encoder writes one so unasked)
+_ESCAPED_NAME_CHAR = re.compile(rb"\\u00(?:6[1-9a-fA-F]|7[0-9aA]|5[fF])")
 _USAGE_ASKED = b'{"include_usage":true}'
-_MEMBER_KEYS = {name: re.compile(rb'"%s"[ \t\r\n]*:[ \t\r\n]*' % name.encode())
-                for name in ("model", "stream", "stream_options")}  # (as keys: ":" after)
+MAX_SPLICED_TOKENS = 4096  # a changed member's value scanned for its end, at most
 
 
 def with_members(body: bytes, obj: dict, changes: dict[str, bytes]) -> bytes:
     """body (a JSON object, obj parsed) with the top-level members named in changes set to
     their JSON values, and every other byte as it was: a number past 64 bits, `1E2`, `0.10`
     or an escape reach the upstream as the client wrote them, which a re-serialization would
-    not keep. A member absent is added at the end; one present is found as a key (no key
-    can be written so inside a string, whose quotes are all escaped) at depth 1, counted
-    in the bytes before it with its strings taken out. A key written with escapes of its
-    own is not found: then the object is written again, whole."""
+    not keep. A member absent is added at the end. One present is found as its key, which
+    cannot be written so inside a string (whose quotes are all escaped): when it is the only
+    such key in the body, it is the member of the top level that obj has. Otherwise (the
+    name also nested, or a key that may spell it with escapes, or a large value to replace)
+    the object is written again, whole, in one pass at orjson's speed: every search here is
+    a bytes.find or one regular expression over the body, never a loop over its bytes."""
     edits: list[tuple[int, int, bytes]] = []
     added = []
+    if _ESCAPED_NAME_CHAR.search(body):
+        return _rewritten_with(obj, changes)
     for name, value in changes.items():
         if name not in obj:
             added.append(b'"%s":%s' % (name.encode(), value))
             continue
-        found = False
-        for m in _MEMBER_KEYS[name].finditer(body):
-            at = m.start()
-            if (at - len(body[:at].rstrip(b"\\"))) % 2:
-                continue  # an escaped quote: inside a string
-            prefix = _JSON_STRING.sub(b"", body[:at])
-            if prefix.count(b"{") + prefix.count(b"[") - prefix.count(b"}") \
-                    - prefix.count(b"]") != 1:
-                continue  # a member of a nested object
-            start = m.end()
-            edits.append((start, _json_value_end(body, start), value))
-            found = True
-        if not found:
-            return rewritten({**obj, **{n: orjson.loads(v) for n, v in changes.items()}})
+        quoted, start, found = b'"%s"' % name.encode(), -1, 0
+        at = body.find(quoted)
+        while at >= 0:
+            after = _AS_KEY.match(body, at + len(quoted))
+            slashes = 0
+            while at > slashes and body[at - 1 - slashes] == 92:  # "\\": the quote may be
+                slashes += 1  # escaped
+            if after is not None and not slashes % 2:
+                start, found = after.end(), found + 1
+                if found > 1:
+                    break
+            at = body.find(quoted, at + 1)
+        end = _json_value_end(body, start) if found == 1 else -1
+        if end < 0:
+            return _rewritten_with(obj, changes)
+        edits.append((start, end, value))
     edits.sort()
-    parts, at = [], 0
+    view = memoryview(body)  # (slices of it are not copies: the join is the one copy)
+    parts: list[Any] = []
+    at = 0
     for start, end, value in edits:
-        parts += (body[at:start], value)
+        parts += (view[at:start], value)
         at = end
     if added:
         close = body.rindex(b"}")  # the object's own: nothing but space may follow it
-        parts += (body[at:close], b"," if obj else b"", b",".join(added), body[close:])
+        parts += (view[at:close], b"," if obj else b"", b",".join(added), view[close:])
     else:
-        parts.append(body[at:])
+        parts.append(view[at:])
     return b"".join(parts)
 
 
+def _rewritten_with(obj: dict, changes: dict[str, bytes]) -> bytes:
+    return rewritten({**obj, **{name: orjson.loads(value) for name, value in changes.items()}})
+
+
 def _json_value_end(body: bytes, at: int) -> int:
-    """Where the JSON value that starts at `at` ends."""
+    """Where the JSON value that starts at `at` ends; -1 for an array or object of more than
+    MAX_SPLICED_TOKENS strings and brackets (the caller writes the whole body again)."""
     first = body[at:at + 1]
     if first == b'"':
         return _JSON_STRING.match(body, at).end()  # type: ignore[union-attr]
     if first not in (b"{", b"["):
         return _JSON_SCALAR.match(body, at).end()  # type: ignore[union-attr]
     depth = 0
-    for m in _JSON_NESTING.finditer(body, at):
+    for count, m in enumerate(_JSON_NESTING.finditer(body, at)):
         token = body[m.start()]
         if token in b"{[":
             depth += 1
@@ -5170,7 +5186,9 @@ def _json_value_end(body: bytes, at: int) -> int:
             depth -= 1
             if not depth:
                 return m.end()
-    raise ValueError("unbalanced JSON")  # (never: orjson has read it)
+        if count >= MAX_SPLICED_TOKENS:
+            break
+    return -1
 
 
 def rewritten(obj: dict) -> bytes:

@@ -5558,8 +5558,11 @@ _json_scalar = st.none() | st.booleans() | st.integers(-10 ** 30, 10 ** 30) | st
     | st.sampled_from(["model", '"model":', "\\", "{[", "]}"]) \
     | st.floats(allow_nan=False, allow_infinity=False)
 _json_names = st.sampled_from(["model", "stream", "stream_options", "messages", "m", 'a"model', "model\\"]) | st.text(max_size=4)
-_json_values = st.recursive(_json_scalar, lambda inner: st.lists(inner, max_size=3)
-                            | st.dictionaries(_json_names, inner, max_size=3), max_leaves=12)
+_json_values = st.recursive(_json_scalar, lambda inner: st.lists(inner, max_size=3)  # (the names changed: top level only)
+                            | st.dictionaries(_json_names.filter(lambda n: n not in ("model", "stream", "stream_options")),
+                                              inner, max_size=3), max_leaves=12)
+_json_any_values = st.recursive(_json_scalar, lambda inner: st.lists(inner, max_size=3)
+                                | st.dictionaries(_json_names, inner, max_size=3), max_leaves=12)
 
 
 @given(obj=st.dictionaries(_json_names, _json_values, max_size=5), ascii_only=st.booleans(),
@@ -5582,6 +5585,26 @@ def test_members_changed_in_the_bytes_leave_every_other_byte_alone(
     if added:
         expected = expected[:-1] + (b"," if obj else b"") + b",".join(added) + b"}"
     assert out == expected
+
+
+@given(obj=st.dictionaries(_json_names, _json_any_values, max_size=5), ascii_only=st.booleans(),
+       escaped=st.booleans(), changes=st.dictionaries(  # (values as the gateway writes them)
+           st.sampled_from(["model", "stream", "stream_options"]),
+           st.sampled_from([b'"gpt-4o"', b"true", b'{"include_usage":true}', b'{"x":[1,{"y":"}"}],"include_usage":true}']),
+           min_size=1))
+@settings(max_examples=500, deadline=None)
+def test_members_named_elsewhere_too_or_spelled_with_escapes_are_still_the_top_levels(
+        obj: dict, ascii_only: bool, escaped: bool, changes: dict[str, bytes]) -> None:
+    # The names also nested, or a key spelled with escapes (the top level's or another):
+    # whatever way it takes, the upstream reads what was asked, and duplicates are gone.
+    body = json.dumps(obj, ensure_ascii=ascii_only).encode()
+    if escaped:  # every such key, and one more, after the rest: the one that counts
+        body = body.replace(b'"model"', b'"mod\\u0065l"').replace(b'"stream', b'"str\\u0065am')
+        body = body[:-1] + (b", " if obj else b"") + b'"stream_opti\\u006fns": {"include_usage": false}}'
+    out = gw.with_members(body, orjson.loads(body), changes)
+    assert orjson.loads(out) == {**orjson.loads(body), **{n: orjson.loads(v) for n, v in changes.items()}}
+    top = [n for n, _ in json.loads(out, object_pairs_hook=list)]
+    assert all(top.count(name) == 1 for name in changes)  # no duplicate an upstream may read first
 
 
 def test_request_id_passed_through_or_generated(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
