@@ -7266,6 +7266,9 @@ class ProxyHandler:
         obj = parse_body(rq.body(), "responses")
         model = self.allowed_model(rq, obj["model"])
         previous = obj.get("previous_response_id")
+        if previous is not None and not isinstance(previous, str):
+            raise BadRequest("Invalid type for 'previous_response_id': expected a string.",
+                             code="invalid_type", param="previous_response_id")
         conversation = obj.get("conversation")
         if isinstance(conversation, dict):
             conversation = conversation.get("id")

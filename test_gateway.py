@@ -2190,6 +2190,9 @@ def test_objects_made_through_one_instance_are_followed_up_through_the_other(
             g.client().responses.create(model="gpt-4o", input="more", previous_response_id=second.id)
         assert info.value.code == "previous_response_not_found"
     assert c.client().responses.retrieve(first.id).output_text == "echo: first"  # the others stay
+    for previous in (b"true", b"[1]", b'{"id":"x"}'):
+        (resp,) = raw(c.port, post("/v1/responses", b'{"model":"gpt-4o","input":"x","previous_response_id":%s}' % previous))
+        assert resp.status == 400 and resp.json()["error"]["param"] == "previous_response_id", resp.body
     with pytest.raises(openai.BadRequestError) as info:  # (made over chat: never in the background)
         c.client().responses.cancel(first.id)
     assert info.value.code == "invalid_value" and info.value.param == "response_id"
