@@ -573,8 +573,8 @@ class UpstreamKey:
         self.recheck_at = 0.0  # monotonic: a blocked key gets one real request then
         self.block_reason = ""  # the upstream's status and message, secrets masked
         self.next_slot = 0.0  # monotonic: pacing, the earliest the next request may go
-        # the ends of slots given back while later ones were still taken (KeyPool.give_back)
-        self.given_back: list[float] = []
+        # slots given back while later ones were still taken: end -> start (KeyPool.give_back)
+        self.given_back: dict[float, float] = {}
         self.requests = 0
         self.failures = 0
         self.last_used: float | None = None  # unix seconds
@@ -898,26 +898,25 @@ class KeyPool:
 
     def give_back(self, key: UpstreamKey, end: float) -> None:
         """A paced request that never went (its client left while it waited) gives back its
-        slot, which ends at `end`: at once if it was the last one taken, with every slot
-        given back just before it; else it is remembered until the ones after it go too.
-        A slot between two that are still taken stays lost: those wait on their own timers."""
+        slot, which ends at `end` (taken from this pool: it starts an interval before): at
+        once if it was the last one taken, with every slot given back just before it; else
+        it is remembered (end -> start) until the ones after it go too. A slot between two
+        that are still taken stays lost: those wait on their own timers."""
         interval, given = self.interval, key.given_back
         if not interval:
             return
-        if abs(key.next_slot - end) > 1e-6:  # not the last: for when the ones after it go
-            now = self.clock()
-            given[:] = [g for g in given if g > now]
+        start = end - interval
+        if key.next_slot != end:  # not the last: for when the ones after it go
+            if len(given) >= MAX_QUEUED_GIVEN_BACK:  # (those in the past are over)
+                now = self.clock()
+                for over in [e for e in given if e <= now]:
+                    del given[over]
             if len(given) < MAX_QUEUED_GIVEN_BACK:
-                given.append(end)
-            return
-        end -= interval
-        while given:
-            hit = next((g for g in given if abs(g - end) <= 1e-6), None)
-            if hit is None:
-                break
-            given.remove(hit)
-            end -= interval
-        key.next_slot = end
+                given[round(end, 6)] = start  # (to the microsecond: end - interval + interval
+            return  # is not always the same float)
+        while round(start, 6) in given:
+            start = given.pop(round(start, 6))
+        key.next_slot = start
 
     def pick_named(self, name: str, exclude: Iterable[UpstreamKey] = (),
                    max_wait: float = float("inf"), *, model: str = ""

@@ -944,6 +944,17 @@ def test_paced_requests_whose_clients_leave_give_their_slots_back_and_never_crow
         assert wait == pytest.approx(max(0.0, max(went, default=-1.0) + 1.0 - clock.t), abs=1e-6)
 
 
+def test_slots_given_back_across_a_reload_that_changed_the_interval_never_overlap_one_still_taken() -> None:
+    clock = FakeClock()
+    key = gw.UpstreamKey("k", "secret")
+    slow, fast = gw.KeyPool([key], interval=2.0, clock=clock), gw.KeyPool([key], interval=1.0, clock=clock)
+    fast.pick(), fast.pick()  # go at 0 and 1
+    first_end, second_end = fast.pick() and key.next_slot, slow.pick() and key.next_slot  # [2, 3), [3, 5)
+    fast.give_back(key, first_end)  # not the last taken: remembered
+    slow.give_back(key, second_end)  # the last: back to 2, where the one that goes at 1 ends
+    assert fast.pick()[1] == pytest.approx(2.0)
+
+
 def early_choice(chosen_for: str, upstream: Any = None, **plan: Any) -> tuple[Any, gw.KeyPool, gw.UpstreamKey,
                                                                               gw.CircuitBreaker]:
     """A plan whose first try was chosen before its admission, for model chosen_for: a paced
