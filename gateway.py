@@ -2855,13 +2855,30 @@ class SharedState:
         process that reads it next undoes its own states for (adopt). The mark stays while
         the hash does, so one that reads it a day later still sees a reset it had not."""
         mark = os.urandom(8).hex().encode()
-        self.epoch += 1  # (admissions sent before it bring states from before it)
+        commands: list[tuple] = []
         for name in upstreams:
             self.resets.put(name, mark)
             key = self.key("up", name)
-            self.write("DEL", key)
-            self.write("HSET", key, "r", mark)
-            self.write("EXPIRE", key, SHARED_STATE_TTL_S)
+            commands += [("DEL", key), ("HSET", key, "r", mark),
+                         ("EXPIRE", key, SHARED_STATE_TTL_S)]
+        # States still queued describe what it clears: not written after it. It goes out now,
+        # ahead of any admission sent after it on the connection (an admission sent before
+        # it brings states from before it: not taken in, by the epoch).
+        hashes = {command[1] for command in commands}
+        self.writes = collections.deque(
+            (c for c in self.writes if not any(part in hashes for part in c[1:4]
+                                               if part.__class__ is str)),
+            maxlen=MAX_SHARED_PENDING)
+        self.epoch += 1
+        if not self.up or self.conn is None:
+            self.writes.extend(commands)  # (sent first when Redis is back)
+            return
+
+        def sent(replies: asyncio.Future) -> None:
+            if replies.cancelled() or replies.exception() is not None:
+                self.writes.extendleft(reversed(commands))  # the link dropped: when it is back
+                self.kick()
+        self.conn.send(commands).add_done_callback(sent)
 
     def write_state(self, upstream: str, field: str, value: str) -> None:
         self.write("EVALSHA", self.scripts[_STATE_LUA], 1, self.key("up", upstream), field,

@@ -2158,6 +2158,33 @@ def test_an_admission_sent_before_a_reset_brings_back_nothing_it_cleared(
     assert resp.status == 200
 
 
+def test_an_admission_sent_right_after_a_reset_reads_the_hash_the_reset_left(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer, redis_url: str) -> None:
+    g = start_gateway(shared_config(mock, redis_url))
+    for key in KEYS:
+        mock.key_model_faults[(key, "gpt-4o")] = (429, {"retry-after": "600"})
+    (resp,) = raw(g.port, post("/v1/chat/completions", b'{"model":"gpt-4o","messages":[]}'))
+    assert resp.status == 429
+    assert eventually(lambda: "c\tmock#0\tgpt-4o" in redis_hash(redis_server, "gateway:v1:up:mock"))
+    mock.key_model_faults.clear()
+    rq = types.SimpleNamespace(client=None, limits=None, peer="x")
+
+    async def reset_then_admit() -> None:  # in one loop turn: the reset's writes go first
+        s = g.gw.shared
+        for pool in g.gw.keys.values():
+            pool.reset()
+        g.gw.breakers.reset()
+        s.reset_all(g.gw.keys)
+        epoch = s.epoch
+        replies = await s.conn.send(s.admission(rq, None, "anonymous", 0, ["mock"]))
+        assert s.admitted(replies, ["mock"], None, "anonymous", rq, epoch)  # type: ignore[arg-type]
+
+    g.lt.run(reset_then_admit())
+    assert set(key_states(g).values()) == {"active"}
+    (resp,) = raw(g.port, post("/v1/chat/completions", b'{"model":"gpt-4o","messages":[]}'))
+    assert resp.status == 200
+
+
 def test_objects_made_through_one_instance_are_followed_up_through_the_other(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
         redis_url: str) -> None:
