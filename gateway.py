@@ -5123,13 +5123,15 @@ class Plan:
 
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _JSON_SCALAR = re.compile(rb"[-+.0-9A-Za-z]+")  # a number, true, false or null
-_JSON_NESTING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.S)
+# (a quote that does not close within the window is a token of its own: the scan stops)
+_JSON_NESTING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|["\[\]{}]', re.S)
 _AS_KEY = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*")  # after a string: it was a key
 # An escaped lowercase letter or "_": the only way a key can spell a member name other than
 # plainly (no encoder writes one so unasked)
 _ESCAPED_NAME_CHAR = re.compile(rb"\\u00(?:6[1-9a-fA-F]|7[0-9aA]|5[fF])")
 _USAGE_ASKED = b'{"include_usage":true}'
-MAX_SPLICED_TOKENS = 4096  # a changed member's value scanned for its end, at most
+MAX_SPLICED_VALUE = 65536  # a changed member's old value, in bytes, at most (else written
+MAX_SPLICE_STEPS = 256  # whole), and the keys, backslashes or tokens looked at for it
 
 
 def with_members(body: bytes, obj: dict, changes: dict[str, bytes]) -> bytes:
@@ -5142,25 +5144,35 @@ def with_members(body: bytes, obj: dict, changes: dict[str, bytes]) -> bytes:
     name also nested, or a key that may spell it with escapes, or a large value to replace)
     the object is written again, whole, in one pass at orjson's speed: every search here is
     a bytes.find or one regular expression over the body, never a loop over its bytes."""
+    for name in changes:  # a long value to replace is not looked for: written whole
+        old = obj.get(name)
+        if old.__class__ is str and len(old) > MAX_SPLICED_VALUE // 6 or old.__class__ in (
+                dict, list) and (len(old) > MAX_SPLICE_STEPS
+                                 or len(orjson.dumps(old)) > MAX_SPLICED_VALUE // 6):
+            return _rewritten_with(obj, changes)
+    if b"\\u00" in body and _ESCAPED_NAME_CHAR.search(body):
+        return _rewritten_with(obj, changes)
     edits: list[tuple[int, int, bytes]] = []
     added = []
-    if _ESCAPED_NAME_CHAR.search(body):
-        return _rewritten_with(obj, changes)
     for name, value in changes.items():
         if name not in obj:
             added.append(b'"%s":%s' % (name.encode(), value))
             continue
         quoted, start, found = b'"%s"' % name.encode(), -1, 0
-        at = body.find(quoted)
-        while at >= 0:
+        at, seen = body.find(quoted), 0
+        while at >= 0 and found < 2:
+            seen += 1
             after = _AS_KEY.match(body, at + len(quoted))
             slashes = 0
             while at > slashes and body[at - 1 - slashes] == 92:  # "\\": the quote may be
                 slashes += 1  # escaped
+                if slashes > MAX_SPLICE_STEPS:
+                    break
+            if seen > MAX_SPLICE_STEPS or slashes > MAX_SPLICE_STEPS:
+                found = 0  # (so many, not a client's own: written whole)
+                break
             if after is not None and not slashes % 2:
                 start, found = after.end(), found + 1
-                if found > 1:
-                    break
             at = body.find(quoted, at + 1)
         end = _json_value_end(body, start) if found == 1 else -1
         if end < 0:
@@ -5186,23 +5198,25 @@ def _rewritten_with(obj: dict, changes: dict[str, bytes]) -> bytes:
 
 
 def _json_value_end(body: bytes, at: int) -> int:
-    """Where the JSON value that starts at `at` ends; -1 for an array or object of more than
-    MAX_SPLICED_TOKENS strings and brackets (the caller writes the whole body again)."""
-    first = body[at:at + 1]
-    if first == b'"':
-        return _JSON_STRING.match(body, at).end()  # type: ignore[union-attr]
-    if first not in (b"{", b"["):
-        return _JSON_SCALAR.match(body, at).end()  # type: ignore[union-attr]
+    """Where the JSON value that starts at `at` ends; -1 for one longer than
+    MAX_SPLICED_VALUE bytes, or with more than MAX_SPLICE_STEPS strings and brackets (the
+    caller writes the whole body again)."""
+    first, stop = body[at:at + 1], at + MAX_SPLICED_VALUE
+    if first != b"{" and first != b"[":
+        m = (_JSON_STRING if first == b'"' else _JSON_SCALAR).match(body, at, stop)
+        return -1 if m is None or m.end() == stop else m.end()
     depth = 0
-    for count, m in enumerate(_JSON_NESTING.finditer(body, at)):
+    for count, m in enumerate(_JSON_NESTING.finditer(body, at, stop)):
         token = body[m.start()]
+        if m.end() - m.start() == 1 and token == 34:  # '"': a string cut by the window
+            break
         if token in b"{[":
             depth += 1
         elif token in b"}]":
             depth -= 1
             if not depth:
                 return m.end()
-        if count >= MAX_SPLICED_TOKENS:
+        if count >= MAX_SPLICE_STEPS:
             break
     return -1
 

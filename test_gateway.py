@@ -5648,6 +5648,24 @@ def test_members_named_elsewhere_too_or_spelled_with_escapes_are_still_the_top_l
     assert all(top.count(name) == 1 for name in changes)  # no duplicate an upstream may read first
 
 
+@pytest.mark.parametrize("body, changes", [
+    (b'{"model": "x", "a": ["model", "model", "model"]}', {"model": b'"b"'}),  # the name, many times
+    (b'{"model": "x", "' + b"\\\\" * 4 + b'\\"model": 1}', {"model": b'"b"'}),  # a run of backslashes
+    (b'{"model": "' + b"\\u00e9" * 20 + b'"}', {"model": b'"b"'}),  # a long value
+    (b'{"stream_options": {"x": "' + b'\\"' * 30 + b'"}, "stream": true}', {"stream_options": b'{"include_usage":true}'}),
+    (b'{"stream": [' + b"1, " * 40 + b'1]}', {"stream": b"true"}),
+])
+def test_a_body_past_what_is_looked_through_is_written_whole(monkeypatch: pytest.MonkeyPatch, body: bytes,
+                                                           changes: dict[str, bytes]) -> None:
+    monkeypatch.setattr(gw, "MAX_SPLICE_STEPS", 2)
+    monkeypatch.setattr(gw, "MAX_SPLICED_VALUE", 60)
+    obj = orjson.loads(body)  # (spaces after colons: what is edited in place keeps them)
+    assert gw.with_members(body, obj, changes) == orjson.dumps({**obj, **{n: orjson.loads(v) for n, v in changes.items()}})
+    monkeypatch.setattr(gw, "MAX_SPLICE_STEPS", 256)
+    monkeypatch.setattr(gw, "MAX_SPLICED_VALUE", 65536)
+    assert b": " in gw.with_members(body, obj, changes)  # within the bounds: edited in place
+
+
 def test_request_id_passed_through_or_generated(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     g = start_gateway()
     (resp,) = raw(g.port, post("/v1/chat/completions", CHAT, "X-Request-ID: my-id-42\r\n"))
