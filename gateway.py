@@ -5130,6 +5130,7 @@ _AS_KEY = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*")  # after a string: it was a key
 # plainly (no encoder writes one so unasked)
 _ESCAPED_NAME_CHAR = re.compile(rb"\\u00(?:6[1-9a-fA-F]|7[0-9aA]|5[fF])")
 _USAGE_ASKED = b'{"include_usage":true}'
+_MEMBER_NAMES = {name: b'"%s":' % name.encode() for name in ("model", "stream", "stream_options")}
 MAX_SPLICED_VALUE = 65536  # a changed member's old value, in bytes, at most (else written
 MAX_SPLICE_STEPS = 256  # whole), and the keys, backslashes or tokens looked at for it
 
@@ -5144,6 +5145,14 @@ def with_members(body: bytes, obj: dict, changes: dict[str, bytes]) -> bytes:
     name also nested, or a key that may spell it with escapes, or a large value to replace)
     the object is written again, whole, in one pass at orjson's speed: every search here is
     a bytes.find or one regular expression over the body, never a loop over its bytes."""
+    added = []
+    for name, value in changes.items():
+        if name in obj:
+            break
+        added.append(_MEMBER_NAMES[name] + value)
+    else:  # (a stream's usage asked for: only added, nothing to look for)
+        close = body.rindex(b"}")  # the object's own: nothing but space may follow it
+        return b"".join((body[:close], b"," if obj else b"", b",".join(added), body[close:]))
     for name in changes:  # a long value to replace is not looked for: written whole
         old = obj.get(name)
         if old.__class__ is str and len(old) > MAX_SPLICED_VALUE // 6 or old.__class__ in (
@@ -5156,7 +5165,7 @@ def with_members(body: bytes, obj: dict, changes: dict[str, bytes]) -> bytes:
     added = []
     for name, value in changes.items():
         if name not in obj:
-            added.append(b'"%s":%s' % (name.encode(), value))
+            added.append(_MEMBER_NAMES[name] + value)
             continue
         quoted, start, found = b'"%s"' % name.encode(), -1, 0
         at, seen = body.find(quoted), 0
@@ -5179,7 +5188,8 @@ def with_members(body: bytes, obj: dict, changes: dict[str, bytes]) -> bytes:
             return _rewritten_with(obj, changes)
         edits.append((start, end, value))
     edits.sort()
-    view = memoryview(body)  # (slices of it are not copies: the join is the one copy)
+    view = memoryview(body) if len(body) > 4096 else body  # (slices of a view are not
+    # copies: the join is the one copy; a small body's slices cost less than a view)
     parts: list[Any] = []
     at = 0
     for start, end, value in edits:
@@ -5314,8 +5324,7 @@ class Forwarder:
         chosen = self.kept(plan) if plan.chosen is not None else None
         while True:
             choice = chosen or self.choose(plan, groups)
-            end = choice[2].next_slot if choice is not None and chosen is None else None
-            chosen = None
+            fresh, chosen = chosen is None, None
             if choice is None:
                 return None
             if plan.chosen is not None:  # made for a fallback, and this model is tried
@@ -5323,7 +5332,7 @@ class Forwarder:
                 # admission's shared slot stays in plan.paced: a try on that key takes it)
             upstream, keys, key, breaker, wait, probe = choice
             try:
-                conn = await self.attempt(plan, upstream, keys, key, wait, end)
+                conn = await self.attempt(plan, upstream, keys, key, wait, fresh)
             except _PacedOut:  # its slot across instances is too far off: another key, or
                 breaker.abandon(probe)  # a 429 that says when (its local slot now knows)
                 plan.tried.add(key)
@@ -5397,12 +5406,14 @@ class Forwarder:
             upstream=upstream.name, key=key.name)
 
     async def attempt(self, plan: Plan, upstream: Upstream, keys: KeyPool,
-                      key: UpstreamKey, wait: float, end: float | None = None
+                      key: UpstreamKey, wait: float, fresh: bool = False
                       ) -> UpstreamConnection:
-        """One try. end: where the local pacing slot this try took ends, when it was taken
-        just before (given back if the client leaves while it waits for it)."""
+        """One try. fresh: its key was picked just now, in this step (its local pacing slot
+        is then the last one taken, given back if the client leaves while it waits)."""
         gw, rq, model = self.gw, plan.rq, plan.model
+        end: float | None = None  # where that slot ends
         if upstream.pacing_interval:
+            end = key.next_slot if fresh else None
             paced, plan.paced = plan.paced, None  # (one try's: a retry asks again)
             if gw.shared is not None and gw.shared.up:
                 if paced is not None and paced[0] is key:
@@ -7684,10 +7695,9 @@ class ProxyHandler:
             return
         usage = rq.writer.reported_usage()
         served, settles = plan.served, True
-        upstream = plan.upstream
-        if status == 200 and upstream is not None and upstream.models is None \
-                and served not in gw.metrics.known_models:  # a "*" upstream serves any model:
-            gw.metrics.learn(served)  # one it answered is one the configuration lets in
+        if served not in gw.metrics.known_models and status == 200 \
+                and plan.upstream is not None and plan.upstream.models is None:  # a "*"
+            gw.metrics.learn(served)  # upstream serves any model: one it answered is let in
         # a background response's usage, with shared state: the client and model it counts
         # to, once Redis says which process claimed it
         claimed: tuple[str, str] | None = None

@@ -982,7 +982,7 @@ def test_a_choice_made_early_for_a_fallback_is_let_go_when_the_model_asked_is_tr
         def choose(self, plan: Any, groups: Any, model: str = "") -> Any:
             return None, asked_pool, asked_pool.keys[0], asked_breaker, 0.0, 0
 
-        async def attempt(self, plan: Any, upstream: Any, keys: Any, key_: Any, wait: float, end: Any = None) -> Any:
+        async def attempt(self, plan: Any, upstream: Any, keys: Any, key_: Any, wait: float, fresh: Any = False) -> Any:
             tried.append((key_.name, plan.chosen, plan.paced, breaker.available(), pool.pick()))
             raise asyncio.CancelledError  # (the client left: enough to see what was held)
 
