@@ -1587,16 +1587,25 @@ def test_tpm_limit_uses_the_estimate_and_reports_token_headers(start_gateway: St
     assert int(second.headers["retry-after-ms"]) == pytest.approx((owed + estimate) * 600, abs=1)
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_a_tpm_429_says_what_is_left_and_when_to_come_back_the_same_with_or_without_redis(
-        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, request: pytest.FixtureRequest, shared: bool) -> None:
-    config = limited(mock, rate_limit={"tpm": 1000})
+def tpm_limited(start_gateway: StartGateway, mock: mock_upstream.MockUpstream, request: pytest.FixtureRequest,
+                shared: bool, *, held: bool = True, **rate_limit: float) -> Running:
+    """A gateway whose clients have these limits, with Redis when shared; held: its batches
+    of corrections stay unsent (what an answer used past its estimate is owed, not in Redis)."""
+    config = limited(mock, rate_limit=rate_limit)
     if shared:
         config["redis_url"] = request.getfixturevalue("redis_url")
     g = start_gateway(config)
-    if shared:  # what the first answer used past its estimate stays unsent: owed, not in Redis
+    if shared:
         assert eventually(lambda: g.gw.shared.up)
-        g.lt.call(lambda: g.gw.shared.flusher.cancel())
+        if held:
+            g.lt.call(lambda: g.gw.shared.flusher.cancel())
+    return g
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_tpm_429_says_what_is_left_and_when_to_come_back_the_same_with_or_without_redis(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, request: pytest.FixtureRequest, shared: bool) -> None:
+    g = tpm_limited(start_gateway, mock, request, shared, tpm=1000)
     small = b'{"model":"m","messages":[],"max_tokens":10}'
     (first,) = raw(g.port, post("/v1/chat/completions", small, "x-mock-chunks: 90\r\n"))
     used = first.json()["usage"]["total_tokens"]
@@ -1612,13 +1621,7 @@ def test_a_tpm_429_says_what_is_left_and_when_to_come_back_the_same_with_or_with
 @pytest.mark.parametrize("shared", [False, True])
 def test_a_tpm_429_after_an_answer_that_used_far_more_than_the_bucket_waits_at_most_two_buckets(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, request: pytest.FixtureRequest, shared: bool) -> None:
-    config = limited(mock, rate_limit={"tpm": 1000})
-    if shared:
-        config["redis_url"] = request.getfixturevalue("redis_url")
-    g = start_gateway(config)
-    if shared:  # (what is owed stays unsent: 3,000 past its estimate)
-        assert eventually(lambda: g.gw.shared.up)
-        g.lt.call(lambda: g.gw.shared.flusher.cancel())
+    g = tpm_limited(start_gateway, mock, request, shared, tpm=1000)  # (3,000 owed, unsent)
     (first,) = raw(g.port, post("/v1/chat/completions", b'{"model":"m","messages":[],"max_tokens":10}',
                                 "x-mock-chunks: 3000\r\n"))
     assert first.status == 200 and first.json()["usage"]["total_tokens"] > 3000
@@ -1628,10 +1631,8 @@ def test_a_tpm_429_after_an_answer_that_used_far_more_than_the_bucket_waits_at_m
 
 
 def test_with_redis_tokens_given_back_and_not_sent_yet_are_shown_and_waited_for_one_flush(
-        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_url: str) -> None:
-    g = start_gateway(limited(mock, rate_limit={"tpm": 1000}, redis_url=redis_url))
-    assert eventually(lambda: g.gw.shared.up)
-    g.lt.call(lambda: g.gw.shared.flusher.cancel())  # what is given back stays unsent
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, request: pytest.FixtureRequest) -> None:
+    g = tpm_limited(start_gateway, mock, request, True, tpm=1000)  # what is given back stays unsent
     (first,) = raw(g.port, post("/v1/chat/completions", b'{"model":"m","messages":[],"max_tokens":5000}'))
     used = first.json()["usage"]["total_tokens"]
     assert first.status == 200 and used < 100  # the whole bucket taken, nearly all of it given back
@@ -1644,12 +1645,7 @@ def test_with_redis_tokens_given_back_and_not_sent_yet_are_shown_and_waited_for_
 @pytest.mark.parametrize("shared", [False, True])
 def test_a_request_its_tpm_refuses_takes_nothing_from_its_rpm_with_or_without_redis(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, request: pytest.FixtureRequest, shared: bool) -> None:
-    config = limited(mock, rate_limit={"rpm": 3, "tpm": 1000})
-    if shared:
-        config["redis_url"] = request.getfixturevalue("redis_url")
-    g = start_gateway(config)
-    if shared:
-        assert eventually(lambda: g.gw.shared.up)
+    g = tpm_limited(start_gateway, mock, request, shared, held=False, rpm=3, tpm=1000)
     big = b'{"model":"m","messages":[{"role":"user","content":"%s"}]}' % (b"word " * 700)
     statuses, left = [], []
     for body in (CHAT, big, big, big):
