@@ -1302,6 +1302,7 @@ class BreakerBoard:
         """Every breaker, or upstream's."""
         if upstream is None:
             self._breakers.clear()
+            return
         for pair in [p for p in self._breakers if p[0] == upstream]:
             del self._breakers[pair]
 
@@ -2651,8 +2652,8 @@ class SharedState:
             # the level the headers show and in when to come back.
             # Tokens given back go out within a flush (SHARED_FLUSH_S at most): until then
             # the shared bucket refuses what they would let through.
-            owed = sum(delta for (key, *_), delta in self.settles.items()
-                       if key == self.key("tpm", self.bucket(rq)))
+            tpm = self.key("tpm", self.bucket(rq))
+            owed = sum(delta for (key, *_), delta in self.settles.items() if key == tpm)
             level = _number(reply[3]) if len(reply) == 4 and reply[3].__class__ is bytes \
                 else None
             if level is None:  # (not this script's: empty, as far as a header says)
@@ -2685,24 +2686,21 @@ class SharedState:
             self.refused(fields)  # an error reply: the upstream's hash is not a hash
             return
         shared_blocks: set[str] = set()
-        resets = self.resets
+        seen = self.resets.get(upstream)  # (the mark of the last reset read; None: first read)
+        if seen is None:
+            self.resets.put(upstream, b"")
         if not fields:  # (the common case: nothing cooling, blocked or open anywhere)
-            if resets.get(upstream) is None:
-                resets.put(upstream, b"")
             pool.adopt_unblocks(shared_blocks)
             return
         breakers = self.gw.breakers
         names = fields[::2]
         if b"r" in names:  # reset-stats, by this or another process: once, here too
             reset = fields[2 * names.index(b"r") + 1]
-            seen = resets.get(upstream)
             if seen is not None and seen != reset:
                 pool.reset()
                 breakers.reset(upstream)
                 self.epoch += 1  # (admissions sent before it bring states from before it)
-            resets.put(upstream, reset)
-        elif resets.get(upstream) is None:
-            resets.put(upstream, b"")
+            self.resets.put(upstream, reset)
         caps = {"c": self.gw.config.cooldown_cap_s, "b": pool.recheck_s,
                 "o": breakers.recovery_s}
         for raw_field, raw_value in zip(fields[::2], fields[1::2]):
@@ -5145,12 +5143,13 @@ def with_members(body: bytes, obj: dict, changes: dict[str, bytes]) -> bytes:
     name also nested, or a key that may spell it with escapes, or a large value to replace)
     the object is written again, whole, in one pass at orjson's speed: every search here is
     a bytes.find or one regular expression over the body, never a loop over its bytes."""
-    added = []
+    added, present = [], False  # (the members absent, added at the end)
     for name, value in changes.items():
         if name in obj:
-            break
-        added.append(_MEMBER_NAMES[name] + value)
-    else:  # (a stream's usage asked for: only added, nothing to look for)
+            present = True
+        else:
+            added.append(_MEMBER_NAMES[name] + value)
+    if not present:  # (a stream's usage asked for: only added, nothing to look for)
         close = body.rindex(b"}")  # the object's own: nothing but space may follow it
         return b"".join((body[:close], b"," if obj else b"", b",".join(added), body[close:]))
     for name in changes:  # a long value to replace is not looked for: written whole
@@ -5162,10 +5161,8 @@ def with_members(body: bytes, obj: dict, changes: dict[str, bytes]) -> bytes:
     if b"\\u00" in body and _ESCAPED_NAME_CHAR.search(body):
         return _rewritten_with(obj, changes)
     edits: list[tuple[int, int, bytes]] = []
-    added = []
     for name, value in changes.items():
         if name not in obj:
-            added.append(_MEMBER_NAMES[name] + value)
             continue
         quoted, start, found = b'"%s"' % name.encode(), -1, 0
         at, seen = body.find(quoted), 0
@@ -7785,6 +7782,11 @@ class ProxyHandler:
             self.gw.shared.settle_tokens(rq, limits, delta)  # type: ignore[union-attr]
 
 
+def unlisted(failures: list[str]) -> GatewayError:
+    """The 502 for models that could not be listed: why, for each upstream."""
+    return UpstreamError(f"Cannot list models: {'; '.join(failures)}")
+
+
 class ModelCatalog:
     """GET /v1/models and /v1/models/{id}: configured models and aliases, then what each
     "*" upstream lists itself (cached)."""
@@ -7803,7 +7805,7 @@ class ModelCatalog:
     async def list_models(self, rq: Request) -> None:
         models, failures = await self.known()
         if failures and not models:  # an empty list would say there are no models at all
-            raise UpstreamError(f"Cannot list models: {'; '.join(failures)}")
+            raise unlisted(failures)
         rq.writer.send_json(200, {"object": "list", "data": list(models.values())})
 
     async def retrieve_model(self, rq: Request) -> None:
@@ -7811,7 +7813,7 @@ class ModelCatalog:
         models, failures = await self.known()
         entry = models.get(model_id)
         if entry is None and failures:  # a "*" upstream that could not be asked may have it
-            raise UpstreamError(f"Cannot list models: {'; '.join(failures)}")
+            raise unlisted(failures)
         if entry is None:
             raise model_not_found(model_id)
         rq.writer.send_json(200, entry)
@@ -8343,8 +8345,9 @@ class Request:
         self.client: ClientKey | None = None
         self.limits: ClientLimits | None = None  # for every response: x-ratelimit-*
         self.shared_take = False  # its buckets are taken in Redis, before forwarding
-        # sent at the head: ((its replies, the Redis connection), upstream names, commands);
-        # _SENT once admit() has it (or sent it), None while it has not been sent
+        # sent at the head: ((its replies, the Redis connection), upstream names, commands,
+        # the resets counted then: SharedState.epoch); _SENT once admit() has it (or sent
+        # it), None while it has not been sent
         self.admission: tuple[tuple[asyncio.Future, Any], list[str], list[bytes], int] | \
             tuple[()] | None = None
         self.extra: list[tuple[bytes, bytes]] = []  # for every response: CORS, connection
