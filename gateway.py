@@ -397,7 +397,9 @@ def log(message: str, level: str = "info", **fields: Any) -> None:
                              "msg": message, **fields}, default=str).decode()
     else:
         name = "gateway" if worker is None else f"gateway[{worker}]"
-        prefix = f"{name}: " if level == "info" else f"{name}: {level}: "
+        # errors say so; a warning reads as the contract's lines do ("gateway: worker 3
+        # exited (signal 9), restarting"), its level kept for the JSON format
+        prefix = f"{name}: error: " if level == "error" else f"{name}: "
         line = prefix + message  # the fields are in the message, but for a traceback
         if "traceback" in fields:
             line += "\n" + str(fields["traceback"]).rstrip()

@@ -7364,7 +7364,7 @@ def test_metrics_directories_of_killed_supervisors_are_swept_and_no_other(tmp_pa
 def test_workers_keep_the_running_config_close_the_port_on_drain_and_never_count_backwards(
         mock: mock_upstream.MockUpstream, redis_url: str, tmp_path: Path) -> None:
     path = tmp_path / "gateway.json"
-    config = {"port": 0, "redis_url": redis_url, "api_keys": [SDK_KEY], "upstreams": [
+    config = {"port": 0, "redis_url": redis_url, "api_keys": [SDK_KEY], "log_format": "text", "upstreams": [
         {"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS}]}
     path.write_text(json.dumps(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "OPENAI_"))}
@@ -7395,6 +7395,8 @@ def test_workers_keep_the_running_config_close_the_port_on_drain_and_never_count
         pids = worker_pids(gp)
         os.kill(pids[1], signal.SIGKILL)
         assert gp.wait_for_line("worker 1 exited (signal 9), restarting"), gp.lines
+        (line,) = [l for l in gp.lines if "exited" in l]  # the contract's line; a quick death waits 0.5 s
+        assert re.fullmatch(r"gateway: worker 1 exited \(signal 9\), restarting( in 0\.5s)?\n", line), line
         assert eventually(lambda: len(worker_pids(gp)) == 2 and pids[1] not in worker_pids(gp))
         assert gp.wait_for_line("worker 1 serving")
         answered, statuses = set(), []  # by each worker: its request ids' prefix
