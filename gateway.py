@@ -5786,9 +5786,12 @@ class SseFilter:
         return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
     def finish(self) -> bytes:
-        """A converted stream that ended without [DONE] still ends as its API says."""
+        """A converted stream that ended without [DONE] still ends as its API says, if the
+        reply was finished; one with no finish_reason either was cut short, and says so."""
         if self.convert is None or self.passthrough or self.converted_end:
             return b""
+        if self.convert.finish is None:
+            raise UpstreamError("upstream stream ended before the reply was finished")
         self.converted_end = True
         end = self._convert(None)
         return end + b"\n\n" if end else b""
@@ -7204,11 +7207,18 @@ class ResponsesFromChat:
 class CompletionsFromChat:
     """A chat completions stream as /v1/completions stream chunks."""
 
-    __slots__ = ()
+    __slots__ = ("finish",)
+
+    def __init__(self) -> None:
+        self.finish: str | None = None  # a finish_reason seen: the stream may end without [DONE]
 
     def event(self, chunk: dict) -> bytes | None:
         converted = completion_chunk_from_chat(chunk)
-        return None if converted is None else b"data: " + orjson.dumps(converted)
+        if converted is None:
+            return None
+        for choice in converted["choices"]:
+            self.finish = choice["finish_reason"] or self.finish
+        return b"data: " + orjson.dumps(converted)
 
     def end(self) -> bytes:
         return b"data: [DONE]"

@@ -3414,6 +3414,28 @@ def test_a_converted_stream_that_said_it_is_complete_stays_complete(after: bytes
     assert converter.response is not None and converter.response["status"] == "completed"
 
 
+FINAL_CHUNK = b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_converted_stream_ended_without_done_is_complete_only_if_its_reply_finished(finished: bool) -> None:
+    rest = FINAL_CHUNK if finished else b""  # then the body ends: no [DONE]
+    responses = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1")
+    events = [e for e in client_body(asyncio.run(convert_stream(responses, GOOD_CHUNK, rest)))[2].split(b"\n\n") if e]
+    completions = [e for e in client_body(asyncio.run(convert_stream(gw.CompletionsFromChat(), GOOD_CHUNK, rest)))[2]
+                   .split(b"\n\n") if e]
+    assert b'"delta":"hi"' in next(e for e in events if e.startswith(b"event: response.output_text.delta"))
+    assert orjson.loads(completions[0][6:])["choices"][0]["text"] == "hi"
+    if finished:
+        assert events[-1].startswith(b"event: response.completed") and completions[-1] == b"data: [DONE]"
+        assert responses.response is not None and responses.response["status"] == "completed"
+    else:  # cut short: neither says it is complete, and the response is not kept
+        for last in (events[-1], completions[-1]):
+            assert orjson.loads(last[6:])["error"]["message"] == "upstream stream ended before the reply was finished"
+        assert not any(e.startswith(b"event: response.completed") for e in events) and b"[DONE]" not in completions
+        assert responses.response is None
+
+
 def test_a_converted_streams_end_ends_the_exchange_whatever_the_upstream_sends_after() -> None:
     seen: dict = {}
     converter = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1")
@@ -3472,8 +3494,9 @@ def test_a_converted_stream_never_passes_an_unfinished_event_through() -> None:
     status, _, body, complete = client_body(out)
     assert status == 200 and complete and b"chat.completion" not in body and b'"choices"' not in body
     events = [e for e in body.split(b"\n\n") if e]
-    assert events[-1].startswith(b"event: response.completed")
-    assert converter.response["output"][0]["content"][0]["text"] == "hi"
+    assert b" there" not in body and b'"delta":"hi"' in body
+    assert orjson.loads(events[-1][6:])["error"]["type"] == "upstream_error"  # cut short: not complete
+    assert converter.response is None
 
 
 @pytest.mark.parametrize("trouble", ["a usage that cannot be written", "an event over the bound",
