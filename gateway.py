@@ -551,7 +551,7 @@ class UpstreamKey:
     __slots__ = (
         "name", "secret", "head", "cooling", "asked", "blocked", "blocked_at", "recheck_at",
         "block_reason", "next_slot", "given_back", "requests", "failures", "last_used",
-        "last_status", "query", "others", "retired", "creds",
+        "last_status", "query", "others", "retired", "creds", "tagged",
     )
 
     def __init__(self, name: str, secret: str, head: bytes = b"") -> None:
@@ -562,6 +562,7 @@ class UpstreamKey:
         self.retired: tuple[str, ...] = ()  # credentials a reload replaced, the latest first
         self.creds: tuple = (secret, (), b"")  # (secret, others, query): a new object only when
         # a reload changes them, so a try tells whether its answer is about the key as it is
+        self.tagged: tuple = ((), "")  # (creds, tag()): its fingerprint, made once per creds
         self.head = head  # "Authorization: ...\r\nHost: ...\r\n" and the upstream's headers
         self.reset()
 
@@ -581,6 +582,15 @@ class UpstreamKey:
         self.failures = 0
         self.last_used: float | None = None  # unix seconds
         self.last_status: int | None = None
+
+    def tag(self) -> str:
+        """A fingerprint of its credentials, not them: a block shared through Redis holds
+        for the key with the credentials it was refused with, not for one a reload mended."""
+        creds, tag = self.tagged
+        if creds is not self.creds:
+            tag = hashlib.blake2b(repr(self.creds).encode(), digest_size=6).hexdigest()
+            self.tagged = (self.creds, tag)
+        return tag
 
     def cools_for(self, model: str, now: float) -> float:
         """Until when this key cools for model (monotonic); 0 when it does not."""
@@ -974,7 +984,7 @@ class KeyPool:
             return False
         key.blocked, key.block_reason = False, ""
         if self.listener is not None:
-            self.listener.unblocked(self.upstream, key.name)
+            self.listener.unblocked(self.upstream, key.name, key.tag())
         return True
 
     def cool_down(self, key: UpstreamKey, seconds: float | None, model: str = "",
@@ -1003,7 +1013,7 @@ class KeyPool:
         key.recheck_at = key.blocked_at + self.recheck_s
         self._move_off(key)
         if self.listener is not None:
-            self.listener.blocked(self.upstream, key.name, reason, self.recheck_s)
+            self.listener.blocked(self.upstream, key.name, key.tag(), reason, self.recheck_s)
 
     # what other instances saw (SharedState) -------------------------------------------------
 
@@ -1016,11 +1026,16 @@ class KeyPool:
         if model not in key.asked:
             key.asked.put(model, True)
 
-    def adopt_block(self, name: str, reason: str, recheck_at: float) -> None:
+    def adopt_block(self, name: str, tag: str, reason: str, recheck_at: float) -> bool:
+        """Blocked elsewhere: here too, if the block was of the credentials this key has
+        (tag; none: any). True when it was."""
         key = next((k for k in self.keys if k.name == name), None)
-        if key is not None and not key.blocked:
+        if key is None or tag and tag != key.tag():
+            return False
+        if not key.blocked:
             key.blocked, key.block_reason = True, reason
             key.blocked_at, key.recheck_at = self.clock(), recheck_at
+        return True
 
     def adopt_unblocks(self, still_blocked: set[str]) -> None:
         """Keys blocked here that no instance still has blocked (one answered again), unless
@@ -1987,16 +2002,18 @@ return refused
 
 # One state of an upstream (a key's cooldown or block, a breaker open) into its hash, which
 # every admission reads whole: cooldowns and open breakers that are over are cleared first
-# (by Redis's clock), and a new cooldown or breaker is dropped while MAX_SHARED_STATE_FIELDS
-# are live (models are client-chosen; blocks, one per key at most, always go in).
+# (by Redis's clock), and blocks a day past their recheck (of credentials no instance still
+# tries), and a new cooldown or breaker is dropped while MAX_SHARED_STATE_FIELDS are live
+# (models are client-chosen; blocks, one per key and credentials, always go in).
 # ARGV: field, value, ttl, the cap.
 _STATE_LUA = """
 local all = redis.call('HGETALL', KEYS[1])
 local now = tonumber(redis.call('TIME')[1])
 for i = 1, #all, 2 do
   local kind = string.sub(all[i], 1, 1)
-  if kind == 'c' or kind == 'o' then
+  if kind == 'c' or kind == 'o' or kind == 'b' then
     local t = tonumber(string.match(all[i + 1], '^[^\t]*'))
+    if kind == 'b' and t then t = t + 86400 end
     if not t or t <= now then redis.call('HDEL', KEYS[1], all[i]) end
   end
 end
@@ -2715,8 +2732,12 @@ class SharedState:
                 continue
             left = min(left - wall, caps[kind])
             if kind == "b":  # blocked until a request gets through: rechecked from then
-                shared_blocks.add(rest)
-                pool.adopt_block(rest, reason.decode("utf-8", "replace"), now + max(left, 0.0))
+                name, tab, tag = rest.rpartition("\t")  # (the credentials' tag)
+                if not tab:
+                    name, tag = tag, ""
+                if pool.adopt_block(name, tag, reason.decode("utf-8", "replace"),
+                                    now + max(left, 0.0)):
+                    shared_blocks.add(name)
             elif left <= 0:
                 continue  # over (the next write of this hash clears it)
             elif kind == "c":
@@ -2837,11 +2858,13 @@ class SharedState:
     def recovered(self, upstream: str, key: str, model: str) -> None:
         self.write("HDEL", self.key("up", upstream), f"c\t{key}\t{model}")
 
-    def blocked(self, upstream: str, key: str, reason: str, recheck_s: float) -> None:
-        self.write_state(upstream, f"b\t{key}", f"{time.time() + recheck_s:.3f}\t{reason}")
+    def blocked(self, upstream: str, key: str, tag: str, reason: str, recheck_s: float) -> None:
+        """A key refused (401/403) with the credentials tag() names: blocked wherever it
+        has them."""
+        self.write_state(upstream, f"b\t{key}\t{tag}", f"{time.time() + recheck_s:.3f}\t{reason}")
 
-    def unblocked(self, upstream: str, key: str) -> None:
-        self.write("HDEL", self.key("up", upstream), f"b\t{key}")
+    def unblocked(self, upstream: str, key: str, tag: str) -> None:
+        self.write("HDEL", self.key("up", upstream), f"b\t{key}\t{tag}")
 
     def breaker_moved(self, upstream: str, model: str, open_for: float | None) -> None:
         """A breaker opened (for open_for seconds) or closed (None)."""

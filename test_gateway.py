@@ -1911,6 +1911,12 @@ def from_the_first_key(*running: Running) -> None:
             pool._next = 0
 
 
+def block_field(g: Running, name: str) -> str:
+    """The shared block of an upstream key of "mock", as the key's credentials are now."""
+    key = next(k for k in g.gw.keys["mock"].keys if k.name == name)
+    return f"b\t{name}\t{key.tag()}"
+
+
 def redis_hash(server: RedisServer, key: str) -> list[str]:
     """The field names of a hash, from its raw HKEYS reply."""
     reply = server.command("HKEYS", key).decode()
@@ -2084,12 +2090,25 @@ def test_a_429_for_a_model_and_a_401_seen_by_one_instance_keep_the_other_off_tha
     for _ in range(3):
         a.client().chat.completions.create(model="gpt-4o-mini", messages=MSGS)
     assert key_states(a)["mock#2"] == "blocked"
-    assert eventually(lambda: "b\tmock#2" in redis_hash(redis_server, "gateway:v1:up:mock"))
+    assert eventually(lambda: block_field(a, "mock#2") in redis_hash(redis_server, "gateway:v1:up:mock"))
     seen = len(mock.requests)
     for _ in range(6):
         b.client().chat.completions.create(model="gpt-4o-mini", messages=MSGS)
     assert KEYS[2] not in [r.key() for r in list(mock.requests)[seen:]]
     assert key_states(b)["mock#2"] == "blocked"
+    # A reload that gives the key a new secret mends it there: the block was of the old one,
+    # which the other instance still has
+    b.lt.call(b.gw.reload, gw.load_config({"GATEWAY_CONFIG": json.dumps(
+        shared_config(mock, redis_url, upstreams=[{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1",
+                                                   "keys": [*KEYS[:2], "sk-mended-2"]}]))}))
+    seen = len(mock.requests)
+    for _ in range(6):
+        b.client().chat.completions.create(model="gpt-4o-mini", messages=MSGS)
+    assert "sk-mended-2" in [r.key() for r in list(mock.requests)[seen:]]
+    assert key_states(b)["mock#2"] == "active"
+    a.client().chat.completions.create(model="gpt-4o-mini", messages=MSGS)
+    assert key_states(a)["mock#2"] == "blocked"
+    assert block_field(a, "mock#2") in redis_hash(redis_server, "gateway:v1:up:mock")
 
 
 def test_reset_stats_through_one_instance_clears_cooldowns_and_breakers_in_every_other(
@@ -2573,8 +2592,8 @@ def test_a_key_blocked_here_stays_blocked_when_the_shared_block_is_due_for_its_r
     for _ in range(3):
         g.client().chat.completions.create(model="m", messages=MSGS)
     assert key_states(g)["mock#2"] == "blocked"
-    assert eventually(lambda: "b\tmock#2" in redis_hash(redis_server, "gateway:v1:up:mock"))
-    redis_server.command("HSET", "gateway:v1:up:mock", "b\tmock#2", "1.0\t401 revoked")  # recheck due
+    assert eventually(lambda: block_field(g, "mock#2") in redis_hash(redis_server, "gateway:v1:up:mock"))
+    redis_server.command("HSET", "gateway:v1:up:mock", block_field(g, "mock#2"), "1.0\t401 revoked")  # recheck due
     key = g.gw.keys["mock"].keys[2]
     g.lt.call(setattr, key, "blocked_at", key.blocked_at - 10)  # not blocked just now
     g.client().chat.completions.create(model="m", messages=MSGS)  # its admission reads the field
@@ -2597,8 +2616,8 @@ def test_the_shared_state_and_usage_hashes_stay_bounded_whatever_models_clients_
     assert eventually(lambda: not shared.writes and shared.writing is None)
     fields = redis_hash(redis_server, "gateway:v1:up:mock")
     assert sorted(fields) == ["b\tmock#1", "c\tmock#0\tm0", "c\tmock#0\tm1", "c\tmock#0\tm2"]
-    g.lt.call(shared.blocked, "mock", "mock#2", "401 revoked", 60.0)  # a block is never crowded out
-    assert eventually(lambda: "b\tmock#2" in redis_hash(redis_server, "gateway:v1:up:mock"))
+    g.lt.call(shared.blocked, "mock", "mock#2", "t4g", "401 revoked", 60.0)  # a block is never crowded out
+    assert eventually(lambda: "b\tmock#2\tt4g" in redis_hash(redis_server, "gateway:v1:up:mock"))
     for i in range(4):
         g.lt.call(shared.record_usage, "team", f"model{i}", 1, 1, 2)
     g.lt.run(shared.flush())
@@ -2694,8 +2713,8 @@ def test_a_state_write_and_its_undo_keep_their_order_when_redis_lost_its_scripts
     redis_server.command("SCRIPT", "FLUSH")
 
     def block_then_unblock() -> None:  # one loop turn: one batch
-        shared.blocked("mock", "mock#1", "401 revoked", 60)
-        shared.unblocked("mock", "mock#1")
+        shared.blocked("mock", "mock#1", "t4g", "401 revoked", 60)
+        shared.unblocked("mock", "mock#1", "t4g")
     g.lt.call(block_then_unblock)
     assert eventually(lambda: not shared.writes and shared.writing is None)
     assert redis_hash(redis_server, "gateway:v1:up:mock") == []
