@@ -2180,25 +2180,28 @@ class RedisConnection(asyncio.Protocol):
         parts = urlsplit(url)
         loop = asyncio.get_running_loop()
         conn = cls(hiredis)
-        async with asyncio.timeout(timeout):
-            if parts.scheme == "unix":
-                await loop.create_unix_connection(lambda: conn, parts.path)
-            else:
-                await loop.create_connection(
-                    lambda: conn, parts.hostname or "127.0.0.1", parts.port or 6379,
-                    ssl=ssl.create_default_context() if parts.scheme == "rediss" else None)
-            setup: list[tuple] = []
-            if parts.password:
-                setup.append(("AUTH", unquote(parts.username or "default"),
-                              unquote(parts.password)))
-            path_db = "" if parts.scheme == "unix" else parts.path.strip("/")
-            db = parse_qs(parts.query).get("db", [path_db])[0]
-            if db and db != "0":
-                setup.append(("SELECT", db))
-            for reply in await conn.send(setup) if setup else ():
-                if isinstance(reply, conn.error_type):
-                    conn.close()
-                    raise ConnectionError(f"redis: {reply}")
+        try:  # (a link made, then AUTH or SELECT unanswered in time: closed, not left open)
+            async with asyncio.timeout(timeout):
+                if parts.scheme == "unix":
+                    await loop.create_unix_connection(lambda: conn, parts.path)
+                else:
+                    await loop.create_connection(
+                        lambda: conn, parts.hostname or "127.0.0.1", parts.port or 6379,
+                        ssl=ssl.create_default_context() if parts.scheme == "rediss" else None)
+                setup: list[tuple] = []
+                if parts.password:
+                    setup.append(("AUTH", unquote(parts.username or "default"),
+                                  unquote(parts.password)))
+                path_db = "" if parts.scheme == "unix" else parts.path.strip("/")
+                db = parse_qs(parts.query).get("db", [path_db])[0]
+                if db and db != "0":
+                    setup.append(("SELECT", db))
+                for reply in await conn.send(setup) if setup else ():
+                    if isinstance(reply, conn.error_type):
+                        raise ConnectionError(f"redis: {reply}")
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -2530,6 +2530,30 @@ def test_a_redis_that_stops_reading_fails_the_replies_owed_at_once(loop_thread: 
         listener.close()
 
 
+def test_a_redis_link_whose_select_goes_unanswered_is_closed_not_left_open(loop_thread: LoopThread) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts, and never answers
+    port = listener.getsockname()[1]
+
+    async def case() -> str:
+        try:
+            await gw.RedisConnection.open(f"redis://:pw@127.0.0.1:{port}/1", 0.2)
+        except TimeoutError:
+            return "timed out"
+        return "opened"
+
+    try:
+        assert loop_thread.run(case()) == "timed out"
+        peer, _ = listener.accept()
+        peer.settimeout(5)
+        asked = b""
+        while chunk := peer.recv(4096):  # what it sent, then its close: not a link left open
+            asked += chunk
+        assert b"AUTH" in asked and b"SELECT" in asked
+        peer.close()
+    finally:
+        listener.close()
+
+
 def test_a_drain_with_redis_stalled_ends_within_its_bound(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
         redis_url: str) -> None:
