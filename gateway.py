@@ -9297,11 +9297,23 @@ class Supervisor:
         for index in range(config.workers):
             self.spawn(Worker(index, sock, metrics_dir))
         log(f"listening on {config.summary(port)} · {config.workers} workers")
-        while self.children:
-            try:
-                pid, status = os.wait()
-            except ChildProcessError:
-                break
+        due: dict[int, float] = {}  # index -> when a dead worker starts again (its backoff)
+        while self.children or due and not self.stopping:
+            if self.stopping:
+                due.clear()  # (draining: none starts again)
+            for index, at in list(due.items()):
+                if at <= time.monotonic():
+                    del due[index]
+                    self.spawn(Worker(index, sock, metrics_dir))
+            try:  # one worker's backoff holds up no other's reaping and restart
+                pid, status = os.waitpid(-1, os.WNOHANG) if due else os.wait()
+            except ChildProcessError:  # (none alive: those due are all there is)
+                pid = status = 0
+                if not due:
+                    break
+            if not pid:
+                time.sleep(min(0.1, max(0.0, min(due.values()) - time.monotonic())))
+                continue
             index, started = self.children.pop(pid)
             if self.stopping:
                 continue
@@ -9312,11 +9324,7 @@ class Supervisor:
             delay = min(WORKER_BACKOFF_CAP_S, 0.5 * 2 ** (deaths - 1)) if deaths else 0.0
             log(f"worker {index} exited ({how}), restarting"
                 + (f" in {delay:g}s" if delay else ""), "warning", worker=index)
-            deadline = time.monotonic() + delay
-            while not self.stopping and time.monotonic() < deadline:
-                time.sleep(min(0.1, deadline - time.monotonic()))
-            if not self.stopping:
-                self.spawn(Worker(index, sock, metrics_dir))
+            due[index] = time.monotonic() + delay
         shutil.rmtree(metrics_dir, ignore_errors=True)
         log("exited")
         return 0

@@ -7558,6 +7558,30 @@ def test_a_reload_keeps_what_only_a_restart_changes_and_ignores_the_running_usag
     assert said.endswith("is not a directory): a restart with this config will fail")
 
 
+def test_a_worker_waiting_out_its_backoff_holds_up_no_other_workers_restart(
+        mock: mock_upstream.MockUpstream, redis_url: str) -> None:
+    config = {"port": 0, "redis_url": redis_url, "upstreams": [
+        {"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS}]}
+    gp = GatewayProcess(["--workers", "2"], {**os.environ, "GATEWAY_CONFIG": json.dumps(config)},
+                        ready="listening")
+    try:
+        assert gp.wait_for_line("worker 0 serving") and gp.wait_for_line("worker 1 serving")
+        crashing, steady = worker_pids(gp)
+        for _ in range(3):  # dying soon after each start: 0.5, 1, 2 s, then 4 s before the next
+            os.kill(crashing, signal.SIGKILL)
+            assert eventually(lambda: len(worker_pids(gp)) == 2 and crashing not in worker_pids(gp))
+            crashing = next(pid for pid in worker_pids(gp) if pid != steady)
+        os.kill(crashing, signal.SIGKILL)
+        assert gp.wait_for_line("restarting in 4s")
+        os.kill(steady, signal.SIGKILL)  # restarted in 0.5 s at most, not after the other's 4 s
+        assert eventually(lambda: [pid for pid in worker_pids(gp) if pid != steady] != [], timeout=3)
+        assert eventually(lambda: len(worker_pids(gp)) == 2)  # and the other, once its wait is over
+        gp.proc.send_signal(signal.SIGTERM)
+        assert gp.proc.wait(20) == 0
+    finally:
+        gp.kill()
+
+
 def test_a_sigterm_while_the_supervisor_starts_its_workers_drains_and_exits_0(redis_url: str) -> None:
     config = {"port": 0, "redis_url": redis_url, "upstreams": [{"url": "http://127.0.0.1:9/v1"}]}
     proc = subprocess.Popen([sys.executable, str(HERE / "gateway.py"), "--workers", "8"],
