@@ -958,6 +958,13 @@ class KeyPool:
         self._next = self.current + 1 if self.strategy == "round_robin" else self._next
         return self.keys[self.current]
 
+    def turn_to(self, name: str) -> None:
+        """The current key as a rotate elsewhere left it (a key no longer here: as it is)."""
+        at = next((i for i, key in enumerate(self.keys) if key.name == name), None)
+        if at is not None:
+            self.current = at
+            self._next = at + 1 if self.strategy == "round_robin" else self._next
+
     # what happened to a key -----------------------------------------------------------------
 
     def sending(self, key: UpstreamKey, model: str = "") -> None:
@@ -2333,6 +2340,8 @@ class SharedState:
         self.state_reads = BoundedMap(MAX_ROUTES)  # upstream name -> its HGETALL, packed
         # upstream name -> the last reset-stats its hash said (b"": none yet), once read
         self.resets: BoundedMap = BoundedMap(MAX_ROUTES)
+        self.rotations: BoundedMap = BoundedMap(MAX_ROUTES)  # upstream name -> the last rotate
+        # its hash said, taken in (POST /v1/tokens/rotate through any process)
         self.epoch = 0  # resets this process made or took in: an admission's states from
         # before the latest are not taken in
         self.budgets = (None, {})  # (api_keys it was made from, name -> both budgets, for
@@ -2723,6 +2732,11 @@ class SharedState:
                 breakers.reset(upstream)
                 self.epoch += 1  # (admissions sent before it bring states from before it)
             self.resets.put(upstream, reset)
+        if b"k" in names:  # a rotate through any process (a new one takes its key up too)
+            rotation = fields[2 * names.index(b"k") + 1]
+            if self.rotations.get(upstream) != rotation:
+                self.rotations.put(upstream, rotation)
+                pool.turn_to(rotation.partition(b"\t")[2].decode("utf-8", "replace"))
         caps = {"c": self.gw.config.cooldown_cap_s, "b": pool.recheck_s,
                 "o": breakers.recovery_s}
         for raw_field, raw_value in zip(fields[::2], fields[1::2]):
@@ -2868,6 +2882,14 @@ class SharedState:
 
     def unblocked(self, upstream: str, key: str, tag: str) -> None:
         self.write("HDEL", self.key("up", upstream), f"b\t{key}\t{tag}")
+
+    def rotated(self, upstream: str, key: str) -> None:
+        """POST /v1/tokens/rotate made key the current one: in every process from its next
+        request (marked, so that each takes a rotate up once, whatever it did since)."""
+        mark = f"{os.urandom(8).hex()}\t{key}"
+        self.rotations.put(upstream, mark.encode())
+        self.write("HSET", self.key("up", upstream), "k", mark)
+        self.write("EXPIRE", self.key("up", upstream), SHARED_STATE_TTL_S)
 
     def breaker_moved(self, upstream: str, model: str, open_for: float | None) -> None:
         """A breaker opened (for open_for seconds) or closed (None)."""
@@ -8009,8 +8031,10 @@ class AdminHandler:
             (u for u in upstreams if u.name == name), None)
         if upstream is None:
             raise NotFound(f"No upstream named {name!r}.", param="upstream")
-        rq.writer.send_json(200, {"success": True,
-                                  "current": self.gw.keys[upstream.name].rotate().name})
+        key = self.gw.keys[upstream.name].rotate()
+        if self.gw.shared is not None:  # every instance's and worker's current key, too
+            self.gw.shared.rotated(upstream.name, key.name)
+        rq.writer.send_json(200, {"success": True, "current": key.name})
 
     async def reset_stats(self, rq: Request) -> None:
         gw = self.gw

@@ -2111,6 +2111,28 @@ def test_a_429_for_a_model_and_a_401_seen_by_one_instance_keep_the_other_off_tha
     assert block_field(a, "mock#2") in redis_hash(redis_server, "gateway:v1:up:mock")
 
 
+def test_a_rotate_through_one_instance_moves_every_instance_and_a_later_one_to_that_key(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer, redis_url: str) -> None:
+    config = shared_config(mock, redis_url)
+    config["upstreams"][0]["key_strategy"] = "failover"
+    a, b = start_gateway(config), start_gateway(config)
+    for g in (a, b):
+        g.client().chat.completions.create(model="m", messages=MSGS)
+    assert used_keys(mock) == [KEYS[0]] * 2
+    assert admin(a, "POST", "/v1/tokens/rotate").json() == {"success": True, "current": "mock#1"}
+    assert eventually(lambda: "k" in redis_hash(redis_server, "gateway:v1:up:mock"))
+    for g in (b, a, b):
+        g.client().chat.completions.create(model="m", messages=MSGS)
+    assert used_keys(mock)[-3:] == [KEYS[1]] * 3  # b from its next request on, once
+    assert admin(b, "POST", "/v1/tokens/rotate").json() == {"success": True, "current": "mock#2"}
+    assert eventually(lambda: not b.gw.shared.writes and b.gw.shared.writing is None)
+    c = start_gateway(config)  # started after it: takes the rotate up too
+    for g in (a, c):
+        g.client().chat.completions.create(model="m", messages=MSGS)
+    assert used_keys(mock)[-2:] == [KEYS[2]] * 2
+    assert admin(a, "GET", "/v1/tokens/stats").json()["upstreams"][0]["current"] == "mock#2"
+
+
 def test_reset_stats_through_one_instance_clears_cooldowns_and_breakers_in_every_other(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer, redis_url: str) -> None:
     config = shared_config(mock, redis_url, breaker={"failure_threshold": 1, "recovery_timeout_s": 300},
