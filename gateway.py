@@ -2318,6 +2318,9 @@ class SharedState:
                         for lua in (_ADMIT_LUA, _FLUSH_LUA, _PACE_LUA, _STATE_LUA)}
         self.up = True  # until a call fails
         self.reason = ""
+        self.up_at = -60.0  # (monotonic) when the link last came back
+        self.retry_s = 0.1  # the reconnect's last wait: a link lost soon after it came back
+        # waits longer each time, so that a Redis too slow or paused for writes does not flap
         self.refusal = ("", 0.0, -60.0)  # what Redis last refused: (error, when, when logged)
         self.usage: dict[tuple[str, str], list[int]] = {}  # (client, model) -> counts to add
         self.settles: dict[tuple[str, float, float, float], float] = {}  # (key, rate, cap,
@@ -2445,8 +2448,9 @@ class SharedState:
             self.lost(exc)
 
     async def reconnect(self) -> None:
-        delay = 0.1
+        delay = min(self.retry_s * 2, 5.0) if time.monotonic() - self.up_at < 10.0 else 0.1
         while True:
+            self.retry_s = delay
             await asyncio.sleep(delay)
             try:
                 conn = await self.connect()
@@ -2462,6 +2466,7 @@ class SharedState:
         held meanwhile goes first, before the next flush: an admission sent before it would
         find its usage neither in Redis nor among what is unsent here (see next_batch)."""
         self.conn, self.up, self.reason, self.reconnecting = conn, True, "", None
+        self.up_at = time.monotonic()
         log("redis reachable again: shared state resumes", redis="up")
         if self.batch is not None:
             self.batch_sent = (conn.send([self.batch]), conn)
@@ -2476,8 +2481,13 @@ class SharedState:
         conn = await RedisConnection.open(self.url, wait)
         conn.on_lost = self.dropped
         try:  # (a Redis that refuses scripts is still reached: its refusals come per command)
+            began = time.monotonic()
             async with asyncio.timeout(wait):
                 await conn.send([("SCRIPT", "LOAD", lua) for lua in self.scripts])
+            took = time.monotonic() - began
+            if took > self.timeout:  # reached, but every command would time out: not up
+                raise TimeoutError(f"redis answered in {took * 1000:.0f} ms, over "
+                                   f"redis_timeout_ms ({self.timeout * 1000:g})")
         except BaseException:
             conn.close()
             raise

@@ -2576,6 +2576,61 @@ def test_a_redis_link_whose_select_goes_unanswered_is_closed_not_left_open(loop_
         listener.close()
 
 
+class SlowLink:
+    """A TCP relay to a local port that holds each read for `delay` seconds each way (a
+    far-away Redis); set delay to 0 and it relays at once."""
+
+    def __init__(self, port: int, delay: float) -> None:
+        self.port, self.delay = port, delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.port))
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self.pump, args=(a, b), daemon=True).start()
+
+    def pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                time.sleep(self.delay)  # the link's latency, not a wait for anything
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            sock.close()
+
+
+def test_a_redis_slower_than_its_timeout_is_down_until_it_is_not_never_flapping(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str, capfd: pytest.CaptureFixture[str]) -> None:
+    link = SlowLink(redis_server.port, 0.04)  # 80 ms a round trip, over the 50 ms timeout
+    try:
+        g = start_gateway(shared_config(mock, link.url, api_keys=[{"key": SDK_KEY, "name": "team", "rpm": 600}]))
+        shared = g.gw.shared
+        client = g.client()
+        for _ in range(10):  # each served on local state, and no round trip brings the link back
+            client.chat.completions.create(model="m", messages=MSGS)
+        assert eventually(lambda: shared.retry_s >= 0.8)  # three tries at least, each found slow
+        (health,) = raw(g.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert health.json()["status"] == "degraded"
+        assert "over redis_timeout_ms (50)" in " ".join(health.json()["reasons"])
+        lines = [json.loads(l) for l in capfd.readouterr().err.splitlines() if l.startswith("{")]
+        assert [l["redis"] for l in lines if "redis" in l] == ["down"]  # one line: no flapping
+        link.delay = 0  # fast again: up by itself
+        assert eventually(lambda: shared.up, timeout=15)
+        client.chat.completions.create(model="m", messages=MSGS)  # and what was counted meanwhile goes out
+        assert eventually(lambda: redis_int(redis_server, "gateway:v1:usage:team", "requests") == 11)
+    finally:
+        link.listener.close()
+
+
 def test_a_drain_with_redis_stalled_ends_within_its_bound(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
         redis_url: str) -> None:
