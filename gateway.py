@@ -61,7 +61,7 @@ import traceback
 import urllib.request
 import warnings as python_warnings
 from pathlib import Path
-from typing import Any, Callable, Coroutine, Iterable, NamedTuple
+from typing import Any, Callable, Coroutine, Iterable, NamedTuple, NoReturn
 from urllib.parse import parse_qs, quote, quote_plus, unquote, urlsplit
 
 import h11
@@ -2349,6 +2349,8 @@ class SharedState:
         # before the latest are not taken in
         self.budgets = (None, {})  # (api_keys it was made from, name -> both budgets, for
         # the clients that have one)
+        self.spent: dict[str, tuple[bytes, Any]] = {}  # a client Redis last refused for its
+        # budget -> (the verdict, its budgets then): refused here too while Redis is away
         self.pending: dict[str, list[int]] = {}  # a client with a budget -> [tokens, cost]
         # counted here and not yet sent (what was sent, Redis applies before any admission
         # sent after it: one connection, in order): on its budget here too
@@ -2593,7 +2595,7 @@ class SharedState:
         if rq.admission:  # sent at the head
             sent, names, commands, epoch = rq.admission
         elif not self.up or self.conn is None:
-            return False
+            return self.unheard(name)
         else:
             sent, names = None, list(dict.fromkeys(u.name for u in plan.upstreams()))
             if self.upstreams()[2]:
@@ -2603,7 +2605,7 @@ class SharedState:
         rq.admission = _SENT
         replies = await self.pipeline(commands, sent, (rq, limits, name, estimate, names, pace))
         if replies is None or not self.admitted(replies, names, limits, name, rq, epoch):
-            return False
+            return self.unheard(name)
         if pace is not None:
             reply = replies[0]
             wait = self.slot_wait(reply[3] if len(reply) == 4 else None, pace[1])
@@ -2672,12 +2674,11 @@ class SharedState:
             self.refused(reply if isinstance(reply, Exception)
                          else f"an admission answered {reply!r:.80}")
             return False
-        if verdict == b"budget":
-            budget = self.budgets[1].get(name, (None, None))[0]
-            raise QuotaExceeded(f"This key has used its budget of {budget} tokens.")
-        if verdict == b"budget_usd":
-            budget_usd = self.budgets[1].get(name, (None, None))[1]
-            raise QuotaExceeded(f"This key has used its budget of ${usd(budget_usd or 0):g}.")
+        if verdict in (b"budget", b"budget_usd"):
+            self.spent[name] = (verdict, self.budget_of(name))
+            self.spent_out(name, verdict)
+        elif self.spent:
+            self.spent.pop(name, None)  # admitted by Redis since: its budget or usage changed
         # A refusal: the local bucket is told where the shared one is, since the 429's
         # x-ratelimit-* headers are read from it (tokens: empty, as far as a header says).
         if verdict == b"requests":
@@ -2813,6 +2814,21 @@ class SharedState:
                 owed = self.pending[name] = [0, 0]
             owed[0] += spent
             owed[1] += cost
+
+    def spent_out(self, name: str, verdict: bytes) -> NoReturn:
+        budget, budget_usd = self.budget_of(name) or (None, None)
+        if verdict == b"budget":
+            raise QuotaExceeded(f"This key has used its budget of {budget} tokens.")
+        raise QuotaExceeded(f"This key has used its budget of ${usd(budget_usd or 0):g}.")
+
+    def unheard(self, name: str) -> bool:
+        """Redis did not answer the admission: False (the caller limits on local state),
+        unless Redis last refused this client for a budget it still has (the other
+        processes' spend is not here to count)."""
+        spent = self.spent.get(name)
+        if spent is not None and spent[1] == self.budget_of(name):
+            self.spent_out(name, spent[0])
+        return False
 
     def budget_of(self, name: str) -> tuple[int | None, int | None] | None:
         """A client's (budget_tokens, budget_usd), None when it has neither."""
@@ -8289,7 +8305,10 @@ class Router:
             rq.client = admission.authenticate(rq)
             admission.limit(rq, route.spends)
             if route.spends:
-                gw.ledger.check_budget(rq.client.name if rq.client is not None else "anonymous")
+                name = rq.client.name if rq.client is not None else "anonymous"
+                gw.ledger.check_budget(name)
+                if gw.shared is not None and not rq.shared_take:  # Redis away: its last word
+                    gw.shared.unheard(name)
         elif route.access == _ADMIN:
             admission.authorize_admin(rq)
         rq.handler = route.handler

@@ -2631,6 +2631,36 @@ def test_a_redis_slower_than_its_timeout_is_down_until_it_is_not_never_flapping(
         link.listener.close()
 
 
+def test_a_budget_redis_said_is_spent_stays_spent_while_redis_is_away(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str) -> None:
+    config = shared_config(mock, redis_url, api_keys=[{"key": SDK_KEY, "name": "team", "budget_tokens": 1000}])
+    g = start_gateway(config)
+    shared = g.gw.shared
+    assert eventually(lambda: shared.up)
+    chat = post("/v1/chat/completions", CHAT, f"Authorization: Bearer {SDK_KEY}\r\n")
+    assert raw(g.port, chat)[0].status == 200
+    redis_server.command("HINCRBY", "gateway:v1:usage:team", "total_tokens", "5000")  # other instances'
+    (refused,) = raw(g.port, chat)
+    assert refused.status == 402
+    g.lt.call(g.gw.ledger.check_budget, "team")  # (its own count alone is well under the budget)
+    redis_server.kill()
+    try:
+        assert eventually(lambda: not shared.up)
+        (resp,) = raw(g.port, chat)  # on its own state: the spend Redis told it of still counts
+        assert resp.status == 402 and resp.json() == refused.json()
+        more = json.loads(json.dumps(config))
+        more["api_keys"][0]["budget_tokens"] = 10_000  # a budget raised meanwhile: that check is over
+        g.lt.call(g.gw.reload, gw.load_config({"GATEWAY_CONFIG": json.dumps(more)}))
+        assert raw(g.port, chat)[0].status == 200
+        g.lt.call(g.gw.reload, gw.load_config({"GATEWAY_CONFIG": json.dumps(config)}))
+        assert raw(g.port, chat)[0].status == 402
+    finally:
+        redis_server.start()
+    assert eventually(lambda: shared.up, timeout=15)  # a Redis that lost it all: its word again
+    assert raw(g.port, chat)[0].status == 200 and "team" not in shared.spent
+
+
 def test_a_drain_with_redis_stalled_ends_within_its_bound(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
         redis_url: str) -> None:
