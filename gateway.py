@@ -28,8 +28,11 @@ Where is (each a banner below, in file order):
 from __future__ import annotations
 
 import signal
+import sys
 
-if __name__ == "__main__":  # from the first line on, a signal waits for its handler
+# From the first line on, a signal waits for its handler: run as a program, or imported by
+# the `gateway` command pip installs (which calls main() next).
+if __name__ == "__main__" or sys.argv and sys.argv[0].rpartition("/")[2] == "gateway":
     signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
 
 import argparse
@@ -54,7 +57,6 @@ import shutil
 import socket
 import ssl
 import stat
-import sys
 import tempfile
 import time
 import traceback

@@ -7603,6 +7603,19 @@ def refused(port: int) -> bool:
     return False
 
 
+def test_the_installed_command_holds_signals_from_its_import_on(tmp_path: Path) -> None:
+    # What pip's `gateway` script does before main(): import the module. A SIGTERM meanwhile
+    # (PID 1 in a container drops one it has no handler for) waits for the loop's handler.
+    held = "import signal; print(signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, []))"
+    (tmp_path / "gateway").write_text("import gateway\n" + held + "\n")
+    (tmp_path / "other").write_text("import gateway\n" + held + "\n")  # a program that only imports it
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    for name, blocked in (("gateway", "True"), ("other", "False")):
+        out = subprocess.run([sys.executable, str(tmp_path / name)], env=env, capture_output=True,
+                             text=True, timeout=30)
+        assert out.stdout.strip() == blocked, out.stderr
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_sighup_and_a_sigterm_during_start_up_are_acted_on_once_it_serves(
         redis_url: str, workers: str) -> None:
