@@ -4451,8 +4451,9 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 self._recycle()
                 sink.on_error(self.error)  # type: ignore[arg-type]
-        else:
-            self.resume_reading()
+        elif not (self.owner is not None and self.owner.write_paused
+                  and self.owner.upstream is self):  # (what came filled the client's buffer:
+            self.resume_reading()  # its resume_writing resumes this, once read)
         return self.done  # type: ignore[return-value]
 
     async def read_body(self, limit: int) -> bytes:

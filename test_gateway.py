@@ -4022,6 +4022,28 @@ def test_a_body_end_that_fills_the_clients_buffer_leaves_the_pooled_connection_r
     asyncio.run(run())
 
 
+def test_body_bytes_that_came_with_the_head_and_filled_the_client_keep_the_upstream_paused() -> None:
+    """Read before the relay began, the first bytes are written when it does; when they fill
+    the client's buffer, the upstream stays paused until the client has read them."""
+    async def run() -> None:
+        rq, client = client_request(transport=FullTransport)
+        conn, _, transport, head = await exchanging()
+        conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
+                           b"transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await head
+        rq.flow.attach(conn)
+        rq.writer.relay_head(conn.status, gw.relayed(conn.headers))
+        body = conn.relay(rq.writer)
+        assert client.out.endswith(b"hello\r\n") and rq.flow.write_paused
+        assert conn.paused and not transport.reading  # not read on past a full client
+        rq.writer.proto.resume_writing()  # the client read it
+        assert not conn.paused and transport.reading
+        conn.data_received(b"0\r\n\r\n")
+        await body
+
+    asyncio.run(run())
+
+
 def test_upstream_connection_timeout_loss_and_abort_each_end_in_closed() -> None:
     async def run() -> None:
         loop = asyncio.get_running_loop()
