@@ -5066,7 +5066,7 @@ class Plan:
                  "asked", "model", "pinned", "method", "endpoint", "content_type", "translated",
                  "tried", "failures", "shift", "last_error", "last_reply", "forwarded",
                  "stream", "client_usage", "estimate", "upstream", "key", "served", "_bodies",
-                 "refusal", "background", "sent", "chosen", "paced")
+                 "refusal", "background", "sent", "chosen", "paced", "form")
 
     def __init__(self, rq: Request, kind: str, obj: dict | None, force_stream: bool,
                  gw: Gateway, candidates: Candidates, *, pinned: str | None = None,
@@ -5088,6 +5088,7 @@ class Plan:
         self.translated = translated  # the chat request, for a chat_only upstream
         self.refusal = refusal  # why it cannot go as chat: chat_only upstreams are skipped
         self.background: str | None = None  # a background response polled, still uncounted
+        self.form: tuple[str, int, int] | None = None  # a multipart body's model, and where
         self.tried: set[UpstreamKey] = set()  # keys that answered 429/401/403 for this model
         self.failures = 0  # tries for this model that count against retry.attempts
         self.shift = 0  # rotation of each group, so that a retry prefers another upstream
@@ -5163,7 +5164,11 @@ class Plan:
         """The client's bytes unchanged, unless the gateway must change them: the model
         (alias, fallback), a forced `stream`, stream usage, or completions/Responses as chat."""
         obj = self.obj
-        if obj is None:  # not JSON (multipart, files): as it came
+        if obj is None:  # not JSON (multipart, files): as it came, but for its model
+            form = self.form
+            if form is not None and model != form[0]:  # (an alias, a fallback)
+                body = self.rq.body()
+                return body[:form[1]] + model.encode() + body[form[2]:]
             return self.rq.body()
         inject = self.injects(upstream)
         body = self._bodies.get((model, convert, inject))
@@ -6731,22 +6736,40 @@ def new_object_id(prefix: str) -> str:
 _MULTIPART_BOUNDARY = re.compile(rb'boundary="?([^";]+)"?', re.I)
 
 
-def multipart_field(body: bytes, content_type: bytes, name: str) -> str | None:
-    """One small text field of a multipart/form-data body (the `model` of an upload), found
-    without parsing the file parts around it."""
+_PART_NAME = re.compile(rb';\s*name\s*=\s*(?:"([^"]*)"|([^;\s]+))', re.I)
+
+
+def multipart_field(body: bytes, content_type: bytes, name: str) -> tuple[str, int, int] | None:
+    """One small text field of a multipart/form-data body (the `model` of an upload): its
+    value, and where that lies in the body; found without copying the file parts around it.
+    Its name is read as form parsers read it (quoted or not, spaced, any case of header); a
+    field named twice, or too long to be a model, is the client's 400."""
     found = _MULTIPART_BOUNDARY.search(content_type)
     if found is None:
         return None
-    marker = b'name="%s"' % name.encode()
-    delimiter = b"--" + found.group(1)
-    for part in body.split(delimiter)[1:]:
-        head, sep, value = part.partition(b"\r\n\r\n")
-        if sep and marker in head:
-            value = value[:-2] if value.endswith(b"\r\n") else value
-            if len(value) <= 256:
-                return value.decode("utf-8", "replace")
-            return None
-    return None
+    want, delimiter, field = name.encode(), b"--" + found.group(1), None
+    at = body.find(delimiter)
+    while at >= 0:
+        start = at + len(delimiter)
+        at = body.find(delimiter, start)
+        end = at if at >= 0 else len(body)
+        blank = body.find(b"\r\n\r\n", start, end)
+        if blank < 0:
+            continue
+        for line in body[start:blank].split(b"\r\n"):
+            header, colon, value = line.partition(b":")
+            named = _PART_NAME.search(value) if colon and \
+                header.strip().lower() == b"content-disposition" else None
+            if named is None or (named.group(1) if named.group(1) is not None
+                                 else named.group(2)) != want:
+                continue
+            if field is not None:
+                raise BadRequest(f"The form names '{name}' more than once.", param=name)
+            stop = end - 2 if body.endswith(b"\r\n", blank, end) else end
+            if stop - blank - 4 > 256:
+                raise BadRequest(f"The form's '{name}' is too long.", param=name)
+            field = (body[blank + 4:stop].decode("utf-8", "replace"), blank + 4, stop)
+    return field
 
 
 _OBJECT_ID = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9][A-Za-z0-9_\-]{3,127})"')
@@ -7521,11 +7544,14 @@ class ProxyHandler:
         object the path or body names, else by `model` (JSON, or a multipart field), else to
         the default upstream."""
         gw = self.gw
-        obj, model = None, ""
+        obj, model, form = None, "", None
         content_type = rq.content_type()
         if rq.upload is None and rq.body_parts:
             body = rq.body()
-            if content_type.startswith(b"application/json"):
+            multipart = content_type[:19].lower() == b"multipart/form-data"
+            # JSON as the upstream may read it, whatever the type says: its model is checked
+            if content_type[:16].lower() == b"application/json" or not multipart \
+                    and body.lstrip()[:1] == b"{":
                 try:
                     found = orjson.loads(body)
                 except orjson.JSONDecodeError as exc:
@@ -7538,14 +7564,17 @@ class ProxyHandler:
                     if model and body.count(b'"model"') > 1 and _names_twice(body, "model"):
                         raise BadRequest("The JSON body names 'model' more than once.",
                                          param="model")
-            elif content_type.startswith(b"multipart/form-data"):
-                model = multipart_field(body, content_type, "model") or ""
+            elif multipart:
+                form = multipart_field(body, content_type, "model")
+                model = form[0] if form is not None else ""
         pinned = await self.pinned_by(self.named_ids(rq, obj))
         if model:
             model = self.allowed_model(rq, model)
         candidates = self.candidates(rq, model, "passthrough", pinned)
-        await self.run(Plan(rq, "passthrough", obj, False, gw, candidates,
-                            pinned=pinned[1] if pinned else None))
+        plan = Plan(rq, "passthrough", obj, False, gw, candidates,
+                    pinned=pinned[1] if pinned else None)
+        plan.form = form
+        await self.run(plan)
 
     def named_ids(self, rq: Request, obj: dict | None) -> list[str]:
         """Object ids a request may name: path segments, the body's top-level strings, then

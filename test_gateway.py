@@ -5876,6 +5876,45 @@ def test_key_model_allow_list(start_gateway: StartGateway, mock: mock_upstream.M
     assert info.value.code == "model_not_allowed"
 
 
+def test_a_pass_through_body_is_held_to_the_keys_models_however_it_is_typed_or_its_form_spelled(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway(limited(mock, api_keys=[{"key": SDK_KEY, "models": ["gpt-image-1", "stt"]}],
+                              aliases={"stt": "whisper-1"}))
+    auth = f"Authorization: Bearer {SDK_KEY}\r\n"
+
+    def send(path: str, body: bytes, content_type: str | None) -> RawResponse:
+        typed = f"Content-Type: {content_type}\r\n" if content_type else ""
+        (resp,) = raw(g.port, f"POST {path} HTTP/1.1\r\nHost: t\r\n{auth}{typed}Content-Length: {len(body)}\r\n\r\n"
+                      .encode() + body)
+        return resp
+
+    seen = len(mock.requests)
+    for content_type in ("application/json", "Application/JSON; charset=utf-8", "text/plain", None):
+        resp = send("/v1/images/generations", b' {"model": "dall-e-3", "prompt": "x"}', content_type)
+        assert resp.status == 403 and resp.json()["error"]["code"] == "model_not_allowed", content_type
+
+    def form(*fields: tuple[str, str]) -> bytes:
+        parts = [b"--B\r\n%s\r\n\r\n%s\r\n" % (d.encode(), v.encode()) for d, v in fields]
+        return b"".join(parts) + b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF\r\n--B--\r\n'
+
+    multipart = "multipart/form-data; boundary=B"
+    for disposition in ('form-data; name="model"', "form-data; name=model", 'form-data; name = "model"',
+                        'form-data;name="model"'):
+        resp = send("/v1/audio/transcriptions", form((f"Content-Disposition: {disposition}", "whisper-2")), multipart)
+        assert resp.status == 403 and resp.json()["error"]["code"] == "model_not_allowed", disposition
+        resp = send("/v1/audio/transcriptions", form((f"content-disposition: {disposition}", "whisper-2")), multipart)
+        assert resp.status == 403, disposition
+    twice = form(('Content-Disposition: form-data; name="model"', "stt"),
+                 ('Content-Disposition: form-data; name="model"', "whisper-2"))
+    resp = send("/v1/audio/transcriptions", twice, multipart)
+    assert resp.status == 400 and resp.json()["error"]["param"] == "model"
+    assert len(mock.requests) == seen  # none of them reached the upstream
+    resp = send("/v1/audio/transcriptions", form(('Content-Disposition: form-data; name="model"', "stt")), multipart)
+    assert resp.status == 200 and resp.json()["text"] == "heard 4 bytes sha256:" + hashlib.sha256(b"RIFF").hexdigest()
+    assert mock.requests[-1].body == form(  # the alias's model, every other byte as sent
+        ('Content-Disposition: form-data; name="model"', "whisper-1"))
+
+
 def test_completions_through_a_chat_only_upstream(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     g = start_gateway({"upstreams": [{"name": "chat", "url": f"http://127.0.0.1:{mock.port}/v1", "chat_only": True}]})
     client = g.client()
