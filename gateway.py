@@ -7577,10 +7577,13 @@ class ProxyHandler:
         await self.run(plan)
 
     def named_ids(self, rq: Request, obj: dict | None) -> list[str]:
-        """Object ids a request may name: path segments, the body's top-level strings, then
-        the files, vector stores and containers named deeper in it (once such an object
-        may be known)."""
+        """Object ids a request may name: path segments and query values, the body's
+        top-level strings, then the files, vector stores and containers named deeper in it
+        (once such an object may be known)."""
         ids = [unquote(part.decode("latin-1")) for part in rq.path.split(b"/")[3:] if part]
+        if rq.query:  # a list's next page (after=, before=) is that account's: it has the id
+            ids += [value for values in parse_qs(rq.query.decode("latin-1")).values()
+                    for value in values]
         if obj is not None:
             ids += [value for value in obj.values() if isinstance(value, str)]
             if self.gw.sticky.nested:

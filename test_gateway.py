@@ -5997,6 +5997,19 @@ def keys_for(mock: mock_upstream.MockUpstream, fragment: str) -> list[str]:
     return [r.key() for r in mock.requests if fragment in r.path]
 
 
+def test_a_lists_next_page_goes_to_the_key_whose_object_it_starts_after(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway(three_keys(mock))
+    made = g.client().files.create(file=("a.jsonl", b'{"a": 1}\n'), purpose="batch")
+    for query in (f"limit=2&after={made.id}", f"before={made.id}&limit=2", f"after={made.id}"):
+        raw(g.port, f"GET /v1/files?{query} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        assert mock.requests[-1].key() == mock.owner(made.id), query  # not the next key round
+    raw(g.port, b"GET /v1/files?limit=2 HTTP/1.1\r\nHost: t\r\n\r\n")
+    raw(g.port, b"GET /v1/files?limit=2 HTTP/1.1\r\nHost: t\r\n\r\n")
+    firsts = [r.key() for r in mock.requests if r.path == "/v1/files?limit=2"]
+    assert len(firsts) == 2 and firsts[0] != firsts[1]  # a first page: any key, in turn
+
+
 def test_sdk_responses_native_create_stream_and_a_tool_round_trip_on_the_creating_key(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     client = start_gateway(three_keys(mock)).client()
