@@ -2070,6 +2070,11 @@ _NESTED_OPENINGS = tuple(b'"' + k.encode() for k in _NESTED_KINDS)  # (each foun
 _NESTED_ID = re.compile(rb'"((?:%s)[A-Za-z0-9_]{4,128}+)"' % b"|".join(
     k.encode() for k in _NESTED_KINDS))
 MAX_NESTED_IDS = 16  # looked up per request
+# Objects a successful answer names, remembered as the answering key's (see named_in_answer)
+_NAMED_ID = re.compile(rb'"((?:file-|vs_|cntr_|batch_|ftjob-|upload_|conv_|resp_)'
+                       rb'[A-Za-z0-9_-]{4,128}+)"')
+_NAMED_EDGE = 150  # bytes of a read kept for the next: more than one quoted id
+MAX_NAMED_IDS = 1_000  # remembered from one answer at most
 
 
 def nested_ids(body: bytes) -> list[str]:
@@ -6031,7 +6036,7 @@ class ResponseWriter(BodySink):
 
     __slots__ = ("proto", "rq", "status", "started", "finished", "unsent", "sse", "filter",
                  "keep_tail", "tail", "whole", "usage", "bytes_out", "head_only", "capture_id",
-                 "id_seen", "masker",
+                 "id_seen", "masker", "ids_in", "ids_edge",
                  "framing", "left", "must_close", "holding")
 
     def __init__(self, proto: HttpProtocol, rq: Request) -> None:
@@ -6053,6 +6058,10 @@ class ResponseWriter(BodySink):
         self.head_only = rq.method == b"HEAD"  # everything as for GET, but no body bytes
         self.capture_id: Callable[[str], None] | None = None  # told a created object's id
         self.id_seen = b""  # the body's start, while the id is not in it yet
+        # the objects an answer names (a list's, a batch's output file): each remembered as
+        # its account's; the end of the last read, where one may have begun
+        self.ids_in: Callable[[bytes, bytes], bytes | None] | None = None
+        self.ids_edge = b""
         self.masker: Masker | None = None  # not a success's: masks the upstream keys it echoes
         self.framing = _NO_BODY  # of the body written: set with the head
         self.left = 0  # bytes the head's Content-Length still owes
@@ -6253,6 +6262,12 @@ class ResponseWriter(BodySink):
                 self.capture_id = None
             else:
                 self.id_seen = seen
+        if self.ids_in is not None:
+            edge = self.ids_in(self.ids_edge, data)
+            if edge is None:
+                self.ids_in = None
+            else:
+                self.ids_edge = edge
         flt = self.filter
         if flt is not None:
             data = flt.feed(data)
@@ -7680,6 +7695,12 @@ class ProxyHandler:
                 and plan.obj.get("store") is True):  # type: ignore[union-attr]
             writer.capture_id = self.remember_for(plan)  # (a stored chat completion is read
             # back by its id, from the account that made it)
+        if ok and (plan.kind == "passthrough" or plan.kind == "responses"  # (a container)
+                   and b'"code_interpreter"' in plan.rq.body()) \
+                and (len(plan.config.upstreams) > 1 or len(plan.pool().keys) > 1) \
+                and next((v for n, v in conn.kept if n == b"content-type"), b"")[:16].lower() \
+                in (b"application/json", b"text/event-stream"):
+            writer.ids_in = self.named_in_answer(plan)
         quoting = plan.pool() if convert else None
         writer.relay_head(conn.status, headers, plain=plain, inspect=inspect,
                           drop_usage=inspect and plan.injects(plan.upstream),  # type: ignore[arg-type]
@@ -7799,6 +7820,33 @@ class ProxyHandler:
                 shared.remember_id(object_id, upstream.name, key.name)  # type: ignore[union-attr]
 
         return remember
+
+    def named_in_answer(self, plan: Plan) -> Callable[[bytes, bytes], bytes | None]:
+        """What remembers the objects a successful answer names, anywhere in it (a list's
+        files, the file an upload completed into, a batch's output file, the container a
+        Responses tool made): each exists in the account of the key that answered. Fed each
+        read and the last one's edge; the new edge back, or None once MAX_NAMED_IDS are."""
+        sticky, shared, upstream, key = self.gw.sticky, self.gw.shared, plan.upstream, plan.key
+        owner = (upstream.name, key.name)  # type: ignore[union-attr]
+        left = MAX_NAMED_IDS
+
+        def named(edge: bytes, data: bytes) -> bytes | None:
+            nonlocal left
+            window = edge + data if edge else data
+            for found in _NAMED_ID.finditer(window):
+                if found.end() <= len(edge):
+                    continue  # (wholly in the last read: seen then)
+                object_id = found.group(1).decode()
+                if sticky.find(object_id) != owner:  # (known as such: nothing to write)
+                    sticky.remember(object_id, *owner)
+                    if shared is not None:
+                        shared.remember_id(object_id, *owner)
+                left -= 1
+                if not left:
+                    return None
+            return window[-_NAMED_EDGE:]
+
+        return named
 
     def account(self, plan: Plan, name: str, refusal: int = 0) -> None:
         """Count what the upstream reported and correct the client's token estimate.

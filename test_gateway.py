@@ -6010,6 +6010,47 @@ def test_a_lists_next_page_goes_to_the_key_whose_object_it_starts_after(
     assert len(firsts) == 2 and firsts[0] != firsts[1]  # a first page: any key, in turn
 
 
+def test_objects_an_answer_names_are_followed_up_on_the_key_that_answered(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    seen: list[tuple[bytes, bytes]] = []  # (path, key)
+    filler = b'{"id": "file-x%04d", "object": "file"}, '  # a long list: ids across reads
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await request_in(reader)
+            path = head.split(b" ")[1]
+            key = re.search(rb"Bearer (\S+)", head).group(1)
+            seen.append((path, key))
+            if path.startswith(b"/v1/batches/"):  # a batch names the file it wrote, once done
+                body = b'{"id": "batch_abc123", "status": "completed", "output_file_id": "file-out%s"}' % key[-4:]
+            elif path == b"/v1/files?limit=500":
+                body = b'{"object": "list", "data": [' + b"".join(filler % i for i in range(500)) \
+                    + b'{"id": "file-last%s"}]}' % key[-4:]
+            else:
+                body = b'{"ok": true}'
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n")
+            for at in range(0, len(body), 1000):  # in reads the ids straddle
+                piece = body[at:at + 1000]
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+
+    port = raw_upstream(handler)
+    g = start_gateway({"upstreams": [{"name": "u", "url": f"http://127.0.0.1:{port}/v1", "keys": KEYS}]})
+    batch = json.loads(raw(g.port, b"GET /v1/batches/batch_abc123 HTTP/1.1\r\nHost: t\r\n\r\n")[0].body)
+    owner = seen[-1][1]
+    for _ in range(3):  # round robin would take the next keys: this file is in owner's account
+        raw(g.port, f"GET /v1/files/{batch['output_file_id']}/content HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        assert seen[-1][1] == owner
+    raw(g.port, b"GET /v1/files?limit=500 HTTP/1.1\r\nHost: t\r\n\r\n")
+    lister = seen[-1][1]
+    for file_id in ("file-x0007", "file-x0499", f"file-last{lister[-4:].decode()}"):
+        for _ in range(2):
+            raw(g.port, f"DELETE /v1/files/{file_id} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            assert seen[-1][1] == lister, file_id
+
+
 def test_sdk_responses_native_create_stream_and_a_tool_round_trip_on_the_creating_key(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     client = start_gateway(three_keys(mock)).client()
