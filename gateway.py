@@ -64,7 +64,7 @@ import urllib.request
 import warnings as python_warnings
 from pathlib import Path
 from typing import Any, Callable, Coroutine, Iterable, NamedTuple, NoReturn
-from urllib.parse import parse_qs, quote, quote_plus, unquote, urlsplit
+from urllib.parse import parse_qs, quote, quote_plus, unquote, unquote_to_bytes, urlsplit
 
 import h11
 import orjson
@@ -2070,11 +2070,16 @@ _NESTED_OPENINGS = tuple(b'"' + k.encode() for k in _NESTED_KINDS)  # (each foun
 _NESTED_ID = re.compile(rb'"((?:%s)[A-Za-z0-9_]{4,128}+)"' % b"|".join(
     k.encode() for k in _NESTED_KINDS))
 MAX_NESTED_IDS = 16  # looked up per request
-# Objects a successful answer names, remembered as the answering key's (see named_in_answer)
-_NAMED_ID = re.compile(rb'"((?:file-|vs_|cntr_|batch_|ftjob-|upload_|conv_|resp_)'
-                       rb'[A-Za-z0-9_-]{4,128}+)"')
-_NAMED_EDGE = 150  # bytes of a read kept for the next: more than one quoted id
-MAX_NAMED_IDS = 1_000  # remembered from one answer at most
+# Objects a successful answer names where the API puts ids it made (see answer_ids), and
+# the routes whose answers are read for them (a Responses answer too, for its container)
+_NAMED_KINDS = ("file-", "vs_", "cntr_", "batch_", "ftjob-", "upload_", "conv_", "resp_")
+_NAMED_FIELDS = ("id", "output_file_id", "error_file_id", "file_id", "container_id",
+                 "vector_store_id")
+_NAMING_PATHS = tuple(b"/v1/" + p for p in (b"files", b"uploads", b"batches", b"fine_tuning",
+                                            b"vector_stores", b"containers", b"conversations",
+                                            b"responses"))
+MAX_NAMED_BODY = 1024 * 1024  # an answer longer than this is not read for them
+MAX_NAMED_IDS = 1_000  # taken from one answer at most
 
 
 def nested_ids(body: bytes) -> list[str]:
@@ -2404,8 +2409,8 @@ class SharedState:
         if not self.up and (self.usage or self.batch or self.settles or self.writes
                             or self.claims):  # (else lost to the other processes)
             try:  # Redis was away: one more try to reach it
-                async with asyncio.timeout(patience):
-                    self.reached(await self.connect())
+                async with asyncio.timeout(patience):  # (a slow Redis is given its patience)
+                    self.reached(await self.connect(slow_ok=True))
             except (OSError, TimeoutError):
                 pass
         try:  # claims still waiting: one more try
@@ -2482,7 +2487,7 @@ class SharedState:
             self.batch_sent[0].add_done_callback(_retrieved)  # (awaited by the next flush)
         self.kick()
 
-    async def connect(self) -> RedisConnection:
+    async def connect(self, slow_ok: bool = False) -> RedisConnection:
         """A connection with the scripts loaded: an admission sent from a request's head is
         not awaited when the request is answered before forwarding, so it could not load
         them itself (a restart that keeps the connection is still met by NOSCRIPT)."""
@@ -2494,7 +2499,8 @@ class SharedState:
             async with asyncio.timeout(wait):
                 await conn.send([("SCRIPT", "LOAD", lua) for lua in self.scripts])
             took = time.monotonic() - began
-            if took > self.timeout:  # reached, but every command would time out: not up
+            if took > self.timeout and not slow_ok:  # reached, but every command would
+                # time out: not up (a drain's last try gives each longer)
                 raise TimeoutError(f"redis answered in {took * 1000:.0f} ms, over "
                                    f"redis_timeout_ms ({self.timeout * 1000:g})")
         except BaseException:
@@ -2914,7 +2920,8 @@ class SharedState:
         self.write_state(upstream, f"b\t{key}\t{tag}", f"{time.time() + recheck_s:.3f}\t{reason}")
 
     def unblocked(self, upstream: str, key: str, tag: str) -> None:
-        self.write("HDEL", self.key("up", upstream), f"b\t{key}\t{tag}")
+        self.write("HDEL", self.key("up", upstream), f"b\t{key}\t{tag}",
+                   f"b\t{key}")  # (and a block as an older version wrote it: by name)
 
     def rotated(self, upstream: str, key: str) -> None:
         """POST /v1/tokens/rotate made key the current one: in every process from its next
@@ -2940,7 +2947,9 @@ class SharedState:
         for name in upstreams:
             self.resets.put(name, mark)
             key = self.key("up", name)
-            commands += [("DEL", key), ("HSET", key, "r", mark),
+            rotation = self.rotations.get(name)  # (the current key it moved all to stays)
+            commands += [("DEL", key), ("HSET", key, "r", mark,
+                                        *(("k", rotation) if rotation else ())),
                          ("EXPIRE", key, SHARED_STATE_TTL_S)]
         # States still queued describe what it clears: not written after it. It goes out now,
         # ahead of any admission sent after it on the connection (an admission sent before
@@ -2967,8 +2976,10 @@ class SharedState:
 
     # objects: the id memory and the responses made over chat ---------------------------------
 
-    def remember_id(self, object_id: str, upstream: str, key: str) -> None:
-        self.write("SET", self.key("id", object_id), f"{upstream}\t{key}", "EX", SHARED_ID_TTL_S)
+    def remember_id(self, object_id: str, upstream: str, key: str, first: bool = False) -> None:
+        """first: only if no process has it (an object seen named, not made)."""
+        self.write("SET", self.key("id", object_id), f"{upstream}\t{key}", "EX", SHARED_ID_TTL_S,
+                   *(("NX",) if first else ()))
 
     async def find_ids(self, ids: list[str]) -> tuple[str, str] | None:
         """The first of these ids another instance saw created: (upstream, key). Responses
@@ -6036,7 +6047,7 @@ class ResponseWriter(BodySink):
 
     __slots__ = ("proto", "rq", "status", "started", "finished", "unsent", "sse", "filter",
                  "keep_tail", "tail", "whole", "usage", "bytes_out", "head_only", "capture_id",
-                 "id_seen", "masker", "ids_in", "ids_edge",
+                 "id_seen", "masker", "named", "named_size",
                  "framing", "left", "must_close", "holding")
 
     def __init__(self, proto: HttpProtocol, rq: Request) -> None:
@@ -6058,10 +6069,9 @@ class ResponseWriter(BodySink):
         self.head_only = rq.method == b"HEAD"  # everything as for GET, but no body bytes
         self.capture_id: Callable[[str], None] | None = None  # told a created object's id
         self.id_seen = b""  # the body's start, while the id is not in it yet
-        # the objects an answer names (a list's, a batch's output file): each remembered as
-        # its account's; the end of the last read, where one may have begun
-        self.ids_in: Callable[[bytes, bytes], bytes | None] | None = None
-        self.ids_edge = b""
+        # an answer read for the objects it names (ProxyHandler.remember_named): as it came
+        self.named: list[bytes] | None = None
+        self.named_size = 0
         self.masker: Masker | None = None  # not a success's: masks the upstream keys it echoes
         self.framing = _NO_BODY  # of the body written: set with the head
         self.left = 0  # bytes the head's Content-Length still owes
@@ -6262,12 +6272,13 @@ class ResponseWriter(BodySink):
                 self.capture_id = None
             else:
                 self.id_seen = seen
-        if self.ids_in is not None:
-            edge = self.ids_in(self.ids_edge, data)
-            if edge is None:
-                self.ids_in = None
+        named = self.named
+        if named is not None:
+            self.named_size += len(data)
+            if self.named_size <= MAX_NAMED_BODY:
+                named.append(data)
             else:
-                self.ids_edge = edge
+                self.named = None  # (past the bound: not read)
         flt = self.filter
         if flt is not None:
             data = flt.feed(data)
@@ -6751,39 +6762,50 @@ def new_object_id(prefix: str) -> str:
 _MULTIPART_BOUNDARY = re.compile(rb'boundary="?([^";]+)"?', re.I)
 
 
-_PART_NAME = re.compile(rb';\s*name\s*=\s*(?:"([^"]*)"|([^;\s]+))', re.I)
+_PART_DISPOSITION = re.compile(rb"(?im)^content-disposition[ \t]*:([^\r\n]*)")
+_PART_NAME = re.compile(rb';\s*name(\*?)\s*=\s*(?:"([^"]*)"|([^;\s]+))', re.I)
+MAX_FORM_PARTS = 1_000  # a form with more is refused, not read
 
 
 def multipart_field(body: bytes, content_type: bytes, name: str) -> tuple[str, int, int] | None:
     """One small text field of a multipart/form-data body (the `model` of an upload): its
     value, and where that lies in the body; found without copying the file parts around it.
-    Its name is read as form parsers read it (quoted or not, spaced, any case of header); a
-    field named twice, or too long to be a model, is the client's 400."""
+    It is read as lenient form parsers read it (a delimiter line after CRLF or LF; its name
+    quoted or not, spaced, RFC 2231's name*=, any case of header); a field named twice, one
+    too long to be a model, or a form of over MAX_FORM_PARTS parts is the client's 400."""
     found = _MULTIPART_BOUNDARY.search(content_type)
     if found is None:
         return None
     want, delimiter, field = name.encode(), b"--" + found.group(1), None
-    at = body.find(delimiter)
+    at = 0 if body.startswith(delimiter) else body.find(b"\n" + delimiter) + 1 or -1
+    parts = 0
     while at >= 0:
+        parts += 1
+        if parts > MAX_FORM_PARTS:
+            raise BadRequest(f"The form has more than {MAX_FORM_PARTS} parts.")
         start = at + len(delimiter)
-        at = body.find(delimiter, start)
-        end = at if at >= 0 else len(body)
-        blank = body.find(b"\r\n\r\n", start, end)
-        if blank < 0:
+        end = body.find(b"\n" + delimiter, start)  # (the line end before the next one)
+        at = end + 1 if end >= 0 else -1
+        end = end if end >= 0 else len(body)
+        crlf, lf = body.find(b"\n\r\n", start, end), body.find(b"\n\n", start, end)  # (in C)
+        if crlf < 0 and lf < 0:
+            continue  # (no head: the closing delimiter, or garbage)
+        blank, value_at = (crlf, crlf + 3) if lf < 0 or 0 <= crlf < lf else (lf, lf + 2)
+        disposition = _PART_DISPOSITION.search(body, start, blank)
+        named = _PART_NAME.search(disposition.group(1)) if disposition is not None else None
+        if named is None:
             continue
-        for line in body[start:blank].split(b"\r\n"):
-            header, colon, value = line.partition(b":")
-            named = _PART_NAME.search(value) if colon and \
-                header.strip().lower() == b"content-disposition" else None
-            if named is None or (named.group(1) if named.group(1) is not None
-                                 else named.group(2)) != want:
-                continue
-            if field is not None:
-                raise BadRequest(f"The form names '{name}' more than once.", param=name)
-            stop = end - 2 if body.endswith(b"\r\n", blank, end) else end
-            if stop - blank - 4 > 256:
-                raise BadRequest(f"The form's '{name}' is too long.", param=name)
-            field = (body[blank + 4:stop].decode("utf-8", "replace"), blank + 4, stop)
+        value = named.group(2) if named.group(2) is not None else named.group(3)
+        if named.group(1):  # name*=charset'language'percent-encoded
+            value = unquote_to_bytes(value.split(b"'", 2)[-1])
+        if value != want:
+            continue
+        if field is not None:
+            raise BadRequest(f"The form names '{name}' more than once.", param=name)
+        stop = end - 1 if end and body[end - 1:end] == b"\r" else end
+        if stop - value_at > 256:
+            raise BadRequest(f"The form's '{name}' is too long.", param=name)
+        field = (body[value_at:stop].decode("utf-8", "replace"), value_at, stop)
     return field
 
 
@@ -6794,6 +6816,32 @@ def created_id(head: bytes) -> str | None:
     """The id of the object a JSON answer describes: OpenAI writes it first."""
     found = _OBJECT_ID.search(head, 0, _ID_WITHIN)
     return found.group(1).decode() if found is not None else None
+
+
+def answer_ids(obj: Any) -> list[str]:
+    """The objects a JSON answer names where the API puts ids it made, never a client's
+    metadata, names or text: the object's own id, its output and error files, its file,
+    result files, container and vector store; the same of a list's items (data) and of a
+    response's output items. MAX_NAMED_IDS at most."""
+    if obj.__class__ is not dict:
+        return []
+    items, found = [obj], []
+    for field in ("data", "output"):
+        more = obj.get(field)
+        if more.__class__ is list:
+            items += more[:MAX_NAMED_IDS]
+    for item in items:
+        if item.__class__ is not dict:
+            continue
+        found += [value for field in _NAMED_FIELDS if (value := item.get(field)).__class__ is str]
+        files = item.get("result_files")
+        if files.__class__ is list:
+            found += [value for value in files[:64] if value.__class__ is str]
+        inner = item.get("file")
+        if inner.__class__ is dict and inner.get("id").__class__ is str:
+            found.append(inner["id"])
+    return [i for i in found if i.startswith(_NAMED_KINDS) and _ID_SHAPE.fullmatch(i)][
+        :MAX_NAMED_IDS]
 
 
 def look_for_id(seen: bytes, data: bytes, capture: Callable[[str], None]) -> bytes | None:
@@ -7695,12 +7743,13 @@ class ProxyHandler:
                 and plan.obj.get("store") is True):  # type: ignore[union-attr]
             writer.capture_id = self.remember_for(plan)  # (a stored chat completion is read
             # back by its id, from the account that made it)
-        if ok and (plan.kind == "passthrough" or plan.kind == "responses"  # (a container)
-                   and b'"code_interpreter"' in plan.rq.body()) \
+        if ok and not convert and (plan.kind == "passthrough" and rq.path.startswith(
+                _NAMING_PATHS) or plan.kind == "responses" and not plan.stream  # (a container)
+                and b'"code_interpreter"' in rq.body()) \
                 and (len(plan.config.upstreams) > 1 or len(plan.pool().keys) > 1) \
                 and next((v for n, v in conn.kept if n == b"content-type"), b"")[:16].lower() \
-                in (b"application/json", b"text/event-stream"):
-            writer.ids_in = self.named_in_answer(plan)
+                == b"application/json":
+            writer.named = []
         quoting = plan.pool() if convert else None
         writer.relay_head(conn.status, headers, plain=plain, inspect=inspect,
                           drop_usage=inspect and plan.injects(plan.upstream),  # type: ignore[arg-type]
@@ -7716,6 +7765,10 @@ class ProxyHandler:
             gw.metrics.active_streams -= streaming
         if isinstance(converter, ResponsesFromChat) and converter.response is not None:
             self.store(plan, converter.response, converter.assistant_message())
+        if writer.named is not None:
+            if writer.finished and not rq.error:  # (whole: a cut answer names nothing sure)
+                self.remember_named(plan, b"".join(writer.named))
+            writer.named = None
 
     async def converted_reply(self, plan: Plan, conn: UpstreamConnection) -> None:
         """A chat_only upstream's answer read whole (JSON; or, asked for as a stream, a stream
@@ -7821,32 +7874,23 @@ class ProxyHandler:
 
         return remember
 
-    def named_in_answer(self, plan: Plan) -> Callable[[bytes, bytes], bytes | None]:
-        """What remembers the objects a successful answer names, anywhere in it (a list's
-        files, the file an upload completed into, a batch's output file, the container a
-        Responses tool made): each exists in the account of the key that answered. Fed each
-        read and the last one's edge; the new edge back, or None once MAX_NAMED_IDS are."""
+    def remember_named(self, plan: Plan, body: bytes) -> None:
+        """The objects a successful answer names where the API puts the ids it made (a
+        list's files, the file an upload completed into, a batch's output file, the
+        container a Responses tool made): each exists in the answering key's account. One
+        already known stays where it is (first seen wins): an answer moves nothing, whatever
+        a client had it echo."""
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return
         sticky, shared, upstream, key = self.gw.sticky, self.gw.shared, plan.upstream, plan.key
-        owner = (upstream.name, key.name)  # type: ignore[union-attr]
-        left = MAX_NAMED_IDS
-
-        def named(edge: bytes, data: bytes) -> bytes | None:
-            nonlocal left
-            window = edge + data if edge else data
-            for found in _NAMED_ID.finditer(window):
-                if found.end() <= len(edge):
-                    continue  # (wholly in the last read: seen then)
-                object_id = found.group(1).decode()
-                if sticky.find(object_id) != owner:  # (known as such: nothing to write)
-                    sticky.remember(object_id, *owner)
-                    if shared is not None:
-                        shared.remember_id(object_id, *owner)
-                left -= 1
-                if not left:
-                    return None
-            return window[-_NAMED_EDGE:]
-
-        return named
+        for object_id in answer_ids(obj):
+            if sticky.find(object_id) is None:
+                sticky.remember(object_id, upstream.name, key.name)  # type: ignore[union-attr]
+                if shared is not None and shared.up:  # (not queued while Redis is away)
+                    shared.remember_id(object_id, upstream.name, key.name,  # type: ignore[union-attr]
+                                       first=True)
 
     def account(self, plan: Plan, name: str, refusal: int = 0) -> None:
         """Count what the upstream reported and correct the client's token estimate.

@@ -2131,6 +2131,11 @@ def test_a_rotate_through_one_instance_moves_every_instance_and_a_later_one_to_t
         g.client().chat.completions.create(model="m", messages=MSGS)
     assert used_keys(mock)[-2:] == [KEYS[2]] * 2
     assert admin(a, "GET", "/v1/tokens/stats").json()["upstreams"][0]["current"] == "mock#2"
+    assert admin(a, "POST", "/v1/tokens/reset-stats").json() == {"success": True}
+    assert "k" in redis_hash(redis_server, "gateway:v1:up:mock")  # a reset keeps where a rotate moved all
+    d = start_gateway(config)
+    d.client().chat.completions.create(model="m", messages=MSGS)
+    assert used_keys(mock)[-1] == KEYS[2]
 
 
 def test_reset_stats_through_one_instance_clears_cooldowns_and_breakers_in_every_other(
@@ -2631,6 +2636,21 @@ def test_a_redis_slower_than_its_timeout_is_down_until_it_is_not_never_flapping(
         link.listener.close()
 
 
+def test_a_drain_gives_a_slow_redis_its_patience_and_the_usage_gets_there(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str) -> None:
+    link = SlowLink(redis_server.port, 0.04)  # too slow to be taken back while serving
+    try:
+        g = start_gateway(shared_config(mock, link.url, api_keys=[{"key": SDK_KEY, "name": "team"}]))
+        for _ in range(5):
+            g.client().chat.completions.create(model="m", messages=MSGS)
+        assert not g.gw.shared.up
+        g.lt.run(g.gw.shutdown(grace_s=0))  # its last try waits longer: what was counted goes out
+        assert redis_int(redis_server, "gateway:v1:usage:team", "requests") == 5
+    finally:
+        link.listener.close()
+
+
 def test_a_budget_redis_said_is_spent_stays_spent_while_redis_is_away(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
         redis_url: str) -> None:
@@ -2714,6 +2734,20 @@ def test_what_redis_refuses_or_garbles_is_passed_over_and_reported(
     assert [l["redis"] for l in lines if "redis" in l] == ["refused"]  # once, however often
 
 
+def test_an_object_seen_named_is_shared_only_if_no_process_knows_it(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str) -> None:
+    g = start_gateway(shared_config(mock, redis_url))
+    shared = g.gw.shared
+    assert eventually(lambda: shared.up)
+    g.lt.call(shared.remember_id, "file-made123", "mock", "mock#0")  # made here: set
+    g.lt.call(shared.remember_id, "file-made123", "mock", "mock#1", True)  # seen named: not over it
+    g.lt.call(shared.remember_id, "file-seen123", "mock", "mock#2", True)
+    assert eventually(lambda: not shared.writes and shared.writing is None)
+    assert redis_server.command("GET", "gateway:v1:id:file-made123") == b"$11\r\nmock\tmock#0\r\n"
+    assert redis_server.command("GET", "gateway:v1:id:file-seen123") == b"$11\r\nmock\tmock#2\r\n"
+
+
 def test_a_key_blocked_here_stays_blocked_when_the_shared_block_is_due_for_its_recheck(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
         redis_url: str) -> None:
@@ -2729,6 +2763,12 @@ def test_a_key_blocked_here_stays_blocked_when_the_shared_block_is_due_for_its_r
     g.lt.call(setattr, key, "blocked_at", key.blocked_at - 10)  # not blocked just now
     g.client().chat.completions.create(model="m", messages=MSGS)  # its admission reads the field
     assert key_states(g)["mock#2"] == "blocked"  # still blocked somewhere: not freed here
+    # A block as an older version wrote it (by name alone) goes when the key answers again
+    redis_server.command("HSET", "gateway:v1:up:mock", "b\tmock#1", "1.0\t401 revoked")
+    for _ in range(6):
+        g.client().chat.completions.create(model="m", messages=MSGS)
+    assert eventually(lambda: "b\tmock#1" not in redis_hash(redis_server, "gateway:v1:up:mock"))
+    assert key_states(g)["mock#1"] == "active"
 
 
 def test_the_shared_state_and_usage_hashes_stay_bounded_whatever_models_clients_name(
@@ -5899,11 +5939,16 @@ def test_a_pass_through_body_is_held_to_the_keys_models_however_it_is_typed_or_i
 
     multipart = "multipart/form-data; boundary=B"
     for disposition in ('form-data; name="model"', "form-data; name=model", 'form-data; name = "model"',
-                        'form-data;name="model"'):
+                        'form-data;name="model"', "form-data; name*=UTF-8''m%6Fdel"):
         resp = send("/v1/audio/transcriptions", form((f"Content-Disposition: {disposition}", "whisper-2")), multipart)
         assert resp.status == 403 and resp.json()["error"]["code"] == "model_not_allowed", disposition
         resp = send("/v1/audio/transcriptions", form((f"content-disposition: {disposition}", "whisper-2")), multipart)
         assert resp.status == 403, disposition
+    lf_only = form(('Content-Disposition: form-data; name="model"', "whisper-2")).replace(b"\r\n", b"\n")
+    assert send("/v1/audio/transcriptions", lf_only, multipart).status == 403  # as Go's parser reads it
+    crowded = b"--B\r\n\r\nx\r\n" * 1001 + form(('Content-Disposition: form-data; name="model"', "stt"))
+    resp = send("/v1/audio/transcriptions", crowded, multipart)
+    assert resp.status == 400 and "more than 1000 parts" in resp.json()["error"]["message"]
     twice = form(('Content-Disposition: form-data; name="model"', "stt"),
                  ('Content-Disposition: form-data; name="model"', "whisper-2"))
     resp = send("/v1/audio/transcriptions", twice, multipart)
@@ -6026,6 +6071,9 @@ def test_objects_an_answer_names_are_followed_up_on_the_key_that_answered(
             elif path == b"/v1/files?limit=500":
                 body = b'{"object": "list", "data": [' + b"".join(filler % i for i in range(500)) \
                     + b'{"id": "file-last%s"}]}' % key[-4:]
+            elif path == b"/v1/vector_stores":  # what a client had it echo names nothing
+                body = b'{"id": "vs_made%s", "name": "file-x0007", "metadata": {"f": "file-out%s"}}' \
+                    % (key[-4:], key[-4:])
             else:
                 body = b'{"ok": true}'
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
@@ -6045,10 +6093,17 @@ def test_objects_an_answer_names_are_followed_up_on_the_key_that_answered(
         assert seen[-1][1] == owner
     raw(g.port, b"GET /v1/files?limit=500 HTTP/1.1\r\nHost: t\r\n\r\n")
     lister = seen[-1][1]
+    raw(g.port, b"GET /v1/files?limit=500 HTTP/1.1\r\nHost: t\r\n\r\n")  # by the next key:
+    assert seen[-1][1] != lister  # the ids it lists are known already, and stay where they were
+    for _ in range(3):
+        raw(g.port, post("/v1/vector_stores", b'{"name": "x"}'))
     for file_id in ("file-x0007", "file-x0499", f"file-last{lister[-4:].decode()}"):
         for _ in range(2):
             raw(g.port, f"DELETE /v1/files/{file_id} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
             assert seen[-1][1] == lister, file_id
+    for _ in range(2):
+        raw(g.port, f"GET /v1/files/{batch['output_file_id']} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        assert seen[-1][1] == owner
 
 
 def test_sdk_responses_native_create_stream_and_a_tool_round_trip_on_the_creating_key(
