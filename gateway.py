@@ -2035,6 +2035,16 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
+# reset-stats: an upstream's hash cleared and marked (ARGV[1]); the current key the last
+# rotate moved every process to (k) stays, as Redis has it. Rare: sent as EVAL.
+_RESET_LUA = """
+local k = redis.call('HGET', KEYS[1], 'k')
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'r', ARGV[1])
+if k then redis.call('HSET', KEYS[1], 'k', k) end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+"""
+
 # Pacing (rpm_per_key, min_interval_ms) across instances: one upstream key's next slot.
 _PACE_LUA = """
 local t = redis.call('TIME')
@@ -2392,7 +2402,9 @@ class SharedState:
         or gone. Its waiters are failed (they go on with local state) and the link is
         dropped; the reconnect task takes over."""
         conn = self.conn
-        if self.up and conn is not None and conn.oldest_wait(conn.loop.time()) > self.timeout:
+        limit = max(self.timeout * 4, 2.0) if self.closing else self.timeout  # (a drain's
+        # last words are given a slow Redis's patience)
+        if self.up and conn is not None and conn.oldest_wait(conn.loop.time()) > limit:
             self.lost(asyncio.TimeoutError(f"no reply within {self.timeout * 1000:g} ms"))
         self.watchdog = asyncio.get_running_loop().call_later(self.timeout / 2, self.watch)
 
@@ -2947,17 +2959,14 @@ class SharedState:
         for name in upstreams:
             self.resets.put(name, mark)
             key = self.key("up", name)
-            rotation = self.rotations.get(name)  # (the current key it moved all to stays)
-            commands += [("DEL", key), ("HSET", key, "r", mark,
-                                        *(("k", rotation) if rotation else ())),
-                         ("EXPIRE", key, SHARED_STATE_TTL_S)]
+            commands.append(("EVAL", _RESET_LUA, 1, key, mark, SHARED_STATE_TTL_S))
         # States still queued describe what it clears: not written after it. It goes out now,
         # ahead of any admission sent after it on the connection (an admission sent before
         # it brings states from before it: not taken in, by the epoch).
-        hashes = {command[1] for command in commands}
+        hashes = {command[3] for command in commands}
         self.writes = collections.deque(
-            (c for c in self.writes if not any(part in hashes for part in c[1:4]
-                                               if part.__class__ is str)),
+            (c for c in self.writes if c[2:3] == ("k",) or not any(  # (a rotate is no state:
+                part in hashes for part in c[1:4] if part.__class__ is str)),  # it stays)
             maxlen=MAX_SHARED_PENDING)
         self.epoch += 1
         if not self.up or self.conn is None:
@@ -6759,24 +6768,43 @@ def new_object_id(prefix: str) -> str:
     return f"{prefix}_{os.urandom(24).hex()}"
 
 
-_MULTIPART_BOUNDARY = re.compile(rb'boundary="?([^";]+)"?', re.I)
 
 
 _PART_DISPOSITION = re.compile(rb"(?im)^content-disposition[ \t]*:([^\r\n]*)")
-_PART_NAME = re.compile(rb';\s*name(\*?)\s*=\s*(?:"([^"]*)"|([^;\s]+))', re.I)
+_HEADER_PARAM = re.compile(rb';[ \t]*([^=;\s]+)[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^;"]*)')
+_FOLDED = re.compile(rb"\r?\n[ \t]+")
 MAX_FORM_PARTS = 1_000  # a form with more is refused, not read
+
+
+def header_params(value: bytes) -> list[tuple[bytes, bytes]]:
+    """A header's parameters, in order: (name, lowercased; value, unquoted). A quoted value
+    is one value, whatever it holds ("boundary=" or a ";" in a charset's quotes)."""
+    params = []
+    for found in _HEADER_PARAM.finditer(value):
+        raw = found.group(2)
+        raw = re.sub(rb"\\(.)", rb"\1", raw[1:-1]) if raw[:1] == b'"' else raw.strip()
+        params.append((found.group(1).lower(), raw))
+    return params
+
+
+def _ambiguous(what: str) -> GatewayError:
+    return BadRequest(f"The form is ambiguous: {what}. Form parsers would read it differently.")
 
 
 def multipart_field(body: bytes, content_type: bytes, name: str) -> tuple[str, int, int] | None:
     """One small text field of a multipart/form-data body (the `model` of an upload): its
     value, and where that lies in the body; found without copying the file parts around it.
-    It is read as lenient form parsers read it (a delimiter line after CRLF or LF; its name
-    quoted or not, spaced, RFC 2231's name*=, any case of header); a field named twice, one
-    too long to be a model, or a form of over MAX_FORM_PARTS parts is the client's 400."""
-    found = _MULTIPART_BOUNDARY.search(content_type)
-    if found is None:
+    It is read as lenient form parsers read it (a delimiter line after CRLF or LF; a name
+    quoted or not, spaced, RFC 2231's name*=, any case of header, folded lines). What
+    parsers could read two ways (two boundaries, two Content-Disposition headers in a part,
+    two names for one), a field named twice, one too long to be a model, or a form of over
+    MAX_FORM_PARTS parts is the client's 400: the model a key may use is never guessed."""
+    boundaries = [v for n, v in header_params(content_type) if n == b"boundary"]
+    if len(boundaries) > 1:
+        raise _ambiguous("two boundaries")
+    if not boundaries or not boundaries[0]:
         return None
-    want, delimiter, field = name.encode(), b"--" + found.group(1), None
+    want, delimiter, field = name.encode(), b"--" + boundaries[0], None
     at = 0 if body.startswith(delimiter) else body.find(b"\n" + delimiter) + 1 or -1
     parts = 0
     while at >= 0:
@@ -6787,22 +6815,31 @@ def multipart_field(body: bytes, content_type: bytes, name: str) -> tuple[str, i
         end = body.find(b"\n" + delimiter, start)  # (the line end before the next one)
         at = end + 1 if end >= 0 else -1
         end = end if end >= 0 else len(body)
-        crlf, lf = body.find(b"\n\r\n", start, end), body.find(b"\n\n", start, end)  # (in C)
+        crlf = body.find(b"\n\r\n", start, end)  # (in C; the LF-only blank, before it)
+        lf = body.find(b"\n\n", start, crlf + 1 if crlf >= 0 else end)
         if crlf < 0 and lf < 0:
             continue  # (no head: the closing delimiter, or garbage)
-        blank, value_at = (crlf, crlf + 3) if lf < 0 or 0 <= crlf < lf else (lf, lf + 2)
-        disposition = _PART_DISPOSITION.search(body, start, blank)
-        named = _PART_NAME.search(disposition.group(1)) if disposition is not None else None
-        if named is None:
+        blank, value_at = (lf, lf + 2) if lf >= 0 else (crlf, crlf + 3)
+        head = _FOLDED.sub(b" ", body[start:blank])
+        dispositions = _PART_DISPOSITION.findall(head)
+        if len(dispositions) > 1:
+            raise _ambiguous("a part with two Content-Disposition headers")
+        names = [(n, v) for n, v in header_params(dispositions[0]) if n in (b"name", b"name*")] \
+            if dispositions else []
+        if len(names) > 1:
+            raise _ambiguous("a part with two names")
+        if not names:
             continue
-        value = named.group(2) if named.group(2) is not None else named.group(3)
-        if named.group(1):  # name*=charset'language'percent-encoded
+        kind, value = names[0]
+        if kind == b"name*":  # charset'language'percent-encoded
             value = unquote_to_bytes(value.split(b"'", 2)[-1])
         if value != want:
             continue
         if field is not None:
             raise BadRequest(f"The form names '{name}' more than once.", param=name)
         stop = end - 1 if end and body[end - 1:end] == b"\r" else end
+        if at < 0:  # (no delimiter after it: its line end is not its value's)
+            stop = len(body[value_at:stop].rstrip(b"\r\n")) + value_at
         if stop - value_at > 256:
             raise BadRequest(f"The form's '{name}' is too long.", param=name)
         field = (body[value_at:stop].decode("utf-8", "replace"), value_at, stop)
@@ -6812,10 +6849,23 @@ def multipart_field(body: bytes, content_type: bytes, name: str) -> tuple[str, i
 _OBJECT_ID = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9][A-Za-z0-9_\-]{3,127})"')
 
 
+_IN_RESPONSE = re.compile(rb'"response"\s*:\s*\{\s*\Z')
+
+
 def created_id(head: bytes) -> str | None:
-    """The id of the object a JSON answer describes: OpenAI writes it first."""
+    """The id of the object a JSON answer describes (OpenAI writes it first): an "id" at
+    its top level, or at the top of a Responses stream event's response, never one deeper
+    (a search result's attributes, metadata: what a client chose)."""
     found = _OBJECT_ID.search(head, 0, _ID_WITHIN)
-    return found.group(1).decode() if found is not None else None
+    while found is not None:
+        before = head[:found.start()]
+        bare = _JSON_STRING.sub(b"", before)  # (a brace in a string counts for nothing)
+        depth = bare.count(b"{") - bare.count(b"}")
+        if bare.count(b"[") == bare.count(b"]") and (
+                depth == 1 or depth == 2 and _IN_RESPONSE.search(before)):
+            return found.group(1).decode()
+        found = _OBJECT_ID.search(head, found.end(), _ID_WITHIN)
+    return None
 
 
 def answer_ids(obj: Any) -> list[str]:
@@ -6833,15 +6883,20 @@ def answer_ids(obj: Any) -> list[str]:
     for item in items:
         if item.__class__ is not dict:
             continue
-        found += [value for field in _NAMED_FIELDS if (value := item.get(field)).__class__ is str]
+        values = [item.get(field) for field in _NAMED_FIELDS]
         files = item.get("result_files")
         if files.__class__ is list:
-            found += [value for value in files[:64] if value.__class__ is str]
+            values += files[:64]
         inner = item.get("file")
-        if inner.__class__ is dict and inner.get("id").__class__ is str:
-            found.append(inner["id"])
-    return [i for i in found if i.startswith(_NAMED_KINDS) and _ID_SHAPE.fullmatch(i)][
-        :MAX_NAMED_IDS]
+        if inner.__class__ is dict:
+            values.append(inner.get("id"))
+        for value in values:  # (the cheap tests first: a crafted answer is 1 MiB of them)
+            if value.__class__ is str and len(value) <= 128 and value.startswith(_NAMED_KINDS) \
+                    and _ID_SHAPE.fullmatch(value):
+                found.append(value)
+                if len(found) == MAX_NAMED_IDS:
+                    return found
+    return found
 
 
 def look_for_id(seen: bytes, data: bytes, capture: Callable[[str], None]) -> bytes | None:
@@ -7743,12 +7798,14 @@ class ProxyHandler:
                 and plan.obj.get("store") is True):  # type: ignore[union-attr]
             writer.capture_id = self.remember_for(plan)  # (a stored chat completion is read
             # back by its id, from the account that made it)
-        if ok and not convert and (plan.kind == "passthrough" and rq.path.startswith(
-                _NAMING_PATHS) or plan.kind == "responses" and not plan.stream  # (a container)
+        if conn.status == 200 and not convert and (  # (a file's content is a client's data)
+                plan.kind == "passthrough" and rq.path.startswith(_NAMING_PATHS)
+                and not rq.path.endswith(b"/content")
+                or plan.kind == "responses" and not plan.stream  # (a container)
                 and b'"code_interpreter"' in rq.body()) \
                 and (len(plan.config.upstreams) > 1 or len(plan.pool().keys) > 1) \
-                and next((v for n, v in conn.kept if n == b"content-type"), b"")[:16].lower() \
-                == b"application/json":
+                and next((v for n, v in conn.kept if n == b"content-type"), b"").partition(
+                    b";")[0].strip().lower() == b"application/json":
             writer.named = []
         quoting = plan.pool() if convert else None
         writer.relay_head(conn.status, headers, plain=plain, inspect=inspect,
@@ -7886,11 +7943,14 @@ class ProxyHandler:
             return
         sticky, shared, upstream, key = self.gw.sticky, self.gw.shared, plan.upstream, plan.key
         for object_id in answer_ids(obj):
-            if sticky.find(object_id) is None:
+            if sticky.find(object_id) is not None:
+                continue
+            if shared is None:
                 sticky.remember(object_id, upstream.name, key.name)  # type: ignore[union-attr]
-                if shared is not None and shared.up:  # (not queued while Redis is away)
-                    shared.remember_id(object_id, upstream.name, key.name,  # type: ignore[union-attr]
-                                       first=True)
+            elif shared.up:  # shared: Redis says who saw it first (read back when it is named,
+                # as any id made elsewhere is); nothing is queued while Redis is away
+                shared.remember_id(object_id, upstream.name, key.name,  # type: ignore[union-attr]
+                                   first=True)
 
     def account(self, plan: Plan, name: str, refusal: int = 0) -> None:
         """Count what the upstream reported and correct the client's token estimate.

@@ -2131,11 +2131,14 @@ def test_a_rotate_through_one_instance_moves_every_instance_and_a_later_one_to_t
         g.client().chat.completions.create(model="m", messages=MSGS)
     assert used_keys(mock)[-2:] == [KEYS[2]] * 2
     assert admin(a, "GET", "/v1/tokens/stats").json()["upstreams"][0]["current"] == "mock#2"
-    assert admin(a, "POST", "/v1/tokens/reset-stats").json() == {"success": True}
-    assert "k" in redis_hash(redis_server, "gateway:v1:up:mock")  # a reset keeps where a rotate moved all
+    assert admin(c, "POST", "/v1/tokens/rotate").json() == {"success": True, "current": "mock#0"}
+    assert eventually(lambda: not c.gw.shared.writes and c.gw.shared.writing is None)
+    assert admin(a, "POST", "/v1/tokens/reset-stats").json() == {"success": True}  # through one that
+    # has not seen the latest rotate: the reset keeps where the latest moved all, as Redis has it
     d = start_gateway(config)
-    d.client().chat.completions.create(model="m", messages=MSGS)
-    assert used_keys(mock)[-1] == KEYS[2]
+    for g in (d, a):
+        g.client().chat.completions.create(model="m", messages=MSGS)
+    assert used_keys(mock)[-2:] == [KEYS[0]] * 2
 
 
 def test_reset_stats_through_one_instance_clears_cooldowns_and_breakers_in_every_other(
@@ -2642,11 +2645,17 @@ def test_a_drain_gives_a_slow_redis_its_patience_and_the_usage_gets_there(
     link = SlowLink(redis_server.port, 0.04)  # too slow to be taken back while serving
     try:
         g = start_gateway(shared_config(mock, link.url, api_keys=[{"key": SDK_KEY, "name": "team"}]))
-        for _ in range(5):
-            g.client().chat.completions.create(model="m", messages=MSGS)
+        auth = f"Authorization: Bearer {SDK_KEY}\r\n"
+        with socket.create_connection(("127.0.0.1", g.port)) as sock:  # more models than one batch holds
+            replies = sock.makefile("rb")
+            for i in range(gw.MAX_BATCH_ENTRIES + 20):
+                body = b'{"model": "m%d", "messages": [{"role": "user", "content": "hi"}]}' % i
+                sock.sendall(post("/v1/chat/completions", body, auth))
+                assert read_response(replies).status == 200
         assert not g.gw.shared.up
-        g.lt.run(g.gw.shutdown(grace_s=0))  # its last try waits longer: what was counted goes out
-        assert redis_int(redis_server, "gateway:v1:usage:team", "requests") == 5
+        g.lt.run(g.gw.shutdown(grace_s=0))  # its last try waits longer: what was counted goes out,
+        # every batch of it
+        assert redis_int(redis_server, "gateway:v1:usage:team", "requests") == gw.MAX_BATCH_ENTRIES + 20
     finally:
         link.listener.close()
 
@@ -5944,6 +5953,18 @@ def test_a_pass_through_body_is_held_to_the_keys_models_however_it_is_typed_or_i
         assert resp.status == 403 and resp.json()["error"]["code"] == "model_not_allowed", disposition
         resp = send("/v1/audio/transcriptions", form((f"content-disposition: {disposition}", "whisper-2")), multipart)
         assert resp.status == 403, disposition
+    for ambiguous, content_type in (  # read one way here and another by some parser: refused
+            (form(("Content-Disposition: form-data; name*=UTF-8''x; name=\"model\"", "whisper-2")), multipart),
+            (form(('Content-Disposition: form-data; name="x"\r\nContent-Disposition: form-data; name="model"',
+                   "whisper-2")), multipart),
+            (form(('Content-Disposition: form-data; name="x"; name="model"', "whisper-2")), multipart),
+            (form(('Content-Disposition: form-data; name="model"', "whisper-2")), "multipart/form-data; boundary=Z; boundary=B")):
+        resp = send("/v1/audio/transcriptions", ambiguous, content_type)
+        assert resp.status == 400 and "ambiguous" in resp.json()["error"]["message"], ambiguous
+    for content_type in ('multipart/form-data; charset="boundary=Z"; boundary=B', "multipart/form-data; xboundary=Z; boundary = B"):
+        resp = send("/v1/audio/transcriptions", form(('Content-Disposition: form-data;\r\n name="model"', "whisper-2")),
+                    content_type)  # (a folded header line, a boundary among look-alikes)
+        assert resp.status == 403, content_type
     lf_only = form(('Content-Disposition: form-data; name="model"', "whisper-2")).replace(b"\r\n", b"\n")
     assert send("/v1/audio/transcriptions", lf_only, multipart).status == 403  # as Go's parser reads it
     crowded = b"--B\r\n\r\nx\r\n" * 1001 + form(('Content-Disposition: form-data; name="model"', "stt"))
@@ -6053,6 +6074,25 @@ def test_a_lists_next_page_goes_to_the_key_whose_object_it_starts_after(
     raw(g.port, b"GET /v1/files?limit=2 HTTP/1.1\r\nHost: t\r\n\r\n")
     firsts = [r.key() for r in mock.requests if r.path == "/v1/files?limit=2"]
     assert len(firsts) == 2 and firsts[0] != firsts[1]  # a first page: any key, in turn
+
+
+def test_only_the_ids_an_api_makes_are_taken_from_an_answer_never_what_a_client_chose() -> None:
+    assert gw.created_id(b'{"object": "file", "id": "file-abc123"}') == "file-abc123"
+    assert gw.created_id(b'event: response.created\ndata: {"type": "response.created", "response": '
+                         b'{"id": "resp_abc123"}}') == "resp_abc123"
+    for chosen in (b'{"object": "vector_store.search_results.page", "data": [{"attributes": {"id": "file-them1"}}]}',
+                   b'{"metadata": {"id": "file-them1"}}', b'[{"id": "file-them1"}]'):
+        assert gw.created_id(chosen) is None, chosen  # (a search page has no id of its own)
+    assert gw.created_id(b'{"name": "{{{", "metadata": {"id": "file-them1"}, "id": "vs_made123"}') == "vs_made123"
+    answer = {"id": "batch_abc123", "output_file_id": "file-out123", "metadata": {"f": "file-them1"},
+              "name": "file-them2", "data": [{"id": "file-" + "a" * 200}, {"id": "file-ok12345", "attributes": {
+                  "id": "file-them3"}}, "file-them4", [{"id": "file-them5"}]],
+              "output": [{"type": "code_interpreter_call", "container_id": "cntr_made123"}],
+              "result_files": ["file-res123"]}
+    assert gw.answer_ids(answer) == ["batch_abc123", "file-out123", "file-res123", "file-ok12345", "cntr_made123"]
+    many = {"data": [{"id": f"file-{i:06d}x", "result_files": [f"file-{i:06d}r{j}" for j in range(64)]}
+                     for i in range(2000)]}
+    assert len(gw.answer_ids(many)) == gw.MAX_NAMED_IDS
 
 
 def test_objects_an_answer_names_are_followed_up_on_the_key_that_answered(
