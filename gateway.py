@@ -2365,6 +2365,7 @@ class SharedState:
         self.state_reads = BoundedMap(MAX_ROUTES)  # upstream name -> its HGETALL, packed
         # upstream name -> the last reset-stats its hash said (b"": none yet), once read
         self.resets: BoundedMap = BoundedMap(MAX_ROUTES)
+        self.offered = BoundedMap(MAX_STICKY_IDS // 10)  # ids seen named, sent (SET NX)
         self.rotations: BoundedMap = BoundedMap(MAX_ROUTES)  # upstream name -> the last rotate
         # its hash said, taken in (POST /v1/tokens/rotate through any process)
         self.epoch = 0  # resets this process made or took in: an admission's states from
@@ -6773,6 +6774,8 @@ def new_object_id(prefix: str) -> str:
 _PART_DISPOSITION = re.compile(rb"(?im)^content-disposition[ \t]*:([^\r\n]*)")
 _HEADER_PARAM = re.compile(rb';[ \t]*([^=;\s]+)[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^;"]*)')
 _FOLDED = re.compile(rb"\r?\n[ \t]+")
+_BOUNDARY = re.compile(rb"[!#$%&'()*+,./:=?^_`|~0-9A-Za-z-]+")  # (RFC 2046's bchars, and a
+# token's: what one boundary can be, without the space that some parsers cut it at)
 MAX_FORM_PARTS = 1_000  # a form with more is refused, not read
 
 
@@ -6799,13 +6802,20 @@ def multipart_field(body: bytes, content_type: bytes, name: str) -> tuple[str, i
     parsers could read two ways (two boundaries, two Content-Disposition headers in a part,
     two names for one), a field named twice, one too long to be a model, or a form of over
     MAX_FORM_PARTS parts is the client's 400: the model a key may use is never guessed."""
-    boundaries = [v for n, v in header_params(content_type) if n == b"boundary"]
+    params = header_params(content_type)
+    if any(b"*" in n for n, _ in params):  # (boundary*=, an RFC 2231 form: read either way)
+        raise _ambiguous("an extended parameter in its Content-Type")
+    boundaries = [v for n, v in params if n == b"boundary"]
     if len(boundaries) > 1:
         raise _ambiguous("two boundaries")
     if not boundaries or not boundaries[0]:
         return None
+    if not _BOUNDARY.fullmatch(boundaries[0]):
+        raise _ambiguous("a boundary with spaces or separators in it")
     want, delimiter, field = name.encode(), b"--" + boundaries[0], None
     at = 0 if body.startswith(delimiter) else body.find(b"\n" + delimiter) + 1 or -1
+    if body.count(delimiter) != body.count(b"\n" + delimiter) + (at == 0):
+        raise _ambiguous("a boundary that is not at the start of a line")  # (after a CR, say)
     parts = 0
     while at >= 0:
         parts += 1
@@ -6820,14 +6830,18 @@ def multipart_field(body: bytes, content_type: bytes, name: str) -> tuple[str, i
         if crlf < 0 and lf < 0:
             continue  # (no head: the closing delimiter, or garbage)
         blank, value_at = (lf, lf + 2) if lf >= 0 else (crlf, crlf + 3)
-        head = _FOLDED.sub(b" ", body[start:blank])
+        head = body[start:blank - 1 if body[blank - 1:blank] == b"\r" else blank]  # (to the
+        # last line's end)
+        if b"\r" in head.replace(b"\r\n", b"") or head.lstrip(b"\r\n")[:1] in (b" ", b"\t"):
+            raise _ambiguous("a part head with a bare CR, or one that starts indented")
+        head = _FOLDED.sub(b" ", head)
         dispositions = _PART_DISPOSITION.findall(head)
         if len(dispositions) > 1:
             raise _ambiguous("a part with two Content-Disposition headers")
-        names = [(n, v) for n, v in header_params(dispositions[0]) if n in (b"name", b"name*")] \
-            if dispositions else []
-        if len(names) > 1:
-            raise _ambiguous("a part with two names")
+        names = [(n, v) for n, v in header_params(dispositions[0])
+                 if n == b"name" or n.startswith(b"name*")] if dispositions else []
+        if len(names) > 1 or names and names[0][0] not in (b"name", b"name*"):
+            raise _ambiguous("a part with two names, or one in pieces")
         if not names:
             continue
         kind, value = names[0]
@@ -6857,12 +6871,14 @@ def created_id(head: bytes) -> str | None:
     its top level, or at the top of a Responses stream event's response, never one deeper
     (a search result's attributes, metadata: what a client chose)."""
     found = _OBJECT_ID.search(head, 0, _ID_WITHIN)
-    while found is not None:
+    for _ in range(4):  # (the top-level one comes first: a few looks, not one per "id")
+        if found is None:
+            return None
         before = head[:found.start()]
         bare = _JSON_STRING.sub(b"", before)  # (a brace in a string counts for nothing)
         depth = bare.count(b"{") - bare.count(b"}")
-        if bare.count(b"[") == bare.count(b"]") and (
-                depth == 1 or depth == 2 and _IN_RESPONSE.search(before)):
+        if bare.count(b"[") == bare.count(b"]") and (depth == 1 or depth == 2 and (
+                b"data:" in before and _IN_RESPONSE.search(before))):  # (an SSE event's)
             return found.group(1).decode()
         found = _OBJECT_ID.search(head, found.end(), _ID_WITHIN)
     return None
@@ -7798,7 +7814,8 @@ class ProxyHandler:
                 and plan.obj.get("store") is True):  # type: ignore[union-attr]
             writer.capture_id = self.remember_for(plan)  # (a stored chat completion is read
             # back by its id, from the account that made it)
-        if conn.status == 200 and not convert and (  # (a file's content is a client's data)
+        # The objects an answer names (remember_named); never a file's content: a client's data
+        if plan.kind != "chat" and conn.status == 200 and not convert and (
                 plan.kind == "passthrough" and rq.path.startswith(_NAMING_PATHS)
                 and not rq.path.endswith(b"/content")
                 or plan.kind == "responses" and not plan.stream  # (a container)
@@ -7947,8 +7964,10 @@ class ProxyHandler:
                 continue
             if shared is None:
                 sticky.remember(object_id, upstream.name, key.name)  # type: ignore[union-attr]
-            elif shared.up:  # shared: Redis says who saw it first (read back when it is named,
-                # as any id made elsewhere is); nothing is queued while Redis is away
+            elif shared.up and object_id not in shared.offered \
+                    and shared.offered.put(object_id, True):  # shared: Redis says who
+                # saw it first (read back when it is named, as any id made elsewhere is); once
+                # from here (a list polled writes nothing again); none queued while it is away
                 shared.remember_id(object_id, upstream.name, key.name,  # type: ignore[union-attr]
                                    first=True)
 

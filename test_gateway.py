@@ -2745,7 +2745,7 @@ def test_what_redis_refuses_or_garbles_is_passed_over_and_reported(
 
 def test_an_object_seen_named_is_shared_only_if_no_process_knows_it(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
-        redis_url: str) -> None:
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     g = start_gateway(shared_config(mock, redis_url))
     shared = g.gw.shared
     assert eventually(lambda: shared.up)
@@ -2753,6 +2753,19 @@ def test_an_object_seen_named_is_shared_only_if_no_process_knows_it(
     g.lt.call(shared.remember_id, "file-made123", "mock", "mock#1", True)  # seen named: not over it
     g.lt.call(shared.remember_id, "file-seen123", "mock", "mock#2", True)
     assert eventually(lambda: not shared.writes and shared.writing is None)
+    plan = types.SimpleNamespace(upstream=types.SimpleNamespace(name="mock"), key=types.SimpleNamespace(name="mock#1"))
+    listed = orjson.dumps({"data": [{"id": "file-seen123"}, {"id": "file-new1234"}]})
+    offered: list[tuple] = []
+    monkeypatch.setattr(shared, "remember_id", lambda *args, **kw: offered.append(args))
+    for _ in range(3):  # a list polled: each id it names is offered to Redis once from here
+        g.lt.call(g.gw.proxy.remember_named, plan, listed)
+    assert offered == [("file-seen123", "mock", "mock#1"), ("file-new1234", "mock", "mock#1")]
+    monkeypatch.undo()
+    g.lt.call(shared.offered.clear)
+    g.lt.call(g.gw.proxy.remember_named, plan, listed)
+    assert eventually(lambda: not shared.writes and shared.writing is None)
+    assert redis_server.command("GET", "gateway:v1:id:file-new1234") == b"$11\r\nmock\tmock#1\r\n"
+    assert g.gw.sticky.find("file-new1234") is None  # (kept in Redis, read back on use)
     assert redis_server.command("GET", "gateway:v1:id:file-made123") == b"$11\r\nmock\tmock#0\r\n"
     assert redis_server.command("GET", "gateway:v1:id:file-seen123") == b"$11\r\nmock\tmock#2\r\n"
 
@@ -5958,7 +5971,13 @@ def test_a_pass_through_body_is_held_to_the_keys_models_however_it_is_typed_or_i
             (form(('Content-Disposition: form-data; name="x"\r\nContent-Disposition: form-data; name="model"',
                    "whisper-2")), multipart),
             (form(('Content-Disposition: form-data; name="x"; name="model"', "whisper-2")), multipart),
-            (form(('Content-Disposition: form-data; name="model"', "whisper-2")), "multipart/form-data; boundary=Z; boundary=B")):
+            (form(('Content-Disposition: form-data; name="model"', "whisper-2")), "multipart/form-data; boundary=Z; boundary=B"),
+            (form(('Content-Disposition: form-data; name="model"', "whisper-2")), "multipart/form-data; boundary*=utf-8''B"),
+            (form(('Content-Disposition: form-data; name="model"', "whisper-2")), "multipart/form-data; boundary=B x"),
+            (form(('Content-Disposition: form-data; name*0="model"', "whisper-2")), multipart),
+            (form((' Content-Disposition: form-data; name="model"', "whisper-2")), multipart),
+            (form(('X-A: b\rContent-Disposition: form-data; name="model"', "whisper-2")), multipart),
+            (b"RIFF\r" + form(('Content-Disposition: form-data; name="model"', "whisper-2")), multipart)):
         resp = send("/v1/audio/transcriptions", ambiguous, content_type)
         assert resp.status == 400 and "ambiguous" in resp.json()["error"]["message"], ambiguous
     for content_type in ('multipart/form-data; charset="boundary=Z"; boundary=B', "multipart/form-data; xboundary=Z; boundary = B"):
@@ -6084,6 +6103,7 @@ def test_only_the_ids_an_api_makes_are_taken_from_an_answer_never_what_a_client_
                    b'{"metadata": {"id": "file-them1"}}', b'[{"id": "file-them1"}]'):
         assert gw.created_id(chosen) is None, chosen  # (a search page has no id of its own)
     assert gw.created_id(b'{"name": "{{{", "metadata": {"id": "file-them1"}, "id": "vs_made123"}') == "vs_made123"
+    assert gw.created_id(b'{"object": "x", "response": {"id": "file-them1"}}') is None  # (an SSE event's only)
     answer = {"id": "batch_abc123", "output_file_id": "file-out123", "metadata": {"f": "file-them1"},
               "name": "file-them2", "data": [{"id": "file-" + "a" * 200}, {"id": "file-ok12345", "attributes": {
                   "id": "file-them3"}}, "file-them4", [{"id": "file-them5"}]],
