@@ -2334,6 +2334,7 @@ class SharedState:
         self.url = url
         self.prefix = f"{prefix}{SHARED_SCHEMA}:"
         self.timeout = timeout_ms / 1000
+        self.patience = max(self.timeout * 4, 2.0)  # what a drain gives a slow Redis, each step
         self.conn: RedisConnection | None = None
         # EVALSHA: a script travels once (SCRIPT LOAD, again after a Redis restart).
         self.scripts = {lua: hashlib.sha1(lua.encode()).hexdigest()
@@ -2403,8 +2404,7 @@ class SharedState:
         or gone. Its waiters are failed (they go on with local state) and the link is
         dropped; the reconnect task takes over."""
         conn = self.conn
-        limit = max(self.timeout * 4, 2.0) if self.closing else self.timeout  # (a drain's
-        # last words are given a slow Redis's patience)
+        limit = self.patience if self.closing else self.timeout  # (a drain's last words)
         if self.up and conn is not None and conn.oldest_wait(conn.loop.time()) > limit:
             self.lost(asyncio.TimeoutError(f"no reply within {self.timeout * 1000:g} ms"))
         self.watchdog = asyncio.get_running_loop().call_later(self.timeout / 2, self.watch)
@@ -2418,16 +2418,15 @@ class SharedState:
             if task is not None:
                 task.cancel()
         self.closing = True
-        patience = max(self.timeout * 4, 2.0)  # (what a slow Redis is given, each step)
         if not self.up and (self.usage or self.batch or self.settles or self.writes
                             or self.claims):  # (else lost to the other processes)
             try:  # Redis was away: one more try to reach it
-                async with asyncio.timeout(patience):  # (a slow Redis is given its patience)
+                async with asyncio.timeout(self.patience):
                     self.reached(await self.connect(slow_ok=True))
             except (OSError, TimeoutError):
                 pass
         try:  # claims still waiting: one more try
-            async with asyncio.timeout(patience):
+            async with asyncio.timeout(self.patience):
                 owed = [self.send_claim(response_id) for response_id in list(self.claims)]
                 if any(owed):
                     await asyncio.wait([f for f in owed if f is not None])
@@ -2438,7 +2437,7 @@ class SharedState:
             self.counted_here(response_id)  # here, and claimed if Redis takes it still)
             decided(None)
         try:
-            async with asyncio.timeout(patience):
+            async with asyncio.timeout(self.patience):
                 await self.flush(drain=True)
                 if self.writing is not None:
                     await asyncio.wait([self.writing])
@@ -6769,8 +6768,6 @@ def new_object_id(prefix: str) -> str:
     return f"{prefix}_{os.urandom(24).hex()}"
 
 
-
-
 _PART_DISPOSITION = re.compile(rb"(?im)^content-disposition[ \t]*:([^\r\n]*)")
 _HEADER_PARAM = re.compile(rb';[ \t]*([^=;\s]+)[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^;"]*)')
 _FOLDED = re.compile(rb"\r?\n[ \t]+")
@@ -6861,9 +6858,7 @@ def multipart_field(body: bytes, content_type: bytes, name: str) -> tuple[str, i
 
 
 _OBJECT_ID = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9][A-Za-z0-9_\-]{3,127})"')
-
-
-_IN_RESPONSE = re.compile(rb'"response"\s*:\s*\{\s*\Z')
+_IN_RESPONSE = re.compile(rb'"response"\s*:\s*\{\s*\Z')  # (a Responses stream event's)
 
 
 def created_id(head: bytes) -> str | None:
