@@ -4063,19 +4063,27 @@ class FullTransport(FakeTransport):
         self.protocol.pause_writing()
 
 
+async def relayed_to_a_full_client(first: bytes) -> tuple[gw.Request, FullTransport, gw.UpstreamConnection,
+                                                          gw.UpstreamPool, FakeTransport, asyncio.Future]:
+    """An upstream answer relayed to a client whose buffer each write fills, once `first` (its
+    head, perhaps some body) has come: the request, its client, the upstream connection,
+    its pool and socket, and the relay's future."""
+    rq, client = client_request(transport=FullTransport)
+    conn, pool, transport, head = await exchanging()
+    conn.data_received(first)
+    await head
+    rq.flow.attach(conn)  # (as the forwarder does)
+    rq.writer.relay_head(conn.status, gw.relayed(conn.headers))
+    return rq, client, conn, pool, transport, conn.relay(rq.writer)
+
+
 def test_a_body_end_that_fills_the_clients_buffer_leaves_the_pooled_connection_reading() -> None:
     """The last bytes of a body and its end, in one read, go out in one write; when that
     write fills the client's buffer, the upstream connection it paused is back in the pool
     reading, not waiting for a resume that would never come."""
     async def run() -> None:
-        rq, client = client_request(transport=FullTransport)
-        conn, pool, transport, head = await exchanging()
-        conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                           b"transfer-encoding: chunked\r\n\r\n")
-        await head
-        rq.flow.attach(conn)
-        rq.writer.relay_head(conn.status, gw.relayed(conn.headers))
-        body = conn.relay(rq.writer)
+        rq, client, conn, pool, transport, body = await relayed_to_a_full_client(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
         conn.data_received(b"5\r\nhello\r\n0\r\n\r\n")
         await body
         assert client.out.endswith(b"\r\n5\r\nhello\r\n0\r\n\r\n") and rq.flow.write_paused
@@ -4088,14 +4096,9 @@ def test_body_bytes_that_came_with_the_head_and_filled_the_client_keep_the_upstr
     """Read before the relay began, the first bytes are written when it does; when they fill
     the client's buffer, the upstream stays paused until the client has read them."""
     async def run() -> None:
-        rq, client = client_request(transport=FullTransport)
-        conn, _, transport, head = await exchanging()
-        conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
-                           b"transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
-        await head
-        rq.flow.attach(conn)
-        rq.writer.relay_head(conn.status, gw.relayed(conn.headers))
-        body = conn.relay(rq.writer)
+        rq, client, conn, _, transport, body = await relayed_to_a_full_client(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
         assert client.out.endswith(b"hello\r\n") and rq.flow.write_paused
         assert conn.paused and not transport.reading  # not read on past a full client
         rq.writer.proto.resume_writing()  # the client read it
