@@ -1819,6 +1819,11 @@ class StoredResponse(NamedTuple):
     input: list[dict]  # the input items of the request that made it
 
 
+# What a request names, found: the response made over chat that it reads or continues (or
+# False: deleted; True: not known there), and the upstream and key that made an object it names
+Found = tuple[StoredResponse | bool, tuple[str, str] | None]
+
+
 class ResponsesStore:
     """Responses the gateway made itself over chat: previous_response_id continues them,
     and GET/DELETE /v1/responses/{id} read them. The last MAX_STORED_RESPONSES, and no more
@@ -2581,21 +2586,24 @@ class SharedState:
 
     # before a request: one round trip ---------------------------------------------------------
 
-    def admit_early(self, rq: Request, limits: ClientLimits | None, name: str) -> None:
+    def admit_early(self, rq: Request, limits: ClientLimits | None, name: str,
+                    estimate: int | None = None) -> None:
         """At the head, the admission of a request it needs nothing of the body for (no tpm
         estimate) when the upstreams are few (their states all come back with it): sent now,
         so that its round trip overlaps the reading, parsing and routing of the request.
         Awaited by admit(), before forwarding. Not when an upstream paces its keys: the
-        admission then waits for the route, to take the slot of the key expected with it."""
-        if not self.up or self.conn is None or limits is not None and limits.tokens is not None:
+        admission then waits for the route, to take the slot of the key expected with it.
+        estimate: the request's token estimate, once it is known (sent with a lookup)."""
+        if not self.up or self.conn is None or \
+                estimate is None and limits is not None and limits.tokens is not None:
             return
         names = self.upstreams()[1]
         if names is None:
             return
-        commands = self.admission(rq, limits, name, 0, names)
+        commands = self.admission(rq, limits, name, estimate or 0, names)
         replies = self.conn.send(commands)
         replies.add_done_callback(_retrieved)  # a request that ends before admit() never awaits it
-        rq.admission = ((replies, self.conn), names, commands, self.epoch)
+        rq.admission = ((replies, self.conn), names, commands, self.epoch, estimate or 0)
 
     def upstreams(self) -> tuple[Any, list[str] | None, bool]:
         """The upstreams configured; their names when an admission may go from the head (few
@@ -2617,8 +2625,8 @@ class SharedState:
         caller limits on local state. Whatever ends the request before it is forwarded must
         let that choice go (Forwarder.release)."""
         rq, pace, estimate = plan.rq, None, 0
-        if rq.admission:  # sent at the head
-            sent, names, commands, epoch = rq.admission
+        if rq.admission:  # sent at the head, or with a lookup
+            sent, names, commands, epoch, estimate = rq.admission
         elif not self.up or self.conn is None:
             return self.unheard(name)
         else:
@@ -2885,6 +2893,19 @@ class SharedState:
         if rq.limits is not None and rq.limits.requests is not None:
             self.settle(self.key("rpm", self.bucket(rq)), rq.limits.requests, 1)
 
+    def unused(self, rq: Request) -> None:
+        """An admission sent with a token estimate, for a request answered before it was
+        forwarded: the tokens it took, if it was admitted, are given back (in memory, they
+        are only taken once a request is forwarded)."""
+        (replies, _), *_, estimate = rq.admission  # type: ignore[misc]
+
+        def back(replies: asyncio.Future) -> None:
+            if not replies.cancelled() and replies.exception() is None:
+                reply = replies.result()[0]
+                if reply.__class__ is list and reply and reply[0] == b"ok":
+                    self.settle_tokens(rq, rq.limits, -estimate)  # type: ignore[arg-type]
+        replies.add_done_callback(back)
+
     def settle(self, key: str, bucket: TokenBucket, delta: float, owes: bool = False) -> None:
         """delta more taken from (or -delta given back to) a shared bucket: batched. Only a
         token bucket may owe (go below empty), as in memory."""
@@ -2990,29 +3011,51 @@ class SharedState:
         self.write("SET", self.key("id", object_id), f"{upstream}\t{key}", "EX", SHARED_ID_TTL_S,
                    *(("NX",) if first else ()))
 
-    async def find_ids(self, ids: list[str]) -> tuple[str, str] | None:
-        """The first of these ids another instance saw created: (upstream, key). Responses
-        among them that another made in the background, with their usage still to be
-        counted, are noted in gw.noted (a poll through this process may count one)."""
+    def look_up(self, ids: list[str], response_id: str | None = None
+                ) -> Coroutine[Any, Any, Found] | None:
+        """Asked of Redis at once, in one MGET: which instance's upstream and key created the
+        first of these ids, and (response_id) the response made over chat with that id, or
+        whether it was deleted. None when there is nothing to ask or Redis is not there.
+        Awaited: (the response, or False when it was deleted, True when Redis has neither
+        it nor its deletion or did not answer; the upstream and key, or None). Responses
+        among the ids that another instance made in the background, with their usage still
+        to be counted, are noted in gw.noted (a poll through this process may count one)."""
         ids = [i for i in ids if _ID_SHAPE.fullmatch(i)][:16]
-        if not ids:
+        if response_id is not None and not response_id.startswith("resp_"):
+            response_id = None
+        if not ids and response_id is None or not self.up or self.conn is None:
             return None
         polled = [i for i in ids if i.startswith("resp_")]
-        found = await self.pipeline([("MGET", *[self.key("id", i) for i in ids],
-                                      *[self.key("bg", i) for i in polled])])
-        values = found[0] if found and found[0].__class__ is list else []
-        for response_id, value in zip(polled, values[len(ids):]):
+        keys = [*[self.key("id", i) for i in ids], *[self.key("bg", i) for i in polled]]
+        if response_id is not None:
+            keys += (self.key("resp", response_id), self.key("gone", response_id))
+        commands = [("MGET", *keys)]
+        return self.found(ids, polled, response_id, commands,
+                          (self.conn.send(commands), self.conn))
+
+    async def found(self, ids: list[str], polled: list[str], response_id: str | None,
+                    commands: list, sent: tuple[asyncio.Future, RedisConnection]) -> Found:
+        """look_up()'s answer, once Redis gives it."""
+        replies = await self.pipeline(commands, sent)
+        values = replies[0] if replies and replies[0].__class__ is list else []
+        if len(values) != len(ids) + len(polled) + (response_id is not None) * 2:
+            return True, None
+        for made, value in zip(polled, values[len(ids):]):
             try:
                 client, model = orjson.loads(value) if value.__class__ is bytes else (0, 0)
             except (orjson.JSONDecodeError, TypeError, ValueError):
                 continue
             if client.__class__ is str and model.__class__ is str:
-                self.gw.noted.put(response_id, (client, model))
+                self.gw.noted.put(made, (client, model))
+        pinned = None
         for value in values[:len(ids)]:
             if value.__class__ is bytes:
                 upstream, _, key = value.decode("utf-8", "replace").partition("\t")
-                return upstream, key
-        return None
+                pinned = (upstream, key)
+                break
+        if response_id is None:
+            return True, pinned
+        return self.stored(response_id, *values[-2:]), pinned
 
     def made_background(self, response_id: str, client: str, model: str) -> None:
         """A background response made here: the client and model it counts to, for a poll
@@ -3087,17 +3130,10 @@ class SharedState:
         self.write("DEL", self.key("resp", response_id))
         self.write("SET", self.key("gone", response_id), 1, "EX", SHARED_RESPONSE_TTL_S)
 
-    async def find_response(self, response_id: Any) -> StoredResponse | bool:
-        """The response made over chat with this id; False when it was deleted, True when
-        Redis has neither it nor its deletion, or did not answer (this process's own copy,
-        if any, stands)."""
-        if not isinstance(response_id, str) or not response_id.startswith("resp_"):
-            return True
-        found = await self.pipeline([("MGET", self.key("resp", response_id),
-                                      self.key("gone", response_id))])
-        if not found or found[0].__class__ is not list or len(found[0]) != 2:
-            return True
-        data, gone = found[0]
+    @staticmethod
+    def stored(response_id: str, data: Any, gone: Any) -> StoredResponse | bool:
+        """A response made over chat as Redis holds it: False when it was deleted, True when
+        Redis has neither it nor its deletion, or something this gateway did not write."""
         if gone is not None:
             return False
         if data.__class__ is not bytes:
@@ -6626,6 +6662,14 @@ def estimate_tokens(body: bytes, obj: dict) -> int:
     return len(body) // 4 + max(0, ceiling)
 
 
+def token_estimate(rq: Request, obj: dict) -> int:
+    """What a request takes of its client's token bucket before it is answered: the
+    estimate, or the bucket's capacity if less (what it takes at most, so what it is
+    settled against). 0 without a token bucket."""
+    tokens = rq.limits.tokens if rq.limits is not None else None
+    return 0 if tokens is None else min(estimate_tokens(rq.body(), obj), int(tokens.capacity))
+
+
 def usage_in(tail: bytes) -> dict | None:
     """The last `"usage": {...}` object in the tail of a JSON body, parsed alone (a "usage"
     that is not one, a metadata key say, is passed over). Bounded whatever the tail holds:
@@ -7496,7 +7540,7 @@ class ProxyHandler:
 
     async def pinned_run(self, rq: Request, kind: str, obj: dict, model: str, ids: list[str],
                          force_stream: bool) -> None:
-        pinned = await self.pinned_by(ids)
+        _, pinned = await self.look_up(rq, ids, obj)
         await self.run(self.plan(rq, kind, obj, model, force_stream, pinned))
 
     def plan(self, rq: Request, kind: str, obj: dict, model: str, force_stream: bool,
@@ -7513,15 +7557,42 @@ class ProxyHandler:
         return Plan(rq, kind, obj, force_stream, gw, candidates,
                     pinned=pinned[1] if pinned else None, refusal=refusal)
 
-    async def pinned_by(self, ids: list[str]) -> tuple[str, str] | None:
-        """(upstream, key) that made the first of these objects the gateway saw made (or,
-        with redis_url, another instance did: one lookup). Such an object exists only in the
-        account of the key that made it."""
+    async def look_up(self, rq: Request, ids: list[str], obj: dict | None = None,
+                      response_id: Any = None) -> tuple[StoredResponse | None,
+                                                        tuple[str, str] | None]:
+        """What a request names: the response made over chat that it reads or continues
+        (response_id), and the (upstream, key) that made the first of the objects it names
+        that the gateway saw made. Such an object exists only in the account of the key
+        that made it. With shared state, what this process does not know is asked of Redis
+        in one round trip, and a response is asked for even when it is kept here (one
+        deleted through any instance is gone from all); the request's admission goes with
+        it when it waited for the body (ProxyHandler.admit_along)."""
         gw = self.gw
+        responses, shared = gw.responses, gw.shared
+        if not isinstance(response_id, str) or response_id in responses.deleted:
+            response_id = None
         pinned = next(filter(None, map(gw.sticky.find, ids)), None)
-        if pinned is None and gw.shared is not None:
-            pinned = await gw.shared.find_ids(ids)
-        return pinned
+        asking = shared.look_up([] if pinned else ids, response_id) if shared else None
+        if asking is None:
+            return (None if response_id is None else responses.get(response_id)), pinned
+        self.admit_along(rq, obj)  # (behind the lookup, on the same connection)
+        found, made = await asking
+        if found is False:
+            responses.delete(response_id)  # type: ignore[arg-type]
+            return None, pinned or made
+        if found is True:
+            found = None if response_id is None else responses.get(response_id)
+        return found, pinned or made
+
+    def admit_along(self, rq: Request, obj: dict | None) -> None:
+        """A shared admission that did not go at the head, as the client's token bucket
+        needed the body's estimate: sent now, in the round trip of a lookup (admit() takes
+        its reply)."""
+        limits = rq.limits
+        if rq.shared_take and rq.admission is None:
+            self.gw.shared.admit_early(  # type: ignore[union-attr]
+                rq, limits, rq.client.name if rq.client is not None else "anonymous",
+                token_estimate(rq, obj) if obj is not None else 0)
 
     def allowed_model(self, rq: Request, requested: str) -> str:
         """The model a request names, after aliases, if this client may use it."""
@@ -7552,14 +7623,13 @@ class ProxyHandler:
         if isinstance(conversation, dict):
             conversation = conversation.get("id")
         stored = pinned = None
-        ids: list[str] = []
-        if previous is not None or conversation is not None:  # a follow-up
-            stored = await self.stored_response(previous)
-            ids = [i for i in (previous, conversation) if isinstance(i, str)]
-        if stored is None:  # what it continues, else a file or vector store it names
-            if gw.sticky.nested:
-                ids += named_objects(obj, "input")
-            pinned = await self.pinned_by(ids) if ids else None
+        ids = [i for i in (previous, conversation) if isinstance(i, str)]  # a follow-up's
+        if gw.sticky.nested:  # what it continues, else a file or vector store it names
+            ids += named_objects(obj, "input")
+        if ids:
+            stored, pinned = await self.look_up(rq, ids, obj, previous)
+            if stored is not None:
+                pinned = None
         candidates = self.candidates(rq, model, "responses", pinned)
         if stored is not None:  # made over chat: only a chat_only upstream can go on from it
             only = [(m, [kept for g in groups if (kept := [u for u in g if u.chat_only])])
@@ -7589,9 +7659,9 @@ class ProxyHandler:
         made over chat, else sent to the key that made it."""
         parts = rq.path.split(b"/")  # b"", b"v1", b"responses", id, [action]
         response_id = unquote(parts[3].decode("latin-1"))
-        stored = await self.stored_response(response_id)
+        stored, pinned = await self.look_up(rq, self.named_ids(rq, None), None, response_id)
         if stored is None:
-            await self.passthrough(rq)
+            await self.passthrough(rq, (pinned,))
             return
         action = parts[4] if len(parts) > 4 else b""
         if rq.method in (b"GET", b"HEAD") and not action:
@@ -7609,22 +7679,6 @@ class ProxyHandler:
                              code="invalid_value", param="response_id")
         else:
             raise NotFound(f"Unknown path: {rq.path.decode('latin-1')}")
-
-    async def stored_response(self, response_id: Any) -> StoredResponse | None:
-        """A response made over chat: kept here, or (shared state) by another instance.
-        With shared state, Redis is asked even for one kept here, so that one deleted
-        through any instance is gone from all (one lookup)."""
-        responses = self.gw.responses
-        if not isinstance(response_id, str) or response_id in responses.deleted:
-            return None
-        shared = self.gw.shared
-        found = await shared.find_response(response_id) if shared is not None else True
-        if found is True:
-            return responses.get(response_id)
-        if found is False:
-            responses.delete(response_id)
-            return None
-        return found
 
     def candidates(self, rq: Request, model: str, kind: str,
                    pinned: tuple[str, str] | None) -> Candidates:
@@ -7668,10 +7722,11 @@ class ProxyHandler:
 
     # everything else ------------------------------------------------------------------------
 
-    async def passthrough(self, rq: Request) -> None:
+    async def passthrough(self, rq: Request, looked: tuple[tuple[str, str] | None] | None = None
+                          ) -> None:
         """Any other /v1/ path and method, relayed as bytes. Routed to the key that made an
         object the path or body names, else by `model` (JSON, or a multipart field), else to
-        the default upstream."""
+        the default upstream. looked: (that key), when it was looked up already."""
         gw = self.gw
         obj, model, form = None, "", None
         content_type = rq.content_type()
@@ -7696,7 +7751,8 @@ class ProxyHandler:
             elif multipart:
                 form = multipart_field(body, content_type, "model")
                 model = form[0] if form is not None else ""
-        pinned = await self.pinned_by(self.named_ids(rq, obj))
+        pinned = looked[0] if looked is not None else \
+            (await self.look_up(rq, self.named_ids(rq, obj), obj))[1]
         if model:
             model = self.allowed_model(rq, model)
         candidates = self.candidates(rq, model, "passthrough", pinned)
@@ -7727,9 +7783,9 @@ class ProxyHandler:
         name = client.name if client is not None else "anonymous"  # budget: checked on admission
         limits = rq.limits
         takes_tokens = limits is not None and limits.tokens is not None and plan.obj is not None
-        if takes_tokens:  # (what a bucket takes at most: its capacity, so that is what is
-            plan.estimate = min(estimate_tokens(rq.body(), plan.obj),  # settled against)
-                                int(limits.tokens.capacity))  # type: ignore[union-attr]
+        if takes_tokens:  # (the estimate its admission was sent with, if it went ahead)
+            plan.estimate = rq.admission[4] if rq.admission else \
+                token_estimate(rq, plan.obj)  # type: ignore[arg-type]
         shared = gw.shared if rq.shared_take else None
         try:
             if shared is None or not await shared.admit(plan, limits, name):
@@ -8637,11 +8693,11 @@ class Request:
         self.client: ClientKey | None = None
         self.limits: ClientLimits | None = None  # for every response: x-ratelimit-*
         self.shared_take = False  # its buckets are taken in Redis, before forwarding
-        # sent at the head: ((its replies, the Redis connection), upstream names, commands,
-        # the resets counted then: SharedState.epoch); _SENT once admit() has it (or sent
-        # it), None while it has not been sent
-        self.admission: tuple[tuple[asyncio.Future, Any], list[str], list[bytes], int] | \
-            tuple[()] | None = None
+        # sent ahead: ((its replies, the Redis connection), upstream names, commands, the
+        # resets counted then: SharedState.epoch, the tokens it takes); _SENT once admit()
+        # has it (or sent it), None while it has not been sent
+        self.admission: tuple[tuple[asyncio.Future, Any], list[str], list[bytes], int, int] \
+            | tuple[()] | None = None
         self.extra: list[tuple[bytes, bytes]] = []  # for every response: CORS, connection
         if self.framing_doubt:
             self.extra.append((b"connection", b"close"))
@@ -9348,8 +9404,11 @@ class Gateway:
         metrics.durations[rq.route].observe(duration)
         if self.access_log.enabled:
             self.access_log.request(rq, duration)
-        if rq.shared_take and rq.admission is None:  # answered before it was admitted
-            self.shared.spend_request(rq)  # type: ignore[union-attr]
+        if rq.shared_take:
+            if rq.admission is None:  # answered before it was admitted
+                self.shared.spend_request(rq)  # type: ignore[union-attr]
+            elif rq.admission and rq.admission[4]:  # admitted ahead, never forwarded
+                self.shared.unused(rq)  # type: ignore[union-attr]
         rq.writer.rq = None  # type: ignore[assignment]  # the one cycle a request makes: broken,
         # so that it is freed at once by reference counting, not later by the collector
 

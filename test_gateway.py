@@ -2281,6 +2281,64 @@ def test_objects_made_through_one_instance_are_followed_up_through_the_other(
     assert info.value.code == "invalid_value" and info.value.param == "response_id"
 
 
+@pytest.mark.parametrize("follow_up", ["previous_response_id", "retrieve", "file in a chat"])
+def test_a_tpm_clients_follow_up_through_another_instance_asks_redis_once_with_its_admission(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str, follow_up: str) -> None:
+    # Which key made an object and the client's admission (which waits for the body, for its
+    # token estimate) go to Redis together: both are sent before Redis answers either.
+    keys = [{"key": SDK_KEY, "name": "team", "tpm": 100000}]
+    link = SlowLink(redis_server.port, 0)
+    a = start_gateway(shared_config(mock, redis_url, api_keys=keys))
+    b = start_gateway(shared_config(mock, link.url, api_keys=keys, redis_timeout_ms=10000))
+    assert eventually(lambda: a.gw.shared.up and b.gw.shared.up)
+    a.client().chat.completions.create(model="gpt-4o", messages=MSGS)  # a's round robin moves on
+    if follow_up == "file in a chat":
+        made = a.client().files.create(file=("notes.txt", b"remember this"), purpose="user_data")
+        assert eventually(lambda: b.gw.sticky.nested)  # (ids are shared: files are looked for)
+        def ask() -> Any:
+            return b.client().chat.completions.create(model="gpt-4o", messages=[
+                {"role": "user", "content": [{"type": "file", "file": {"file_id": made.id}}]}])
+    else:
+        made = a.client().responses.create(model="gpt-4o", input="keep me")
+        def ask() -> Any:
+            if follow_up == "retrieve":
+                return b.client().responses.retrieve(made.id)
+            return b.client().responses.create(model="gpt-4o", input="next", previous_response_id=made.id)
+    assert eventually(lambda: redis_server.command("EXISTS", f"gateway:v1:id:{made.id}") == b":1\r\n")
+    admission = b.gw.shared.scripts[gw._ADMIT_LUA].encode()
+    start = len(link.sent)
+    link.answers.clear()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            reply = pool.submit(ask)
+            assert eventually(lambda: f"id:{made.id}".encode() in b"".join(link.sent[start:])
+                              and admission in b"".join(link.sent[start:]))
+            link.answers.set()
+            reply.result(timeout=30)
+    finally:
+        link.answers.set()
+    assert mock.requests[-1].key() == mock.owner(made.id)
+
+
+def test_a_tpm_client_refused_after_its_admission_went_with_a_lookup_gets_its_tokens_back(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_url: str) -> None:
+    # In memory, a request's tokens are taken once it is forwarded: one refused before that
+    # (a model this key may not use, found out after the lookup) takes none in Redis either.
+    g = start_gateway(shared_config(mock, redis_url, api_keys=[
+        {"key": SDK_KEY, "name": "team", "tpm": 1000, "models": ["m"]}]))
+    assert eventually(lambda: g.gw.shared.up)
+    g.lt.call(lambda: g.gw.shared.flusher.cancel())  # (flushed below, once the refund is due)
+    body = b'{"model":"gpt-4o","input_file_id":"file-abc123def","pad":"%s"}' % (b"x" * 5000)
+    (resp,) = raw(g.port, post("/v1/batches", body, f"authorization: Bearer {SDK_KEY}\r\n"))
+    assert resp.status == 403 and resp.json()["error"]["code"] == "model_not_allowed"
+    assert eventually(lambda: any(delta < 0 for delta in g.gw.shared.settles.values()))
+    g.lt.run(g.gw.shared.flush())
+    whole = b'{"model":"m","messages":[],"max_tokens":990}'  # the bucket's 1,000, nearly
+    (resp,) = raw(g.port, post("/v1/chat/completions", whole, f"authorization: Bearer {SDK_KEY}\r\n"))
+    assert resp.status == 200, resp.body
+
+
 def test_rpm_per_key_pacing_is_kept_by_all_instances_together(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_url: str) -> None:
     config = {"redis_url": redis_url, "upstreams": [
@@ -2586,10 +2644,14 @@ def test_a_redis_link_whose_select_goes_unanswered_is_closed_not_left_open(loop_
 
 class SlowLink:
     """A TCP relay to a local port that holds each read for `delay` seconds each way (a
-    far-away Redis); set delay to 0 and it relays at once."""
+    far-away Redis); set delay to 0 and it relays at once. It notes what the gateway sends
+    (`sent`), and holds the replies while `answers` is clear."""
 
     def __init__(self, port: int, delay: float) -> None:
         self.port, self.delay = port, delay
+        self.sent: list[bytes] = []
+        self.answers = threading.Event()
+        self.answers.set()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
         threading.Thread(target=self.accept, daemon=True).start()
@@ -2602,12 +2664,16 @@ class SlowLink:
                 return
             server = socket.create_connection(("127.0.0.1", self.port))
             for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self.pump, args=(a, b), daemon=True).start()
+                threading.Thread(target=self.pump, args=(a, b, a is client), daemon=True).start()
 
-    def pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def pump(self, source: socket.socket, sink: socket.socket, outgoing: bool) -> None:
         try:
             while data := source.recv(65536):
                 time.sleep(self.delay)  # the link's latency, not a wait for anything
+                if outgoing:
+                    self.sent.append(data)
+                else:
+                    self.answers.wait()
                 sink.sendall(data)
         except OSError:
             pass
@@ -8145,10 +8211,13 @@ def test_a_stored_response_in_redis_that_the_gateway_did_not_write_is_passed_ove
         redis_url: str, value: str) -> None:
     g = start_gateway(shared_config(mock, redis_url))
     assert eventually(lambda: g.gw.shared.up)
+
+    async def find() -> Any:
+        return (await g.gw.shared.look_up([], "resp_foreign"))[0]  # type: ignore[misc]
     redis_server.command("SET", "gateway:v1:resp:resp_foreign", '[{"id": "resp_foreign"}, [], []]')
-    assert g.lt.run(g.gw.shared.find_response("resp_foreign")).response == {"id": "resp_foreign"}
+    assert g.lt.run(find()).response == {"id": "resp_foreign"}
     redis_server.command("SET", "gateway:v1:resp:resp_foreign", value)
-    assert g.lt.run(g.gw.shared.find_response("resp_foreign")) is True  # (nothing there: its own copy, if any)
+    assert g.lt.run(find()) is True  # (nothing there: its own copy, if any)
     (resp,) = raw(g.port, b"GET /v1/responses/resp_foreign HTTP/1.1\r\nHost: t\r\n\r\n")
     assert resp.status != 200 and mock.requests[-1].path == "/v1/responses/resp_foreign"  # asked upstream
     (resp,) = raw(g.port, b"GET /v1/responses/resp_foreign/input_items HTTP/1.1\r\nHost: t\r\n\r\n")
