@@ -3057,9 +3057,21 @@ class SharedState:
             return True, pinned
         return self.stored(response_id, *values[-2:]), pinned
 
+    async def refresh(self) -> None:
+        """The upstreams' shared states taken in, for a view of them (health, breakers,
+        metrics, key stats): what every process left there, not only what this one read
+        with its last admission. One round trip; none when Redis is not there."""
+        names = list(dict.fromkeys(u.name for u in self.gw.config.upstreams))
+        epoch = self.epoch
+        replies = await self.pipeline([("HGETALL", self.key("up", name)) for name in names])
+        if replies is not None and epoch == self.epoch:
+            wall, now = time.time(), time.monotonic()
+            for name, fields in zip(names, replies):
+                self.adopt(name, fields, wall, now)
+
     def made_background(self, response_id: str, client: str, model: str) -> None:
         """A background response made here: the client and model it counts to, for a poll
-        through another process (found with its id, find_ids)."""
+        through another process (found with its id, look_up)."""
         self.write("SET", self.key("bg", response_id), orjson.dumps([client, model]), "EX",
                    SHARED_ID_TTL_S)
 
@@ -3266,6 +3278,12 @@ def _labels(names: tuple[str, ...], values: tuple) -> str:
     return ",".join(f'{n}="{_label(str(v))}"' for n, v in zip(names, values))
 
 
+# Gateway.views(): the types of each row's fields, per part
+_VIEW_ROWS: dict[str, tuple] = {
+    "keys": (str, str, int, int, (int, float, type(None)), (int, type(None)), str),
+    "observed": (str, str, str, (int, float), list)}
+
+
 class Metrics:
     """Plain integers updated in place on the hot path; text built only at scrape time.
     Label values come from configuration (routes, known models, key names), never raw
@@ -3324,13 +3342,14 @@ class Metrics:
         except (TypeError, ValueError, AttributeError):
             return False
 
-    def snapshot(self, refused: int) -> bytes:
-        """The counters as JSON, for the other workers' scrapes."""
+    def snapshot(self, refused: int, views: dict | None = None) -> bytes:
+        """The counters as JSON, for the other workers' scrapes (and views: what the admin
+        views sum over the workers, Gateway.views)."""
         return orjson.dumps({
             **{name: [[*k, v] for k, v in getattr(self, name).items()] for name in self._COUNTERS},
             **{name: {k: [h.counts, h.sum] for k, h in getattr(self, name).items()}
                for name in self._HISTOGRAMS},
-            "active_streams": self.active_streams, "refused": refused})
+            "active_streams": self.active_streams, "refused": refused, **(views or {})})
 
     def merged(self, snapshots: list[dict]) -> tuple[Metrics, int]:
         """These metrics plus other workers' snapshots: what /metrics shows for them all, and
@@ -8223,6 +8242,8 @@ class AdminHandler:
 
     async def health(self, rq: Request) -> None:
         gw = self.gw
+        if gw.shared is not None:
+            await gw.shared.refresh()
         reasons = [f"circuit breaker open: {up}/{model}" for up, model in gw.breakers.not_closed()]
         reasons += [f"no upstream key available: {u.name}"
                     for u in gw.config.upstreams if gw.keys[u.name].all_unavailable()]
@@ -8245,6 +8266,8 @@ class AdminHandler:
 
     async def circuit_breakers(self, rq: Request) -> None:
         cfg = self.gw.config
+        if self.gw.shared is not None:
+            await self.gw.shared.refresh()
         rq.writer.send_json(200, {
             "circuit_breakers": self.gw.breakers.snapshot(),
             "config": {"failure_threshold": cfg.failure_threshold,
@@ -8253,6 +8276,8 @@ class AdminHandler:
 
     async def metrics_text(self, rq: Request) -> None:
         gw = self.gw
+        if gw.shared is not None:
+            await gw.shared.refresh()
         keys = {(name, key): up for name, pool in gw.keys.items()
                 for key, up in pool.available().items()}
         metrics, refused = gw.metrics, gw.limiter.refused
@@ -8294,11 +8319,31 @@ class AdminHandler:
 
     async def token_stats(self, rq: Request) -> None:
         gw = self.gw
+        if gw.shared is not None:
+            await gw.shared.refresh()
+        stats = {u.name: gw.keys[u.name].snapshot() for u in gw.config.upstreams}
+        if gw.metrics_dir is not None:
+            self.sum_keys(stats)
         rq.writer.send_json(200, {"upstreams": [{
             "name": u.name, "strategy": u.key_strategy,
-            "current": gw.keys[u.name].current_key().name,
-            "keys": gw.keys[u.name].snapshot(),
+            "current": gw.keys[u.name].current_key().name, "keys": stats[u.name],
         } for u in gw.config.upstreams]})
+
+    def sum_keys(self, stats: dict[str, list[dict]]) -> None:
+        """Workers: each key's counts summed over them all, and its last use the latest of
+        any. A worker's counts from before the latest reset-stats (it has not taken it in
+        yet: it clears them when it does) are left out."""
+        shared, index = self.gw.shared, {(up, k["name"]): k for up, keys in stats.items()
+                                         for k in keys}
+        for up, name, requests, failures, used, status, mark in self.gw.sibling_views("keys"):
+            key = index.get((up, name))
+            if key is None or shared is not None and \
+                    mark != (shared.resets.get(up) or b"").decode("latin-1"):
+                continue
+            key["requests"] += requests
+            key["failures"] += failures
+            if used is not None and (key["last_used"] is None or used > key["last_used"]):
+                key["last_used"], key["last_status"] = used, status
 
     async def rotate_key(self, rq: Request) -> None:
         body = rq.body()
@@ -8329,11 +8374,17 @@ class AdminHandler:
         rq.writer.send_json(200, {"success": True})
 
     async def observed_limits(self, rq: Request) -> None:
+        """The latest x-ratelimit-* headers each key had for each model (workers: the latest
+        any of them had)."""
+        gw = self.gw
+        rows = gw.own_views(gw.views(), "observed")
+        if gw.metrics_dir is not None:
+            rows += gw.sibling_views("observed")
         out: dict[str, dict[str, dict[str, dict]]] = {}
-        for (up, key, model), (at, seen) in self.gw.forwarder.observed.items():
-            out.setdefault(up, {}).setdefault(key, {})[model] = {
-                **{n.decode("latin-1"): v.decode("latin-1") for n, v in seen.items()},
-                "observed_at": at}
+        for up, key, model, at, seen in rows:
+            models = out.setdefault(up, {}).setdefault(key, {})
+            if model not in models or at > models[model]["observed_at"]:
+                models[model] = {**seen, "observed_at": at}
         rq.writer.send_json(200, {"upstreams": out})
 
 
@@ -9203,6 +9254,8 @@ class Gateway:
             self.sticky.nested = True  # (another instance may have made one)
             self.share()
             await self.shared.start()  # unreachable: it says so, and serving starts anyway
+        if self.metrics_dir is not None:
+            self.inherit_metrics()
         if sock is not None:  # (listen() again: uvloop's default backlog is 100)
             self.server = await self.loop.create_server(lambda: HttpProtocol(self), sock=sock,
                                                         backlog=2048)
@@ -9321,7 +9374,7 @@ class Gateway:
         path = Path(self.metrics_dir) / f"{self.worker}.json"  # type: ignore[arg-type]
         tmp = path.with_suffix(".tmp")
         try:
-            snapshot = self.metrics.snapshot(self.limiter.refused)
+            snapshot = self.metrics.snapshot(self.limiter.refused, self.views())
             try:
                 tmp.write_bytes(snapshot)
             except FileNotFoundError:  # the directory went (a hand, a cleaner): made again,
@@ -9342,6 +9395,43 @@ class Gateway:
         except OSError:
             return None
 
+    def views(self) -> dict:
+        """What the admin views sum over the workers, beside the metrics: each key's counts
+        (with the reset-stats this worker last took in for its upstream: counts from before
+        the latest reset are left out of the sum) and the upstream rate-limit headers
+        observed (the latest of each wins)."""
+        resets = self.shared.resets if self.shared is not None else None
+        return {
+            "keys": [[name, k.name, k.requests, k.failures, k.last_used, k.last_status,
+                      (resets.get(name) or b"").decode("latin-1") if resets is not None else ""]
+                     for name, pool in self.keys.items() for k in pool.keys],
+            "observed": [[*where, at, [[n.decode("latin-1"), v.decode("latin-1")]
+                                       for n, v in seen.items()]]
+                         for where, (at, seen) in self.forwarder.observed.items()]}
+
+    def sibling_views(self, part: str) -> list[list]:
+        """The other workers' rows of a part of views(), as each last published them."""
+        return [row for snapshot in self.sibling_metrics()
+                for row in self.own_views(snapshot, part)]
+
+    @staticmethod
+    def own_views(snapshot: Any, part: str) -> list[list]:
+        """A worker's published rows of a part of views(): only rows of the shape written (a
+        foreign or older file's are passed over); the headers observed as a dict."""
+        shapes = _VIEW_ROWS[part]
+        found = snapshot.get(part) if isinstance(snapshot, dict) else None
+        rows = [row for row in (found if isinstance(found, list) else ())
+                if isinstance(row, list) and len(row) == len(shapes) and all(
+                    isinstance(value, kinds) and value.__class__ is not bool
+                    for value, kinds in zip(row, shapes))]
+        if part == "keys":  # (counts: as Metrics.published takes them)
+            rows = [row for row in rows if 0 <= row[2] < 2 ** 64 and 0 <= row[3] < 2 ** 64]
+        else:
+            for row in rows:
+                row[4] = dict(pair for pair in row[4] if pair.__class__ is list and len(pair) == 2
+                              and pair[0].__class__ is str and pair[1].__class__ is str)
+        return rows
+
     def inherit_metrics(self) -> None:
         """Workers: a restarted one goes on from the counts its predecessor left, so that the
         sum over the workers never goes back (a counter that drops reads as a reset)."""
@@ -9355,6 +9445,20 @@ class Gateway:
         snapshot["active_streams"] = 0  # (those streams died with it)
         self.metrics, refused = self.metrics.merged([snapshot])
         self.limiter.refused += refused
+        keys = {(up, k.name): k for up, pool in self.keys.items() for k in pool.keys}
+        for up, name, requests, failures, used, status, mark in self.own_views(snapshot, "keys"):
+            key = keys.get((up, name))
+            if key is not None:
+                key.requests += requests
+                key.failures += failures
+                key.last_used, key.last_status = used, status
+                if self.shared is not None and mark:  # a reset it had not taken in clears
+                    # them at the first read
+                    self.shared.resets.put(up, mark.encode("latin-1", "replace"))
+        for up, key, model, at, seen in self.own_views(snapshot, "observed"):
+            self.forwarder.observed.put((up, key, model), (at, {
+                n.encode("latin-1", "replace"): v.encode("latin-1", "replace")
+                for n, v in seen.items()}))
 
     def sibling_metrics(self) -> list[dict]:
         snapshots = []
@@ -9456,7 +9560,6 @@ async def _serve(args: argparse.Namespace, worker: Worker | None = None,
     gw = Gateway(config)
     if worker is not None:
         gw.worker, gw.metrics_dir = worker.index, worker.metrics_dir
-        gw.inherit_metrics()
     try:
         await gw.start(worker.sock if worker is not None else None)
     except ConfigError as exc:  # (the usage log, gone since the config's check)

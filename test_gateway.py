@@ -2339,6 +2339,31 @@ def test_a_tpm_client_refused_after_its_admission_went_with_a_lookup_gets_its_to
     assert resp.status == 200, resp.body
 
 
+def test_views_show_the_key_states_and_breakers_another_instance_left_in_redis(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_url: str) -> None:
+    # b serves nothing: its views read the shared states (one round trip), not its own only
+    config = shared_config(mock, redis_url, breaker={"failure_threshold": 1, "recovery_timeout_s": 60},
+                           retry={"attempts": 1})
+    a, b = start_gateway(config), start_gateway(config)
+    assert eventually(lambda: a.gw.shared.up and b.gw.shared.up)
+    for key in KEYS:
+        mock.key_faults[key] = (401, {}, "revoked")
+    with pytest.raises(openai.APIStatusError):
+        a.client().chat.completions.create(model="gpt-4o", messages=MSGS)
+    assert set(key_states(a).values()) == {"blocked"}
+    assert set(key_states(b).values()) == {"blocked"}
+    health = admin(b, "GET", "/health").json()
+    assert health["status"] == "degraded" and "no upstream key available: mock" in health["reasons"]
+    assert 'gateway_key_available{upstream="mock",key="mock#0"} 0' in admin(b, "GET", "/metrics").body.decode()
+    mock.key_faults.clear()
+    admin(a, "POST", "/v1/tokens/reset-stats")
+    mock.model_faults["gpt-4o"] = 500
+    with pytest.raises(openai.InternalServerError):
+        a.client().chat.completions.create(model="gpt-4o", messages=MSGS)
+    breakers = admin(b, "GET", "/health/circuit-breakers").json()["circuit_breakers"]
+    assert breakers["mock/gpt-4o"]["state"] == "open"
+
+
 def test_rpm_per_key_pacing_is_kept_by_all_instances_together(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_url: str) -> None:
     config = {"redis_url": redis_url, "upstreams": [
@@ -7717,6 +7742,51 @@ def test_workers_share_the_port_drain_together_and_a_killed_one_is_replaced(
         lines = gp.json_lines()
         assert [l["worker"] for l in lines if l["msg"] == "exited" and "worker" in l] != []
         assert all("worker" in l for l in lines if l["msg"] not in ("exited",) and "listening" not in l["msg"])
+    finally:
+        gp.kill()
+
+
+def test_with_workers_key_stats_and_observed_limits_cover_them_all_and_survive_a_restart(
+        mock: mock_upstream.MockUpstream, redis_url: str) -> None:
+    mock.key_rpm = 100000  # (x-ratelimit-* on every answer)
+    config = {"port": 0, "redis_url": redis_url, "upstreams": [
+        {"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS}]}
+    gp = GatewayProcess(["--workers", "2"], {**os.environ, "GATEWAY_CONFIG": json.dumps(config)},
+                        ready="listening")
+
+    def view(path: str) -> Any:  # through whichever worker takes the new connection
+        (resp,) = raw(gp.port, f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        return resp.json()["upstreams"]
+
+    def counted() -> int:
+        return sum(k["requests"] for k in view("/v1/tokens/stats")[0]["keys"])
+    try:
+        assert gp.wait_for_line("worker 0 serving") and gp.wait_for_line("worker 1 serving")
+        pids = worker_pids(gp)
+        made = 0
+        while len(socket_owners(pids, {r.peer[1] for r in mock.requests if r.peer})) < 2 \
+                or len({r.key() for r in mock.requests}) < 2:  # both workers, two keys
+            assert made < 200, "one worker served everything"
+            assert raw(gp.port, post("/v1/chat/completions", CHAT))[0].status == 200
+            made += 1
+        assert eventually(lambda: counted() == made)  # (each worker publishes its counts each second)
+        assert [counted() for _ in range(8)] == [made] * 8
+        used = {r.key() for r in mock.requests}
+        names = {k["name"]: KEYS[i] for i, k in enumerate(view("/v1/tokens/stats")[0]["keys"])}
+        for _ in range(8):
+            observed = view("/v1/rate-limits/observed")["mock"]
+            assert {names[k] for k in observed} == used
+            assert all(o["gpt-4o-mini"]["x-ratelimit-limit-requests"] == "100000" for o in observed.values())
+        os.kill(pids[1], signal.SIGKILL)
+        assert gp.wait_for_line("worker 1 exited (signal 9), restarting"), gp.lines
+        assert eventually(lambda: len(worker_pids(gp)) == 2 and pids[1] not in worker_pids(gp))
+        assert eventually(lambda: sum("worker 1 serving" in line for line in gp.lines) == 2, 20)
+        assert [counted() for _ in range(8)] == [made] * 8  # the new one went on from its counts
+        admin_reset = raw(gp.port, b"POST /v1/tokens/reset-stats HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+        assert admin_reset[0].status == 200
+        # through either: the one that has not taken the reset in yet does so with its view
+        # of the shared states, and counts from before it are left out of the sum
+        assert [counted() for _ in range(8)] == [0] * 8
     finally:
         gp.kill()
 
