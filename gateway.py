@@ -3280,7 +3280,7 @@ def _labels(names: tuple[str, ...], values: tuple) -> str:
 
 # Gateway.views(): the types of each row's fields, per part
 _VIEW_ROWS: dict[str, tuple] = {
-    "keys": (str, str, int, int, (int, float, type(None)), (int, type(None)), str),
+    "keys": (str, str, int, int, (int, float, type(None)), (int, type(None)), (str, type(None))),
     "observed": (str, str, str, (int, float), list)}
 
 
@@ -8322,7 +8322,8 @@ class AdminHandler:
         if gw.shared is not None:
             await gw.shared.refresh()
         stats = {u.name: gw.keys[u.name].snapshot() for u in gw.config.upstreams}
-        if gw.metrics_dir is not None:
+        if gw.metrics_dir is not None:  # (this worker's published first, as for /metrics:
+            gw.write_metrics()  # a view through another never shows less than this one)
             self.sum_keys(stats)
         rq.writer.send_json(200, {"upstreams": [{
             "name": u.name, "strategy": u.key_strategy,
@@ -8338,10 +8339,10 @@ class AdminHandler:
         for up, name, requests, failures, used, status, mark in self.gw.sibling_views("keys"):
             key = index.get((up, name))
             if key is None or shared is not None and \
-                    mark != (shared.resets.get(up) or b"").decode("latin-1"):
+                    (mark or "") != (shared.resets.get(up) or b"").decode("latin-1"):
                 continue
-            key["requests"] += requests
-            key["failures"] += failures
+            key["requests"] = min(key["requests"] + requests, 2 ** 64 - 1)  # (a foreign file's
+            key["failures"] = min(key["failures"] + failures, 2 ** 64 - 1)  # could overflow)
             if used is not None and (key["last_used"] is None or used > key["last_used"]):
                 key["last_used"], key["last_status"] = used, status
 
@@ -8379,6 +8380,7 @@ class AdminHandler:
         gw = self.gw
         rows = gw.own_views(gw.views(), "observed")
         if gw.metrics_dir is not None:
+            gw.write_metrics()
             rows += gw.sibling_views("observed")
         out: dict[str, dict[str, dict[str, dict]]] = {}
         for up, key, model, at, seen in rows:
@@ -9397,13 +9399,15 @@ class Gateway:
 
     def views(self) -> dict:
         """What the admin views sum over the workers, beside the metrics: each key's counts
-        (with the reset-stats this worker last took in for its upstream: counts from before
-        the latest reset are left out of the sum) and the upstream rate-limit headers
-        observed (the latest of each wins)."""
-        resets = self.shared.resets if self.shared is not None else None
+        (with the reset-stats this worker last took in for its upstream, "" for none, null
+        while it has not read its shared state: counts from before the latest reset are
+        left out of the sum) and the upstream rate-limit headers observed (the latest of
+        each wins)."""
+        marks = {name: b"" if self.shared is None else self.shared.resets.get(name)
+                 for name in self.keys}
         return {
             "keys": [[name, k.name, k.requests, k.failures, k.last_used, k.last_status,
-                      (resets.get(name) or b"").decode("latin-1") if resets is not None else ""]
+                      None if marks[name] is None else marks[name].decode("latin-1")]
                      for name, pool in self.keys.items() for k in pool.keys],
             "observed": [[*where, at, [[n.decode("latin-1"), v.decode("latin-1")]
                                        for n, v in seen.items()]]
@@ -9452,8 +9456,8 @@ class Gateway:
                 key.requests += requests
                 key.failures += failures
                 key.last_used, key.last_status = used, status
-                if self.shared is not None and mark:  # a reset it had not taken in clears
-                    # them at the first read
+                if self.shared is not None and mark is not None:  # a reset it had not taken
+                    # in clears them at the first read
                     self.shared.resets.put(up, mark.encode("latin-1", "replace"))
         for up, key, model, at, seen in self.own_views(snapshot, "observed"):
             self.forwarder.observed.put((up, key, model), (at, {

@@ -7791,6 +7791,61 @@ def test_with_workers_key_stats_and_observed_limits_cover_them_all_and_survive_a
         gp.kill()
 
 
+def worker_in_process(loop_thread: LoopThread, config: dict, index: int, metrics_dir: Path) -> Running:
+    """A gateway started as worker `index` of a supervisor whose workers publish their counts
+    in metrics_dir, in this process (its files and Redis are what the workers share)."""
+    g = gw.Gateway(gw.load_config({"GATEWAY_CONFIG": json.dumps({"port": 0, "access_log": False, **config})}))
+    g.worker, g.metrics_dir = index, str(metrics_dir)
+    loop_thread.run(g.start())
+    return Running(g, loop_thread)
+
+
+def key_requests(g: Running) -> dict[str, int]:
+    return {k["name"]: k["requests"] for k in admin(g, "GET", "/v1/tokens/stats").json()["upstreams"][0]["keys"]}
+
+
+@pytest.mark.parametrize("mark", ["", "0123456789abcdef"])
+def test_a_restarted_worker_drops_inherited_counts_a_reset_since_cleared(
+        loop_thread: LoopThread, mock: mock_upstream.MockUpstream, redis_url: str, redis_server: RedisServer,
+        tmp_path: Path, mark: str) -> None:
+    # its predecessor published 5 requests on mock#0 with the reset it had read last ("": the
+    # hash had none), then died; a reset-stats went through another worker after that
+    snapshot = gw.Metrics().snapshot(0, {"keys": [["mock", "mock#0", 5, 1, time.time(), 200, mark]],
+                                         "observed": []})
+    (tmp_path / "1.json").write_bytes(snapshot)
+    redis_server.command("HSET", "gateway:v1:up:mock", "r", "feedfacefeedface")
+    g = worker_in_process(loop_thread, shared_config(mock, redis_url), 1, tmp_path)
+    try:
+        assert key_requests(g)["mock#0"] == 0
+    finally:
+        loop_thread.run(g.gw.shutdown(grace_s=0))
+
+
+def test_two_workers_key_stats_agree_right_after_a_request(
+        loop_thread: LoopThread, mock: mock_upstream.MockUpstream, redis_url: str, tmp_path: Path) -> None:
+    a, b = (worker_in_process(loop_thread, shared_config(mock, redis_url), i, tmp_path) for i in (0, 1))
+    try:
+        assert raw(a.port, post("/v1/chat/completions", CHAT))[0].status == 200
+        assert [sum(key_requests(g).values()) for g in (a, b, a, b)] == [1] * 4
+    finally:
+        for g in (a, b):
+            loop_thread.run(g.gw.shutdown(grace_s=0))
+
+
+def test_key_stats_summed_from_foreign_files_stay_within_64_bits(
+        loop_thread: LoopThread, mock: mock_upstream.MockUpstream, redis_url: str, tmp_path: Path) -> None:
+    for name in ("foreign-a", "foreign-b", "foreign-c"):
+        (tmp_path / f"{name}.json").write_bytes(orjson.dumps(
+            {"keys": [["mock", "mock#0", 2 ** 63, 0, None, None, ""], ["mock", "mock#1", -5, 0, None, None, ""],
+                      ["mock", 7, 1, 0, None, None, ""], "junk"]}))
+    (tmp_path / "torn.json").write_bytes(b'{"keys": [["mock", "mo')
+    g = worker_in_process(loop_thread, shared_config(mock, redis_url), 0, tmp_path)
+    try:
+        assert key_requests(g) == {"mock#0": 2 ** 64 - 1, "mock#1": 0, "mock#2": 0}
+    finally:
+        loop_thread.run(g.gw.shutdown(grace_s=0))
+
+
 @pytest.mark.parametrize("where", ["a directory", "a device", "a missing directory", "a dangling symlink",
                                    "a NUL"])
 def test_a_usage_log_that_cannot_be_kept_is_a_config_error_naming_it(tmp_path: Path, where: str) -> None:
