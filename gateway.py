@@ -6100,7 +6100,7 @@ class SseFilter:
             end = self.convert.end()
             self.completed = True
             return end
-        except (AttributeError, TypeError, ValueError, KeyError, IndexError):
+        except (AttributeError, TypeError, ValueError, KeyError, IndexError, RecursionError):
             raise UpstreamError("upstream answered garbage: not a chat completion stream") \
                 from None
 
@@ -6641,7 +6641,10 @@ def short_message(message: Any, keys: KeyPool | None = None) -> str:
     if isinstance(message, dict):  # an OpenAI error object
         message = message.get("message", message)
     if not isinstance(message, str):
-        message = str(message)
+        try:
+            message = orjson.dumps(message).decode()
+        except TypeError:  # (nested past what orjson writes, or a big int)
+            message = f"(a {type(message).__name__} too deep to quote)"
     if keys is not None:  # (on what can be shown: on one line, up to a key past its end)
         masker = keys.masker()
         shown = one_line(message, MAX_QUOTED + masker.hold + 1).encode()
@@ -6779,10 +6782,11 @@ def chat_from_completion(obj: dict) -> dict:
 
 def _as_completion(chat: dict, choices: list[dict]) -> dict:
     """The text_completion envelope around converted choices, keeping id, model and usage."""
-    chat_id = str(chat.get("id") or "")
+    chat_id, model = chat.get("id"), chat.get("model")
+    chat_id = chat_id if isinstance(chat_id, str) else ""
     out = {"id": "cmpl-" + chat_id[9:] if chat_id.startswith("chatcmpl-") else chat_id,
            "object": "text_completion", "created": chat.get("created", int(time.time())),
-           "model": chat.get("model"), "choices": choices}
+           "model": model if isinstance(model, str) else None, "choices": choices}
     if chat.get("usage") is not None:
         out["usage"] = chat["usage"]
     return out
@@ -7190,9 +7194,11 @@ def responses_usage(usage: dict | None) -> dict | None:
     details = details if isinstance(details, dict) else {}
     reasoning = usage.get("completion_tokens_details")
     reasoning = reasoning.get("reasoning_tokens") or 0 if isinstance(reasoning, dict) else 0
+    cached, written = details.get("cached_tokens"), details.get("cache_write_tokens")
+    reasoning = reasoning if type(reasoning) is int else 0
     return {"input_tokens": prompt,
-            "input_tokens_details": {"cached_tokens": details.get("cached_tokens") or 0,
-                                     "cache_write_tokens": details.get("cache_write_tokens") or 0},
+            "input_tokens_details": {"cached_tokens": cached if type(cached) is int else 0,
+                                     "cache_write_tokens": written if type(written) is int else 0},
             "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": reasoning},
             "total_tokens": total}
 
@@ -7280,7 +7286,8 @@ def response_object(request: dict, response_id: str, created: int, model: Any, s
         "id": response_id, "object": "response", "created_at": created, "status": status,
         "error": None, "incomplete_details": {"reason": incomplete} if incomplete else None,
         "instructions": request.get("instructions"),
-        "max_output_tokens": request.get("max_output_tokens"), "model": model or request["model"],
+        "max_output_tokens": request.get("max_output_tokens"),
+        "model": model if model and isinstance(model, str) else request["model"],
         "output": output, "parallel_tool_calls": request.get("parallel_tool_calls", True),
         "previous_response_id": request.get("previous_response_id"),
         "reasoning": request.get("reasoning") or {"effort": None, "summary": None},
@@ -7342,7 +7349,8 @@ class ResponsesFromChat:
     time; `end()` at the chat stream's [DONE]."""
 
     __slots__ = ("request", "response_id", "created", "model", "seq", "output", "parts",
-                 "message", "calls", "usage", "finish", "started", "ended", "response")
+                 "message", "message_at", "calls", "call_at", "last_call", "usage", "finish",
+                 "started", "ended", "response")
 
     def __init__(self, request: dict, response_id: str) -> None:
         self.request = request
@@ -7353,7 +7361,10 @@ class ResponsesFromChat:
         self.output: list[dict] = []  # the items, in output_index order
         self.parts: list[tuple[str, list[str]]] = []  # the message's (kind, pieces), in order
         self.message: dict | None = None  # the message item, once text or a refusal has come
+        self.message_at = 0  # its output_index
         self.calls: dict[int, dict] = {}  # chat tool-call index -> function_call item
+        self.call_at: dict[int, int] = {}  # chat tool-call index -> its item's output_index
+        self.last_call: int | None = None  # the highest chat tool-call index so far
         self.usage: dict | None = None
         self.finish: str | None = None
         self.started = self.ended = False
@@ -7401,10 +7412,11 @@ class ResponsesFromChat:
         if self.message is None:
             self.message = _message_item(new_object_id("msg"), "", "in_progress")
             self.message["content"] = []
+            self.message_at = len(self.output)
             self.output.append(self.message)
             out.append(self._event("response.output_item.added",
-                                   output_index=len(self.output) - 1, item=self.message))
-        index = self.output.index(self.message)
+                                   output_index=self.message_at, item=self.message))
+        index = self.message_at
         if not self.parts or self.parts[-1][0] != kind:
             self.parts.append((kind, []))
             out.append(self._event("response.content_part.added", item_id=self.message["id"],
@@ -7421,7 +7433,7 @@ class ResponsesFromChat:
         out = []
         index = call.get("index")
         if not isinstance(index, int):  # (some upstreams send none: a new id, a new call)
-            last = max(self.calls, default=None)
+            last = self.last_call
             if last is None:
                 index = 0
             elif call.get("id") and self.calls[last]["call_id"] != _as_text(call["id"]):
@@ -7434,14 +7446,17 @@ class ResponsesFromChat:
             item = self.calls[index] = _call_item(
                 new_object_id("fc"), _as_text(call.get("id")) or new_object_id("call"),
                 _as_text(function.get("name")), "", "in_progress")
+            self.call_at[index] = len(self.output)
+            if self.last_call is None or index > self.last_call:
+                self.last_call = index
             self.output.append(item)
             out.append(self._event("response.output_item.added",
-                                   output_index=len(self.output) - 1, item=dict(item)))
+                                   output_index=self.call_at[index], item=dict(item)))
         arguments = _as_text(function.get("arguments"))
         if arguments:
             item["arguments"] += arguments
             out.append(self._event("response.function_call_arguments.delta", item_id=item["id"],
-                                   output_index=self.output.index(item), delta=arguments))
+                                   output_index=self.call_at[index], delta=arguments))
         return out
 
     def end(self) -> bytes:
@@ -7452,7 +7467,7 @@ class ResponsesFromChat:
         out = [] if self.started else [
             self._event("response.created", response=self._snapshot("in_progress"))]
         if self.message is not None:
-            index, parts = self.output.index(self.message), []
+            index, parts = self.message_at, []
             for at, (kind, pieces) in enumerate(self.parts):
                 whole = "".join(pieces)
                 part = _content_part(kind, whole)
@@ -7466,8 +7481,8 @@ class ResponsesFromChat:
             self.message.update(status="completed", content=parts)
             out.append(self._event("response.output_item.done", output_index=index,
                                    item=self.message))
-        for item in self.calls.values():
-            index = self.output.index(item)
+        for call, item in self.calls.items():
+            index = self.call_at[call]
             item["status"] = "completed"
             out += [self._event("response.function_call_arguments.done", item_id=item["id"],
                                 output_index=index, arguments=item["arguments"]),
@@ -7938,7 +7953,7 @@ class ProxyHandler:
             else:
                 body = orjson.dumps(completion_from_chat(reply))
         except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError, KeyError,
-                IndexError):
+                IndexError, RecursionError):
             raise UpstreamError("upstream answered garbage: not a chat completion") from None
         if plan.stream:
             self.converted_events(plan, events)
@@ -7981,7 +7996,12 @@ class ProxyHandler:
         items = [{"type": "message", "role": "user", "content": raw_input}] \
             if isinstance(raw_input, str) else list(raw_input or [])
         stored = StoredResponse(response, [*messages, assistant], [input_item(i) for i in items])
-        data = orjson.dumps(list(stored))
+        try:
+            data = orjson.dumps(list(stored))
+        except TypeError as exc:  # (nested past what orjson writes: not kept, and said)
+            log(f"response {response['id']} not kept for previous_response_id: {exc}",
+                "warning")
+            return
         self.gw.responses.put(stored, len(data))
         if self.gw.shared is not None:
             self.gw.shared.store_response(response["id"], data)

@@ -3802,7 +3802,7 @@ def test_a_converted_stream_never_passes_an_unfinished_event_through() -> None:
     assert converter.response is None
 
 
-@pytest.mark.parametrize("trouble", ["a usage that cannot be written", "an event over the bound",
+@pytest.mark.parametrize("trouble", ["a finish_reason that is no name", "an event over the bound",
                                      "an error event", "a payload that is not JSON"])
 def test_a_converted_stream_that_fails_is_never_kept_as_completed(trouble: str) -> None:
     converter = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1")
@@ -3812,10 +3812,8 @@ def test_a_converted_stream_that_fails_is_never_kept_as_completed(trouble: str) 
         later = b'data: {"error":{"message":"boom","type":"server_error"}}\n\ndata: [DONE]\n\n'
     elif trouble == "a payload that is not JSON":
         later = b"data: {not json\n\ndata: [DONE]\n\n"
-    else:
-        usage = b'{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2,"prompt_tokens_details":{"cached_tokens":' \
-            + b"[" * 300 + b"]" * 300 + b"}}"
-        later = b'data: {"choices":[],"usage":' + usage + b"}\n\ndata: [DONE]\n\n"
+    else:  # (a usage's odd counts are read as 0: no trouble; an odd finish_reason is)
+        later = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":[["stop"]]}]}\n\ndata: [DONE]\n\n'
     out = asyncio.run(convert_stream(converter, GOOD_CHUNK, later))
     events = [e for e in client_body(out)[2].split(b"\n\n") if e]
     assert events[0].startswith(b"event: response.created")
@@ -6128,6 +6126,101 @@ def test_chat_only_upstream_answering_garbage_is_502_not_500(raw_upstream: RawUp
     assert resp.status == 502 and resp.json()["error"]["code"] == "upstream_error"
 
 
+def answering(status: int, content_type: bytes, body: bytes) -> Handler:
+    """A raw upstream that answers every request with this one answer."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await request_in(reader):
+                writer.write(b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s"
+                             % (status, content_type, len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # (the gateway closed the connection)
+    return handler
+
+
+NESTED = b"[" * 1010 + b"]" * 1010  # read (orjson takes 1,024 levels), past Python's recursion
+# limit were it walked so (str(), repr())
+
+
+@pytest.mark.parametrize("path, body", [("/v1/responses", b'{"model":"m","input":"hi"}'),
+                                        ("/v1/completions", b'{"model":"m","prompt":"hi"}'),
+                                        ("/v1/responses", b'{"model":"m","input":"hi","stream":true}')])
+def test_a_chat_only_upstreams_error_nested_too_deep_to_quote_is_a_502(
+        raw_upstream: RawUpstream, start_gateway: StartGateway, capfd: pytest.CaptureFixture[str],
+        path: str, body: bytes) -> None:
+    port = raw_upstream(answering(200, b"application/json", b'{"error":{"message":' + NESTED + b"}}"))
+    g = start_gateway({"upstreams": [{"name": "odd", "url": f"http://127.0.0.1:{port}/v1", "chat_only": True}]})
+    (resp,) = raw(g.port, post(path, body))
+    assert resp.status == 502 and "too deep to quote" in resp.json()["error"]["message"]
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_chat_only_streams_error_event_nested_too_deep_is_an_error_event(
+        raw_upstream: RawUpstream, start_gateway: StartGateway, capfd: pytest.CaptureFixture[str]) -> None:
+    sse = b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\ndata: {"error":{"message":' + NESTED + b"}}\n\n"
+    port = raw_upstream(answering(200, b"text/event-stream", sse))
+    g = start_gateway({"upstreams": [{"name": "odd", "url": f"http://127.0.0.1:{port}/v1", "chat_only": True}]})
+    (resp,) = raw(g.port, post("/v1/responses", b'{"model":"m","input":"hi","stream":true}'))
+    assert resp.status == 200 and b"too deep to quote" in resp.body and b"internal_error" not in resp.body
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_401_whose_message_is_nested_too_deep_still_blocks_the_key(
+        raw_upstream: RawUpstream, start_gateway: StartGateway, capfd: pytest.CaptureFixture[str]) -> None:
+    port = raw_upstream(answering(401, b"application/json", b'{"error":{"message":' + NESTED + b"}}"))
+    g = start_gateway({"upstreams": [{"name": "u", "url": f"http://127.0.0.1:{port}/v1", "keys": KEYS[:1]}]})
+    (resp,) = raw(g.port, post("/v1/chat/completions", b'{"model":"m","messages":[]}'))
+    assert resp.status == 503 and resp.json()["error"]["code"] == "upstream_credentials_exhausted", resp.body
+    assert set(key_states(g).values()) == {"blocked"}
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_chat_only_answers_odd_id_and_model_are_not_copied_into_the_converted_object(
+        raw_upstream: RawUpstream, start_gateway: StartGateway, capfd: pytest.CaptureFixture[str]) -> None:
+    deep = b"[" * 254 + b"]" * 254  # (one level short of what orjson writes: a stored copy went past it)
+    answer = (b'{"id":' + NESTED + b',"created":1,"model":' + deep + b',"choices":[{"index":0,'
+              b'"message":{"content":"x"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,'
+              b'"total_tokens":2%s}}')
+    gateways = []
+    for usage in (b"", b',"prompt_tokens_details":{"cached_tokens":' + deep + b"}"):
+        port = raw_upstream(answering(200, b"application/json", answer % usage))
+        gateways.append(start_gateway({"upstreams": [
+            {"name": "odd", "url": f"http://127.0.0.1:{port}/v1", "chat_only": True}]}))
+    (resp,) = raw(gateways[0].port, post("/v1/completions", b'{"model":"m","prompt":"hi"}'))
+    assert resp.status == 200 and resp.json()["id"] == "" and resp.json()["choices"][0]["text"] == "x"
+    assert resp.json()["model"] is None
+    g = gateways[1]
+    (resp,) = raw(g.port, post("/v1/responses", b'{"model":"m","input":"hi"}'))
+    made = resp.json()
+    assert resp.status == 200 and made["model"] == "m" and made["usage"]["input_tokens_details"]["cached_tokens"] == 0
+    (again,) = raw(g.port, b"GET /v1/responses/%s HTTP/1.1\r\nHost: t\r\n\r\n" % made["id"].encode())
+    assert again.status == 200 and again.json()["id"] == made["id"]  # kept, for previous_response_id
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_responses_over_chat_number_each_item_by_its_place_in_the_output() -> None:
+    # calls with and without an index, text after them, more arguments for an earlier call
+    convert = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_x")
+    chunks = [{"choices": [{"index": 0, "delta": {"tool_calls": [
+                  {"index": 3, "id": "a", "function": {"name": "f", "arguments": "{"}},
+                  {"index": 1, "id": "b", "function": {"name": "g", "arguments": "{}"}}]}}]},
+              {"choices": [{"index": 0, "delta": {"content": "hello"}}]},
+              {"choices": [{"index": 0, "delta": {"tool_calls": [
+                  {"id": "c", "function": {"name": "h", "arguments": "[]"}},
+                  {"index": 3, "function": {"arguments": "}"}}]}}]},
+              {"choices": [{"index": 0, "delta": {"content": " there"}, "finish_reason": "tool_calls"}]}]
+    events = b"\n\n".join(e for e in (convert.event(c) for c in chunks) if e) + b"\n\n" + convert.end()
+    data = [orjson.loads(line[6:]) for line in events.split(b"\n") if line.startswith(b"data: ")]
+    output = convert.response["output"]
+    assert [(i.get("call_id"), i["type"]) for i in output] == [
+        ("a", "function_call"), ("b", "function_call"), (None, "message"), ("c", "function_call")]
+    assert output[0]["arguments"] == "{}" and output[2]["content"][0]["text"] == "hello there"
+    by_item = {item["id"]: at for at, item in enumerate(output)}
+    named = [e for e in data if "item_id" in e or "item" in e]
+    assert named and all(e["output_index"] == by_item[e.get("item_id") or e["item"]["id"]] for e in named)
+
+
 def test_paths_without_v1_answer_as_their_v1_forms(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     g = start_gateway()
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{g.port}", api_key="x", max_retries=0, timeout=10)
@@ -7100,7 +7193,9 @@ def test_json_nested_past_what_can_be_rewritten_is_a_400_not_a_500(
             ("/v1/chat/completions", b'{"model":"a","model":"b","messages":[],"x":' + deep(5000) + b"}"),
             ("/v1/chat/completions", b'{"model":"m","stream":true,"messages":[],"x":' + deep(300) + b"}"),
             ("/v1/moderations", b'{"model":"a","model":"b","input":"x","x":' + deep(5000) + b"}"),
-            ("/v1/responses", b'{"model":"m","input":"hi","stream":true,"metadata":{"a":' + deep(205) + b"}}")):
+            ("/v1/responses", b'{"model":"m","input":"hi","stream":true,"metadata":{"a":' + deep(205) + b"}}"),
+            ("/v1/responses", b'{"model":"m","input":' + deep(150_000) + b"}")):  # (a parser that
+            # recursed without bound crashed the process here)
         (resp,) = raw(g.port, post(path, body))
         assert resp.status == 400 and "nested" in resp.json()["error"]["message"], (path, resp.body)
     (resp,) = raw(g.port, post("/v1/chat/completions", b'{"model":"m","messages":[],"x":' + deep(199) + b"}"))
