@@ -7350,7 +7350,7 @@ class ResponsesFromChat:
 
     __slots__ = ("request", "response_id", "created", "model", "seq", "output", "parts",
                  "message", "message_at", "calls", "call_at", "last_call", "usage", "finish",
-                 "started", "ended", "response")
+                 "started", "ended", "response", "size")
 
     def __init__(self, request: dict, response_id: str) -> None:
         self.request = request
@@ -7365,6 +7365,7 @@ class ResponsesFromChat:
         self.calls: dict[int, dict] = {}  # chat tool-call index -> function_call item
         self.call_at: dict[int, int] = {}  # chat tool-call index -> its item's output_index
         self.last_call: int | None = None  # the highest chat tool-call index so far
+        self.size = 0  # what it holds for the completed response, roughly: bounded
         self.usage: dict | None = None
         self.finish: str | None = None
         self.started = self.ended = False
@@ -7406,8 +7407,17 @@ class ResponsesFromChat:
             self.finish = choice.get("finish_reason") or self.finish
         return b"\n\n".join(out) if out else None
 
+    def _hold(self, size: int) -> None:
+        """size more bytes kept for the completed response: at most MAX_READ_BODY in all,
+        as for a whole answer converted (the stream ends in an error event past it)."""
+        self.size += size
+        if self.size > MAX_READ_BODY:
+            raise UpstreamError(f"The upstream's answer is larger than the {MAX_READ_BODY}-byte "
+                                "limit for a response converted from chat completions.")
+
     def _text(self, kind: str, text: str) -> list[bytes]:
         """More of the message's text (output_text) or of its refusal: a part each."""
+        self._hold(len(text) + 64)
         out = []
         if self.message is None:
             self.message = _message_item(new_object_id("msg"), "", "in_progress")
@@ -7446,6 +7456,7 @@ class ResponsesFromChat:
             item = self.calls[index] = _call_item(
                 new_object_id("fc"), _as_text(call.get("id")) or new_object_id("call"),
                 _as_text(function.get("name")), "", "in_progress")
+            self._hold(512)
             self.call_at[index] = len(self.output)
             if self.last_call is None or index > self.last_call:
                 self.last_call = index
@@ -7453,6 +7464,7 @@ class ResponsesFromChat:
             out.append(self._event("response.output_item.added",
                                    output_index=self.call_at[index], item=dict(item)))
         arguments = _as_text(function.get("arguments"))
+        self._hold(len(arguments) + 64)
         if arguments:
             item["arguments"] += arguments
             out.append(self._event("response.function_call_arguments.delta", item_id=item["id"],

@@ -3803,10 +3803,15 @@ def test_a_converted_stream_never_passes_an_unfinished_event_through() -> None:
 
 
 @pytest.mark.parametrize("trouble", ["a finish_reason that is no name", "an event over the bound",
-                                     "an error event", "a payload that is not JSON"])
-def test_a_converted_stream_that_fails_is_never_kept_as_completed(trouble: str) -> None:
+                                     "an error event", "a payload that is not JSON", "more than the bound in all"])
+def test_a_converted_stream_that_fails_is_never_kept_as_completed(trouble: str, monkeypatch: pytest.MonkeyPatch) -> None:
     converter = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1")
-    if trouble == "an event over the bound":
+    if trouble == "more than the bound in all":  # (what it keeps for the completed response)
+        monkeypatch.setattr(gw, "MAX_READ_BODY", 50_000)
+        piece = b'data: {"choices":[{"index":0,"delta":{"content":"%s"}}]}\n\n' % (b"x" * 1000)
+        later = piece * 30 + b'data: {"choices":[{"index":0,"delta":{"tool_calls":[%s]}}]}\n\n' % b",".join(
+            b'{"index":%d,"function":{"name":"f","arguments":"{}"}}' % i for i in range(100)) + b"data: [DONE]\n\n"
+    elif trouble == "an event over the bound":
         later = b"data: " + b"x" * (gw.MAX_SSE_EVENT + 10)
     elif trouble == "an error event":  # what a chat client's SDK raises: never "completed"
         later = b'data: {"error":{"message":"boom","type":"server_error"}}\n\ndata: [DONE]\n\n'
