@@ -6783,7 +6783,7 @@ def chat_from_completion(obj: dict) -> dict:
 def _as_completion(chat: dict, choices: list[dict]) -> dict:
     """The text_completion envelope around converted choices, keeping id, model and usage."""
     chat_id, model = chat.get("id"), chat.get("model")
-    chat_id = chat_id if isinstance(chat_id, str) else ""
+    chat_id = chat_id if isinstance(chat_id, str) else str(chat_id) if type(chat_id) is int else ""
     out = {"id": "cmpl-" + chat_id[9:] if chat_id.startswith("chatcmpl-") else chat_id,
            "object": "text_completion", "created": chat.get("created", int(time.time())),
            "model": model if isinstance(model, str) else None, "choices": choices}
@@ -7408,12 +7408,15 @@ class ResponsesFromChat:
         return b"\n\n".join(out) if out else None
 
     def _hold(self, size: int) -> None:
-        """size more bytes kept for the completed response: at most MAX_READ_BODY in all,
-        as for a whole answer converted (the stream ends in an error event past it)."""
+        """size more kept for the completed response (each piece counted with what keeping
+        it costs): at most MAX_READ_BODY in all, as for a whole answer converted (the stream
+        ends in an error event past it)."""
         self.size += size
         if self.size > MAX_READ_BODY:
-            raise UpstreamError(f"The upstream's answer is larger than the {MAX_READ_BODY}-byte "
-                                "limit for a response converted from chat completions.")
+            raise UpstreamError(f"The upstream's answer is more than the {MAX_READ_BODY} bytes "
+                                "the gateway keeps of a response converted from chat "
+                                "completions (each delta and tool call counted with its "
+                                "overhead).")
 
     def _text(self, kind: str, text: str) -> list[bytes]:
         """More of the message's text (output_text) or of its refusal: a part each."""
@@ -7453,10 +7456,10 @@ class ResponsesFromChat:
         function = call.get("function") or {}
         item = self.calls.get(index)
         if item is None:
+            self._hold(512)
             item = self.calls[index] = _call_item(
                 new_object_id("fc"), _as_text(call.get("id")) or new_object_id("call"),
                 _as_text(function.get("name")), "", "in_progress")
-            self._hold(512)
             self.call_at[index] = len(self.output)
             if self.last_call is None or index > self.last_call:
                 self.last_call = index
