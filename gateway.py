@@ -6641,8 +6641,9 @@ def short_message(message: Any, keys: KeyPool | None = None) -> str:
     if isinstance(message, dict):  # an OpenAI error object
         message = message.get("message", message)
     if not isinstance(message, str):
-        try:
-            message = orjson.dumps(message).decode()
+        try:  # (JSON's escaped line ends as spaces: a secret after one is still a word)
+            message = orjson.dumps(message).decode().replace("\\n", " ").replace(
+                "\\r", " ").replace("\\t", " ")
         except TypeError:  # (nested past what orjson writes, or a big int)
             message = f"(a {type(message).__name__} too deep to quote)"
     if keys is not None:  # (on what can be shown: on one line, up to a key past its end)

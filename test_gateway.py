@@ -6204,6 +6204,13 @@ def test_a_chat_only_answers_odd_id_and_model_are_not_copied_into_the_converted_
     assert "Traceback" not in capfd.readouterr().err
 
 
+def test_an_upstream_error_message_that_is_no_string_is_quoted_as_json_with_secrets_masked() -> None:
+    quoted = gw.short_message({"message": ["bad key:\nsk-proj-abcdefghijkl", {"hint": "\tghp_abcdefghijklmnop"}]})
+    assert quoted == '["bad key: sk-...ijkl",{"hint":" gh...mnop"}]'
+    assert gw.short_message({"message": orjson.loads(NESTED)}) == "(a list too deep to quote)"
+    assert gw.short_message(12) == "12"
+
+
 def test_responses_over_chat_number_each_item_by_its_place_in_the_output() -> None:
     # calls with and without an index, text after them, more arguments for an earlier call
     convert = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_x")
