@@ -5641,6 +5641,12 @@ class Forwarder:
             await asyncio.sleep(delay)
         return False
 
+    def moved(self, plan: Plan, upstream: Upstream) -> bool:
+        """A reload gave this upstream's name another origin: its keys (the same objects,
+        kept by name) may hold the new one's credentials, not for the old one. One renamed
+        or removed keeps its keys as they were: a request in flight finishes on it."""
+        return plan.pools[upstream.name].retired and upstream.name in self.gw.keys
+
     def choose(self, plan: Plan, groups: list[list[Upstream]], model: str = "") -> Choice | None:
         """The first usable upstream for plan.model (or model), its pool, a key, its pacing
         wait, and whether the request is its breaker's half-open probe."""
@@ -5650,8 +5656,8 @@ class Forwarder:
                 upstream = group[(plan.shift + i) % len(group)]
                 if plan.refused_by(upstream):
                     continue  # never tried, never paced
-                if plan.pools[upstream.name].retired:  # a reload moved it: its keys (shared
-                    continue  # by name) hold the new one's credentials, not for the old one
+                if self.moved(plan, upstream):
+                    continue
                 breaker = gw.breakers.get(upstream.name, model)
                 if not breaker.available():
                     continue
@@ -5690,7 +5696,7 @@ class Forwarder:
         choice, blocked = chosen[1], chosen[2]  # type: ignore[index]
         upstream, keys, key, breaker, _, probe = choice
         if (probe and probe == breaker.probing or breaker.state is BreakerState.CLOSED) \
-                and not plan.pools[upstream.name].retired and (blocked or not key.blocked) \
+                and not self.moved(plan, upstream) and (blocked or not key.blocked) \
                 and not (key.cooling and key.cools_for(plan.model, keys.clock())):
             plan.chosen = None
             return choice
@@ -5730,7 +5736,7 @@ class Forwarder:
                 if plan.refused_by(upstream):
                     continue
                 considered = True
-                if plan.pools[upstream.name].retired:
+                if self.moved(plan, upstream):
                     moved = True
                     continue
                 breaker = gw.breakers.get(upstream.name, model)
@@ -8197,8 +8203,9 @@ class ModelCatalog:
         self._cache: dict[str, tuple[float, list[dict], str]] = {}
 
     def forget(self) -> None:
-        """After a reload: upstreams' own lists are fetched again."""
-        self._cache.clear()
+        """After a reload: upstreams' own lists are fetched again (a fetch that began before
+        it keeps what it found in the cache it began with, which is dropped)."""
+        self._cache = {}
 
     async def list_models(self, rq: Request) -> None:
         models, failures = await self.known()
@@ -8228,38 +8235,43 @@ class ModelCatalog:
                           cfg.resolve_alias(target) in u.models), "gateway")
             models.setdefault(alias, model_entry(alias, owner))
         failures = []
+        gw = self.gw
+        keys, pools = gw.keys, gw.pools  # (of cfg, whatever a reload does meanwhile)
         for u in cfg.upstreams:
             if u.models is None:
-                entries, failure = await self.upstream_models(u)
+                entries, failure = await self.upstream_models(u, keys, pools)
                 if failure:
                     failures.append(f"{u.name}: {failure}")
                 for entry in entries:
                     models.setdefault(entry["id"], entry)
         return models, failures
 
-    async def upstream_models(self, u: Upstream) -> tuple[list[dict], str]:
+    async def upstream_models(self, u: Upstream, keys: dict[str, KeyPool],
+                              pools: dict[str, UpstreamPool]) -> tuple[list[dict], str]:
         """The upstream's own list, and why it could not be had ("" when it could)."""
-        now = time.monotonic()
-        cached = self._cache.get(u.name)
+        now, cache = time.monotonic(), self._cache
+        cached = cache.get(u.name)
         if cached is not None and cached[0] > now:
             return cached[1], cached[2]
         try:
-            entries, ttl, failure = await self.fetch(u), MODELS_CACHE_S, ""
+            entries, ttl, failure = await self.fetch(u, keys, pools), MODELS_CACHE_S, ""
         except (GatewayError, ValueError, KeyError, TypeError) as exc:
             failure = str(exc) or type(exc).__name__
             log(f"upstream {u.name}: cannot list models ({failure})", "warning", upstream=u.name)
             entries, ttl = [], MODELS_FAIL_CACHE_S
-        self._cache[u.name] = (now + ttl, entries, failure)
+        cache[u.name] = (now + ttl, entries, failure)
         # An upstream's own list is bounded: its ids may become metric labels.
         self.gw.metrics.known_models.update(e["id"] for e in entries)
         return entries, failure
 
-    async def fetch(self, u: Upstream) -> list[dict]:
-        gw = self.gw
+    async def fetch(self, u: Upstream, keys: dict[str, KeyPool],
+                    pools: dict[str, UpstreamPool]) -> list[dict]:
+        if pools[u.name].retired and u.name in self.gw.keys:  # its keys may hold the new
+            raise ValueError("reconfigured while listing")  # place's credentials by now
         target = u.base_path + b"/models" + (b"?" + u.query if u.query else b"")
-        request = build_request(b"GET", target, gw.keys[u.name].current_key().head, b"",
+        request = build_request(b"GET", target, keys[u.name].current_key().head, b"",
                                 new_request_id(), b"")
-        conn = await gw.pools[u.name].request(request)
+        conn = await pools[u.name].request(request)
         body = await conn.read_body(MAX_READ_BODY)
         if conn.status != 200:
             raise ValueError(f"status {conn.status}")

@@ -839,6 +839,62 @@ def test_processes_sharing_keys_start_their_round_robin_anywhere_and_a_reload_ke
             assert pool.current_key().secret.startswith("sk-02") and pool.pick()[0].secret.startswith(want)
 
 
+def test_a_request_waiting_to_retry_across_a_reload_that_renames_its_upstream_finishes_there(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    # In flight on the old configuration: the upstream is the same place with the same keys,
+    # under another name. (One whose name now points elsewhere holds keys that may carry the
+    # new place's credentials: that request is refused, to be sent again.)
+    config = {"port": 0, "access_log": False, "retry": {"attempts": 3, "base_delay_s": 0.01, "max_delay_s": 2.0},
+              "upstreams": [{"name": "a", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS[:2]}]}
+    g = start_gateway(config)
+    g.gw.keys["a"]._next = 0
+    mock.key_model_faults[(KEYS[0], "gpt-4o-mini")] = (503, {"retry-after": "1"})  # then a wait
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(lambda: raw(g.port, post("/v1/chat/completions", CHAT))[0])
+        assert eventually(lambda: any(r.method == "POST" for r in mock.requests))
+        g.lt.call(g.gw.reload, cfg({**config, "upstreams": [{**config["upstreams"][0], "name": "b"}]}))
+        resp = reply.result(timeout=10)
+    assert resp.status == 200, resp.body
+    assert [r.key() for r in mock.requests if r.method == "POST"] == [KEYS[0], KEYS[1]]
+
+
+def test_a_models_listing_across_a_reload_finishes_on_the_old_config_and_leaves_nothing_stale(
+        start_gateway: StartGateway, raw_upstream: RawUpstream, capfd: pytest.CaptureFixture[str]) -> None:
+    asked, gate = threading.Event(), threading.Event()
+
+    def listing(model: str, held: bool) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            body = orjson.dumps({"object": "list", "data": [{"id": model, "object": "model", "owned_by": "x"}]})
+            try:
+                while await request_in(reader):
+                    if held:  # the reload comes while this answer is held
+                        asked.set()
+                        await asyncio.get_running_loop().run_in_executor(None, gate.wait)
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                                 b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+        return handler
+    old, new = raw_upstream(listing("old-model", True)), raw_upstream(listing("new-model", False))
+    config = {"port": 0, "access_log": False, "upstreams": [
+        {"name": "u", "url": f"http://127.0.0.1:{old}/v1", "keys": ["sk-x-1"]},
+        {"name": "v", "url": f"http://127.0.0.1:{new}/v1", "keys": ["sk-x-2"]}]}
+    g = start_gateway(config)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        listed = pool.submit(lambda: raw(g.port, b"GET /v1/models HTTP/1.1\r\nHost: t\r\n\r\n")[0])
+        assert asked.wait(10)
+        g.lt.call(g.gw.reload, cfg({**config, "upstreams": [  # u moved to the other place, v renamed
+            {"name": "u", "url": f"http://127.0.0.1:{new}/v1", "keys": ["sk-x-1"]},
+            {"name": "w", "url": f"http://127.0.0.1:{new}/v1", "keys": ["sk-x-2"]}]}))
+        gate.set()
+        resp = listed.result(timeout=10)
+    assert resp.status == 200 and sorted(m["id"] for m in resp.json()["data"]) == ["new-model", "old-model"]
+    (after,) = raw(g.port, b"GET /v1/models HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert [m["id"] for m in after.json()["data"]] == ["new-model"]  # not the list from before
+    assert "cannot list models" not in capfd.readouterr().err
+
+
 def test_cooldown_without_hint_grows_exponentially_from_1s_and_is_capped() -> None:
     pool, clock = make_pool(1)
     key = pool.keys[0]
