@@ -4917,7 +4917,7 @@ def _ssl_context() -> ssl.SSLContext:
 class UpstreamPool:
     """Keep-alive connections to one upstream: reuse (LIFO), expiry, one retry on stale."""
 
-    __slots__ = ("upstream", "loop", "idle", "live", "retired")
+    __slots__ = ("upstream", "loop", "idle", "live", "retired", "moved", "home")
 
     def __init__(self, upstream: Upstream, loop: asyncio.AbstractEventLoop) -> None:
         self.upstream = upstream
@@ -4925,6 +4925,10 @@ class UpstreamPool:
         self.idle: list[UpstreamConnection] = []
         self.live: set[UpstreamConnection] = set()
         self.retired = False  # a reload replaced it: nothing goes back into it
+        # retired while its name stayed configured: its keys (kept by name) went on to the
+        # new place and may hold its credentials, now or after any later reload
+        self.moved = False
+        self.home: set | None = None  # retired: the gateway's set whose sweep times it out
 
     def __repr__(self) -> str:
         return f"UpstreamPool({self.upstream.name!r}, idle={len(self.idle)}, live={len(self.live)})"
@@ -4986,6 +4990,8 @@ class UpstreamPool:
                 raise upstream_failure(exc, f"cannot connect to upstream {u.name}") from None
             raise
         self.live.add(conn)
+        if self.home is not None:  # retired, still used by a request in flight: swept again
+            self.home.add(self)  # (the sweep lets it go whenever nothing of it is live)
         return conn
 
     def same_origin(self, upstream: Upstream) -> bool:
@@ -4993,9 +4999,9 @@ class UpstreamPool:
         u = self.upstream
         return (u.scheme, u.host, u.port) == (upstream.scheme, upstream.host, upstream.port)
 
-    def retire(self) -> None:
+    def retire(self, home: set | None = None) -> None:
         """Replaced by a reload: idle connections go now, those in use when they are done."""
-        self.retired = True
+        self.retired, self.home = True, home
         for conn in list(self.idle):
             conn.abort()
 
@@ -5597,6 +5603,8 @@ class Forwarder:
                 if end is not None:
                     keys.give_back(key, end)
                 raise
+        if self.moved(plan, upstream):  # a reload while it waited: its key may hold the
+            raise _PacedOut  # new place's credentials (another upstream, or 'reconfigured')
         request = plan.request_for(upstream, model, key)
         plan.upstream, plan.key, plan.sent = upstream, key, key.creds
         keys.sending(key, model)
@@ -5645,7 +5653,7 @@ class Forwarder:
         """A reload gave this upstream's name another origin: its keys (the same objects,
         kept by name) may hold the new one's credentials, not for the old one. One renamed
         or removed keeps its keys as they were: a request in flight finishes on it."""
-        return plan.pools[upstream.name].retired and upstream.name in self.gw.keys
+        return plan.pools[upstream.name].moved
 
     def choose(self, plan: Plan, groups: list[list[Upstream]], model: str = "") -> Choice | None:
         """The first usable upstream for plan.model (or model), its pool, a key, its pacing
@@ -8266,7 +8274,7 @@ class ModelCatalog:
 
     async def fetch(self, u: Upstream, keys: dict[str, KeyPool],
                     pools: dict[str, UpstreamPool]) -> list[dict]:
-        if pools[u.name].retired and u.name in self.gw.keys:  # its keys may hold the new
+        if pools[u.name].moved:  # its keys may hold the new
             raise ValueError("reconfigured while listing")  # place's credentials by now
         target = u.base_path + b"/models" + (b"?" + u.query if u.query else b"")
         request = build_request(b"GET", target, keys[u.name].current_key().head, b"",
@@ -9385,7 +9393,8 @@ class Gateway:
             pools[u.name] = pool
         for name, pool in self.pools.items():
             if pools.get(name) is not pool:
-                pool.retire()
+                pool.moved = name in pools  # (once: a retired pool is never replaced again)
+                pool.retire(self.retired)
                 self.retired.add(pool)
         self.pools = pools
         self.limiter.reconfigure(config)

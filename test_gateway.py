@@ -858,6 +858,79 @@ def test_a_request_waiting_to_retry_across_a_reload_that_renames_its_upstream_fi
     assert [r.key() for r in mock.requests if r.method == "POST"] == [KEYS[0], KEYS[1]]
 
 
+NEW_PLACE = ["sk-new-place-secret-0001", "sk-new-place-secret-0002"]
+
+
+@pytest.mark.parametrize("reloads", ["moved, then renamed", "renamed with a new one in its name, then that removed"])
+def test_a_request_in_flight_never_takes_secrets_a_reload_gave_its_keys_to_the_old_place(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, reloads: str) -> None:
+    # Keys are kept by upstream name: a name that went elsewhere took the key objects along and
+    # gave them that place's secrets, whatever later reloads do with the name.
+    config = {"port": 0, "access_log": False, "retry": {"attempts": 3, "base_delay_s": 0.01, "max_delay_s": 3.0},
+              "upstreams": [{"name": "a", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS[:2]}]}
+    g = start_gateway(config)
+    g.gw.keys["a"]._next = 0
+    mock.key_model_faults[(KEYS[0], "gpt-4o-mini")] = (503, {"retry-after": "1"})
+    elsewhere = {"name": "a", "url": "http://127.0.0.1:9/v1", "keys": NEW_PLACE}
+    renamed = {**config["upstreams"][0], "name": "b"}
+    steps = [[elsewhere], [{**elsewhere, "name": "b"}]] if reloads.startswith("moved") else [[renamed, elsewhere], [renamed]]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(lambda: raw(g.port, post("/v1/chat/completions", CHAT))[0])
+        assert eventually(lambda: any(r.method == "POST" for r in mock.requests))
+        for upstreams in steps:
+            g.lt.call(g.gw.reload, cfg({**config, "upstreams": upstreams}))
+        resp = reply.result(timeout=10)
+    assert resp.status == 503  # (the upstream's last answer: nothing else could be tried)
+    assert [r.key() for r in mock.requests if r.method == "POST"] == [KEYS[0]]
+
+
+def test_a_paced_request_whose_upstream_moves_while_it_waits_is_not_sent_there(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    config = {"port": 0, "access_log": False, "upstreams": [
+        {"name": "a", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS[:1], "min_interval_ms": 1500}]}
+    g = start_gateway(config)
+    key = g.gw.keys["a"].keys[0]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(lambda: raw(g.port, post("/v1/chat/completions", CHAT))[0])
+        assert eventually(lambda: any(r.method == "POST" for r in mock.requests))
+        second = pool.submit(lambda: raw(g.port, post("/v1/chat/completions", CHAT))[0])
+        assert eventually(lambda: g.lt.call(lambda: key.next_slot - g.gw.keys["a"].clock()) > 1.6)  # its slot
+        g.lt.call(g.gw.reload, cfg({**config, "upstreams": [
+            {"name": "a", "url": "http://127.0.0.1:9/v1", "keys": NEW_PLACE[:1]}]}))
+        assert first.result(timeout=10).status == 200
+        resp = second.result(timeout=10)
+    assert resp.status == 503 and [r.key() for r in mock.requests if r.method == "POST"] == [KEYS[0]]
+
+
+def test_a_retry_on_a_renamed_upstream_still_times_out_and_is_swept(
+        start_gateway: StartGateway, raw_upstream: RawUpstream) -> None:
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await request_in(reader):
+                seen.append(b"")
+                if len(seen) == 1:
+                    writer.write(b"HTTP/1.1 503 Busy\r\nretry-after: 1\r\ncontent-length: 2\r\n\r\n{}")
+                    await writer.drain()
+                else:
+                    await reader.read()  # never answers: the first-byte timeout ends it
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+    port = raw_upstream(handler)
+    up = {"name": "a", "url": f"http://127.0.0.1:{port}/v1", "keys": KEYS[:1], "first_byte_timeout_s": 1}
+    config = {"port": 0, "access_log": False, "retry": {"attempts": 2, "base_delay_s": 0.01, "max_delay_s": 2.0},
+              "upstreams": [up]}
+    g = start_gateway(config)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(lambda: raw(g.port, post("/v1/chat/completions", CHAT))[0])
+        assert eventually(lambda: len(seen) == 1)
+        g.lt.call(g.gw.reload, cfg({**config, "upstreams": [{**up, "name": "b"}]}))
+        resp = reply.result(timeout=10)
+    assert len(seen) == 2 and resp.status == 503  # the retry timed out: the answer before it
+    assert eventually(lambda: g.lt.call(lambda: len(g.gw.retired)) == 0)  # let go once done
+
+
 def test_a_models_listing_across_a_reload_finishes_on_the_old_config_and_leaves_nothing_stale(
         start_gateway: StartGateway, raw_upstream: RawUpstream, capfd: pytest.CaptureFixture[str]) -> None:
     asked, gate = threading.Event(), threading.Event()
