@@ -5604,7 +5604,9 @@ class Forwarder:
                     keys.give_back(key, end)
                 raise
         if self.moved(plan, upstream):  # a reload while it waited: its key may hold the
-            raise _PacedOut  # new place's credentials (another upstream, or 'reconfigured')
+            if end is not None:  # new place's credentials (another upstream, or
+                keys.give_back(key, end)  # 'reconfigured'); its slot goes to the next
+            raise _PacedOut
         request = plan.request_for(upstream, model, key)
         plan.upstream, plan.key, plan.sent = upstream, key, key.creds
         keys.sending(key, model)

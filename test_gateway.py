@@ -900,6 +900,7 @@ def test_a_paced_request_whose_upstream_moves_while_it_waits_is_not_sent_there(
         assert first.result(timeout=10).status == 200
         resp = second.result(timeout=10)
     assert resp.status == 503 and [r.key() for r in mock.requests if r.method == "POST"] == [KEYS[0]]
+    assert g.lt.call(lambda: key.next_slot - g.gw.keys["a"].clock()) < 0.5  # its slot given back
 
 
 def test_a_retry_on_a_renamed_upstream_still_times_out_and_is_swept(
