@@ -3278,6 +3278,11 @@ def _labels(names: tuple[str, ...], values: tuple) -> str:
     return ",".join(f'{n}="{_label(str(v))}"' for n, v in zip(names, values))
 
 
+def _is_count(value: Any) -> bool:
+    """A counter as a worker publishes it: an int that fits 64 bits, not negative."""
+    return type(value) is int and 0 <= value < 2 ** 64
+
+
 # Gateway.views(): the types of each row's fields, per part
 _VIEW_ROWS: dict[str, tuple] = {
     "keys": (str, str, int, int, (int, float, type(None)), (int, type(None)), (str, type(None))),
@@ -3326,19 +3331,17 @@ class Metrics:
     def published(cls, snap: Any) -> bool:
         """Is this what snapshot() writes? Another worker's file is read whole or not at all:
         one that is not (a torn or foreign file) must not fail, skew or half-join a scrape."""
-        def count(value: Any) -> bool:
-            return type(value) is int and 0 <= value < 2 ** 64
         try:
             return isinstance(snap, dict) and all(
-                all(len(row) == len(types) + 1 and count(row[-1]) and all(
+                all(len(row) == len(types) + 1 and _is_count(row[-1]) and all(
                     type(label) is kind for label, kind in zip(row, types))
                     for row in snap.get(name, ()))
                 for name, types in cls._LABELS.items()) and all(
                 type(key) is str and len(counts) == len(LATENCY_BUCKETS) + 1
-                and all(map(count, counts)) and type(total) in (int, float)
+                and all(map(_is_count, counts)) and type(total) in (int, float)
                 and 0 <= total < 1e300
                 for name in cls._HISTOGRAMS for key, (counts, total) in snap.get(name, {}).items()
-            ) and count(snap.get("active_streams", 0)) and count(snap.get("refused", 0))
+            ) and _is_count(snap.get("active_streams", 0)) and _is_count(snap.get("refused", 0))
         except (TypeError, ValueError, AttributeError):
             return False
 
@@ -4717,6 +4720,10 @@ class UpstreamConnection(asyncio.Protocol):
         return [(name.lower(), value.strip())
                 for name, _, value in (line.partition(b":") for line in self.lines)]
 
+    def content_type(self) -> bytes:
+        """The answer's Content-Type (the first), as _parse_head kept it; b"" without one."""
+        return next((v for n, v in self.kept if n == b"content-type"), b"")
+
     def _parse_head(self, head: bytes) -> None:
         lines = head.split(b"\r\n")
         if bare_control(lines):  # (a bare CR or LF could split a relayed
@@ -4917,18 +4924,19 @@ def _ssl_context() -> ssl.SSLContext:
 class UpstreamPool:
     """Keep-alive connections to one upstream: reuse (LIFO), expiry, one retry on stale."""
 
-    __slots__ = ("upstream", "loop", "idle", "live", "retired", "moved", "home")
+    __slots__ = ("upstream", "loop", "idle", "live", "retired", "moved")
 
     def __init__(self, upstream: Upstream, loop: asyncio.AbstractEventLoop) -> None:
         self.upstream = upstream
         self.loop = loop
         self.idle: list[UpstreamConnection] = []
         self.live: set[UpstreamConnection] = set()
-        self.retired = False  # a reload replaced it: nothing goes back into it
+        # once a reload replaced it (nothing goes back into it): the gateway's set of such
+        # pools, whose sweep times out what is still in use
+        self.retired: set | None = None
         # retired while its name stayed configured: its keys (kept by name) went on to the
         # new place and may hold its credentials, now or after any later reload
         self.moved = False
-        self.home: set | None = None  # retired: the gateway's set whose sweep times it out
 
     def __repr__(self) -> str:
         return f"UpstreamPool({self.upstream.name!r}, idle={len(self.idle)}, live={len(self.live)})"
@@ -4990,8 +4998,8 @@ class UpstreamPool:
                 raise upstream_failure(exc, f"cannot connect to upstream {u.name}") from None
             raise
         self.live.add(conn)
-        if self.home is not None:  # retired, still used by a request in flight: swept again
-            self.home.add(self)  # (the sweep lets it go whenever nothing of it is live)
+        if self.retired is not None:  # still used by a request in flight: swept again
+            self.retired.add(self)  # (the sweep lets it go whenever nothing of it is live)
         return conn
 
     def same_origin(self, upstream: Upstream) -> bool:
@@ -4999,9 +5007,11 @@ class UpstreamPool:
         u = self.upstream
         return (u.scheme, u.host, u.port) == (upstream.scheme, upstream.host, upstream.port)
 
-    def retire(self, home: set | None = None) -> None:
-        """Replaced by a reload: idle connections go now, those in use when they are done."""
-        self.retired, self.home = True, home
+    def retire(self, retired: set) -> None:
+        """Replaced by a reload: idle connections go now, those in use when they are done
+        (retired: the gateway's set of such pools, which its sweep times out)."""
+        self.retired = retired
+        retired.add(self)
         for conn in list(self.idle):
             conn.abort()
 
@@ -5014,7 +5024,7 @@ class UpstreamPool:
             conn.abort()
 
     def release(self, conn: UpstreamConnection) -> None:
-        if self.retired or len(self.idle) >= UPSTREAM_MAX_IDLE:
+        if self.retired is not None or len(self.idle) >= UPSTREAM_MAX_IDLE:
             conn.abort()
             return
         conn._to(_IDLE)
@@ -5603,7 +5613,7 @@ class Forwarder:
                 if end is not None:
                     keys.give_back(key, end)
                 raise
-        if self.moved(plan, upstream):  # a reload while it waited: its key may hold the
+        if plan.pools[upstream.name].moved:  # a reload while it waited: its key may hold the
             if end is not None:  # new place's credentials (another upstream, or
                 keys.give_back(key, end)  # 'reconfigured'); its slot goes to the next
             raise _PacedOut
@@ -5651,12 +5661,6 @@ class Forwarder:
             await asyncio.sleep(delay)
         return False
 
-    def moved(self, plan: Plan, upstream: Upstream) -> bool:
-        """A reload gave this upstream's name another origin: its keys (the same objects,
-        kept by name) may hold the new one's credentials, not for the old one. One renamed
-        or removed keeps its keys as they were: a request in flight finishes on it."""
-        return plan.pools[upstream.name].moved
-
     def choose(self, plan: Plan, groups: list[list[Upstream]], model: str = "") -> Choice | None:
         """The first usable upstream for plan.model (or model), its pool, a key, its pacing
         wait, and whether the request is its breaker's half-open probe."""
@@ -5666,8 +5670,8 @@ class Forwarder:
                 upstream = group[(plan.shift + i) % len(group)]
                 if plan.refused_by(upstream):
                     continue  # never tried, never paced
-                if self.moved(plan, upstream):
-                    continue
+                if plan.pools[upstream.name].moved:  # (its keys may hold the new place's
+                    continue  # credentials: UpstreamPool.moved)
                 breaker = gw.breakers.get(upstream.name, model)
                 if not breaker.available():
                     continue
@@ -5706,7 +5710,7 @@ class Forwarder:
         choice, blocked = chosen[1], chosen[2]  # type: ignore[index]
         upstream, keys, key, breaker, _, probe = choice
         if (probe and probe == breaker.probing or breaker.state is BreakerState.CLOSED) \
-                and not self.moved(plan, upstream) and (blocked or not key.blocked) \
+                and not plan.pools[upstream.name].moved and (blocked or not key.blocked) \
                 and not (key.cooling and key.cools_for(plan.model, keys.clock())):
             plan.chosen = None
             return choice
@@ -5746,7 +5750,7 @@ class Forwarder:
                 if plan.refused_by(upstream):
                     continue
                 considered = True
-                if self.moved(plan, upstream):
+                if plan.pools[upstream.name].moved:
                     moved = True
                     continue
                 breaker = gw.breakers.get(upstream.name, model)
@@ -7904,9 +7908,9 @@ class ProxyHandler:
             headers, plain = conn.kept, conn.plain
         ok = 200 <= conn.status < 300
         convert = ok and plan.converts(plan.upstream)  # type: ignore[arg-type]
-        if convert and (not plan.stream or next(  # a stream asked for, and no stream given: a
-                (v for n, v in conn.kept if n == b"content-type"), b"")[:17].lower()
-                != b"text/event-stream"):  # whole answer, an error, or garbage, read whole
+        if convert and (not plan.stream or conn.content_type()[:17].lower()  # a stream asked
+                != b"text/event-stream"):  # for, and none given: a whole answer, an error,
+            # or garbage, read whole
             await self.converted_reply(plan, conn)
             return
         # Usage is counted from what a model made for this request: not from an object read
@@ -7938,8 +7942,7 @@ class ProxyHandler:
                 or plan.kind == "responses" and not plan.stream  # (a container)
                 and b'"code_interpreter"' in rq.body()) \
                 and (len(plan.config.upstreams) > 1 or len(plan.pool().keys) > 1) \
-                and next((v for n, v in conn.kept if n == b"content-type"), b"").partition(
-                    b";")[0].strip().lower() == b"application/json":
+                and conn.content_type().partition(b";")[0].strip().lower() == b"application/json":
             writer.named = []
         quoting = plan.pool() if convert else None
         writer.relay_head(conn.status, headers, plain=plain, inspect=inspect,
@@ -8298,10 +8301,14 @@ class AdminHandler:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
 
+    async def refresh(self) -> None:
+        """Before a view of key states and breakers: what every process left in Redis."""
+        if self.gw.shared is not None:
+            await self.gw.shared.refresh()
+
     async def health(self, rq: Request) -> None:
         gw = self.gw
-        if gw.shared is not None:
-            await gw.shared.refresh()
+        await self.refresh()
         reasons = [f"circuit breaker open: {up}/{model}" for up, model in gw.breakers.not_closed()]
         reasons += [f"no upstream key available: {u.name}"
                     for u in gw.config.upstreams if gw.keys[u.name].all_unavailable()]
@@ -8324,8 +8331,7 @@ class AdminHandler:
 
     async def circuit_breakers(self, rq: Request) -> None:
         cfg = self.gw.config
-        if self.gw.shared is not None:
-            await self.gw.shared.refresh()
+        await self.refresh()
         rq.writer.send_json(200, {
             "circuit_breakers": self.gw.breakers.snapshot(),
             "config": {"failure_threshold": cfg.failure_threshold,
@@ -8334,8 +8340,7 @@ class AdminHandler:
 
     async def metrics_text(self, rq: Request) -> None:
         gw = self.gw
-        if gw.shared is not None:
-            await gw.shared.refresh()
+        await self.refresh()
         keys = {(name, key): up for name, pool in gw.keys.items()
                 for key, up in pool.available().items()}
         metrics, refused = gw.metrics, gw.limiter.refused
@@ -8377,8 +8382,7 @@ class AdminHandler:
 
     async def token_stats(self, rq: Request) -> None:
         gw = self.gw
-        if gw.shared is not None:
-            await gw.shared.refresh()
+        await self.refresh()
         stats = {u.name: gw.keys[u.name].snapshot() for u in gw.config.upstreams}
         if gw.metrics_dir is not None:  # (this worker's published first, as for /metrics:
             gw.write_metrics()  # a view through another never shows less than this one)
@@ -9397,7 +9401,6 @@ class Gateway:
             if pools.get(name) is not pool:
                 pool.moved = name in pools  # (once: a retired pool is never replaced again)
                 pool.retire(self.retired)
-                self.retired.add(pool)
         self.pools = pools
         self.limiter.reconfigure(config)
         self.ledger.reconfigure(config.api_keys, bool(config.prices))
@@ -9488,7 +9491,7 @@ class Gateway:
                     isinstance(value, kinds) and value.__class__ is not bool
                     for value, kinds in zip(row, shapes))]
         if part == "keys":  # (counts: as Metrics.published takes them)
-            rows = [row for row in rows if 0 <= row[2] < 2 ** 64 and 0 <= row[3] < 2 ** 64]
+            rows = [row for row in rows if _is_count(row[2]) and _is_count(row[3])]
         else:
             for row in rows:
                 row[4] = dict(pair for pair in row[4] if pair.__class__ is list and len(pair) == 2
