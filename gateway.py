@@ -1275,7 +1275,7 @@ class BreakerBoard:
     """Every (upstream, model) breaker, made on first use. "*" upstreams see client-chosen
     model names, so the board is bounded: a new pair evicts the oldest healthy one."""
 
-    __slots__ = ("threshold", "recovery_s", "clock", "_breakers", "listener")
+    __slots__ = ("threshold", "recovery_s", "clock", "_breakers", "listener", "upstreams")
 
     def __init__(self, threshold: int, recovery_s: float, clock: Clock = time.monotonic) -> None:
         self.listener: Any = None  # given to every breaker (SharedState), if set
@@ -1283,6 +1283,7 @@ class BreakerBoard:
         self.recovery_s = recovery_s
         self.clock = clock
         self._breakers = BoundedMap(MAX_BREAKERS, keep=CircuitBreaker.holding)
+        self.upstreams: frozenset[str] | None = None  # the ones configured; None: any
 
     def __repr__(self) -> str:
         return f"BreakerBoard({len(self._breakers)} pairs, {len(self.not_closed())} not closed)"
@@ -1298,8 +1299,14 @@ class BreakerBoard:
     def adopt_open(self, upstream: str, model: str, until: float) -> None:
         self.get(upstream, model).adopt_open(until)
 
+    def items(self) -> list[tuple[tuple[str, str], CircuitBreaker]]:
+        """The pairs of the upstreams configured now: a request still in flight on one a
+        reload removed may make its pair again, which no view shows."""
+        names = self.upstreams
+        return [item for item in self._breakers.items() if names is None or item[0][0] in names]
+
     def not_closed(self) -> list[tuple[str, str]]:
-        return [pair for pair, b in self._breakers.items() if b.holding()]
+        return [pair for pair, b in self.items() if b.holding()]
 
     def snapshot(self) -> dict[str, dict]:
         """Every pair as /health/circuit-breakers shows it."""
@@ -1314,12 +1321,12 @@ class BreakerBoard:
             else wall_time(b.last_failure, now, wall),
             "retry_at": None if b.state is BreakerState.CLOSED
             else round(wall + b.opened_at + b.recovery_s - now, 3),  # (when it went half-open)
-        } for (up, model), b in self._breakers.items()}
+        } for (up, model), b in self.items()}
 
     def open_gauge(self, fold: Callable[[str], str]) -> dict[tuple[str, str], int]:
         """(upstream, model label) -> 1 while open or half-open; unknown models fold together."""
         gauge: dict[tuple[str, str], int] = {}
-        for (up, model), b in self._breakers.items():
+        for (up, model), b in self.items():
             pair = (up, fold(model))
             gauge[pair] = max(gauge.get(pair, 0), int(b.holding()))
         return gauge
@@ -1332,9 +1339,12 @@ class BreakerBoard:
         for pair in [p for p in self._breakers if p[0] == upstream]:
             del self._breakers[pair]
 
-    def reconfigure(self, threshold: int, recovery_s: float) -> None:
-        """New thresholds apply to every breaker; their states stay."""
-        self.threshold, self.recovery_s = threshold, recovery_s
+    def reconfigure(self, threshold: int, recovery_s: float, upstreams: frozenset[str]) -> None:
+        """New thresholds apply to every breaker; their states stay, but for upstreams no
+        longer configured (a removed or renamed one's are forgotten)."""
+        self.threshold, self.recovery_s, self.upstreams = threshold, recovery_s, upstreams
+        for pair in [p for p in self._breakers if p[0] not in upstreams]:
+            del self._breakers[pair]
         for breaker in self._breakers.values():
             breaker.threshold, breaker.recovery_s = threshold, recovery_s
 
@@ -9405,7 +9415,8 @@ class Gateway:
         self.limiter.reconfigure(config)
         self.ledger.reconfigure(config.api_keys, bool(config.prices))
         self.prices.table = config.prices
-        self.breakers.reconfigure(config.failure_threshold, config.recovery_timeout_s)
+        self.breakers.reconfigure(config.failure_threshold, config.recovery_timeout_s,
+                                  frozenset(u.name for u in config.upstreams))
         self.metrics.known_models |= config.known_models()
         self.access_log.enabled = config.access_log
         self.admission = Admission(self)

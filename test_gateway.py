@@ -858,6 +858,38 @@ def test_a_request_waiting_to_retry_across_a_reload_that_renames_its_upstream_fi
     assert [r.key() for r in mock.requests if r.method == "POST"] == [KEYS[0], KEYS[1]]
 
 
+def test_a_reload_forgets_the_breakers_of_an_upstream_it_removed_even_one_in_flight_makes_again(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    # An open breaker under a name no longer configured would keep /health degraded for
+    # nothing; a request still on its old pool fails there after the reload, unseen.
+    config = {"port": 0, "access_log": False, "breaker": {"failure_threshold": 2, "recovery_timeout_s": 60},
+              "retry": {"attempts": 2, "base_delay_s": 0.01, "max_delay_s": 2.0},
+              "upstreams": [{"name": "a", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS[:2]}]}
+    g = start_gateway(config)
+    mock.model_faults["gpt-4o"] = 500
+    raw(g.port, post("/v1/chat/completions", CHAT.replace(b"gpt-4o-mini", b"gpt-4o")))  # two tries
+    assert admin(g, "GET", "/health").json()["reasons"] == ["circuit breaker open: a/gpt-4o"]
+    g.gw.keys["a"]._next = 0
+    mock.key_model_faults[(KEYS[0], "gpt-4o-mini")] = (503, {"retry-after": "1"})  # then a wait,
+    mock.key_model_faults[(KEYS[1], "gpt-4o-mini")] = (500, {})  # and a failure after the reload
+    seen = len(mock.requests)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(lambda: raw(g.port, post("/v1/chat/completions", CHAT))[0])
+        assert eventually(lambda: len(mock.requests) > seen)
+        g.lt.call(g.gw.reload, cfg({**config, "upstreams": [{**config["upstreams"][0], "name": "b"}]}))
+        assert reply.result(timeout=10).status == 500
+    assert g.lt.call(lambda: g.gw.breakers.get("a", "gpt-4o-mini").failures) == 1  # forgotten, made again
+    health = admin(g, "GET", "/health").json()
+    assert health["status"] == "ok" and health["reasons"] == []
+    assert admin(g, "GET", "/health/circuit-breakers").json()["circuit_breakers"] == {}
+    assert [line for line in admin(g, "GET", "/metrics").body.decode().splitlines()
+            if line.startswith("gateway_breaker_open{")] == []
+    mock.model_faults.clear()
+    mock.key_model_faults.clear()
+    assert raw(g.port, post("/v1/chat/completions", CHAT))[0].status == 200
+    assert list(admin(g, "GET", "/health/circuit-breakers").json()["circuit_breakers"]) == ["b/gpt-4o-mini"]
+
+
 NEW_PLACE = ["sk-new-place-secret-0001", "sk-new-place-secret-0002"]
 
 
