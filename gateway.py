@@ -6871,14 +6871,23 @@ _HEADER_PARAM = re.compile(rb';[ \t]*([^=;\s]+)[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[
 _FOLDED = re.compile(rb"\r?\n[ \t]+")
 _BOUNDARY = re.compile(rb"[!#$%&'()*+,./:=?^_`|~0-9A-Za-z-]+")  # (RFC 2046's bchars, and a
 # token's: what one boundary can be, without the space that some parsers cut it at)
+_WELL_FORMED_PARAMS = re.compile(  # (RFC 9110 §5.6.6: a token, or one quoted string, each)
+    (r'[^;"]*(?:;[ \t]*%s[ \t]*=[ \t]*(?:"(?:[^"\\]|\\.)*"|%s)[ \t]*)*(?:;[ \t]*)?'
+     % (_TOKEN.pattern, _TOKEN.pattern)).encode())
 MAX_FORM_PARTS = 1_000  # a form with more is refused, not read
+MAX_PART_HEAD = 8 * 1024  # one part's header lines (a form field's are ~100 bytes)
+MAX_HEADER_PARAMS = 16  # in a Content-Type or a part's Content-Disposition (form-data has 3)
 
 
 def header_params(value: bytes) -> list[tuple[bytes, bytes]]:
     """A header's parameters, in order: (name, lowercased; value, unquoted). A quoted value
-    is one value, whatever it holds ("boundary=" or a ";" in a charset's quotes)."""
+    is one value, whatever it holds ("boundary=" or a ";" in a charset's quotes). More than
+    MAX_HEADER_PARAMS is the client's 400 (each costs a search: a part's head could hold
+    millions)."""
     params = []
     for found in _HEADER_PARAM.finditer(value):
+        if len(params) == MAX_HEADER_PARAMS:
+            raise BadRequest(f"A form header has more than {MAX_HEADER_PARAMS} parameters.")
         raw = found.group(2)
         raw = re.sub(rb"\\(.)", rb"\1", raw[1:-1]) if raw[:1] == b'"' else raw.strip()
         params.append((found.group(1).lower(), raw))
@@ -6894,10 +6903,14 @@ def multipart_field(body: bytes, content_type: bytes, name: str) -> tuple[str, i
     value, and where that lies in the body; found without copying the file parts around it.
     It is read as lenient form parsers read it (a delimiter line after CRLF or LF; a name
     quoted or not, spaced, RFC 2231's name*=, any case of header, folded lines). What
-    parsers could read two ways (two boundaries, two Content-Disposition headers in a part,
-    two names for one), a field named twice, one too long to be a model, or a form of over
-    MAX_FORM_PARTS parts is the client's 400: the model a key may use is never guessed."""
-    params = header_params(content_type)
+    parsers could read two ways (two boundaries, or one not well quoted; two Content-
+    Disposition headers in a part, two names for one, or none; a part head whose lines end
+    in both CRLF and a bare LF; a part after the closing delimiter), a field named twice,
+    one too long to be a model, or a form of over MAX_FORM_PARTS parts is the client's
+    400: the model a key may use is never guessed."""
+    if not _WELL_FORMED_PARAMS.fullmatch(content_type):  # ("B, boundary="B"C, B,boundary=C:
+        raise _ambiguous("a Content-Type whose parameters are not well formed")  # (read
+    params = header_params(content_type)  # as B, "B, B or C by one parser or another)
     if any(b"*" in n for n, _ in params):  # (boundary*=, an RFC 2231 form: read either way)
         raise _ambiguous("an extended parameter in its Content-Type")
     boundaries = [v for n, v in params if n == b"boundary"]
@@ -6920,15 +6933,26 @@ def multipart_field(body: bytes, content_type: bytes, name: str) -> tuple[str, i
         end = body.find(b"\n" + delimiter, start)  # (the line end before the next one)
         at = end + 1 if end >= 0 else -1
         end = end if end >= 0 else len(body)
+        if body[start:start + 2] == b"--":  # the closing delimiter: what follows is not read
+            if at >= 0:  # by form parsers, unless one reads on
+                raise _ambiguous("a part after the closing delimiter")
+            break
         crlf = body.find(b"\n\r\n", start, end)  # (in C; the LF-only blank, before it)
         lf = body.find(b"\n\n", start, crlf + 1 if crlf >= 0 else end)
         if crlf < 0 and lf < 0:
-            continue  # (no head: the closing delimiter, or garbage)
+            raise _ambiguous("a part without a head")
         blank, value_at = (lf, lf + 2) if lf >= 0 else (crlf, crlf + 3)
+        if blank - start > MAX_PART_HEAD:
+            raise BadRequest(f"A part of the form has a head over {MAX_PART_HEAD} bytes.")
         head = body[start:blank - 1 if body[blank - 1:blank] == b"\r" else blank]  # (to the
         # last line's end)
-        if b"\r" in head.replace(b"\r\n", b"") or head.lstrip(b"\r\n")[:1] in (b" ", b"\t"):
+        bare = head.replace(b"\r\n", b"")
+        if b"\r" in bare or head.lstrip(b"\r\n")[:1] in (b" ", b"\t"):
             raise _ambiguous("a part head with a bare CR, or one that starts indented")
+        if head[:1] not in (b"", b"\r", b"\n"):  # ("--B" and more on its line: not every
+            raise _ambiguous("a delimiter with more after it on its line")  # parser's delimiter)
+        if b"\n" in bare if lf < 0 else b"\r" in head:  # (a line end one parser sees,
+            raise _ambiguous("a part head whose lines end in both CRLF and LF")  # another not)
         head = _FOLDED.sub(b" ", head)
         dispositions = _PART_DISPOSITION.findall(head)
         if len(dispositions) > 1:
@@ -6937,8 +6961,8 @@ def multipart_field(body: bytes, content_type: bytes, name: str) -> tuple[str, i
                  if n == b"name" or n.startswith(b"name*")] if dispositions else []
         if len(names) > 1 or names and names[0][0] not in (b"name", b"name*"):
             raise _ambiguous("a part with two names, or one in pieces")
-        if not names:
-            continue
+        if not names:  # (RFC 7578 §4.2: every part has one; a parser that skips a blank
+            raise _ambiguous("a part without a name")  # line would find one after it)
         kind, value = names[0]
         if kind == b"name*":  # charset'language'percent-encoded
             value = unquote_to_bytes(value.split(b"'", 2)[-1])
@@ -7813,14 +7837,22 @@ class ProxyHandler:
         if rq.upload is None and rq.body_parts:
             body = rq.body()
             multipart = content_type[:19].lower() == b"multipart/form-data"
+            # A key held to some models has its body read as strict JSON when it is not a
+            # form: what orjson refuses, a lenient reader may still take a model from (a
+            # BOM, UTF-16, NaN, a lone surrogate: Python's json reads them all).
+            restricted = rq.client is not None and rq.client.models is not None
             # JSON as the upstream may read it, whatever the type says: its model is checked
             if content_type[:16].lower() == b"application/json" or not multipart \
-                    and body.lstrip()[:1] == b"{":
+                    and (restricted or body.lstrip()[:1] == b"{"):
                 try:
                     found = orjson.loads(body)
                 except orjson.JSONDecodeError as exc:
                     if too_deep_to_read(exc):
                         raise nested_too_deep(1024) from None
+                    if restricted:
+                        raise BadRequest("This key may use only some models, and the body of "
+                                         f"this request is not JSON the gateway can read: {exc}."
+                                         " Send UTF-8 JSON, or a multipart form.") from None
                     found = None  # the upstream says what is wrong with it
                 if isinstance(found, dict):
                     obj = found
@@ -7845,7 +7877,8 @@ class ProxyHandler:
         """Object ids a request may name: path segments and query values, the body's
         top-level strings, then the files, vector stores and containers named deeper in it
         (once such an object may be known)."""
-        ids = [unquote(part.decode("latin-1")) for part in rq.path.split(b"/")[3:] if part]
+        ids = [part for part in unquote(b"/".join(rq.path.split(b"/")[3:]).decode("latin-1"))
+               .split("/") if part]  # (%2F as a slash: an upstream may decode it so)
         if rq.query:  # a list's next page (after=, before=) is that account's: it has the id
             ids += [value for values in parse_qs(rq.query.decode("latin-1")).values()
                     for value in values]

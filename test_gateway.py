@@ -6213,6 +6213,13 @@ def test_a_pass_through_body_is_held_to_the_keys_models_however_it_is_typed_or_i
     for content_type in ("application/json", "Application/JSON; charset=utf-8", "text/plain", None):
         resp = send("/v1/images/generations", b' {"model": "dall-e-3", "prompt": "x"}', content_type)
         assert resp.status == 403 and resp.json()["error"]["code"] == "model_not_allowed", content_type
+    lenient = b'{"model": "dall-e-3", "prompt": "%s", "n": %s}'  # read by Python's json, not as strict JSON
+    for body in (b"\xef\xbb\xbf" + lenient % (b"x", b"1"), (lenient % (b"x", b"1")).decode().encode("utf-16"),
+                 lenient % (b"x", b"NaN"), lenient % (b"\\ud800", b"1")):
+        assert json.loads(body)["model"] == "dall-e-3"
+        for content_type in ("application/json", "text/plain", None):
+            resp = send("/v1/images/generations", body, content_type)
+            assert resp.status == 400 and resp.json()["error"]["code"] == "invalid_json", (body, content_type)
 
     def form(*fields: tuple[str, str]) -> bytes:
         parts = [b"--B\r\n%s\r\n\r\n%s\r\n" % (d.encode(), v.encode()) for d, v in fields]
@@ -6236,16 +6243,36 @@ def test_a_pass_through_body_is_held_to_the_keys_models_however_it_is_typed_or_i
             (form(('Content-Disposition: form-data; name*0="model"', "whisper-2")), multipart),
             (form((' Content-Disposition: form-data; name="model"', "whisper-2")), multipart),
             (form(('X-A: b\rContent-Disposition: form-data; name="model"', "whisper-2")), multipart),
-            (b"RIFF\r" + form(('Content-Disposition: form-data; name="model"', "whisper-2")), multipart)):
+            (b"RIFF\r" + form(('Content-Disposition: form-data; name="model"', "whisper-2")), multipart),
+            # a boundary some parsers read as "B or "B"C, or as B where this one saw B,boundary=C
+            (form(('Content-Disposition: form-data; name="model"', "whisper-2")).replace(b"--B", b'--"B'),
+             'multipart/form-data; boundary="B'),
+            (form(('Content-Disposition: form-data; name="model"', "whisper-2")).replace(b"--B", b'--"B"C'),
+             'multipart/form-data; boundary="B"C'),
+            (form(('Content-Disposition: form-data; name="model"', "whisper-2")), "multipart/form-data; boundary=B,boundary=C"),
+            # a line end that python-multipart (CRLF only) does not see, or a blank line it skips
+            (form(('Content-Disposition: form-data\n; name="model"', "whisper-2")), multipart),
+            (form(('Content-Disposition: form-data; name="x"\n\nContent-Disposition: form-data; name="model"',
+                   "whisper-2")), multipart),
+            (form(("", 'Content-Disposition: form-data; name="model"\r\n\r\nwhisper-2')), multipart),
+            (form(('Content-Disposition: form-data; name="model"', "stt")) + form(('Content-Disposition: form-data; '
+                                                                                     'name="model"', "whisper-2")), multipart),
+            (form(('Content-Disposition: form-data; name="model"', "whisper-2")).replace(b"--B\r\n", b"--Bx\r\n", 1), multipart)):
         resp = send("/v1/audio/transcriptions", ambiguous, content_type)
         assert resp.status == 400 and "ambiguous" in resp.json()["error"]["message"], ambiguous
+    for shape in (b';a=""', b";a=b"):  # (each parameter costs a search: a part head is bounded, as
+        for head in (shape * 16, shape * 3000):  # are its parameters)
+            resp = send("/v1/audio/transcriptions", form((f"Content-Disposition: form-data{head.decode()}; "
+                                                          f'name="model"', "stt")), multipart)
+            assert resp.status == 400 and ("parameters" in resp.json()["error"]["message"]
+                                           or "head over" in resp.json()["error"]["message"]), head[:8]
     for content_type in ('multipart/form-data; charset="boundary=Z"; boundary=B', "multipart/form-data; xboundary=Z; boundary = B"):
         resp = send("/v1/audio/transcriptions", form(('Content-Disposition: form-data;\r\n name="model"', "whisper-2")),
                     content_type)  # (a folded header line, a boundary among look-alikes)
         assert resp.status == 403, content_type
     lf_only = form(('Content-Disposition: form-data; name="model"', "whisper-2")).replace(b"\r\n", b"\n")
     assert send("/v1/audio/transcriptions", lf_only, multipart).status == 403  # as Go's parser reads it
-    crowded = b"--B\r\n\r\nx\r\n" * 1001 + form(('Content-Disposition: form-data; name="model"', "stt"))
+    crowded = b'--B\r\nContent-Disposition: form-data; name="x"\r\n\r\nx\r\n' * 1001 + form(('Content-Disposition: form-data; name="model"', "stt"))
     resp = send("/v1/audio/transcriptions", crowded, multipart)
     assert resp.status == 400 and "more than 1000 parts" in resp.json()["error"]["message"]
     twice = form(('Content-Disposition: form-data; name="model"', "stt"),
@@ -6512,6 +6539,8 @@ def test_objects_an_answer_names_are_followed_up_on_the_key_that_answered(
     for _ in range(3):  # round robin would take the next keys: this file is in owner's account
         raw(g.port, f"GET /v1/files/{batch['output_file_id']}/content HTTP/1.1\r\nHost: t\r\n\r\n".encode())
         assert seen[-1][1] == owner
+        raw(g.port, f"GET /v1/files/{batch['output_file_id']}%2Fcontent HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        assert seen[-1] == (f"/v1/files/{batch['output_file_id']}%2Fcontent".encode(), owner)  # (sent as it came)
     raw(g.port, b"GET /v1/files?limit=500 HTTP/1.1\r\nHost: t\r\n\r\n")
     lister = seen[-1][1]
     raw(g.port, b"GET /v1/files?limit=500 HTTP/1.1\r\nHost: t\r\n\r\n")  # by the next key:
