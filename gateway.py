@@ -3529,6 +3529,14 @@ class _Env:
 
 MAX_CONFIG_NUMBER = 1e15  # any number in the configuration: no limit, size or time is larger
 MAX_CONFIG_USD = 1e9  # prices (per million tokens) and budgets: the sums stay exact
+MIN_CONFIG_RATE = 0.001  # a rate per minute (rpm, tpm, burst, rpm_per_key) at least this: a
+# smaller one's refill rounds to 0 or its wait to infinity (5e-324 / 60 is 0.0)
+_CREDENTIAL = re.compile(r"[\x21-\x7e]+")  # a client's key as a header carries it, whole
+# Upstream headers the configuration may not set: framing and connection handling are the
+# gateway's own (a second Content-Length or Host would make the request ambiguous).
+_FRAMING_HEADERS = frozenset(
+    "host content-length content-type transfer-encoding connection keep-alive te trailer "
+    "upgrade proxy-connection expect accept-encoding".split())
 
 
 class _Reader:
@@ -3691,7 +3699,7 @@ class Upstream:
         self.key_strategy = r.string("key_strategy", "round_robin")
         if self.key_strategy not in ("round_robin", "failover"):
             raise _fail(r.at("key_strategy"), "must be round_robin or failover")
-        self.rpm_per_key = r.number("rpm_per_key", None, nullable=True, above=True)
+        self.rpm_per_key = r.number("rpm_per_key", None, nullable=True, lo=MIN_CONFIG_RATE)
         self.min_interval_ms = r.number("min_interval_ms", 0)
         # rpm_per_key is paced 1% under the given rate: at exactly R, network jitter puts
         # request R+1 inside the upstream's rolling minute now and then, and a 429 follows.
@@ -3741,6 +3749,8 @@ class Upstream:
         for name, value in self.headers.items():
             if not _TOKEN.fullmatch(name) or not value.isprintable() or not value.isascii():
                 raise _fail(f"{path}.{name}", "not a valid header name and value")
+            if name.lower() in _FRAMING_HEADERS:
+                raise _fail(f"{path}.{name}", "is set by the gateway itself")
             extra.append(f"{name}: {value}\r\n")
         common = f"Host: {self.host_header}\r\nAccept-Encoding: identity\r\n" + "".join(extra)
         return tuple(
@@ -3803,8 +3813,8 @@ class ClientKey:
         models = r.strings("models") if "models" in r.obj else None
         return cls(
             r.string("key"), r.string("name", default_name),
-            r.number("rpm", None, nullable=True, above=True),
-            r.number("tpm", None, nullable=True, above=True),
+            r.number("rpm", None, nullable=True, lo=MIN_CONFIG_RATE),
+            r.number("tpm", None, nullable=True, lo=MIN_CONFIG_RATE),
             frozenset(models) if models is not None else None,
             r.number("budget_tokens", None, nullable=True, integer=True),
             pico(r.number("budget_usd", None, nullable=True, above=True, hi=MAX_CONFIG_USD)),
@@ -3843,11 +3853,16 @@ class Config:
         self.admin_key: str | None = r.string("admin_key", None, nullable=True)
         if self.admin_key == "":  # (an env: reference to an empty variable, say)
             raise _fail("admin_key", "is empty (leave it out, or null, for no admin key)")
+        if self.admin_key is not None and not _CREDENTIAL.fullmatch(self.admin_key):
+            raise _fail("admin_key", "must be visible ASCII, no spaces (as a header carries it)")
+        if any(k.key == self.admin_key for k in self.api_keys):
+            raise _fail("admin_key", "is also a client key in api_keys: that client would be "
+                        "an admin")
         rl = r.child("rate_limit")
         rl.only(self.SECTIONS["rate_limit"])
-        self.rpm = rl.number("rpm", None, nullable=True, above=True)
-        self.tpm = rl.number("tpm", None, nullable=True, above=True)
-        self.burst = rl.number("burst", None, nullable=True, above=True)
+        self.rpm = rl.number("rpm", None, nullable=True, lo=MIN_CONFIG_RATE)
+        self.tpm = rl.number("tpm", None, nullable=True, lo=MIN_CONFIG_RATE)
+        self.burst = rl.number("burst", None, nullable=True, lo=MIN_CONFIG_RATE)
         self.upstreams = self._upstreams(r)
         self.any_chat_only = any(u.chat_only for u in self.upstreams)  # Responses over chat?
         self.aliases = self._aliases(r)
@@ -3903,6 +3918,9 @@ class Config:
         for i, key in enumerate(keys):
             if not key.key:
                 raise _fail(f"api_keys[{i}]", "must not be empty")
+            if not _CREDENTIAL.fullmatch(key.key):
+                raise _fail(f"api_keys[{i}]", "must be visible ASCII, no spaces (as a header "
+                            "carries it)")
             if key.digest in seen:
                 raise _fail(f"api_keys[{i}]", "duplicate key")
             if key.name in names:  # limits, usage and budgets are kept by name
@@ -4098,9 +4116,9 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str], overridden: list[str]) 
             rpm = float(env["GATEWAY_RPM"])
         except ValueError:
             rpm = float("nan")
-        if not 0 < rpm <= MAX_CONFIG_NUMBER:  # (and nan)
-            raise ConfigError(f"config: GATEWAY_RPM: must be a number above 0, at most "
-                              f"{MAX_CONFIG_NUMBER:g}")
+        if not MIN_CONFIG_RATE <= rpm <= MAX_CONFIG_NUMBER:  # (and nan)
+            raise ConfigError(f"config: GATEWAY_RPM: must be a number at least "
+                              f"{MIN_CONFIG_RATE}, at most {MAX_CONFIG_NUMBER:g}")
         base = raw.get("rate_limit")
         if base is None or isinstance(base, dict):  # (anything else: named as wrong below)
             if (base or {}).get("rpm") not in (None, rpm):

@@ -3453,6 +3453,26 @@ def test_env_references_and_prefix_expansion() -> None:
     ({"fallbacks": 0}, "config: fallbacks: must be a JSON object"),
     ({"prices": []}, "config: prices: must be a JSON object"),
     ({"upstreams": [{"headers": []}]}, "config: upstreams[0].headers: must be a JSON object"),
+    # a rate whose refill is 0.0 per second (5e-324 / 60), or whose wait is infinite
+    ({"rate_limit": {"rpm": 5e-324}}, "config: rate_limit.rpm: must be at least 0.001"),
+    ({"rate_limit": {"rpm": 1e-307, "burst": 1}}, "config: rate_limit.rpm: must be at least 0.001"),
+    ({"rate_limit": {"tpm": 1e-9}}, "config: rate_limit.tpm: must be at least 0.001"),
+    ({"rate_limit": {"rpm": 1, "burst": 1e-9}}, "config: rate_limit.burst: must be at least 0.001"),
+    ({"api_keys": [{"key": "k", "rpm": 5e-324}]}, "config: api_keys[0].rpm: must be at least 0.001"),
+    ({"api_keys": [{"key": "k", "tpm": 0}]}, "config: api_keys[0].tpm: must be at least 0.001"),
+    ({"upstreams": [{"rpm_per_key": 1e-9}]}, "config: upstreams[0].rpm_per_key: must be at least 0.001"),
+    # framing the gateway sets: a second Content-Length or Host makes the request ambiguous
+    ({"upstreams": [{"headers": {"Content-Length": "2"}}]}, "config: upstreams[0].headers.Content-Length: is set by"),
+    ({"upstreams": [{"headers": {"transfer-encoding": "chunked"}}]},
+     "config: upstreams[0].headers.transfer-encoding: is set by the gateway itself"),
+    ({"upstreams": [{"headers": {"HOST": "other.example"}}]}, "config: upstreams[0].headers.HOST: is set by"),
+    ({"upstreams": [{"headers": {"Connection": "close"}}]}, "config: upstreams[0].headers.Connection: is set by"),
+    # a client key no header can carry never matches; an admin key that is a client's
+    ({"api_keys": ["sk-a\nb"]}, "config: api_keys[0]: must be visible ASCII"),
+    ({"api_keys": ["sk-ключ"]}, "config: api_keys[0]: must be visible ASCII"),
+    ({"api_keys": ["sk a"]}, "config: api_keys[0]: must be visible ASCII"),
+    ({"admin_key": "adm\tin"}, "config: admin_key: must be visible ASCII"),
+    ({"api_keys": ["k1", "k2"], "admin_key": "k2"}, "config: admin_key: is also a client key in api_keys"),
 ])
 def test_bad_config_names_the_key(obj: dict, message: str) -> None:
     with pytest.raises(gw.ConfigError) as info:
@@ -3491,8 +3511,8 @@ def test_config_nits_found_on_a_first_run() -> None:
         config = gw.load_config({"GATEWAY_CONFIG": json.dumps({"admin_key": configured}),
                                  "GATEWAY_ADMIN_KEY": "adm"}, warnings=warnings)
         assert config.admin_key == "adm" and any("replaces the JSON config's admin_key" in w for w in warnings) == told
-    for rpm in ("nan", "-1", "inf", "x", "1e300"):
-        with pytest.raises(gw.ConfigError, match="GATEWAY_RPM: must be a number above 0"):
+    for rpm in ("nan", "-1", "inf", "x", "1e300", "5e-324"):
+        with pytest.raises(gw.ConfigError, match="GATEWAY_RPM: must be a number at least 0.001"):
             gw.load_config({"GATEWAY_RPM": rpm})
     warnings = []
     gw.load_config({"GATEWAY_RPM": "5", "GATEWAY_ADMIN_KEY": "a-new-admin-key",
