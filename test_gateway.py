@@ -1765,6 +1765,16 @@ def tpm_limited(start_gateway: StartGateway, mock: mock_upstream.MockUpstream, r
 
 
 @pytest.mark.parametrize("shared", [False, True])
+def test_a_request_bucket_smaller_than_one_request_admits_one_when_full_with_or_without_redis(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, request: pytest.FixtureRequest, shared: bool) -> None:
+    g = tpm_limited(start_gateway, mock, request, shared, held=False, rpm=0.5)  # one every 2 minutes
+    (first,) = raw(g.port, post("/v1/chat/completions", CHAT))
+    assert first.status == 200, first.body
+    (second,) = raw(g.port, post("/v1/chat/completions", CHAT))
+    assert second.status == 429 and 59 <= int(second.headers["retry-after"]) <= 61  # (0.5 back)
+
+
+@pytest.mark.parametrize("shared", [False, True])
 def test_a_tpm_429_says_what_is_left_and_when_to_come_back_the_same_with_or_without_redis(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, request: pytest.FixtureRequest, shared: bool) -> None:
     g = tpm_limited(start_gateway, mock, request, shared, tpm=1000)
