@@ -6134,8 +6134,9 @@ class SseFilter:
             usage = obj["response"].get("usage")
         if isinstance(usage, dict):
             self.usage = usage
-        if self.drop_usage and isinstance(usage, dict) and not obj.get("choices"):
-            return None  # the usage-only chunk the client did not ask for
+        if self.drop_usage and isinstance(usage, dict) and not obj.get("choices") \
+                and "error" not in obj:
+            return None  # the usage-only chunk the client did not ask for (not an error)
         if self.convert is not None:
             return self._convert(obj)
         return event

@@ -5581,6 +5581,10 @@ def test_sse_filter_holds_back_only_an_incomplete_event_and_drops_the_unasked_us
     assert kept.feed(usage) == usage and kept.usage["prompt_tokens"] == 7
     plain = gw.SseFilter()  # not inspecting: whole events pass untouched, usage unread
     assert plain.feed(usage) == usage and plain.usage is None
+    error = b'data: {"error":{"message":"overloaded","type":"server_error"},"usage":{"prompt_tokens":3,' \
+            b'"completion_tokens":1,"total_tokens":4}}\n\n'  # an error that says what was used:
+    flt = gw.SseFilter(inspect=True, drop_usage=True)  # counted, and the client is told
+    assert flt.feed(first + error + done) == first + error + done and flt.usage["total_tokens"] == 4
 
 
 SSE_EVENTS = {
