@@ -1743,9 +1743,13 @@ class UsageLedger:
                 continue
             try:
                 entry = orjson.loads(line)
+                cost = entry.get("cost_usd")
+                if cost is not None and (cost.__class__ not in (int, float)
+                                         or not 0 <= cost <= MAX_CONFIG_NUMBER):  # (and NaN)
+                    raise ValueError("not a cost the gateway writes")
                 self._of(str(entry["key"])).add(str(entry["model"]), *usage_tokens(entry),
-                                                pico(entry.get("cost_usd")) or 0)
-            except (orjson.JSONDecodeError, KeyError, TypeError, decimal.InvalidOperation):
+                                                pico(cost) or 0)
+            except (KeyError, TypeError, AttributeError, ValueError, ArithmeticError):
                 torn = number == len(lines)
                 log(f"usage_log {path}: skipped {'a torn last' if torn else 'an unreadable'} "
                     f"line {number}", "warning")

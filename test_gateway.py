@@ -1940,6 +1940,16 @@ def test_usage_survives_a_restart_through_usage_log_even_after_a_torn_line(
     second.lt.run(second.gw.shutdown(grace_s=0))
     third = start_gateway(config)
     assert usage_of(third, SDK_KEY)[0]["requests"] == 3
+    third.lt.run(third.gw.shutdown(grace_s=0))
+    capfd.readouterr()
+    with log.open("a") as f:  # lines no gateway wrote: skipped, never a failed start or a refund
+        for cost in ('"NaN"', '"Infinity"', '"1e9999999"', "-5", "1e300", '"0.5"', "true"):
+            f.write('{"key": "team", "model": "m", "prompt_tokens": 1, "completion_tokens": 1, '
+                    f'"total_tokens": 2, "cost_usd": {cost}}}\n')
+        f.write('["team"]\n')
+    fourth = start_gateway(config)
+    assert usage_of(fourth, SDK_KEY)[0]["requests"] == 3
+    assert capfd.readouterr().err.count("skipped an unreadable line") == 9  # (and the torn one)
 
 
 PRICES = {"big": {"input": 2.5, "cached_input": 1.25, "output": 10}, "small": {"input": 0.15, "output": 0.6}}
