@@ -119,6 +119,7 @@ MAX_QUOTED = 300  # characters of an upstream's error message the gateway quotes
 MIN_OTHER_SECRET = 8  # a credential in an upstream's headers or URL is masked from this long
 MAX_KEY_MODELS = 256  # models remembered per upstream key: "*" upstreams see any name
 MAX_LEARNED_MODELS = 256  # models that become metric labels because an upstream served them
+MAX_LISTED_MODELS = 4096  # and because a "*" upstream listed them (a list may change each time)
 MAX_STICKY_IDS = 100_000  # object ids remembered with the key that made them (~120 B each)
 MAX_MODEL_NAME = 256  # characters: longer model names are refused (400)
 MAX_STORED_RESPONSES = 10_000  # responses made over chat, kept for previous_response_id
@@ -140,6 +141,7 @@ MAX_USAGE_BRACES = 16  # ...and closing braces tried in each
 MAX_USAGE_BODY = 8 * 1024 * 1024  # a Responses object up to this is parsed whole for its usage
 MODELS_CACHE_S = 60.0  # how long an upstream's own /models list is reused
 MODELS_FAIL_CACHE_S = 5.0  # how long a failed /models fetch is remembered
+MODELS_FETCH_S = 10.0  # how long an upstream's own /models list is waited for
 REQUEST_ID_MAX = 128  # longer client X-Request-IDs are replaced, not forwarded
 DISCARD_MAX = 64 * 1024  # a refused request's body is read and dropped up to this; above, close
 SEND_TIMEOUT_S = 120.0  # a client that reads nothing for this long is cut (no upstream to ask)
@@ -3310,7 +3312,7 @@ class Metrics:
     from a request: every model name passes through fold()."""
 
     __slots__ = ("requests", "upstream_requests", "tokens", "cost", "fallbacks", "durations",
-                 "ttfb", "active_streams", "known_models", "learned")
+                 "ttfb", "active_streams", "known_models", "learned", "listed")
 
     def __init__(self, known_models: Iterable[str] = ()) -> None:
         # Counted in place where it happens, `table[labels] += n`: a missing row is made in
@@ -3325,6 +3327,7 @@ class Metrics:
         self.active_streams = 0
         self.known_models = set(known_models)  # configured, listed or served by an upstream
         self.learned = 0  # of them, served: at most MAX_LEARNED_MODELS
+        self.listed = 0  # of them, listed by an upstream: at most MAX_LISTED_MODELS
 
     def learn(self, model: str) -> None:
         """An upstream answered 200 for model: it is a label from now on (bounded, for "*"
@@ -3332,6 +3335,15 @@ class Metrics:
         if model not in self.known_models and self.learned < MAX_LEARNED_MODELS:
             self.known_models.add(model)
             self.learned += 1
+
+    def list(self, models: Iterable[str]) -> None:
+        """A "*" upstream's own list: its ids are labels from now on (bounded, as learn())."""
+        for model in models:
+            if model not in self.known_models:
+                if self.listed >= MAX_LISTED_MODELS:
+                    return
+                self.known_models.add(model)
+                self.listed += 1
 
     def fold(self, model: str) -> str:
         """The one label-folding rule: a known model is its own label, any other is "other"."""
@@ -8275,17 +8287,18 @@ class ModelCatalog:
     """GET /v1/models and /v1/models/{id}: configured models and aliases, then what each
     "*" upstream lists itself (cached)."""
 
-    __slots__ = ("gw", "_cache")
+    __slots__ = ("gw", "_cache", "_asking")
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         # upstream -> (until, entries, why it could not list them)
         self._cache: dict[str, tuple[float, list[dict], str]] = {}
+        self._asking: dict[str, asyncio.Future] = {}  # upstream -> the fetch under way
 
     def forget(self) -> None:
         """After a reload: upstreams' own lists are fetched again (a fetch that began before
         it keeps what it found in the cache it began with, which is dropped)."""
-        self._cache = {}
+        self._cache, self._asking = {}, {}
 
     async def list_models(self, rq: Request) -> None:
         models, failures = await self.known()
@@ -8295,16 +8308,18 @@ class ModelCatalog:
 
     async def retrieve_model(self, rq: Request) -> None:
         model_id = unquote(rq.path[len(b"/v1/models/"):].decode("latin-1"))
-        models, failures = await self.known()
-        entry = models.get(model_id)
+        entry, failures = self.configured().get(model_id), []  # (no upstream is waited for)
+        if entry is None:
+            models, failures = await self.known()
+            entry = models.get(model_id)
         if entry is None and failures:  # a "*" upstream that could not be asked may have it
             raise unlisted(failures)
         if entry is None:
             raise model_not_found(model_id)
         rq.writer.send_json(200, entry)
 
-    async def known(self) -> tuple[dict[str, dict], list[str]]:
-        """The models known (id -> entry), and why a "*" upstream's own could not be had."""
+    def configured(self) -> dict[str, dict]:
+        """The models the configuration names (id -> entry), aliases too."""
         cfg = self.gw.config
         models: dict[str, dict] = {}
         for u in cfg.upstreams:
@@ -8314,34 +8329,54 @@ class ModelCatalog:
             owner = next((u.name for u in cfg.upstreams if u.models and
                           cfg.resolve_alias(target) in u.models), "gateway")
             models.setdefault(alias, model_entry(alias, owner))
-        failures = []
-        gw = self.gw
+        return models
+
+    async def known(self) -> tuple[dict[str, dict], list[str]]:
+        """The models known (id -> entry), and why a "*" upstream's own could not be had:
+        the "*" upstreams are asked at once, not one after another."""
+        cfg, gw = self.gw.config, self.gw
+        models = self.configured()
         keys, pools = gw.keys, gw.pools  # (of cfg, whatever a reload does meanwhile)
-        for u in cfg.upstreams:
-            if u.models is None:
-                entries, failure = await self.upstream_models(u, keys, pools)
-                if failure:
-                    failures.append(f"{u.name}: {failure}")
-                for entry in entries:
-                    models.setdefault(entry["id"], entry)
+        listing = [u for u in cfg.upstreams if u.models is None]
+        found = await asyncio.gather(*(self.upstream_models(u, keys, pools) for u in listing))
+        failures = []
+        for u, (entries, failure) in zip(listing, found):
+            if failure:
+                failures.append(f"{u.name}: {failure}")
+            for entry in entries:
+                models.setdefault(entry["id"], entry)
         return models, failures
 
     async def upstream_models(self, u: Upstream, keys: dict[str, KeyPool],
                               pools: dict[str, UpstreamPool]) -> tuple[list[dict], str]:
-        """The upstream's own list, and why it could not be had ("" when it could)."""
-        now, cache = time.monotonic(), self._cache
-        cached = cache.get(u.name)
-        if cached is not None and cached[0] > now:
+        """The upstream's own list, and why it could not be had ("" when it could): cached,
+        and asked for once however many requests want it meanwhile (a client that leaves
+        does not end the fetch the others wait on)."""
+        cached = self._cache.get(u.name)
+        if cached is not None and cached[0] > time.monotonic():
             return cached[1], cached[2]
+        asking = self._asking.get(u.name)
+        if asking is None:
+            asking = self._asking[u.name] = asyncio.ensure_future(
+                self.ask(u, keys, pools, self._cache, self._asking))
+        return await asyncio.shield(asking)
+
+    async def ask(self, u: Upstream, keys: dict[str, KeyPool], pools: dict[str, UpstreamPool],
+                  cache: dict[str, tuple[float, list[dict], str]],
+                  asking: dict[str, asyncio.Future]) -> tuple[list[dict], str]:
+        """One fetch of the upstream's list, kept in the cache it began with."""
         try:
-            entries, ttl, failure = await self.fetch(u, keys, pools), MODELS_CACHE_S, ""
-        except (GatewayError, ValueError, KeyError, TypeError) as exc:
-            failure = str(exc) or type(exc).__name__
+            async with asyncio.timeout(MODELS_FETCH_S):
+                entries, ttl, failure = await self.fetch(u, keys, pools), MODELS_CACHE_S, ""
+        except (GatewayError, ValueError, KeyError, TypeError, TimeoutError) as exc:
+            failure = str(exc) or (f"no answer in {MODELS_FETCH_S:g} s"
+                                   if isinstance(exc, TimeoutError) else type(exc).__name__)
             log(f"upstream {u.name}: cannot list models ({failure})", "warning", upstream=u.name)
             entries, ttl = [], MODELS_FAIL_CACHE_S
-        cache[u.name] = (now + ttl, entries, failure)
-        # An upstream's own list is bounded: its ids may become metric labels.
-        self.gw.metrics.known_models.update(e["id"] for e in entries)
+        finally:
+            asking.pop(u.name, None)
+        cache[u.name] = (time.monotonic() + ttl, entries, failure)
+        self.gw.metrics.list(e["id"] for e in entries)  # (labels: bounded)
         return entries, failure
 
     async def fetch(self, u: Upstream, keys: dict[str, KeyPool],

@@ -6481,6 +6481,37 @@ def test_paths_without_v1_answer_as_their_v1_forms(start_gateway: StartGateway, 
     assert resp.status == 404
 
 
+def test_a_star_upstream_that_never_lists_its_models_is_asked_once_for_a_bounded_time(
+        start_gateway: StartGateway, raw_upstream: RawUpstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[bytes] = []
+    answer = asyncio.Event()  # (set by no one: every listing hangs)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            asked.append(await request_in(reader))
+            await answer.wait()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+    port = raw_upstream(handler)
+    monkeypatch.setattr(gw, "MODELS_FETCH_S", 1.5)
+    g = start_gateway({"upstreams": [{"name": "fixed", "url": f"http://127.0.0.1:{port}/v1", "models": ["local-a"]},
+                                     {"name": "stuck", "url": f"http://127.0.0.1:{port}/v1"}]})
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        lists = [pool.submit(lambda: raw(g.port, b"GET /v1/models HTTP/1.1\r\nHost: t\r\n\r\n")[0]) for _ in range(3)]
+        assert eventually(lambda: len(asked) == 1)
+        started = time.monotonic()  # a configured model is answered while the listing waits
+        (one,) = raw(g.port, b"GET /v1/models/local-a HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert one.status == 200 and one.json()["id"] == "local-a" and time.monotonic() - started < 1.0
+        for listed in lists:  # each waited on the one fetch, cut at MODELS_FETCH_S
+            resp = listed.result(timeout=10)
+            assert resp.status == 200 and [m["id"] for m in resp.json()["data"]] == ["local-a"]
+    assert len(asked) == 1
+    metrics = gw.Metrics()
+    metrics.list(f"m{i}" for i in range(gw.MAX_LISTED_MODELS + 10))  # a list may change each time:
+    metrics.list(["another"])  # its ids become labels up to a bound
+    assert metrics.listed == gw.MAX_LISTED_MODELS and metrics.fold("another") == "other"
+
+
 def test_models_list_is_502_when_the_only_source_is_unreachable(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     dead = f"http://127.0.0.1:{free_port()}/v1"
     g = start_gateway({"upstreams": [{"name": "gone", "url": dead}]})
