@@ -6821,7 +6821,8 @@ def usage_tokens(usage: dict | None) -> tuple[int, int, int]:
     completion = completion if type(completion) is int and 0 <= completion <= MAX_REPORTED_TOKENS \
         else 0  # a bool: JSON's ints are int)
     total = total if type(total) is int and 0 <= total <= MAX_REPORTED_TOKENS else 0
-    return prompt, completion, total or prompt + completion
+    parts = prompt + completion  # (a total under its parts would spend a budget for less)
+    return prompt, completion, total if total > parts else parts
 
 
 def cached_tokens(usage: dict) -> int:

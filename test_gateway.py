@@ -5890,6 +5890,8 @@ def test_a_token_count_no_request_could_have_counts_nothing(
         (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))
         assert resp.status == 200
     assert gw.usage_tokens({"prompt_tokens": 2 ** 64 - 1, "completion_tokens": 5}) == (0, 5, 5)
+    assert gw.usage_tokens({"prompt_tokens": 100, "completion_tokens": 100, "total_tokens": 1}) == (100, 100, 200)
+    assert gw.usage_tokens({"input_tokens": 3, "output_tokens": 4, "total_tokens": 9}) == (3, 4, 9)
     (usage,) = usage_of(g)
     assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (0, 10, 10)
     assert samples(scrape(g)["gateway_tokens"], "_total")
