@@ -153,15 +153,17 @@ START_TIME = int(time.time())
 _NOT_FORWARDED = frozenset(
     b"host authorization x-api-key content-length content-type transfer-encoding connection "
     b"keep-alive te trailer upgrade proxy-authorization proxy-connection accept-encoding "
-    b"x-request-id expect cookie openai-organization openai-project".split()
+    b"x-request-id expect cookie openai-organization openai-project api-key".split()
 )
 # Upstream response headers never relayed: hop-by-hop and framing that h11 redoes, and what
 # describes or binds the gateway's own account (x-ratelimit-* are dropped too: they describe
 # one pooled key, not the client, who gets the gateway's own).
 _NOT_RELAYED = frozenset(
     b"connection keep-alive proxy-connection transfer-encoding te trailer upgrade set-cookie "
-    b"openai-organization openai-project".split()
-)
+    b"openai-organization openai-project access-control-allow-origin "
+    b"access-control-allow-credentials access-control-allow-methods "
+    b"access-control-allow-headers access-control-expose-headers access-control-max-age".split()
+)  # (CORS: what the upstream allows its own origin says nothing of the gateway's: cors_origins)
 _NOT_RELAYED_METHODS = frozenset((b"TRACE", b"CONNECT"))  # never sent on, whatever the route
 _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _QUOTE_SAFE = "/:@!$&'()*+,;=-._~"  # a model id in x-gateway-model: these stay as they are
@@ -190,7 +192,7 @@ _COOLDOWN_HEADERS = frozenset((b"retry-after-ms", b"retry-after", *_RESET_HEADER
 _CORS_EXPOSE = (b"x-request-id, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, "
                 b"x-ratelimit-reset-requests, x-ratelimit-limit-tokens, "
                 b"x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens, retry-after, "
-                b"x-should-retry")
+                b"retry-after-ms, x-should-retry, x-upstream-request-id, x-gateway-model")
 _CORS_HEADERS = b"authorization, content-type, x-api-key, x-request-id"
 
 # What each proxied endpoint requires besides `model`, and the upstream path it maps to.
@@ -8693,13 +8695,18 @@ class Admission:
             limiter.take_request(limits)
 
     def allow_origin(self, rq: Request) -> None:
-        if "*" in self.cors or rq.origin.decode("latin-1") in self.cors:
-            rq.extra += [(b"access-control-allow-origin", rq.origin), (b"vary", b"origin"),
+        """CORS headers for an allowed origin. Every answer varies by Origin, one to no or
+        another origin too: a cache must not give an allowed origin an answer without them."""
+        origin = rq.origin
+        if origin and ("*" in self.cors or origin.decode("latin-1") in self.cors):
+            rq.extra += [(b"access-control-allow-origin", origin), (b"vary", b"origin"),
                          (b"access-control-expose-headers", _CORS_EXPOSE)]
+        else:
+            rq.extra.append((b"vary", b"origin"))
 
     async def preflight(self, rq: Request) -> None:
         headers = [(b"x-request-id", rq.request_id)]  # (a 204: no Content-Length)
-        if rq.extra:  # an allowed origin
+        if any(name == b"access-control-allow-origin" for name, _ in rq.extra):  # allowed
             asked = next((v for _, n, v in rq.headers if n == b"access-control-request-headers"),
                          _CORS_HEADERS)
             headers += [(b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
@@ -8752,13 +8759,12 @@ class Router:
 
     def _admit(self, rq: Request) -> Route | None:
         gw = self.gw
+        admission = gw.admission
+        if admission.cors:  # (before the route: a 404 is readable by the page too)
+            rq.origin = rq.field(b"origin")
+            admission.allow_origin(rq)
         route = self.find(rq.path, rq.method)
         rq.route = route.label
-        admission = gw.admission
-        if admission.cors:
-            rq.origin = rq.field(b"origin")
-            if rq.origin:
-                admission.allow_origin(rq)
         if rq.method == b"OPTIONS" and admission.cors:
             rq.handler = admission.preflight
             return None
@@ -8807,8 +8813,13 @@ def forwarded_client(peer: str, headers: list[tuple[bytes, bytes, bytes]],
     for hop in reversed(hops):
         if not _is_trusted(peer, trusted):
             break
+        hop = hop.strip()
+        if hop[:1] == "[":  # [v6]:port, [v6]
+            hop = hop[1:].partition("]")[0]
+        elif hop.count(":") == 1:  # v4:port, as some proxies write it
+            hop = hop.partition(":")[0]
         try:
-            peer = str(ipaddress.ip_address(hop.strip()))
+            peer = str(ipaddress.ip_address(hop))
         except ValueError:
             break  # garbage: the last address a trusted proxy vouched for stands
     return peer

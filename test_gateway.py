@@ -3588,6 +3588,9 @@ def test_forwarded_client_believes_only_trusted_proxies() -> None:
     assert gw.forwarded_client("192.0.2.1", xff("203.0.113.7"), trusted) == "192.0.2.1"  # not a proxy of ours
     assert gw.forwarded_client("127.0.0.1", xff("garbage, 10.0.0.9"), trusted) == "10.0.0.9"
     assert gw.forwarded_client("127.0.0.1", [], trusted) == "127.0.0.1"
+    for hop, client in (("203.0.113.7:5555", "203.0.113.7"), ("[2001:db8::9]:443", "2001:db8::9"),
+                        ("[2001:db8::9]", "2001:db8::9"), ("2001:db8::9", "2001:db8::9")):  # a port, as
+        assert gw.forwarded_client("127.0.0.1", xff(hop), trusted) == client  # some proxies write it
 
 
 def test_bad_json_sources_are_config_errors(tmp_path: Path) -> None:
@@ -7230,12 +7233,13 @@ def test_a_responses_usage_counts_whatever_metadata_the_upstream_echoes_after_it
 
 def test_client_auth_bearer_and_x_api_key_never_forwarded(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     g = start_gateway({"api_keys": [SDK_KEY]})
-    for header in (f"Authorization: Bearer {SDK_KEY}\r\n", f"x-api-key: {SDK_KEY}\r\n"):
+    for header in (f"Authorization: Bearer {SDK_KEY}\r\n", f"x-api-key: {SDK_KEY}\r\n",
+                   f"Authorization: Bearer {SDK_KEY}\r\napi-key: {SDK_KEY}\r\n"):  # (Azure's, too)
         (resp,) = raw(g.port, post("/v1/chat/completions", CHAT, header))
         assert resp.status == 200
         seen = mock.requests[-1]
         assert SDK_KEY not in repr(seen.headers) and seen.headers["authorization"] == "Bearer sk-up-0001"
-        assert "x-api-key" not in seen.headers
+        assert "x-api-key" not in seen.headers and "api-key" not in seen.headers
     (resp,) = raw(g.port, post("/v1/chat/completions", CHAT))
     assert resp.status == 401 and resp.json()["error"]["code"] == "invalid_api_key"
     (resp,) = raw(g.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -7273,6 +7277,34 @@ def test_cors_preflight_and_streamed_response_headers(start_gateway: StartGatewa
     no_cors = start_gateway()
     (resp,) = raw(no_cors.port, b"OPTIONS /v1/models HTTP/1.1\r\nHost: t\r\n\r\n")
     assert resp.status == 405
+
+
+def test_cors_is_the_gateways_own_an_upstreams_is_never_relayed_and_every_answer_varies_by_origin(
+        start_gateway: StartGateway, raw_upstream: RawUpstream) -> None:
+    port = raw_upstream(answering(200, b"application/json\r\naccess-control-allow-origin: *\r\n"
+                                       b"access-control-allow-credentials: true", b'{"ok": true}'))
+    upstreams = [{"name": "u", "url": f"http://127.0.0.1:{port}/v1"}]
+
+    def head(g: Running, origin: str, path: str = "/v1/files") -> bytes:
+        with connect(g.port) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n{origin}Connection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        return data.split(b"\r\n\r\n")[0].lower()
+
+    g = start_gateway({"upstreams": upstreams, "cors_origins": ["http://app.local"]})
+    allowed = head(g, "Origin: http://app.local\r\n")  # one, the gateway's: a browser refuses two
+    assert allowed.startswith(b"http/1.1 200") and allowed.count(b"access-control-allow-origin:") == 1
+    assert b"access-control-allow-origin: http://app.local" in allowed and b"allow-credentials" not in allowed
+    assert b"retry-after-ms" in allowed and b"x-upstream-request-id" in allowed  # (exposed)
+    for origin in ("Origin: http://evil.local\r\n", ""):  # nothing allowed; still varies by origin
+        other = head(g, origin)
+        assert b"access-control-allow" not in other and b"vary: origin" in other, origin
+    unknown = head(g, "Origin: http://app.local\r\n", "/nope")  # a 404 the page can read
+    assert unknown.startswith(b"http/1.1 404") and b"access-control-allow-origin: http://app.local" in unknown
+    plain = head(start_gateway({"upstreams": upstreams}), "Origin: http://evil.local\r\n")
+    assert plain.startswith(b"http/1.1 200") and b"access-control" not in plain and b"vary" not in plain
 
 
 def test_refused_requests_are_answered_from_the_head_before_any_body(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
