@@ -8526,7 +8526,7 @@ class AdminHandler:
         upstream = upstreams[0] if name is None else next(
             (u for u in upstreams if u.name == name), None)
         if upstream is None:
-            raise NotFound(f"No upstream named {name!r}.", param="upstream")
+            raise NotFound(f"No upstream named {name[:256]!r}.", param="upstream")
         key = self.gw.keys[upstream.name].rotate()
         if self.gw.shared is not None:  # every instance's and worker's current key, too
             self.gw.shared.rotated(upstream.name, key.name)

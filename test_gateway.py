@@ -1369,6 +1369,8 @@ def test_failover_sticks_to_one_key_and_rotate_changes_the_key_upstream_sees(sta
     client.chat.completions.create(model="m", messages=MSGS)
     assert used_keys(mock)[-1] == KEYS[1]
     assert admin(g, "POST", "/v1/tokens/rotate", b'{"upstream": "nope"}').status == 404
+    long = admin(g, "POST", "/v1/tokens/rotate", b'{"upstream": "%s"}' % (b"n" * 100_000))
+    assert long.status == 404 and len(long.body) < 1000  # (a name is not echoed whole)
     mock.key_faults[KEYS[1]] = (500, {})  # the current key fails: its retry, and what follows, go on
     assert client.chat.completions.create(model="m", messages=MSGS).choices
     assert used_keys(mock)[-2:] == [KEYS[1], KEYS[2]]
