@@ -1416,7 +1416,9 @@ class ClientLimits:
         self.rpm = rpm
         self.tpm = tpm
         self.burst = burst
-        self.requests = TokenBucket(rpm / 60, burst or rpm, clock) if rpm else None
+        # (a request bucket holds at least one request: one under it would never admit
+        # one, or, taking what it holds, admit more than rpm)
+        self.requests = TokenBucket(rpm / 60, max(1.0, burst or rpm), clock) if rpm else None
         self.tokens = TokenBucket(tpm / 60, tpm, clock) if tpm else None
         # (the three header lines up to the remaining count, the limit filled in; what
         # follows that count; bucket) per limited kind: made once
@@ -1968,16 +1970,15 @@ local r_rate, r_cap = tonumber(ARGV[1]), tonumber(ARGV[2])
 local k_rate, k_cap = tonumber(ARGV[3]), tonumber(ARGV[4])
 local amount = math.min(tonumber(ARGV[5]), k_cap)
 local r, k = -1, -1
-local one = math.min(1, r_cap)
 if r_rate > 0 then
   r = level(KEYS[1], r_rate, r_cap)
-  if r < one then return {'requests', tostring((one - r) / r_rate), '0'} end
+  if r < 1 then return {'requests', tostring((1 - r) / r_rate), '0'} end
 end
 if k_rate > 0 then
   k = level(KEYS[2], k_rate, k_cap)
   if k < amount then return {'tokens', tostring((amount - k) / k_rate), tostring(r), tostring(k)} end
 end
-if r_rate > 0 then r = r - one; put(KEYS[1], r, r_rate, r_cap) end
+if r_rate > 0 then r = r - 1; put(KEYS[1], r, r_rate, r_cap) end
 if k_rate > 0 then k = k - amount; put(KEYS[2], k, k_rate, k_cap) end
 if KEYS[4] then return {'ok', tostring(r), tostring(k), pace(KEYS[4], tonumber(ARGV[8]), tonumber(ARGV[9]))} end
 return {'ok', tostring(r), tostring(k)}

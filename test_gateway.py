@@ -1767,13 +1767,21 @@ def tpm_limited(start_gateway: StartGateway, mock: mock_upstream.MockUpstream, r
 
 
 @pytest.mark.parametrize("shared", [False, True])
-def test_a_request_bucket_smaller_than_one_request_admits_one_when_full_with_or_without_redis(
+def test_a_request_bucket_holds_one_request_at_least_with_or_without_redis(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, request: pytest.FixtureRequest, shared: bool) -> None:
     g = tpm_limited(start_gateway, mock, request, shared, held=False, rpm=0.5)  # one every 2 minutes
     (first,) = raw(g.port, post("/v1/chat/completions", CHAT))
     assert first.status == 200, first.body
     (second,) = raw(g.port, post("/v1/chat/completions", CHAT))
-    assert second.status == 429 and 59 <= int(second.headers["retry-after"]) <= 61  # (0.5 back)
+    assert second.status == 429 and 119 <= int(second.headers["retry-after"]) <= 121
+    config = limited(mock, rate_limit={"rpm": 60, "burst": 0.5}, api_keys=[{"key": SDK_KEY, "name": "half"}])
+    if shared:  # (a bucket of its own: not 120 requests a minute)
+        config["redis_url"] = g.gw.config.redis_url
+    h = start_gateway(config)
+    assert eventually(lambda: not shared or h.gw.shared.up)
+    auth = f"Authorization: Bearer {SDK_KEY}\r\n"
+    statuses = [raw(h.port, post("/v1/chat/completions", CHAT, auth))[0].status for _ in range(3)]
+    assert statuses[0] == 200 and statuses[1:] == [429, 429], statuses
 
 
 @pytest.mark.parametrize("shared", [False, True])
