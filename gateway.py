@@ -6549,6 +6549,15 @@ def load_json(body: bytes) -> Any:
         raise BadRequest(f"We could not parse the JSON body of your request: {exc}") from None
 
 
+def read_leniently(body: bytes) -> Any:
+    """What a lenient JSON reader makes of a body orjson refused (Python's json reads a
+    BOM, UTF-16 and UTF-32, NaN and lone surrogates); None when it reads nothing."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+
+
 def too_deep_to_read(exc: orjson.JSONDecodeError) -> bool:
     """Newer orjson (3.13) refuses to read past 1,024 levels, where 3.8 read on: such a
     body is then refused for its depth, not as JSON that cannot be read."""
@@ -6956,12 +6965,14 @@ def multipart_field(body: bytes, content_type: bytes, name: str) -> tuple[str, i
     boundaries = [v for n, v in params if n == b"boundary"]
     if len(boundaries) > 1:
         raise _ambiguous("two boundaries")
-    if not boundaries or not boundaries[0]:
-        return None
+    if not boundaries or not boundaries[0]:  # (not a form to any parser: a JSON body
+        raise _ambiguous("no boundary in its Content-Type")  # typed so, say)
     if not _BOUNDARY.fullmatch(boundaries[0]):
         raise _ambiguous("a boundary with spaces or separators in it")
     want, delimiter, field = name.encode(), b"--" + boundaries[0], None
     at = 0 if body.startswith(delimiter) else body.find(b"\n" + delimiter) + 1 or -1
+    if at < 0:
+        raise _ambiguous("no part delimited by its boundary")
     if body.count(delimiter) != body.count(b"\n" + delimiter) + (at == 0):
         raise _ambiguous("a boundary that is not at the start of a line")  # (after a CR, say)
     parts = 0
@@ -6991,8 +7002,9 @@ def multipart_field(body: bytes, content_type: bytes, name: str) -> tuple[str, i
             raise _ambiguous("a part head with a bare CR, or one that starts indented")
         if head[:1] not in (b"", b"\r", b"\n"):  # ("--B" and more on its line: not every
             raise _ambiguous("a delimiter with more after it on its line")  # parser's delimiter)
-        if b"\n" in bare if lf < 0 else b"\r" in head:  # (a line end one parser sees,
-            raise _ambiguous("a part head whose lines end in both CRLF and LF")  # another not)
+        if (b"\n" in bare or body[blank - 1:blank] != b"\r") if lf < 0 else b"\r" in head:
+            raise _ambiguous("a part head whose lines end in both CRLF and LF")  # (a line end
+            # one parser sees and another does not)
         head = _FOLDED.sub(b" ", head)
         dispositions = _PART_DISPOSITION.findall(head)
         if len(dispositions) > 1:
@@ -7889,11 +7901,14 @@ class ProxyHandler:
                 except orjson.JSONDecodeError as exc:
                     if too_deep_to_read(exc):
                         raise nested_too_deep(1024) from None
-                    if restricted:
-                        raise BadRequest("This key may use only some models, and the body of "
-                                         f"this request is not JSON the gateway can read: {exc}."
-                                         " Send UTF-8 JSON, or a multipart form.") from None
-                    found = None  # the upstream says what is wrong with it
+                    if restricted and (content_type[:33].lower()
+                                       == b"application/x-www-form-urlencoded"
+                                       or isinstance(read_leniently(body), dict)):
+                        raise BadRequest("This key may use only some models, and the gateway "
+                                         f"cannot read which this body names: {exc}. Send "
+                                         "UTF-8 JSON, or a multipart form.") from None
+                    found = None  # the upstream says what is wrong with it (or it is not
+                    # JSON to anyone: an SDP offer, say)
                 if isinstance(found, dict):
                     obj = found
                     model = found.get("model") if isinstance(found.get("model"), str) else ""

@@ -6279,6 +6279,12 @@ def test_a_pass_through_body_is_held_to_the_keys_models_however_it_is_typed_or_i
         for content_type in ("application/json", "text/plain", None):
             resp = send("/v1/images/generations", body, content_type)
             assert resp.status == 400 and resp.json()["error"]["code"] == "invalid_json", (body, content_type)
+    resp = send("/v1/images/generations", b"model=dall-e-3&prompt=x", "application/x-www-form-urlencoded")
+    assert resp.status == 400 and resp.json()["error"]["code"] == "invalid_json"  # (what a Form() reads)
+    sdp = b"v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\n"  # JSON to no one: it goes on, as for any key
+    send("/v1/realtime/calls", sdp, "application/sdp")
+    assert mock.requests[-1].path == "/v1/realtime/calls" and mock.requests[-1].body == sdp
+    seen = len(mock.requests)
 
     def form(*fields: tuple[str, str]) -> bytes:
         parts = [b"--B\r\n%s\r\n\r\n%s\r\n" % (d.encode(), v.encode()) for d, v in fields]
@@ -6316,7 +6322,10 @@ def test_a_pass_through_body_is_held_to_the_keys_models_however_it_is_typed_or_i
             (form(("", 'Content-Disposition: form-data; name="model"\r\n\r\nwhisper-2')), multipart),
             (form(('Content-Disposition: form-data; name="model"', "stt")) + form(('Content-Disposition: form-data; '
                                                                                      'name="model"', "whisper-2")), multipart),
-            (form(('Content-Disposition: form-data; name="model"', "whisper-2")).replace(b"--B\r\n", b"--Bx\r\n", 1), multipart)):
+            (form(('Content-Disposition: form-data; name="model"', "whisper-2")).replace(b"--B\r\n", b"--Bx\r\n", 1), multipart),
+            (b'--B\r\nContent-Disposition: form-data; name="x"\n\r\nContent-Disposition: form-data; name="model"'
+             b"\r\n\r\nwhisper-2\r\n--B--\r\n", multipart),  # (a bare LF ending the head's last line)
+            (b'{"model": "whisper-2"}', multipart), (b'{"model": "whisper-2"}', "multipart/form-data")):  # (JSON)
         resp = send("/v1/audio/transcriptions", ambiguous, content_type)
         assert resp.status == 400 and "ambiguous" in resp.json()["error"]["message"], ambiguous
     for shape in (b';a=""', b";a=b"):  # (each parameter costs a search: a part head is bounded, as
