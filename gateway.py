@@ -6154,7 +6154,7 @@ class SseFilter:
         if isinstance(usage, dict):
             self.usage = usage
         if self.drop_usage and isinstance(usage, dict) and not obj.get("choices") \
-                and "error" not in obj:
+                and obj.get("error") is None:
             return None  # the usage-only chunk the client did not ask for (not an error)
         if self.convert is not None:
             return self._convert(obj)
@@ -8355,9 +8355,11 @@ class ModelCatalog:
         the "*" upstreams are asked at once, not one after another."""
         cfg, gw = self.gw.config, self.gw
         models = self.configured()
-        keys, pools = gw.keys, gw.pools  # (of cfg, whatever a reload does meanwhile)
+        # (of cfg, whatever a reload does before the fetches start: they run a turn later)
+        keys, pools, cache, asking = gw.keys, gw.pools, self._cache, self._asking
         listing = [u for u in cfg.upstreams if u.models is None]
-        found = await asyncio.gather(*(self.upstream_models(u, keys, pools) for u in listing))
+        found = await asyncio.gather(*(self.upstream_models(u, keys, pools, cache, asking)
+                                       for u in listing))
         failures = []
         for u, (entries, failure) in zip(listing, found):
             if failure:
@@ -8367,18 +8369,20 @@ class ModelCatalog:
         return models, failures
 
     async def upstream_models(self, u: Upstream, keys: dict[str, KeyPool],
-                              pools: dict[str, UpstreamPool]) -> tuple[list[dict], str]:
+                              pools: dict[str, UpstreamPool],
+                              cache: dict[str, tuple[float, list[dict], str]],
+                              asking: dict[str, asyncio.Future]) -> tuple[list[dict], str]:
         """The upstream's own list, and why it could not be had ("" when it could): cached,
         and asked for once however many requests want it meanwhile (a client that leaves
         does not end the fetch the others wait on)."""
-        cached = self._cache.get(u.name)
+        cached = cache.get(u.name)
         if cached is not None and cached[0] > time.monotonic():
             return cached[1], cached[2]
-        asking = self._asking.get(u.name)
-        if asking is None:
-            asking = self._asking[u.name] = asyncio.ensure_future(
-                self.ask(u, keys, pools, self._cache, self._asking))
-        return await asyncio.shield(asking)
+        fetch = asking.get(u.name)
+        if fetch is None:
+            fetch = asking[u.name] = asyncio.ensure_future(self.ask(u, keys, pools, cache,
+                                                                    asking))
+        return await asyncio.shield(fetch)
 
     async def ask(self, u: Upstream, keys: dict[str, KeyPool], pools: dict[str, UpstreamPool],
                   cache: dict[str, tuple[float, list[dict], str]],
@@ -8410,7 +8414,8 @@ class ModelCatalog:
         if conn.status != 200:
             raise ValueError(f"status {conn.status}")
         data = orjson.loads(body)["data"]
-        return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+        return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)
+                and len(m["id"]) <= MAX_MODEL_NAME]  # (no request can name a longer one)
 
 
 class AdminHandler:

@@ -5608,6 +5608,8 @@ def test_sse_filter_holds_back_only_an_incomplete_event_and_drops_the_unasked_us
             b'"completion_tokens":1,"total_tokens":4}}\n\n'  # an error that says what was used:
     flt = gw.SseFilter(inspect=True, drop_usage=True)  # counted, and the client is told
     assert flt.feed(first + error + done) == first + error + done and flt.usage["total_tokens"] == 4
+    flt = gw.SseFilter(inspect=True, drop_usage=True)  # ("error": null is none)
+    assert flt.feed(usage.replace(b'{"choices"', b'{"error":null,"choices"')) == b""
 
 
 SSE_EVENTS = {
@@ -6534,6 +6536,55 @@ def test_a_star_upstream_that_never_lists_its_models_is_asked_once_for_a_bounded
     metrics.list(f"m{i}" for i in range(gw.MAX_LISTED_MODELS + 10))  # a list may change each time:
     metrics.list(["another"])  # its ids become labels up to a bound
     assert metrics.listed == gw.MAX_LISTED_MODELS and metrics.fold("another") == "other"
+
+
+def test_star_upstreams_are_asked_for_their_models_at_once_and_a_client_leaving_ends_no_fetch(
+        start_gateway: StartGateway, raw_upstream: RawUpstream) -> None:
+    gate = threading.Event()
+    asked: list[int] = []
+
+    def lister(number: int) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await request_in(reader)
+                asked.append(number)
+                await asyncio.get_running_loop().run_in_executor(None, gate.wait)
+                body = b'{"object": "list", "data": [{"id": "listed-%d"}, {"id": "%s"}]}' % (number, b"x" * 300)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+        return handler
+    first, second = raw_upstream(lister(1)), raw_upstream(lister(2))
+    g = start_gateway({"upstreams": [{"name": "one", "url": f"http://127.0.0.1:{first}/v1"},
+                                     {"name": "two", "url": f"http://127.0.0.1:{second}/v1"}]})
+    with connect(g.port) as sock:  # a client that leaves while both are being asked
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert eventually(lambda: sorted(asked) == [1, 2])  # at once: neither has answered
+    assert eventually(lambda: g.lt.call(lambda: g.gw.active) == 0)  # it left
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        listed = pool.submit(lambda: raw(g.port, b"GET /v1/models HTTP/1.1\r\nHost: t\r\n\r\n")[0])
+        assert eventually(lambda: g.lt.call(lambda: g.gw.active) == 1)  # waiting on the same fetches
+        gate.set()
+        resp = listed.result(timeout=10)
+    assert resp.status == 200 and sorted(m["id"] for m in resp.json()["data"]) == ["listed-1", "listed-2"]
+    assert sorted(asked) == [1, 2]  # (an id no request can name, 300 characters, is not listed)
+
+
+def test_a_models_listing_begun_as_a_reload_comes_fills_only_the_cache_it_began_with(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    config = {"upstreams": [{"name": "any", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS[:1]}]}
+    g = start_gateway(config)
+
+    async def list_across_a_reload() -> tuple[dict, list[str]]:
+        listing = asyncio.ensure_future(g.gw.catalog.known())
+        await asyncio.sleep(0)  # (one loop turn: known() is at its gather, its fetch not begun)
+        g.gw.reload(cfg({"upstreams": [{**config["upstreams"][0], "url": "http://127.0.0.1:9/v1"}]}))
+        return await listing
+    _, failures = g.lt.run(list_across_a_reload())
+    assert failures == ["any: reconfigured while listing"]  # (its keys may hold the new place's secrets)
+    assert g.lt.call(lambda: dict(g.gw.catalog._cache)) == {}  # the new config's lists are asked anew
 
 
 def test_models_list_is_502_when_the_only_source_is_unreachable(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
