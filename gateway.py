@@ -6549,13 +6549,11 @@ def load_json(body: bytes) -> Any:
         raise BadRequest(f"We could not parse the JSON body of your request: {exc}") from None
 
 
-def read_leniently(body: bytes) -> Any:
-    """What a lenient JSON reader makes of a body orjson refused (Python's json reads a
-    BOM, UTF-16 and UTF-32, NaN and lone surrogates); None when it reads nothing."""
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError):
-        return None
+# What a key held to some models may send that is not JSON or a form: a body the API takes
+# raw, from which no reader takes a model (a Realtime call's SDP offer). Anything else that
+# orjson cannot read may be JSON to a lenient reader (trailing data, a BOM, UTF-16, another
+# charset, comments, NaN, gzip, ...) whose model the gateway would never see.
+_RAW_BODY_TYPES = frozenset((b"application/sdp",))
 
 
 def too_deep_to_read(exc: orjson.JSONDecodeError) -> bool:
@@ -6592,7 +6590,7 @@ def _names_twice(body: bytes, key: str) -> bool:
     counts: list[int] = []
 
     def pairs(items: list[tuple[str, Any]]) -> dict:
-        counts.append(sum(1 for name, _ in items if name == key))
+        counts.append(sum(1 for name, _ in items if name.casefold() == key))
         return dict(items)
 
     try:
@@ -7688,7 +7686,7 @@ class ProxyHandler:
         (a frame less to resume when the upstream answers), unless the objects a chat
         names must first be looked up to pin it to the key that made them."""
         obj = parse_body(rq.body(), kind)
-        model = self.allowed_model(rq, obj["model"])
+        model = self.allowed_model(rq, obj["model"], obj)
         ids = named_objects(obj, "messages") if kind == "chat" and self.gw.sticky.nested else None
         if ids:
             return self.pinned_run(rq, kind, obj, model, ids, force_stream)
@@ -7750,14 +7748,22 @@ class ProxyHandler:
                 rq, limits, rq.client.name if rq.client is not None else "anonymous",
                 token_estimate(rq, obj) if obj is not None else 0)
 
-    def allowed_model(self, rq: Request, requested: str) -> str:
-        """The model a request names, after aliases, if this client may use it."""
+    def allowed_model(self, rq: Request, requested: str, obj: dict | None = None) -> str:
+        """The model a request names, after aliases, if this client may use it. obj: the
+        JSON body it was read from, which for a key held to some models must name it once
+        as every reader reads it: not also as "MODEL" (Go's decoder matches names whatever
+        their case, the last one winning), nor through an escape orjson folded into one
+        key (a reader that keeps the first would see the other)."""
         if len(requested) > MAX_MODEL_NAME:  # (every per-model table and label is keyed by it)
             raise BadRequest(f"The model name is longer than {MAX_MODEL_NAME} characters.",
                              code="invalid_value", param="model")
         rq.model = requested
         model = self.gw.config.resolve_alias(requested)
         client = rq.client
+        if client is not None and client.models is not None and obj is not None and (
+                any(k != "model" and k.casefold() == "model" for k in obj)
+                or b"\\u" in (body := rq.body()) and _names_twice(body, "model")):
+            raise BadRequest("The JSON body names 'model' more than once.", param="model")
         if client is not None and not client.allows(requested, model):
             raise Forbidden(f"This key may not use model {requested!r}.", param="model")
         return model
@@ -7770,7 +7776,7 @@ class ProxyHandler:
         upstream gets the request as chat completions."""
         gw = self.gw
         obj = parse_body(rq.body(), "responses")
-        model = self.allowed_model(rq, obj["model"])
+        model = self.allowed_model(rq, obj["model"], obj)
         previous = obj.get("previous_response_id")
         if previous is not None and not isinstance(previous, str):
             raise BadRequest("Invalid type for 'previous_response_id': expected a string.",
@@ -7901,14 +7907,15 @@ class ProxyHandler:
                 except orjson.JSONDecodeError as exc:
                     if too_deep_to_read(exc):
                         raise nested_too_deep(1024) from None
-                    if restricted and (content_type[:33].lower()
-                                       == b"application/x-www-form-urlencoded"
-                                       or isinstance(read_leniently(body), dict)):
+                    if restricted and (content_type.partition(b";")[0].strip().lower()
+                                       not in _RAW_BODY_TYPES
+                                       or rq.field(b"content-encoding").strip().lower()
+                                       not in (b"", b"identity")):
                         raise BadRequest("This key may use only some models, and the gateway "
                                          f"cannot read which this body names: {exc}. Send "
                                          "UTF-8 JSON, or a multipart form.") from None
-                    found = None  # the upstream says what is wrong with it (or it is not
-                    # JSON to anyone: an SDP offer, say)
+                    found = None  # the upstream says what is wrong with it (an SDP offer,
+                    # say, is JSON to no one)
                 if isinstance(found, dict):
                     obj = found
                     model = found.get("model") if isinstance(found.get("model"), str) else ""
@@ -7921,7 +7928,7 @@ class ProxyHandler:
         pinned = looked[0] if looked is not None else \
             (await self.look_up(rq, self.named_ids(rq, obj), obj))[1]
         if model:
-            model = self.allowed_model(rq, model)
+            model = self.allowed_model(rq, model, obj)
         candidates = self.candidates(rq, model, "passthrough", pinned)
         plan = Plan(rq, "passthrough", obj, False, gw, candidates,
                     pinned=pinned[1] if pinned else None)
@@ -8822,6 +8829,9 @@ class Router:
 ################################################################################
 
 
+_HOP_WITH_PORT = re.compile(r"\[([0-9A-Fa-f:.]+)\](?::[0-9]{1,5})?|([0-9.]+):[0-9]{1,5}")
+
+
 def forwarded_client(peer: str, headers: list[tuple[bytes, bytes, bytes]],
                      trusted: tuple) -> str:
     """The client's address: the peer's, or, when the peer is a trusted proxy, the nearest
@@ -8834,13 +8844,10 @@ def forwarded_client(peer: str, headers: list[tuple[bytes, bytes, bytes]],
     for hop in reversed(hops):
         if not _is_trusted(peer, trusted):
             break
-        hop = hop.strip()
-        if hop[:1] == "[":  # [v6]:port, [v6]
-            hop = hop[1:].partition("]")[0]
-        elif hop.count(":") == 1:  # v4:port, as some proxies write it
-            hop = hop.partition(":")[0]
-        try:
-            peer = str(ipaddress.ip_address(hop))
+        with_port = _HOP_WITH_PORT.fullmatch(hop.strip())  # ([v6], [v6]:port or v4:port, as
+        try:  # some proxies write it)
+            peer = str(ipaddress.ip_address(with_port.group(1) or with_port.group(2)
+                                            if with_port else hop.strip()))
         except ValueError:
             break  # garbage: the last address a trusted proxy vouched for stands
     return peer

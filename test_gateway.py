@@ -3601,6 +3601,8 @@ def test_forwarded_client_believes_only_trusted_proxies() -> None:
     for hop, client in (("203.0.113.7:5555", "203.0.113.7"), ("[2001:db8::9]:443", "2001:db8::9"),
                         ("[2001:db8::9]", "2001:db8::9"), ("2001:db8::9", "2001:db8::9")):  # a port, as
         assert gw.forwarded_client("127.0.0.1", xff(hop), trusted) == client  # some proxies write it
+    for garbage in ("203.0.113.7:junk", "[2001:db8::9]junk", "[2001:db8::9", "203.0.113.7:"):
+        assert gw.forwarded_client("127.0.0.1", xff(garbage), trusted) == "127.0.0.1", garbage
 
 
 def test_bad_json_sources_are_config_errors(tmp_path: Path) -> None:
@@ -6274,19 +6276,31 @@ def test_a_pass_through_body_is_held_to_the_keys_models_however_it_is_typed_or_i
     for content_type in ("application/json", "Application/JSON; charset=utf-8", "text/plain", None):
         resp = send("/v1/images/generations", b' {"model": "dall-e-3", "prompt": "x"}', content_type)
         assert resp.status == 403 and resp.json()["error"]["code"] == "model_not_allowed", content_type
-    lenient = b'{"model": "dall-e-3", "prompt": "%s", "n": %s}'  # read by Python's json, not as strict JSON
+    lenient = b'{"model": "dall-e-3", "prompt": "%s", "n": %s}'  # what orjson refuses, and a lenient
     for body in (b"\xef\xbb\xbf" + lenient % (b"x", b"1"), (lenient % (b"x", b"1")).decode().encode("utf-16"),
-                 lenient % (b"x", b"NaN"), lenient % (b"\\ud800", b"1")):
-        assert json.loads(body)["model"] == "dall-e-3"
-        for content_type in ("application/json", "text/plain", None):
+                 lenient % (b"x", b"NaN"), lenient % (b"\\ud800", b"1"),  # reader (Python's, Node's, Go's,
+                 lenient % (b"x", b"1") + b" x", lenient % (b"x", b"1") + b"{}",  # a charset's) takes a
+                 lenient % (b"caf\xe9", b"1"), lenient % (b"x", b"1,"),  # model from: trailing data,
+                 b"\x00" + lenient % (b"x", b"1"),  # Latin-1, a trailing comma, a NUL, a deep BOM'd one,
+                 b"\xef\xbb\xbf" + lenient % (b"x", b"[" * 1100 + b"]" * 1100),  # gzip
+                 gzip.compress(lenient % (b"x", b"1"))):
+        for content_type in ("application/json", "text/plain", None, "application/yaml"):
             resp = send("/v1/images/generations", body, content_type)
             assert resp.status == 400 and resp.json()["error"]["code"] == "invalid_json", (body, content_type)
     resp = send("/v1/images/generations", b"model=dall-e-3&prompt=x", "application/x-www-form-urlencoded")
     assert resp.status == 400 and resp.json()["error"]["code"] == "invalid_json"  # (what a Form() reads)
+    for body in (b'{"model": "gpt-image-1", "MODEL": "dall-e-3", "prompt": "x"}',  # (Go's decoder: either
+                 b'{"\\u006dodel": "dall-e-3", "model": "gpt-image-1", "prompt": "x"}'):  # case; and first wins)
+        resp = send("/v1/images/generations", body, "application/json")
+        assert resp.status == 400 and resp.json()["error"]["param"] == "model", body
     sdp = b"v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\n"  # JSON to no one: it goes on, as for any key
     send("/v1/realtime/calls", sdp, "application/sdp")
     assert mock.requests[-1].path == "/v1/realtime/calls" and mock.requests[-1].body == sdp
     seen = len(mock.requests)
+    resp = send("/v1/realtime/calls", gzip.compress(lenient % (b"x", b"1")), "application/sdp\r\nContent-Encoding: gzip")
+    assert resp.status == 400 and resp.json()["error"]["code"] == "invalid_json"
+    resp = send("/v1/chat/completions", b'{"model": "stt", "Model": "gpt-4o", "messages": []}', "application/json")
+    assert resp.status == 400 and resp.json()["error"]["param"] == "model"  # (chat too)
 
     def form(*fields: tuple[str, str]) -> bytes:
         parts = [b"--B\r\n%s\r\n\r\n%s\r\n" % (d.encode(), v.encode()) for d, v in fields]
