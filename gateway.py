@@ -6549,11 +6549,32 @@ def load_json(body: bytes) -> Any:
         raise BadRequest(f"We could not parse the JSON body of your request: {exc}") from None
 
 
-# What a key held to some models may send that is not JSON or a form: a body the API takes
-# raw, from which no reader takes a model (a Realtime call's SDP offer). Anything else that
-# orjson cannot read may be JSON to a lenient reader (trailing data, a BOM, UTF-16, another
-# charset, comments, NaN, gzip, ...) whose model the gateway would never see.
-_RAW_BODY_TYPES = frozenset((b"application/sdp",))
+def held_raw(rq: Request, content_type: bytes, body: bytes) -> bool:
+    """May a key held to some models send this body that orjson cannot read? Only what the
+    API takes raw and no reader takes a model from: a Realtime call's SDP offer, unencoded.
+    Anything else may be JSON to a lenient reader (trailing data, a BOM, UTF-16, another
+    charset, comments, NaN, gzip, ...) whose model the gateway would never see."""
+    return rq.path == b"/v1/realtime/calls" and body[:2] == b"v=" \
+        and content_type.partition(b";")[0].strip().lower() == b"application/sdp" \
+        and all(v.strip().lower() in (b"", b"identity")
+                for _, n, v in rq.headers if n == b"content-encoding")
+
+
+def held_json(obj: dict, body: bytes) -> list[str]:
+    """A key held to some models: its JSON body names `model` as every reader reads it, as
+    a string, once: not also as "MODEL" (Go's decoder matches names whatever their case,
+    the last winning), nor again through an escape orjson folded into one key (a reader
+    that keeps the first sees the other). Returns the other models it names (a Realtime
+    session's), which the key must be allowed too."""
+    if any(k != "model" and k.casefold() == "model" for k in obj) or b"\\u" in body \
+            and _names_twice(body, "model"):
+        raise BadRequest("The JSON body names 'model' more than once.", param="model")
+    if "model" in obj and obj["model"].__class__ is not str:
+        raise BadRequest("Invalid type for 'model': expected a string.", code="invalid_type",
+                         param="model")
+    session = obj.get("session")
+    named = session.get("model") if session.__class__ is dict else None
+    return [named] if named.__class__ is str else []
 
 
 def too_deep_to_read(exc: orjson.JSONDecodeError) -> bool:
@@ -6590,7 +6611,7 @@ def _names_twice(body: bytes, key: str) -> bool:
     counts: list[int] = []
 
     def pairs(items: list[tuple[str, Any]]) -> dict:
-        counts.append(sum(1 for name, _ in items if name.casefold() == key))
+        counts.append(sum(1 for name, _ in items if name == key))
         return dict(items)
 
     try:
@@ -7017,6 +7038,8 @@ def multipart_field(body: bytes, content_type: bytes, name: str) -> tuple[str, i
         if kind == b"name*":  # charset'language'percent-encoded
             value = unquote_to_bytes(value.split(b"'", 2)[-1])
         if value != want:
+            if value.lower() == want:  # (binders that match names in any case read it)
+                raise _ambiguous(f"a field named '{name}' in another case")
             continue
         if field is not None:
             raise BadRequest(f"The form names '{name}' more than once.", param=name)
@@ -7750,23 +7773,27 @@ class ProxyHandler:
 
     def allowed_model(self, rq: Request, requested: str, obj: dict | None = None) -> str:
         """The model a request names, after aliases, if this client may use it. obj: the
-        JSON body it was read from, which for a key held to some models must name it once
-        as every reader reads it: not also as "MODEL" (Go's decoder matches names whatever
-        their case, the last one winning), nor through an escape orjson folded into one
-        key (a reader that keeps the first would see the other)."""
+        JSON body it was read from, which for a key held to some models must name it as
+        every reader reads it (held_json)."""
         if len(requested) > MAX_MODEL_NAME:  # (every per-model table and label is keyed by it)
             raise BadRequest(f"The model name is longer than {MAX_MODEL_NAME} characters.",
                              code="invalid_value", param="model")
         rq.model = requested
         model = self.gw.config.resolve_alias(requested)
         client = rq.client
-        if client is not None and client.models is not None and obj is not None and (
-                any(k != "model" and k.casefold() == "model" for k in obj)
-                or b"\\u" in (body := rq.body()) and _names_twice(body, "model")):
-            raise BadRequest("The JSON body names 'model' more than once.", param="model")
+        if client is not None and client.models is not None and obj is not None:
+            held_json(obj, rq.body())
         if client is not None and not client.allows(requested, model):
             raise Forbidden(f"This key may not use model {requested!r}.", param="model")
         return model
+
+    def held_elsewhere(self, rq: Request, models: list[str]) -> None:
+        """Models a request names beside the one it is routed by (a Realtime session's, a
+        query's): a key held to some models may use them too, or it is refused."""
+        client, cfg = rq.client, self.gw.config
+        for named in models:
+            if not client.allows(named, cfg.resolve_alias(named)):  # type: ignore[union-attr]
+                raise Forbidden(f"This key may not use model {named[:256]!r}.", param="model")
 
     # the Responses API ----------------------------------------------------------------------
 
@@ -7896,8 +7923,8 @@ class ProxyHandler:
             body = rq.body()
             multipart = content_type[:19].lower() == b"multipart/form-data"
             # A key held to some models has its body read as strict JSON when it is not a
-            # form: what orjson refuses, a lenient reader may still take a model from (a
-            # BOM, UTF-16, NaN, a lone surrogate: Python's json reads them all).
+            # form or an SDP offer: what orjson refuses, a lenient reader may still take a
+            # model from (held_raw).
             restricted = rq.client is not None and rq.client.models is not None
             # JSON as the upstream may read it, whatever the type says: its model is checked
             if content_type[:16].lower() == b"application/json" or not multipart \
@@ -7907,10 +7934,7 @@ class ProxyHandler:
                 except orjson.JSONDecodeError as exc:
                     if too_deep_to_read(exc):
                         raise nested_too_deep(1024) from None
-                    if restricted and (content_type.partition(b";")[0].strip().lower()
-                                       not in _RAW_BODY_TYPES
-                                       or rq.field(b"content-encoding").strip().lower()
-                                       not in (b"", b"identity")):
+                    if restricted and not held_raw(rq, content_type, body):
                         raise BadRequest("This key may use only some models, and the gateway "
                                          f"cannot read which this body names: {exc}. Send "
                                          "UTF-8 JSON, or a multipart form.") from None
@@ -7922,13 +7946,19 @@ class ProxyHandler:
                     if model and body.count(b'"model"') > 1 and _names_twice(body, "model"):
                         raise BadRequest("The JSON body names 'model' more than once.",
                                          param="model")
+                    if restricted:  # (whatever its model holds, or none)
+                        self.held_elsewhere(rq, held_json(found, body))
             elif multipart:
+                if restricted and body[:2] != b"--":  # (JSON before the first part, say)
+                    raise _ambiguous("something before its first part")
                 form = multipart_field(body, content_type, "model")
                 model = form[0] if form is not None else ""
+            if restricted and rq.query:
+                self.held_elsewhere(rq, parse_qs(rq.query.decode("latin-1")).get("model", []))
         pinned = looked[0] if looked is not None else \
             (await self.look_up(rq, self.named_ids(rq, obj), obj))[1]
         if model:
-            model = self.allowed_model(rq, model, obj)
+            model = self.allowed_model(rq, model)
         candidates = self.candidates(rq, model, "passthrough", pinned)
         plan = Plan(rq, "passthrough", obj, False, gw, candidates,
                     pinned=pinned[1] if pinned else None)
@@ -8829,7 +8859,7 @@ class Router:
 ################################################################################
 
 
-_HOP_WITH_PORT = re.compile(r"\[([0-9A-Fa-f:.]+)\](?::[0-9]{1,5})?|([0-9.]+):[0-9]{1,5}")
+_HOP_WITH_PORT = re.compile(r"\[([0-9A-Fa-f.]*:[0-9A-Fa-f:.]*)\](?::[0-9]{1,5})?|([0-9.]+):[0-9]{1,5}")
 
 
 def forwarded_client(peer: str, headers: list[tuple[bytes, bytes, bytes]],
@@ -8844,10 +8874,11 @@ def forwarded_client(peer: str, headers: list[tuple[bytes, bytes, bytes]],
     for hop in reversed(hops):
         if not _is_trusted(peer, trusted):
             break
-        with_port = _HOP_WITH_PORT.fullmatch(hop.strip())  # ([v6], [v6]:port or v4:port, as
-        try:  # some proxies write it)
+        hop = hop.strip(" \t")
+        with_port = _HOP_WITH_PORT.fullmatch(hop)  # ([v6], [v6]:port or v4:port, as some
+        try:  # proxies write it)
             peer = str(ipaddress.ip_address(with_port.group(1) or with_port.group(2)
-                                            if with_port else hop.strip()))
+                                            if with_port else hop))
         except ValueError:
             break  # garbage: the last address a trusted proxy vouched for stands
     return peer

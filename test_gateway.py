@@ -3601,7 +3601,8 @@ def test_forwarded_client_believes_only_trusted_proxies() -> None:
     for hop, client in (("203.0.113.7:5555", "203.0.113.7"), ("[2001:db8::9]:443", "2001:db8::9"),
                         ("[2001:db8::9]", "2001:db8::9"), ("2001:db8::9", "2001:db8::9")):  # a port, as
         assert gw.forwarded_client("127.0.0.1", xff(hop), trusted) == client  # some proxies write it
-    for garbage in ("203.0.113.7:junk", "[2001:db8::9]junk", "[2001:db8::9", "203.0.113.7:"):
+    for garbage in ("203.0.113.7:junk", "[2001:db8::9]junk", "[2001:db8::9", "203.0.113.7:", "[203.0.113.7]:80",
+                    "\xa0203.0.113.7:1"):
         assert gw.forwarded_client("127.0.0.1", xff(garbage), trusted) == "127.0.0.1", garbage
 
 
@@ -6290,15 +6291,30 @@ def test_a_pass_through_body_is_held_to_the_keys_models_however_it_is_typed_or_i
     resp = send("/v1/images/generations", b"model=dall-e-3&prompt=x", "application/x-www-form-urlencoded")
     assert resp.status == 400 and resp.json()["error"]["code"] == "invalid_json"  # (what a Form() reads)
     for body in (b'{"model": "gpt-image-1", "MODEL": "dall-e-3", "prompt": "x"}',  # (Go's decoder: either
-                 b'{"\\u006dodel": "dall-e-3", "model": "gpt-image-1", "prompt": "x"}'):  # case; and first wins)
-        resp = send("/v1/images/generations", body, "application/json")
+                 b'{"\\u006dodel": "dall-e-3", "model": "gpt-image-1", "prompt": "x"}',  # case; and first wins)
+                 b'{"MODEL": "dall-e-3", "prompt": "x"}', b'{"model": null, "Model": "dall-e-3"}',  # (whatever
+                 b'{"\\u006dodel": "dall-e-3", "model": null}', b'{"model": ["dall-e-3"]}', b'{"model": 3}'):  # model
+        resp = send("/v1/images/generations", body, "application/json")  # holds: a string, once)
         assert resp.status == 400 and resp.json()["error"]["param"] == "model", body
+    for path, body in (("/v1/realtime/client_secrets", b'{"session": {"type": "realtime", "model": "gpt-realtime"}}'),
+                       ("/v1/realtime/calls?model=gpt-realtime", b"v=0\r\n")):  # a model named elsewhere
+        resp = send(path, body, "application/json" if body[:1] == b"{" else "application/sdp")
+        assert resp.status == 403 and resp.json()["error"]["code"] == "model_not_allowed", path
+    for path, content_type in (("/v1/images/generations", "application/sdp"),  # an offer only where one goes,
+                               ("/v1/realtime/calls", "application/sdp; charset=utf-16")):  # and only as one
+        resp = send(path, lenient % (b"x", b"1") + b" x", content_type)
+        assert resp.status == 400 and resp.json()["error"]["code"] == "invalid_json", path
     sdp = b"v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\n"  # JSON to no one: it goes on, as for any key
     send("/v1/realtime/calls", sdp, "application/sdp")
     assert mock.requests[-1].path == "/v1/realtime/calls" and mock.requests[-1].body == sdp
     seen = len(mock.requests)
-    resp = send("/v1/realtime/calls", gzip.compress(lenient % (b"x", b"1")), "application/sdp\r\nContent-Encoding: gzip")
-    assert resp.status == 400 and resp.json()["error"]["code"] == "invalid_json"
+    for encoding in ("gzip", "gzip\r\nContent-Encoding: identity"):  # (Go's Header.Get reads the first)
+        resp = send("/v1/realtime/calls", b"v=0" + gzip.compress(lenient % (b"x", b"1")),
+                    f"application/sdp\r\nContent-Encoding: {encoding}")
+        assert resp.status == 400 and resp.json()["error"]["code"] == "invalid_json", encoding
+    resp = send("/v1/images/generations", b'{"model": "dall-e-3", "prompt": "x"}\r\n--B\r\nContent-Disposition: '
+                b'form-data; name="prompt"\r\n\r\nx\r\n--B--\r\n', "multipart/form-data; boundary=B")  # (its preamble: JSON)
+    assert resp.status == 400 and "ambiguous" in resp.json()["error"]["message"]
     resp = send("/v1/chat/completions", b'{"model": "stt", "Model": "gpt-4o", "messages": []}', "application/json")
     assert resp.status == 400 and resp.json()["error"]["param"] == "model"  # (chat too)
 
@@ -6341,7 +6357,8 @@ def test_a_pass_through_body_is_held_to_the_keys_models_however_it_is_typed_or_i
             (form(('Content-Disposition: form-data; name="model"', "whisper-2")).replace(b"--B\r\n", b"--Bx\r\n", 1), multipart),
             (b'--B\r\nContent-Disposition: form-data; name="x"\n\r\nContent-Disposition: form-data; name="model"'
              b"\r\n\r\nwhisper-2\r\n--B--\r\n", multipart),  # (a bare LF ending the head's last line)
-            (b'{"model": "whisper-2"}', multipart), (b'{"model": "whisper-2"}', "multipart/form-data")):  # (JSON)
+            (b'{"model": "whisper-2"}', multipart), (b'{"model": "whisper-2"}', "multipart/form-data"),  # (JSON)
+            (form(('Content-Disposition: form-data; name="Model"', "whisper-2")), multipart)):  # (any case)
         resp = send("/v1/audio/transcriptions", ambiguous, content_type)
         assert resp.status == 400 and "ambiguous" in resp.json()["error"]["message"], ambiguous
     for shape in (b';a=""', b";a=b"):  # (each parameter costs a search: a part head is bounded, as
