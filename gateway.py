@@ -5220,6 +5220,10 @@ class Plan:
         self.obj = obj
         self.force_stream = force_stream and obj.get("stream") is not True  # type: ignore[union-attr]
         self.config, self.keys, self.pools = gw.config, gw.keys, gw.pools
+        client = rq.client
+        if client is not None and client.models is not None and len(candidates) > 1:
+            # a fallback serves the request with another model: only with one the key may use
+            candidates = candidates[:1] + [c for c in candidates[1:] if client.allows(c[0], c[0])]
         self.candidates = candidates
         self.asked = self.model = candidates[0][0]  # asked for (after aliases); tried now
         self.pinned = pinned  # the key that made the object addressed: it answers for it
@@ -6561,20 +6565,44 @@ def held_raw(rq: Request, content_type: bytes, body: bytes) -> bool:
 
 
 def held_json(obj: dict, body: bytes) -> list[str]:
-    """A key held to some models: its JSON body names `model` as every reader reads it, as
-    a string, once: not also as "MODEL" (Go's decoder matches names whatever their case,
-    the last winning), nor again through an escape orjson folded into one key (a reader
-    that keeps the first sees the other). Returns the other models it names (a Realtime
-    session's), which the key must be allowed too."""
-    if any(k != "model" and k.casefold() == "model" for k in obj) or b"\\u" in body \
-            and _names_twice(body, "model"):
-        raise BadRequest("The JSON body names 'model' more than once.", param="model")
-    if "model" in obj and obj["model"].__class__ is not str:
-        raise BadRequest("Invalid type for 'model': expected a string.", code="invalid_type",
-                         param="model")
+    """A key held to some models: its JSON body, and a Realtime session in it, name
+    `model` as every reader reads it, as a string, once: not also as "MODEL" (Go's decoder
+    matches names whatever their case, the last winning), nor again, or through an escape
+    orjson folded into one key (a reader that keeps the first sees the other). Returns the
+    other models it names (its session's), which the key must be allowed too."""
     session = obj.get("session")
-    named = session.get("model") if session.__class__ is dict else None
-    return [named] if named.__class__ is str else []
+    named = []
+    for held in (obj, session) if session.__class__ is dict else (obj,):
+        if any(k != "model" and k.casefold() == "model" for k in held):
+            raise BadRequest("The JSON body names 'model' more than once.", param="model")
+        if "model" in held and held["model"].__class__ is not str:
+            raise BadRequest("Invalid type for 'model': expected a string.",
+                             code="invalid_type", param="model")
+        if held is session and "model" in held:
+            named.append(held["model"])
+    if (b"\\u" in body or body.count(b'"model"') > 1) and _names_twice(body, "model", True):
+        raise BadRequest("The JSON body names 'model' more than once.", param="model")
+    return named
+
+
+def held_part(body: bytes, content_type: bytes) -> list[str]:
+    """A key held to some models: the models a form's JSON `session` part names (a Realtime
+    call's), read as held_json reads a body; one that is not such JSON is the client's 400."""
+    session = multipart_field(body, content_type, "session", MAX_PART_JSON)
+    if session is None:
+        return []
+    part = body[session[1]:session[2]]
+    try:
+        obj = orjson.loads(part)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"The form's 'session' is not JSON the gateway reads: {exc}.",
+                         param="session") from None
+    if obj.__class__ is not dict:
+        raise BadRequest("The form's 'session' is not a JSON object.", param="session")
+    return held_json({"session": obj}, part)
+
+
+MAX_PART_JSON = 1024 * 1024  # a form's session part, read for a key held to some models
 
 
 def too_deep_to_read(exc: orjson.JSONDecodeError) -> bool:
@@ -6605,9 +6633,9 @@ def parse_body(body: bytes, kind: str) -> dict:
     return obj
 
 
-def _names_twice(body: bytes, key: str) -> bool:
-    """Does the top-level object of body (valid JSON) hold key more than once? The slow
-    parse, only when the cheap count says it might."""
+def _names_twice(body: bytes, key: str, anywhere: bool = False) -> bool:
+    """Does the top-level object of body (valid JSON), or any of its objects (anywhere),
+    hold key more than once? The slow parse, only when the cheap count says it might."""
     counts: list[int] = []
 
     def pairs(items: list[tuple[str, Any]]) -> dict:
@@ -6618,7 +6646,7 @@ def _names_twice(body: bytes, key: str) -> bool:
         json.loads(body, object_pairs_hook=pairs)  # the top-level object is the last one built
     except RecursionError:  # orjson read it; Python's parser cannot go that deep
         raise nested_too_deep() from None
-    return bool(counts) and counts[-1] > 1
+    return bool(counts) and (max(counts) if anywhere else counts[-1]) > 1
 
 
 def _writable_depth() -> int:
@@ -6966,7 +6994,8 @@ def _ambiguous(what: str) -> GatewayError:
     return BadRequest(f"The form is ambiguous: {what}. Form parsers would read it differently.")
 
 
-def multipart_field(body: bytes, content_type: bytes, name: str) -> tuple[str, int, int] | None:
+def multipart_field(body: bytes, content_type: bytes, name: str,
+                    longest: int = 256) -> tuple[str, int, int] | None:
     """One small text field of a multipart/form-data body (the `model` of an upload): its
     value, and where that lies in the body; found without copying the file parts around it.
     It is read as lenient form parsers read it (a delimiter line after CRLF or LF; a name
@@ -7046,7 +7075,7 @@ def multipart_field(body: bytes, content_type: bytes, name: str) -> tuple[str, i
         stop = end - 1 if end and body[end - 1:end] == b"\r" else end
         if at < 0:  # (no delimiter after it: its line end is not its value's)
             stop = len(body[value_at:stop].rstrip(b"\r\n")) + value_at
-        if stop - value_at > 256:
+        if stop - value_at > longest:
             raise BadRequest(f"The form's '{name}' is too long.", param=name)
         field = (body[value_at:stop].decode("utf-8", "replace"), value_at, stop)
     return field
@@ -7953,6 +7982,8 @@ class ProxyHandler:
                     raise _ambiguous("something before its first part")
                 form = multipart_field(body, content_type, "model")
                 model = form[0] if form is not None else ""
+                if restricted:  # a Realtime call's session part names its model
+                    self.held_elsewhere(rq, held_part(body, content_type))
             if restricted and rq.query:
                 self.held_elsewhere(rq, parse_qs(rq.query.decode("latin-1")).get("model", []))
         pinned = looked[0] if looked is not None else \

@@ -5411,6 +5411,20 @@ def test_breaker_opens_fails_fast_uses_fallback_and_recovers_through_half_open(
     assert admin(g, "GET", "/health/circuit-breakers").json()["circuit_breakers"]["mock/gpt-4o"]["state"] == "closed"
 
 
+def test_a_key_held_to_some_models_falls_back_only_to_models_it_may_use(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    mock.model_faults["gpt-4o-mini"] = 500
+    config = resilient(mock)
+    config.update(retry={"attempts": 1}, fallbacks={"gpt-4o-mini": ["gpt-4o", "o3-mini"]},
+                  api_keys=[{"key": SDK_KEY, "models": ["gpt-4o-mini", "o3-mini"]}, {"key": "sk-any"}])
+    g = start_gateway(config)
+    (held,) = raw(g.port, post("/v1/chat/completions", CHAT, f"Authorization: Bearer {SDK_KEY}\r\n"))
+    assert held.status == 200 and held.headers["x-gateway-model"] == "o3-mini"  # gpt-4o is not its to use
+    assert [r.json()["model"] for r in mock.requests] == ["gpt-4o-mini", "o3-mini"]
+    (free,) = raw(g.port, post("/v1/chat/completions", CHAT, "Authorization: Bearer sk-any\r\n"))
+    assert free.status == 200 and free.headers["x-gateway-model"] == "gpt-4o"
+
+
 def test_fallbacks_given_for_an_alias_serve_requests_that_name_it(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     config = cfg({"upstreams": [{"name": "u", "url": "http://127.0.0.1:9/v1"}],
@@ -6300,6 +6314,20 @@ def test_a_pass_through_body_is_held_to_the_keys_models_however_it_is_typed_or_i
                        ("/v1/realtime/calls?model=gpt-realtime", b"v=0\r\n")):  # a model named elsewhere
         resp = send(path, body, "application/json" if body[:1] == b"{" else "application/sdp")
         assert resp.status == 403 and resp.json()["error"]["code"] == "model_not_allowed", path
+    for session in (b'{"model": "gpt-image-1", "MODEL": "gpt-realtime"}', b'{"model": "gpt-realtime", "model": "stt"}',
+                    b'{"\\u006dodel": "gpt-realtime", "model": "stt"}', b'{"model": null, "Model": "gpt-realtime"}',
+                    b'{"model": ["gpt-realtime"]}'):  # a session's model is held as the body's is
+        resp = send("/v1/realtime/client_secrets", b'{"session": %s}' % session, "application/json")
+        assert resp.status == 400 and resp.json()["error"]["param"] == "model", session
+    call = b'--B\r\nContent-Disposition: form-data; name="sdp"\r\n\r\nv=0\r\n--B\r\nContent-Disposition: form-data; ' \
+           b'name="session"\r\nContent-Type: application/json\r\n\r\n%s\r\n--B--\r\n'  # (the SDK's calls.create)
+    for session, status in ((b'{"type": "realtime", "model": "gpt-realtime"}', 403), (b'{"MODEL": "gpt-realtime"}', 400),
+                            (b"{model: gpt-realtime}", 400)):
+        resp = send("/v1/realtime/calls", call % session, "multipart/form-data; boundary=B")
+        assert resp.status == status, session
+    seen = len(mock.requests)
+    send("/v1/realtime/calls", call % b'{"type": "realtime", "model": "stt"}', "multipart/form-data; boundary=B")
+    assert len(mock.requests) == seen + 1  # (one it may use goes on)
     for path, content_type in (("/v1/images/generations", "application/sdp"),  # an offer only where one goes,
                                ("/v1/realtime/calls", "application/sdp; charset=utf-16")):  # and only as one
         resp = send(path, lenient % (b"x", b"1") + b" x", content_type)
