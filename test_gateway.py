@@ -2561,6 +2561,7 @@ def test_rpm_per_key_pacing_is_kept_by_all_instances_together(
     config = {"redis_url": redis_url, "upstreams": [
         {"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS[:1], "rpm_per_key": 300}]}
     gateways = [start_gateway(config), start_gateway(config)]
+    assert eventually(lambda: all(g.gw.shared.up for g in gateways))  # (before: each paces alone)
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
         replies = list(pool.map(lambda i: gateways[i % 2].client().chat.completions.create(
             model="m", messages=MSGS), range(10)))
