@@ -964,25 +964,30 @@ def test_a_retry_on_a_renamed_upstream_still_times_out_and_is_swept(
     assert eventually(lambda: g.lt.call(lambda: len(g.gw.retired)) == 0)  # let go once done
 
 
+def listing(*ids: str, gate: threading.Event | None = None, asked: Callable[[], Any] = lambda: None) -> Handler:
+    """A raw upstream whose every answer is a models list of these ids; with a gate, each
+    answer waits for it (asked is told first, once the request is in)."""
+    body = orjson.dumps({"object": "list", "data": [{"id": i, "object": "model", "owned_by": "x"} for i in ids]})
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await request_in(reader):
+                asked()
+                if gate is not None:
+                    await asyncio.get_running_loop().run_in_executor(None, gate.wait)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+    return handler
+
+
 def test_a_models_listing_across_a_reload_finishes_on_the_old_config_and_leaves_nothing_stale(
         start_gateway: StartGateway, raw_upstream: RawUpstream, capfd: pytest.CaptureFixture[str]) -> None:
-    asked, gate = threading.Event(), threading.Event()
-
-    def listing(model: str, held: bool) -> Handler:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            body = orjson.dumps({"object": "list", "data": [{"id": model, "object": "model", "owned_by": "x"}]})
-            try:
-                while await request_in(reader):
-                    if held:  # the reload comes while this answer is held
-                        asked.set()
-                        await asyncio.get_running_loop().run_in_executor(None, gate.wait)
-                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                                 b"content-length: %d\r\n\r\n%s" % (len(body), body))
-                    await writer.drain()
-            except (asyncio.IncompleteReadError, ConnectionError):
-                pass
-        return handler
-    old, new = raw_upstream(listing("old-model", True)), raw_upstream(listing("new-model", False))
+    asked, gate = threading.Event(), threading.Event()  # (the reload comes while old's answer is held)
+    old = raw_upstream(listing("old-model", gate=gate, asked=asked.set))
+    new = raw_upstream(listing("new-model"))
     config = {"port": 0, "access_log": False, "upstreams": [
         {"name": "u", "url": f"http://127.0.0.1:{old}/v1", "keys": ["sk-x-1"]},
         {"name": "v", "url": f"http://127.0.0.1:{new}/v1", "keys": ["sk-x-2"]}]}
@@ -6569,29 +6574,26 @@ def test_paths_without_v1_answer_as_their_v1_forms(start_gateway: StartGateway, 
 
 def test_a_star_upstream_that_never_lists_its_models_is_asked_once_for_a_bounded_time(
         start_gateway: StartGateway, raw_upstream: RawUpstream, monkeypatch: pytest.MonkeyPatch) -> None:
-    asked: list[bytes] = []
-    answer = asyncio.Event()  # (set by no one: every listing hangs)
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            asked.append(await request_in(reader))
-            await answer.wait()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-    port = raw_upstream(handler)
+    asked: list[int] = []
+    gate = threading.Event()  # (set only at the end: every listing hangs)
+    port = raw_upstream(listing("never-listed", gate=gate, asked=lambda: asked.append(1)))
     monkeypatch.setattr(gw, "MODELS_FETCH_S", 1.5)
     g = start_gateway({"upstreams": [{"name": "fixed", "url": f"http://127.0.0.1:{port}/v1", "models": ["local-a"]},
                                      {"name": "stuck", "url": f"http://127.0.0.1:{port}/v1"}]})
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        lists = [pool.submit(lambda: raw(g.port, b"GET /v1/models HTTP/1.1\r\nHost: t\r\n\r\n")[0]) for _ in range(3)]
-        assert eventually(lambda: len(asked) == 1)
-        started = time.monotonic()  # a configured model is answered while the listing waits
-        (one,) = raw(g.port, b"GET /v1/models/local-a HTTP/1.1\r\nHost: t\r\n\r\n")
-        assert one.status == 200 and one.json()["id"] == "local-a" and time.monotonic() - started < 1.0
-        for listed in lists:  # each waited on the one fetch, cut at MODELS_FETCH_S
-            resp = listed.result(timeout=10)
-            assert resp.status == 200 and [m["id"] for m in resp.json()["data"]] == ["local-a"]
-    assert len(asked) == 1
+    try:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            lists = [pool.submit(lambda: raw(g.port, b"GET /v1/models HTTP/1.1\r\nHost: t\r\n\r\n")[0])
+                     for _ in range(3)]
+            assert eventually(lambda: len(asked) == 1)
+            started = time.monotonic()  # a configured model is answered while the listing waits
+            (one,) = raw(g.port, b"GET /v1/models/local-a HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert one.status == 200 and one.json()["id"] == "local-a" and time.monotonic() - started < 1.0
+            for listed in lists:  # each waited on the one fetch, cut at MODELS_FETCH_S
+                resp = listed.result(timeout=10)
+                assert resp.status == 200 and [m["id"] for m in resp.json()["data"]] == ["local-a"]
+        assert len(asked) == 1
+    finally:
+        gate.set()  # (the upstream's held answer lets its thread go)
     metrics = gw.Metrics()
     metrics.list(f"m{i}" for i in range(gw.MAX_LISTED_MODELS + 10))  # a list may change each time:
     metrics.list(["another"])  # its ids become labels up to a bound
@@ -6602,21 +6604,8 @@ def test_star_upstreams_are_asked_for_their_models_at_once_and_a_client_leaving_
         start_gateway: StartGateway, raw_upstream: RawUpstream) -> None:
     gate = threading.Event()
     asked: list[int] = []
-
-    def lister(number: int) -> Handler:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                await request_in(reader)
-                asked.append(number)
-                await asyncio.get_running_loop().run_in_executor(None, gate.wait)
-                body = b'{"object": "list", "data": [{"id": "listed-%d"}, {"id": "%s"}]}' % (number, b"x" * 300)
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
-                await writer.drain()
-            except (asyncio.IncompleteReadError, ConnectionError):
-                pass
-        return handler
-    first, second = raw_upstream(lister(1)), raw_upstream(lister(2))
+    first, second = (raw_upstream(listing(f"listed-{n}", "x" * 300, gate=gate, asked=lambda n=n: asked.append(n)))
+                     for n in (1, 2))
     g = start_gateway({"upstreams": [{"name": "one", "url": f"http://127.0.0.1:{first}/v1"},
                                      {"name": "two", "url": f"http://127.0.0.1:{second}/v1"}]})
     with connect(g.port) as sock:  # a client that leaves while both are being asked
