@@ -7972,11 +7972,11 @@ class ProxyHandler:
                 if isinstance(found, dict):
                     obj = found
                     model = found.get("model") if isinstance(found.get("model"), str) else ""
-                    if model and body.count(b'"model"') > 1 and _names_twice(body, "model"):
+                    if restricted:  # (whatever its model holds, or none; its duplicates
+                        self.held_elsewhere(rq, held_json(found, body))  # anywhere)
+                    elif model and body.count(b'"model"') > 1 and _names_twice(body, "model"):
                         raise BadRequest("The JSON body names 'model' more than once.",
                                          param="model")
-                    if restricted:  # (whatever its model holds, or none)
-                        self.held_elsewhere(rq, held_json(found, body))
             elif multipart:
                 if restricted and body[:2] != b"--":  # (JSON before the first part, say)
                     raise _ambiguous("something before its first part")
@@ -8634,9 +8634,11 @@ class AdminHandler:
         """The latest x-ratelimit-* headers each key had for each model (workers: the latest
         any of them had)."""
         gw = self.gw
-        rows = gw.own_views(gw.views(), "observed")
+        views = gw.views()
+        if gw.metrics_dir is not None:  # (published before own_views reads its rows in place)
+            gw.write_metrics(views)
+        rows = gw.own_views(views, "observed")
         if gw.metrics_dir is not None:
-            gw.write_metrics()
             rows += gw.sibling_views("observed")
         out: dict[str, dict[str, dict[str, dict]]] = {}
         for up, key, model, at, seen in rows:
@@ -9636,14 +9638,15 @@ class Gateway:
             self.metrics_written = now
             self.write_metrics()
 
-    def write_metrics(self) -> bytes | None:
-        """Workers: this one's counts where the others' scrapes find them (whole, or not).
-        Returns what they find: these counts, or when they could not be written, what the
+    def write_metrics(self, views: dict | None = None) -> bytes | None:
+        """Workers: this one's counts where the others' scrapes find them (whole, or not),
+        with its views (views(), unless built already). Returns what they find: these counts, or when they could not be written, what the
         file still holds from before (None: nothing)."""
         path = Path(self.metrics_dir) / f"{self.worker}.json"  # type: ignore[arg-type]
         tmp = path.with_suffix(".tmp")
         try:
-            snapshot = self.metrics.snapshot(self.limiter.refused, self.views())
+            snapshot = self.metrics.snapshot(self.limiter.refused,
+                                             self.views() if views is None else views)
             try:
                 tmp.write_bytes(snapshot)
             except FileNotFoundError:  # the directory went (a hand, a cleaner): made again,
