@@ -1421,8 +1421,9 @@ class ClientLimits:
         self.requests = TokenBucket(rpm / 60, max(1.0, burst or rpm), clock) if rpm else None
         self.tokens = TokenBucket(tpm / 60, tpm, clock) if tpm else None
         # (the three header lines up to the remaining count, the limit filled in; what
-        # follows that count; bucket) per limited kind: made once
-        self._kinds = [(f"x-ratelimit-limit-{kind}: {int(limit)}\r\nx-ratelimit-remaining-{kind}: ",
+        # follows that count; bucket) per limited kind: made once. A count is whole: a
+        # fractional limit is rounded up (rpm 0.5 says 1, not a limit of 0 that admits)
+        self._kinds = [(f"x-ratelimit-limit-{kind}: {-int(-limit // 1)}\r\nx-ratelimit-remaining-{kind}: ",
                         f"\r\nx-ratelimit-reset-{kind}: ", bucket)
                        for kind, limit, bucket in (("requests", rpm, self.requests),
                                                    ("tokens", tpm, self.tokens))

@@ -1779,6 +1779,9 @@ def test_a_request_bucket_holds_one_request_at_least_with_or_without_redis(
     assert first.status == 200, first.body
     (second,) = raw(g.port, post("/v1/chat/completions", CHAT))
     assert second.status == 429 and 119 <= int(second.headers["retry-after"]) <= 121
+    for told in (first, second):  # a limit of 0 would say nothing is ever admitted
+        assert told.headers["x-ratelimit-limit-requests"] == "1", told.headers
+        assert told.headers["x-ratelimit-remaining-requests"] == "0"
     config = limited(mock, rate_limit={"rpm": 60, "burst": 0.5}, api_keys=[{"key": SDK_KEY, "name": "half"}])
     if shared:  # (a bucket of its own: not 120 requests a minute)
         config["redis_url"] = g.gw.config.redis_url
