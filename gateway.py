@@ -4433,7 +4433,7 @@ class UpstreamConnection(asyncio.Protocol):
         "got_bytes", "head_buf", "head_waiter", "status", "lines", "plain", "kept",
         "ratelimits", "framing", "keep_alive",
         "left", "decoder", "sink", "pending", "done", "deadline", "first_byte_timeout",
-        "idle_timeout", "last_rx", "error", "no_body", "upload", "interims",
+        "idle_timeout", "last_rx", "error", "no_body", "upload", "interims", "started",
     )
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -4474,6 +4474,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.no_body = False  # the answer to a HEAD request: no body, whatever its head says
         self.upload: BodyStream | None = None  # a request body still being sent
         self.interims = 0  # interim (1xx) responses read ahead of this exchange's answer
+        self.started: asyncio.Future | None = None  # see body_started
 
     def __repr__(self) -> str:
         return (f"UpstreamConnection({self.pool.upstream.name!r}, {self.state.value}, "
@@ -4487,6 +4488,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.deadline = self.loop.time() + self.first_byte_timeout
         elif state is _BODY:
             self.last_rx = self.loop.time()
+        elif self.started is not None:  # the body ended, well or not, before it began
+            self._begun()
 
     def check_timeout(self, now: float) -> None:
         """Called by the gateway's sweep: no timer per exchange."""
@@ -4566,6 +4569,16 @@ class UpstreamConnection(asyncio.Protocol):
             upload.attach(self)
         return waiter
 
+    def body_started(self) -> asyncio.Future | None:
+        """None once the body has begun (bytes came with the head) or ended (well, or in
+        self.error); else a future done when one of those happens. A success is judged by
+        it: an upstream that sends a head and then stalls or closes has answered nothing a
+        client got, and the try is retried or falls back like one that sent no head."""
+        if self.pending or self.done.done():  # type: ignore[union-attr]
+            return None
+        started = self.started = self.loop.create_future()
+        return started
+
     def relay(self, sink: BodySink) -> asyncio.Future:
         """Hand the body to sink as it arrives; the future resolves when the body has ended."""
         pending, self.pending, self.sink = self.pending, None, sink
@@ -4606,7 +4619,7 @@ class UpstreamConnection(asyncio.Protocol):
     def abort(self) -> None:
         """Abandon the exchange (the client left, or the gateway gave up on it): the socket
         closes now and never returns to the pool; nobody is left waiting on it."""
-        for future in (self.head_waiter, self.done):
+        for future in (self.head_waiter, self.started, self.done):
             if future is not None and not future.done():
                 future.cancel()
         self._drop()
@@ -4867,6 +4880,8 @@ class UpstreamConnection(asyncio.Protocol):
                         return
                 else:
                     self.pending.append(body)  # type: ignore[union-attr]
+                    if self.started is not None:
+                        self._begun()
             if end >= 0:
                 if end < len(data):  # bytes past the body: the connection is unusable
                     self.keep_alive = False
@@ -4894,6 +4909,13 @@ class UpstreamConnection(asyncio.Protocol):
                 self._refused(self.sink, exc)
         else:
             self.pending.append(data)  # type: ignore[union-attr]
+            if self.started is not None:
+                self._begun()
+
+    def _begun(self) -> None:
+        started, self.started = self.started, None
+        if not started.done():  # type: ignore[union-attr]
+            started.set_result(None)  # type: ignore[union-attr]
 
 
 # A byte looked for in bytes as an int: `b"\n" in data` first tries to read b"\n" as an int,
@@ -5689,6 +5711,17 @@ class Forwarder:
         plan.served = rq.served_model = model
         keys.answered(key, conn.status)
         self.observe(upstream, key, model, conn.ratelimits)
+        if conn.status < 400:  # a success is one when its body begins (body_started)
+            started = conn.body_started()
+            if started is not None:
+                try:
+                    await started
+                except asyncio.CancelledError:
+                    conn.abort()
+                    raise
+            if conn.error is not None:
+                metrics.upstream_requests[upstream.name, key.name, "error"] += 1
+                raise conn.error
         return conn
 
     async def backoff(self, plan: Plan, exc: GatewayError | None,

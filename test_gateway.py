@@ -5219,6 +5219,53 @@ def test_upstream_stalling_mid_stream_hits_idle_timeout(start_gateway: StartGate
     assert mock.wait_until(lambda: mock.open_connections == 0, timeout=5)
 
 
+@pytest.mark.parametrize("after_head", ["stall", "close", "bad chunk"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_success_head_whose_body_fails_before_its_first_byte_is_a_failed_try_retried_and_fallen_back(
+        raw_upstream: RawUpstream, start_gateway: StartGateway, after_head: str, stream: bool) -> None:
+    # Nothing of such an answer reached the client: the try is the upstream's failure, as if
+    # no head had come (retried, then the fallback; counted by the breaker), not a 504 after it.
+    tries: list[str] = []
+    answer = b'{"id":"chatcmpl-2","object":"chat.completion%s","model":"m2","choices":[]}' % (b".chunk" if stream else b"")
+    reply = b"data: %s\n\ndata: [DONE]\n\n" % answer if stream else answer
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            body = await reader.readexactly(int(re.search(rb"(?i)content-length: (\d+)", head).group(1)))
+            model = orjson.loads(body)["model"]
+            tries.append(model)
+            if model == "m2":
+                kind = b"text/event-stream" if stream else b"application/json"
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s"
+                             % (kind, len(reply), reply))
+                continue
+            if stream:
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             + (b"transfer-encoding: chunked\r\n\r\n" if after_head == "bad chunk" else b"content-length: 100\r\n\r\n"))
+            await writer.drain()
+            if after_head == "bad chunk":
+                writer.write(b"zz\r\n")
+            elif after_head == "close":
+                writer.close()
+                return
+            await reader.read()  # (a stall: till the gateway lets go)
+            return
+
+    port = raw_upstream(handler)
+    g = start_gateway({"upstreams": [{"name": "u", "url": f"http://127.0.0.1:{port}/v1", "idle_timeout_s": 0.3}],
+                       "retry": {"attempts": 2, "base_delay_s": 0.01, "max_delay_s": 0.02},
+                       "breaker": {"failure_threshold": 2, "recovery_timeout_s": 60}, "fallbacks": {"m1": ["m2"]}})
+    body = orjson.dumps({"model": "m1", "messages": [], "stream": stream})
+    (resp,) = raw(g.port, post("/v1/chat/completions", body))
+    assert resp.status == 200 and resp.headers["x-gateway-model"] == "m2" and b"chatcmpl-2" in resp.body, resp.body
+    assert tries == ["m1", "m1", "m2"]
+    breaker = admin(g, "GET", "/health/circuit-breakers").json()["circuit_breakers"]["u/m1"]
+    assert breaker["state"] == "open" and breaker["failure_count"] == 2
+
+
 def test_upstream_head_with_a_bare_lf_is_refused_not_relayed(raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -5793,6 +5840,28 @@ def test_client_disconnect_closes_upstream_within_1s(start_gateway: StartGateway
     closed_at = time.monotonic()
     assert mock.wait_until(lambda: mock.open_connections == 0, timeout=1.0)
     assert time.monotonic() - closed_at < 1.0
+
+
+def test_a_client_that_leaves_before_its_answers_first_byte_closes_the_upstream_at_once(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    asked, let_go = threading.Event(), threading.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await request_in(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        await writer.drain()
+        asked.set()
+        await reader.read()  # no event yet: till the gateway closes
+        let_go.set()
+
+    port = raw_upstream(handler)
+    g = start_gateway({"upstreams": [{"name": "u", "url": f"http://127.0.0.1:{port}/v1"}]})
+    sock = connect(g.port)
+    sock.sendall(post("/v1/chat/completions", b'{"model":"m","messages":[],"stream":true}'))
+    assert asked.wait(5)
+    sock.close()
+    assert let_go.wait(1.0)
+    assert g.lt.call(lambda: sum(len(p.live) + len(p.idle) for p in g.gw.pools.values())) == 0
 
 
 def test_upstream_death_mid_stream_reaches_sdk_as_error(start_gateway: StartGateway) -> None:
