@@ -6178,7 +6178,7 @@ class SseFilter:
         try:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            obj = None
+            obj = lenient_json(payload)
         if not isinstance(obj, dict):
             if self.convert is not None:  # relayed as it is, it would be garbage to the client
                 raise UpstreamError("upstream answered garbage: not a chat completion stream")
@@ -6884,12 +6884,23 @@ def usage_in(tail: bytes) -> dict | None:
     return None
 
 
+def lenient_json(data: bytes) -> Any:
+    """JSON that orjson refuses and a lenient reader (the OpenAI SDK's) takes: a lone
+    surrogate's escape, which JavaScript's JSON.stringify writes, or bytes that are not
+    UTF-8. None when it is not JSON even so. Only for what the gateway reads of an answer
+    (its usage): what orjson refuses costs this second parse."""
+    try:
+        return json.loads(data.decode("utf-8", "replace"))
+    except (ValueError, RecursionError):
+        return None
+
+
 def top_usage(body: bytes) -> dict | None:
     """The usage object at the top of a whole JSON body."""
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return None
+        obj = lenient_json(body)
     usage = obj.get("usage") if isinstance(obj, dict) else None
     return usage if isinstance(usage, dict) else None
 

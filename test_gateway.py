@@ -7418,6 +7418,38 @@ def test_a_responses_usage_counts_whatever_metadata_the_upstream_echoes_after_it
     assert usage["completion_tokens"] == sum(a.usage.output_tokens for a in answers) > 0
 
 
+@pytest.mark.parametrize("odd", [rb"\ud83d", b"\xff"])  # a lone surrogate's escape (JavaScript's); not UTF-8
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+def test_usage_in_json_orjson_refuses_and_a_lenient_reader_takes_is_counted_and_its_chunk_still_dropped(
+        raw_upstream: RawUpstream, start_gateway: StartGateway, odd: bytes, path: str) -> None:
+    usage = b'{"prompt_tokens":7,"completion_tokens":5,"total_tokens":12}' if path.endswith("completions") \
+        else b'{"input_tokens":7,"output_tokens":5,"total_tokens":12}'
+    if path.endswith("completions"):  # a stream the client asked no usage of
+        data = (b'data: {"id":"c","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":'
+                b'{"content":"hi"}}]}\n\ndata: {"id":"c%s","object":"chat.completion.chunk","model":"m",'
+                b'"choices":[],"usage":%s}\n\ndata: [DONE]\n\n' % (odd, usage))
+        kind, body = b"text/event-stream", b'{"model":"m","messages":[],"stream":true}'
+    else:
+        data = (b'{"id":"resp_1","object":"response","status":"completed","output":[{"type":"message","content":'
+                b'[{"type":"output_text","text":"hi %s"}]}],"usage":%s}' % (odd, usage))
+        kind, body = b"application/json", b'{"model":"m","input":"hi"}'
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await request_in(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s" % (kind, len(data), data))
+        await writer.drain()
+
+    port = raw_upstream(handler)
+    g = start_gateway({"upstreams": [{"name": "u", "url": f"http://127.0.0.1:{port}/v1"}],
+                       "api_keys": [{"key": SDK_KEY, "name": "team"}]})
+    (resp,) = raw(g.port, post(path, body, f"Authorization: Bearer {SDK_KEY}\r\n"))
+    assert resp.status == 200
+    if kind == b"text/event-stream":
+        events = [e for e in resp.body.split(b"\n\n") if e.startswith(b"data: {")]
+        assert len(events) == 1 and json.loads(events[0][6:])["choices"], resp.body
+    assert eventually(lambda: usage_of(g, SDK_KEY)[0]["total_tokens"] == 12)
+
+
 ################################################################################
 # Routing and admission: auth, admin, CORS
 ################################################################################
