@@ -5957,6 +5957,14 @@ class FlowControl:
             upstream.abort()
 
 
+def not_begun(task: asyncio.Task) -> bool:
+    """A task made that has not run its first step yet (nothing in it has run: not even a
+    finally would, were it cancelled now)."""
+    coro: Any = task.get_coro()
+    return coro is not None and coro.cr_frame is not None and not coro.cr_running \
+        and not coro.cr_suspended
+
+
 def raw_error(exc: GatewayError, request_id: bytes = b"") -> bytes:
     """An error response written without h11, for when its state machine cannot send one."""
     request_id = request_id or new_request_id()
@@ -9142,7 +9150,7 @@ class HttpProtocol(asyncio.Protocol):
     __slots__ = (
         # per connection
         "gw", "loop", "transport", "conn", "flow", "deadline", "waiting", "closing", "peer",
-        "reserve", "ahead", "taken", "fed",
+        "reserve", "ahead", "taken", "fed", "flushed",
         # per request
         "cycle", "task",
     )
@@ -9162,6 +9170,7 @@ class HttpProtocol(asyncio.Protocol):
         self.taken = -1  # body bytes read past h11 this cycle (see _take_body); -1: none
         self.fed = 0  # bytes given to this cycle's h11 connection (all of them: a bound on
         # its head's size, so every receive_data counts here)
+        self.flushed = (0, 0.0)  # closing: what it had still to send, and when that is cut
         self.cycle: Request | None = None
         self.task: asyncio.Task | None = None
 
@@ -9215,6 +9224,7 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.gw.connections.discard(self)
+        self.gw.flushing.discard(self)
         self.deadline = 0.0
         self.flow.drop_upstream()  # the client is gone: free the upstream at once
         if self.task is not None and not self.task.done():
@@ -9442,6 +9452,7 @@ class HttpProtocol(asyncio.Protocol):
             if abort:
                 self.transport.abort()  # type: ignore[union-attr]
             else:
+                self.gw.flushing.add(self)
                 self.transport.close()  # type: ignore[union-attr]
 
     def linger(self, seconds: float = LINGER_S) -> None:
@@ -9457,9 +9468,20 @@ class HttpProtocol(asyncio.Protocol):
         self.closing = True
         self.deadline = 0.0
         self.gw.connections.discard(self)  # (no longer one that max_connections counts)
+        self.gw.flushing.add(self)
         transport.write_eof()  # type: ignore[union-attr]
         self.flow.resume_reading()
         self.loop.call_later(seconds, transport.close)  # type: ignore[union-attr]
+
+    def check_flush(self, now: float) -> None:
+        """Closing once what it was sent is out (the gateway's flushing): a client that
+        takes none of it for SEND_TIMEOUT_S is cut, rather than hold its socket and the
+        rest of its answer for good (a closed transport flushes for as long as it takes)."""
+        left = self.transport.get_write_buffer_size()  # type: ignore[union-attr]
+        if left != self.flushed[0]:
+            self.flushed = left, now + SEND_TIMEOUT_S
+        elif left and now >= self.flushed[1]:
+            self.transport.abort()  # type: ignore[union-attr]
 
     def cut(self) -> None:
         """The drain is over: a request still being answered loses its connection now (a
@@ -9510,6 +9532,7 @@ class Gateway:
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
         self.connections: set[HttpProtocol] = set()
+        self.flushing: set[HttpProtocol] = set()  # closing once their answers are out
         self.active = 0
         self.idle_event: asyncio.Event | None = None
         self.draining = False
@@ -9592,15 +9615,19 @@ class Gateway:
         if self.active or receiving:
             log(f"draining {self.active + receiving} in-flight request(s) "
                 f"({self.metrics.active_streams} streaming), up to {grace:g}s")
-        while receiving and self.loop.time() < deadline:  # type: ignore[union-attr]
-            await asyncio.sleep(SWEEP_S)  # (a drain only: bodies still coming in are polled)
-            receiving = self.receiving()
-        if self.active or receiving:
-            try:
-                left = max(0.0, deadline - self.loop.time())  # type: ignore[union-attr]
-                await asyncio.wait_for(self.idle_event.wait(), left)  # type: ignore[union-attr]
-            except asyncio.TimeoutError:
+        while self.active or receiving:
+            left = deadline - self.loop.time()  # type: ignore[union-attr]
+            if left <= 0:
                 log(f"grace period over: cutting {self.active + receiving} request(s)")
+                break
+            if receiving:  # (a drain only: bodies still coming in are polled)
+                await asyncio.sleep(min(SWEEP_S, left))
+            else:
+                try:
+                    await asyncio.wait_for(self.idle_event.wait(), left)  # type: ignore[union-attr]
+                except asyncio.TimeoutError:
+                    pass
+            receiving = self.receiving()
         self.cutting = True
         for proto in list(self.connections):
             proto.cut()
@@ -9609,6 +9636,12 @@ class Gateway:
                 await asyncio.wait_for(self.idle_event.wait(), 1.0)  # type: ignore[union-attr]
             except asyncio.TimeoutError:
                 pass
+        # Answers written whole may still be on their way to slow readers: what the kernel
+        # holds is sent after the loop closes, what the loop holds would be lost. They get
+        # what is left of the grace.
+        while self.loop.time() < deadline and any(  # type: ignore[union-attr]
+                p.transport.get_write_buffer_size() for p in self.flushing):  # type: ignore[union-attr]
+            await asyncio.sleep(SWEEP_S)
         for pool in (*self.pools.values(), *self.retired):
             pool.close()
         if self.sweeper is not None:
@@ -9621,9 +9654,11 @@ class Gateway:
         self.ledger.close()
 
     def receiving(self) -> int:
-        """Requests admitted whose body is still coming in: in flight, with no task yet."""
-        return sum(1 for p in self.connections if p.cycle is not None and p.task is None
-                   and p.waiting is Waiting.BODY and not p.cycle.refused and not p.closing)
+        """Requests admitted that are not in `active` yet: a body still coming in (no task
+        yet), or a task made that has not run its first step (handle counts it then)."""
+        return sum(1 for p in self.connections if p.cycle is not None and not p.cycle.refused
+                   and not p.closing and (p.task is None and p.waiting is Waiting.BODY
+                                          or p.task is not None and not_begun(p.task)))
 
     def share(self) -> None:
         """Key pools and breakers tell the shared state what they see."""
@@ -9673,6 +9708,8 @@ class Gateway:
         now = self.loop.time()  # type: ignore[union-attr]
         for proto in list(self.connections):
             proto.check_timeout(now)
+        for proto in list(self.flushing):
+            proto.check_flush(now)
         for pool in self.pools.values():
             pool.sweep(now)
         for pool in list(self.retired):

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import collections
 import concurrent.futures
+import contextlib
 import decimal
 import email.utils
 import errno
@@ -8071,6 +8072,81 @@ def test_a_request_whose_body_is_still_coming_when_the_drain_starts_is_answered(
         resp = read_response(sock.makefile("rb"))
         assert resp.status == 200 and resp.headers["connection"] == "close"
         drain.result(10)
+
+
+def test_a_request_whose_task_is_made_as_the_drain_starts_is_answered_not_cut(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    # Its body's last bytes and the drain in one loop turn: the task is made, not yet run (so
+    # not yet counted in active), when the drain looks at what is in flight.
+    g = start_gateway()
+    body = b'{"model": "m", "messages": []}'
+    with connect(g.port) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body[:5]))
+        assert eventually(lambda: g.lt.call(g.gw.receiving) == 1)
+
+        def drain_and_the_rest() -> asyncio.Future:
+            drain = asyncio.ensure_future(g.gw.shutdown(grace_s=10))  # it runs first
+            next(iter(g.gw.connections)).data_received(body[5:])
+            return drain
+
+        drain = g.lt.call(drain_and_the_rest)
+        resp = read_response(sock.makefile("rb"))
+        assert resp.status == 200 and resp.headers["connection"] == "close"
+        assert eventually(drain.done) and drain.exception() is None
+
+
+def whole_answer_unread(g: Running, close: bool) -> tuple[socket.socket, gw.HttpProtocol]:
+    """A Responses answer made over chat (written whole, 6 MB) to a client that has read
+    none of it yet; its connection, once the gateway is done with the request."""
+    before = g.lt.call(lambda: set(g.gw.connections))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", g.port))
+    sock.sendall(post("/v1/responses", orjson.dumps({"model": "m", "input": "x" * 6_000_000}),
+                      "Connection: close\r\n" if close else ""))
+    assert eventually(lambda: g.lt.call(lambda: len(g.gw.connections - before)) == 1)
+    (proto,) = g.lt.call(lambda: g.gw.connections - before)
+    assert eventually(lambda: g.gw.active == 0 and g.lt.call(proto.transport.get_write_buffer_size) > 0)
+    return sock, proto
+
+
+@pytest.mark.parametrize("close", [False, True])
+def test_a_drain_lets_an_answer_written_whole_reach_a_slow_reader_before_it_ends(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, close: bool) -> None:
+    # The loop's own buffer is lost when the process exits after the drain: the drain waits
+    # for it (within the grace), whether the connection was closing already or kept alive.
+    g = start_gateway({"upstreams": [{"name": "chat", "url": f"http://127.0.0.1:{mock.port}/v1", "chat_only": True}]})
+    sock, proto = whole_answer_unread(g, close)
+
+    async def drain() -> int:
+        await g.gw.shutdown(grace_s=20)
+        return proto.transport.get_write_buffer_size()  # what the exit would lose
+
+    left = asyncio.run_coroutine_threadsafe(drain(), g.lt.loop)
+    with sock:
+        resp = read_response(sock.makefile("rb"))
+    assert resp.status == 200 and len(resp.body) == int(resp.headers["content-length"]) > 6_000_000
+    assert left.result(10) == 0
+
+
+def test_a_client_that_reads_none_of_an_answer_its_connection_closes_after_is_cut(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Closed once its answer is out, a connection is no longer swept with the others: its
+    # close would wait for ever on a client that reads nothing, holding socket and answer.
+    monkeypatch.setattr(gw, "SEND_TIMEOUT_S", 1.0)
+    g = start_gateway({"upstreams": [{"name": "chat", "url": f"http://127.0.0.1:{mock.port}/v1", "chat_only": True}]})
+    sock, proto = whole_answer_unread(g, close=True)
+    with sock:
+        assert eventually(lambda: g.lt.call(proto.transport.get_write_buffer_size) == 0)
+        assert eventually(lambda: g.lt.call(lambda: proto not in g.gw.flushing))
+        sock.settimeout(5)
+        got = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(1 << 20):  # what the kernel still held, then the close
+                got += chunk
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and len(body) < int(re.search(rb"content-length: (\d+)", head).group(1))
 
 
 def test_a_request_cut_at_the_end_of_the_drain_ends_even_when_its_client_reads_nothing(
