@@ -5190,12 +5190,16 @@ class BodyStream:
         if self.error is not None:
             conn._fail(self.error)
             return
+        # The client is read again first: what was waiting, written now, may fill the
+        # upstream's buffer, and the pause that calls for (pause_writing) must stand; the
+        # transport says so once, and resumed after it, the client would be read into that
+        # buffer for as long as it sends (a 300 MB upload held whole).
+        self.flow.resume_reading()
         waiting, self.waiting, self.waiting_size = self.waiting, [], 0
         for data in waiting:
             self._send(data)
         if self.ended and self.chunked:
             self._write(b"0\r\n\r\n")
-        self.flow.resume_reading()
 
     def fail(self, exc: GatewayError) -> None:
         """The client sent more than it may: the upstream exchange ends with this error."""

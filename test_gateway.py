@@ -434,6 +434,34 @@ async def upstream_connection() -> tuple[gw.UpstreamConnection, gw.UpstreamPool,
     return conn, pool, transport
 
 
+def test_an_upload_whose_waiting_bytes_fill_the_upstreams_buffer_keeps_its_client_paused() -> None:
+    class Filling(FakeTransport):
+        """Over its high-water mark, says so once (as asyncio's transports do)."""
+        def write(self, data: bytes) -> None:
+            super().write(data)
+            if len(self.out) > 65536 and not self.full:
+                self.full = True
+                conn.pause_writing()
+
+    async def go() -> None:
+        nonlocal conn
+        conn, _, _ = await upstream_connection()
+        upstream = conn.transport = Filling()
+        upstream.full = False
+        client = FakeTransport()
+        body = gw.BodyStream(gw.FlowControl(client, asyncio.get_running_loop()), 4 << 20, chunked=False)
+        body.feed(b"x" * (gw.UPLOAD_BUFFER + 1))  # waits for the connection: the client pauses
+        assert not client.reading
+        conn.exchange([b"POST /v1/files HTTP/1.1\r\n\r\n"], 30, 30, body)
+        assert upstream.full and not client.reading  # what waited filled the upstream's buffer
+        conn.resume_writing()
+        assert client.reading
+        conn.abort()
+
+    conn: Any = None
+    asyncio.run(go())
+
+
 async def exchanging(request: bytes = b"x", timeout: float = 30
                      ) -> tuple[gw.UpstreamConnection, gw.UpstreamPool, FakeTransport, asyncio.Future]:
     """upstream_connection() with a request sent, and a future of the connection done once
