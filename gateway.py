@@ -9209,6 +9209,9 @@ class HttpProtocol(asyncio.Protocol):
             self._arm(self.gw.header_timeout_s, Waiting.HEAD)
         self.fed += len(data)
         self.conn.receive_data(data)
+        if self.cycle is None and self.flow.write_paused:  # a new request from a client that
+            self._hold(len(data))  # has not taken the last answer: it waits for that
+            return
         self._handle_events()
         if self.task is not None and (self.taken >= 0
                                       or self.conn.their_state is not h11.SEND_BODY):
@@ -9248,6 +9251,11 @@ class HttpProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.flow.resume_writing()
+        if self.cycle is None and self.ahead and not self.closing:  # a request held (_hold)
+            self._arm(self.gw.header_timeout_s, Waiting.HEAD)
+            if self.ahead <= MAX_PIPELINED_BYTES:
+                self.flow.resume_reading()
+            self.loop.call_soon(self._handle_events)
 
     # events ---------------------------------------------------------------------------------
 
@@ -9262,7 +9270,10 @@ class HttpProtocol(asyncio.Protocol):
             kind = type(event)
             if kind is h11.Data:
                 self._on_body(event.data)  # type: ignore[union-attr]
-            elif event is h11.NEED_DATA:
+            elif event is h11.NEED_DATA:  # (read ahead past the bound, the next request
+                if self.flow.read_paused and (self.cycle is None  # is not all in yet: only an
+                                              or self.cycle.upload is None):  # upload waits)
+                    self.flow.resume_reading()
                 return
             elif event is h11.PAUSED:  # reading goes on (no epoll_ctl pair per request);
                 return  # data_received pauses it if a client sends too much ahead
@@ -9440,14 +9451,33 @@ class HttpProtocol(asyncio.Protocol):
             self._arm(self.gw.header_timeout_s, Waiting.HEAD)
         else:
             self._arm(self.gw.keepalive_timeout_s, Waiting.KEEPALIVE)
+        # What the client sent ahead stays bounded, whatever the cycles between its reads
+        # (each cycle hands it all to a new h11 connection: a copy); and while it has not
+        # taken the last answer, the next request waits (resume_writing), rather than add
+        # one answer after another to a buffer it does not read.
         self.ahead = 0
-        if self.flow.read_paused:
-            self.flow.resume_reading()
+        flow = self.flow
+        if ahead and flow.write_paused and not closed:
+            conn.receive_data(ahead)
+            self._hold(len(ahead))
+            return
+        self.ahead = len(ahead)
+        if self.ahead > MAX_PIPELINED_BYTES:
+            flow.pause_reading()
+        elif flow.read_paused:
+            flow.resume_reading()
         if ahead or closed:  # a pipelined request is already buffered
             conn.receive_data(ahead)
             if closed:
                 conn.receive_data(b"")
             self.loop.call_soon(self._handle_events)
+
+    def _hold(self, size: int) -> None:
+        """The next request waits for the client to take its last answer (resume_writing):
+        not read further, and not timed as a head (its client is timed as a reader)."""
+        self.ahead += size
+        self.deadline = 0.0
+        self.flow.pause_reading()
 
     def close(self, abort: bool = False) -> None:
         if not self.closing:

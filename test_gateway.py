@@ -5861,6 +5861,36 @@ def test_pipelined_bytes_beyond_the_bound_pause_reading_and_all_answers_come(sta
     assert not g.lt.call(paused)
 
 
+@pytest.mark.parametrize("reads", [False, True])
+def test_pipelined_requests_the_gateway_answers_itself_read_ahead_a_bounded_amount(
+        start_gateway: StartGateway, reads: bool) -> None:
+    # Answered inline, request after request: what was read ahead of them stays bounded (a
+    # read-ahead of megabytes, handed whole to each cycle's parser, answered 300 a second),
+    # and a client that takes none of the answers is sent no more of them than its buffer.
+    g = start_gateway()
+    count = 60_000  # 2 MB of requests, 10 MB of answers
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", g.port))
+    sender = threading.Thread(target=sock.sendall, args=(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n" * count,),
+                              daemon=True)
+    sender.start()
+
+    def held() -> tuple[int, int] | None:
+        protos = [p for p in g.gw.connections if p.flow.read_paused]
+        return (len(protos[0].conn.trailing_data[0]), protos[0].transport.get_write_buffer_size()) if protos else None
+
+    with sock:
+        if not reads:
+            assert eventually(lambda: g.lt.call(held) is not None)
+            unparsed, unsent = g.lt.call(held)
+            assert unparsed <= gw.MAX_PIPELINED_BYTES + 256 * 1024 and unsent <= gw.WRITE_HIGH_WATER + 4096
+        f = sock.makefile("rb")
+        statuses = [read_response(f).status for _ in range(count)]
+    sender.join(10)
+    assert statuses == [200] * count
+
+
 def test_client_disconnect_closes_upstream_within_1s(start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     g = start_gateway()
     sock = open_slow_stream(g.port)
