@@ -10104,6 +10104,7 @@ class Supervisor:
             self.spawn(Worker(index, sock, metrics_dir))
         log(f"listening on {config.summary(port)} · {config.workers} workers")
         due: dict[int, float] = {}  # index -> when a dead worker starts again (its backoff)
+        code = 0
         while self.children or due and not self.stopping:
             if self.stopping:
                 due.clear()  # (draining: none starts again)
@@ -10120,8 +10121,19 @@ class Supervisor:
             if not pid:
                 time.sleep(min(0.1, max(0.0, min(due.values()) - time.monotonic())))
                 continue
-            index, started = self.children.pop(pid)
+            found = self.children.pop(pid, None)
+            if found is None:  # not a worker: as PID 1 (a container's), an orphan reaped
+                continue
+            index, started = found
             if self.stopping:
+                continue
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 2:  # it could not start
+                # (bad configuration its check could not see: a usage log open refused):
+                # every worker would fail the same, and a port nobody answers on is worse
+                # than none. The others drain; the supervisor exits 2, as one process does.
+                log(f"worker {index} could not start: stopping", "error", worker=index)
+                code = 2
+                self.forward(signal.SIGTERM, None)
                 continue
             how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
                    else f"code {os.WEXITSTATUS(status)}")
@@ -10133,7 +10145,7 @@ class Supervisor:
             due[index] = time.monotonic() + delay
         shutil.rmtree(metrics_dir, ignore_errors=True)
         log("exited")
-        return 0
+        return code
 
     def spawn(self, worker: Worker) -> None:
         # Signals wait while the worker is forked: the supervisor's handler must neither run
@@ -10247,9 +10259,9 @@ def _configure(args: argparse.Namespace, overrides: dict[str, Any],
         overrides = {**overrides, "workers": args.workers}
     config = load_config(config_file=args.config, host=args.host, port=args.port,
                          overrides=overrides, warnings=warnings)
+    set_log_format(config.log_format)  # (the usage log's error below is said in it too)
     if starting and config.usage_log and (problem := usage_log_problem(config.usage_log)):
         raise _fail("usage_log", problem)
-    set_log_format(config.log_format)
     for warning in warnings if not quiet else ():
         log(warning, "warning")
     return config

@@ -8783,6 +8783,40 @@ def test_workers_keep_the_running_config_close_the_port_on_drain_and_never_count
         gp.kill()
 
 
+def test_workers_that_cannot_start_stop_the_supervisor_with_code_2(mock: mock_upstream.MockUpstream, redis_url: str) -> None:
+    # A usage log the check lets through and open() refuses (as root, /proc/version): each
+    # worker exits 2 before it serves. Restarted for ever, they would hold a port nobody
+    # answers on; one process would have exited 2.
+    usage_log = "/proc/version" if os.geteuid() == 0 else "/proc/self/no-such-file"
+    env = {**os.environ, "GATEWAY_CONFIG": json.dumps({
+        "port": 0, "usage_log": usage_log, "redis_url": redis_url, "upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1"}]})}
+    done = subprocess.run([sys.executable, str(HERE / "gateway.py"), "--workers", "2"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "could not start: stopping" in done.stderr and "restarting" not in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_child_the_supervisor_did_not_fork_is_reaped_and_passed_over(
+        mock: mock_upstream.MockUpstream, redis_url: str) -> None:
+    # As PID 1 of a container the supervisor inherits every orphan (docker exec's, say); here
+    # a child started before exec() into the gateway stands in for one.
+    adopt = ("import os, subprocess, sys; subprocess.Popen(['true']); "
+             "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+    env = {**os.environ, "GATEWAY_CONFIG": json.dumps({
+        "port": 0, "redis_url": redis_url, "upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1"}]})}
+    gp = GatewayProcess(["--workers", "2"], env, ready="listening", options=["-c", adopt])
+    try:
+        assert gp.wait_for_line("worker 1 serving") and gp.wait_for_line("worker 0 serving")
+        (resp,) = raw(gp.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert resp.status == 200
+        gp.proc.send_signal(signal.SIGTERM)
+        assert gp.proc.wait(20) == 0
+        assert not [l for l in gp.lines if "Traceback" in l or "restarting" in l], gp.lines
+    finally:
+        gp.kill()
+
+
 def refused(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
@@ -8920,6 +8954,14 @@ def run_gateway(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "OPENAI_"))}
     return subprocess.run([sys.executable, str(HERE / "gateway.py"), *args], env={**clean, **(env or {})},
                           capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("args", [("--check",), ("--port", "0")])
+def test_a_usage_log_refused_at_start_is_said_in_the_configured_log_format(tmp_path: Path, args: tuple[str, ...]) -> None:
+    config = {"log_format": "text", "usage_log": str(tmp_path), "upstreams": [{"url": "http://127.0.0.1:9/v1"}]}
+    refused = run_gateway(*args, env={"GATEWAY_CONFIG": json.dumps(config)})
+    assert refused.returncode == 2
+    assert refused.stderr == f"gateway: error: config: usage_log: {tmp_path} is not a regular file\n"
 
 
 def test_check_flag_prints_summary_and_bad_config_exits_2() -> None:
