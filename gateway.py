@@ -1901,7 +1901,9 @@ _PACE_STEP = """
 local function pace(key, interval, max_wait)
   local v = redis.pcall('GET', key)
   if type(v) == 'table' then return v.err or 'unreadable' end
-  local slot = math.max(now, tonumber(v) or 0)
+  local slot = tonumber(v) or 0
+  if slot ~= slot or slot > now + max_wait + interval + 60 then slot = 0 end  -- (no gateway
+  slot = math.max(now, slot)  -- sets one further: a value it did not write locks no key out)
   if slot - now <= max_wait then
     local set = redis.pcall('SET', key, tostring(slot + interval), 'PX', math.ceil((slot + interval - now) * 1000) + 1000)
     if type(set) == 'table' and set.err then return set.err end
@@ -1953,7 +1955,7 @@ local function level(key, rate, cap)
 end
 local function spent(field)
   local n = tonumber(redis.call('HGET', KEYS[3], field) or '0')
-  if not n or n ~= n or n == math.huge or n < 0 then return 0 end
+  if not n or n ~= n or n < 0 or n >= 9.2e18 then return 0 end  -- (past what HINCRBY can write)
   return n
 end
 local function put(key, value, rate, cap)
@@ -2169,7 +2171,8 @@ def shared_usage(entry: dict, fields: list[bytes], held: list[int] | tuple = (0,
     models: dict[str, dict[str, int]] = {}
     for raw_field, raw_value in zip(fields[::2], fields[1::2]):
         model, per_model, field = raw_field.decode("utf-8", "replace").rpartition("\t")
-        if field in _SHARED_USAGE and raw_value.isdigit():  # (HINCRBY writes nothing else)
+        if field in _SHARED_USAGE and raw_value.isdigit() and len(raw_value) < 19:  # (HINCRBY
+            # writes nothing else: nothing past a signed 64-bit count)
             if per_model:  # (a model's name may be empty)
                 models.setdefault(model, dict.fromkeys(_SHARED_USAGE, 0))[field] = int(raw_value)
             else:

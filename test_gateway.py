@@ -2693,6 +2693,23 @@ def test_a_shared_pacing_slot_too_far_off_is_not_taken_and_the_request_goes_else
         assert redis_server.command("GET", f"gateway:v1:pace:mock:{key}").split(b"\r\n")[1] == held.encode()
 
 
+def test_values_no_gateway_writes_a_far_slot_and_counts_past_64_bits_lock_nobody_out(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str) -> None:
+    config = {"redis_url": redis_url, "api_keys": [{"key": SDK_KEY, "name": "team", "budget_tokens": 10 ** 9}],
+              "upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS[:1],
+                             "rpm_per_key": 600}]}
+    g = start_gateway(config)
+    assert eventually(lambda: g.gw.shared.up)
+    redis_server.command("SET", "gateway:v1:pace:mock:mock#0", f"{redis_server.now() + 10 ** 7:.6f}")  # no TTL
+    for field in ("total_tokens", "gpt-4o-mini\ttotal_tokens"):  # past what HINCRBY writes
+        redis_server.command("HSET", "gateway:v1:usage:team", field, "9" * 23)
+    used = g.client().chat.completions.create(model="gpt-4o-mini", messages=MSGS).usage.total_tokens
+    assert redis_server.command("PTTL", "gateway:v1:pace:mock:mock#0") != b":-1\r\n"  # a slot of ours now
+    (usage,) = usage_of(g, SDK_KEY)  # (HINCRBY refuses to add to them: what is left is ours)
+    assert usage["total_tokens"] <= used and all(m["total_tokens"] <= used for m in usage["models"].values())
+
+
 def test_a_paced_choice_a_refused_client_made_is_undone_its_probe_and_its_slot(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
         redis_url: str) -> None:
