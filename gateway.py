@@ -1409,7 +1409,7 @@ class TokenBucket:
 class ClientLimits:
     """One client's buckets: requests per minute (capacity `burst`) and optional tokens."""
 
-    __slots__ = ("rpm", "tpm", "burst", "requests", "tokens", "_kinds")
+    __slots__ = ("rpm", "tpm", "burst", "requests", "tokens", "_kinds", "tag")
 
     def __init__(self, rpm: float | None, tpm: float | None, burst: float | None,
                  clock: Clock = time.monotonic) -> None:
@@ -1420,6 +1420,9 @@ class ClientLimits:
         # one, or, taking what it holds, admit more than rpm)
         self.requests = TokenBucket(rpm / 60, max(1.0, burst or rpm), clock) if rpm else None
         self.tokens = TokenBucket(tpm / 60, tpm, clock) if tpm else None
+        # in the names of its shared buckets: other limits (a reload) are other buckets,
+        # which start full, as new ones in memory do
+        self.tag = f"{rpm or 0:g},{burst or 0:g},{tpm or 0:g}"
         # (the three header lines up to the remaining count, the limit filled in; what
         # follows that count; bucket) per limited kind: made once. A count is whole: a
         # fractional limit is rounded up (rpm 0.5 says 1, not a limit of 0 that admits)
@@ -2691,7 +2694,7 @@ class SharedState:
         pack = self.conn.pack  # type: ignore[union-attr]
         admission = self.admissions.get(bucket)
         if pace is not None or admission is None or admission[0] != args:
-            keys = (self.key("rpm", bucket), self.key("tpm", bucket), self.key("usage", name))
+            keys = (*self.buckets(rq, limits), self.key("usage", name))
             if pace is None:  # packed again only when args change
                 admission = (args, pack(("EVALSHA", self.scripts[_ADMIT_LUA], 3, *keys,
                                          *args[1:])))
@@ -2751,7 +2754,7 @@ class SharedState:
             # the level the headers show and in when to come back.
             # Tokens given back go out within a flush (SHARED_FLUSH_S at most): until then
             # the shared bucket refuses what they would let through.
-            tpm = self.key("tpm", self.bucket(rq))
+            tpm = self.buckets(rq, limits)[1]
             owed = sum(delta for (key, *_), delta in self.settles.items() if key == tpm)
             level = _number(reply[3]) if len(reply) == 4 and reply[3].__class__ is bytes \
                 else None
@@ -2907,15 +2910,21 @@ class SharedState:
             return rq.client.name
         return "anonymous" if rq.limits is None else f"ip:{rq.peer}"
 
+    def buckets(self, rq: Request, limits: ClientLimits | None) -> tuple[str, str]:
+        """The names of a request's shared rpm and tpm buckets: whose, with what limits."""
+        bucket = self.bucket(rq)
+        tag = limits.tag if limits is not None else ""
+        return self.key("rpm", bucket, tag), self.key("tpm", bucket, tag)
+
     def settle_tokens(self, rq: Request, limits: ClientLimits, delta: float) -> None:
         if limits.tokens is not None:
-            self.settle(self.key("tpm", self.bucket(rq)), limits.tokens, delta, owes=True)
+            self.settle(self.buckets(rq, limits)[1], limits.tokens, delta, owes=True)
 
     def spend_request(self, rq: Request) -> None:
         """A request answered before its admission was sent (its body refused, say) still
         spends one request of its client's bucket, as it does in memory: batched."""
         if rq.limits is not None and rq.limits.requests is not None:
-            self.settle(self.key("rpm", self.bucket(rq)), rq.limits.requests, 1)
+            self.settle(self.buckets(rq, rq.limits)[0], rq.limits.requests, 1)
 
     def unused(self, rq: Request) -> None:
         """An admission sent with a token estimate, for a request answered before it was

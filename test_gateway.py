@@ -2189,6 +2189,28 @@ def test_the_shared_admission_carries_each_requests_estimate_and_a_reloaded_limi
     assert eventually(lambda: ask(10) == 200, timeout=3)  # the old rpm: 20 s to the next
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_reload_that_changes_a_clients_limits_starts_them_full_one_that_keeps_them_refills_nothing(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, request: pytest.FixtureRequest,
+        shared: bool) -> None:
+    config = limited(mock, api_keys=[{"key": SDK_KEY, "name": "team", "rpm": 3}])
+    if shared:
+        config["redis_url"] = request.getfixturevalue("redis_url")
+    g = start_gateway(config)
+    assert not shared or eventually(lambda: g.gw.shared.up)
+    auth = f"Authorization: Bearer {SDK_KEY}\r\n"
+
+    def statuses(n: int) -> list[int]:
+        return [raw(g.port, post("/v1/chat/completions", CHAT, auth))[0].status for _ in range(n)]
+
+    assert statuses(4) == [200, 200, 200, 429]
+    g.lt.call(g.gw.reload, gw.load_config({"GATEWAY_CONFIG": json.dumps(config)}))  # the same limits
+    assert statuses(1) == [429]
+    config["api_keys"][0]["rpm"] = 5
+    g.lt.call(g.gw.reload, gw.load_config({"GATEWAY_CONFIG": json.dumps(config)}))
+    assert statuses(6) == [200] * 5 + [429]
+
+
 @pytest.mark.parametrize("mode", ["memory", "shared", "shared, 9 upstreams", "shared, tpm"])
 def test_a_request_refused_for_its_body_counts_against_the_rpm_in_memory_and_shared_alike(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, request: pytest.FixtureRequest,
@@ -2730,7 +2752,7 @@ def test_a_paced_choice_a_refused_client_made_is_undone_its_probe_and_its_slot(
     assert ask(SDK_KEY) == 200
     refused = [ask(SDK_KEY) for _ in range(30)]  # its shared rpm: 29 429s before any slot
     assert set(refused) == {429} and ask(other) == 200  # (2 keys at 1 a second: one slot left)
-    redis_server.command("SET", "gateway:v1:rpm:limited", "not a bucket")  # its admission
+    redis_server.command("SET", "gateway:v1:rpm:limited:1,0,0", "not a bucket")  # its admission
     assert ask(other, "x-mock-status: 500\r\n") == 500  # errs: limited by its local bucket
     breaker = g.gw.breakers.get("mock", "gpt-4o-mini")
     assert breaker.state is gw.BreakerState.OPEN
