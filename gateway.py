@@ -2414,6 +2414,10 @@ class SharedState:
         # the answer owed to a send of it, or None]; this process's claims carry its token
         self.claims: dict[str, list] = {}
         self.token = os.urandom(8).hex()
+        # those this process counted: the script says "yours" to a claim with its token (a
+        # send of it again), which a later poll's would be too, its lookup having found the
+        # response still unclaimed (before the DEL that followed the first claim's answer)
+        self.won: BoundedMap = BoundedMap(MAX_BACKGROUND)
         self.closing = False
         # (the upstreams configured, their names when an admission may go from the head,
         # whether any of them paces)
@@ -3115,10 +3119,11 @@ class SharedState:
         Redis never answered by the drain (or too many wait: counted here all the same).
         Until it answers (Redis away, slow, refusing writes) the claim is sent again every
         second: nothing is counted before then."""
-        if response_id in self.claims:
+        if response_id in self.claims or response_id in self.won:
             decided(False)
         elif self.closing or len(self.claims) >= MAX_BACKGROUND:
             self.counted_here(response_id)
+            self.won.put(response_id, True)
             decided(None)
         else:
             self.claims[response_id] = [decided, None]
@@ -3158,6 +3163,7 @@ class SharedState:
                 return
             if self.claims.pop(response_id, None) is not None:  # (decided once)
                 if reply == 1:  # this one's: no other process finds its maker again
+                    self.won.put(response_id, True)
                     self.write("DEL", self.key("bg", response_id))
                 claim[0](reply == 1)
 

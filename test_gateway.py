@@ -7362,9 +7362,14 @@ def test_a_background_response_made_through_one_instance_is_counted_once_from_a_
     for g in (a, b, a, b):  # polled again, through either: counted once
         g.client().responses.retrieve(queued.id)
     assert counted() == done.usage.total_tokens
+    # A poll whose lookup reached Redis before the DEL that followed b's claim finds the
+    # response unclaimed: b's claim again, with b's token, is not b's to count twice
+    redis_server.command("SET", f"gateway:v1:bg:{queued.id}", '["team","gpt-4o"]')
+    b.client().responses.retrieve(queued.id)
+    assert counted() == done.usage.total_tokens
     usage = usage_of(a, SDK_KEY)[0]
     assert usage["models"]["gpt-4o"]["total_tokens"] == done.usage.total_tokens
-    assert usage["requests"] == 6  # each poll one request, as without redis_url
+    assert usage["requests"] == 7  # each poll one request, as without redis_url
     again = a.client().responses.create(model="gpt-4o", input="again", background=True)
     polled = a.client().responses.retrieve(again.id)  # through its maker first
     b.client().responses.retrieve(again.id)
