@@ -2311,10 +2311,10 @@ class RedisConnection(asyncio.Protocol):
             if not future.done():
                 future.set_exception(ConnectionError("redis closed the connection"))
 
-    def send(self, commands: list[tuple | bytes]) -> asyncio.Future:
+    def send(self, commands: list[tuple | bytes], now: bool = False) -> asyncio.Future:
         """Write the commands (tuples, or commands already packed): at once when Redis has
-        none of ours to answer, else with every other request's of this loop turn. The future
-        is their replies, in order (errors as hiredis.ReplyError values)."""
+        none of ours to answer (or now), else with every other request's of this loop turn.
+        The future is their replies, in order (errors as hiredis.ReplyError values)."""
         loop = self.loop
         future = loop.create_future()
         if self.closed or self.transport is None or self.transport.is_closing():
@@ -2324,6 +2324,9 @@ class RedisConnection(asyncio.Protocol):
         packed = [c if c.__class__ is bytes else pack(c) for c in commands]
         if not self.waiting and not self.out:  # (a loop turn less between a request and Redis)
             self.transport.write(b"".join(packed))
+        elif now:  # (behind what this turn has queued: in order)
+            self.out += packed
+            self.flush()
         else:
             if not self.out:
                 loop.call_soon(self.flush)
@@ -2955,6 +2958,26 @@ class SharedState:
         self.writes.append(command)
         self.kick()
 
+    def write_now(self, *command: Any) -> asyncio.Future | None:
+        """A write() sent at once, not behind the batch whose replies are awaited: for what
+        a client may act on as soon as it has its answer (an object's id, followed up
+        through another instance, whose lookup would otherwise reach Redis first). Its
+        replies (what the answer's end waits for: ResponseWriter.synced), or None when Redis
+        is away: queued then, as one whose send fails is."""
+        if not self.up or self.conn is None:
+            self.write(*command)
+            return None
+
+        def done(replies: asyncio.Future) -> None:
+            if replies.cancelled() or replies.exception() is not None:
+                self.write(*command)  # (with the others, once Redis is back)
+            elif isinstance(replies.result()[0], Exception):
+                self.refused(replies.result()[0])
+
+        sent = self.conn.send([command], now=True)
+        sent.add_done_callback(done)
+        return sent
+
     def kick(self) -> None:
         if self.up and self.writing is None and self.writes:
             self.writing = asyncio.get_running_loop().create_task(self.write_pending())
@@ -3043,9 +3066,10 @@ class SharedState:
 
     # objects: the id memory and the responses made over chat ---------------------------------
 
-    def remember_id(self, object_id: str, upstream: str, key: str, first: bool = False) -> None:
+    def remember_id(self, object_id: str, upstream: str, key: str,
+                    first: bool = False) -> asyncio.Future | None:
         """first: only if no process has it (an object seen named, not made)."""
-        self.write("SET", self.key("id", object_id), f"{upstream}\t{key}", "EX", SHARED_ID_TTL_S,
+        return self.write_now("SET", self.key("id", object_id), f"{upstream}\t{key}", "EX", SHARED_ID_TTL_S,
                    *(("NX",) if first else ()))
 
     def look_up(self, ids: list[str], response_id: str | None = None
@@ -3109,8 +3133,8 @@ class SharedState:
     def made_background(self, response_id: str, client: str, model: str) -> None:
         """A background response made here: the client and model it counts to, for a poll
         through another process (found with its id, look_up)."""
-        self.write("SET", self.key("bg", response_id), orjson.dumps([client, model]), "EX",
-                   SHARED_ID_TTL_S)
+        self.write_now("SET", self.key("bg", response_id), orjson.dumps([client, model]), "EX",
+                       SHARED_ID_TTL_S)
 
     def claim_background(self, response_id: str, decided: Callable[[bool | None], None]) -> None:
         """Whichever process claims a background response's usage first counts it (after
@@ -3171,9 +3195,10 @@ class SharedState:
         replies.add_done_callback(done)
         return replies
 
-    def store_response(self, response_id: str, data: bytes) -> None:
+    def store_response(self, response_id: str, data: bytes) -> asyncio.Future | None:
         """A response made over chat (a StoredResponse as a JSON list)."""
-        self.write("SET", self.key("resp", response_id), data, "EX", SHARED_RESPONSE_TTL_S)
+        return self.write_now("SET", self.key("resp", response_id), data, "EX",
+                              SHARED_RESPONSE_TTL_S)
 
     def delete_response(self, response_id: str) -> None:
         """Deleted, and marked so for as long as it could have been kept: a process with its
@@ -5188,9 +5213,10 @@ class BodyStream:
         return b"Transfer-Encoding: chunked" if self.chunked else b"Content-Length: %d" % self.length
 
     def feed(self, data: bytes) -> None:
-        if self.conn is not None:
+        conn = self.conn
+        if conn is not None and conn.state is not _CLOSED:
             self._send(data)
-            return
+            return  # (closed, with none of it sent: they wait for the retry's connection)
         self.waiting.append(bytes(data))
         self.waiting_size += len(data)
         if self.waiting_size > UPLOAD_BUFFER:
@@ -5729,9 +5755,6 @@ class Forwarder:
         rq.flow.attach(conn)
         rq.ttfb = time.perf_counter() - sent
         metrics.ttfb[upstream.name].observe(rq.ttfb)
-        metrics.upstream_requests[upstream.name, key.name, str(conn.status)] += 1
-        plan.served = rq.served_model = model
-        keys.answered(key, conn.status)
         self.observe(upstream, key, model, conn.ratelimits)
         if conn.status < 400:  # a success is one when its body begins (body_started)
             started = conn.body_started()
@@ -5744,6 +5767,9 @@ class Forwarder:
             if conn.error is not None:
                 metrics.upstream_requests[upstream.name, key.name, "error"] += 1
                 raise conn.error
+        metrics.upstream_requests[upstream.name, key.name, str(conn.status)] += 1
+        plan.served = rq.served_model = model
+        keys.answered(key, conn.status)
         return conn
 
     async def backoff(self, plan: Plan, exc: GatewayError | None,
@@ -6249,7 +6275,7 @@ class ResponseWriter(BodySink):
     __slots__ = ("proto", "rq", "status", "started", "finished", "unsent", "sse", "filter",
                  "keep_tail", "tail", "whole", "usage", "bytes_out", "head_only", "capture_id",
                  "id_seen", "masker", "named", "named_size",
-                 "framing", "left", "must_close", "holding")
+                 "framing", "left", "must_close", "holding", "synced")
 
     def __init__(self, proto: HttpProtocol, rq: Request) -> None:
         self.proto = proto
@@ -6278,6 +6304,10 @@ class ResponseWriter(BodySink):
         self.left = 0  # bytes the head's Content-Length still owes
         self.holding = False  # the end follows at once: writes wait for it (see hold)
         self.must_close = False  # the connection ends with this response
+        # Redis's answer to a write this answer's client may act on as soon as it has it
+        # (the id it made, its stored response): its last bytes wait for it (on_end), so
+        # that a follow-up through another instance finds what it needs there
+        self.synced: asyncio.Future | None = None
 
     def __repr__(self) -> str:
         return (f"ResponseWriter(status={self.status}, sse={self.sse}, "
@@ -6525,6 +6555,8 @@ class ResponseWriter(BodySink):
             self.left -= size
             if self.left < 0:
                 raise h11.LocalProtocolError("Too much data for declared Content-Length")
+            if not self.left and self.synced is not None:
+                self.holding = True  # (its last bytes: see synced)
         elif framing is _NO_BODY:
             raise h11.LocalProtocolError("a body for a response that has none")
         if self.holding:
@@ -6568,9 +6600,27 @@ class ResponseWriter(BodySink):
         elif framing is _LENGTH and self.left and not self.head_only:
             proto.close()  # the client sees a short body, never a whole one
             raise h11.LocalProtocolError("Too little data for declared Content-Length")
-        if data and not proto.closing:
-            proto.transport.write(data)
-        proto.response_done(self.rq)
+        synced = self.synced
+        if synced is not None and not synced.done():  # (bounded by redis_timeout_ms: the
+            gw = proto.gw  # watchdog ends a wait); in flight till then, for a drain
+            gw.active += 1
+            gw.idle_event.clear()  # type: ignore[union-attr]
+            rq = self.rq  # (let go of by the time Redis answers)
+            synced.add_done_callback(lambda _: self._end(data, rq, gw))
+            return
+        self._end(data, self.rq)
+
+    def _end(self, data: bytes, rq: Request, held: Gateway | None = None) -> None:
+        proto = self.proto
+        try:
+            if data and not proto.closing:
+                proto.transport.write(data)
+            proto.response_done(rq)
+        finally:
+            if held is not None:
+                held.active -= 1
+                if held.active == 0:
+                    held.idle_event.set()  # type: ignore[union-attr]
 
     def on_error(self, exc: GatewayError) -> None:
         if self.finished:
@@ -8237,9 +8287,9 @@ class ProxyHandler:
         rq.flow.detach()
         usage = reply.get("usage")
         rq.writer.usage = usage if isinstance(usage, dict) else None
-        rq.writer.send(200, [_JSON_CT, (b"x-request-id", rq.request_id)], body)
-        if plan.kind == "responses":
+        if plan.kind == "responses":  # (kept first: the answer's end waits for Redis to have it)
             self.store(plan, converted, assistant)
+        rq.writer.send(200, [_JSON_CT, (b"x-request-id", rq.request_id)], body)
 
     def converted_events(self, plan: Plan, events: bytes) -> None:
         """A chat stream read whole, converted as it is when it comes as a stream."""
@@ -8280,7 +8330,7 @@ class ProxyHandler:
             return
         self.gw.responses.put(stored, len(data))
         if self.gw.shared is not None:
-            self.gw.shared.store_response(response["id"], data)
+            plan.rq.writer.synced = self.gw.shared.store_response(response["id"], data)
 
     def background_polled(self, plan: Plan) -> str | None:
         """The id of a background response made here (or, with shared state, by another
@@ -8301,6 +8351,7 @@ class ProxyHandler:
         background = self.gw.background if plan.kind == "responses" \
             and plan.obj.get("background") is True else None  # type: ignore[union-attr]
         client = plan.rq.client.name if plan.rq.client is not None else "anonymous"
+        writer = plan.rq.writer
 
         def remember(object_id: str) -> None:
             if background is not None:  # its usage comes with a poll (unless with this answer)
@@ -8309,8 +8360,9 @@ class ProxyHandler:
                 if shared is not None:  # (polled through any process)
                     shared.made_background(object_id, client, plan.served)  # type: ignore[arg-type]
             sticky.remember(object_id, upstream.name, key.name)  # type: ignore[union-attr]
-            if shared is not None:
-                shared.remember_id(object_id, upstream.name, key.name)  # type: ignore[union-attr]
+            if shared is not None:  # (after the background's write: its answer says both went)
+                writer.synced = shared.remember_id(object_id, upstream.name,  # type: ignore[union-attr]
+                                                   key.name)  # type: ignore[union-attr]
 
         return remember
 
@@ -9445,14 +9497,19 @@ class HttpProtocol(asyncio.Protocol):
         if self.closing:
             self.cycle = None
             return
-        if rq.writer.must_close or self.gw.draining:
-            self.linger()
+        if rq.writer.must_close or self.gw.draining and not self._pipelined():
+            self.linger()  # (draining, a request already sent is answered: 503, then this)
         elif rq.refused and conn.their_state is h11.SEND_BODY:
             pass  # the body is read and dropped; its end starts the next cycle
         elif conn.their_state is not h11.DONE and self.taken < 0:
             self.linger()
         else:
             self._next_cycle()
+
+    def _pipelined(self) -> bool:
+        """Has the client sent more after this cycle's request (read already)?"""
+        ahead = len(self.conn.trailing_data[0])
+        return ahead > max(self.taken, 0)
 
     def _next_cycle(self) -> None:
         # h11 parsed this request; the response went out without it (ResponseWriter.head).
@@ -9706,11 +9763,14 @@ class Gateway:
         self.ledger.close()
 
     def receiving(self) -> int:
-        """Requests admitted that are not in `active` yet: a body still coming in (no task
-        yet), or a task made that has not run its first step (handle counts it then)."""
-        return sum(1 for p in self.connections if p.cycle is not None and not p.cycle.refused
-                   and not p.closing and (p.task is None and p.waiting is Waiting.BODY
-                                          or p.task is not None and not_begun(p.task)))
+        """Requests in flight that are not in `active` yet: a body still coming in (no task
+        yet), a task made that has not run its first step (handle counts it then), or a
+        request sent after another on its connection, waiting for its turn."""
+        return sum(1 for p in self.connections if not p.closing and (
+            p.cycle is None and p.ahead > 0  # (a pipelined one, waiting for its turn: _hold)
+            or p.cycle is not None and not p.cycle.refused
+            and (p.task is None and p.waiting is Waiting.BODY
+                 or p.task is not None and not_begun(p.task))))
 
     def share(self) -> None:
         """Key pools and breakers tell the shared state what they see."""

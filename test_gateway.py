@@ -24,6 +24,7 @@ import itertools
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -459,6 +460,27 @@ def test_an_upload_whose_waiting_bytes_fill_the_upstreams_buffer_keeps_its_clien
         conn.abort()
 
     conn: Any = None
+    asyncio.run(go())
+
+
+def test_upload_bytes_that_come_after_its_connection_failed_wait_for_the_retrys() -> None:
+    # None of it sent, the try is retried (upload.sent): what the client sends meanwhile
+    # belongs to the next connection, not to the dead one (a 200 for a file cut short).
+    async def go() -> None:
+        first, _, _ = await upstream_connection()
+        body = gw.BodyStream(gw.FlowControl(FakeTransport(), asyncio.get_running_loop()), 10, chunked=False)
+        head = first.exchange([b"POST /v1/files HTTP/1.1\r\n\r\n"], 30, 30, body)
+        first.connection_lost(None)  # before any of the body came
+        assert isinstance(head.exception(), gw.UpstreamError)
+        body.feed(b"01234")
+        body.feed(b"56789")
+        body.end()
+        assert not body.sent
+        second, _, transport = await upstream_connection()
+        second.exchange([b"POST /v1/files HTTP/1.1\r\n\r\n"], 30, 30, body)
+        assert bytes(transport.out) == b"POST /v1/files HTTP/1.1\r\n\r\n0123456789" and body.sent
+        second.abort()
+
     asyncio.run(go())
 
 
@@ -5332,6 +5354,10 @@ def test_a_success_head_whose_body_fails_before_its_first_byte_is_a_failed_try_r
     assert tries == ["m1", "m1", "m2"]
     breaker = admin(g, "GET", "/health/circuit-breakers").json()["circuit_breakers"]["u/m1"]
     assert breaker["state"] == "open" and breaker["failure_count"] == 2
+    counted = collections.Counter()
+    for (_, _, status), n in g.gw.metrics.upstream_requests.items():
+        counted[status] += n
+    assert counted == {"error": 2, "200": 1}  # each try once, as what it came to
 
 
 def test_upstream_head_with_a_bare_lf_is_refused_not_relayed(raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
@@ -7382,6 +7408,38 @@ def test_a_background_response_made_through_one_instance_is_counted_once_from_a_
     assert redis_server.command("EXISTS", f"gateway:v1:bgc:{plain.id}") == b":0\r\n"
 
 
+@pytest.mark.parametrize("upstream", ["native", "chat_only"])
+def test_an_answer_that_made_an_object_ends_only_once_redis_has_what_a_follow_up_needs(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_url: str, upstream: str) -> None:
+    # A follow-up through another instance as soon as the answer is in (GET by id, a
+    # previous_response_id over chat) must find the id, or the stored response, in Redis.
+    config = shared_config(mock, redis_url)
+    config["upstreams"][0]["chat_only"] = upstream == "chat_only"
+    g = start_gateway(config)
+    shared = g.gw.shared
+    assert eventually(lambda: shared.up)
+    gates: list[asyncio.Future] = []
+    send = shared.write_now
+
+    def held(*command: Any) -> asyncio.Future:  # Redis's answer, when the test says
+        send(*command)
+        gates.append(asyncio.get_running_loop().create_future())
+        return gates[-1]
+
+    shared.write_now = held
+    requests = lambda: sum(g.gw.metrics.requests.values())  # noqa: E731
+    before = requests()
+    with connect(g.port) as sock:
+        sock.sendall(post("/v1/responses", b'{"model": "gpt-4o", "input": "hi"}'))
+        assert eventually(lambda: requests() == before + 1)  # its handler is done
+        assert gates and select.select([sock], [], [], 0)[0] == []  # and nothing reached the client
+        for gate in gates:
+            g.lt.loop.call_soon_threadsafe(gate.set_result, [b"OK"])
+        resp = read_response(sock.makefile("rb"))
+    assert resp.status == 200 and resp.json()["object"] == "response"
+    assert eventually(lambda: g.gw.active == 0)
+
+
 def test_a_background_response_polled_while_redis_was_down_is_counted_once_when_it_is_back(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
         redis_url: str) -> None:
@@ -8249,6 +8307,37 @@ def test_a_client_that_reads_none_of_an_answer_its_connection_closes_after_is_cu
                 got += chunk
     head, _, body = got.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and len(body) < int(re.search(rb"content-length: (\d+)", head).group(1))
+
+
+@pytest.mark.parametrize("reads", [True, False])
+def test_a_request_pipelined_before_the_drain_is_answered_503_then_the_connection_closes(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, reads: bool) -> None:
+    # reads False: the client takes nothing of the first answer till the drain has begun, so
+    # the second request waits for its turn (held) when the drain looks at what is in flight
+    g = start_gateway()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", g.port))
+    first = post("/v1/chat/completions", b'{"model":"m","messages":[],"stream":true}',
+                 "x-mock-chunks: 5\r\nx-mock-delay-ms: 100\r\n") if reads else \
+        b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n" * 1000  # (answers past the client's buffer)
+    with sock:
+        sock.sendall(first + b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        if reads:
+            assert eventually(lambda: g.gw.active == 1)
+        else:
+            assert eventually(lambda: g.lt.call(lambda: any(p.flow.write_paused for p in g.gw.connections)))
+        drain = asyncio.run_coroutine_threadsafe(g.gw.shutdown(grace_s=10), g.lt.loop)
+        assert eventually(lambda: g.gw.draining)
+        f = sock.makefile("rb")
+        answers = []
+        while (answer := read_response(f)) is not None:  # those answered before the drain,
+            answers.append(answer)  # then the first after it: 503, and the close
+    last = answers.pop()
+    assert answers and all(a.status == 200 for a in answers)
+    assert last.status == 503 and last.json()["error"]["code"] == "draining"
+    assert last.headers["connection"] == "close"
+    drain.result(10)
 
 
 def test_a_request_cut_at_the_end_of_the_drain_ends_even_when_its_client_reads_nothing(
