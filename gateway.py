@@ -6608,7 +6608,9 @@ class ResponseWriter(BodySink):
             rq = self.rq  # (let go of by the time Redis answers)
             synced.add_done_callback(lambda _: self._end(data, rq, gw))
             return
-        self._end(data, self.rq)
+        if data and not proto.closing:  # (_end, inlined: this runs for every response)
+            proto.transport.write(data)
+        proto.response_done(self.rq)
 
     def _end(self, data: bytes, rq: Request, held: Gateway | None = None) -> None:
         proto = self.proto
