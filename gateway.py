@@ -2548,7 +2548,12 @@ class SharedState:
         try:  # (a Redis that refuses scripts is still reached: its refusals come per command)
             began = time.monotonic()
             async with asyncio.timeout(wait):
-                await conn.send([("SCRIPT", "LOAD", lua) for lua in self.scripts])
+                replies = await conn.send([("SCRIPT", "LOAD", lua) for lua in self.scripts])
+            refused = next((r for r in replies if isinstance(r, Exception)
+                            and str(r).startswith(("NOAUTH", "WRONGPASS"))), None)
+            if refused is not None:  # not reached: every command would be refused, or the
+                # link closed on the first long one (taken back, it would flap for good)
+                raise ConnectionRefusedError(f"redis refuses us: {refused}")
             took = time.monotonic() - began
             if took > self.timeout and not slow_ok:  # reached, but every command would
                 # time out: not up (a drain's last try gives each longer)

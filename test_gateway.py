@@ -2829,6 +2829,25 @@ def test_redis_urls_with_a_database_a_password_or_a_unix_socket(tmp_path: Path, 
         server.wait()
 
 
+def test_a_redis_that_wants_a_password_it_was_not_given_is_down_and_says_why_not_up_and_down(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, capfd: pytest.CaptureFixture[str]) -> None:
+    port = free_port()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--requirepass", "s3cret"], stdout=subprocess.DEVNULL)
+    try:
+        assert eventually(lambda: not refused(port), timeout=10)
+        g = start_gateway(shared_config(mock, f"redis://127.0.0.1:{port}"))
+        reasons = lambda: raw(g.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")[0].json()["reasons"]  # noqa: E731
+        assert eventually(lambda: any("NOAUTH" in r for r in reasons()))
+        assert g.client().chat.completions.create(model="m", messages=MSGS).choices  # on its own state
+        with pytest.raises(ConnectionRefusedError, match="NOAUTH"):  # each reconnect's try: not up
+            g.lt.run(g.gw.shared.connect())  # (taken back, the first command lost it again)
+        assert not g.gw.shared.up and "reachable again" not in capfd.readouterr().err
+    finally:
+        server.kill()
+        server.wait()
+
+
 def test_redis_killed_mid_load_then_restarted_costs_no_request(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
         redis_url: str, capfd: pytest.CaptureFixture[str]) -> None:
