@@ -6010,6 +6010,9 @@ class FlowControl:
             upstream.abort()
 
 
+BODY_LATE = "the body did not come in time: closed"  # (the access log's error)
+
+
 def not_begun(task: asyncio.Task) -> bool:
     """A task made that has not run its first step yet (nothing in it has run: not even a
     finally would, were it cancelled now)."""
@@ -9617,7 +9620,7 @@ class HttpProtocol(asyncio.Protocol):
         if self.deadline and now >= self.deadline:
             self.deadline = 0.0
             if self.cycle is not None and self.waiting is Waiting.BODY:
-                self.cycle.error = "the body did not come in time: closed"
+                self.cycle.error = BODY_LATE
             self.close()
         elif self.flow.write_stalled(now):
             # A client that stopped reading: drop its socket and what the kernel holds for
@@ -9958,9 +9961,9 @@ class Gateway:
             exc.with_traceback(None)  # it may live on in an upstream connection: no frames
             rq.error = exc.message
             rq.writer.fail(exc)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # its connection is already closed
             rq.error = "cut: the shutdown grace period is over" if self.cutting else \
-                "client disconnected"  # its connection is already closed
+                BODY_LATE if rq.error == BODY_LATE else "client disconnected"  # (an upload's)
         except Exception as exc:  # a bug: answer 500 and say where, but keep serving
             log(f"internal error on {rq!r}: {exc!r}", "error", traceback=traceback.format_exc())
             rq.error = f"internal error: {exc!r}"

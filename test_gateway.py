@@ -3444,6 +3444,25 @@ def test_access_log_off_and_malformed_requests_still_counted(start_gateway: Star
     assert requests[(("model", ""), ("path", "other"), ("status", "400"))] == 1
 
 
+def test_an_upload_whose_body_stops_coming_is_logged_as_late_not_as_a_client_that_left(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, capfd: pytest.CaptureFixture[str]) -> None:
+    g = start_gateway({"access_log": True}, body_timeout_s=0.3)
+    with connect(g.port) as stalled:
+        stalled.sendall(b"POST /v1/files HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                        b"Content-Length: 1000\r\n\r\n--b\r\n")
+        stalled.settimeout(10)
+        assert stalled.recv(100) == b""  # closed by the body timeout
+    err = []
+
+    def line() -> dict | None:
+        err.append(capfd.readouterr().err)
+        return next((x for x in map(json.loads, (l for l in "".join(err).splitlines() if l.startswith("{")))
+                     if x["msg"] == "request"), None)
+
+    assert eventually(lambda: line() is not None)
+    assert line()["path"] == "/v1/files" and line()["error"] == "the body did not come in time: closed"
+
+
 def test_a_request_whose_body_never_comes_whole_still_gets_its_line_and_metric(
         start_gateway: StartGateway, capfd: pytest.CaptureFixture[str]) -> None:
     g = start_gateway({"access_log": True}, body_timeout_s=0.3)
