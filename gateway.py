@@ -1958,7 +1958,7 @@ local function level(key, rate, cap)
 end
 local function spent(field)
   local n = tonumber(redis.call('HGET', KEYS[3], field) or '0')
-  if not n or n ~= n or n < 0 or n >= 9.2e18 then return 0 end  -- (past what HINCRBY can write)
+  if not n or n ~= n or n < 0 or n >= 1e19 then return 0 end  -- (past what HINCRBY can write)
   return n
 end
 local function put(key, value, rate, cap)
@@ -2174,8 +2174,9 @@ def shared_usage(entry: dict, fields: list[bytes], held: list[int] | tuple = (0,
     models: dict[str, dict[str, int]] = {}
     for raw_field, raw_value in zip(fields[::2], fields[1::2]):
         model, per_model, field = raw_field.decode("utf-8", "replace").rpartition("\t")
-        if field in _SHARED_USAGE and raw_value.isdigit() and len(raw_value) < 19:  # (HINCRBY
-            # writes nothing else: nothing past a signed 64-bit count)
+        if field in _SHARED_USAGE and raw_value.isdigit() and len(raw_value) <= 19 \
+                and int(raw_value) < 1 << 63:  # (HINCRBY writes nothing else: nothing past
+            # a signed 64-bit count)
             if per_model:  # (a model's name may be empty)
                 models.setdefault(model, dict.fromkeys(_SHARED_USAGE, 0))[field] = int(raw_value)
             else:
@@ -5766,8 +5767,10 @@ class Forwarder:
             if started is not None:
                 try:
                     await started
-                except asyncio.CancelledError:
+                except asyncio.CancelledError:  # (the client left: the try is what it was)
                     conn.abort()
+                    metrics.upstream_requests[upstream.name, key.name, str(conn.status)] += 1
+                    keys.answered(key, conn.status)
                     raise
             if conn.error is not None:
                 metrics.upstream_requests[upstream.name, key.name, "error"] += 1
@@ -9507,7 +9510,7 @@ class HttpProtocol(asyncio.Protocol):
         if self.closing:
             self.cycle = None
             return
-        if rq.writer.must_close or self.gw.draining and not self._pipelined():
+        if rq.writer.must_close or self.gw.draining and not self.pipelined():
             self.linger()  # (draining, a request already sent is answered: 503, then this)
         elif rq.refused and conn.their_state is h11.SEND_BODY:
             pass  # the body is read and dropped; its end starts the next cycle
@@ -9516,10 +9519,11 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self._next_cycle()
 
-    def _pipelined(self) -> bool:
-        """Has the client sent more after this cycle's request (read already)?"""
-        ahead = len(self.conn.trailing_data[0])
-        return ahead > max(self.taken, 0)
+    def pipelined(self) -> bool:
+        """Has the client sent a request's head after this cycle's request (read already)?
+        (The start of one only: the head timeout's, not an answer's.)"""
+        ahead = self.conn.trailing_data[0]
+        return b"\r\n\r\n" in (ahead[self.taken:] if self.taken > 0 else ahead)
 
     def _next_cycle(self) -> None:
         # h11 parsed this request; the response went out without it (ResponseWriter.head).
@@ -9777,7 +9781,7 @@ class Gateway:
         yet), a task made that has not run its first step (handle counts it then), or a
         request sent after another on its connection, waiting for its turn."""
         return sum(1 for p in self.connections if not p.closing and (
-            p.cycle is None and p.ahead > 0  # (a pipelined one, waiting for its turn: _hold)
+            p.cycle is None and p.ahead > 0 and p.pipelined()  # (a pipelined one: its turn)
             or p.cycle is not None and not p.cycle.refused
             and (p.task is None and p.waiting is Waiting.BODY
                  or p.task is not None and not_begun(p.task))))
@@ -10193,12 +10197,14 @@ class Supervisor:
         log(f"listening on {config.summary(port)} · {config.workers} workers")
         due: dict[int, float] = {}  # index -> when a dead worker starts again (its backoff)
         code = 0
+        restarted: set[int] = set()  # (a worker that cannot start stops all only at start-up)
         while self.children or due and not self.stopping:
             if self.stopping:
                 due.clear()  # (draining: none starts again)
             for index, at in list(due.items()):
                 if at <= time.monotonic():
                     del due[index]
+                    restarted.add(index)
                     self.spawn(Worker(index, sock, metrics_dir))
             try:  # one worker's backoff holds up no other's reaping and restart
                 pid, status = os.waitpid(-1, os.WNOHANG) if due else os.wait()
@@ -10215,10 +10221,11 @@ class Supervisor:
             index, started = found
             if self.stopping:
                 continue
-            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 2:  # it could not start
-                # (bad configuration its check could not see: a usage log open refused):
-                # every worker would fail the same, and a port nobody answers on is worse
-                # than none. The others drain; the supervisor exits 2, as one process does.
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 2 and index not in restarted:
+                # It could not start (bad configuration its check could not see: a usage log
+                # open refused): every worker would fail the same, and a port nobody answers
+                # on is worse than none. The others drain; the supervisor exits 2, as one
+                # process does. (A restart that cannot start is retried: the others serve.)
                 log(f"worker {index} could not start: stopping", "error", worker=index)
                 code = 2
                 self.forward(signal.SIGTERM, None)

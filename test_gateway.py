@@ -2748,10 +2748,12 @@ def test_values_no_gateway_writes_a_far_slot_and_counts_past_64_bits_lock_nobody
     redis_server.command("SET", "gateway:v1:pace:mock:mock#0", f"{redis_server.now() + 10 ** 7:.6f}")  # no TTL
     for field in ("total_tokens", "gpt-4o-mini\ttotal_tokens"):  # past what HINCRBY writes
         redis_server.command("HSET", "gateway:v1:usage:team", field, "9" * 23)
+    redis_server.command("HSET", "gateway:v1:usage:team", "requests", str(2 ** 63 - 1))  # what it can
     used = g.client().chat.completions.create(model="gpt-4o-mini", messages=MSGS).usage.total_tokens
     assert redis_server.command("PTTL", "gateway:v1:pace:mock:mock#0") != b":-1\r\n"  # a slot of ours now
     (usage,) = usage_of(g, SDK_KEY)  # (HINCRBY refuses to add to them: what is left is ours)
     assert usage["total_tokens"] <= used and all(m["total_tokens"] <= used for m in usage["models"].values())
+    assert usage["requests"] >= 2 ** 63 - 1
 
 
 def test_a_paced_choice_a_refused_client_made_is_undone_its_probe_and_its_slot(
@@ -6024,6 +6026,8 @@ def test_a_client_that_leaves_before_its_answers_first_byte_closes_the_upstream_
     sock.close()
     assert let_go.wait(1.0)
     assert g.lt.call(lambda: sum(len(p.live) + len(p.idle) for p in g.gw.pools.values())) == 0
+    assert eventually(lambda: dict(g.gw.metrics.upstream_requests) == {("u", "u#anonymous", "200"): 1})  # (its
+    # answer's head came: the try is counted as what it was)
 
 
 def test_upstream_death_mid_stream_reaches_sdk_as_error(start_gateway: StartGateway) -> None:
@@ -8347,6 +8351,16 @@ def test_a_client_that_reads_none_of_an_answer_its_connection_closes_after_is_cu
     assert head.startswith(b"HTTP/1.1 200") and len(body) < int(re.search(rb"content-length: (\d+)", head).group(1))
 
 
+def test_the_start_of_a_request_sent_after_another_holds_no_drain_up(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway()
+    with connect(g.port) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\nGET /hea")  # (its head: 10 s)
+        assert read_response(sock.makefile("rb")).status == 200
+        assert g.lt.call(g.gw.receiving) == 0
+        g.lt.run(g.gw.shutdown(grace_s=30), timeout=5)
+
+
 @pytest.mark.parametrize("reads", [True, False])
 def test_a_request_pipelined_before_the_drain_is_answered_503_then_the_connection_closes(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, reads: bool) -> None:
@@ -8966,6 +8980,28 @@ def test_workers_that_cannot_start_stop_the_supervisor_with_code_2(mock: mock_up
     assert done.returncode == 2, done.stderr
     assert "could not start: stopping" in done.stderr and "restarting" not in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_restarted_worker_that_cannot_start_is_retried_while_the_others_serve(
+        mock: mock_upstream.MockUpstream, redis_url: str, tmp_path: Path) -> None:
+    # Only at start-up does a worker that cannot start stop them all: later, the port has
+    # workers that serve, and the one that cannot start is retried with its backoff.
+    (tmp_path / "logs").mkdir()
+    env = {**os.environ, "GATEWAY_CONFIG": json.dumps({
+        "port": 0, "redis_url": redis_url, "usage_log": str(tmp_path / "logs" / "u.jsonl"),
+        "upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1"}]})}
+    gp = GatewayProcess(["--workers", "2"], env, ready="listening")
+    try:
+        assert gp.wait_for_line("worker 1 serving") and gp.wait_for_line("worker 0 serving")
+        (tmp_path / "logs").rename(tmp_path / "gone")  # a restart cannot open it now
+        os.kill(worker_pids(gp)[0], signal.SIGKILL)
+        assert gp.wait_for_line("exited (code 2), restarting")
+        (resp,) = raw(gp.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert resp.status == 200 and gp.proc.poll() is None
+        gp.proc.send_signal(signal.SIGTERM)
+        assert gp.proc.wait(20) == 0
+    finally:
+        gp.kill()
 
 
 def test_a_child_the_supervisor_did_not_fork_is_reaped_and_passed_over(
