@@ -6286,7 +6286,7 @@ class ResponseWriter(BodySink):
     __slots__ = ("proto", "rq", "status", "started", "finished", "unsent", "sse", "filter",
                  "keep_tail", "tail", "whole", "usage", "bytes_out", "head_only", "capture_id",
                  "id_seen", "masker", "named", "named_size",
-                 "framing", "left", "must_close", "holding", "synced")
+                 "framing", "left", "must_close", "holding", "synced", "on_complete")
 
     def __init__(self, proto: HttpProtocol, rq: Request) -> None:
         self.proto = proto
@@ -6319,6 +6319,8 @@ class ResponseWriter(BodySink):
         # (the id it made, its stored response): its last bytes wait for it (on_end), so
         # that a follow-up through another instance finds what it needs there
         self.synced: asyncio.Future | None = None
+        self.on_complete: Callable[[], None] | None = None  # a converted stream's end: told
+        # before its last event goes out (a response made over chat is kept then)
 
     def __repr__(self) -> str:
         return (f"ResponseWriter(status={self.status}, sse={self.sse}, "
@@ -6529,7 +6531,11 @@ class ResponseWriter(BodySink):
                 raise flt.failed
             if flt.completed:  # a converted stream has ended: what else the upstream sends
                 holding = self.holding  # (events, keep-alive comments) is not waited for,
-                self._write(data)  # unless its body ends with this read (it is then reused)
+                if self.on_complete is not None:  # unless its body ends with this read (it
+                    self.on_complete()  # is then reused)
+                    if self.synced is not None:  # (its last event waits too: see synced)
+                        self.holding = True
+                self._write(data)
                 self.on_end()
                 upstream = self.rq.flow.mine()
                 if upstream is not None and not holding and not upstream.ending():
@@ -8254,6 +8260,8 @@ class ProxyHandler:
                           convert=converter, stream=inspect, keys=quoting)
         if writer.head_only and not conn.ending():  # (sent as GET: a body the client
             conn.cut_short()  # never gets is not read, a file's, say; its head is all)
+        if isinstance(converter, ResponsesFromChat):
+            writer.on_complete = self.keeper(plan, converter)
         streaming = writer.sse
         gw.metrics.active_streams += streaming
         try:
@@ -8261,8 +8269,6 @@ class ProxyHandler:
             rq.flow.detach()
         finally:
             gw.metrics.active_streams -= streaming
-        if isinstance(converter, ResponsesFromChat) and converter.response is not None:
-            self.store(plan, converter.response, converter.assistant_message())
         if writer.named is not None:
             if writer.finished and not rq.error:  # (whole: a cut answer names nothing sure)
                 self.remember_named(plan, b"".join(writer.named))
@@ -8314,13 +8320,19 @@ class ProxyHandler:
         writer.relay_head(200, [(b"content-type", b"text/event-stream")], inspect=True,
                           drop_usage=plan.injects(plan.upstream), convert=converter,
                           keys=plan.pool())
+        if isinstance(converter, ResponsesFromChat):
+            writer.on_complete = self.keeper(plan, converter)
         try:
             writer.on_data(events)
             writer.on_end()
         except GatewayError as exc:
             writer.on_error(exc)
-        if isinstance(converter, ResponsesFromChat) and converter.response is not None:
-            self.store(plan, converter.response, converter.assistant_message())
+
+    def keeper(self, plan: Plan, converter: ResponsesFromChat) -> Callable[[], None]:
+        """What keeps a converted stream's response once it is complete (ahead of its last
+        event: a previous_response_id through another instance finds it)."""
+        return lambda: self.store(plan, converter.response,  # type: ignore[arg-type]
+                                  converter.assistant_message())
 
     def store(self, plan: Plan, response: dict, assistant: dict) -> None:
         """Keep a response made over chat, for previous_response_id and GET (unless the

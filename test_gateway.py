@@ -24,7 +24,6 @@ import itertools
 import json
 import os
 import re
-import select
 import shutil
 import signal
 import socket
@@ -7450,13 +7449,14 @@ def test_a_background_response_made_through_one_instance_is_counted_once_from_a_
     assert redis_server.command("EXISTS", f"gateway:v1:bgc:{plain.id}") == b":0\r\n"
 
 
-@pytest.mark.parametrize("upstream", ["native", "chat_only"])
+@pytest.mark.parametrize("upstream", ["native", "chat_only", "chat_only, streamed"])
 def test_an_answer_that_made_an_object_ends_only_once_redis_has_what_a_follow_up_needs(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_url: str, upstream: str) -> None:
     # A follow-up through another instance as soon as the answer is in (GET by id, a
     # previous_response_id over chat) must find the id, or the stored response, in Redis.
     config = shared_config(mock, redis_url)
-    config["upstreams"][0]["chat_only"] = upstream == "chat_only"
+    config["upstreams"][0]["chat_only"] = upstream.startswith("chat_only")
+    streamed = upstream.endswith("streamed")
     g = start_gateway(config)
     shared = g.gw.shared
     assert eventually(lambda: shared.up)
@@ -7472,13 +7472,32 @@ def test_an_answer_that_made_an_object_ends_only_once_redis_has_what_a_follow_up
     requests = lambda: sum(g.gw.metrics.requests.values())  # noqa: E731
     before = requests()
     with connect(g.port) as sock:
-        sock.sendall(post("/v1/responses", b'{"model": "gpt-4o", "input": "hi"}'))
+        sock.sendall(post("/v1/responses", orjson.dumps({"model": "gpt-4o", "input": "hi", "stream": streamed}),
+                          "x-mock-chunks: 3\r\nx-mock-delay-ms: 20\r\n" if streamed else ""))  # (in reads apart)
         assert eventually(lambda: requests() == before + 1)  # its handler is done
-        assert gates and select.select([sock], [], [], 0)[0] == []  # and nothing reached the client
+        assert gates
+        sock.setblocking(False)
+        came = b""  # (what it was written so far is here to read at once: loopback)
+        with contextlib.suppress(BlockingIOError):
+            while chunk := sock.recv(1 << 16):
+                came += chunk
+        sock.setblocking(True)
+        if streamed:  # (its events so far, perhaps) not the last: a client acts on it
+            assert b"response.completed" not in came
+        else:
+            assert came == b""
         for gate in gates:
             g.lt.loop.call_soon_threadsafe(gate.set_result, [b"OK"])
-        resp = read_response(sock.makefile("rb"))
-    assert resp.status == 200 and resp.json()["object"] == "response"
+        f = sock.makefile("rb")
+        if streamed:
+            while not came.endswith(b"0\r\n\r\n"):
+                came += f.read1(1 << 16)
+        else:
+            resp = read_response(f)
+    if streamed:
+        assert b"response.completed" in came
+    else:
+        assert resp.status == 200 and resp.json()["object"] == "response"
     assert eventually(lambda: g.gw.active == 0)
 
 
