@@ -2548,8 +2548,10 @@ class SharedState:
         conn.on_lost = self.dropped
         try:  # (a Redis that refuses scripts is still reached: its refusals come per command)
             began = time.monotonic()
-            async with asyncio.timeout(wait):
-                replies = await conn.send([("SCRIPT", "LOAD", lua) for lua in self.scripts])
+            async with asyncio.timeout(wait):  # (and a write: a Redis whose writes are
+                # paused, CLIENT PAUSE WRITE, answers SCRIPT LOAD, then holds every admission)
+                replies = await conn.send([*(("SCRIPT", "LOAD", lua) for lua in self.scripts),
+                                           ("SET", self.key("alive"), "1", "PX", "60000")])
             refused = next((r for r in replies if isinstance(r, Exception)
                             and str(r).startswith(("NOAUTH", "WRONGPASS"))), None)
             if refused is not None:  # not reached: every command would be refused, or the

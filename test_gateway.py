@@ -7602,6 +7602,23 @@ def test_an_idle_process_sees_redis_stop_answering(
     assert eventually(lambda: redis_health(g) == ("ok", 1), timeout=20)
 
 
+def test_a_redis_whose_writes_are_paused_is_not_taken_back(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, redis_server: RedisServer,
+        redis_url: str) -> None:
+    # Reads (SCRIPT LOAD among them) are answered, every admission is held: taken back, it
+    # would be lost again at once, over and over.
+    g = start_gateway(shared_config(mock, redis_url, redis_timeout_ms=200))
+    assert eventually(lambda: g.gw.shared.up)
+    redis_server.command("CLIENT", "PAUSE", "3000", "WRITE")
+    try:
+        with pytest.raises(TimeoutError):
+            g.lt.run(g.gw.shared.connect())
+    finally:
+        redis_server.command("CLIENT", "UNPAUSE")
+    conn = g.lt.run(g.gw.shared.connect())  # (writes again: reached)
+    g.lt.call(conn.close)
+
+
 def test_a_background_claim_is_won_by_one_token_and_known_again_by_it(redis_server: RedisServer) -> None:
     # A claim whose answer never came (Redis stalled past redis_timeout_ms, then ran it) is
     # sent again: the process that made it must see it won, the others that they lost.
