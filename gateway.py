@@ -308,7 +308,12 @@ def client_failure(exc: h11.RemoteProtocolError) -> GatewayError:
     Every client-side protocol boundary goes through here."""
     if exc.error_status_hint == 431:
         return HeadersTooLarge("Request header block is too large.")
-    return BadRequest(f"Malformed HTTP request: {exc}")
+    # (h11 quotes the bytes it refused: a header line may hold a key, and this message
+    # is the answer's and the access log's)
+    return BadRequest(f"Malformed HTTP request: {_QUOTED_BYTES.sub('', str(exc))}")
+
+
+_QUOTED_BYTES = re.compile(r"[:\s(]*(?:bytearray\()?b['\"].*", re.S)
 
 
 ################################################################################
@@ -8094,13 +8099,13 @@ class ProxyHandler:
         gw = self.gw
         obj, model, form = None, "", None
         content_type = rq.content_type()
+        restricted = rq.client is not None and rq.client.models is not None
         if rq.upload is None and rq.body_parts:
             body = rq.body()
             multipart = content_type[:19].lower() == b"multipart/form-data"
             # A key held to some models has its body read as strict JSON when it is not a
             # form or an SDP offer: what orjson refuses, a lenient reader may still take a
             # model from (held_raw).
-            restricted = rq.client is not None and rq.client.models is not None
             # JSON as the upstream may read it, whatever the type says: its model is checked
             if content_type[:16].lower() == b"application/json" or not multipart \
                     and (restricted or body.lstrip()[:1] == b"{"):
@@ -8130,8 +8135,8 @@ class ProxyHandler:
                 model = form[0] if form is not None else ""
                 if restricted:  # a Realtime call's session part names its model
                     self.held_elsewhere(rq, held_part(body, content_type))
-            if restricted and rq.query:
-                self.held_elsewhere(rq, parse_qs(rq.query.decode("latin-1")).get("model", []))
+        if restricted and rq.query:  # (with a body or none, an upload's too)
+            self.held_elsewhere(rq, parse_qs(rq.query.decode("latin-1")).get("model", []))
         pinned = looked[0] if looked is not None else \
             (await self.look_up(rq, self.named_ids(rq, obj), obj))[1]
         if model:
@@ -9231,9 +9236,10 @@ class Request:
 
 def head_size(event: h11.Request) -> int:
     """What h11 leaves unbounded of a head that came whole (it limits only one that arrives
-    in pieces): its target and its fields' names and values. Counted only when more bytes
-    than the limit came in this cycle: else the head cannot be over it."""
-    return len(event.target) + sum(len(n) + len(v) for _, n, v in event.headers._full_items)
+    in pieces): its target and its fields' lines (a name, a colon, a value, a CRLF: at
+    least that, or 15,000 lines of "a:" would pass as a 15 KB head). Counted only when more
+    bytes than the limit came in this cycle: else the head cannot be over it."""
+    return len(event.target) + sum(len(n) + len(v) + 3 for _, n, v in event.headers._full_items)
 
 
 class Waiting(enum.Enum):

@@ -3464,6 +3464,27 @@ def test_an_upload_whose_body_stops_coming_is_logged_as_late_not_as_a_client_tha
     assert line()["path"] == "/v1/files" and line()["error"] == "the body did not come in time: closed"
 
 
+def test_a_malformed_header_line_with_a_key_in_it_is_refused_without_quoting_it(
+        start_gateway: StartGateway, capfd: pytest.CaptureFixture[str]) -> None:
+    g = start_gateway({"access_log": True, "api_keys": [SDK_KEY]})
+    for line in (f"Authorization: Bearer {SDK_KEY}\r", f"Authorization : Bearer {SDK_KEY}",
+                 f"X-Api-Key: {SDK_KEY}\x00"):
+        (resp,) = raw(g.port, f"GET /v1/models HTTP/1.1\r\nHost: t\r\n{line}\r\n\r\n".encode())
+        assert resp.status == 400 and SDK_KEY.encode() not in resp.body, line
+        assert resp.json()["error"]["message"].startswith("Malformed HTTP request: ")
+    trailer = f"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {SDK_KEY}\r\n" \
+              f"Transfer-Encoding: chunked\r\n\r\n2\r\n{{}}\r\n0\r\nX-Key: {SDK_KEY}\r\r\n\r\n"
+    raw(g.port, trailer.encode())
+    g.lt.call(g.gw.access_log.flush)
+    assert SDK_KEY not in capfd.readouterr().err
+
+
+def test_a_head_of_many_short_lines_that_came_whole_is_held_to_the_head_limit(start_gateway: StartGateway) -> None:
+    g = start_gateway()
+    (resp,) = raw(g.port, b"GET /health HTTP/1.1\r\nHost: t\r\n" + b"a:\r\n" * 15_000 + b"\r\n")
+    assert resp.status == 431  # (as the same bytes in pieces are)
+
+
 def test_a_request_whose_body_never_comes_whole_still_gets_its_line_and_metric(
         start_gateway: StartGateway, capfd: pytest.CaptureFixture[str]) -> None:
     g = start_gateway({"access_log": True}, body_timeout_s=0.3)
@@ -6557,6 +6578,12 @@ def test_a_pass_through_body_is_held_to_the_keys_models_however_it_is_typed_or_i
                        ("/v1/realtime/calls?model=gpt-realtime", b"v=0\r\n")):  # a model named elsewhere
         resp = send(path, body, "application/json" if body[:1] == b"{" else "application/sdp")
         assert resp.status == 403 and resp.json()["error"]["code"] == "model_not_allowed", path
+    for request in (b"POST /v1/realtime/calls?model=gpt-realtime HTTP/1.1\r\nContent-Length: 0\r\n",  # no body
+                    b"GET /v1/realtime/calls?model=gpt-realtime HTTP/1.1\r\n",
+                    b"POST /v1/files?model=gpt-realtime HTTP/1.1\r\nContent-Type: multipart/form-data; boundary=B\r\n"
+                    b"Content-Length: 8\r\n"):  # (an upload's body goes on as it comes: its query is read)
+        (resp,) = raw(g.port, request + f"Host: t\r\n{auth}\r\n".encode() + (b"--B--\r\n" if b"files" in request else b""))
+        assert resp.status == 403 and resp.json()["error"]["code"] == "model_not_allowed", request
     for session in (b'{"model": "gpt-image-1", "MODEL": "gpt-realtime"}', b'{"model": "gpt-realtime", "model": "stt"}',
                     b'{"\\u006dodel": "gpt-realtime", "model": "stt"}', b'{"model": null, "Model": "gpt-realtime"}',
                     b'{"model": ["gpt-realtime"]}'):  # a session's model is held as the body's is
