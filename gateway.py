@@ -2180,12 +2180,12 @@ def shared_usage(entry: dict, fields: list[bytes], held: list[int] | tuple = (0,
     for raw_field, raw_value in zip(fields[::2], fields[1::2]):
         model, per_model, field = raw_field.decode("utf-8", "replace").rpartition("\t")
         if field in _SHARED_USAGE and raw_value.isdigit() and len(raw_value) <= 19 \
-                and int(raw_value) < 1 << 63:  # (HINCRBY writes nothing else: nothing past
-            # a signed 64-bit count)
+                and (count := int(raw_value)) < 1 << 63:  # (HINCRBY writes nothing else:
+            # nothing past a signed 64-bit count)
             if per_model:  # (a model's name may be empty)
-                models.setdefault(model, dict.fromkeys(_SHARED_USAGE, 0))[field] = int(raw_value)
+                models.setdefault(model, dict.fromkeys(_SHARED_USAGE, 0))[field] = count
             else:
-                entry[field] = int(raw_value)
+                entry[field] = count
     priced = "cost_usd" in entry
     for counts in models.values():
         cost = counts.pop("cost_pico")
@@ -2714,7 +2714,8 @@ class SharedState:
         pack = self.conn.pack  # type: ignore[union-attr]
         admission = self.admissions.get(bucket)
         if pace is not None or admission is None or admission[0] != args:
-            keys = (*self.buckets(rq, limits), self.key("usage", name))
+            keys = (self.bucket_key("rpm", rq, limits), self.bucket_key("tpm", rq, limits),
+                    self.key("usage", name))
             if pace is None:  # packed again only when args change
                 admission = (args, pack(("EVALSHA", self.scripts[_ADMIT_LUA], 3, *keys,
                                          *args[1:])))
@@ -2774,7 +2775,7 @@ class SharedState:
             # the level the headers show and in when to come back.
             # Tokens given back go out within a flush (SHARED_FLUSH_S at most): until then
             # the shared bucket refuses what they would let through.
-            tpm = self.buckets(rq, limits)[1]
+            tpm = self.bucket_key("tpm", rq, limits)
             owed = sum(delta for (key, *_), delta in self.settles.items() if key == tpm)
             level = _number(reply[3]) if len(reply) == 4 and reply[3].__class__ is bytes \
                 else None
@@ -2930,21 +2931,19 @@ class SharedState:
             return rq.client.name
         return "anonymous" if rq.limits is None else f"ip:{rq.peer}"
 
-    def buckets(self, rq: Request, limits: ClientLimits | None) -> tuple[str, str]:
-        """The names of a request's shared rpm and tpm buckets: whose, with what limits."""
-        bucket = self.bucket(rq)
-        tag = limits.tag if limits is not None else ""
-        return self.key("rpm", bucket, tag), self.key("tpm", bucket, tag)
+    def bucket_key(self, kind: str, rq: Request, limits: ClientLimits | None) -> str:
+        """The name of a request's shared rpm or tpm bucket: whose, with what limits."""
+        return self.key(kind, self.bucket(rq), limits.tag if limits is not None else "")
 
     def settle_tokens(self, rq: Request, limits: ClientLimits, delta: float) -> None:
         if limits.tokens is not None:
-            self.settle(self.buckets(rq, limits)[1], limits.tokens, delta, owes=True)
+            self.settle(self.bucket_key("tpm", rq, limits), limits.tokens, delta, owes=True)
 
     def spend_request(self, rq: Request) -> None:
         """A request answered before its admission was sent (its body refused, say) still
         spends one request of its client's bucket, as it does in memory: batched."""
         if rq.limits is not None and rq.limits.requests is not None:
-            self.settle(self.buckets(rq, rq.limits)[0], rq.limits.requests, 1)
+            self.settle(self.bucket_key("rpm", rq, rq.limits), rq.limits.requests, 1)
 
     def unused(self, rq: Request) -> None:
         """An admission sent with a token estimate, for a request answered before it was
@@ -3082,8 +3081,8 @@ class SharedState:
     def remember_id(self, object_id: str, upstream: str, key: str,
                     first: bool = False) -> asyncio.Future | None:
         """first: only if no process has it (an object seen named, not made)."""
-        return self.write_now("SET", self.key("id", object_id), f"{upstream}\t{key}", "EX", SHARED_ID_TTL_S,
-                   *(("NX",) if first else ()))
+        return self.write_now("SET", self.key("id", object_id), f"{upstream}\t{key}", "EX",
+                              SHARED_ID_TTL_S, *(("NX",) if first else ()))
 
     def look_up(self, ids: list[str], response_id: str | None = None
                 ) -> Coroutine[Any, Any, Found] | None:
