@@ -929,7 +929,8 @@ class KeyPool:
         if not interval:
             return
         start = end - interval
-        if key.next_slot != end:  # not the last: for when the ones after it go
+        if round(key.next_slot, 6) != round(end, 6):  # not the last (to the microsecond: one
+            # given back before set next_slot by a subtraction): for when the ones after it go
             if len(given) >= MAX_QUEUED_GIVEN_BACK:  # (those in the past are over)
                 now = self.clock()
                 for over in [e for e in given if e <= now]:

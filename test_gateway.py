@@ -1131,6 +1131,8 @@ def test_an_early_pacing_choice_let_go_never_puts_two_requests_in_one_interval(o
 @given(st.lists(st.one_of(st.tuples(st.just("pick"), st.just(0)), st.tuples(st.just("leave"), st.integers(0, 50)),
                           st.tuples(st.just("wait"), st.integers(0, 30))), max_size=40))
 @example([("pick", 0)] * 4 + [("leave", 0)] * 4)  # (they leave in the order they came)
+@example([("wait", 19)] + [("pick", 0)] * 3 + [("leave", 0), ("leave", 1), ("leave", 0)])  # (1.9 + 1
+# + 1 - 1 is not 1.9 + 1 as floats)
 def test_paced_requests_whose_clients_leave_give_their_slots_back_and_never_crowd_the_rest(ops: list) -> None:
     # Each pick takes a slot one interval after the last (waiting for it); a client that leaves
     # while it waits gives its slot back (KeyPool.give_back). The requests that go (their time
