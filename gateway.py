@@ -248,9 +248,11 @@ class GatewayError(Exception):
         self.param = param
         self.headers = list(headers)
 
+    def fields(self) -> dict:
+        return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+
     def body(self) -> bytes:
-        err = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        return orjson.dumps({"error": err})
+        return orjson.dumps({"error": self.fields()})
 
     def response_headers(self, request_id: bytes) -> list[tuple[bytes, bytes]]:
         retry = b"true" if self.should_retry else b"false"
@@ -6082,7 +6084,7 @@ class SseFilter:
 
     __slots__ = ("_held", "held_size", "_edge", "passthrough", "_long_tail", "_cr", "inspect",
                  "drop_usage", "convert", "converted_end", "completed", "usage", "failed",
-                 "keys")
+                 "keys", "split")
 
     def __init__(self, inspect: bool = False, drop_usage: bool = False,
                  convert: Any = None, keys: KeyPool | None = None) -> None:
@@ -6100,6 +6102,7 @@ class SseFilter:
         self.usage: dict | None = None
         self.failed: GatewayError | None = None  # a chunk that could not be converted
         self.keys = keys  # converting: masked in an upstream error the gateway quotes
+        self.split: dict | None = None  # converting: high surrogates that ended a delta's text
 
     def __repr__(self) -> str:
         return (f"SseFilter(held={self.held_size}, inspect={self.inspect}, "
@@ -6137,6 +6140,32 @@ class SseFilter:
         self.converted_end = True
         end = self._convert(None)
         return end + b"\n\n" if end else b""
+
+    def _mend(self, chunk: dict) -> dict:
+        """A chunk with lone surrogates (JSON's escapes for UTF-16 halves, which a
+        JavaScript upstream writes when it cuts an emoji between two chunks) made writable:
+        a high one that ends a delta's text waits for the low one that starts that text's
+        next delta, and they join; any other is U+FFFD (see mended)."""
+        split = self.split or {}
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                continue
+            at = choice.get("index")
+            texts = [(delta, "content", (at, "content")), (delta, "refusal", (at, "refusal"))]
+            texts += [(call["function"], "arguments", (at, call.get("index")))
+                      for call in delta.get("tool_calls") or ()
+                      if isinstance(call.get("function"), dict)]
+            for holder, field, key in texts:
+                text = holder.get(field)
+                if text.__class__ is not str:
+                    continue
+                text = split.pop(key, "") + text
+                if text and "\ud800" <= text[-1] <= "\udbff":
+                    split[key], text = text[-1], text[:-1]
+                holder[field] = text
+        self.split = split or None
+        return mended(chunk)
 
     def take_held(self) -> bytes:
         """What is held back, now given up (the stream ended as the upstream ended it)."""
@@ -6251,8 +6280,10 @@ class SseFilter:
             return self._convert(None) or None
         try:
             obj = orjson.loads(payload)
+            mend = self.split is not None
         except orjson.JSONDecodeError:
             obj = lenient_json(payload)
+            mend = True
         if not isinstance(obj, dict):
             if self.convert is not None:  # relayed as it is, it would be garbage to the client
                 raise UpstreamError("upstream answered garbage: not a chat completion stream")
@@ -6269,15 +6300,16 @@ class SseFilter:
                 and obj.get("error") is None:
             return None  # the usage-only chunk the client did not ask for (not an error)
         if self.convert is not None:
-            return self._convert(obj)
+            return self._convert(obj, mend)
         return event
 
-    def _convert(self, chunk: dict | None) -> bytes | None:
+    def _convert(self, chunk: dict | None, mend: bool = False) -> bytes | None:
         """A chat chunk converted, or (None) the converted stream's end. A chunk the
-        converter cannot read is the upstream's garbage: the exchange ends in a 502's error."""
+        converter cannot read is the upstream's garbage: the exchange ends in a 502's error.
+        mend: read leniently (or after one that was), it may hold lone surrogates."""
         try:
             if chunk is not None:
-                return self.convert.event(chunk)
+                return self.convert.event(self._mend(chunk) if mend else chunk)
             end = self.convert.end()
             self.completed = True
             return end
@@ -6658,15 +6690,18 @@ class ResponseWriter(BodySink):
                 pass
         self.rq.error = exc.message
         flt = self.filter
-        if flt is not None and flt.completed:
-            self.on_end()  # a converted stream already said it is complete: it stays so
+        if flt is not None and (flt.completed or flt.failed is None and flt.convert is not None
+                                and flt.convert.finish is not None):
+            flt.take_held()  # a converted stream already said it is complete, or its reply
+            self.on_end()  # was finished when the upstream went (as at a close): it is so
             return
         if flt is not None:  # an SSE client can be told in-band, then the stream ends
             # An incomplete event is dropped, as an SSE client would at EOF; our own event is
             # not for the usage filter or the converter.
-            self.filter.take_held()
-            self.filter.converted_end = True  # the error is the stream's end
-            self._write(b"data: " + exc.body() + b"\n\n")
+            flt.take_held()
+            flt.converted_end = True  # the error is the stream's end
+            self._write((b"data: " + exc.body() if flt.convert is None
+                         else flt.convert.error_event(exc)) + b"\n\n")
             self.on_end()
             return
         self.finished = True
@@ -6999,6 +7034,18 @@ def lenient_json(data: bytes) -> Any:
         return json.loads(data.decode("utf-8", "replace"))
     except (ValueError, RecursionError):
         return None
+
+
+def mended(value: Any) -> Any:
+    """What lenient_json read, with every string writable: its surrogate pairs joined, any
+    lone surrogate (half an emoji) as U+FFFD, which orjson writes and a client reads."""
+    if value.__class__ is str:
+        return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    if value.__class__ is dict:
+        return {mended(k): mended(v) for k, v in value.items()}
+    if value.__class__ is list:
+        return [mended(v) for v in value]
+    return value
 
 
 def top_usage(body: bytes) -> dict | None:
@@ -7343,9 +7390,10 @@ def chat_from_responses(obj: dict, history: list[dict]) -> dict:
         chat["tools"] = _chat_tools(obj["tools"])
     if obj.get("tool_choice") is not None:
         chat["tool_choice"] = _chat_tool_choice(obj["tool_choice"])
+    if obj.get("tools") and obj.get("parallel_tool_calls") is not None:  # (chat upstreams
+        chat["parallel_tool_calls"] = obj["parallel_tool_calls"]  # refuse it with no tools)
     for field, chat_field in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"),
-                              ("top_p", "top_p"), ("parallel_tool_calls", "parallel_tool_calls"),
-                              ("user", "user"), ("service_tier", "service_tier"),
+                              ("top_p", "top_p"), ("user", "user"), ("service_tier", "service_tier"),
                               ("safety_identifier", "safety_identifier"),
                               ("prompt_cache_key", "prompt_cache_key"),
                               ("prompt_cache_retention", "prompt_cache_retention")):
@@ -7353,7 +7401,9 @@ def chat_from_responses(obj: dict, history: list[dict]) -> dict:
             chat[chat_field] = obj[field]
     chat.update(_chat_format(obj.get("text")))
     reasoning = obj.get("reasoning")
-    if isinstance(reasoning, dict):
+    if reasoning is not None and not isinstance(reasoning, dict):
+        raise BadRequest("'reasoning' must be an object.", code="invalid_type", param="reasoning")
+    if reasoning:
         if reasoning.get("summary") is not None:
             raise _unsupported("reasoning", "Reasoning summaries cannot be made over chat.")
         if reasoning.get("effort") is not None:
@@ -7397,16 +7447,18 @@ def _add_item(messages: list[dict], item: dict) -> None:
             content = [p for p in content if p.get("type") != "refusal"]
             messages.append({"role": role, "content": _plain_text(content) or None,
                              "refusal": "".join(refused)})
+        elif role == "assistant" and messages and messages[-1]["role"] == "assistant" \
+                and messages[-1]["content"] is None:  # text after the turn's calls: its
+            messages[-1]["content"] = _plain_text(content)  # message (as it is kept)
         else:
             messages.append({"role": role, "content": _chat_content(content, role)})
     elif kind == "function_call":
         call = {"id": item["call_id"], "type": "function",
                 "function": {"name": item["name"], "arguments": item.get("arguments") or ""}}
         last = messages[-1] if messages else None
-        if last is not None and last["role"] == "assistant" and last.get("tool_calls") \
-                and last.get("content") is None:
-            last["tool_calls"].append(call)  # parallel calls: one assistant message
-        else:
+        if last is not None and last["role"] == "assistant":  # one turn's text and calls (as
+            last.setdefault("tool_calls", []).append(call)  # a response's output gives
+        else:  # them back): one assistant message, as chat servers that alternate need
             messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
     elif kind == "function_call_output":
         output = item["output"]
@@ -7583,11 +7635,18 @@ def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: st
             "arguments": arguments, "status": status}
 
 
+_INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}  # finish_reason
+
+
+def item_status(finish: str | None) -> str:
+    """An output item's status once the reply is over: a reply cut short cut its items."""
+    return "incomplete" if finish in _INCOMPLETE else "completed"
+
+
 def response_object(request: dict, response_id: str, created: int, model: Any, status: str,
                     output: list[dict], usage: dict | None, finish: str | None = None) -> dict:
     """A `response` object as the Responses API returns it, for a request made over chat."""
-    incomplete = {"length": "max_output_tokens", "content_filter": "content_filter"}.get(
-        finish or "")
+    incomplete = _INCOMPLETE.get(finish or "")
     if incomplete and status == "completed":
         status = "incomplete"
     return {
@@ -7624,9 +7683,10 @@ def response_from_chat(reply: dict, request: dict, response_id: str) -> tuple[di
     text = reply_text(message.get("content"))
     refusal = _as_text(message.get("refusal"))
     calls = message.get("tool_calls") or []
+    status = item_status(choice.get("finish_reason"))
     output = []
     if text or refusal or not calls:
-        item = _message_item(new_object_id("msg"), text, "completed")
+        item = _message_item(new_object_id("msg"), text, status)
         if refusal:  # what the model would not do, as the Responses API says it
             item["content"] = [*(item["content"] if text else ()),
                                _content_part("refusal", refusal)]
@@ -7636,7 +7696,7 @@ def response_from_chat(reply: dict, request: dict, response_id: str) -> tuple[di
         output.append(_call_item(new_object_id("fc"),
                                  _as_text(call.get("id")) or new_object_id("call"),
                                  _as_text(function.get("name")),
-                                 _as_text(function.get("arguments")), "completed"))
+                                 _as_text(function.get("arguments")), status))
     response = response_object(request, response_id, int(reply.get("created") or time.time()),
                                reply.get("model"), "completed", output,
                                responses_usage(reply.get("usage")), choice.get("finish_reason"))
@@ -7774,6 +7834,10 @@ class ResponsesFromChat:
             self.output.append(item)
             out.append(self._event("response.output_item.added",
                                    output_index=self.call_at[index], item=dict(item)))
+        elif function.get("name"):  # a name in pieces, as deltas are; or sent again whole
+            name = _as_text(function["name"])
+            self._hold(len(name))
+            item["name"] = name if name.startswith(item["name"]) else item["name"] + name
         arguments = _as_text(function.get("arguments"))
         self._hold(len(arguments) + 64)
         if arguments:
@@ -7789,6 +7853,7 @@ class ResponsesFromChat:
         self.ended = True
         out = [] if self.started else [
             self._event("response.created", response=self._snapshot("in_progress"))]
+        status = item_status(self.finish)
         if self.message is not None:
             index, parts = self.message_at, []
             for at, (kind, pieces) in enumerate(self.parts):
@@ -7801,12 +7866,12 @@ class ResponsesFromChat:
                                     output_index=index, content_index=at, **fields),
                         self._event("response.content_part.done", item_id=self.message["id"],
                                     output_index=index, content_index=at, part=part)]
-            self.message.update(status="completed", content=parts)
+            self.message.update(status=status, content=parts)
             out.append(self._event("response.output_item.done", output_index=index,
                                    item=self.message))
         for call, item in self.calls.items():
             index = self.call_at[call]
-            item["status"] = "completed"
+            item["status"] = status
             out += [self._event("response.function_call_arguments.done", item_id=item["id"],
                                 output_index=index, arguments=item["arguments"]),
                     self._event("response.output_item.done", output_index=index, item=item)]
@@ -7818,6 +7883,12 @@ class ResponsesFromChat:
         out.append(self._event(kind, response=response))
         self.response = response  # (only now: a stream that failed to end is not kept)
         return b"\n\n".join(out)
+
+    def error_event(self, exc: GatewayError) -> bytes:
+        """The stream's end when it failed: the Responses API's error event, which also
+        carries the `error` object of a chat stream's (an SDK raises on either)."""
+        return self._event("error", code=exc.code, message=exc.message, param=exc.param,
+                           error=exc.fields())
 
     def assistant_message(self) -> dict:
         """The reply as a chat message, for the conversation previous_response_id continues."""
@@ -7852,6 +7923,9 @@ class CompletionsFromChat:
 
     def end(self) -> bytes:
         return b"data: [DONE]"
+
+    def error_event(self, exc: GatewayError) -> bytes:
+        return b"data: " + exc.body()
 
 
 ################################################################################
@@ -8226,8 +8300,8 @@ class ProxyHandler:
         ok = 200 <= conn.status < 300
         convert = ok and plan.converts(plan.upstream)  # type: ignore[arg-type]
         if convert and (not plan.stream or conn.content_type()[:17].lower()  # a stream asked
-                != b"text/event-stream"):  # for, and none given: a whole answer, an error,
-            # or garbage, read whole
+                != b"text/event-stream"  # for, and none given: a whole answer, an error, or
+                or content_encoding(conn.plain) is not None):  # garbage, read whole
             await self.converted_reply(plan, conn)
             return
         # Usage is counted from what a model made for this request: not from an object read
@@ -8286,11 +8360,19 @@ class ProxyHandler:
         said to be something else), as the completion or response asked for."""
         rq = plan.rq
         raw = await conn.read_body(MAX_READ_BODY)
+        encoding = content_encoding(conn.plain)  # (not asked for: identity is)
+        if encoding is not None:
+            raise UpstreamError("upstream answered in the "
+                                f"{encoding.decode('latin-1')!r} encoding, which the gateway "
+                                "cannot convert")
         if plan.stream and b"data:" in raw and raw.lstrip()[:1] != b"{" and sse_lines(raw):
             self.converted_events(plan, raw)  # a stream, whatever its content type said
             return
         try:
-            reply = orjson.loads(raw)
+            try:
+                reply = orjson.loads(raw)
+            except orjson.JSONDecodeError:  # (lone surrogates; or garbage, then None)
+                reply = mended(lenient_json(raw))
             if reply.get("error") is not None:  # a 200 that says it failed
                 raise UpstreamError("upstream error: "
                                     + short_message(reply["error"], plan.pool()))

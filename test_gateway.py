@@ -47,7 +47,7 @@ import pytest
 import uvloop
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
-from openai.types.responses import ResponseStreamEvent
+from openai.types.responses import ResponseErrorEvent, ResponseStreamEvent
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import TypeAdapter
 
@@ -4039,10 +4039,11 @@ def test_an_upstream_cost_too_large_to_be_a_price_is_not_believed() -> None:
     assert gw.usd(prices.cost("m", {**usage, "cost": 1e300})) == 0.00006  # (1e300 would not fit)
 
 
-async def convert_stream(convert: Any, first: bytes, later: bytes, end: bool = True,
+async def convert_stream(convert: Any, first: bytes, later: bytes, end: bool | str = True,
                          seen: dict | None = None) -> bytes:
     """A chat stream from a chat_only upstream, converted: `first` arrives with the head
-    (before the relay starts), `later` after it; what the client was sent."""
+    (before the relay starts), `later` after it, then its end (or "reset": the connection
+    is); what the client was sent."""
     rq, client_t = client_request(b"/v1/responses")
     conn, _, upstream_t, got = await exchanging(b"req")
     chunk = b"%x\r\n%s\r\n"
@@ -4054,7 +4055,9 @@ async def convert_stream(convert: Any, first: bytes, later: bytes, end: bool = T
     relaying = conn.relay(rq.writer)
     if later:
         conn.data_received(chunk % (len(later), later))
-    if end:
+    if end == "reset":
+        conn.connection_lost(ConnectionResetError())
+    elif end:
         conn.data_received(b"0\r\n\r\n")
     await asyncio.wait_for(relaying, 5)
     assert rq.writer.finished
@@ -4064,6 +4067,20 @@ async def convert_stream(convert: Any, first: bytes, later: bytes, end: bool = T
 
 
 GOOD_CHUNK = b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":"hi"}}]}\n\n'
+
+
+def stream_error(event: bytes) -> dict:
+    """The error that ends a stream, from its last event: a chat stream's `data: {"error":
+    ...}`, or the Responses API's error event (which carries that object too)."""
+    if event.startswith(b"data: "):
+        return orjson.loads(event[6:])["error"]
+    name, _, data = event.partition(b"\ndata: ")
+    obj = orjson.loads(data)
+    assert name == b"event: error"
+    ResponseErrorEvent.model_validate(obj)  # (the SDK's own type)
+    assert (obj["code"], obj["message"], obj["param"]) == (obj["error"]["code"], obj["error"]["message"],
+                                                           obj["error"]["param"])
+    return obj["error"]
 
 
 @pytest.mark.parametrize("bad", [b'{"choices":[null]}', b'{"choices":[{"delta":"oops"}]}',
@@ -4079,11 +4096,11 @@ def test_a_chat_stream_that_cannot_be_converted_ends_in_an_error_event(bad: byte
     assert status == 200 and complete  # what came before the bad chunk, then the error
     assert events[0].startswith(b"event: response.created")
     assert b'"delta":"hi"' in next(e for e in events if e.startswith(b"event: response.output_text.delta"))
-    assert orjson.loads(events[-1][6:])["error"]["type"] == "upstream_error"
+    assert stream_error(events[-1])["type"] == "upstream_error"
     completions = asyncio.run(convert_stream(gw.CompletionsFromChat(), GOOD_CHUNK, b"data: {\"choices\":[null]}\n\n"))
     events = [e for e in client_body(completions)[2].split(b"\n\n") if e]
     assert orjson.loads(events[0][6:])["choices"][0]["text"] == "hi"
-    assert orjson.loads(events[-1][6:])["error"]["type"] == "upstream_error"
+    assert stream_error(events[-1])["type"] == "upstream_error"
 
 
 @pytest.mark.parametrize("after", [b'data: {"choices":[null]}\n\n', GOOD_CHUNK])
@@ -4113,7 +4130,7 @@ def test_a_converted_stream_ended_without_done_is_complete_only_if_its_reply_fin
         assert responses.response is not None and responses.response["status"] == "completed"
     else:  # cut short: neither says it is complete, and the response is not kept
         for last in (events[-1], completions[-1]):
-            assert orjson.loads(last[6:])["error"]["message"] == "upstream stream ended before the reply was finished"
+            assert stream_error(last)["message"] == "upstream stream ended before the reply was finished"
         assert not any(e.startswith(b"event: response.completed") for e in events) and b"[DONE]" not in completions
         assert responses.response is None
 
@@ -4177,7 +4194,7 @@ def test_a_converted_stream_never_passes_an_unfinished_event_through() -> None:
     assert status == 200 and complete and b"chat.completion" not in body and b'"choices"' not in body
     events = [e for e in body.split(b"\n\n") if e]
     assert b" there" not in body and b'"delta":"hi"' in body
-    assert orjson.loads(events[-1][6:])["error"]["type"] == "upstream_error"  # cut short: not complete
+    assert stream_error(events[-1])["type"] == "upstream_error"  # cut short: not complete
     assert converter.response is None
 
 
@@ -4201,9 +4218,120 @@ def test_a_converted_stream_that_fails_is_never_kept_as_completed(trouble: str, 
     out = asyncio.run(convert_stream(converter, GOOD_CHUNK, later))
     events = [e for e in client_body(out)[2].split(b"\n\n") if e]
     assert events[0].startswith(b"event: response.created")
-    error = orjson.loads(events[-1][6:])["error"]
+    error = stream_error(events[-1])
     assert error["type"] == "upstream_error" and ("boom" in error["message"]) == (trouble == "an error event")
     assert converter.response is None  # so it is neither stored nor answered for later
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_converted_stream_whose_upstream_dies_after_the_reply_finished_is_complete(finished: bool) -> None:
+    # (as when it closes cleanly then: the usage chunk or [DONE] that was still to come
+    # changes nothing the client was sent)
+    responses = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1")
+    rest = FINAL_CHUNK if finished else b""
+    events = [e for e in client_body(asyncio.run(convert_stream(responses, GOOD_CHUNK, rest, end="reset")))[2]
+              .split(b"\n\n") if e]
+    completions = [e for e in client_body(asyncio.run(convert_stream(gw.CompletionsFromChat(), GOOD_CHUNK, rest,
+                                                                     end="reset")))[2].split(b"\n\n") if e]
+    if finished:
+        assert events[-1].startswith(b"event: response.completed") and completions[-1] == b"data: [DONE]"
+        assert responses.response is not None and responses.response["output"][0]["content"][0]["text"] == "hi"
+    else:
+        assert stream_error(events[-1])["type"] == stream_error(completions[-1])["type"] == "upstream_error"
+        assert responses.response is None
+
+
+def test_an_emoji_a_chat_upstream_splits_between_two_chunks_is_converted_whole() -> None:
+    # (JavaScript's JSON.stringify writes each half of a cut surrogate pair as an escape)
+    def chunk(field: str, text: bytes) -> bytes:
+        delta = b'{"%s":"%s"}' % (field.encode(), text) if field != "arguments" else \
+            b'{"tool_calls":[{"index":0,"id":"c1","function":{"name":"f","arguments":"%s"}}]}' % text
+        return b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":%s}]}\n\n' % delta
+    for field in ("content", "refusal", "arguments"):
+        later = chunk(field, b"Hi \\ud83d") + chunk(field, b"\\ude00 there \\udc00!") + FINAL_CHUNK + b"data: [DONE]\n\n"
+        responses = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1")
+        events = [e for e in client_body(asyncio.run(convert_stream(responses, GOOD_CHUNK, later)))[2]
+                  .split(b"\n\n") if e]
+        assert events[-1].startswith(b"event: response.completed"), events[-1]
+        for event in events:
+            STREAM_EVENT.validate_python(orjson.loads(event.partition(b"\ndata: ")[2]))
+        assert "Hi \U0001f600 there \ufffd!" in orjson.dumps(responses.response).decode()
+    out = asyncio.run(convert_stream(gw.CompletionsFromChat(), chunk("content", b"Hi \\ud83d"),
+                                     chunk("content", b"\\ude00 there") + b"data: [DONE]\n\n"))
+    texts = [orjson.loads(e[6:])["choices"][0]["text"] for e in client_body(out)[2].split(b"\n\n")
+             if e and e != b"data: [DONE]"]
+    assert "".join(texts) == "Hi \U0001f600 there"
+
+
+def test_a_whole_chat_answer_with_a_lone_surrogate_is_converted_with_a_replacement_character(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    body = (b'{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,'
+            b'"message":{"role":"assistant","content":"half \\ud83d and a pair \\ud83d\\ude00"},'
+            b'"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}')
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await request_in(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        await writer.drain()
+
+    port = raw_upstream(handler)
+    g = start_gateway({"upstreams": [{"name": "chat", "url": f"http://127.0.0.1:{port}/v1", "chat_only": True}]})
+    response = g.client().responses.create(model="m", input="hi")
+    assert response.output_text == "half \ufffd and a pair \U0001f600"
+
+
+def test_a_tool_calls_name_streamed_in_pieces_is_whole_in_the_response() -> None:
+    converter = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1")
+    for call in ({"index": 0, "id": "call_a", "type": "function", "function": {"name": "", "arguments": ""}},
+                 {"index": 0, "function": {"name": "get_"}}, {"index": 0, "function": {"name": "w", "arguments": "{}"}},
+                 {"index": 1, "id": "call_b", "function": {"name": "look", "arguments": "{"}},
+                 {"index": 1, "function": {"name": "look", "arguments": "}"}}):  # (sent again whole)
+        converter.event({"choices": [{"index": 0, "delta": {"tool_calls": [call]}}]})
+    converter.event({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+    converter.end()
+    assert [(i["name"], i["arguments"]) for i in converter.response["output"]] == [("get_w", "{}"), ("look", "{}")]
+    assert [c["function"]["name"] for c in converter.assistant_message()["tool_calls"]] == ["get_w", "look"]
+
+
+@pytest.mark.parametrize("finish", ["length", "content_filter", "stop"])
+def test_the_items_of_a_reply_cut_short_are_incomplete_streamed_or_not(finish: str) -> None:
+    status = "completed" if finish == "stop" else "incomplete"
+    reply = {"id": "c", "model": "m", "created": 1, "choices": [{"index": 0, "finish_reason": finish, "message": {
+        "role": "assistant", "content": "cut", "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": "{"}}]}}]}
+    response, _ = gw.response_from_chat(reply, {"model": "m", "input": "hi"}, "resp_1")
+    assert response["status"] == status and [i["status"] for i in response["output"]] == [status, status]
+    converter = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1")
+    converter.event({"choices": [{"index": 0, "delta": {"content": "cut", "tool_calls": [
+        {"index": 0, "id": "c1", "function": {"name": "f", "arguments": "{"}}]}}]})
+    converter.event({"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+    done = [orjson.loads(e.partition(b"\ndata: ")[2]) for e in converter.end().split(b"\n\n")]
+    assert [e["item"]["status"] for e in done if e["type"] == "response.output_item.done"] == [status, status]
+    assert [i["status"] for i in converter.response["output"]] == [status, status]
+
+
+def test_an_encoded_answer_a_chat_upstream_streams_is_a_502_not_a_stream_under_its_coding(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    body = gzip.compress(GOOD_CHUNK + FINAL_CHUNK + b"data: [DONE]\n\n")
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await request_in(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-encoding: gzip\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+    port = raw_upstream(handler)
+    g = start_gateway({"upstreams": [{"name": "chat", "url": f"http://127.0.0.1:{port}/v1", "chat_only": True}],
+                       "retry": {"attempts": 1}})
+    for path, obj in (("/v1/responses", b'{"model":"m","input":"hi","stream":true}'),
+                      ("/v1/completions", b'{"model":"m","prompt":"hi","stream":true}')):
+        (resp,) = raw(g.port, post(path, obj))
+        assert resp.status == 502 and "content-encoding" not in resp.headers
+        assert "'gzip' encoding" in orjson.loads(resp.body)["error"]["message"]
 
 
 def test_streamed_tool_calls_without_an_index_are_told_apart_by_their_ids() -> None:
@@ -4381,7 +4509,7 @@ def test_a_converted_stream_that_is_not_one_is_never_a_completed_response(
         events = [e for e in resp.body.split(b"\n\n") if e]
         assert resp.status == 200 and b"chat.completion" not in resp.body
         if model == "sseerr":  # the error event ends it: nothing completed, nothing kept
-            assert orjson.loads(events[-1][6:])["error"]["type"] == "upstream_error"
+            assert stream_error(events[-1])["type"] == "upstream_error"
             assert not any(e.startswith(b"event: response.") for e in events)
         else:
             created = orjson.loads(events[0].split(b"data: ", 1)[1])["response"]["id"]  # the first content type, as everywhere: converted, and the only one sent on
@@ -5819,7 +5947,7 @@ def test_upstream_death_mid_sse_ends_with_error_event_and_clean_termination() ->
     status, _, body, complete = client_body(out)
     assert status == 200 and complete
     last = body.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
-    assert last.startswith(b"data: ") and orjson.loads(last[6:])["error"]["type"] == "upstream_error"
+    assert last.startswith(b"data: ") and stream_error(last)["type"] == "upstream_error"
 
 
 def test_sse_filter_holds_back_only_an_incomplete_event_and_drops_the_unasked_usage_chunk() -> None:
@@ -6073,7 +6201,7 @@ def test_chat_only_stream_cut_by_the_upstream_still_ends_with_an_error_event(
                                "x-mock-die-after: 2\r\nx-mock-delay-ms: 1\r\n"))
     events = [e for e in resp.body.split(b"\n\n") if e]
     assert resp.status == 200 and [json.loads(e[6:])["choices"][0]["text"] for e in events[:2]] == ["tok0 ", "tok1 "]
-    assert json.loads(events[-1][6:])["error"]["type"] == "upstream_error"
+    assert stream_error(events[-1])["type"] == "upstream_error"
 
 
 @pytest.mark.parametrize("cut", [0, 1, 2, 3])
@@ -6262,6 +6390,25 @@ def test_a_responses_request_becomes_the_chat_request_that_answers_it() -> None:
     assert gw.chat_from_responses(request | {"prompt_cache_retention": "24h"}, [])["prompt_cache_retention"] == "24h"
 
 
+def test_one_assistant_turn_given_back_as_items_is_one_chat_message_as_its_kept_history_is() -> None:
+    # (chat servers that need roles to alternate refuse two assistant messages in a row)
+    call = {"type": "function_call", "call_id": "call_a", "name": "f", "arguments": "{}"}
+    said = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "pre"}]}
+    output = {"type": "function_call_output", "call_id": "call_a", "output": "ok"}
+    kept = {"role": "assistant", "content": "pre", "tool_calls": [
+        {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    for turn in ([said, call], [call, said]):
+        messages = gw.chat_from_responses({"model": "m", "input": [{"role": "user", "content": "q"}, *turn, output]},
+                                          [])["messages"]
+        assert messages == [{"role": "user", "content": "q"}, kept, {"role": "tool", "tool_call_id": "call_a",
+                                                                      "content": "ok"}]
+    # parallel_tool_calls means nothing without tools, and chat servers refuse it so
+    tools = [{"type": "function", "name": "f"}]
+    assert "parallel_tool_calls" not in gw.chat_from_responses({"model": "m", "input": "q", "parallel_tool_calls": False}, [])
+    assert gw.chat_from_responses({"model": "m", "input": "q", "parallel_tool_calls": False, "tools": tools},
+                                  [])["parallel_tool_calls"] is False
+
+
 @pytest.mark.parametrize("extra, param", [
     ({"tools": [{"type": "web_search"}]}, "tools"),
     ({"background": True}, "background"),
@@ -6269,6 +6416,7 @@ def test_a_responses_request_becomes_the_chat_request_that_answers_it() -> None:
     ({"prompt": {"id": "pmpt_1"}}, "prompt"),
     ({"conversation": "conv_1"}, "conversation"),
     ({"reasoning": {"effort": "low", "summary": "auto"}}, "reasoning"),
+    ({"reasoning": "high"}, "reasoning"),
     ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]}, "input"),
     ({"tool_choice": {"type": "web_search"}}, "tool_choice"),
