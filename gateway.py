@@ -6961,6 +6961,14 @@ def model_entry(model: str, owner: str) -> dict:
     return {"id": model, "object": "model", "created": START_TIME, "owned_by": owner}
 
 
+def listed_model(entry: dict, owner: str) -> dict:
+    """An upstream's model entry, in the shape an SDK reads (its other fields kept)."""
+    created, owned_by = entry.get("created"), entry.get("owned_by")
+    return {**entry, "object": "model",
+            "created": created if created.__class__ is int and created >= 0 else START_TIME,
+            "owned_by": owned_by if owned_by.__class__ is str else owner}
+
+
 _GENERATES = frozenset(("chat", "completions", "responses"))  # text a client could cut short
 _INLINED = re.compile(rb"[A-Za-z0-9+/=\\]{1024,}")  # base64 (slashes JSON-escaped or not)
 _UPPER, _LOWER = re.compile(rb"[A-Z]"), re.compile(rb"[a-z]")
@@ -8722,8 +8730,12 @@ class ModelCatalog:
         body = await conn.read_body(MAX_READ_BODY)
         if conn.status != 200:
             raise ValueError(f"status {conn.status}")
-        data = orjson.loads(body)["data"]
-        return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)
+        listed = orjson.loads(body)
+        data = listed.get("data") if isinstance(listed, dict) else None
+        if not isinstance(data, list):  # (an empty list would say it has no models)
+            raise ValueError("not a model list: no 'data' array")
+        return [listed_model(m, u.name) for m in data if isinstance(m, dict)
+                and isinstance(m.get("id"), str)
                 and len(m["id"]) <= MAX_MODEL_NAME]  # (no request can name a longer one)
 
 

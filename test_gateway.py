@@ -7067,6 +7067,33 @@ def test_models_list_is_502_when_the_only_source_is_unreachable(start_gateway: S
         start_gateway({"upstreams": [{"name": "fixed", "url": dead, "models": ["local-a"]}]}).client().models.retrieve("x")
 
 
+@pytest.mark.parametrize("listed", [b'{"data":"abc"}', b'{"data":{"id":"m"}}', b'{"object":"list"}', b'[1]',
+                                    b'{"data":[{"id":"m","created":"x","owned_by":{"a":1}},{"id":"n"},"odd"]}'])
+def test_an_upstreams_model_list_that_is_not_one_is_a_502_and_its_entries_are_what_the_sdk_reads(
+        raw_upstream: RawUpstream, start_gateway: StartGateway, listed: bytes) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await request_in(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                             % (len(listed), listed))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+    g = start_gateway({"upstreams": [{"name": "odd", "url": f"http://127.0.0.1:{raw_upstream(handler)}/v1"}]})
+    if b'"id":"m"' not in listed or b"data\":{" in listed:  # not a list: never "no models at all"
+        for call in (lambda: g.client().models.list(), lambda: g.client().models.retrieve("m")):
+            with pytest.raises(openai.APIStatusError) as info:
+                call()
+            assert info.value.status_code == 502 and "not a model list" in info.value.message
+        return
+    models = list(g.client().models.list())  # (the SDK's Model: created an int, owned_by a string)
+    assert [(m.id, m.object, isinstance(m.created, int), m.owned_by) for m in models] == \
+        [("m", "model", True, "odd"), ("n", "model", True, "odd")]
+    assert g.client().models.retrieve("n").owned_by == "odd"
+
+
 # The whole OpenAI API: Responses native and over chat, pass-through, uploads, Agents SDK
 
 WEATHER = {"type": "function", "name": "weather", "description": "The weather in a city.",
