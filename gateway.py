@@ -104,6 +104,7 @@ MAX_TOKEN_NAME = 64  # bytes at most: a name can be near UPSTREAM_MAX_HEAD, and 
 UPSTREAM_MAX_IDLE = 256  # idle keep-alive connections kept per upstream
 UPSTREAM_KEEPALIVE_S = 20.0  # reuse an idle upstream connection only this long (servers drop ~60s)
 MAX_CHUNK_LINE = 4096  # a chunk-size or trailer line longer than this is garbage
+MAX_USAGE_LINE = 1024 * 1024  # a usage log line longer than this is not the gateway's
 MAX_BACKGROUND = 10_000  # background responses whose usage is still to be counted
 MAX_ERROR_BODY = 1024 * 1024  # upstream error bodies the gateway reads: this much, then it stops
 MAX_READ_BODY = 64 * 1024 * 1024  # 200 bodies the gateway converts itself: far above any reply
@@ -1662,7 +1663,7 @@ class UsageLedger:
     """Usage per client name: totals, budgets, and the usage log that carries them across
     restarts (replayed on open, one line appended per request)."""
 
-    __slots__ = ("_clients", "_file", "priced", "path", "failed_at", "torn")
+    __slots__ = ("_clients", "_file", "priced", "path", "failed_at", "torn", "checked")
 
     def __init__(self, keys: Iterable[ClientKey], priced: bool = False) -> None:
         self._clients = {k.name: ClientUsage(k.name, k.budget_tokens, k.budget_usd)
@@ -1672,6 +1673,7 @@ class UsageLedger:
         self.path = ""
         self.failed_at = -60.0  # when a line last could not be written (monotonic)
         self.torn = False  # a line was cut short: the next one starts on a line of its own
+        self.checked = 0.0  # when the path was last checked for a rotation (monotonic)
 
     def reconfigure(self, keys: Iterable[ClientKey], priced: bool = False) -> None:
         """Budgets from a new configuration; usage counted so far stays, by client name."""
@@ -1714,8 +1716,8 @@ class UsageLedger:
                 "key": name, "model": model, "prompt_tokens": prompt,
                 "completion_tokens": completion, "total_tokens": total, "status": status,
             }
-            if self.priced:
-                entry["cost_usd"] = usd(cost)
+            if self.priced:  # (to the pico-dollar, as counted: a replay counts the same; a
+                entry["cost_usd"] = cost / PICO  # float has it exactly up to $1,000)
             self._append(orjson.dumps(entry) + b"\n")
 
     def _append(self, line: bytes) -> None:
@@ -1748,35 +1750,77 @@ class UsageLedger:
         if problem:
             raise _fail("usage_log", problem)
         self.path = path
-        try:
+        skipped, first, number, ended = 0, 0, 0, True
+        try:  # (line by line: what a replay holds is one line, however long the log)
             with open(path, "rb") as f:
-                data = f.read()
+                while line := f.readline(MAX_USAGE_LINE):
+                    number += 1
+                    overlong = len(line) == MAX_USAGE_LINE and line[-1:] != b"\n"
+                    if overlong:  # not the gateway's: passed over, to its end
+                        while (more := f.readline(MAX_USAGE_LINE)) and more[-1:] != b"\n":
+                            pass
+                        line = more or line
+                    ended = line[-1:] == b"\n"
+                    if not overlong and (not line.strip() or self._replay(line)):
+                        continue
+                    if not ended:  # the last, which a crash cut
+                        log(f"usage_log {path}: skipped a torn last line (line {number})", "warning")
+                    else:
+                        skipped, first = skipped + 1, first or number
         except FileNotFoundError:
-            data = b""
+            pass
         except OSError as exc:
             raise _fail("usage_log", f"{path}: {exc.strerror}") from None
-        lines = data.split(b"\n")
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = orjson.loads(line)
-                cost = entry.get("cost_usd")
-                if cost is not None and (cost.__class__ not in (int, float)
-                                         or not 0 <= cost <= MAX_CONFIG_NUMBER):  # (and NaN)
-                    raise ValueError("not a cost the gateway writes")
-                self._of(str(entry["key"])).add(str(entry["model"]), *usage_tokens(entry),
-                                                pico(cost) or 0)
-            except (KeyError, TypeError, AttributeError, ValueError, ArithmeticError):
-                torn = number == len(lines)
-                log(f"usage_log {path}: skipped {'a torn last' if torn else 'an unreadable'} "
-                    f"line {number}", "warning")
+        if skipped:  # (one line for them all)
+            log(f"usage_log {path}: skipped {skipped} unreadable line{'s' * (skipped > 1)} "
+                f"(the first: line {first})", "warning")
         try:
             self._file = open(path, "ab", buffering=0)
-            if data and not data.endswith(b"\n"):
+            if not ended:
                 self._file.write(b"\n")  # end the torn line: the next entry gets its own
         except OSError as exc:
             raise _fail("usage_log", f"{path}: {exc.strerror}") from None
+
+    def _replay(self, line: bytes) -> bool:
+        """One line's usage counted again; False if it is not one the gateway writes."""
+        try:
+            entry = orjson.loads(line)
+            cost = entry.get("cost_usd")
+            if cost is not None and (cost.__class__ not in (int, float)
+                                     or not 0 <= cost <= MAX_CONFIG_NUMBER):  # (and NaN)
+                return False
+            self._of(str(entry["key"])).add(str(entry["model"]), *usage_tokens(entry),
+                                            pico(cost) or 0)
+            return True
+        except (KeyError, TypeError, AttributeError, ValueError, ArithmeticError):
+            return False
+
+    def follow(self, at_once: bool = False) -> None:
+        """A log rotated away (renamed or removed, as logrotate does) is let go, and the
+        lines go to a new file at its path: looked at once a second, and at a reload."""
+        now = time.monotonic()
+        if self._file is None or now - self.checked < 1.0 and not at_once:
+            return
+        self.checked = now
+        try:
+            moved = not os.path.samestat(os.stat(self.path), os.fstat(self._file.fileno()))
+        except FileNotFoundError:
+            moved = True
+        except OSError:  # (a folder it cannot read now: the file it has still takes lines)
+            return
+        if not moved:
+            return
+        try:
+            new = open(self.path, "ab", buffering=0)
+        except OSError as exc:
+            if now - self.failed_at >= 60:
+                log(f"usage_log {self.path}: moved, and cannot be made again ({exc.strerror}); "
+                    "lines go to the file it was", "error")
+                self.failed_at = now
+            return
+        self._file.close()
+        self._file, self.torn = new, False
+        log(f"usage_log {self.path}: moved or removed; a new one is begun", "info")
 
     def close(self) -> None:
         if self._file is not None:
@@ -9930,6 +9974,7 @@ class Gateway:
         self.pools = pools
         self.limiter.reconfigure(config)
         self.ledger.reconfigure(config.api_keys, bool(config.prices))
+        self.ledger.follow(at_once=True)  # (a rotation's SIGHUP)
         self.prices.table = config.prices
         self.breakers.reconfigure(config.failure_threshold, config.recovery_timeout_s,
                                   frozenset(u.name for u in config.upstreams))
@@ -9959,6 +10004,7 @@ class Gateway:
         if self.metrics_dir is not None and now - self.metrics_written >= 1.0:
             self.metrics_written = now
             self.write_metrics()
+        self.ledger.follow()
 
     def write_metrics(self, views: dict | None = None) -> bytes | None:
         """Workers: this one's counts where the others' scrapes find them (whole, or not),

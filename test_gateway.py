@@ -2019,7 +2019,59 @@ def test_usage_survives_a_restart_through_usage_log_even_after_a_torn_line(
         f.write('["team"]\n')
     fourth = start_gateway(config)
     assert usage_of(fourth, SDK_KEY)[0]["requests"] == 3
-    assert capfd.readouterr().err.count("skipped an unreadable line") == 9  # (and the torn one)
+    err = capfd.readouterr().err  # one line for them all (and the torn one, line 3)
+    assert err.count("usage_log") == 1 and "skipped 9 unreadable lines (the first: line 3)" in err
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 10**15 - 1), min_size=1, max_size=20))
+def test_the_usage_log_carries_spend_to_the_pico_dollar_across_a_restart(costs: list[int]) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "usage.jsonl")
+        ledger = gw.UsageLedger([gw.ClientKey("k", "team")], priced=True)
+        ledger.open(path)
+        for cost in costs:
+            ledger.record("team", "m", 1, 1, 2, b"req", 200, cost)
+        ledger.close()
+        again = gw.UsageLedger([gw.ClientKey("k", "team")], priced=True)
+        again.open(path)
+        again.close()
+        assert again._of("team").cost == sum(costs) and again._of("team").requests == len(costs)
+
+
+def test_a_usage_log_is_replayed_a_line_at_a_time_and_a_line_too_long_to_be_the_gateways_is_passed_over(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(gw, "MAX_USAGE_LINE", 200)
+    entry = b'{"key":"team","model":"m","prompt_tokens":1,"completion_tokens":1,"total_tokens":2}'
+    log = tmp_path / "usage.jsonl"
+    log.write_bytes(entry + b"\n" + b"x" * 450 + entry + b"\n" + entry + b"\n" + b"y" * 200 + b"\n" + b"z" * 500)
+    ledger = gw.UsageLedger([], priced=False)
+    ledger.open(str(log))  # (the tail of a long line, a whole entry, is not one: it is passed over)
+    ledger.record("team", "m", 1, 1, 2, b"req", 200)
+    ledger.close()
+    assert ledger._of("team").requests == 3
+    err = capfd.readouterr().err
+    assert "skipped 2 unreadable lines (the first: line 2)" in err and "torn last line (line 5)" in err
+    lines = log.read_bytes().split(b"\n")  # the torn one ended: the next entry has a line of its own
+    assert lines[-3] == b"z" * 500 and orjson.loads(lines[-2])["key"] == "team" and lines[-1] == b""
+
+
+def test_a_usage_log_rotated_away_is_followed_to_a_new_file_at_its_path(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream, tmp_path: Path) -> None:
+    log = tmp_path / "usage.jsonl"
+    g = start_gateway(limited(mock, api_keys=[{"key": SDK_KEY, "name": "team"}], usage_log=str(log)))
+    written = lambda: log.exists() and log.read_text().count("\n") == 1  # noqa: E731 (its line is in)
+    g.client().chat.completions.create(model="m", messages=MSGS)
+    assert eventually(written)
+    log.rename(tmp_path / "usage.jsonl.1")  # (logrotate's create; its SIGHUP is not even needed)
+    assert eventually(log.exists)
+    g.client().chat.completions.create(model="m", messages=MSGS)
+    assert eventually(written)
+    log.unlink()  # removed: begun again too
+    assert eventually(log.exists)
+    g.client().chat.completions.create(model="m", messages=MSGS)
+    assert eventually(lambda: [len(p.read_text().splitlines()) for p in (tmp_path / "usage.jsonl.1", log)] == [1, 1])
+    assert usage_of(g, SDK_KEY)[0]["requests"] == 3  # (counted all along)
 
 
 PRICES = {"big": {"input": 2.5, "cached_input": 1.25, "output": 10}, "small": {"input": 0.15, "output": 0.6}}
