@@ -97,6 +97,7 @@ SWEEP_S = 0.25  # how often deadlines are checked: the resolution of every timeo
 WRITE_HIGH_WATER = 64 * 1024  # client buffer above this pauses reading from the upstream
 MAX_PIPELINED_BYTES = 64 * 1024  # read ahead of the request in flight before pausing
 UPSTREAM_MAX_HEAD = 64 * 1024  # an upstream response head larger than this is garbage
+STALE_CLOSE_S = 1.0  # a kept connection closed this soon after a request went: its idle close
 MAX_INTERIM = 1024  # interim (1xx) responses ahead of an answer; more are garbage
 MAX_TOKEN_NAMES = 4096  # upstream header names remembered as checked (_FIELD_KINDS), each
 MAX_TOKEN_NAME = 64  # bytes at most: a name can be near UPSTREAM_MAX_HEAD, and is then checked
@@ -4536,6 +4537,7 @@ class UpstreamConnection(asyncio.Protocol):
         "ratelimits", "framing", "keep_alive",
         "left", "decoder", "sink", "pending", "done", "deadline", "first_byte_timeout",
         "idle_timeout", "last_rx", "error", "no_body", "upload", "interims", "started",
+        "sending",
     )
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -4577,6 +4579,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.upload: BodyStream | None = None  # a request body still being sent
         self.interims = 0  # interim (1xx) responses read ahead of this exchange's answer
         self.started: asyncio.Future | None = None  # see body_started
+        self.sending = -1  # while the request's bytes wait in our buffer: how many, last seen
 
     def __repr__(self) -> str:
         return (f"UpstreamConnection({self.pool.upstream.name!r}, {self.state.value}, "
@@ -4595,6 +4598,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def check_timeout(self, now: float) -> None:
         """Called by the gateway's sweep: no timer per exchange."""
+        if self.state is _WAIT_HEAD and self.sending >= 0:  # the request still going out:
+            unsent = self.transport.get_write_buffer_size()  # the clock counts from the last
+            if unsent != self.sending:  # bytes the upstream took (a large body to a slow
+                self.sending = unsent  # link is no silence of its own)
+                self.deadline = now + self.first_byte_timeout
         if self.state is _WAIT_HEAD and now >= self.deadline:
             self._fail(UpstreamTimeout("upstream sent no response in time"))
         elif self.state is _BODY and not self.paused and now - self.last_rx >= self.idle_timeout:
@@ -4621,26 +4629,37 @@ class UpstreamConnection(asyncio.Protocol):
             self._drop()
 
     def eof_received(self) -> bool | None:
-        return None  # closes the transport; connection_lost decides what that meant
+        """The upstream's end of the stream: a FIN, or over TLS its close_notify (a TLS
+        connection cut without one, which anyone on the path can do, has none: its
+        connection_lost is an error, never a body's end)."""
+        if self.state is _BODY and self.framing is _UNTIL_CLOSE:
+            self._end_body()  # a body framed by the close ends with it
+        return None  # closes the transport; connection_lost decides what the rest meant
 
     def connection_lost(self, exc: Exception | None) -> None:
         state = self.state
         self._to(_CLOSED)
         self.pool.forget(self)
-        if state is _WAIT_HEAD:
-            stale = self.reused and not self.got_bytes
+        if state is _WAIT_HEAD:  # a kept connection the upstream closed as the request went
+            # (its idle close crossed it), or before it had all of it: sent again, once, on a
+            # new one; not one it closed later, having had time to act on it (a POST that
+            # made something is not sent twice)
+            stale = self.reused and not self.got_bytes and (self.sending >= 0 or (
+                self.loop.time() - (self.deadline - self.first_byte_timeout) < STALE_CLOSE_S))
             self._tell(state, _StaleConnection() if stale else
                        UpstreamError("upstream closed the connection before answering"))
-        elif state is _BODY and self.framing is _UNTIL_CLOSE and exc is None:
-            self._end_body()  # a body framed by the close ends with it (not with a reset)
-        elif state is _BODY:
+        elif state is _BODY:  # (a body framed by the close ended at eof_received)
             self._tell(state, UpstreamError("upstream closed the connection mid-response"))
 
-    def pause_writing(self) -> None:  # only an upload fills the buffer: its client waits
+    def pause_writing(self) -> None:  # a large body fills the buffer: an upload's client waits
+        self.sending = self.transport.get_write_buffer_size()  # type: ignore[union-attr]
         if self.upload is not None:
             self.upload.flow.pause_reading()
 
     def resume_writing(self) -> None:
+        self.sending = -1
+        if self.state is _WAIT_HEAD:  # (all but the last few bytes are out)
+            self.deadline = self.loop.time() + self.first_byte_timeout
         if self.upload is not None:
             self.upload.flow.resume_reading()
 
@@ -4814,8 +4833,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.state is _DONE and self.keep_alive and self.error is None \
                 and (upload is None or upload.ended and upload.error is None):
             self.pool.release(self)
-        elif self.state is not _CLOSED:
-            self.transport.close()  # type: ignore[union-attr]
+        elif self.state is not _CLOSED:  # (aborted: a TLS close would wait up to 30 s for
+            self.transport.abort()  # type: ignore[union-attr]  # an upstream's close_notify)
             self._to(_CLOSED)
             self.pool.forget(self)
 
@@ -4829,9 +4848,19 @@ class UpstreamConnection(asyncio.Protocol):
     # parsing --------------------------------------------------------------------------------
 
     def _feed_head(self, data: bytes) -> None:
-        if self.head_buf:  # the head came in pieces (else it is read where it came: no copies)
-            self.head_buf += data
-            data = bytes(self.head_buf)
+        buf = self.head_buf
+        if buf:  # the head came in pieces (else it is read where it came: no copies); each is
+            seen = len(buf)  # searched once (a head sent a byte at a time costs no square)
+            buf += data  # type: ignore[operator]
+            if buf.find(b"\r\n\r\n", max(0, seen - 3)) < 0:
+                if seen < 5 and not b"HTTP/".startswith(bytes(buf[:5])):
+                    self._garbage("not an HTTP response")
+                elif len(buf) > UPSTREAM_MAX_HEAD:
+                    self._garbage("response head too large")
+                elif _BARE_LF.search(buf, seen):  # (its look-behind sees the byte before)
+                    self._garbage("a head with bare LF line ends")
+                return
+            data = bytes(buf)
         at = 0  # where the head being read starts: past the interim (1xx) ones before it
         while True:  # once more for each interim response ahead of the real one
             start = data[at:at + 5]  # (compared whole: what startswith costs is its arguments)
@@ -4846,6 +4875,9 @@ class UpstreamConnection(asyncio.Protocol):
                     self._garbage("a head with bare LF line ends")
                 elif not self.head_buf:
                     self.head_buf = bytearray(data[at:] if at else data)
+                return
+            if end - at > UPSTREAM_MAX_HEAD:  # (come whole in one read, or in pieces)
+                self._garbage("response head too large")
                 return
             try:
                 self._parse_head(data[at:end])
@@ -8351,9 +8383,14 @@ class ProxyHandler:
             headers, plain = conn.kept, conn.plain
         ok = 200 <= conn.status < 300
         convert = ok and plan.converts(plan.upstream)  # type: ignore[arg-type]
+        if (plan.stream or convert) and ok and (coding := content_encoding(conn.plain)):
+            conn.abort()  # what the gateway reads and writes into (usage, the chunk it asked
+            raise UpstreamError(  # for, an error event, a conversion) under a coding the
+                "upstream answered in the "  # client would decode: never asked for
+                f"{coding.decode('latin-1')!r} encoding, which the gateway cannot read")
         if convert and (not plan.stream or conn.content_type()[:17].lower()  # a stream asked
-                != b"text/event-stream"  # for, and none given: a whole answer, an error, or
-                or content_encoding(conn.plain) is not None):  # garbage, read whole
+                != b"text/event-stream"):  # for, and none given: a whole answer, an error,
+            # or garbage, read whole
             await self.converted_reply(plan, conn)
             return
         # Usage is counted from what a model made for this request: not from an object read
@@ -8412,11 +8449,6 @@ class ProxyHandler:
         said to be something else), as the completion or response asked for."""
         rq = plan.rq
         raw = await conn.read_body(MAX_READ_BODY)
-        encoding = content_encoding(conn.plain)  # (not asked for: identity is)
-        if encoding is not None:
-            raise UpstreamError("upstream answered in the "
-                                f"{encoding.decode('latin-1')!r} encoding, which the gateway "
-                                "cannot convert")
         if plan.stream and b"data:" in raw and raw.lstrip()[:1] != b"{" and sse_lines(raw):
             self.converted_events(plan, raw)  # a stream, whatever its content type said
             return

@@ -119,6 +119,12 @@ async def request_in(reader: asyncio.StreamReader) -> bytes:
     return head
 
 
+def whole_answer(status: int, content_type: bytes, body: bytes) -> bytes:
+    """An upstream's answer framed by its length (content_type may carry more header lines)."""
+    return b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s" % (
+        status, content_type, len(body), body)
+
+
 class RedisServer:
     """A real redis-server on a free port, no persistence; kill() and start() again on the
     same port, as an outage would."""
@@ -376,7 +382,7 @@ def cfg(obj: Any, **env: str) -> gw.Config:
 class FakeTransport:
     def __init__(self) -> None:
         self.out = bytearray()
-        self.closed = False
+        self.closed = self.aborted = False
         self.reading = True
 
     def write(self, data: bytes) -> None:
@@ -389,10 +395,14 @@ class FakeTransport:
     def close(self) -> None:
         self.closed = True
 
-    abort = close
+    def abort(self) -> None:
+        self.closed = self.aborted = True
 
     def is_closing(self) -> bool:
         return self.closed
+
+    def get_write_buffer_size(self) -> int:  # (what it is given is out at once)
+        return 0
 
     def pause_reading(self) -> None:
         self.reading = False
@@ -585,7 +595,8 @@ async def relay_split(wire: bytes, cuts: list[int], close_at_end: bool) -> bytes
         if relaying is None and got.done():
             writer.relay_head(got.result().status, gw.relayed(got.result().headers))
             relaying = conn.relay(writer)
-    if close_at_end:
+    if close_at_end:  # (a FIN: the end a body framed by the close waits for)
+        conn.eof_received()
         conn.connection_lost(None)
     if relaying is None:
         head = await got
@@ -4065,18 +4076,58 @@ def test_an_upstream_head_with_tabs_and_non_ascii_values_is_relayed() -> None:
     asyncio.run(run())
 
 
-@pytest.mark.parametrize("reset", [False, True])
-def test_a_body_framed_by_the_close_ends_whole_on_a_close_and_in_error_on_a_reset(reset: bool) -> None:
+@pytest.mark.parametrize("end", ["fin", "reset", "a TLS cut with no close_notify"])
+def test_a_body_framed_by_the_close_ends_whole_only_on_the_upstreams_own_end(end: str) -> None:
+    # (uvloop tells eof_received of a FIN, and of a TLS close_notify; a TLS connection cut
+    # without one, by anyone on the path, is only lost)
     async def run() -> None:
         conn, _, _, waiting = await exchanging()
         conn.data_received(b"HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\r\n{\"a\":")
         await waiting
         sink = Recorder()
         done = conn.relay(sink)
-        conn.connection_lost(ConnectionResetError() if reset else None)
+        if end == "fin":
+            conn.eof_received()
+        conn.connection_lost(ConnectionResetError() if end == "reset" else None)
         await asyncio.wait_for(done, 5)
         assert sink.data == [b'{"a":']
-        assert (sink.ended, sink.error is not None) == ((False, True) if reset else (True, False))
+        assert (sink.ended, sink.error is not None) == ((True, False) if end == "fin" else (False, True))
+
+    asyncio.run(run())
+
+
+def test_an_upstream_head_past_its_bound_is_refused_whole_or_in_pieces_and_pieces_are_read_once() -> None:
+    big = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * gw.UPSTREAM_MAX_HEAD + b"\r\ncontent-length: 0\r\n\r\n"
+    ok = b"HTTP/1.1 200 OK\r\nX-A: 1\r\ncontent-length: 2\r\n\r\nhi"
+
+    async def feed(pieces: list[bytes]) -> tuple[int, Any]:
+        conn, _, _, waiting = await exchanging()
+        for piece in pieces:
+            conn.data_received(piece)
+        try:
+            return (await asyncio.wait_for(waiting, 5)).status, conn.pending
+        except gw.GatewayError as exc:
+            return 0, exc.message
+
+    async def run() -> None:
+        assert "response head too large" in (await feed([big]))[1]  # one read
+        assert "response head too large" in (await feed([big[:1000], big[1000:]]))[1]
+        assert await feed([bytes([b]) for b in ok]) == (200, [b"h", b"i"])  # a byte a read
+        assert await feed([ok[:16], ok[16:]]) == (200, [b"hi"])  # CR | LF across two reads
+        assert "bare LF" in (await feed([ok[:15], b"\n" + ok[17:25]]))[1]  # an LF with no CR
+        assert "not an HTTP response" in (await feed([b"S", b"SH-2.0-x"]))[1]
+
+    asyncio.run(run())
+
+
+def test_a_connection_not_kept_is_dropped_at_once_never_left_in_a_tls_close() -> None:
+    # (a TLS close waits up to 30 s for the upstream's close_notify, holding the socket)
+    async def run() -> None:
+        conn, pool, transport, waiting = await exchanging()
+        conn.data_received(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok")
+        await waiting
+        await asyncio.wait_for(conn.relay(Recorder()), 5)
+        assert transport.aborted and conn not in pool.idle
 
     asyncio.run(run())
 
@@ -4321,13 +4372,7 @@ def test_a_whole_chat_answer_with_a_lone_surrogate_is_converted_with_a_replaceme
             b'"message":{"role":"assistant","content":"half \\ud83d and a pair \\ud83d\\ude00"},'
             b'"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}')
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await request_in(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                     % (len(body), body))
-        await writer.drain()
-
-    port = raw_upstream(handler)
+    port = raw_upstream(answering(200, b"application/json", body))
     g = start_gateway({"upstreams": [{"name": "chat", "url": f"http://127.0.0.1:{port}/v1", "chat_only": True}]})
     response = g.client().responses.create(model="m", input="hi")
     assert response.output_text == "half \ufffd and a pair \U0001f600"
@@ -4365,24 +4410,15 @@ def test_the_items_of_a_reply_cut_short_are_incomplete_streamed_or_not(finish: s
 def test_an_encoded_answer_a_chat_upstream_streams_is_a_502_not_a_stream_under_its_coding(
         raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
     body = gzip.compress(GOOD_CHUNK + FINAL_CHUNK + b"data: [DONE]\n\n")
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                await request_in(reader)
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-encoding: gzip\r\n"
-                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-
-    port = raw_upstream(handler)
+    port = raw_upstream(answering(200, b"text/event-stream\r\ncontent-encoding: gzip", body))
     g = start_gateway({"upstreams": [{"name": "chat", "url": f"http://127.0.0.1:{port}/v1", "chat_only": True}],
                        "retry": {"attempts": 1}})
-    for path, obj in (("/v1/responses", b'{"model":"m","input":"hi","stream":true}'),
-                      ("/v1/completions", b'{"model":"m","prompt":"hi","stream":true}')):
-        (resp,) = raw(g.port, post(path, obj))
-        assert resp.status == 502 and "content-encoding" not in resp.headers
+    plain = start_gateway({"upstreams": [{"name": "chat", "url": f"http://127.0.0.1:{port}/v1"}], "retry": {"attempts": 1}})
+    for port_, path, obj in ((g.port, "/v1/responses", b'{"model":"m","input":"hi","stream":true}'),
+                             (g.port, "/v1/completions", b'{"model":"m","prompt":"hi","stream":true}'),
+                             (plain.port, "/v1/chat/completions", b'{"model":"m","messages":[],"stream":true}')):
+        (resp,) = raw(port_, post(path, obj))  # (a chat stream: its usage chunk, the gateway's
+        assert resp.status == 502 and "content-encoding" not in resp.headers  # error event)
         assert "'gzip' encoding" in orjson.loads(resp.body)["error"]["message"]
 
 
@@ -5484,6 +5520,108 @@ def test_stale_pooled_connection_is_retried_once_on_a_fresh_one(raw_upstream: Ra
             resp = read_response(f)
             assert resp.status == 200 and resp.json() == {"ok": True}
     assert len(served) == 3
+
+
+def test_a_kept_connection_the_upstream_closes_after_acting_on_the_request_is_never_sent_it_again(
+        raw_upstream: RawUpstream, start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    # (a POST that made something, sent twice, makes it twice: only a close that crosses
+    # the request, the upstream's idle close, sends it again)
+    monkeypatch.setattr(gw, "STALE_CLOSE_S", 0.05)
+    received: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                received.append(await request_in(reader))
+                if len(received) == 2:  # works on it a while (past STALE_CLOSE_S), then dies
+                    await asyncio.sleep(0.3)
+                    writer.close()
+                    return
+                writer.write(whole_answer(200, b"application/json", CHAT_ANSWER))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+    port = raw_upstream(handler)
+    g = start_gateway({"upstreams": [{"name": "slow", "url": f"http://127.0.0.1:{port}/v1"}], "retry": {"attempts": 1}})
+    with connect(g.port) as sock:
+        f = sock.makefile("rb")
+        sock.sendall(post("/v1/chat/completions", CHAT))
+        assert read_response(f).status == 200
+        sock.sendall(post("/v1/chat/completions", CHAT))
+        resp = read_response(f)
+    assert resp.status == 502 and "before answering" in resp.json()["error"]["message"]
+    assert len(received) == 2  # the second went once
+
+
+def test_a_held_body_going_out_slowly_to_the_upstream_is_not_a_silence_of_the_upstreams(
+        loop_thread: LoopThread, start_gateway: StartGateway) -> None:
+    # The first-byte clock runs from the last bytes the upstream took, not from when the
+    # request was queued: a large body over a slow link is not timed out as it goes.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        left = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+        while left:  # (a link that takes 1 MB every 0.1 s: 1.2 s for the body)
+            left -= len(await reader.read(min(left, 1 << 20)))
+            await asyncio.sleep(0.1)
+        writer.write(whole_answer(200, b"application/json", CHAT_ANSWER))
+        await writer.drain()
+        writer.close()
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # (the kernel holds little)
+    listener.bind(("127.0.0.1", 0))
+    server = loop_thread.run(asyncio.start_server(handler, sock=listener, limit=1 << 20))
+    port = server.sockets[0].getsockname()[1]
+    g = start_gateway({"upstreams": [{"name": "far", "url": f"http://127.0.0.1:{port}/v1", "first_byte_timeout_s": 0.5}],
+                       "retry": {"attempts": 1}})
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * (12 << 20)}]})
+    with connect(g.port) as sock:
+        sock.settimeout(30)
+        sock.sendall(post("/v1/chat/completions", body))
+        resp = read_response(sock.makefile("rb"))
+    loop_thread.call(server.close)
+    assert resp.status == 200, resp.body
+
+
+@pytest.mark.parametrize("close_notify", [True, False])
+def test_a_tls_body_framed_by_the_close_is_whole_only_when_the_upstream_said_so_with_close_notify(
+        loop_thread: LoopThread, start_gateway: StartGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        close_notify: bool) -> None:
+    import ssl
+
+    import trustme
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await request_in(reader)
+        writer.write(b"HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\r\n" + CHAT_ANSWER[:20])
+        await writer.drain()
+        if close_notify:
+            writer.close()
+        else:  # the TCP connection cut under TLS (by anyone on the path): no close_notify
+            fd = os.dup(writer.transport.get_extra_info("socket").fileno())
+            with socket.socket(fileno=fd) as raw_sock:
+                raw_sock.shutdown(socket.SHUT_RDWR)
+
+    server = loop_thread.run(asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_ctx))
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    monkeypatch.setattr(gw, "_SSL_CONTEXT", None)
+    g = start_gateway({"upstreams": [{"name": "tls", "url": f"https://localhost:{server.sockets[0].getsockname()[1]}/v1"}],
+                       "retry": {"attempts": 1}})
+    with connect(g.port) as sock:
+        sock.sendall(post("/v1/chat/completions", CHAT, "Connection: close\r\n"))
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    monkeypatch.setattr(gw, "_SSL_CONTEXT", None)
+    loop_thread.call(server.close)
+    status, _, body, complete = client_body(out)
+    assert status == 200 and body == CHAT_ANSWER[:20] and complete == close_notify
 
 
 def test_https_upstream_with_sni_and_certificate_verification(
@@ -6926,8 +7064,7 @@ def answering(status: int, content_type: bytes, body: bytes) -> Handler:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while await request_in(reader):
-                writer.write(b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s"
-                             % (status, content_type, len(body), body))
+                writer.write(whole_answer(status, content_type, body))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # (the gateway closed the connection)
@@ -7123,17 +7260,8 @@ def test_models_list_is_502_when_the_only_source_is_unreachable(start_gateway: S
                                     b'{"data":[{"id":"m","created":"x","owned_by":{"a":1}},{"id":"n"},"odd"]}'])
 def test_an_upstreams_model_list_that_is_not_one_is_a_502_and_its_entries_are_what_the_sdk_reads(
         raw_upstream: RawUpstream, start_gateway: StartGateway, listed: bytes) -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                await request_in(reader)
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                             % (len(listed), listed))
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-
-    g = start_gateway({"upstreams": [{"name": "odd", "url": f"http://127.0.0.1:{raw_upstream(handler)}/v1"}]})
+    port = raw_upstream(answering(200, b"application/json", listed))
+    g = start_gateway({"upstreams": [{"name": "odd", "url": f"http://127.0.0.1:{port}/v1"}]})
     if b'"id":"m"' not in listed or b"data\":{" in listed:  # not a list: never "no models at all"
         for call in (lambda: g.client().models.list(), lambda: g.client().models.retrieve("m")):
             with pytest.raises(openai.APIStatusError) as info:
