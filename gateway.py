@@ -283,6 +283,10 @@ Unavailable = _error_class("Unavailable", 503, "service_unavailable", "circuit_o
 UpstreamTimeout = _error_class("UpstreamTimeout", 504, "upstream_timeout", "upstream_timeout", True)
 
 
+def too_large(limit: int) -> GatewayError:
+    return RequestTooLarge(f"Request body is larger than the {limit}-byte limit.")
+
+
 class _PacedOut(Exception):
     """A key's pacing slot across instances is further off than a request may wait."""
 
@@ -846,7 +850,7 @@ class KeyPool:
 
     @classmethod
     def of(cls, upstream: Upstream, recheck_s: float, previous: KeyPool | None = None,
-           shared: bool = False) -> KeyPool:
+           shared: bool = False, cooldown_cap: float = COOLDOWN_HINT_CAP_S) -> KeyPool:
         """The pool for a configured upstream. Keys that kept their name keep their state (the
         same objects: requests still in flight see it too); one whose secret changed is
         given another chance if it was blocked, as is one whose header or URL credentials
@@ -854,7 +858,9 @@ class KeyPool:
         next round_robin pick starts stay on the keys they were on (the same secret, else
         the same name: inline keys are named by their place in the list). A new pool that other
         processes share keys with (shared) starts its round robin at a random key, so that
-        their first requests do not all go to the first one."""
+        their first requests do not all go to the first one. What the old config set is held
+        to the new one's bounds: a pacing slot to its interval, a cooldown to cooldown_cap, a
+        block's recheck to recheck_s (a reload that loosens them frees the keys at once)."""
         kept = {k.name: k for k in previous.keys} if previous is not None else {}
         places = [(k.secret, k.name) for k in (  # (before a kept key takes a new secret)
             previous.keys[previous.current % len(previous.keys)],
@@ -875,6 +881,14 @@ class KeyPool:
             keys.append(key)
         pool = cls(keys, upstream.key_strategy, upstream.pacing_interval, recheck_s=recheck_s,
                    upstream=upstream.name)
+        now, shorter = pool.clock(), previous.interval - pool.interval if previous else 0.0
+        for key in keys:
+            if key.name in kept:
+                if shorter > 0:  # (the slot after the last one taken, at the new interval)
+                    key.next_slot -= shorter
+                for entry in key.cooling.values():
+                    entry[0] = min(entry[0], now + cooldown_cap)
+                key.recheck_at = min(key.recheck_at, now + recheck_s)
         if places:  # the same secret, else the same name (an env: key given a new secret)
             by_secret = {key.secret: i for i, key in reversed(list(enumerate(keys)))}
             by_name = {key.name: i for i, key in enumerate(keys)}
@@ -3651,6 +3665,7 @@ class _Env:
         self.used: set[str] = set()
 
 
+MAX_CONFIG_BYTES = 16 * 1024 * 1024  # a config file larger than this is not one
 MAX_CONFIG_NUMBER = 1e15  # any number in the configuration: no limit, size or time is larger
 MAX_CONFIG_USD = 1e9  # prices (per million tokens) and budgets: the sums stay exact
 MIN_CONFIG_RATE = 0.001  # a rate per minute (rpm, tpm, burst, rpm_per_key) at least this: a
@@ -3924,19 +3939,23 @@ class ClientKey:
         self.digest = hashlib.sha256(key.encode()).digest()
 
     @classmethod
-    def read(cls, item: Any, path: str, index: int, env: _Env) -> ClientKey:
+    def read(cls, item: Any, path: str, env: _Env) -> ClientKey:
+        """A client key; with no name, named by its env var, else by its secret's digest:
+        never by its place in the list, which a key removed before it would change (and
+        hand its usage, budget and buckets to another client)."""
         if isinstance(item, str):
-            name = item[4:] if item.startswith("env:") else f"key#{index}"
-            return cls(resolve_env(item, path, env), name)
+            key = resolve_env(item, path, env)
+            return cls(key, item[4:] if item.startswith("env:") else key_name(key))
         r = _Reader(item, path, env)
         r.only(cls.FIELDS)
         raw = r.obj.get("key")
         if raw is None:
             raise _fail(r.at("key"), "is required")
-        default_name = raw[4:] if isinstance(raw, str) and raw.startswith("env:") else f"key#{index}"
+        key = r.string("key")
+        default_name = raw[4:] if isinstance(raw, str) and raw.startswith("env:") else key_name(key)
         models = r.strings("models") if "models" in r.obj else None
         return cls(
-            r.string("key"), r.string("name", default_name),
+            key, r.string("name", default_name),
             r.number("rpm", None, nullable=True, lo=MIN_CONFIG_RATE),
             r.number("tpm", None, nullable=True, lo=MIN_CONFIG_RATE),
             frozenset(models) if models is not None else None,
@@ -3950,6 +3969,11 @@ class ClientKey:
 
     def __repr__(self) -> str:
         return f"ClientKey({self.name!r}, {mask_secret(self.key)!r})"
+
+
+def key_name(key: str) -> str:
+    """An unnamed client key's name: the start of its secret's SHA-256 (nothing to go on)."""
+    return "key#" + hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
 class Config:
@@ -4035,7 +4059,7 @@ class Config:
             items = []
         if not isinstance(items, list):  # (false or "" too: never a silent "auth off")
             raise _fail("api_keys", "must be a list")
-        keys = [ClientKey.read(item, f"api_keys[{i}]", i, r.env)
+        keys = [ClientKey.read(item, f"api_keys[{i}]", r.env)
                 for i, item in enumerate(items)]
         seen: set[bytes] = set()
         names: set[str] = set()
@@ -4186,6 +4210,25 @@ def _network(cidr: str, path: str) -> ipaddress.IPv4Network | ipaddress.IPv6Netw
         raise _fail(path, f"{cidr!r} is not an address or CIDR") from None
 
 
+def read_config_file(path: str) -> str:
+    """A config file's text: a regular file, up to MAX_CONFIG_BYTES. Read on the loop (and
+    in the supervisor's SIGHUP): a FIFO, a device or an endless file would hang or fill it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # (a FIFO with no writer: no wait)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(f"config: {path}: not a regular file")
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"config: {path}: cannot read ({exc.strerror})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config: {path}: larger than {MAX_CONFIG_BYTES >> 20} MiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config: {path}: cannot read ({exc})") from None
+
+
 def _read_json_source(text: str, where: str) -> dict[str, Any]:
     try:
         obj = orjson.loads(text)
@@ -4193,7 +4236,37 @@ def _read_json_source(text: str, where: str) -> dict[str, Any]:
         raise ConfigError(f"config: {where}: not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise ConfigError(f"config: {where}: must be a JSON object")
+    try:  # a name given twice would be read as its last, silently (auth off, say): refused
+        json.loads(text, object_pairs_hook=_once)
+    except ConfigError as exc:
+        raise ConfigError(f"config: {where}: {exc}") from None
+    except (ValueError, RecursionError):  # (what orjson read, json may find too deep: orjson
+        pass  # judged it)
     return obj
+
+
+def _once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: set[str] = set()
+    for name, _ in pairs:
+        if name in seen:
+            raise ConfigError(f"{name!r} is given more than once in one object")
+        seen.add(name)
+    return dict(pairs)
+
+
+def _env_text(value: str) -> str:
+    """A number's text as JSON would write it: not Python's own spellings (4_000, digits of
+    other scripts), which int() and float() take."""
+    if "_" in value or not value.isascii():
+        raise ValueError(value)
+    return value
+
+
+def _env_int(env: dict[str, str], name: str) -> int:
+    try:
+        return int(_env_text(env[name]))
+    except ValueError:
+        raise ConfigError(f"config: {name}: not an integer") from None
 
 
 def _split_list(value: str) -> list[str]:
@@ -4208,10 +4281,7 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str], overridden: list[str]) 
     if "GATEWAY_HOST" in env:
         raw["host"] = env["GATEWAY_HOST"]
     if "GATEWAY_PORT" in env:
-        try:
-            raw["port"] = int(env["GATEWAY_PORT"])
-        except ValueError:
-            raise ConfigError("config: GATEWAY_PORT: not an integer") from None
+        raw["port"] = _env_int(env, "GATEWAY_PORT")
     if "GATEWAY_API_KEYS" in env:
         keys = _split_list(env["GATEWAY_API_KEYS"])
         if not keys and env["GATEWAY_API_KEYS"].strip():
@@ -4231,13 +4301,10 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str], overridden: list[str]) 
     if "GATEWAY_REDIS_URL" in env:
         raw["redis_url"] = env["GATEWAY_REDIS_URL"] or None
     if "GATEWAY_WORKERS" in env:
-        try:
-            raw["workers"] = int(env["GATEWAY_WORKERS"])
-        except ValueError:
-            raise ConfigError("config: GATEWAY_WORKERS: not an integer") from None
+        raw["workers"] = _env_int(env, "GATEWAY_WORKERS")
     if "GATEWAY_RPM" in env:
         try:
-            rpm = float(env["GATEWAY_RPM"])
+            rpm = float(_env_text(env["GATEWAY_RPM"]))
         except ValueError:
             rpm = float("nan")
         if not MIN_CONFIG_RATE <= rpm <= MAX_CONFIG_NUMBER:  # (and nan)
@@ -4277,11 +4344,7 @@ def load_config(
     raw: dict[str, Any] = {}
     path = config_file or env.get("GATEWAY_CONFIG_FILE")
     if path:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config: {path}: cannot read ({exc})") from None
-        raw.update(_read_json_source(text, path))
+        raw.update(_read_json_source(read_config_file(path), path))
     if env.get("GATEWAY_CONFIG"):
         raw.update(_read_json_source(env["GATEWAY_CONFIG"], "GATEWAY_CONFIG"))
     raw.update(overrides or {})
@@ -9262,7 +9325,7 @@ class Request:
         "flow", "writer", "method", "path", "query", "headers", "body_parts", "body_size",
         "request_id", "authorization", "api_key", "origin", "content_length", "forward",
         "connection_names", "expects_continue", "chunked", "switches", "framing_doubt", "peer",
-        "reserve", "client",
+        "reserve", "client", "body_limit",
         "keep_alive", "http11",
         "limits", "shared_take", "admission", "extra", "handler", "refused", "upload",
         # for the access log and metrics
@@ -9567,12 +9630,13 @@ class HttpProtocol(asyncio.Protocol):
         self._arm(self.gw.body_timeout_s, Waiting.BODY)
         rq = self.cycle = Request(self, event)
         config = self.gw.config
-        try:
+        uploads = streams_body(rq)  # (its limit is the config's at its head: a reload while
+        limit = rq.body_limit = config.max_upload_bytes if uploads else config.max_body_bytes
+        try:  # its body comes does not change it)
             if self.fed > MAX_HEADER_BYTES and head_size(event) > MAX_HEADER_BYTES:
                 raise HeadersTooLarge("Request header block is too large.")
-            uploads = streams_body(rq)
-            if rq.content_length > (config.max_upload_bytes if uploads else config.max_body_bytes):
-                raise self._too_large(uploads)
+            if rq.content_length > limit:
+                raise too_large(limit)
             self.gw.router.admit(rq)
         except GatewayError as exc:
             self._refuse(rq, exc)
@@ -9614,9 +9678,9 @@ class HttpProtocol(asyncio.Protocol):
         rq.body_size += len(data)
         upload = rq.upload
         if upload is not None:  # sent on; the deadline is for silence, not for the whole body
-            if rq.body_size > self.gw.config.max_upload_bytes:
+            if rq.body_size > rq.body_limit:
                 if upload.error is None:
-                    exc = self._too_large(True)
+                    exc = too_large(rq.body_limit)
                     exc.headers.append((b"connection", b"close"))  # the rest is not read
                     upload.fail(exc)
                 return
@@ -9624,8 +9688,8 @@ class HttpProtocol(asyncio.Protocol):
             upload.feed(data)
             return
         rq.body_parts.append(data)
-        if rq.body_size > self.gw.config.max_body_bytes:
-            self._refuse(rq, self._too_large())
+        if rq.body_size > rq.body_limit:
+            self._refuse(rq, too_large(rq.body_limit))
 
     def _on_request_end(self) -> None:
         rq = self.cycle
@@ -9641,11 +9705,6 @@ class HttpProtocol(asyncio.Protocol):
         self.deadline = 0.0
         self.waiting = Waiting.RESPONSE
         self.task = self.loop.create_task(self.gw.handle(rq))  # type: ignore[arg-type]
-
-    def _too_large(self, upload: bool = False) -> GatewayError:
-        config = self.gw.config
-        limit = config.max_upload_bytes if upload else config.max_body_bytes
-        return RequestTooLarge(f"Request body is larger than the {limit}-byte limit.")
 
     def _refuse(self, rq: Request, exc: GatewayError) -> None:
         """Answer from the head (or a body over its limit). The rest of the body is read and
@@ -9991,7 +10050,8 @@ class Gateway:
         old, self.config = self.config, config
         kept = kept_till_restart(old, config)
         self.keys = {u.name: KeyPool.of(u, config.block_recheck_s, self.keys.get(u.name),
-                                        bool(config.redis_url)) for u in config.upstreams}
+                                        bool(config.redis_url), config.cooldown_cap_s)
+                     for u in config.upstreams}
         pools = {}
         for u in config.upstreams:
             pool = self.pools.get(u.name)

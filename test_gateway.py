@@ -900,6 +900,70 @@ def test_processes_sharing_keys_start_their_round_robin_anywhere_and_a_reload_ke
             assert pool.current_key().secret.startswith("sk-02") and pool.pick()[0].secret.startswith(want)
 
 
+def test_a_reload_that_loosens_pacing_cooldowns_or_rechecks_frees_the_keys_the_old_config_held() -> None:
+    ups = {"name": "up", "url": "http://127.0.0.1:9/v1", "keys": ["sk-00-abcdefgh1234", "sk-01-abcdefgh1234"]}
+    gateway = gw.Gateway(cfg({"upstreams": [{**ups, "min_interval_ms": 300_000}], "cooldown_cap_s": 3600,
+                              "block_recheck_s": 3000}))
+    pool = gateway.keys["up"]
+    paced, wait = pool.pick()
+    assert wait == 0 and pool.pick(exclude=[pool.keys[1]], max_wait=60) is None  # 300 s off
+    pool.cool_down(pool.keys[1], 3000, "m")
+    gateway.reload(cfg({"upstreams": [ups], "cooldown_cap_s": 5, "block_recheck_s": 1}))
+    pool = gateway.keys["up"]
+    now = pool.clock()
+    assert pool.pick(exclude=[pool.keys[1]])[1] == 0  # no pacing now: no wait
+    assert 0 < pool.keys[1].cools_for("m", now) <= now + 5
+    pool.block(pool.keys[0])
+    gateway.reload(cfg({"upstreams": [{**ups, "rpm_per_key": 6000}], "block_recheck_s": 0.5}))
+    pool = gateway.keys["up"]
+    assert pool.keys[0].recheck_at <= pool.clock() + 0.5
+    slow = gw.Gateway(cfg({"upstreams": [{**ups, "rpm_per_key": 1}]}))
+    pool = slow.keys["up"]
+    pool.pick(), pool.pick()
+    slow.reload(cfg({"upstreams": [{**ups, "rpm_per_key": 6000}]}))  # a slot a minute off: an interval at most now
+    assert slow.keys["up"].pick()[1] <= slow.keys["up"].interval < 0.011
+
+
+def test_unnamed_client_keys_keep_their_names_and_so_their_usage_when_another_is_removed() -> None:
+    both = cfg({"api_keys": ["sk-tenant-a-0001", "sk-tenant-b-0002"]})
+    after = cfg({"api_keys": ["sk-tenant-b-0002"]})
+    names = {k.key: k.name for k in both.api_keys}
+    assert after.api_keys[0].name == names["sk-tenant-b-0002"] != names["sk-tenant-a-0001"]
+    assert all(re.fullmatch(r"key#[0-9a-f]{8}", name) for name in names.values())  # (no secret in it)
+    assert cfg({"api_keys": ["env:TEAM_KEY"]}, TEAM_KEY="sk-team-0003").api_keys[0].name == "TEAM_KEY"
+
+
+@pytest.mark.parametrize("text, named", [
+    ('{"api_keys": ["sk-secret-1"], "api_keys": []}', "'api_keys'"),  # (else: auth off, silently)
+    ('{"upstreams": [{"name": "a", "url": "http://x/v1", "url": "http://y/v1"}]}', "'url'"),
+])
+def test_a_json_config_that_gives_a_name_twice_is_refused_naming_it(text: str, named: str, tmp_path: Path) -> None:
+    with pytest.raises(gw.ConfigError) as info:
+        gw.load_config({"GATEWAY_CONFIG": text})
+    assert f"{named} is given more than once" in str(info.value)
+    path = tmp_path / "gateway.json"
+    path.write_text(text)
+    with pytest.raises(gw.ConfigError, match="more than once"):
+        gw.load_config({}, config_file=str(path))
+
+
+def test_a_config_file_that_is_no_regular_file_or_too_large_is_refused_without_reading_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)  # (read, it would wait for a writer for ever: at a SIGHUP, on the loop)
+    for path, why in ((str(fifo), "not a regular file"), ("/dev/zero", "not a regular file")):
+        with pytest.raises(gw.ConfigError, match=why):
+            gw.load_config({}, config_file=path)
+    monkeypatch.setattr(gw, "MAX_CONFIG_BYTES", 1000)
+    big = tmp_path / "big.json"
+    big.write_text('{"upstreams": []' + " " * 2000 + "}")
+    with pytest.raises(gw.ConfigError, match="larger than"):
+        gw.load_config({}, config_file=str(big))
+    for name, value in (("GATEWAY_PORT", "4_000"), ("GATEWAY_WORKERS", "\u0661"), ("GATEWAY_RPM", "1_0")):
+        with pytest.raises(gw.ConfigError, match=name):  # Python's spellings of numbers: not JSON's
+            gw.load_config({name: value})
+
+
 def test_a_request_waiting_to_retry_across_a_reload_that_renames_its_upstream_finishes_there(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
     # In flight on the old configuration: the upstream is the same place with the same keys,
@@ -8434,6 +8498,34 @@ def test_a_chunked_upload_over_its_limit_is_a_413_that_says_the_connection_close
         sock.sendall(head + piece * 6 + b"0\r\n\r\n")  # 120 kB, all sent before any answer
         resp = read_response(sock.makefile("rb"))
     assert resp.status == 413 and resp.headers["connection"] == "close"
+
+
+def test_a_body_under_way_keeps_the_limit_of_its_head_whatever_a_reload_sets(
+        start_gateway: StartGateway, mock: mock_upstream.MockUpstream) -> None:
+    g = start_gateway({"max_body_bytes": 400_000, "max_upload_bytes": 400_000})
+    lower = cfg({"upstreams": [{"name": "default", "url": f"http://127.0.0.1:{mock.port}/v1"}],
+                 "max_body_bytes": 100_000, "max_upload_bytes": 100_000})
+    chat = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 300_000}]})
+    data = b"d" * 300_000
+    upload = (b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--b\r\nContent-Disposition: '
+              b'form-data; name="file"; filename="a.jsonl"\r\nContent-Type: application/octet-stream\r\n\r\n'
+              + data + b"\r\n--b--\r\n")
+    for request in (post("/v1/chat/completions", chat),
+                    b"POST /v1/files HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(upload), upload)):
+        with connect(g.port) as sock:
+            sock.sendall(request[:100_000])  # the head, and some of the body
+            assert eventually(lambda: g.lt.call(lambda: any(  # (in: read past its head)
+                p.cycle is not None and p.cycle.body_size for p in g.gw.connections)))
+            g.lt.call(lambda: g.gw.reload(lower))
+            sock.sendall(request[100_000:])
+            resp = read_response(sock.makefile("rb"))
+        assert resp.status == 200, resp.body
+        g.lt.call(lambda: g.gw.reload(cfg({"upstreams": [{"name": "default", "url": f"http://127.0.0.1:{mock.port}/v1"}],
+                                           "max_body_bytes": 400_000, "max_upload_bytes": 400_000})))
+    g.lt.call(lambda: g.gw.reload(lower))
+    (resp,) = raw(g.port, post("/v1/chat/completions", chat))  # a new one: the new limit
+    assert resp.status == 413
 
 
 def test_an_upload_whose_chunked_body_breaks_off_gets_its_400_at_once(
