@@ -1644,6 +1644,39 @@ class ClientUsage:
         counts[3] += total
         counts[4] += cost
 
+    def row(self) -> list:
+        """Its counts, as UsageLedger.own() gives them."""
+        return [self.name, self.requests, self.prompt_tokens, self.completion_tokens,
+                self.total_tokens, self.cost, [[m, *c] for m, c in self.models.items()]]
+
+    def copy(self) -> ClientUsage:
+        usage = ClientUsage(self.name, self.budget, self.budget_usd)
+        usage.merge(self.row())
+        usage.held = list(self.held)
+        return usage
+
+    def merge(self, row: list) -> None:
+        """A row() added (another worker's own(): its model rows checked here, as a file
+        another wrote may hold anything)."""
+        if not all(_is_count(n) for n in row[1:6]):
+            return
+        self.requests += row[1]
+        self.prompt_tokens += row[2]
+        self.completion_tokens += row[3]
+        self.total_tokens += row[4]
+        self.cost += row[5]
+        for model in row[6]:
+            if model.__class__ is not list or len(model) != 6 or model[0].__class__ is not str \
+                    or not all(_is_count(n) for n in model[1:]):
+                continue
+            counts = self.models.get(model[0])
+            if counts is None:
+                counts = [0, 0, 0, 0, 0]
+                if not self.models.put(model[0], counts):
+                    continue
+            for i, n in enumerate(model[1:]):
+                counts[i] += n
+
     def over_budget(self) -> str:
         """What budget is spent ("" while none is)."""
         if self.budget is not None and self.total_tokens + self.held[0] >= self.budget:
@@ -1678,7 +1711,8 @@ class UsageLedger:
     """Usage per client name: totals, budgets, and the usage log that carries them across
     restarts (replayed on open, one line appended per request)."""
 
-    __slots__ = ("_clients", "_file", "priced", "path", "failed_at", "torn", "checked")
+    __slots__ = ("_clients", "_file", "priced", "path", "failed_at", "torn", "checked",
+                 "replayed")
 
     def __init__(self, keys: Iterable[ClientKey], priced: bool = False) -> None:
         self._clients = {k.name: ClientUsage(k.name, k.budget_tokens, k.budget_usd)
@@ -1689,6 +1723,7 @@ class UsageLedger:
         self.failed_at = -60.0  # when a line last could not be written (monotonic)
         self.torn = False  # a line was cut short: the next one starts on a line of its own
         self.checked = 0.0  # when the path was last checked for a rotation (monotonic)
+        self.replayed: dict[str, list] = {}  # name -> own() row of what the log replayed
 
     def reconfigure(self, keys: Iterable[ClientKey], priced: bool = False) -> None:
         """Budgets from a new configuration; usage counted so far stays, by client name."""
@@ -1753,11 +1788,39 @@ class UsageLedger:
                     "counted, but not kept across a restart", "error")
                 self.failed_at = now
 
-    def report(self, name: str | None = None) -> list[dict]:
-        """One client's usage, or every client's (name None)."""
-        if name is not None:
-            return [self._of(name).as_json(self.priced)]
-        return [u.as_json(self.priced) for u in self._clients.values()]
+    def report(self, name: str | None = None, others: Iterable[list] = ()) -> list[dict]:
+        """One client's usage, or every client's (name None); others: what other workers
+        counted since they started (own() rows), added."""
+        clients = [self._of(name)] if name is not None else list(self._clients.values())
+        if others:
+            added = {u.name: u.copy() for u in clients}
+            for row in others:
+                usage = added.get(row[0])
+                if usage is not None:
+                    usage.merge(row)
+            clients = list(added.values())
+        return [u.as_json(self.priced) for u in clients]
+
+    def names(self) -> list[str]:
+        return list(self._clients)
+
+    def own(self) -> list[list]:
+        """What this process counted since it started (what the log replayed left out), per
+        client and model: [name, requests, prompt, completion, total, cost, [[model,
+        requests, prompt, completion, total, cost], ...]]. Workers publish it, and a view
+        of the usage adds the others' to its own while Redis, which has the sums, is away."""
+        rows = []
+        for name, usage in self._clients.items():
+            row = usage.row()
+            before = self.replayed.get(name)
+            if before is not None:
+                was = {m[0]: m[1:] for m in before[6]}
+                row[1:6] = [max(0, a - b) for a, b in zip(row[1:6], before[1:6])]
+                row[6] = [[m[0], *(max(0, a - b) for a, b in zip(m[1:], was.get(m[0], (0,) * 5)))]
+                          for m in row[6]]
+            if row[1]:
+                rows.append(row)
+        return rows
 
     def open(self, path: str) -> None:
         """Replay the log (so usage and budgets survive a restart), then append to it."""
@@ -1786,6 +1849,7 @@ class UsageLedger:
             pass
         except OSError as exc:
             raise _fail("usage_log", f"{path}: {exc.strerror}") from None
+        self.replayed = {name: usage.row() for name, usage in self._clients.items()}
         if skipped:  # (one line for them all)
             log(f"usage_log {path}: skipped {skipped} unreadable line{'s' * (skipped > 1)} "
                 f"(the first: line {first})", "warning")
@@ -3424,7 +3488,8 @@ def _is_count(value: Any) -> bool:
 # Gateway.views(): the types of each row's fields, per part
 _VIEW_ROWS: dict[str, tuple] = {
     "keys": (str, str, int, int, (int, float, type(None)), (int, type(None)), (str, type(None))),
-    "observed": (str, str, str, (int, float), list)}
+    "observed": (str, str, str, (int, float), list),
+    "usage": (str, int, int, int, int, int, list)}
 
 
 class Metrics:
@@ -8953,14 +9018,21 @@ class AdminHandler:
 
     async def usage_report(self, rq: Request) -> None:
         """A client sees its own key's usage; the admin (or anyone, with auth off) sees all."""
-        admission = self.gw.admission
+        gw = self.gw
+        admission = gw.admission
         if admission.is_admin(rq.credential()) or not admission.auth_on:
-            keys = self.gw.ledger.report()
+            name = None
         else:
             client = admission.authenticate(rq)
-            keys = self.gw.ledger.report(client.name if client is not None else "anonymous")
-        shared = self.gw.shared
-        totals = await shared.usage_totals([k["name"] for k in keys]) if shared else None
+            name = client.name if client is not None else "anonymous"
+        shared = gw.shared
+        totals = await shared.usage_totals([name] if name is not None else gw.ledger.names()) \
+            if shared else None
+        others: list[list] = []
+        if not totals and gw.metrics_dir is not None:  # Redis away: the other workers' counts
+            gw.write_metrics()  # (as last published), added to this one's, as /metrics does
+            others = gw.sibling_views("usage")
+        keys = gw.ledger.report(name, others)
         for entry in keys if totals else ():  # every instance's, as of its last flush
             shared_usage(entry, totals[entry["name"]],  # type: ignore[index]
                          self.gw.ledger.holding(entry["name"]))
@@ -10141,7 +10213,8 @@ class Gateway:
                      for name, pool in self.keys.items() for k in pool.keys],
             "observed": [[*where, at, [[n.decode("latin-1"), v.decode("latin-1")]
                                        for n, v in seen.items()]]
-                         for where, (at, seen) in self.forwarder.observed.items()]}
+                         for where, (at, seen) in self.forwarder.observed.items()],
+            "usage": self.ledger.own()}
 
     def sibling_views(self, part: str) -> list[list]:
         """The other workers' rows of a part of views(), as each last published them."""
@@ -10160,7 +10233,7 @@ class Gateway:
                     for value, kinds in zip(row, shapes))]
         if part == "keys":  # (counts: as Metrics.published takes them)
             rows = [row for row in rows if _is_count(row[2]) and _is_count(row[3])]
-        else:
+        elif part == "observed":
             for row in rows:
                 row[4] = dict(pair for pair in row[4] if pair.__class__ is list and len(pair) == 2
                               and pair[0].__class__ is str and pair[1].__class__ is str)

@@ -9156,6 +9156,35 @@ def worker_pids(gp: GatewayProcess) -> list[int]:
     return [int(pid) for pid in children]
 
 
+def test_workers_show_one_usage_total_while_redis_is_away_the_log_replayed_once(
+        mock: mock_upstream.MockUpstream, redis_server: RedisServer, redis_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "usage.jsonl"
+    log.write_text("".join('{"key":"team","model":"m","prompt_tokens":1,"completion_tokens":1,"total_tokens":2}\n'
+                           for _ in range(3)))  # (each worker replays it: counted once in the sum)
+    config = {"port": 0, "redis_url": redis_url, "redis_timeout_ms": 200, "usage_log": str(log),
+              "api_keys": [{"key": SDK_KEY, "name": "team"}], "admin_key": "sk-admin-0001",
+              "upstreams": [{"name": "mock", "url": f"http://127.0.0.1:{mock.port}/v1", "keys": KEYS}]}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "OPENAI_"))}
+    gp = GatewayProcess(["--workers", "2"], {**env, "GATEWAY_CONFIG": json.dumps(config)}, ready="listening")
+    auth = f"Authorization: Bearer {SDK_KEY}\r\n"
+
+    def seen(key: str) -> set[int]:  # (several answers: either worker may give each)
+        return {raw(gp.port, f"GET /v1/usage HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\n\r\n"
+                    .encode())[0].json()["keys"][0]["requests"] for _ in range(8)}
+    try:
+        assert gp.wait_for_line("worker 0 serving") and gp.wait_for_line("worker 1 serving")
+        for _ in range(10):
+            assert raw(gp.port, post("/v1/chat/completions", CHAT, auth))[0].status == 200
+        redis_server.kill()
+        for _ in range(6):
+            assert raw(gp.port, post("/v1/chat/completions", CHAT, auth))[0].status == 200
+        assert eventually(lambda: seen(SDK_KEY) == {19}), seen(SDK_KEY)  # 3 replayed + 16, from any worker
+        assert seen("sk-admin-0001") == {19}
+    finally:
+        gp.kill()
+        redis_server.start()
+
+
 def test_workers_share_the_port_drain_together_and_a_killed_one_is_replaced(
         mock: mock_upstream.MockUpstream, redis_url: str) -> None:
     config = {"port": 0, "redis_url": redis_url, "upstreams": [
