@@ -43,6 +43,7 @@ import decimal
 import difflib
 import email.utils
 import enum
+import errno
 import hashlib
 import hmac
 import http
@@ -1889,8 +1890,12 @@ class UsageLedger:
             return
         if not moved:
             return
-        try:
-            new = open(self.path, "ab", buffering=0)
+        try:  # (non-blocking, and a regular file only: a FIFO put there would stop the loop)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise OSError(errno.EINVAL, "not a regular file")
+            new = open(fd, "ab", buffering=0)
         except OSError as exc:
             if now - self.failed_at >= 60:
                 log(f"usage_log {self.path}: moved, and cannot be made again ({exc.strerror}); "
@@ -6368,6 +6373,15 @@ class SseFilter:
                 if text and "\ud800" <= text[-1] <= "\udbff":
                     split[key], text = text[-1], text[:-1]
                 holder[field] = text
+            if split and choice.get("finish_reason"):  # halves its end leaves alone: U+FFFD
+                for key in [k for k in split if k[0] == at]:
+                    half = split.pop(key)
+                    if key[1] in ("content", "refusal"):
+                        if delta.get(key[1]).__class__ in (str, type(None)):
+                            delta[key[1]] = (delta.get(key[1]) or "") + half
+                    else:
+                        delta.setdefault("tool_calls", []).append(
+                            {"index": key[1], "function": {"arguments": half}})
         self.split = split or None
         return mended(chunk)
 
@@ -6774,10 +6788,7 @@ class ResponseWriter(BodySink):
                 raise flt.failed
             if flt.completed:  # a converted stream has ended: what else the upstream sends
                 holding = self.holding  # (events, keep-alive comments) is not waited for,
-                if self.on_complete is not None:  # unless its body ends with this read (it
-                    self.on_complete()  # is then reused)
-                    if self.synced is not None:  # (its last event waits too: see synced)
-                        self.holding = True
+                self._completed()  # unless its body ends with this read (it is then reused)
                 self._write(data)
                 self.on_end()
                 upstream = self.rq.flow.mine()
@@ -6849,6 +6860,8 @@ class ResponseWriter(BodySink):
         if flt is not None:
             ending = flt.finish()
             if ending:
+                if flt.completed:  # (its end without [DONE])
+                    self._completed()
                 self._write(ending)
         self.finished = True
         proto = self.proto
@@ -6871,6 +6884,15 @@ class ResponseWriter(BodySink):
         if data and not proto.closing:  # (_end, inlined: this runs for every response)
             proto.transport.write(data)
         proto.response_done(self.rq)
+
+    def _completed(self) -> None:
+        """A converted stream said it is complete: its response is kept, once, ahead of its
+        last event (which waits for Redis to have it too: see synced)."""
+        if self.on_complete is not None:
+            self.on_complete()
+            self.on_complete = None
+            if self.synced is not None:
+                self.holding = True
 
     def _end(self, data: bytes, rq: Request, held: Gateway | None = None) -> None:
         proto = self.proto
@@ -7168,9 +7190,15 @@ def model_entry(model: str, owner: str) -> dict:
 def listed_model(entry: dict, owner: str) -> dict:
     """An upstream's model entry, in the shape an SDK reads (its other fields kept)."""
     created, owned_by = entry.get("created"), entry.get("owned_by")
-    return {**entry, "object": "model",
-            "created": created if created.__class__ is int and created >= 0 else START_TIME,
-            "owned_by": owned_by if owned_by.__class__ is str else owner}
+    model = {**entry, "object": "model",
+             "created": created if created.__class__ is int and created >= 0 else START_TIME,
+             "owned_by": owned_by if owned_by.__class__ is str else owner}
+    try:
+        orjson.dumps(model)
+    except TypeError:  # (nested past what orjson writes, an int past 64 bits): its own fields
+        model = {k: model[k] for k in ("id", "object", "created", "owned_by")}
+        model["created"] = created if _is_count(created) else START_TIME
+    return model
 
 
 _GENERATES = frozenset(("chat", "completions", "responses"))  # text a client could cut short
@@ -7253,10 +7281,16 @@ def mended(value: Any) -> Any:
     lone surrogate (half an emoji) as U+FFFD, which orjson writes and a client reads."""
     if value.__class__ is str:
         return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
-    if value.__class__ is dict:
-        return {mended(k): mended(v) for k, v in value.items()}
+    if value.__class__ is dict:  # (loops: a frame a level, as the reader took, not two)
+        out = {}
+        for k, v in value.items():
+            out[mended(k)] = mended(v)
+        return out
     if value.__class__ is list:
-        return [mended(v) for v in value]
+        items = []
+        for v in value:
+            items.append(mended(v))
+        return items
     return value
 
 
@@ -7657,8 +7691,13 @@ def _add_item(messages: list[dict], item: dict) -> None:
             if role == "assistant" and isinstance(content, list) else []
         if refused:  # a refusal given back in the history: chat's own field for it
             content = [p for p in content if p.get("type") != "refusal"]
-            messages.append({"role": role, "content": _plain_text(content) or None,
-                             "refusal": "".join(refused)})
+            said = {"role": role, "content": _plain_text(content) or None,
+                    "refusal": "".join(refused)}
+            if messages and messages[-1]["role"] == "assistant" \
+                    and messages[-1]["content"] is None and "refusal" not in messages[-1]:
+                messages[-1].update(said)  # after the turn's calls: its message
+            else:
+                messages.append(said)
         elif role == "assistant" and messages and messages[-1]["role"] == "assistant" \
                 and messages[-1]["content"] is None:  # text after the turn's calls: its
             messages[-1]["content"] = _plain_text(content)  # message (as it is kept)
@@ -8088,7 +8127,7 @@ class ResponsesFromChat:
                                 output_index=index, arguments=item["arguments"]),
                     self._event("response.output_item.done", output_index=index, item=item)]
         if not self.output:
-            self.output.append(_message_item(new_object_id("msg"), "", "completed"))
+            self.output.append(_message_item(new_object_id("msg"), "", status))
         response = self._snapshot("completed")
         kind = "response.completed" if response["status"] == "completed" \
             else "response.incomplete"
@@ -8120,17 +8159,26 @@ class ResponsesFromChat:
 class CompletionsFromChat:
     """A chat completions stream as /v1/completions stream chunks."""
 
-    __slots__ = ("finish",)
+    __slots__ = ("finish", "last", "open")
 
     def __init__(self) -> None:
-        self.finish: str | None = None  # a finish_reason seen: the stream may end without [DONE]
+        # a finish_reason once every choice begun has one (n > 1: each its own): the stream
+        # may end without [DONE]
+        self.finish: str | None = None
+        self.last: str | None = None
+        self.open: set = set()  # the choices begun and not finished
 
     def event(self, chunk: dict) -> bytes | None:
         converted = completion_chunk_from_chat(chunk)
         if converted is None:
             return None
         for choice in converted["choices"]:
-            self.finish = choice["finish_reason"] or self.finish
+            if choice["finish_reason"]:
+                self.last = choice["finish_reason"]
+                self.open.discard(choice["index"])
+            else:
+                self.open.add(choice["index"])
+        self.finish = None if self.open else self.last
         return b"data: " + orjson.dumps(converted)
 
     def end(self) -> bytes:

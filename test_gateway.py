@@ -2131,6 +2131,20 @@ def test_a_usage_log_is_replayed_a_line_at_a_time_and_a_line_too_long_to_be_the_
     assert lines[-3] == b"z" * 500 and orjson.loads(lines[-2])["key"] == "team" and lines[-1] == b""
 
 
+def test_a_fifo_put_where_the_usage_log_was_never_stops_the_gateway(tmp_path: Path) -> None:
+    path = tmp_path / "usage.jsonl"
+    ledger = gw.UsageLedger([], priced=False)
+    ledger.open(str(path))
+    path.unlink()
+    os.mkfifo(path)  # (opened to write with no reader, it would wait for one: the loop with it)
+    follow = threading.Thread(target=ledger.follow, kwargs={"at_once": True}, daemon=True)
+    follow.start()
+    follow.join(10)
+    assert not follow.is_alive()
+    ledger.record("team", "m", 1, 1, 2, b"req", 200)  # (to the file it had)
+    ledger.close()
+
+
 def test_a_usage_log_rotated_away_is_followed_to_a_new_file_at_its_path(
         start_gateway: StartGateway, mock: mock_upstream.MockUpstream, tmp_path: Path) -> None:
     log = tmp_path / "usage.jsonl"
@@ -4408,21 +4422,56 @@ def test_a_converted_stream_whose_upstream_dies_after_the_reply_finished_is_comp
         assert responses.response is None
 
 
+def test_a_converted_stream_complete_without_its_done_is_kept_for_what_follows_it(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    port = raw_upstream(answering(200, b"text/event-stream", GOOD_CHUNK + FINAL_CHUNK))  # (no [DONE])
+    g = start_gateway({"upstreams": [{"name": "chat", "url": f"http://127.0.0.1:{port}/v1", "chat_only": True}]})
+    client = g.client()
+    with client.responses.stream(model="m", input="hi") as stream:
+        made = stream.get_final_response()
+    assert made.status == "completed" and client.responses.retrieve(made.id).output_text == "hi"
+
+
+def test_a_converted_completions_stream_of_several_choices_is_complete_only_when_each_finished() -> None:
+    def chunk(index: int, text: str, finish: str | None = None) -> bytes:
+        return b"data: " + orjson.dumps({"id": "c", "model": "m", "choices": [
+            {"index": index, "delta": {"content": text}, "finish_reason": finish}]}) + b"\n\n"
+    for last, complete in ((chunk(1, "b", "stop"), True), (b"", False)):
+        out = asyncio.run(convert_stream(gw.CompletionsFromChat(), chunk(0, "a") + chunk(1, "b"),
+                                         chunk(0, "", "stop") + last, end="reset"))
+        events = [e for e in client_body(out)[2].split(b"\n\n") if e]
+        if complete:
+            assert events[-1] == b"data: [DONE]"
+        else:  # choice 1 was cut: never a [DONE]
+            assert stream_error(events[-1])["type"] == "upstream_error"
+
+
+def test_a_lenient_chunk_nested_deep_is_mended_a_frame_a_level() -> None:
+    deep: Any = "\ud83d"
+    for _ in range(600):  # (two frames a level would pass Python's 1,000)
+        deep = [deep]
+    out = gw.mended(deep)
+    for _ in range(600):
+        out = out[0]
+    assert out == "\ufffd"
+
+
 def test_an_emoji_a_chat_upstream_splits_between_two_chunks_is_converted_whole() -> None:
     # (JavaScript's JSON.stringify writes each half of a cut surrogate pair as an escape)
     def chunk(field: str, text: bytes) -> bytes:
         delta = b'{"%s":"%s"}' % (field.encode(), text) if field != "arguments" else \
             b'{"tool_calls":[{"index":0,"id":"c1","function":{"name":"f","arguments":"%s"}}]}' % text
         return b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":%s}]}\n\n' % delta
-    for field in ("content", "refusal", "arguments"):
-        later = chunk(field, b"Hi \\ud83d") + chunk(field, b"\\ude00 there \\udc00!") + FINAL_CHUNK + b"data: [DONE]\n\n"
+    for field in ("content", "refusal", "arguments"):  # (and a half its end left alone)
+        later = chunk(field, b"Hi \\ud83d") + chunk(field, b"\\ude00 there \\udc00!") + chunk(field, b" end \\ud83d") \
+            + FINAL_CHUNK + b"data: [DONE]\n\n"
         responses = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_1")
         events = [e for e in client_body(asyncio.run(convert_stream(responses, GOOD_CHUNK, later)))[2]
                   .split(b"\n\n") if e]
         assert events[-1].startswith(b"event: response.completed"), events[-1]
         for event in events:
             STREAM_EVENT.validate_python(orjson.loads(event.partition(b"\ndata: ")[2]))
-        assert "Hi \U0001f600 there \ufffd!" in orjson.dumps(responses.response).decode()
+        assert "Hi \U0001f600 there \ufffd! end \ufffd" in orjson.dumps(responses.response).decode()
     out = asyncio.run(convert_stream(gw.CompletionsFromChat(), chunk("content", b"Hi \\ud83d"),
                                      chunk("content", b"\\ude00 there") + b"data: [DONE]\n\n"))
     texts = [orjson.loads(e[6:])["choices"][0]["text"] for e in client_body(out)[2].split(b"\n\n")
@@ -4469,6 +4518,10 @@ def test_the_items_of_a_reply_cut_short_are_incomplete_streamed_or_not(finish: s
     done = [orjson.loads(e.partition(b"\ndata: ")[2]) for e in converter.end().split(b"\n\n")]
     assert [e["item"]["status"] for e in done if e["type"] == "response.output_item.done"] == [status, status]
     assert [i["status"] for i in converter.response["output"]] == [status, status]
+    empty = gw.ResponsesFromChat({"model": "m", "input": "hi"}, "resp_2")  # (all its tokens spent thinking)
+    empty.event({"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+    empty.end()
+    assert [i["status"] for i in empty.response["output"]] == [status]
 
 
 def test_an_encoded_answer_a_chat_upstream_streams_is_a_502_not_a_stream_under_its_coding(
@@ -6651,6 +6704,9 @@ def test_one_assistant_turn_given_back_as_items_is_one_chat_message_as_its_kept_
     output = {"type": "function_call_output", "call_id": "call_a", "output": "ok"}
     kept = {"role": "assistant", "content": "pre", "tool_calls": [
         {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    refused = {"type": "message", "role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}
+    merged = gw.chat_messages([call, refused])
+    assert len(merged) == 1 and merged[0]["refusal"] == "no" and merged[0]["tool_calls"][0]["id"] == "call_a"
     for turn in ([said, call], [call, said]):
         messages = gw.chat_from_responses({"model": "m", "input": [{"role": "user", "content": "q"}, *turn, output]},
                                           [])["messages"]
@@ -7318,6 +7374,14 @@ def test_models_list_is_502_when_the_only_source_is_unreachable(start_gateway: S
     assert info.value.status_code == 502 and info.value.code == "upstream_error"
     with pytest.raises(openai.NotFoundError):  # every source answered, and none has it
         start_gateway({"upstreams": [{"name": "fixed", "url": dead, "models": ["local-a"]}]}).client().models.retrieve("x")
+
+
+def test_a_listed_model_too_deep_to_write_is_listed_by_its_own_fields(
+        raw_upstream: RawUpstream, start_gateway: StartGateway) -> None:
+    deep = b"[" * 300 + b"]" * 300  # (orjson reads 1,024 levels, writes 255)
+    listed = b'{"data":[{"id":"a","owned_by":"x","extra":%s},{"id":"b"}]}' % deep
+    g = start_gateway({"upstreams": [{"name": "odd", "url": f"http://127.0.0.1:{raw_upstream(answering(200, b'application/json', listed))}/v1"}]})
+    assert [(m.id, m.owned_by) for m in g.client().models.list()] == [("a", "x"), ("b", "odd")]
 
 
 @pytest.mark.parametrize("listed", [b'{"data":"abc"}', b'{"data":{"id":"m"}}', b'{"object":"list"}', b'[1]',
