@@ -833,7 +833,7 @@ class KeyPool:
     on success. Pacing (rpm_per_key / min_interval_ms) spaces requests per key."""
 
     __slots__ = ("keys", "strategy", "interval", "recheck_s", "clock", "current", "_next",
-                 "upstream", "listener", "_masking")
+                 "upstream", "listener", "_masking", "retimed")
 
     def __init__(self, keys: list[UpstreamKey], strategy: str = "round_robin",
                  interval: float = 0.0, clock: Clock = time.monotonic,
@@ -848,6 +848,7 @@ class KeyPool:
         self.current = 0  # failover: the key in use
         self._next = 0  # round_robin: where the next pick starts
         self._masking: tuple = ((), None, None)  # the secrets, and their maskers (see masker)
+        self.retimed = False  # a reload gave its keys another interval: its slots are not theirs
 
     @classmethod
     def of(cls, upstream: Upstream, recheck_s: float, previous: KeyPool | None = None,
@@ -883,8 +884,12 @@ class KeyPool:
         pool = cls(keys, upstream.key_strategy, upstream.pacing_interval, recheck_s=recheck_s,
                    upstream=upstream.name)
         now, shorter = pool.clock(), previous.interval - pool.interval if previous else 0.0
+        if shorter:  # slots of the old interval given back (now, or later by requests that
+            previous.retimed = True  # picked from it) would rewind a key behind slots taken
         for key in keys:
             if key.name in kept:
+                if shorter:
+                    key.given_back.clear()
                 if shorter > 0:  # (the slot after the last one taken, at the new interval)
                     key.next_slot -= shorter
                 for entry in key.cooling.values():
@@ -945,7 +950,7 @@ class KeyPool:
         it is remembered (end -> start) until the ones after it go too. A slot between two
         that are still taken stays lost: those wait on their own timers."""
         interval, given = self.interval, key.given_back
-        if not interval:
+        if not interval or self.retimed:  # (a slot of another interval: lost, never overlapping)
             return
         start = end - interval
         if round(key.next_slot, 6) != round(end, 6):  # not the last (to the microsecond: one
@@ -1713,11 +1718,16 @@ class UsageLedger:
     restarts (replayed on open, one line appended per request)."""
 
     __slots__ = ("_clients", "_file", "priced", "path", "failed_at", "torn", "checked",
-                 "replayed")
+                 "replayed", "legacy")
 
     def __init__(self, keys: Iterable[ClientKey], priced: bool = False) -> None:
+        keys = list(keys)
         self._clients = {k.name: ClientUsage(k.name, k.budget_tokens, k.budget_usd)
                          for k in keys}
+        # Logs written before unnamed keys were named by their secret's digest name them by
+        # their place: read as the key at that place now, as they were then
+        self.legacy = {f"key#{i}": k.name for i, k in enumerate(keys)
+                       if k.name == key_name(k.key) and f"key#{i}" not in self._clients}
         self._file: Any = None
         self.priced = priced  # prices are configured: usage shows cost
         self.path = ""
@@ -1869,8 +1879,9 @@ class UsageLedger:
             if cost is not None and (cost.__class__ not in (int, float)
                                      or not 0 <= cost <= MAX_CONFIG_NUMBER):  # (and NaN)
                 return False
-            self._of(str(entry["key"])).add(str(entry["model"]), *usage_tokens(entry),
-                                            pico(cost) or 0)
+            name = str(entry["key"])
+            self._of(self.legacy.get(name, name)).add(str(entry["model"]), *usage_tokens(entry),
+                                                      pico(cost) or 0)
             return True
         except (KeyError, TypeError, AttributeError, ValueError, ArithmeticError):
             return False
@@ -4043,7 +4054,7 @@ class ClientKey:
 
 def key_name(key: str) -> str:
     """An unnamed client key's name: the start of its secret's SHA-256 (nothing to go on)."""
-    return "key#" + hashlib.sha256(key.encode()).hexdigest()[:8]
+    return "key#" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 class Config:
@@ -4142,7 +4153,9 @@ class Config:
             if key.digest in seen:
                 raise _fail(f"api_keys[{i}]", "duplicate key")
             if key.name in names:  # limits, usage and budgets are kept by name
-                raise _fail(f"api_keys[{i}].name", f"duplicate name {key.name!r}")
+                raise _fail(f"api_keys[{i}].name", f"duplicate name {key.name!r}" + (
+                    " (an unnamed key's: the start of its SHA-256; give it a name)"
+                    if key.name == key_name(key.key) else ""))
             seen.add(key.digest)
             names.add(key.name)
         return keys
@@ -4988,7 +5001,7 @@ class UpstreamConnection(asyncio.Protocol):
             if buf.find(b"\r\n\r\n", max(0, seen - 3)) < 0:
                 if seen < 5 and not b"HTTP/".startswith(bytes(buf[:5])):
                     self._garbage("not an HTTP response")
-                elif len(buf) > UPSTREAM_MAX_HEAD:
+                elif len(buf) > UPSTREAM_MAX_HEAD + 3:  # (+ what may be of its blank line)
                     self._garbage("response head too large")
                 elif _BARE_LF.search(buf, seen):  # (its look-behind sees the byte before)
                     self._garbage("a head with bare LF line ends")
@@ -5002,7 +5015,7 @@ class UpstreamConnection(asyncio.Protocol):
                 return
             end = data.find(b"\r\n\r\n", at)
             if end < 0:
-                if len(data) - at > UPSTREAM_MAX_HEAD:
+                if len(data) - at > UPSTREAM_MAX_HEAD + 3:
                     self._garbage("response head too large")
                 elif _BARE_LF.search(data, at):  # an LF with no CR before it: no CRLF head
                     self._garbage("a head with bare LF line ends")

@@ -924,13 +924,52 @@ def test_a_reload_that_loosens_pacing_cooldowns_or_rechecks_frees_the_keys_the_o
     assert slow.keys["up"].pick()[1] <= slow.keys["up"].interval < 0.011
 
 
+def test_slots_a_reload_retimed_never_rewind_a_key_behind_slots_taken_at_the_new_interval() -> None:
+    clock = FakeClock()
+    clock.t = 1000.0
+
+    def pool(ms: int, previous: Any = None) -> gw.KeyPool:
+        ups = cfg({"upstreams": [{"name": "up", "url": "http://127.0.0.1:9/v1", "keys": ["sk-00-abcdefgh1234"],
+                                  "min_interval_ms": ms}]}).upstreams[0]
+        made = gw.KeyPool.of(ups, 1.0, previous)
+        made.clock = clock
+        return made
+    old = pool(10_000)
+    key = old.keys[0]
+    taken = [clock.t + old.pick()[1]]  # A at 1000
+    b_end = (old.pick(), key.next_slot)[1]  # B waits for 1010
+    new = pool(2_000, old)
+    old.give_back(key, b_end)  # B's client leaves: given back through the pool it picked from
+    taken += [clock.t + new.pick()[1] for _ in range(4)]  # C, D, E, F
+    new.pick()
+    new.give_back(key, key.next_slot)  # G's client leaves
+    taken += [clock.t + new.pick()[1] for _ in range(3)]  # H, I, J
+    taken.sort()
+    assert all(b - a >= 2 - 1e-6 for a, b in zip(taken, taken[1:])), taken
+
+
 def test_unnamed_client_keys_keep_their_names_and_so_their_usage_when_another_is_removed() -> None:
     both = cfg({"api_keys": ["sk-tenant-a-0001", "sk-tenant-b-0002"]})
     after = cfg({"api_keys": ["sk-tenant-b-0002"]})
     names = {k.key: k.name for k in both.api_keys}
     assert after.api_keys[0].name == names["sk-tenant-b-0002"] != names["sk-tenant-a-0001"]
-    assert all(re.fullmatch(r"key#[0-9a-f]{8}", name) for name in names.values())  # (no secret in it)
+    assert all(re.fullmatch(r"key#[0-9a-f]{12}", name) for name in names.values())  # (no secret in it)
     assert cfg({"api_keys": ["env:TEAM_KEY"]}, TEAM_KEY="sk-team-0003").api_keys[0].name == "TEAM_KEY"
+
+
+def test_a_usage_log_written_when_unnamed_keys_were_named_by_their_place_is_read_so(tmp_path: Path) -> None:
+    log = tmp_path / "usage.jsonl"
+    line = '{"key":"%s","model":"m","prompt_tokens":5,"completion_tokens":5,"total_tokens":10}\n'
+    log.write_text(line % "key#1" + line % "key#0" + line % "key#2")
+    config = cfg({"api_keys": ["sk-client-a-0001", {"key": "sk-client-b-0002", "budget_tokens": 10},
+                              {"key": "sk-client-c-0003", "name": "key#2"}]})
+    ledger = gw.UsageLedger(config.api_keys)
+    ledger.open(str(log))
+    ledger.close()
+    a, b, c = (k.name for k in config.api_keys)
+    assert [ledger._of(name).total_tokens for name in (a, b, c)] == [10, 10, 10]  # (a name given is its own)
+    with pytest.raises(gw.QuotaExceeded):  # b's budget, spent before the names changed, stays spent
+        ledger.check_budget(b)
 
 
 @pytest.mark.parametrize("text, named", [
@@ -4192,6 +4231,9 @@ def test_an_upstream_head_past_its_bound_is_refused_whole_or_in_pieces_and_piece
         assert "response head too large" in (await feed([big[:1000], big[1000:]]))[1]
         assert await feed([bytes([b]) for b in ok]) == (200, [b"h", b"i"])  # a byte a read
         assert await feed([ok[:16], ok[16:]]) == (200, [b"hi"])  # CR | LF across two reads
+        at_bound = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nX: "
+        at_bound += b"a" * (gw.UPSTREAM_MAX_HEAD - len(at_bound)) + b"\r\n\r\n"  # (its blank line not counted)
+        assert await feed([at_bound]) == await feed([at_bound[:-2], at_bound[-2:]]) == (200, [])
         assert "bare LF" in (await feed([ok[:15], b"\n" + ok[17:25]]))[1]  # an LF with no CR
         assert "not an HTTP response" in (await feed([b"S", b"SH-2.0-x"]))[1]
 
