@@ -1901,12 +1901,9 @@ class UsageLedger:
             return
         if not moved:
             return
-        try:  # (non-blocking, and a regular file only: a FIFO put there would stop the loop)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666)
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                os.close(fd)
-                raise OSError(errno.EINVAL, "not a regular file")
-            new = open(fd, "ab", buffering=0)
+        try:
+            new = open(open_regular(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab",
+                       buffering=0)
         except OSError as exc:
             if now - self.failed_at >= 60:
                 log(f"usage_log {self.path}: moved, and cannot be made again ({exc.strerror}); "
@@ -4293,14 +4290,22 @@ def _network(cidr: str, path: str) -> ipaddress.IPv4Network | ipaddress.IPv6Netw
         raise _fail(path, f"{cidr!r} is not an address or CIDR") from None
 
 
+def open_regular(path: str, flags: int) -> int:
+    """A descriptor of the regular file at path, opened on the loop: non-blocking (a FIFO
+    put there, with nobody at its other end, would stop it), and refused if not a regular
+    file (a FIFO, a device: an endless read, a write nobody takes)."""
+    fd = os.open(path, flags | os.O_NONBLOCK, 0o666)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return fd
+
+
 def read_config_file(path: str) -> str:
     """A config file's text: a regular file, up to MAX_CONFIG_BYTES. Read on the loop (and
     in the supervisor's SIGHUP): a FIFO, a device or an endless file would hang or fill it."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # (a FIFO with no writer: no wait)
-        with open(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ConfigError(f"config: {path}: not a regular file")
+        with open(open_regular(path, os.O_RDONLY), "rb") as f:
             data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"config: {path}: cannot read ({exc.strerror})") from None
@@ -7706,16 +7711,14 @@ def _add_item(messages: list[dict], item: dict) -> None:
             content = [p for p in content if p.get("type") != "refusal"]
             said = {"role": role, "content": _plain_text(content) or None,
                     "refusal": "".join(refused)}
-            if messages and messages[-1]["role"] == "assistant" \
-                    and messages[-1]["content"] is None and "refusal" not in messages[-1]:
-                messages[-1].update(said)  # after the turn's calls: its message
-            else:
-                messages.append(said)
-        elif role == "assistant" and messages and messages[-1]["role"] == "assistant" \
-                and messages[-1]["content"] is None:  # text after the turn's calls: its
-            messages[-1]["content"] = _plain_text(content)  # message (as it is kept)
         else:
-            messages.append({"role": role, "content": _chat_content(content, role)})
+            said = {"role": role, "content": _chat_content(content, role)}
+        last = messages[-1] if messages else None
+        if role == "assistant" and last is not None and last["role"] == "assistant" \
+                and last["content"] is None and not (refused and "refusal" in last):
+            last.update(said)  # after the turn's calls: its message (as it is kept)
+        else:
+            messages.append(said)
     elif kind == "function_call":
         call = {"id": item["call_id"], "type": "function",
                 "function": {"name": item["name"], "arguments": item.get("arguments") or ""}}
@@ -9096,7 +9099,7 @@ class AdminHandler:
         keys = gw.ledger.report(name, others)
         for entry in keys if totals else ():  # every instance's, as of its last flush
             shared_usage(entry, totals[entry["name"]],  # type: ignore[index]
-                         self.gw.ledger.holding(entry["name"]))
+                         gw.ledger.holding(entry["name"]))
         rq.writer.send_json(200, {"keys": keys})
 
     async def token_stats(self, rq: Request) -> None:
